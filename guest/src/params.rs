@@ -1,0 +1,90 @@
+//! Boot parameters: whitespace-separated words, e.g.
+//! `counter churn churn-rate=2000 churn-ws=8M service duration=5s`.
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fail {
+    None,
+    /// Break the counter invariant on purpose (to show the checker can fail).
+    Counter,
+    /// Corrupt a churn page on purpose.
+    Churn,
+}
+
+#[derive(Clone, Copy)]
+pub struct Params {
+    pub counter: bool,
+    pub churn: bool,
+    pub service: bool,
+    /// Pages per second per vCPU; 0 = as fast as possible.
+    pub churn_rate: u64,
+    /// Bytes in the whole churn working set (split between vCPUs).
+    pub churn_ws: u64,
+    /// Run time in milliseconds; 0 = until the service is told `EXIT` (or forever).
+    pub duration_ms: u64,
+    /// Progress report interval in milliseconds; 0 = only the final report.
+    pub report_ms: u64,
+    pub fail: Fail,
+}
+
+impl Params {
+    pub const DEFAULT: Params = Params {
+        counter: false,
+        churn: false,
+        service: false,
+        churn_rate: 1000,
+        churn_ws: 8 << 20,
+        duration_ms: 0,
+        report_ms: 0,
+        fail: Fail::None,
+    };
+}
+
+pub fn parse(cmdline: &[u8]) -> Result<Params, &[u8]> {
+    let mut p = Params::DEFAULT;
+    for word in cmdline.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty()) {
+        let (key, value) = match word.iter().position(|&b| b == b'=') {
+            Some(i) => (&word[..i], Some(&word[i + 1..])),
+            None => (word, None),
+        };
+        match (key, value) {
+            (b"counter", None) => p.counter = true,
+            (b"churn", None) => p.churn = true,
+            (b"service", None) => p.service = true,
+            (b"churn-rate", Some(v)) => p.churn_rate = number(v).ok_or(word)?,
+            (b"churn-ws", Some(v)) => p.churn_ws = size(v).ok_or(word)?,
+            (b"duration", Some(v)) => p.duration_ms = millis(v).ok_or(word)?,
+            (b"report", Some(v)) => p.report_ms = millis(v).ok_or(word)?,
+            (b"fail", Some(b"counter")) => p.fail = Fail::Counter,
+            (b"fail", Some(b"churn")) => p.fail = Fail::Churn,
+            _ => return Err(word),
+        }
+    }
+    Ok(p)
+}
+
+pub fn number(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 {
+        return None;
+    }
+    v.iter().try_fold(0u64, |acc, &b| b.is_ascii_digit().then(|| acc * 10 + u64::from(b - b'0')))
+}
+
+fn size(v: &[u8]) -> Option<u64> {
+    let (digits, shift) = match v.last()? {
+        b'K' | b'k' => (&v[..v.len() - 1], 10),
+        b'M' | b'm' => (&v[..v.len() - 1], 20),
+        b'G' | b'g' => (&v[..v.len() - 1], 30),
+        _ => (v, 0),
+    };
+    number(digits)?.checked_mul(1 << shift)
+}
+
+fn millis(v: &[u8]) -> Option<u64> {
+    if let Some(d) = v.strip_suffix(b"ms") {
+        number(d)
+    } else if let Some(d) = v.strip_suffix(b"s") {
+        number(d)?.checked_mul(1000)
+    } else {
+        number(v)?.checked_mul(1000)
+    }
+}

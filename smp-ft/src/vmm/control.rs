@@ -1,0 +1,314 @@
+//! The vCPU run-state machine and the pause/resume handshake (shared by the controller and every
+//! vCPU thread).
+//!
+//! Each vCPU is `Starting → Running ⇄ Paused → Exited`. To pause, the controller sets the request
+//! (one atomic the vCPU loop checks before every `KVM_RUN`), then kicks every running vCPU with a
+//! signal whose handler sets `immediate_exit`, so a vCPU inside `KVM_RUN` leaves it and one about
+//! to enter it returns at once. A vCPU completes any pending port/MMIO access (one more `KVM_RUN`
+//! with `immediate_exit = 1`) before it reports `Paused`, so saved state is never mid-instruction.
+//! The controller blocks on a condition variable until every vCPU has acknowledged; nobody spins.
+
+use parking_lot::{Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuState {
+    Starting,
+    Running,
+    Paused,
+    Exited,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Request {
+    Run = 0,
+    Pause = 1,
+    Exit = 2,
+}
+
+impl Request {
+    fn from_u8(v: u8) -> Request {
+        match v {
+            0 => Request::Run,
+            1 => Request::Pause,
+            _ => Request::Exit,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PauseError {
+    #[error("vCPU {vcpu} did not stop within {timeout:?}")]
+    Timeout { vcpu: usize, timeout: Duration },
+    #[error("the VM is shutting down")]
+    ShuttingDown,
+}
+
+/// How the controller makes a vCPU thread leave `KVM_RUN` (a signal in production).
+pub trait Kick: Send + Sync {
+    fn kick(&self, vcpu: usize);
+}
+
+struct Inner {
+    states: Vec<VcpuState>,
+}
+
+pub struct VcpuControl {
+    request: AtomicU8,
+    inner: Mutex<Inner>,
+    /// Controller → vCPUs: resume, exit, input for idle vCPUs.
+    to_vcpus: Condvar,
+    /// vCPUs → controller: a state changed.
+    to_ctl: Condvar,
+    /// Bumped whenever input for the guest arrives, so idle vCPUs wake up.
+    input_seq: AtomicU64,
+    kicker: Box<dyn Kick>,
+}
+
+/// How often a waiting controller kicks again vCPUs that have not acknowledged.
+const REKICK: Duration = Duration::from_millis(5);
+
+impl VcpuControl {
+    pub fn new(vcpus: usize, kicker: Box<dyn Kick>) -> Self {
+        VcpuControl {
+            request: AtomicU8::new(Request::Run as u8),
+            inner: Mutex::new(Inner { states: vec![VcpuState::Starting; vcpus] }),
+            to_vcpus: Condvar::new(),
+            to_ctl: Condvar::new(),
+            input_seq: AtomicU64::new(0),
+            kicker,
+        }
+    }
+
+    pub fn vcpus(&self) -> usize {
+        self.inner.lock().states.len()
+    }
+
+    pub fn states(&self) -> Vec<VcpuState> {
+        self.inner.lock().states.clone()
+    }
+
+    /// What the vCPU loop must do next (checked before every entry into the guest).
+    pub fn request(&self) -> Request {
+        Request::from_u8(self.request.load(Ordering::SeqCst))
+    }
+
+    fn kick_running(&self, inner: &Inner) {
+        for (i, s) in inner.states.iter().enumerate() {
+            if matches!(s, VcpuState::Running | VcpuState::Starting) {
+                self.kicker.kick(i);
+            }
+        }
+    }
+
+    /// Stops every vCPU and returns once all have acknowledged (or exited).
+    pub fn pause(&self, timeout: Duration) -> Result<(), PauseError> {
+        let mut inner = self.inner.lock();
+        match self.request() {
+            Request::Exit => return Err(PauseError::ShuttingDown),
+            Request::Pause => {}
+            Request::Run => self.request.store(Request::Pause as u8, Ordering::SeqCst),
+        }
+        self.to_vcpus.notify_all();
+        self.kick_running(&inner);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let laggard = inner.states.iter().position(|s| matches!(s, VcpuState::Running | VcpuState::Starting));
+            let Some(vcpu) = laggard else { return Ok(()) };
+            if self.request() == Request::Exit {
+                return Err(PauseError::ShuttingDown);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(PauseError::Timeout { vcpu, timeout });
+            }
+            if self.to_ctl.wait_until(&mut inner, (now + REKICK).min(deadline)).timed_out() {
+                self.kick_running(&inner);
+            }
+        }
+    }
+
+    /// Lets paused vCPUs run again. Does not wait for them to re-enter the guest.
+    pub fn resume(&self) {
+        let _inner = self.inner.lock();
+        if self.request() == Request::Pause {
+            self.request.store(Request::Run as u8, Ordering::SeqCst);
+            self.to_vcpus.notify_all();
+        }
+    }
+
+    /// Asks every vCPU to exit; they leave the guest at once.
+    pub fn request_exit(&self) {
+        let inner = self.inner.lock();
+        self.request.store(Request::Exit as u8, Ordering::SeqCst);
+        self.to_vcpus.notify_all();
+        self.kick_running(&inner);
+    }
+
+    /// Blocks until every vCPU thread has exited.
+    pub fn wait_exited(&self, timeout: Duration) -> bool {
+        let mut inner = self.inner.lock();
+        let deadline = Instant::now() + timeout;
+        while inner.states.iter().any(|s| *s != VcpuState::Exited) {
+            if self.to_ctl.wait_until(&mut inner, deadline).timed_out() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Input for the guest arrived: wake vCPUs waiting on the idle port.
+    pub fn input_arrived(&self) {
+        let _inner = self.inner.lock();
+        self.input_seq.fetch_add(1, Ordering::SeqCst);
+        self.to_vcpus.notify_all();
+    }
+
+    // ---- vCPU side ----
+
+    pub fn set_state(&self, vcpu: usize, state: VcpuState) {
+        let mut inner = self.inner.lock();
+        inner.states[vcpu] = state;
+        self.to_ctl.notify_all();
+    }
+
+    /// Reports `vcpu` paused and blocks until the controller resumes or exits the VM.
+    pub fn park(&self, vcpu: usize) -> Request {
+        let mut inner = self.inner.lock();
+        inner.states[vcpu] = VcpuState::Paused;
+        self.to_ctl.notify_all();
+        while self.request() == Request::Pause {
+            self.to_vcpus.wait(&mut inner);
+        }
+        let req = self.request();
+        if req == Request::Run {
+            inner.states[vcpu] = VcpuState::Running;
+        }
+        req
+    }
+
+    /// The guest has nothing to do for up to `max`: sleep until then, until input arrives, or
+    /// until the controller wants something.
+    pub fn idle(&self, max: Duration) {
+        if max.is_zero() {
+            std::thread::yield_now();
+            return;
+        }
+        let seq = self.input_seq.load(Ordering::SeqCst);
+        let deadline = Instant::now() + max;
+        let mut inner = self.inner.lock();
+        while self.request() == Request::Run && self.input_seq.load(Ordering::SeqCst) == seq {
+            if self.to_vcpus.wait_until(&mut inner, deadline).timed_out() {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    /// Stand-in for the signal: vCPU threads poll a flag instead of running a guest.
+    #[derive(Default)]
+    struct FlagKick(Arc<Vec<AtomicBool>>);
+    impl Kick for FlagKick {
+        fn kick(&self, vcpu: usize) {
+            self.0[vcpu].store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn spawn(n: usize) -> (Arc<VcpuControl>, Vec<std::thread::JoinHandle<u64>>) {
+        let flags: Arc<Vec<AtomicBool>> = Arc::new((0..n).map(|_| AtomicBool::new(false)).collect());
+        let ctl = Arc::new(VcpuControl::new(n, Box::new(FlagKick(flags.clone()))));
+        let threads = (0..n)
+            .map(|i| {
+                let ctl = ctl.clone();
+                let flags = flags.clone();
+                std::thread::spawn(move || {
+                    ctl.set_state(i, VcpuState::Running);
+                    let mut work = 0u64;
+                    loop {
+                        match ctl.request() {
+                            Request::Run => {}
+                            Request::Pause => {
+                                if ctl.park(i) == Request::Exit {
+                                    break;
+                                }
+                                continue;
+                            }
+                            Request::Exit => break,
+                        }
+                        flags[i].store(false, Ordering::SeqCst);
+                        work += 1;
+                        std::hint::spin_loop();
+                    }
+                    ctl.set_state(i, VcpuState::Exited);
+                    work
+                })
+            })
+            .collect();
+        (ctl, threads)
+    }
+
+    #[test]
+    fn pause_waits_for_every_vcpu_and_resume_releases_them() {
+        let (ctl, threads) = spawn(4);
+        for _ in 0..200 {
+            ctl.pause(Duration::from_secs(5)).unwrap();
+            assert!(ctl.states().iter().all(|s| *s == VcpuState::Paused));
+            ctl.resume();
+        }
+        ctl.request_exit();
+        assert!(ctl.wait_exited(Duration::from_secs(5)));
+        for t in threads {
+            assert!(t.join().unwrap() > 0);
+        }
+    }
+
+    #[test]
+    fn pause_times_out_naming_the_stuck_vcpu() {
+        let ctl = VcpuControl::new(2, Box::new(FlagKick(Arc::new(vec![AtomicBool::new(false), AtomicBool::new(false)]))));
+        ctl.set_state(0, VcpuState::Paused);
+        ctl.set_state(1, VcpuState::Running);
+        let err = ctl.pause(Duration::from_millis(20)).unwrap_err();
+        assert_eq!(err, PauseError::Timeout { vcpu: 1, timeout: Duration::from_millis(20) });
+    }
+
+    #[test]
+    fn exit_ends_a_pause_and_refuses_new_ones() {
+        let (ctl, threads) = spawn(2);
+        ctl.pause(Duration::from_secs(5)).unwrap();
+        ctl.request_exit();
+        assert!(ctl.wait_exited(Duration::from_secs(5)));
+        assert_eq!(ctl.pause(Duration::from_secs(1)), Err(PauseError::ShuttingDown));
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn idle_returns_early_on_input() {
+        let ctl = Arc::new(VcpuControl::new(1, Box::new(FlagKick(Arc::new(vec![AtomicBool::new(false)])))));
+        let c = ctl.clone();
+        let t = std::thread::spawn(move || {
+            let start = Instant::now();
+            c.idle(Duration::from_secs(30));
+            start.elapsed()
+        });
+        // Input may arrive before the vCPU starts waiting; keep announcing it until it returns.
+        for _ in 0..2000 {
+            ctl.input_arrived();
+            if t.is_finished() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(t.is_finished(), "idle vCPU did not wake on input");
+        assert!(t.join().unwrap() < Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,446 @@
+//! COM1: a 16550 UART (vm-superio) and the host side it is wired to (`--serial`).
+//!
+//! Output from the guest goes through an [`OutputQueue`] drained by its own thread, so a vCPU
+//! never blocks on a slow reader; this queue is the seam where output commit will hold bytes
+//! until a checkpoint is acknowledged. Input is fed into the UART's 16-byte FIFO by an I/O thread
+//! that stops reading from the host while the FIFO is full (no byte is dropped) and resumes when
+//! the guest reads.
+
+use parking_lot::{Condvar, Mutex};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Where COM1 is connected on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialSpec {
+    /// Standard input and output of smpft.
+    Stdio,
+    /// A unix socket smpft listens on; one client at a time, a new client replaces the old.
+    Unix(PathBuf),
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// Output discarded; no input.
+    Null,
+}
+
+impl std::str::FromStr for SerialSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let path = |p: &str, kind: &str| {
+            if p.is_empty() {
+                Err(format!("'{kind}:' needs a path, e.g. {kind}:/run/vm.sock"))
+            } else {
+                Ok(PathBuf::from(p))
+            }
+        };
+        match s.split_once(':') {
+            None if s == "stdio" => Ok(SerialSpec::Stdio),
+            None if s == "null" || s == "none" => Ok(SerialSpec::Null),
+            Some(("unix", p)) => path(p, "unix").map(SerialSpec::Unix),
+            Some(("file", p)) => path(p, "file").map(SerialSpec::File),
+            _ => Err(format!("'{s}' is not a serial backend; use stdio, unix:PATH, file:PATH or null")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("cannot listen on serial socket {path}")]
+    Listen { path: PathBuf, source: std::io::Error },
+    #[error("cannot open serial output file {path}")]
+    File { path: PathBuf, source: std::io::Error },
+    #[error("cannot create serial event")]
+    Event(#[source] std::io::Error),
+}
+
+/// Serial output not yet written to the host side.
+pub struct OutputQueue {
+    inner: Mutex<OutputInner>,
+    cv: Condvar,
+}
+
+struct OutputInner {
+    bytes: Vec<u8>,
+    closed: bool,
+    dropped: u64,
+}
+
+/// Bytes beyond this (a reader that does not keep up) are dropped and counted.
+const OUTPUT_MAX: usize = 4 << 20;
+
+impl OutputQueue {
+    fn new() -> Arc<Self> {
+        Arc::new(OutputQueue { inner: Mutex::new(OutputInner { bytes: Vec::new(), closed: false, dropped: 0 }), cv: Condvar::new() })
+    }
+
+    pub fn push(&self, data: &[u8]) {
+        let mut q = self.inner.lock();
+        let room = OUTPUT_MAX.saturating_sub(q.bytes.len());
+        if data.len() > room {
+            q.dropped += (data.len() - room) as u64;
+        }
+        let was_empty = q.bytes.is_empty();
+        q.bytes.extend_from_slice(&data[..data.len().min(room)]);
+        if was_empty {
+            self.cv.notify_one();
+        }
+    }
+
+    /// Blocks until there is output (returned) or the queue is closed and drained (`None`).
+    fn take(&self) -> Option<Vec<u8>> {
+        let mut q = self.inner.lock();
+        while q.bytes.is_empty() && !q.closed {
+            self.cv.wait(&mut q);
+        }
+        if q.bytes.is_empty() {
+            None
+        } else {
+            Some(std::mem::take(&mut q.bytes))
+        }
+    }
+
+    fn close(&self) {
+        self.inner.lock().closed = true;
+        self.cv.notify_all();
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.inner.lock().dropped
+    }
+}
+
+struct Sink(Arc<OutputQueue>);
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.push(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Raises COM1's interrupt line through an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Tells the input thread when the guest has made room in the receive FIFO.
+struct InputRoom {
+    event: EventFd,
+    /// The input thread is waiting for room.
+    waiting: AtomicBool,
+}
+
+impl SerialEvents for InputRoom {
+    fn buffer_read(&self) {
+        if self.waiting.swap(false, Ordering::SeqCst) {
+            let _ = self.event.write(1);
+        }
+    }
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {}
+}
+
+type Uart = Serial<IrqTrigger, Arc<InputRoom>, Sink>;
+
+pub struct SerialDevice {
+    uart: Mutex<Uart>,
+    room: Arc<InputRoom>,
+    output: Arc<OutputQueue>,
+    received: AtomicU64,
+}
+
+impl SerialDevice {
+    pub fn new(irq: EventFd) -> Result<Arc<Self>, SerialError> {
+        let room = Arc::new(InputRoom { event: EventFd::new(EFD_NONBLOCK).map_err(SerialError::Event)?, waiting: AtomicBool::new(false) });
+        let output = OutputQueue::new();
+        let uart = Serial::with_events(IrqTrigger(irq), room.clone(), Sink(output.clone()));
+        Ok(Arc::new(SerialDevice { uart: Mutex::new(uart), room, output, received: AtomicU64::new(0) }))
+    }
+
+    pub fn read(&self, offset: u8) -> u8 {
+        self.uart.lock().read(offset)
+    }
+
+    pub fn write(&self, offset: u8, value: u8) {
+        if let Err(e) = self.uart.lock().write(offset, value) {
+            tracing::warn!("serial: {e:?}");
+        }
+    }
+
+    /// Puts as much of `bytes` into the receive FIFO as fits; returns how much that was.
+    /// When not all fit, [`Self::room_event`] fires once the guest has read.
+    pub fn enqueue(&self, bytes: &[u8]) -> usize {
+        let mut uart = self.uart.lock();
+        let n = if uart.fifo_capacity() == 0 { 0 } else { uart.enqueue_raw_bytes(bytes).unwrap_or(0) };
+        if n < bytes.len() {
+            self.room.waiting.store(true, Ordering::SeqCst);
+        }
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    pub fn room_event(&self) -> &EventFd {
+        &self.room.event
+    }
+
+    pub fn output(&self) -> &Arc<OutputQueue> {
+        &self.output
+    }
+}
+
+/// The host side of COM1: its I/O threads, stopped and joined by [`SerialBackend::stop`].
+pub struct SerialBackend {
+    stop: Arc<EventFd>,
+    output: Arc<OutputQueue>,
+    threads: Vec<JoinHandle<()>>,
+    socket: Option<PathBuf>,
+}
+
+enum Source {
+    Stdin,
+    Listener(UnixListener),
+    Nothing,
+}
+
+enum Target {
+    Stdout,
+    File(std::fs::File),
+    Client(Arc<Mutex<Option<UnixStream>>>),
+    Discard,
+}
+
+impl SerialBackend {
+    /// Connects `device` as `spec` says; `on_input` runs whenever input reached the guest.
+    pub fn start(spec: &SerialSpec, device: Arc<SerialDevice>, on_input: Arc<dyn Fn() + Send + Sync>) -> Result<Self, SerialError> {
+        let client: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
+        let mut socket = None;
+        let (source, target) = match spec {
+            SerialSpec::Stdio => (Source::Stdin, Target::Stdout),
+            SerialSpec::Null => (Source::Nothing, Target::Discard),
+            SerialSpec::File(path) => {
+                let f = std::fs::File::create(path).map_err(|source| SerialError::File { path: path.clone(), source })?;
+                (Source::Nothing, Target::File(f))
+            }
+            SerialSpec::Unix(path) => {
+                // A stale socket from an earlier run would make bind fail; only remove sockets.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+                    let _ = std::fs::remove_file(path);
+                }
+                let l = UnixListener::bind(path).map_err(|source| SerialError::Listen { path: path.clone(), source })?;
+                socket = Some(path.clone());
+                (Source::Listener(l), Target::Client(client.clone()))
+            }
+        };
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(SerialError::Event)?);
+        let output = device.output().clone();
+        let mut threads = Vec::new();
+        let q = output.clone();
+        threads.push(std::thread::Builder::new().name("serial-out".into()).spawn(move || output_loop(&q, target)).expect("spawn serial-out thread"));
+        if !matches!(source, Source::Nothing) {
+            let stop = stop.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("serial-in".into())
+                    .spawn(move || input_loop(&device, source, &client, &stop, &*on_input))
+                    .expect("spawn serial-in thread"),
+            );
+        }
+        Ok(SerialBackend { stop, output, threads, socket })
+    }
+
+    /// Writes out what the guest has produced, then stops and joins the I/O threads.
+    pub fn stop(mut self) {
+        self.output.close();
+        let _ = self.stop.write(1);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(path) = self.socket.take() {
+            let _ = std::fs::remove_file(path);
+        }
+        let dropped = self.output.dropped();
+        if dropped > 0 {
+            tracing::warn!("serial: {dropped} output bytes were dropped because the reader did not keep up");
+        }
+    }
+}
+
+fn output_loop(q: &OutputQueue, mut target: Target) {
+    while let Some(bytes) = q.take() {
+        let r = match &mut target {
+            Target::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&bytes).and_then(|()| out.flush())
+            }
+            Target::File(f) => f.write_all(&bytes),
+            Target::Client(c) => {
+                let stream = c.lock().as_ref().and_then(|s| s.try_clone().ok());
+                match stream {
+                    // No client: like a serial line with nothing plugged in.
+                    None => Ok(()),
+                    Some(mut s) => s.write_all(&bytes).or_else(|e| {
+                        tracing::info!("serial: client went away ({e})");
+                        *c.lock() = None;
+                        Ok(())
+                    }),
+                }
+            }
+            Target::Discard => Ok(()),
+        };
+        if let Err(e) = r {
+            tracing::warn!("serial: output lost: {e}");
+        }
+    }
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd { fd, events: libc::POLLIN, revents: 0 }
+}
+
+fn input_loop(device: &SerialDevice, source: Source, client: &Mutex<Option<UnixStream>>, stop: &EventFd, on_input: &(dyn Fn() + Send + Sync)) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let mut reader: Option<UnixStream> = None;
+    let mut stdin_open = matches!(source, Source::Stdin);
+    let stdin = std::io::stdin();
+    loop {
+        let mut fds = vec![pollfd(stop.as_raw_fd()), pollfd(device.room_event().as_raw_fd())];
+        let listener_at = if let Source::Listener(l) = &source {
+            fds.push(pollfd(l.as_raw_fd()));
+            Some(fds.len() - 1)
+        } else {
+            None
+        };
+        let mut input_at = None;
+        if pending.is_empty() {
+            if let Some(r) = &reader {
+                fds.push(pollfd(r.as_raw_fd()));
+                input_at = Some(fds.len() - 1);
+            } else if stdin_open {
+                fds.push(pollfd(stdin.as_raw_fd()));
+                input_at = Some(fds.len() - 1);
+            }
+        }
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds that outlives the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!("serial: poll failed: {e}");
+            return;
+        }
+        let ready = |i: usize| fds[i].revents != 0;
+        if ready(0) {
+            return;
+        }
+        if ready(1) {
+            let _ = device.room_event().read();
+        }
+        if let (Some(i), Source::Listener(l)) = (listener_at, &source) {
+            if ready(i) {
+                if let Ok((s, _)) = l.accept() {
+                    if reader.is_some() {
+                        tracing::info!("serial: new client replaces the previous one");
+                    }
+                    // Input the old client sent but the guest has not taken is the old client's.
+                    pending.clear();
+                    *client.lock() = s.try_clone().ok();
+                    reader = Some(s);
+                }
+            }
+        }
+        if input_at.is_some_and(ready) {
+            let r = match &mut reader {
+                Some(s) => s.read(&mut buf),
+                None => stdin.lock().read(&mut buf),
+            };
+            match r {
+                Ok(0) | Err(_) => {
+                    if reader.take().is_some() {
+                        *client.lock() = None;
+                        tracing::debug!("serial: client disconnected");
+                    } else {
+                        stdin_open = false;
+                    }
+                }
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        }
+        if !pending.is_empty() {
+            let n = device.enqueue(&pending);
+            if n > 0 {
+                pending.drain(..n);
+                on_input();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_serial_specs() {
+        assert_eq!("stdio".parse(), Ok(SerialSpec::Stdio));
+        assert_eq!("null".parse(), Ok(SerialSpec::Null));
+        assert_eq!("unix:/tmp/a.sock".parse(), Ok(SerialSpec::Unix("/tmp/a.sock".into())));
+        assert_eq!("file:/tmp/out".parse(), Ok(SerialSpec::File("/tmp/out".into())));
+        assert!("unix:".parse::<SerialSpec>().unwrap_err().contains("needs a path"));
+        assert!("tcp:1234".parse::<SerialSpec>().unwrap_err().contains("not a serial backend"));
+        assert!("".parse::<SerialSpec>().is_err());
+    }
+
+    #[test]
+    fn input_waits_for_room_and_nothing_is_lost() {
+        let dev = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+        let data: Vec<u8> = (0..100u8).collect();
+        let mut sent = dev.enqueue(&data);
+        assert!(sent < data.len(), "a 16550 FIFO holds fewer than 100 bytes");
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            // Guest side: read while data is ready (LSR bit 0).
+            while dev.read(5) & 1 != 0 {
+                got.push(dev.read(0));
+            }
+            assert_eq!(dev.room_event().read().unwrap(), 1, "a read after a full FIFO signals room");
+            sent += dev.enqueue(&data[sent..]);
+            if sent == data.len() {
+                while dev.read(5) & 1 != 0 {
+                    got.push(dev.read(0));
+                }
+            }
+        }
+        assert_eq!(got, data);
+    }
+
+    #[test]
+    fn output_is_queued_in_order_and_bounded() {
+        let dev = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+        for &b in b"hello\n" {
+            dev.write(0, b);
+        }
+        assert_eq!(dev.output().take().unwrap(), b"hello\n");
+        dev.output().push(&vec![0; OUTPUT_MAX + 10]);
+        assert_eq!(dev.output().dropped(), 10);
+    }
+}

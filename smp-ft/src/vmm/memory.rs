@@ -1,0 +1,134 @@
+//! Guest memory: one shared mapping of a memfd, so that later stages can snapshot it, hand it to
+//! another process, or back it with huge pages. Guest-physical address 0 is offset 0.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot create the guest memory file")]
+    Memfd(#[source] std::io::Error),
+    #[error("cannot size guest memory to {size} bytes")]
+    Truncate { size: u64, source: std::io::Error },
+    #[error("cannot map {size} bytes of guest memory")]
+    Mmap { size: u64, source: std::io::Error },
+    #[error("guest range {addr:#x}+{len:#x} is outside the {size:#x} bytes of guest memory")]
+    OutOfRange { addr: u64, len: u64, size: u64 },
+}
+
+pub struct GuestMemory {
+    fd: OwnedFd,
+    host: *mut u8,
+    size: u64,
+}
+
+// SAFETY: the mapping lives as long as `GuestMemory` and is only reached through bounds-checked
+// methods; guest memory is shared with the vCPUs by design, so concurrent access is expected and
+// done with copies, never with Rust references that claim exclusivity.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        // SAFETY: the name is a valid NUL-terminated string; the result is checked.
+        let raw = unsafe { libc::memfd_create(c"smpft-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: plain syscall on a descriptor we own; the result is checked.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } < 0 {
+            return Err(MemoryError::Truncate { size, source: std::io::Error::last_os_error() });
+        }
+        // SAFETY: a new shared mapping of `size` bytes of our memfd; the result is checked.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            return Err(MemoryError::Mmap { size, source: std::io::Error::last_os_error() });
+        }
+        // Best effort: THP for shmem depends on the host's shmem_enabled setting.
+        // SAFETY: advice on a mapping we own; failure is harmless.
+        unsafe { libc::madvise(host, size as usize, libc::MADV_HUGEPAGE) };
+        Ok(GuestMemory { fd, host: host.cast(), size })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn host_addr(&self) -> u64 {
+        self.host as u64
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    fn check(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        match addr.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(MemoryError::OutOfRange { addr, len, size: self.size }),
+        }
+    }
+
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.check(addr, data.len() as u64)?;
+        // SAFETY: the range is inside the mapping (checked); `data` cannot overlap guest memory
+        // because no Rust reference into guest memory is ever handed out.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.add(addr as usize), data.len()) };
+        Ok(())
+    }
+
+    pub fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), MemoryError> {
+        self.check(addr, out.len() as u64)?;
+        // SAFETY: as for `write`, in the other direction.
+        unsafe { std::ptr::copy_nonoverlapping(self.host.add(addr as usize), out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    pub fn write_u64(&self, addr: u64, v: u64) -> Result<(), MemoryError> {
+        self.write(addr, &v.to_le_bytes())
+    }
+
+    pub fn fill(&self, addr: u64, len: u64, byte: u8) -> Result<(), MemoryError> {
+        self.check(addr, len)?;
+        // SAFETY: the range is inside the mapping (checked).
+        unsafe { std::ptr::write_bytes(self.host.add(addr as usize), byte, len as usize) };
+        Ok(())
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping created in `new`; no references into it outlive `self`.
+        unsafe { libc::munmap(self.host.cast(), self.size as usize) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_back_what_was_written_and_rejects_out_of_range() {
+        let m = GuestMemory::new(1 << 20).unwrap();
+        m.write(0x1000, b"hello").unwrap();
+        let mut b = [0u8; 5];
+        m.read(0x1000, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        assert!(matches!(m.write((1 << 20) - 2, b"abc"), Err(MemoryError::OutOfRange { .. })));
+        assert!(m.read(u64::MAX, &mut b).is_err());
+        m.fill(0x1000, 5, 0).unwrap();
+        m.read(0x1000, &mut b).unwrap();
+        assert_eq!(b, [0; 5]);
+    }
+}

@@ -1,0 +1,354 @@
+//! The VMM: builds a KVM VM with guest memory, devices and vCPUs ([`Vm::create`]), runs it
+//! ([`Vm::start`]) and gives the caller a handle to pause, resume and stop it ([`RunningVm`]).
+
+pub mod boot;
+pub mod control;
+pub mod devices;
+pub mod layout;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+
+use control::{PauseError, VcpuControl};
+use crossbeam_channel::{Receiver, Sender};
+use devices::serial::{SerialBackend, SerialDevice, SerialError, SerialSpec};
+use devices::{Console, Devices};
+use kvm_bindings::{kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use layout::*;
+use loader::Image;
+use memory::GuestMemory;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vcpu::{SignalKick, Vcpu, VcpuEnd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub vcpus: u32,
+    pub memory: u64,
+    /// The guest ELF image.
+    pub guest: Arc<[u8]>,
+    /// Where the image came from, for messages.
+    pub guest_name: String,
+    /// Boot parameters handed to the guest.
+    pub guest_args: String,
+    pub serial: SerialSpec,
+    /// Where guest log lines (debug console) go: `None` for stderr.
+    pub console: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("/dev/kvm is not present: this host has no KVM (load kvm_intel, kvm_amd or kvm_pvm)")]
+    NoKvm,
+    #[error("permission denied on /dev/kvm: run as root or as a member of the kvm group")]
+    KvmDenied,
+    #[error("cannot open /dev/kvm")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    #[error("--vcpus {asked} is out of range: this host runs 1 to {max} vCPUs per VM")]
+    Vcpus { asked: u32, max: u32 },
+    #[error("--memory {asked} MiB is larger than {limit} MiB ({why})")]
+    MemoryTooLarge { asked: u64, limit: u64, why: &'static str },
+    #[error("--memory {have} MiB is too small for guest {guest}: it needs at least {need} MiB")]
+    MemoryTooSmall { have: u64, need: u64, guest: String },
+    #[error("guest {guest}")]
+    Image { guest: String, source: loader::LoaderError },
+    #[error("--guest-args is {len} bytes; at most {max} fit", max = CMDLINE_MAX)]
+    ArgsTooLong { len: usize },
+    #[error("KVM: {what}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    #[error("cannot open console file {path}")]
+    Console { path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot start vCPU threads")]
+    Thread(#[source] std::io::Error),
+    #[error("vCPU threads did not exit within {0:?}")]
+    ExitTimeout(Duration),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Memory the host could give the guest now (MemAvailable), in bytes.
+fn host_available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => VmError::NoKvm,
+        libc::EACCES | libc::EPERM => VmError::KvmDenied,
+        _ => VmError::KvmOpen(e),
+    })
+}
+
+/// Largest vCPU count usable on this host.
+pub fn max_vcpus(kvm: &Kvm) -> u32 {
+    (kvm.get_max_vcpus() as u32).min(MAX_VCPUS)
+}
+
+/// A VM built and ready to start.
+pub struct Vm {
+    config: VmConfig,
+    _kvm: Kvm,
+    vm: VmFd,
+    memory: Arc<GuestMemory>,
+    vcpus: Vec<Vcpu>,
+    devices: Arc<Devices>,
+    control: Arc<VcpuControl>,
+    kick: Arc<SignalKick>,
+}
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest wrote its exit status.
+    GuestExit(u32),
+    /// A vCPU failed; the message says how.
+    VcpuFailed(String),
+    /// The host asked smpft to stop (signal number).
+    Signal(i32),
+}
+
+impl Vm {
+    /// Validates the configuration and builds the VM: memory, image, tables, devices, vCPUs.
+    pub fn create(config: VmConfig) -> Result<Vm, VmError> {
+        let image = Image::parse(&config.guest).map_err(|source| VmError::Image { guest: config.guest_name.clone(), source })?;
+        if config.guest_args.len() > CMDLINE_MAX {
+            return Err(VmError::ArgsTooLong { len: config.guest_args.len() });
+        }
+        let need = image.end().next_multiple_of(0x1000) + MIN_FREE;
+        if config.memory < need {
+            return Err(VmError::MemoryTooSmall { have: config.memory >> 20, need: need.div_ceil(1 << 20), guest: config.guest_name.clone() });
+        }
+        if config.memory > MAX_MEMORY {
+            return Err(VmError::MemoryTooLarge { asked: config.memory >> 20, limit: MAX_MEMORY >> 20, why: "the test-guest memory map ends below the 32-bit MMIO hole" });
+        }
+        if let Some(avail) = host_available_memory() {
+            if config.memory > avail {
+                return Err(VmError::MemoryTooLarge { asked: config.memory >> 20, limit: avail >> 20, why: "memory available on this host" });
+            }
+        }
+        let kvm = open_kvm()?;
+        let max = max_vcpus(&kvm);
+        if config.vcpus == 0 || config.vcpus > max {
+            return Err(VmError::Vcpus { asked: config.vcpus, max });
+        }
+        let console = match &config.console {
+            None => Console::Stderr,
+            Some(p) => Console::File(std::fs::File::create(p).map_err(|source| VmError::Console { path: p.clone(), source })?),
+        };
+
+        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        vm.create_irq_chip().map_err(kvm_err("create in-kernel irqchip"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+
+        let memory = Arc::new(GuestMemory::new(config.memory)?);
+        let region = kvm_userspace_memory_region { slot: 0, flags: 0, guest_phys_addr: 0, memory_size: memory.size(), userspace_addr: memory.host_addr() };
+        // SAFETY: the region maps `memory`, which outlives the VM: `Vm`/`RunningVm` hold an Arc
+        // to it and drop the VM fd first (field order and explicit drops in `shutdown`).
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
+
+        boot::write_tables(&memory, config.vcpus)?;
+        image.load(&config.guest, &memory).map_err(|source| VmError::Image { guest: config.guest_name.clone(), source })?;
+        memory.write(CMDLINE_ADDR, config.guest_args.as_bytes())?;
+
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(SerialError::Event(e)))?;
+        vm.register_irqfd(&irq, COM1_IRQ).map_err(kvm_err("connect serial interrupt"))?;
+        let serial = SerialDevice::new(irq)?;
+        let devices = Arc::new(Devices::new(serial, console));
+
+        vcpu::register_kick_handler().map_err(|e| VmError::Kvm { what: "install vCPU kick signal handler", source: e })?;
+        let kick = SignalKick::new(config.vcpus as usize);
+        let control = Arc::new(VcpuControl::new(config.vcpus as usize, Box::new(kick.clone())));
+
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
+        let xcrs = boot::xcrs(&supported);
+        let mut vcpus = Vec::new();
+        let mut tsc_khz = 0;
+        for i in 0..config.vcpus {
+            let fd = vm.create_vcpu(u64::from(i)).map_err(kvm_err("create vCPU"))?;
+            fd.set_cpuid2(&boot::cpuid_for(supported.clone(), i, config.vcpus, xcrs.is_some())).map_err(kvm_err("set CPUID"))?;
+            let sregs = fd.get_sregs().map_err(kvm_err("get special registers"))?;
+            fd.set_sregs(&boot::sregs(sregs, i, xcrs.is_some())).map_err(kvm_err("set special registers"))?;
+            fd.set_regs(&boot::regs(image.entry, i)).map_err(kvm_err("set registers"))?;
+            if let Some(x) = &xcrs {
+                fd.set_xcrs(x).map_err(kvm_err("set XCR0"))?;
+            }
+            // With the in-kernel irqchip, APs wait for INIT/SIPI; the test guest starts them all.
+            fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(kvm_err("set MP state"))?;
+            if i == 0 {
+                tsc_khz = fd.get_tsc_khz().map_err(kvm_err("get TSC frequency"))?;
+            }
+            vcpus.push(Vcpu::new(i as usize, fd, control.clone(), devices.clone()));
+        }
+
+        let free_start = image.end().next_multiple_of(0x1000);
+        let info = BootInfo {
+            magic: BOOT_MAGIC,
+            version: BOOT_VERSION,
+            vcpus: config.vcpus,
+            mem_size: memory.size(),
+            free_start,
+            free_end: memory.size(),
+            tsc_khz: tsc_khz.into(),
+            cmdline_addr: CMDLINE_ADDR,
+            cmdline_len: config.guest_args.len() as u64,
+        };
+        memory.write(BOOT_INFO_ADDR, &info.to_bytes())?;
+        tracing::info!(
+            vcpus = config.vcpus,
+            memory_mib = config.memory >> 20,
+            guest = %config.guest_name,
+            entry = format_args!("{:#x}", image.entry),
+            tsc_khz,
+            "VM created"
+        );
+        Ok(Vm { config, _kvm: kvm, vm, memory, vcpus, devices, control, kick })
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// Starts the serial backend and one thread per vCPU.
+    pub fn start(self) -> Result<RunningVm, VmError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let control = self.control.clone();
+        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || control.input_arrived());
+        let serial = SerialBackend::start(&self.config.serial, self.devices.serial.clone(), wake)?;
+        let mut threads = Vec::new();
+        for mut v in self.vcpus {
+            let tx: Sender<VmEvent> = tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{}", v.index))
+                .spawn(move || {
+                    v.run(|i, end| match end {
+                        VcpuEnd::Requested => {}
+                        VcpuEnd::GuestExit(status) => {
+                            tracing::debug!(vcpu = i, status, "guest exit");
+                            let _ = tx.send(VmEvent::GuestExit(*status));
+                        }
+                        VcpuEnd::Failed(e) => {
+                            let _ = tx.send(VmEvent::VcpuFailed(e.to_string()));
+                        }
+                    })
+                })
+                .map_err(VmError::Thread)?;
+            {
+                use std::os::unix::thread::JoinHandleExt;
+                self.kick.set_thread(threads.len(), Some(t.as_pthread_t()));
+            }
+            threads.push(t);
+        }
+        Ok(RunningVm {
+            threads,
+            events: rx,
+            sender: tx,
+            serial: Some(serial),
+            control: self.control,
+            kick: self.kick,
+            devices: self.devices,
+            vm: Some(self.vm),
+            memory: self.memory,
+        })
+    }
+}
+
+/// A running VM. Dropping it without [`RunningVm::shutdown`] also stops it.
+pub struct RunningVm {
+    threads: Vec<JoinHandle<VcpuEnd>>,
+    events: Receiver<VmEvent>,
+    sender: Sender<VmEvent>,
+    serial: Option<SerialBackend>,
+    control: Arc<VcpuControl>,
+    kick: Arc<SignalKick>,
+    devices: Arc<Devices>,
+    vm: Option<VmFd>,
+    memory: Arc<GuestMemory>,
+}
+
+/// How long a stop may take before smpft gives up on a vCPU thread.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl RunningVm {
+    pub fn control(&self) -> &Arc<VcpuControl> {
+        &self.control
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.devices
+    }
+
+    /// Pauses every vCPU (blocking until all have acknowledged).
+    pub fn pause(&self) -> Result<(), PauseError> {
+        self.control.pause(Duration::from_secs(5))
+    }
+
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// A sender other parts (signal handling, control sockets) use to stop the VM.
+    pub fn event_sender(&self) -> Sender<VmEvent> {
+        self.sender.clone()
+    }
+
+    /// Waits for the next event (guest exit, vCPU failure, signal), up to `timeout` if given.
+    pub fn wait_event(&self, timeout: Option<Duration>) -> Option<VmEvent> {
+        match timeout {
+            Some(t) => self.events.recv_timeout(t).ok(),
+            None => self.events.recv().ok(),
+        }
+    }
+
+    /// Stops every vCPU, joins every thread, and flushes serial output.
+    pub fn shutdown(mut self) -> Result<(), VmError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), VmError> {
+        self.control.request_exit();
+        let exited = self.control.wait_exited(STOP_TIMEOUT);
+        if exited {
+            for (i, t) in self.threads.drain(..).enumerate() {
+                self.kick.set_thread(i, None);
+                let _ = t.join();
+            }
+        }
+        if let Some(s) = self.serial.take() {
+            s.stop();
+        }
+        self.vm.take();
+        if exited {
+            Ok(())
+        } else {
+            Err(VmError::ExitTimeout(STOP_TIMEOUT))
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() || self.serial.is_some() {
+            if let Err(e) = self.stop() {
+                tracing::error!("stopping the VM: {e}");
+            }
+        }
+    }
+}

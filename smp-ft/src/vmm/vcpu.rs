@@ -1,0 +1,180 @@
+//! One thread per vCPU: enters the guest, dispatches exits to the devices, and follows the
+//! run-state machine in `control.rs`.
+
+use super::control::{Kick, Request, VcpuControl, VcpuState};
+use super::devices::{Devices, PioAction};
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {vcpu}: KVM_RUN failed")]
+    Run { vcpu: usize, source: kvm_ioctls::Error },
+    #[error("vCPU {vcpu}: guest triple-faulted (rip {rip:#x}, rsp {rsp:#x}); the test guest must not fault")]
+    TripleFault { vcpu: usize, rip: u64, rsp: u64 },
+    #[error("vCPU {vcpu}: VM entry failed (hardware reason {reason:#x})")]
+    FailEntry { vcpu: usize, reason: u64 },
+    #[error("vCPU {vcpu}: KVM internal error")]
+    Internal { vcpu: usize },
+    #[error("vCPU {vcpu}: unexpected exit {exit}")]
+    Unexpected { vcpu: usize, exit: String },
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler; null when the thread has no vCPU.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick signal's handler: make the current `KVM_RUN` (or the next one) return `EINTR`.
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: `run` is this thread's mapped kvm_run, valid while the pointer is set (it is
+        // cleared before the VcpuFd is dropped); a volatile byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the kick handler (once per process).
+pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno())
+    })
+    .map_err(|e| vmm_sys_util::errno::Error::new(e))
+}
+
+/// Kicks vCPU threads with the kick signal.
+pub struct SignalKick {
+    threads: parking_lot::Mutex<Vec<Option<libc::pthread_t>>>,
+}
+
+impl SignalKick {
+    pub fn new(vcpus: usize) -> Arc<Self> {
+        Arc::new(SignalKick { threads: parking_lot::Mutex::new(vec![None; vcpus]) })
+    }
+    pub fn set_thread(&self, vcpu: usize, t: Option<libc::pthread_t>) {
+        self.threads.lock()[vcpu] = t;
+    }
+}
+
+impl Kick for Arc<SignalKick> {
+    fn kick(&self, vcpu: usize) {
+        if let Some(t) = self.threads.lock()[vcpu] {
+            // SAFETY: `t` is a live, not yet joined thread (cleared before join); the signal has a
+            // handler installed, so it cannot kill the process.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+}
+
+/// Why the vCPU loop ended.
+#[derive(Debug)]
+pub enum VcpuEnd {
+    /// The controller asked for it.
+    Requested,
+    /// The guest reported its exit status on the exit port.
+    GuestExit(u32),
+    Failed(VcpuError),
+}
+
+pub struct Vcpu {
+    pub index: usize,
+    pub fd: VcpuFd,
+    control: Arc<VcpuControl>,
+    devices: Arc<Devices>,
+    /// The last exit was port I/O or MMIO that `KVM_RUN` has not yet completed.
+    pending_io: bool,
+}
+
+impl Vcpu {
+    pub fn new(index: usize, fd: VcpuFd, control: Arc<VcpuControl>, devices: Arc<Devices>) -> Self {
+        Vcpu { index, fd, control, devices, pending_io: false }
+    }
+
+    /// Runs the guest until the controller asks the vCPU to exit or the guest ends.
+    /// The thread's kick target is set up and torn down around the loop.
+    pub fn run(&mut self, on_end: impl FnOnce(usize, &VcpuEnd)) -> VcpuEnd {
+        KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
+        self.control.set_state(self.index, VcpuState::Running);
+        let end = self.run_loop();
+        if let Err(e) = self.complete_pending_io() {
+            tracing::warn!(vcpu = self.index, "completing I/O at exit: {e}");
+        }
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+        on_end(self.index, &end);
+        self.control.set_state(self.index, VcpuState::Exited);
+        end
+    }
+
+    /// Re-enters `KVM_RUN` once with `immediate_exit` set, so KVM finishes a port/MMIO
+    /// instruction whose data was just supplied, without running any further guest code.
+    fn complete_pending_io(&mut self) -> Result<(), VcpuError> {
+        if !self.pending_io {
+            return Ok(());
+        }
+        self.pending_io = false;
+        self.fd.set_kvm_immediate_exit(1);
+        let r = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match r {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) => Err(VcpuError::Run { vcpu: self.index, source: e }),
+        }
+    }
+
+    fn run_loop(&mut self) -> VcpuEnd {
+        let vcpu = self.index;
+        loop {
+            match self.control.request() {
+                Request::Run => {}
+                Request::Pause => {
+                    if let Err(e) = self.complete_pending_io() {
+                        return VcpuEnd::Failed(e);
+                    }
+                    match self.control.park(vcpu) {
+                        Request::Exit => return VcpuEnd::Requested,
+                        _ => continue,
+                    }
+                }
+                Request::Exit => return VcpuEnd::Requested,
+            }
+            let exit = self.fd.run();
+            self.pending_io = matches!(
+                exit,
+                Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..))
+            );
+            match exit {
+                Ok(VcpuExit::IoIn(port, data)) => self.devices.pio_read(port, data),
+                Ok(VcpuExit::IoOut(port, data)) => match self.devices.pio_write(port, data) {
+                    PioAction::None => {}
+                    PioAction::Exit(status) => return VcpuEnd::GuestExit(status),
+                    PioAction::Idle(us) => self.control.idle(Duration::from_micros(us.into())),
+                },
+                Ok(VcpuExit::MmioRead(addr, data)) => self.devices.mmio_read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => self.devices.mmio_write(addr, data),
+                Ok(VcpuExit::Shutdown) => {
+                    let (rip, rsp) = self.fd.get_regs().map(|r| (r.rip, r.rsp)).unwrap_or_default();
+                    return VcpuEnd::Failed(VcpuError::TripleFault { vcpu, rip, rsp });
+                }
+                Ok(VcpuExit::FailEntry(reason, _)) => return VcpuEnd::Failed(VcpuError::FailEntry { vcpu, reason }),
+                Ok(VcpuExit::InternalError) => return VcpuEnd::Failed(VcpuError::Internal { vcpu }),
+                Ok(other) => return VcpuEnd::Failed(VcpuError::Unexpected { vcpu, exit: format!("{other:?}") }),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Kicked. Clear the flag before looking at the request again: a kick that
+                    // lands after this store is for a request we are about to see.
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e) => return VcpuEnd::Failed(VcpuError::Run { vcpu, source: e }),
+            }
+        }
+    }
+}
