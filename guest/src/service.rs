@@ -105,7 +105,10 @@ impl Service {
         let cmd = words.next().unwrap_or(b"");
         let id = words.next().and_then(number);
         let extra = words.next().is_some();
-        let mut r = Reply { buf: [0; 192], len: 0 };
+        let mut r = Reply {
+            buf: [0; 192],
+            len: 0,
+        };
         let mut exit = false;
         self.requests += 1;
         match (cmd, id) {
@@ -128,7 +131,11 @@ impl Service {
             }
             (b"STAT", Some(id)) => {
                 let (counter, churn) = crate::totals();
-                let _ = write!(r, "STAT {id} value={} requests={} counter={counter} churn={churn}", self.value, self.requests);
+                let _ = write!(
+                    r,
+                    "STAT {id} value={} requests={} counter={counter} churn={churn}",
+                    self.value, self.requests
+                );
             }
             (b"EXIT", Some(id)) => {
                 let _ = write!(r, "BYE {id} {}", self.value);

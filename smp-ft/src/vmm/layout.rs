@@ -76,12 +76,26 @@ impl BootInfo {
         v.extend_from_slice(&self.magic.to_le_bytes());
         v.extend_from_slice(&self.version.to_le_bytes());
         v.extend_from_slice(&self.vcpus.to_le_bytes());
-        for x in [self.mem_size, self.free_start, self.free_end, self.tsc_khz, self.cmdline_addr, self.cmdline_len] {
+        for x in [
+            self.mem_size,
+            self.free_start,
+            self.free_end,
+            self.tsc_khz,
+            self.cmdline_addr,
+            self.cmdline_len,
+        ] {
             v.extend_from_slice(&x.to_le_bytes());
         }
         v
     }
 }
+
+// The fixed area fits below the image, checked at compile time.
+const _: () = assert!(STACKS_ADDR + STACK_SIZE * MAX_VCPUS as u64 <= IMAGE_MIN);
+const _: () = assert!(TSS_ADDR + TSS_SLOT * MAX_VCPUS as u64 <= STACKS_ADDR);
+const _: () = assert!(TSS_LIMIT < TSS_SLOT);
+const _: () = assert!(GDT_TSS0 as u64 + 16 * MAX_VCPUS as u64 <= 0x1000);
+const _: () = assert!(PD_ADDR + 0x1000 * (MAX_MEMORY >> 30) <= TSS_ADDR);
 
 pub fn stack_top(vcpu: u32) -> u64 {
     STACKS_ADDR + STACK_SIZE * (u64::from(vcpu) + 1)
@@ -93,21 +107,21 @@ mod tests {
 
     #[test]
     fn boot_info_bytes_match_the_repr_c_layout() {
-        let b = BootInfo { magic: BOOT_MAGIC, version: 1, vcpus: 2, mem_size: 3, free_start: 4, free_end: 5, tsc_khz: 6, cmdline_addr: 7, cmdline_len: 8 };
+        let b = BootInfo {
+            magic: BOOT_MAGIC,
+            version: 1,
+            vcpus: 2,
+            mem_size: 3,
+            free_start: 4,
+            free_end: 5,
+            tsc_khz: 6,
+            cmdline_addr: 7,
+            cmdline_len: 8,
+        };
         let bytes = b.to_bytes();
         assert_eq!(bytes.len(), std::mem::size_of::<BootInfo>());
         assert_eq!(&bytes[0..8], b"SMPFTBI1");
         assert_eq!(u32::from_le_bytes(bytes[12..16].try_into().unwrap()), 2);
         assert_eq!(u64::from_le_bytes(bytes[56..64].try_into().unwrap()), 8);
-    }
-
-    #[test]
-    fn fixed_area_fits_below_the_image() {
-        assert!(stack_top(MAX_VCPUS - 1) <= IMAGE_MIN);
-        assert!(TSS_ADDR + TSS_SLOT * u64::from(MAX_VCPUS) <= STACKS_ADDR);
-        assert!(TSS_LIMIT < TSS_SLOT);
-        assert!(u64::from(GDT_TSS0) + 16 * u64::from(MAX_VCPUS) <= TSS_ADDR - GDT_ADDR);
-        // One page directory per GiB of memory.
-        assert!(PD_ADDR + 0x1000 * (MAX_MEMORY >> 30) <= TSS_ADDR);
     }
 }

@@ -39,7 +39,10 @@ impl GuestMemory {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: plain syscall on a descriptor we own; the result is checked.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } < 0 {
-            return Err(MemoryError::Truncate { size, source: std::io::Error::last_os_error() });
+            return Err(MemoryError::Truncate {
+                size,
+                source: std::io::Error::last_os_error(),
+            });
         }
         // SAFETY: a new shared mapping of `size` bytes of our memfd; the result is checked.
         let host = unsafe {
@@ -53,12 +56,19 @@ impl GuestMemory {
             )
         };
         if host == libc::MAP_FAILED {
-            return Err(MemoryError::Mmap { size, source: std::io::Error::last_os_error() });
+            return Err(MemoryError::Mmap {
+                size,
+                source: std::io::Error::last_os_error(),
+            });
         }
         // Best effort: THP for shmem depends on the host's shmem_enabled setting.
         // SAFETY: advice on a mapping we own; failure is harmless.
         unsafe { libc::madvise(host, size as usize, libc::MADV_HUGEPAGE) };
-        Ok(GuestMemory { fd, host: host.cast(), size })
+        Ok(GuestMemory {
+            fd,
+            host: host.cast(),
+            size,
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -76,7 +86,11 @@ impl GuestMemory {
     fn check(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
         match addr.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(MemoryError::OutOfRange { addr, len, size: self.size }),
+            _ => Err(MemoryError::OutOfRange {
+                addr,
+                len,
+                size: self.size,
+            }),
         }
     }
 
@@ -84,14 +98,18 @@ impl GuestMemory {
         self.check(addr, data.len() as u64)?;
         // SAFETY: the range is inside the mapping (checked); `data` cannot overlap guest memory
         // because no Rust reference into guest memory is ever handed out.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.add(addr as usize), data.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.add(addr as usize), data.len())
+        };
         Ok(())
     }
 
     pub fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), MemoryError> {
         self.check(addr, out.len() as u64)?;
         // SAFETY: as for `write`, in the other direction.
-        unsafe { std::ptr::copy_nonoverlapping(self.host.add(addr as usize), out.as_mut_ptr(), out.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.host.add(addr as usize), out.as_mut_ptr(), out.len())
+        };
         Ok(())
     }
 
@@ -125,7 +143,10 @@ mod tests {
         let mut b = [0u8; 5];
         m.read(0x1000, &mut b).unwrap();
         assert_eq!(&b, b"hello");
-        assert!(matches!(m.write((1 << 20) - 2, b"abc"), Err(MemoryError::OutOfRange { .. })));
+        assert!(matches!(
+            m.write((1 << 20) - 2, b"abc"),
+            Err(MemoryError::OutOfRange { .. })
+        ));
         assert!(m.read(u64::MAX, &mut b).is_err());
         m.fill(0x1000, 5, 0).unwrap();
         m.read(0x1000, &mut b).unwrap();

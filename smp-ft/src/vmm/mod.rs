@@ -13,7 +13,10 @@ use control::{PauseError, VcpuControl};
 use crossbeam_channel::{Receiver, Sender};
 use devices::serial::{SerialBackend, SerialDevice, SerialError, SerialSpec};
 use devices::{Console, Devices};
-use kvm_bindings::{kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use layout::*;
 use loader::Image;
@@ -38,34 +41,56 @@ pub struct VmConfig {
     pub serial: SerialSpec,
     /// Where guest log lines (debug console) go: `None` for stderr.
     pub console: Option<std::path::PathBuf>,
+    /// The KVM device, normally `/dev/kvm`.
+    pub kvm_device: std::path::PathBuf,
 }
+
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("/dev/kvm is not present: this host has no KVM (load kvm_intel, kvm_amd or kvm_pvm)")]
-    NoKvm,
-    #[error("permission denied on /dev/kvm: run as root or as a member of the kvm group")]
-    KvmDenied,
-    #[error("cannot open /dev/kvm")]
-    KvmOpen(#[source] kvm_ioctls::Error),
+    #[error("{0} is not present: this host has no KVM (load kvm_intel, kvm_amd or kvm_pvm)")]
+    NoKvm(std::path::PathBuf),
+    #[error("permission denied on {0}: run as root or as a member of the kvm group")]
+    KvmDenied(std::path::PathBuf),
+    #[error("{0} is not a KVM device")]
+    NotKvm(std::path::PathBuf),
+    #[error("cannot open {path}")]
+    KvmOpen {
+        path: std::path::PathBuf,
+        source: kvm_ioctls::Error,
+    },
     #[error("--vcpus {asked} is out of range: this host runs 1 to {max} vCPUs per VM")]
     Vcpus { asked: u32, max: u32 },
     #[error("--memory {asked} MiB is larger than {limit} MiB ({why})")]
-    MemoryTooLarge { asked: u64, limit: u64, why: &'static str },
+    MemoryTooLarge {
+        asked: u64,
+        limit: u64,
+        why: &'static str,
+    },
     #[error("--memory {have} MiB is too small for guest {guest}: it needs at least {need} MiB")]
     MemoryTooSmall { have: u64, need: u64, guest: String },
     #[error("guest {guest}")]
-    Image { guest: String, source: loader::LoaderError },
+    Image {
+        guest: String,
+        source: loader::LoaderError,
+    },
     #[error("--guest-args is {len} bytes; at most {max} fit", max = CMDLINE_MAX)]
     ArgsTooLong { len: usize },
     #[error("KVM: {what}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
     #[error(transparent)]
     Serial(#[from] SerialError),
     #[error("cannot open console file {path}")]
-    Console { path: std::path::PathBuf, source: std::io::Error },
+    Console {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start vCPU threads")]
     Thread(#[source] std::io::Error),
     #[error("vCPU threads did not exit within {0:?}")]
@@ -84,12 +109,24 @@ fn host_available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-pub fn open_kvm() -> Result<Kvm, VmError> {
-    Kvm::new().map_err(|e| match e.errno() {
-        libc::ENOENT | libc::ENXIO | libc::ENODEV => VmError::NoKvm,
-        libc::EACCES | libc::EPERM => VmError::KvmDenied,
-        _ => VmError::KvmOpen(e),
-    })
+pub fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
+    let p = || path.to_path_buf();
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| VmError::NoKvm(p()))?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => VmError::NoKvm(p()),
+        libc::EACCES | libc::EPERM => VmError::KvmDenied(p()),
+        libc::ENOTTY | libc::EINVAL => VmError::NotKvm(p()),
+        _ => VmError::KvmOpen {
+            path: p(),
+            source: e,
+        },
+    })?;
+    // A device that is not KVM fails KVM_GET_API_VERSION (-1).
+    if kvm.get_api_version() != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(VmError::NotKvm(p()));
+    }
+    Ok(kvm)
 }
 
 /// Largest vCPU count usable on this host.
@@ -123,71 +160,133 @@ pub enum VmEvent {
 impl Vm {
     /// Validates the configuration and builds the VM: memory, image, tables, devices, vCPUs.
     pub fn create(config: VmConfig) -> Result<Vm, VmError> {
-        let image = Image::parse(&config.guest).map_err(|source| VmError::Image { guest: config.guest_name.clone(), source })?;
+        let image = Image::parse(&config.guest).map_err(|source| VmError::Image {
+            guest: config.guest_name.clone(),
+            source,
+        })?;
         if config.guest_args.len() > CMDLINE_MAX {
-            return Err(VmError::ArgsTooLong { len: config.guest_args.len() });
+            return Err(VmError::ArgsTooLong {
+                len: config.guest_args.len(),
+            });
         }
         let need = image.end().next_multiple_of(0x1000) + MIN_FREE;
         if config.memory < need {
-            return Err(VmError::MemoryTooSmall { have: config.memory >> 20, need: need.div_ceil(1 << 20), guest: config.guest_name.clone() });
+            return Err(VmError::MemoryTooSmall {
+                have: config.memory >> 20,
+                need: need.div_ceil(1 << 20),
+                guest: config.guest_name.clone(),
+            });
         }
         if config.memory > MAX_MEMORY {
-            return Err(VmError::MemoryTooLarge { asked: config.memory >> 20, limit: MAX_MEMORY >> 20, why: "the test-guest memory map ends below the 32-bit MMIO hole" });
+            return Err(VmError::MemoryTooLarge {
+                asked: config.memory >> 20,
+                limit: MAX_MEMORY >> 20,
+                why: "the test-guest memory map ends below the 32-bit MMIO hole",
+            });
         }
         if let Some(avail) = host_available_memory() {
             if config.memory > avail {
-                return Err(VmError::MemoryTooLarge { asked: config.memory >> 20, limit: avail >> 20, why: "memory available on this host" });
+                return Err(VmError::MemoryTooLarge {
+                    asked: config.memory >> 20,
+                    limit: avail >> 20,
+                    why: "memory available on this host",
+                });
             }
         }
-        let kvm = open_kvm()?;
+        let kvm = open_kvm(&config.kvm_device)?;
         let max = max_vcpus(&kvm);
         if config.vcpus == 0 || config.vcpus > max {
-            return Err(VmError::Vcpus { asked: config.vcpus, max });
+            return Err(VmError::Vcpus {
+                asked: config.vcpus,
+                max,
+            });
         }
         let console = match &config.console {
             None => Console::Stderr,
-            Some(p) => Console::File(std::fs::File::create(p).map_err(|source| VmError::Console { path: p.clone(), source })?),
+            Some(p) => {
+                Console::File(std::fs::File::create(p).map_err(|source| VmError::Console {
+                    path: p.clone(),
+                    source,
+                })?)
+            }
         };
 
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
-        vm.create_irq_chip().map_err(kvm_err("create in-kernel irqchip"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_irq_chip()
+            .map_err(kvm_err("create in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
 
         let memory = Arc::new(GuestMemory::new(config.memory)?);
-        let region = kvm_userspace_memory_region { slot: 0, flags: 0, guest_phys_addr: 0, memory_size: memory.size(), userspace_addr: memory.host_addr() };
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: memory.size(),
+            userspace_addr: memory.host_addr(),
+        };
         // SAFETY: the region maps `memory`, which outlives the VM: `Vm`/`RunningVm` hold an Arc
         // to it and drop the VM fd first (field order and explicit drops in `shutdown`).
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
 
         boot::write_tables(&memory, config.vcpus)?;
-        image.load(&config.guest, &memory).map_err(|source| VmError::Image { guest: config.guest_name.clone(), source })?;
+        image
+            .load(&config.guest, &memory)
+            .map_err(|source| VmError::Image {
+                guest: config.guest_name.clone(),
+                source,
+            })?;
         memory.write(CMDLINE_ADDR, config.guest_args.as_bytes())?;
 
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(SerialError::Event(e)))?;
-        vm.register_irqfd(&irq, COM1_IRQ).map_err(kvm_err("connect serial interrupt"))?;
+        vm.register_irqfd(&irq, COM1_IRQ)
+            .map_err(kvm_err("connect serial interrupt"))?;
         let serial = SerialDevice::new(irq)?;
         let devices = Arc::new(Devices::new(serial, console));
 
-        vcpu::register_kick_handler().map_err(|e| VmError::Kvm { what: "install vCPU kick signal handler", source: e })?;
+        vcpu::register_kick_handler().map_err(|e| VmError::Kvm {
+            what: "install vCPU kick signal handler",
+            source: e,
+        })?;
         let kick = SignalKick::new(config.vcpus as usize);
-        let control = Arc::new(VcpuControl::new(config.vcpus as usize, Box::new(kick.clone())));
+        let control = Arc::new(VcpuControl::new(
+            config.vcpus as usize,
+            Box::new(kick.clone()),
+        ));
 
-        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported CPUID"))?;
         let xcrs = boot::xcrs(&supported);
         let mut vcpus = Vec::new();
         let mut tsc_khz = 0;
         for i in 0..config.vcpus {
-            let fd = vm.create_vcpu(u64::from(i)).map_err(kvm_err("create vCPU"))?;
-            fd.set_cpuid2(&boot::cpuid_for(supported.clone(), i, config.vcpus, xcrs.is_some())).map_err(kvm_err("set CPUID"))?;
+            let fd = vm
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("create vCPU"))?;
+            fd.set_cpuid2(&boot::cpuid_for(
+                supported.clone(),
+                i,
+                config.vcpus,
+                xcrs.is_some(),
+            ))
+            .map_err(kvm_err("set CPUID"))?;
             let sregs = fd.get_sregs().map_err(kvm_err("get special registers"))?;
-            fd.set_sregs(&boot::sregs(sregs, i, xcrs.is_some())).map_err(kvm_err("set special registers"))?;
-            fd.set_regs(&boot::regs(image.entry, i)).map_err(kvm_err("set registers"))?;
+            fd.set_sregs(&boot::sregs(sregs, i, xcrs.is_some()))
+                .map_err(kvm_err("set special registers"))?;
+            fd.set_regs(&boot::regs(image.entry, i))
+                .map_err(kvm_err("set registers"))?;
             if let Some(x) = &xcrs {
                 fd.set_xcrs(x).map_err(kvm_err("set XCR0"))?;
             }
             // With the in-kernel irqchip, APs wait for INIT/SIPI; the test guest starts them all.
-            fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(kvm_err("set MP state"))?;
+            fd.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(kvm_err("set MP state"))?;
             if i == 0 {
                 tsc_khz = fd.get_tsc_khz().map_err(kvm_err("get TSC frequency"))?;
             }
@@ -215,7 +314,16 @@ impl Vm {
             tsc_khz,
             "VM created"
         );
-        Ok(Vm { config, _kvm: kvm, vm, memory, vcpus, devices, control, kick })
+        Ok(Vm {
+            config,
+            _kvm: kvm,
+            vm,
+            memory,
+            vcpus,
+            devices,
+            control,
+            kick,
+        })
     }
 
     pub fn memory(&self) -> &Arc<GuestMemory> {

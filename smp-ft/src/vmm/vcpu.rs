@@ -12,7 +12,10 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("vCPU {vcpu}: KVM_RUN failed")]
-    Run { vcpu: usize, source: kvm_ioctls::Error },
+    Run {
+        vcpu: usize,
+        source: kvm_ioctls::Error,
+    },
     #[error("vCPU {vcpu}: guest triple-faulted (rip {rip:#x}, rsp {rsp:#x}); the test guest must not fault")]
     TripleFault { vcpu: usize, rip: u64, rsp: u64 },
     #[error("vCPU {vcpu}: VM entry failed (hardware reason {reason:#x})")]
@@ -46,9 +49,10 @@ pub fn kick_signal() -> libc::c_int {
 pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno())
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+            .map_err(|e| e.errno())
     })
-    .map_err(|e| vmm_sys_util::errno::Error::new(e))
+    .map_err(vmm_sys_util::errno::Error::new)
 }
 
 /// Kicks vCPU threads with the kick signal.
@@ -58,7 +62,9 @@ pub struct SignalKick {
 
 impl SignalKick {
     pub fn new(vcpus: usize) -> Arc<Self> {
-        Arc::new(SignalKick { threads: parking_lot::Mutex::new(vec![None; vcpus]) })
+        Arc::new(SignalKick {
+            threads: parking_lot::Mutex::new(vec![None; vcpus]),
+        })
     }
     pub fn set_thread(&self, vcpu: usize, t: Option<libc::pthread_t>) {
         self.threads.lock()[vcpu] = t;
@@ -96,7 +102,13 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn new(index: usize, fd: VcpuFd, control: Arc<VcpuControl>, devices: Arc<Devices>) -> Self {
-        Vcpu { index, fd, control, devices, pending_io: false }
+        Vcpu {
+            index,
+            fd,
+            control,
+            devices,
+            pending_io: false,
+        }
     }
 
     /// Runs the guest until the controller asks the vCPU to exit or the guest ends.
@@ -127,7 +139,10 @@ impl Vcpu {
         match r {
             Err(e) if e.errno() == libc::EINTR => Ok(()),
             Ok(()) => Ok(()),
-            Err(e) => Err(VcpuError::Run { vcpu: self.index, source: e }),
+            Err(e) => Err(VcpuError::Run {
+                vcpu: self.index,
+                source: e,
+            }),
         }
     }
 
@@ -150,7 +165,10 @@ impl Vcpu {
             let exit = self.fd.run();
             self.pending_io = matches!(
                 exit,
-                Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..))
+                Ok(VcpuExit::IoIn(..)
+                    | VcpuExit::IoOut(..)
+                    | VcpuExit::MmioRead(..)
+                    | VcpuExit::MmioWrite(..))
             );
             match exit {
                 Ok(VcpuExit::IoIn(port, data)) => self.devices.pio_read(port, data),
@@ -162,12 +180,25 @@ impl Vcpu {
                 Ok(VcpuExit::MmioRead(addr, data)) => self.devices.mmio_read(addr, data),
                 Ok(VcpuExit::MmioWrite(addr, data)) => self.devices.mmio_write(addr, data),
                 Ok(VcpuExit::Shutdown) => {
-                    let (rip, rsp) = self.fd.get_regs().map(|r| (r.rip, r.rsp)).unwrap_or_default();
+                    let (rip, rsp) = self
+                        .fd
+                        .get_regs()
+                        .map(|r| (r.rip, r.rsp))
+                        .unwrap_or_default();
                     return VcpuEnd::Failed(VcpuError::TripleFault { vcpu, rip, rsp });
                 }
-                Ok(VcpuExit::FailEntry(reason, _)) => return VcpuEnd::Failed(VcpuError::FailEntry { vcpu, reason }),
-                Ok(VcpuExit::InternalError) => return VcpuEnd::Failed(VcpuError::Internal { vcpu }),
-                Ok(other) => return VcpuEnd::Failed(VcpuError::Unexpected { vcpu, exit: format!("{other:?}") }),
+                Ok(VcpuExit::FailEntry(reason, _)) => {
+                    return VcpuEnd::Failed(VcpuError::FailEntry { vcpu, reason })
+                }
+                Ok(VcpuExit::InternalError) => {
+                    return VcpuEnd::Failed(VcpuError::Internal { vcpu })
+                }
+                Ok(other) => {
+                    return VcpuEnd::Failed(VcpuError::Unexpected {
+                        vcpu,
+                        exit: format!("{other:?}"),
+                    })
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // Kicked. Clear the flag before looking at the request again: a kick that
                     // lands after this store is for a request we are about to see.

@@ -46,7 +46,9 @@ impl std::str::FromStr for SerialSpec {
             None if s == "null" || s == "none" => Ok(SerialSpec::Null),
             Some(("unix", p)) => path(p, "unix").map(SerialSpec::Unix),
             Some(("file", p)) => path(p, "file").map(SerialSpec::File),
-            _ => Err(format!("'{s}' is not a serial backend; use stdio, unix:PATH, file:PATH or null")),
+            _ => Err(format!(
+                "'{s}' is not a serial backend; use stdio, unix:PATH, file:PATH or null"
+            )),
         }
     }
 }
@@ -54,9 +56,15 @@ impl std::str::FromStr for SerialSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
     #[error("cannot listen on serial socket {path}")]
-    Listen { path: PathBuf, source: std::io::Error },
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open serial output file {path}")]
-    File { path: PathBuf, source: std::io::Error },
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot create serial event")]
     Event(#[source] std::io::Error),
 }
@@ -78,7 +86,14 @@ const OUTPUT_MAX: usize = 4 << 20;
 
 impl OutputQueue {
     fn new() -> Arc<Self> {
-        Arc::new(OutputQueue { inner: Mutex::new(OutputInner { bytes: Vec::new(), closed: false, dropped: 0 }), cv: Condvar::new() })
+        Arc::new(OutputQueue {
+            inner: Mutex::new(OutputInner {
+                bytes: Vec::new(),
+                closed: false,
+                dropped: 0,
+            }),
+            cv: Condvar::new(),
+        })
     }
 
     pub fn push(&self, data: &[u8]) {
@@ -168,10 +183,18 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: EventFd) -> Result<Arc<Self>, SerialError> {
-        let room = Arc::new(InputRoom { event: EventFd::new(EFD_NONBLOCK).map_err(SerialError::Event)?, waiting: AtomicBool::new(false) });
+        let room = Arc::new(InputRoom {
+            event: EventFd::new(EFD_NONBLOCK).map_err(SerialError::Event)?,
+            waiting: AtomicBool::new(false),
+        });
         let output = OutputQueue::new();
         let uart = Serial::with_events(IrqTrigger(irq), room.clone(), Sink(output.clone()));
-        Ok(Arc::new(SerialDevice { uart: Mutex::new(uart), room, output, received: AtomicU64::new(0) }))
+        Ok(Arc::new(SerialDevice {
+            uart: Mutex::new(uart),
+            room,
+            output,
+            received: AtomicU64::new(0),
+        }))
     }
 
     pub fn read(&self, offset: u8) -> u8 {
@@ -188,7 +211,11 @@ impl SerialDevice {
     /// When not all fit, [`Self::room_event`] fires once the guest has read.
     pub fn enqueue(&self, bytes: &[u8]) -> usize {
         let mut uart = self.uart.lock();
-        let n = if uart.fifo_capacity() == 0 { 0 } else { uart.enqueue_raw_bytes(bytes).unwrap_or(0) };
+        let n = if uart.fifo_capacity() == 0 {
+            0
+        } else {
+            uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+        };
         if n < bytes.len() {
             self.room.waiting.store(true, Ordering::SeqCst);
         }
@@ -228,22 +255,34 @@ enum Target {
 
 impl SerialBackend {
     /// Connects `device` as `spec` says; `on_input` runs whenever input reached the guest.
-    pub fn start(spec: &SerialSpec, device: Arc<SerialDevice>, on_input: Arc<dyn Fn() + Send + Sync>) -> Result<Self, SerialError> {
+    pub fn start(
+        spec: &SerialSpec,
+        device: Arc<SerialDevice>,
+        on_input: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<Self, SerialError> {
         let client: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let mut socket = None;
         let (source, target) = match spec {
             SerialSpec::Stdio => (Source::Stdin, Target::Stdout),
             SerialSpec::Null => (Source::Nothing, Target::Discard),
             SerialSpec::File(path) => {
-                let f = std::fs::File::create(path).map_err(|source| SerialError::File { path: path.clone(), source })?;
+                let f = std::fs::File::create(path).map_err(|source| SerialError::File {
+                    path: path.clone(),
+                    source,
+                })?;
                 (Source::Nothing, Target::File(f))
             }
             SerialSpec::Unix(path) => {
                 // A stale socket from an earlier run would make bind fail; only remove sockets.
-                if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+                if std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
                     let _ = std::fs::remove_file(path);
                 }
-                let l = UnixListener::bind(path).map_err(|source| SerialError::Listen { path: path.clone(), source })?;
+                let l = UnixListener::bind(path).map_err(|source| SerialError::Listen {
+                    path: path.clone(),
+                    source,
+                })?;
                 socket = Some(path.clone());
                 (Source::Listener(l), Target::Client(client.clone()))
             }
@@ -252,7 +291,12 @@ impl SerialBackend {
         let output = device.output().clone();
         let mut threads = Vec::new();
         let q = output.clone();
-        threads.push(std::thread::Builder::new().name("serial-out".into()).spawn(move || output_loop(&q, target)).expect("spawn serial-out thread"));
+        threads.push(
+            std::thread::Builder::new()
+                .name("serial-out".into())
+                .spawn(move || output_loop(&q, target))
+                .expect("spawn serial-out thread"),
+        );
         if !matches!(source, Source::Nothing) {
             let stop = stop.clone();
             threads.push(
@@ -262,7 +306,12 @@ impl SerialBackend {
                     .expect("spawn serial-in thread"),
             );
         }
-        Ok(SerialBackend { stop, output, threads, socket })
+        Ok(SerialBackend {
+            stop,
+            output,
+            threads,
+            socket,
+        })
     }
 
     /// Writes out what the guest has produced, then stops and joins the I/O threads.
@@ -277,7 +326,9 @@ impl SerialBackend {
         }
         let dropped = self.output.dropped();
         if dropped > 0 {
-            tracing::warn!("serial: {dropped} output bytes were dropped because the reader did not keep up");
+            tracing::warn!(
+                "serial: {dropped} output bytes were dropped because the reader did not keep up"
+            );
         }
     }
 }
@@ -311,17 +362,30 @@ fn output_loop(q: &OutputQueue, mut target: Target) {
 }
 
 fn pollfd(fd: RawFd) -> libc::pollfd {
-    libc::pollfd { fd, events: libc::POLLIN, revents: 0 }
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
 }
 
-fn input_loop(device: &SerialDevice, source: Source, client: &Mutex<Option<UnixStream>>, stop: &EventFd, on_input: &(dyn Fn() + Send + Sync)) {
+fn input_loop(
+    device: &SerialDevice,
+    source: Source,
+    client: &Mutex<Option<UnixStream>>,
+    stop: &EventFd,
+    on_input: &(dyn Fn() + Send + Sync),
+) {
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 4096];
     let mut reader: Option<UnixStream> = None;
     let mut stdin_open = matches!(source, Source::Stdin);
     let stdin = std::io::stdin();
     loop {
-        let mut fds = vec![pollfd(stop.as_raw_fd()), pollfd(device.room_event().as_raw_fd())];
+        let mut fds = vec![
+            pollfd(stop.as_raw_fd()),
+            pollfd(device.room_event().as_raw_fd()),
+        ];
         let listener_at = if let Source::Listener(l) = &source {
             fds.push(pollfd(l.as_raw_fd()));
             Some(fds.len() - 1)
@@ -403,10 +467,22 @@ mod tests {
     fn parses_serial_specs() {
         assert_eq!("stdio".parse(), Ok(SerialSpec::Stdio));
         assert_eq!("null".parse(), Ok(SerialSpec::Null));
-        assert_eq!("unix:/tmp/a.sock".parse(), Ok(SerialSpec::Unix("/tmp/a.sock".into())));
-        assert_eq!("file:/tmp/out".parse(), Ok(SerialSpec::File("/tmp/out".into())));
-        assert!("unix:".parse::<SerialSpec>().unwrap_err().contains("needs a path"));
-        assert!("tcp:1234".parse::<SerialSpec>().unwrap_err().contains("not a serial backend"));
+        assert_eq!(
+            "unix:/tmp/a.sock".parse(),
+            Ok(SerialSpec::Unix("/tmp/a.sock".into()))
+        );
+        assert_eq!(
+            "file:/tmp/out".parse(),
+            Ok(SerialSpec::File("/tmp/out".into()))
+        );
+        assert!("unix:"
+            .parse::<SerialSpec>()
+            .unwrap_err()
+            .contains("needs a path"));
+        assert!("tcp:1234"
+            .parse::<SerialSpec>()
+            .unwrap_err()
+            .contains("not a serial backend"));
         assert!("".parse::<SerialSpec>().is_err());
     }
 
@@ -422,7 +498,11 @@ mod tests {
             while dev.read(5) & 1 != 0 {
                 got.push(dev.read(0));
             }
-            assert_eq!(dev.room_event().read().unwrap(), 1, "a read after a full FIFO signals room");
+            assert_eq!(
+                dev.room_event().read().unwrap(),
+                1,
+                "a read after a full FIFO signals room"
+            );
             sent += dev.enqueue(&data[sent..]);
             if sent == data.len() {
                 while dev.read(5) & 1 != 0 {

@@ -1,0 +1,140 @@
+//! Every bad input gets a one-line error naming the problem and a non-zero exit, never a panic
+//! or a hang.
+
+mod common;
+use common::*;
+use std::process::Output;
+
+fn run(args: &[&str]) -> Output {
+    smpft().arg("run").args(args).output().unwrap()
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = run(args);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+}
+
+#[test]
+fn missing_guest_file() {
+    fails_with(
+        &["--guest", "/nonexistent/guest.elf"],
+        "cannot read guest /nonexistent/guest.elf",
+    );
+}
+
+#[test]
+fn unreadable_guest_file() {
+    let d = scratch("unreadable");
+    fails_with(&["--guest", d.to_str().unwrap()], "cannot read guest");
+}
+
+#[test]
+fn non_elf_guest() {
+    let d = scratch("nonelf");
+    let p = d.join("guest");
+    std::fs::write(&p, b"#!/bin/sh\necho not a guest\n").unwrap();
+    fails_with(&["--guest", p.to_str().unwrap()], "not an ELF file");
+}
+
+#[test]
+fn truncated_elf_guest() {
+    let d = scratch("truncated");
+    let p = d.join("guest");
+    let mut elf = smp_ft::guest::BUILTIN.to_vec();
+    elf.truncate(200);
+    std::fs::write(&p, elf).unwrap();
+    fails_with(&["--guest", p.to_str().unwrap()], "truncated");
+}
+
+#[test]
+fn dynamic_elf_guest() {
+    // The test binary itself is a PIE executable.
+    let me = std::env::current_exe().unwrap();
+    fails_with(
+        &["--guest", me.to_str().unwrap()],
+        "not a static executable",
+    );
+}
+
+#[test]
+fn zero_and_too_many_vcpus() {
+    fails_with(&["--vcpus", "0"], "0 is not in 1..=16");
+    fails_with(&["--vcpus", "17"], "17 is not in 1..=16");
+    fails_with(&["--vcpus", "many"], "invalid value 'many'");
+}
+
+#[test]
+fn memory_too_small_or_too_large() {
+    require_kvm();
+    fails_with(&["--memory", "1M"], "too small for guest");
+    fails_with(&["--memory", "64G"], "is larger than");
+    fails_with(&["--memory", "lots"], "is not a size");
+}
+
+#[test]
+fn churn_working_set_larger_than_memory() {
+    require_kvm();
+    let out = run(&[
+        "--memory",
+        "16M",
+        "--serial",
+        "null",
+        "--guest-args",
+        "churn churn-ws=64M",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("exceeds the"), "{}", stderr(&out));
+}
+
+#[test]
+fn malformed_serial() {
+    fails_with(&["--serial", "tcp:1234"], "not a serial backend");
+    fails_with(&["--serial", "unix:"], "needs a path");
+    fails_with(
+        &["--serial", "unix:/nonexistent-dir/x.sock"],
+        "cannot listen on serial socket",
+    );
+}
+
+#[test]
+fn kvm_device_absent() {
+    fails_with(
+        &["--kvm-device", "/nonexistent/kvm"],
+        "/nonexistent/kvm is not present",
+    );
+    fails_with(
+        &["--kvm-device", "/dev/null"],
+        "/dev/null is not a KVM device",
+    );
+}
+
+#[test]
+fn kvm_not_permitted() {
+    require_kvm();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // Not root: /dev/kvm may well be permitted; the denied path is covered when run as root.
+        return;
+    }
+    // Run as nobody, from a copy of the binary nobody can execute.
+    let d = scratch("nobody");
+    let bin = d.join("smpft");
+    std::fs::copy(smpft_bin(), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["run", "--serial", "null"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("permission denied on /dev/kvm"), "{err}");
+}
