@@ -1,6 +1,8 @@
 //! smpft: a fault-tolerant VMM for KVM. This crate holds the VMM ([`vmm`]) and, on top of it,
 //! the fault-tolerance engine; the `smpft` binary is its command line.
 
+pub mod client;
+pub mod demo;
 pub mod guest;
 pub mod units;
 pub mod vmm;

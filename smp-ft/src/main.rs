@@ -25,6 +25,18 @@ struct Cli {
 enum Command {
     /// Run a VM (unprotected). Exits with the guest's exit status.
     Run(RunArgs),
+    /// Run the built-in test guest and a short scripted session with its service.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// vCPUs for the demo VM.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
+    vcpus: u32,
+    /// INCR requests to send.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    requests: u64,
 }
 
 #[derive(clap::Args)]
@@ -165,6 +177,16 @@ fn main() -> ExitCode {
     }
     let r = match cli.command {
         Command::Run(args) => run(args),
+        Command::Demo(args) => std::env::current_exe()
+            .map_err(|e| format!("cannot find the smpft binary: {e}"))
+            .and_then(|smpft| {
+                smp_ft::demo::run(&smp_ft::demo::DemoOptions {
+                    vcpus: args.vcpus,
+                    requests: args.requests,
+                    smpft,
+                })
+            })
+            .map(|()| ExitCode::SUCCESS),
     };
     match r {
         Ok(code) => code,

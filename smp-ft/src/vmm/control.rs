@@ -148,6 +148,19 @@ impl VcpuControl {
         }
     }
 
+    /// Resumes and waits until every vCPU that was paused is running again.
+    pub fn resume_and_wait(&self, timeout: Duration) -> Result<(), PauseError> {
+        self.resume();
+        let mut inner = self.inner.lock();
+        let deadline = Instant::now() + timeout;
+        while let Some(vcpu) = inner.states.iter().position(|s| *s == VcpuState::Paused) {
+            if self.to_ctl.wait_until(&mut inner, deadline).timed_out() {
+                return Err(PauseError::Timeout { vcpu, timeout });
+            }
+        }
+        Ok(())
+    }
+
     /// Asks every vCPU to exit; they leave the guest at once.
     pub fn request_exit(&self) {
         let inner = self.inner.lock();
@@ -194,6 +207,7 @@ impl VcpuControl {
         let req = self.request();
         if req == Request::Run {
             inner.states[vcpu] = VcpuState::Running;
+            self.to_ctl.notify_all();
         }
         req
     }
@@ -268,10 +282,15 @@ mod tests {
     #[test]
     fn pause_waits_for_every_vcpu_and_resume_releases_them() {
         let (ctl, threads) = spawn(4);
-        for _ in 0..200 {
+        for i in 0..200 {
             ctl.pause(Duration::from_secs(5)).unwrap();
             assert!(ctl.states().iter().all(|s| *s == VcpuState::Paused));
-            ctl.resume();
+            if i % 2 == 0 {
+                ctl.resume();
+            } else {
+                ctl.resume_and_wait(Duration::from_secs(5)).unwrap();
+                assert!(ctl.states().iter().all(|s| *s == VcpuState::Running));
+            }
         }
         ctl.request_exit();
         assert!(ctl.wait_exited(Duration::from_secs(5)));

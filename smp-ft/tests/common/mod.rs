@@ -1,11 +1,9 @@
 //! Helpers shared by the integration tests: they boot real KVM guests in real processes.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// These tests need KVM. Without it they fail, loudly, rather than pass vacuously.
 pub fn require_kvm() {
@@ -73,47 +71,21 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A client of the guest's `service` over the serial unix socket.
-pub struct ServiceClient {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
-}
+pub use smp_ft::client::ServiceClient as Client;
+
+/// A client of the guest's `service` that fails the test on any error.
+pub struct ServiceClient(Client);
 
 impl ServiceClient {
-    /// Connects, retrying while smpft starts up.
     pub fn connect(path: &Path, within: Duration) -> ServiceClient {
-        let deadline = Instant::now() + within;
-        loop {
-            match UnixStream::connect(path) {
-                Ok(s) => {
-                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                    let reader = BufReader::new(s.try_clone().unwrap());
-                    return ServiceClient { writer: s, reader };
-                }
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("cannot connect to {}: {e}", path.display()),
-            }
-        }
+        ServiceClient(Client::connect(path, within).unwrap_or_else(|e| panic!("{e}")))
     }
-
     pub fn send(&mut self, line: &str) {
-        self.writer.write_all(line.as_bytes()).unwrap();
-        self.writer.write_all(b"\n").unwrap();
+        self.0.send(line).unwrap();
     }
-
     pub fn recv(&mut self) -> String {
-        let mut l = String::new();
-        let n = self
-            .reader
-            .read_line(&mut l)
-            .expect("reply from the guest service");
-        assert!(n > 0, "service closed the connection");
-        l.trim_end().to_string()
+        self.0.recv().expect("reply from the guest service")
     }
-
     pub fn call(&mut self, line: &str) -> String {
         self.send(line);
         self.recv()
@@ -122,15 +94,5 @@ impl ServiceClient {
 
 /// Parses `OK <id> <value>` / `VAL <id> <value>` / `BYE <id> <value>`.
 pub fn reply(line: &str, kind: &str) -> (u64, u64) {
-    let mut w = line.split(' ');
-    assert_eq!(w.next(), Some(kind), "unexpected reply {line:?}");
-    let id = w
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("bad id in {line:?}"));
-    let value = w
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("bad value in {line:?}"));
-    (id, value)
+    smp_ft::client::parse_reply(line, kind).unwrap_or_else(|e| panic!("{e}"))
 }
