@@ -18,8 +18,7 @@ const GUEST_RUSTFLAGS: &[&str] = &[
 ];
 
 fn main() {
-    let manifest_dir =
-        PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let guest_dir = manifest_dir.join("../guest");
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -28,14 +27,7 @@ fn main() {
     }
     let target_dir = out_dir.join("guest-target");
     let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--offline",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "--manifest-path",
-        ])
+        .args(["build", "--release", "--offline", "--target", "x86_64-unknown-linux-gnu", "--manifest-path"])
         .arg(guest_dir.join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&target_dir)
@@ -49,10 +41,7 @@ fn main() {
         .env("CARGO_ENCODED_RUSTFLAGS", GUEST_RUSTFLAGS.join("\u{1f}"))
         .status()
         .expect("cannot run cargo to build the test guest");
-    assert!(
-        status.success(),
-        "building the test guest (guest/) failed; see the errors above"
-    );
+    assert!(status.success(), "building the test guest (guest/) failed; see the errors above");
     let elf = target_dir.join("x86_64-unknown-linux-gnu/release/smpft-guest");
     let dest = out_dir.join("smpft-guest.elf");
     std::fs::copy(&elf, &dest).unwrap_or_else(|e| panic!("cannot copy {}: {e}", elf.display()));

@@ -21,12 +21,7 @@ struct Layout {
     max_lag: u64,
 }
 
-static LAYOUT: Locked<Layout> = Locked::new(Layout {
-    base: 0,
-    pages_per_cpu: 0,
-    period: 0,
-    max_lag: 0,
-});
+static LAYOUT: Locked<Layout> = Locked::new(Layout { base: 0, pages_per_cpu: 0, period: 0, max_lag: 0 });
 
 #[repr(align(64))]
 struct PerCpu {
@@ -37,10 +32,7 @@ struct PerCpu {
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
-const PER_CPU_INIT: PerCpu = PerCpu {
-    written: AtomicU64::new(0),
-    next_due: AtomicU64::new(0),
-};
+const PER_CPU_INIT: PerCpu = PerCpu { written: AtomicU64::new(0), next_due: AtomicU64::new(0) };
 static PER_CPU: [PerCpu; MAX_VCPUS] = [PER_CPU_INIT; MAX_VCPUS];
 
 pub fn init(base: u64, ws_bytes: u64, vcpus: u64, rate: u64, tsc_hz: u64, now: u64) {
@@ -60,8 +52,7 @@ pub fn pages_per_cpu() -> u64 {
 }
 
 fn mix(page: u64, gen: u64, word: u64) -> u64 {
-    let mut x =
-        page.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ gen.wrapping_mul(0xc2b2_ae3d_27d4_eb4f) ^ word;
+    let mut x = page.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ gen.wrapping_mul(0xc2b2_ae3d_27d4_eb4f) ^ word;
     x ^= x >> 31;
     x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x ^ (x >> 29)
@@ -73,8 +64,7 @@ fn page_ptr(base: u64, global_page: u64) -> *mut u64 {
 
 /// Writes the pages that are due for `cpu` at TSC `now`; returns how many it wrote.
 pub fn step(cpu: usize, now: u64) -> u64 {
-    let (base, ppc, period, max_lag) =
-        LAYOUT.with(|l| (l.base, l.pages_per_cpu, l.period, l.max_lag));
+    let (base, ppc, period, max_lag) = LAYOUT.with(|l| (l.base, l.pages_per_cpu, l.period, l.max_lag));
     let me = &PER_CPU[cpu];
     let mut due = me.next_due.load(Ordering::Relaxed);
     if period != 0 && now.saturating_sub(due) > max_lag {
@@ -113,11 +103,7 @@ pub fn written(cpu: usize) -> u64 {
 pub fn sabotage(cpu: usize) {
     let (base, ppc) = LAYOUT.with(|l| (l.base, l.pages_per_cpu));
     // SAFETY: word 100 of this vCPU's first page, inside its share of the working set.
-    unsafe {
-        page_ptr(base, cpu as u64 * ppc)
-            .add(100)
-            .write_volatile(0xbad)
-    };
+    unsafe { page_ptr(base, cpu as u64 * ppc).add(100).write_volatile(0xbad) };
 }
 
 /// Checks every page of `cpu`'s share against its write counter. Returns the number of pages that

@@ -9,10 +9,7 @@ pub struct Counters {
     private: [u64; MAX_VCPUS],
 }
 
-static COUNTERS: Locked<Counters> = Locked::new(Counters {
-    total: 0,
-    private: [0; MAX_VCPUS],
-});
+static COUNTERS: Locked<Counters> = Locked::new(Counters { total: 0, private: [0; MAX_VCPUS] });
 
 /// `n` increments on behalf of `cpu`.
 pub fn step(cpu: usize, n: u32) {

@@ -7,26 +7,20 @@ use core::fmt;
 #[inline(always)]
 pub fn outb(port: u16, v: u8) {
     // SAFETY: the VMM started us with IOPL=3; port I/O only exits to the VMM.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) }
 }
 
 #[inline(always)]
 pub fn outl(port: u16, v: u32) {
     // SAFETY: as for `outb`.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
 }
 
 #[inline(always)]
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as for `outb`.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
     v
 }
 
@@ -63,10 +57,7 @@ pub struct Log {
 
 impl Log {
     pub const fn new() -> Self {
-        Log {
-            buf: [0; 256],
-            len: 0,
-        }
+        Log { buf: [0; 256], len: 0 }
     }
     pub fn flush(&mut self) {
         crate::sync::LOG_LOCK.with(|| {

@@ -42,12 +42,7 @@ struct Shared {
     start: u64,
 }
 
-static SHARED: Locked<Shared> = Locked::new(Shared {
-    params: Params::DEFAULT,
-    vcpus: 0,
-    tsc_khz: 0,
-    start: 0,
-});
+static SHARED: Locked<Shared> = Locked::new(Shared { params: Params::DEFAULT, vcpus: 0, tsc_khz: 0, start: 0 });
 static READY: AtomicBool = AtomicBool::new(false);
 static STOP: AtomicBool = AtomicBool::new(false);
 static FINAL: Barrier = Barrier::new();
@@ -72,11 +67,7 @@ pub fn totals() -> (u64, u64) {
 /// Validates the boot information and parameters and lays out memory; run by vCPU 0 alone.
 fn init(bi: &BootInfo) -> Shared {
     if bi.magic != abi::BOOT_MAGIC || bi.version != abi::BOOT_VERSION {
-        log!(
-            "bad boot info: magic {:#x} version {}",
-            bi.magic,
-            bi.version
-        );
+        log!("bad boot info: magic {:#x} version {}", bi.magic, bi.version);
         io::exit(abi::EXIT_BAD_BOOT);
     }
     if bi.vcpus == 0 || bi.vcpus as usize > MAX_VCPUS || bi.tsc_khz == 0 {
@@ -85,39 +76,23 @@ fn init(bi: &BootInfo) -> Shared {
     }
     // SAFETY: the VMM placed `cmdline_len` bytes of parameters at `cmdline_addr` (checked above to
     // be a boot info it wrote) and nothing writes them while we run.
-    let cmdline = unsafe {
-        core::slice::from_raw_parts(bi.cmdline_addr as *const u8, bi.cmdline_len as usize)
-    };
+    let cmdline = unsafe { core::slice::from_raw_parts(bi.cmdline_addr as *const u8, bi.cmdline_len as usize) };
     let params = match params::parse(cmdline) {
         Ok(p) => p,
         Err(word) => {
-            log!(
-                "bad boot parameter: {:?}",
-                core::str::from_utf8(word).unwrap_or("<not UTF-8>")
-            );
+            log!("bad boot parameter: {:?}", core::str::from_utf8(word).unwrap_or("<not UTF-8>"));
             io::exit(abi::EXIT_BAD_PARAMS);
         }
     };
     let free = bi.free_end - bi.free_start;
     if params.churn && params.churn_ws > free {
-        log!(
-            "churn-ws={} bytes exceeds the {} bytes of free guest memory",
-            params.churn_ws,
-            free
-        );
+        log!("churn-ws={} bytes exceeds the {} bytes of free guest memory", params.churn_ws, free);
         io::exit(abi::EXIT_BAD_PARAMS);
     }
     let start = io::rdtsc();
     if params.churn {
         let ws = params.churn_ws.max(churn::PAGE * u64::from(bi.vcpus));
-        churn::init(
-            bi.free_start,
-            ws,
-            bi.vcpus.into(),
-            params.churn_rate,
-            bi.tsc_khz * 1000,
-            start,
-        );
+        churn::init(bi.free_start, ws, bi.vcpus.into(), params.churn_rate, bi.tsc_khz * 1000, start);
     }
     if params.service {
         io::serial::init();
@@ -133,12 +108,7 @@ fn init(bi: &BootInfo) -> Shared {
         params.service,
         params.duration_ms
     );
-    Shared {
-        params,
-        vcpus: bi.vcpus,
-        tsc_khz: bi.tsc_khz,
-        start,
-    }
+    Shared { params, vcpus: bi.vcpus, tsc_khz: bi.tsc_khz, start }
 }
 
 extern "C" fn guest_main(cpu: u64, bi: *const BootInfo) -> ! {
@@ -204,24 +174,12 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
         }
         if p.report_ms != 0 && cpu == 0 && now >= next_report {
             next_report = now + p.report_ms * tsc_khz;
-            log!(
-                "progress: t={}ms {}",
-                ms_since(start, now, tsc_khz),
-                Progress(cpu)
-            );
+            log!("progress: t={}ms {}", ms_since(start, now, tsc_khz), Progress(cpu));
         }
         if idle {
             // Nothing to do on this vCPU but wait for the service or the end.
-            let wait_ms = if p.duration_ms != 0 {
-                p.duration_ms.min(CHECK_EVERY_MS)
-            } else {
-                CHECK_EVERY_MS
-            };
-            io::idle(if serves {
-                1000
-            } else {
-                (wait_ms * 1000).min(100_000) as u32
-            });
+            let wait_ms = if p.duration_ms != 0 { p.duration_ms.min(CHECK_EVERY_MS) } else { CHECK_EVERY_MS };
+            io::idle(if serves { 1000 } else { (wait_ms * 1000).min(100_000) as u32 });
         }
     }
 }
@@ -229,14 +187,14 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
 fn self_check(cpu: usize, p: &Params) {
     if p.counter {
         if let Err((sum, total)) = counter::check() {
-            fail(format_args!(
-                "counter: sum of private counters {sum} != shared total {total}"
-            ));
+            fail(format_args!("counter: sum of private counters {sum} != shared total {total}"));
         }
     }
     if p.churn {
         if let Err((page, want, found)) = churn::verify(cpu) {
-            fail(format_args!("churn: vCPU {cpu} page {page} expected generation {want}, found {found} (or its contents differ)"));
+            fail(format_args!(
+                "churn: vCPU {cpu} page {page} expected generation {want}, found {found} (or its contents differ)"
+            ));
         }
     }
 }
@@ -268,11 +226,7 @@ fn finish(cpu: usize, p: &Params, vcpus: u32) -> ! {
     }
     let (counter, churn) = totals();
     if p.service {
-        log!(
-            "service: value={} requests={}",
-            service::value(),
-            service::requests()
-        );
+        log!("service: value={} requests={}", service::value(), service::requests());
     }
     log!("RESULT: PASS counter_total={counter} churn_pages={churn}");
     io::exit(abi::EXIT_OK)

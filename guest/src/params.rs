@@ -41,10 +41,7 @@ impl Params {
 
 pub fn parse(cmdline: &[u8]) -> Result<Params, &[u8]> {
     let mut p = Params::DEFAULT;
-    for word in cmdline
-        .split(|b| b.is_ascii_whitespace())
-        .filter(|w| !w.is_empty())
-    {
+    for word in cmdline.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty()) {
         let (key, value) = match word.iter().position(|&b| b == b'=') {
             Some(i) => (&word[..i], Some(&word[i + 1..])),
             None => (word, None),
@@ -69,9 +66,7 @@ pub fn number(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 {
         return None;
     }
-    v.iter().try_fold(0u64, |acc, &b| {
-        b.is_ascii_digit().then(|| acc * 10 + u64::from(b - b'0'))
-    })
+    v.iter().try_fold(0u64, |acc, &b| b.is_ascii_digit().then(|| acc * 10 + u64::from(b - b'0')))
 }
 
 fn size(v: &[u8]) -> Option<u64> {

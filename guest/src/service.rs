@@ -28,14 +28,8 @@ pub struct Service {
     done: [(u64, u64); TABLE],
 }
 
-static SERVICE: Locked<Service> = Locked::new(Service {
-    value: 0,
-    requests: 0,
-    line: [0; LINE_MAX],
-    len: 0,
-    overflow: false,
-    done: [(0, 0); TABLE],
-});
+static SERVICE: Locked<Service> =
+    Locked::new(Service { value: 0, requests: 0, line: [0; LINE_MAX], len: 0, overflow: false, done: [(0, 0); TABLE] });
 
 pub enum Poll {
     Idle,
@@ -105,10 +99,7 @@ impl Service {
         let cmd = words.next().unwrap_or(b"");
         let id = words.next().and_then(number);
         let extra = words.next().is_some();
-        let mut r = Reply {
-            buf: [0; 192],
-            len: 0,
-        };
+        let mut r = Reply { buf: [0; 192], len: 0 };
         let mut exit = false;
         self.requests += 1;
         match (cmd, id) {

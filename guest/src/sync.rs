@@ -13,19 +13,13 @@ pub struct SpinLock {
 
 impl SpinLock {
     pub const fn new() -> Self {
-        SpinLock {
-            locked: AtomicU32::new(0),
-        }
+        SpinLock { locked: AtomicU32::new(0) }
     }
 
     pub fn lock(&self) {
         let mut spins = 0u32;
         loop {
-            if self
-                .locked
-                .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
+            if self.locked.compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed).is_ok() {
                 return;
             }
             while self.locked.load(Ordering::Relaxed) != 0 {
@@ -64,10 +58,7 @@ unsafe impl<T: Send> Sync for Locked<T> {}
 
 impl<T> Locked<T> {
     pub const fn new(value: T) -> Self {
-        Locked {
-            lock: SpinLock::new(),
-            value: UnsafeCell::new(value),
-        }
+        Locked { lock: SpinLock::new(), value: UnsafeCell::new(value) }
     }
 
     pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
@@ -87,10 +78,7 @@ pub struct Barrier {
 
 impl Barrier {
     pub const fn new() -> Self {
-        Barrier {
-            arrived: AtomicU32::new(0),
-            generation: AtomicU64::new(0),
-        }
+        Barrier { arrived: AtomicU32::new(0), generation: AtomicU64::new(0) }
     }
 
     pub fn wait(&self, n: u32) {

@@ -33,10 +33,7 @@ fn start(vcpus: u32, args: &str, serial: SerialSpec, console: Option<PathBuf>) -
         console,
         kvm_device: DEFAULT_KVM_DEVICE.into(),
     };
-    Vm::create(config)
-        .expect("create VM (is /dev/kvm there?)")
-        .start()
-        .expect("start VM")
+    Vm::create(config).expect("create VM (is /dev/kvm there?)").start().expect("start VM")
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -68,9 +65,7 @@ fn pause_resume() {
             let t0 = Instant::now();
             vm.pause().unwrap();
             let t1 = Instant::now();
-            vm.control()
-                .resume_and_wait(Duration::from_secs(5))
-                .unwrap();
+            vm.control().resume_and_wait(Duration::from_secs(5)).unwrap();
             let t2 = Instant::now();
             p.push(t1 - t0);
             r.push(t2 - t1);
@@ -97,20 +92,12 @@ fn pause_resume() {
 fn serial_round_trips() {
     let n: u64 = if quick() { 200 } else { 3000 };
     println!("\nSerial round trips through the guest service ({n} INCR requests; 2 vCPUs, guest: service + counter)");
-    println!(
-        "{:>10} | {:>10} | {:>10} {:>10}",
-        "in flight", "requests/s", "RTT p50", "RTT p99"
-    );
+    println!("{:>10} | {:>10} | {:>10} {:>10}", "in flight", "requests/s", "RTT p50", "RTT p99");
     println!("{:-<10}-+-{:-<10}-+-{:-<21}", "", "", "");
     let d = scratch();
     for window in [1u64, 16] {
         let sock = d.join(format!("serial-{window}.sock"));
-        let vm = start(
-            2,
-            "service counter",
-            SerialSpec::Unix(sock.clone()),
-            Some(d.join("serial-console.log")),
-        );
+        let vm = start(2, "service counter", SerialSpec::Unix(sock.clone()), Some(d.join("serial-console.log")));
         let mut c = ServiceClient::connect(&sock, Duration::from_secs(10)).unwrap();
         let mut sent_at = std::collections::VecDeque::new();
         let mut rtts = Vec::new();
@@ -129,11 +116,7 @@ fn serial_round_trips() {
         let rate = n as f64 / start_t.elapsed().as_secs_f64();
         vm.shutdown().unwrap();
         rtts.sort();
-        println!(
-            "{window:>10} | {rate:>10.0} | {:>10} {:>10}",
-            us(pct(&rtts, 0.5)),
-            us(pct(&rtts, 0.99))
-        );
+        println!("{window:>10} | {rate:>10.0} | {:>10} {:>10}", us(pct(&rtts, 0.5)), us(pct(&rtts, 0.99)));
     }
     println!("(RTT in microseconds, including time queued behind earlier requests)");
 }
@@ -141,10 +124,7 @@ fn serial_round_trips() {
 fn churn_rate() {
     let secs = if quick() { 1 } else { 3 };
     println!("\nChurn with the rate unlimited ({secs} s; 4 KiB pages written per second per vCPU; working set 64 MiB)");
-    println!(
-        "{:>6} | {:>16} | {:>16}",
-        "vCPUs", "pages/s per vCPU", "pages/s total"
-    );
+    println!("{:>6} | {:>16} | {:>16}", "vCPUs", "pages/s per vCPU", "pages/s total");
     println!("{:-<6}-+-{:-<16}-+-{:-<16}", "", "", "");
     let d = scratch();
     for vcpus in [1u32, 2, 4, 8] {
@@ -167,10 +147,7 @@ fn churn_rate() {
             .next()
             .expect("churn total in the guest's report");
         let per_s = total as f64 / secs as f64;
-        println!(
-            "{vcpus:>6} | {:>16.0} | {per_s:>16.0}",
-            per_s / f64::from(vcpus)
-        );
+        println!("{vcpus:>6} | {:>16.0} | {per_s:>16.0}", per_s / f64::from(vcpus));
     }
     println!(
         "(host: {} CPUs; vCPUs beyond that share them)",
@@ -180,10 +157,7 @@ fn churn_rate() {
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing special. Either way, run.
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "/dev/kvm is missing: these benchmarks need KVM"
-    );
+    assert!(Path::new("/dev/kvm").exists(), "/dev/kvm is missing: these benchmarks need KVM");
     pause_resume();
     serial_round_trips();
     churn_rate();

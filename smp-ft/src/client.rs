@@ -9,10 +9,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to {path}")]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
+    Connect { path: String, source: std::io::Error },
     #[error("service connection failed")]
     Io(#[from] std::io::Error),
     #[error("service closed the connection")]
@@ -37,15 +34,8 @@ impl ServiceClient {
                     let reader = BufReader::new(s.try_clone()?);
                     return Ok(ServiceClient { writer: s, reader });
                 }
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(source) => {
-                    return Err(ClientError::Connect {
-                        path: path.display().to_string(),
-                        source,
-                    })
-                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(source) => return Err(ClientError::Connect { path: path.display().to_string(), source }),
             }
         }
     }

@@ -24,18 +24,9 @@ pub fn run(opts: &DemoOptions) -> Result<(), String> {
     let sock = dir.join("serial.sock");
     let console = dir.join("console.log");
     let args = "counter churn churn-rate=2000 churn-ws=16M service";
-    step(&format!(
-        "Starting a VM: {} vCPUs, built-in test guest, workloads: {args}",
-        opts.vcpus
-    ));
+    step(&format!("Starting a VM: {} vCPUs, built-in test guest, workloads: {args}", opts.vcpus));
     let mut child = Command::new(&opts.smpft)
-        .args([
-            "run",
-            "--vcpus",
-            &opts.vcpus.to_string(),
-            "--memory",
-            "256M",
-        ])
+        .args(["run", "--vcpus", &opts.vcpus.to_string(), "--memory", "256M"])
         .arg("--serial")
         .arg(format!("unix:{}", sock.display()))
         .arg("--console")
@@ -43,10 +34,7 @@ pub fn run(opts: &DemoOptions) -> Result<(), String> {
         .args(["--guest-args", args])
         .stdin(Stdio::null())
         // Keep the transcript readable; SMPFT_LOG set by the caller still wins.
-        .env(
-            "SMPFT_LOG",
-            std::env::var("SMPFT_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .env("SMPFT_LOG", std::env::var("SMPFT_LOG").unwrap_or_else(|_| "warn".into()))
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", opts.smpft.display()))?;
     let result = session(opts, &sock);
@@ -64,19 +52,14 @@ pub fn run(opts: &DemoOptions) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&dir);
     let summary = result?;
     if !status.success() || !log.contains("RESULT: PASS") {
-        return Err(format!(
-            "the guest did not pass its invariant checks (smpft exited with {status})"
-        ));
+        return Err(format!("the guest did not pass its invariant checks (smpft exited with {status})"));
     }
     step("Summary");
     println!(
         "  {} vCPUs ran; {} service replies checked (values counted up by one, the retried",
         opts.vcpus, summary.replies
     );
-    println!(
-        "  request id was answered without a second increment); final value {}; median",
-        summary.value
-    );
+    println!("  request id was answered without a second increment); final value {}; median", summary.value);
     println!(
         "  round trip {:.0} µs; guest invariants held (counter, churn pages); smpft exited 0.",
         summary.median_rtt.as_secs_f64() * 1e6
@@ -93,10 +76,7 @@ struct Summary {
 fn session(opts: &DemoOptions, sock: &std::path::Path) -> Result<Summary, String> {
     let e = |e: crate::client::ClientError| e.to_string();
     let mut c = ServiceClient::connect(sock, Duration::from_secs(10)).map_err(e)?;
-    step(&format!(
-        "Talking to the guest's service over its serial port ({})",
-        sock.display()
-    ));
+    step(&format!("Talking to the guest's service over its serial port ({})", sock.display()));
     let mut rtts = Vec::new();
     let mut call = |c: &mut ServiceClient, req: &str, show: bool| -> Result<String, String> {
         let t = Instant::now();
@@ -111,26 +91,18 @@ fn session(opts: &DemoOptions, sock: &std::path::Path) -> Result<Summary, String
     for id in 1..=opts.requests {
         let show = id <= 5 || id == opts.requests;
         if id == 6 && opts.requests > 6 {
-            println!(
-                "  ... ({} more INCR requests, each reply checked)",
-                opts.requests - 6
-            );
+            println!("  ... ({} more INCR requests, each reply checked)", opts.requests - 6);
         }
         let (rid, v) = parse_reply(&call(&mut c, &format!("INCR {id}"), show)?, "OK").map_err(e)?;
         if rid != id || v != value + 1 {
-            return Err(format!(
-                "INCR {id} answered id {rid} value {v}; expected value {}",
-                value + 1
-            ));
+            return Err(format!("INCR {id} answered id {rid} value {v}; expected value {}", value + 1));
         }
         value = v;
     }
     let retry = opts.requests.max(1);
     let (_, v) = parse_reply(&call(&mut c, &format!("INCR {retry}"), true)?, "OK").map_err(e)?;
     if v != value {
-        return Err(format!(
-            "retried INCR {retry} returned {v}, expected the original {value}"
-        ));
+        return Err(format!("retried INCR {retry} returned {v}, expected the original {value}"));
     }
     println!("    (a retried request id returns its first answer: nothing is counted twice)");
     let (_, v) = parse_reply(&call(&mut c, "GET 100000", true)?, "VAL").map_err(e)?;
@@ -143,9 +115,5 @@ fn session(opts: &DemoOptions, sock: &std::path::Path) -> Result<Summary, String
         return Err(format!("EXIT reported {v}, expected {value}"));
     }
     rtts.sort();
-    Ok(Summary {
-        replies: rtts.len() as u64,
-        value,
-        median_rtt: rtts[rtts.len() / 2],
-    })
+    Ok(Summary { replies: rtts.len() as u64, value, median_rtt: rtts[rtts.len() / 2] })
 }

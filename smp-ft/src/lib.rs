@@ -4,5 +4,6 @@
 pub mod client;
 pub mod demo;
 pub mod guest;
+pub mod snapshot;
 pub mod units;
 pub mod vmm;

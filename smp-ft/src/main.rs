@@ -54,11 +54,7 @@ struct RunArgs {
     /// Boot parameters for the guest. The built-in guest takes workloads `counter`, `churn`,
     /// `service` and settings `churn-rate=PAGES_PER_S` (per vCPU, 0 = flat out),
     /// `churn-ws=SIZE`, `duration=5s|500ms`, `report=1s`, `fail=counter|churn`.
-    #[arg(
-        long,
-        default_value = "counter churn duration=2s",
-        allow_hyphen_values = true
-    )]
+    #[arg(long, default_value = "counter churn duration=2s", allow_hyphen_values = true)]
     guest_args: String,
     /// Where the guest's serial port (COM1) goes: stdio, unix:PATH (smpft listens; one client
     /// at a time), file:PATH (output only) or null.
@@ -73,13 +69,8 @@ struct RunArgs {
 }
 
 fn init_logging(filter: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| format!("--log '{filter}': {e}"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("--log '{filter}': {e}"))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     Ok(())
 }
 
@@ -91,9 +82,7 @@ fn forward_signals(tx: crossbeam_channel::Sender<VmEvent>) {
             let set = termination_set();
             let mut sig = 0;
             // SAFETY: `set` is an initialised signal set and `sig` a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0
-                && tx.send(VmEvent::Signal(sig)).is_err()
-            {
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 && tx.send(VmEvent::Signal(sig)).is_err() {
                 return;
             }
         })
@@ -122,8 +111,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
     let (image, name): (Arc<[u8]>, String) = match &args.guest {
         None => (guest::BUILTIN.into(), guest::BUILTIN_NAME.to_string()),
         Some(p) => {
-            let bytes =
-                std::fs::read(p).map_err(|e| format!("cannot read guest {}: {e}", p.display()))?;
+            let bytes = std::fs::read(p).map_err(|e| format!("cannot read guest {}: {e}", p.display()))?;
             (bytes.into(), p.display().to_string())
         }
     };
@@ -180,11 +168,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => std::env::current_exe()
             .map_err(|e| format!("cannot find the smpft binary: {e}"))
             .and_then(|smpft| {
-                smp_ft::demo::run(&smp_ft::demo::DemoOptions {
-                    vcpus: args.vcpus,
-                    requests: args.requests,
-                    smpft,
-                })
+                smp_ft::demo::run(&smp_ft::demo::DemoOptions { vcpus: args.vcpus, requests: args.requests, smpft })
             })
             .map(|()| ExitCode::SUCCESS),
     };

@@ -13,19 +13,13 @@ fn fails_with(args: &[&str], needle: &str) {
     let out = run(args);
     let err = stderr(&out);
     assert!(!out.status.success(), "{args:?} should fail");
-    assert!(
-        err.contains(needle),
-        "{args:?}: expected {needle:?} in:\n{err}"
-    );
+    assert!(err.contains(needle), "{args:?}: expected {needle:?} in:\n{err}");
     assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
 }
 
 #[test]
 fn missing_guest_file() {
-    fails_with(
-        &["--guest", "/nonexistent/guest.elf"],
-        "cannot read guest /nonexistent/guest.elf",
-    );
+    fails_with(&["--guest", "/nonexistent/guest.elf"], "cannot read guest /nonexistent/guest.elf");
 }
 
 #[test]
@@ -56,10 +50,7 @@ fn truncated_elf_guest() {
 fn dynamic_elf_guest() {
     // The test binary itself is a PIE executable.
     let me = std::env::current_exe().unwrap();
-    fails_with(
-        &["--guest", me.to_str().unwrap()],
-        "not a static executable",
-    );
+    fails_with(&["--guest", me.to_str().unwrap()], "not a static executable");
 }
 
 #[test]
@@ -80,14 +71,7 @@ fn memory_too_small_or_too_large() {
 #[test]
 fn churn_working_set_larger_than_memory() {
     require_kvm();
-    let out = run(&[
-        "--memory",
-        "16M",
-        "--serial",
-        "null",
-        "--guest-args",
-        "churn churn-ws=64M",
-    ]);
+    let out = run(&["--memory", "16M", "--serial", "null", "--guest-args", "churn churn-ws=64M"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("exceeds the"), "{}", stderr(&out));
 }
@@ -96,22 +80,13 @@ fn churn_working_set_larger_than_memory() {
 fn malformed_serial() {
     fails_with(&["--serial", "tcp:1234"], "not a serial backend");
     fails_with(&["--serial", "unix:"], "needs a path");
-    fails_with(
-        &["--serial", "unix:/nonexistent-dir/x.sock"],
-        "cannot listen on serial socket",
-    );
+    fails_with(&["--serial", "unix:/nonexistent-dir/x.sock"], "cannot listen on serial socket");
 }
 
 #[test]
 fn kvm_device_absent() {
-    fails_with(
-        &["--kvm-device", "/nonexistent/kvm"],
-        "/nonexistent/kvm is not present",
-    );
-    fails_with(
-        &["--kvm-device", "/dev/null"],
-        "/dev/null is not a KVM device",
-    );
+    fails_with(&["--kvm-device", "/nonexistent/kvm"], "/nonexistent/kvm is not present");
+    fails_with(&["--kvm-device", "/dev/null"], "/dev/null is not a KVM device");
 }
 
 #[test]

@@ -7,19 +7,8 @@ use common::*;
 fn boot(vcpus: usize) {
     require_kvm();
     let out = smpft()
-        .args([
-            "run",
-            "--vcpus",
-            &vcpus.to_string(),
-            "--memory",
-            "128M",
-            "--serial",
-            "null",
-        ])
-        .args([
-            "--guest-args",
-            "counter churn churn-rate=2000 churn-ws=4M duration=2s",
-        ])
+        .args(["run", "--vcpus", &vcpus.to_string(), "--memory", "128M", "--serial", "null"])
+        .args(["--guest-args", "counter churn churn-rate=2000 churn-ws=4M duration=2s"])
         .output()
         .unwrap();
     let log = stderr(&out);
@@ -28,11 +17,7 @@ fn boot(vcpus: usize) {
     let reports = cpu_reports(&log);
     assert_eq!(reports.len(), vcpus, "one report per vCPU expected:\n{log}");
     for r in &reports {
-        assert!(
-            r.loops > 0 && r.counter > 0 && r.churn > 0,
-            "vCPU {} did not make progress: {r:?}",
-            r.cpu
-        );
+        assert!(r.loops > 0 && r.counter > 0 && r.churn > 0, "vCPU {} did not make progress: {r:?}", r.cpu);
     }
 }
 
@@ -64,11 +49,7 @@ fn sabotaged(what: &str) {
         .output()
         .unwrap();
     let log = stderr(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "a broken invariant must exit 3:\n{log}"
-    );
+    assert_eq!(out.status.code(), Some(3), "a broken invariant must exit 3:\n{log}");
     assert!(log.contains(&format!("INVARIANT FAILED: {what}")), "{log}");
     assert!(!log.contains("RESULT: PASS"), "{log}");
 }
@@ -86,20 +67,7 @@ fn broken_churn_page_is_reported() {
 #[test]
 fn bad_guest_parameter_is_reported() {
     require_kvm();
-    let out = smpft()
-        .args([
-            "run",
-            "--serial",
-            "null",
-            "--guest-args",
-            "counter churn-rate=fast",
-        ])
-        .output()
-        .unwrap();
+    let out = smpft().args(["run", "--serial", "null", "--guest-args", "counter churn-rate=fast"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("bad boot parameter: \"churn-rate=fast\""),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("bad boot parameter: \"churn-rate=fast\""), "{}", stderr(&out));
 }

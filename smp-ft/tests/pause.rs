@@ -30,10 +30,7 @@ fn pause_resume_1000_times_while_the_guest_runs() {
     for i in 0..1000u64 {
         vm.pause().unwrap_or_else(|e| panic!("pause {i}: {e}"));
         let states = vm.control().states();
-        assert!(
-            states.iter().all(|s| *s == VcpuState::Paused),
-            "pause {i}: {states:?}"
-        );
+        assert!(states.iter().all(|s| *s == VcpuState::Paused), "pause {i}: {states:?}");
         vm.resume();
         if i % 100 == 0 {
             // The guest keeps serving between pauses, and its value never goes backwards.
@@ -44,24 +41,13 @@ fn pause_resume_1000_times_while_the_guest_runs() {
             std::thread::sleep(Duration::from_micros(200));
         }
     }
-    assert!(
-        vm.wait_event(Some(Duration::from_millis(10))).is_none(),
-        "the guest must still be running"
-    );
+    assert!(vm.wait_event(Some(Duration::from_millis(10))).is_none(), "the guest must still be running");
     client.call("EXIT 5000");
-    assert_eq!(
-        vm.wait_event(Some(Duration::from_secs(30))),
-        Some(VmEvent::GuestExit(0))
-    );
+    assert_eq!(vm.wait_event(Some(Duration::from_secs(30))), Some(VmEvent::GuestExit(0)));
     vm.shutdown().unwrap();
     let log = std::fs::read_to_string(&console).unwrap();
     assert!(log.contains("RESULT: PASS"), "{log}");
     let reports = cpu_reports(&log);
     assert_eq!(reports.len(), 4, "{log}");
-    assert!(
-        reports
-            .iter()
-            .all(|r| r.loops > 0 && r.counter > 0 && r.churn > 0),
-        "{reports:?}"
-    );
+    assert!(reports.iter().all(|r| r.loops > 0 && r.counter > 0 && r.churn > 0), "{reports:?}");
 }

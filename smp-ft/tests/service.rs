@@ -44,19 +44,13 @@ fn ten_thousand_requests_over_unix_socket_serial() {
         received += 1;
         if i % 100 == 99 {
             assert_eq!(id, i - 1, "reply out of order");
-            assert_eq!(
-                value, expected,
-                "a retried id must return its first value and not increment"
-            );
+            assert_eq!(value, expected, "a retried id must return its first value and not increment");
         } else {
             assert_eq!(id, i, "reply out of order");
             expected += 1;
             assert_eq!(value, expected, "INCR {id} must count up by exactly one");
         }
-        assert!(
-            value >= last_seen,
-            "value went backwards: {last_seen} then {value}"
-        );
+        assert!(value >= last_seen, "value went backwards: {last_seen} then {value}");
         last_seen = value;
     }
     let (_, v) = reply(&c.call("GET 1000000"), "VAL");
@@ -68,10 +62,7 @@ fn ten_thousand_requests_over_unix_socket_serial() {
     let out = child.wait_with_output().unwrap();
     let log = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
-    assert!(
-        log.contains(&format!("service: value={expected} ")),
-        "{log}"
-    );
+    assert!(log.contains(&format!("service: value={expected} ")), "{log}");
     assert!(!sock.exists(), "the serial socket is removed at exit");
 }
 

@@ -41,10 +41,7 @@ pub fn write_tables(mem: &GuestMemory, vcpus: u32) -> Result<(), MemoryError> {
             if addr >= size {
                 break;
             }
-            mem.write_u64(
-                pd + i * 8,
-                addr | PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_HUGE,
-            )?;
+            mem.write_u64(pd + i * 8, addr | PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_HUGE)?;
         }
     }
     let gdt: [u64; 5] = [
@@ -150,15 +147,9 @@ pub fn xcrs(cpuid: &CpuId) -> Option<kvm_xcrs> {
     if leaf1.ecx & (1 << 26) == 0 {
         return None;
     }
-    let supported = cpuid
-        .as_slice()
-        .iter()
-        .find(|e| e.function == 0xd && e.index == 0)
-        .map_or(0b11, |e| u64::from(e.eax));
-    let mut xcrs = kvm_xcrs {
-        nr_xcrs: 1,
-        ..Default::default()
-    };
+    let supported =
+        cpuid.as_slice().iter().find(|e| e.function == 0xd && e.index == 0).map_or(0b11, |e| u64::from(e.eax));
+    let mut xcrs = kvm_xcrs { nr_xcrs: 1, ..Default::default() };
     xcrs.xcrs[0].xcr = 0;
     xcrs.xcrs[0].value = XCR0_WANTED & supported | 1;
     Some(xcrs)

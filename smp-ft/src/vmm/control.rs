@@ -74,9 +74,7 @@ impl VcpuControl {
     pub fn new(vcpus: usize, kicker: Box<dyn Kick>) -> Self {
         VcpuControl {
             request: AtomicU8::new(Request::Run as u8),
-            inner: Mutex::new(Inner {
-                states: vec![VcpuState::Starting; vcpus],
-            }),
+            inner: Mutex::new(Inner { states: vec![VcpuState::Starting; vcpus] }),
             to_vcpus: Condvar::new(),
             to_ctl: Condvar::new(),
             input_seq: AtomicU64::new(0),
@@ -117,10 +115,7 @@ impl VcpuControl {
         self.kick_running(&inner);
         let deadline = Instant::now() + timeout;
         loop {
-            let laggard = inner
-                .states
-                .iter()
-                .position(|s| matches!(s, VcpuState::Running | VcpuState::Starting));
+            let laggard = inner.states.iter().position(|s| matches!(s, VcpuState::Running | VcpuState::Starting));
             let Some(vcpu) = laggard else { return Ok(()) };
             if self.request() == Request::Exit {
                 return Err(PauseError::ShuttingDown);
@@ -129,11 +124,7 @@ impl VcpuControl {
             if now >= deadline {
                 return Err(PauseError::Timeout { vcpu, timeout });
             }
-            if self
-                .to_ctl
-                .wait_until(&mut inner, (now + REKICK).min(deadline))
-                .timed_out()
-            {
+            if self.to_ctl.wait_until(&mut inner, (now + REKICK).min(deadline)).timed_out() {
                 self.kick_running(&inner);
             }
         }
@@ -246,8 +237,7 @@ mod tests {
     }
 
     fn spawn(n: usize) -> (Arc<VcpuControl>, Vec<std::thread::JoinHandle<u64>>) {
-        let flags: Arc<Vec<AtomicBool>> =
-            Arc::new((0..n).map(|_| AtomicBool::new(false)).collect());
+        let flags: Arc<Vec<AtomicBool>> = Arc::new((0..n).map(|_| AtomicBool::new(false)).collect());
         let ctl = Arc::new(VcpuControl::new(n, Box::new(FlagKick(flags.clone()))));
         let threads = (0..n)
             .map(|i| {
@@ -301,23 +291,12 @@ mod tests {
 
     #[test]
     fn pause_times_out_naming_the_stuck_vcpu() {
-        let ctl = VcpuControl::new(
-            2,
-            Box::new(FlagKick(Arc::new(vec![
-                AtomicBool::new(false),
-                AtomicBool::new(false),
-            ]))),
-        );
+        let ctl =
+            VcpuControl::new(2, Box::new(FlagKick(Arc::new(vec![AtomicBool::new(false), AtomicBool::new(false)]))));
         ctl.set_state(0, VcpuState::Paused);
         ctl.set_state(1, VcpuState::Running);
         let err = ctl.pause(Duration::from_millis(20)).unwrap_err();
-        assert_eq!(
-            err,
-            PauseError::Timeout {
-                vcpu: 1,
-                timeout: Duration::from_millis(20)
-            }
-        );
+        assert_eq!(err, PauseError::Timeout { vcpu: 1, timeout: Duration::from_millis(20) });
     }
 
     #[test]
@@ -326,10 +305,7 @@ mod tests {
         ctl.pause(Duration::from_secs(5)).unwrap();
         ctl.request_exit();
         assert!(ctl.wait_exited(Duration::from_secs(5)));
-        assert_eq!(
-            ctl.pause(Duration::from_secs(1)),
-            Err(PauseError::ShuttingDown)
-        );
+        assert_eq!(ctl.pause(Duration::from_secs(1)), Err(PauseError::ShuttingDown));
         for t in threads {
             t.join().unwrap();
         }
@@ -337,10 +313,7 @@ mod tests {
 
     #[test]
     fn idle_returns_early_on_input() {
-        let ctl = Arc::new(VcpuControl::new(
-            1,
-            Box::new(FlagKick(Arc::new(vec![AtomicBool::new(false)]))),
-        ));
+        let ctl = Arc::new(VcpuControl::new(1, Box::new(FlagKick(Arc::new(vec![AtomicBool::new(false)])))));
         let c = ctl.clone();
         let t = std::thread::spawn(move || {
             let start = Instant::now();

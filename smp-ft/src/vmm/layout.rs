@@ -76,14 +76,7 @@ impl BootInfo {
         v.extend_from_slice(&self.magic.to_le_bytes());
         v.extend_from_slice(&self.version.to_le_bytes());
         v.extend_from_slice(&self.vcpus.to_le_bytes());
-        for x in [
-            self.mem_size,
-            self.free_start,
-            self.free_end,
-            self.tsc_khz,
-            self.cmdline_addr,
-            self.cmdline_len,
-        ] {
+        for x in [self.mem_size, self.free_start, self.free_end, self.tsc_khz, self.cmdline_addr, self.cmdline_len] {
             v.extend_from_slice(&x.to_le_bytes());
         }
         v

@@ -42,9 +42,7 @@ pub struct Image {
 
 fn field<const N: usize>(b: &[u8], off: usize) -> Result<[u8; N], LoaderError> {
     let end = off.checked_add(N).ok_or(LoaderError::Truncated)?;
-    b.get(off..end)
-        .and_then(|s| s.try_into().ok())
-        .ok_or(LoaderError::Truncated)
+    b.get(off..end).and_then(|s| s.try_into().ok()).ok_or(LoaderError::Truncated)
 }
 fn u16_at(b: &[u8], off: usize) -> Result<u16, LoaderError> {
     field(b, off).map(u16::from_le_bytes)
@@ -102,10 +100,7 @@ impl Image {
                 continue;
             }
             if seg.filesz > seg.memsz || seg.vaddr.checked_add(seg.memsz).is_none() {
-                return Err(LoaderError::BadSegment {
-                    vaddr: seg.vaddr,
-                    memsz: seg.memsz,
-                });
+                return Err(LoaderError::BadSegment { vaddr: seg.vaddr, memsz: seg.memsz });
             }
             match seg.offset.checked_add(seg.filesz) {
                 Some(end) if end <= elf.len() as u64 => {}
@@ -119,10 +114,7 @@ impl Image {
         if segments.is_empty() {
             return Err(LoaderError::NoSegments);
         }
-        if !segments
-            .iter()
-            .any(|s| entry >= s.vaddr && entry < s.vaddr + s.memsz)
-        {
+        if !segments.iter().any(|s| entry >= s.vaddr && entry < s.vaddr + s.memsz) {
             return Err(LoaderError::BadEntry(entry));
         }
         Ok(Image { entry, segments })
@@ -130,25 +122,17 @@ impl Image {
 
     /// One past the highest byte the image occupies.
     pub fn end(&self) -> u64 {
-        self.segments
-            .iter()
-            .map(|s| s.vaddr + s.memsz)
-            .max()
-            .unwrap_or(IMAGE_MIN)
+        self.segments.iter().map(|s| s.vaddr + s.memsz).max().unwrap_or(IMAGE_MIN)
     }
 
     /// Copies the segments into guest memory and zeroes their BSS.
     pub fn load(&self, elf: &[u8], mem: &GuestMemory) -> Result<(), LoaderError> {
         let have = mem.size();
-        let too_small = || LoaderError::TooSmall {
-            need: self.end().div_ceil(1 << 20),
-            have: have >> 20,
-        };
+        let too_small = || LoaderError::TooSmall { need: self.end().div_ceil(1 << 20), have: have >> 20 };
         for s in &self.segments {
             let file = &elf[s.offset as usize..(s.offset + s.filesz) as usize];
             mem.write(s.vaddr, file).map_err(|_| too_small())?;
-            mem.fill(s.vaddr + s.filesz, s.memsz - s.filesz, 0)
-                .map_err(|_| too_small())?;
+            mem.fill(s.vaddr + s.filesz, s.memsz - s.filesz, 0).map_err(|_| too_small())?;
         }
         Ok(())
     }
@@ -206,15 +190,9 @@ mod tests {
         let mut pie = good.clone();
         pie[16] = 3;
         assert_eq!(Image::parse(&pie), Err(LoaderError::NotExecutable(3)));
-        assert_eq!(
-            Image::parse(&good[..good.len() - 1]),
-            Err(LoaderError::Truncated)
-        );
+        assert_eq!(Image::parse(&good[..good.len() - 1]), Err(LoaderError::Truncated));
         let low = tiny_elf(0x1000, &[0x90], 0x1000);
-        assert_eq!(
-            Image::parse(&low),
-            Err(LoaderError::BelowImageMin { vaddr: 0x1000 })
-        );
+        assert_eq!(Image::parse(&low), Err(LoaderError::BelowImageMin { vaddr: 0x1000 }));
         let mut entry = good.clone();
         entry[24..32].copy_from_slice(&0x90_0000u64.to_le_bytes());
         assert_eq!(Image::parse(&entry), Err(LoaderError::BadEntry(0x90_0000)));
@@ -228,9 +206,6 @@ mod tests {
         let elf = tiny_elf(0x30_0000, &[0x90], 0x10_0000);
         let img = Image::parse(&elf).unwrap();
         let mem = GuestMemory::new(2 << 20).unwrap();
-        assert_eq!(
-            img.load(&elf, &mem),
-            Err(LoaderError::TooSmall { need: 4, have: 2 })
-        );
+        assert_eq!(img.load(&elf, &mem), Err(LoaderError::TooSmall { need: 4, have: 2 }));
     }
 }

@@ -1,7 +1,9 @@
 //! Guest memory: one shared mapping of a memfd, so that later stages can snapshot it, hand it to
 //! another process, or back it with huge pages. Guest-physical address 0 is offset 0.
 
+use super::dirty::{Bitmap, PAGE_SIZE};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -19,6 +21,9 @@ pub struct GuestMemory {
     fd: OwnedFd,
     host: *mut u8,
     size: u64,
+    /// Pages the VMM itself wrote (device emulation, loaders): KVM's dirty log does not see
+    /// these, so the dirty log ORs them in.
+    vmm_dirty: Vec<AtomicU64>,
 }
 
 // SAFETY: the mapping lives as long as `GuestMemory` and is only reached through bounds-checked
@@ -39,10 +44,7 @@ impl GuestMemory {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: plain syscall on a descriptor we own; the result is checked.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } < 0 {
-            return Err(MemoryError::Truncate {
-                size,
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(MemoryError::Truncate { size, source: std::io::Error::last_os_error() });
         }
         // SAFETY: a new shared mapping of `size` bytes of our memfd; the result is checked.
         let host = unsafe {
@@ -56,19 +58,13 @@ impl GuestMemory {
             )
         };
         if host == libc::MAP_FAILED {
-            return Err(MemoryError::Mmap {
-                size,
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(MemoryError::Mmap { size, source: std::io::Error::last_os_error() });
         }
         // Best effort: THP for shmem depends on the host's shmem_enabled setting.
         // SAFETY: advice on a mapping we own; failure is harmless.
         unsafe { libc::madvise(host, size as usize, libc::MADV_HUGEPAGE) };
-        Ok(GuestMemory {
-            fd,
-            host: host.cast(),
-            size,
-        })
+        let vmm_dirty = (0..(size / PAGE_SIZE).div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        Ok(GuestMemory { fd, host: host.cast(), size, vmm_dirty })
     }
 
     pub fn size(&self) -> u64 {
@@ -86,30 +82,52 @@ impl GuestMemory {
     fn check(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
         match addr.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(MemoryError::OutOfRange {
-                addr,
-                len,
-                size: self.size,
-            }),
+            _ => Err(MemoryError::OutOfRange { addr, len, size: self.size }),
         }
+    }
+
+    fn mark_dirty(&self, addr: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for page in addr / PAGE_SIZE..=(addr + len - 1) / PAGE_SIZE {
+            self.vmm_dirty[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Moves the pages the VMM wrote since the last call into `into`.
+    pub fn take_vmm_dirty(&self, into: &mut Bitmap) {
+        for (i, w) in self.vmm_dirty.iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::Relaxed);
+            while bits != 0 {
+                into.set(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+    }
+
+    /// A read-only view of one page, for copying it out while the vCPUs are paused.
+    pub fn page(&self, page: u64) -> Result<&[u8], MemoryError> {
+        let addr = page * PAGE_SIZE;
+        self.check(addr, PAGE_SIZE)?;
+        // SAFETY: in range (checked). Callers read it only while the vCPUs are paused and no
+        // device writes guest memory, so nothing changes the bytes under the shared reference.
+        Ok(unsafe { std::slice::from_raw_parts(self.host.add(addr as usize), PAGE_SIZE as usize) })
     }
 
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
         self.check(addr, data.len() as u64)?;
+        self.mark_dirty(addr, data.len() as u64);
         // SAFETY: the range is inside the mapping (checked); `data` cannot overlap guest memory
         // because no Rust reference into guest memory is ever handed out.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.add(addr as usize), data.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.add(addr as usize), data.len()) };
         Ok(())
     }
 
     pub fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), MemoryError> {
         self.check(addr, out.len() as u64)?;
         // SAFETY: as for `write`, in the other direction.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.host.add(addr as usize), out.as_mut_ptr(), out.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(self.host.add(addr as usize), out.as_mut_ptr(), out.len()) };
         Ok(())
     }
 
@@ -119,6 +137,7 @@ impl GuestMemory {
 
     pub fn fill(&self, addr: u64, len: u64, byte: u8) -> Result<(), MemoryError> {
         self.check(addr, len)?;
+        self.mark_dirty(addr, len);
         // SAFETY: the range is inside the mapping (checked).
         unsafe { std::ptr::write_bytes(self.host.add(addr as usize), byte, len as usize) };
         Ok(())
@@ -143,11 +162,11 @@ mod tests {
         let mut b = [0u8; 5];
         m.read(0x1000, &mut b).unwrap();
         assert_eq!(&b, b"hello");
-        assert!(matches!(
-            m.write((1 << 20) - 2, b"abc"),
-            Err(MemoryError::OutOfRange { .. })
-        ));
+        assert!(matches!(m.write((1 << 20) - 2, b"abc"), Err(MemoryError::OutOfRange { .. })));
         assert!(m.read(u64::MAX, &mut b).is_err());
+        let mut dirty = Bitmap::new(256);
+        m.take_vmm_dirty(&mut dirty);
+        assert_eq!(dirty.iter().collect::<Vec<_>>(), vec![1]);
         m.fill(0x1000, 5, 0).unwrap();
         m.read(0x1000, &mut b).unwrap();
         assert_eq!(b, [0; 5]);

@@ -1,26 +1,33 @@
-//! The VMM: builds a KVM VM with guest memory, devices and vCPUs ([`Vm::create`]), runs it
-//! ([`Vm::start`]) and gives the caller a handle to pause, resume and stop it ([`RunningVm`]).
+//! The VMM: builds a KVM VM with guest memory, devices and vCPUs, either booting a guest image
+//! ([`Vm::create`]) or loading a snapshot chain ([`Vm::restore`]), runs it ([`Vm::start`]) and
+//! gives the caller a handle to pause, resume, snapshot and stop it ([`RunningVm`]).
 
 pub mod boot;
 pub mod control;
 pub mod devices;
+pub mod dirty;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod state;
 pub mod vcpu;
 
 use control::{PauseError, VcpuControl};
 use crossbeam_channel::{Receiver, Sender};
 use devices::serial::{SerialBackend, SerialDevice, SerialError, SerialSpec};
 use devices::{Console, Devices};
+use dirty::DirtyLog;
 use kvm_bindings::{
-    kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+    kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use layout::*;
 use loader::Image;
 use memory::GuestMemory;
+use parking_lot::Mutex;
+use state::StateCaps;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -32,17 +39,17 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub struct VmConfig {
     pub vcpus: u32,
     pub memory: u64,
-    /// The guest ELF image.
+    /// The guest ELF image (unused when restoring).
     pub guest: Arc<[u8]>,
     /// Where the image came from, for messages.
     pub guest_name: String,
-    /// Boot parameters handed to the guest.
+    /// Boot parameters handed to the guest (unused when restoring).
     pub guest_args: String,
     pub serial: SerialSpec,
     /// Where guest log lines (debug console) go: `None` for stderr.
-    pub console: Option<std::path::PathBuf>,
+    pub console: Option<PathBuf>,
     /// The KVM device, normally `/dev/kvm`.
-    pub kvm_device: std::path::PathBuf,
+    pub kvm_device: PathBuf,
 }
 
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
@@ -50,47 +57,35 @@ pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("{0} is not present: this host has no KVM (load kvm_intel, kvm_amd or kvm_pvm)")]
-    NoKvm(std::path::PathBuf),
+    NoKvm(PathBuf),
     #[error("permission denied on {0}: run as root or as a member of the kvm group")]
-    KvmDenied(std::path::PathBuf),
+    KvmDenied(PathBuf),
     #[error("{0} is not a KVM device")]
-    NotKvm(std::path::PathBuf),
+    NotKvm(PathBuf),
     #[error("cannot open {path}")]
-    KvmOpen {
-        path: std::path::PathBuf,
-        source: kvm_ioctls::Error,
-    },
+    KvmOpen { path: PathBuf, source: kvm_ioctls::Error },
     #[error("--vcpus {asked} is out of range: this host runs 1 to {max} vCPUs per VM")]
     Vcpus { asked: u32, max: u32 },
     #[error("--memory {asked} MiB is larger than {limit} MiB ({why})")]
-    MemoryTooLarge {
-        asked: u64,
-        limit: u64,
-        why: &'static str,
-    },
+    MemoryTooLarge { asked: u64, limit: u64, why: &'static str },
     #[error("--memory {have} MiB is too small for guest {guest}: it needs at least {need} MiB")]
     MemoryTooSmall { have: u64, need: u64, guest: String },
     #[error("guest {guest}")]
-    Image {
-        guest: String,
-        source: loader::LoaderError,
-    },
+    Image { guest: String, source: loader::LoaderError },
     #[error("--guest-args is {len} bytes; at most {max} fit", max = CMDLINE_MAX)]
     ArgsTooLong { len: usize },
     #[error("KVM: {what}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
     #[error(transparent)]
     Serial(#[from] SerialError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(transparent)]
+    Dirty(#[from] dirty::DirtyError),
     #[error("cannot open console file {path}")]
-    Console {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Console { path: PathBuf, source: std::io::Error },
     #[error("cannot start vCPU threads")]
     Thread(#[source] std::io::Error),
     #[error("vCPU threads did not exit within {0:?}")]
@@ -111,16 +106,12 @@ fn host_available_memory() -> Option<u64> {
 
 pub fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
     let p = || path.to_path_buf();
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| VmError::NoKvm(p()))?;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| VmError::NoKvm(p()))?;
     let kvm = Kvm::new_with_path(&cpath).map_err(|e| match e.errno() {
         libc::ENOENT | libc::ENXIO | libc::ENODEV => VmError::NoKvm(p()),
         libc::EACCES | libc::EPERM => VmError::KvmDenied(p()),
         libc::ENOTTY | libc::EINVAL => VmError::NotKvm(p()),
-        _ => VmError::KvmOpen {
-            path: p(),
-            source: e,
-        },
+        _ => VmError::KvmOpen { path: p(), source: e },
     })?;
     // A device that is not KVM fails KVM_GET_API_VERSION (-1).
     if kvm.get_api_version() != kvm_bindings::KVM_API_VERSION as i32 {
@@ -134,16 +125,47 @@ pub fn max_vcpus(kvm: &Kvm) -> u32 {
     (kvm.get_max_vcpus() as u32).min(MAX_VCPUS)
 }
 
+/// Checks memory against the layout's and the host's limits.
+fn check_memory(memory: u64) -> Result<(), VmError> {
+    if memory > MAX_MEMORY {
+        return Err(VmError::MemoryTooLarge {
+            asked: memory >> 20,
+            limit: MAX_MEMORY >> 20,
+            why: "the test-guest memory map ends below the 32-bit MMIO hole",
+        });
+    }
+    if let Some(avail) = host_available_memory() {
+        if memory > avail {
+            return Err(VmError::MemoryTooLarge {
+                asked: memory >> 20,
+                limit: avail >> 20,
+                why: "memory available on this host",
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A VM built and ready to start.
 pub struct Vm {
     config: VmConfig,
-    _kvm: Kvm,
+    parts: Parts,
+    vcpus: Vec<Vcpu>,
+}
+
+/// What a VM is made of, shared by the boot and the restore paths.
+struct Parts {
     vm: VmFd,
     memory: Arc<GuestMemory>,
-    vcpus: Vec<Vcpu>,
+    vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
     devices: Arc<Devices>,
     control: Arc<VcpuControl>,
     kick: Arc<SignalKick>,
+    caps: StateCaps,
+    dirty: DirtyLog,
+    /// XCR0 to start vCPUs with, when the CPU has XSAVE.
+    xcrs: Option<kvm_bindings::kvm_xcrs>,
+    _kvm: Kvm,
 }
 
 /// Why the VM stopped.
@@ -157,17 +179,68 @@ pub enum VmEvent {
     Signal(i32),
 }
 
+/// Creates the VM, memory (with dirty logging), devices and vCPUs (with CPUID set).
+fn build(config: &VmConfig) -> Result<Parts, VmError> {
+    check_memory(config.memory)?;
+    let kvm = open_kvm(&config.kvm_device)?;
+    let max = max_vcpus(&kvm);
+    if config.vcpus == 0 || config.vcpus > max {
+        return Err(VmError::Vcpus { asked: config.vcpus, max });
+    }
+    let console = match &config.console {
+        None => Console::Stderr,
+        Some(p) => {
+            Console::File(std::fs::File::create(p).map_err(|source| VmError::Console { path: p.clone(), source })?)
+        }
+    };
+
+    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    vm.create_irq_chip().map_err(kvm_err("create in-kernel irqchip"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+
+    let memory = Arc::new(GuestMemory::new(config.memory)?);
+    DirtyLog::enable_manual_protect(&vm)?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: KVM_MEM_LOG_DIRTY_PAGES,
+        guest_phys_addr: 0,
+        memory_size: memory.size(),
+        userspace_addr: memory.host_addr(),
+    };
+    // SAFETY: the region maps `memory`, which outlives the VM fd: `Parts`/`RunningVm` hold an
+    // Arc to it and drop the VM fd first (explicitly in `RunningVm::stop`).
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
+    let dirty = DirtyLog::new(0, &memory);
+
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(SerialError::Event(e)))?;
+    vm.register_irqfd(&irq, COM1_IRQ).map_err(kvm_err("connect serial interrupt"))?;
+    let devices = Arc::new(Devices::new(SerialDevice::new(irq)?, console));
+
+    vcpu::register_kick_handler().map_err(|e| VmError::Kvm { what: "install vCPU kick signal handler", source: e })?;
+    let kick = SignalKick::new(config.vcpus as usize);
+    let control = Arc::new(VcpuControl::new(config.vcpus as usize, Box::new(kick.clone())));
+
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
+    let xcrs = boot::xcrs(&supported);
+    let xsave = xcrs.is_some();
+    let mut vcpu_fds = Vec::new();
+    for i in 0..config.vcpus {
+        let fd = vm.create_vcpu(u64::from(i)).map_err(kvm_err("create vCPU"))?;
+        fd.set_cpuid2(&boot::cpuid_for(supported.clone(), i, config.vcpus, xsave)).map_err(kvm_err("set CPUID"))?;
+        vcpu_fds.push(Arc::new(Mutex::new(fd)));
+    }
+    let caps = StateCaps::probe(&kvm, &vm, &vcpu_fds[0].lock())?;
+    Ok(Parts { vm, memory, vcpu_fds, devices, control, kick, caps, dirty, xcrs, _kvm: kvm })
+}
+
 impl Vm {
-    /// Validates the configuration and builds the VM: memory, image, tables, devices, vCPUs.
+    /// Validates the configuration and builds a VM that boots `config.guest`.
     pub fn create(config: VmConfig) -> Result<Vm, VmError> {
-        let image = Image::parse(&config.guest).map_err(|source| VmError::Image {
-            guest: config.guest_name.clone(),
-            source,
-        })?;
+        let image_err = |source| VmError::Image { guest: config.guest_name.clone(), source };
+        let image = Image::parse(&config.guest).map_err(image_err)?;
         if config.guest_args.len() > CMDLINE_MAX {
-            return Err(VmError::ArgsTooLong {
-                len: config.guest_args.len(),
-            });
+            return Err(VmError::ArgsTooLong { len: config.guest_args.len() });
         }
         let need = image.end().next_multiple_of(0x1000) + MIN_FREE;
         if config.memory < need {
@@ -177,129 +250,34 @@ impl Vm {
                 guest: config.guest_name.clone(),
             });
         }
-        if config.memory > MAX_MEMORY {
-            return Err(VmError::MemoryTooLarge {
-                asked: config.memory >> 20,
-                limit: MAX_MEMORY >> 20,
-                why: "the test-guest memory map ends below the 32-bit MMIO hole",
-            });
-        }
-        if let Some(avail) = host_available_memory() {
-            if config.memory > avail {
-                return Err(VmError::MemoryTooLarge {
-                    asked: config.memory >> 20,
-                    limit: avail >> 20,
-                    why: "memory available on this host",
-                });
-            }
-        }
-        let kvm = open_kvm(&config.kvm_device)?;
-        let max = max_vcpus(&kvm);
-        if config.vcpus == 0 || config.vcpus > max {
-            return Err(VmError::Vcpus {
-                asked: config.vcpus,
-                max,
-            });
-        }
-        let console = match &config.console {
-            None => Console::Stderr,
-            Some(p) => {
-                Console::File(std::fs::File::create(p).map_err(|source| VmError::Console {
-                    path: p.clone(),
-                    source,
-                })?)
-            }
-        };
-
-        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("create in-kernel irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
-
-        let memory = Arc::new(GuestMemory::new(config.memory)?);
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: memory.size(),
-            userspace_addr: memory.host_addr(),
-        };
-        // SAFETY: the region maps `memory`, which outlives the VM: `Vm`/`RunningVm` hold an Arc
-        // to it and drop the VM fd first (field order and explicit drops in `shutdown`).
-        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
-
-        boot::write_tables(&memory, config.vcpus)?;
-        image
-            .load(&config.guest, &memory)
-            .map_err(|source| VmError::Image {
-                guest: config.guest_name.clone(),
-                source,
-            })?;
+        let parts = build(&config)?;
+        let memory = &parts.memory;
+        boot::write_tables(memory, config.vcpus)?;
+        image.load(&config.guest, memory).map_err(image_err)?;
         memory.write(CMDLINE_ADDR, config.guest_args.as_bytes())?;
 
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(SerialError::Event(e)))?;
-        vm.register_irqfd(&irq, COM1_IRQ)
-            .map_err(kvm_err("connect serial interrupt"))?;
-        let serial = SerialDevice::new(irq)?;
-        let devices = Arc::new(Devices::new(serial, console));
-
-        vcpu::register_kick_handler().map_err(|e| VmError::Kvm {
-            what: "install vCPU kick signal handler",
-            source: e,
-        })?;
-        let kick = SignalKick::new(config.vcpus as usize);
-        let control = Arc::new(VcpuControl::new(
-            config.vcpus as usize,
-            Box::new(kick.clone()),
-        ));
-
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("get supported CPUID"))?;
-        let xcrs = boot::xcrs(&supported);
-        let mut vcpus = Vec::new();
         let mut tsc_khz = 0;
-        for i in 0..config.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(i))
-                .map_err(kvm_err("create vCPU"))?;
-            fd.set_cpuid2(&boot::cpuid_for(
-                supported.clone(),
-                i,
-                config.vcpus,
-                xcrs.is_some(),
-            ))
-            .map_err(kvm_err("set CPUID"))?;
+        for (i, fd) in parts.vcpu_fds.iter().enumerate() {
+            let fd = fd.lock();
+            let i = i as u32;
             let sregs = fd.get_sregs().map_err(kvm_err("get special registers"))?;
-            fd.set_sregs(&boot::sregs(sregs, i, xcrs.is_some()))
-                .map_err(kvm_err("set special registers"))?;
-            fd.set_regs(&boot::regs(image.entry, i))
-                .map_err(kvm_err("set registers"))?;
-            if let Some(x) = &xcrs {
+            fd.set_sregs(&boot::sregs(sregs, i, parts.xcrs.is_some())).map_err(kvm_err("set special registers"))?;
+            fd.set_regs(&boot::regs(image.entry, i)).map_err(kvm_err("set registers"))?;
+            if let Some(x) = &parts.xcrs {
                 fd.set_xcrs(x).map_err(kvm_err("set XCR0"))?;
             }
             // With the in-kernel irqchip, APs wait for INIT/SIPI; the test guest starts them all.
-            fd.set_mp_state(kvm_mp_state {
-                mp_state: KVM_MP_STATE_RUNNABLE,
-            })
-            .map_err(kvm_err("set MP state"))?;
+            fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(kvm_err("set MP state"))?;
             if i == 0 {
                 tsc_khz = fd.get_tsc_khz().map_err(kvm_err("get TSC frequency"))?;
             }
-            vcpus.push(Vcpu::new(i as usize, fd, control.clone(), devices.clone()));
         }
-
-        let free_start = image.end().next_multiple_of(0x1000);
         let info = BootInfo {
             magic: BOOT_MAGIC,
             version: BOOT_VERSION,
             vcpus: config.vcpus,
             mem_size: memory.size(),
-            free_start,
+            free_start: image.end().next_multiple_of(0x1000),
             free_end: memory.size(),
             tsc_khz: tsc_khz.into(),
             cmdline_addr: CMDLINE_ADDR,
@@ -314,30 +292,43 @@ impl Vm {
             tsc_khz,
             "VM created"
         );
-        Ok(Vm {
-            config,
-            _kvm: kvm,
-            vm,
-            memory,
-            vcpus,
-            devices,
-            control,
-            kick,
-        })
+        Ok(Vm::assemble(config, parts))
+    }
+
+    /// Builds a VM in the state a validated snapshot chain describes (see `crate::snapshot`).
+    pub(crate) fn from_state(
+        config: VmConfig,
+        load: impl FnOnce(&GuestMemory, &[Arc<Mutex<VcpuFd>>], &VmFd, &Devices, &StateCaps) -> Result<(), VmError>,
+    ) -> Result<Vm, VmError> {
+        let parts = build(&config)?;
+        load(&parts.memory, &parts.vcpu_fds, &parts.vm, &parts.devices, &parts.caps)?;
+        tracing::info!(vcpus = config.vcpus, memory_mib = config.memory >> 20, "VM restored");
+        Ok(Vm::assemble(config, parts))
+    }
+
+    fn assemble(config: VmConfig, parts: Parts) -> Vm {
+        let vcpus = parts
+            .vcpu_fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| Vcpu::new(i, fd.clone(), parts.control.clone(), parts.devices.clone()))
+            .collect();
+        Vm { config, parts, vcpus }
     }
 
     pub fn memory(&self) -> &Arc<GuestMemory> {
-        &self.memory
+        &self.parts.memory
     }
 
     /// Starts the serial backend and one thread per vCPU.
     pub fn start(self) -> Result<RunningVm, VmError> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let control = self.control.clone();
+        let Vm { config, parts, vcpus } = self;
+        let control = parts.control.clone();
         let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || control.input_arrived());
-        let serial = SerialBackend::start(&self.config.serial, self.devices.serial.clone(), wake)?;
+        let serial = SerialBackend::start(&config.serial, parts.devices.serial.clone(), wake)?;
         let mut threads = Vec::new();
-        for mut v in self.vcpus {
+        for mut v in vcpus {
             let tx: Sender<VmEvent> = tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.index))
@@ -354,10 +345,8 @@ impl Vm {
                     })
                 })
                 .map_err(VmError::Thread)?;
-            {
-                use std::os::unix::thread::JoinHandleExt;
-                self.kick.set_thread(threads.len(), Some(t.as_pthread_t()));
-            }
+            use std::os::unix::thread::JoinHandleExt;
+            parts.kick.set_thread(threads.len(), Some(t.as_pthread_t()));
             threads.push(t);
         }
         Ok(RunningVm {
@@ -365,11 +354,17 @@ impl Vm {
             events: rx,
             sender: tx,
             serial: Some(serial),
-            control: self.control,
-            kick: self.kick,
-            devices: self.devices,
-            vm: Some(self.vm),
-            memory: self.memory,
+            control: parts.control,
+            kick: parts.kick,
+            devices: parts.devices,
+            vcpu_fds: parts.vcpu_fds,
+            caps: parts.caps,
+            dirty: Mutex::new(parts.dirty),
+            chain: Mutex::new(None),
+            vm: Some(parts.vm),
+            memory: parts.memory,
+            vcpus: config.vcpus,
+            _kvm: parts._kvm,
         })
     }
 }
@@ -380,15 +375,24 @@ pub struct RunningVm {
     events: Receiver<VmEvent>,
     sender: Sender<VmEvent>,
     serial: Option<SerialBackend>,
-    control: Arc<VcpuControl>,
+    pub(crate) control: Arc<VcpuControl>,
     kick: Arc<SignalKick>,
-    devices: Arc<Devices>,
-    vm: Option<VmFd>,
-    memory: Arc<GuestMemory>,
+    pub(crate) devices: Arc<Devices>,
+    pub(crate) vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
+    pub(crate) caps: StateCaps,
+    pub(crate) dirty: Mutex<DirtyLog>,
+    /// The last snapshot taken (id, sequence number), for chaining increments.
+    pub(crate) chain: Mutex<Option<(u64, u32)>>,
+    pub(crate) vm: Option<VmFd>,
+    pub(crate) memory: Arc<GuestMemory>,
+    pub(crate) vcpus: u32,
+    _kvm: Kvm,
 }
 
 /// How long a stop may take before smpft gives up on a vCPU thread.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long vCPUs may take to acknowledge a pause.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl RunningVm {
     pub fn control(&self) -> &Arc<VcpuControl> {
@@ -403,12 +407,26 @@ impl RunningVm {
         &self.devices
     }
 
-    /// Pauses every vCPU (blocking until all have acknowledged).
-    pub fn pause(&self) -> Result<(), PauseError> {
-        self.control.pause(Duration::from_secs(5))
+    pub fn vcpus(&self) -> u32 {
+        self.vcpus
     }
 
+    /// Whether the VM is paused (by [`RunningVm::pause`]).
+    pub fn is_paused(&self) -> bool {
+        self.control.request() == control::Request::Pause
+    }
+
+    /// Pauses the VM's parts in order: every vCPU (blocking until all have acknowledged), then
+    /// device input.
+    pub fn pause(&self) -> Result<(), PauseError> {
+        self.control.pause(PAUSE_TIMEOUT)?;
+        self.devices.serial.pause();
+        Ok(())
+    }
+
+    /// Resumes in the reverse order of [`RunningVm::pause`].
     pub fn resume(&self) {
+        self.devices.serial.resume();
         self.control.resume();
     }
 
@@ -417,7 +435,13 @@ impl RunningVm {
         self.sender.clone()
     }
 
-    /// Waits for the next event (guest exit, vCPU failure, signal), up to `timeout` if given.
+    /// The events the VM reports (guest exit, vCPU failure, signals sent through
+    /// [`RunningVm::event_sender`]).
+    pub fn events(&self) -> &Receiver<VmEvent> {
+        &self.events
+    }
+
+    /// Waits for the next event, up to `timeout` if given.
     pub fn wait_event(&self, timeout: Option<Duration>) -> Option<VmEvent> {
         match timeout {
             Some(t) => self.events.recv_timeout(t).ok(),
@@ -431,6 +455,7 @@ impl RunningVm {
     }
 
     fn stop(&mut self) -> Result<(), VmError> {
+        self.devices.serial.resume();
         self.control.request_exit();
         let exited = self.control.wait_exited(STOP_TIMEOUT);
         if exited {

@@ -5,6 +5,7 @@ use super::control::{Kick, Request, VcpuControl, VcpuState};
 use super::devices::{Devices, PioAction};
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use parking_lot::Mutex;
 use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +13,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("vCPU {vcpu}: KVM_RUN failed")]
-    Run {
-        vcpu: usize,
-        source: kvm_ioctls::Error,
-    },
+    Run { vcpu: usize, source: kvm_ioctls::Error },
     #[error("vCPU {vcpu}: guest triple-faulted (rip {rip:#x}, rsp {rsp:#x}); the test guest must not fault")]
     TripleFault { vcpu: usize, rip: u64, rsp: u64 },
     #[error("vCPU {vcpu}: VM entry failed (hardware reason {reason:#x})")]
@@ -49,8 +47,7 @@ pub fn kick_signal() -> libc::c_int {
 pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     static ONCE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
-            .map_err(|e| e.errno())
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno())
     })
     .map_err(vmm_sys_util::errno::Error::new)
 }
@@ -62,9 +59,7 @@ pub struct SignalKick {
 
 impl SignalKick {
     pub fn new(vcpus: usize) -> Arc<Self> {
-        Arc::new(SignalKick {
-            threads: parking_lot::Mutex::new(vec![None; vcpus]),
-        })
+        Arc::new(SignalKick { threads: parking_lot::Mutex::new(vec![None; vcpus]) })
     }
     pub fn set_thread(&self, vcpu: usize, t: Option<libc::pthread_t>) {
         self.threads.lock()[vcpu] = t;
@@ -93,7 +88,9 @@ pub enum VcpuEnd {
 
 pub struct Vcpu {
     pub index: usize,
-    pub fd: VcpuFd,
+    /// Held by the vCPU thread only around `KVM_RUN` and exit handling, so the controller can
+    /// read and write the vCPU's state while it is paused.
+    pub fd: Arc<Mutex<VcpuFd>>,
     control: Arc<VcpuControl>,
     devices: Arc<Devices>,
     /// The last exit was port I/O or MMIO that `KVM_RUN` has not yet completed.
@@ -101,20 +98,14 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    pub fn new(index: usize, fd: VcpuFd, control: Arc<VcpuControl>, devices: Arc<Devices>) -> Self {
-        Vcpu {
-            index,
-            fd,
-            control,
-            devices,
-            pending_io: false,
-        }
+    pub fn new(index: usize, fd: Arc<Mutex<VcpuFd>>, control: Arc<VcpuControl>, devices: Arc<Devices>) -> Self {
+        Vcpu { index, fd, control, devices, pending_io: false }
     }
 
     /// Runs the guest until the controller asks the vCPU to exit or the guest ends.
     /// The thread's kick target is set up and torn down around the loop.
     pub fn run(&mut self, on_end: impl FnOnce(usize, &VcpuEnd)) -> VcpuEnd {
-        KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
+        KVM_RUN.with(|c| c.set(self.fd.lock().get_kvm_run() as *mut kvm_run));
         self.control.set_state(self.index, VcpuState::Running);
         let end = self.run_loop();
         if let Err(e) = self.complete_pending_io() {
@@ -133,16 +124,14 @@ impl Vcpu {
             return Ok(());
         }
         self.pending_io = false;
-        self.fd.set_kvm_immediate_exit(1);
-        let r = self.fd.run().map(|_| ());
-        self.fd.set_kvm_immediate_exit(0);
+        let mut fd = self.fd.lock();
+        fd.set_kvm_immediate_exit(1);
+        let r = fd.run().map(|_| ());
+        fd.set_kvm_immediate_exit(0);
         match r {
             Err(e) if e.errno() == libc::EINTR => Ok(()),
             Ok(()) => Ok(()),
-            Err(e) => Err(VcpuError::Run {
-                vcpu: self.index,
-                source: e,
-            }),
+            Err(e) => Err(VcpuError::Run { vcpu: self.index, source: e }),
         }
     }
 
@@ -162,50 +151,76 @@ impl Vcpu {
                 }
                 Request::Exit => return VcpuEnd::Requested,
             }
-            let exit = self.fd.run();
-            self.pending_io = matches!(
-                exit,
-                Ok(VcpuExit::IoIn(..)
-                    | VcpuExit::IoOut(..)
-                    | VcpuExit::MmioRead(..)
-                    | VcpuExit::MmioWrite(..))
-            );
-            match exit {
-                Ok(VcpuExit::IoIn(port, data)) => self.devices.pio_read(port, data),
-                Ok(VcpuExit::IoOut(port, data)) => match self.devices.pio_write(port, data) {
-                    PioAction::None => {}
-                    PioAction::Exit(status) => return VcpuEnd::GuestExit(status),
-                    PioAction::Idle(us) => self.control.idle(Duration::from_micros(us.into())),
-                },
-                Ok(VcpuExit::MmioRead(addr, data)) => self.devices.mmio_read(addr, data),
-                Ok(VcpuExit::MmioWrite(addr, data)) => self.devices.mmio_write(addr, data),
-                Ok(VcpuExit::Shutdown) => {
-                    let (rip, rsp) = self
-                        .fd
-                        .get_regs()
-                        .map(|r| (r.rip, r.rsp))
-                        .unwrap_or_default();
-                    return VcpuEnd::Failed(VcpuError::TripleFault { vcpu, rip, rsp });
-                }
-                Ok(VcpuExit::FailEntry(reason, _)) => {
-                    return VcpuEnd::Failed(VcpuError::FailEntry { vcpu, reason })
-                }
-                Ok(VcpuExit::InternalError) => {
-                    return VcpuEnd::Failed(VcpuError::Internal { vcpu })
-                }
-                Ok(other) => {
-                    return VcpuEnd::Failed(VcpuError::Unexpected {
-                        vcpu,
-                        exit: format!("{other:?}"),
-                    })
-                }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    // Kicked. Clear the flag before looking at the request again: a kick that
-                    // lands after this store is for a request we are about to see.
-                    self.fd.set_kvm_immediate_exit(0);
-                }
-                Err(e) => return VcpuEnd::Failed(VcpuError::Run { vcpu, source: e }),
+            match self.enter_guest() {
+                Step::Continue => {}
+                Step::Idle(us) => self.control.idle(Duration::from_micros(us.into())),
+                Step::End(end) => return end,
             }
+        }
+    }
+}
+
+/// What one entry into the guest asks of the vCPU loop.
+enum Step {
+    Continue,
+    Idle(u32),
+    End(VcpuEnd),
+}
+
+impl Vcpu {
+    /// One `KVM_RUN` and the handling of its exit, with the vCPU fd held throughout.
+    fn enter_guest(&mut self) -> Step {
+        let vcpu = self.index;
+        let fd = self.fd.clone();
+        let mut fd = fd.lock();
+        let (step, kicked) = match fd.run() {
+            Ok(exit) => {
+                self.pending_io = matches!(
+                    exit,
+                    VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)
+                );
+                let step = match exit {
+                    VcpuExit::IoIn(port, data) => {
+                        self.devices.pio_read(port, data);
+                        Step::Continue
+                    }
+                    VcpuExit::IoOut(port, data) => match self.devices.pio_write(port, data) {
+                        PioAction::None => Step::Continue,
+                        PioAction::Exit(status) => Step::End(VcpuEnd::GuestExit(status)),
+                        PioAction::Idle(us) => Step::Idle(us),
+                    },
+                    VcpuExit::MmioRead(addr, data) => {
+                        self.devices.mmio_read(addr, data);
+                        Step::Continue
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        self.devices.mmio_write(addr, data);
+                        Step::Continue
+                    }
+                    VcpuExit::Shutdown => Step::End(VcpuEnd::Failed(VcpuError::TripleFault { vcpu, rip: 0, rsp: 0 })),
+                    VcpuExit::FailEntry(reason, _) => Step::End(VcpuEnd::Failed(VcpuError::FailEntry { vcpu, reason })),
+                    VcpuExit::InternalError => Step::End(VcpuEnd::Failed(VcpuError::Internal { vcpu })),
+                    other => Step::End(VcpuEnd::Failed(VcpuError::Unexpected { vcpu, exit: format!("{other:?}") })),
+                };
+                (step, false)
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.pending_io = false;
+                (Step::Continue, true)
+            }
+            Err(e) => (Step::End(VcpuEnd::Failed(VcpuError::Run { vcpu, source: e })), false),
+        };
+        if kicked {
+            // Clear the flag before the loop looks at the request again: a kick that lands
+            // after this store is for a request the loop is about to see.
+            fd.set_kvm_immediate_exit(0);
+        }
+        match step {
+            Step::End(VcpuEnd::Failed(VcpuError::TripleFault { vcpu, .. })) => {
+                let (rip, rsp) = fd.get_regs().map(|r| (r.rip, r.rsp)).unwrap_or_default();
+                Step::End(VcpuEnd::Failed(VcpuError::TripleFault { vcpu, rip, rsp }))
+            }
+            step => step,
         }
     }
 }

@@ -8,10 +8,7 @@ use std::time::Duration;
 /// These tests need KVM. Without it they fail, loudly, rather than pass vacuously.
 pub fn require_kvm() {
     let kvm = Path::new("/dev/kvm");
-    assert!(
-        kvm.exists(),
-        "/dev/kvm is missing: the smpft integration tests need KVM on this host"
-    );
+    assert!(kvm.exists(), "/dev/kvm is missing: the smpft integration tests need KVM on this host");
     assert!(
         std::fs::OpenOptions::new().read(true).write(true).open(kvm).is_ok(),
         "/dev/kvm cannot be opened read-write: run the tests as root or as a member of the kvm group"
@@ -52,9 +49,7 @@ pub fn cpu_reports(log: &str) -> Vec<CpuReport> {
             let l = l.strip_prefix("[guest] ").unwrap_or(l);
             let rest = l.strip_prefix("cpu")?;
             let (cpu, rest) = rest.split_once(": ")?;
-            let mut vals = rest
-                .split(' ')
-                .map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse::<u64>().ok()));
+            let mut vals = rest.split(' ').map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse::<u64>().ok()));
             Some(CpuReport {
                 cpu: cpu.parse().ok()?,
                 loops: vals.next()??,

@@ -72,10 +72,7 @@ impl Devices {
     pub fn new(serial: Arc<SerialDevice>, console: Console) -> Self {
         Devices {
             serial,
-            debugcon: Mutex::new(DebugCon {
-                line: Vec::new(),
-                out: console,
-            }),
+            debugcon: Mutex::new(DebugCon { line: Vec::new(), out: console }),
             unhandled: AtomicU64::new(0),
         }
     }
@@ -84,18 +81,13 @@ impl Devices {
         // A guest can hit this in a loop: log the first few, then every 10,000th.
         let n = self.unhandled.fetch_add(1, Ordering::Relaxed);
         if n < 8 || n % 10_000 == 0 {
-            tracing::warn!(
-                "guest accessed unhandled {what} {addr:#x} ({} such accesses so far)",
-                n + 1
-            );
+            tracing::warn!("guest accessed unhandled {what} {addr:#x} ({} such accesses so far)", n + 1);
         }
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         match port {
-            COM1_BASE..=0x3ff if data.len() == 1 => {
-                data[0] = self.serial.read((port - COM1_BASE) as u8)
-            }
+            COM1_BASE..=0x3ff if data.len() == 1 => data[0] = self.serial.read((port - COM1_BASE) as u8),
             _ => {
                 self.note_unhandled("port read", port.into());
                 data.fill(0xff);
@@ -111,9 +103,7 @@ impl Devices {
             u32::from_le_bytes(b)
         };
         match port {
-            COM1_BASE..=0x3ff if data.len() == 1 => {
-                self.serial.write((port - COM1_BASE) as u8, data[0])
-            }
+            COM1_BASE..=0x3ff if data.len() == 1 => self.serial.write((port - COM1_BASE) as u8, data[0]),
             DEBUGCON_PORT => {
                 let mut con = self.debugcon.lock();
                 for &b in data {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use vm_superio::serial::SerialEvents;
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -46,9 +46,7 @@ impl std::str::FromStr for SerialSpec {
             None if s == "null" || s == "none" => Ok(SerialSpec::Null),
             Some(("unix", p)) => path(p, "unix").map(SerialSpec::Unix),
             Some(("file", p)) => path(p, "file").map(SerialSpec::File),
-            _ => Err(format!(
-                "'{s}' is not a serial backend; use stdio, unix:PATH, file:PATH or null"
-            )),
+            _ => Err(format!("'{s}' is not a serial backend; use stdio, unix:PATH, file:PATH or null")),
         }
     }
 }
@@ -56,17 +54,13 @@ impl std::str::FromStr for SerialSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
     #[error("cannot listen on serial socket {path}")]
-    Listen {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Listen { path: PathBuf, source: std::io::Error },
     #[error("cannot open serial output file {path}")]
-    File {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    File { path: PathBuf, source: std::io::Error },
     #[error("cannot create serial event")]
     Event(#[source] std::io::Error),
+    #[error("bad serial state: {0}")]
+    State(String),
 }
 
 /// Serial output not yet written to the host side.
@@ -87,11 +81,7 @@ const OUTPUT_MAX: usize = 4 << 20;
 impl OutputQueue {
     fn new() -> Arc<Self> {
         Arc::new(OutputQueue {
-            inner: Mutex::new(OutputInner {
-                bytes: Vec::new(),
-                closed: false,
-                dropped: 0,
-            }),
+            inner: Mutex::new(OutputInner { bytes: Vec::new(), closed: false, dropped: 0 }),
             cv: Condvar::new(),
         })
     }
@@ -174,11 +164,56 @@ impl SerialEvents for InputRoom {
 
 type Uart = Serial<IrqTrigger, Arc<InputRoom>, Sink>;
 
+/// The UART's registers and receive FIFO, as saved in a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SerialSnapshot {
+    pub registers: [u8; 9],
+    pub in_buffer: Vec<u8>,
+}
+
+impl SerialSnapshot {
+    fn from_state(s: &SerialState) -> Self {
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+
+    fn to_state(&self) -> SerialState {
+        let r = self.registers;
+        SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: self.in_buffer.clone(),
+        }
+    }
+}
+
 pub struct SerialDevice {
     uart: Mutex<Uart>,
+    irq: EventFd,
     room: Arc<InputRoom>,
     output: Arc<OutputQueue>,
     received: AtomicU64,
+    /// While the VM is paused no input enters the FIFO, so saved state is one instant.
+    input_paused: AtomicBool,
 }
 
 impl SerialDevice {
@@ -188,13 +223,43 @@ impl SerialDevice {
             waiting: AtomicBool::new(false),
         });
         let output = OutputQueue::new();
-        let uart = Serial::with_events(IrqTrigger(irq), room.clone(), Sink(output.clone()));
+        let trigger = IrqTrigger(irq.try_clone().map_err(SerialError::Event)?);
+        let uart = Serial::with_events(trigger, room.clone(), Sink(output.clone()));
         Ok(Arc::new(SerialDevice {
             uart: Mutex::new(uart),
+            irq,
             room,
             output,
             received: AtomicU64::new(0),
+            input_paused: AtomicBool::new(false),
         }))
+    }
+
+    /// Stops input from entering the FIFO (the VM is being paused).
+    pub fn pause(&self) {
+        self.input_paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets input flow again and wakes the input thread if it was held back.
+    pub fn resume(&self) {
+        // Under the UART lock, so an `enqueue` that saw "paused" has already asked for a wakeup.
+        let _uart = self.uart.lock();
+        self.input_paused.store(false, Ordering::SeqCst);
+        if self.room.waiting.swap(false, Ordering::SeqCst) {
+            let _ = self.room.event.write(1);
+        }
+    }
+
+    pub fn snapshot(&self) -> SerialSnapshot {
+        SerialSnapshot::from_state(&self.uart.lock().state())
+    }
+
+    pub fn restore(&self, snap: &SerialSnapshot) -> Result<(), SerialError> {
+        let trigger = IrqTrigger(self.irq.try_clone().map_err(SerialError::Event)?);
+        let uart = Serial::from_state(&snap.to_state(), trigger, self.room.clone(), Sink(self.output.clone()))
+            .map_err(|e| SerialError::State(format!("{e:?}")))?;
+        *self.uart.lock() = uart;
+        Ok(())
     }
 
     pub fn read(&self, offset: u8) -> u8 {
@@ -211,7 +276,7 @@ impl SerialDevice {
     /// When not all fit, [`Self::room_event`] fires once the guest has read.
     pub fn enqueue(&self, bytes: &[u8]) -> usize {
         let mut uart = self.uart.lock();
-        let n = if uart.fifo_capacity() == 0 {
+        let n = if uart.fifo_capacity() == 0 || self.input_paused.load(Ordering::SeqCst) {
             0
         } else {
             uart.enqueue_raw_bytes(bytes).unwrap_or(0)
@@ -266,10 +331,8 @@ impl SerialBackend {
             SerialSpec::Stdio => (Source::Stdin, Target::Stdout),
             SerialSpec::Null => (Source::Nothing, Target::Discard),
             SerialSpec::File(path) => {
-                let f = std::fs::File::create(path).map_err(|source| SerialError::File {
-                    path: path.clone(),
-                    source,
-                })?;
+                let f =
+                    std::fs::File::create(path).map_err(|source| SerialError::File { path: path.clone(), source })?;
                 (Source::Nothing, Target::File(f))
             }
             SerialSpec::Unix(path) => {
@@ -279,10 +342,8 @@ impl SerialBackend {
                 {
                     let _ = std::fs::remove_file(path);
                 }
-                let l = UnixListener::bind(path).map_err(|source| SerialError::Listen {
-                    path: path.clone(),
-                    source,
-                })?;
+                let l =
+                    UnixListener::bind(path).map_err(|source| SerialError::Listen { path: path.clone(), source })?;
                 socket = Some(path.clone());
                 (Source::Listener(l), Target::Client(client.clone()))
             }
@@ -306,12 +367,7 @@ impl SerialBackend {
                     .expect("spawn serial-in thread"),
             );
         }
-        Ok(SerialBackend {
-            stop,
-            output,
-            threads,
-            socket,
-        })
+        Ok(SerialBackend { stop, output, threads, socket })
     }
 
     /// Writes out what the guest has produced, then stops and joins the I/O threads.
@@ -326,9 +382,7 @@ impl SerialBackend {
         }
         let dropped = self.output.dropped();
         if dropped > 0 {
-            tracing::warn!(
-                "serial: {dropped} output bytes were dropped because the reader did not keep up"
-            );
+            tracing::warn!("serial: {dropped} output bytes were dropped because the reader did not keep up");
         }
     }
 }
@@ -362,11 +416,7 @@ fn output_loop(q: &OutputQueue, mut target: Target) {
 }
 
 fn pollfd(fd: RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
+    libc::pollfd { fd, events: libc::POLLIN, revents: 0 }
 }
 
 fn input_loop(
@@ -382,10 +432,7 @@ fn input_loop(
     let mut stdin_open = matches!(source, Source::Stdin);
     let stdin = std::io::stdin();
     loop {
-        let mut fds = vec![
-            pollfd(stop.as_raw_fd()),
-            pollfd(device.room_event().as_raw_fd()),
-        ];
+        let mut fds = vec![pollfd(stop.as_raw_fd()), pollfd(device.room_event().as_raw_fd())];
         let listener_at = if let Source::Listener(l) = &source {
             fds.push(pollfd(l.as_raw_fd()));
             Some(fds.len() - 1)
@@ -467,22 +514,10 @@ mod tests {
     fn parses_serial_specs() {
         assert_eq!("stdio".parse(), Ok(SerialSpec::Stdio));
         assert_eq!("null".parse(), Ok(SerialSpec::Null));
-        assert_eq!(
-            "unix:/tmp/a.sock".parse(),
-            Ok(SerialSpec::Unix("/tmp/a.sock".into()))
-        );
-        assert_eq!(
-            "file:/tmp/out".parse(),
-            Ok(SerialSpec::File("/tmp/out".into()))
-        );
-        assert!("unix:"
-            .parse::<SerialSpec>()
-            .unwrap_err()
-            .contains("needs a path"));
-        assert!("tcp:1234"
-            .parse::<SerialSpec>()
-            .unwrap_err()
-            .contains("not a serial backend"));
+        assert_eq!("unix:/tmp/a.sock".parse(), Ok(SerialSpec::Unix("/tmp/a.sock".into())));
+        assert_eq!("file:/tmp/out".parse(), Ok(SerialSpec::File("/tmp/out".into())));
+        assert!("unix:".parse::<SerialSpec>().unwrap_err().contains("needs a path"));
+        assert!("tcp:1234".parse::<SerialSpec>().unwrap_err().contains("not a serial backend"));
         assert!("".parse::<SerialSpec>().is_err());
     }
 
@@ -498,11 +533,7 @@ mod tests {
             while dev.read(5) & 1 != 0 {
                 got.push(dev.read(0));
             }
-            assert_eq!(
-                dev.room_event().read().unwrap(),
-                1,
-                "a read after a full FIFO signals room"
-            );
+            assert_eq!(dev.room_event().read().unwrap(), 1, "a read after a full FIFO signals room");
             sent += dev.enqueue(&data[sent..]);
             if sent == data.len() {
                 while dev.read(5) & 1 != 0 {
