@@ -57,6 +57,12 @@ fn ms_since(start: u64, now: u64, tsc_khz: u64) -> u64 {
     now.saturating_sub(start) / tsc_khz.max(1)
 }
 
+/// Guest time since boot in milliseconds, from the TSC.
+pub fn uptime_ms() -> u64 {
+    let (start, khz) = SHARED.with(|s| (s.start, s.tsc_khz));
+    ms_since(start, io::rdtsc(), khz)
+}
+
 /// (shared counter total, churn pages written) — for the service's `STAT`.
 pub fn totals() -> (u64, u64) {
     let vcpus = SHARED.with(|s| s.vcpus) as usize;

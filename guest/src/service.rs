@@ -5,6 +5,7 @@
 //! | `INCR <id>`    | `OK <id> <value>` (value after the increment) |
 //! | `GET <id>`     | `VAL <id> <value>`                      |
 //! | `STAT <id>`    | `STAT <id> value=<v> requests=<n> counter=<c> churn=<p>` |
+//! | `TIME <id>`    | `TIME <id> <ms>`: guest time since boot, from the TSC |
 //! | `EXIT <id>`    | `BYE <id> <value>`, then the guest checks its invariants and exits |
 //! | anything else  | `ERR <id or 0> <reason>`                |
 //!
@@ -128,11 +129,14 @@ impl Service {
                     self.value, self.requests
                 );
             }
+            (b"TIME", Some(id)) => {
+                let _ = write!(r, "TIME {id} {}", crate::uptime_ms());
+            }
             (b"EXIT", Some(id)) => {
                 let _ = write!(r, "BYE {id} {}", self.value);
                 exit = true;
             }
-            (b"INCR" | b"GET" | b"STAT" | b"EXIT", None) => {
+            (b"INCR" | b"GET" | b"STAT" | b"TIME" | b"EXIT", None) => {
                 let _ = write!(r, "ERR 0 missing or bad request id");
             }
             _ => {

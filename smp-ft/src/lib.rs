@@ -4,6 +4,7 @@
 pub mod client;
 pub mod demo;
 pub mod guest;
+pub mod runner;
 pub mod snapshot;
 pub mod units;
 pub mod vmm;

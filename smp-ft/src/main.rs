@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 use smp_ft::guest;
+use smp_ft::runner::{error_chain, Outcome, Runner};
+use smp_ft::snapshot;
 use smp_ft::units::parse_size;
 use smp_ft::vmm::devices::serial::SerialSpec;
 use smp_ft::vmm::{Vm, VmConfig, VmEvent};
@@ -27,6 +29,12 @@ enum Command {
     Run(RunArgs),
     /// Run the built-in test guest and a short scripted session with its service.
     Demo(DemoArgs),
+    /// Check a chain of snapshot files (a full one, then its increments) and describe them.
+    SnapshotInfo {
+        /// Snapshot files, full snapshot first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -41,12 +49,21 @@ struct DemoArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Number of vCPUs (1 to 16, and at most what this host's KVM allows).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
-    vcpus: u32,
-    /// Guest memory, e.g. 256M or 1G (binary units). At most 3G.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    memory: u64,
+    /// Number of vCPUs (1 to 16, and at most what this host's KVM allows). Default 2, or the
+    /// snapshot's with --restore.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16))]
+    vcpus: Option<u32>,
+    /// Guest memory, e.g. 256M or 1G (binary units). At most 3G. Default 256M, or the
+    /// snapshot's with --restore.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Resume a VM from snapshot files instead of booting: a full snapshot, then any
+    /// incremental snapshots taken after it, in order.
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    restore: Vec<PathBuf>,
+    /// Serve QMP on this unix socket (unix:PATH; QEMU's ",server,nowait" is accepted).
+    #[arg(long, value_name = "unix:PATH")]
+    qmp: Option<String>,
     /// Guest image: a static x86-64 ELF started in ring 3 on every vCPU. Defaults to the
     /// built-in test guest.
     #[arg(long)]
@@ -115,9 +132,15 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             (bytes.into(), p.display().to_string())
         }
     };
+    let chain = if args.restore.is_empty() {
+        None
+    } else {
+        Some(snapshot::read_chain(&args.restore).map_err(|e| error_chain(&e))?)
+    };
+    let last = chain.as_ref().and_then(|c| c.last());
     let config = VmConfig {
-        vcpus: args.vcpus,
-        memory: args.memory,
+        vcpus: args.vcpus.or(last.map(|s| s.vcpus)).unwrap_or(2),
+        memory: args.memory.or(last.map(|s| s.mem_size)).unwrap_or(256 << 20),
         guest: image,
         guest_name: name,
         guest_args: args.guest_args,
@@ -125,36 +148,46 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         console: args.console,
         kvm_device: args.kvm_device,
     };
+    let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose().map_err(|e| e.to_string())?;
     block_termination_signals();
-    let vm = Vm::create(config).map_err(|e| error_chain(&e))?;
+    let vm = match &chain {
+        None => Vm::create(config).map_err(|e| error_chain(&e))?,
+        Some(chain) => Vm::restore(config, chain).map_err(|e| error_chain(&e))?,
+    };
+    let qmp = match &qmp_path {
+        Some(p) => Some(
+            qemu_shim::qmp::QmpServer::bind(p, concat!("smpft ", env!("CARGO_PKG_VERSION")))
+                .map_err(|e| error_chain(&e))?,
+        ),
+        None => None,
+    };
     let running = vm.start().map_err(|e| error_chain(&e))?;
     forward_signals(running.event_sender());
-    let code = match running.wait_event(None) {
-        Some(VmEvent::GuestExit(status)) => {
-            tracing::info!(status, "guest exited");
-            Ok(ExitCode::from(status.min(255) as u8))
-        }
-        Some(VmEvent::Signal(sig)) => {
-            tracing::info!("stopping on signal {sig}");
-            Ok(ExitCode::from(128 + sig as u8))
-        }
-        Some(VmEvent::VcpuFailed(msg)) => Err(msg),
-        None => Err("VM event channel closed".into()),
-    };
-    running.shutdown().map_err(|e| error_chain(&e))?;
-    code
+    match Runner::new(running, qmp).run()? {
+        Outcome::GuestExit(status) => Ok(ExitCode::from(status.min(255) as u8)),
+        Outcome::Quit => Ok(ExitCode::SUCCESS),
+        Outcome::Signal(sig) => Ok(ExitCode::from(128 + sig as u8)),
+    }
 }
 
-/// `error: outer: inner: innermost`, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
+fn snapshot_info(files: &[PathBuf]) -> Result<ExitCode, String> {
+    let chain = snapshot::read_chain(files).map_err(|e| error_chain(&e))?;
+    for (f, s) in files.iter().zip(&chain) {
+        println!(
+            "{}: id {:016x} parent {} seq {} vcpus {} memory {} MiB pages {} zero-pages {}",
+            f.display(),
+            s.id,
+            s.parent.map_or("-".to_string(), |p| format!("{p:016x}")),
+            s.seq,
+            s.vcpus,
+            s.mem_size >> 20,
+            s.memory.pages.len(),
+            s.memory.zero_pages.len()
+        );
     }
-    s
+    let hash = snapshot::memory_hash(&chain).map_err(|e| error_chain(&e))?;
+    println!("memory-hash: {hash:016x}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -165,6 +198,7 @@ fn main() -> ExitCode {
     }
     let r = match cli.command {
         Command::Run(args) => run(args),
+        Command::SnapshotInfo { files } => snapshot_info(&files),
         Command::Demo(args) => std::env::current_exe()
             .map_err(|e| format!("cannot find the smpft binary: {e}"))
             .and_then(|smpft| {

@@ -11,13 +11,15 @@ fn ten_thousand_requests_over_unix_socket_serial() {
     require_kvm();
     let d = scratch("service");
     let sock = d.join("serial.sock");
-    let child = smpft()
-        .args(["run", "--vcpus", "2", "--memory", "64M", "--serial"])
-        .arg(format!("unix:{}", sock.display()))
-        .args(["--guest-args", "service counter"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Proc::new(
+        smpft()
+            .args(["run", "--vcpus", "2", "--memory", "64M", "--serial"])
+            .arg(format!("unix:{}", sock.display()))
+            .args(["--guest-args", "service counter"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut c = ServiceClient::connect(&sock, Duration::from_secs(10));
     const N: u64 = 10_000;
     const WINDOW: u64 = 16;
@@ -59,7 +61,7 @@ fn ten_thousand_requests_over_unix_socket_serial() {
     assert_eq!(c.call("INCR"), "ERR 0 missing or bad request id");
     let (_, v) = reply(&c.call("EXIT 1000001"), "BYE");
     assert_eq!(v, expected);
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     let log = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains(&format!("service: value={expected} ")), "{log}");
@@ -71,12 +73,14 @@ fn a_new_client_replaces_the_old_one_and_state_survives() {
     require_kvm();
     let d = scratch("reconnect");
     let sock = d.join("serial.sock");
-    let mut child = smpft()
-        .args(["run", "--vcpus", "1", "--memory", "32M", "--serial"])
-        .arg(format!("unix:{}", sock.display()))
-        .args(["--guest-args", "service"])
-        .spawn()
-        .unwrap();
+    let child = Proc::new(
+        smpft()
+            .args(["run", "--vcpus", "1", "--memory", "32M", "--serial"])
+            .arg(format!("unix:{}", sock.display()))
+            .args(["--guest-args", "service"])
+            .spawn()
+            .unwrap(),
+    );
     let mut a = ServiceClient::connect(&sock, Duration::from_secs(10));
     assert_eq!(reply(&a.call("INCR 1"), "OK"), (1, 1));
     drop(a);
@@ -85,5 +89,5 @@ fn a_new_client_replaces_the_old_one_and_state_survives() {
     assert_eq!(reply(&b.call("INCR 1"), "OK"), (1, 1));
     assert_eq!(reply(&b.call("INCR 2"), "OK"), (2, 2));
     b.call("EXIT 3");
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(child.wait().code(), Some(0));
 }

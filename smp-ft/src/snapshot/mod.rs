@@ -354,7 +354,7 @@ mod tests {
         let stray = valid(sample(4, Some(99), 1));
         let ok = write_all(&d, &[full.clone(), i1.clone(), i2.clone()]);
         assert_eq!(read_chain(&ok).unwrap().len(), 3);
-        let p = write_all(&d, &[i1.clone()]);
+        let p = write_all(&d, std::slice::from_ref(&i1));
         assert!(matches!(read_chain(&p), Err(SnapshotError::StartsIncremental { .. })));
         let p = write_all(&d, &[full.clone(), i2.clone()]);
         assert!(matches!(read_chain(&p), Err(SnapshotError::Chain { parent: 2, previous: 1, .. })));

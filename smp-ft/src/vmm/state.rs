@@ -30,7 +30,8 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
 /// # Safety
 /// Implementors are `repr(C)` plain data: every bit pattern is a valid value.
 unsafe trait Pod: Copy + Default {}
-// SAFETY (all): bindgen-generated repr(C) structs of integers and arrays of integers.
+// SAFETY: bindgen-generated repr(C) structs of integers and arrays of integers (this and the
+// impls below).
 unsafe impl Pod for kvm_regs {}
 // SAFETY: as above.
 unsafe impl Pod for kvm_sregs {}

@@ -91,3 +91,153 @@ impl ServiceClient {
 pub fn reply(line: &str, kind: &str) -> (u64, u64) {
     smp_ft::client::parse_reply(line, kind).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// A QMP client for tests: negotiates, then sends commands and returns the replies (events are
+/// collected on the side).
+pub struct Qmp {
+    writer: std::os::unix::net::UnixStream,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    pub events: Vec<serde_json::Value>,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path) -> Qmp {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() > deadline => panic!("QMP {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut q = Qmp { reader: std::io::BufReader::new(s.try_clone().unwrap()), writer: s, events: Vec::new() };
+        assert!(q.read()["QMP"].is_object(), "QMP greeting expected");
+        q
+    }
+
+    pub fn negotiated(path: &Path) -> Qmp {
+        let mut q = Qmp::connect(path);
+        assert_eq!(q.execute("qmp_capabilities", None), serde_json::json!({"return": {}}));
+        q
+    }
+
+    fn read(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        assert!(self.reader.read_line(&mut line).unwrap() > 0, "QMP connection closed");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP sent bad JSON {line:?}: {e}"))
+    }
+
+    /// Sends a raw line and returns the next non-event reply.
+    pub fn raw(&mut self, line: &str) -> serde_json::Value {
+        use std::io::Write;
+        self.writer.write_all(line.as_bytes()).unwrap();
+        self.writer.write_all(b"\n").unwrap();
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    pub fn execute(&mut self, cmd: &str, args: Option<serde_json::Value>) -> serde_json::Value {
+        let mut v = serde_json::json!({"execute": cmd});
+        if let Some(a) = args {
+            v["arguments"] = a;
+        }
+        self.raw(&v.to_string())
+    }
+
+    /// Executes a command that must succeed; returns its `return` value.
+    pub fn ok(&mut self, cmd: &str, args: Option<serde_json::Value>) -> serde_json::Value {
+        let r = self.execute(cmd, args);
+        r.get("return").cloned().unwrap_or_else(|| panic!("{cmd} failed: {r}"))
+    }
+
+    /// `stop` then a snapshot to `file`.
+    pub fn stop_and_snapshot(&mut self, file: &Path, incremental: bool) {
+        self.ok("stop", None);
+        self.ok("x-smpft-snapshot", Some(serde_json::json!({"file": file, "incremental": incremental})));
+    }
+}
+
+/// Paths of one smpft process's sockets and console in a scratch directory.
+pub struct VmPaths {
+    pub serial: PathBuf,
+    pub qmp: PathBuf,
+    pub console: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(dir: &Path, name: &str) -> VmPaths {
+        VmPaths {
+            serial: dir.join(format!("{name}.serial")),
+            qmp: dir.join(format!("{name}.qmp")),
+            console: dir.join(format!("{name}.console")),
+        }
+    }
+
+    /// `smpft run` with these paths, plus `extra` arguments.
+    pub fn spawn(&self, extra: &[&str]) -> Proc {
+        Proc::new(
+            smpft()
+                .arg("run")
+                .arg("--serial")
+                .arg(format!("unix:{}", self.serial.display()))
+                .arg("--qmp")
+                .arg(format!("unix:{}", self.qmp.display()))
+                .arg("--console")
+                .arg(&self.console)
+                .args(extra)
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+}
+
+/// A child process that is SIGKILLed if the test ends (or panics) without waiting for it, so no
+/// VM outlives its test.
+pub struct Proc(Option<std::process::Child>);
+
+impl Proc {
+    pub fn new(child: std::process::Child) -> Proc {
+        Proc(Some(child))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, |c| c.id())
+    }
+
+    pub fn sigkill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn wait_with_output(mut self) -> std::process::Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.0.take().unwrap().wait().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+pub fn sigkill(p: &mut Proc) {
+    p.sigkill();
+}
