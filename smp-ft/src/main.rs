@@ -29,6 +29,19 @@ enum Command {
     Run(RunArgs),
     /// Run the built-in test guest and a short scripted session with its service.
     Demo(DemoArgs),
+    /// Create this host's FT identity: a private key (key.pem, mode 0600) and a self-signed
+    /// certificate (cert.pem). Give the certificate, or the fingerprint printed, to the peer.
+    Keygen {
+        /// Directory to write key.pem and cert.pem into (created if missing; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Name in the certificate.
+        #[arg(long, default_value = "smpft")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(i64).range(1..=36500))]
+        days: i64,
+    },
     /// Check a chain of snapshot files (a full one, then its increments) and describe them.
     SnapshotInfo {
         /// Snapshot files, full snapshot first.
@@ -199,6 +212,13 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Run(args) => run(args),
         Command::SnapshotInfo { files } => snapshot_info(&files),
+        Command::Keygen { out, name, days } => transport::identity::Identity::generate_into(&out, &name, days)
+            .map(|fp| {
+                println!("wrote {}/key.pem and {}/cert.pem", out.display(), out.display());
+                println!("fingerprint: {fp}");
+                ExitCode::SUCCESS
+            })
+            .map_err(|e| error_chain(&e)),
         Command::Demo(args) => std::env::current_exe()
             .map_err(|e| format!("cannot find the smpft binary: {e}"))
             .and_then(|smpft| {

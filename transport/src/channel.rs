@@ -1,0 +1,963 @@
+//! The FT logging channel between one primary and one standby, over QUIC with mutual TLS.
+//!
+//! - **Control stream**: one bidirectional stream opened by the primary, carrying framed
+//!   [`Message`]s in order. Both sides start with `Hello` (protocol version, role).
+//! - **Bulk**: a checkpoint is split over up to `bulk_streams` unidirectional streams, each with a
+//!   header (epoch, chunk index and count, length; QUIC's AEAD already authenticates every
+//!   byte, so there is no extra checksum). The sender then announces it on the control stream,
+//!   and the receiver reports
+//!   [`Event::Checkpoint`]s in announcement order, each once all its chunks are in; a
+//!   checkpoint that arrives only in part is never reported.
+//! - **Heartbeats** every `heartbeat` each way. Any traffic from the peer counts as life; after
+//!   `silence_timeout` without any, the channel reports [`Event::PeerSilent`] and closes the
+//!   connection. A channel never comes back after that: when a partition heals, the peers need a
+//!   fresh handshake (the layer above decides whether they should have one).
+//! - **Backpressure**: at most `max_in_flight` bytes of checkpoints may be sent and not yet
+//!   acknowledged (`Message::Ack`); `send_checkpoint` blocks until the budget allows.
+//!
+//! Every protocol violation (bad frame, oversized frame, bad chunk, wrong version, wrong role,
+//! silence during the handshake) is logged once with the peer's address and closes the
+//! connection with an error code.
+
+use crate::frame::{self, Decoder};
+use crate::identity::{tls_client, tls_server, Identity, PeerTrust};
+use crate::message::{Message, Role, ALPN, PROTOCOL_VERSION};
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, VarInt};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+
+/// Close codes.
+pub mod code {
+    pub const NORMAL: u32 = 0;
+    pub const PROTOCOL: u32 = 1;
+    pub const VERSION: u32 = 2;
+    pub const SILENT: u32 = 3;
+    pub const NO_HELLO: u32 = 4;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    Cubic,
+    NewReno,
+    Bbr,
+}
+
+/// Knobs of the channel. The defaults suit a dedicated LAN link: failure noticed within
+/// 300 ms, windows large enough for tens of MiB per checkpoint.
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Silence after which the peer is declared gone.
+    pub silence_timeout: Duration,
+    /// Time allowed for the TLS handshake and the Hello exchange.
+    pub handshake_timeout: Duration,
+    /// Checkpoint bytes sent but not yet acknowledged, at most.
+    pub max_in_flight: u64,
+    /// Streams one checkpoint is spread over.
+    pub bulk_streams: usize,
+    /// Largest control frame accepted.
+    pub max_frame: usize,
+    /// Largest checkpoint accepted.
+    pub max_checkpoint: u64,
+    /// Initial UDP payload size; MTU discovery may raise it up to `max_mtu`. On the hosts this
+    /// was measured on, bigger datagrams made quinn slower (larger receive buffers), so the
+    /// default keeps Ethernet-sized packets; raise both for a jumbo-frame link if it measures
+    /// better there (`cargo bench -p transport`).
+    pub mtu: u16,
+    pub max_mtu: u16,
+    /// Stream and connection receive windows (bytes).
+    pub window: u64,
+    pub congestion: Congestion,
+    /// UDP socket send and receive buffers (bytes). Too small a receive buffer drops packets
+    /// at line rate and makes congestion control back off. As root smpft sets this regardless
+    /// of `net.core.rmem_max`; otherwise the kernel caps it there.
+    pub socket_buffer: usize,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        ChannelConfig {
+            heartbeat: Duration::from_millis(50),
+            silence_timeout: Duration::from_millis(300),
+            handshake_timeout: Duration::from_secs(5),
+            max_in_flight: 256 << 20,
+            bulk_streams: 8,
+            max_frame: 16 << 20,
+            max_checkpoint: 4 << 30,
+            mtu: 1452,
+            max_mtu: 1452,
+            window: 64 << 20,
+            congestion: Congestion::Cubic,
+            socket_buffer: 32 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("cannot bind {addr}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("peer {addr} did not complete the handshake within {timeout:?}")]
+    HandshakeTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("peer {addr} broke the protocol: {reason}")]
+    Protocol { addr: SocketAddr, reason: String },
+    #[error("the channel is closed: {0}")]
+    Closed(String),
+    #[error("checkpoint of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: u64, max: u64 },
+    #[error("cannot start the channel runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// A received checkpoint: the payload as the segments it arrived in (no copy was made to join
+/// them; [`CheckpointData::to_vec`] does that when a contiguous buffer is needed).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CheckpointData {
+    pub segments: Vec<Bytes>,
+}
+
+impl CheckpointData {
+    pub fn len(&self) -> usize {
+        self.segments.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len());
+        for s in &self.segments {
+            v.extend_from_slice(s);
+        }
+        v
+    }
+
+    pub fn crc32(&self) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        for s in &self.segments {
+            h.update(s);
+        }
+        h.finalize()
+    }
+}
+
+/// What the channel reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Message(Message),
+    /// Every chunk of checkpoint `epoch` arrived intact.
+    Checkpoint {
+        epoch: u64,
+        data: CheckpointData,
+    },
+    /// Nothing heard from the peer for `silent_for`; the connection is being closed.
+    PeerSilent {
+        silent_for: Duration,
+    },
+    Closed {
+        reason: String,
+    },
+}
+
+const CHUNK_HEADER: usize = 24;
+const MAX_CHUNKS: u32 = 1024;
+
+fn runtime() -> Result<Arc<tokio::runtime::Runtime>, ChannelError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ft-channel")
+        .enable_all()
+        .build()
+        .map(Arc::new)
+        .map_err(ChannelError::Runtime)
+}
+
+fn transport_config(cfg: &ChannelConfig) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    let window = VarInt::from_u64(cfg.window).unwrap_or(VarInt::MAX);
+    t.stream_receive_window(window)
+        .receive_window(VarInt::from_u64(cfg.window.saturating_mul(2)).unwrap_or(VarInt::MAX))
+        .send_window(cfg.window.saturating_mul(2))
+        .max_concurrent_uni_streams(VarInt::from_u32(4 * MAX_CHUNKS))
+        .max_concurrent_bidi_streams(VarInt::from_u32(4))
+        .initial_mtu(cfg.mtu.max(1200))
+        .keep_alive_interval(Some(cfg.heartbeat))
+        // The channel's own watchdog decides about silence; QUIC's idle timeout is a backstop.
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(cfg.silence_timeout * 4 + Duration::from_secs(1))
+                .unwrap_or(quinn::IdleTimeout::from(VarInt::from_u32(10_000))),
+        ));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(cfg.max_mtu.max(cfg.mtu));
+    t.mtu_discovery_config(Some(mtu));
+    match cfg.congestion {
+        Congestion::Cubic => {
+            let mut c = quinn::congestion::CubicConfig::default();
+            c.initial_window(4 << 20);
+            t.congestion_controller_factory(Arc::new(c));
+        }
+        Congestion::NewReno => {
+            let mut c = quinn::congestion::NewRenoConfig::default();
+            c.initial_window(4 << 20);
+            t.congestion_controller_factory(Arc::new(c));
+        }
+        Congestion::Bbr => {
+            let mut c = quinn::congestion::BbrConfig::default();
+            c.initial_window(4 << 20);
+            t.congestion_controller_factory(Arc::new(c));
+        }
+    }
+    t
+}
+
+fn client_config(id: &Identity, trust: &PeerTrust, cfg: &ChannelConfig) -> Result<quinn::ClientConfig, ChannelError> {
+    let mut c = tls_client(id, trust).map_err(|e| ChannelError::Tls(e.to_string()))?;
+    c.alpn_protocols = vec![ALPN.to_vec()];
+    let q = QuicClientConfig::try_from(c).map_err(|e| ChannelError::Tls(e.to_string()))?;
+    let mut qc = quinn::ClientConfig::new(Arc::new(q));
+    qc.transport_config(Arc::new(transport_config(cfg)));
+    Ok(qc)
+}
+
+fn server_config(id: &Identity, trust: &PeerTrust, cfg: &ChannelConfig) -> Result<quinn::ServerConfig, ChannelError> {
+    let mut c = tls_server(id, trust).map_err(|e| ChannelError::Tls(e.to_string()))?;
+    c.alpn_protocols = vec![ALPN.to_vec()];
+    let q = QuicServerConfig::try_from(c).map_err(|e| ChannelError::Tls(e.to_string()))?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(q));
+    sc.transport_config(Arc::new(transport_config(cfg)));
+    Ok(sc)
+}
+
+/// A UDP socket with large buffers (see [`ChannelConfig::socket_buffer`]).
+fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let sock = std::net::UdpSocket::bind(addr)?;
+    let size = buffer.min(i32::MAX as usize) as libc::c_int;
+    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        for opt in [force, plain] {
+            // SAFETY: setsockopt on a socket we own with a pointer to a c_int and its size.
+            let r = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r == 0 {
+                break;
+            }
+        }
+    }
+    Ok(sock)
+}
+
+fn endpoint(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    cfg: &ChannelConfig,
+) -> Result<Endpoint, ChannelError> {
+    let _g = rt.enter();
+    let sock = udp_socket(addr, cfg.socket_buffer).map_err(|source| ChannelError::Bind { addr, source })?;
+    let mut ec = quinn::EndpointConfig::default();
+    // The largest datagram this endpoint will send or accept: up to the configured MTU.
+    ec.max_udp_payload_size(cfg.max_mtu.max(cfg.mtu).max(1200)).map_err(|e| ChannelError::Tls(e.to_string()))?;
+    Endpoint::new(ec, server, sock, Arc::new(quinn::TokioRuntime)).map_err(|source| ChannelError::Bind { addr, source })
+}
+
+/// Checkpoint bytes in flight, released by acks.
+struct Budget {
+    max: u64,
+    state: Mutex<BudgetState>,
+    cv: Condvar,
+}
+
+struct BudgetState {
+    in_flight: u64,
+    by_epoch: HashMap<u64, u64>,
+    closed: bool,
+}
+
+impl Budget {
+    fn acquire(&self, epoch: u64, len: u64) -> Result<(), ChannelError> {
+        let mut s = self.state.lock();
+        // A checkpoint larger than the whole budget goes alone.
+        while !s.closed && s.in_flight > 0 && s.in_flight + len > self.max {
+            self.cv.wait(&mut s);
+        }
+        if s.closed {
+            return Err(ChannelError::Closed("while waiting for acknowledgements".into()));
+        }
+        s.in_flight += len;
+        *s.by_epoch.entry(epoch).or_default() += len;
+        Ok(())
+    }
+
+    fn release_through(&self, epoch: u64) {
+        let mut s = self.state.lock();
+        let done: Vec<u64> = s.by_epoch.keys().copied().filter(|&e| e <= epoch).collect();
+        for e in done {
+            let n = s.by_epoch.remove(&e).unwrap_or(0);
+            s.in_flight -= n;
+        }
+        self.cv.notify_all();
+    }
+
+    fn close(&self) {
+        self.state.lock().closed = true;
+        self.cv.notify_all();
+    }
+
+    fn in_flight(&self) -> u64 {
+        self.state.lock().in_flight
+    }
+}
+
+/// State shared by a connection's tasks.
+struct Shared {
+    peer: SocketAddr,
+    events: Sender<Event>,
+    last_heard: Mutex<Instant>,
+    closed: AtomicBool,
+    budget: Budget,
+    assembly: Mutex<Assembly>,
+    heartbeat_seq: AtomicU64,
+    max_checkpoint: u64,
+    max_frame: usize,
+}
+
+/// Checkpoints being received: chunks by epoch, and the order the sender announced them in.
+#[derive(Default)]
+struct Assembly {
+    /// Highest epoch announced so far.
+    announced_max: Option<u64>,
+    /// Announced and not yet delivered: (epoch, chunks, bytes), in order.
+    announced: std::collections::VecDeque<(u64, u32, u64)>,
+    partial: HashMap<u64, Partial>,
+    /// Bytes held in `partial`.
+    held: u64,
+}
+
+struct Partial {
+    count: u32,
+    chunks: Vec<Option<Vec<Bytes>>>,
+    received: u32,
+    bytes: u64,
+}
+
+impl Assembly {
+    /// Removes and returns every checkpoint at the head of the announced order that is whole.
+    fn deliverable(&mut self) -> Result<Vec<(u64, CheckpointData)>, String> {
+        let mut out = Vec::new();
+        while let Some(&(epoch, chunks, bytes)) = self.announced.front() {
+            let Some(p) = self.partial.get(&epoch) else { break };
+            if p.received < p.count {
+                break;
+            }
+            let p = self.partial.remove(&epoch).unwrap_or(Partial { count: 0, chunks: vec![], received: 0, bytes: 0 });
+            self.announced.pop_front();
+            self.held -= p.bytes;
+            if p.count != chunks || p.bytes != bytes {
+                return Err(format!(
+                    "checkpoint {epoch} arrived as {} chunks / {} bytes, announced {chunks} / {bytes}",
+                    p.count, p.bytes
+                ));
+            }
+            let segments = p.chunks.into_iter().flatten().flatten().collect();
+            out.push((epoch, CheckpointData { segments }));
+        }
+        Ok(out)
+    }
+}
+
+impl Shared {
+    fn heard(&self) {
+        *self.last_heard.lock() = Instant::now();
+    }
+
+    fn deliver(&self, conn: &Connection) {
+        let ready = self.assembly.lock().deliverable();
+        match ready {
+            Ok(list) => {
+                for (epoch, data) in list {
+                    let _ = self.events.send(Event::Checkpoint { epoch, data });
+                }
+            }
+            Err(e) => self.violation(conn, code::PROTOCOL, &e),
+        }
+    }
+
+    /// Reports a protocol violation once and closes the connection.
+    fn violation(&self, conn: &Connection, code: u32, reason: &str) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            tracing::warn!(peer = %self.peer, code, "closing FT channel: {reason}");
+            conn.close(VarInt::from_u32(code), reason.as_bytes());
+            self.budget.close();
+            let _ = self.events.send(Event::Closed { reason: reason.to_string() });
+        }
+    }
+}
+
+/// One end of an established channel.
+pub struct Channel {
+    rt: Arc<tokio::runtime::Runtime>,
+    endpoint: Endpoint,
+    conn: Connection,
+    shared: Arc<Shared>,
+    control: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    events: Receiver<Event>,
+    peer_hello: Message,
+    bulk_streams: usize,
+}
+
+/// A standby's listening endpoint.
+pub struct Listener {
+    rt: Arc<tokio::runtime::Runtime>,
+    endpoint: Endpoint,
+    cfg: ChannelConfig,
+}
+
+async fn read_hello(recv: &mut quinn::RecvStream, max: usize) -> Result<Message, String> {
+    let mut dec = Decoder::new(max);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if let Some(m) = dec.next_message().map_err(|e| e.to_string())? {
+            return Ok(m);
+        }
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => dec.push(&buf[..n]),
+            Ok(None) => return Err("control stream ended before Hello".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn check_hello(m: &Message, want: Role) -> Result<(), (u32, String)> {
+    match m {
+        Message::Hello { version, role, .. } => {
+            if *version != PROTOCOL_VERSION {
+                return Err((
+                    code::VERSION,
+                    format!("peer speaks protocol version {version}, this side {PROTOCOL_VERSION}"),
+                ));
+            }
+            if *role != want {
+                return Err((code::PROTOCOL, format!("peer is a {role:?}, expected a {want:?}")));
+            }
+            Ok(())
+        }
+        other => Err((code::PROTOCOL, format!("expected Hello, got {}", other.name()))),
+    }
+}
+
+impl Listener {
+    pub fn bind(
+        addr: SocketAddr,
+        id: &Identity,
+        trust: &PeerTrust,
+        cfg: ChannelConfig,
+    ) -> Result<Listener, ChannelError> {
+        let rt = runtime()?;
+        let sc = server_config(id, trust, &cfg)?;
+        let endpoint = endpoint(&rt, addr, Some(sc), &cfg)?;
+        Ok(Listener { rt, endpoint, cfg })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Waits (up to `timeout`, forever if `None`) for a primary that completes the TLS
+    /// handshake and says Hello. Peers that fail either are logged and skipped.
+    pub fn accept(&self, timeout: Option<Duration>, session: u64, meta: Vec<u8>) -> Result<Channel, ChannelError> {
+        let cfg = self.cfg.clone();
+        let endpoint = self.endpoint.clone();
+        let fut = async move {
+            loop {
+                let incoming = endpoint.accept().await.ok_or_else(|| ChannelError::Closed("listener closed".into()))?;
+                let addr = incoming.remote_address();
+                let setup = async {
+                    let conn = incoming.await.map_err(|e| e.to_string())?;
+                    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+                    let hello = read_hello(&mut recv, cfg.max_frame).await?;
+                    Ok::<_, String>((
+                        conn,
+                        send_hello(&mut send, Role::Standby, session, meta.clone())
+                            .await
+                            .map(|()| (send, recv, hello))?,
+                    ))
+                };
+                match tokio::time::timeout(cfg.handshake_timeout, setup).await {
+                    Err(_) => {
+                        tracing::warn!(peer = %addr, "FT peer did not complete the handshake and Hello in {:?}; dropped", cfg.handshake_timeout)
+                    }
+                    Ok(Err(e)) => tracing::warn!(peer = %addr, "FT peer refused: {e}"),
+                    Ok(Ok((conn, (send, recv, hello)))) => {
+                        if let Err((c, reason)) = check_hello(&hello, Role::Primary) {
+                            tracing::warn!(peer = %addr, "FT peer refused: {reason}");
+                            conn.close(VarInt::from_u32(c), reason.as_bytes());
+                            continue;
+                        }
+                        return Ok((conn, send, recv, hello));
+                    }
+                }
+            }
+        };
+        let result = self.rt.block_on(async {
+            match timeout {
+                Some(t) => tokio::time::timeout(t, fut)
+                    .await
+                    .unwrap_or_else(|_| Err(ChannelError::Closed("no primary connected in time".into()))),
+                None => fut.await,
+            }
+        });
+        let (conn, send, recv, hello) = result?;
+        Ok(Channel::start(self.rt.clone(), self.endpoint.clone(), conn, send, recv, hello, &self.cfg))
+    }
+}
+
+async fn send_hello(send: &mut quinn::SendStream, role: Role, session: u64, meta: Vec<u8>) -> Result<(), String> {
+    let hello = Message::Hello { version: PROTOCOL_VERSION, role, session, meta };
+    send.write_all(&frame::encode(&hello)).await.map_err(|e| e.to_string())
+}
+
+impl Channel {
+    /// Connects to a standby at `addr` as the primary.
+    pub fn connect(
+        addr: SocketAddr,
+        id: &Identity,
+        trust: &PeerTrust,
+        cfg: ChannelConfig,
+        session: u64,
+        meta: Vec<u8>,
+    ) -> Result<Channel, ChannelError> {
+        let rt = runtime()?;
+        let cc = client_config(id, trust, &cfg)?;
+        let bind: SocketAddr =
+            if addr.is_ipv6() { "[::]:0".parse().unwrap_or(addr) } else { SocketAddr::from(([0, 0, 0, 0], 0)) };
+        let mut endpoint = endpoint(&rt, bind, None, &cfg)?;
+        endpoint.set_default_client_config(cc);
+        let timeout = cfg.handshake_timeout;
+        let max_frame = cfg.max_frame;
+        let ep = endpoint.clone();
+        let connected = rt.block_on(async move {
+            let setup = async {
+                let conn = ep
+                    .connect(addr, "smpft-peer")
+                    .map_err(|e| ChannelError::Connect { addr, reason: e.to_string() })?
+                    .await
+                    .map_err(|e| ChannelError::Connect { addr, reason: e.to_string() })?;
+                let (mut send, mut recv) =
+                    conn.open_bi().await.map_err(|e| ChannelError::Connect { addr, reason: e.to_string() })?;
+                send_hello(&mut send, Role::Primary, session, meta)
+                    .await
+                    .map_err(|reason| ChannelError::Connect { addr, reason })?;
+                let hello =
+                    read_hello(&mut recv, max_frame).await.map_err(|reason| ChannelError::Connect { addr, reason })?;
+                if let Err((c, reason)) = check_hello(&hello, Role::Standby) {
+                    conn.close(VarInt::from_u32(c), reason.as_bytes());
+                    return Err(ChannelError::Protocol { addr, reason });
+                }
+                Ok((conn, send, recv, hello))
+            };
+            tokio::time::timeout(timeout, setup).await.unwrap_or(Err(ChannelError::HandshakeTimeout { addr, timeout }))
+        });
+        let (conn, send, recv, hello) = connected?;
+        Ok(Channel::start(rt, endpoint, conn, send, recv, hello, &cfg))
+    }
+
+    fn start(
+        rt: Arc<tokio::runtime::Runtime>,
+        endpoint: Endpoint,
+        conn: Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        peer_hello: Message,
+        cfg: &ChannelConfig,
+    ) -> Channel {
+        let (etx, erx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            peer: conn.remote_address(),
+            events: etx,
+            last_heard: Mutex::new(Instant::now()),
+            closed: AtomicBool::new(false),
+            budget: Budget {
+                max: cfg.max_in_flight,
+                state: Mutex::new(BudgetState { in_flight: 0, by_epoch: HashMap::new(), closed: false }),
+                cv: Condvar::new(),
+            },
+            assembly: Mutex::new(Assembly::default()),
+            heartbeat_seq: AtomicU64::new(0),
+            max_checkpoint: cfg.max_checkpoint,
+            max_frame: cfg.max_frame,
+        });
+        let (ctx, crx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        rt.spawn(control_writer(send, crx));
+        rt.spawn(control_reader(recv, conn.clone(), shared.clone()));
+        rt.spawn(bulk_acceptor(conn.clone(), shared.clone()));
+        rt.spawn(heartbeats(ctx.clone(), shared.clone(), cfg.heartbeat));
+        rt.spawn(watchdog(conn.clone(), shared.clone(), cfg.heartbeat, cfg.silence_timeout));
+        rt.spawn(closed_watch(conn.clone(), shared.clone()));
+        Channel {
+            rt,
+            endpoint,
+            conn,
+            shared,
+            control: ctx,
+            events: erx,
+            peer_hello,
+            bulk_streams: cfg.bulk_streams.max(1),
+        }
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.shared.peer
+    }
+
+    /// The peer's Hello (its session id and the layer above's metadata).
+    pub fn peer_hello(&self) -> &Message {
+        &self.peer_hello
+    }
+
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst)
+    }
+
+    /// Queues a control message (in order with all others).
+    pub fn send(&self, m: &Message) -> Result<(), ChannelError> {
+        if self.is_closed() {
+            return Err(ChannelError::Closed("send on a closed channel".into()));
+        }
+        self.control.send(frame::encode(m)).map_err(|_| ChannelError::Closed("control stream gone".into()))
+    }
+
+    /// Bytes of checkpoints sent and not yet acknowledged.
+    pub fn in_flight(&self) -> u64 {
+        self.shared.budget.in_flight()
+    }
+
+    /// Sends checkpoint `epoch` over the bulk streams; blocks while the in-flight budget is
+    /// spent, and until every chunk has been handed to QUIC. `data` is not copied: chunks are
+    /// slices of it.
+    pub fn send_checkpoint(&self, epoch: u64, data: impl Into<Bytes>) -> Result<(), ChannelError> {
+        let data: Bytes = data.into();
+        let len = data.len() as u64;
+        if len > self.shared.max_checkpoint {
+            return Err(ChannelError::TooLarge { len, max: self.shared.max_checkpoint });
+        }
+        self.shared.budget.acquire(epoch, len)?;
+        // Small checkpoints go on one stream; big ones spread out, at least 256 KiB a chunk.
+        let count = (data.len() / (256 << 10)).clamp(1, self.bulk_streams) as u32;
+        let per = data.len().div_ceil(count as usize).max(1);
+        let conn = self.conn.clone();
+        let r = self.rt.block_on(async move {
+            let mut tasks = Vec::new();
+            for index in 0..count {
+                let start = (index as usize * per).min(data.len());
+                let end = ((index as usize + 1) * per).min(data.len());
+                let chunk = data.slice(start..end);
+                let conn = conn.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+                    let mut h = Vec::with_capacity(CHUNK_HEADER);
+                    h.extend_from_slice(&epoch.to_le_bytes());
+                    h.extend_from_slice(&index.to_le_bytes());
+                    h.extend_from_slice(&count.to_le_bytes());
+                    h.extend_from_slice(&(chunk.len() as u64).to_le_bytes());
+                    s.write_all_chunks(&mut [Bytes::from(h), chunk]).await.map_err(|e| e.to_string())?;
+                    s.finish().map_err(|e| e.to_string())?;
+                    Ok::<(), String>(())
+                }));
+            }
+            for t in tasks {
+                t.await.map_err(|e| e.to_string())??;
+            }
+            Ok::<(), String>(())
+        });
+        r.map_err(ChannelError::Closed)?;
+        self.send(&Message::Checkpoint { epoch, chunks: count, bytes: len })
+    }
+
+    /// Closes with a reason: a Goodbye on the control stream, then the QUIC close.
+    pub fn close(&self, code: u32, reason: &str) {
+        let _ = self.send(&Message::Goodbye { code, reason: reason.to_string() });
+        if !self.shared.closed.swap(true, Ordering::SeqCst) {
+            let conn = self.conn.clone();
+            let reason = reason.to_string();
+            self.rt.block_on(async move {
+                // Give the Goodbye a moment to leave before the close frame.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                conn.close(VarInt::from_u32(code), reason.as_bytes());
+            });
+            self.shared.budget.close();
+        }
+        let ep = self.endpoint.clone();
+        self.rt.block_on(async move {
+            let _ = tokio::time::timeout(Duration::from_millis(200), ep.wait_idle()).await;
+        });
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        if !self.is_closed() {
+            self.close(code::NORMAL, "channel dropped");
+        }
+    }
+}
+
+async fn control_writer(mut send: quinn::SendStream, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(frame) = rx.recv().await {
+        if send.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.flush().await;
+}
+
+async fn control_reader(mut recv: quinn::RecvStream, conn: Connection, shared: Arc<Shared>) {
+    let mut dec = Decoder::new(shared.max_frame);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        loop {
+            match dec.next_message() {
+                Ok(None) => break,
+                Ok(Some(m)) => {
+                    match &m {
+                        Message::Heartbeat { .. } => continue,
+                        Message::Hello { .. } => {
+                            shared.violation(&conn, code::PROTOCOL, "Hello after the handshake");
+                            return;
+                        }
+                        Message::Ack { epoch } => shared.budget.release_through(*epoch),
+                        Message::Checkpoint { epoch, chunks, bytes } => {
+                            let ok = {
+                                let mut a = shared.assembly.lock();
+                                if a.announced_max.is_some_and(|m| *epoch <= m) || *chunks == 0 || *chunks > MAX_CHUNKS
+                                {
+                                    false
+                                } else {
+                                    a.announced_max = Some(*epoch);
+                                    a.announced.push_back((*epoch, *chunks, *bytes));
+                                    true
+                                }
+                            };
+                            if !ok {
+                                shared.violation(
+                                    &conn,
+                                    code::PROTOCOL,
+                                    &format!("checkpoint {epoch} announced out of order or malformed"),
+                                );
+                                return;
+                            }
+                            shared.deliver(&conn);
+                            continue;
+                        }
+                        Message::Goodbye { code, reason } => {
+                            tracing::info!(peer = %shared.peer, code, "FT peer said goodbye: {reason}");
+                        }
+                        Message::App { .. } => {}
+                    }
+                    let _ = shared.events.send(Event::Message(m));
+                }
+                Err(e) => {
+                    shared.violation(&conn, code::PROTOCOL, &format!("bad control frame: {e}"));
+                    return;
+                }
+            }
+        }
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => {
+                shared.heard();
+                dec.push(&buf[..n]);
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+async fn bulk_acceptor(conn: Connection, shared: Arc<Shared>) {
+    while let Ok(stream) = conn.accept_uni().await {
+        tokio::spawn(bulk_chunk(stream, conn.clone(), shared.clone()));
+    }
+}
+
+async fn bulk_chunk(mut s: quinn::RecvStream, conn: Connection, shared: Arc<Shared>) {
+    let mut h = [0u8; CHUNK_HEADER];
+    if s.read_exact(&mut h).await.is_err() {
+        return; // the connection went away mid-chunk: the checkpoint stays partial
+    }
+    shared.heard();
+    let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
+    let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap_or_default());
+    let (epoch, index, count, len) = (u64_at(0), u32_at(8), u32_at(12), u64_at(16));
+    if count == 0 || count > MAX_CHUNKS || index >= count || len > shared.max_checkpoint {
+        shared.violation(
+            &conn,
+            code::PROTOCOL,
+            &format!("bad checkpoint chunk header (epoch {epoch}, chunk {index}/{count}, {len} bytes)"),
+        );
+        return;
+    }
+    {
+        let a = shared.assembly.lock();
+        let stale = a.announced_max.is_some_and(|m| epoch <= m) && !a.announced.iter().any(|&(e, ..)| e == epoch);
+        if stale {
+            drop(a);
+            shared.violation(
+                &conn,
+                code::PROTOCOL,
+                &format!("chunk for checkpoint {epoch}, which was already delivered"),
+            );
+            return;
+        }
+    }
+    let mut parts: Vec<Bytes> = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        match s.read_chunk((len - at) as usize, true).await {
+            Ok(Some(c)) => {
+                at += c.bytes.len() as u64;
+                parts.push(c.bytes);
+                shared.heard();
+            }
+            Ok(None) => {
+                shared.violation(&conn, code::PROTOCOL, "checkpoint chunk shorter than its header says");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+    let data = parts;
+    let stored = {
+        let mut a = shared.assembly.lock();
+        let held = a.held;
+        let p = a.partial.entry(epoch).or_insert_with(|| Partial {
+            count,
+            chunks: vec![None; count as usize],
+            received: 0,
+            bytes: 0,
+        });
+        // Partial checkpoints may hold at most two checkpoints' worth of memory.
+        if p.count != count || p.chunks[index as usize].is_some() || held + len > 2 * shared.max_checkpoint {
+            false
+        } else {
+            p.chunks[index as usize] = Some(data);
+            p.received += 1;
+            p.bytes += len;
+            a.held += len;
+            true
+        }
+    };
+    if !stored {
+        shared.violation(
+            &conn,
+            code::PROTOCOL,
+            &format!("inconsistent or duplicate chunk {index} of checkpoint {epoch}"),
+        );
+        return;
+    }
+    shared.deliver(&conn);
+}
+
+async fn heartbeats(ctl: tokio::sync::mpsc::UnboundedSender<Vec<u8>>, shared: Arc<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if shared.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let seq = shared.heartbeat_seq.fetch_add(1, Ordering::Relaxed);
+        if ctl.send(frame::encode(&Message::Heartbeat { seq })).is_err() {
+            return;
+        }
+    }
+}
+
+async fn watchdog(conn: Connection, shared: Arc<Shared>, every: Duration, timeout: Duration) {
+    let mut tick = tokio::time::interval((every / 4).max(Duration::from_millis(1)));
+    loop {
+        tick.tick().await;
+        if shared.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let silent_for = shared.last_heard.lock().elapsed();
+        if silent_for > timeout {
+            tracing::warn!(peer = %shared.peer, "FT peer silent for {silent_for:?}");
+            let _ = shared.events.send(Event::PeerSilent { silent_for });
+            shared.violation(&conn, code::SILENT, "peer silent");
+            return;
+        }
+    }
+}
+
+async fn closed_watch(conn: Connection, shared: Arc<Shared>) {
+    let reason = conn.closed().await;
+    if !shared.closed.swap(true, Ordering::SeqCst) {
+        shared.budget.close();
+        tracing::info!(peer = %shared.peer, "FT channel closed: {reason}");
+        let _ = shared.events.send(Event::Closed { reason: reason.to_string() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_checks_version_role_and_kind() {
+        let hello = |version, role| Message::Hello { version, role, session: 1, meta: vec![] };
+        assert!(check_hello(&hello(PROTOCOL_VERSION, Role::Primary), Role::Primary).is_ok());
+        assert_eq!(check_hello(&hello(2, Role::Primary), Role::Primary).unwrap_err().0, code::VERSION);
+        assert_eq!(check_hello(&hello(PROTOCOL_VERSION, Role::Standby), Role::Primary).unwrap_err().0, code::PROTOCOL);
+        assert_eq!(check_hello(&Message::Heartbeat { seq: 0 }, Role::Primary).unwrap_err().0, code::PROTOCOL);
+    }
+
+    #[test]
+    fn assembly_delivers_in_announced_order_only_when_whole() {
+        let mut a = Assembly::default();
+        let part = |count, chunks: Vec<Option<Vec<Bytes>>>, bytes| Partial {
+            received: chunks.iter().flatten().count() as u32,
+            count,
+            chunks,
+            bytes,
+        };
+        a.announced.push_back((1, 2, 6));
+        a.announced.push_back((2, 1, 3));
+        a.partial.insert(2, part(1, vec![Some(vec![Bytes::from_static(b"two")])], 3));
+        a.partial.insert(1, part(2, vec![Some(vec![Bytes::from_static(b"one")]), None], 3));
+        assert!(a.deliverable().unwrap().is_empty(), "epoch 2 waits for epoch 1");
+        let p = a.partial.get_mut(&1).unwrap();
+        p.chunks[1] = Some(vec![Bytes::from_static(b"ONE")]);
+        p.received = 2;
+        p.bytes = 6;
+        a.held = 9;
+        let out = a.deliverable().unwrap();
+        assert_eq!(
+            out.iter().map(|(e, d)| (*e, d.to_vec())).collect::<Vec<_>>(),
+            vec![(1, b"oneONE".to_vec()), (2, b"two".to_vec())]
+        );
+        assert_eq!(a.held, 0);
+    }
+}

@@ -1,0 +1,8 @@
+pub mod channel;
+pub mod frame;
+pub mod identity;
+pub mod message;
+
+pub use channel::{Channel, ChannelConfig, ChannelError, CheckpointData, Event, Listener};
+pub use identity::{Identity, PeerTrust};
+pub use message::{Message, Role};

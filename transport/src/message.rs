@@ -1,0 +1,46 @@
+//! Messages on the control stream.
+
+/// The protocol version this build speaks (also the ALPN, `smpft/1`).
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const ALPN: &[u8] = b"smpft/1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum Role {
+    Primary,
+    Standby,
+}
+
+/// Everything that travels on the control stream. Checkpoint payloads travel on bulk streams
+/// (see `channel.rs`); only their acknowledgement is a message.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum Message {
+    /// First message each way: who is speaking and what it runs. `meta` is for the layer above
+    /// (VM shape, generation), opaque here.
+    Hello { version: u32, role: Role, session: u64, meta: Vec<u8> },
+    /// Liveness, sent every heartbeat interval each way.
+    Heartbeat { seq: u64 },
+    /// Checkpoint `epoch` was sent as `chunks` bulk streams of `bytes` in all. Announcements
+    /// are in order, and the receiver delivers checkpoints in this order. (Handled by the
+    /// channel; not reported to the layer above.)
+    Checkpoint { epoch: u64, chunks: u32, bytes: u64 },
+    /// The receiver holds all of checkpoint `epoch` (sent by the layer above once it has
+    /// validated it). Releases the sender's in-flight budget for that checkpoint.
+    Ack { epoch: u64 },
+    /// A message of the layer above (the FT protocol), opaque here.
+    App { kind: u16, data: Vec<u8> },
+    /// A reasoned close.
+    Goodbye { code: u32, reason: String },
+}
+
+impl Message {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Heartbeat { .. } => "Heartbeat",
+            Message::Checkpoint { .. } => "Checkpoint",
+            Message::Ack { .. } => "Ack",
+            Message::App { .. } => "App",
+            Message::Goodbye { .. } => "Goodbye",
+        }
+    }
+}
