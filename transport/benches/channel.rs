@@ -171,10 +171,10 @@ fn main() {
     ));
     rows.push(stream_bench("plain TCP", total, pings, |t| t, |t| t));
     println!("\nFT logging channel on loopback: {} MiB bulk, {pings} round trips of {PING} bytes", total >> 20);
-    println!("{:<40} | {:>10} | {:>9} {:>9}", "transport", "GB/s", "RTT p50", "RTT p99");
-    println!("{:-<40}-+-{:-<10}-+-{:-<19}", "", "", "");
+    println!("{:<42} | {:>10} | {:>9} {:>9}", "transport", "GB/s", "RTT p50", "RTT p99");
+    println!("{:-<42}-+-{:-<10}-+-{:-<19}", "", "", "");
     for r in &rows {
-        println!("{:<40} | {:>10.2} | {:>9.1} {:>9.1}", r.name, r.gbps, r.p50, r.p99);
+        println!("{:<42} | {:>10.2} | {:>9.1} {:>9.1}", r.name, r.gbps, r.p50, r.p99);
     }
     let tls = rows[2].gbps;
     println!(
