@@ -3,3 +3,4 @@
 //! crashes, acknowledgements and timeouts can be tested directly.
 
 pub mod protocol;
+pub mod tiebreak;
