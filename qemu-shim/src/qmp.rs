@@ -29,6 +29,12 @@ pub enum Command {
         file: PathBuf,
         incremental: bool,
     },
+    /// `x-smpft-query-ft`: the fault-tolerance role, state and figures.
+    QueryFt,
+    /// `x-smpft-protect`: attach a standby at `peer` (host:port) to this unprotected VM.
+    Protect {
+        peer: String,
+    },
 }
 
 /// QMP error classes (as QEMU names them).
@@ -366,6 +372,17 @@ pub fn parse_command(v: &Value, negotiated: bool) -> Result<Option<Command>, Qmp
             };
             Ok(Some(Command::Snapshot { file, incremental }))
         }
+        "x-smpft-query-ft" => no_args(Command::QueryFt),
+        "x-smpft-protect" => {
+            if let Some(k) = args.keys().find(|k| k.as_str() != "peer") {
+                return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+            }
+            match args.get("peer") {
+                Some(Value::String(p)) if !p.is_empty() => Ok(Some(Command::Protect { peer: p.clone() })),
+                Some(_) => Err(QmpError::generic("Invalid parameter type for 'peer', expected: string")),
+                None => Err(QmpError::generic("Parameter 'peer' is missing")),
+            }
+        }
         other => Err(QmpError {
             class: ErrorClass::CommandNotFound,
             desc: format!("The command {other} has not been found"),
@@ -406,6 +423,14 @@ mod tests {
         assert!(cmd(r#"[1,2]"#, true).is_err());
         assert!(cmd(r#"{"arguments":{}}"#, true).is_err());
         assert!(cmd(r#"{"execute":"stop","bogus":1}"#, true).is_err());
+        assert_eq!(cmd(r#"{"execute":"x-smpft-query-ft"}"#, true), Ok(Some(Command::QueryFt)));
+        assert_eq!(
+            cmd(r#"{"execute":"x-smpft-protect","arguments":{"peer":"10.0.0.2:7400"}}"#, true),
+            Ok(Some(Command::Protect { peer: "10.0.0.2:7400".into() }))
+        );
+        assert!(cmd(r#"{"execute":"x-smpft-protect","arguments":{}}"#, true).is_err());
+        assert!(cmd(r#"{"execute":"x-smpft-protect","arguments":{"peer":7}}"#, true).is_err());
+        assert!(cmd(r#"{"execute":"x-smpft-protect","arguments":{"peer":"a:1","x":1}}"#, true).is_err());
     }
 
     #[test]

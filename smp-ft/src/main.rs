@@ -1,15 +1,22 @@
 //! `smpft`: the command line.
 
 use clap::{Parser, Subcommand};
+use smp_ft::ft::primary::PrimaryFt;
+use smp_ft::ft::standby::{StandbyEnd, StandbyOptions, StandbyRunner};
+use smp_ft::ft::FtOptions;
 use smp_ft::guest;
 use smp_ft::runner::{error_chain, Outcome, Runner};
 use smp_ft::snapshot;
-use smp_ft::units::parse_size;
+use smp_ft::units::{parse_duration, parse_size};
 use smp_ft::vmm::devices::serial::SerialSpec;
 use smp_ft::vmm::{Vm, VmConfig, VmEvent};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Exit status of a copy that lost the tie-breaker (the other copy runs the VM).
+const EXIT_HALTED: u8 = 75;
 
 /// smpft keeps a KVM virtual machine running through the loss of its host: it is the VMM for
 /// one VM and protects it with a live standby copy on a second host.
@@ -25,8 +32,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a VM (unprotected). Exits with the guest's exit status.
+    /// Run a VM, protected by a standby when --ft-peer is given. Exits with the guest's exit
+    /// status, 128+N after signal N, or 75 if this copy lost the FT tie-breaker.
     Run(RunArgs),
+    /// Keep a live standby copy of a VM that `smpft run --ft-peer` protects, and take it over
+    /// if that primary fails. Runs the VM (as `run` would) only after winning the tie-breaker.
+    Standby(StandbyArgs),
     /// Run the built-in test guest and a short scripted session with its service.
     Demo(DemoArgs),
     /// Create this host's FT identity: a private key (key.pem, mode 0600) and a self-signed
@@ -58,6 +69,112 @@ struct DemoArgs {
     /// INCR requests to send.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     requests: u64,
+}
+
+/// Fault tolerance: how the two copies find, trust and arbitrate between each other.
+#[derive(clap::Args, Clone)]
+struct FtArgs {
+    /// This host's FT identity: a directory with key.pem and cert.pem (see `smpft keygen`).
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
+    /// The peer's certificate (a PEM file) or its fingerprint (sha256:HEX). Only that peer is
+    /// accepted, in both directions.
+    #[arg(long, value_name = "FILE|sha256:HEX")]
+    peer_cert: Option<String>,
+    /// The tie-breaker: a file on storage both hosts share (a local or NFS path). Whichever
+    /// copy wants to run alone must first win it; the loser halts.
+    #[arg(long, value_name = "PATH")]
+    tiebreak: Option<PathBuf>,
+    /// Checkpoint interval.
+    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    ft_interval: Duration,
+    /// Shortest gap between checkpoints when output is waiting to be released.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    ft_min_gap: Duration,
+    /// Silence after which the peer is declared failed.
+    #[arg(long, default_value = "150ms", value_parser = parse_duration)]
+    ft_timeout: Duration,
+    /// Heartbeat interval on the FT channel.
+    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    ft_heartbeat: Duration,
+    /// This copy's name in the tie-breaker record (default: host name and process id).
+    #[arg(long)]
+    ft_owner: Option<String>,
+}
+
+impl FtArgs {
+    fn given(&self) -> bool {
+        self.identity.is_some() || self.peer_cert.is_some() || self.tiebreak.is_some()
+    }
+
+    fn options(&self) -> Result<FtOptions, String> {
+        let missing: Vec<&str> = [
+            (self.identity.is_none(), "--identity"),
+            (self.peer_cert.is_none(), "--peer-cert"),
+            (self.tiebreak.is_none(), "--tiebreak"),
+        ]
+        .iter()
+        .filter_map(|(m, n)| m.then_some(*n))
+        .collect();
+        if !missing.is_empty() {
+            return Err(format!("fault tolerance needs {}", missing.join(", ")));
+        }
+        if self.ft_heartbeat.is_zero() || self.ft_timeout <= self.ft_heartbeat * 2 {
+            return Err(format!(
+                "--ft-timeout ({:?}) must exceed twice --ft-heartbeat ({:?}), which must be above zero",
+                self.ft_timeout, self.ft_heartbeat
+            ));
+        }
+        if self.ft_interval.is_zero() {
+            return Err("--ft-interval must be above zero".into());
+        }
+        let identity = transport::Identity::load(self.identity.as_deref().unwrap_or_else(|| std::path::Path::new("")))
+            .map_err(|e| error_chain(&e))?;
+        let trust = transport::PeerTrust::parse(self.peer_cert.as_deref().unwrap_or_default())
+            .map_err(|e| format!("--peer-cert: {}", error_chain(&e)))?;
+        let channel = transport::ChannelConfig {
+            heartbeat: self.ft_heartbeat,
+            silence_timeout: self.ft_timeout,
+            ..Default::default()
+        };
+        Ok(FtOptions {
+            identity,
+            trust,
+            tiebreak: self.tiebreak.clone().unwrap_or_default(),
+            owner: self.ft_owner.clone().unwrap_or_else(smp_ft::ft::default_owner),
+            interval: self.ft_interval,
+            min_gap: self.ft_min_gap,
+            claim_timeout: Duration::from_secs(2),
+            channel,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct StandbyArgs {
+    /// Where to wait for the primary (UDP), e.g. 0.0.0.0:7400.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: std::net::SocketAddr,
+    /// vCPUs of the protected VM (must match the primary's).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    vcpus: u32,
+    /// Memory of the protected VM (must match the primary's).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    memory: u64,
+    /// Where COM1 goes once this copy is live (as for `run`).
+    #[arg(long, default_value = "stdio")]
+    serial: SerialSpec,
+    /// Write the guest's log to this file once live.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Serve QMP on this unix socket, before and after going live.
+    #[arg(long, value_name = "unix:PATH")]
+    qmp: Option<String>,
+    /// The KVM device to use once live.
+    #[arg(long, default_value = smp_ft::vmm::DEFAULT_KVM_DEVICE)]
+    kvm_device: PathBuf,
+    #[command(flatten)]
+    ft: FtArgs,
 }
 
 #[derive(clap::Args)]
@@ -96,6 +213,12 @@ struct RunArgs {
     /// The KVM device to use.
     #[arg(long, default_value = smp_ft::vmm::DEFAULT_KVM_DEVICE)]
     kvm_device: PathBuf,
+    /// Protect the VM with the standby (`smpft standby`) at this address (host:port). Until
+    /// it answers, and whenever it is lost, the VM runs unprotected and smpft keeps trying.
+    #[arg(long, value_name = "HOST:PORT")]
+    ft_peer: Option<String>,
+    #[command(flatten)]
+    ft: FtArgs,
 }
 
 fn init_logging(filter: &str) -> Result<(), String> {
@@ -162,24 +285,104 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         kvm_device: args.kvm_device,
     };
     let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose().map_err(|e| e.to_string())?;
+    let ft = if args.ft.given() || args.ft_peer.is_some() { Some(args.ft.options()?) } else { None };
+    let peer = match &args.ft_peer {
+        None => None,
+        Some(p) => Some(resolve(p).map_err(|e| format!("--ft-peer: {e}"))?),
+    };
     block_termination_signals();
     let vm = match &chain {
         None => Vm::create(config).map_err(|e| error_chain(&e))?,
         Some(chain) => Vm::restore(config, chain).map_err(|e| error_chain(&e))?,
     };
-    let qmp = match &qmp_path {
-        Some(p) => Some(
-            qemu_shim::qmp::QmpServer::bind(p, concat!("smpft ", env!("CARGO_PKG_VERSION")))
-                .map_err(|e| error_chain(&e))?,
-        ),
+    let qmp = bind_qmp(qmp_path.as_deref())?;
+    let running = vm.start().map_err(|e| error_chain(&e))?;
+    let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
+    forward_signals(sig_tx);
+    relay_signals(sig_rx, running.event_sender());
+    let ft = match ft {
+        Some(opts) => Some(PrimaryFt::new(opts, &running, peer, None)?),
         None => None,
     };
-    let running = vm.start().map_err(|e| error_chain(&e))?;
-    forward_signals(running.event_sender());
-    match Runner::new(running, qmp).run()? {
+    serve(Runner::new(running, qmp, ft))
+}
+
+type Qmp = Option<(qemu_shim::qmp::QmpServer, crossbeam_channel::Receiver<qemu_shim::qmp::Request>)>;
+
+fn bind_qmp(path: Option<&std::path::Path>) -> Result<Qmp, String> {
+    path.map(|p| {
+        qemu_shim::qmp::QmpServer::bind(p, concat!("smpft ", env!("CARGO_PKG_VERSION"))).map_err(|e| error_chain(&e))
+    })
+    .transpose()
+}
+
+fn resolve(addr: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map_err(|e| format!("'{addr}' is not a host:port address: {e}"))?
+        .next()
+        .ok_or_else(|| format!("'{addr}' resolves to no address"))
+}
+
+/// Passes the signals `forward_signals` catches on to `to`.
+fn relay_signals(from: crossbeam_channel::Receiver<VmEvent>, to: crossbeam_channel::Sender<VmEvent>) {
+    std::thread::Builder::new()
+        .name("signal-relay".into())
+        .spawn(move || {
+            for ev in from {
+                if to.send(ev).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawn signal relay thread");
+}
+
+fn serve(runner: Runner) -> Result<ExitCode, String> {
+    match runner.run()? {
         Outcome::GuestExit(status) => Ok(ExitCode::from(status.min(255) as u8)),
         Outcome::Quit => Ok(ExitCode::SUCCESS),
         Outcome::Signal(sig) => Ok(ExitCode::from(128 + sig as u8)),
+        Outcome::Halted => Ok(ExitCode::from(EXIT_HALTED)),
+    }
+}
+
+fn standby(args: StandbyArgs) -> Result<ExitCode, String> {
+    let ft = args.ft.options()?;
+    let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose().map_err(|e| e.to_string())?;
+    // Check KVM now rather than at the moment of failover.
+    smp_ft::vmm::open_kvm(&args.kvm_device).map_err(|e| error_chain(&e))?;
+    let config = VmConfig {
+        vcpus: args.vcpus,
+        memory: args.memory,
+        guest: Arc::from(Vec::new()),
+        guest_name: "(standby)".into(),
+        guest_args: String::new(),
+        serial: args.serial,
+        console: args.console,
+        kvm_device: args.kvm_device,
+    };
+    let opts = StandbyOptions { ft: ft.clone(), listen: args.listen, config };
+    block_termination_signals();
+    let qmp = bind_qmp(qmp_path.as_deref())?;
+    let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
+    forward_signals(sig_tx);
+    let end = StandbyRunner::new(&opts, qmp.as_ref().map(|(_, rx)| rx.clone()), sig_rx.clone())?.run()?;
+    match end {
+        StandbyEnd::Live { vm, generation, epoch } => {
+            let running = vm.start().map_err(|e| error_chain(&e))?;
+            relay_signals(sig_rx, running.event_sender());
+            tracing::info!(
+                epoch,
+                generation,
+                "VM running (live after failover); protect it again with QMP x-smpft-protect"
+            );
+            let ft = PrimaryFt::new(ft, &running, None, Some(generation))?;
+            serve(Runner::new(running, qmp, Some(ft)))
+        }
+        StandbyEnd::PrimaryEnded(_) | StandbyEnd::Quit => Ok(ExitCode::SUCCESS),
+        StandbyEnd::Halted => Ok(ExitCode::from(EXIT_HALTED)),
+        StandbyEnd::Signal(sig) => Ok(ExitCode::from(128 + sig as u8)),
     }
 }
 
@@ -211,6 +414,7 @@ fn main() -> ExitCode {
     }
     let r = match cli.command {
         Command::Run(args) => run(args),
+        Command::Standby(args) => standby(args),
         Command::SnapshotInfo { files } => snapshot_info(&files),
         Command::Keygen { out, name, days } => transport::identity::Identity::generate_into(&out, &name, days)
             .map(|fp| {

@@ -1,10 +1,12 @@
 //! The thread that owns a running VM: it takes VM events (guest exit, vCPU failure, signals) and
 //! QMP requests, one at a time, and decides what happens. Nothing else touches the VM.
 
+use crate::ft::primary::{Flow, PrimaryFt};
 use crate::snapshot::Kind;
 use crate::vmm::{RunningVm, VmEvent};
 use qemu_shim::qmp::{Command, QmpError, QmpServer, Request};
 use serde_json::{json, Value};
+use std::time::Instant;
 
 /// How a VM's life ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,16 +17,23 @@ pub enum Outcome {
     Quit,
     /// The host sent this signal.
     Signal(i32),
+    /// This copy lost the FT tie-breaker: the other copy runs the VM.
+    Halted,
 }
 
 pub struct Runner {
     vm: RunningVm,
     qmp: Option<(QmpServer, crossbeam_channel::Receiver<Request>)>,
+    ft: Option<PrimaryFt>,
 }
 
 impl Runner {
-    pub fn new(vm: RunningVm, qmp: Option<(QmpServer, crossbeam_channel::Receiver<Request>)>) -> Self {
-        Runner { vm, qmp }
+    pub fn new(
+        vm: RunningVm,
+        qmp: Option<(QmpServer, crossbeam_channel::Receiver<Request>)>,
+        ft: Option<PrimaryFt>,
+    ) -> Self {
+        Runner { vm, qmp, ft }
     }
 
     fn emit(&self, event: &str, data: Option<Value>) {
@@ -34,11 +43,31 @@ impl Runner {
     }
 
     /// Runs until the VM ends; then stops it, joins its threads and closes the QMP server.
-    pub fn run(self) -> Result<Outcome, String> {
+    pub fn run(mut self) -> Result<Outcome, String> {
         let never = crossbeam_channel::never();
         let requests = self.qmp.as_ref().map_or(&never, |(_, rx)| rx).clone();
         let outcome = loop {
+            let (ft_events, ft_inputs, ft_wake) = match &self.ft {
+                Some(ft) => ft.receivers(),
+                None => (crossbeam_channel::never(), crossbeam_channel::never(), crossbeam_channel::never()),
+            };
+            let timeout = self.ft.as_ref().map_or(std::time::Duration::from_secs(3600), |ft| {
+                ft.next_deadline().saturating_duration_since(Instant::now())
+            });
+            let mut flow = Flow::Continue;
             crossbeam_channel::select! {
+                recv(ft_events) -> ev => {
+                    if let (Ok(ev), Some(ft)) = (ev, &mut self.ft) {
+                        flow = ft.on_channel(&self.vm, ev);
+                    }
+                }
+                recv(ft_inputs) -> input => {
+                    if let (Ok(input), Some(ft)) = (input, &mut self.ft) {
+                        flow = ft.on_input(&self.vm, input);
+                    }
+                }
+                recv(ft_wake) -> _ => {}
+                default(timeout) => {}
                 recv(self.vm.events()) -> ev => match ev {
                     Ok(VmEvent::GuestExit(status)) => {
                         tracing::info!(status, "guest exited");
@@ -64,8 +93,25 @@ impl Runner {
                     }
                 }
             }
+            if flow == Flow::Continue {
+                if let Some(ft) = &mut self.ft {
+                    flow = ft.tick(&self.vm);
+                }
+            }
+            if flow == Flow::Halt {
+                self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "ft-tie-breaker-lost"})));
+                break Ok(Outcome::Halted);
+            }
         };
-        let Runner { vm, qmp } = self;
+        if let Some(ft) = &mut self.ft {
+            match &outcome {
+                Ok(Outcome::Halted) => ft.halt(),
+                Ok(o) => ft.finish(&self.vm, &format!("{o:?}")),
+                Err(e) => ft.finish(&self.vm, e),
+            }
+        }
+        let Runner { vm, qmp, ft } = self;
+        drop(ft);
         let stopped = vm.shutdown().map_err(|e| e.to_string());
         if let Some((server, _)) = qmp {
             server.stop();
@@ -74,7 +120,8 @@ impl Runner {
         outcome
     }
 
-    fn execute(&self, command: &Command) -> Result<Value, QmpError> {
+    fn execute(&mut self, command: &Command) -> Result<Value, QmpError> {
+        let ft_active = self.ft.as_ref().is_some_and(|ft| ft.is_active());
         match command {
             Command::QueryStatus => {
                 let paused = self.vm.is_paused();
@@ -97,6 +144,9 @@ impl Runner {
                 Ok(json!({}))
             }
             Command::Quit => Ok(json!({})),
+            Command::Snapshot { .. } if ft_active => Err(QmpError::generic(
+                "the VM is protected by FT, whose checkpoints consume the dirty-page log; snapshots are refused until it is unprotected",
+            )),
             Command::Snapshot { file, incremental } => {
                 let kind = if *incremental { Kind::Incremental } else { Kind::Full };
                 let (bytes, t) =
@@ -107,6 +157,16 @@ impl Runner {
                     "pause-us": t.total().as_micros() as u64,
                 }))
             }
+            Command::QueryFt => Ok(match &self.ft {
+                Some(ft) => ft.query(&self.vm),
+                None => json!({"role": "primary", "state": "unprotected", "configured": false}),
+            }),
+            Command::Protect { peer } => match &mut self.ft {
+                Some(ft) => ft.protect(peer).map(|()| json!({})).map_err(QmpError::generic),
+                None => Err(QmpError::generic(
+                    "FT is not configured for this VM: start it with --identity, --peer-cert and --tiebreak",
+                )),
+            },
         }
     }
 }

@@ -1,6 +1,44 @@
 //! The fault-tolerance engine. `protocol` is its core: the primary and standby roles as pure
 //! state machines (events in, actions out; no sockets, clocks or KVM), so every ordering of
-//! crashes, acknowledgements and timeouts can be tested directly.
+//! crashes, acknowledgements and timeouts can be tested directly. `primary` and `standby` drive
+//! them with the VM, the logging channel (`transport`) and the tie-breaker.
 
+pub mod primary;
 pub mod protocol;
+pub mod standby;
+pub mod stats;
 pub mod tiebreak;
+pub mod wire;
+
+use std::path::PathBuf;
+use std::time::Duration;
+use transport::{ChannelConfig, Identity, PeerTrust};
+
+/// Goodbye codes between the FT peers (above the channel's own).
+pub const GOODBYE_VM_ENDED: u32 = 100;
+pub const GOODBYE_HALTED: u32 = 101;
+
+/// Settings shared by both roles.
+#[derive(Clone)]
+pub struct FtOptions {
+    pub identity: Identity,
+    pub trust: PeerTrust,
+    /// The tie-breaker record on shared storage.
+    pub tiebreak: PathBuf,
+    /// This side's name in the tie-breaker record and in the peer's logs.
+    pub owner: String,
+    /// Checkpoint interval.
+    pub interval: Duration,
+    /// Shortest gap between checkpoints when output is waiting.
+    pub min_gap: Duration,
+    /// How long a tie-breaker claim may wait for the lock.
+    pub claim_timeout: Duration,
+    pub channel: ChannelConfig,
+}
+
+/// The default owner name: host name and process id.
+pub fn default_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!("{}:{}", if host.is_empty() { "host" } else { host }, std::process::id())
+}

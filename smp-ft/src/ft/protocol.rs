@@ -10,17 +10,19 @@
 //! (a lock with a generation number on shared storage). The loser halts and releases nothing.
 //! So exactly one copy runs live, and every output a client saw is reflected in its state.
 
-/// An epoch (checkpoint) number. Epoch 0 is the initial synchronisation.
+/// An epoch (checkpoint) number. The first is the synchronising checkpoint that ends the
+/// initial copy.
 pub type Epoch = u64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrimaryState {
     /// No standby: output flows at once.
     Unprotected,
-    /// A standby is receiving the initial copy; output still flows at once (nothing survives
-    /// the primary yet).
+    /// A standby is receiving the initial (pre-)copy; output still flows at once (nothing
+    /// survives the primary yet).
     Syncing,
-    /// Checkpoints flow; output is held until acknowledged.
+    /// The synchronising checkpoint was sent (not necessarily acknowledged yet: see
+    /// [`Primary::acked`]) and checkpoints flow; output is held until acknowledged.
     Protected,
     /// The standby went silent; asking the tie-breaker. Output stays held.
     Arbitrating,
@@ -32,8 +34,12 @@ pub enum PrimaryState {
 pub enum PrimaryEvent {
     /// A standby connected and wants the initial copy.
     StandbyAttached,
-    /// The initial copy (checkpoint 0) is complete and acknowledged.
-    SyncAcked,
+    /// The synchronising checkpoint `epoch` (numbered after the pre-copy rounds; it holds the
+    /// whole VM) was captured and is on its way. From here on the standby may hold a complete
+    /// copy at any moment, so output is held and silence means arbitration.
+    SyncSent {
+        epoch: Epoch,
+    },
     /// Time for a checkpoint (the epoch timer, or early because output is waiting).
     EpochTimer,
     /// The guest produced `id` (an opaque handle to held bytes/frames) in the current epoch.
@@ -125,10 +131,10 @@ impl Primary {
                 self.state = S::Syncing;
                 vec![A::StartSync]
             }
-            (S::Syncing, E::SyncAcked) => {
+            (S::Syncing, E::SyncSent { epoch }) => {
                 self.state = S::Protected;
-                self.acked = Some(0);
-                self.epoch = 1;
+                self.acked = None;
+                self.epoch = epoch + 1;
                 vec![]
             }
             (S::Unprotected | S::Syncing, E::Output { id }) => vec![A::Release { ids: vec![id] }],
@@ -268,6 +274,10 @@ impl Standby {
         self.acked
     }
 
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn handle(&mut self, event: StandbyEvent) -> Vec<StandbyAction> {
         use StandbyAction as A;
         use StandbyEvent as E;
@@ -279,9 +289,8 @@ impl Standby {
                     return vec![A::Discard { epoch }];
                 }
                 self.acked = Some(epoch);
-                if self.state == S::Syncing && epoch == 0 {
-                    self.state = S::Standby;
-                }
+                // The first complete checkpoint (the synchronising one) makes a whole VM.
+                self.state = S::Standby;
                 vec![A::Ack { epoch }, A::Apply { epoch }]
             }
             (_, E::Applied { epoch }) => {

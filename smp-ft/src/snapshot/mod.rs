@@ -149,6 +149,58 @@ impl RunningVm {
         Ok((snap, t))
     }
 
+    /// One FT checkpoint: pauses the vCPUs, runs `on_paused` (which seals the output of the
+    /// epoch being closed), captures the pages dirtied since the previous harvest and the whole
+    /// machine state, and resumes.
+    pub fn checkpoint(
+        &self,
+        on_paused: impl FnOnce(),
+    ) -> Result<(MemoryPages, crate::ft::wire::MachineState, PauseTimings), SnapshotError> {
+        let was_paused = self.is_paused();
+        let mut t = PauseTimings::default();
+        let t0 = Instant::now();
+        if !was_paused {
+            self.pause()?;
+        }
+        on_paused();
+        t.stop = t0.elapsed();
+        let result = self.capture_paused(Kind::Incremental, &mut t);
+        let t4 = Instant::now();
+        if !was_paused {
+            self.resume();
+        }
+        t.resume = t4.elapsed();
+        let s = result?;
+        // The dirty bits went to the standby: an increment on an earlier snapshot would miss them.
+        *self.chain.lock() = None;
+        Ok((s.memory, crate::ft::wire::MachineState { cpus: s.cpus, vm: s.vm, serial: s.serial }, t))
+    }
+
+    /// A pre-copy round, with the VM running: the pages dirtied since the previous harvest, or
+    /// (`all`) every non-zero page, with the dirty log reset first.
+    pub fn copy_running(&self, all: bool) -> Result<MemoryPages, SnapshotError> {
+        let vm = self.vm.as_ref().ok_or(VmError::ExitTimeout(Duration::ZERO))?;
+        let mut dirty = self.dirty.lock();
+        dirty.harvest(vm, &self.memory).map_err(VmError::from)?;
+        let pages = dirty.take();
+        *self.chain.lock() = None;
+        let mut memory = MemoryPages::default();
+        if all {
+            copy_pages(&self.memory, None, &mut memory)?;
+        } else {
+            copy_pages(&self.memory, Some(&pages), &mut memory)?;
+        }
+        Ok(memory)
+    }
+
+    /// Pages dirtied since the last harvest, without taking them.
+    pub fn dirty_pending(&self) -> Result<u64, SnapshotError> {
+        let vm = self.vm.as_ref().ok_or(VmError::ExitTimeout(Duration::ZERO))?;
+        let mut dirty = self.dirty.lock();
+        dirty.harvest(vm, &self.memory).map_err(VmError::from)?;
+        Ok(dirty.pending())
+    }
+
     fn capture_paused(&self, kind: Kind, t: &mut PauseTimings) -> Result<Snapshot, SnapshotError> {
         let vm = self.vm.as_ref().ok_or(VmError::ExitTimeout(Duration::ZERO))?;
         let mut dirty = self.dirty.lock();
@@ -303,7 +355,7 @@ impl Vm {
                 got: format!("{} vCPUs and {} MiB", config.vcpus, config.memory >> 20),
             });
         }
-        let vm = Vm::from_state(config, |mem, fds, vm, devices, caps| {
+        let vm = Vm::from_state(config, None, |mem, fds, vm, devices, caps| {
             apply_memory(chain, mem)?;
             for (fd, state) in fds.iter().zip(&last.cpus) {
                 state.restore(&fd.lock(), caps)?;

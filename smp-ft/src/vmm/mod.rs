@@ -14,6 +14,7 @@ pub mod vcpu;
 
 use control::{PauseError, VcpuControl};
 use crossbeam_channel::{Receiver, Sender};
+use devices::gate::OutputGate;
 use devices::serial::{SerialBackend, SerialDevice, SerialError, SerialSpec};
 use devices::{Console, Devices};
 use dirty::DirtyLog;
@@ -180,7 +181,8 @@ pub enum VmEvent {
 }
 
 /// Creates the VM, memory (with dirty logging), devices and vCPUs (with CPUID set).
-fn build(config: &VmConfig) -> Result<Parts, VmError> {
+/// `memory`, when given, is used as the guest's memory as it is (a standby's copy).
+fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>) -> Result<Parts, VmError> {
     check_memory(config.memory)?;
     let kvm = open_kvm(&config.kvm_device)?;
     let max = max_vcpus(&kvm);
@@ -199,7 +201,17 @@ fn build(config: &VmConfig) -> Result<Parts, VmError> {
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
 
-    let memory = Arc::new(GuestMemory::new(config.memory)?);
+    let memory = match memory {
+        Some(m) if m.size() == config.memory => m,
+        Some(m) => {
+            return Err(VmError::MemoryTooLarge {
+                asked: m.size() >> 20,
+                limit: config.memory >> 20,
+                why: "the VM's size",
+            })
+        }
+        None => Arc::new(GuestMemory::new(config.memory)?),
+    };
     DirtyLog::enable_manual_protect(&vm)?;
     let region = kvm_userspace_memory_region {
         slot: 0,
@@ -215,7 +227,8 @@ fn build(config: &VmConfig) -> Result<Parts, VmError> {
 
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(SerialError::Event(e)))?;
     vm.register_irqfd(&irq, COM1_IRQ).map_err(kvm_err("connect serial interrupt"))?;
-    let devices = Arc::new(Devices::new(SerialDevice::new(irq)?, console));
+    let gate = OutputGate::new();
+    let devices = Arc::new(Devices::new(SerialDevice::new(irq, gate.clone())?, gate, console));
 
     vcpu::register_kick_handler().map_err(|e| VmError::Kvm { what: "install vCPU kick signal handler", source: e })?;
     let kick = SignalKick::new(config.vcpus as usize);
@@ -250,7 +263,7 @@ impl Vm {
                 guest: config.guest_name.clone(),
             });
         }
-        let parts = build(&config)?;
+        let parts = build(&config, None)?;
         let memory = &parts.memory;
         boot::write_tables(memory, config.vcpus)?;
         image.load(&config.guest, memory).map_err(image_err)?;
@@ -298,9 +311,10 @@ impl Vm {
     /// Builds a VM in the state a validated snapshot chain describes (see `crate::snapshot`).
     pub(crate) fn from_state(
         config: VmConfig,
+        memory: Option<Arc<GuestMemory>>,
         load: impl FnOnce(&GuestMemory, &[Arc<Mutex<VcpuFd>>], &VmFd, &Devices, &StateCaps) -> Result<(), VmError>,
     ) -> Result<Vm, VmError> {
-        let parts = build(&config)?;
+        let parts = build(&config, memory)?;
         load(&parts.memory, &parts.vcpu_fds, &parts.vm, &parts.devices, &parts.caps)?;
         tracing::info!(vcpus = config.vcpus, memory_mib = config.memory >> 20, "VM restored");
         Ok(Vm::assemble(config, parts))

@@ -6,7 +6,8 @@ use super::*;
 fn protected() -> Primary {
     let mut p = Primary::new(0);
     assert_eq!(p.handle(PrimaryEvent::StandbyAttached), vec![PrimaryAction::StartSync]);
-    p.handle(PrimaryEvent::SyncAcked);
+    p.handle(PrimaryEvent::SyncSent { epoch: 0 });
+    p.handle(PrimaryEvent::Acked { epoch: 0 });
     assert_eq!(p.state(), PrimaryState::Protected);
     p
 }
@@ -98,6 +99,23 @@ fn standby_dying_during_sync_leaves_the_primary_unprotected() {
     assert_eq!(p.handle(PrimaryEvent::StandbyAttached), vec![PrimaryAction::StartSync]);
 }
 
+#[test]
+fn silence_after_the_sync_checkpoint_left_means_arbitration_not_release() {
+    // The standby may have acknowledged the synchronising checkpoint (and so could go live)
+    // even though that ack never arrived: the primary must not act alone without the lock.
+    let mut p = Primary::new(0);
+    p.handle(PrimaryEvent::StandbyAttached);
+    assert!(p.handle(PrimaryEvent::SyncSent { epoch: 5 }).is_empty());
+    assert!(p.handle(PrimaryEvent::Output { id: 1 }).is_empty(), "output after the sync pause is held");
+    assert_eq!(p.handle(PrimaryEvent::EpochTimer), vec![PrimaryAction::TakeCheckpoint { epoch: 6 }]);
+    assert_eq!(
+        p.handle(PrimaryEvent::PeerSilent),
+        vec![PrimaryAction::DropStandby, PrimaryAction::Arbitrate { generation: 1 }]
+    );
+    assert_eq!(p.held(), 1);
+    assert_eq!(p.handle(PrimaryEvent::TieBreakLost { generation: 1 }), vec![PrimaryAction::Halt]);
+}
+
 fn standby_at(epoch: Epoch) -> Standby {
     let mut s = Standby::new(0);
     for e in 0..=epoch {
@@ -156,7 +174,7 @@ fn a_standby_that_went_live_can_be_protected_again() {
     // It runs as a primary with the generation it won at; a later failover needs a higher one.
     let mut p = Primary::new(1);
     p.handle(PrimaryEvent::StandbyAttached);
-    p.handle(PrimaryEvent::SyncAcked);
+    p.handle(PrimaryEvent::SyncSent { epoch: 0 });
     p.handle(PrimaryEvent::PeerSilent);
     assert_eq!(p.generation(), 2);
 }

@@ -7,6 +7,7 @@
 //! | 0xf4            | exit: a 32-bit write ends the VM with that status          |
 //! | 0xf5            | idle: a 32-bit write yields the host CPU for up to N µs    |
 
+pub mod gate;
 pub mod serial;
 
 use super::layout::{COM1_BASE, DEBUGCON_PORT, EXIT_PORT, IDLE_PORT};
@@ -64,14 +65,17 @@ impl DebugCon {
 
 pub struct Devices {
     pub serial: Arc<SerialDevice>,
+    /// Where all externally visible output passes (held while the VM is protected).
+    pub gate: Arc<gate::OutputGate>,
     debugcon: Mutex<DebugCon>,
     unhandled: AtomicU64,
 }
 
 impl Devices {
-    pub fn new(serial: Arc<SerialDevice>, console: Console) -> Self {
+    pub fn new(serial: Arc<SerialDevice>, gate: Arc<gate::OutputGate>, console: Console) -> Self {
         Devices {
             serial,
+            gate,
             debugcon: Mutex::new(DebugCon { line: Vec::new(), out: console }),
             unhandled: AtomicU64::new(0),
         }

@@ -6,6 +6,7 @@
 //! that stops reading from the host while the FIFO is full (no byte is dropped) and resumes when
 //! the guest reads.
 
+use super::gate::{OutputGate, OutputPort};
 use parking_lot::{Condvar, Mutex};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -122,11 +123,27 @@ impl OutputQueue {
     }
 }
 
-struct Sink(Arc<OutputQueue>);
+impl OutputPort for OutputQueue {
+    fn deliver(&self, data: &[u8]) {
+        self.push(data);
+    }
+}
+
+/// The UART's transmit side: every byte passes the output gate on its way to the queue.
+struct Sink {
+    gate: Arc<OutputGate>,
+    port: Arc<dyn OutputPort>,
+}
+
+impl Sink {
+    fn new(gate: &Arc<OutputGate>, output: &Arc<OutputQueue>) -> Sink {
+        Sink { gate: gate.clone(), port: output.clone() }
+    }
+}
 
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.push(buf);
+        self.gate.emit(&self.port, buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -211,25 +228,27 @@ pub struct SerialDevice {
     irq: EventFd,
     room: Arc<InputRoom>,
     output: Arc<OutputQueue>,
+    gate: Arc<OutputGate>,
     received: AtomicU64,
     /// While the VM is paused no input enters the FIFO, so saved state is one instant.
     input_paused: AtomicBool,
 }
 
 impl SerialDevice {
-    pub fn new(irq: EventFd) -> Result<Arc<Self>, SerialError> {
+    pub fn new(irq: EventFd, gate: Arc<OutputGate>) -> Result<Arc<Self>, SerialError> {
         let room = Arc::new(InputRoom {
             event: EventFd::new(EFD_NONBLOCK).map_err(SerialError::Event)?,
             waiting: AtomicBool::new(false),
         });
         let output = OutputQueue::new();
         let trigger = IrqTrigger(irq.try_clone().map_err(SerialError::Event)?);
-        let uart = Serial::with_events(trigger, room.clone(), Sink(output.clone()));
+        let uart = Serial::with_events(trigger, room.clone(), Sink::new(&gate, &output));
         Ok(Arc::new(SerialDevice {
             uart: Mutex::new(uart),
             irq,
             room,
             output,
+            gate,
             received: AtomicU64::new(0),
             input_paused: AtomicBool::new(false),
         }))
@@ -256,8 +275,9 @@ impl SerialDevice {
 
     pub fn restore(&self, snap: &SerialSnapshot) -> Result<(), SerialError> {
         let trigger = IrqTrigger(self.irq.try_clone().map_err(SerialError::Event)?);
-        let uart = Serial::from_state(&snap.to_state(), trigger, self.room.clone(), Sink(self.output.clone()))
-            .map_err(|e| SerialError::State(format!("{e:?}")))?;
+        let uart =
+            Serial::from_state(&snap.to_state(), trigger, self.room.clone(), Sink::new(&self.gate, &self.output))
+                .map_err(|e| SerialError::State(format!("{e:?}")))?;
         *self.uart.lock() = uart;
         Ok(())
     }
@@ -523,7 +543,7 @@ mod tests {
 
     #[test]
     fn input_waits_for_room_and_nothing_is_lost() {
-        let dev = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+        let dev = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap(), OutputGate::new()).unwrap();
         let data: Vec<u8> = (0..100u8).collect();
         let mut sent = dev.enqueue(&data);
         assert!(sent < data.len(), "a 16550 FIFO holds fewer than 100 bytes");
@@ -546,7 +566,7 @@ mod tests {
 
     #[test]
     fn output_is_queued_in_order_and_bounded() {
-        let dev = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+        let dev = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap(), OutputGate::new()).unwrap();
         for &b in b"hello\n" {
             dev.write(0, b);
         }

@@ -1,0 +1,612 @@
+//! The primary's FT engine: drives [`Primary`] with real events. It lives on the thread that owns
+//! the VM (see `runner.rs`), which calls [`PrimaryFt::on_channel`], [`PrimaryFt::on_input`] and
+//! [`PrimaryFt::tick`]; checkpoints are encoded and sent on a sender thread so the VM owner only
+//! pauses, captures and resumes.
+
+use super::protocol::{Epoch, Primary, PrimaryAction, PrimaryEvent, PrimaryState};
+use super::stats::{Progress, Stats};
+use super::tiebreak::{Outcome as Claim, TieBreaker};
+use super::wire::{self, Meta, Payload, PayloadKind};
+use super::{FtOptions, GOODBYE_HALTED, GOODBYE_VM_ENDED};
+use crate::snapshot::MemoryPages;
+use crate::vmm::RunningVm;
+use crossbeam_channel::{Receiver, Sender};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use transport::{Channel, Event, Message};
+
+/// What the VM owner must do after an FT step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// This copy lost the tie-breaker: stop the VM at once, showing nothing more.
+    Halt,
+}
+
+/// Results of work done off the VM owner's thread.
+pub enum Input {
+    Connected(Result<Channel, String>),
+    SendFailed(String),
+}
+
+/// A connected standby and the thread that sends it checkpoints.
+struct Link {
+    chan: Arc<Channel>,
+    out: Option<Sender<Payload>>,
+    sender: Option<JoinHandle<()>>,
+    peer: SocketAddr,
+}
+
+impl Link {
+    fn start(chan: Channel, inputs: Sender<Input>, stats: Arc<Stats>) -> Link {
+        let chan = Arc::new(chan);
+        let peer = chan.peer_addr();
+        let (tx, rx) = crossbeam_channel::unbounded::<Payload>();
+        let c = chan.clone();
+        let sender = std::thread::Builder::new()
+            .name("ft-send".into())
+            .spawn(move || {
+                for p in rx {
+                    let seq = p.seq;
+                    let r = wire::encode(&p).and_then(|b| {
+                        let n = b.len() as u64;
+                        c.send_checkpoint(seq, b).map_err(|e| e.to_string()).map(|()| n)
+                    });
+                    match r {
+                        Ok(n) => stats.sent(n),
+                        Err(e) => {
+                            let _ = inputs.send(Input::SendFailed(format!("checkpoint {seq}: {e}")));
+                            return;
+                        }
+                    }
+                }
+            })
+            .expect("spawn ft-send thread");
+        Link { chan, out: Some(tx), sender: Some(sender), peer }
+    }
+
+    fn send(&self, p: Payload) {
+        if let Some(out) = &self.out {
+            let _ = out.send(p);
+        }
+    }
+
+    fn close(mut self, code: u32, reason: &str) {
+        self.out = None;
+        self.chan.close(code, reason);
+        if let Some(t) = self.sender.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The initial synchronisation in progress.
+struct SyncRun {
+    started: Instant,
+    round: u32,
+    /// The pre-copy round (or the synchronising checkpoint) waiting for its ack.
+    awaiting: Epoch,
+    /// Set once the synchronising checkpoint was sent.
+    final_seq: Option<Epoch>,
+    final_pause: Duration,
+    bytes: u64,
+    progress: Progress,
+}
+
+/// Pre-copy stops iterating once this few pages are left (the final pause copies them).
+const SYNC_DONE_PAGES: u64 = 2048;
+const SYNC_MAX_ROUNDS: u32 = 12;
+/// At most this many checkpoints sent and not acknowledged; beyond it the next waits (its
+/// dirty pages keep accumulating in the log meanwhile).
+const MAX_UNACKED: u64 = 4;
+const RETRY_CONNECT: Duration = Duration::from_secs(1);
+const RETRY_ARBITRATE: Duration = Duration::from_millis(100);
+
+pub struct PrimaryFt {
+    opts: FtOptions,
+    tiebreak: TieBreaker,
+    proto: Primary,
+    meta: Meta,
+    peer: Option<SocketAddr>,
+    link: Option<Link>,
+    connecting: bool,
+    sync: Option<SyncRun>,
+    inputs: (Sender<Input>, Receiver<Input>),
+    wake: Receiver<()>,
+    last_checkpoint: Instant,
+    next_connect: Instant,
+    next_arbitrate: Option<Instant>,
+    stats: Arc<Stats>,
+    /// This copy went live after a failover (it started as a standby).
+    took_over: bool,
+    last_error: Option<String>,
+}
+
+impl PrimaryFt {
+    /// An FT engine for `vm`: protects it by connecting to `peer` when one is given.
+    pub fn new(
+        opts: FtOptions,
+        vm: &RunningVm,
+        peer: Option<SocketAddr>,
+        took_over: Option<u64>,
+    ) -> Result<PrimaryFt, String> {
+        let tiebreak = TieBreaker::new(&opts.tiebreak, &opts.owner).map_err(|e| e.to_string())?;
+        let generation = match took_over {
+            Some(g) => g,
+            // Claims must go above anything already recorded.
+            None => tiebreak.read().map_err(|e| crate::runner::error_chain(&e))?.map_or(0, |(g, _)| g),
+        };
+        let (wtx, wake) = crossbeam_channel::bounded(1);
+        vm.devices().gate.notify_on_output(Some(wtx));
+        let meta = Meta { vcpus: vm.vcpus(), mem_size: vm.memory().size(), generation, owner: opts.owner.clone() };
+        Ok(PrimaryFt {
+            tiebreak,
+            proto: Primary::new(generation),
+            meta,
+            peer,
+            link: None,
+            connecting: false,
+            sync: None,
+            inputs: crossbeam_channel::unbounded(),
+            wake,
+            last_checkpoint: Instant::now(),
+            next_connect: Instant::now(),
+            next_arbitrate: None,
+            stats: Arc::new(Stats::default()),
+            took_over: took_over.is_some(),
+            last_error: None,
+            opts,
+        })
+    }
+
+    /// Receivers the VM owner waits on (besides the deadline of [`Self::next_deadline`]).
+    pub fn receivers(&self) -> (Receiver<Event>, Receiver<Input>, Receiver<()>) {
+        let events = self.link.as_ref().map_or_else(crossbeam_channel::never, |l| l.chan.events().clone());
+        (events, self.inputs.1.clone(), self.wake.clone())
+    }
+
+    /// When [`Self::tick`] next has something to do.
+    pub fn next_deadline(&self) -> Instant {
+        let now = Instant::now();
+        let far = now + Duration::from_secs(3600);
+        let mut at = far;
+        if self.peer.is_some()
+            && self.link.is_none()
+            && !self.connecting
+            && self.proto.state() == PrimaryState::Unprotected
+        {
+            at = at.min(self.next_connect);
+        }
+        if self.proto.state() == PrimaryState::Protected {
+            at = at.min(self.last_checkpoint + self.opts.interval);
+        }
+        if let Some(t) = self.next_arbitrate {
+            at = at.min(t);
+        }
+        at
+    }
+
+    fn error(&mut self, msg: String) {
+        tracing::error!("FT: {msg}");
+        self.last_error = Some(msg);
+    }
+
+    /// Periodic work: connecting, checkpoints, retrying the tie-breaker.
+    pub fn tick(&mut self, vm: &RunningVm) -> Flow {
+        let now = Instant::now();
+        if let Some(t) = self.next_arbitrate {
+            if now >= t {
+                self.next_arbitrate = None;
+                return self.arbitrate(vm);
+            }
+        }
+        match self.proto.state() {
+            PrimaryState::Unprotected => {
+                if let Some(peer) = self.peer {
+                    if self.link.is_none() && !self.connecting && now >= self.next_connect {
+                        self.connect(peer);
+                    }
+                }
+            }
+            PrimaryState::Protected => {
+                let due = now >= self.last_checkpoint + self.opts.interval
+                    || (now >= self.last_checkpoint + self.opts.min_gap && vm.devices().gate.has_open());
+                let unacked = (self.proto.epoch() - 1).saturating_sub(self.proto.acked().unwrap_or(0));
+                if due && unacked < MAX_UNACKED {
+                    self.checkpoint(vm);
+                }
+            }
+            _ => {}
+        }
+        Flow::Continue
+    }
+
+    fn connect(&mut self, peer: SocketAddr) {
+        self.connecting = true;
+        let (id, trust, cfg) = (self.opts.identity.clone(), self.opts.trust.clone(), self.opts.channel.clone());
+        let meta = self.meta.encode();
+        let tx = self.inputs.0.clone();
+        let session = std::process::id() as u64;
+        std::thread::Builder::new()
+            .name("ft-connect".into())
+            .spawn(move || {
+                let r =
+                    Channel::connect(peer, &id, &trust, cfg, session, meta).map_err(|e| crate::runner::error_chain(&e));
+                let _ = tx.send(Input::Connected(r));
+            })
+            .expect("spawn ft-connect thread");
+    }
+
+    pub fn on_input(&mut self, vm: &RunningVm, input: Input) -> Flow {
+        match input {
+            Input::Connected(Err(e)) => {
+                self.connecting = false;
+                self.next_connect = Instant::now() + RETRY_CONNECT;
+                self.error(format!("cannot reach the standby: {e}; the VM runs unprotected, retrying"));
+            }
+            Input::Connected(Ok(chan)) => {
+                self.connecting = false;
+                let theirs = match chan.peer_hello() {
+                    Message::Hello { meta, .. } => Meta::decode(meta),
+                    _ => Err("no Hello".to_string()),
+                };
+                let problem = match &theirs {
+                    Err(e) => Some(e.clone()),
+                    Ok(m) => self.meta.mismatch(m),
+                };
+                if let Some(p) = problem {
+                    chan.close(transport::channel::code::PROTOCOL, &p);
+                    self.next_connect = Instant::now() + RETRY_CONNECT * 5;
+                    self.error(format!("standby {} refused: {p}", chan.peer_addr()));
+                    return Flow::Continue;
+                }
+                if self.proto.state() != PrimaryState::Unprotected {
+                    chan.close(transport::channel::code::PROTOCOL, "already protected");
+                    return Flow::Continue;
+                }
+                tracing::info!(standby = %chan.peer_addr(), "standby connected; starting the initial copy");
+                self.last_error = None;
+                self.link = Some(Link::start(chan, self.inputs.0.clone(), self.stats.clone()));
+                let actions = self.proto.handle(PrimaryEvent::StandbyAttached);
+                return self.act(vm, actions);
+            }
+            Input::SendFailed(e) => {
+                if self.link.is_some() {
+                    tracing::warn!("FT: sending to the standby failed: {e}");
+                    return self.peer_lost(vm);
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    pub fn on_channel(&mut self, vm: &RunningVm, ev: Event) -> Flow {
+        match ev {
+            Event::Message(Message::Ack { epoch }) => {
+                if self.proto.state() == PrimaryState::Syncing {
+                    return self.sync_acked(vm, epoch);
+                }
+                if let Some(s) = &self.sync {
+                    if s.final_seq == Some(epoch) {
+                        self.sync_done();
+                    }
+                }
+                self.stats.acked();
+                let actions = self.proto.handle(PrimaryEvent::Acked { epoch });
+                self.act(vm, actions)
+            }
+            Event::Message(Message::Goodbye { reason, .. }) => {
+                tracing::warn!("FT: the standby left: {reason}");
+                self.peer_lost(vm)
+            }
+            Event::PeerSilent { silent_for } => {
+                tracing::warn!("FT: standby silent for {silent_for:?}");
+                self.peer_lost(vm)
+            }
+            Event::Closed { reason } => {
+                tracing::warn!("FT: channel to the standby closed: {reason}");
+                self.peer_lost(vm)
+            }
+            _ => Flow::Continue,
+        }
+    }
+
+    fn peer_lost(&mut self, vm: &RunningVm) -> Flow {
+        if self.link.is_none() {
+            return Flow::Continue;
+        }
+        let actions = self.proto.handle(PrimaryEvent::PeerSilent);
+        self.act(vm, actions)
+    }
+
+    fn act(&mut self, vm: &RunningVm, actions: Vec<PrimaryAction>) -> Flow {
+        for a in actions {
+            match a {
+                PrimaryAction::StartSync => self.start_sync(vm),
+                PrimaryAction::TakeCheckpoint { .. } => {}
+                PrimaryAction::Release { ids } => vm.devices().gate.release(&ids),
+                PrimaryAction::DropStandby => {
+                    if let Some(l) = self.link.take() {
+                        l.close(transport::channel::code::SILENT, "standby dropped");
+                    }
+                    if self.sync.take().is_some() {
+                        tracing::warn!("FT: the standby went away during the initial copy; running unprotected");
+                    }
+                    if self.proto.state() == PrimaryState::Unprotected {
+                        vm.devices().gate.open_all();
+                        self.next_connect = Instant::now() + RETRY_CONNECT;
+                    }
+                }
+                PrimaryAction::Arbitrate { .. } => {
+                    if self.arbitrate(vm) == Flow::Halt {
+                        return Flow::Halt;
+                    }
+                }
+                PrimaryAction::Halt => {
+                    let dropped = vm.devices().gate.discard_all();
+                    tracing::error!(
+                        generation = self.proto.generation(),
+                        "FT: lost the tie-breaker: the standby runs this VM now; halting ({dropped} held output bytes never shown)"
+                    );
+                    return Flow::Halt;
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    fn arbitrate(&mut self, vm: &RunningVm) -> Flow {
+        let generation = self.proto.generation();
+        let event = match self.tiebreak.claim(generation, self.opts.claim_timeout) {
+            Ok(Claim::Won { generation }) => {
+                tracing::warn!(generation, "FT: won the tie-breaker; continuing unprotected");
+                PrimaryEvent::TieBreakWon { generation }
+            }
+            Ok(Claim::Lost { generation, holder }) => {
+                tracing::error!(generation, %holder, "FT: the tie-breaker is held by the peer");
+                PrimaryEvent::TieBreakLost { generation }
+            }
+            Err(e) => {
+                self.error(format!("{}; output stays held, retrying", crate::runner::error_chain(&e)));
+                self.next_arbitrate = Some(Instant::now() + RETRY_ARBITRATE);
+                PrimaryEvent::TieBreakUnreachable
+            }
+        };
+        let retrying = matches!(event, PrimaryEvent::TieBreakUnreachable);
+        let actions = self.proto.handle(event);
+        if retrying {
+            // The retry is already scheduled; the machine only restates the request.
+            return Flow::Continue;
+        }
+        let flow = self.act(vm, actions);
+        if self.proto.state() == PrimaryState::Unprotected {
+            vm.devices().gate.open_all();
+            self.next_connect = Instant::now() + RETRY_CONNECT;
+        }
+        flow
+    }
+
+    fn start_sync(&mut self, vm: &RunningVm) {
+        self.sync = Some(SyncRun {
+            started: Instant::now(),
+            round: 0,
+            awaiting: 0,
+            final_seq: None,
+            final_pause: Duration::ZERO,
+            bytes: 0,
+            progress: Progress::new("initial copy"),
+        });
+        self.precopy_round(vm, true);
+    }
+
+    fn next_seq(&self) -> Epoch {
+        self.sync.as_ref().map_or(self.proto.epoch(), |s| s.awaiting + 1)
+    }
+
+    fn precopy_round(&mut self, vm: &RunningVm, all: bool) {
+        let seq = self.next_seq();
+        match vm.copy_running(all) {
+            Ok(memory) => {
+                let bytes = memory.data.len() as u64;
+                if let (Some(s), Some(l)) = (&mut self.sync, &self.link) {
+                    s.round += 1;
+                    s.awaiting = seq;
+                    s.bytes += bytes;
+                    s.progress.update(s.round, s.bytes, bytes);
+                    l.send(Payload { seq, kind: PayloadKind::PreCopy, memory, state: None });
+                }
+            }
+            Err(e) => {
+                self.error(format!("pre-copy failed: {}", crate::runner::error_chain(&e)));
+                self.drop_link("pre-copy failed");
+            }
+        }
+    }
+
+    fn drop_link(&mut self, why: &str) {
+        self.sync = None;
+        if let Some(l) = self.link.take() {
+            l.close(transport::channel::code::PROTOCOL, why);
+        }
+        // Silence on a dropped link during sync: back to unprotected.
+        let _ = self.proto.handle(PrimaryEvent::PeerSilent);
+        self.next_connect = Instant::now() + RETRY_CONNECT;
+    }
+
+    fn sync_acked(&mut self, vm: &RunningVm, seq: Epoch) -> Flow {
+        let Some(s) = &self.sync else { return Flow::Continue };
+        if seq != s.awaiting || s.final_seq.is_some() {
+            return Flow::Continue;
+        }
+        let pending = vm.dirty_pending().unwrap_or(u64::MAX);
+        if pending > SYNC_DONE_PAGES && s.round < SYNC_MAX_ROUNDS {
+            self.precopy_round(vm, false);
+            return Flow::Continue;
+        }
+        // The final pause: the remaining pages and all state, and from here output is held.
+        let gate = vm.devices().gate.clone();
+        let seq = self.next_seq();
+        match vm.checkpoint(|| gate.hold()) {
+            Ok((memory, state, t)) => {
+                let pause = t.total();
+                self.stats.pause(pause);
+                let actions = self.proto.handle(PrimaryEvent::SyncSent { epoch: seq });
+                self.last_checkpoint = Instant::now();
+                if let (Some(s), Some(l)) = (&mut self.sync, &self.link) {
+                    s.final_seq = Some(seq);
+                    s.final_pause = pause;
+                    s.bytes += memory.data.len() as u64;
+                    s.awaiting = seq;
+                    l.send(Payload { seq, kind: PayloadKind::Sync, memory, state: Some(state) });
+                }
+                self.act(vm, actions)
+            }
+            Err(e) => {
+                gate.open_all();
+                self.error(format!("final sync pause failed: {}", crate::runner::error_chain(&e)));
+                self.drop_link("sync failed");
+                Flow::Continue
+            }
+        }
+    }
+
+    fn sync_done(&mut self) {
+        if let Some(s) = self.sync.take() {
+            s.progress.finish();
+            tracing::info!(
+                rounds = s.round,
+                bytes = s.bytes,
+                took_ms = s.started.elapsed().as_millis() as u64,
+                final_pause_us = s.final_pause.as_micros() as u64,
+                "FT: the VM is protected"
+            );
+            self.stats.protected_since(Instant::now());
+        }
+    }
+
+    fn checkpoint(&mut self, vm: &RunningVm) {
+        let gate = vm.devices().gate.clone();
+        let mut sealed = None;
+        let r = vm.checkpoint(|| sealed = gate.seal());
+        self.last_checkpoint = Instant::now();
+        let (memory, state, t): (MemoryPages, _, _) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                self.error(format!("checkpoint failed: {}", crate::runner::error_chain(&e)));
+                return;
+            }
+        };
+        if let Some(id) = sealed {
+            let _ = self.proto.handle(PrimaryEvent::Output { id });
+        }
+        let actions = self.proto.handle(PrimaryEvent::EpochTimer);
+        for a in actions {
+            if let PrimaryAction::TakeCheckpoint { epoch } = a {
+                self.stats.pause(t.total());
+                self.stats.checkpoint(epoch, memory.data.len() as u64);
+                if let Some(l) = &self.link {
+                    l.send(Payload { seq: epoch, kind: PayloadKind::Epoch, memory, state: Some(state) });
+                }
+                return;
+            }
+        }
+    }
+
+    /// Whether a standby is attached (syncing or protected): the dirty log belongs to FT then.
+    pub fn is_active(&self) -> bool {
+        self.link.is_some() || !matches!(self.proto.state(), PrimaryState::Unprotected)
+    }
+
+    /// QMP `x-smpft-protect`.
+    pub fn protect(&mut self, peer: &str) -> Result<(), String> {
+        use std::net::ToSocketAddrs;
+        let addr = peer
+            .to_socket_addrs()
+            .map_err(|e| format!("'{peer}' is not a host:port address: {e}"))?
+            .next()
+            .ok_or_else(|| format!("'{peer}' resolves to no address"))?;
+        if self.proto.state() != PrimaryState::Unprotected || self.link.is_some() || self.connecting {
+            return Err(format!("the VM is already {} (standby {:?})", self.state_name(), self.peer));
+        }
+        self.peer = Some(addr);
+        self.next_connect = Instant::now();
+        Ok(())
+    }
+
+    fn state_name(&self) -> &'static str {
+        match self.proto.state() {
+            PrimaryState::Unprotected if self.took_over => "live-after-failover",
+            PrimaryState::Unprotected => "unprotected",
+            PrimaryState::Syncing => "syncing",
+            PrimaryState::Protected if self.proto.acked().is_none() || self.sync.is_some() => "syncing",
+            PrimaryState::Protected => "protected",
+            PrimaryState::Arbitrating => "arbitrating",
+            PrimaryState::Halted => "halted",
+        }
+    }
+
+    /// QMP `x-smpft-query-ft`.
+    pub fn query(&self, vm: &RunningVm) -> Value {
+        let mut v = self.stats.to_json();
+        let gate = &vm.devices().gate;
+        let hold = gate.hold_latency();
+        v["role"] = json!("primary");
+        v["state"] = json!(self.state_name());
+        v["epoch"] = json!(self.proto.acked().unwrap_or(0));
+        v["generation"] = json!(self.proto.generation());
+        v["peer"] = json!(self.link.as_ref().map(|l| l.peer).or(self.peer).map(|p| p.to_string()));
+        v["held-bytes"] = json!(gate.held_bytes());
+        v["output-hold-p50-us"] = json!(hold.map(|h| h.0.as_micros() as u64));
+        v["output-hold-p99-us"] = json!(hold.map(|h| h.1.as_micros() as u64));
+        v["last-error"] = json!(self.last_error);
+        if let Some(s) = &self.sync {
+            v["sync-round"] = json!(s.round);
+            v["sync-bytes"] = json!(s.bytes);
+        }
+        v
+    }
+
+    /// The VM is ending (guest exit, quit or signal). If protected, the last output is committed
+    /// first (a final checkpoint, acknowledged), then the standby is told to stand down.
+    pub fn finish(&mut self, vm: &RunningVm, why: &str) {
+        if self.proto.state() == PrimaryState::Protected {
+            self.checkpoint(vm);
+            let want = self.proto.epoch() - 1;
+            let deadline = Instant::now() + self.opts.channel.silence_timeout * 2;
+            while self.proto.acked().is_none_or(|a| a < want) && Instant::now() < deadline {
+                let (events, _, _) = self.receivers();
+                match events.recv_deadline(deadline) {
+                    Ok(ev) => {
+                        if self.on_channel(vm, ev) == Flow::Halt {
+                            return;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.proto.state() == PrimaryState::Protected && self.proto.acked().is_none_or(|a| a < want) {
+                // The standby did not confirm: it may still go live, so only the tie-breaker
+                // decides whether the last output may be shown.
+                let _ = self.proto.handle(PrimaryEvent::PeerSilent);
+                if self.arbitrate(vm) == Flow::Halt {
+                    return;
+                }
+            }
+        }
+        vm.devices().gate.open_all();
+        if let Some(l) = self.link.take() {
+            tracing::info!("FT: telling the standby to stand down: {why}");
+            l.close(GOODBYE_VM_ENDED, why);
+        }
+    }
+
+    /// This copy halts (lost the tie-breaker): say so to a standby still connected.
+    pub fn halt(&mut self) {
+        if let Some(l) = self.link.take() {
+            l.close(GOODBYE_HALTED, "primary halted");
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! The standby's FT engine: waits for a primary, keeps its own copy of the VM's memory and
+//! machine state as of the last acknowledged checkpoint, and when the primary goes silent asks
+//! the tie-breaker whether to go live. It never runs a vCPU before it has won.
+
+use super::protocol::{Epoch, Standby, StandbyAction, StandbyEvent, StandbyState};
+use super::tiebreak::{Outcome as Claim, TieBreaker};
+use super::wire::{MachineState, Meta, PayloadKind, Staged};
+use super::{FtOptions, GOODBYE_HALTED, GOODBYE_VM_ENDED};
+use crate::runner::error_chain;
+use crate::vmm::memory::GuestMemory;
+use crate::vmm::{Vm, VmConfig, VmEvent};
+use crossbeam_channel::{select, Receiver};
+use qemu_shim::qmp::{Command, QmpError, Request};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use transport::{Channel, Event, Listener, Message};
+
+pub struct StandbyOptions {
+    pub ft: FtOptions,
+    pub listen: SocketAddr,
+    /// The VM to become: vCPUs, memory, serial and console (the guest image is not used).
+    pub config: VmConfig,
+}
+
+/// How a standby's watch ended.
+pub enum StandbyEnd {
+    /// Won the tie-breaker at `generation`: this VM (not yet started) is the live copy now.
+    Live { vm: Vm, generation: u64, epoch: Epoch },
+    /// The primary shut its VM down on purpose.
+    PrimaryEnded(String),
+    /// Lost the tie-breaker: the primary runs the VM.
+    Halted,
+    /// The host asked smpft to stop (signal number).
+    Signal(i32),
+    /// QMP `quit`.
+    Quit,
+}
+
+/// One primary's session: the copy being kept.
+struct Session {
+    chan: Channel,
+    proto: Standby,
+    memory: Arc<GuestMemory>,
+    state: Option<MachineState>,
+    applied: Option<Epoch>,
+    last_bytes: u64,
+    checkpoints: u64,
+    peer: SocketAddr,
+}
+
+fn retry_sleep(signals: &Receiver<VmEvent>, d: Duration) -> Option<i32> {
+    match signals.recv_timeout(d) {
+        Ok(VmEvent::Signal(s)) => Some(s),
+        _ => None,
+    }
+}
+
+pub struct StandbyRunner<'a> {
+    opts: &'a StandbyOptions,
+    tiebreak: TieBreaker,
+    generation: u64,
+    qmp: Receiver<Request>,
+    signals: Receiver<VmEvent>,
+}
+
+impl<'a> StandbyRunner<'a> {
+    pub fn new(
+        opts: &'a StandbyOptions,
+        qmp: Option<Receiver<Request>>,
+        signals: Receiver<VmEvent>,
+    ) -> Result<Self, String> {
+        let tiebreak = TieBreaker::new(&opts.ft.tiebreak, &opts.ft.owner).map_err(|e| e.to_string())?;
+        let generation = tiebreak.read().map_err(|e| error_chain(&e))?.map_or(0, |(g, _)| g);
+        Ok(StandbyRunner { opts, tiebreak, generation, qmp: qmp.unwrap_or_else(crossbeam_channel::never), signals })
+    }
+
+    fn meta(&self) -> Meta {
+        Meta {
+            vcpus: self.opts.config.vcpus,
+            mem_size: self.opts.config.memory,
+            generation: self.generation,
+            owner: self.opts.ft.owner.clone(),
+        }
+    }
+
+    /// Waits for primaries and keeps their VM until it goes live here or ends.
+    pub fn run(&mut self) -> Result<StandbyEnd, String> {
+        let ft = &self.opts.ft;
+        let listener = Arc::new(
+            Listener::bind(self.opts.listen, &ft.identity, &ft.trust, ft.channel.clone())
+                .map_err(|e| error_chain(&e))?,
+        );
+        tracing::info!(listen = %listener.local_addr(), vcpus = self.opts.config.vcpus, memory_mib = self.opts.config.memory >> 20, "standby waiting for a primary");
+        let (atx, arx) = crossbeam_channel::bounded::<Result<Channel, String>>(0);
+        let meta = self.meta().encode();
+        let l = listener.clone();
+        std::thread::Builder::new()
+            .name("ft-accept".into())
+            .spawn(move || loop {
+                let r = l.accept(None, std::process::id().into(), meta.clone()).map_err(|e| error_chain(&e));
+                let stop = r.is_err();
+                if atx.send(r).is_err() || stop {
+                    return;
+                }
+            })
+            .map_err(|e| format!("cannot start the accept thread: {e}"))?;
+        loop {
+            let chan = select! {
+                recv(arx) -> r => match r {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => return Err(format!("cannot accept primaries: {e}")),
+                    Err(_) => return Err("the accept thread ended".into()),
+                },
+                recv(self.qmp) -> req => {
+                    if let Ok(req) = req {
+                        if let Some(end) = self.qmp_request(req, None) {
+                            return Ok(end);
+                        }
+                    }
+                    continue;
+                }
+                recv(self.signals) -> ev => match ev {
+                    Ok(VmEvent::Signal(s)) => return Ok(StandbyEnd::Signal(s)),
+                    _ => continue,
+                },
+            };
+            match self.session(chan, &arx)? {
+                Some(end) => return Ok(end),
+                None => tracing::info!("standby waiting for a primary again"),
+            }
+        }
+    }
+
+    /// Serves one primary. `None` means it went away before a whole copy was here: wait again.
+    fn session(
+        &mut self,
+        chan: Channel,
+        more: &Receiver<Result<Channel, String>>,
+    ) -> Result<Option<StandbyEnd>, String> {
+        let peer = chan.peer_addr();
+        let theirs = match chan.peer_hello() {
+            Message::Hello { meta, .. } => Meta::decode(meta)?,
+            _ => return Err("primary sent no Hello".into()),
+        };
+        if let Some(why) = self.meta().mismatch(&theirs) {
+            chan.close(transport::channel::code::PROTOCOL, &why);
+            return Err(format!("refusing primary {peer}: {why}"));
+        }
+        self.generation = self.generation.max(theirs.generation);
+        tracing::info!(primary = %peer, owner = %theirs.owner, generation = self.generation, "primary connected; receiving the initial copy");
+        let memory = Arc::new(GuestMemory::new(self.opts.config.memory).map_err(|e| error_chain(&e))?);
+        let mut s = Session {
+            chan,
+            proto: Standby::new(self.generation),
+            memory,
+            state: None,
+            applied: None,
+            last_bytes: 0,
+            checkpoints: 0,
+            peer,
+        };
+        loop {
+            let events = s.chan.events().clone();
+            let ev = select! {
+                recv(events) -> ev => match ev {
+                    Ok(ev) => ev,
+                    Err(_) => Event::Closed { reason: "channel gone".into() },
+                },
+                recv(more) -> r => {
+                    if let Ok(Ok(other)) = r {
+                        other.close(GOODBYE_HALTED, "this standby already serves a primary");
+                    }
+                    continue;
+                }
+                recv(self.qmp) -> req => {
+                    if let Ok(req) = req {
+                        if let Some(end) = self.qmp_request(req, Some(&s)) {
+                            s.chan.close(GOODBYE_HALTED, "standby stopped");
+                            return Ok(Some(end));
+                        }
+                    }
+                    continue;
+                }
+                recv(self.signals) -> ev => {
+                    if let Ok(VmEvent::Signal(sig)) = ev {
+                        s.chan.close(GOODBYE_HALTED, "standby stopped");
+                        return Ok(Some(StandbyEnd::Signal(sig)));
+                    }
+                    continue;
+                }
+            };
+            match ev {
+                Event::Checkpoint { epoch, data } => {
+                    if let Err(e) = self.checkpoint(&mut s, epoch, &data) {
+                        // A copy that missed a checkpoint is no copy: stand down, keep nothing.
+                        tracing::error!("FT: {e}; standing down");
+                        s.chan.close(GOODBYE_HALTED, &e);
+                        return Ok(None);
+                    }
+                }
+                Event::Message(Message::Goodbye { code: GOODBYE_VM_ENDED, reason }) => {
+                    tracing::info!("FT: the primary ended the VM ({reason}); standby done");
+                    return Ok(Some(StandbyEnd::PrimaryEnded(reason)));
+                }
+                Event::Message(Message::Goodbye { reason, .. }) => {
+                    tracing::warn!("FT: the primary said goodbye: {reason}");
+                    if let Some(end) = self.primary_lost(&mut s)? {
+                        return Ok(Some(end));
+                    }
+                    return Ok(None);
+                }
+                Event::PeerSilent { .. } | Event::Closed { .. } => {
+                    if let Some(end) = self.primary_lost(&mut s)? {
+                        return Ok(Some(end));
+                    }
+                    return Ok(None);
+                }
+                Event::Message(_) => {}
+            }
+        }
+    }
+
+    fn checkpoint(&mut self, s: &mut Session, seq: Epoch, data: &transport::CheckpointData) -> Result<(), String> {
+        let staged = Staged::validate(data, seq, self.opts.config.vcpus, self.opts.config.memory);
+        let staged = match staged {
+            Ok(st) => st,
+            Err(e) => {
+                let _ = s.proto.handle(StandbyEvent::Checkpoint { epoch: seq, valid: false });
+                return Err(e);
+            }
+        };
+        s.last_bytes = data.len() as u64;
+        if staged.kind() == PayloadKind::PreCopy {
+            if s.proto.state() != StandbyState::Syncing {
+                return Err(format!("pre-copy round {seq} after the copy was complete"));
+            }
+            staged.apply(&s.memory)?;
+            s.chan.send(&Message::Ack { epoch: seq }).map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+        for a in s.proto.handle(StandbyEvent::Checkpoint { epoch: seq, valid: true }) {
+            match a {
+                StandbyAction::Ack { epoch } => s.chan.send(&Message::Ack { epoch }).map_err(|e| e.to_string())?,
+                StandbyAction::Apply { epoch } => {
+                    let state = staged.apply(&s.memory)?.ok_or("checkpoint without machine state")?;
+                    s.state = Some(state);
+                    s.applied = Some(epoch);
+                    s.checkpoints += 1;
+                    if staged.kind() == PayloadKind::Sync {
+                        tracing::info!(epoch, "FT: holding a complete copy of the VM");
+                    }
+                    let _ = s.proto.handle(StandbyEvent::Applied { epoch });
+                }
+                StandbyAction::Discard { epoch } => return Err(format!("checkpoint {epoch} is stale or invalid")),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The primary is gone. Arbitrate if this copy is whole; go live if the tie-breaker agrees.
+    fn primary_lost(&mut self, s: &mut Session) -> Result<Option<StandbyEnd>, String> {
+        let noticed = Instant::now();
+        let mut actions = s.proto.handle(StandbyEvent::PeerSilent);
+        loop {
+            let mut next = Vec::new();
+            for a in actions {
+                match a {
+                    StandbyAction::Halt if s.state.is_none() => {
+                        tracing::warn!("FT: the primary went away before the copy was complete; discarding it");
+                        return Ok(None);
+                    }
+                    StandbyAction::Halt => {
+                        tracing::error!("FT: lost the tie-breaker: the primary keeps the VM; this standby halts");
+                        return Ok(Some(StandbyEnd::Halted));
+                    }
+                    StandbyAction::Arbitrate { generation } => {
+                        let ev = match self.tiebreak.claim(generation, self.opts.ft.claim_timeout) {
+                            Ok(Claim::Won { generation }) => StandbyEvent::TieBreakWon { generation },
+                            Ok(Claim::Lost { generation, holder }) => {
+                                tracing::warn!(generation, %holder, "FT: the tie-breaker is held by the primary");
+                                StandbyEvent::TieBreakLost { generation }
+                            }
+                            Err(e) => {
+                                tracing::error!("FT: {}; not going live, retrying", error_chain(&e));
+                                if let Some(sig) = retry_sleep(&self.signals, Duration::from_millis(100)) {
+                                    return Ok(Some(StandbyEnd::Signal(sig)));
+                                }
+                                StandbyEvent::TieBreakUnreachable
+                            }
+                        };
+                        next.extend(s.proto.handle(ev));
+                    }
+                    StandbyAction::GoLive { epoch } => {
+                        let generation = s.proto.generation();
+                        let vm = self.build_live(s, epoch)?;
+                        tracing::warn!(
+                            epoch,
+                            generation,
+                            decided_ms = noticed.elapsed().as_millis() as u64,
+                            "FT: won the tie-breaker; the VM goes live here from checkpoint {epoch}"
+                        );
+                        return Ok(Some(StandbyEnd::Live { vm, generation, epoch }));
+                    }
+                    _ => {}
+                }
+            }
+            if next.is_empty() {
+                return Ok(None);
+            }
+            actions = next;
+        }
+    }
+
+    fn build_live(&self, s: &mut Session, epoch: Epoch) -> Result<Vm, String> {
+        if s.applied != Some(epoch) {
+            return Err(format!("checkpoint {epoch} was acknowledged but not applied ({:?})", s.applied));
+        }
+        let state = s.state.take().ok_or("no machine state to go live from")?;
+        Vm::from_state(self.opts.config.clone(), Some(s.memory.clone()), |_, fds, vm, devices, caps| {
+            for (fd, cpu) in fds.iter().zip(&state.cpus) {
+                cpu.restore(&fd.lock(), caps)?;
+            }
+            state.vm.restore(vm)?;
+            devices.serial.restore(&state.serial)?;
+            Ok(())
+        })
+        .map_err(|e| format!("cannot build the VM to go live: {}", error_chain(&e)))
+    }
+
+    fn query(&self, s: Option<&Session>) -> Value {
+        let state = match s.map(|s| s.proto.state()) {
+            None => "waiting",
+            Some(StandbyState::Syncing) => "syncing",
+            Some(StandbyState::Standby) => "standby",
+            Some(StandbyState::Arbitrating) => "arbitrating",
+            Some(StandbyState::Live) => "live-after-failover",
+            Some(StandbyState::Halted) => "halted",
+        };
+        json!({
+            "role": "standby",
+            "state": state,
+            "epoch": s.and_then(|s| s.proto.acked()),
+            "generation": self.generation,
+            "checkpoints": s.map_or(0, |s| s.checkpoints),
+            "last-checkpoint-bytes": s.map_or(0, |s| s.last_bytes),
+            "peer": s.map(|s| s.peer.to_string()),
+        })
+    }
+
+    /// Answers QMP on a standby; `Some` when the request ends it (`quit`).
+    fn qmp_request(&self, req: Request, s: Option<&Session>) -> Option<StandbyEnd> {
+        let quit = req.command == Command::Quit;
+        let reply = match &req.command {
+            Command::QueryFt => Ok(self.query(s)),
+            Command::QueryStatus => Ok(json!({"status": "inmigrate", "running": false, "singlestep": false})),
+            Command::Quit => Ok(json!({})),
+            _ => Err(QmpError::generic("this is an FT standby: the VM does not run here unless the primary fails")),
+        };
+        let _ = req.reply.send(reply);
+        quit.then_some(StandbyEnd::Quit)
+    }
+}

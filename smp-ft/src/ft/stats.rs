@@ -1,0 +1,171 @@
+//! FT figures for QMP (`x-smpft-query-ft`) and the progress display of the initial copy.
+
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+const SAMPLES: usize = 4096;
+
+#[derive(Default)]
+struct Inner {
+    pauses: VecDeque<Duration>,
+    checkpoints: u64,
+    last_epoch: u64,
+    last_bytes: u64,
+    acked: u64,
+    /// (when, total bytes sent), a sample a checkpoint, for the recent bandwidth.
+    sent: VecDeque<(Instant, u64)>,
+    total_sent: u64,
+    protected_since: Option<Instant>,
+}
+
+/// Counters shared by the VM owner and the sender thread.
+#[derive(Default)]
+pub struct Stats {
+    inner: Mutex<Inner>,
+}
+
+/// p50 and p99 of `v` (which it sorts).
+pub fn percentiles(v: &mut [Duration]) -> Option<(Duration, Duration)> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    Some((at(0.5), at(0.99)))
+}
+
+impl Stats {
+    pub fn pause(&self, d: Duration) {
+        let mut g = self.inner.lock();
+        if g.pauses.len() == SAMPLES {
+            g.pauses.pop_front();
+        }
+        g.pauses.push_back(d);
+    }
+
+    pub fn checkpoint(&self, epoch: u64, bytes: u64) {
+        let mut g = self.inner.lock();
+        g.checkpoints += 1;
+        g.last_epoch = epoch;
+        g.last_bytes = bytes;
+    }
+
+    pub fn acked(&self) {
+        self.inner.lock().acked += 1;
+    }
+
+    pub fn sent(&self, bytes: u64) {
+        let mut g = self.inner.lock();
+        g.total_sent += bytes;
+        let total = g.total_sent;
+        g.sent.push_back((Instant::now(), total));
+        while g.sent.len() > 2 && g.sent.front().is_some_and(|(t, _)| t.elapsed() > Duration::from_secs(2)) {
+            g.sent.pop_front();
+        }
+    }
+
+    pub fn protected_since(&self, t: Instant) {
+        self.inner.lock().protected_since = Some(t);
+    }
+
+    /// Pause p50/p99 over recent checkpoints.
+    pub fn pause_percentiles(&self) -> Option<(Duration, Duration)> {
+        let mut v: Vec<Duration> = self.inner.lock().pauses.iter().copied().collect();
+        percentiles(&mut v)
+    }
+
+    /// Bytes per second sent over the last two seconds or so.
+    pub fn bandwidth(&self) -> f64 {
+        let g = self.inner.lock();
+        match (g.sent.front(), g.sent.back()) {
+            (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => (b1 - b0) as f64 / (*t1 - *t0).as_secs_f64(),
+            _ => 0.0,
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let p = self.pause_percentiles();
+        let bw = self.bandwidth();
+        let g = self.inner.lock();
+        json!({
+            "checkpoints": g.checkpoints,
+            "last-checkpoint-epoch": g.last_epoch,
+            "last-checkpoint-bytes": g.last_bytes,
+            "pause-p50-us": p.map(|p| p.0.as_micros() as u64),
+            "pause-p99-us": p.map(|p| p.1.as_micros() as u64),
+            "log-bandwidth-bytes-per-s": bw as u64,
+            "log-bytes-total": g.total_sent,
+            "protected-for-ms": g.protected_since.map(|t| t.elapsed().as_millis() as u64),
+        })
+    }
+}
+
+/// Progress of the initial copy: a bar on a terminal, log lines otherwise.
+pub struct Progress {
+    what: &'static str,
+    started: Instant,
+    tty: bool,
+}
+
+impl Progress {
+    pub fn new(what: &'static str) -> Progress {
+        Progress { what, started: Instant::now(), tty: std::io::stderr().is_terminal() }
+    }
+
+    /// Round `round` started; `total` bytes so far, `this` of them in this round.
+    pub fn update(&self, round: u32, total: u64, this: u64) {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = total as f64 / secs;
+        let eta = this as f64 / rate.max(1.0);
+        if self.tty {
+            let mut e = std::io::stderr().lock();
+            let _ = write!(
+                e,
+                "\r\x1b[K{}: round {round}, {:.1} MiB sent, {:.1} MiB/s, ETA {:.1} s",
+                self.what,
+                total as f64 / 1048576.0,
+                rate / 1048576.0,
+                eta
+            );
+            let _ = e.flush();
+        } else {
+            tracing::info!(
+                round,
+                sent_bytes = total,
+                round_bytes = this,
+                rate_mib_s = format_args!("{:.1}", rate / 1048576.0),
+                eta_s = format_args!("{eta:.2}"),
+                "{}",
+                self.what
+            );
+        }
+    }
+
+    pub fn finish(&self) {
+        if self.tty {
+            let _ = writeln!(std::io::stderr().lock());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_bandwidth() {
+        let mut v: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
+        assert_eq!(percentiles(&mut v), Some((Duration::from_millis(51), Duration::from_millis(99))));
+        assert_eq!(percentiles(&mut []), None);
+        let s = Stats::default();
+        s.sent(1000);
+        std::thread::sleep(Duration::from_millis(20));
+        s.sent(1000);
+        assert!(s.bandwidth() > 0.0);
+        s.pause(Duration::from_micros(700));
+        assert_eq!(s.to_json()["pause-p50-us"], 700);
+    }
+}

@@ -1,0 +1,250 @@
+//! The output gate: where everything the outside world could see leaves the VM.
+//!
+//! Unprotected, the gate is open and output goes straight to its port. Protected, output is held
+//! until the checkpoint that produced it is acknowledged by the standby:
+//! - devices [`OutputGate::emit`] into the current batch;
+//! - at each checkpoint, with the vCPUs stopped, the FT engine [`OutputGate::seal`]s the batch
+//!   (so it holds exactly the output of the epoch being captured) and gets an id for it;
+//! - once the standby acknowledges that checkpoint, the engine [`OutputGate::release`]s the id.
+//!
+//! A port is anything that can deliver bytes onward: the serial output queue today, a
+//! virtio-net transmit path next (each frame one `emit`, so frames are never merged).
+
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where released output goes.
+pub trait OutputPort: Send + Sync {
+    fn deliver(&self, data: &[u8]);
+    /// Whether consecutive emits may be merged into one delivery (a byte stream: yes; frames: no).
+    fn is_stream(&self) -> bool {
+        true
+    }
+}
+
+struct Batch {
+    items: Vec<(Arc<dyn OutputPort>, Vec<u8>)>,
+    /// When the oldest byte in it was produced.
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    holding: bool,
+    open: Option<Batch>,
+    sealed: BTreeMap<u64, Batch>,
+    next_id: u64,
+    /// Hold times of recently released batches (oldest byte to release), for statistics.
+    latencies: VecDeque<Duration>,
+    held_bytes: u64,
+}
+
+/// See the module documentation.
+#[derive(Default)]
+pub struct OutputGate {
+    inner: Mutex<Inner>,
+    /// Told (without blocking) when output starts waiting, so a checkpoint can be taken early.
+    waiting: Mutex<Option<crossbeam_channel::Sender<()>>>,
+}
+
+const LATENCY_SAMPLES: usize = 4096;
+
+fn deliver(batch: Batch) {
+    for (port, data) in batch.items {
+        port.deliver(&data);
+    }
+}
+
+impl OutputGate {
+    pub fn new() -> Arc<Self> {
+        Arc::new(OutputGate::default())
+    }
+
+    /// Registers where to signal that output is waiting (replacing any earlier one).
+    pub fn notify_on_output(&self, tx: Option<crossbeam_channel::Sender<()>>) {
+        *self.waiting.lock() = tx;
+    }
+
+    pub fn emit(&self, port: &Arc<dyn OutputPort>, data: &[u8]) {
+        let mut g = self.inner.lock();
+        if !g.holding {
+            drop(g);
+            port.deliver(data);
+            return;
+        }
+        g.held_bytes += data.len() as u64;
+        let first = g.open.is_none();
+        let batch = g.open.get_or_insert_with(|| Batch { items: Vec::new(), since: Instant::now() });
+        match batch.items.last_mut() {
+            Some((p, buf)) if Arc::ptr_eq(p, port) && port.is_stream() => buf.extend_from_slice(data),
+            _ => batch.items.push((port.clone(), data.to_vec())),
+        }
+        drop(g);
+        if first {
+            if let Some(tx) = &*self.waiting.lock() {
+                let _ = tx.try_send(());
+            }
+        }
+    }
+
+    /// Starts holding output (the VM is now protected). Call with the vCPUs stopped.
+    pub fn hold(&self) {
+        self.inner.lock().holding = true;
+    }
+
+    /// Whether output is waiting that has not been sealed into a checkpoint yet.
+    pub fn has_open(&self) -> bool {
+        self.inner.lock().open.is_some()
+    }
+
+    /// Closes the current batch and returns its id, or `None` if nothing was produced. Call with
+    /// the vCPUs stopped, as part of capturing a checkpoint.
+    pub fn seal(&self) -> Option<u64> {
+        let mut g = self.inner.lock();
+        let batch = g.open.take()?;
+        let id = g.next_id;
+        g.next_id += 1;
+        g.sealed.insert(id, batch);
+        Some(id)
+    }
+
+    /// Lets the sealed batches `ids` out, in the order given.
+    pub fn release(&self, ids: &[u64]) {
+        let mut out = Vec::new();
+        {
+            let mut g = self.inner.lock();
+            for id in ids {
+                if let Some(b) = g.sealed.remove(id) {
+                    let bytes: u64 = b.items.iter().map(|(_, d)| d.len() as u64).sum();
+                    g.held_bytes -= bytes;
+                    if g.latencies.len() == LATENCY_SAMPLES {
+                        g.latencies.pop_front();
+                    }
+                    g.latencies.push_back(b.since.elapsed());
+                    out.push(b);
+                }
+            }
+        }
+        out.into_iter().for_each(deliver);
+    }
+
+    /// Stops holding and lets everything out, oldest first (nothing survives elsewhere any more).
+    pub fn open_all(&self) {
+        let batches: Vec<Batch> = {
+            let mut g = self.inner.lock();
+            g.holding = false;
+            g.held_bytes = 0;
+            let mut v: Vec<Batch> = std::mem::take(&mut g.sealed).into_values().collect();
+            v.extend(g.open.take());
+            v
+        };
+        batches.into_iter().for_each(deliver);
+    }
+
+    /// Throws away everything held (this copy lost the tie-breaker and must show nothing more);
+    /// the gate stays shut.
+    pub fn discard_all(&self) -> u64 {
+        let mut g = self.inner.lock();
+        g.sealed.clear();
+        g.open = None;
+        g.holding = true;
+        std::mem::take(&mut g.held_bytes)
+    }
+
+    pub fn held_bytes(&self) -> u64 {
+        self.inner.lock().held_bytes
+    }
+
+    /// Hold-time percentiles (p50, p99) over recent releases.
+    pub fn hold_latency(&self) -> Option<(Duration, Duration)> {
+        let mut v: Vec<Duration> = self.inner.lock().latencies.iter().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        Some((at(0.5), at(0.99)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Vec<u8>>>, bool);
+    impl OutputPort for Collect {
+        fn deliver(&self, data: &[u8]) {
+            self.0.lock().push(data.to_vec());
+        }
+        fn is_stream(&self) -> bool {
+            self.1
+        }
+    }
+
+    fn port(stream: bool) -> (Arc<Collect>, Arc<dyn OutputPort>) {
+        let c = Arc::new(Collect(Mutex::new(vec![]), stream));
+        (c.clone(), c)
+    }
+
+    #[test]
+    fn open_gate_passes_output_at_once() {
+        let g = OutputGate::new();
+        let (c, p) = port(true);
+        g.emit(&p, b"hi");
+        assert_eq!(*c.0.lock(), vec![b"hi".to_vec()]);
+        assert_eq!(g.seal(), None);
+    }
+
+    #[test]
+    fn held_output_leaves_only_when_its_batch_is_released() {
+        let g = OutputGate::new();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        g.notify_on_output(Some(tx));
+        g.hold();
+        let (c, p) = port(true);
+        g.emit(&p, b"a");
+        g.emit(&p, b"b");
+        assert!(rx.try_recv().is_ok(), "the first held byte asks for an early checkpoint");
+        let first = g.seal().unwrap();
+        g.emit(&p, b"c");
+        let second = g.seal().unwrap();
+        assert!(c.0.lock().is_empty(), "nothing leaves before an acknowledgement");
+        assert_eq!(g.held_bytes(), 3);
+        g.release(&[first]);
+        assert_eq!(*c.0.lock(), vec![b"ab".to_vec()], "stream output is merged within a batch");
+        g.release(&[first]);
+        assert_eq!(c.0.lock().len(), 1, "a batch is released once");
+        g.release(&[second]);
+        assert_eq!(c.0.lock().len(), 2);
+        assert_eq!(g.held_bytes(), 0);
+        assert!(g.hold_latency().is_some());
+    }
+
+    #[test]
+    fn frames_stay_frames_and_discard_shows_nothing() {
+        let g = OutputGate::new();
+        g.hold();
+        let (c, p) = port(false);
+        g.emit(&p, b"f1");
+        g.emit(&p, b"f2");
+        let id = g.seal().unwrap();
+        g.emit(&p, b"f3");
+        assert_eq!(g.discard_all(), 6);
+        g.release(&[id]);
+        g.open_all();
+        assert!(c.0.lock().is_empty(), "discarded output never appears");
+        g.hold();
+        g.emit(&p, b"f4");
+        g.emit(&p, b"f5");
+        let id = g.seal().unwrap();
+        g.emit(&p, b"f6");
+        g.open_all();
+        assert_eq!(*c.0.lock(), vec![b"f4".to_vec(), b"f5".to_vec(), b"f6".to_vec()]);
+        let _ = id;
+        g.emit(&p, b"f7");
+        assert_eq!(c.0.lock().len(), 4, "an opened gate passes output at once");
+    }
+}
