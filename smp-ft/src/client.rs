@@ -71,6 +71,123 @@ pub fn parse_reply(line: &str, kind: &str) -> Result<(u64, u64), ClientError> {
     Ok((id, value))
 }
 
+/// A client of a protected service, as a real one with timeouts would behave: it sends `INCR`
+/// requests one at a time, and whenever the connection breaks or a reply is late it reconnects
+/// to whichever copy answers and retries the same request id. It checks every reply: the
+/// service's value must go up by exactly one per request (nothing lost, nothing duplicated,
+/// nothing rolled back).
+pub struct FailoverClient {
+    paths: Vec<std::path::PathBuf>,
+    conn: Option<ServiceClient>,
+    /// Which of `paths` the connection is to.
+    pub connected_to: Option<usize>,
+    next_id: u64,
+    /// The last value acknowledged to this client.
+    pub last: Option<u64>,
+    pub replies: u64,
+    /// Outages seen: from the first failed attempt to the next good reply.
+    pub outages: Vec<Duration>,
+    reply_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    #[error("no copy of the service answered within {0:?}")]
+    Unreachable(Duration),
+    #[error("request {id}: value {got} after {last:?}: acknowledged output was lost, duplicated or rolled back")]
+    Inconsistent { id: u64, got: u64, last: Option<u64> },
+}
+
+impl FailoverClient {
+    /// Ids start at `first_id` (keep them unique per service lifetime).
+    pub fn new(paths: Vec<std::path::PathBuf>, first_id: u64) -> FailoverClient {
+        FailoverClient {
+            paths,
+            conn: None,
+            connected_to: None,
+            next_id: first_id,
+            last: None,
+            replies: 0,
+            outages: Vec::new(),
+            reply_timeout: Duration::from_millis(500),
+        }
+    }
+
+    fn connect_any(&mut self, deadline: Instant) -> Result<(), FailoverError> {
+        loop {
+            for (i, p) in self.paths.iter().enumerate() {
+                if let Ok(s) = UnixStream::connect(p) {
+                    let _ = s.set_read_timeout(Some(self.reply_timeout));
+                    if let Ok(r) = s.try_clone() {
+                        self.conn = Some(ServiceClient { writer: s, reader: BufReader::new(r) });
+                        self.connected_to = Some(i);
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(FailoverError::Unreachable(self.reply_timeout * 20));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// One `INCR`, retried until some copy answers (for at most `give_up`). Returns the value.
+    pub fn incr(&mut self, give_up: Duration) -> Result<u64, FailoverError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let start = Instant::now();
+        let deadline = start + give_up;
+        let mut failed_at: Option<Instant> = None;
+        loop {
+            if self.conn.is_none() {
+                self.connect_any(deadline)?;
+            }
+            let c = self.conn.as_mut().expect("connected");
+            let got = c.send(&format!("INCR {id}")).and_then(|()| loop {
+                let line = c.recv()?;
+                match parse_reply(&line, "OK") {
+                    Ok((rid, v)) if rid == id => break Ok(v),
+                    // A late reply to an earlier try of an earlier id: already counted.
+                    Ok((rid, _)) if rid < id => continue,
+                    _ => break Err(ClientError::Reply(line)),
+                }
+            });
+            match got {
+                Ok(v) => {
+                    if let Some(t) = failed_at {
+                        self.outages.push(t.elapsed());
+                    }
+                    if self.last.is_some_and(|l| v != l + 1) {
+                        return Err(FailoverError::Inconsistent { id, got: v, last: self.last });
+                    }
+                    self.last = Some(v);
+                    self.replies += 1;
+                    return Ok(v);
+                }
+                Err(_) => {
+                    failed_at.get_or_insert_with(Instant::now);
+                    self.conn = None;
+                    self.connected_to = None;
+                    if Instant::now() > deadline {
+                        return Err(FailoverError::Unreachable(give_up));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `EXIT` to the copy it is connected to (the guest then checks its invariants and
+    /// exits); returns the value it reports.
+    pub fn exit(&mut self) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let c = self.conn.as_mut().ok_or(ClientError::Closed)?;
+        let line = c.call(&format!("EXIT {id}"))?;
+        parse_reply(&line, "BYE").map(|(_, v)| v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

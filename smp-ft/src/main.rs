@@ -370,7 +370,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, String> {
     let end = StandbyRunner::new(&opts, qmp.as_ref().map(|(_, rx)| rx.clone()), sig_rx.clone())?.run()?;
     match end {
         StandbyEnd::Live { vm, generation, epoch } => {
-            let running = vm.start().map_err(|e| error_chain(&e))?;
+            let running = (*vm).start().map_err(|e| error_chain(&e))?;
             relay_signals(sig_rx, running.event_sender());
             tracing::info!(
                 epoch,

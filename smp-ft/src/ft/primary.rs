@@ -50,13 +50,18 @@ impl Link {
             .name("ft-send".into())
             .spawn(move || {
                 for p in rx {
-                    let seq = p.seq;
+                    let (seq, p_kind) = (p.seq, p.kind);
                     let r = wire::encode(&p).and_then(|b| {
                         let n = b.len() as u64;
                         c.send_checkpoint(seq, b).map_err(|e| e.to_string()).map(|()| n)
                     });
                     match r {
-                        Ok(n) => stats.sent(n),
+                        Ok(n) => {
+                            stats.sent(n);
+                            if p_kind == PayloadKind::Epoch {
+                                super::fault::hit(super::fault::Point::AfterSend);
+                            }
+                        }
                         Err(e) => {
                             let _ = inputs.send(Input::SendFailed(format!("checkpoint {seq}: {e}")));
                             return;
@@ -295,6 +300,9 @@ impl PrimaryFt {
                     }
                 }
                 self.stats.acked();
+                if self.sync.is_none() {
+                    super::fault::hit(super::fault::Point::AfterAck);
+                }
                 let actions = self.proto.handle(PrimaryEvent::Acked { epoch });
                 self.act(vm, actions)
             }
@@ -400,6 +408,7 @@ impl PrimaryFt {
             progress: Progress::new("initial copy"),
         });
         self.precopy_round(vm, true);
+        super::fault::hit(super::fault::Point::InPrecopy);
     }
 
     fn next_seq(&self) -> Epoch {

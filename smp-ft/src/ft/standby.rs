@@ -27,7 +27,7 @@ pub struct StandbyOptions {
 /// How a standby's watch ended.
 pub enum StandbyEnd {
     /// Won the tie-breaker at `generation`: this VM (not yet started) is the live copy now.
-    Live { vm: Vm, generation: u64, epoch: Epoch },
+    Live { vm: Box<Vm>, generation: u64, epoch: Epoch },
     /// The primary shut its VM down on purpose.
     PrimaryEnded(String),
     /// Lost the tie-breaker: the primary runs the VM.
@@ -48,13 +48,6 @@ struct Session {
     last_bytes: u64,
     checkpoints: u64,
     peer: SocketAddr,
-}
-
-fn retry_sleep(signals: &Receiver<VmEvent>, d: Duration) -> Option<i32> {
-    match signals.recv_timeout(d) {
-        Ok(VmEvent::Signal(s)) => Some(s),
-        _ => None,
-    }
 }
 
 pub struct StandbyRunner<'a> {
@@ -244,6 +237,7 @@ impl<'a> StandbyRunner<'a> {
             match a {
                 StandbyAction::Ack { epoch } => s.chan.send(&Message::Ack { epoch }).map_err(|e| e.to_string())?,
                 StandbyAction::Apply { epoch } => {
+                    super::fault::hit(super::fault::Point::StallApply);
                     let state = staged.apply(&s.memory)?.ok_or("checkpoint without machine state")?;
                     s.state = Some(state);
                     s.applied = Some(epoch);
@@ -285,8 +279,8 @@ impl<'a> StandbyRunner<'a> {
                             }
                             Err(e) => {
                                 tracing::error!("FT: {}; not going live, retrying", error_chain(&e));
-                                if let Some(sig) = retry_sleep(&self.signals, Duration::from_millis(100)) {
-                                    return Ok(Some(StandbyEnd::Signal(sig)));
+                                if let Some(end) = self.pause_serving(s, Duration::from_millis(100)) {
+                                    return Ok(Some(end));
                                 }
                                 StandbyEvent::TieBreakUnreachable
                             }
@@ -302,7 +296,7 @@ impl<'a> StandbyRunner<'a> {
                             decided_ms = noticed.elapsed().as_millis() as u64,
                             "FT: won the tie-breaker; the VM goes live here from checkpoint {epoch}"
                         );
-                        return Ok(Some(StandbyEnd::Live { vm, generation, epoch }));
+                        return Ok(Some(StandbyEnd::Live { vm: Box::new(vm), generation, epoch }));
                     }
                     _ => {}
                 }
@@ -311,6 +305,26 @@ impl<'a> StandbyRunner<'a> {
                 return Ok(None);
             }
             actions = next;
+        }
+    }
+
+    /// Waits `d` while answering QMP and watching for signals; `Some` if one of them ends it.
+    fn pause_serving(&self, s: &Session, d: Duration) -> Option<StandbyEnd> {
+        let deadline = Instant::now() + d;
+        loop {
+            select! {
+                recv(self.qmp) -> req => {
+                    if let Some(end) = req.ok().and_then(|r| self.qmp_request(r, Some(s))) {
+                        return Some(end);
+                    }
+                }
+                recv(self.signals) -> ev => {
+                    if let Ok(VmEvent::Signal(sig)) = ev {
+                        return Some(StandbyEnd::Signal(sig));
+                    }
+                }
+                recv(crossbeam_channel::at(deadline)) -> _ => return None,
+            }
         }
     }
 

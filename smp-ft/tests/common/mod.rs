@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: they boot real KVM guests in real processes.
 #![allow(dead_code)]
 
+pub mod ft;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -205,11 +207,11 @@ impl VmPaths {
 
 /// A child process that is SIGKILLed if the test ends (or panics) without waiting for it, so no
 /// VM outlives its test.
-pub struct Proc(Option<std::process::Child>);
+pub struct Proc(Option<std::process::Child>, Option<std::process::ExitStatus>);
 
 impl Proc {
     pub fn new(child: std::process::Child) -> Proc {
-        Proc(Some(child))
+        Proc(Some(child), None)
     }
 
     pub fn pid(&self) -> u32 {
@@ -219,7 +221,7 @@ impl Proc {
     pub fn sigkill(&mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = c.kill();
-            let _ = c.wait();
+            self.1 = c.wait().ok();
         }
     }
 
@@ -227,8 +229,26 @@ impl Proc {
         self.0.take().unwrap().wait_with_output().unwrap()
     }
 
+    /// The exit status if the process has ended (it is reaped then).
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        if self.1.is_none() {
+            self.1 = self.0.as_mut()?.try_wait().ok()?;
+            if self.1.is_some() {
+                self.0 = None;
+            }
+        }
+        self.1
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.try_wait().is_none()
+    }
+
     pub fn wait(mut self) -> std::process::ExitStatus {
-        self.0.take().unwrap().wait().unwrap()
+        match self.0.take() {
+            Some(mut c) => c.wait().unwrap(),
+            None => self.1.unwrap(),
+        }
     }
 }
 

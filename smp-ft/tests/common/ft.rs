@@ -1,0 +1,146 @@
+//! Helpers for the FT tests: identities, a tie-breaker, and primary/standby processes.
+
+use super::{scratch, smpft, Proc, Qmp, VmPaths};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub struct FtSetup {
+    pub dir: PathBuf,
+    /// Identity directories of the two hosts.
+    pub a: PathBuf,
+    pub b: PathBuf,
+    pub tiebreak: PathBuf,
+}
+
+/// A UDP port free on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub const GUEST: &str = "counter churn service churn-rate=2000 churn-ws=2M duration=600s";
+
+impl FtSetup {
+    pub fn new(name: &str) -> FtSetup {
+        let dir = scratch(name);
+        let (a, b) = (dir.join("id-a"), dir.join("id-b"));
+        for (d, n) in [(&a, "a"), (&b, "b")] {
+            let o = smpft().args(["keygen", "--name", n, "--out"]).arg(d).output().unwrap();
+            assert!(o.status.success(), "keygen: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let tiebreak = dir.join("tiebreak");
+        FtSetup { dir, a, b, tiebreak }
+    }
+
+    pub fn paths(&self, name: &str) -> VmPaths {
+        VmPaths::new(&self.dir, name)
+    }
+
+    /// `smpft standby` on `listen`, with identity `me` trusting `peer`'s certificate.
+    pub fn standby(&self, p: &VmPaths, listen: &str, me: &Path, peer: &Path, vcpus: u32, env: &[(&str, &str)]) -> Proc {
+        let side = Side { me, peer, tiebreak: &self.tiebreak, env, netns: None };
+        self.standby_side(p, listen, vcpus, &side)
+    }
+
+    pub fn standby_side(&self, p: &VmPaths, listen: &str, vcpus: u32, side: &Side) -> Proc {
+        let vcpus = vcpus.to_string();
+        spawn(p, side, &["standby", "--listen", listen, "--vcpus", &vcpus, "--memory", "128M"])
+    }
+
+    /// `smpft run` (identity a) protected by the standby at `peer_addr`.
+    pub fn primary(&self, p: &VmPaths, peer_addr: &str, env: &[(&str, &str)], extra: &[&str]) -> Proc {
+        let side = Side { me: &self.a, peer: &self.b, tiebreak: &self.tiebreak, env, netns: None };
+        self.primary_side(p, peer_addr, &side, extra)
+    }
+
+    pub fn primary_side(&self, p: &VmPaths, peer_addr: &str, side: &Side, extra: &[&str]) -> Proc {
+        let args = ["run", "--vcpus", "4", "--memory", "128M", "--guest-args", GUEST, "--ft-peer", peer_addr];
+        spawn(p, side, &[&args[..], extra].concat())
+    }
+
+    /// The tie-breaker record: (generation, holder).
+    pub fn record(&self) -> Option<(u64, String)> {
+        let t = std::fs::read_to_string(&self.tiebreak).ok()?;
+        let mut w = t.trim_end().rsplitn(3, ' ');
+        let holder = w.next()?.to_string();
+        let generation = w.next()?.parse().ok()?;
+        Some((generation, holder))
+    }
+}
+
+/// One side's FT settings.
+pub struct Side<'a> {
+    pub me: &'a Path,
+    pub peer: &'a Path,
+    pub tiebreak: &'a Path,
+    pub env: &'a [(&'a str, &'a str)],
+    /// Run inside this network namespace.
+    pub netns: Option<&'a str>,
+}
+
+/// `smpft ARGS` with `p`'s serial, QMP and console and `side`'s FT options; its log goes to
+/// `p.console` with the extension `log`.
+fn spawn(p: &VmPaths, side: &Side, args: &[&str]) -> Proc {
+    let log = std::fs::File::create(p.console.with_extension("log")).unwrap();
+    let mut c = match side.netns {
+        None => smpft(),
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(super::smpft_bin());
+            c
+        }
+    };
+    c.env("SMPFT_LOG", "info")
+        .envs(side.env.iter().copied())
+        .args(args)
+        .arg("--serial")
+        .arg(format!("unix:{}", p.serial.display()))
+        .arg("--qmp")
+        .arg(format!("unix:{}", p.qmp.display()))
+        .arg("--console")
+        .arg(&p.console)
+        .arg("--identity")
+        .arg(side.me)
+        .arg("--peer-cert")
+        .arg(side.peer.join("cert.pem"))
+        .arg("--tiebreak")
+        .arg(side.tiebreak)
+        .stderr(log);
+    Proc::new(c.spawn().unwrap())
+}
+
+/// The log (stderr) of the process whose console is `p.console`.
+pub fn log(p: &VmPaths) -> String {
+    std::fs::read_to_string(p.console.with_extension("log")).unwrap_or_default()
+}
+
+/// `x-smpft-query-ft` of the process at `p`.
+pub fn query(p: &VmPaths) -> serde_json::Value {
+    Qmp::negotiated(&p.qmp).ok("x-smpft-query-ft", None)
+}
+
+/// Waits until `x-smpft-query-ft` reports `state`; panics with the last answer after `within`.
+pub fn wait_state(p: &VmPaths, state: &str, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let q = query(p);
+        if q["state"] == state {
+            return q;
+        }
+        assert!(Instant::now() < deadline, "never reached state {state}: {q}\nlog:\n{}", log(p));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits for the process to exit; panics after `within`.
+pub fn wait_exit(p: Proc, within: Duration) -> std::process::ExitStatus {
+    let pid = p.pid();
+    let deadline = Instant::now() + within;
+    let mut p = p;
+    loop {
+        if let Some(s) = p.try_wait() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

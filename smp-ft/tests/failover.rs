@@ -1,0 +1,421 @@
+//! SMP-FT end to end: a 4-vCPU guest (counter + churn + service) protected by a standby on this
+//! machine; real processes, real SIGKILL, a client that reconnects and retries by request id and
+//! checks that no acknowledged value is lost, duplicated or rolled back.
+
+mod common;
+
+use common::ft::{free_port, log, query, wait_exit, wait_state, FtSetup, Side};
+use common::{require_kvm, Proc, VmPaths};
+use smp_ft::client::FailoverClient;
+use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The FT tests each run two 4-vCPU VMs; one at a time keeps them within the host's 2 cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A client running in the background until stopped; returns itself (with its checks done).
+struct Background {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<FailoverClient, String>>,
+}
+
+fn background_client(paths: Vec<std::path::PathBuf>) -> Background {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut c = FailoverClient::new(paths, 1);
+        while !s.load(Ordering::SeqCst) {
+            c.incr(Duration::from_secs(20)).map_err(|e| e.to_string())?;
+        }
+        Ok(c)
+    });
+    Background { stop, thread }
+}
+
+impl Background {
+    fn finish(self) -> FailoverClient {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap().unwrap_or_else(|e| panic!("client: {e}"))
+    }
+}
+
+fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut x = seed | 1;
+    move |n| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    }
+}
+
+/// After a failover: a few more requests on the new copy, then EXIT; the guest checks its
+/// invariants (counter, churn) and exits 0 only if they hold.
+fn finish_on(client: FailoverClient, live: Proc, live_paths: &VmPaths, what: &str) -> FailoverClient {
+    finish_at(client, 1, live, live_paths, what)
+}
+
+/// As [`finish_on`], for the copy at index `at` of the client's paths.
+fn finish_at(mut client: FailoverClient, at: usize, live: Proc, live_paths: &VmPaths, what: &str) -> FailoverClient {
+    for _ in 0..20 {
+        client.incr(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    assert_eq!(client.connected_to, Some(at), "{what}: the client must be talking to the live copy");
+    let bye = client.exit().unwrap_or_else(|e| panic!("{what}: EXIT: {e}"));
+    assert_eq!(Some(bye), client.last, "{what}: the service's final value is the last one acknowledged");
+    let status = wait_exit(live, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{what}: guest invariants failed after takeover\n{}", log(live_paths));
+    client
+}
+
+#[test]
+fn primary_killed_at_random_moments_loses_nothing() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-kills");
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut r = rng(seed);
+    eprintln!("seed {seed}");
+    let mut outages = Vec::new();
+    let mut total_replies = 0;
+    for trial in 0..32u64 {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let (pp, sp) = (setup.paths(&format!("p{trial}")), setup.paths(&format!("s{trial}")));
+        let k = 3 + r(40);
+        let (what, p_fault, s_fault) = match trial % 8 {
+            0 => ("kill during pre-copy".to_string(), Some("kill-in-precopy".to_string()), None),
+            1 | 2 => (format!("kill after send #{k}"), Some(format!("kill-after-send:{k}")), None),
+            3 | 4 => (format!("kill right after ack #{k}"), Some(format!("kill-after-ack:{k}")), None),
+            5 => (
+                format!("kill while the standby applies #{k}"),
+                Some(format!("kill-after-ack:{k}")),
+                Some(format!("stall-apply:{k}:200")),
+            ),
+            _ => (format!("SIGKILL {} ms after protection", r(400)), None, None),
+        };
+        let what = format!("trial {trial} ({what})");
+        let s_env: Vec<(&str, &str)> = s_fault.iter().map(|f| ("SMPFT_FAULT", f.as_str())).collect();
+        let p_env: Vec<(&str, &str)> = p_fault.iter().map(|f| ("SMPFT_FAULT", f.as_str())).collect();
+        let mut standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &s_env);
+        wait_state(&sp, "waiting", Duration::from_secs(10));
+        let mut primary = setup.primary(&pp, &addr, &p_env, &[]);
+        if trial % 8 == 0 {
+            // Nothing whole reached the standby: it must not go live, and waits for a new primary.
+            let status = wait_exit(primary, Duration::from_secs(20));
+            assert_eq!(status.signal(), Some(9), "{what}: the primary should have been killed");
+            std::thread::sleep(Duration::from_millis(600));
+            assert!(standby.is_running(), "{what}: the standby must keep waiting\n{}", log(&sp));
+            assert_eq!(query(&sp)["state"], "waiting", "{what}\n{}", log(&sp));
+            assert!(!sp.serial.exists(), "{what}: the standby's serial port must stay closed");
+            standby.sigkill();
+            continue;
+        }
+        let client = background_client(vec![pp.serial.clone(), sp.serial.clone()]);
+        if p_fault.is_none() {
+            wait_state(&pp, "protected", Duration::from_secs(20));
+            let ms: u64 = what.split("SIGKILL ").nth(1).and_then(|s| s.split(' ').next()?.parse().ok()).unwrap();
+            std::thread::sleep(Duration::from_millis(ms));
+            primary.sigkill();
+        }
+        let status = wait_exit(primary, Duration::from_secs(30));
+        assert_eq!(status.signal(), Some(9), "{what}: primary ended otherwise\n{}", log(&pp));
+        wait_state(&sp, "live-after-failover", Duration::from_secs(10));
+        let client = client.finish();
+        let client = finish_on(client, standby, &sp, &what);
+        assert!(client.replies > 20, "{what}: the client made progress");
+        total_replies += client.replies;
+        outages.extend(client.outages.iter().copied());
+    }
+    outages.sort();
+    eprintln!(
+        "32 trials, {total_replies} acknowledged requests, none lost; client outages: median {:?}, max {:?}",
+        outages.get(outages.len() / 2),
+        outages.last()
+    );
+}
+
+#[test]
+fn standby_killed_primary_continues_unprotected_and_releases_output() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-standby-kill");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
+    let mut standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &[]);
+    let primary = setup.primary(&pp, &addr, &[], &[]);
+    wait_state(&pp, "protected", Duration::from_secs(20));
+    let client = background_client(vec![pp.serial.clone()]);
+    std::thread::sleep(Duration::from_millis(300));
+    standby.sigkill();
+    let q = wait_state(&pp, "unprotected", Duration::from_secs(10));
+    assert_eq!(q["held-bytes"], 0, "nothing stays held once unprotected: {q}");
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = client.finish();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let before = client.replies;
+    for _ in 0..50 {
+        client.incr(Duration::from_secs(5)).unwrap();
+    }
+    assert_eq!(client.replies, before + 50);
+    let (generation, holder) = setup.record().expect("the primary claimed the tie-breaker");
+    assert_eq!(generation, 1);
+    assert!(holder.ends_with(&format!(":{}", primary.pid())), "holder {holder}");
+    let bye = client.exit().unwrap();
+    assert_eq!(Some(bye), client.last);
+    assert_eq!(wait_exit(primary, Duration::from_secs(20)).code(), Some(0), "{}", log(&pp));
+}
+
+#[test]
+fn reprotect_after_failover_and_fail_over_again() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-reprotect");
+    let (addr1, addr2) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let (ap, bp, cp) = (setup.paths("a"), setup.paths("b"), setup.paths("c"));
+    let mut b = setup.standby(&bp, &addr1, &setup.b, &setup.a, 4, &[]);
+    let mut a = setup.primary(&ap, &addr1, &[], &[]);
+    wait_state(&ap, "protected", Duration::from_secs(20));
+    let client = background_client(vec![ap.serial.clone(), bp.serial.clone(), cp.serial.clone()]);
+    std::thread::sleep(Duration::from_millis(300));
+    a.sigkill();
+    wait_state(&bp, "live-after-failover", Duration::from_secs(10));
+    // A new standby (on the old primary's host, so with its identity) protects B.
+    let c = setup.standby(&cp, &addr2, &setup.a, &setup.b, 4, &[]);
+    wait_state(&cp, "waiting", Duration::from_secs(10));
+    common::Qmp::negotiated(&bp.qmp).ok("x-smpft-protect", Some(serde_json::json!({"peer": addr2})));
+    let q = wait_state(&bp, "protected", Duration::from_secs(20));
+    assert_eq!(q["generation"], 1, "{q}");
+    std::thread::sleep(Duration::from_millis(300));
+    b.sigkill();
+    wait_state(&cp, "live-after-failover", Duration::from_secs(10));
+    let mut client = client.finish();
+    assert_eq!(setup.record().unwrap().0, 2, "two failovers, two generations");
+    for _ in 0..20 {
+        client.incr(Duration::from_secs(10)).unwrap();
+    }
+    assert_eq!(client.connected_to, Some(2));
+    assert!(client.outages.len() >= 2, "both failovers were seen by the client: {:?}", client.outages);
+    let bye = client.exit().unwrap();
+    assert_eq!(Some(bye), client.last);
+    assert_eq!(wait_exit(c, Duration::from_secs(20)).code(), Some(0), "{}", log(&cp));
+}
+
+#[test]
+fn unreachable_tiebreaker_keeps_the_standby_from_going_live() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-tb-unreachable");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
+    let shared = setup.dir.join("not-mounted-yet");
+    let tb = shared.join("tiebreak");
+    let standby =
+        setup.standby_side(&sp, &addr, 4, &Side { me: &setup.b, peer: &setup.a, tiebreak: &tb, env: &[], netns: None });
+    let side = Side { me: &setup.a, peer: &setup.b, tiebreak: &tb, env: &[], netns: None };
+    let mut primary = setup.primary_side(&pp, &addr, &side, &[]);
+    wait_state(&pp, "protected", Duration::from_secs(20));
+    let client = background_client(vec![pp.serial.clone(), sp.serial.clone()]);
+    std::thread::sleep(Duration::from_millis(200));
+    primary.sigkill();
+    wait_state(&sp, "arbitrating", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(query(&sp)["state"], "arbitrating", "never live without winning the tie-breaker");
+    assert!(!sp.serial.exists(), "the standby's serial port stays closed");
+    assert!(log(&sp).contains("unreachable"), "{}", log(&sp));
+    // The storage comes back: now the standby wins and takes over.
+    std::fs::create_dir_all(&shared).unwrap();
+    wait_state(&sp, "live-after-failover", Duration::from_secs(10));
+    let client = client.finish();
+    finish_on(client, standby, &sp, "after the tie-breaker came back");
+}
+
+#[test]
+fn wrong_certificate_or_shape_is_refused_with_a_clear_error() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-refused");
+    // A standby that trusts someone else.
+    let stranger = setup.dir.join("id-stranger");
+    assert!(common::smpft().args(["keygen", "--out"]).arg(&stranger).output().unwrap().status.success());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
+    let mut standby = setup.standby(&sp, &addr, &setup.b, &stranger, 4, &[]);
+    let mut primary = setup.primary(&pp, &addr, &[], &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let q = loop {
+        let q = query(&pp);
+        if q["last-error"].is_string() {
+            break q;
+        }
+        assert!(Instant::now() < deadline, "no error reported: {q}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(q["state"], "unprotected", "{q}");
+    assert!(q["last-error"].as_str().unwrap().contains("cannot reach the standby"), "{q}");
+    assert_eq!(query(&sp)["state"], "waiting");
+    standby.sigkill();
+    primary.sigkill();
+
+    // A standby sized differently.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (pp, sp) = (setup.paths("p2"), setup.paths("s2"));
+    let standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 2, &[]);
+    let mut primary = setup.primary(&pp, &addr, &[], &[]);
+    let status = wait_exit(standby, Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(log(&sp).contains("VM shape differs"), "{}", log(&sp));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !query(&pp)["last-error"].as_str().is_some_and(|e| e.contains("shape")) {
+        assert!(Instant::now() < deadline, "primary did not report the mismatch: {}", query(&pp));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(query(&pp)["state"], "unprotected");
+    primary.sigkill();
+}
+
+#[test]
+fn bad_ft_arguments_are_refused() {
+    let setup = FtSetup::new("ft-args");
+    let run = |args: &[&str]| {
+        let o = common::smpft().arg("run").args(args).output().unwrap();
+        assert!(!o.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = run(&["--ft-peer", "127.0.0.1:7400"]);
+    assert!(e.contains("fault tolerance needs --identity, --peer-cert, --tiebreak"), "{e}");
+    let id = setup.a.to_str().unwrap();
+    let cert = setup.b.join("cert.pem");
+    let cert = cert.to_str().unwrap();
+    let tb = setup.tiebreak.to_str().unwrap();
+    let base = ["--identity", id, "--peer-cert", cert, "--tiebreak", tb];
+    let e = run(&[&base[..], &["--ft-peer", "nowhere"]].concat());
+    assert!(e.contains("--ft-peer") && e.contains("not a host:port"), "{e}");
+    let e = run(&[&base[..], &["--ft-timeout", "30ms", "--ft-heartbeat", "20ms"]].concat());
+    assert!(e.contains("--ft-timeout"), "{e}");
+    let e = run(&[&base[..], &["--ft-interval", "soon"]].concat());
+    assert!(e.contains("not a duration"), "{e}");
+    let e = run(&["--identity", "/nonexistent", "--peer-cert", cert, "--tiebreak", tb]);
+    assert!(e.contains("/nonexistent"), "{e}");
+    let e = run(&["--identity", id, "--peer-cert", "/nonexistent.pem", "--tiebreak", tb]);
+    assert!(e.contains("--peer-cert"), "{e}");
+    let o = common::smpft().args(["standby", "--listen", "not-an-address"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = common::smpft().args(["standby", "--listen", "127.0.0.1:0"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fault tolerance needs"), "{o:?}");
+}
+
+/// Two network namespaces joined by a veth pair (10.214.0.1 and .2); removed on drop.
+struct Netns {
+    a: String,
+    b: String,
+}
+
+fn ip(args: &[&str]) {
+    let st = std::process::Command::new("ip").args(args).status().unwrap();
+    assert!(st.success(), "ip {args:?} failed (the partition test needs root and iproute2)");
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let id = std::process::id() % 100_000;
+        let (a, b) = (format!("smpft-fa{id}"), format!("smpft-fb{id}"));
+        for ns in [&a, &b] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        ip(&["netns", "add", &a]);
+        ip(&["netns", "add", &b]);
+        let (va, vb) = (format!("fa{id}"), format!("fb{id}"));
+        ip(&["link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b]);
+        for (ns, dev, addr) in [(&a, &va, "10.214.0.1/24"), (&b, &vb, "10.214.0.2/24")] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        Netns { a, b }
+    }
+
+    fn partition(&self) {
+        for chain in ["INPUT", "OUTPUT"] {
+            let st = std::process::Command::new("ip")
+                .args(["netns", "exec", &self.a, "iptables", "-A", chain, "-j", "DROP"])
+                .status()
+                .unwrap();
+            assert!(st.success(), "iptables in {} failed", self.a);
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn partition_leaves_exactly_one_live_copy() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-partition");
+    let mut winners = Vec::new();
+    for trial in 0..3 {
+        let net = Netns::new();
+        let tb = setup.dir.join(format!("tiebreak{trial}"));
+        let (pp, sp) = (setup.paths(&format!("p{trial}")), setup.paths(&format!("s{trial}")));
+        let s_side = Side { me: &setup.b, peer: &setup.a, tiebreak: &tb, env: &[], netns: Some(&net.b) };
+        let mut standby = setup.standby_side(&sp, "10.214.0.2:7400", 4, &s_side);
+        let p_side = Side { me: &setup.a, peer: &setup.b, tiebreak: &tb, env: &[], netns: Some(&net.a) };
+        let mut primary = setup.primary_side(&pp, "10.214.0.2:7400", &p_side, &[]);
+        wait_state(&pp, "protected", Duration::from_secs(20));
+        let client = background_client(vec![pp.serial.clone(), sp.serial.clone()]);
+        std::thread::sleep(Duration::from_millis(300));
+        net.partition();
+        // Both sides notice the silence and race for the tie-breaker; the loser halts.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let (loser, winner, at, winner_paths, who) = loop {
+            if let Some(st) = primary.try_wait() {
+                assert_eq!(st.code(), Some(75), "the primary ended otherwise\n{}", log(&pp));
+                break (st, standby, 1, &sp, "standby");
+            }
+            if let Some(st) = standby.try_wait() {
+                assert_eq!(st.code(), Some(75), "the standby ended otherwise\n{}", log(&sp));
+                break (st, primary, 0, &pp, "primary");
+            }
+            assert!(Instant::now() < deadline, "nobody halted after the partition");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _ = loser;
+        let mut winner = winner;
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(winner.is_running(), "the {who} won and must keep running");
+        let state = query(winner_paths)["state"].clone();
+        assert!(state == "live-after-failover" || state == "unprotected", "{who}: {state}");
+        let (generation, holder) = std::fs::read_to_string(&tb)
+            .ok()
+            .and_then(|t| {
+                let mut w = t.trim_end().rsplitn(3, ' ');
+                let h = w.next()?.to_string();
+                Some((w.next()?.parse::<u64>().ok()?, h))
+            })
+            .expect("a tie-breaker record");
+        assert_eq!(generation, 1);
+        assert!(holder.ends_with(&format!(":{}", winner.pid())), "record names {holder}, not the {who}");
+        let client = client.finish();
+        finish_at(client, at, winner, winner_paths, &format!("partition trial {trial}, {who} won"));
+        winners.push(who);
+    }
+    eprintln!("partition winners: {winners:?}");
+}
