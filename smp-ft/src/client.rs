@@ -47,7 +47,9 @@ impl ServiceClient {
 
     pub fn recv(&mut self) -> Result<String, ClientError> {
         let mut l = String::new();
-        if self.reader.read_line(&mut l)? == 0 {
+        // A line cut short by the end of the connection is no reply: output is a byte stream,
+        // and the rest of the line may never have been released (or sent).
+        if self.reader.read_line(&mut l)? == 0 || !l.ends_with('\n') {
             return Err(ClientError::Closed);
         }
         Ok(l.trim_end().to_string())
@@ -88,14 +90,34 @@ pub struct FailoverClient {
     /// Outages seen: from the first failed attempt to the next good reply.
     pub outages: Vec<Duration>,
     reply_timeout: Duration,
+    /// The last lines sent and received, with the copy they went to, for error reports.
+    recent: std::collections::VecDeque<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum FailoverError {
     #[error("no copy of the service answered within {0:?}")]
     Unreachable(Duration),
-    #[error("request {id}: value {got} after {last:?}: acknowledged output was lost, duplicated or rolled back")]
-    Inconsistent { id: u64, got: u64, last: Option<u64> },
+    #[error("request {id}: value {got} after {last:?}: acknowledged output was lost, duplicated or rolled back; recent traffic: {recent:?}")]
+    Inconsistent { id: u64, got: u64, last: Option<u64>, recent: Vec<String> },
+}
+
+/// The process on the other end of a unix socket.
+fn peer_pid(s: &UnixStream) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes a `ucred` of at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.pid)
 }
 
 impl FailoverClient {
@@ -110,6 +132,7 @@ impl FailoverClient {
             replies: 0,
             outages: Vec::new(),
             reply_timeout: Duration::from_millis(500),
+            recent: Default::default(),
         }
     }
 
@@ -118,6 +141,12 @@ impl FailoverClient {
             for (i, p) in self.paths.iter().enumerate() {
                 if let Ok(s) = UnixStream::connect(p) {
                     let _ = s.set_read_timeout(Some(self.reply_timeout));
+                    let pid = peer_pid(&s);
+                    if self.recent.len() == 16 {
+                        self.recent.pop_front();
+                    }
+                    self.recent
+                        .push_back(format!("connected to {i} (pid {pid:?}) at {:?}", std::time::SystemTime::now()));
                     if let Ok(r) = s.try_clone() {
                         self.conn = Some(ServiceClient { writer: s, reader: BufReader::new(r) });
                         self.connected_to = Some(i);
@@ -144,8 +173,18 @@ impl FailoverClient {
                 self.connect_any(deadline)?;
             }
             let c = self.conn.as_mut().expect("connected");
+            let at = self.connected_to.unwrap_or(0);
+            let recent = &mut self.recent;
+            let mut note = |s: String| {
+                if recent.len() == 16 {
+                    recent.pop_front();
+                }
+                recent.push_back(s);
+            };
+            note(format!("{at}> INCR {id}"));
             let got = c.send(&format!("INCR {id}")).and_then(|()| loop {
-                let line = c.recv()?;
+                let line = c.recv().inspect_err(|e| note(format!("{at}! {e}")))?;
+                note(format!("{at}< {line}"));
                 match parse_reply(&line, "OK") {
                     Ok((rid, v)) if rid == id => break Ok(v),
                     // A late reply to an earlier try of an earlier id: already counted.
@@ -159,7 +198,12 @@ impl FailoverClient {
                         self.outages.push(t.elapsed());
                     }
                     if self.last.is_some_and(|l| v != l + 1) {
-                        return Err(FailoverError::Inconsistent { id, got: v, last: self.last });
+                        return Err(FailoverError::Inconsistent {
+                            id,
+                            got: v,
+                            last: self.last,
+                            recent: self.recent.iter().cloned().collect(),
+                        });
                     }
                     self.last = Some(v);
                     self.replies += 1;
@@ -191,6 +235,17 @@ impl FailoverClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_cut_off_by_the_end_of_the_connection_is_not_a_reply() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let reader = BufReader::new(a.try_clone().unwrap());
+        let mut c = ServiceClient { writer: a, reader };
+        b.write_all(b"OK 1 1\nOK 2 1").unwrap();
+        drop(b);
+        assert_eq!(c.recv().unwrap(), "OK 1 1");
+        assert!(matches!(c.recv(), Err(ClientError::Closed)), "\"OK 2 1\" was only the start of \"OK 2 17\"");
+    }
 
     #[test]
     fn parses_replies() {

@@ -41,8 +41,13 @@ fn background_client(paths: Vec<std::path::PathBuf>) -> Background {
 
 impl Background {
     fn finish(self) -> FailoverClient {
+        self.finish_or(|| String::new())
+    }
+
+    /// As `finish`; on failure the panic message adds `context()` (e.g. the processes' logs).
+    fn finish_or(self, context: impl FnOnce() -> String) -> FailoverClient {
         self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().unwrap().unwrap_or_else(|e| panic!("client: {e}"))
+        self.thread.join().unwrap().unwrap_or_else(|e| panic!("client: {e}\n{}", context()))
     }
 }
 
@@ -128,7 +133,7 @@ fn primary_killed_at_random_moments_loses_nothing() {
         let status = wait_exit(primary, Duration::from_secs(30));
         assert_eq!(status.signal(), Some(9), "{what}: primary ended otherwise\n{}", log(&pp));
         wait_state(&sp, "live-after-failover", Duration::from_secs(10));
-        let client = client.finish();
+        let client = client.finish_or(|| format!("{what}\nprimary:\n{}\nstandby:\n{}", log(&pp), log(&sp)));
         let client = finish_on(client, standby, &sp, &what);
         assert!(client.replies > 20, "{what}: the client made progress");
         total_replies += client.replies;

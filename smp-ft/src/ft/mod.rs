@@ -9,6 +9,7 @@ pub mod protocol;
 pub mod standby;
 pub mod stats;
 pub mod tiebreak;
+pub mod verify;
 pub mod wire;
 
 use std::path::PathBuf;

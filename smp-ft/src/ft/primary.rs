@@ -102,8 +102,8 @@ struct SyncRun {
 }
 
 /// Pre-copy stops iterating once this few pages are left (the final pause copies them).
-const SYNC_DONE_PAGES: u64 = 2048;
-const SYNC_MAX_ROUNDS: u32 = 12;
+const SYNC_DONE_PAGES: u64 = 256;
+const SYNC_MAX_ROUNDS: u32 = 30;
 /// At most this many checkpoints sent and not acknowledged; beyond it the next waits (its
 /// dirty pages keep accumulating in the log meanwhile).
 const MAX_UNACKED: u64 = 4;
@@ -121,6 +121,9 @@ pub struct PrimaryFt {
     sync: Option<SyncRun>,
     inputs: (Sender<Input>, Receiver<Input>),
     wake: Receiver<()>,
+    gate: Arc<crate::vmm::devices::gate::OutputGate>,
+    /// `SMPFT_VERIFY=1`: what the standby should hold, checked against memory at each checkpoint.
+    shadow: Option<super::verify::Shadow>,
     last_checkpoint: Instant,
     next_connect: Instant,
     next_arbitrate: Option<Instant>,
@@ -157,6 +160,8 @@ impl PrimaryFt {
             sync: None,
             inputs: crossbeam_channel::unbounded(),
             wake,
+            gate: vm.devices().gate.clone(),
+            shadow: std::env::var_os("SMPFT_VERIFY").map(|_| super::verify::Shadow::new(vm.memory().size())),
             last_checkpoint: Instant::now(),
             next_connect: Instant::now(),
             next_arbitrate: None,
@@ -187,6 +192,9 @@ impl PrimaryFt {
         }
         if self.proto.state() == PrimaryState::Protected {
             at = at.min(self.last_checkpoint + self.opts.interval);
+            if self.gate.has_open() {
+                at = at.min(self.last_checkpoint + self.opts.min_gap);
+            }
         }
         if let Some(t) = self.next_arbitrate {
             at = at.min(t);
@@ -335,7 +343,10 @@ impl PrimaryFt {
             match a {
                 PrimaryAction::StartSync => self.start_sync(vm),
                 PrimaryAction::TakeCheckpoint { .. } => {}
-                PrimaryAction::Release { ids } => vm.devices().gate.release(&ids),
+                PrimaryAction::Release { ids } => {
+                    tracing::debug!(?ids, acked = ?self.proto.acked(), "release");
+                    vm.devices().gate.release(&ids)
+                }
                 PrimaryAction::DropStandby => {
                     if let Some(l) = self.link.take() {
                         l.close(transport::channel::code::SILENT, "standby dropped");
@@ -420,6 +431,12 @@ impl PrimaryFt {
         match vm.copy_running(all) {
             Ok(memory) => {
                 let bytes = memory.data.len() as u64;
+                if let Some(sh) = &self.shadow {
+                    if all {
+                        sh.reset();
+                    }
+                    sh.apply(&memory);
+                }
                 if let (Some(s), Some(l)) = (&mut self.sync, &self.link) {
                     s.round += 1;
                     s.awaiting = seq;
@@ -460,6 +477,9 @@ impl PrimaryFt {
         let seq = self.next_seq();
         match vm.checkpoint(|| gate.hold()) {
             Ok((memory, state, t)) => {
+                if let Some(sh) = &self.shadow {
+                    sh.apply(&memory);
+                }
                 let pause = t.total();
                 self.stats.pause(pause);
                 let actions = self.proto.handle(PrimaryEvent::SyncSent { epoch: seq });
@@ -499,7 +519,22 @@ impl PrimaryFt {
     fn checkpoint(&mut self, vm: &RunningVm) {
         let gate = vm.devices().gate.clone();
         let mut sealed = None;
-        let r = vm.checkpoint(|| sealed = gate.seal());
+        let mut changed = Vec::new();
+        let shadow = self.shadow.as_ref();
+        let r = vm.checkpoint(|| {
+            sealed = gate.seal();
+            if let Some(sh) = shadow {
+                changed = sh.differing(vm.memory());
+            }
+        });
+        if let (Some(sh), Ok((m, _, _))) = (&self.shadow, &r) {
+            let sent: std::collections::HashSet<u64> = m.pages.iter().chain(&m.zero_pages).copied().collect();
+            let missed: Vec<u64> = changed.iter().copied().filter(|p| !sent.contains(p)).collect();
+            if !missed.is_empty() {
+                tracing::error!("VERIFY: checkpoint misses changed pages {missed:?} (changed {})", changed.len());
+            }
+            sh.apply(m);
+        }
         self.last_checkpoint = Instant::now();
         let (memory, state, t): (MemoryPages, _, _) = match r {
             Ok(x) => x,
@@ -516,6 +551,7 @@ impl PrimaryFt {
             if let PrimaryAction::TakeCheckpoint { epoch } = a {
                 self.stats.pause(t.total());
                 self.stats.checkpoint(epoch, memory.data.len() as u64);
+                tracing::debug!(epoch, pages = memory.pages.len() + memory.zero_pages.len(), output = ?sealed, "checkpoint");
                 if let Some(l) = &self.link {
                     l.send(Payload { seq: epoch, kind: PayloadKind::Epoch, memory, state: Some(state) });
                 }

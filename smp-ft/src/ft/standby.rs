@@ -50,6 +50,15 @@ struct Session {
     peer: SocketAddr,
 }
 
+/// Acknowledges `epoch`. If the channel is already closed the ack is lost, which the protocol
+/// allows (the primary then holds that output until it wins the tie-breaker or dies); the copy
+/// itself is still whole, and the closed channel is reported as an event of its own.
+fn send_ack(chan: &Channel, epoch: Epoch) {
+    if let Err(e) = chan.send(&Message::Ack { epoch }) {
+        tracing::debug!(epoch, "ack not sent: {e}");
+    }
+}
+
 pub struct StandbyRunner<'a> {
     opts: &'a StandbyOptions,
     tiebreak: TieBreaker,
@@ -230,15 +239,16 @@ impl<'a> StandbyRunner<'a> {
                 return Err(format!("pre-copy round {seq} after the copy was complete"));
             }
             staged.apply(&s.memory)?;
-            s.chan.send(&Message::Ack { epoch: seq }).map_err(|e| e.to_string())?;
+            send_ack(&s.chan, seq);
             return Ok(());
         }
         for a in s.proto.handle(StandbyEvent::Checkpoint { epoch: seq, valid: true }) {
             match a {
-                StandbyAction::Ack { epoch } => s.chan.send(&Message::Ack { epoch }).map_err(|e| e.to_string())?,
+                StandbyAction::Ack { epoch } => send_ack(&s.chan, epoch),
                 StandbyAction::Apply { epoch } => {
                     super::fault::hit(super::fault::Point::StallApply);
                     let state = staged.apply(&s.memory)?.ok_or("checkpoint without machine state")?;
+                    tracing::debug!(epoch, pages = staged.pages(), "applied");
                     s.state = Some(state);
                     s.applied = Some(epoch);
                     s.checkpoints += 1;

@@ -107,7 +107,10 @@ fn copy_pages(mem: &GuestMemory, set: Option<&Bitmap>, out: &mut MemoryPages) ->
     };
     match set {
         Some(set) => set.iter().try_for_each(|p| one(p, false)),
-        None => (0..mem.size() / PAGE_SIZE).try_for_each(|p| one(p, true)),
+        None => mem
+            .data_ranges()
+            .into_iter()
+            .try_for_each(|(s, e)| (s / PAGE_SIZE..e.div_ceil(PAGE_SIZE)).try_for_each(|p| one(p, true))),
     }
 }
 

@@ -106,6 +106,35 @@ impl GuestMemory {
         }
     }
 
+    /// Byte ranges of memory that may hold data; everything else has never been written and
+    /// reads as zeroes. Asked of the memfd (SEEK_DATA/SEEK_HOLE), so a scan for non-zero pages
+    /// skips the holes without faulting them in.
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        let fd = self.fd.as_raw_fd();
+        let mut out = Vec::new();
+        let mut at: u64 = 0;
+        while at < self.size {
+            // SAFETY: lseek on a descriptor we own; results are checked.
+            let start = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+            if start < 0 {
+                // ENXIO: no data beyond `at`. Anything else: assume everything may be data.
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                    return vec![(0, self.size)];
+                }
+                break;
+            }
+            // SAFETY: as above.
+            let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+            let end = if end < 0 { self.size } else { (end as u64).min(self.size) };
+            if end <= start as u64 {
+                break;
+            }
+            out.push((start as u64, end));
+            at = end;
+        }
+        out
+    }
+
     /// A read-only view of one page, for copying it out while the vCPUs are paused.
     pub fn page(&self, page: u64) -> Result<&[u8], MemoryError> {
         let addr = page * PAGE_SIZE;
@@ -154,6 +183,16 @@ impl Drop for GuestMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_ranges_skip_holes() {
+        let m = GuestMemory::new(64 << 20).unwrap();
+        assert!(m.data_ranges().is_empty(), "fresh memory is all hole");
+        m.write(40 << 20, &[1]).unwrap();
+        let r = m.data_ranges();
+        assert!(r.iter().any(|&(s, e)| s <= 40 << 20 && e > 40 << 20), "{r:?}");
+        assert!(r.iter().map(|(s, e)| e - s).sum::<u64>() < 64 << 20, "{r:?}");
+    }
 
     #[test]
     fn reads_back_what_was_written_and_rejects_out_of_range() {

@@ -10,6 +10,9 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Nice value of vCPU threads (see `Vcpu::run`).
+const VCPU_NICE: libc::c_int = 19;
+
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("vCPU {vcpu}: KVM_RUN failed")]
@@ -105,6 +108,10 @@ impl Vcpu {
     /// Runs the guest until the controller asks the vCPU to exit or the guest ends.
     /// The thread's kick target is set up and torn down around the loop.
     pub fn run(&mut self, on_end: impl FnOnce(usize, &VcpuEnd)) -> VcpuEnd {
+        // vCPU threads yield to the VMM's own threads (device I/O, checkpoints, the FT channel)
+        // when the host is short of CPUs: those are short and sit on the guest's I/O latency.
+        // SAFETY: setpriority on this thread's id; failure only leaves the default priority.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, VCPU_NICE) };
         KVM_RUN.with(|c| c.set(self.fd.lock().get_kvm_run() as *mut kvm_run));
         self.control.set_state(self.index, VcpuState::Running);
         let end = self.run_loop();

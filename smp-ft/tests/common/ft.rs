@@ -89,7 +89,7 @@ fn spawn(p: &VmPaths, side: &Side, args: &[&str]) -> Proc {
             c
         }
     };
-    c.env("SMPFT_LOG", "info")
+    c.env("SMPFT_LOG", std::env::var("SMPFT_TEST_LOG").unwrap_or_else(|_| "info".into()))
         .envs(side.env.iter().copied())
         .args(args)
         .arg("--serial")
