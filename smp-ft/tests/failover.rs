@@ -41,7 +41,7 @@ fn background_client(paths: Vec<std::path::PathBuf>) -> Background {
 
 impl Background {
     fn finish(self) -> FailoverClient {
-        self.finish_or(|| String::new())
+        self.finish_or(String::new)
     }
 
     /// As `finish`; on failure the panic message adds `context()` (e.g. the processes' logs).
