@@ -91,31 +91,7 @@ impl Env {
 }
 
 fn qmp(path: &Path, cmd: &str) -> serde_json::Value {
-    use std::io::{BufRead, BufReader, Write};
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let s = loop {
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() > deadline => panic!("QMP {}: {e}", path.display()),
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    };
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut w = s;
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").unwrap();
-    line.clear();
-    r.read_line(&mut line).unwrap();
-    w.write_all(format!("{{\"execute\":\"{cmd}\"}}\n").as_bytes()).unwrap();
-    loop {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v.get("event").is_none() {
-            return v["return"].clone();
-        }
-    }
+    smp_ft::client::qmp(path, cmd, None).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn wait_state(path: &Path, state: &str) {
@@ -273,6 +249,9 @@ fn steady_state(env: &Env) {
         let u = run(env, vcpus, rate, epoch, false, window);
         let p = run(env, vcpus, rate, epoch, true, window);
         let ft = p.ft.clone().unwrap_or_default();
+        if std::env::var_os("SMPFT_BENCH_ONLY").is_some() {
+            println!("{ft}");
+        }
         let us = |k: &str| Duration::from_micros(ft[k].as_u64().unwrap_or(0));
         let checkpoints = ft["checkpoints"].as_u64().unwrap_or(1).max(1);
         let pages = ft["log-bytes-total"].as_u64().unwrap_or(0) as f64 / 4096.0 / checkpoints as f64;

@@ -61,6 +61,51 @@ impl ServiceClient {
     }
 }
 
+/// Runs one QMP command on the server at `path` (negotiating first) and returns its `return`
+/// value, or the error's description.
+pub fn qmp(path: &Path, cmd: &str, args: Option<serde_json::Value>) -> Result<serde_json::Value, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => return Err(format!("QMP {}: {e}", path.display())),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let io = |e: std::io::Error| format!("QMP {}: {e}", path.display());
+    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+    let mut r = BufReader::new(s.try_clone().map_err(io)?);
+    let mut w = s;
+    let mut line = String::new();
+    let mut next = |r: &mut BufReader<UnixStream>| -> Result<serde_json::Value, String> {
+        loop {
+            line.clear();
+            if r.read_line(&mut line).map_err(io)? == 0 {
+                return Err(format!("QMP {}: connection closed", path.display()));
+            }
+            let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("QMP sent bad JSON: {e}"))?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+        }
+    };
+    next(&mut r)?;
+    let mut call = |req: serde_json::Value| -> Result<serde_json::Value, String> {
+        w.write_all(format!("{req}\n").as_bytes()).map_err(io)?;
+        let v = next(&mut r)?;
+        match v.get("error") {
+            Some(e) => Err(format!("{}: {}", req["execute"], e["desc"].as_str().unwrap_or("error"))),
+            None => Ok(v["return"].clone()),
+        }
+    };
+    call(serde_json::json!({"execute": "qmp_capabilities"}))?;
+    let mut req = serde_json::json!({"execute": cmd});
+    if let Some(a) = args {
+        req["arguments"] = a;
+    }
+    call(req)
+}
+
 /// Parses `<kind> <id> <value>` (`OK`, `VAL`, `BYE` replies) into `(id, value)`.
 pub fn parse_reply(line: &str, kind: &str) -> Result<(u64, u64), ClientError> {
     let bad = || ClientError::Reply(line.to_string());

@@ -1,15 +1,19 @@
-//! `smpft demo`: runs the built-in guest in a child `smpft run` and drives a short scripted
-//! session with its service, checking every reply, then shows the guest's own report.
+//! `smpft demo`: protection and failover on this machine. It starts a standby and a protected
+//! primary (two `smpft` processes, talking QUIC over loopback, with a tie-breaker file), drives
+//! the guest's service with a client that checks every reply, kills the primary with SIGKILL,
+//! and shows the standby taking over with nothing lost.
 
-use crate::client::{parse_reply, ServiceClient};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use crate::client::{qmp, FailoverClient};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct DemoOptions {
     pub vcpus: u32,
+    /// Requests before the failover (and as many after).
     pub requests: u64,
-    /// The smpft binary to run the VM with.
+    /// The smpft binary to run the VMs with.
     pub smpft: PathBuf,
 }
 
@@ -17,103 +21,211 @@ fn step(what: &str) {
     println!("\n== {what}");
 }
 
+/// A child process killed (SIGKILL) if the demo ends early.
+struct Proc(Option<Child>, &'static str);
+
+impl Proc {
+    fn kill(&mut self) -> Result<(), String> {
+        if let Some(mut c) = self.0.take() {
+            c.kill().map_err(|e| format!("cannot kill the {}: {e}", self.1))?;
+            c.wait().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, within: Duration) -> Result<std::process::ExitStatus, String> {
+        let deadline = Instant::now() + within;
+        let c = self.0.as_mut().ok_or("already gone")?;
+        loop {
+            if let Some(s) = c.try_wait().map_err(|e| e.to_string())? {
+                self.0 = None;
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the {} did not exit within {within:?}", self.1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("no free UDP port: {e}"))?;
+    s.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+fn wait_state(qmp_path: &Path, want: &str, within: Duration) -> Result<Value, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let q = qmp(qmp_path, "x-smpft-query-ft", None)?;
+        if q["state"] == want {
+            return Ok(q);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("never reached state {want}: {q}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn(opts: &DemoOptions, f: &Files, name: &str, args: &[String]) -> Result<Child, String> {
+    Command::new(&opts.smpft)
+        .args(args)
+        .arg("--serial")
+        .arg(format!("unix:{}", f.path(&format!("{name}.serial")).display()))
+        .arg("--qmp")
+        .arg(format!("unix:{}", f.path(&format!("{name}.qmp")).display()))
+        .arg("--console")
+        .arg(f.path(&format!("{name}.console")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(f.path(&format!("{name}.log"))).map_err(|e| e.to_string())?)
+        .env("SMPFT_LOG", std::env::var("SMPFT_LOG").unwrap_or_else(|_| "info".into()))
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", opts.smpft.display()))
+}
+
 /// Runs the demo; `Err` says what went wrong.
 pub fn run(opts: &DemoOptions) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("smpft-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let sock = dir.join("serial.sock");
-    let console = dir.join("console.log");
-    let args = "counter churn churn-rate=2000 churn-ws=16M service";
-    step(&format!("Starting a VM: {} vCPUs, built-in test guest, workloads: {args}", opts.vcpus));
-    let mut child = Command::new(&opts.smpft)
-        .args(["run", "--vcpus", &opts.vcpus.to_string(), "--memory", "256M"])
-        .arg("--serial")
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--console")
-        .arg(&console)
-        .args(["--guest-args", args])
-        .stdin(Stdio::null())
-        // Keep the transcript readable; SMPFT_LOG set by the caller still wins.
-        .env("SMPFT_LOG", std::env::var("SMPFT_LOG").unwrap_or_else(|_| "warn".into()))
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", opts.smpft.display()))?;
-    let result = session(opts, &sock);
-    let status = if result.is_ok() {
-        child.wait().map_err(|e| e.to_string())?
+    let f = Files { dir };
+    let r = demo(opts, &f);
+    if r.is_err() {
+        println!("\n(logs kept in {})", f.dir.display());
     } else {
-        let _ = child.kill();
-        child.wait().map_err(|e| e.to_string())?
+        let _ = std::fs::remove_dir_all(&f.dir);
+    }
+    r
+}
+
+fn demo(opts: &DemoOptions, f: &Files) -> Result<(), String> {
+    let s = |x: &str| x.to_string();
+    step("Two FT identities (host A runs the VM, host B the standby) and a tie-breaker file");
+    for host in ["host-a", "host-b"] {
+        let o = Command::new(&opts.smpft)
+            .args(["keygen", "--name", host, "--out"])
+            .arg(f.path(host))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !o.status.success() {
+            return Err(format!("keygen failed: {}", String::from_utf8_lossy(&o.stderr)));
+        }
+        println!("  {host}: {}", String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or_default());
+    }
+    let tiebreak = f.path("tiebreak");
+    let ft = |me: &str, peer: &str| {
+        vec![
+            s("--identity"),
+            f.path(me).display().to_string(),
+            s("--peer-cert"),
+            f.path(peer).join("cert.pem").display().to_string(),
+            s("--tiebreak"),
+            tiebreak.display().to_string(),
+        ]
     };
-    let log = std::fs::read_to_string(&console).unwrap_or_default();
-    step("The guest's own report (debug console)");
-    for l in log.lines() {
-        println!("  {l}");
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let vcpus = opts.vcpus.to_string();
+    let guest = "counter churn churn-rate=2000 churn-ws=16M service duration=3600s";
+
+    step(&format!("Host B: smpft standby --listen {addr} (waits; runs no vCPU until it must)"));
+    let mut args =
+        vec![s("standby"), s("--listen"), addr.clone(), s("--vcpus"), vcpus.clone(), s("--memory"), s("256M")];
+    args.extend(ft("host-b", "host-a"));
+    let mut standby = Proc(Some(spawn(opts, f, "standby", &args)?), "standby");
+    let s_qmp = f.path("standby.qmp");
+    wait_state(&s_qmp, "waiting", Duration::from_secs(10))?;
+
+    step(&format!("Host A: smpft run --vcpus {vcpus} --ft-peer {addr} (guest: {guest})"));
+    let mut args = vec![s("run"), s("--vcpus"), vcpus, s("--memory"), s("256M"), s("--guest-args"), s(guest)];
+    args.extend([s("--ft-peer"), addr.clone()]);
+    args.extend(ft("host-a", "host-b"));
+    let t0 = Instant::now();
+    let mut primary = Proc(Some(spawn(opts, f, "primary", &args)?), "primary");
+    let p_qmp = f.path("primary.qmp");
+    wait_state(&p_qmp, "protected", Duration::from_secs(30))?;
+    println!(
+        "  protected {:.0} ms after start (live pre-copy, then one short pause)",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+
+    step("A client uses the guest's service (INCR <id>, retried by id on failure), checking every reply");
+    let mut client = FailoverClient::new(vec![f.path("primary.serial"), f.path("standby.serial")], 1);
+    let give_up = Duration::from_secs(20);
+    for i in 1..=opts.requests {
+        let v = client.incr(give_up).map_err(|e| e.to_string())?;
+        if i <= 3 {
+            println!("  > INCR {i}   < OK {i} {v}");
+        }
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    let summary = result?;
-    if !status.success() || !log.contains("RESULT: PASS") {
-        return Err(format!("the guest did not pass its invariant checks (smpft exited with {status})"));
+    println!("  ... {} replies, each exactly one above the last", client.replies);
+    let q = qmp(&p_qmp, "x-smpft-query-ft", None)?;
+    println!(
+        "  primary: state {}, epoch {}, {} checkpoints, pause p50 {} µs / p99 {} µs, output held p50 {} µs, log {:.1} MB/s",
+        q["state"],
+        q["epoch"],
+        q["checkpoints"],
+        q["pause-p50-us"],
+        q["pause-p99-us"],
+        q["output-hold-p50-us"],
+        q["log-bandwidth-bytes-per-s"].as_f64().unwrap_or(0.0) / 1e6
+    );
+    let before = client.last.unwrap_or(0);
+
+    step("Host A dies: SIGKILL to the primary, with the client in the middle of its work");
+    let killed = Instant::now();
+    primary.kill()?;
+    let v = client.incr(give_up).map_err(|e| e.to_string())?;
+    let failover = killed.elapsed();
+    if client.connected_to != Some(1) {
+        return Err("the reply after the kill did not come from the standby".into());
     }
+    println!(
+        "  first reply from host B {:.0} ms after the SIGKILL: value {v} (the last before was {before})",
+        failover.as_secs_f64() * 1e3
+    );
+    let q = qmp(&s_qmp, "x-smpft-query-ft", None)?;
+    println!("  host B: state {}, tie-breaker generation {}", q["state"], q["generation"]);
+    if let Ok(t) = std::fs::read_to_string(f.path("tiebreak")) {
+        println!("  tie-breaker record: {}", t.trim());
+    }
+
+    step("The client carries on against host B");
+    for _ in 0..opts.requests {
+        client.incr(give_up).map_err(|e| e.to_string())?;
+    }
+    let bye = client.exit().map_err(|e| e.to_string())?;
+    println!("  {} replies in all; EXIT: the guest checks its invariants and stops (value {bye})", client.replies);
+    let status = standby.wait(Duration::from_secs(20))?;
+    if !status.success() {
+        return Err(format!("the guest on host B failed its invariant checks ({status})"));
+    }
+    if Some(bye) != client.last {
+        return Err(format!("the guest's final value {bye} is not the last acknowledged {:?}", client.last));
+    }
+
     step("Summary");
+    println!("  failover: {:.0} ms from SIGKILL to the first reply from the standby", failover.as_secs_f64() * 1e3);
     println!(
-        "  {} vCPUs ran; {} service replies checked (values counted up by one, the retried",
-        opts.vcpus, summary.replies
+        "  values checked: {} replies, every one exactly one above the previous: none lost, none duplicated, none rolled back",
+        client.replies
     );
-    println!("  request id was answered without a second increment); final value {}; median", summary.value);
-    println!(
-        "  round trip {:.0} µs; guest invariants held (counter, churn pages); smpft exited 0.",
-        summary.median_rtt.as_secs_f64() * 1e6
-    );
+    println!("  guest invariants (shared counters, churn pages) held after the takeover; the standby's smpft exited 0");
     Ok(())
-}
-
-struct Summary {
-    replies: u64,
-    value: u64,
-    median_rtt: Duration,
-}
-
-fn session(opts: &DemoOptions, sock: &std::path::Path) -> Result<Summary, String> {
-    let e = |e: crate::client::ClientError| e.to_string();
-    let mut c = ServiceClient::connect(sock, Duration::from_secs(10)).map_err(e)?;
-    step(&format!("Talking to the guest's service over its serial port ({})", sock.display()));
-    let mut rtts = Vec::new();
-    let mut call = |c: &mut ServiceClient, req: &str, show: bool| -> Result<String, String> {
-        let t = Instant::now();
-        let r = c.call(req).map_err(e)?;
-        rtts.push(t.elapsed());
-        if show {
-            println!("  > {req:<12} < {r}");
-        }
-        Ok(r)
-    };
-    let mut value = 0;
-    for id in 1..=opts.requests {
-        let show = id <= 5 || id == opts.requests;
-        if id == 6 && opts.requests > 6 {
-            println!("  ... ({} more INCR requests, each reply checked)", opts.requests - 6);
-        }
-        let (rid, v) = parse_reply(&call(&mut c, &format!("INCR {id}"), show)?, "OK").map_err(e)?;
-        if rid != id || v != value + 1 {
-            return Err(format!("INCR {id} answered id {rid} value {v}; expected value {}", value + 1));
-        }
-        value = v;
-    }
-    let retry = opts.requests.max(1);
-    let (_, v) = parse_reply(&call(&mut c, &format!("INCR {retry}"), true)?, "OK").map_err(e)?;
-    if v != value {
-        return Err(format!("retried INCR {retry} returned {v}, expected the original {value}"));
-    }
-    println!("    (a retried request id returns its first answer: nothing is counted twice)");
-    let (_, v) = parse_reply(&call(&mut c, "GET 100000", true)?, "VAL").map_err(e)?;
-    if v != value {
-        return Err(format!("GET returned {v}, expected {value}"));
-    }
-    call(&mut c, "STAT 100001", true)?;
-    let (_, v) = parse_reply(&call(&mut c, "EXIT 100002", true)?, "BYE").map_err(e)?;
-    if v != value {
-        return Err(format!("EXIT reported {v}, expected {value}"));
-    }
-    rtts.sort();
-    Ok(Summary { replies: rtts.len() as u64, value, median_rtt: rtts[rtts.len() / 2] })
 }

@@ -38,7 +38,8 @@ enum Command {
     /// Keep a live standby copy of a VM that `smpft run --ft-peer` protects, and take it over
     /// if that primary fails. Runs the VM (as `run` would) only after winning the tie-breaker.
     Standby(StandbyArgs),
-    /// Run the built-in test guest and a short scripted session with its service.
+    /// Show protection and failover on this machine: a standby and a protected VM (built-in
+    /// test guest), a client checking every reply, SIGKILL of the primary, and the takeover.
     Demo(DemoArgs),
     /// Create this host's FT identity: a private key (key.pem, mode 0600) and a self-signed
     /// certificate (cert.pem). Give the certificate, or the fingerprint printed, to the peer.
@@ -66,8 +67,8 @@ struct DemoArgs {
     /// vCPUs for the demo VM.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
     vcpus: u32,
-    /// INCR requests to send.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    /// INCR requests to send before the failover (and as many after it).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     requests: u64,
 }
 

@@ -424,3 +424,15 @@ fn partition_leaves_exactly_one_live_copy() {
     }
     eprintln!("partition winners: {winners:?}");
 }
+
+#[test]
+fn the_demo_fails_over_and_loses_nothing() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let o = common::smpft().args(["demo", "--requests", "50"]).env("SMPFT_LOG", "warn").output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "demo failed:\n{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("first reply from host B"), "{out}");
+    assert!(out.contains("101 replies in all"), "{out}");
+    assert!(out.contains("none lost, none duplicated, none rolled back"), "{out}");
+}

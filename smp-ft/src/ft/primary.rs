@@ -307,7 +307,7 @@ impl PrimaryFt {
                         self.sync_done();
                     }
                 }
-                self.stats.acked();
+                self.stats.acked(epoch);
                 if self.sync.is_none() {
                     super::fault::hit(super::fault::Point::AfterAck);
                 }

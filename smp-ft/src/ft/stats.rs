@@ -11,6 +11,10 @@ const SAMPLES: usize = 4096;
 #[derive(Default)]
 struct Inner {
     pauses: VecDeque<Duration>,
+    /// Checkpoint taken to its acknowledgement.
+    ack_latency: VecDeque<Duration>,
+    /// Checkpoints taken and not yet acknowledged: (epoch, when).
+    in_flight: VecDeque<(u64, Instant)>,
     checkpoints: u64,
     last_epoch: u64,
     last_bytes: u64,
@@ -48,13 +52,26 @@ impl Stats {
 
     pub fn checkpoint(&self, epoch: u64, bytes: u64) {
         let mut g = self.inner.lock();
+        g.in_flight.push_back((epoch, Instant::now()));
         g.checkpoints += 1;
         g.last_epoch = epoch;
         g.last_bytes = bytes;
     }
 
-    pub fn acked(&self) {
-        self.inner.lock().acked += 1;
+    /// Checkpoints up to `epoch` were acknowledged.
+    pub fn acked(&self, epoch: u64) {
+        let mut g = self.inner.lock();
+        g.acked += 1;
+        let mut newest = None;
+        while g.in_flight.front().is_some_and(|&(e, _)| e <= epoch) {
+            newest = g.in_flight.pop_front();
+        }
+        if let Some((_, t)) = newest {
+            if g.ack_latency.len() == SAMPLES {
+                g.ack_latency.pop_front();
+            }
+            g.ack_latency.push_back(t.elapsed());
+        }
     }
 
     pub fn sent(&self, bytes: u64) {
@@ -88,6 +105,10 @@ impl Stats {
 
     pub fn to_json(&self) -> Value {
         let p = self.pause_percentiles();
+        let a = {
+            let mut v: Vec<Duration> = self.inner.lock().ack_latency.iter().copied().collect();
+            percentiles(&mut v)
+        };
         let bw = self.bandwidth();
         let g = self.inner.lock();
         json!({
@@ -96,6 +117,8 @@ impl Stats {
             "last-checkpoint-bytes": g.last_bytes,
             "pause-p50-us": p.map(|p| p.0.as_micros() as u64),
             "pause-p99-us": p.map(|p| p.1.as_micros() as u64),
+            "ack-latency-p50-us": a.map(|p| p.0.as_micros() as u64),
+            "ack-latency-p99-us": a.map(|p| p.1.as_micros() as u64),
             "log-bandwidth-bytes-per-s": bw as u64,
             "log-bytes-total": g.total_sent,
             "protected-for-ms": g.protected_since.map(|t| t.elapsed().as_millis() as u64),
