@@ -107,6 +107,9 @@ const SYNC_MAX_ROUNDS: u32 = 30;
 /// At most this many checkpoints sent and not acknowledged; beyond it the next waits (its
 /// dirty pages keep accumulating in the log meanwhile).
 const MAX_UNACKED: u64 = 4;
+/// See [`PrimaryFt::early_checkpoint_at`].
+const OUTPUT_QUIET: Duration = Duration::from_micros(150);
+const OUTPUT_MAX_WAIT: Duration = Duration::from_millis(2);
 const RETRY_CONNECT: Duration = Duration::from_secs(1);
 const RETRY_ARBITRATE: Duration = Duration::from_millis(100);
 
@@ -192,14 +195,25 @@ impl PrimaryFt {
         }
         if self.proto.state() == PrimaryState::Protected {
             at = at.min(self.last_checkpoint + self.opts.interval);
-            if self.gate.has_open() {
-                at = at.min(self.last_checkpoint + self.opts.min_gap);
+            if let Some(t) = self.early_checkpoint_at() {
+                at = at.min(t);
             }
         }
         if let Some(t) = self.next_arbitrate {
             at = at.min(t);
         }
         at
+    }
+
+    /// When output waits: the moment to checkpoint early for it. That is once the guest has
+    /// paused its output for `OUTPUT_QUIET` (a reply is usually written in one burst, and
+    /// splitting it across two checkpoints costs a whole extra round trip) or once the oldest
+    /// byte has waited `OUTPUT_MAX_WAIT`, and never sooner than `min_gap` after the last
+    /// checkpoint.
+    fn early_checkpoint_at(&self) -> Option<Instant> {
+        let (first, last) = self.gate.open_times()?;
+        let ready = (last + OUTPUT_QUIET).min(first + OUTPUT_MAX_WAIT);
+        Some(ready.max(self.last_checkpoint + self.opts.min_gap))
     }
 
     fn error(&mut self, msg: String) {
@@ -226,7 +240,7 @@ impl PrimaryFt {
             }
             PrimaryState::Protected => {
                 let due = now >= self.last_checkpoint + self.opts.interval
-                    || (now >= self.last_checkpoint + self.opts.min_gap && vm.devices().gate.has_open());
+                    || self.early_checkpoint_at().is_some_and(|t| now >= t);
                 let unacked = (self.proto.epoch() - 1).saturating_sub(self.proto.acked().unwrap_or(0));
                 if due && unacked < MAX_UNACKED {
                     self.checkpoint(vm);

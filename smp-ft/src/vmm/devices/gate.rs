@@ -28,6 +28,8 @@ struct Batch {
     items: Vec<(Arc<dyn OutputPort>, Vec<u8>)>,
     /// When the oldest byte in it was produced.
     since: Instant,
+    /// When the newest was.
+    last: Instant,
 }
 
 #[derive(Default)]
@@ -76,7 +78,9 @@ impl OutputGate {
         }
         g.held_bytes += data.len() as u64;
         let first = g.open.is_none();
-        let batch = g.open.get_or_insert_with(|| Batch { items: Vec::new(), since: Instant::now() });
+        let now = Instant::now();
+        let batch = g.open.get_or_insert_with(|| Batch { items: Vec::new(), since: now, last: now });
+        batch.last = now;
         match batch.items.last_mut() {
             Some((p, buf)) if Arc::ptr_eq(p, port) && port.is_stream() => buf.extend_from_slice(data),
             _ => batch.items.push((port.clone(), data.to_vec())),
@@ -97,6 +101,11 @@ impl OutputGate {
     /// Whether output is waiting that has not been sealed into a checkpoint yet.
     pub fn has_open(&self) -> bool {
         self.inner.lock().open.is_some()
+    }
+
+    /// When the output not yet sealed started and when it last grew, if there is any.
+    pub fn open_times(&self) -> Option<(Instant, Instant)> {
+        self.inner.lock().open.as_ref().map(|b| (b.since, b.last))
     }
 
     /// Closes the current batch and returns its id, or `None` if nothing was produced. Call with
