@@ -8,14 +8,23 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use transport::{Channel, ChannelConfig, Event, Identity, Listener, Message, PeerTrust, Role};
 
-fn ids(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+/// A test's key directory, removed at the end of the test.
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ids(name: &str) -> (Dir, PathBuf, PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("smpft-transport-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (a, b, c) = (dir.join("primary"), dir.join("standby"), dir.join("stranger"));
     for d in [&a, &b, &c] {
         Identity::generate_into(d, "smpft-peer", 30).unwrap();
     }
-    (a, b, c)
+    (Dir(dir), a, b, c)
 }
 
 fn trust(dir: &Path) -> PeerTrust {
@@ -23,7 +32,7 @@ fn trust(dir: &Path) -> PeerTrust {
 }
 
 fn pair(name: &str, cfg: ChannelConfig) -> (Channel, Channel) {
-    let (p, s, _) = ids(name);
+    let (_dir, p, s, _) = ids(name);
     let listener =
         Listener::bind("127.0.0.1:0".parse().unwrap(), &Identity::load(&s).unwrap(), &trust(&p), cfg.clone()).unwrap();
     let addr = listener.local_addr();
@@ -105,7 +114,7 @@ fn one_gib_of_checkpoints_over_eight_streams_arrives_intact() {
 }
 
 fn refused(name: &str, primary_trusts_stranger: bool) {
-    let (p, s, stranger) = ids(name);
+    let (_dir, p, s, stranger) = ids(name);
     let cfg = ChannelConfig { handshake_timeout: Duration::from_secs(2), ..ChannelConfig::default() };
     // The standby trusts the primary unless the test makes the primary an unknown client.
     let standby_trusts = if primary_trusts_stranger { trust(&p) } else { trust(&stranger) };
@@ -132,7 +141,7 @@ fn unknown_primary_is_refused_by_the_standby() {
 
 #[test]
 fn expired_certificate_is_refused() {
-    let (p, s, _) = ids("expired");
+    let (_dir, p, s, _) = ids("expired");
     let past =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 - 30 * 86_400;
     let (old, _, _) = Identity::generate_valid("old", past - 86_400, past).unwrap();
@@ -149,7 +158,7 @@ fn expired_certificate_is_refused() {
 
 #[test]
 fn a_peer_that_connects_and_says_nothing_is_dropped() {
-    let (p, s, _) = ids("silent-hello");
+    let (_dir, p, s, _) = ids("silent-hello");
     let cfg = ChannelConfig { handshake_timeout: Duration::from_millis(500), ..ChannelConfig::default() };
     let listener =
         Listener::bind("127.0.0.1:0".parse().unwrap(), &Identity::load(&s).unwrap(), &trust(&p), cfg.clone()).unwrap();
@@ -218,7 +227,7 @@ impl Drop for Peer {
 
 #[test]
 fn sigkilled_peer_is_reported_silent_within_timeout_plus_one_heartbeat() {
-    let (p, s, _) = ids("sigkill");
+    let (_dir, p, s, _) = ids("sigkill");
     let (heartbeat, silence) = (Duration::from_millis(50), Duration::from_millis(300));
     let mut cmd = Command::new(bin());
     cmd.args(["standby", "127.0.0.1:0"]).arg(&s).arg(p.join("cert.pem"));
@@ -303,7 +312,7 @@ impl Drop for Netns {
 fn partition_between_network_namespaces_is_detected_and_the_channel_stays_dead() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "this test creates network namespaces and needs root");
-    let (p, s, _) = ids("partition");
+    let (_dir, p, s, _) = ids("partition");
     let net = Netns::new();
     let (hb, silence) = ("50", "300");
     let mut cmd = net.exec(&net.a, bin());

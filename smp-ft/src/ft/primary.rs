@@ -495,7 +495,7 @@ impl PrimaryFt {
                     sh.apply(&memory);
                 }
                 let pause = t.total();
-                self.stats.pause(pause);
+                self.stats.pause(t);
                 let actions = self.proto.handle(PrimaryEvent::SyncSent { epoch: seq });
                 self.last_checkpoint = Instant::now();
                 if let (Some(s), Some(l)) = (&mut self.sync, &self.link) {
@@ -563,7 +563,7 @@ impl PrimaryFt {
         let actions = self.proto.handle(PrimaryEvent::EpochTimer);
         for a in actions {
             if let PrimaryAction::TakeCheckpoint { epoch } = a {
-                self.stats.pause(t.total());
+                self.stats.pause(t);
                 self.stats.checkpoint(epoch, memory.data.len() as u64);
                 tracing::debug!(epoch, pages = memory.pages.len() + memory.zero_pages.len(), output = ?sealed, "checkpoint");
                 if let Some(l) = &self.link {

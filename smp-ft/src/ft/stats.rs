@@ -1,5 +1,6 @@
 //! FT figures for QMP (`x-smpft-query-ft`) and the progress display of the initial copy.
 
+use crate::snapshot::PauseTimings;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -8,9 +9,12 @@ use std::time::{Duration, Instant};
 
 const SAMPLES: usize = 4096;
 
+/// One part of a pause.
+type Phase = fn(&PauseTimings) -> Duration;
+
 #[derive(Default)]
 struct Inner {
-    pauses: VecDeque<Duration>,
+    pauses: VecDeque<PauseTimings>,
     /// Checkpoint taken to its acknowledgement.
     ack_latency: VecDeque<Duration>,
     /// Checkpoints taken and not yet acknowledged: (epoch, when).
@@ -42,12 +46,12 @@ pub fn percentiles(v: &mut [Duration]) -> Option<(Duration, Duration)> {
 }
 
 impl Stats {
-    pub fn pause(&self, d: Duration) {
+    pub fn pause(&self, t: PauseTimings) {
         let mut g = self.inner.lock();
         if g.pauses.len() == SAMPLES {
             g.pauses.pop_front();
         }
-        g.pauses.push_back(d);
+        g.pauses.push_back(t);
     }
 
     pub fn checkpoint(&self, epoch: u64, bytes: u64) {
@@ -90,8 +94,30 @@ impl Stats {
 
     /// Pause p50/p99 over recent checkpoints.
     pub fn pause_percentiles(&self) -> Option<(Duration, Duration)> {
-        let mut v: Vec<Duration> = self.inner.lock().pauses.iter().copied().collect();
+        self.phase_percentiles(PauseTimings::total)
+    }
+
+    fn phase_percentiles(&self, phase: impl Fn(&PauseTimings) -> Duration) -> Option<(Duration, Duration)> {
+        let mut v: Vec<Duration> = self.inner.lock().pauses.iter().map(phase).collect();
         percentiles(&mut v)
+    }
+
+    /// Where pauses went: p50/p99 of each phase, in µs.
+    fn pause_phases(&self) -> Value {
+        let phases: [(&str, Phase); 5] = [
+            ("stop", |t| t.stop),
+            ("harvest", |t| t.harvest),
+            ("copy", |t| t.copy),
+            ("state", |t| t.state),
+            ("resume", |t| t.resume),
+        ];
+        let mut out = serde_json::Map::new();
+        for (name, f) in phases {
+            if let Some((p50, p99)) = self.phase_percentiles(f) {
+                out.insert(name.into(), json!([p50.as_micros() as u64, p99.as_micros() as u64]));
+            }
+        }
+        Value::Object(out)
     }
 
     /// Bytes per second sent over the last two seconds or so.
@@ -110,6 +136,7 @@ impl Stats {
             percentiles(&mut v)
         };
         let bw = self.bandwidth();
+        let phases = self.pause_phases();
         let g = self.inner.lock();
         json!({
             "checkpoints": g.checkpoints,
@@ -117,6 +144,7 @@ impl Stats {
             "last-checkpoint-bytes": g.last_bytes,
             "pause-p50-us": p.map(|p| p.0.as_micros() as u64),
             "pause-p99-us": p.map(|p| p.1.as_micros() as u64),
+            "pause-phases-p50-p99-us": phases,
             "ack-latency-p50-us": a.map(|p| p.0.as_micros() as u64),
             "ack-latency-p99-us": a.map(|p| p.1.as_micros() as u64),
             "log-bandwidth-bytes-per-s": bw as u64,
@@ -188,7 +216,13 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         s.sent(1000);
         assert!(s.bandwidth() > 0.0);
-        s.pause(Duration::from_micros(700));
-        assert_eq!(s.to_json()["pause-p50-us"], 700);
+        s.pause(PauseTimings {
+            stop: Duration::from_micros(500),
+            copy: Duration::from_micros(200),
+            ..Default::default()
+        });
+        let j = s.to_json();
+        assert_eq!(j["pause-p50-us"], 700);
+        assert_eq!(j["pause-phases-p50-p99-us"]["copy"], json!([200, 200]));
     }
 }

@@ -155,11 +155,27 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Barrier};
 
-    fn dir(name: &str) -> PathBuf {
+    /// A test's directory, removed at the end of the test.
+    struct Dir(PathBuf);
+
+    impl std::ops::Deref for Dir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(name: &str) -> Dir {
         let d = std::env::temp_dir().join(format!("smpft-tiebreak-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d
+        Dir(d)
     }
 
     const T: Duration = Duration::from_secs(5);

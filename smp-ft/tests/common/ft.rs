@@ -1,11 +1,11 @@
 //! Helpers for the FT tests: identities, a tie-breaker, and primary/standby processes.
 
-use super::{scratch, smpft, Proc, Qmp, VmPaths};
+use super::{scratch, smpft, Proc, Qmp, Scratch, VmPaths};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub struct FtSetup {
-    pub dir: PathBuf,
+    pub dir: Scratch,
     /// Identity directories of the two hosts.
     pub a: PathBuf,
     pub b: PathBuf,

@@ -27,12 +27,38 @@ pub fn smpft() -> Command {
     c
 }
 
-/// A fresh directory for one test's sockets and files.
-pub fn scratch(name: &str) -> PathBuf {
+/// A fresh directory for one test's sockets and files. It is removed when the test passes and
+/// kept (logs, consoles) when it fails.
+pub fn scratch(name: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("smpft-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Scratch(d)
+}
+
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test files kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// One per-vCPU line of the guest's final report: `cpuN: loops=.. counter=.. churn=..`.
