@@ -181,6 +181,11 @@ impl PrimaryFt {
         (events, self.inputs.1.clone(), self.wake.clone())
     }
 
+    /// Checkpoints taken and not yet acknowledged.
+    fn unacked(&self) -> u64 {
+        (self.proto.epoch() - 1).saturating_sub(self.proto.acked().unwrap_or(0))
+    }
+
     /// When [`Self::tick`] next has something to do.
     pub fn next_deadline(&self) -> Instant {
         let now = Instant::now();
@@ -193,7 +198,9 @@ impl PrimaryFt {
         {
             at = at.min(self.next_connect);
         }
-        if self.proto.state() == PrimaryState::Protected {
+        // With the window of unacknowledged checkpoints full, the next acknowledgement (an event
+        // on the channel) is what allows the next checkpoint: no deadline to wake for.
+        if self.proto.state() == PrimaryState::Protected && self.unacked() < MAX_UNACKED {
             at = at.min(self.last_checkpoint + self.opts.interval);
             if let Some(t) = self.early_checkpoint_at() {
                 at = at.min(t);
@@ -241,8 +248,7 @@ impl PrimaryFt {
             PrimaryState::Protected => {
                 let due = now >= self.last_checkpoint + self.opts.interval
                     || self.early_checkpoint_at().is_some_and(|t| now >= t);
-                let unacked = (self.proto.epoch() - 1).saturating_sub(self.proto.acked().unwrap_or(0));
-                if due && unacked < MAX_UNACKED {
+                if due && self.unacked() < MAX_UNACKED {
                     self.checkpoint(vm);
                 }
             }
