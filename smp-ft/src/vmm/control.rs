@@ -49,9 +49,6 @@ pub enum PauseError {
 /// How the controller makes a vCPU thread leave `KVM_RUN` (a signal in production).
 pub trait Kick: Send + Sync {
     fn kick(&self, vcpu: usize);
-    /// Called on vCPU `vcpu`'s own thread when it starts, and whenever it goes back to running
-    /// the guest after a pause.
-    fn running(&self, _vcpu: usize) {}
 }
 
 struct Inner {
@@ -188,11 +185,6 @@ impl VcpuControl {
         let mut inner = self.inner.lock();
         inner.states[vcpu] = state;
         self.to_ctl.notify_all();
-    }
-
-    /// The vCPU thread `vcpu` (re)starts running the guest (see [`Kick::running`]).
-    pub fn running(&self, vcpu: usize) {
-        self.kicker.running(vcpu);
     }
 
     /// Reports `vcpu` paused and blocks until the controller resumes or exits the VM.

@@ -10,7 +10,7 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Nice value of vCPU threads while they run the guest (see [`SignalKick`]).
+/// Nice value of vCPU threads (see `Vcpu::run`).
 const VCPU_NICE: libc::c_int = 19;
 
 #[derive(Debug, thiserror::Error)]
@@ -55,30 +55,14 @@ pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     .map_err(vmm_sys_util::errno::Error::new)
 }
 
-/// Kicks vCPU threads with a signal.
-///
-/// vCPU threads run the guest at a low priority (nice `VCPU_NICE`), so the VMM's own threads
-/// (device I/O, checkpoints, the FT channel) get the CPU first on a busy host. A kicked thread is
-/// raised to nice 0 so that a pause is not held up behind other threads, and lowers itself again
-/// before it next runs the guest: it never runs guest code raised.
+/// Kicks vCPU threads with the kick signal.
 pub struct SignalKick {
     threads: parking_lot::Mutex<Vec<Option<libc::pthread_t>>>,
-    tids: Vec<std::sync::atomic::AtomicI32>,
-    boosted: Vec<std::sync::atomic::AtomicBool>,
-}
-
-fn set_nice(tid: libc::pid_t, nice: libc::c_int) {
-    // SAFETY: setpriority on a thread id; failure only leaves the priority as it was.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
 }
 
 impl SignalKick {
     pub fn new(vcpus: usize) -> Arc<Self> {
-        Arc::new(SignalKick {
-            threads: parking_lot::Mutex::new(vec![None; vcpus]),
-            tids: (0..vcpus).map(|_| Default::default()).collect(),
-            boosted: (0..vcpus).map(|_| Default::default()).collect(),
-        })
+        Arc::new(SignalKick { threads: parking_lot::Mutex::new(vec![None; vcpus]) })
     }
     pub fn set_thread(&self, vcpu: usize, t: Option<libc::pthread_t>) {
         self.threads.lock()[vcpu] = t;
@@ -87,33 +71,11 @@ impl SignalKick {
 
 impl Kick for Arc<SignalKick> {
     fn kick(&self, vcpu: usize) {
-        use std::sync::atomic::Ordering;
-        let tid = self.tids[vcpu].load(Ordering::Acquire);
-        if tid != 0 {
-            // Raise first, flag second: the thread lowers itself only after it sees the flag.
-            // (SCHED_FIFO was tried: it made pauses slower here, as the raised threads then
-            // crowd out the controller.)
-            set_nice(tid, 0);
-            self.boosted[vcpu].store(true, Ordering::Release);
-        }
         if let Some(t) = self.threads.lock()[vcpu] {
             // SAFETY: `t` is a live, not yet joined thread (cleared before join); the signal has a
             // handler installed, so it cannot kill the process.
             unsafe { libc::pthread_kill(t, kick_signal()) };
         }
-    }
-
-    fn running(&self, vcpu: usize) {
-        use std::sync::atomic::Ordering;
-        let first = self.tids[vcpu].load(Ordering::Relaxed) == 0;
-        if !first && !self.boosted[vcpu].load(Ordering::Acquire) {
-            return;
-        }
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        self.tids[vcpu].store(tid, Ordering::Release);
-        self.boosted[vcpu].store(false, Ordering::Release);
-        set_nice(tid, VCPU_NICE);
     }
 }
 
@@ -146,7 +108,12 @@ impl Vcpu {
     /// Runs the guest until the controller asks the vCPU to exit or the guest ends.
     /// The thread's kick target is set up and torn down around the loop.
     pub fn run(&mut self, on_end: impl FnOnce(usize, &VcpuEnd)) -> VcpuEnd {
-        self.control.running(self.index);
+        // vCPU threads yield to the VMM's own threads (device I/O, checkpoints, the FT channel)
+        // when the host is short of CPUs: those are short and sit on the guest's I/O latency.
+        // (Raising kicked threads to nice 0 or SCHED_FIFO for the pause was measured: pauses
+        // were no shorter.)
+        // SAFETY: setpriority on this thread's id; failure only leaves the default priority.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, VCPU_NICE) };
         KVM_RUN.with(|c| c.set(self.fd.lock().get_kvm_run() as *mut kvm_run));
         self.control.set_state(self.index, VcpuState::Running);
         let end = self.run_loop();
@@ -181,8 +148,7 @@ impl Vcpu {
         let vcpu = self.index;
         loop {
             match self.control.request() {
-                // Back to the guest: at the low priority (a kick may have raised this thread).
-                Request::Run => self.control.running(vcpu),
+                Request::Run => {}
                 Request::Pause => {
                     if let Err(e) = self.complete_pending_io() {
                         return VcpuEnd::Failed(e);

@@ -98,11 +98,6 @@ impl OutputGate {
         self.inner.lock().holding = true;
     }
 
-    /// Whether output is waiting that has not been sealed into a checkpoint yet.
-    pub fn has_open(&self) -> bool {
-        self.inner.lock().open.is_some()
-    }
-
     /// When the output not yet sealed started and when it last grew, if there is any.
     pub fn open_times(&self) -> Option<(Instant, Instant)> {
         self.inner.lock().open.as_ref().map(|b| (b.since, b.last))
