@@ -8,23 +8,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use transport::{Channel, ChannelConfig, Event, Identity, Listener, Message, PeerTrust, Role};
 
-/// A test's key directory, removed at the end of the test.
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn ids(name: &str) -> (Dir, PathBuf, PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("smpft-transport-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let (a, b, c) = (dir.join("primary"), dir.join("standby"), dir.join("stranger"));
+/// Identities for a primary, a standby and a stranger, in a directory removed with the guard.
+fn ids(name: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::Builder::new().prefix(&format!("smpft-transport-{name}-")).tempdir().unwrap();
+    let (a, b, c) = (dir.path().join("primary"), dir.path().join("standby"), dir.path().join("stranger"));
     for d in [&a, &b, &c] {
         Identity::generate_into(d, "smpft-peer", 30).unwrap();
     }
-    (Dir(dir), a, b, c)
+    (dir, a, b, c)
 }
 
 fn trust(dir: &Path) -> PeerTrust {

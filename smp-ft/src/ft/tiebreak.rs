@@ -155,27 +155,8 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Barrier};
 
-    /// A test's directory, removed at the end of the test.
-    struct Dir(PathBuf);
-
-    impl std::ops::Deref for Dir {
-        type Target = Path;
-        fn deref(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn dir(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("smpft-tiebreak-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
+    fn dir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("smpft-tiebreak-{name}-")).tempdir().unwrap()
     }
 
     const T: Duration = Duration::from_secs(5);
@@ -183,7 +164,7 @@ mod tests {
     #[test]
     fn higher_generations_win_and_the_holder_may_claim_again() {
         let d = dir("rules");
-        let path = d.join("vm1");
+        let path = d.path().join("vm1");
         let a = TieBreaker::new(&path, "host-a").unwrap();
         let b = TieBreaker::new(&path, "host-b").unwrap();
         assert_eq!(a.read().unwrap(), None);
@@ -199,13 +180,13 @@ mod tests {
     #[test]
     fn corrupt_records_and_unreachable_storage_never_win() {
         let d = dir("bad");
-        let path = d.join("vm1");
+        let path = d.path().join("vm1");
         std::fs::write(&path, "smpft-tiebreak v1 banana host\n").unwrap();
         let a = TieBreaker::new(&path, "host-a").unwrap();
         assert!(matches!(a.claim(9, T), Err(TieBreakError::Corrupt { .. })));
         std::fs::write(&path, "smpft-tiebreak v1 3 host-b").unwrap();
         assert!(matches!(a.claim(9, T), Err(TieBreakError::Corrupt { .. })), "a torn record (no newline) is corrupt");
-        let gone = TieBreaker::new(&d.join("no-such-dir").join("vm1"), "host-a").unwrap();
+        let gone = TieBreaker::new(&d.path().join("no-such-dir").join("vm1"), "host-a").unwrap();
         assert!(matches!(gone.claim(1, T), Err(TieBreakError::Unreachable { .. })));
         assert!(matches!(TieBreaker::new(&path, "two words"), Err(TieBreakError::BadOwner(_))));
     }
@@ -213,7 +194,7 @@ mod tests {
     #[test]
     fn a_held_lock_times_out_instead_of_hanging() {
         let d = dir("timeout");
-        let path = d.join("vm1");
+        let path = d.path().join("vm1");
         let lock = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -233,7 +214,7 @@ mod tests {
     #[test]
     fn racing_claimants_exactly_one_wins_each_generation() {
         let d = dir("race");
-        let path = d.join("vm1");
+        let path = d.path().join("vm1");
         const RACERS: usize = 6;
         const ROUNDS: u64 = 60;
         let barrier = Arc::new(Barrier::new(RACERS));
