@@ -19,20 +19,25 @@
 //! silence during the handshake) is logged once with the peer's address and closes the
 //! connection with an error code.
 
+mod quic;
+mod shared;
+mod tasks;
+
+use quic::{client_config, endpoint, runtime, server_config};
+use shared::{Assembly, Budget, Shared};
+use tasks::{bulk_acceptor, closed_watch, control_reader, control_writer, heartbeats, watchdog};
+
 use crate::frame::{self, Decoder};
-use crate::identity::{tls_client, tls_server, Identity, PeerTrust};
-use crate::message::{Message, Role, ALPN, PROTOCOL_VERSION};
+use crate::identity::{Identity, PeerTrust};
+use crate::message::{Message, Role, PROTOCOL_VERSION};
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender};
-use parking_lot::{Condvar, Mutex};
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use crossbeam_channel::Receiver;
+use parking_lot::Mutex;
 use quinn::{Connection, Endpoint, VarInt};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 
 /// Close codes.
 pub mod code {
@@ -175,245 +180,6 @@ pub enum Event {
 
 const CHUNK_HEADER: usize = 24;
 const MAX_CHUNKS: u32 = 1024;
-
-fn runtime() -> Result<Arc<tokio::runtime::Runtime>, ChannelError> {
-    tokio::runtime::Builder::new_multi_thread()
-        // One worker per endpoint: on a 2-core host a second one only adds wakeups (measured).
-        .worker_threads(1)
-        .thread_name("ft-channel")
-        .enable_all()
-        .build()
-        .map(Arc::new)
-        .map_err(ChannelError::Runtime)
-}
-
-fn transport_config(cfg: &ChannelConfig) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    let window = VarInt::from_u64(cfg.window).unwrap_or(VarInt::MAX);
-    t.stream_receive_window(window)
-        .receive_window(VarInt::from_u64(cfg.window.saturating_mul(2)).unwrap_or(VarInt::MAX))
-        .send_window(cfg.window.saturating_mul(2))
-        .max_concurrent_uni_streams(VarInt::from_u32(4 * MAX_CHUNKS))
-        .max_concurrent_bidi_streams(VarInt::from_u32(4))
-        .initial_mtu(cfg.mtu.max(1200))
-        .keep_alive_interval(Some(cfg.heartbeat))
-        // The channel's own watchdog decides about silence; QUIC's idle timeout is a backstop.
-        .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(cfg.silence_timeout * 4 + Duration::from_secs(1))
-                .unwrap_or(quinn::IdleTimeout::from(VarInt::from_u32(10_000))),
-        ));
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(cfg.max_mtu.max(cfg.mtu));
-    t.mtu_discovery_config(Some(mtu));
-    match cfg.congestion {
-        Congestion::Cubic => {
-            let mut c = quinn::congestion::CubicConfig::default();
-            c.initial_window(4 << 20);
-            t.congestion_controller_factory(Arc::new(c));
-        }
-        Congestion::NewReno => {
-            let mut c = quinn::congestion::NewRenoConfig::default();
-            c.initial_window(4 << 20);
-            t.congestion_controller_factory(Arc::new(c));
-        }
-        Congestion::Bbr => {
-            let mut c = quinn::congestion::BbrConfig::default();
-            c.initial_window(4 << 20);
-            t.congestion_controller_factory(Arc::new(c));
-        }
-    }
-    t
-}
-
-fn client_config(id: &Identity, trust: &PeerTrust, cfg: &ChannelConfig) -> Result<quinn::ClientConfig, ChannelError> {
-    let mut c = tls_client(id, trust).map_err(|e| ChannelError::Tls(e.to_string()))?;
-    c.alpn_protocols = vec![ALPN.to_vec()];
-    let q = QuicClientConfig::try_from(c).map_err(|e| ChannelError::Tls(e.to_string()))?;
-    let mut qc = quinn::ClientConfig::new(Arc::new(q));
-    qc.transport_config(Arc::new(transport_config(cfg)));
-    Ok(qc)
-}
-
-fn server_config(id: &Identity, trust: &PeerTrust, cfg: &ChannelConfig) -> Result<quinn::ServerConfig, ChannelError> {
-    let mut c = tls_server(id, trust).map_err(|e| ChannelError::Tls(e.to_string()))?;
-    c.alpn_protocols = vec![ALPN.to_vec()];
-    let q = QuicServerConfig::try_from(c).map_err(|e| ChannelError::Tls(e.to_string()))?;
-    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(q));
-    sc.transport_config(Arc::new(transport_config(cfg)));
-    Ok(sc)
-}
-
-/// A UDP socket with large buffers (see [`ChannelConfig::socket_buffer`]).
-fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
-    use std::os::fd::AsRawFd;
-    let sock = std::net::UdpSocket::bind(addr)?;
-    let size = buffer.min(i32::MAX as usize) as libc::c_int;
-    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
-        for opt in [force, plain] {
-            // SAFETY: setsockopt on a socket we own with a pointer to a c_int and its size.
-            let r = unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r == 0 {
-                break;
-            }
-        }
-    }
-    Ok(sock)
-}
-
-fn endpoint(
-    rt: &tokio::runtime::Runtime,
-    addr: SocketAddr,
-    server: Option<quinn::ServerConfig>,
-    cfg: &ChannelConfig,
-) -> Result<Endpoint, ChannelError> {
-    let _g = rt.enter();
-    let sock = udp_socket(addr, cfg.socket_buffer).map_err(|source| ChannelError::Bind { addr, source })?;
-    let mut ec = quinn::EndpointConfig::default();
-    // The largest datagram this endpoint will send or accept: up to the configured MTU.
-    ec.max_udp_payload_size(cfg.max_mtu.max(cfg.mtu).max(1200)).map_err(|e| ChannelError::Tls(e.to_string()))?;
-    Endpoint::new(ec, server, sock, Arc::new(quinn::TokioRuntime)).map_err(|source| ChannelError::Bind { addr, source })
-}
-
-/// Checkpoint bytes in flight, released by acks.
-struct Budget {
-    max: u64,
-    state: Mutex<BudgetState>,
-    cv: Condvar,
-}
-
-struct BudgetState {
-    in_flight: u64,
-    by_epoch: HashMap<u64, u64>,
-    closed: bool,
-}
-
-impl Budget {
-    fn acquire(&self, epoch: u64, len: u64) -> Result<(), ChannelError> {
-        let mut s = self.state.lock();
-        // A checkpoint larger than the whole budget goes alone.
-        while !s.closed && s.in_flight > 0 && s.in_flight + len > self.max {
-            self.cv.wait(&mut s);
-        }
-        if s.closed {
-            return Err(ChannelError::Closed("while waiting for acknowledgements".into()));
-        }
-        s.in_flight += len;
-        *s.by_epoch.entry(epoch).or_default() += len;
-        Ok(())
-    }
-
-    fn release_through(&self, epoch: u64) {
-        let mut s = self.state.lock();
-        let done: Vec<u64> = s.by_epoch.keys().copied().filter(|&e| e <= epoch).collect();
-        for e in done {
-            let n = s.by_epoch.remove(&e).unwrap_or(0);
-            s.in_flight -= n;
-        }
-        self.cv.notify_all();
-    }
-
-    fn close(&self) {
-        self.state.lock().closed = true;
-        self.cv.notify_all();
-    }
-
-    fn in_flight(&self) -> u64 {
-        self.state.lock().in_flight
-    }
-}
-
-/// State shared by a connection's tasks.
-struct Shared {
-    peer: SocketAddr,
-    events: Sender<Event>,
-    last_heard: Mutex<Instant>,
-    closed: AtomicBool,
-    budget: Budget,
-    assembly: Mutex<Assembly>,
-    heartbeat_seq: AtomicU64,
-    max_checkpoint: u64,
-    max_frame: usize,
-}
-
-/// Checkpoints being received: chunks by epoch, and the order the sender announced them in.
-#[derive(Default)]
-struct Assembly {
-    /// Highest epoch announced so far.
-    announced_max: Option<u64>,
-    /// Announced and not yet delivered: (epoch, chunks, bytes), in order.
-    announced: std::collections::VecDeque<(u64, u32, u64)>,
-    partial: HashMap<u64, Partial>,
-    /// Bytes held in `partial`.
-    held: u64,
-}
-
-struct Partial {
-    count: u32,
-    chunks: Vec<Option<Vec<Bytes>>>,
-    received: u32,
-    bytes: u64,
-}
-
-impl Assembly {
-    /// Removes and returns every checkpoint at the head of the announced order that is whole.
-    fn deliverable(&mut self) -> Result<Vec<(u64, CheckpointData)>, String> {
-        let mut out = Vec::new();
-        while let Some(&(epoch, chunks, bytes)) = self.announced.front() {
-            let Some(p) = self.partial.get(&epoch) else { break };
-            if p.received < p.count {
-                break;
-            }
-            let p = self.partial.remove(&epoch).unwrap_or(Partial { count: 0, chunks: vec![], received: 0, bytes: 0 });
-            self.announced.pop_front();
-            self.held -= p.bytes;
-            if p.count != chunks || p.bytes != bytes {
-                return Err(format!(
-                    "checkpoint {epoch} arrived as {} chunks / {} bytes, announced {chunks} / {bytes}",
-                    p.count, p.bytes
-                ));
-            }
-            let segments = p.chunks.into_iter().flatten().flatten().collect();
-            out.push((epoch, CheckpointData { segments }));
-        }
-        Ok(out)
-    }
-}
-
-impl Shared {
-    fn heard(&self) {
-        *self.last_heard.lock() = Instant::now();
-    }
-
-    fn deliver(&self, conn: &Connection) {
-        let ready = self.assembly.lock().deliverable();
-        match ready {
-            Ok(list) => {
-                for (epoch, data) in list {
-                    let _ = self.events.send(Event::Checkpoint { epoch, data });
-                }
-            }
-            Err(e) => self.violation(conn, code::PROTOCOL, &e),
-        }
-    }
-
-    /// Reports a protocol violation once and closes the connection.
-    fn violation(&self, conn: &Connection, code: u32, reason: &str) {
-        if !self.closed.swap(true, Ordering::SeqCst) {
-            tracing::warn!(peer = %self.peer, code, "closing FT channel: {reason}");
-            conn.close(VarInt::from_u32(code), reason.as_bytes());
-            self.budget.close();
-            let _ = self.events.send(Event::Closed { reason: reason.to_string() });
-        }
-    }
-}
 
 /// One end of an established channel.
 pub struct Channel {
@@ -598,11 +364,7 @@ impl Channel {
             events: etx,
             last_heard: Mutex::new(Instant::now()),
             closed: AtomicBool::new(false),
-            budget: Budget {
-                max: cfg.max_in_flight,
-                state: Mutex::new(BudgetState { in_flight: 0, by_epoch: HashMap::new(), closed: false }),
-                cv: Condvar::new(),
-            },
+            budget: Budget::new(cfg.max_in_flight),
             assembly: Mutex::new(Assembly::default()),
             heartbeat_seq: AtomicU64::new(0),
             max_checkpoint: cfg.max_checkpoint,
@@ -727,201 +489,6 @@ impl Drop for Channel {
     }
 }
 
-async fn control_writer(mut send: quinn::SendStream, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
-    while let Some(frame) = rx.recv().await {
-        if send.write_all(&frame).await.is_err() {
-            return;
-        }
-    }
-    let _ = send.flush().await;
-}
-
-async fn control_reader(mut recv: quinn::RecvStream, conn: Connection, shared: Arc<Shared>) {
-    let mut dec = Decoder::new(shared.max_frame);
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        loop {
-            match dec.next_message() {
-                Ok(None) => break,
-                Ok(Some(m)) => {
-                    match &m {
-                        Message::Heartbeat { .. } => continue,
-                        Message::Hello { .. } => {
-                            shared.violation(&conn, code::PROTOCOL, "Hello after the handshake");
-                            return;
-                        }
-                        Message::Ack { epoch } => shared.budget.release_through(*epoch),
-                        Message::Checkpoint { epoch, chunks, bytes } => {
-                            let ok = {
-                                let mut a = shared.assembly.lock();
-                                if a.announced_max.is_some_and(|m| *epoch <= m) || *chunks == 0 || *chunks > MAX_CHUNKS
-                                {
-                                    false
-                                } else {
-                                    a.announced_max = Some(*epoch);
-                                    a.announced.push_back((*epoch, *chunks, *bytes));
-                                    true
-                                }
-                            };
-                            if !ok {
-                                shared.violation(
-                                    &conn,
-                                    code::PROTOCOL,
-                                    &format!("checkpoint {epoch} announced out of order or malformed"),
-                                );
-                                return;
-                            }
-                            shared.deliver(&conn);
-                            continue;
-                        }
-                        Message::Goodbye { code, reason } => {
-                            tracing::info!(peer = %shared.peer, code, "FT peer said goodbye: {reason}");
-                        }
-                        Message::App { .. } => {}
-                    }
-                    let _ = shared.events.send(Event::Message(m));
-                }
-                Err(e) => {
-                    shared.violation(&conn, code::PROTOCOL, &format!("bad control frame: {e}"));
-                    return;
-                }
-            }
-        }
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => {
-                shared.heard();
-                dec.push(&buf[..n]);
-            }
-            Ok(None) | Err(_) => return,
-        }
-    }
-}
-
-async fn bulk_acceptor(conn: Connection, shared: Arc<Shared>) {
-    while let Ok(stream) = conn.accept_uni().await {
-        tokio::spawn(bulk_chunk(stream, conn.clone(), shared.clone()));
-    }
-}
-
-async fn bulk_chunk(mut s: quinn::RecvStream, conn: Connection, shared: Arc<Shared>) {
-    let mut h = [0u8; CHUNK_HEADER];
-    if s.read_exact(&mut h).await.is_err() {
-        return; // the connection went away mid-chunk: the checkpoint stays partial
-    }
-    shared.heard();
-    let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
-    let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap_or_default());
-    let (epoch, index, count, len) = (u64_at(0), u32_at(8), u32_at(12), u64_at(16));
-    if count == 0 || count > MAX_CHUNKS || index >= count || len > shared.max_checkpoint {
-        shared.violation(
-            &conn,
-            code::PROTOCOL,
-            &format!("bad checkpoint chunk header (epoch {epoch}, chunk {index}/{count}, {len} bytes)"),
-        );
-        return;
-    }
-    {
-        let a = shared.assembly.lock();
-        let stale = a.announced_max.is_some_and(|m| epoch <= m) && !a.announced.iter().any(|&(e, ..)| e == epoch);
-        if stale {
-            drop(a);
-            shared.violation(
-                &conn,
-                code::PROTOCOL,
-                &format!("chunk for checkpoint {epoch}, which was already delivered"),
-            );
-            return;
-        }
-    }
-    let mut parts: Vec<Bytes> = Vec::new();
-    let mut at = 0u64;
-    while at < len {
-        match s.read_chunk((len - at) as usize, true).await {
-            Ok(Some(c)) => {
-                at += c.bytes.len() as u64;
-                parts.push(c.bytes);
-                shared.heard();
-            }
-            Ok(None) => {
-                shared.violation(&conn, code::PROTOCOL, "checkpoint chunk shorter than its header says");
-                return;
-            }
-            Err(_) => return,
-        }
-    }
-    let data = parts;
-    let stored = {
-        let mut a = shared.assembly.lock();
-        let held = a.held;
-        let p = a.partial.entry(epoch).or_insert_with(|| Partial {
-            count,
-            chunks: vec![None; count as usize],
-            received: 0,
-            bytes: 0,
-        });
-        // Partial checkpoints may hold at most two checkpoints' worth of memory.
-        if p.count != count || p.chunks[index as usize].is_some() || held + len > 2 * shared.max_checkpoint {
-            false
-        } else {
-            p.chunks[index as usize] = Some(data);
-            p.received += 1;
-            p.bytes += len;
-            a.held += len;
-            true
-        }
-    };
-    if !stored {
-        shared.violation(
-            &conn,
-            code::PROTOCOL,
-            &format!("inconsistent or duplicate chunk {index} of checkpoint {epoch}"),
-        );
-        return;
-    }
-    shared.deliver(&conn);
-}
-
-async fn heartbeats(ctl: tokio::sync::mpsc::UnboundedSender<Vec<u8>>, shared: Arc<Shared>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if shared.closed.load(Ordering::SeqCst) {
-            return;
-        }
-        let seq = shared.heartbeat_seq.fetch_add(1, Ordering::Relaxed);
-        if ctl.send(frame::encode(&Message::Heartbeat { seq })).is_err() {
-            return;
-        }
-    }
-}
-
-async fn watchdog(conn: Connection, shared: Arc<Shared>, every: Duration, timeout: Duration) {
-    let mut tick = tokio::time::interval((every / 4).max(Duration::from_millis(1)));
-    loop {
-        tick.tick().await;
-        if shared.closed.load(Ordering::SeqCst) {
-            return;
-        }
-        let silent_for = shared.last_heard.lock().elapsed();
-        if silent_for > timeout {
-            tracing::warn!(peer = %shared.peer, "FT peer silent for {silent_for:?}");
-            let _ = shared.events.send(Event::PeerSilent { silent_for });
-            shared.violation(&conn, code::SILENT, "peer silent");
-            return;
-        }
-    }
-}
-
-async fn closed_watch(conn: Connection, shared: Arc<Shared>) {
-    let reason = conn.closed().await;
-    if !shared.closed.swap(true, Ordering::SeqCst) {
-        shared.budget.close();
-        tracing::info!(peer = %shared.peer, "FT channel closed: {reason}");
-        let _ = shared.events.send(Event::Closed { reason: reason.to_string() });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -933,32 +500,5 @@ mod tests {
         assert_eq!(check_hello(&hello(2, Role::Primary), Role::Primary).unwrap_err().0, code::VERSION);
         assert_eq!(check_hello(&hello(PROTOCOL_VERSION, Role::Standby), Role::Primary).unwrap_err().0, code::PROTOCOL);
         assert_eq!(check_hello(&Message::Heartbeat { seq: 0 }, Role::Primary).unwrap_err().0, code::PROTOCOL);
-    }
-
-    #[test]
-    fn assembly_delivers_in_announced_order_only_when_whole() {
-        let mut a = Assembly::default();
-        let part = |count, chunks: Vec<Option<Vec<Bytes>>>, bytes| Partial {
-            received: chunks.iter().flatten().count() as u32,
-            count,
-            chunks,
-            bytes,
-        };
-        a.announced.push_back((1, 2, 6));
-        a.announced.push_back((2, 1, 3));
-        a.partial.insert(2, part(1, vec![Some(vec![Bytes::from_static(b"two")])], 3));
-        a.partial.insert(1, part(2, vec![Some(vec![Bytes::from_static(b"one")]), None], 3));
-        assert!(a.deliverable().unwrap().is_empty(), "epoch 2 waits for epoch 1");
-        let p = a.partial.get_mut(&1).unwrap();
-        p.chunks[1] = Some(vec![Bytes::from_static(b"ONE")]);
-        p.received = 2;
-        p.bytes = 6;
-        a.held = 9;
-        let out = a.deliverable().unwrap();
-        assert_eq!(
-            out.iter().map(|(e, d)| (*e, d.to_vec())).collect::<Vec<_>>(),
-            vec![(1, b"oneONE".to_vec()), (2, b"two".to_vec())]
-        );
-        assert_eq!(a.held, 0);
     }
 }
