@@ -11,7 +11,7 @@ pub enum Role {
 }
 
 /// Everything that travels on the control stream. Checkpoint payloads travel on bulk streams
-/// (see `channel.rs`); only their acknowledgement is a message.
+/// (see `channel/`); only their acknowledgement is a message.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Message {
     /// First message each way: who is speaking and what it runs. `meta` is for the layer above
