@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use smp_ft::vmm::control::VcpuState;
 use smp_ft::vmm::devices::serial::SerialSpec;
+use smp_ft::vmm::state;
 use smp_ft::vmm::{Vm, VmConfig, VmEvent, DEFAULT_KVM_DEVICE};
 use std::time::Duration;
 
@@ -50,4 +51,50 @@ fn pause_resume_1000_times_while_the_guest_runs() {
     let reports = cpu_reports(&log);
     assert_eq!(reports.len(), 4, "{log}");
     assert!(reports.iter().all(|r| r.loops > 0 && r.counter > 0 && r.churn > 0), "{reports:?}");
+}
+
+/// At a pause each vCPU thread reads its own registers as it stops; the checkpoint completes them
+/// once every vCPU has stopped. The result must equal a whole read made then (apart from the TSC,
+/// which moves on), at every pause, while the guest runs flat out.
+#[test]
+fn registers_read_by_each_vcpu_as_it_stops_equal_a_full_read() {
+    require_kvm();
+    let d = scratch("early-state");
+    let config = VmConfig {
+        vcpus: 4,
+        memory: 64 << 20,
+        guest: smp_ft::guest::BUILTIN.into(),
+        guest_name: "built-in".into(),
+        guest_args: "counter churn churn-rate=5000 churn-ws=4M service".into(),
+        serial: SerialSpec::Unix(d.join("serial.sock")),
+        console: Some(d.join("console.log")),
+        kvm_device: DEFAULT_KVM_DEVICE.into(),
+    };
+    let vm = Vm::create(config).unwrap().start().unwrap();
+    let early = vm.early_states().clone();
+    const MSR_IA32_TSC: u32 = 0x10;
+    let mut rips = std::collections::HashSet::new();
+    for i in 0..200u64 {
+        vm.pause().unwrap_or_else(|e| panic!("pause {i}: {e}"));
+        let pause = vm.control().pause_seq();
+        for (v, fd) in vm.vcpu_fds().iter().enumerate() {
+            assert_eq!(early.recorded(v), Some(pause), "pause {i}: vCPU {v} left no registers");
+            let fd = fd.lock();
+            let mut a = early.capture(v, pause, &fd).unwrap();
+            let mut b = state::VcpuState::capture(&fd, early.caps()).unwrap();
+            assert_eq!(early.recorded(v), None, "an entry is used once");
+            for s in [&mut a, &mut b] {
+                s.msrs.retain(|(index, _)| *index != MSR_IA32_TSC);
+            }
+            assert_eq!(a, b, "pause {i}, vCPU {v}");
+            rips.insert(a.regs.clone());
+        }
+        vm.resume();
+        // Every vCPU runs again before the next pause, so each will stop (and read) anew.
+        vm.control().resume_and_wait(Duration::from_secs(5)).unwrap();
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    // The vCPUs ran between pauses: the registers read were not all the same.
+    assert!(rips.len() > 4, "only {} distinct register sets", rips.len());
+    vm.shutdown().unwrap();
 }

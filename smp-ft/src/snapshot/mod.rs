@@ -9,7 +9,7 @@ pub mod format;
 
 use crate::vmm::dirty::{Bitmap, PAGE_SIZE};
 use crate::vmm::memory::GuestMemory;
-use crate::vmm::state::{VcpuState, VmState};
+use crate::vmm::state::VmState;
 use crate::vmm::{RunningVm, Vm, VmConfig, VmError};
 pub use format::{FormatError, MemoryPages, Snapshot};
 use std::path::{Path, PathBuf};
@@ -226,10 +226,12 @@ impl RunningVm {
         let t3 = Instant::now();
         t.copy = t3 - t2;
         let state = (|| -> Result<_, VmError> {
+            let pause = self.control.pause_seq();
             let cpus = self
                 .vcpu_fds
                 .iter()
-                .map(|fd| VcpuState::capture(&fd.lock(), &self.caps))
+                .enumerate()
+                .map(|(i, fd)| self.early.capture(i, pause, &fd.lock()))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((cpus, VmState::capture(vm)?, self.devices.serial.snapshot()))
         })();

@@ -64,6 +64,8 @@ pub struct VcpuControl {
     to_ctl: Condvar,
     /// Bumped whenever input for the guest arrives, so idle vCPUs wake up.
     input_seq: AtomicU64,
+    /// Number of the current (or last) pause, bumped before each pause is requested.
+    pause_seq: AtomicU64,
     kicker: Box<dyn Kick>,
 }
 
@@ -78,6 +80,7 @@ impl VcpuControl {
             to_vcpus: Condvar::new(),
             to_ctl: Condvar::new(),
             input_seq: AtomicU64::new(0),
+            pause_seq: AtomicU64::new(0),
             kicker,
         }
     }
@@ -88,6 +91,11 @@ impl VcpuControl {
 
     pub fn states(&self) -> Vec<VcpuState> {
         self.inner.lock().states.clone()
+    }
+
+    /// The number of the current pause, or of the last one while the VM runs.
+    pub fn pause_seq(&self) -> u64 {
+        self.pause_seq.load(Ordering::SeqCst)
     }
 
     /// What the vCPU loop must do next (checked before every entry into the guest).
@@ -109,7 +117,11 @@ impl VcpuControl {
         match self.request() {
             Request::Exit => return Err(PauseError::ShuttingDown),
             Request::Pause => {}
-            Request::Run => self.request.store(Request::Pause as u8, Ordering::SeqCst),
+            Request::Run => {
+                // Numbered first: a vCPU that sees the request sees its number.
+                self.pause_seq.fetch_add(1, Ordering::SeqCst);
+                self.request.store(Request::Pause as u8, Ordering::SeqCst);
+            }
         }
         self.to_vcpus.notify_all();
         self.kick_running(&inner);

@@ -27,7 +27,7 @@ use layout::*;
 use loader::Image;
 use memory::GuestMemory;
 use parking_lot::Mutex;
-use state::StateCaps;
+use state::{EarlyStates, StateCaps};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -162,7 +162,8 @@ struct Parts {
     devices: Arc<Devices>,
     control: Arc<VcpuControl>,
     kick: Arc<SignalKick>,
-    caps: StateCaps,
+    /// The host's state capabilities, and where vCPUs leave their registers at a pause.
+    early: Arc<EarlyStates>,
     dirty: DirtyLog,
     /// XCR0 to start vCPUs with, when the CPU has XSAVE.
     xcrs: Option<kvm_bindings::kvm_xcrs>,
@@ -244,7 +245,8 @@ fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>) -> Result<Parts, V
         vcpu_fds.push(Arc::new(Mutex::new(fd)));
     }
     let caps = StateCaps::probe(&kvm, &vm, &vcpu_fds[0].lock())?;
-    Ok(Parts { vm, memory, vcpu_fds, devices, control, kick, caps, dirty, xcrs, _kvm: kvm })
+    let early = Arc::new(EarlyStates::new(caps, vcpu_fds.len()));
+    Ok(Parts { vm, memory, vcpu_fds, devices, control, kick, early, dirty, xcrs, _kvm: kvm })
 }
 
 impl Vm {
@@ -315,7 +317,7 @@ impl Vm {
         load: impl FnOnce(&GuestMemory, &[Arc<Mutex<VcpuFd>>], &VmFd, &Devices, &StateCaps) -> Result<(), VmError>,
     ) -> Result<Vm, VmError> {
         let parts = build(&config, memory)?;
-        load(&parts.memory, &parts.vcpu_fds, &parts.vm, &parts.devices, &parts.caps)?;
+        load(&parts.memory, &parts.vcpu_fds, &parts.vm, &parts.devices, parts.early.caps())?;
         tracing::info!(vcpus = config.vcpus, memory_mib = config.memory >> 20, "VM restored");
         Ok(Vm::assemble(config, parts))
     }
@@ -325,7 +327,7 @@ impl Vm {
             .vcpu_fds
             .iter()
             .enumerate()
-            .map(|(i, fd)| Vcpu::new(i, fd.clone(), parts.control.clone(), parts.devices.clone()))
+            .map(|(i, fd)| Vcpu::new(i, fd.clone(), parts.control.clone(), parts.devices.clone(), parts.early.clone()))
             .collect();
         Vm { config, parts, vcpus }
     }
@@ -372,7 +374,7 @@ impl Vm {
             kick: parts.kick,
             devices: parts.devices,
             vcpu_fds: parts.vcpu_fds,
-            caps: parts.caps,
+            early: parts.early,
             dirty: Mutex::new(parts.dirty),
             chain: Mutex::new(None),
             vm: Some(parts.vm),
@@ -393,7 +395,7 @@ pub struct RunningVm {
     kick: Arc<SignalKick>,
     pub(crate) devices: Arc<Devices>,
     pub(crate) vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
-    pub(crate) caps: StateCaps,
+    pub(crate) early: Arc<EarlyStates>,
     pub(crate) dirty: Mutex<DirtyLog>,
     /// The last snapshot taken (id, sequence number), for chaining increments.
     pub(crate) chain: Mutex<Option<(u64, u32)>>,
@@ -423,6 +425,14 @@ impl RunningVm {
 
     pub fn vcpus(&self) -> u32 {
         self.vcpus
+    }
+
+    pub fn vcpu_fds(&self) -> &[Arc<Mutex<VcpuFd>>] {
+        &self.vcpu_fds
+    }
+
+    pub fn early_states(&self) -> &Arc<EarlyStates> {
+        &self.early
     }
 
     /// Whether the VM is paused (by [`RunningVm::pause`]).

@@ -7,9 +7,10 @@
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs,
     kvm_sregs, kvm_vcpu_events, kvm_xcrs, Msrs, Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use parking_lot::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -125,8 +126,26 @@ impl StateCaps {
     }
 }
 
+/// The part of a vCPU's state that only the vCPU itself changes: registers, FPU/XSAVE, MSRs.
+/// It can be read as soon as the vCPU has left the guest, on its own thread, while the other
+/// vCPUs are still stopping.
+#[derive(Debug)]
+pub struct OwnState {
+    regs: Vec<u8>,
+    sregs: Vec<u8>,
+    xsave: Vec<u32>,
+    xcrs: Vec<u8>,
+    msrs: Vec<(u32, u64)>,
+    debugregs: Vec<u8>,
+}
+
 impl VcpuState {
     pub fn capture(fd: &VcpuFd, caps: &StateCaps) -> Result<VcpuState, StateError> {
+        VcpuState::complete(fd, caps, VcpuState::capture_own(fd, caps)?)
+    }
+
+    /// Reads [`OwnState`]. The vCPU must be out of the guest.
+    pub fn capture_own(fd: &VcpuFd, caps: &StateCaps) -> Result<OwnState, StateError> {
         let xsave = match caps.xsave2_len {
             Some(len) => {
                 // The FAM holds what follows the 4 KiB legacy area.
@@ -153,16 +172,35 @@ impl VcpuState {
                 index: caps.msrs.get(n).copied().unwrap_or(0),
             });
         }
-        Ok(VcpuState {
+        Ok(OwnState {
             regs: to_bytes(&fd.get_regs().map_err(kvm("get registers"))?),
             sregs: to_bytes(&fd.get_sregs().map_err(kvm("get special registers"))?),
             xsave,
             xcrs: to_bytes(&fd.get_xcrs().map_err(kvm("get XCRs"))?),
-            lapic: to_bytes(&fd.get_lapic().map_err(kvm("get the local APIC"))?),
             msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
-            mp_state: fd.get_mp_state().map_err(kvm("get the MP state"))?.mp_state,
-            events: to_bytes(&fd.get_vcpu_events().map_err(kvm("get vCPU events"))?),
             debugregs: to_bytes(&fd.get_debug_regs().map_err(kvm("get debug registers"))?),
+        })
+    }
+
+    /// Adds what other vCPUs and the in-kernel devices can still change until every vCPU has
+    /// stopped (local APIC, MP state, pending events) to `own`, read once all have. An INIT
+    /// taken in the meantime resets the registers: then `own` is read again.
+    pub fn complete(fd: &VcpuFd, caps: &StateCaps, own: OwnState) -> Result<VcpuState, StateError> {
+        let mp_state = fd.get_mp_state().map_err(kvm("get the MP state"))?.mp_state;
+        let own = match mp_state {
+            KVM_MP_STATE_RUNNABLE | KVM_MP_STATE_HALTED => own,
+            _ => VcpuState::capture_own(fd, caps)?,
+        };
+        Ok(VcpuState {
+            regs: own.regs,
+            sregs: own.sregs,
+            xsave: own.xsave,
+            xcrs: own.xcrs,
+            lapic: to_bytes(&fd.get_lapic().map_err(kvm("get the local APIC"))?),
+            msrs: own.msrs,
+            mp_state,
+            events: to_bytes(&fd.get_vcpu_events().map_err(kvm("get vCPU events"))?),
+            debugregs: own.debugregs,
         })
     }
 
@@ -249,6 +287,48 @@ impl VmState {
         clock.flags = 0;
         vm.set_clock(&clock).map_err(kvm("set the KVM clock"))?;
         Ok(())
+    }
+}
+
+/// Each vCPU's [`OwnState`], read by the vCPU's thread as it stops for a pause, so that a
+/// checkpoint does not read every vCPU's registers one after another while the VM is stopped.
+/// An entry counts only for the pause it was read in (pauses are numbered by
+/// [`crate::vmm::control::VcpuControl`]); otherwise the state is read whole.
+pub struct EarlyStates {
+    caps: StateCaps,
+    slots: Vec<Mutex<Option<(u64, OwnState)>>>,
+}
+
+impl EarlyStates {
+    pub fn new(caps: StateCaps, vcpus: usize) -> EarlyStates {
+        EarlyStates { caps, slots: (0..vcpus).map(|_| Mutex::new(None)).collect() }
+    }
+
+    pub fn caps(&self) -> &StateCaps {
+        &self.caps
+    }
+
+    /// On vCPU `vcpu`'s thread, out of the guest, stopping for pause number `pause`.
+    pub fn record(&self, vcpu: usize, pause: u64, fd: &VcpuFd) {
+        let own = VcpuState::capture_own(fd, &self.caps);
+        if let Some(slot) = self.slots.get(vcpu) {
+            // A failure is reported by the whole read that follows.
+            *slot.lock() = own.ok().map(|o| (pause, o));
+        }
+    }
+
+    /// The pause number of vCPU `vcpu`'s entry, if it has one.
+    pub fn recorded(&self, vcpu: usize) -> Option<u64> {
+        self.slots.get(vcpu).and_then(|s| s.lock().as_ref().map(|(p, _)| *p))
+    }
+
+    /// vCPU `vcpu`'s whole state during pause number `pause`, every vCPU stopped.
+    pub fn capture(&self, vcpu: usize, pause: u64, fd: &VcpuFd) -> Result<VcpuState, StateError> {
+        let early = self.slots.get(vcpu).and_then(|s| s.lock().take());
+        match early {
+            Some((p, own)) if p == pause => VcpuState::complete(fd, &self.caps, own),
+            _ => VcpuState::capture(fd, &self.caps),
+        }
     }
 }
 

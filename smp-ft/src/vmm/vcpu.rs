@@ -3,6 +3,7 @@
 
 use super::control::{Kick, Request, VcpuControl, VcpuState};
 use super::devices::{Devices, PioAction};
+use super::state::EarlyStates;
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use parking_lot::Mutex;
@@ -96,13 +97,21 @@ pub struct Vcpu {
     pub fd: Arc<Mutex<VcpuFd>>,
     control: Arc<VcpuControl>,
     devices: Arc<Devices>,
+    /// Where this vCPU leaves its own registers when it stops for a pause.
+    early: Arc<EarlyStates>,
     /// The last exit was port I/O or MMIO that `KVM_RUN` has not yet completed.
     pending_io: bool,
 }
 
 impl Vcpu {
-    pub fn new(index: usize, fd: Arc<Mutex<VcpuFd>>, control: Arc<VcpuControl>, devices: Arc<Devices>) -> Self {
-        Vcpu { index, fd, control, devices, pending_io: false }
+    pub fn new(
+        index: usize,
+        fd: Arc<Mutex<VcpuFd>>,
+        control: Arc<VcpuControl>,
+        devices: Arc<Devices>,
+        early: Arc<EarlyStates>,
+    ) -> Self {
+        Vcpu { index, fd, control, devices, early, pending_io: false }
     }
 
     /// Runs the guest until the controller asks the vCPU to exit or the guest ends.
@@ -153,6 +162,9 @@ impl Vcpu {
                     if let Err(e) = self.complete_pending_io() {
                         return VcpuEnd::Failed(e);
                     }
+                    // Read this vCPU's registers now, in parallel with the others stopping,
+                    // rather than in the pause, after all have.
+                    self.early.record(vcpu, self.control.pause_seq(), &self.fd.lock());
                     match self.control.park(vcpu) {
                         Request::Exit => return VcpuEnd::Requested,
                         _ => continue,
