@@ -9,23 +9,26 @@ use smp_ft::vmm::state;
 use smp_ft::vmm::{Vm, VmConfig, VmEvent, DEFAULT_KVM_DEVICE};
 use std::time::Duration;
 
-#[test]
-fn pause_resume_1000_times_while_the_guest_runs() {
-    require_kvm();
-    let d = scratch("pause");
-    let sock = d.join("serial.sock");
-    let console = d.join("console.log");
-    let config = VmConfig {
+/// A 4-vCPU guest running every workload, its serial socket and console in `d`.
+fn busy_guest(d: &std::path::Path) -> VmConfig {
+    VmConfig {
         vcpus: 4,
         memory: 64 << 20,
         guest: smp_ft::guest::BUILTIN.into(),
         guest_name: "built-in".into(),
         guest_args: "counter churn churn-rate=5000 churn-ws=4M service".into(),
-        serial: SerialSpec::Unix(sock.clone()),
-        console: Some(console.clone()),
+        serial: SerialSpec::Unix(d.join("serial.sock")),
+        console: Some(d.join("console.log")),
         kvm_device: DEFAULT_KVM_DEVICE.into(),
-    };
-    let vm = Vm::create(config).unwrap().start().unwrap();
+    }
+}
+
+#[test]
+fn pause_resume_1000_times_while_the_guest_runs() {
+    require_kvm();
+    let d = scratch("pause");
+    let (sock, console) = (d.join("serial.sock"), d.join("console.log"));
+    let vm = Vm::create(busy_guest(&d)).unwrap().start().unwrap();
     let mut client = ServiceClient::connect(&sock, Duration::from_secs(10));
     let mut last = 0;
     for i in 0..1000u64 {
@@ -60,17 +63,7 @@ fn pause_resume_1000_times_while_the_guest_runs() {
 fn registers_read_by_each_vcpu_as_it_stops_equal_a_full_read() {
     require_kvm();
     let d = scratch("early-state");
-    let config = VmConfig {
-        vcpus: 4,
-        memory: 64 << 20,
-        guest: smp_ft::guest::BUILTIN.into(),
-        guest_name: "built-in".into(),
-        guest_args: "counter churn churn-rate=5000 churn-ws=4M service".into(),
-        serial: SerialSpec::Unix(d.join("serial.sock")),
-        console: Some(d.join("console.log")),
-        kvm_device: DEFAULT_KVM_DEVICE.into(),
-    };
-    let vm = Vm::create(config).unwrap().start().unwrap();
+    let vm = Vm::create(busy_guest(&d)).unwrap().start().unwrap();
     let early = vm.early_states().clone();
     const MSR_IA32_TSC: u32 = 0x10;
     let mut rips = std::collections::HashSet::new();
