@@ -90,7 +90,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, FormatError> {
     let len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
     let have = (bytes.len() - HEADER) as u64;
     if have < len {
-        return Err(FormatError::Truncated { got: bytes.len() as u64, want: HEADER as u64 + len });
+        return Err(FormatError::Truncated { got: bytes.len() as u64, want: (HEADER as u64).saturating_add(len) });
     }
     if have > len {
         return Err(FormatError::Invalid(format!("{} bytes of trailing data", have - len)));
@@ -165,5 +165,17 @@ pub(crate) mod tests {
         let crc = crc32fast::hash(&g[HEADER..]);
         g[12..16].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(decode(&g), Err(FormatError::Invalid(_))));
+    }
+
+    /// Found by `cargo fuzz run snapshot_file`: a header claiming a payload of 2^64 - 1 bytes
+    /// overflowed the length in the error.
+    #[test]
+    fn absurd_length_is_reported_not_overflowed() {
+        let mut v = MAGIC.to_vec();
+        v.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        v.extend_from_slice(&[0xff; 4]);
+        v.extend_from_slice(&u64::MAX.to_le_bytes());
+        v.extend_from_slice(b"junk");
+        assert!(matches!(decode(&v), Err(FormatError::Truncated { want: u64::MAX, .. })));
     }
 }
