@@ -141,7 +141,9 @@ pub struct OwnState {
 
 impl VcpuState {
     pub fn capture(fd: &VcpuFd, caps: &StateCaps) -> Result<VcpuState, StateError> {
-        VcpuState::complete(fd, caps, VcpuState::capture_own(fd, caps)?)
+        // The MP state first: reading it applies a pending INIT, which resets the registers.
+        let mp_state = fd.get_mp_state().map_err(kvm("get the MP state"))?.mp_state;
+        VcpuState::assemble(fd, mp_state, VcpuState::capture_own(fd, caps)?)
     }
 
     /// Reads [`OwnState`]. The vCPU must be out of the guest.
@@ -191,6 +193,11 @@ impl VcpuState {
             KVM_MP_STATE_RUNNABLE | KVM_MP_STATE_HALTED => own,
             _ => VcpuState::capture_own(fd, caps)?,
         };
+        VcpuState::assemble(fd, mp_state, own)
+    }
+
+    /// `own` and `mp_state`, with the local APIC and pending events read now.
+    fn assemble(fd: &VcpuFd, mp_state: u32, own: OwnState) -> Result<VcpuState, StateError> {
         Ok(VcpuState {
             regs: own.regs,
             sregs: own.sregs,
