@@ -8,7 +8,8 @@
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
-use std::io::{BufRead, BufReader, Write};
+use shutdown::{Shutdown, Wake};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -95,32 +96,73 @@ pub fn parse_address(s: &str) -> Result<PathBuf, ServerError> {
     Ok(PathBuf::from(path))
 }
 
-/// How long a client waits for the VM owner to answer a command.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Output queued for a client beyond this (a client that does not read) disconnects it.
+const OUTPUT_MAX: usize = 1 << 20;
+/// A line longer than this is refused and the client disconnected.
+const LINE_MAX: usize = 1 << 20;
+/// How long a client gets to take its last replies and events once the server stops.
+const FLUSH_GRACE: Duration = Duration::from_millis(200);
 
+/// One connected client. Its thread is the only one that touches its socket: replies and events
+/// are queued here and written when the socket takes them, so neither the VM owner (emitting an
+/// event) nor a stopping server ever waits on a client that does not read.
 struct Client {
-    writer: Mutex<UnixStream>,
+    out: Mutex<Outbox>,
+    wake: Wake,
     negotiated: AtomicBool,
 }
 
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    overflow: bool,
+}
+
 impl Client {
-    fn send(&self, v: &Value) -> std::io::Result<()> {
+    fn queue(&self, v: &Value) {
         let mut line = v.to_string();
         line.push_str("\r\n");
-        self.writer.lock().write_all(line.as_bytes())
+        let mut o = self.out.lock();
+        if o.bytes.len() + line.len() > OUTPUT_MAX {
+            o.overflow = true;
+        } else {
+            o.bytes.extend_from_slice(line.as_bytes());
+        }
+        drop(o);
+        self.wake.notify();
+    }
+
+    fn pending(&self) -> bool {
+        !self.out.lock().bytes.is_empty()
+    }
+
+    /// Writes what the socket takes now; false if the client is gone.
+    fn flush(&self, stream: &UnixStream) -> bool {
+        let mut o = self.out.lock();
+        while !o.bytes.is_empty() {
+            match (&*stream).write(&o.bytes) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    o.bytes.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
     }
 }
 
 struct Shared {
     clients: Mutex<Vec<Arc<Client>>>,
-    stopping: AtomicBool,
+    shutdown: Shutdown,
     version: String,
 }
 
 pub struct QmpServer {
     shared: Arc<Shared>,
     path: PathBuf,
-    wake: UnixStream,
     accept: Option<JoinHandle<()>>,
     client_threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -134,11 +176,10 @@ impl QmpServer {
         }
         let listen_err = |source| ServerError::Listen { path: path.to_path_buf(), source };
         let listener = UnixListener::bind(path).map_err(listen_err)?;
-        let (wake, wake_rx) = UnixStream::pair().map_err(listen_err)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
             clients: Mutex::new(Vec::new()),
-            stopping: AtomicBool::new(false),
+            shutdown: Shutdown::new().map_err(listen_err)?,
             version: version.into(),
         });
         let client_threads = Arc::new(Mutex::new(Vec::new()));
@@ -147,13 +188,13 @@ impl QmpServer {
             let threads = client_threads.clone();
             std::thread::Builder::new()
                 .name("qmp-accept".into())
-                .spawn(move || accept_loop(&listener, &wake_rx, &shared, &tx, &threads))
+                .spawn(move || accept_loop(&listener, &shared, &tx, &threads))
                 .map_err(listen_err)?
         };
-        Ok((QmpServer { shared, path: path.to_path_buf(), wake, accept: Some(accept), client_threads }, rx))
+        Ok((QmpServer { shared, path: path.to_path_buf(), accept: Some(accept), client_threads }, rx))
     }
 
-    /// Sends an event to every client that has negotiated capabilities.
+    /// Queues an event for every client that has negotiated capabilities. Never blocks.
     pub fn emit(&self, event: &str, data: Option<Value>) {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let mut v = json!({
@@ -165,24 +206,22 @@ impl QmpServer {
         }
         for c in self.shared.clients.lock().iter() {
             if c.negotiated.load(Ordering::SeqCst) {
-                let _ = c.send(&v);
+                c.queue(&v);
             }
         }
     }
 
-    /// Stops accepting, disconnects every client and joins every server thread.
+    /// Stops accepting, answers every command still waiting with an error, gives each client
+    /// [`FLUSH_GRACE`] to take what is queued for it, disconnects them all and joins every
+    /// server thread. Bounded whatever the clients do.
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        let _ = self.wake.write_all(b"x");
+        self.shared.shutdown.fire();
         if let Some(t) = self.accept.take() {
             let _ = t.join();
-        }
-        for c in self.shared.clients.lock().iter() {
-            let _ = c.writer.lock().shutdown(std::net::Shutdown::Both);
         }
         for t in self.client_threads.lock().drain(..) {
             let _ = t.join();
@@ -201,7 +240,6 @@ impl Drop for QmpServer {
 
 fn accept_loop(
     listener: &UnixListener,
-    wake: &UnixStream,
     shared: &Arc<Shared>,
     tx: &Sender<Request>,
     threads: &Mutex<Vec<JoinHandle<()>>>,
@@ -209,90 +247,127 @@ fn accept_loop(
     loop {
         let mut fds = [
             libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: shared.shutdown.fd(), events: libc::POLLIN, revents: 0 },
         ];
-        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return;
-        }
-        if fds[1].revents != 0 || shared.stopping.load(Ordering::SeqCst) {
+        if shutdown::poll(&mut fds, None).is_err() || fds[1].revents != 0 {
             return;
         }
         let Ok((stream, _)) = listener.accept() else { continue };
-        let Ok(writer) = stream.try_clone() else { continue };
-        let client = Arc::new(Client { writer: Mutex::new(writer), negotiated: AtomicBool::new(false) });
+        let Ok(wake) = Wake::new() else { continue };
+        let client = Arc::new(Client { out: Mutex::new(Outbox::default()), wake, negotiated: AtomicBool::new(false) });
         shared.clients.lock().push(client.clone());
-        let (shared, tx) = (shared.clone(), tx.clone());
+        let (shared2, tx) = (shared.clone(), tx.clone());
         let t = std::thread::Builder::new().name("qmp-client".into()).spawn(move || {
-            serve(stream, &client, &shared, &tx);
-            shared.clients.lock().retain(|c| !Arc::ptr_eq(c, &client));
+            serve(&stream, &client, &shared2, &tx);
+            shared2.clients.lock().retain(|c| !Arc::ptr_eq(c, &client));
         });
-        if let Ok(t) = t {
-            let mut ts = threads.lock();
-            ts.retain(|t| !t.is_finished());
-            ts.push(t);
+        match t {
+            Ok(t) => {
+                let mut ts = threads.lock();
+                ts.retain(|t| !t.is_finished());
+                ts.push(t);
+            }
+            Err(e) => {
+                tracing::warn!("QMP: cannot serve a new client: {e}");
+                shared.clients.lock().pop();
+            }
         }
     }
 }
 
-fn serve(stream: UnixStream, client: &Client, shared: &Shared, tx: &Sender<Request>) {
-    let greeting = json!({"QMP": {
-        "version": {"qemu": {"major": 9, "minor": 2, "micro": 0}, "package": shared.version},
-        "capabilities": []
-    }});
-    if client.send(&greeting).is_err() {
+/// One client's thread: reads lines, answers them, writes replies and events as the socket
+/// takes them; returns when the client leaves, misbehaves, or the server stops.
+fn serve(stream: &UnixStream, client: &Client, shared: &Shared, tx: &Sender<Request>) {
+    if stream.set_nonblocking(true).is_err() {
         return;
     }
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
+    client.queue(&json!({"QMP": {
+        "version": {"qemu": {"major": 9, "minor": 2, "micro": 0}, "package": shared.version},
+        "capabilities": []
+    }}));
+    let mut input: Vec<u8> = Vec::new();
+    let mut eof = false;
     loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+        while let Some(end) = input.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = input.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            if !line.trim().is_empty() {
+                client.queue(&handle_line(line.trim(), client, tx, &shared.shutdown));
+            }
         }
-        if line.trim().is_empty() {
-            continue;
+        if input.len() > LINE_MAX {
+            client
+                .queue(&error_reply(None, &QmpError::generic(format!("QMP input line longer than {LINE_MAX} bytes"))));
+            eof = true;
+            input.clear();
         }
-        let (reply, quit) = handle_line(line.trim(), client, tx);
-        if client.send(&reply).is_err() || quit || shared.stopping.load(Ordering::SeqCst) {
+        if !client.flush(stream) {
             return;
+        }
+        if client.out.lock().overflow {
+            tracing::warn!("QMP: a client that does not read its replies was disconnected");
+            return;
+        }
+        if shared.shutdown.is_fired() {
+            let rest = std::mem::take(&mut client.out.lock().bytes);
+            let _ = shutdown::write_all(stream.as_raw_fd(), &rest, &shared.shutdown, FLUSH_GRACE);
+            return;
+        }
+        if eof && !client.pending() {
+            return;
+        }
+        let mut events = if eof { 0 } else { libc::POLLIN };
+        if client.pending() {
+            events |= libc::POLLOUT;
+        }
+        let mut fds = [
+            libc::pollfd { fd: stream.as_raw_fd(), events, revents: 0 },
+            libc::pollfd { fd: client.wake.fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: shared.shutdown.fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        if shutdown::poll(&mut fds, None).is_err() {
+            return;
+        }
+        if fds[1].revents != 0 {
+            client.wake.clear();
+        }
+        if !eof && fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            eof = !read_available(stream, &mut input);
+        }
+    }
+}
+
+/// Reads what the non-blocking `stream` has; false at end of input or on an error.
+fn read_available(mut stream: &UnixStream, input: &mut Vec<u8>) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(n) => input.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
         }
     }
 }
 
 /// Parses and executes one line; returns the reply and whether the client asked to quit.
-fn handle_line(line: &str, client: &Client, tx: &Sender<Request>) -> (Value, bool) {
+fn handle_line(line: &str, client: &Client, tx: &Sender<Request>, shutdown: &Shutdown) -> Value {
     let v: Value = match serde_json::from_str(line) {
         Ok(v) => v,
-        Err(e) => return (error_reply(None, &QmpError::generic(format!("JSON parse error, {e}"))), false),
+        Err(e) => return error_reply(None, &QmpError::generic(format!("JSON parse error, {e}"))),
     };
     let id = v.get("id").cloned();
     let result = parse_command(&v, client.negotiated.load(Ordering::SeqCst));
-    let (result, quit) = match result {
-        Err(e) => (Err(e), false),
+    let result = match result {
+        Err(e) => Err(e),
         Ok(None) => {
             client.negotiated.store(true, Ordering::SeqCst);
-            (Ok(json!({})), false)
+            Ok(json!({}))
         }
-        Ok(Some(command)) => {
-            let quit = command == Command::Quit;
-            let (rtx, rrx) = crossbeam_channel::bounded(1);
-            let sent = tx.send(Request { command, reply: rtx });
-            let r = match sent {
-                Err(_) => Err(QmpError::generic("the VM is shutting down")),
-                Ok(()) => rrx
-                    .recv_timeout(REPLY_TIMEOUT)
-                    .unwrap_or_else(|_| Err(QmpError::generic("the VM did not answer the command"))),
-            };
-            (r, quit)
-        }
+        Ok(Some(command)) => execute(command, tx, shutdown),
     };
-    let reply = match result {
+    match result {
         Ok(ret) => {
             let mut r = json!({"return": ret});
             if let Some(id) = id {
@@ -301,8 +376,21 @@ fn handle_line(line: &str, client: &Client, tx: &Sender<Request>) -> (Value, boo
             r
         }
         Err(e) => error_reply(id, &e),
-    };
-    (reply, quit)
+    }
+}
+
+/// Hands `command` to the VM owner and waits for its answer, or for the server to stop (then
+/// an answer already given still wins).
+fn execute(command: Command, tx: &Sender<Request>, shutdown: &Shutdown) -> Result<Value, QmpError> {
+    let ending = || Err(QmpError::generic("the VM is shutting down"));
+    let (rtx, rrx) = crossbeam_channel::bounded(1);
+    if shutdown.is_fired() || tx.send(Request { command, reply: rtx }).is_err() {
+        return ending();
+    }
+    crossbeam_channel::select! {
+        recv(rrx) -> r => r.unwrap_or_else(|_| ending()),
+        recv(shutdown.channel()) -> _ => rrx.try_recv().unwrap_or_else(|_| ending()),
+    }
 }
 
 fn error_reply(id: Option<Value>, e: &QmpError) -> Value {
@@ -393,6 +481,7 @@ pub fn parse_command(v: &Value, negotiated: bool) -> Result<Option<Command>, Qmp
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
 
     fn cmd(s: &str, negotiated: bool) -> Result<Option<Command>, QmpError> {
         parse_command(&serde_json::from_str(s).unwrap(), negotiated)
@@ -474,5 +563,100 @@ mod tests {
         owner.join().unwrap();
         server.stop();
         assert!(!path.exists());
+    }
+
+    fn bound(name: &str) -> (tempfile::TempDir, PathBuf, QmpServer, Receiver<Request>) {
+        let dir = tempfile::Builder::new().prefix(name).tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let (server, rx) = QmpServer::bind(&path, "test").unwrap();
+        (dir, path, server, rx)
+    }
+
+    fn negotiate(path: &Path) -> (BufReader<UnixStream>, UnixStream) {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), r#"{"return":{}}"#);
+        (r, w)
+    }
+
+    /// The VM owner stops serving (it ended) while commands wait and clients never read: the
+    /// waiting command gets an error, events never block the owner, and stop returns.
+    #[test]
+    fn stop_is_bounded_whatever_the_clients_do() {
+        let (_dir, path, server, rx) = bound("qmp-stop");
+        // A client that sends commands and never reads a reply.
+        let mut mute = UnixStream::connect(&path).unwrap();
+        mute.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").unwrap();
+        // A client whose command the owner never answers.
+        let (mut r, mut w) = negotiate(&path);
+        w.write_all(b"{\"execute\":\"query-status\",\"id\":9}\n").unwrap();
+        let pending = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                got.push(serde_json::from_str::<Value>(&line).unwrap());
+                line.clear();
+            }
+            got
+        });
+        // More events than the mute client's socket buffer holds: the owner is not held up.
+        let big = "x".repeat(4096);
+        for _ in 0..200 {
+            server.emit("NOISE", Some(json!({"pad": big})));
+        }
+        let t = std::time::Instant::now();
+        server.stop();
+        assert!(t.elapsed() < Duration::from_secs(20), "stop took {:?}", t.elapsed());
+        let got = reader.join().unwrap();
+        assert_eq!(got.iter().filter(|v| v["event"] == "NOISE").count(), 200, "a reading client gets every event");
+        let reply = got.iter().find(|v| v.get("id").is_some()).expect("the waiting command was answered");
+        assert_eq!(reply["error"]["desc"], "the VM is shutting down", "{reply}");
+        assert!(!path.exists());
+        drop((pending, rx));
+    }
+
+    /// A reply the owner gave before the server stopped is not replaced by the shutdown error,
+    /// and the event that follows it still reaches the client (as after `quit`).
+    #[test]
+    fn quit_reply_and_shutdown_event_are_delivered() {
+        let (_dir, path, server, rx) = bound("qmp-quit");
+        let (mut r, mut w) = negotiate(&path);
+        w.write_all(b"{\"execute\":\"quit\"}\n").unwrap();
+        let req = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(req.command, Command::Quit);
+        req.reply.send(Ok(json!({}))).unwrap();
+        server.emit("SHUTDOWN", None);
+        server.stop();
+        let mut all = String::new();
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            all.push_str(&line);
+            line.clear();
+        }
+        let mut lines = all.lines();
+        assert_eq!(lines.next(), Some(r#"{"return":{}}"#));
+        assert!(lines.next().unwrap().contains("SHUTDOWN"), "{all}");
+    }
+
+    #[test]
+    fn an_endless_line_is_refused() {
+        let (_dir, path, server, _rx) = bound("qmp-long");
+        let (mut r, mut w) = negotiate(&path);
+        let junk = vec![b'x'; LINE_MAX + 10];
+        let _ = w.write_all(&junk);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("longer than"), "{line}");
+        line.clear();
+        assert_eq!(r.read_line(&mut line).unwrap_or(0), 0, "the client is disconnected");
+        server.stop();
     }
 }

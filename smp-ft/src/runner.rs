@@ -42,7 +42,7 @@ impl Runner {
         }
     }
 
-    /// Runs until the VM ends; then stops it, joins its threads and closes the QMP server.
+    /// Runs until the VM ends; then closes the QMP server, stops the VM and joins its threads.
     pub fn run(mut self) -> Result<Outcome, String> {
         let never = crossbeam_channel::never();
         let requests = self.qmp.as_ref().map_or(&never, |(_, rx)| rx).clone();
@@ -103,6 +103,13 @@ impl Runner {
                 break Ok(Outcome::Halted);
             }
         };
+        // The QMP server stops first, whatever ended the VM: a command still waiting gets an
+        // error, every client gets its last replies and events (a bounded grace) and is
+        // disconnected, and no client can hold up what follows.
+        if let Some((server, rx)) = self.qmp.take() {
+            server.stop();
+            drop(rx);
+        }
         if let Some(ft) = &mut self.ft {
             match &outcome {
                 Ok(Outcome::Halted) => ft.halt(),
@@ -110,13 +117,9 @@ impl Runner {
                 Err(e) => ft.finish(&self.vm, e),
             }
         }
-        let Runner { vm, qmp, ft } = self;
+        let Runner { vm, qmp: _, ft } = self;
         drop(ft);
-        let stopped = vm.shutdown().map_err(|e| e.to_string());
-        if let Some((server, _)) = qmp {
-            server.stop();
-        }
-        stopped?;
+        vm.shutdown().map_err(|e| e.to_string())?;
         outcome
     }
 

@@ -8,6 +8,7 @@
 
 use super::gate::{OutputGate, OutputPort};
 use parking_lot::{Condvar, Mutex};
+use shutdown::{Shutdown, WriteEnd};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -319,7 +321,7 @@ impl SerialDevice {
 
 /// The host side of COM1: its I/O threads, stopped and joined by [`SerialBackend::stop`].
 pub struct SerialBackend {
-    stop: Arc<EventFd>,
+    stop: Shutdown,
     output: Arc<OutputQueue>,
     threads: Vec<JoinHandle<()>>,
     socket: Option<PathBuf>,
@@ -368,14 +370,15 @@ impl SerialBackend {
                 (Source::Listener(l), Target::Client(client.clone()))
             }
         };
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(SerialError::Event)?);
+        let stop = Shutdown::new().map_err(SerialError::Event)?;
         let output = device.output().clone();
         let mut threads = Vec::new();
         let q = output.clone();
+        let out_stop = stop.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("serial-out".into())
-                .spawn(move || output_loop(&q, target))
+                .spawn(move || output_loop(&q, target, &out_stop))
                 .expect("spawn serial-out thread"),
         );
         if !matches!(source, Source::Nothing) {
@@ -390,10 +393,11 @@ impl SerialBackend {
         Ok(SerialBackend { stop, output, threads, socket })
     }
 
-    /// Writes out what the guest has produced, then stops and joins the I/O threads.
+    /// Writes out what the guest has produced (a reader gets [`DRAIN_GRACE`] to take it),
+    /// then stops and joins the I/O threads.
     pub fn stop(mut self) {
         self.output.close();
-        let _ = self.stop.write(1);
+        self.stop.fire();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -407,30 +411,38 @@ impl SerialBackend {
     }
 }
 
-fn output_loop(q: &OutputQueue, mut target: Target) {
+/// How long a reader gets to take the guest's last output once the VM stops.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+fn output_loop(q: &OutputQueue, mut target: Target, stop: &Shutdown) {
     while let Some(bytes) = q.take() {
-        let r = match &mut target {
-            Target::Stdout => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&bytes).and_then(|()| out.flush())
-            }
-            Target::File(f) => f.write_all(&bytes),
-            Target::Client(c) => {
-                let stream = c.lock().as_ref().and_then(|s| s.try_clone().ok());
-                match stream {
-                    // No client: like a serial line with nothing plugged in.
-                    None => Ok(()),
-                    Some(mut s) => s.write_all(&bytes).or_else(|e| {
-                        tracing::info!("serial: client went away ({e})");
-                        *c.lock() = None;
-                        Ok(())
-                    }),
+        // The client's stream is duplicated so that a new client replacing it meanwhile cannot
+        // close the descriptor under this write.
+        let client = match &target {
+            Target::Client(c) => c.lock().as_ref().and_then(|s| s.try_clone().ok()),
+            _ => None,
+        };
+        let fd = match &target {
+            Target::Stdout => Some(libc::STDOUT_FILENO),
+            Target::File(f) => Some(f.as_raw_fd()),
+            // No client: like a serial line with nothing plugged in.
+            Target::Client(_) => client.as_ref().map(|s| s.as_raw_fd()),
+            Target::Discard => None,
+        };
+        let Some(fd) = fd else { continue };
+        match shutdown::write_all(fd, &bytes, stop, DRAIN_GRACE) {
+            Ok(()) => {}
+            Err(WriteEnd::Failed(e)) if matches!(target, Target::Client(_)) => {
+                tracing::info!("serial: client went away ({e})");
+                if let Target::Client(c) = &target {
+                    *c.lock() = None;
                 }
             }
-            Target::Discard => Ok(()),
-        };
-        if let Err(e) = r {
-            tracing::warn!("serial: output lost: {e}");
+            Err(WriteEnd::Failed(e)) => tracing::warn!("serial: output lost: {e}"),
+            Err(WriteEnd::Abandoned(n)) => {
+                tracing::warn!("serial: {n} output bytes were not taken by the reader before the VM stopped");
+                target = Target::Discard;
+            }
         }
     }
 }
@@ -443,7 +455,7 @@ fn input_loop(
     device: &SerialDevice,
     source: Source,
     client: &Mutex<Option<UnixStream>>,
-    stop: &EventFd,
+    stop: &Shutdown,
     on_input: &(dyn Fn() + Send + Sync),
 ) {
     let mut pending: Vec<u8> = Vec::new();
@@ -452,7 +464,7 @@ fn input_loop(
     let mut stdin_open = matches!(source, Source::Stdin);
     let stdin = std::io::stdin();
     loop {
-        let mut fds = vec![pollfd(stop.as_raw_fd()), pollfd(device.room_event().as_raw_fd())];
+        let mut fds = vec![pollfd(stop.fd()), pollfd(device.room_event().as_raw_fd())];
         let listener_at = if let Source::Listener(l) = &source {
             fds.push(pollfd(l.as_raw_fd()));
             Some(fds.len() - 1)
