@@ -8,7 +8,7 @@
 //! every page of it is dirty again by the next snapshot 20 ms later; the table shows the pages
 //! actually captured. `SMPFT_BENCH_QUICK=1` shortens the run.
 
-use smp_ft::snapshot::{Kind, PauseTimings};
+use smp_ft::snapshot::{Chain, Kind, PauseTimings};
 use smp_ft::vmm::devices::serial::SerialSpec;
 use smp_ft::vmm::{Vm, VmConfig, DEFAULT_KVM_DEVICE};
 use std::time::Duration;
@@ -44,11 +44,12 @@ fn main() {
             };
             let vm = Vm::create(config).unwrap().start().unwrap();
             std::thread::sleep(Duration::from_millis(50));
-            vm.snapshot(Kind::Full).unwrap();
+            let mut chain = Chain::default();
+            chain.take(&vm, Kind::Full).unwrap();
             let mut all: Vec<PauseTimings> = Vec::new();
             for _ in 0..rounds {
                 std::thread::sleep(Duration::from_millis(20));
-                let (_, t) = vm.snapshot(Kind::Incremental).unwrap();
+                let (_, t) = chain.take(&vm, Kind::Incremental).unwrap();
                 all.push(t);
             }
             vm.shutdown().unwrap();

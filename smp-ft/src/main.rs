@@ -378,8 +378,6 @@ fn serve(runner: Runner) -> Result<ExitCode, String> {
 fn standby(args: StandbyArgs) -> Result<ExitCode, String> {
     let ft = args.ft.options()?;
     let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose().map_err(|e| e.to_string())?;
-    // Check KVM now rather than at the moment of failover.
-    smp_ft::vmm::open_kvm(&args.kvm_device).map_err(|e| error_chain(&e))?;
     let config = VmConfig {
         vcpus: args.vcpus,
         memory: args.memory,

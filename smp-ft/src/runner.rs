@@ -2,7 +2,7 @@
 //! QMP requests, one at a time, and decides what happens. Nothing else touches the VM.
 
 use crate::ft::primary::{Flow, PrimaryFt};
-use crate::snapshot::Kind;
+use crate::snapshot::{self, Kind};
 use crate::vmm::{RunningVm, VmEvent};
 use qemu_shim::qmp::{Command, QmpError, QmpServer, Request};
 use serde_json::{json, Value};
@@ -23,6 +23,8 @@ pub enum Outcome {
 
 pub struct Runner {
     vm: RunningVm,
+    /// The snapshots taken through QMP, for increments.
+    snapshots: snapshot::Chain,
     qmp: Option<(QmpServer, crossbeam_channel::Receiver<Request>)>,
     ft: Option<PrimaryFt>,
 }
@@ -33,7 +35,7 @@ impl Runner {
         qmp: Option<(QmpServer, crossbeam_channel::Receiver<Request>)>,
         ft: Option<PrimaryFt>,
     ) -> Self {
-        Runner { vm, qmp, ft }
+        Runner { vm, snapshots: snapshot::Chain::default(), qmp, ft }
     }
 
     fn emit(&self, event: &str, data: Option<Value>) {
@@ -117,7 +119,7 @@ impl Runner {
                 Err(e) => ft.finish(&self.vm, e),
             }
         }
-        let Runner { vm, qmp: _, ft } = self;
+        let Runner { vm, ft, .. } = self;
         drop(ft);
         vm.shutdown().map_err(|e| e.to_string())?;
         outcome
@@ -152,8 +154,10 @@ impl Runner {
             )),
             Command::Snapshot { file, incremental } => {
                 let kind = if *incremental { Kind::Incremental } else { Kind::Full };
-                let (bytes, t) =
-                    self.vm.snapshot_to_file(kind, file).map_err(|e| QmpError::generic(error_chain(&e)))?;
+                let (bytes, t) = self
+                    .snapshots
+                    .take_to_file(&self.vm, kind, file)
+                    .map_err(|e| QmpError::generic(error_chain(&e)))?;
                 Ok(json!({
                     "bytes": bytes,
                     "pages": t.pages,

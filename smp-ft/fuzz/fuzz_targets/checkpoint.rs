@@ -7,10 +7,9 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use smp_ft::ft::wire::{encode, MachineState, Meta, Payload, PayloadKind, Staged};
-use smp_ft::snapshot::MemoryPages;
-use smp_ft::vmm::devices::serial::SerialSnapshot;
+use smp_ft::ft::wire::{encode, Meta, Payload, PayloadKind, Staged};
 use smp_ft::vmm::memory::GuestMemory;
+use smp_ft::vmm::pages::MemoryPages;
 use std::sync::OnceLock;
 use transport::CheckpointData;
 
@@ -24,11 +23,7 @@ fn valid() -> &'static bytes::Bytes {
             seq: SEQ,
             kind: PayloadKind::Epoch,
             memory: MemoryPages { pages: vec![1, 3], data: vec![0xab; 2 * 4096], zero_pages: vec![0] },
-            state: Some(MachineState {
-                cpus: vec![common::vcpu()],
-                vm: common::vm_state(),
-                serial: SerialSnapshot::default(),
-            }),
+            state: Some(common::machine(1)),
         };
         encode(&payload).expect("encode")
     })
@@ -46,6 +41,8 @@ fuzz_target!(|data: &[u8]| {
     let cp = CheckpointData { segments: vec![b.slice(..cut), b.slice(cut..)] };
     if let Ok(staged) = Staged::validate(&cp, SEQ, 1, MEM) {
         let mem = GuestMemory::new(MEM).expect("guest memory");
-        let _ = staged.apply(&mem);
+        if let Ok(Some(state)) = staged.apply(&mem) {
+            common::restore_components(&state);
+        }
     }
 });

@@ -1,6 +1,12 @@
 //! What both targets build on: a small valid machine state, and bit flips driven by the input.
 
+use smp_ft::vmm::component::Component;
+use smp_ft::vmm::devices::gate::OutputGate;
+use smp_ft::vmm::devices::serial::SerialDevice;
+use smp_ft::vmm::machine::{ComponentState, MachineState};
 use smp_ft::vmm::state::{VcpuState, VmState};
+use std::sync::Arc;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub fn vcpu() -> VcpuState {
     VcpuState {
@@ -18,6 +24,30 @@ pub fn vcpu() -> VcpuState {
 
 pub fn vm_state() -> VmState {
     VmState { pic_master: vec![1], pic_slave: vec![2], ioapic: vec![3], pit: vec![4], clock: vec![5] }
+}
+
+/// A device of each kind a machine state can name, for restoring fuzzed states into.
+pub fn devices() -> Vec<Arc<dyn Component>> {
+    vec![SerialDevice::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"), OutputGate::new()).expect("serial")]
+}
+
+/// A valid machine state of `cpus` vCPUs with every device's state.
+pub fn machine(cpus: usize) -> MachineState {
+    let components = devices()
+        .iter()
+        .map(|c| ComponentState { name: c.name().into(), version: c.version(), data: c.save().expect("save") })
+        .collect();
+    MachineState { cpus: (0..cpus).map(|_| vcpu()).collect(), vm: vm_state(), components }
+}
+
+/// Restores every component state `m` holds into fresh devices; errors are fine, panics not.
+pub fn restore_components(m: &MachineState) {
+    let devices = devices();
+    for s in &m.components {
+        if let Some(d) = devices.iter().find(|d| d.name() == s.name) {
+            let _ = d.restore(s.version, &s.data);
+        }
+    }
 }
 
 /// `valid` with `flips` applied (each 3 bytes: a position, then a mask) from offset `from` on.

@@ -9,7 +9,6 @@ mod common;
 use libfuzzer_sys::fuzz_target;
 use smp_ft::snapshot::format::{decode, encode};
 use smp_ft::snapshot::{MemoryPages, Snapshot};
-use smp_ft::vmm::devices::serial::SerialSnapshot;
 use std::sync::OnceLock;
 
 const HEADER: usize = 24;
@@ -23,9 +22,7 @@ fn valid() -> &'static [u8] {
             seq: 0,
             vcpus: 2,
             mem_size: 1 << 20,
-            cpus: vec![common::vcpu(), common::vcpu()],
-            vm: common::vm_state(),
-            serial: SerialSnapshot::default(),
+            state: common::machine(2),
             memory: MemoryPages { pages: vec![2], data: vec![0x5a; 4096], zero_pages: vec![0, 1] },
         })
         .expect("encode")
@@ -38,7 +35,9 @@ fuzz_target!(|data: &[u8]| {
             let mut v = common::flipped(valid(), HEADER, flips);
             let crc = crc32fast::hash(&v[HEADER..]);
             v[12..16].copy_from_slice(&crc.to_le_bytes());
-            let _ = decode(&v);
+            if let Ok(s) = decode(&v) {
+                common::restore_components(&s.state);
+            }
         }
         _ => {
             let _ = decode(data);

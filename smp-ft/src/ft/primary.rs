@@ -8,7 +8,7 @@ use super::stats::{Progress, Stats};
 use super::tiebreak::{Outcome as Claim, TieBreaker};
 use super::wire::{self, Meta, Payload, PayloadKind};
 use super::{FtOptions, GOODBYE_HALTED, GOODBYE_VM_ENDED};
-use crate::snapshot::MemoryPages;
+use crate::vmm::capture::{Capture, PageSet};
 use crate::vmm::RunningVm;
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::{json, Value};
@@ -448,7 +448,7 @@ impl PrimaryFt {
 
     fn precopy_round(&mut self, vm: &RunningVm, all: bool) {
         let seq = self.next_seq();
-        match vm.copy_running(all) {
+        match vm.copy_running(if all { PageSet::All } else { PageSet::Dirty }) {
             Ok(memory) => {
                 let bytes = memory.data.len() as u64;
                 if let Some(sh) = &self.shadow {
@@ -495,8 +495,8 @@ impl PrimaryFt {
         // The final pause: the remaining pages and all state, and from here output is held.
         let gate = vm.devices().gate.clone();
         let seq = self.next_seq();
-        match vm.checkpoint(|| gate.hold()) {
-            Ok((memory, state, t)) => {
+        match vm.capture(PageSet::Dirty, || gate.hold()) {
+            Ok(Capture { memory, state, timings: t }) => {
                 if let Some(sh) = &self.shadow {
                     sh.apply(&memory);
                 }
@@ -541,13 +541,13 @@ impl PrimaryFt {
         let mut sealed = None;
         let mut changed = Vec::new();
         let shadow = self.shadow.as_ref();
-        let r = vm.checkpoint(|| {
+        let r = vm.capture(PageSet::Dirty, || {
             sealed = gate.seal();
             if let Some(sh) = shadow {
                 changed = sh.differing(vm.memory());
             }
         });
-        if let (Some(sh), Ok((m, _, _))) = (&self.shadow, &r) {
+        if let (Some(sh), Ok(Capture { memory: m, .. })) = (&self.shadow, &r) {
             let sent: std::collections::HashSet<u64> = m.pages.iter().chain(&m.zero_pages).copied().collect();
             let missed: Vec<u64> = changed.iter().copied().filter(|p| !sent.contains(p)).collect();
             if !missed.is_empty() {
@@ -556,8 +556,8 @@ impl PrimaryFt {
             sh.apply(m);
         }
         self.last_checkpoint = Instant::now();
-        let (memory, state, t): (MemoryPages, _, _) = match r {
-            Ok(x) => x,
+        let Capture { memory, state, timings: t } = match r {
+            Ok(c) => c,
             Err(e) => {
                 self.error(format!("checkpoint failed: {}", crate::runner::error_chain(&e)));
                 return;

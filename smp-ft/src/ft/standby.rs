@@ -7,6 +7,7 @@ use super::tiebreak::{Outcome as Claim, TieBreaker};
 use super::wire::{MachineState, Meta, PayloadKind, Staged};
 use super::{FtOptions, GOODBYE_HALTED, GOODBYE_VM_ENDED};
 use crate::runner::error_chain;
+use crate::vmm::host::HostResources;
 use crate::vmm::memory::GuestMemory;
 use crate::vmm::{Vm, VmConfig, VmEvent};
 use crossbeam_channel::{select, Receiver};
@@ -61,6 +62,8 @@ fn send_ack(chan: &Channel, epoch: Epoch) {
 
 pub struct StandbyRunner<'a> {
     opts: &'a StandbyOptions,
+    /// Everything the VM needs on this host to go live, held from the start.
+    host: Option<HostResources>,
     tiebreak: TieBreaker,
     generation: u64,
     qmp: Receiver<Request>,
@@ -73,9 +76,26 @@ impl<'a> StandbyRunner<'a> {
         qmp: Option<Receiver<Request>>,
         signals: Receiver<VmEvent>,
     ) -> Result<Self, String> {
+        let host = HostResources::reserve(&opts.config)
+            .map_err(|e| format!("this standby could not go live: {}", error_chain(&e)))?;
         let tiebreak = TieBreaker::new(&opts.ft.tiebreak, &opts.ft.owner).map_err(|e| e.to_string())?;
         let generation = tiebreak.read().map_err(|e| error_chain(&e))?.map_or(0, |(g, _)| g);
-        Ok(StandbyRunner { opts, tiebreak, generation, qmp: qmp.unwrap_or_else(crossbeam_channel::never), signals })
+        Ok(StandbyRunner {
+            opts,
+            host: Some(host),
+            tiebreak,
+            generation,
+            qmp: qmp.unwrap_or_else(crossbeam_channel::never),
+            signals,
+        })
+    }
+
+    /// Whether this copy could go live now; why not otherwise.
+    fn can_go_live(&mut self) -> Result<(), String> {
+        match &mut self.host {
+            None => Err("its host resources are gone".into()),
+            Some(h) => h.check().map_err(|e| error_chain(&e)),
+        }
     }
 
     fn meta(&self) -> Meta {
@@ -149,6 +169,12 @@ impl<'a> StandbyRunner<'a> {
         if let Some(why) = self.meta().mismatch(&theirs) {
             chan.close(transport::channel::code::PROTOCOL, &why);
             return Err(format!("refusing primary {peer}: {why}"));
+        }
+        if let Err(why) = self.can_go_live() {
+            let why = format!("the standby could not go live: {why}");
+            tracing::error!("FT: refusing primary {peer}: {why}");
+            chan.close(transport::channel::code::PROTOCOL, &why);
+            return Ok(None);
         }
         self.generation = self.generation.max(theirs.generation);
         tracing::info!(primary = %peer, owner = %theirs.owner, generation = self.generation, "primary connected; receiving the initial copy");
@@ -281,6 +307,14 @@ impl<'a> StandbyRunner<'a> {
                         return Ok(Some(StandbyEnd::Halted));
                     }
                     StandbyAction::Arbitrate { generation } => {
+                        if let Err(why) = self.can_go_live() {
+                            tracing::error!(
+                                "FT: the primary is silent but this copy could not go live ({why}); \
+                                 not claiming the tie-breaker, discarding the copy"
+                            );
+                            s.chan.close(GOODBYE_HALTED, "the standby cannot go live");
+                            return Ok(None);
+                        }
                         let ev = match self.tiebreak.claim(generation, self.opts.ft.claim_timeout) {
                             Ok(Claim::Won { generation }) => StandbyEvent::TieBreakWon { generation },
                             Ok(Claim::Lost { generation, holder }) => {
@@ -338,20 +372,14 @@ impl<'a> StandbyRunner<'a> {
         }
     }
 
-    fn build_live(&self, s: &mut Session, epoch: Epoch) -> Result<Vm, String> {
+    fn build_live(&mut self, s: &mut Session, epoch: Epoch) -> Result<Vm, String> {
         if s.applied != Some(epoch) {
             return Err(format!("checkpoint {epoch} was acknowledged but not applied ({:?})", s.applied));
         }
         let state = s.state.take().ok_or("no machine state to go live from")?;
-        Vm::from_state(self.opts.config.clone(), Some(s.memory.clone()), |_, fds, vm, devices, caps| {
-            for (fd, cpu) in fds.iter().zip(&state.cpus) {
-                cpu.restore(&fd.lock(), caps)?;
-            }
-            state.vm.restore(vm)?;
-            devices.serial.restore(&state.serial)?;
-            Ok(())
-        })
-        .map_err(|e| format!("cannot build the VM to go live: {}", error_chain(&e)))
+        let host = self.host.take().ok_or("the host resources were already used")?;
+        Vm::from_state(self.opts.config.clone(), s.memory.clone(), host, &state)
+            .map_err(|e| format!("cannot build the VM to go live: {}", error_chain(&e)))
     }
 
     fn query(&self, s: Option<&Session>) -> Value {

@@ -3,9 +3,9 @@
 //! it differs from the real memory must be in that checkpoint; a page that is not was missed by
 //! the dirty log, and is reported. It costs a full memory compare per checkpoint.
 
-use crate::snapshot::MemoryPages;
 use crate::vmm::dirty::PAGE_SIZE;
 use crate::vmm::memory::GuestMemory;
+use crate::vmm::pages::MemoryPages;
 
 pub struct Shadow {
     mem: GuestMemory,
@@ -21,13 +21,7 @@ impl Shadow {
     }
 
     pub fn apply(&self, m: &MemoryPages) {
-        for (i, &p) in m.pages.iter().enumerate() {
-            let at = i * PAGE_SIZE as usize;
-            let _ = self.mem.write(p * PAGE_SIZE, &m.data[at..at + PAGE_SIZE as usize]);
-        }
-        for &p in &m.zero_pages {
-            let _ = self.mem.fill(p * PAGE_SIZE, PAGE_SIZE, 0);
-        }
+        let _ = m.apply(&self.mem);
     }
 
     /// Pages where `real` differs from the shadow.

@@ -5,10 +5,8 @@
 //! only); the synchronising checkpoint that ends them carries the whole device and vCPU state,
 //! and so does every epoch checkpoint after it. A checkpoint's sequence number is its epoch.
 
-use crate::snapshot::MemoryPages;
-use crate::vmm::devices::serial::SerialSnapshot;
-use crate::vmm::dirty::PAGE_SIZE;
-use crate::vmm::state::{VcpuState, VmState};
+pub use crate::vmm::machine::MachineState;
+use crate::vmm::pages::MemoryPages;
 use bytes::Bytes;
 use transport::CheckpointData;
 
@@ -46,14 +44,6 @@ impl Meta {
             )
         })
     }
-}
-
-/// vCPU, in-kernel device and serial state at one instant.
-#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct MachineState {
-    pub cpus: Vec<VcpuState>,
-    pub vm: VmState,
-    pub serial: SerialSnapshot,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -104,14 +94,7 @@ impl Staged {
         if p.seq.to_native() != seq {
             return Err(format!("checkpoint {seq} says it is {}", p.seq.to_native()));
         }
-        let m = &p.memory;
-        if m.data.len() as u64 != m.pages.len() as u64 * PAGE_SIZE {
-            return Err(format!("checkpoint {seq}: {} pages but {} bytes of data", m.pages.len(), m.data.len()));
-        }
-        let limit = mem_size / PAGE_SIZE;
-        if let Some(pg) = m.pages.iter().chain(m.zero_pages.iter()).find(|p| p.to_native() >= limit) {
-            return Err(format!("checkpoint {seq}: page {pg} is beyond the {} MiB of memory", mem_size >> 20));
-        }
+        p.memory.validate(mem_size).map_err(|e| format!("checkpoint {seq}: {e}"))?;
         let wants_state = !matches!(p.kind, ArchivedPayloadKind::PreCopy);
         match p.state.as_ref() {
             None if wants_state => return Err(format!("checkpoint {seq} lacks the machine state")),
@@ -138,21 +121,13 @@ impl Staged {
     }
 
     pub fn pages(&self) -> usize {
-        let m = &self.archived().memory;
-        m.pages.len() + m.zero_pages.len()
+        self.archived().memory.count()
     }
 
     /// Writes the memory pages into `mem` and returns the machine state, if any.
     pub fn apply(&self, mem: &crate::vmm::memory::GuestMemory) -> Result<Option<MachineState>, String> {
         let p = self.archived();
-        let data = p.memory.data.as_slice();
-        for (i, page) in p.memory.pages.iter().enumerate() {
-            let at = i * PAGE_SIZE as usize;
-            mem.write(page.to_native() * PAGE_SIZE, &data[at..at + PAGE_SIZE as usize]).map_err(|e| e.to_string())?;
-        }
-        for page in p.memory.zero_pages.iter() {
-            mem.fill(page.to_native() * PAGE_SIZE, PAGE_SIZE, 0).map_err(|e| e.to_string())?;
-        }
+        p.memory.apply(mem).map_err(|e| e.to_string())?;
         match p.state.as_ref() {
             None => Ok(None),
             Some(s) => rkyv::deserialize::<MachineState, rkyv::rancor::Error>(s)
@@ -165,13 +140,15 @@ impl Staged {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vmm::dirty::PAGE_SIZE;
+    use crate::vmm::state::VmState;
 
     fn payload(seq: u64, kind: PayloadKind, pages: Vec<u64>) -> Payload {
         let data = pages.iter().flat_map(|&p| vec![p as u8 + 1; PAGE_SIZE as usize]).collect();
         let state = (kind != PayloadKind::PreCopy).then(|| MachineState {
             cpus: vec![],
             vm: VmState { pic_master: vec![], pic_slave: vec![], ioapic: vec![], pit: vec![], clock: vec![] },
-            serial: SerialSnapshot::default(),
+            components: vec![],
         });
         Payload { seq, kind, memory: MemoryPages { pages, data, zero_pages: vec![0] }, state }
     }

@@ -12,12 +12,13 @@
 //! Memory is sparse: a full snapshot holds only pages that are not zero; an incremental one holds
 //! the pages dirtied since its parent (pages that became zero are listed, not stored).
 
-use crate::vmm::devices::serial::SerialSnapshot;
-use crate::vmm::state::{VcpuState, VmState};
+pub use crate::vmm::machine::MachineState;
+pub use crate::vmm::pages::MemoryPages;
 use std::path::Path;
 
 pub const MAGIC: [u8; 8] = *b"SMPFTSNP";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the machine state holds every component by name (1 had a fixed serial field).
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER: usize = 24;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,16 +37,6 @@ pub enum FormatError {
     Encode(String),
 }
 
-/// Pages of guest memory, by page frame number.
-#[derive(Debug, Clone, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct MemoryPages {
-    /// Page numbers whose 4 KiB contents follow in `data`, in this order.
-    pub pages: Vec<u64>,
-    pub data: Vec<u8>,
-    /// Page numbers that are all zeroes.
-    pub zero_pages: Vec<u64>,
-}
-
 /// One snapshot: a full one (`parent == None`) or an increment on top of `parent`.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Snapshot {
@@ -57,9 +48,7 @@ pub struct Snapshot {
     pub seq: u32,
     pub vcpus: u32,
     pub mem_size: u64,
-    pub cpus: Vec<VcpuState>,
-    pub vm: VmState,
-    pub serial: SerialSnapshot,
+    pub state: MachineState,
     pub memory: MemoryPages,
 }
 
@@ -119,6 +108,7 @@ pub fn write_file(path: &Path, s: &Snapshot) -> Result<u64, std::io::Error> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::vmm::state::VmState;
 
     pub(crate) fn sample(id: u64, parent: Option<u64>, seq: u32) -> Snapshot {
         Snapshot {
@@ -127,9 +117,11 @@ pub(crate) mod tests {
             seq,
             vcpus: 2,
             mem_size: 1 << 20,
-            cpus: vec![],
-            vm: VmState { pic_master: vec![1], pic_slave: vec![2], ioapic: vec![3], pit: vec![4], clock: vec![5] },
-            serial: SerialSnapshot::default(),
+            state: MachineState {
+                cpus: vec![],
+                vm: VmState { pic_master: vec![1], pic_slave: vec![2], ioapic: vec![3], pit: vec![4], clock: vec![5] },
+                components: vec![],
+            },
             memory: MemoryPages { pages: vec![3], data: vec![7; 4096], zero_pages: vec![5] },
         }
     }

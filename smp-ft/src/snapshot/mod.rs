@@ -7,18 +7,19 @@
 
 pub mod format;
 
-use crate::vmm::dirty::{Bitmap, PAGE_SIZE};
+pub use crate::vmm::capture::PauseTimings;
+use crate::vmm::capture::{CaptureError, PageSet};
+use crate::vmm::host::HostResources;
 use crate::vmm::memory::GuestMemory;
-use crate::vmm::state::VmState;
 use crate::vmm::{RunningVm, Vm, VmConfig, VmError};
-pub use format::{FormatError, MemoryPages, Snapshot};
+pub use format::{FormatError, MachineState, MemoryPages, Snapshot};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("cannot pause the VM")]
-    Pause(#[from] crate::vmm::control::PauseError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error("cannot write snapshot {path}")]
@@ -29,6 +30,8 @@ pub enum SnapshotError {
     Format { path: PathBuf, source: FormatError },
     #[error("no full snapshot has been taken of this VM yet; take one before an incremental snapshot")]
     NoBase,
+    #[error("the dirty-page log was used by something else (FT) since the last snapshot; take a full snapshot first")]
+    BrokenChain,
     #[error("no snapshot files given")]
     Empty,
     #[error("snapshot {path} is incremental; a chain must start with a full snapshot")]
@@ -43,23 +46,6 @@ pub enum SnapshotError {
     Config { want: String, got: String },
     #[error("snapshot memory data is inconsistent: {0}")]
     Pages(String),
-}
-
-/// Where the time of one snapshot pause went.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PauseTimings {
-    pub stop: Duration,
-    pub harvest: Duration,
-    pub copy: Duration,
-    pub state: Duration,
-    pub resume: Duration,
-    pub pages: u64,
-}
-
-impl PauseTimings {
-    pub fn total(&self) -> Duration {
-        self.stop + self.harvest + self.copy + self.state + self.resume
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,188 +66,59 @@ fn random_id() -> u64 {
     u64::from_le_bytes(b)
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: reinterpreting initialised bytes as u64 words; align_to handles alignment.
-        unsafe { page.align_to::<u64>() }
-    };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+/// The last snapshot taken of a VM, which the next incremental one builds on.
+#[derive(Debug, Default)]
+pub struct Chain {
+    last: Option<Link>,
 }
 
-/// Copies the pages in `set` (or every non-zero page when `set` is `None`) into `out`.
-fn copy_pages(mem: &GuestMemory, set: Option<&Bitmap>, out: &mut MemoryPages) -> Result<(), VmError> {
-    if let Some(set) = set {
-        out.data.reserve(set.count() as usize * PAGE_SIZE as usize);
-    }
-    let mut one = |page: u64, sparse: bool| -> Result<(), VmError> {
-        let data = mem.page(page)?;
-        if is_zero(data) {
-            if !sparse {
-                out.zero_pages.push(page);
-            }
-        } else {
-            out.pages.push(page);
-            out.data.extend_from_slice(data);
-        }
-        Ok(())
-    };
-    match set {
-        Some(set) => set.iter().try_for_each(|p| one(p, false)),
-        None => mem
-            .data_ranges()
-            .into_iter()
-            .try_for_each(|(s, e)| (s / PAGE_SIZE..e.div_ceil(PAGE_SIZE)).try_for_each(|p| one(p, true))),
-    }
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    id: u64,
+    seq: u32,
+    /// The VM's dirty-log harvest count right after that snapshot: an increment holds every
+    /// change since it only if nothing else harvested the log in between.
+    harvests: u64,
 }
 
-impl RunningVm {
-    /// Takes a snapshot. The VM is paused for the capture and resumed afterwards unless it was
-    /// already paused. Writing the result anywhere is the caller's business.
-    pub fn snapshot(&self, kind: Kind) -> Result<(Snapshot, PauseTimings), SnapshotError> {
-        let previous = *self.chain.lock();
-        if kind == Kind::Incremental && previous.is_none() {
-            return Err(SnapshotError::NoBase);
-        }
-        let was_paused = self.is_paused();
-        let mut t = PauseTimings::default();
-        let t0 = Instant::now();
-        if !was_paused {
-            self.pause()?;
-        }
-        let t1 = Instant::now();
-        t.stop = t1 - t0;
-        let result = self.capture_paused(kind, &mut t);
-        let t4 = Instant::now();
-        if !was_paused {
-            self.resume();
-        }
-        t.resume = t4.elapsed();
-        let mut snap = result?;
-        snap.id = random_id();
-        match (kind, previous) {
-            (Kind::Incremental, Some((parent, seq))) => {
-                snap.parent = Some(parent);
-                snap.seq = seq + 1;
-            }
-            _ => {
-                snap.parent = None;
-                snap.seq = 0;
-            }
-        }
-        *self.chain.lock() = Some((snap.id, snap.seq));
-        Ok((snap, t))
-    }
-
-    /// One FT checkpoint: pauses the vCPUs, runs `on_paused` (which seals the output of the
-    /// epoch being closed), captures the pages dirtied since the previous harvest and the whole
-    /// machine state, and resumes.
-    pub fn checkpoint(
-        &self,
-        on_paused: impl FnOnce(),
-    ) -> Result<(MemoryPages, crate::ft::wire::MachineState, PauseTimings), SnapshotError> {
-        let was_paused = self.is_paused();
-        let mut t = PauseTimings::default();
-        let t0 = Instant::now();
-        if !was_paused {
-            self.pause()?;
-        }
-        on_paused();
-        t.stop = t0.elapsed();
-        let result = self.capture_paused(Kind::Incremental, &mut t);
-        let t4 = Instant::now();
-        if !was_paused {
-            self.resume();
-        }
-        t.resume = t4.elapsed();
-        let s = result?;
-        // The dirty bits went to the standby: an increment on an earlier snapshot would miss them.
-        *self.chain.lock() = None;
-        Ok((s.memory, crate::ft::wire::MachineState { cpus: s.cpus, vm: s.vm, serial: s.serial }, t))
-    }
-
-    /// A pre-copy round, with the VM running: the pages dirtied since the previous harvest, or
-    /// (`all`) every non-zero page, with the dirty log reset first.
-    pub fn copy_running(&self, all: bool) -> Result<MemoryPages, SnapshotError> {
-        let vm = self.vm.as_ref().ok_or(VmError::ExitTimeout(Duration::ZERO))?;
-        let mut dirty = self.dirty.lock();
-        dirty.harvest(vm, &self.memory).map_err(VmError::from)?;
-        let pages = dirty.take();
-        *self.chain.lock() = None;
-        let mut memory = MemoryPages::default();
-        if all {
-            copy_pages(&self.memory, None, &mut memory)?;
-        } else {
-            copy_pages(&self.memory, Some(&pages), &mut memory)?;
-        }
-        Ok(memory)
-    }
-
-    /// Pages dirtied since the last harvest, without taking them.
-    pub fn dirty_pending(&self) -> Result<u64, SnapshotError> {
-        let vm = self.vm.as_ref().ok_or(VmError::ExitTimeout(Duration::ZERO))?;
-        let mut dirty = self.dirty.lock();
-        dirty.harvest(vm, &self.memory).map_err(VmError::from)?;
-        Ok(dirty.pending())
-    }
-
-    fn capture_paused(&self, kind: Kind, t: &mut PauseTimings) -> Result<Snapshot, SnapshotError> {
-        let vm = self.vm.as_ref().ok_or(VmError::ExitTimeout(Duration::ZERO))?;
-        let mut dirty = self.dirty.lock();
-        let t1 = Instant::now();
-        dirty.harvest(vm, &self.memory).map_err(VmError::from)?;
-        let pages = dirty.take();
-        let t2 = Instant::now();
-        t.harvest = t2 - t1;
-        let mut memory = MemoryPages::default();
-        let copied = match kind {
-            Kind::Incremental => copy_pages(&self.memory, Some(&pages), &mut memory),
-            // A full snapshot covers everything, including what the log had collected.
-            Kind::Full => copy_pages(&self.memory, None, &mut memory),
+impl Chain {
+    /// Takes a snapshot of `vm`. A running VM is paused for the capture and resumed; one paused
+    /// already stays paused. Writing the result anywhere is the caller's business.
+    pub fn take(&mut self, vm: &RunningVm, kind: Kind) -> Result<(Snapshot, PauseTimings), SnapshotError> {
+        let parent = match (kind, self.last) {
+            (Kind::Full, _) => None,
+            (Kind::Incremental, None) => return Err(SnapshotError::NoBase),
+            (Kind::Incremental, Some(l)) if l.harvests != vm.harvests() => return Err(SnapshotError::BrokenChain),
+            (Kind::Incremental, Some(l)) => Some(l),
         };
-        if let Err(e) = copied {
-            dirty.put_back(&pages);
-            return Err(e.into());
-        }
-        t.pages = (memory.pages.len() + memory.zero_pages.len()) as u64;
-        let t3 = Instant::now();
-        t.copy = t3 - t2;
-        let state = (|| -> Result<_, VmError> {
-            let pause = self.control.pause_seq();
-            let cpus = self
-                .vcpu_fds
-                .iter()
-                .enumerate()
-                .map(|(i, fd)| self.early.capture(i, pause, &fd.lock()))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((cpus, VmState::capture(vm)?, self.devices.serial.snapshot()))
-        })();
-        let (cpus, vm_state, serial) = match state {
-            Ok(s) => s,
-            Err(e) => {
-                dirty.put_back(&pages);
-                return Err(e.into());
-            }
+        let set = if kind == Kind::Full { PageSet::All } else { PageSet::Dirty };
+        let c = vm.capture(set, || {})?;
+        let snap = Snapshot {
+            id: random_id(),
+            parent: parent.map(|l| l.id),
+            seq: parent.map_or(0, |l| l.seq + 1),
+            vcpus: vm.vcpus(),
+            mem_size: vm.memory().size(),
+            state: c.state,
+            memory: c.memory,
         };
-        t.state = t3.elapsed();
-        Ok(Snapshot {
-            id: 0,
-            parent: None,
-            seq: 0,
-            vcpus: self.vcpus,
-            mem_size: self.memory.size(),
-            cpus,
-            vm: vm_state,
-            serial,
-            memory,
-        })
+        self.last = Some(Link { id: snap.id, seq: snap.seq, harvests: vm.harvests() });
+        Ok((snap, c.timings))
     }
 
     /// Takes a snapshot and writes it to `path`; returns the file size and the pause timings.
-    pub fn snapshot_to_file(&self, kind: Kind, path: &Path) -> Result<(u64, PauseTimings), SnapshotError> {
-        let (snap, t) = self.snapshot(kind)?;
+    pub fn take_to_file(
+        &mut self,
+        vm: &RunningVm,
+        kind: Kind,
+        path: &Path,
+    ) -> Result<(u64, PauseTimings), SnapshotError> {
+        let before = self.last;
+        let (snap, t) = self.take(vm, kind)?;
         let size = format::write_file(path, &snap).map_err(|source| {
-            // The chain must not advance past a snapshot that was never written.
-            *self.chain.lock() = snap.parent.map(|p| (p, snap.seq.saturating_sub(1)));
+            // The pages this snapshot harvested are only in the file that was not written: no
+            // increment may build on the chain until a new full snapshot.
+            self.last = before.map(|l| Link { harvests: u64::MAX, ..l });
             SnapshotError::Write { path: path.to_path_buf(), source }
         })?;
         tracing::info!(path = %path.display(), bytes = size, pages = t.pages, pause_us = t.total().as_micros() as u64, ?kind, "snapshot written");
@@ -302,16 +159,9 @@ pub fn read_chain(paths: &[PathBuf]) -> Result<Vec<Snapshot>, SnapshotError> {
 }
 
 fn validate_pages(s: &Snapshot) -> Result<(), String> {
-    let m = &s.memory;
-    if m.data.len() as u64 != m.pages.len() as u64 * PAGE_SIZE {
-        return Err(format!("{} pages but {} bytes of data", m.pages.len(), m.data.len()));
-    }
-    let limit = s.mem_size / PAGE_SIZE;
-    if let Some(p) = m.pages.iter().chain(&m.zero_pages).find(|&&p| p >= limit) {
-        return Err(format!("page {p} is beyond the {} MiB of memory", s.mem_size >> 20));
-    }
-    if s.cpus.len() != s.vcpus as usize {
-        return Err(format!("{} vCPU states for {} vCPUs", s.cpus.len(), s.vcpus));
+    s.memory.validate(s.mem_size).map_err(|e| e.to_string())?;
+    if s.state.cpus.len() != s.vcpus as usize {
+        return Err(format!("{} vCPU states for {} vCPUs", s.state.cpus.len(), s.vcpus));
     }
     Ok(())
 }
@@ -319,20 +169,14 @@ fn validate_pages(s: &Snapshot) -> Result<(), String> {
 /// Applies a chain's memory, in order, to `mem`.
 pub fn apply_memory(chain: &[Snapshot], mem: &GuestMemory) -> Result<(), VmError> {
     for s in chain {
-        for (i, &page) in s.memory.pages.iter().enumerate() {
-            let at = i * PAGE_SIZE as usize;
-            mem.write(page * PAGE_SIZE, &s.memory.data[at..at + PAGE_SIZE as usize])?;
-        }
-        for &page in &s.memory.zero_pages {
-            mem.fill(page * PAGE_SIZE, PAGE_SIZE, 0)?;
-        }
+        s.memory.apply(mem)?;
     }
     Ok(())
 }
 
 /// FNV-1a over a chain's reconstructed memory: equal hashes, equal memory.
 pub fn memory_hash(chain: &[Snapshot]) -> Result<u64, VmError> {
-    let last = chain.last().ok_or(VmError::ExitTimeout(Duration::ZERO))?;
+    let last = chain.last().ok_or(VmError::Stopped)?;
     let mem = GuestMemory::new(last.mem_size)?;
     apply_memory(chain, &mem)?;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -360,16 +204,10 @@ impl Vm {
                 got: format!("{} vCPUs and {} MiB", config.vcpus, config.memory >> 20),
             });
         }
-        let vm = Vm::from_state(config, None, |mem, fds, vm, devices, caps| {
-            apply_memory(chain, mem)?;
-            for (fd, state) in fds.iter().zip(&last.cpus) {
-                state.restore(&fd.lock(), caps)?;
-            }
-            last.vm.restore(vm)?;
-            devices.serial.restore(&last.serial)?;
-            Ok(())
-        })?;
-        Ok(vm)
+        let host = HostResources::reserve(&config)?;
+        let memory = GuestMemory::new(config.memory).map_err(VmError::from)?;
+        apply_memory(chain, &memory)?;
+        Ok(Vm::from_state(config, Arc::new(memory), host, &last.state)?)
     }
 }
 
@@ -377,6 +215,7 @@ impl Vm {
 mod tests {
     use super::format::tests::sample;
     use super::*;
+    use crate::vmm::dirty::PAGE_SIZE;
 
     fn write_all(dir: &Path, snaps: &[Snapshot]) -> Vec<PathBuf> {
         snaps
@@ -397,7 +236,7 @@ mod tests {
     }
 
     fn valid(mut s: Snapshot) -> Snapshot {
-        s.cpus = vec![];
+        s.state.cpus = vec![];
         s.vcpus = 0;
         s
     }

@@ -3,21 +3,27 @@
 //! gives the caller a handle to pause, resume, snapshot and stop it ([`RunningVm`]).
 
 pub mod boot;
+pub mod capture;
+pub mod component;
 pub mod control;
 pub mod devices;
 pub mod dirty;
+pub mod host;
 pub mod layout;
 pub mod loader;
+pub mod machine;
 pub mod memory;
+pub mod pages;
 pub mod state;
 pub mod vcpu;
 
 use control::{PauseError, VcpuControl};
 use crossbeam_channel::{Receiver, Sender};
 use devices::gate::OutputGate;
-use devices::serial::{SerialBackend, SerialDevice, SerialError, SerialSpec};
-use devices::{Console, Devices};
+use devices::serial::{SerialBackend, SerialDevice, SerialError, SerialHost, SerialSpec};
+use devices::Devices;
 use dirty::DirtyLog;
+use host::HostResources;
 use kvm_bindings::{
     kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
@@ -29,6 +35,7 @@ use memory::GuestMemory;
 use parking_lot::Mutex;
 use state::{EarlyStates, StateCaps};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -91,6 +98,16 @@ pub enum VmError {
     Thread(#[source] std::io::Error),
     #[error("vCPU threads did not exit within {0:?}")]
     ExitTimeout(Duration),
+    #[error("the VM has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Component(#[from] component::ComponentError),
+    #[error("the saved state has no state for device '{0}', which this VM has")]
+    MissingState(&'static str),
+    #[error("the saved state has state for device '{0}', which this VM lacks")]
+    UnknownState(String),
+    #[error("the saved state has {got} vCPU states for {want} vCPUs")]
+    VcpuCount { got: usize, want: usize },
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -167,6 +184,8 @@ struct Parts {
     dirty: DirtyLog,
     /// XCR0 to start vCPUs with, when the CPU has XSAVE.
     xcrs: Option<kvm_bindings::kvm_xcrs>,
+    /// COM1's host side, reserved; connected when the VM starts.
+    serial_host: SerialHost,
     _kvm: Kvm,
 }
 
@@ -182,20 +201,16 @@ pub enum VmEvent {
 }
 
 /// Creates the VM, memory (with dirty logging), devices and vCPUs (with CPUID set).
-/// `memory`, when given, is used as the guest's memory as it is (a standby's copy).
-fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>) -> Result<Parts, VmError> {
+/// `memory`, when given, is used as the guest's memory as it is (a standby's copy); `host`
+/// holds the host resources reserved for it.
+fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>, host: HostResources) -> Result<Parts, VmError> {
     check_memory(config.memory)?;
     let kvm = open_kvm(&config.kvm_device)?;
     let max = max_vcpus(&kvm);
     if config.vcpus == 0 || config.vcpus > max {
         return Err(VmError::Vcpus { asked: config.vcpus, max });
     }
-    let console = match &config.console {
-        None => Console::Stderr,
-        Some(p) => {
-            Console::File(std::fs::File::create(p).map_err(|source| VmError::Console { path: p.clone(), source })?)
-        }
-    };
+    let HostResources { serial: serial_host, console, .. } = host;
 
     let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
     vm.create_irq_chip().map_err(kvm_err("create in-kernel irqchip"))?;
@@ -246,7 +261,7 @@ fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>) -> Result<Parts, V
     }
     let caps = StateCaps::probe(&kvm, &vm, &vcpu_fds[0].lock())?;
     let early = Arc::new(EarlyStates::new(caps, vcpu_fds.len()));
-    Ok(Parts { vm, memory, vcpu_fds, devices, control, kick, early, dirty, xcrs, _kvm: kvm })
+    Ok(Parts { vm, memory, vcpu_fds, devices, control, kick, early, dirty, xcrs, serial_host, _kvm: kvm })
 }
 
 impl Vm {
@@ -265,7 +280,8 @@ impl Vm {
                 guest: config.guest_name.clone(),
             });
         }
-        let parts = build(&config, None)?;
+        let host = HostResources::reserve(&config)?;
+        let parts = build(&config, None, host)?;
         let memory = &parts.memory;
         boot::write_tables(memory, config.vcpus)?;
         image.load(&config.guest, memory).map_err(image_err)?;
@@ -310,14 +326,30 @@ impl Vm {
         Ok(Vm::assemble(config, parts))
     }
 
-    /// Builds a VM in the state a validated snapshot chain describes (see `crate::snapshot`).
-    pub(crate) fn from_state(
+    /// Builds a VM in `state`, on `memory` as it is (a snapshot chain applied to fresh memory,
+    /// or a standby's copy). The one way back from a snapshot or a checkpoint.
+    pub fn from_state(
         config: VmConfig,
-        memory: Option<Arc<GuestMemory>>,
-        load: impl FnOnce(&GuestMemory, &[Arc<Mutex<VcpuFd>>], &VmFd, &Devices, &StateCaps) -> Result<(), VmError>,
+        memory: Arc<GuestMemory>,
+        host: HostResources,
+        state: &machine::MachineState,
     ) -> Result<Vm, VmError> {
-        let parts = build(&config, memory)?;
-        load(&parts.memory, &parts.vcpu_fds, &parts.vm, &parts.devices, parts.early.caps())?;
+        let parts = build(&config, Some(memory), host)?;
+        if state.cpus.len() != parts.vcpu_fds.len() {
+            return Err(VmError::VcpuCount { got: state.cpus.len(), want: parts.vcpu_fds.len() });
+        }
+        for (fd, cpu) in parts.vcpu_fds.iter().zip(&state.cpus) {
+            cpu.restore(&fd.lock(), parts.early.caps())?;
+        }
+        state.vm.restore(&parts.vm)?;
+        let components = parts.devices.components();
+        for c in components {
+            let saved = state.component(c.name()).ok_or(VmError::MissingState(c.name()))?;
+            c.restore(saved.version, &saved.data)?;
+        }
+        if let Some(extra) = state.components.iter().find(|s| !components.iter().any(|c| c.name() == s.name)) {
+            return Err(VmError::UnknownState(extra.name.clone()));
+        }
         tracing::info!(vcpus = config.vcpus, memory_mib = config.memory >> 20, "VM restored");
         Ok(Vm::assemble(config, parts))
     }
@@ -342,7 +374,7 @@ impl Vm {
         let Vm { config, parts, vcpus } = self;
         let control = parts.control.clone();
         let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || control.input_arrived());
-        let serial = SerialBackend::start(&config.serial, parts.devices.serial.clone(), wake)?;
+        let serial = SerialBackend::start(parts.serial_host, parts.devices.serial.clone(), wake)?;
         let mut threads = Vec::new();
         for mut v in vcpus {
             let tx: Sender<VmEvent> = tx.clone();
@@ -376,7 +408,7 @@ impl Vm {
             vcpu_fds: parts.vcpu_fds,
             early: parts.early,
             dirty: Mutex::new(parts.dirty),
-            chain: Mutex::new(None),
+            harvests: AtomicU64::new(0),
             vm: Some(parts.vm),
             memory: parts.memory,
             vcpus: config.vcpus,
@@ -391,17 +423,17 @@ pub struct RunningVm {
     events: Receiver<VmEvent>,
     sender: Sender<VmEvent>,
     serial: Option<SerialBackend>,
-    pub(crate) control: Arc<VcpuControl>,
+    control: Arc<VcpuControl>,
     kick: Arc<SignalKick>,
-    pub(crate) devices: Arc<Devices>,
-    pub(crate) vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
-    pub(crate) early: Arc<EarlyStates>,
-    pub(crate) dirty: Mutex<DirtyLog>,
-    /// The last snapshot taken (id, sequence number), for chaining increments.
-    pub(crate) chain: Mutex<Option<(u64, u32)>>,
-    pub(crate) vm: Option<VmFd>,
-    pub(crate) memory: Arc<GuestMemory>,
-    pub(crate) vcpus: u32,
+    devices: Arc<Devices>,
+    vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
+    early: Arc<EarlyStates>,
+    dirty: Mutex<DirtyLog>,
+    /// Times the dirty log was harvested (see [`RunningVm::harvests`]).
+    harvests: AtomicU64,
+    vm: Option<VmFd>,
+    memory: Arc<GuestMemory>,
+    vcpus: u32,
     _kvm: Kvm,
 }
 
@@ -441,16 +473,20 @@ impl RunningVm {
     }
 
     /// Pauses the VM's parts in order: every vCPU (blocking until all have acknowledged), then
-    /// device input.
+    /// every component in list order (see [`component`]).
     pub fn pause(&self) -> Result<(), PauseError> {
         self.control.pause(PAUSE_TIMEOUT)?;
-        self.devices.serial.pause();
+        for c in self.devices.components() {
+            c.pause();
+        }
         Ok(())
     }
 
     /// Resumes in the reverse order of [`RunningVm::pause`].
     pub fn resume(&self) {
-        self.devices.serial.resume();
+        for c in self.devices.components().iter().rev() {
+            c.resume();
+        }
         self.control.resume();
     }
 
@@ -479,7 +515,9 @@ impl RunningVm {
     }
 
     fn stop(&mut self) -> Result<(), VmError> {
-        self.devices.serial.resume();
+        for c in self.devices.components().iter().rev() {
+            c.resume();
+        }
         self.control.request_exit();
         let exited = self.control.wait_exited(STOP_TIMEOUT);
         if exited {

@@ -90,6 +90,12 @@ pub fn cpu_reports(log: &str) -> Vec<CpuReport> {
     v
 }
 
+/// Whether the unix socket at `path` takes connections. A standby's serial socket is bound from
+/// its start (reserved) but refuses connections until that copy goes live.
+pub fn accepts_connections(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

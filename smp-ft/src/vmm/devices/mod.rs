@@ -10,6 +10,7 @@
 pub mod gate;
 pub mod serial;
 
+use super::component::Component;
 use super::layout::{COM1_BASE, DEBUGCON_PORT, EXIT_PORT, IDLE_PORT};
 use parking_lot::Mutex;
 use serial::SerialDevice;
@@ -67,18 +68,28 @@ pub struct Devices {
     pub serial: Arc<SerialDevice>,
     /// Where all externally visible output passes (held while the VM is protected).
     pub gate: Arc<gate::OutputGate>,
+    /// Every device with replicated state, in pause order (see [`crate::vmm::component`]).
+    components: Vec<Arc<dyn Component>>,
     debugcon: Mutex<DebugCon>,
     unhandled: AtomicU64,
 }
 
 impl Devices {
     pub fn new(serial: Arc<SerialDevice>, gate: Arc<gate::OutputGate>, console: Console) -> Self {
+        // The registration list: one line per device with replicated state.
+        let components: Vec<Arc<dyn Component>> = vec![serial.clone()];
         Devices {
             serial,
             gate,
+            components,
             debugcon: Mutex::new(DebugCon { line: Vec::new(), out: console }),
             unhandled: AtomicU64::new(0),
         }
+    }
+
+    /// The VM's components, in pause order.
+    pub fn components(&self) -> &[Arc<dyn Component>] {
+        &self.components
     }
 
     fn note_unhandled(&self, what: &str, addr: u64) {

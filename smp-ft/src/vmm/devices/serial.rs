@@ -7,12 +7,14 @@
 //! the guest reads.
 
 use super::gate::{OutputGate, OutputPort};
+use crate::vmm::component::{self, Component, ComponentError};
 use parking_lot::{Condvar, Mutex};
 use shutdown::{Shutdown, WriteEnd};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -256,26 +258,11 @@ impl SerialDevice {
         }))
     }
 
-    /// Stops input from entering the FIFO (the VM is being paused).
-    pub fn pause(&self) {
-        self.input_paused.store(true, Ordering::SeqCst);
-    }
-
-    /// Lets input flow again and wakes the input thread if it was held back.
-    pub fn resume(&self) {
-        // Under the UART lock, so an `enqueue` that saw "paused" has already asked for a wakeup.
-        let _uart = self.uart.lock();
-        self.input_paused.store(false, Ordering::SeqCst);
-        if self.room.waiting.swap(false, Ordering::SeqCst) {
-            let _ = self.room.event.write(1);
-        }
-    }
-
     pub fn snapshot(&self) -> SerialSnapshot {
         SerialSnapshot::from_state(&self.uart.lock().state())
     }
 
-    pub fn restore(&self, snap: &SerialSnapshot) -> Result<(), SerialError> {
+    pub fn restore_snapshot(&self, snap: &SerialSnapshot) -> Result<(), SerialError> {
         let trigger = IrqTrigger(self.irq.try_clone().map_err(SerialError::Event)?);
         let uart =
             Serial::from_state(&snap.to_state(), trigger, self.room.clone(), Sink::new(&self.gate, &self.output))
@@ -319,6 +306,38 @@ impl SerialDevice {
     }
 }
 
+/// COM1's registers and receive FIFO are replicated; while paused, no host input enters the FIFO,
+/// so the saved state is one instant.
+impl Component for SerialDevice {
+    fn name(&self) -> &'static str {
+        "serial"
+    }
+
+    fn pause(&self) {
+        self.input_paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets input flow again and wakes the input thread if it was held back.
+    fn resume(&self) {
+        // Under the UART lock, so an `enqueue` that saw "paused" has already asked for a wakeup.
+        let _uart = self.uart.lock();
+        self.input_paused.store(false, Ordering::SeqCst);
+        if self.room.waiting.swap(false, Ordering::SeqCst) {
+            let _ = self.room.event.write(1);
+        }
+    }
+
+    fn save(&self) -> Result<Vec<u8>, ComponentError> {
+        component::encode(self.name(), &self.snapshot())
+    }
+
+    fn restore(&self, version: u32, state: &[u8]) -> Result<(), ComponentError> {
+        component::expect_version(self.name(), version, self.version())?;
+        let snap: SerialSnapshot = component::decode(self.name(), state)?;
+        self.restore_snapshot(&snap).map_err(|e| ComponentError::Failed { component: "serial", why: e.to_string() })
+    }
+}
+
 /// The host side of COM1: its I/O threads, stopped and joined by [`SerialBackend::stop`].
 pub struct SerialBackend {
     stop: Shutdown,
@@ -340,33 +359,103 @@ enum Target {
     Discard,
 }
 
+/// A unix socket bound at a path but not listening: connections are refused until
+/// [`SerialHost`] is started. Removes its path when dropped unless it was started.
+struct BoundSocket {
+    socket: Option<socket2::Socket>,
+    path: PathBuf,
+    /// Device and inode of the socket file we bound, to tell it from a file put there since.
+    id: (u64, u64),
+}
+
+impl BoundSocket {
+    fn bind(path: &Path) -> Result<BoundSocket, SerialError> {
+        let err = |source| SerialError::Listen { path: path.to_path_buf(), source };
+        // A stale socket from an earlier run would make bind fail; only remove sockets.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(path);
+        }
+        let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).map_err(err)?;
+        socket.bind(&socket2::SockAddr::unix(path).map_err(err)?).map_err(err)?;
+        let m = std::fs::symlink_metadata(path).map_err(err)?;
+        Ok(BoundSocket { socket: Some(socket), path: path.to_path_buf(), id: (m.dev(), m.ino()) })
+    }
+
+    fn is_ours(&self) -> bool {
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.file_type().is_socket() && (m.dev(), m.ino()) == self.id)
+    }
+
+    fn listen(mut self) -> Result<(UnixListener, PathBuf), SerialError> {
+        let socket = self.socket.take().expect("a bound socket is listened on once");
+        let path = std::mem::take(&mut self.path);
+        socket.listen(128).map_err(|source| SerialError::Listen { path: path.clone(), source })?;
+        Ok((socket.into(), path))
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        if self.socket.is_some() && self.is_ours() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+enum Reserved {
+    Stdio,
+    Null,
+    File(std::fs::File),
+    Unix(BoundSocket),
+}
+
+/// COM1's host side, claimed ahead of use: a unix socket is bound (connections are refused
+/// until the VM runs), an output file is open. A standby holds one from its start, so that it
+/// never accepts protection it could not honour, and [`SerialHost::check`]s it again before it
+/// claims the tie-breaker.
+pub struct SerialHost(Reserved);
+
+impl SerialHost {
+    pub fn reserve(spec: &SerialSpec) -> Result<SerialHost, SerialError> {
+        Ok(SerialHost(match spec {
+            SerialSpec::Stdio => Reserved::Stdio,
+            SerialSpec::Null => Reserved::Null,
+            SerialSpec::File(path) => Reserved::File(
+                std::fs::File::create(path).map_err(|source| SerialError::File { path: path.clone(), source })?,
+            ),
+            SerialSpec::Unix(path) => Reserved::Unix(BoundSocket::bind(path)?),
+        }))
+    }
+
+    /// Verifies the reservation still holds: a socket whose file was removed or replaced is
+    /// bound again at its path, and if that fails the VM cannot go live with it.
+    pub fn check(&mut self) -> Result<(), SerialError> {
+        if let Reserved::Unix(b) = &mut self.0 {
+            if !b.is_ours() {
+                tracing::warn!(path = %b.path.display(), "serial socket file is gone; binding it again");
+                *b = BoundSocket::bind(&b.path.clone())?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl SerialBackend {
-    /// Connects `device` as `spec` says; `on_input` runs whenever input reached the guest.
+    /// Connects `device` to the host side `host` reserved; `on_input` runs whenever input
+    /// reached the guest.
     pub fn start(
-        spec: &SerialSpec,
+        host: SerialHost,
         device: Arc<SerialDevice>,
         on_input: Arc<dyn Fn() + Send + Sync>,
     ) -> Result<Self, SerialError> {
         let client: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let mut socket = None;
-        let (source, target) = match spec {
-            SerialSpec::Stdio => (Source::Stdin, Target::Stdout),
-            SerialSpec::Null => (Source::Nothing, Target::Discard),
-            SerialSpec::File(path) => {
-                let f =
-                    std::fs::File::create(path).map_err(|source| SerialError::File { path: path.clone(), source })?;
-                (Source::Nothing, Target::File(f))
-            }
-            SerialSpec::Unix(path) => {
-                // A stale socket from an earlier run would make bind fail; only remove sockets.
-                if std::fs::symlink_metadata(path)
-                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-                {
-                    let _ = std::fs::remove_file(path);
-                }
-                let l =
-                    UnixListener::bind(path).map_err(|source| SerialError::Listen { path: path.clone(), source })?;
-                socket = Some(path.clone());
+        let (source, target) = match host.0 {
+            Reserved::Stdio => (Source::Stdin, Target::Stdout),
+            Reserved::Null => (Source::Nothing, Target::Discard),
+            Reserved::File(f) => (Source::Nothing, Target::File(f)),
+            Reserved::Unix(bound) => {
+                let (l, path) = bound.listen()?;
+                socket = Some(path);
                 (Source::Listener(l), Target::Client(client.clone()))
             }
         };
