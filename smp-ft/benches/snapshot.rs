@@ -41,6 +41,7 @@ fn main() {
                 serial: SerialSpec::Null,
                 console: Some(dir.join("console.log")),
                 kvm_device: DEFAULT_KVM_DEVICE.into(),
+                devices: Default::default(),
             };
             let vm = Vm::create(config).unwrap().start().unwrap();
             std::thread::sleep(Duration::from_millis(50));

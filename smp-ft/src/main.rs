@@ -9,6 +9,7 @@ use smp_ft::runner::{error_chain, Outcome, Runner};
 use smp_ft::snapshot;
 use smp_ft::units::{parse_duration, parse_size};
 use smp_ft::vmm::devices::serial::SerialSpec;
+use smp_ft::vmm::devices::DeviceConfig;
 use smp_ft::vmm::{Vm, VmConfig, VmEvent};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -174,6 +175,9 @@ struct StandbyArgs {
     /// The KVM device to use once live.
     #[arg(long, default_value = smp_ft::vmm::DEFAULT_KVM_DEVICE)]
     kvm_device: PathBuf,
+    /// The protected VM has a virtio-rng (must match the primary's).
+    #[arg(long)]
+    rng: bool,
     #[command(flatten)]
     ft: FtArgs,
 }
@@ -214,6 +218,9 @@ struct RunArgs {
     /// The KVM device to use.
     #[arg(long, default_value = smp_ft::vmm::DEFAULT_KVM_DEVICE)]
     kvm_device: PathBuf,
+    /// Give the VM a virtio-rng (PCI): entropy from this host's getrandom(2).
+    #[arg(long)]
+    rng: bool,
     /// Protect the VM with the standby (`smpft standby`) at this address (host:port). Until
     /// it answers, and whenever it is lost, the VM runs unprotected and smpft keeps trying.
     #[arg(long, value_name = "HOST:PORT")]
@@ -302,6 +309,10 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         Some(snapshot::read_chain(&args.restore).map_err(|e| error_chain(&e))?)
     };
     let last = chain.as_ref().and_then(|c| c.last());
+    let devices = DeviceConfig {
+        // A snapshot with the device's state needs the device.
+        rng: args.rng || last.is_some_and(|s| s.state.component("virtio-rng").is_some()),
+    };
     let config = VmConfig {
         vcpus: args.vcpus.or(last.map(|s| s.vcpus)).unwrap_or(2),
         memory: args.memory.or(last.map(|s| s.mem_size)).unwrap_or(256 << 20),
@@ -311,6 +322,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         serial: args.serial,
         console: args.console,
         kvm_device: args.kvm_device,
+        devices,
     };
     let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose().map_err(|e| e.to_string())?;
     let ft = if args.ft.given() || args.ft_peer.is_some() { Some(args.ft.options()?) } else { None };
@@ -387,6 +399,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, String> {
         serial: args.serial,
         console: args.console,
         kvm_device: args.kvm_device,
+        devices: DeviceConfig { rng: args.rng },
     };
     let opts = StandbyOptions { ft: ft.clone(), listen: args.listen, config };
     block_termination_signals();

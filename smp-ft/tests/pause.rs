@@ -20,6 +20,7 @@ fn busy_guest(d: &std::path::Path) -> VmConfig {
         serial: SerialSpec::Unix(d.join("serial.sock")),
         console: Some(d.join("console.log")),
         kvm_device: DEFAULT_KVM_DEVICE.into(),
+        devices: Default::default(),
     }
 }
 

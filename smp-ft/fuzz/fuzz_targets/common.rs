@@ -6,7 +6,6 @@ use smp_ft::vmm::devices::serial::SerialDevice;
 use smp_ft::vmm::machine::{ComponentState, MachineState};
 use smp_ft::vmm::state::{VcpuState, VmState};
 use std::sync::Arc;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub fn vcpu() -> VcpuState {
     VcpuState {
@@ -28,7 +27,7 @@ pub fn vm_state() -> VmState {
 
 /// A device of each kind a machine state can name, for restoring fuzzed states into.
 pub fn devices() -> Vec<Arc<dyn Component>> {
-    vec![SerialDevice::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"), OutputGate::new()).expect("serial")]
+    vec![SerialDevice::new(None, OutputGate::new()).expect("serial")]
 }
 
 /// A valid machine state of `cpus` vCPUs with every device's state.

@@ -152,7 +152,13 @@ impl PrimaryFt {
         };
         let (wtx, wake) = crossbeam_channel::bounded(1);
         vm.devices().gate.notify_on_output(Some(wtx));
-        let meta = Meta { vcpus: vm.vcpus(), mem_size: vm.memory().size(), generation, owner: opts.owner.clone() };
+        let meta = Meta {
+            vcpus: vm.vcpus(),
+            mem_size: vm.memory().size(),
+            generation,
+            owner: opts.owner.clone(),
+            devices: vm.device_config().summary(),
+        };
         Ok(PrimaryFt {
             tiebreak,
             proto: Primary::new(generation),

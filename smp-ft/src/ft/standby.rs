@@ -104,6 +104,7 @@ impl<'a> StandbyRunner<'a> {
             mem_size: self.opts.config.memory,
             generation: self.generation,
             owner: self.opts.ft.owner.clone(),
+            devices: self.opts.config.devices.summary(),
         }
     }
 

@@ -18,6 +18,8 @@ pub struct Meta {
     pub generation: u64,
     /// Who is speaking (host and VM), for logs.
     pub owner: String,
+    /// The optional devices (`DeviceConfig::summary`): both copies must have the same.
+    pub devices: String,
 }
 
 impl Meta {
@@ -33,6 +35,12 @@ impl Meta {
 
     /// Why a VM of shape `self` cannot be protected by (or protect) `other`, if it cannot.
     pub fn mismatch(&self, other: &Meta) -> Option<String> {
+        if self.devices != other.devices {
+            return Some(format!(
+                "devices differ: this side has {}, the peer ({}) {}",
+                self.devices, other.owner, other.devices
+            ));
+        }
         (self.vcpus != other.vcpus || self.mem_size != other.mem_size).then(|| {
             format!(
                 "VM shape differs: this side has {} vCPUs and {} MiB, the peer ({}) {} vCPUs and {} MiB",
@@ -195,11 +203,13 @@ mod tests {
 
     #[test]
     fn meta_round_trip_and_mismatch() {
-        let a = Meta { vcpus: 4, mem_size: 256 << 20, generation: 3, owner: "a".into() };
+        let a = Meta { vcpus: 4, mem_size: 256 << 20, generation: 3, owner: "a".into(), devices: "none".into() };
         assert_eq!(Meta::decode(&a.encode()).unwrap(), a);
         assert!(a.mismatch(&a).is_none());
         let b = Meta { vcpus: 2, ..a.clone() };
         assert!(a.mismatch(&b).unwrap().contains("2 vCPUs"));
+        let c = Meta { devices: "virtio-rng".into(), ..a.clone() };
+        assert!(a.mismatch(&c).unwrap().contains("devices differ"));
         assert!(Meta::decode(b"nonsense").is_err());
     }
 }

@@ -3,11 +3,14 @@
 
 use super::layout::*;
 use super::memory::{GuestMemory, MemoryError};
+use super::pci::{PCI_MMIO_BASE, PCI_MMIO_SIZE};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs, CpuId};
 
 const PTE_PRESENT: u64 = 1;
 const PTE_WRITE: u64 = 1 << 1;
 const PTE_USER: u64 = 1 << 2;
+const PTE_PWT: u64 = 1 << 3;
+const PTE_PCD: u64 = 1 << 4;
 const PTE_HUGE: u64 = 1 << 7;
 
 const CR0_PE: u64 = 1;
@@ -43,6 +46,15 @@ pub fn write_tables(mem: &GuestMemory, vcpus: u32) -> Result<(), MemoryError> {
             }
             mem.write_u64(pd + i * 8, addr | PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_HUGE)?;
         }
+    }
+    // The PCI BAR window, identity, user-accessible and uncached, in the 4th GiB (memory ends
+    // below it: see MAX_MEMORY).
+    let g = PCI_MMIO_BASE >> 30;
+    let pd = PD_ADDR + g * 0x1000;
+    mem.write_u64(PDPT_ADDR + g * 8, pd | PTE_PRESENT | PTE_WRITE | PTE_USER)?;
+    for addr in (PCI_MMIO_BASE..PCI_MMIO_BASE + PCI_MMIO_SIZE).step_by(1 << 21) {
+        let i = (addr >> 21) & 511;
+        mem.write_u64(pd + i * 8, addr | PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_HUGE | PTE_PWT | PTE_PCD)?;
     }
     let gdt: [u64; 5] = [
         0,

@@ -6,7 +6,8 @@
 //! 0x0000_2000  (unused)
 //! 0x0000_3000  BootInfo
 //! 0x0000_4000  boot parameters (up to 4 KiB)
-//! 0x0001_0000  page tables: PML4, PDPT, page directories (2 MiB pages, identity, user-accessible)
+//! 0x0001_0000  page tables: PML4, PDPT, page directories (2 MiB pages, identity, user-accessible;
+//!              memory, and the PCI BAR window 0xe000_0000..0xf000_0000 uncached)
 //! 0x0002_0000  TSS with a full I/O permission bitmap, one 12 KiB slot per vCPU
 //! 0x0010_0000  vCPU stacks, 64 KiB each
 //! 0x0020_0000  guest image (ELF PT_LOAD segments)
@@ -88,7 +89,9 @@ const _: () = assert!(STACKS_ADDR + STACK_SIZE * MAX_VCPUS as u64 <= IMAGE_MIN);
 const _: () = assert!(TSS_ADDR + TSS_SLOT * MAX_VCPUS as u64 <= STACKS_ADDR);
 const _: () = assert!(TSS_LIMIT < TSS_SLOT);
 const _: () = assert!(GDT_TSS0 as u64 + 16 * MAX_VCPUS as u64 <= 0x1000);
-const _: () = assert!(PD_ADDR + 0x1000 * (MAX_MEMORY >> 30) <= TSS_ADDR);
+const _: () = assert!(PD_ADDR + 0x1000 * 4 <= TSS_ADDR);
+const _: () = assert!(MAX_MEMORY <= crate::vmm::pci::PCI_MMIO_BASE);
+const _: () = assert!(crate::vmm::pci::PCI_MMIO_BASE >> 30 == 3 && crate::vmm::pci::PCI_MMIO_SIZE <= 1 << 30);
 
 pub fn stack_top(vcpu: u32) -> u64 {
     STACKS_ADDR + STACK_SIZE * (u64::from(vcpu) + 1)

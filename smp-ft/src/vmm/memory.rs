@@ -4,6 +4,10 @@
 use super::dirty::{Bitmap, PAGE_SIZE};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use vm_memory::bitmap::{Bitmap as VmBitmap, BitmapSlice, NewBitmap, WithBitmapSlice};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -15,6 +19,8 @@ pub enum MemoryError {
     Mmap { size: u64, source: std::io::Error },
     #[error("guest range {addr:#x}+{len:#x} is outside the {size:#x} bytes of guest memory")]
     OutOfRange { addr: u64, len: u64, size: u64 },
+    #[error("cannot build the device view of guest memory: {0}")]
+    DeviceView(String),
 }
 
 pub struct GuestMemory {
@@ -22,8 +28,8 @@ pub struct GuestMemory {
     host: *mut u8,
     size: u64,
     /// Pages the VMM itself wrote (device emulation, loaders): KVM's dirty log does not see
-    /// these, so the dirty log ORs them in.
-    vmm_dirty: Vec<AtomicU64>,
+    /// these, so the dirty log ORs them in. Shared with the device view.
+    vmm_dirty: Arc<[AtomicU64]>,
 }
 
 // SAFETY: the mapping lives as long as `GuestMemory` and is only reached through bounds-checked
@@ -63,7 +69,7 @@ impl GuestMemory {
         // Best effort: THP for shmem depends on the host's shmem_enabled setting.
         // SAFETY: advice on a mapping we own; failure is harmless.
         unsafe { libc::madvise(host, size as usize, libc::MADV_HUGEPAGE) };
-        let vmm_dirty = (0..(size / PAGE_SIZE).div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let vmm_dirty: Arc<[AtomicU64]> = (0..(size / PAGE_SIZE).div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         Ok(GuestMemory { fd, host: host.cast(), size, vmm_dirty })
     }
 
@@ -87,12 +93,27 @@ impl GuestMemory {
     }
 
     fn mark_dirty(&self, addr: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        for page in addr / PAGE_SIZE..=(addr + len - 1) / PAGE_SIZE {
-            self.vmm_dirty[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
-        }
+        mark(&self.vmm_dirty, addr, len);
+    }
+
+    /// Guest memory as devices see it: the same mapping, through vm-memory (which
+    /// `virtio-queue` works on), where every write marks its pages dirty like
+    /// [`GuestMemory::write`] does, so device DMA is never missing from a checkpoint.
+    pub fn device_view(self: &Arc<Self>) -> Result<DeviceMemory, MemoryError> {
+        let err = |e: &dyn std::fmt::Display| MemoryError::DeviceView(e.to_string());
+        let bitmap = DirtyPages { words: Some(self.vmm_dirty.clone()), base: 0 };
+        // SAFETY: `host` and `size` describe this value's own shared read-write mapping, which
+        // outlives the view: `DeviceMemory` holds an `Arc` to `self`.
+        let builder =
+            unsafe { MmapRegionBuilder::new_with_bitmap(self.size as usize, bitmap).with_raw_mmap_pointer(self.host) };
+        let region = builder
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| err(&e))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| err(&"region overflows"))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| err(&e))?;
+        Ok(DeviceMemory { mem, _owner: self.clone() })
     }
 
     /// Moves the pages the VMM wrote since the last call into `into`.
@@ -173,6 +194,70 @@ impl GuestMemory {
     }
 }
 
+fn mark(words: &[AtomicU64], addr: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    for page in addr / PAGE_SIZE..=(addr + len - 1) / PAGE_SIZE {
+        if let Some(w) = words.get((page / 64) as usize) {
+            w.fetch_or(1 << (page % 64), Ordering::Relaxed);
+        }
+    }
+}
+
+/// vm-memory's dirty tracking, feeding the VMM's own dirty bitmap.
+#[derive(Clone, Debug, Default)]
+pub struct DirtyPages {
+    words: Option<Arc<[AtomicU64]>>,
+    /// Offset of this slice in guest memory.
+    base: usize,
+}
+
+impl WithBitmapSlice<'_> for DirtyPages {
+    type S = Self;
+}
+
+impl BitmapSlice for DirtyPages {}
+
+impl VmBitmap for DirtyPages {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        if let Some(w) = &self.words {
+            mark(w, (self.base + offset) as u64, len as u64);
+        }
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        let page = (self.base + offset) as u64 / PAGE_SIZE;
+        self.words
+            .as_ref()
+            .and_then(|w| w.get((page / 64) as usize))
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (page % 64)) != 0)
+    }
+
+    fn slice_at(&self, offset: usize) -> Self {
+        DirtyPages { words: self.words.clone(), base: self.base + offset }
+    }
+}
+
+impl NewBitmap for DirtyPages {
+    fn with_len(_len: usize) -> Self {
+        DirtyPages::default()
+    }
+}
+
+/// Guest memory for devices (see [`GuestMemory::device_view`]).
+pub struct DeviceMemory {
+    mem: GuestMemoryMmap<DirtyPages>,
+    _owner: Arc<GuestMemory>,
+}
+
+impl std::ops::Deref for DeviceMemory {
+    type Target = GuestMemoryMmap<DirtyPages>;
+    fn deref(&self) -> &Self::Target {
+        &self.mem
+    }
+}
+
 impl Drop for GuestMemory {
     fn drop(&mut self) {
         // SAFETY: unmapping the mapping created in `new`; no references into it outlive `self`.
@@ -209,5 +294,21 @@ mod tests {
         m.fill(0x1000, 5, 0).unwrap();
         m.read(0x1000, &mut b).unwrap();
         assert_eq!(b, [0; 5]);
+    }
+
+    #[test]
+    fn device_writes_mark_pages_dirty() {
+        use vm_memory::Bytes;
+        let m = Arc::new(GuestMemory::new(1 << 20).unwrap());
+        let view = m.device_view().unwrap();
+        view.write_slice(b"dma", GuestAddress(5 * PAGE_SIZE + 4094)).unwrap();
+        view.write_obj(7u32, GuestAddress(9 * PAGE_SIZE)).unwrap();
+        let mut dirty = Bitmap::new(256);
+        m.take_vmm_dirty(&mut dirty);
+        assert_eq!(dirty.iter().collect::<Vec<_>>(), vec![5, 6, 9]);
+        let mut b = [0u8; 3];
+        m.read(5 * PAGE_SIZE + 4094, &mut b).unwrap();
+        assert_eq!(&b, b"dma", "the view is the same memory");
+        assert!(view.write_slice(b"x", GuestAddress(1 << 20)).is_err(), "bounds are checked");
     }
 }

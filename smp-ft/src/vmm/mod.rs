@@ -9,19 +9,21 @@ pub mod control;
 pub mod devices;
 pub mod dirty;
 pub mod host;
+pub mod irq;
 pub mod layout;
 pub mod loader;
 pub mod machine;
 pub mod memory;
 pub mod pages;
+pub mod pci;
 pub mod state;
 pub mod vcpu;
+pub mod virtio;
 
 use control::{PauseError, VcpuControl};
 use crossbeam_channel::{Receiver, Sender};
-use devices::gate::OutputGate;
-use devices::serial::{SerialBackend, SerialDevice, SerialError, SerialHost, SerialSpec};
-use devices::Devices;
+use devices::serial::{SerialBackend, SerialError, SerialHost, SerialSpec};
+use devices::{DeviceConfig, Devices};
 use dirty::DirtyLog;
 use host::HostResources;
 use kvm_bindings::{
@@ -40,7 +42,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use vcpu::{SignalKick, Vcpu, VcpuEnd};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// What to run and how.
 #[derive(Debug, Clone)]
@@ -58,6 +59,8 @@ pub struct VmConfig {
     pub console: Option<PathBuf>,
     /// The KVM device, normally `/dev/kvm`.
     pub kvm_device: PathBuf,
+    /// Optional devices.
+    pub devices: DeviceConfig,
 }
 
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
@@ -88,6 +91,8 @@ pub enum VmError {
     Memory(#[from] memory::MemoryError),
     #[error(transparent)]
     Serial(#[from] SerialError),
+    #[error(transparent)]
+    Devices(#[from] devices::DeviceError),
     #[error(transparent)]
     State(#[from] state::StateError),
     #[error(transparent)]
@@ -241,10 +246,8 @@ fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>, host: HostResource
     unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
     let dirty = DirtyLog::new(0, &memory);
 
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Serial(SerialError::Event(e)))?;
-    vm.register_irqfd(&irq, COM1_IRQ).map_err(kvm_err("connect serial interrupt"))?;
-    let gate = OutputGate::new();
-    let devices = Arc::new(Devices::new(SerialDevice::new(irq, gate.clone())?, gate, console));
+    let irq = Arc::new(irq::Irq::new(&vm).map_err(|e| VmError::Serial(SerialError::Event(e)))?);
+    let devices = Arc::new(Devices::new(&config.devices, console, &memory, &irq)?);
 
     vcpu::register_kick_handler().map_err(|e| VmError::Kvm { what: "install vCPU kick signal handler", source: e })?;
     let kick = SignalKick::new(config.vcpus as usize);
@@ -412,6 +415,7 @@ impl Vm {
             vm: Some(parts.vm),
             memory: parts.memory,
             vcpus: config.vcpus,
+            device_config: config.devices.clone(),
             _kvm: parts._kvm,
         })
     }
@@ -434,6 +438,7 @@ pub struct RunningVm {
     vm: Option<VmFd>,
     memory: Arc<GuestMemory>,
     vcpus: u32,
+    device_config: DeviceConfig,
     _kvm: Kvm,
 }
 
@@ -457,6 +462,11 @@ impl RunningVm {
 
     pub fn vcpus(&self) -> u32 {
         self.vcpus
+    }
+
+    /// The optional devices the VM was built with.
+    pub fn device_config(&self) -> &DeviceConfig {
+        &self.device_config
     }
 
     pub fn vcpu_fds(&self) -> &[Arc<Mutex<VcpuFd>>] {

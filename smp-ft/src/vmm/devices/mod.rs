@@ -6,12 +6,19 @@
 //! | 0xe9            | debug console: the guest's log, one byte per write          |
 //! | 0xf4            | exit: a 32-bit write ends the VM with that status          |
 //! | 0xf5            | idle: a 32-bit write yields the host CPU for up to N µs    |
+//! | 0xcf8..=0xcff   | PCI configuration (mechanism #1), `vmm::pci`                |
+//!
+//! MMIO goes to the PCI bus, which decodes its devices' BARs.
 
 pub mod gate;
 pub mod serial;
 
 use super::component::Component;
+use super::irq::Irq;
 use super::layout::{COM1_BASE, DEBUGCON_PORT, EXIT_PORT, IDLE_PORT};
+use super::memory::{GuestMemory, MemoryError};
+use super::pci::PciBus;
+use super::virtio::{self, rng::Rng, VirtioDevice, VirtioPci};
 use parking_lot::Mutex;
 use serial::SerialDevice;
 use std::io::Write;
@@ -64,27 +71,89 @@ impl DebugCon {
     }
 }
 
+/// Which optional devices the VM has (both copies of a protected VM must agree).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// A virtio-rng on the PCI bus.
+    pub rng: bool,
+}
+
+impl DeviceConfig {
+    /// The optional devices, for messages and for checking that two copies agree.
+    pub fn summary(&self) -> String {
+        let names: Vec<&str> = [(self.rng, "virtio-rng")].iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+        if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(",")
+        }
+    }
+}
+
 pub struct Devices {
     pub serial: Arc<SerialDevice>,
     /// Where all externally visible output passes (held while the VM is protected).
     pub gate: Arc<gate::OutputGate>,
+    pci: Arc<PciBus>,
     /// Every device with replicated state, in pause order (see [`crate::vmm::component`]).
     components: Vec<Arc<dyn Component>>,
     debugcon: Mutex<DebugCon>,
     unhandled: AtomicU64,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    Serial(#[from] serial::SerialError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("the PCI BAR window is full")]
+    BarWindowFull,
+    #[error("the PCI bus is full")]
+    BusFull,
+}
+
+/// Puts a virtio device on the bus with a BAR of its own; returns it as a component.
+fn add_virtio<D: VirtioDevice + 'static>(
+    pci: &mut PciBus,
+    name: &'static str,
+    device: D,
+    memory: &Arc<GuestMemory>,
+    irq: &Arc<Irq>,
+) -> Result<Arc<dyn Component>, DeviceError> {
+    let bar = pci.allocate_bar(virtio::BAR_SIZE).ok_or(DeviceError::BarWindowFull)?;
+    let dev = VirtioPci::new(name, device, bar, memory.device_view()?, Some(irq.clone()));
+    pci.add(dev.clone()).ok_or(DeviceError::BusFull)?;
+    Ok(dev)
+}
+
 impl Devices {
-    pub fn new(serial: Arc<SerialDevice>, gate: Arc<gate::OutputGate>, console: Console) -> Self {
-        // The registration list: one line per device with replicated state.
-        let components: Vec<Arc<dyn Component>> = vec![serial.clone()];
-        Devices {
+    /// The platform's devices: COM1, the PCI bus, and the optional devices `config` asks for.
+    pub fn new(
+        config: &DeviceConfig,
+        console: Console,
+        memory: &Arc<GuestMemory>,
+        irq: &Arc<Irq>,
+    ) -> Result<Self, DeviceError> {
+        let gate = gate::OutputGate::new();
+        let serial = SerialDevice::new(Some(irq.clone()), gate.clone())?;
+        let mut pci = PciBus::new();
+        let mut on_pci: Vec<Arc<dyn Component>> = Vec::new();
+        // The registration list: one line per optional device.
+        if config.rng {
+            on_pci.push(add_virtio(&mut pci, "virtio-rng", Rng, memory, irq)?);
+        }
+        let pci = Arc::new(pci);
+        let mut components: Vec<Arc<dyn Component>> = vec![serial.clone(), pci.clone()];
+        components.extend(on_pci);
+        Ok(Devices {
             serial,
             gate,
+            pci,
             components,
             debugcon: Mutex::new(DebugCon { line: Vec::new(), out: console }),
             unhandled: AtomicU64::new(0),
-        }
+        })
     }
 
     /// The VM's components, in pause order.
@@ -101,6 +170,9 @@ impl Devices {
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if self.pci.pio_read(port, data) {
+            return;
+        }
         match port {
             COM1_BASE..=0x3ff if data.len() == 1 => data[0] = self.serial.read((port - COM1_BASE) as u8),
             _ => {
@@ -117,6 +189,9 @@ impl Devices {
             b[..n].copy_from_slice(&data[..n]);
             u32::from_le_bytes(b)
         };
+        if self.pci.pio_write(port, data) {
+            return PioAction::None;
+        }
         match port {
             COM1_BASE..=0x3ff if data.len() == 1 => self.serial.write((port - COM1_BASE) as u8, data[0]),
             DEBUGCON_PORT => {
@@ -133,11 +208,15 @@ impl Devices {
     }
 
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        self.note_unhandled("MMIO read", addr);
-        data.fill(0xff);
+        if !self.pci.mmio_read(addr, data) {
+            self.note_unhandled("MMIO read", addr);
+            data.fill(0xff);
+        }
     }
 
-    pub fn mmio_write(&self, addr: u64, _data: &[u8]) {
-        self.note_unhandled("MMIO write", addr);
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if !self.pci.mmio_write(addr, data) {
+            self.note_unhandled("MMIO write", addr);
+        }
     }
 }

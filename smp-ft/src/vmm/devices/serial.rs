@@ -8,6 +8,8 @@
 
 use super::gate::{OutputGate, OutputPort};
 use crate::vmm::component::{self, Component, ComponentError};
+use crate::vmm::irq::Irq;
+use crate::vmm::layout::COM1_IRQ;
 use parking_lot::{Condvar, Mutex};
 use shutdown::{Shutdown, WriteEnd};
 use std::io::{Read, Write};
@@ -155,13 +157,18 @@ impl Write for Sink {
     }
 }
 
-/// Raises COM1's interrupt line through an irqfd.
-pub struct IrqTrigger(pub EventFd);
+/// Raises COM1's interrupt (an edge on IRQ 4), synchronously (see `vmm::irq`). `None` in
+/// tests and fuzzing, where no VM takes interrupts.
+#[derive(Clone)]
+pub struct IrqTrigger(Option<Arc<Irq>>);
 
 impl Trigger for IrqTrigger {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
+        if let Some(irq) = &self.0 {
+            irq.pulse(COM1_IRQ);
+        }
+        Ok(())
     }
 }
 
@@ -229,7 +236,7 @@ impl SerialSnapshot {
 
 pub struct SerialDevice {
     uart: Mutex<Uart>,
-    irq: EventFd,
+    irq: IrqTrigger,
     room: Arc<InputRoom>,
     output: Arc<OutputQueue>,
     gate: Arc<OutputGate>,
@@ -239,13 +246,14 @@ pub struct SerialDevice {
 }
 
 impl SerialDevice {
-    pub fn new(irq: EventFd, gate: Arc<OutputGate>) -> Result<Arc<Self>, SerialError> {
+    pub fn new(irq: Option<Arc<Irq>>, gate: Arc<OutputGate>) -> Result<Arc<Self>, SerialError> {
+        let irq = IrqTrigger(irq);
         let room = Arc::new(InputRoom {
             event: EventFd::new(EFD_NONBLOCK).map_err(SerialError::Event)?,
             waiting: AtomicBool::new(false),
         });
         let output = OutputQueue::new();
-        let trigger = IrqTrigger(irq.try_clone().map_err(SerialError::Event)?);
+        let trigger = irq.clone();
         let uart = Serial::with_events(trigger, room.clone(), Sink::new(&gate, &output));
         Ok(Arc::new(SerialDevice {
             uart: Mutex::new(uart),
@@ -263,7 +271,7 @@ impl SerialDevice {
     }
 
     pub fn restore_snapshot(&self, snap: &SerialSnapshot) -> Result<(), SerialError> {
-        let trigger = IrqTrigger(self.irq.try_clone().map_err(SerialError::Event)?);
+        let trigger = self.irq.clone();
         let uart =
             Serial::from_state(&snap.to_state(), trigger, self.room.clone(), Sink::new(&self.gate, &self.output))
                 .map_err(|e| SerialError::State(format!("{e:?}")))?;
@@ -644,7 +652,7 @@ mod tests {
 
     #[test]
     fn input_waits_for_room_and_nothing_is_lost() {
-        let dev = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap(), OutputGate::new()).unwrap();
+        let dev = SerialDevice::new(None, OutputGate::new()).unwrap();
         let data: Vec<u8> = (0..100u8).collect();
         let mut sent = dev.enqueue(&data);
         assert!(sent < data.len(), "a 16550 FIFO holds fewer than 100 bytes");
@@ -667,7 +675,7 @@ mod tests {
 
     #[test]
     fn output_is_queued_in_order_and_bounded() {
-        let dev = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap(), OutputGate::new()).unwrap();
+        let dev = SerialDevice::new(None, OutputGate::new()).unwrap();
         for &b in b"hello\n" {
             dev.write(0, b);
         }

@@ -1,0 +1,241 @@
+//! The PCI bus: a host bridge and the devices on bus 0.
+//!
+//! Configuration space is reached through mechanism #1 (write the address to port 0xCF8, then
+//! access 0xCFC-0xCFF), which the ring-3 test guest can use as well as Linux. Memory BARs are
+//! assigned at build time inside [`PCI_MMIO_BASE`]..+[`PCI_MMIO_SIZE`] (below the LAPIC and
+//! IOAPIC), as firmware would; a driver may move them within that window. Interrupts are MSI-X
+//! (`msix.rs`), delivered synchronously (`vmm::irq`).
+//!
+//! The bus is a component: a vCPU may be stopped between writing 0xCF8 and using 0xCFC, so the
+//! address latch is part of the machine state. Each device saves its own configuration space.
+
+pub mod config;
+pub mod msix;
+
+use super::component::{self, Component, ComponentError};
+use config::{Bar, ConfigSpace, Ids};
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+pub const CONFIG_ADDRESS: u16 = 0xcf8;
+pub const CONFIG_DATA: u16 = 0xcfc;
+pub const PCI_MMIO_BASE: u64 = 0xe000_0000;
+pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
+const SLOTS: usize = 32;
+
+/// A function on the bus (function 0 of its slot).
+pub trait PciDevice: Send + Sync {
+    fn config_read(&self, offset: usize, data: &mut [u8]);
+    fn config_write(&self, offset: usize, data: &[u8]);
+    /// Each BAR and where it is decoded now (`None` while memory decoding is off).
+    fn mapped_bars(&self) -> Vec<(Bar, Option<u64>)>;
+    fn bar_read(&self, bar: usize, offset: u64, data: &mut [u8]);
+    fn bar_write(&self, bar: usize, offset: u64, data: &[u8]);
+}
+
+/// The host bridge at 00:00.0: identification only.
+struct HostBridge(Mutex<ConfigSpace>);
+
+impl PciDevice for HostBridge {
+    fn config_read(&self, offset: usize, data: &mut [u8]) {
+        self.0.lock().read(offset, data);
+    }
+    fn config_write(&self, offset: usize, data: &[u8]) {
+        self.0.lock().write(offset, data);
+    }
+    fn mapped_bars(&self) -> Vec<(Bar, Option<u64>)> {
+        Vec::new()
+    }
+    fn bar_read(&self, _: usize, _: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&self, _: usize, _: u64, _: &[u8]) {}
+}
+
+pub struct PciBus {
+    address: Mutex<u32>,
+    slots: Vec<Option<Arc<dyn PciDevice>>>,
+    /// Next free address in the BAR window.
+    next_bar: u64,
+}
+
+impl Default for PciBus {
+    fn default() -> Self {
+        PciBus::new()
+    }
+}
+
+impl PciBus {
+    pub fn new() -> PciBus {
+        let bridge = ConfigSpace::new(Ids {
+            vendor: 0x8086,
+            device: 0x0d57,
+            revision: 0,
+            class: [0x06, 0x00, 0x00],
+            subsystem_vendor: 0,
+            subsystem: 0,
+        });
+        let mut slots: Vec<Option<Arc<dyn PciDevice>>> = vec![None; SLOTS];
+        slots[0] = Some(Arc::new(HostBridge(Mutex::new(bridge))));
+        PciBus { address: Mutex::new(0), slots, next_bar: PCI_MMIO_BASE }
+    }
+
+    /// Reserves `size` bytes (a power of two) of the BAR window, aligned to its size.
+    pub fn allocate_bar(&mut self, size: u64) -> Option<u64> {
+        let at = self.next_bar.next_multiple_of(size);
+        (at + size <= PCI_MMIO_BASE + PCI_MMIO_SIZE).then(|| {
+            self.next_bar = at + size;
+            at
+        })
+    }
+
+    /// Puts `device` in the next free slot; returns the slot.
+    pub fn add(&mut self, device: Arc<dyn PciDevice>) -> Option<usize> {
+        let slot = self.slots.iter().position(Option::is_none)?;
+        self.slots[slot] = Some(device);
+        Some(slot)
+    }
+
+    /// The device and register offset the latched address selects, if any.
+    fn selected(&self) -> Option<(&Arc<dyn PciDevice>, usize)> {
+        let a = *self.address.lock();
+        let (enabled, bus, slot, function) = (a >> 31 == 1, (a >> 16) & 0xff, (a >> 11) & 0x1f, (a >> 8) & 7);
+        if !enabled || bus != 0 || function != 0 {
+            return None;
+        }
+        Some((self.slots[slot as usize].as_ref()?, (a & 0xfc) as usize))
+    }
+
+    /// Port I/O on 0xCF8-0xCFF; false if `port` is not the bus's.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
+        match port {
+            CONFIG_ADDRESS if data.len() == 4 => data.copy_from_slice(&self.address.lock().to_le_bytes()),
+            CONFIG_DATA..=0xcff => match self.selected() {
+                Some((dev, reg)) if usize::from(port - CONFIG_DATA) + data.len() <= 4 => {
+                    dev.config_read(reg + usize::from(port - CONFIG_DATA), data)
+                }
+                _ => data.fill(0xff),
+            },
+            CONFIG_ADDRESS..=0xcfb => data.fill(0xff),
+            _ => return false,
+        }
+        true
+    }
+
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> bool {
+        match port {
+            CONFIG_ADDRESS if data.len() == 4 => {
+                *self.address.lock() = u32::from_le_bytes(data.try_into().unwrap_or_default()) & 0x80ff_fffc;
+            }
+            CONFIG_DATA..=0xcff => {
+                if let Some((dev, reg)) = self.selected() {
+                    if usize::from(port - CONFIG_DATA) + data.len() <= 4 {
+                        dev.config_write(reg + usize::from(port - CONFIG_DATA), data);
+                    }
+                }
+            }
+            CONFIG_ADDRESS..=0xcfb => {}
+            _ => return false,
+        }
+        true
+    }
+
+    /// The device, BAR and offset that decode `addr`.
+    fn decode(&self, addr: u64, len: usize) -> Option<(&Arc<dyn PciDevice>, usize, u64)> {
+        self.slots.iter().flatten().find_map(|d| {
+            d.mapped_bars().into_iter().find_map(|(bar, at)| {
+                let at = at?;
+                (addr >= at && addr + len as u64 <= at + bar.size).then_some((d, bar.index, addr - at))
+            })
+        })
+    }
+
+    /// An MMIO access; false if no BAR decodes it.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.decode(addr, data.len()) {
+            Some((d, bar, off)) => {
+                d.bar_read(bar, off, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.decode(addr, data.len()) {
+            Some((d, bar, off)) => {
+                d.bar_write(bar, off, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Component for PciBus {
+    fn name(&self) -> &'static str {
+        "pci"
+    }
+
+    fn save(&self) -> Result<Vec<u8>, ComponentError> {
+        Ok(self.address.lock().to_le_bytes().to_vec())
+    }
+
+    fn restore(&self, version: u32, state: &[u8]) -> Result<(), ComponentError> {
+        component::expect_version(self.name(), version, self.version())?;
+        let bytes: [u8; 4] = state
+            .try_into()
+            .map_err(|_| ComponentError::Malformed { component: "pci", why: format!("{} bytes", state.len()) })?;
+        *self.address.lock() = u32::from_le_bytes(bytes);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg_read(bus: &PciBus, slot: u32, reg: u32) -> u32 {
+        assert!(bus.pio_write(CONFIG_ADDRESS, &(0x8000_0000 | slot << 11 | reg).to_le_bytes()));
+        let mut b = [0u8; 4];
+        assert!(bus.pio_read(CONFIG_DATA, &mut b));
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn enumeration_sees_the_bridge_and_nothing_else() {
+        let bus = PciBus::new();
+        assert_eq!(cfg_read(&bus, 0, 0), 0x0d57_8086);
+        assert_eq!(cfg_read(&bus, 0, 8) >> 8, 0x06_00_00, "a host bridge");
+        assert_eq!(cfg_read(&bus, 1, 0), 0xffff_ffff, "empty slot");
+        // Disabled, other bus, other function: all ones.
+        for a in [0x0000_0000u32, 0x8001_0000, 0x8000_0100] {
+            bus.pio_write(CONFIG_ADDRESS, &a.to_le_bytes());
+            let mut b = [0u8; 4];
+            bus.pio_read(CONFIG_DATA, &mut b);
+            assert_eq!(b, [0xff; 4], "{a:#x}");
+        }
+        let mut b = [0u8; 2];
+        bus.pio_write(CONFIG_ADDRESS, &0x8000_0000u32.to_le_bytes());
+        bus.pio_read(CONFIG_DATA + 2, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0x0d57, "sub-dword access at an offset");
+        let mut odd = [0u8; 4];
+        bus.pio_read(CONFIG_DATA + 2, &mut odd);
+        assert_eq!(odd, [0xff; 4], "an access crossing the dword is refused");
+        assert!(!bus.pio_read(0x3f8, &mut b), "not the bus's port");
+        let state = bus.save().unwrap();
+        let other = PciBus::new();
+        other.restore(1, &state).unwrap();
+        assert_eq!(*other.address.lock(), 0x8000_0000);
+        assert!(other.restore(1, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn bar_window_allocation_is_aligned_and_bounded() {
+        let mut bus = PciBus::new();
+        assert_eq!(bus.allocate_bar(0x8000), Some(PCI_MMIO_BASE));
+        assert_eq!(bus.allocate_bar(0x1000), Some(PCI_MMIO_BASE + 0x8000));
+        assert_eq!(bus.allocate_bar(0x10000), Some(PCI_MMIO_BASE + 0x10000));
+        assert_eq!(bus.allocate_bar(PCI_MMIO_SIZE), None);
+    }
+}

@@ -1,0 +1,59 @@
+//! virtio-rng (device type 4): one queue; the driver offers device-writable buffers and the
+//! device fills them with entropy from the host (getrandom(2)). It has no state of its own
+//! beyond the transport's, and no host resource to reserve.
+
+use super::{check_chain, VirtioDevice, VirtioError};
+use crate::vmm::memory::DeviceMemory;
+use std::io::Write;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+/// The most one request is given at once (a driver asking for more gets this much).
+const MAX_REQUEST: usize = 64 << 10;
+const QUEUE_SIZE: u16 = 256;
+
+#[derive(Debug, Default)]
+pub struct Rng;
+
+fn entropy(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: getrandom writes at most `buf.len() - filled` bytes into the rest of `buf`.
+        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u16 {
+        4
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn process(&self, _index: usize, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, VirtioError> {
+        let chains: Vec<_> = queue.iter(&**mem)?.collect();
+        let mut used = false;
+        for chain in chains {
+            let head = chain.head_index();
+            check_chain(&chain)?;
+            let mut w = chain.writer(&**mem).map_err(|e| VirtioError::Buffer { head, why: e.to_string() })?;
+            let n = w.available_bytes().min(MAX_REQUEST);
+            let mut buf = vec![0u8; n];
+            entropy(&mut buf).map_err(|e| VirtioError::Buffer { head, why: format!("no entropy: {e}") })?;
+            w.write_all(&buf).map_err(|e| VirtioError::Buffer { head, why: e.to_string() })?;
+            queue.add_used(&**mem, head, n as u32)?;
+            used = true;
+        }
+        Ok(used)
+    }
+}

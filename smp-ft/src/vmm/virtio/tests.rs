@@ -1,0 +1,213 @@
+//! The transport and virtio-rng driven as a guest driver would, through BAR accesses and guest
+//! memory, including drivers that break the rules.
+
+use super::rng::Rng;
+use super::*;
+use crate::vmm::dirty::{Bitmap, PAGE_SIZE};
+use crate::vmm::memory::GuestMemory;
+
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const BUF: u64 = 0x10000;
+const SIZE: u16 = 16;
+
+struct Driver {
+    mem: Arc<GuestMemory>,
+    dev: Arc<VirtioPci<Rng>>,
+    avail_idx: u16,
+}
+
+impl Driver {
+    fn new() -> Driver {
+        let mem = Arc::new(GuestMemory::new(1 << 20).unwrap());
+        let dev = VirtioPci::new("virtio-rng", Rng, 0xe000_0000, mem.device_view().unwrap(), None);
+        Driver { mem, dev, avail_idx: 0 }
+    }
+
+    fn w(&self, off: u64, v: u64, len: usize) {
+        self.dev.bar_write(0, off, &v.to_le_bytes()[..len]);
+    }
+
+    fn r(&self, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.dev.bar_read(0, off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    fn status(&self) -> u8 {
+        self.r(0x14, 1) as u8
+    }
+
+    /// The standard init sequence, with a queue of SIZE entries.
+    fn init(&mut self) {
+        self.w(0x14, 0, 1);
+        self.w(0x14, 1 | 2, 1);
+        self.w(0x00, 1, 4);
+        assert_eq!(self.r(0x04, 4), 1, "VIRTIO_F_VERSION_1 offered");
+        self.w(0x08, 1, 4);
+        self.w(0x0c, 1, 4);
+        self.w(0x14, 1 | 2 | 8, 1);
+        assert_eq!(self.status() & 8, 8, "FEATURES_OK accepted");
+        self.w(0x16, 0, 2);
+        assert_eq!(self.r(0x18, 2), 256, "the queue's largest size");
+        self.w(0x18, u64::from(SIZE), 2);
+        self.w(0x20, DESC, 8);
+        self.w(0x28, AVAIL, 4);
+        self.w(0x2c, 0, 4);
+        self.w(0x30, USED, 8);
+        self.w(0x1c, 1, 2);
+        self.w(0x14, 1 | 2 | 4 | 8, 1);
+        self.avail_idx = 0;
+    }
+
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = DESC + 16 * u64::from(i);
+        self.mem.write(at, &addr.to_le_bytes()).unwrap();
+        self.mem.write(at + 8, &len.to_le_bytes()).unwrap();
+        self.mem.write(at + 12, &flags.to_le_bytes()).unwrap();
+        self.mem.write(at + 14, &next.to_le_bytes()).unwrap();
+    }
+
+    fn offer(&mut self, head: u16) {
+        let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % SIZE);
+        self.mem.write(slot, &head.to_le_bytes()).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem.write(AVAIL + 2, &self.avail_idx.to_le_bytes()).unwrap();
+        self.w(NOTIFY, 0, 2);
+    }
+
+    fn used(&self) -> (u16, Vec<(u32, u32)>) {
+        let mut b = [0u8; 2];
+        self.mem.read(USED + 2, &mut b).unwrap();
+        let idx = u16::from_le_bytes(b);
+        let entries = (0..idx.min(SIZE))
+            .map(|i| {
+                let mut e = [0u8; 8];
+                self.mem.read(USED + 4 + 8 * u64::from(i), &mut e).unwrap();
+                (u32::from_le_bytes(e[..4].try_into().unwrap()), u32::from_le_bytes(e[4..].try_into().unwrap()))
+            })
+            .collect();
+        (idx, entries)
+    }
+}
+
+const WRITE: u16 = 2;
+const NEXT: u16 = 1;
+
+#[test]
+fn entropy_reaches_guest_buffers_and_marks_them_dirty() {
+    let mut d = Driver::new();
+    d.init();
+    d.mem.take_vmm_dirty(&mut Bitmap::new(256));
+    d.mem.fill(BUF, 0x3000, 0xaa).unwrap();
+    d.mem.take_vmm_dirty(&mut Bitmap::new(256));
+    d.desc(0, BUF, 100, WRITE | NEXT, 1);
+    d.desc(1, BUF + 0x1000, 0x1000, WRITE, 0);
+    d.offer(0);
+    assert_eq!(d.used(), (1, vec![(0, 100 + 0x1000)]));
+    let mut got = vec![0u8; 0x1000];
+    d.mem.read(BUF + 0x1000, &mut got).unwrap();
+    assert!(got.iter().filter(|&&b| b == 0xaa).count() < 100, "filled with entropy");
+    let mut after = [0u8; 1];
+    d.mem.read(BUF + 100, &mut after).unwrap();
+    assert_eq!(after[0], 0xaa, "nothing written past the first buffer's length");
+    let mut dirty = Bitmap::new(256);
+    d.mem.take_vmm_dirty(&mut dirty);
+    let pages: Vec<u64> = dirty.iter().collect();
+    for p in [BUF / PAGE_SIZE, BUF / PAGE_SIZE + 1, USED / PAGE_SIZE] {
+        assert!(pages.contains(&p), "page {p} written by the device is dirty: {pages:?}");
+    }
+    assert_eq!(d.r(ISR, 1), 1, "queue interrupt reason");
+    assert_eq!(d.r(ISR, 1), 0, "reading the ISR clears it");
+}
+
+#[test]
+fn rule_breaking_drivers_get_needs_reset_and_recover_after_a_reset() {
+    type BreakIt<'a> = &'a dyn Fn(&mut Driver);
+    let cases: [(&str, BreakIt); 4] = [
+        ("buffer outside memory", &|d| {
+            d.desc(0, 1 << 40, 64, WRITE, 0);
+            d.offer(0);
+        }),
+        ("descriptor loop", &|d| {
+            d.desc(0, BUF, 64, WRITE | NEXT, 1);
+            d.desc(1, BUF + 64, 64, WRITE | NEXT, 0);
+            d.offer(0);
+        }),
+        ("next index outside the table", &|d| {
+            d.desc(0, BUF, 64, WRITE | NEXT, 999);
+            d.offer(0);
+        }),
+        ("available index far ahead of the ring", &|d| {
+            d.mem.write(AVAIL + 2, &500u16.to_le_bytes()).unwrap();
+            d.w(NOTIFY, 0, 2);
+        }),
+    ];
+    for (what, break_it) in cases {
+        let mut d = Driver::new();
+        d.init();
+        break_it(&mut d);
+        assert_eq!(d.status() & NEEDS_RESET, NEEDS_RESET, "{what}");
+        // Nothing more is processed until a reset...
+        d.desc(2, BUF, 8, WRITE, 0);
+        let before = d.used().0;
+        d.offer(2);
+        assert_eq!(d.used().0, before, "{what}: a broken device processes nothing");
+        // ...after which the device works again.
+        d.mem.fill(0, 0x10000, 0).unwrap();
+        d.init();
+        assert_eq!(d.status() & NEEDS_RESET, 0, "{what}");
+        d.desc(0, BUF, 8, WRITE, 0);
+        d.offer(0);
+        assert_eq!(d.used(), (1, vec![(0, 8)]), "{what}");
+    }
+}
+
+#[test]
+fn nonsense_registers_and_features_are_refused_without_harm() {
+    let mut d = Driver::new();
+    d.w(0x14, 1 | 2, 1);
+    d.w(0x08, 1, 4);
+    d.w(0x0c, 0, 4); // no VERSION_1
+    d.w(0x08, 0, 4);
+    d.w(0x0c, 0xffff_ffff, 4); // features never offered
+    d.w(0x14, 1 | 2 | 8, 1);
+    assert_eq!(d.status() & 8, 0, "FEATURES_OK refused");
+    d.w(0x16, 7, 2); // no such queue
+    assert_eq!(d.r(0x18, 2), 0);
+    d.w(0x18, 16, 2);
+    d.w(0x16, 0, 2);
+    d.w(0x18, 3, 2); // not a power of two
+    assert_eq!(d.r(0x18, 2), 256, "size unchanged");
+    d.w(NOTIFY + 4 * 9, 0, 2); // notify a queue that does not exist
+    d.w(0x7ff0, 0, 4); // nothing there
+    d.w(0x20, 0xf_ff00, 8); // a table running past the end of memory, enabled, then DRIVER_OK
+    d.w(0x1c, 1, 2);
+    d.w(0x14, 1 | 2 | 4, 1);
+    assert_eq!(d.status() & NEEDS_RESET, NEEDS_RESET, "an invalid enabled queue at DRIVER_OK");
+    d.init();
+    assert_eq!(d.status() & NEEDS_RESET, 0);
+}
+
+#[test]
+fn state_survives_save_and_restore_mid_use() {
+    let mut d = Driver::new();
+    d.init();
+    d.desc(0, BUF, 32, WRITE, 0);
+    d.offer(0);
+    let saved = d.dev.save().unwrap();
+    let copy = Driver {
+        mem: d.mem.clone(),
+        dev: VirtioPci::new("virtio-rng", Rng, 0xe000_0000, d.mem.device_view().unwrap(), None),
+        avail_idx: d.avail_idx,
+    };
+    copy.dev.restore(1, &saved).unwrap();
+    assert_eq!(copy.dev.save().unwrap(), saved);
+    let mut copy = copy;
+    copy.desc(1, BUF + 64, 16, WRITE, 0);
+    copy.offer(1);
+    assert_eq!(copy.used(), (2, vec![(0, 32), (1, 16)]), "the restored device carries on where it was");
+    assert!(copy.dev.restore(1, &saved[..saved.len() / 2]).is_err(), "truncated state is refused");
+    assert!(copy.dev.restore(2, &saved).is_err(), "unknown version is refused");
+}
