@@ -403,6 +403,16 @@ fn partition_leaves_exactly_one_live_copy() {
             std::thread::sleep(Duration::from_millis(10));
         };
         let _ = loser;
+        let decided = |l: String| {
+            l.lines().filter(|l| l.contains("tie-breaker")).find_map(|l| {
+                l.split("decided_ms=").nth(1).map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            })
+        };
+        eprintln!(
+            "partition trial {trial}: the {who} won; from silence to the tie-breaker's answer: primary {:?} ms, standby {:?} ms",
+            decided(log(&pp)),
+            decided(log(&sp))
+        );
         let mut winner = winner;
         std::thread::sleep(Duration::from_millis(500));
         assert!(winner.is_running(), "the {who} won and must keep running");

@@ -1,6 +1,7 @@
 //! A standby that could not go live never accepts protection and never claims the tie-breaker:
 //! its serial socket and console are claimed when it starts and checked again before it accepts
 //! a primary and before it claims. Checked with a real SIGSTOP and a real SIGKILL of the primary.
+//! And a standby waiting for the tie-breaker's lock keeps answering QMP.
 
 mod common;
 use common::ft::{free_port, log, query, wait_state, FtSetup};
@@ -151,5 +152,43 @@ fn a_removed_serial_socket_is_bound_again_before_going_live() {
     let (id, _) = reply(&c.call("INCR 5"), "OK");
     assert_eq!(id, 5);
     assert!(log(&sp).contains("binding it again"), "{}", log(&sp));
+    drop(standby);
+}
+
+/// The tie-breaker's lock is held elsewhere (the other side mid-claim, or slow storage) while
+/// the standby wants to go live: it keeps answering QMP throughout, with every answer well
+/// inside one claim attempt (2 s), and goes live once the lock is free.
+#[test]
+fn a_standby_waiting_for_the_tie_breaker_keeps_answering_qmp() {
+    use std::os::fd::AsRawFd;
+    require_kvm();
+    let _one = one_at_a_time();
+    let setup = FtSetup::new("standby-claim-qmp");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
+    let standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &[]);
+    let mut primary = setup.primary(&pp, &addr, &[], &[]);
+    wait_state(&pp, "protected", Duration::from_secs(30));
+    let mut lock_path = setup.tiebreak.clone().into_os_string();
+    lock_path.push(".lock");
+    let lock =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path).unwrap();
+    let fl =
+        libc::flock { l_type: libc::F_WRLCK as i16, l_whence: libc::SEEK_SET as i16, l_start: 0, l_len: 0, l_pid: 0 };
+    // SAFETY: fcntl on a descriptor we own with a valid flock.
+    assert_eq!(unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_OFD_SETLK, &fl) }, 0);
+    primary.sigkill();
+    wait_state(&sp, "arbitrating", Duration::from_secs(10));
+    let mut q = Qmp::negotiated(&sp.qmp);
+    for _ in 0..30 {
+        let t = Instant::now();
+        let r = q.ok("x-smpft-query-ft", None);
+        assert_eq!(r["state"], "arbitrating", "{r}");
+        assert!(t.elapsed() < Duration::from_secs(1), "QMP took {:?} while the lock was held", t.elapsed());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(log(&sp).contains("could not be locked"), "the claims did wait for the lock\n{}", log(&sp));
+    drop(lock);
+    wait_state(&sp, "live-after-failover", Duration::from_secs(10));
     drop(standby);
 }

@@ -30,6 +30,8 @@ pub enum Flow {
 pub enum Input {
     Connected(Result<Channel, String>),
     SendFailed(String),
+    /// A tie-breaker claim made in the background.
+    Claimed(Result<Claim, super::tiebreak::TieBreakError>),
 }
 
 /// A connected standby and the thread that sends it checkpoints.
@@ -86,6 +88,16 @@ impl Link {
             let _ = t.join();
         }
     }
+
+    /// Closes on a thread of its own: a closing QUIC connection waits for its peer (up to
+    /// ~200 ms when the peer is gone), and arbitration must not wait for that.
+    fn close_in_background(self, code: u32, reason: &str) {
+        let reason = reason.to_string();
+        let spawned = std::thread::Builder::new().name("ft-close".into()).spawn(move || self.close(code, &reason));
+        if let Err(e) = spawned {
+            tracing::warn!("cannot close the standby's channel in the background: {e}");
+        }
+    }
 }
 
 /// The initial synchronisation in progress.
@@ -130,6 +142,10 @@ pub struct PrimaryFt {
     last_checkpoint: Instant,
     next_connect: Instant,
     next_arbitrate: Option<Instant>,
+    /// A tie-breaker claim is running in the background.
+    claiming: bool,
+    /// When the standby was last declared lost (for the log of how long deciding took).
+    lost_at: Option<Instant>,
     stats: Arc<Stats>,
     /// This copy went live after a failover (it started as a standby).
     took_over: bool,
@@ -174,6 +190,8 @@ impl PrimaryFt {
             last_checkpoint: Instant::now(),
             next_connect: Instant::now(),
             next_arbitrate: None,
+            claiming: false,
+            lost_at: None,
             stats: Arc::new(Stats::default()),
             took_over: took_over.is_some(),
             last_error: None,
@@ -240,7 +258,8 @@ impl PrimaryFt {
         if let Some(t) = self.next_arbitrate {
             if now >= t {
                 self.next_arbitrate = None;
-                return self.arbitrate(vm);
+                self.start_claim();
+                return Flow::Continue;
             }
         }
         match self.proto.state() {
@@ -312,6 +331,7 @@ impl PrimaryFt {
                 let actions = self.proto.handle(PrimaryEvent::StandbyAttached);
                 return self.act(vm, actions);
             }
+            Input::Claimed(r) => return self.claimed(vm, r),
             Input::SendFailed(e) => {
                 if self.link.is_some() {
                     tracing::warn!("FT: sending to the standby failed: {e}");
@@ -360,6 +380,7 @@ impl PrimaryFt {
         if self.link.is_none() {
             return Flow::Continue;
         }
+        self.lost_at = Some(Instant::now());
         let actions = self.proto.handle(PrimaryEvent::PeerSilent);
         self.act(vm, actions)
     }
@@ -375,7 +396,7 @@ impl PrimaryFt {
                 }
                 PrimaryAction::DropStandby => {
                     if let Some(l) = self.link.take() {
-                        l.close(transport::channel::code::SILENT, "standby dropped");
+                        l.close_in_background(transport::channel::code::SILENT, "standby dropped");
                     }
                     if self.sync.take().is_some() {
                         tracing::warn!("FT: the standby went away during the initial copy; running unprotected");
@@ -385,11 +406,7 @@ impl PrimaryFt {
                         self.next_connect = Instant::now() + RETRY_CONNECT;
                     }
                 }
-                PrimaryAction::Arbitrate { .. } => {
-                    if self.arbitrate(vm) == Flow::Halt {
-                        return Flow::Halt;
-                    }
-                }
+                PrimaryAction::Arbitrate { .. } => self.start_claim(),
                 PrimaryAction::Halt => {
                     let dropped = vm.devices().gate.discard_all();
                     tracing::error!(
@@ -403,15 +420,32 @@ impl PrimaryFt {
         Flow::Continue
     }
 
-    fn arbitrate(&mut self, vm: &RunningVm) -> Flow {
-        let generation = self.proto.generation();
-        let event = match self.tiebreak.claim(generation, self.opts.claim_timeout) {
+    /// Asks the tie-breaker in the background; the answer comes back as [`Input::Claimed`].
+    fn start_claim(&mut self) {
+        if self.claiming {
+            return;
+        }
+        self.claiming = true;
+        let (generation, timeout) = (self.proto.generation(), self.opts.claim_timeout);
+        self.tiebreak.claim_in_background(generation, timeout, self.inputs.0.clone(), Input::Claimed);
+    }
+
+    /// Asks the tie-breaker and waits for it (the VM is ending: nothing else to serve).
+    fn arbitrate_now(&mut self, vm: &RunningVm) -> Flow {
+        let r = self.tiebreak.claim(self.proto.generation(), self.opts.claim_timeout);
+        self.claimed(vm, r)
+    }
+
+    fn claimed(&mut self, vm: &RunningVm, result: Result<Claim, super::tiebreak::TieBreakError>) -> Flow {
+        self.claiming = false;
+        let decided_ms = self.lost_at.map_or(0, |t| t.elapsed().as_millis() as u64);
+        let event = match result {
             Ok(Claim::Won { generation }) => {
-                tracing::warn!(generation, "FT: won the tie-breaker; continuing unprotected");
+                tracing::warn!(generation, decided_ms, "FT: won the tie-breaker; continuing unprotected");
                 PrimaryEvent::TieBreakWon { generation }
             }
             Ok(Claim::Lost { generation, holder }) => {
-                tracing::error!(generation, %holder, "FT: the tie-breaker is held by the peer");
+                tracing::error!(generation, %holder, decided_ms, "FT: the tie-breaker is held by the peer");
                 PrimaryEvent::TieBreakLost { generation }
             }
             Err(e) => {
@@ -662,7 +696,7 @@ impl PrimaryFt {
                 // The standby did not confirm: it may still go live, so only the tie-breaker
                 // decides whether the last output may be shown.
                 let _ = self.proto.handle(PrimaryEvent::PeerSilent);
-                if self.arbitrate(vm) == Flow::Halt {
+                if self.arbitrate_now(vm) == Flow::Halt {
                     return;
                 }
             }

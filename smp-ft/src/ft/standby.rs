@@ -3,7 +3,9 @@
 //! the tie-breaker whether to go live. It never runs a vCPU before it has won.
 
 use super::protocol::{Epoch, Standby, StandbyAction, StandbyEvent, StandbyState};
-use super::tiebreak::{Outcome as Claim, TieBreaker};
+use super::tiebreak::{Outcome as Claim, TieBreakError, TieBreaker};
+
+type ClaimResult = Result<Claim, TieBreakError>;
 use super::wire::{MachineState, Meta, PayloadKind, Staged};
 use super::{FtOptions, GOODBYE_HALTED, GOODBYE_VM_ENDED};
 use crate::runner::error_chain;
@@ -316,7 +318,11 @@ impl<'a> StandbyRunner<'a> {
                             s.chan.close(GOODBYE_HALTED, "the standby cannot go live");
                             return Ok(None);
                         }
-                        let ev = match self.tiebreak.claim(generation, self.opts.ft.claim_timeout) {
+                        let claim = match self.claim_serving(s, generation) {
+                            Ok(claim) => claim,
+                            Err(end) => return Ok(Some(end)),
+                        };
+                        let ev = match claim {
                             Ok(Claim::Won { generation }) => StandbyEvent::TieBreakWon { generation },
                             Ok(Claim::Lost { generation, holder }) => {
                                 tracing::warn!(generation, %holder, "FT: the tie-breaker is held by the primary");
@@ -350,6 +356,33 @@ impl<'a> StandbyRunner<'a> {
                 return Ok(None);
             }
             actions = next;
+        }
+    }
+
+    /// Claims the tie-breaker in the background while answering QMP and watching for signals
+    /// (a claim can wait seconds for the lock); `Err` if one of them ends the standby.
+    fn claim_serving(&self, s: &Session, generation: u64) -> Result<ClaimResult, StandbyEnd> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.tiebreak.claim_in_background(generation, self.opts.ft.claim_timeout, tx, |r| r);
+        loop {
+            select! {
+                recv(rx) -> r => {
+                    return Ok(r.unwrap_or_else(|_| Err(TieBreakError::LockTimeout {
+                        path: self.opts.ft.tiebreak.clone(),
+                        timeout: self.opts.ft.claim_timeout,
+                    })));
+                }
+                recv(self.qmp) -> req => {
+                    if let Some(end) = req.ok().and_then(|r| self.qmp_request(r, Some(s))) {
+                        return Err(end);
+                    }
+                }
+                recv(self.signals) -> ev => {
+                    if let Ok(VmEvent::Signal(sig)) = ev {
+                        return Err(StandbyEnd::Signal(sig));
+                    }
+                }
+            }
         }
     }
 
