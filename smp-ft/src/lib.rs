@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod demo;
+pub mod error;
 pub mod ft;
 pub mod guest;
 pub mod runner;

@@ -1,11 +1,12 @@
 //! `smpft`: the command line.
 
 use clap::{Parser, Subcommand};
+use smp_ft::error::error_chain;
 use smp_ft::ft::primary::PrimaryFt;
 use smp_ft::ft::standby::{StandbyEnd, StandbyOptions, StandbyRunner};
 use smp_ft::ft::FtOptions;
 use smp_ft::guest;
-use smp_ft::runner::{error_chain, Outcome, Runner};
+use smp_ft::runner::{Outcome, Runner};
 use smp_ft::snapshot;
 use smp_ft::units::{parse_duration, parse_size};
 use smp_ft::vmm::devices::serial::SerialSpec;
@@ -15,6 +16,36 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Why a command failed; printed as one line with its causes.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// Arguments that do not go together (clap checks each one alone).
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot read guest {path}")]
+    Guest { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error(transparent)]
+    Vm(#[from] smp_ft::vmm::VmError),
+    #[error(transparent)]
+    Qmp(#[from] qemu_shim::qmp::ServerError),
+    #[error(transparent)]
+    Ft(#[from] smp_ft::ft::error::FtError),
+    #[error(transparent)]
+    Run(#[from] smp_ft::runner::RunError),
+    #[error(transparent)]
+    Identity(#[from] transport::identity::IdentityError),
+    #[error("--peer-cert")]
+    PeerCert(#[source] transport::identity::IdentityError),
+    #[error("--ft-peer")]
+    FtPeer(#[source] smp_ft::ft::error::FtError),
+    #[error("cannot find the smpft binary")]
+    CurrentExe(#[source] std::io::Error),
+    #[error("demo: {0}")]
+    Demo(String),
+}
 
 /// Exit status of a copy that lost the tie-breaker (the other copy runs the VM).
 const EXIT_HALTED: u8 = 75;
@@ -109,7 +140,7 @@ impl FtArgs {
         self.identity.is_some() || self.peer_cert.is_some() || self.tiebreak.is_some()
     }
 
-    fn options(&self) -> Result<FtOptions, String> {
+    fn options(&self) -> Result<FtOptions, CliError> {
         let missing: Vec<&str> = [
             (self.identity.is_none(), "--identity"),
             (self.peer_cert.is_none(), "--peer-cert"),
@@ -119,21 +150,20 @@ impl FtArgs {
         .filter_map(|(m, n)| m.then_some(*n))
         .collect();
         if !missing.is_empty() {
-            return Err(format!("fault tolerance needs {}", missing.join(", ")));
+            return Err(CliError::Usage(format!("fault tolerance needs {}", missing.join(", "))));
         }
         if self.ft_heartbeat.is_zero() || self.ft_timeout <= self.ft_heartbeat * 2 {
-            return Err(format!(
+            return Err(CliError::Usage(format!(
                 "--ft-timeout ({:?}) must exceed twice --ft-heartbeat ({:?}), which must be above zero",
                 self.ft_timeout, self.ft_heartbeat
-            ));
+            )));
         }
         if self.ft_interval.is_zero() {
-            return Err("--ft-interval must be above zero".into());
+            return Err(CliError::Usage("--ft-interval must be above zero".into()));
         }
-        let identity = transport::Identity::load(self.identity.as_deref().unwrap_or_else(|| std::path::Path::new("")))
-            .map_err(|e| error_chain(&e))?;
-        let trust = transport::PeerTrust::parse(self.peer_cert.as_deref().unwrap_or_default())
-            .map_err(|e| format!("--peer-cert: {}", error_chain(&e)))?;
+        let identity = transport::Identity::load(self.identity.as_deref().unwrap_or_else(|| std::path::Path::new("")))?;
+        let trust =
+            transport::PeerTrust::parse(self.peer_cert.as_deref().unwrap_or_default()).map_err(CliError::PeerCert)?;
         let channel = transport::ChannelConfig {
             heartbeat: self.ft_heartbeat,
             silence_timeout: self.ft_timeout,
@@ -229,8 +259,9 @@ struct RunArgs {
     ft: FtArgs,
 }
 
-fn init_logging(filter: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("--log '{filter}': {e}"))?;
+fn init_logging(filter: &str) -> Result<(), CliError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| CliError::Usage(format!("--log '{filter}': {e}")))?;
     // Colours only on a terminal: a log written to a file or a journal stays plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
@@ -302,19 +333,15 @@ fn block_termination_signals() {
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
-fn run(args: RunArgs) -> Result<ExitCode, String> {
+fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     let (image, name): (Arc<[u8]>, String) = match &args.guest {
         None => (guest::BUILTIN.into(), guest::BUILTIN_NAME.to_string()),
         Some(p) => {
-            let bytes = std::fs::read(p).map_err(|e| format!("cannot read guest {}: {e}", p.display()))?;
+            let bytes = std::fs::read(p).map_err(|source| CliError::Guest { path: p.clone(), source })?;
             (bytes.into(), p.display().to_string())
         }
     };
-    let chain = if args.restore.is_empty() {
-        None
-    } else {
-        Some(snapshot::read_chain(&args.restore).map_err(|e| error_chain(&e))?)
-    };
+    let chain = if args.restore.is_empty() { None } else { Some(snapshot::read_chain(&args.restore)?) };
     let last = chain.as_ref().and_then(|c| c.last());
     let devices = DeviceConfig {
         // A snapshot with the device's state needs the device.
@@ -331,19 +358,19 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         kvm_device: args.kvm_device,
         devices,
     };
-    let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose().map_err(|e| e.to_string())?;
+    let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose()?;
     let ft = if args.ft.given() || args.ft_peer.is_some() { Some(args.ft.options()?) } else { None };
     let peer = match &args.ft_peer {
         None => None,
-        Some(p) => Some(resolve(p).map_err(|e| format!("--ft-peer: {e}"))?),
+        Some(p) => Some(smp_ft::ft::error::resolve(p).map_err(CliError::FtPeer)?),
     };
     block_termination_signals();
     let vm = match &chain {
-        None => Vm::create(config).map_err(|e| error_chain(&e))?,
-        Some(chain) => Vm::restore(config, chain).map_err(|e| error_chain(&e))?,
+        None => Vm::create(config)?,
+        Some(chain) => Vm::restore(config, chain)?,
     };
     let qmp = bind_qmp(qmp_path.as_deref())?;
-    let running = vm.start().map_err(|e| error_chain(&e))?;
+    let running = vm.start()?;
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     forward_signals(sig_tx);
     relay_signals(sig_rx, running.event_sender());
@@ -356,19 +383,8 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
 
 type Qmp = Option<(qemu_shim::qmp::QmpServer, crossbeam_channel::Receiver<qemu_shim::qmp::Request>)>;
 
-fn bind_qmp(path: Option<&std::path::Path>) -> Result<Qmp, String> {
-    path.map(|p| {
-        qemu_shim::qmp::QmpServer::bind(p, concat!("smpft ", env!("CARGO_PKG_VERSION"))).map_err(|e| error_chain(&e))
-    })
-    .transpose()
-}
-
-fn resolve(addr: &str) -> Result<std::net::SocketAddr, String> {
-    use std::net::ToSocketAddrs;
-    addr.to_socket_addrs()
-        .map_err(|e| format!("'{addr}' is not a host:port address: {e}"))?
-        .next()
-        .ok_or_else(|| format!("'{addr}' resolves to no address"))
+fn bind_qmp(path: Option<&std::path::Path>) -> Result<Qmp, CliError> {
+    Ok(path.map(|p| qemu_shim::qmp::QmpServer::bind(p, concat!("smpft ", env!("CARGO_PKG_VERSION")))).transpose()?)
 }
 
 /// Passes the signals `forward_signals` catches on to `to`.
@@ -385,7 +401,7 @@ fn relay_signals(from: crossbeam_channel::Receiver<VmEvent>, to: crossbeam_chann
         .expect("spawn signal relay thread");
 }
 
-fn serve(runner: Runner) -> Result<ExitCode, String> {
+fn serve(runner: Runner) -> Result<ExitCode, CliError> {
     match runner.run()? {
         Outcome::GuestExit(status) => Ok(ExitCode::from(status.min(255) as u8)),
         Outcome::Quit => Ok(ExitCode::SUCCESS),
@@ -394,9 +410,9 @@ fn serve(runner: Runner) -> Result<ExitCode, String> {
     }
 }
 
-fn standby(args: StandbyArgs) -> Result<ExitCode, String> {
+fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
     let ft = args.ft.options()?;
-    let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose().map_err(|e| e.to_string())?;
+    let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose()?;
     let config = VmConfig {
         vcpus: args.vcpus,
         memory: args.memory,
@@ -416,7 +432,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, String> {
     let end = StandbyRunner::new(&opts, qmp.as_ref().map(|(_, rx)| rx.clone()), sig_rx.clone())?.run()?;
     match end {
         StandbyEnd::Live { vm, generation, epoch } => {
-            let running = (*vm).start().map_err(|e| error_chain(&e))?;
+            let running = (*vm).start()?;
             relay_signals(sig_rx, running.event_sender());
             tracing::info!(
                 epoch,
@@ -432,8 +448,8 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, String> {
     }
 }
 
-fn snapshot_info(files: &[PathBuf]) -> Result<ExitCode, String> {
-    let chain = snapshot::read_chain(files).map_err(|e| error_chain(&e))?;
+fn snapshot_info(files: &[PathBuf]) -> Result<ExitCode, CliError> {
+    let chain = snapshot::read_chain(files)?;
     for (f, s) in files.iter().zip(&chain) {
         println!(
             "{}: id {:016x} parent {} seq {} vcpus {} memory {} MiB pages {} zero-pages {}",
@@ -447,7 +463,7 @@ fn snapshot_info(files: &[PathBuf]) -> Result<ExitCode, String> {
             s.memory.zero_pages.len()
         );
     }
-    let hash = snapshot::memory_hash(&chain).map_err(|e| error_chain(&e))?;
+    let hash = snapshot::memory_hash(&chain)?;
     println!("memory-hash: {hash:016x}");
     Ok(ExitCode::SUCCESS)
 }
@@ -455,7 +471,7 @@ fn snapshot_info(files: &[PathBuf]) -> Result<ExitCode, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = init_logging(&cli.log) {
-        eprintln!("smpft: error: {e}");
+        eprintln!("smpft: error: {}", error_chain(&e));
         return ExitCode::from(2);
     }
     let r = match cli.command {
@@ -468,18 +484,19 @@ fn main() -> ExitCode {
                 println!("fingerprint: {fp}");
                 ExitCode::SUCCESS
             })
-            .map_err(|e| error_chain(&e)),
+            .map_err(CliError::from),
         Command::Demo(args) => std::env::current_exe()
-            .map_err(|e| format!("cannot find the smpft binary: {e}"))
+            .map_err(CliError::CurrentExe)
             .and_then(|smpft| {
                 smp_ft::demo::run(&smp_ft::demo::DemoOptions { vcpus: args.vcpus, requests: args.requests, smpft })
+                    .map_err(CliError::Demo)
             })
             .map(|()| ExitCode::SUCCESS),
     };
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("smpft: error: {e}");
+            eprintln!("smpft: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -1,12 +1,24 @@
 //! The thread that owns a running VM: it takes VM events (guest exit, vCPU failure, signals) and
 //! QMP requests, one at a time, and decides what happens. Nothing else touches the VM.
 
+use crate::error::error_chain;
 use crate::ft::primary::{Flow, PrimaryFt};
 use crate::snapshot::{self, Kind};
 use crate::vmm::{RunningVm, VmEvent};
 use qemu_shim::qmp::{Command, QmpError, QmpServer, Request};
 use serde_json::{json, Value};
 use std::time::Instant;
+
+/// Why a VM stopped other than as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("vCPU failed: {0}")]
+    Vcpu(String),
+    #[error("the VM's event channel closed")]
+    EventsClosed,
+    #[error("stopping the VM")]
+    Stop(#[from] crate::vmm::VmError),
+}
 
 /// How a VM's life ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +57,7 @@ impl Runner {
     }
 
     /// Runs until the VM ends; then closes the QMP server, stops the VM and joins its threads.
-    pub fn run(mut self) -> Result<Outcome, String> {
+    pub fn run(mut self) -> Result<Outcome, RunError> {
         let never = crossbeam_channel::never();
         let requests = self.qmp.as_ref().map_or(&never, |(_, rx)| rx).clone();
         let outcome = loop {
@@ -81,8 +93,8 @@ impl Runner {
                         self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "host-signal"})));
                         break Ok(Outcome::Signal(sig));
                     }
-                    Ok(VmEvent::VcpuFailed(msg)) => break Err(msg),
-                    Err(_) => break Err("VM event channel closed".to_string()),
+                    Ok(VmEvent::VcpuFailed(msg)) => break Err(RunError::Vcpu(msg)),
+                    Err(_) => break Err(RunError::EventsClosed),
                 },
                 recv(requests) -> req => {
                     let Ok(req) = req else { continue };
@@ -116,12 +128,12 @@ impl Runner {
             match &outcome {
                 Ok(Outcome::Halted) => ft.halt(),
                 Ok(o) => ft.finish(&self.vm, &format!("{o:?}")),
-                Err(e) => ft.finish(&self.vm, e),
+                Err(e) => ft.finish(&self.vm, &e.to_string()),
             }
         }
         let Runner { vm, ft, .. } = self;
         drop(ft);
-        vm.shutdown().map_err(|e| e.to_string())?;
+        vm.shutdown()?;
         outcome
     }
 
@@ -169,23 +181,11 @@ impl Runner {
                 None => json!({"role": "primary", "state": "unprotected", "configured": false}),
             }),
             Command::Protect { peer } => match &mut self.ft {
-                Some(ft) => ft.protect(peer).map(|()| json!({})).map_err(QmpError::generic),
+                Some(ft) => ft.protect(peer).map(|()| json!({})).map_err(|e| QmpError::generic(error_chain(&e))),
                 None => Err(QmpError::generic(
                     "FT is not configured for this VM: start it with --identity, --peer-cert and --tiebreak",
                 )),
             },
         }
     }
-}
-
-/// `outer: inner: innermost`, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }

@@ -98,8 +98,7 @@ fn a_stalled_primary_keeps_the_vm_when_the_standby_could_not_go_live() {
         assert!(Instant::now() < deadline, "the primary never logged the standby's refusal\n{}", log(&pp));
         std::thread::sleep(Duration::from_millis(50));
     }
-    let q = query(&pp);
-    assert_eq!(q["state"], "unprotected", "{q}");
+    wait_state(&pp, "unprotected", Duration::from_secs(10));
     let (_, holder) = setup.record().expect("the primary claimed the tie-breaker");
     assert!(holder.ends_with(&format!(":{}", primary.pid())), "holder {holder}");
     assert_eq!(query(&sp)["state"], "waiting");

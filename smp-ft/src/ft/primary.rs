@@ -3,11 +3,13 @@
 //! [`PrimaryFt::tick`]; checkpoints are encoded and sent on a sender thread so the VM owner only
 //! pauses, captures and resumes.
 
+use super::error::FtError;
 use super::protocol::{Epoch, Primary, PrimaryAction, PrimaryEvent, PrimaryState};
 use super::stats::{Progress, Stats};
 use super::tiebreak::{Outcome as Claim, TieBreaker};
 use super::wire::{self, Meta, Payload, PayloadKind};
 use super::{FtOptions, GOODBYE_HALTED, GOODBYE_VM_ENDED};
+use crate::error::error_chain;
 use crate::vmm::capture::{Capture, PageSet};
 use crate::vmm::RunningVm;
 use crossbeam_channel::{Receiver, Sender};
@@ -28,7 +30,7 @@ pub enum Flow {
 
 /// Results of work done off the VM owner's thread.
 pub enum Input {
-    Connected(Result<Channel, String>),
+    Connected(Result<Channel, transport::ChannelError>),
     SendFailed(String),
     /// A tie-breaker claim made in the background.
     Claimed(Result<Claim, super::tiebreak::TieBreakError>),
@@ -53,9 +55,9 @@ impl Link {
             .spawn(move || {
                 for p in rx {
                     let (seq, p_kind) = (p.seq, p.kind);
-                    let r = wire::encode(&p).and_then(|b| {
+                    let r = wire::encode(&p).map_err(FtError::from).and_then(|b| {
                         let n = b.len() as u64;
-                        c.send_checkpoint(seq, b).map_err(|e| e.to_string()).map(|()| n)
+                        c.send_checkpoint(seq, b).map_err(FtError::from).map(|()| n)
                     });
                     match r {
                         Ok(n) => {
@@ -65,7 +67,7 @@ impl Link {
                             }
                         }
                         Err(e) => {
-                            let _ = inputs.send(Input::SendFailed(format!("checkpoint {seq}: {e}")));
+                            let _ = inputs.send(Input::SendFailed(format!("checkpoint {seq}: {}", error_chain(&e))));
                             return;
                         }
                     }
@@ -159,12 +161,12 @@ impl PrimaryFt {
         vm: &RunningVm,
         peer: Option<SocketAddr>,
         took_over: Option<u64>,
-    ) -> Result<PrimaryFt, String> {
-        let tiebreak = TieBreaker::new(&opts.tiebreak, &opts.owner).map_err(|e| e.to_string())?;
+    ) -> Result<PrimaryFt, FtError> {
+        let tiebreak = TieBreaker::new(&opts.tiebreak, &opts.owner)?;
         let generation = match took_over {
             Some(g) => g,
             // Claims must go above anything already recorded.
-            None => tiebreak.read().map_err(|e| crate::runner::error_chain(&e))?.map_or(0, |(g, _)| g),
+            None => tiebreak.read()?.map_or(0, |(g, _)| g),
         };
         let (wtx, wake) = crossbeam_channel::bounded(1);
         vm.devices().gate.notify_on_output(Some(wtx));
@@ -291,8 +293,7 @@ impl PrimaryFt {
         std::thread::Builder::new()
             .name("ft-connect".into())
             .spawn(move || {
-                let r =
-                    Channel::connect(peer, &id, &trust, cfg, session, meta).map_err(|e| crate::runner::error_chain(&e));
+                let r = Channel::connect(peer, &id, &trust, cfg, session, meta);
                 let _ = tx.send(Input::Connected(r));
             })
             .expect("spawn ft-connect thread");
@@ -303,17 +304,16 @@ impl PrimaryFt {
             Input::Connected(Err(e)) => {
                 self.connecting = false;
                 self.next_connect = Instant::now() + RETRY_CONNECT;
-                self.error(format!("cannot reach the standby: {e}; the VM runs unprotected, retrying"));
+                self.error(format!("cannot reach the standby: {}; the VM runs unprotected, retrying", error_chain(&e)));
             }
             Input::Connected(Ok(chan)) => {
                 self.connecting = false;
-                let theirs = match chan.peer_hello() {
-                    Message::Hello { meta, .. } => Meta::decode(meta),
-                    _ => Err("no Hello".to_string()),
-                };
-                let problem = match &theirs {
-                    Err(e) => Some(e.clone()),
-                    Ok(m) => self.meta.mismatch(m),
+                let problem = match chan.peer_hello() {
+                    Message::Hello { meta, .. } => match Meta::decode(meta) {
+                        Err(e) => Some(e.to_string()),
+                        Ok(m) => self.meta.mismatch(&m),
+                    },
+                    _ => Some("no Hello".to_string()),
                 };
                 if let Some(p) = problem {
                     chan.close(transport::channel::code::PROTOCOL, &p);
@@ -449,7 +449,7 @@ impl PrimaryFt {
                 PrimaryEvent::TieBreakLost { generation }
             }
             Err(e) => {
-                self.error(format!("{}; output stays held, retrying", crate::runner::error_chain(&e)));
+                self.error(format!("{}; output stays held, retrying", error_chain(&e)));
                 self.next_arbitrate = Some(Instant::now() + RETRY_ARBITRATE);
                 PrimaryEvent::TieBreakUnreachable
             }
@@ -506,7 +506,7 @@ impl PrimaryFt {
                 }
             }
             Err(e) => {
-                self.error(format!("pre-copy failed: {}", crate::runner::error_chain(&e)));
+                self.error(format!("pre-copy failed: {}", error_chain(&e)));
                 self.drop_link("pre-copy failed");
             }
         }
@@ -555,7 +555,7 @@ impl PrimaryFt {
             }
             Err(e) => {
                 gate.open_all();
-                self.error(format!("final sync pause failed: {}", crate::runner::error_chain(&e)));
+                self.error(format!("final sync pause failed: {}", error_chain(&e)));
                 self.drop_link("sync failed");
                 Flow::Continue
             }
@@ -599,7 +599,7 @@ impl PrimaryFt {
         let Capture { memory, state, timings: t } = match r {
             Ok(c) => c,
             Err(e) => {
-                self.error(format!("checkpoint failed: {}", crate::runner::error_chain(&e)));
+                self.error(format!("checkpoint failed: {}", error_chain(&e)));
                 return;
             }
         };
@@ -626,15 +626,10 @@ impl PrimaryFt {
     }
 
     /// QMP `x-smpft-protect`.
-    pub fn protect(&mut self, peer: &str) -> Result<(), String> {
-        use std::net::ToSocketAddrs;
-        let addr = peer
-            .to_socket_addrs()
-            .map_err(|e| format!("'{peer}' is not a host:port address: {e}"))?
-            .next()
-            .ok_or_else(|| format!("'{peer}' resolves to no address"))?;
+    pub fn protect(&mut self, peer: &str) -> Result<(), FtError> {
+        let addr = super::error::resolve(peer)?;
         if self.proto.state() != PrimaryState::Unprotected || self.link.is_some() || self.connecting {
-            return Err(format!("the VM is already {} (standby {:?})", self.state_name(), self.peer));
+            return Err(FtError::Busy { state: self.state_name(), peer: self.peer });
         }
         self.peer = Some(addr);
         self.next_connect = Instant::now();

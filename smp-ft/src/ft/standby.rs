@@ -6,12 +6,16 @@ use super::protocol::{Epoch, Standby, StandbyAction, StandbyEvent, StandbyState}
 use super::tiebreak::{Outcome as Claim, TieBreakError, TieBreaker};
 
 type ClaimResult = Result<Claim, TieBreakError>;
+use super::error::FtError;
 use super::wire::{MachineState, Meta, PayloadKind, Staged};
+
+/// A primary connected, or why none can be.
+type Accepted = Result<Channel, transport::ChannelError>;
 use super::{FtOptions, GOODBYE_HALTED, GOODBYE_VM_ENDED};
-use crate::runner::error_chain;
+use crate::error::error_chain;
 use crate::vmm::host::HostResources;
 use crate::vmm::memory::GuestMemory;
-use crate::vmm::{Vm, VmConfig, VmEvent};
+use crate::vmm::{Vm, VmConfig, VmError, VmEvent};
 use crossbeam_channel::{select, Receiver};
 use qemu_shim::qmp::{Command, QmpError, Request};
 use serde_json::{json, Value};
@@ -77,11 +81,10 @@ impl<'a> StandbyRunner<'a> {
         opts: &'a StandbyOptions,
         qmp: Option<Receiver<Request>>,
         signals: Receiver<VmEvent>,
-    ) -> Result<Self, String> {
-        let host = HostResources::reserve(&opts.config)
-            .map_err(|e| format!("this standby could not go live: {}", error_chain(&e)))?;
-        let tiebreak = TieBreaker::new(&opts.ft.tiebreak, &opts.ft.owner).map_err(|e| e.to_string())?;
-        let generation = tiebreak.read().map_err(|e| error_chain(&e))?.map_or(0, |(g, _)| g);
+    ) -> Result<Self, FtError> {
+        let host = HostResources::reserve(&opts.config).map_err(FtError::CannotGoLive)?;
+        let tiebreak = TieBreaker::new(&opts.ft.tiebreak, &opts.ft.owner)?;
+        let generation = tiebreak.read()?.map_or(0, |(g, _)| g);
         Ok(StandbyRunner {
             opts,
             host: Some(host),
@@ -93,10 +96,10 @@ impl<'a> StandbyRunner<'a> {
     }
 
     /// Whether this copy could go live now; why not otherwise.
-    fn can_go_live(&mut self) -> Result<(), String> {
+    fn can_go_live(&mut self) -> Result<(), FtError> {
         match &mut self.host {
-            None => Err("its host resources are gone".into()),
-            Some(h) => h.check().map_err(|e| error_chain(&e)),
+            None => Err(FtError::HostUsed),
+            Some(h) => h.check().map_err(FtError::CannotGoLive),
         }
     }
 
@@ -111,32 +114,29 @@ impl<'a> StandbyRunner<'a> {
     }
 
     /// Waits for primaries and keeps their VM until it goes live here or ends.
-    pub fn run(&mut self) -> Result<StandbyEnd, String> {
+    pub fn run(&mut self) -> Result<StandbyEnd, FtError> {
         let ft = &self.opts.ft;
-        let listener = Arc::new(
-            Listener::bind(self.opts.listen, &ft.identity, &ft.trust, ft.channel.clone())
-                .map_err(|e| error_chain(&e))?,
-        );
+        let listener = Arc::new(Listener::bind(self.opts.listen, &ft.identity, &ft.trust, ft.channel.clone())?);
         tracing::info!(listen = %listener.local_addr(), vcpus = self.opts.config.vcpus, memory_mib = self.opts.config.memory >> 20, "standby waiting for a primary");
-        let (atx, arx) = crossbeam_channel::bounded::<Result<Channel, String>>(0);
+        let (atx, arx) = crossbeam_channel::bounded::<Accepted>(0);
         let meta = self.meta().encode();
         let l = listener.clone();
         std::thread::Builder::new()
             .name("ft-accept".into())
             .spawn(move || loop {
-                let r = l.accept(None, std::process::id().into(), meta.clone()).map_err(|e| error_chain(&e));
+                let r = l.accept(None, std::process::id().into(), meta.clone());
                 let stop = r.is_err();
                 if atx.send(r).is_err() || stop {
                     return;
                 }
             })
-            .map_err(|e| format!("cannot start the accept thread: {e}"))?;
+            .map_err(FtError::Thread)?;
         loop {
             let chan = select! {
                 recv(arx) -> r => match r {
                     Ok(Ok(c)) => c,
-                    Ok(Err(e)) => return Err(format!("cannot accept primaries: {e}")),
-                    Err(_) => return Err("the accept thread ended".into()),
+                    Ok(Err(e)) => return Err(FtError::Accept(e)),
+                    Err(_) => return Err(FtError::AcceptEnded),
                 },
                 recv(self.qmp) -> req => {
                     if let Ok(req) = req {
@@ -159,29 +159,25 @@ impl<'a> StandbyRunner<'a> {
     }
 
     /// Serves one primary. `None` means it went away before a whole copy was here: wait again.
-    fn session(
-        &mut self,
-        chan: Channel,
-        more: &Receiver<Result<Channel, String>>,
-    ) -> Result<Option<StandbyEnd>, String> {
+    fn session(&mut self, chan: Channel, more: &Receiver<Accepted>) -> Result<Option<StandbyEnd>, FtError> {
         let peer = chan.peer_addr();
         let theirs = match chan.peer_hello() {
             Message::Hello { meta, .. } => Meta::decode(meta)?,
-            _ => return Err("primary sent no Hello".into()),
+            _ => return Err(FtError::NoHello),
         };
         if let Some(why) = self.meta().mismatch(&theirs) {
             chan.close(transport::channel::code::PROTOCOL, &why);
-            return Err(format!("refusing primary {peer}: {why}"));
+            return Err(FtError::Refused { peer, why });
         }
-        if let Err(why) = self.can_go_live() {
-            let why = format!("the standby could not go live: {why}");
+        if let Err(e) = self.can_go_live() {
+            let why = error_chain(&e);
             tracing::error!("FT: refusing primary {peer}: {why}");
             chan.close(transport::channel::code::PROTOCOL, &why);
             return Ok(None);
         }
         self.generation = self.generation.max(theirs.generation);
         tracing::info!(primary = %peer, owner = %theirs.owner, generation = self.generation, "primary connected; receiving the initial copy");
-        let memory = Arc::new(GuestMemory::new(self.opts.config.memory).map_err(|e| error_chain(&e))?);
+        let memory = Arc::new(GuestMemory::new(self.opts.config.memory).map_err(VmError::from)?);
         let mut s = Session {
             chan,
             proto: Standby::new(self.generation),
@@ -226,6 +222,7 @@ impl<'a> StandbyRunner<'a> {
                 Event::Checkpoint { epoch, data } => {
                     if let Err(e) = self.checkpoint(&mut s, epoch, &data) {
                         // A copy that missed a checkpoint is no copy: stand down, keep nothing.
+                        let e = error_chain(&e);
                         tracing::error!("FT: {e}; standing down");
                         s.chan.close(GOODBYE_HALTED, &e);
                         return Ok(None);
@@ -253,19 +250,19 @@ impl<'a> StandbyRunner<'a> {
         }
     }
 
-    fn checkpoint(&mut self, s: &mut Session, seq: Epoch, data: &transport::CheckpointData) -> Result<(), String> {
+    fn checkpoint(&mut self, s: &mut Session, seq: Epoch, data: &transport::CheckpointData) -> Result<(), FtError> {
         let staged = Staged::validate(data, seq, self.opts.config.vcpus, self.opts.config.memory);
         let staged = match staged {
             Ok(st) => st,
             Err(e) => {
                 let _ = s.proto.handle(StandbyEvent::Checkpoint { epoch: seq, valid: false });
-                return Err(e);
+                return Err(e.into());
             }
         };
         s.last_bytes = data.len() as u64;
         if staged.kind() == PayloadKind::PreCopy {
             if s.proto.state() != StandbyState::Syncing {
-                return Err(format!("pre-copy round {seq} after the copy was complete"));
+                return Err(FtError::LatePreCopy(seq));
             }
             staged.apply(&s.memory)?;
             send_ack(&s.chan, seq);
@@ -276,7 +273,7 @@ impl<'a> StandbyRunner<'a> {
                 StandbyAction::Ack { epoch } => send_ack(&s.chan, epoch),
                 StandbyAction::Apply { epoch } => {
                     super::fault::hit(super::fault::Point::StallApply);
-                    let state = staged.apply(&s.memory)?.ok_or("checkpoint without machine state")?;
+                    let state = staged.apply(&s.memory)?.ok_or(FtError::NoState)?;
                     tracing::debug!(epoch, pages = staged.pages(), "applied");
                     s.state = Some(state);
                     s.applied = Some(epoch);
@@ -286,7 +283,7 @@ impl<'a> StandbyRunner<'a> {
                     }
                     let _ = s.proto.handle(StandbyEvent::Applied { epoch });
                 }
-                StandbyAction::Discard { epoch } => return Err(format!("checkpoint {epoch} is stale or invalid")),
+                StandbyAction::Discard { epoch } => return Err(FtError::Stale(epoch)),
                 _ => {}
             }
         }
@@ -294,7 +291,7 @@ impl<'a> StandbyRunner<'a> {
     }
 
     /// The primary is gone. Arbitrate if this copy is whole; go live if the tie-breaker agrees.
-    fn primary_lost(&mut self, s: &mut Session) -> Result<Option<StandbyEnd>, String> {
+    fn primary_lost(&mut self, s: &mut Session) -> Result<Option<StandbyEnd>, FtError> {
         let noticed = Instant::now();
         let mut actions = s.proto.handle(StandbyEvent::PeerSilent);
         loop {
@@ -310,10 +307,10 @@ impl<'a> StandbyRunner<'a> {
                         return Ok(Some(StandbyEnd::Halted));
                     }
                     StandbyAction::Arbitrate { generation } => {
-                        if let Err(why) = self.can_go_live() {
+                        if let Err(e) = self.can_go_live() {
                             tracing::error!(
-                                "FT: the primary is silent but this copy could not go live ({why}); \
-                                 not claiming the tie-breaker, discarding the copy"
+                                "FT: the primary is silent, but {}; not claiming the tie-breaker, discarding the copy",
+                                error_chain(&e)
                             );
                             s.chan.close(GOODBYE_HALTED, "the standby cannot go live");
                             return Ok(None);
@@ -406,14 +403,13 @@ impl<'a> StandbyRunner<'a> {
         }
     }
 
-    fn build_live(&mut self, s: &mut Session, epoch: Epoch) -> Result<Vm, String> {
+    fn build_live(&mut self, s: &mut Session, epoch: Epoch) -> Result<Vm, FtError> {
         if s.applied != Some(epoch) {
-            return Err(format!("checkpoint {epoch} was acknowledged but not applied ({:?})", s.applied));
+            return Err(FtError::NotApplied { epoch, applied: s.applied });
         }
-        let state = s.state.take().ok_or("no machine state to go live from")?;
-        let host = self.host.take().ok_or("the host resources were already used")?;
-        Vm::from_state(self.opts.config.clone(), s.memory.clone(), host, &state)
-            .map_err(|e| format!("cannot build the VM to go live: {}", error_chain(&e)))
+        let state = s.state.take().ok_or(FtError::NoState)?;
+        let host = self.host.take().ok_or(FtError::HostUsed)?;
+        Vm::from_state(self.opts.config.clone(), s.memory.clone(), host, &state).map_err(FtError::GoLive)
     }
 
     fn query(&self, s: Option<&Session>) -> Value {

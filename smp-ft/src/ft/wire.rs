@@ -6,9 +6,34 @@
 //! and so does every epoch checkpoint after it. A checkpoint's sequence number is its epoch.
 
 pub use crate::vmm::machine::MachineState;
-use crate::vmm::pages::MemoryPages;
+use crate::vmm::pages::{MemoryPages, PagesError};
 use bytes::Bytes;
 use transport::CheckpointData;
+
+/// A payload or peer description that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("bad peer metadata: {0}")]
+    Meta(String),
+    #[error("cannot encode checkpoint: {0}")]
+    Encode(String),
+    #[error("checkpoint {seq} is malformed: {why}")]
+    Malformed { seq: u64, why: String },
+    #[error("checkpoint {seq} says it is {says}")]
+    Sequence { seq: u64, says: u64 },
+    #[error("checkpoint {seq}: {source}")]
+    Pages { seq: u64, source: PagesError },
+    #[error("checkpoint {seq} lacks the machine state")]
+    NoState { seq: u64 },
+    #[error("pre-copy round {seq} carries machine state")]
+    UnexpectedState { seq: u64 },
+    #[error("checkpoint {seq} has {got} vCPU states for {want} vCPUs")]
+    Vcpus { seq: u64, got: usize, want: u32 },
+    #[error("checkpoint state: {0}")]
+    State(String),
+    #[error("applying a checkpoint: {0}")]
+    Apply(String),
+}
 
 /// The shape of the VM on each side, and the tie-breaker generation the sender knows.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -27,10 +52,10 @@ impl Meta {
         rkyv::to_bytes::<rkyv::rancor::Error>(self).map(|v| v.to_vec()).unwrap_or_default()
     }
 
-    pub fn decode(b: &[u8]) -> Result<Meta, String> {
+    pub fn decode(b: &[u8]) -> Result<Meta, WireError> {
         let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(b.len());
         aligned.extend_from_slice(b);
-        rkyv::from_bytes::<Meta, rkyv::rancor::Error>(&aligned).map_err(|e| format!("bad peer metadata: {e}"))
+        rkyv::from_bytes::<Meta, rkyv::rancor::Error>(&aligned).map_err(|e| WireError::Meta(e.to_string()))
     }
 
     /// Why a VM of shape `self` cannot be protected by (or protect) `other`, if it cannot.
@@ -73,8 +98,8 @@ pub struct Payload {
     pub state: Option<MachineState>,
 }
 
-pub fn encode(p: &Payload) -> Result<Bytes, String> {
-    let v = rkyv::to_bytes::<rkyv::rancor::Error>(p).map_err(|e| format!("cannot encode checkpoint: {e}"))?;
+pub fn encode(p: &Payload) -> Result<Bytes, WireError> {
+    let v = rkyv::to_bytes::<rkyv::rancor::Error>(p).map_err(|e| WireError::Encode(e.to_string()))?;
     Ok(Bytes::from_owner(v))
 }
 
@@ -91,24 +116,24 @@ impl std::fmt::Debug for Staged {
 
 impl Staged {
     /// Validates `data` as checkpoint `seq` of a VM with `vcpus` vCPUs and `mem_size` bytes.
-    pub fn validate(data: &CheckpointData, seq: u64, vcpus: u32, mem_size: u64) -> Result<Staged, String> {
+    pub fn validate(data: &CheckpointData, seq: u64, vcpus: u32, mem_size: u64) -> Result<Staged, WireError> {
         let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(data.len());
         for s in &data.segments {
             buf.extend_from_slice(s);
         }
         let staged = Staged { buf };
         let p = rkyv::access::<ArchivedPayload, rkyv::rancor::Error>(&staged.buf)
-            .map_err(|e| format!("checkpoint {seq} is malformed: {e}"))?;
+            .map_err(|e| WireError::Malformed { seq, why: e.to_string() })?;
         if p.seq.to_native() != seq {
-            return Err(format!("checkpoint {seq} says it is {}", p.seq.to_native()));
+            return Err(WireError::Sequence { seq, says: p.seq.to_native() });
         }
-        p.memory.validate(mem_size).map_err(|e| format!("checkpoint {seq}: {e}"))?;
+        p.memory.validate(mem_size).map_err(|source| WireError::Pages { seq, source })?;
         let wants_state = !matches!(p.kind, ArchivedPayloadKind::PreCopy);
         match p.state.as_ref() {
-            None if wants_state => return Err(format!("checkpoint {seq} lacks the machine state")),
-            Some(_) if !wants_state => return Err(format!("pre-copy round {seq} carries machine state")),
+            None if wants_state => return Err(WireError::NoState { seq }),
+            Some(_) if !wants_state => return Err(WireError::UnexpectedState { seq }),
             Some(s) if s.cpus.len() != vcpus as usize => {
-                return Err(format!("checkpoint {seq} has {} vCPU states for {vcpus} vCPUs", s.cpus.len()))
+                return Err(WireError::Vcpus { seq, got: s.cpus.len(), want: vcpus })
             }
             _ => {}
         }
@@ -133,14 +158,14 @@ impl Staged {
     }
 
     /// Writes the memory pages into `mem` and returns the machine state, if any.
-    pub fn apply(&self, mem: &crate::vmm::memory::GuestMemory) -> Result<Option<MachineState>, String> {
+    pub fn apply(&self, mem: &crate::vmm::memory::GuestMemory) -> Result<Option<MachineState>, WireError> {
         let p = self.archived();
-        p.memory.apply(mem).map_err(|e| e.to_string())?;
+        p.memory.apply(mem).map_err(|e| WireError::Apply(e.to_string()))?;
         match p.state.as_ref() {
             None => Ok(None),
             Some(s) => rkyv::deserialize::<MachineState, rkyv::rancor::Error>(s)
                 .map(Some)
-                .map_err(|e| format!("checkpoint state: {e}")),
+                .map_err(|e| WireError::State(e.to_string())),
         }
     }
 }
@@ -187,18 +212,18 @@ mod tests {
     #[test]
     fn invalid_payloads_are_refused() {
         let p = payload(7, PayloadKind::Epoch, vec![3]);
-        assert!(Staged::validate(&data(&p), 8, 0, 1 << 20).unwrap_err().contains("says it is 7"));
-        assert!(Staged::validate(&data(&p), 7, 2, 1 << 20).unwrap_err().contains("vCPU states"));
-        assert!(Staged::validate(&data(&p), 7, 0, 2 * PAGE_SIZE).unwrap_err().contains("beyond"));
+        assert!(Staged::validate(&data(&p), 8, 0, 1 << 20).unwrap_err().to_string().contains("says it is 7"));
+        assert!(Staged::validate(&data(&p), 7, 2, 1 << 20).unwrap_err().to_string().contains("vCPU states"));
+        assert!(Staged::validate(&data(&p), 7, 0, 2 * PAGE_SIZE).unwrap_err().to_string().contains("beyond"));
         let mut pre = payload(1, PayloadKind::PreCopy, vec![1]);
         assert!(Staged::validate(&data(&pre), 1, 0, 1 << 20).is_ok());
         pre.state = p.state.clone();
-        assert!(Staged::validate(&data(&pre), 1, 0, 1 << 20).unwrap_err().contains("carries"));
+        assert!(Staged::validate(&data(&pre), 1, 0, 1 << 20).unwrap_err().to_string().contains("carries"));
         let mut short = payload(2, PayloadKind::Sync, vec![1, 2]);
         short.memory.data.truncate(100);
-        assert!(Staged::validate(&data(&short), 2, 0, 1 << 20).unwrap_err().contains("bytes of data"));
+        assert!(Staged::validate(&data(&short), 2, 0, 1 << 20).unwrap_err().to_string().contains("bytes of data"));
         let garbage = CheckpointData { segments: vec![Bytes::from(vec![0xa5u8; 333])] };
-        assert!(Staged::validate(&garbage, 1, 0, 1 << 20).unwrap_err().contains("malformed"));
+        assert!(Staged::validate(&garbage, 1, 0, 1 << 20).unwrap_err().to_string().contains("malformed"));
     }
 
     #[test]
