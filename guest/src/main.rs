@@ -1,12 +1,11 @@
-//! The smpft test guest: a freestanding ring-3 program run by every vCPU (see `abi.rs` for how it
-//! is entered). Boot parameters pick the workloads (see `params.rs`); each vCPU runs its share, the
-//! guest checks its invariants continuously, logs progress on the debug console and reports its
-//! result through the exit port.
+//! The smpft test guest: a freestanding ring-3 program run by every vCPU (see the `boot-abi` crate
+//! for how it is entered). Boot parameters pick the workloads (see `params.rs`); each vCPU runs its
+//! share, the guest checks its invariants continuously, logs progress on the debug console and
+//! reports its result through the exit port.
 
 #![no_std]
 #![no_main]
 
-mod abi;
 mod churn;
 mod counter;
 mod io;
@@ -15,6 +14,7 @@ mod service;
 mod sync;
 
 use abi::BootInfo;
+use boot_abi as abi;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use params::{Fail, Params};
 use sync::{Barrier, Locked};
