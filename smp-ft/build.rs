@@ -1,7 +1,8 @@
 //! Builds the freestanding test guest (`../guest`) and hands its path to the crate, which embeds
 //! it as the built-in guest. The guest is a static, non-PIE ELF for the host target with no C
 //! runtime: `-nostartfiles -nostdlib -static`, `relocation-model=static`, `panic = "abort"`
-//! (set in its own manifest). It has no dependencies, so the nested build runs offline.
+//! (set in its own manifest). Its only dependency is the `boot-abi` crate, by path, so the nested
+//! build runs offline.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,10 +21,14 @@ const GUEST_RUSTFLAGS: &[&str] = &[
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let guest_dir = manifest_dir.join("../guest");
+    let abi_dir = manifest_dir.join("../boot-abi");
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     for p in ["src", "Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(p).display());
+    }
+    for p in ["src", "Cargo.toml"] {
+        println!("cargo:rerun-if-changed={}", abi_dir.join(p).display());
     }
     let target_dir = out_dir.join("guest-target");
     let status = Command::new(cargo)

@@ -11,6 +11,12 @@ pub fn outb(port: u16, v: u8) {
 }
 
 #[inline(always)]
+pub fn outw(port: u16, v: u16) {
+    // SAFETY: as for `outb`.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags)) }
+}
+
+#[inline(always)]
 pub fn outl(port: u16, v: u32) {
     // SAFETY: as for `outb`.
     unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
@@ -21,6 +27,22 @@ pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as for `outb`.
     unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+#[inline(always)]
+pub fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags)) }
     v
 }
 

@@ -1,20 +1,24 @@
-//! The smpft test guest: a freestanding ring-3 program run by every vCPU (see `abi.rs` for how it
-//! is entered). Boot parameters pick the workloads (see `params.rs`); each vCPU runs its share, the
-//! guest checks its invariants continuously, logs progress on the debug console and reports its
-//! result through the exit port.
+//! The smpft test guest: a freestanding ring-3 program run by every vCPU (see the `boot-abi` crate
+//! for how it is entered). Boot parameters pick the workloads (see `params.rs`); each vCPU runs its
+//! share, the guest checks its invariants continuously, logs progress on the debug console and
+//! reports its result through the exit port.
 
 #![no_std]
 #![no_main]
 
-mod abi;
 mod churn;
 mod counter;
+mod dma;
 mod io;
 mod params;
+mod pci;
+mod rng;
 mod service;
 mod sync;
+mod virtio;
 
 use abi::BootInfo;
+use boot_abi as abi;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use params::{Fail, Params};
 use sync::{Barrier, Locked};
@@ -25,6 +29,8 @@ pub const MAX_VCPUS: usize = 16;
 const COUNTER_BATCH: u32 = 64;
 /// Full self-checks of churn pages and the counter, in milliseconds.
 const CHECK_EVERY_MS: u64 = 500;
+/// How long vCPU 0 waits, when it has nothing else to do, before looking for the rng completion.
+const RNG_WAIT_US: u32 = 20;
 
 core::arch::global_asm!(
     ".globl _start",
@@ -90,21 +96,38 @@ fn init(bi: &BootInfo) -> Shared {
             io::exit(abi::EXIT_BAD_PARAMS);
         }
     };
-    let free = bi.free_end - bi.free_start;
-    if params.churn && params.churn_ws > free {
-        log!("churn-ws={} bytes exceeds the {} bytes of free guest memory", params.churn_ws, free);
+    // Free memory: the churn working set from the bottom, the device region at the top.
+    let free = bi.free_end.saturating_sub(bi.free_start);
+    if !bi.free_start.is_multiple_of(churn::PAGE) || free < dma::SIZE {
+        log!("bad boot info: free memory {:#x}..{:#x}", bi.free_start, bi.free_end);
+        io::exit(abi::EXIT_BAD_BOOT);
+    }
+    let dma_base = (bi.free_end - dma::SIZE) & !(churn::PAGE - 1);
+    let churn_ws = params.churn_ws.max(churn::PAGE * u64::from(bi.vcpus));
+    if params.churn && churn_ws > dma_base - bi.free_start {
+        log!(
+            "churn-ws={} bytes exceeds the {} bytes of free guest memory left beside {} KiB for devices",
+            churn_ws,
+            dma_base - bi.free_start,
+            dma::SIZE >> 10
+        );
         io::exit(abi::EXIT_BAD_PARAMS);
     }
+    dma::init(dma_base);
     let start = io::rdtsc();
     if params.churn {
-        let ws = params.churn_ws.max(churn::PAGE * u64::from(bi.vcpus));
-        churn::init(bi.free_start, ws, bi.vcpus.into(), params.churn_rate, bi.tsc_khz * 1000, start);
+        churn::init(bi.free_start, churn_ws, bi.vcpus.into(), params.churn_rate, bi.tsc_khz * 1000, start);
+    }
+    if params.rng {
+        if let Err(status) = rng::init(bi.tsc_khz, start) {
+            io::exit(status);
+        }
     }
     if params.service {
         io::serial::init();
     }
     log!(
-        "smpft-guest: {} vCPUs, {} MiB, counter={} churn={} (rate {} pages/s/vCPU, {} pages/vCPU) service={} duration={}ms",
+        "smpft-guest: {} vCPUs, {} MiB, counter={} churn={} (rate {} pages/s/vCPU, {} pages/vCPU) service={} rng={} duration={}ms",
         bi.vcpus,
         bi.mem_size >> 20,
         params.counter,
@@ -112,6 +135,7 @@ fn init(bi: &BootInfo) -> Shared {
         params.churn_rate,
         if params.churn { churn::pages_per_cpu() } else { 0 },
         params.service,
+        params.rng,
         params.duration_ms
     );
     Shared { params, vcpus: bi.vcpus, tsc_khz: bi.tsc_khz, start }
@@ -140,6 +164,7 @@ extern "C" fn guest_main(cpu: u64, bi: *const BootInfo) -> ! {
 
 fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
     let serves = p.service && cpu == 0;
+    let drives_rng = p.rng && cpu == 0;
     let busy = p.counter || p.churn;
     let mut next_check = start + CHECK_EVERY_MS * tsc_khz;
     let mut next_report = start + p.report_ms * tsc_khz;
@@ -161,6 +186,9 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
                 service::Poll::Idle => {}
             }
         }
+        if drives_rng && rng::step(now) {
+            idle = false;
+        }
         if cpu == 0 && !sabotaged && p.fail != Fail::None && ms_since(start, now, tsc_khz) > 200 {
             sabotaged = true;
             // Check at once: churn would soon rewrite the damaged page.
@@ -181,11 +209,21 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
         if p.report_ms != 0 && cpu == 0 && now >= next_report {
             next_report = now + p.report_ms * tsc_khz;
             log!("progress: t={}ms {}", ms_since(start, now, tsc_khz), Progress(cpu));
+            if p.rng {
+                let (requests, bytes) = rng::totals();
+                log!("progress: t={}ms rng: requests={requests} bytes={bytes}", ms_since(start, now, tsc_khz));
+            }
         }
         if idle {
-            // Nothing to do on this vCPU but wait for the service or the end.
+            // Nothing to do on this vCPU but wait for the device, the service or the end.
             let wait_ms = if p.duration_ms != 0 { p.duration_ms.min(CHECK_EVERY_MS) } else { CHECK_EVERY_MS };
-            io::idle(if serves { 1000 } else { (wait_ms * 1000).min(100_000) as u32 });
+            io::idle(if drives_rng {
+                RNG_WAIT_US
+            } else if serves {
+                1000
+            } else {
+                (wait_ms * 1000).min(100_000) as u32
+            });
         }
     }
 }
@@ -233,6 +271,10 @@ fn finish(cpu: usize, p: &Params, vcpus: u32) -> ! {
     let (counter, churn) = totals();
     if p.service {
         log!("service: value={} requests={}", service::value(), service::requests());
+    }
+    if p.rng {
+        let (requests, bytes) = rng::finish();
+        log!("rng: requests={requests} bytes={bytes}");
     }
     log!("RESULT: PASS counter_total={counter} churn_pages={churn}");
     io::exit(abi::EXIT_OK)

@@ -1,5 +1,5 @@
 //! Boot parameters: whitespace-separated words, e.g.
-//! `counter churn churn-rate=2000 churn-ws=8M service duration=5s`.
+//! `counter churn churn-rate=2000 churn-ws=8M service rng duration=5s`.
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Fail {
@@ -15,6 +15,8 @@ pub struct Params {
     pub counter: bool,
     pub churn: bool,
     pub service: bool,
+    /// vCPU 0 drives a virtio-rng device.
+    pub rng: bool,
     /// Pages per second per vCPU; 0 = as fast as possible.
     pub churn_rate: u64,
     /// Bytes in the whole churn working set (split between vCPUs).
@@ -31,6 +33,7 @@ impl Params {
         counter: false,
         churn: false,
         service: false,
+        rng: false,
         churn_rate: 1000,
         churn_ws: 8 << 20,
         duration_ms: 0,
@@ -50,6 +53,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, &[u8]> {
             (b"counter", None) => p.counter = true,
             (b"churn", None) => p.churn = true,
             (b"service", None) => p.service = true,
+            (b"rng", None) => p.rng = true,
             (b"churn-rate", Some(v)) => p.churn_rate = number(v).ok_or(word)?,
             (b"churn-ws", Some(v)) => p.churn_ws = size(v).ok_or(word)?,
             (b"duration", Some(v)) => p.duration_ms = millis(v).ok_or(word)?,

@@ -1,5 +1,5 @@
-//! The guest-physical layout smpft builds, and the boot ABI shared with the test guest
-//! (`guest/src/abi.rs` mirrors the constants and `BootInfo`; keep them in step).
+//! The guest-physical layout smpft builds. The boot ABI it shares with the test guest (`BootInfo`,
+//! the platform's ports, the PCI window) comes from the `boot-abi` crate, which both build against.
 //!
 //! ```text
 //! 0x0000_1000  GDT (null, kernel code/data, user data/code, one TSS descriptor per vCPU)
@@ -12,6 +12,7 @@
 //! 0x0010_0000  vCPU stacks, 64 KiB each
 //! 0x0020_0000  guest image (ELF PT_LOAD segments)
 //! image end .. end of memory: free for the guest
+//! 0xe000_0000  PCI memory window (device BARs), boot_abi::PCI_MMIO_SIZE bytes
 //! ```
 
 pub const GDT_ADDR: u64 = 0x1000;
@@ -46,78 +47,24 @@ pub const GDT_USER_DATA: u16 = 0x18 | 3;
 pub const GDT_USER_CODE: u16 = 0x20 | 3;
 pub const GDT_TSS0: u16 = 0x28;
 
-/// Ports of the platform (besides COM1 at 0x3f8).
-pub const DEBUGCON_PORT: u16 = 0xe9;
-pub const EXIT_PORT: u16 = 0xf4;
-pub const IDLE_PORT: u16 = 0xf5;
-pub const COM1_BASE: u16 = 0x3f8;
+/// Ports of the platform (COM1 is eight ports from `COM1_BASE`).
+pub use boot_abi::{COM1 as COM1_BASE, DEBUGCON as DEBUGCON_PORT, EXIT_PORT, IDLE_PORT};
 pub const COM1_IRQ: u32 = 4;
 
-pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"SMPFTBI1");
-pub const BOOT_VERSION: u32 = 1;
-
-/// What every vCPU finds at `rsi` on entry.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BootInfo {
-    pub magic: u64,
-    pub version: u32,
-    pub vcpus: u32,
-    pub mem_size: u64,
-    pub free_start: u64,
-    pub free_end: u64,
-    pub tsc_khz: u64,
-    pub cmdline_addr: u64,
-    pub cmdline_len: u64,
-}
-
-impl BootInfo {
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(64);
-        v.extend_from_slice(&self.magic.to_le_bytes());
-        v.extend_from_slice(&self.version.to_le_bytes());
-        v.extend_from_slice(&self.vcpus.to_le_bytes());
-        for x in [self.mem_size, self.free_start, self.free_end, self.tsc_khz, self.cmdline_addr, self.cmdline_len] {
-            v.extend_from_slice(&x.to_le_bytes());
-        }
-        v
-    }
-}
+pub use boot_abi::{BootInfo, BOOT_MAGIC, BOOT_VERSION};
 
 // The fixed area fits below the image, checked at compile time.
 const _: () = assert!(STACKS_ADDR + STACK_SIZE * MAX_VCPUS as u64 <= IMAGE_MIN);
 const _: () = assert!(TSS_ADDR + TSS_SLOT * MAX_VCPUS as u64 <= STACKS_ADDR);
 const _: () = assert!(TSS_LIMIT < TSS_SLOT);
 const _: () = assert!(GDT_TSS0 as u64 + 16 * MAX_VCPUS as u64 <= 0x1000);
+// Page directories for memory and, in the 4th GiB, the PCI window.
 const _: () = assert!(PD_ADDR + 0x1000 * 4 <= TSS_ADDR);
-const _: () = assert!(MAX_MEMORY <= crate::vmm::pci::PCI_MMIO_BASE);
-const _: () = assert!(crate::vmm::pci::PCI_MMIO_BASE >> 30 == 3 && crate::vmm::pci::PCI_MMIO_SIZE <= 1 << 30);
+// Memory ends below the PCI window, which ends below the LAPIC/IOAPIC, inside the 4th GiB.
+const _: () = assert!(MAX_MEMORY <= boot_abi::PCI_MMIO_BASE);
+const _: () = assert!(boot_abi::PCI_MMIO_BASE + boot_abi::PCI_MMIO_SIZE <= 0xfec0_0000);
+const _: () = assert!(boot_abi::PCI_MMIO_BASE >> 30 == 3);
 
 pub fn stack_top(vcpu: u32) -> u64 {
     STACKS_ADDR + STACK_SIZE * (u64::from(vcpu) + 1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn boot_info_bytes_match_the_repr_c_layout() {
-        let b = BootInfo {
-            magic: BOOT_MAGIC,
-            version: 1,
-            vcpus: 2,
-            mem_size: 3,
-            free_start: 4,
-            free_end: 5,
-            tsc_khz: 6,
-            cmdline_addr: 7,
-            cmdline_len: 8,
-        };
-        let bytes = b.to_bytes();
-        assert_eq!(bytes.len(), std::mem::size_of::<BootInfo>());
-        assert_eq!(&bytes[0..8], b"SMPFTBI1");
-        assert_eq!(u32::from_le_bytes(bytes[12..16].try_into().unwrap()), 2);
-        assert_eq!(u64::from_le_bytes(bytes[56..64].try_into().unwrap()), 8);
-    }
 }

@@ -17,10 +17,9 @@ use config::{Bar, ConfigSpace, Ids};
 use parking_lot::Mutex;
 use std::sync::Arc;
 
-pub const CONFIG_ADDRESS: u16 = 0xcf8;
-pub const CONFIG_DATA: u16 = 0xcfc;
-pub const PCI_MMIO_BASE: u64 = 0xe000_0000;
-pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
+pub use boot_abi::{
+    PCI_CONFIG_ADDRESS as CONFIG_ADDRESS, PCI_CONFIG_DATA as CONFIG_DATA, PCI_MMIO_BASE, PCI_MMIO_SIZE,
+};
 const SLOTS: usize = 32;
 
 /// A function on the bus (function 0 of its slot).

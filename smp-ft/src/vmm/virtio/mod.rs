@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueState, QueueT};
 
-pub const VENDOR: u16 = 0x1af4;
+pub use boot_abi::VIRTIO_PCI_VENDOR_ID as VENDOR;
 pub const F_VERSION_1: u64 = 1 << 32;
 
 const DRIVER_OK: u8 = 4;
@@ -183,7 +183,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         let vectors = sizes.len() as u16 + 1;
         let mut config = ConfigSpace::new(Ids {
             vendor: VENDOR,
-            device: 0x1040 + device.device_type(),
+            device: boot_abi::virtio_pci_device_id(device.device_type()),
             revision: 1,
             class: [0xff, 0x00, 0x00],
             subsystem_vendor: VENDOR,

@@ -33,7 +33,7 @@ fn entropy(buf: &mut [u8]) -> std::io::Result<()> {
 
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u16 {
-        4
+        boot_abi::VIRTIO_TYPE_RNG
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
