@@ -79,7 +79,7 @@ pub struct Side<'a> {
 
 /// `smpft ARGS` with `p`'s serial, QMP and console and `side`'s FT options; its log goes to
 /// `p.console` with the extension `log`.
-fn spawn(p: &VmPaths, side: &Side, args: &[&str]) -> Proc {
+pub fn spawn(p: &VmPaths, side: &Side, args: &[&str]) -> Proc {
     let log = std::fs::File::create(p.console.with_extension("log")).unwrap();
     let mut c = match side.netns {
         None => smpft(),
