@@ -6,9 +6,9 @@
 //!
 //! `SMPFT_BENCH_QUICK=1` shortens every run (for a smoke test).
 
-use smp_ft::client::{parse_reply, ServiceClient};
 use smp_ft::vmm::devices::serial::SerialSpec;
 use smp_ft::vmm::{RunningVm, Vm, VmConfig, DEFAULT_KVM_DEVICE};
+use smpft_client::{parse_reply, ServiceClient};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -3,8 +3,8 @@
 //! the guest's service with a client that checks every reply, kills the primary with SIGKILL,
 //! and shows the standby taking over with nothing lost.
 
-use crate::client::{qmp, FailoverClient};
 use serde_json::Value;
+use smpft_client::{qmp, FailoverClient};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

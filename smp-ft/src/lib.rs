@@ -1,8 +1,6 @@
 //! smpft: a fault-tolerant VMM for KVM. This crate holds the VMM ([`vmm`]) and, on top of it,
 //! the fault-tolerance engine; the `smpft` binary is its command line.
 
-pub mod client;
-pub mod demo;
 pub mod error;
 pub mod ft;
 pub mod guest;

@@ -1,4 +1,6 @@
-//! `smpft`: the command line.
+//! `smpft`: the command line (and the demo it runs, `demo.rs`).
+
+mod demo;
 
 use clap::{Parser, Subcommand};
 use smp_ft::error::error_chain;
@@ -488,7 +490,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => std::env::current_exe()
             .map_err(CliError::CurrentExe)
             .and_then(|smpft| {
-                smp_ft::demo::run(&smp_ft::demo::DemoOptions { vcpus: args.vcpus, requests: args.requests, smpft })
+                demo::run(&demo::DemoOptions { vcpus: args.vcpus, requests: args.requests, smpft })
                     .map_err(CliError::Demo)
             })
             .map(|()| ExitCode::SUCCESS),

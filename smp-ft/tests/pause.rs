@@ -1,6 +1,7 @@
 //! Pause and resume the running guest 1000 times: every pause is acknowledged by every vCPU,
 //! no vCPU is lost or stuck (all of them reach the guest's final barrier), invariants hold.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 use common::*;
 use smp_ft::vmm::control::VcpuState;

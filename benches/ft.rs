@@ -19,7 +19,7 @@
 //! `SMPFT_BENCH_QUICK=1` runs one configuration and 5 failovers (a smoke test);
 //! `SMPFT_BENCH_ONLY=VCPUS,PAGES,MS` runs one configuration and no failovers.
 
-use smp_ft::client::{parse_reply, FailoverClient, ServiceClient};
+use smpft_client::{parse_reply, FailoverClient, ServiceClient};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -92,7 +92,7 @@ impl Env {
 }
 
 fn qmp(path: &Path, cmd: &str) -> serde_json::Value {
-    smp_ft::client::qmp(path, cmd, None).unwrap_or_else(|e| panic!("{e}"))
+    smpft_client::qmp(path, cmd, None).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn wait_state(path: &Path, state: &str) {

@@ -47,7 +47,7 @@ fn resync_with(path: &Path) -> (ServiceClient, Vec<(u64, u64)>) {
         if line.starts_with(&format!("VAL {MARK} ")) {
             return (c, early);
         }
-        if let Ok(r) = smp_ft::client::parse_reply(&line, "OK") {
+        if let Ok(r) = smpft_client::parse_reply(&line, "OK") {
             early.push(r);
         }
     }
@@ -214,7 +214,7 @@ fn snapshot_with_a_thousand_requests_in_flight_loses_and_repeats_nothing() {
         c.send(&format!("INCR {id}"));
         loop {
             let line = c.recv();
-            let Ok((rid, v)) = smp_ft::client::parse_reply(&line, "OK") else {
+            let Ok((rid, v)) = smpft_client::parse_reply(&line, "OK") else {
                 // The tail of a reply cut by the snapshot, or a resync answer.
                 continue;
             };

@@ -100,7 +100,7 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-pub use smp_ft::client::ServiceClient as Client;
+pub use smpft_client::ServiceClient as Client;
 
 /// A client of the guest's `service` that fails the test on any error.
 pub struct ServiceClient(Client);
@@ -123,7 +123,7 @@ impl ServiceClient {
 
 /// Parses `OK <id> <value>` / `VAL <id> <value>` / `BYE <id> <value>`.
 pub fn reply(line: &str, kind: &str) -> (u64, u64) {
-    smp_ft::client::parse_reply(line, kind).unwrap_or_else(|e| panic!("{e}"))
+    smpft_client::parse_reply(line, kind).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A QMP client for tests: negotiates, then sends commands and returns the replies (events are

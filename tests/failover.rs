@@ -6,7 +6,7 @@ mod common;
 
 use common::ft::{free_port, log, query, wait_exit, wait_state, FtSetup, Side};
 use common::{accepts_connections, require_kvm, Proc, VmPaths};
-use smp_ft::client::FailoverClient;
+use smpft_client::FailoverClient;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
