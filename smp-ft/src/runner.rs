@@ -65,7 +65,7 @@ impl Runner {
                 Some(ft) => ft.receivers(),
                 None => (crossbeam_channel::never(), crossbeam_channel::never(), crossbeam_channel::never()),
             };
-            let timeout = self.ft.as_ref().map_or(std::time::Duration::from_secs(3600), |ft| {
+            let timeout = self.ft.as_mut().map_or(std::time::Duration::from_secs(3600), |ft| {
                 ft.next_deadline().saturating_duration_since(Instant::now())
             });
             let mut flow = Flow::Continue;

@@ -4,7 +4,7 @@
 //! pauses, captures and resumes.
 
 use super::error::FtError;
-use super::protocol::{Epoch, Primary, PrimaryAction, PrimaryEvent, PrimaryState};
+use super::protocol::{Epoch, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryState};
 use super::stats::{Progress, Stats};
 use super::tiebreak::{Outcome as Claim, TieBreaker};
 use super::wire::{self, Meta, Payload, PayloadKind};
@@ -120,10 +120,6 @@ const SYNC_DONE_PAGES: u64 = 256;
 const SYNC_MAX_ROUNDS: u32 = 30;
 /// At most this many checkpoints sent and not acknowledged; beyond it the next waits (its
 /// dirty pages keep accumulating in the log meanwhile).
-const MAX_UNACKED: u64 = 4;
-/// See [`PrimaryFt::early_checkpoint_at`].
-const OUTPUT_QUIET: Duration = Duration::from_micros(150);
-const OUTPUT_MAX_WAIT: Duration = Duration::from_millis(2);
 const RETRY_CONNECT: Duration = Duration::from_secs(1);
 const RETRY_ARBITRATE: Duration = Duration::from_millis(100);
 
@@ -141,7 +137,8 @@ pub struct PrimaryFt {
     gate: Arc<crate::vmm::devices::gate::OutputGate>,
     /// `SMPFT_VERIFY=1`: what the standby should hold, checked against memory at each checkpoint.
     shadow: Option<super::verify::Shadow>,
-    last_checkpoint: Instant,
+    /// A capture taken for the machine, waiting for its [`PrimaryAction::Send`].
+    captured: Option<Payload>,
     next_connect: Instant,
     next_arbitrate: Option<Instant>,
     /// A tie-breaker claim is running in the background.
@@ -179,7 +176,10 @@ impl PrimaryFt {
         };
         Ok(PrimaryFt {
             tiebreak,
-            proto: Primary::new(generation),
+            proto: Primary::new(
+                generation,
+                PrimaryConfig { interval: opts.interval, min_gap: opts.min_gap, ..PrimaryConfig::default() },
+            ),
             meta,
             peer,
             link: None,
@@ -189,7 +189,7 @@ impl PrimaryFt {
             wake,
             gate: vm.devices().gate.clone(),
             shadow: std::env::var_os("SMPFT_VERIFY").map(|_| super::verify::Shadow::new(vm.memory().size())),
-            last_checkpoint: Instant::now(),
+            captured: None,
             next_connect: Instant::now(),
             next_arbitrate: None,
             claiming: false,
@@ -207,13 +207,8 @@ impl PrimaryFt {
         (events, self.inputs.1.clone(), self.wake.clone())
     }
 
-    /// Checkpoints taken and not yet acknowledged.
-    fn unacked(&self) -> u64 {
-        (self.proto.epoch() - 1).saturating_sub(self.proto.acked().unwrap_or(0))
-    }
-
     /// When [`Self::tick`] next has something to do.
-    pub fn next_deadline(&self) -> Instant {
+    pub fn next_deadline(&mut self) -> Instant {
         let now = Instant::now();
         let far = now + Duration::from_secs(3600);
         let mut at = far;
@@ -224,29 +219,16 @@ impl PrimaryFt {
         {
             at = at.min(self.next_connect);
         }
-        // With the window of unacknowledged checkpoints full, the next acknowledgement (an event
-        // on the channel) is what allows the next checkpoint: no deadline to wake for.
-        if self.proto.state() == PrimaryState::Protected && self.unacked() < MAX_UNACKED {
-            at = at.min(self.last_checkpoint + self.opts.interval);
-            if let Some(t) = self.early_checkpoint_at() {
-                at = at.min(t);
-            }
+        // The machine's checkpoint timer (none while the window is full: the next
+        // acknowledgement, an event on the channel, opens it).
+        self.proto.set_output_waiting(self.gate.open_times());
+        if let Some(t) = self.proto.poll_timeout() {
+            at = at.min(t);
         }
         if let Some(t) = self.next_arbitrate {
             at = at.min(t);
         }
         at
-    }
-
-    /// When output waits: the moment to checkpoint early for it. That is once the guest has
-    /// paused its output for `OUTPUT_QUIET` (a reply is usually written in one burst, and
-    /// splitting it across two checkpoints costs a whole extra round trip) or once the oldest
-    /// byte has waited `OUTPUT_MAX_WAIT`, and never sooner than `min_gap` after the last
-    /// checkpoint.
-    fn early_checkpoint_at(&self) -> Option<Instant> {
-        let (first, last) = self.gate.open_times()?;
-        let ready = (last + OUTPUT_QUIET).min(first + OUTPUT_MAX_WAIT);
-        Some(ready.max(self.last_checkpoint + self.opts.min_gap))
     }
 
     fn error(&mut self, msg: String) {
@@ -273,11 +255,9 @@ impl PrimaryFt {
                 }
             }
             PrimaryState::Protected => {
-                let due = now >= self.last_checkpoint + self.opts.interval
-                    || self.early_checkpoint_at().is_some_and(|t| now >= t);
-                if due && self.unacked() < MAX_UNACKED {
-                    self.checkpoint(vm);
-                }
+                self.proto.set_output_waiting(self.gate.open_times());
+                let actions = self.proto.handle_timeout(now);
+                return self.act(vm, actions);
             }
             _ => {}
         }
@@ -389,7 +369,15 @@ impl PrimaryFt {
         for a in actions {
             match a {
                 PrimaryAction::StartSync => self.start_sync(vm),
-                PrimaryAction::TakeCheckpoint { .. } => {}
+                PrimaryAction::Capture { epoch } => {
+                    if self.capture(vm, epoch) == Flow::Halt {
+                        return Flow::Halt;
+                    }
+                }
+                PrimaryAction::Send { epoch } => match (self.captured.take(), &self.link) {
+                    (Some(p), Some(l)) if p.seq == epoch => l.send(p),
+                    _ => {}
+                },
                 PrimaryAction::Release { ids } => {
                     tracing::debug!(?ids, acked = ?self.proto.acked(), "release");
                     vm.devices().gate.release(&ids)
@@ -542,8 +530,8 @@ impl PrimaryFt {
                 }
                 let pause = t.total();
                 self.stats.pause(t);
-                let actions = self.proto.handle(PrimaryEvent::SyncSent { epoch: seq });
-                self.last_checkpoint = Instant::now();
+                let at = Instant::now() - pause;
+                let actions = self.proto.handle(PrimaryEvent::SyncSent { epoch: seq, at });
                 if let (Some(s), Some(l)) = (&mut self.sync, &self.link) {
                     s.final_seq = Some(seq);
                     s.final_pause = pause;
@@ -576,7 +564,10 @@ impl PrimaryFt {
         }
     }
 
-    fn checkpoint(&mut self, vm: &RunningVm) {
+    /// Carries out [`PrimaryAction::Capture`]: pauses, seals the epoch's output, captures,
+    /// resumes, and tells the machine.
+    fn capture(&mut self, vm: &RunningVm, epoch: u64) -> Flow {
+        let at = Instant::now();
         let gate = vm.devices().gate.clone();
         let mut sealed = None;
         let mut changed = Vec::new();
@@ -595,29 +586,26 @@ impl PrimaryFt {
             }
             sh.apply(m);
         }
-        self.last_checkpoint = Instant::now();
         let Capture { memory, state, timings: t } = match r {
             Ok(c) => c,
             Err(e) => {
-                self.error(format!("checkpoint failed: {}", error_chain(&e)));
-                return;
+                self.error(format!("checkpoint {epoch} failed: {}", error_chain(&e)));
+                // Whatever was sealed stays held under this epoch's next attempt.
+                if let Some(id) = sealed {
+                    let _ = self.proto.handle(PrimaryEvent::Output { id });
+                }
+                let actions = self.proto.handle(PrimaryEvent::CaptureFailed { epoch, at });
+                return self.act(vm, actions);
             }
         };
-        if let Some(id) = sealed {
-            let _ = self.proto.handle(PrimaryEvent::Output { id });
-        }
-        let actions = self.proto.handle(PrimaryEvent::EpochTimer);
-        for a in actions {
-            if let PrimaryAction::TakeCheckpoint { epoch } = a {
-                self.stats.pause(t);
-                self.stats.checkpoint(epoch, memory.data.len() as u64);
-                tracing::debug!(epoch, pages = memory.pages.len() + memory.zero_pages.len(), output = ?sealed, "checkpoint");
-                if let Some(l) = &self.link {
-                    l.send(Payload { seq: epoch, kind: PayloadKind::Epoch, memory, state: Some(state) });
-                }
-                return;
-            }
-        }
+        self.stats.pause(t);
+        self.stats.checkpoint(epoch, memory.data.len() as u64);
+        tracing::debug!(epoch, pages = memory.count(), output = ?sealed, "checkpoint");
+        self.captured = Some(Payload { seq: epoch, kind: PayloadKind::Epoch, memory, state: Some(state) });
+        let actions = self.proto.handle(PrimaryEvent::Captured { epoch, output: sealed, at });
+        let flow = self.act(vm, actions);
+        self.captured = None;
+        flow
     }
 
     /// Whether a standby is attached (syncing or protected): the dirty log belongs to FT then.
@@ -673,7 +661,10 @@ impl PrimaryFt {
     /// first (a final checkpoint, acknowledged), then the standby is told to stand down.
     pub fn finish(&mut self, vm: &RunningVm, why: &str) {
         if self.proto.state() == PrimaryState::Protected {
-            self.checkpoint(vm);
+            let actions = self.proto.handle(PrimaryEvent::Finish);
+            if self.act(vm, actions) == Flow::Halt {
+                return;
+            }
             let want = self.proto.epoch() - 1;
             let deadline = Instant::now() + self.opts.channel.silence_timeout * 2;
             while self.proto.acked().is_none_or(|a| a < want) && Instant::now() < deadline {

@@ -10,9 +10,42 @@
 //! (a lock with a generation number on shared storage). The loser halts and releases nothing.
 //! So exactly one copy runs live, and every output a client saw is reflected in its state.
 
+use std::time::{Duration, Instant};
+
 /// An epoch (checkpoint) number. The first is the synchronising checkpoint that ends the
 /// initial copy.
 pub type Epoch = u64;
+
+/// The primary's policy: when checkpoints are taken and how many may be in flight. The machine
+/// applies it through its timer ([`Primary::poll_timeout`], [`Primary::handle_timeout`]), in the
+/// style of quinn-proto: the shell only sleeps until the deadline and carries out the actions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryConfig {
+    /// A checkpoint every `interval` while protected.
+    pub interval: Duration,
+    /// When output waits, a checkpoint comes early, but never sooner than this after the last.
+    pub min_gap: Duration,
+    /// Early means once the guest has paused its output this long (a reply is usually written in
+    /// one burst, and splitting it across two checkpoints costs a whole extra round trip)...
+    pub output_quiet: Duration,
+    /// ...or once the oldest waiting output has waited this long.
+    pub output_max_wait: Duration,
+    /// At most this many checkpoints captured and not acknowledged; the next one waits for an
+    /// acknowledgement (its dirty pages keep accumulating in the log meanwhile).
+    pub window: u64,
+}
+
+impl Default for PrimaryConfig {
+    fn default() -> Self {
+        PrimaryConfig {
+            interval: Duration::from_millis(20),
+            min_gap: Duration::from_millis(1),
+            output_quiet: Duration::from_micros(150),
+            output_max_wait: Duration::from_millis(2),
+            window: 4,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrimaryState {
@@ -39,9 +72,28 @@ pub enum PrimaryEvent {
     /// copy at any moment, so output is held and silence means arbitration.
     SyncSent {
         epoch: Epoch,
+        /// When its pause began.
+        at: Instant,
     },
-    /// Time for a checkpoint (the epoch timer, or early because output is waiting).
+    /// Time for a checkpoint (raised by [`Primary::handle_timeout`]; a shell may raise it too):
+    /// taken if protected and the window allows.
     EpochTimer,
+    /// The capture asked for by [`PrimaryAction::Capture`] is done; `output` is the output the
+    /// guest produced in that epoch, sealed during the pause; `at` is when the pause began.
+    Captured {
+        epoch: Epoch,
+        output: Option<u64>,
+        at: Instant,
+    },
+    /// That capture failed; the epoch stays open and the next attempt comes a whole interval
+    /// after `at`.
+    CaptureFailed {
+        epoch: Epoch,
+        at: Instant,
+    },
+    /// The VM is ending: take a last checkpoint now, whatever the window (its output is the last
+    /// to commit).
+    Finish,
     /// The guest produced `id` (an opaque handle to held bytes/frames) in the current epoch.
     Output {
         id: u64,
@@ -66,8 +118,10 @@ pub enum PrimaryEvent {
 pub enum PrimaryAction {
     /// Start the live pre-copy to the new standby.
     StartSync,
-    /// Pause, capture checkpoint `epoch`, resume, send it.
-    TakeCheckpoint { epoch: Epoch },
+    /// Pause, seal the output of epoch `epoch`, capture, resume; report [`PrimaryEvent::Captured`].
+    Capture { epoch: Epoch },
+    /// Send the captured checkpoint `epoch` to the standby.
+    Send { epoch: Epoch },
     /// Let these outputs out, in this order.
     Release { ids: Vec<u64> },
     /// Ask the tie-breaker for the lock, at a generation above any seen.
@@ -81,11 +135,20 @@ pub enum PrimaryAction {
 /// The primary's side of the protocol.
 #[derive(Debug, Clone)]
 pub struct Primary {
+    config: PrimaryConfig,
     state: PrimaryState,
     /// The epoch now running (its checkpoint not yet taken).
     epoch: Epoch,
     /// Highest acknowledged checkpoint.
     acked: Option<Epoch>,
+    /// The synchronising checkpoint: the first this standby acknowledges.
+    first: Epoch,
+    /// A capture asked for and not yet reported.
+    capturing: Option<Epoch>,
+    /// When the last capture began (the cadence counts from there).
+    last_capture: Option<Instant>,
+    /// Output waiting to be committed: when its first and its latest byte came.
+    output: Option<(Instant, Instant)>,
     /// Held output, oldest first: (epoch it belongs to, id).
     held: std::collections::VecDeque<(Epoch, u64)>,
     generation: u64,
@@ -93,8 +156,63 @@ pub struct Primary {
 
 impl Primary {
     /// A primary running unprotected, with the last tie-breaker generation it knows.
-    pub fn new(generation: u64) -> Primary {
-        Primary { state: PrimaryState::Unprotected, epoch: 1, acked: None, held: Default::default(), generation }
+    pub fn new(generation: u64, config: PrimaryConfig) -> Primary {
+        Primary {
+            config,
+            state: PrimaryState::Unprotected,
+            epoch: 1,
+            acked: None,
+            first: 1,
+            capturing: None,
+            last_capture: None,
+            output: None,
+            held: Default::default(),
+            generation,
+        }
+    }
+
+    /// Checkpoints captured for the standby (the synchronising one included) and not yet
+    /// acknowledged; none without a standby.
+    pub fn unacked(&self) -> u64 {
+        if !matches!(self.state, PrimaryState::Protected | PrimaryState::Arbitrating) {
+            return 0;
+        }
+        let taken = self.epoch - self.first;
+        let acked = self.acked.filter(|&a| a >= self.first).map_or(0, |a| a + 1 - self.first);
+        taken.saturating_sub(acked)
+    }
+
+    /// Tells the machine whether output waits to be committed (first and latest byte).
+    pub fn set_output_waiting(&mut self, times: Option<(Instant, Instant)>) {
+        self.output = times;
+    }
+
+    /// When the next checkpoint is due, if one can be taken: none while not protected, while a
+    /// capture is under way, or while the window is full (the next acknowledgement opens it).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.state != PrimaryState::Protected || self.capturing.is_some() || self.unacked() >= self.config.window {
+            return None;
+        }
+        let last = self.last_capture?;
+        let c = &self.config;
+        let mut at = last + c.interval;
+        if let Some((first, latest)) = self.output {
+            at = at.min((latest + c.output_quiet).min(first + c.output_max_wait).max(last + c.min_gap));
+        }
+        Some(at)
+    }
+
+    /// Fires the timer if it is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<PrimaryAction> {
+        match self.poll_timeout() {
+            Some(at) if now >= at => self.handle(PrimaryEvent::EpochTimer),
+            _ => vec![],
+        }
+    }
+
+    fn capture(&mut self) -> Vec<PrimaryAction> {
+        self.capturing = Some(self.epoch);
+        vec![PrimaryAction::Capture { epoch: self.epoch }]
     }
 
     pub fn state(&self) -> PrimaryState {
@@ -131,10 +249,13 @@ impl Primary {
                 self.state = S::Syncing;
                 vec![A::StartSync]
             }
-            (S::Syncing, E::SyncSent { epoch }) => {
+            (S::Syncing, E::SyncSent { epoch, at }) => {
                 self.state = S::Protected;
+                self.last_capture = Some(at);
                 self.acked = None;
+                self.first = epoch;
                 self.epoch = epoch + 1;
+                self.capturing = None;
                 vec![]
             }
             (S::Unprotected | S::Syncing, E::Output { id }) => vec![A::Release { ids: vec![id] }],
@@ -142,10 +263,31 @@ impl Primary {
                 self.held.push_back((self.epoch, id));
                 vec![]
             }
-            (S::Protected, E::EpochTimer) => {
-                let epoch = self.epoch;
+            (S::Protected, E::EpochTimer) if self.capturing.is_none() && self.unacked() < self.config.window => {
+                self.capture()
+            }
+            (S::Protected, E::Finish) if self.capturing.is_none() => self.capture(),
+            (_, E::Captured { epoch, output, at }) if self.capturing == Some(epoch) => {
+                self.capturing = None;
+                self.last_capture = Some(at);
+                if !matches!(self.state, S::Protected | S::Arbitrating) {
+                    // Protection ended during the capture: nothing to send, nothing to hold.
+                    return output.map(|id| vec![A::Release { ids: vec![id] }]).unwrap_or_default();
+                }
+                if let Some(id) = output {
+                    self.held.push_back((epoch, id));
+                }
                 self.epoch += 1;
-                vec![A::TakeCheckpoint { epoch }]
+                if self.state == S::Protected {
+                    vec![A::Send { epoch }]
+                } else {
+                    vec![]
+                }
+            }
+            (_, E::CaptureFailed { epoch, at }) if self.capturing == Some(epoch) => {
+                self.capturing = None;
+                self.last_capture = Some(at);
+                vec![]
             }
             (S::Protected | S::Arbitrating, E::Acked { epoch }) => {
                 // Only checkpoints actually taken can be acknowledged; a late ack for an older

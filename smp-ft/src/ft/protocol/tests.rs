@@ -3,13 +3,39 @@
 
 use super::*;
 
+/// A fixed origin for the machine's clock in these tests.
+fn t0() -> Instant {
+    static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *T0.get_or_init(Instant::now)
+}
+
+fn ms(n: f64) -> Instant {
+    t0() + Duration::from_secs_f64(n / 1000.0)
+}
+
+fn primary(generation: u64) -> Primary {
+    Primary::new(generation, PrimaryConfig::default())
+}
+
 fn protected() -> Primary {
-    let mut p = Primary::new(0);
+    let mut p = primary(0);
     assert_eq!(p.handle(PrimaryEvent::StandbyAttached), vec![PrimaryAction::StartSync]);
-    p.handle(PrimaryEvent::SyncSent { epoch: 0 });
+    p.handle(PrimaryEvent::SyncSent { epoch: 0, at: t0() });
     p.handle(PrimaryEvent::Acked { epoch: 0 });
     assert_eq!(p.state(), PrimaryState::Protected);
     p
+}
+
+/// A checkpoint as the shell takes it: the timer fires, the capture is done (at `at`), and
+/// what the machine says then.
+fn cp_at(p: &mut Primary, at: Instant) -> Vec<PrimaryAction> {
+    let epoch = p.epoch();
+    assert_eq!(p.handle(PrimaryEvent::EpochTimer), vec![PrimaryAction::Capture { epoch }]);
+    p.handle(PrimaryEvent::Captured { epoch, output: None, at })
+}
+
+fn cp(p: &mut Primary) -> Vec<PrimaryAction> {
+    cp_at(p, t0())
 }
 
 fn released(actions: &[PrimaryAction]) -> Vec<u64> {
@@ -20,17 +46,17 @@ fn released(actions: &[PrimaryAction]) -> Vec<u64> {
 fn output_is_held_until_its_checkpoint_is_acked() {
     let mut p = protected();
     assert!(p.handle(PrimaryEvent::Output { id: 1 }).is_empty());
-    assert_eq!(p.handle(PrimaryEvent::EpochTimer), vec![PrimaryAction::TakeCheckpoint { epoch: 1 }]);
+    assert_eq!(cp(&mut p), vec![PrimaryAction::Send { epoch: 1 }]);
     assert!(p.handle(PrimaryEvent::Output { id: 2 }).is_empty(), "output of epoch 2");
     assert_eq!(p.handle(PrimaryEvent::Acked { epoch: 1 }), vec![PrimaryAction::Release { ids: vec![1] }]);
     assert_eq!(p.held(), 1);
-    p.handle(PrimaryEvent::EpochTimer);
+    cp(&mut p);
     assert_eq!(released(&p.handle(PrimaryEvent::Acked { epoch: 2 })), vec![2]);
 }
 
 #[test]
 fn unprotected_and_syncing_output_flows_at_once() {
-    let mut p = Primary::new(0);
+    let mut p = primary(0);
     assert_eq!(released(&p.handle(PrimaryEvent::Output { id: 7 })), vec![7]);
     p.handle(PrimaryEvent::StandbyAttached);
     assert_eq!(released(&p.handle(PrimaryEvent::Output { id: 8 })), vec![8]);
@@ -40,10 +66,10 @@ fn unprotected_and_syncing_output_flows_at_once() {
 fn late_and_duplicate_acks_change_nothing_and_acks_are_cumulative() {
     let mut p = protected();
     p.handle(PrimaryEvent::Output { id: 1 });
-    p.handle(PrimaryEvent::EpochTimer); // 1
+    cp(&mut p); // 1
     p.handle(PrimaryEvent::Output { id: 2 });
-    p.handle(PrimaryEvent::EpochTimer); // 2
-                                        // The ack for 1 was lost; the ack for 2 covers both.
+    cp(&mut p); // 2
+                // The ack for 1 was lost; the ack for 2 covers both.
     assert_eq!(released(&p.handle(PrimaryEvent::Acked { epoch: 2 })), vec![1, 2]);
     assert!(p.handle(PrimaryEvent::Acked { epoch: 1 }).is_empty(), "late ack");
     assert!(p.handle(PrimaryEvent::Acked { epoch: 2 }).is_empty(), "duplicate ack");
@@ -55,7 +81,7 @@ fn late_and_duplicate_acks_change_nothing_and_acks_are_cumulative() {
 fn lost_ack_then_silence_then_won_tie_break_releases_held_output() {
     let mut p = protected();
     p.handle(PrimaryEvent::Output { id: 1 });
-    p.handle(PrimaryEvent::EpochTimer);
+    cp(&mut p);
     let a = p.handle(PrimaryEvent::PeerSilent);
     assert_eq!(a, vec![PrimaryAction::DropStandby, PrimaryAction::Arbitrate { generation: 1 }]);
     assert!(p.handle(PrimaryEvent::Output { id: 2 }).is_empty(), "still held while arbitrating");
@@ -91,7 +117,7 @@ fn unreachable_tie_breaker_keeps_asking_and_keeps_output_held() {
 
 #[test]
 fn standby_dying_during_sync_leaves_the_primary_unprotected() {
-    let mut p = Primary::new(0);
+    let mut p = primary(0);
     p.handle(PrimaryEvent::StandbyAttached);
     assert_eq!(p.handle(PrimaryEvent::PeerSilent), vec![PrimaryAction::DropStandby]);
     assert_eq!(p.state(), PrimaryState::Unprotected);
@@ -103,11 +129,11 @@ fn standby_dying_during_sync_leaves_the_primary_unprotected() {
 fn silence_after_the_sync_checkpoint_left_means_arbitration_not_release() {
     // The standby may have acknowledged the synchronising checkpoint (and so could go live)
     // even though that ack never arrived: the primary must not act alone without the lock.
-    let mut p = Primary::new(0);
+    let mut p = primary(0);
     p.handle(PrimaryEvent::StandbyAttached);
-    assert!(p.handle(PrimaryEvent::SyncSent { epoch: 5 }).is_empty());
+    assert!(p.handle(PrimaryEvent::SyncSent { epoch: 5, at: t0() }).is_empty());
     assert!(p.handle(PrimaryEvent::Output { id: 1 }).is_empty(), "output after the sync pause is held");
-    assert_eq!(p.handle(PrimaryEvent::EpochTimer), vec![PrimaryAction::TakeCheckpoint { epoch: 6 }]);
+    assert_eq!(cp(&mut p), vec![PrimaryAction::Send { epoch: 6 }]);
     assert_eq!(
         p.handle(PrimaryEvent::PeerSilent),
         vec![PrimaryAction::DropStandby, PrimaryAction::Arbitrate { generation: 1 }]
@@ -172,11 +198,96 @@ fn standby_losing_the_tie_break_halts() {
 #[test]
 fn a_standby_that_went_live_can_be_protected_again() {
     // It runs as a primary with the generation it won at; a later failover needs a higher one.
-    let mut p = Primary::new(1);
+    let mut p = primary(1);
     p.handle(PrimaryEvent::StandbyAttached);
-    p.handle(PrimaryEvent::SyncSent { epoch: 0 });
+    p.handle(PrimaryEvent::SyncSent { epoch: 0, at: t0() });
     p.handle(PrimaryEvent::PeerSilent);
     assert_eq!(p.generation(), 2);
+}
+
+// ---- the checkpoint timer ----
+
+#[test]
+fn checkpoints_come_every_interval_from_the_last_capture() {
+    let mut p = protected();
+    assert_eq!(p.poll_timeout(), Some(ms(20.0)));
+    assert!(p.handle_timeout(ms(19.9)).is_empty());
+    assert_eq!(p.handle_timeout(ms(20.0)), vec![PrimaryAction::Capture { epoch: 1 }]);
+    assert_eq!(p.poll_timeout(), None, "no second capture while one is under way");
+    assert!(p.handle(PrimaryEvent::EpochTimer).is_empty());
+    p.handle(PrimaryEvent::Captured { epoch: 1, output: None, at: ms(20.0) });
+    assert_eq!(p.poll_timeout(), Some(ms(40.0)));
+}
+
+#[test]
+fn waiting_output_brings_the_checkpoint_forward() {
+    let mut p = protected();
+    // A burst at 5 ms: once quiet for 150 us.
+    p.set_output_waiting(Some((ms(5.0), ms(5.0))));
+    assert_eq!(p.poll_timeout(), Some(ms(5.15)));
+    // Output that keeps coming: at most 2 ms after its first byte.
+    p.set_output_waiting(Some((ms(5.0), ms(6.95))));
+    assert_eq!(p.poll_timeout(), Some(ms(7.0)));
+    // Never sooner than the minimum gap after the last capture.
+    p.set_output_waiting(Some((ms(0.01), ms(0.01))));
+    assert_eq!(p.poll_timeout(), Some(ms(1.0)));
+    p.set_output_waiting(None);
+    assert_eq!(p.poll_timeout(), Some(ms(20.0)));
+}
+
+#[test]
+fn a_full_window_waits_for_an_acknowledgement_but_a_final_checkpoint_does_not() {
+    let mut p = protected();
+    for _ in 0..4 {
+        cp(&mut p);
+    }
+    assert_eq!(p.unacked(), 4);
+    assert_eq!(p.poll_timeout(), None, "the window is full");
+    assert!(p.handle_timeout(ms(1000.0)).is_empty());
+    assert!(p.handle(PrimaryEvent::EpochTimer).is_empty());
+    p.handle(PrimaryEvent::Acked { epoch: 2 });
+    assert_eq!(p.unacked(), 2);
+    assert!(p.poll_timeout().is_some(), "an acknowledgement opens it");
+    for _ in 0..2 {
+        cp(&mut p);
+    }
+    assert_eq!(p.poll_timeout(), None);
+    assert_eq!(p.handle(PrimaryEvent::Finish), vec![PrimaryAction::Capture { epoch: 7 }]);
+}
+
+#[test]
+fn the_sync_checkpoint_counts_in_the_window_and_precopy_acks_do_not_open_it() {
+    let mut p = primary(0);
+    p.handle(PrimaryEvent::StandbyAttached);
+    p.handle(PrimaryEvent::SyncSent { epoch: 5, at: t0() });
+    assert_eq!(p.unacked(), 1, "the sync checkpoint is in flight");
+    p.handle(PrimaryEvent::Acked { epoch: 3 });
+    assert_eq!(p.unacked(), 1, "a late pre-copy ack changes nothing");
+    p.handle(PrimaryEvent::Acked { epoch: 5 });
+    assert_eq!(p.unacked(), 0);
+}
+
+#[test]
+fn a_failed_capture_keeps_the_epoch_and_retries_an_interval_later() {
+    let mut p = protected();
+    assert_eq!(p.handle_timeout(ms(20.0)), vec![PrimaryAction::Capture { epoch: 1 }]);
+    assert!(p.handle(PrimaryEvent::CaptureFailed { epoch: 1, at: ms(20.0) }).is_empty());
+    assert_eq!(p.epoch(), 1);
+    assert_eq!(p.poll_timeout(), Some(ms(40.0)));
+    assert!(
+        p.handle(PrimaryEvent::Captured { epoch: 1, output: Some(9), at: ms(20.0) }).is_empty(),
+        "a report for no capture is ignored"
+    );
+    assert_eq!(p.handle_timeout(ms(40.0)), vec![PrimaryAction::Capture { epoch: 1 }]);
+    assert_eq!(
+        p.handle(PrimaryEvent::Captured { epoch: 1, output: Some(9), at: ms(40.0) }),
+        vec![PrimaryAction::Send { epoch: 1 }]
+    );
+    assert_eq!(
+        released(&p.handle(PrimaryEvent::Acked { epoch: 1 })),
+        vec![9],
+        "the sealed output is held under its epoch"
+    );
 }
 
 // ---- randomized simulation ----
@@ -232,7 +343,10 @@ fn simulate(seed: u64) -> Result<(), String> {
     let mut standby_live_at: Option<Epoch> = None;
     let mut primary_ran_alone = false;
     let fault_at = rng.next() % 200;
+    let mut now = t0();
+    let window = PrimaryConfig::default().window;
     for step in 0..400u64 {
+        now += Duration::from_micros(rng.next() % 8000);
         if step == fault_at {
             match rng.next() % 3 {
                 0 => p_alive = false,
@@ -246,7 +360,10 @@ fn simulate(seed: u64) -> Result<(), String> {
         let mut s_actions = Vec::new();
         if p_alive {
             let ev = match rng.next() % 4 {
-                0 => Some(PrimaryEvent::EpochTimer),
+                0 => {
+                    p_actions = p.handle_timeout(now);
+                    None
+                }
                 1 => {
                     next_id += 1;
                     output_epoch.insert(next_id, p.epoch());
@@ -274,7 +391,20 @@ fn simulate(seed: u64) -> Result<(), String> {
         }
         for a in p_actions {
             match a {
-                PrimaryAction::TakeCheckpoint { epoch } => to_standby.push_back(epoch),
+                PrimaryAction::Capture { epoch } => {
+                    let failed = rng.chance(3);
+                    let next = if failed {
+                        p.handle(PrimaryEvent::CaptureFailed { epoch, at: now })
+                    } else {
+                        p.handle(PrimaryEvent::Captured { epoch, output: None, at: now })
+                    };
+                    for a in next {
+                        if let PrimaryAction::Send { epoch } = a {
+                            to_standby.push_back(epoch);
+                        }
+                    }
+                }
+                PrimaryAction::Send { epoch } => to_standby.push_back(epoch),
                 PrimaryAction::Release { ids } => released_ids.extend(ids),
                 PrimaryAction::Arbitrate { generation } => {
                     let r = tb.try_lock("primary", generation);
@@ -287,6 +417,9 @@ fn simulate(seed: u64) -> Result<(), String> {
                 }
                 PrimaryAction::Halt | PrimaryAction::DropStandby | PrimaryAction::StartSync => {}
             }
+        }
+        if p.unacked() > window {
+            return Err(format!("seed {seed}: {} checkpoints in flight, beyond the window of {window}", p.unacked()));
         }
         // A won tie-break releases everything still held: collect those releases too.
         if p.state() == PrimaryState::Unprotected && p.held() > 0 {
