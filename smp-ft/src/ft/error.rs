@@ -29,7 +29,7 @@ pub enum FtError {
     AcceptEnded,
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
-    #[error("pre-copy round {0} after the copy was complete")]
+    #[error("pre-copy round {0} came after the copy was complete, or out of order")]
     LatePreCopy(u64),
     #[error("checkpoint {0} is stale or invalid")]
     Stale(u64),

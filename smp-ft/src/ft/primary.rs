@@ -103,11 +103,10 @@ impl Link {
 }
 
 /// The initial synchronisation in progress.
+/// The initial copy, as reported: the protocol core decides its rounds.
 struct SyncRun {
     started: Instant,
     round: u32,
-    /// The pre-copy round (or the synchronising checkpoint) waiting for its ack.
-    awaiting: Epoch,
     /// Set once the synchronising checkpoint was sent.
     final_seq: Option<Epoch>,
     final_pause: Duration,
@@ -115,9 +114,6 @@ struct SyncRun {
     progress: Progress,
 }
 
-/// Pre-copy stops iterating once this few pages are left (the final pause copies them).
-const SYNC_DONE_PAGES: u64 = 256;
-const SYNC_MAX_ROUNDS: u32 = 30;
 /// At most this many checkpoints sent and not acknowledged; beyond it the next waits (its
 /// dirty pages keep accumulating in the log meanwhile).
 const RETRY_CONNECT: Duration = Duration::from_secs(1);
@@ -325,17 +321,14 @@ impl PrimaryFt {
     pub fn on_channel(&mut self, vm: &RunningVm, ev: Event) -> Flow {
         match ev {
             Event::Message(Message::Ack { epoch }) => {
-                if self.proto.state() == PrimaryState::Syncing {
-                    return self.sync_acked(vm, epoch);
-                }
-                if let Some(s) = &self.sync {
-                    if s.final_seq == Some(epoch) {
+                if self.proto.state() != PrimaryState::Syncing {
+                    if self.sync.as_ref().is_some_and(|s| s.final_seq == Some(epoch)) {
                         self.sync_done();
                     }
-                }
-                self.stats.acked(epoch);
-                if self.sync.is_none() {
-                    super::fault::hit(super::fault::Point::AfterAck);
+                    self.stats.acked(epoch);
+                    if self.sync.is_none() {
+                        super::fault::hit(super::fault::Point::AfterAck);
+                    }
                 }
                 let actions = self.proto.handle(PrimaryEvent::Acked { epoch });
                 self.act(vm, actions)
@@ -368,7 +361,20 @@ impl PrimaryFt {
     fn act(&mut self, vm: &RunningVm, actions: Vec<PrimaryAction>) -> Flow {
         for a in actions {
             match a {
-                PrimaryAction::StartSync => self.start_sync(vm),
+                PrimaryAction::StartSync => self.start_sync(),
+                PrimaryAction::CopyRound { seq, all } => self.precopy_round(vm, seq, all),
+                PrimaryAction::MeasureDirty => {
+                    let pages = vm.dirty_pending().unwrap_or(u64::MAX);
+                    let next = self.proto.handle(PrimaryEvent::DirtyPending { pages });
+                    if self.act(vm, next) == Flow::Halt {
+                        return Flow::Halt;
+                    }
+                }
+                PrimaryAction::CaptureSync { epoch } => {
+                    if self.final_sync(vm, epoch) == Flow::Halt {
+                        return Flow::Halt;
+                    }
+                }
                 PrimaryAction::Capture { epoch } => {
                     if self.capture(vm, epoch) == Flow::Halt {
                         return Flow::Halt;
@@ -456,26 +462,19 @@ impl PrimaryFt {
         flow
     }
 
-    fn start_sync(&mut self, vm: &RunningVm) {
+    fn start_sync(&mut self) {
         self.sync = Some(SyncRun {
             started: Instant::now(),
             round: 0,
-            awaiting: 0,
             final_seq: None,
             final_pause: Duration::ZERO,
             bytes: 0,
             progress: Progress::new("initial copy"),
         });
-        self.precopy_round(vm, true);
-        super::fault::hit(super::fault::Point::InPrecopy);
     }
 
-    fn next_seq(&self) -> Epoch {
-        self.sync.as_ref().map_or(self.proto.epoch(), |s| s.awaiting + 1)
-    }
-
-    fn precopy_round(&mut self, vm: &RunningVm, all: bool) {
-        let seq = self.next_seq();
+    /// Carries out [`PrimaryAction::CopyRound`].
+    fn precopy_round(&mut self, vm: &RunningVm, seq: Epoch, all: bool) {
         match vm.copy_running(if all { PageSet::All } else { PageSet::Dirty }) {
             Ok(memory) => {
                 let bytes = memory.data.len() as u64;
@@ -487,42 +486,36 @@ impl PrimaryFt {
                 }
                 if let (Some(s), Some(l)) = (&mut self.sync, &self.link) {
                     s.round += 1;
-                    s.awaiting = seq;
                     s.bytes += bytes;
                     s.progress.update(s.round, s.bytes, bytes);
                     l.send(Payload { seq, kind: PayloadKind::PreCopy, memory, state: None });
                 }
+                if all {
+                    super::fault::hit(super::fault::Point::InPrecopy);
+                }
             }
             Err(e) => {
                 self.error(format!("pre-copy failed: {}", error_chain(&e)));
-                self.drop_link("pre-copy failed");
+                self.sync_failed("pre-copy failed");
             }
         }
     }
 
-    fn drop_link(&mut self, why: &str) {
+    /// The initial copy failed on this side: drop the standby, carry on unprotected.
+    fn sync_failed(&mut self, why: &str) {
         self.sync = None;
         if let Some(l) = self.link.take() {
             l.close(transport::channel::code::PROTOCOL, why);
         }
-        // Silence on a dropped link during sync: back to unprotected.
-        let _ = self.proto.handle(PrimaryEvent::PeerSilent);
+        let _ = self.proto.handle(PrimaryEvent::SyncFailed);
         self.next_connect = Instant::now() + RETRY_CONNECT;
     }
 
-    fn sync_acked(&mut self, vm: &RunningVm, seq: Epoch) -> Flow {
-        let Some(s) = &self.sync else { return Flow::Continue };
-        if seq != s.awaiting || s.final_seq.is_some() {
-            return Flow::Continue;
-        }
-        let pending = vm.dirty_pending().unwrap_or(u64::MAX);
-        if pending > SYNC_DONE_PAGES && s.round < SYNC_MAX_ROUNDS {
-            self.precopy_round(vm, false);
-            return Flow::Continue;
-        }
-        // The final pause: the remaining pages and all state, and from here output is held.
+    /// Carries out [`PrimaryAction::CaptureSync`]: the final pause of the initial copy, after
+    /// which output is held.
+    fn final_sync(&mut self, vm: &RunningVm, seq: Epoch) -> Flow {
         let gate = vm.devices().gate.clone();
-        let seq = self.next_seq();
+        let at = Instant::now();
         match vm.capture(PageSet::Dirty, || gate.hold()) {
             Ok(Capture { memory, state, timings: t }) => {
                 if let Some(sh) = &self.shadow {
@@ -530,13 +523,11 @@ impl PrimaryFt {
                 }
                 let pause = t.total();
                 self.stats.pause(t);
-                let at = Instant::now() - pause;
                 let actions = self.proto.handle(PrimaryEvent::SyncSent { epoch: seq, at });
                 if let (Some(s), Some(l)) = (&mut self.sync, &self.link) {
                     s.final_seq = Some(seq);
                     s.final_pause = pause;
                     s.bytes += memory.data.len() as u64;
-                    s.awaiting = seq;
                     l.send(Payload { seq, kind: PayloadKind::Sync, memory, state: Some(state) });
                 }
                 self.act(vm, actions)
@@ -544,7 +535,7 @@ impl PrimaryFt {
             Err(e) => {
                 gate.open_all();
                 self.error(format!("final sync pause failed: {}", error_chain(&e)));
-                self.drop_link("sync failed");
+                self.sync_failed("sync failed");
                 Flow::Continue
             }
         }

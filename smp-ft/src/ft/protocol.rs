@@ -33,6 +33,11 @@ pub struct PrimaryConfig {
     /// At most this many checkpoints captured and not acknowledged; the next one waits for an
     /// acknowledgement (its dirty pages keep accumulating in the log meanwhile).
     pub window: u64,
+    /// The initial copy stops iterating once this few dirty pages are left (the final pause
+    /// copies them)...
+    pub sync_done_pages: u64,
+    /// ...or after this many pre-copy rounds (a guest dirtying faster than the link drains).
+    pub sync_max_rounds: u32,
 }
 
 impl Default for PrimaryConfig {
@@ -43,6 +48,8 @@ impl Default for PrimaryConfig {
             output_quiet: Duration::from_micros(150),
             output_max_wait: Duration::from_millis(2),
             window: 4,
+            sync_done_pages: 256,
+            sync_max_rounds: 30,
         }
     }
 }
@@ -67,6 +74,12 @@ pub enum PrimaryState {
 pub enum PrimaryEvent {
     /// A standby connected and wants the initial copy.
     StandbyAttached,
+    /// How many pages are dirty now (the answer to [`PrimaryAction::MeasureDirty`]).
+    DirtyPending {
+        pages: u64,
+    },
+    /// A pre-copy round or the final pause of the initial copy failed: the standby is dropped.
+    SyncFailed,
     /// The synchronising checkpoint `epoch` (numbered after the pre-copy rounds; it holds the
     /// whole VM) was captured and is on its way. From here on the standby may hold a complete
     /// copy at any moment, so output is held and silence means arbitration.
@@ -116,8 +129,17 @@ pub enum PrimaryEvent {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrimaryAction {
-    /// Start the live pre-copy to the new standby.
+    /// A new standby: the initial copy starts (the shell sets up its progress report).
     StartSync,
+    /// Copy memory while the VM runs (every non-zero page if `all`, else the pages dirtied
+    /// since the previous round) and send it as pre-copy round `seq`.
+    CopyRound { seq: Epoch, all: bool },
+    /// Report [`PrimaryEvent::DirtyPending`]: the machine decides whether to copy again.
+    MeasureDirty,
+    /// The final pause of the initial copy: hold output from here, capture the remaining pages
+    /// and the whole machine state as checkpoint `epoch`, send it, report
+    /// [`PrimaryEvent::SyncSent`].
+    CaptureSync { epoch: Epoch },
     /// Pause, seal the output of epoch `epoch`, capture, resume; report [`PrimaryEvent::Captured`].
     Capture { epoch: Epoch },
     /// Send the captured checkpoint `epoch` to the standby.
@@ -130,6 +152,16 @@ pub enum PrimaryAction {
     Halt,
     /// Drop the channel to the standby (it is gone or lost).
     DropStandby,
+}
+
+/// Where the initial copy is: the round last sent and the sequence number whose
+/// acknowledgement the next step waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SyncProgress {
+    round: u32,
+    awaiting: Epoch,
+    /// [`PrimaryAction::MeasureDirty`] was asked and not yet answered.
+    measuring: bool,
 }
 
 /// The primary's side of the protocol.
@@ -149,6 +181,8 @@ pub struct Primary {
     last_capture: Option<Instant>,
     /// Output waiting to be committed: when its first and its latest byte came.
     output: Option<(Instant, Instant)>,
+    /// The initial copy under way.
+    sync: Option<SyncProgress>,
     /// Held output, oldest first: (epoch it belongs to, id).
     held: std::collections::VecDeque<(Epoch, u64)>,
     generation: u64,
@@ -166,6 +200,7 @@ impl Primary {
             capturing: None,
             last_capture: None,
             output: None,
+            sync: None,
             held: Default::default(),
             generation,
         }
@@ -247,9 +282,38 @@ impl Primary {
             (S::Halted, _) => vec![],
             (S::Unprotected, E::StandbyAttached) => {
                 self.state = S::Syncing;
-                vec![A::StartSync]
+                // Numbers restart with each standby: its first round is 1.
+                self.sync = Some(SyncProgress { round: 1, awaiting: 1, measuring: false });
+                vec![A::StartSync, A::CopyRound { seq: 1, all: true }]
             }
-            (S::Syncing, E::SyncSent { epoch, at }) => {
+            (S::Syncing, E::Acked { epoch }) => match &mut self.sync {
+                Some(s) if epoch == s.awaiting && self.capturing.is_none() => {
+                    s.measuring = true;
+                    vec![A::MeasureDirty]
+                }
+                _ => vec![],
+            },
+            (S::Syncing, E::DirtyPending { pages }) => {
+                let c = &self.config;
+                let Some(s) = self.sync.as_mut().filter(|s| s.measuring) else { return vec![] };
+                s.measuring = false;
+                s.awaiting += 1;
+                if pages > c.sync_done_pages && s.round < c.sync_max_rounds {
+                    s.round += 1;
+                    vec![A::CopyRound { seq: s.awaiting, all: false }]
+                } else {
+                    self.capturing = Some(s.awaiting);
+                    vec![A::CaptureSync { epoch: s.awaiting }]
+                }
+            }
+            (S::Syncing, E::SyncFailed) => {
+                self.state = S::Unprotected;
+                self.sync = None;
+                self.capturing = None;
+                vec![A::DropStandby]
+            }
+            (S::Syncing, E::SyncSent { epoch, at }) if self.capturing.is_none_or(|c| c == epoch) => {
+                self.sync = None;
                 self.state = S::Protected;
                 self.last_capture = Some(at);
                 self.acked = None;
@@ -309,6 +373,8 @@ impl Primary {
             (S::Syncing, E::PeerSilent) => {
                 // The standby died before it held anything: nothing to arbitrate.
                 self.state = S::Unprotected;
+                self.sync = None;
+                self.capturing = None;
                 vec![A::DropStandby]
             }
             (S::Protected, E::PeerSilent) => {
@@ -350,6 +416,10 @@ pub enum StandbyState {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StandbyEvent {
+    /// Pre-copy round `seq` of the initial copy arrived whole (memory only, valid).
+    PreCopy {
+        seq: Epoch,
+    },
     /// Checkpoint `epoch` arrived whole; `valid` says whether it passed validation.
     Checkpoint {
         epoch: Epoch,
@@ -373,6 +443,15 @@ pub enum StandbyEvent {
 pub enum StandbyAction {
     Ack {
         epoch: Epoch,
+    },
+    /// Write pre-copy round `seq`'s memory into the standby's copy (then acknowledge it).
+    ApplyPreCopy {
+        seq: Epoch,
+    },
+    /// A pre-copy round where none may come (after the copy was complete, or out of order):
+    /// the primary is broken; stand down.
+    Refuse {
+        seq: Epoch,
     },
     /// Apply the staged checkpoint `epoch` to the standby's memory, vCPU and device state.
     Apply {
@@ -400,12 +479,14 @@ pub struct Standby {
     /// Highest checkpoint acknowledged: the state the standby is committed to.
     acked: Option<Epoch>,
     applied: Option<Epoch>,
+    /// The last pre-copy round received.
+    precopy: Option<Epoch>,
     generation: u64,
 }
 
 impl Standby {
     pub fn new(generation: u64) -> Standby {
-        Standby { state: StandbyState::Syncing, acked: None, applied: None, generation }
+        Standby { state: StandbyState::Syncing, acked: None, applied: None, precopy: None, generation }
     }
 
     pub fn state(&self) -> StandbyState {
@@ -426,6 +507,11 @@ impl Standby {
         use StandbyState as S;
         match (self.state, event) {
             (S::Halted | S::Live, _) => vec![],
+            (S::Syncing, E::PreCopy { seq }) if self.precopy.is_none_or(|p| seq > p) => {
+                self.precopy = Some(seq);
+                vec![A::ApplyPreCopy { seq }, A::Ack { epoch: seq }]
+            }
+            (_, E::PreCopy { seq }) => vec![A::Refuse { seq }],
             (S::Syncing | S::Standby, E::Checkpoint { epoch, valid }) => {
                 if !valid || self.acked.is_some_and(|a| epoch <= a) {
                     return vec![A::Discard { epoch }];

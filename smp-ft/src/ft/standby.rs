@@ -261,11 +261,16 @@ impl<'a> StandbyRunner<'a> {
         };
         s.last_bytes = data.len() as u64;
         if staged.kind() == PayloadKind::PreCopy {
-            if s.proto.state() != StandbyState::Syncing {
-                return Err(FtError::LatePreCopy(seq));
+            for a in s.proto.handle(StandbyEvent::PreCopy { seq }) {
+                match a {
+                    StandbyAction::ApplyPreCopy { .. } => {
+                        staged.apply(&s.memory)?;
+                    }
+                    StandbyAction::Ack { epoch } => send_ack(&s.chan, epoch),
+                    StandbyAction::Refuse { seq } => return Err(FtError::LatePreCopy(seq)),
+                    _ => {}
+                }
             }
-            staged.apply(&s.memory)?;
-            send_ack(&s.chan, seq);
             return Ok(());
         }
         for a in s.proto.handle(StandbyEvent::Checkpoint { epoch: seq, valid: true }) {

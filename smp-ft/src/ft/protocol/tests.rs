@@ -19,7 +19,10 @@ fn primary(generation: u64) -> Primary {
 
 fn protected() -> Primary {
     let mut p = primary(0);
-    assert_eq!(p.handle(PrimaryEvent::StandbyAttached), vec![PrimaryAction::StartSync]);
+    assert_eq!(
+        p.handle(PrimaryEvent::StandbyAttached),
+        vec![PrimaryAction::StartSync, PrimaryAction::CopyRound { seq: 1, all: true }]
+    );
     p.handle(PrimaryEvent::SyncSent { epoch: 0, at: t0() });
     p.handle(PrimaryEvent::Acked { epoch: 0 });
     assert_eq!(p.state(), PrimaryState::Protected);
@@ -122,7 +125,7 @@ fn standby_dying_during_sync_leaves_the_primary_unprotected() {
     assert_eq!(p.handle(PrimaryEvent::PeerSilent), vec![PrimaryAction::DropStandby]);
     assert_eq!(p.state(), PrimaryState::Unprotected);
     // Re-protect: a new standby can attach at once.
-    assert_eq!(p.handle(PrimaryEvent::StandbyAttached), vec![PrimaryAction::StartSync]);
+    assert_eq!(p.handle(PrimaryEvent::StandbyAttached)[0], PrimaryAction::StartSync);
 }
 
 #[test]
@@ -290,6 +293,80 @@ fn a_failed_capture_keeps_the_epoch_and_retries_an_interval_later() {
     );
 }
 
+// ---- the initial copy ----
+
+#[test]
+fn the_initial_copy_iterates_until_few_pages_are_dirty_then_pauses_once() {
+    let mut p = primary(0);
+    assert_eq!(
+        p.handle(PrimaryEvent::StandbyAttached),
+        vec![PrimaryAction::StartSync, PrimaryAction::CopyRound { seq: 1, all: true }]
+    );
+    assert!(p.handle(PrimaryEvent::DirtyPending { pages: 5 }).is_empty(), "not asked for");
+    assert_eq!(p.handle(PrimaryEvent::Acked { epoch: 1 }), vec![PrimaryAction::MeasureDirty]);
+    assert_eq!(
+        p.handle(PrimaryEvent::DirtyPending { pages: 10_000 }),
+        vec![PrimaryAction::CopyRound { seq: 2, all: false }]
+    );
+    assert!(p.handle(PrimaryEvent::Acked { epoch: 1 }).is_empty(), "a stale ack");
+    assert_eq!(p.handle(PrimaryEvent::Acked { epoch: 2 }), vec![PrimaryAction::MeasureDirty]);
+    assert_eq!(p.handle(PrimaryEvent::DirtyPending { pages: 100 }), vec![PrimaryAction::CaptureSync { epoch: 3 }]);
+    assert_eq!(p.state(), PrimaryState::Syncing);
+    assert!(p.handle(PrimaryEvent::SyncSent { epoch: 3, at: t0() }).is_empty());
+    assert_eq!(p.state(), PrimaryState::Protected);
+    assert_eq!((p.epoch(), p.unacked()), (4, 1));
+}
+
+#[test]
+fn the_initial_copy_gives_up_iterating_after_the_last_round() {
+    let mut p = primary(0);
+    p.handle(PrimaryEvent::StandbyAttached);
+    let max = PrimaryConfig::default().sync_max_rounds as u64;
+    for seq in 1..max {
+        assert_eq!(p.handle(PrimaryEvent::Acked { epoch: seq }), vec![PrimaryAction::MeasureDirty]);
+        assert_eq!(
+            p.handle(PrimaryEvent::DirtyPending { pages: u64::MAX }),
+            vec![PrimaryAction::CopyRound { seq: seq + 1, all: false }]
+        );
+    }
+    p.handle(PrimaryEvent::Acked { epoch: max });
+    assert_eq!(
+        p.handle(PrimaryEvent::DirtyPending { pages: u64::MAX }),
+        vec![PrimaryAction::CaptureSync { epoch: max + 1 }],
+        "a guest dirtying faster than the link drains still gets protected"
+    );
+}
+
+#[test]
+fn a_failed_initial_copy_drops_the_standby_and_a_new_one_starts_over() {
+    let mut p = primary(0);
+    p.handle(PrimaryEvent::StandbyAttached);
+    p.handle(PrimaryEvent::Acked { epoch: 1 });
+    assert_eq!(p.handle(PrimaryEvent::SyncFailed), vec![PrimaryAction::DropStandby]);
+    assert_eq!(p.state(), PrimaryState::Unprotected);
+    assert_eq!(
+        p.handle(PrimaryEvent::StandbyAttached),
+        vec![PrimaryAction::StartSync, PrimaryAction::CopyRound { seq: 1, all: true }]
+    );
+}
+
+#[test]
+fn the_standby_takes_pre_copy_rounds_in_order_and_only_while_syncing() {
+    let mut s = Standby::new(0);
+    assert_eq!(
+        s.handle(StandbyEvent::PreCopy { seq: 1 }),
+        vec![StandbyAction::ApplyPreCopy { seq: 1 }, StandbyAction::Ack { epoch: 1 }]
+    );
+    assert_eq!(
+        s.handle(StandbyEvent::PreCopy { seq: 2 }),
+        vec![StandbyAction::ApplyPreCopy { seq: 2 }, StandbyAction::Ack { epoch: 2 }]
+    );
+    assert_eq!(s.handle(StandbyEvent::PreCopy { seq: 2 }), vec![StandbyAction::Refuse { seq: 2 }], "again");
+    assert_eq!(s.state(), StandbyState::Syncing, "pre-copy alone is no copy");
+    s.handle(StandbyEvent::Checkpoint { epoch: 3, valid: true });
+    assert_eq!(s.handle(StandbyEvent::PreCopy { seq: 4 }), vec![StandbyAction::Refuse { seq: 4 }], "after the sync");
+}
+
 // ---- randomized simulation ----
 
 /// The shared lock: a generation and its holder. `try_lock` succeeds for a higher generation
@@ -330,19 +407,22 @@ impl Rng {
 /// crash or partition at a random moment. Returns a description of any invariant broken.
 fn simulate(seed: u64) -> Result<(), String> {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut p = protected();
-    let mut s = standby_at(0);
+    // Half the schedules start with the initial copy over the same lossy link.
+    let from_scratch = seed % 2 == 0;
+    let (mut p, mut s) = if from_scratch { (primary(0), Standby::new(0)) } else { (protected(), standby_at(0)) };
+    let mut first_actions = if from_scratch { p.handle(PrimaryEvent::StandbyAttached) } else { vec![] };
     let mut tb = TieBreaker::default();
     let (mut p_alive, mut s_alive, mut link_up) = (true, true, true);
     let mut next_id = 0;
     let mut output_epoch = std::collections::HashMap::new();
     let mut released_ids = Vec::new();
     // Checkpoints and acks in flight on the link.
-    let mut to_standby: std::collections::VecDeque<Epoch> = Default::default();
+    // (sequence number, pre-copy round?)
+    let mut to_standby: std::collections::VecDeque<(Epoch, bool)> = Default::default();
     let mut to_primary: std::collections::VecDeque<Epoch> = Default::default();
     let mut standby_live_at: Option<Epoch> = None;
     let mut primary_ran_alone = false;
-    let fault_at = rng.next() % 200;
+    let mut fault_at = rng.next() % 200;
     let mut now = t0();
     let window = PrimaryConfig::default().window;
     for step in 0..400u64 {
@@ -356,7 +436,7 @@ fn simulate(seed: u64) -> Result<(), String> {
         }
         // Silence is noticed by whoever is alive once the link or the peer is gone.
         let silent = step > fault_at + 5;
-        let mut p_actions = Vec::new();
+        let mut p_actions = std::mem::take(&mut first_actions);
         let mut s_actions = Vec::new();
         if p_alive {
             let ev = match rng.next() % 4 {
@@ -379,9 +459,13 @@ fn simulate(seed: u64) -> Result<(), String> {
         }
         if s_alive {
             let ev = match rng.next() % 3 {
-                0 if link_up && p_alive => {
-                    to_standby.pop_front().map(|epoch| StandbyEvent::Checkpoint { epoch, valid: rng.chance(97) })
-                }
+                0 if link_up && p_alive => to_standby.pop_front().map(|(seq, precopy)| {
+                    if precopy {
+                        StandbyEvent::PreCopy { seq }
+                    } else {
+                        StandbyEvent::Checkpoint { epoch: seq, valid: rng.chance(97) }
+                    }
+                }),
                 _ if silent && (!link_up || !p_alive) => Some(StandbyEvent::PeerSilent),
                 _ => None,
             };
@@ -389,22 +473,29 @@ fn simulate(seed: u64) -> Result<(), String> {
                 s_actions = s.handle(ev);
             }
         }
-        for a in p_actions {
+        let mut work: std::collections::VecDeque<PrimaryAction> = p_actions.into();
+        while let Some(a) = work.pop_front() {
             match a {
                 PrimaryAction::Capture { epoch } => {
-                    let failed = rng.chance(3);
-                    let next = if failed {
-                        p.handle(PrimaryEvent::CaptureFailed { epoch, at: now })
+                    if rng.chance(3) {
+                        work.extend(p.handle(PrimaryEvent::CaptureFailed { epoch, at: now }));
                     } else {
-                        p.handle(PrimaryEvent::Captured { epoch, output: None, at: now })
-                    };
-                    for a in next {
-                        if let PrimaryAction::Send { epoch } = a {
-                            to_standby.push_back(epoch);
-                        }
+                        work.extend(p.handle(PrimaryEvent::Captured { epoch, output: None, at: now }));
                     }
                 }
-                PrimaryAction::Send { epoch } => to_standby.push_back(epoch),
+                PrimaryAction::Send { epoch } => to_standby.push_back((epoch, false)),
+                PrimaryAction::CopyRound { seq, .. } => to_standby.push_back((seq, true)),
+                PrimaryAction::MeasureDirty => {
+                    work.extend(p.handle(PrimaryEvent::DirtyPending { pages: rng.next() % 1000 }))
+                }
+                PrimaryAction::CaptureSync { epoch } => {
+                    if rng.chance(3) {
+                        work.extend(p.handle(PrimaryEvent::SyncFailed));
+                    } else {
+                        to_standby.push_back((epoch, false));
+                        work.extend(p.handle(PrimaryEvent::SyncSent { epoch, at: now }));
+                    }
+                }
                 PrimaryAction::Release { ids } => released_ids.extend(ids),
                 PrimaryAction::Arbitrate { generation } => {
                     let r = tb.try_lock("primary", generation);
@@ -414,6 +505,12 @@ fn simulate(seed: u64) -> Result<(), String> {
                     });
                     released_ids.extend(released(&outcome));
                     primary_ran_alone |= r.is_ok();
+                }
+                PrimaryAction::DropStandby if link_up && s_alive => {
+                    // The primary dropped a standby that still runs (a failed sync): it hears
+                    // nothing more, which is a fault like any other.
+                    link_up = false;
+                    fault_at = fault_at.min(step);
                 }
                 PrimaryAction::Halt | PrimaryAction::DropStandby | PrimaryAction::StartSync => {}
             }
@@ -441,6 +538,9 @@ fn simulate(seed: u64) -> Result<(), String> {
                     }
                 }
                 StandbyAction::GoLive { epoch } => standby_live_at = Some(epoch),
+                StandbyAction::Refuse { seq } => {
+                    return Err(format!("seed {seed}: the standby refused pre-copy round {seq}"))
+                }
                 _ => {}
             }
         }
