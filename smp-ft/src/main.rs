@@ -236,8 +236,8 @@ struct RunArgs {
     #[arg(long)]
     guest: Option<PathBuf>,
     /// Boot parameters for the guest. The built-in guest takes workloads `counter`, `churn`,
-    /// `service` and settings `churn-rate=PAGES_PER_S` (per vCPU, 0 = flat out),
-    /// `churn-ws=SIZE`, `duration=5s|500ms`, `report=1s`, `fail=counter|churn`.
+    /// `service`, `rng` (needs --rng) and settings `churn-rate=PAGES_PER_S` (per vCPU, 0 = flat
+    /// out), `churn-ws=SIZE`, `duration=5s|500ms`, `report=1s`, `fail=counter|churn`.
     #[arg(long, default_value = "counter churn duration=2s", allow_hyphen_values = true)]
     guest_args: String,
     /// Where the guest's serial port (COM1) goes: stdio, unix:PATH (smpft listens; one client

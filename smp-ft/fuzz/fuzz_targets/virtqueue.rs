@@ -1,7 +1,8 @@
 //! A guest driver may put anything in its descriptor table and available ring: the device must
 //! answer with used entries or DEVICE_NEEDS_RESET, never a panic, a hang or a write outside
-//! guest memory. The input becomes the descriptor table and available ring of virtio-rng's
-//! queue (and the queue size); the device is then notified a few times.
+//! guest memory. The input becomes the available ring and the descriptor table of virtio-rng's
+//! queue (and the queue size), the ring first so that short inputs reach it; the device is then
+//! notified a few times.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,9 +13,9 @@ use smp_ft::vmm::virtio::VirtioPci;
 use std::sync::Arc;
 
 const MEM: u64 = 64 << 10;
-const DESC: u64 = 0x1000;
-const AVAIL: u64 = 0x2000;
-const USED: u64 = 0x3000;
+const AVAIL: u64 = 0x1000;
+const DESC: u64 = 0x1400;
+const USED: u64 = 0x2400;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&size_sel, rest)) = data.split_first() else { return };
@@ -32,8 +33,8 @@ fuzz_target!(|data: &[u8]| {
     w(0x30, USED, 8);
     w(0x1c, 1, 2);
     w(0x14, 15, 1);
-    let n = rest.len().min((USED - DESC) as usize);
-    mem.write(DESC, &rest[..n]).expect("in range");
+    let n = rest.len().min((USED - AVAIL) as usize);
+    mem.write(AVAIL, &rest[..n]).expect("in range");
     for _ in 0..3 {
         w(0x3000, 0, 2);
     }
