@@ -69,7 +69,26 @@ impl QmpError {
 /// A command from a client, with where to send the reply.
 pub struct Request {
     pub command: Command,
-    pub reply: Sender<Result<Value, QmpError>>,
+    pub reply: Reply,
+}
+
+/// Answers one command. The reply is queued for the client by the thread that answers, so it
+/// keeps its place among the events that thread emits (a `quit` reply before its `SHUTDOWN`, a
+/// `stop` reply after its `STOP`). A request dropped unanswered gets an error reply.
+pub struct Reply {
+    client: Arc<Client>,
+    id: Option<Value>,
+    answered: Arc<AtomicBool>,
+    done: Sender<()>,
+}
+
+impl Reply {
+    pub fn send(self, result: Result<Value, QmpError>) {
+        if !self.answered.swap(true, Ordering::SeqCst) {
+            self.client.queue(&reply_value(self.id.clone(), result));
+        }
+        let _ = self.done.send(());
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -277,7 +296,7 @@ fn accept_loop(
 
 /// One client's thread: reads lines, answers them, writes replies and events as the socket
 /// takes them; returns when the client leaves, misbehaves, or the server stops.
-fn serve(stream: &UnixStream, client: &Client, shared: &Shared, tx: &Sender<Request>) {
+fn serve(stream: &UnixStream, client: &Arc<Client>, shared: &Shared, tx: &Sender<Request>) {
     if stream.set_nonblocking(true).is_err() {
         return;
     }
@@ -292,7 +311,9 @@ fn serve(stream: &UnixStream, client: &Client, shared: &Shared, tx: &Sender<Requ
             let line: Vec<u8> = input.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line);
             if !line.trim().is_empty() {
-                client.queue(&handle_line(line.trim(), client, tx, &shared.shutdown));
+                if let Some(reply) = handle_line(line.trim(), client, tx, &shared.shutdown) {
+                    client.queue(&reply);
+                }
             }
         }
         if input.len() > LINE_MAX {
@@ -351,11 +372,12 @@ fn read_available(mut stream: &UnixStream, input: &mut Vec<u8>) -> bool {
     }
 }
 
-/// Parses and executes one line; returns the reply and whether the client asked to quit.
-fn handle_line(line: &str, client: &Client, tx: &Sender<Request>, shutdown: &Shutdown) -> Value {
+/// Parses and executes one line; returns the reply to queue, unless whoever answered the
+/// command queued it already.
+fn handle_line(line: &str, client: &Arc<Client>, tx: &Sender<Request>, shutdown: &Shutdown) -> Option<Value> {
     let v: Value = match serde_json::from_str(line) {
         Ok(v) => v,
-        Err(e) => return error_reply(None, &QmpError::generic(format!("JSON parse error, {e}"))),
+        Err(e) => return Some(error_reply(None, &QmpError::generic(format!("JSON parse error, {e}")))),
     };
     let id = v.get("id").cloned();
     let result = parse_command(&v, client.negotiated.load(Ordering::SeqCst));
@@ -365,8 +387,12 @@ fn handle_line(line: &str, client: &Client, tx: &Sender<Request>, shutdown: &Shu
             client.negotiated.store(true, Ordering::SeqCst);
             Ok(json!({}))
         }
-        Ok(Some(command)) => execute(command, tx, shutdown),
+        Ok(Some(command)) => return execute(command, id, client, tx, shutdown),
     };
+    Some(reply_value(id, result))
+}
+
+fn reply_value(id: Option<Value>, result: Result<Value, QmpError>) -> Value {
     match result {
         Ok(ret) => {
             let mut r = json!({"return": ret});
@@ -379,17 +405,34 @@ fn handle_line(line: &str, client: &Client, tx: &Sender<Request>, shutdown: &Shu
     }
 }
 
-/// Hands `command` to the VM owner and waits for its answer, or for the server to stop (then
-/// an answer already given still wins).
-fn execute(command: Command, tx: &Sender<Request>, shutdown: &Shutdown) -> Result<Value, QmpError> {
-    let ending = || Err(QmpError::generic("the VM is shutting down"));
-    let (rtx, rrx) = crossbeam_channel::bounded(1);
-    if shutdown.is_fired() || tx.send(Request { command, reply: rtx }).is_err() {
-        return ending();
+/// Hands `command` to the VM owner and waits until it has queued its answer, or until the
+/// server stops; the reply this returns (if any) is the error for a command left unanswered.
+fn execute(
+    command: Command,
+    id: Option<Value>,
+    client: &Arc<Client>,
+    tx: &Sender<Request>,
+    shutdown: &Shutdown,
+) -> Option<Value> {
+    let answered = Arc::new(AtomicBool::new(false));
+    let unanswered = || {
+        (!answered.swap(true, Ordering::SeqCst))
+            .then(|| reply_value(id.clone(), Err(QmpError::generic("the VM is shutting down"))))
+    };
+    if shutdown.is_fired() {
+        return unanswered();
+    }
+    let (done, done_rx) = crossbeam_channel::bounded(1);
+    let reply = Reply { client: client.clone(), id: id.clone(), answered: answered.clone(), done };
+    if tx.send(Request { command, reply }).is_err() {
+        return unanswered();
     }
     crossbeam_channel::select! {
-        recv(rrx) -> r => r.unwrap_or_else(|_| ending()),
-        recv(shutdown.channel()) -> _ => rrx.try_recv().unwrap_or_else(|_| ending()),
+        recv(done_rx) -> r => match r {
+            Ok(()) => None,
+            Err(_) => unanswered(),
+        },
+        recv(shutdown.channel()) -> _ => unanswered(),
     }
 }
 
@@ -540,7 +583,7 @@ mod tests {
         let owner = std::thread::spawn(move || {
             let req = rx.recv().unwrap();
             assert_eq!(req.command, Command::QueryStatus);
-            req.reply.send(Ok(json!({"status": "running", "running": true}))).unwrap();
+            req.reply.send(Ok(json!({"status": "running", "running": true})));
         });
         let s = UnixStream::connect(&path).unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
@@ -632,7 +675,7 @@ mod tests {
         w.write_all(b"{\"execute\":\"quit\"}\n").unwrap();
         let req = rx.recv_timeout(Duration::from_secs(30)).unwrap();
         assert_eq!(req.command, Command::Quit);
-        req.reply.send(Ok(json!({}))).unwrap();
+        req.reply.send(Ok(json!({})));
         server.emit("SHUTDOWN", None);
         server.stop();
         let mut all = String::new();

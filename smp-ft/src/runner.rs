@@ -100,7 +100,7 @@ impl Runner {
                     let Ok(req) = req else { continue };
                     let quit = req.command == Command::Quit;
                     let reply = self.execute(&req.command);
-                    let _ = req.reply.send(reply);
+                    req.reply.send(reply);
                     if quit {
                         self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "host-qmp-quit"})));
                         break Ok(Outcome::Quit);

@@ -446,7 +446,7 @@ impl<'a> StandbyRunner<'a> {
             Command::Quit => Ok(json!({})),
             _ => Err(QmpError::generic("this is an FT standby: the VM does not run here unless the primary fails")),
         };
-        let _ = req.reply.send(reply);
+        req.reply.send(reply);
         quit.then_some(StandbyEnd::Quit)
     }
 }
