@@ -1,5 +1,5 @@
-//! smpft: a fault-tolerant VMM for KVM. This crate holds the VMM ([`vmm`]) and, on top of it,
-//! the fault-tolerance engine; the `smpft` binary is its command line.
+//! smpft: a fault-tolerant VMM for KVM. This crate holds, on top of the VMM ([`vmm`], a crate of
+//! its own), snapshots and the fault-tolerance engine; the `smpft` binary is its command line.
 
 pub mod error;
 pub mod ft;
@@ -7,4 +7,5 @@ pub mod guest;
 pub mod runner;
 pub mod snapshot;
 pub mod units;
-pub mod vmm;
+/// The VMM (its own crate, `vmm/`), re-exported so that `smp_ft::vmm` names it.
+pub use vmm;

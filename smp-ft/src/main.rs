@@ -369,7 +369,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     block_termination_signals();
     let vm = match &chain {
         None => Vm::create(config)?,
-        Some(chain) => Vm::restore(config, chain)?,
+        Some(chain) => snapshot::restore(config, chain)?,
     };
     let qmp = bind_qmp(qmp_path.as_deref())?;
     let running = vm.start()?;

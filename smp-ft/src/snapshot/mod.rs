@@ -193,22 +193,20 @@ pub fn memory_hash(chain: &[Snapshot]) -> Result<u64, VmError> {
     Ok(h)
 }
 
-impl Vm {
-    /// Builds a VM in the state of a validated chain (from [`read_chain`]). `config.vcpus` and
-    /// `config.memory` must match the snapshot.
-    pub fn restore(config: VmConfig, chain: &[Snapshot]) -> Result<Vm, SnapshotError> {
-        let last = chain.last().ok_or(SnapshotError::Empty)?;
-        if (config.vcpus, config.memory) != (last.vcpus, last.mem_size) {
-            return Err(SnapshotError::Config {
-                want: format!("{} vCPUs and {} MiB", last.vcpus, last.mem_size >> 20),
-                got: format!("{} vCPUs and {} MiB", config.vcpus, config.memory >> 20),
-            });
-        }
-        let host = HostResources::reserve(&config)?;
-        let memory = GuestMemory::new(config.memory).map_err(VmError::from)?;
-        apply_memory(chain, &memory)?;
-        Ok(Vm::from_state(config, Arc::new(memory), host, &last.state)?)
+/// Builds a VM in the state of a validated chain (from [`read_chain`]). `config.vcpus` and
+/// `config.memory` must match the snapshot.
+pub fn restore(config: VmConfig, chain: &[Snapshot]) -> Result<Vm, SnapshotError> {
+    let last = chain.last().ok_or(SnapshotError::Empty)?;
+    if (config.vcpus, config.memory) != (last.vcpus, last.mem_size) {
+        return Err(SnapshotError::Config {
+            want: format!("{} vCPUs and {} MiB", last.vcpus, last.mem_size >> 20),
+            got: format!("{} vCPUs and {} MiB", config.vcpus, config.memory >> 20),
+        });
     }
+    let host = HostResources::reserve(&config)?;
+    let memory = GuestMemory::new(config.memory).map_err(VmError::from)?;
+    apply_memory(chain, &memory)?;
+    Ok(Vm::from_state(config, Arc::new(memory), host, &last.state)?)
 }
 
 #[cfg(test)]

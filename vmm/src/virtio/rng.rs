@@ -3,7 +3,7 @@
 //! beyond the transport's, and no host resource to reserve.
 
 use super::{check_chain, VirtioDevice, VirtioError};
-use crate::vmm::memory::DeviceMemory;
+use crate::memory::DeviceMemory;
 use std::io::Write;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 

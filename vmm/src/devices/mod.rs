@@ -95,7 +95,7 @@ pub struct Devices {
     /// Where all externally visible output passes (held while the VM is protected).
     pub gate: Arc<gate::OutputGate>,
     pci: Arc<PciBus>,
-    /// Every device with replicated state, in pause order (see [`crate::vmm::component`]).
+    /// Every device with replicated state, in pause order (see [`crate::component`]).
     components: Vec<Arc<dyn Component>>,
     debugcon: Mutex<DebugCon>,
     unhandled: AtomicU64,

@@ -1,6 +1,6 @@
 //! The state of a whole machine at one instant, outside guest memory: every vCPU, the in-kernel
 //! devices and clock, and every component. One type for snapshot files and FT checkpoints, and
-//! one way back ([`crate::vmm::Vm::from_state`]) for `--restore`, the standby and go-live.
+//! one way back ([`crate::Vm::from_state`]) for `--restore`, the standby and go-live.
 
 use super::state::{VcpuState, VmState};
 

@@ -1,7 +1,7 @@
 //! MSI-X: the vector table and pending-bit array a device exposes in a BAR, and delivery of a
 //! vector as the MSI the guest programmed (synchronously, see `vmm::irq`).
 
-use crate::vmm::irq::Irq;
+use crate::irq::Irq;
 use std::sync::Arc;
 
 /// MSI-X capability ID.

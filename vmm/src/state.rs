@@ -300,7 +300,7 @@ impl VmState {
 /// Each vCPU's [`OwnState`], read by the vCPU's thread as it stops for a pause, so that a
 /// checkpoint does not read every vCPU's registers one after another while the VM is stopped.
 /// An entry counts only for the pause it was read in (pauses are numbered by
-/// [`crate::vmm::control::VcpuControl`]); otherwise the state is read whole.
+/// [`crate::control::VcpuControl`]); otherwise the state is read whole.
 pub struct EarlyStates {
     caps: StateCaps,
     slots: Vec<Mutex<Option<(u64, OwnState)>>>,

@@ -3,8 +3,8 @@
 
 use super::rng::Rng;
 use super::*;
-use crate::vmm::dirty::{Bitmap, PAGE_SIZE};
-use crate::vmm::memory::GuestMemory;
+use crate::dirty::{Bitmap, PAGE_SIZE};
+use crate::memory::GuestMemory;
 
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;

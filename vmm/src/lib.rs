@@ -1,6 +1,7 @@
 //! The VMM: builds a KVM VM with guest memory, devices and vCPUs, either booting a guest image
-//! ([`Vm::create`]) or loading a snapshot chain ([`Vm::restore`]), runs it ([`Vm::start`]) and
-//! gives the caller a handle to pause, resume, snapshot and stop it ([`RunningVm`]).
+//! ([`Vm::create`]) or taking on a saved machine state ([`Vm::from_state`]), runs it
+//! ([`Vm::start`]) and gives the caller a handle to pause, resume, capture and stop it
+//! ([`RunningVm`]). It knows nothing of snapshot files or fault tolerance, which build on it.
 
 pub mod boot;
 pub mod capture;

@@ -7,9 +7,9 @@
 //! the guest reads.
 
 use super::gate::{OutputGate, OutputPort};
-use crate::vmm::component::{self, Component, ComponentError};
-use crate::vmm::irq::Irq;
-use crate::vmm::layout::COM1_IRQ;
+use crate::component::{self, Component, ComponentError};
+use crate::irq::Irq;
+use crate::layout::COM1_IRQ;
 use parking_lot::{Condvar, Mutex};
 use shutdown::{Shutdown, WriteEnd};
 use std::io::{Read, Write};
