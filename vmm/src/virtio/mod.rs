@@ -16,6 +16,7 @@
 //! of the ring, an inconsistent queue) gets the device marked DEVICE_NEEDS_RESET with a config
 //! interrupt, and nothing more is processed until it resets the device: no panic, no hang.
 
+pub mod blk;
 pub mod rng;
 
 use super::component::{self, Component, ComponentError};

@@ -12,16 +12,22 @@ const USED: u64 = 0x3000;
 const BUF: u64 = 0x10000;
 const SIZE: u16 = 16;
 
-struct Driver {
+struct Driver<D = Rng> {
     mem: Arc<GuestMemory>,
-    dev: Arc<VirtioPci<Rng>>,
+    dev: Arc<VirtioPci<D>>,
     avail_idx: u16,
 }
 
 impl Driver {
     fn new() -> Driver {
+        Driver::with("virtio-rng", Rng)
+    }
+}
+
+impl<D: VirtioDevice> Driver<D> {
+    fn with(name: &'static str, device: D) -> Driver<D> {
         let mem = Arc::new(GuestMemory::new(1 << 20).unwrap());
-        let dev = VirtioPci::new("virtio-rng", Rng, 0xe000_0000, mem.device_view().unwrap(), None);
+        let dev = VirtioPci::new(name, device, 0xe000_0000, mem.device_view().unwrap(), None);
         Driver { mem, dev, avail_idx: 0 }
     }
 
@@ -124,7 +130,7 @@ fn entropy_reaches_guest_buffers_and_marks_them_dirty() {
 
 #[test]
 fn rule_breaking_drivers_get_needs_reset_and_recover_after_a_reset() {
-    type BreakIt<'a> = &'a dyn Fn(&mut Driver);
+    type BreakIt<'a> = &'a dyn Fn(&mut Driver<Rng>);
     let cases: [(&str, BreakIt); 4] = [
         ("buffer outside memory", &|d| {
             d.desc(0, 1 << 40, 64, WRITE, 0);
@@ -210,4 +216,136 @@ fn state_survives_save_and_restore_mid_use() {
     assert_eq!(copy.used(), (2, vec![(0, 32), (1, 16)]), "the restored device carries on where it was");
     assert!(copy.dev.restore(1, &saved[..saved.len() / 2]).is_err(), "truncated state is refused");
     assert!(copy.dev.restore(2, &saved).is_err(), "unknown version is refused");
+}
+
+// ---- virtio-blk ----
+
+/// A disk in memory.
+struct MemDisk {
+    data: std::sync::Mutex<Vec<u8>>,
+    readonly: bool,
+}
+
+impl disk_mirror::backend::Backend for MemDisk {
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn readonly(&self) -> bool {
+        self.readonly
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), disk_mirror::backend::BackendError> {
+        let d = self.data.lock().unwrap();
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), disk_mirror::backend::BackendError> {
+        self.data.lock().unwrap()[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), disk_mirror::backend::BackendError> {
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), disk_mirror::backend::BackendError> {
+        self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), disk_mirror::backend::BackendError> {
+        self.write_zeroes(offset, len)
+    }
+}
+
+const HDR: u64 = 0x20000;
+const DATA: u64 = 0x21000;
+const STATUS: u64 = 0x30000;
+
+fn blk(readonly: bool) -> (Driver<super::blk::Blk>, Arc<MemDisk>) {
+    let disk = Arc::new(MemDisk { data: std::sync::Mutex::new(vec![0xee; 64 << 10]), readonly });
+    let mut d = Driver::with("virtio-blk", super::blk::Blk::new(disk.clone(), "smpft-disk0"));
+    d.init();
+    (d, disk)
+}
+
+/// One request: header, then the data buffer (device-readable for writes, writable for
+/// reads), then the status byte. Returns (status, used length).
+fn request(d: &mut Driver<super::blk::Blk>, kind: u32, sector: u64, data: Option<(&[u8], bool)>) -> (u8, u32) {
+    let mut hdr = [0u8; 16];
+    hdr[..4].copy_from_slice(&kind.to_le_bytes());
+    hdr[8..].copy_from_slice(&sector.to_le_bytes());
+    d.mem.write(HDR, &hdr).unwrap();
+    d.mem.write(STATUS, &[0xff]).unwrap();
+    let head = (d.avail_idx * 3) % SIZE;
+    let next = |i: u16| (head + i) % SIZE;
+    match data {
+        Some((bytes, device_writes)) => {
+            d.desc(next(0), HDR, 16, NEXT, next(1));
+            d.mem.write(DATA, bytes).unwrap();
+            d.desc(next(1), DATA, bytes.len() as u32, NEXT | if device_writes { WRITE } else { 0 }, next(2));
+            d.desc(next(2), STATUS, 1, WRITE, 0);
+        }
+        None => {
+            d.desc(next(0), HDR, 16, NEXT, next(1));
+            d.desc(next(1), STATUS, 1, WRITE, 0);
+        }
+    }
+    let before = d.used().0;
+    d.offer(head);
+    let (idx, entries) = d.used();
+    assert_eq!(idx, before + 1, "the request completed");
+    let mut st = [0u8; 1];
+    d.mem.read(STATUS, &mut st).unwrap();
+    (st[0], entries.last().map_or(0, |e| e.1))
+}
+
+#[test]
+fn blk_reads_writes_flushes_and_identifies_itself() {
+    let (mut d, disk) = blk(false);
+    assert_eq!(d.r(DEVICE_CFG, 8), (64 << 10) / 512, "capacity in sectors");
+    let data: Vec<u8> = (0..1024u32).map(|i| (i * 7) as u8).collect();
+    assert_eq!(request(&mut d, 1, 4, Some((&data, false))), (0, 1), "write: only the status byte is written back");
+    assert_eq!(&disk.data.lock().unwrap()[2048..3072], &data[..]);
+    d.mem.fill(DATA, 1024, 0).unwrap();
+    assert_eq!(request(&mut d, 0, 4, Some((&[0u8; 1024], true))), (0, 1025));
+    let mut back = vec![0u8; 1024];
+    d.mem.read(DATA, &mut back).unwrap();
+    assert_eq!(back, data, "read returns what was written");
+    assert_eq!(request(&mut d, 4, 0, None), (0, 1), "flush");
+    assert_eq!(request(&mut d, 8, 0, Some((&[0u8; 20], true))), (0, 21), "get-id");
+    let mut id = [0u8; 11];
+    d.mem.read(DATA, &mut id).unwrap();
+    assert_eq!(&id, b"smpft-disk0");
+    let mut seg = [0u8; 16];
+    seg[..8].copy_from_slice(&4u64.to_le_bytes());
+    seg[8..12].copy_from_slice(&1u32.to_le_bytes());
+    assert_eq!(request(&mut d, 13, 0, Some((&seg, false))), (0, 1), "write-zeroes");
+    assert!(disk.data.lock().unwrap()[2048..2560].iter().all(|&b| b == 0));
+    assert_eq!(&disk.data.lock().unwrap()[2560..2570], &data[512..522], "only the one sector");
+}
+
+#[test]
+fn blk_refuses_bad_requests_with_a_status_and_carries_on() {
+    let (mut d, disk) = blk(false);
+    let before = disk.data.lock().unwrap().clone();
+    assert_eq!(request(&mut d, 1, 127, Some((&[1u8; 1024], false))).0, 1, "past the end");
+    assert_eq!(request(&mut d, 1, u64::MAX / 2, Some((&[1u8; 512], false))).0, 1, "sector overflow");
+    assert_eq!(request(&mut d, 1, 0, Some((&[1u8; 100], false))).0, 1, "not whole sectors");
+    assert_eq!(request(&mut d, 0, 200, Some((&[0u8; 512], true))).0, 1, "read past the end");
+    assert_eq!(request(&mut d, 99, 0, None).0, 2, "unknown type: unsupported");
+    assert_eq!(*disk.data.lock().unwrap(), before, "nothing was written");
+    assert_eq!(d.status() & NEEDS_RESET, 0, "a bad request is not a broken driver");
+    assert_eq!(request(&mut d, 1, 0, Some((&[5u8; 512], false))), (0, 1), "and the device still works");
+
+    let (mut ro, rodisk) = blk(true);
+    ro.w(0x00, 0, 4);
+    assert_eq!(ro.r(0x04, 4) & (1 << 5), 1 << 5, "VIRTIO_BLK_F_RO offered");
+    assert_eq!(request(&mut ro, 1, 0, Some((&[1u8; 512], false))).0, 1, "a read-only disk refuses writes");
+    assert_eq!(rodisk.data.lock().unwrap()[0], 0xee);
+}
+
+#[test]
+fn blk_chains_without_a_status_byte_break_the_device() {
+    let (mut d, _disk) = blk(false);
+    d.mem.write(HDR, &[0u8; 16]).unwrap();
+    d.desc(0, HDR, 16, 0, 0); // a header and nothing the device may write
+    d.offer(0);
+    assert_eq!(d.status() & NEEDS_RESET, NEEDS_RESET);
 }

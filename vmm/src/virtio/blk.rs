@@ -1,0 +1,172 @@
+//! virtio-blk (device type 2): one request queue over a disk's [`Backend`]. Requests are
+//! handled as the driver notifies, on the notifying vCPU's thread: read, write, flush, get-id,
+//! discard and write-zeroes. A request the device cannot serve completes with an error status
+//! (IOERR, or UNSUPP for unknown types); a chain that breaks the rules marks the device
+//! NEEDS_RESET. Not on the VM's bus yet: writes must first travel in the FT log (the disk
+//! mirror), so that a standby's disk never lags or leads its memory.
+
+use super::{check_chain, VirtioDevice, VirtioError};
+use crate::memory::DeviceMemory;
+use disk_mirror::backend::Backend;
+use std::io::{Read, Write};
+use std::sync::Arc;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+pub const SECTOR: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+/// The most one request moves.
+const MAX_REQUEST: u64 = 4 << 20;
+
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+/// The device's configuration space (virtio 1.2 §5.2.4), as far as smpft fills it.
+const CONFIG_LEN: usize = 60;
+
+pub struct Blk {
+    disk: Arc<dyn Backend>,
+    /// The serial number GET_ID returns (at most 20 bytes).
+    id: Vec<u8>,
+}
+
+impl Blk {
+    pub fn new(disk: Arc<dyn Backend>, id: &str) -> Blk {
+        Blk { disk, id: id.as_bytes().iter().copied().take(20).collect() }
+    }
+
+    fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        let mut put = |at: usize, v: &[u8]| c[at..at + v.len()].copy_from_slice(v);
+        put(0, &(self.disk.size() / SECTOR).to_le_bytes()); // capacity
+        put(12, &((QUEUE_SIZE - 2) as u32).to_le_bytes()); // seg_max
+        put(20, &(SECTOR as u32).to_le_bytes()); // blk_size
+        put(34, &1u16.to_le_bytes()); // num_queues
+        let max_sectors = (MAX_REQUEST / SECTOR) as u32;
+        put(36, &max_sectors.to_le_bytes()); // max_discard_sectors
+        put(40, &1u32.to_le_bytes()); // max_discard_seg
+        put(44, &1u32.to_le_bytes()); // discard_sector_alignment
+        put(48, &max_sectors.to_le_bytes()); // max_write_zeroes_sectors
+        put(52, &1u32.to_le_bytes()); // max_write_zeroes_seg
+        c
+    }
+
+    /// Serves one request: the status to report and how many bytes went to the driver.
+    fn serve(&self, kind: u32, sector: u64, body: &mut dyn Read, out: &mut dyn Write, out_len: usize) -> (u8, u32) {
+        let ro = self.disk.readonly();
+        let range = |len: u64| {
+            let at = sector.checked_mul(SECTOR)?;
+            (len % SECTOR == 0 && len <= MAX_REQUEST && at.checked_add(len)? <= self.disk.size()).then_some(at)
+        };
+        match kind {
+            T_IN => {
+                let len = out_len as u64;
+                let Some(at) = range(len) else { return (S_IOERR, 0) };
+                let mut buf = vec![0u8; out_len];
+                match self.disk.read_at(&mut buf, at) {
+                    Ok(()) if out.write_all(&buf).is_ok() => (S_OK, out_len as u32),
+                    _ => (S_IOERR, 0),
+                }
+            }
+            T_OUT if ro => (S_IOERR, 0),
+            T_OUT => {
+                let mut data = Vec::new();
+                if body.take(MAX_REQUEST + 1).read_to_end(&mut data).is_err() {
+                    return (S_IOERR, 0);
+                }
+                let Some(at) = range(data.len() as u64) else { return (S_IOERR, 0) };
+                (if self.disk.write_at(&data, at).is_ok() { S_OK } else { S_IOERR }, 0)
+            }
+            T_FLUSH => (if self.disk.flush().is_ok() { S_OK } else { S_IOERR }, 0),
+            T_GET_ID => {
+                let mut id = self.id.clone();
+                id.resize(20.min(out_len), 0);
+                match out.write_all(&id) {
+                    Ok(()) => (S_OK, id.len() as u32),
+                    Err(_) => (S_IOERR, 0),
+                }
+            }
+            T_DISCARD | T_WRITE_ZEROES if ro => (S_IOERR, 0),
+            T_DISCARD | T_WRITE_ZEROES => {
+                let mut seg = [0u8; 16];
+                if body.read_exact(&mut seg).is_err() {
+                    return (S_IOERR, 0);
+                }
+                let first = u64::from_le_bytes(seg[..8].try_into().unwrap_or_default());
+                let count = u64::from(u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default()));
+                let Some(at) = first.checked_mul(SECTOR).filter(|_| count * SECTOR <= MAX_REQUEST) else {
+                    return (S_IOERR, 0);
+                };
+                let len = count * SECTOR;
+                if at.checked_add(len).is_none_or(|end| end > self.disk.size()) {
+                    return (S_IOERR, 0);
+                }
+                let r = if kind == T_DISCARD { self.disk.discard(at, len) } else { self.disk.write_zeroes(at, len) };
+                (if r.is_ok() { S_OK } else { S_IOERR }, 0)
+            }
+            _ => (S_UNSUPP, 0),
+        }
+    }
+}
+
+impl VirtioDevice for Blk {
+    fn device_type(&self) -> u16 {
+        boot_abi::VIRTIO_TYPE_BLOCK
+    }
+
+    fn features(&self) -> u64 {
+        let ro = if self.disk.readonly() { F_RO } else { 0 };
+        F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES | ro
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = c.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn process(&self, _index: usize, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, VirtioError> {
+        let chains: Vec<_> = queue.iter(&**mem)?.collect();
+        let mut used = false;
+        for chain in chains {
+            let head = chain.head_index();
+            check_chain(&chain)?;
+            let buffer = |e: virtio_queue::Error| VirtioError::Buffer { head, why: e.to_string() };
+            let mut reader = chain.clone().reader(&**mem).map_err(buffer)?;
+            let mut writer = chain.writer(&**mem).map_err(buffer)?;
+            let mut header = [0u8; 16];
+            if reader.read_exact(&mut header).is_err() || writer.available_bytes() == 0 {
+                return Err(VirtioError::Buffer { head, why: "no request header or no status byte".into() });
+            }
+            let kind = u32::from_le_bytes(header[..4].try_into().unwrap_or_default());
+            let sector = u64::from_le_bytes(header[8..].try_into().unwrap_or_default());
+            // The last writable byte is the status; everything before it is the data.
+            let out_len = writer.available_bytes() - 1;
+            let mut status_byte = writer.split_at(out_len).map_err(buffer)?;
+            let (status, written) = self.serve(kind, sector, &mut reader, &mut writer, out_len);
+            status_byte.write_all(&[status]).map_err(|e| VirtioError::Buffer { head, why: e.to_string() })?;
+            queue.add_used(&**mem, head, written + 1)?;
+            used = true;
+        }
+        Ok(used)
+    }
+}
