@@ -8,5 +8,6 @@
 //! commit, and on go-live applies exactly the committed epochs and drops the rest.
 
 pub mod backend;
+pub mod nbd;
 pub mod spec;
 pub mod staging;
