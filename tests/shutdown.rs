@@ -139,8 +139,7 @@ fn exit_within(p: &mut Proc, since: Instant, what: &str) -> (Option<i32>, Durati
 }
 
 fn sigterm(p: &Proc) {
-    // SAFETY: kill(2) with a live child's pid and a valid signal.
-    assert_eq!(unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) }, 0);
+    signal(p, libc::SIGTERM);
 }
 
 fn run_vm(qmp: &Path, guest_args: &str) -> Proc {

@@ -13,11 +13,6 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn signal(p: &Proc, sig: i32) {
-    // SAFETY: kill(2) with a live child's pid and a valid signal.
-    assert_eq!(unsafe { libc::kill(p.pid() as i32, sig) }, 0);
-}
-
 /// Paths whose serial socket lives in its own directory, which a test can take away.
 fn paths_in_subdir(setup: &FtSetup, name: &str) -> (VmPaths, std::path::PathBuf) {
     let sub = setup.dir.join(format!("{name}-run"));

@@ -45,6 +45,18 @@ pub trait Backend: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError>;
 }
 
+/// Write-zeroes for backends that cannot do better: writes the zeroes, a chunk at a time.
+pub fn write_zeroes_by_writing(b: &dyn Backend, offset: u64, len: u64) -> Result<(), BackendError> {
+    let chunk = vec![0u8; len.min(MAX_IO as u64) as usize];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(chunk.len() as u64) as usize;
+        b.write_at(&chunk[..n], offset + at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 const ALIGN: usize = 4096;
 /// The largest piece one io_uring request moves.
 const MAX_IO: usize = 1 << 20;
@@ -231,16 +243,7 @@ impl Backend for RawFile {
         match self.run(opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build()) {
             Ok(_) => Ok(()),
             // Not every file system zeroes ranges: write the zeroes.
-            Err(_) => {
-                let chunk = vec![0u8; (len as usize).min(MAX_IO)];
-                let mut at = 0;
-                while at < len {
-                    let n = (len - at).min(chunk.len() as u64) as usize;
-                    self.write_at(&chunk[..n], offset + at)?;
-                    at += n as u64;
-                }
-                Ok(())
-            }
+            Err(_) => write_zeroes_by_writing(self, offset, len),
         }
     }
 

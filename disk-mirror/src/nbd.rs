@@ -6,7 +6,7 @@
 //! flight, structured replies, NBD_CMD_WRITE_ZEROES) needs a client of its own, which comes with
 //! it.
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{write_zeroes_by_writing, Backend, BackendError};
 use crate::spec::Location;
 use nbd::client::{handshake, NbdClient};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -111,14 +111,7 @@ impl Backend for Nbd {
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         self.check("write-zeroes", offset, len, true)?;
-        let zeroes = vec![0u8; (len as usize).min(MAX_IO)];
-        let mut at = 0;
-        while at < len {
-            let n = (len - at).min(zeroes.len() as u64) as usize;
-            self.write_at(&zeroes[..n], offset + at)?;
-            at += n as u64;
-        }
-        Ok(())
+        write_zeroes_by_writing(self, offset, len)
     }
 
     /// Sent as zeroes: NBD_CMD_TRIM leaves the range's contents to the server, and the

@@ -290,6 +290,12 @@ impl Drop for Proc {
     }
 }
 
+/// Sends `sig` to the process.
+pub fn signal(p: &Proc, sig: i32) {
+    // SAFETY: kill(2) with a live child's pid and a valid signal.
+    assert_eq!(unsafe { libc::kill(p.pid() as i32, sig) }, 0);
+}
+
 pub fn sigkill(p: &mut Proc) {
     p.sigkill();
 }

@@ -114,8 +114,7 @@ struct SyncRun {
     progress: Progress,
 }
 
-/// At most this many checkpoints sent and not acknowledged; beyond it the next waits (its
-/// dirty pages keep accumulating in the log meanwhile).
+/// How soon to try a standby again, and the tie-breaker again when it could not be reached.
 const RETRY_CONNECT: Duration = Duration::from_secs(1);
 const RETRY_ARBITRATE: Duration = Duration::from_millis(100);
 

@@ -120,6 +120,16 @@ impl ConfigSpace {
         Some(addr)
     }
 
+    /// The BAR (its index) and the offset in it that decode `len` bytes at `addr`, if any.
+    pub fn decode(&self, addr: u64, len: usize) -> Option<(usize, u64)> {
+        self.bars.iter().find_map(|bar| {
+            let at = self.bar_address(bar.index)?;
+            let end = addr.checked_add(len as u64)?;
+            // A driver may program a BAR anywhere, even where its end overflows.
+            (addr >= at && end <= at.checked_add(bar.size)?).then(|| (bar.index, addr - at))
+        })
+    }
+
     /// Appends a capability: `id`, then `body` (the bytes after id and next pointer), with
     /// `writable` masks for the body. Returns its offset.
     pub fn add_capability(&mut self, id: u8, body: &[u8], writable: &[u8]) -> usize {
@@ -211,6 +221,12 @@ mod tests {
         assert_eq!(c.bar_address(0), None, "memory decoding is off until the command register says");
         c.write(COMMAND, &COMMAND_MEMORY.to_le_bytes());
         assert_eq!(c.bar_address(0), Some(0xe001_0000));
+        assert_eq!(c.decode(0xe001_7ffc, 4), Some((0, 0x7ffc)));
+        assert_eq!(c.decode(0xe001_7ffe, 4), None, "an access running past the BAR");
+        assert_eq!(c.decode(0xe000_0000, 4), None, "the old address, below the BAR");
+        c.write(BAR0 + 4, &0xffff_ffffu32.to_le_bytes());
+        c.write(BAR0, &0xffff_8000u32.to_le_bytes());
+        assert_eq!(c.decode(u64::MAX - 3, 4), None, "a BAR whose end overflows decodes nothing");
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod config;
 pub mod msix;
 
 use super::component::{self, Component, ComponentError};
-use config::{Bar, ConfigSpace, Ids};
+use config::{ConfigSpace, Ids};
 use parking_lot::Mutex;
 use std::sync::Arc;
 
@@ -26,8 +26,8 @@ const SLOTS: usize = 32;
 pub trait PciDevice: Send + Sync {
     fn config_read(&self, offset: usize, data: &mut [u8]);
     fn config_write(&self, offset: usize, data: &[u8]);
-    /// Each BAR and where it is decoded now (`None` while memory decoding is off).
-    fn mapped_bars(&self) -> Vec<(Bar, Option<u64>)>;
+    /// The BAR and offset that decode `len` bytes at `addr`, if this function's do.
+    fn decode(&self, addr: u64, len: usize) -> Option<(usize, u64)>;
     fn bar_read(&self, bar: usize, offset: u64, data: &mut [u8]);
     fn bar_write(&self, bar: usize, offset: u64, data: &[u8]);
 }
@@ -42,8 +42,8 @@ impl PciDevice for HostBridge {
     fn config_write(&self, offset: usize, data: &[u8]) {
         self.0.lock().write(offset, data);
     }
-    fn mapped_bars(&self) -> Vec<(Bar, Option<u64>)> {
-        Vec::new()
+    fn decode(&self, _: u64, _: usize) -> Option<(usize, u64)> {
+        None
     }
     fn bar_read(&self, _: usize, _: u64, data: &mut [u8]) {
         data.fill(0xff);
@@ -141,12 +141,7 @@ impl PciBus {
 
     /// The device, BAR and offset that decode `addr`.
     fn decode(&self, addr: u64, len: usize) -> Option<(&Arc<dyn PciDevice>, usize, u64)> {
-        self.slots.iter().flatten().find_map(|d| {
-            d.mapped_bars().into_iter().find_map(|(bar, at)| {
-                let at = at?;
-                (addr >= at && addr + len as u64 <= at + bar.size).then_some((d, bar.index, addr - at))
-            })
-        })
+        self.slots.iter().flatten().find_map(|d| d.decode(addr, len).map(|(bar, off)| (d, bar, off)))
     }
 
     /// An MMIO access; false if no BAR decodes it.

@@ -5,12 +5,12 @@
 //! NEEDS_RESET. Not on the VM's bus yet: writes must first travel in the FT log (the disk
 //! mirror), so that a standby's disk never lags or leads its memory.
 
-use super::{check_chain, VirtioDevice, VirtioError};
+use super::{serve_chains, VirtioDevice, VirtioError};
 use crate::memory::DeviceMemory;
 use disk_mirror::backend::Backend;
 use std::io::{Read, Write};
 use std::sync::Arc;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 
 pub const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -145,28 +145,23 @@ impl VirtioDevice for Blk {
     }
 
     fn process(&self, _index: usize, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, VirtioError> {
-        let chains: Vec<_> = queue.iter(&**mem)?.collect();
-        let mut used = false;
-        for chain in chains {
+        serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
-            check_chain(&chain)?;
-            let buffer = |e: virtio_queue::Error| VirtioError::Buffer { head, why: e.to_string() };
-            let mut reader = chain.clone().reader(&**mem).map_err(buffer)?;
-            let mut writer = chain.writer(&**mem).map_err(buffer)?;
+            let buffer = |why: String| VirtioError::Buffer { head, why };
+            let mut reader = chain.clone().reader(&**mem).map_err(|e| buffer(e.to_string()))?;
+            let mut writer = chain.writer(&**mem).map_err(|e| buffer(e.to_string()))?;
             let mut header = [0u8; 16];
             if reader.read_exact(&mut header).is_err() || writer.available_bytes() == 0 {
-                return Err(VirtioError::Buffer { head, why: "no request header or no status byte".into() });
+                return Err(buffer("no request header or no status byte".into()));
             }
             let kind = u32::from_le_bytes(header[..4].try_into().unwrap_or_default());
             let sector = u64::from_le_bytes(header[8..].try_into().unwrap_or_default());
             // The last writable byte is the status; everything before it is the data.
             let out_len = writer.available_bytes() - 1;
-            let mut status_byte = writer.split_at(out_len).map_err(buffer)?;
+            let mut status_byte = writer.split_at(out_len).map_err(|e| buffer(e.to_string()))?;
             let (status, written) = self.serve(kind, sector, &mut reader, &mut writer, out_len);
-            status_byte.write_all(&[status]).map_err(|e| VirtioError::Buffer { head, why: e.to_string() })?;
-            queue.add_used(&**mem, head, written + 1)?;
-            used = true;
-        }
-        Ok(used)
+            status_byte.write_all(&[status]).map_err(|e| buffer(e.to_string()))?;
+            Ok(written + 1)
+        })
     }
 }

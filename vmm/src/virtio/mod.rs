@@ -22,7 +22,7 @@ pub mod rng;
 use super::component::{self, Component, ComponentError};
 use super::irq::Irq;
 use super::memory::DeviceMemory;
-use super::pci::config::{Bar, ConfigSpace, Ids};
+use super::pci::config::{ConfigSpace, Ids};
 use super::pci::msix::{self, Msix, MsixState, NO_VECTOR};
 use super::pci::PciDevice;
 use parking_lot::Mutex;
@@ -119,6 +119,28 @@ where
     Ok(())
 }
 
+/// A chain as devices get it.
+pub type Chain<'a> = virtio_queue::DescriptorChain<&'a vm_memory::GuestMemoryMmap<crate::memory::DirtyPages>>;
+
+/// Serves every chain the driver made available, in order: `serve` gets each chain (checked
+/// with [`check_chain`]) and returns how many bytes it wrote for the driver, and the chain goes
+/// back as used. True if any did (the driver is then interrupted).
+pub fn serve_chains<'a>(
+    queue: &mut Queue,
+    mem: &'a DeviceMemory,
+    mut serve: impl FnMut(Chain<'a>) -> Result<u32, VirtioError>,
+) -> Result<bool, VirtioError> {
+    let chains: Vec<Chain<'a>> = virtio_queue::QueueOwnedT::iter(queue, &**mem)?.collect();
+    let used = !chains.is_empty();
+    for chain in chains {
+        let head = chain.head_index();
+        check_chain(&chain)?;
+        let written = serve(chain)?;
+        queue.add_used(&**mem, head, written)?;
+    }
+    Ok(used)
+}
+
 struct Slot {
     queue: Queue,
     vector: u16,
@@ -128,6 +150,13 @@ struct Transport {
     config: ConfigSpace,
     msix_cap: usize,
     msix: Msix,
+    r: Registers,
+    queues: Vec<Slot>,
+}
+
+/// The transport's own registers, saved as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct Registers {
     device_feature_select: u32,
     driver_feature_select: u32,
     driver_features: u64,
@@ -136,7 +165,21 @@ struct Transport {
     config_generation: u8,
     queue_select: u16,
     isr: u8,
-    queues: Vec<Slot>,
+}
+
+impl Default for Registers {
+    fn default() -> Self {
+        Registers {
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            config_vector: NO_VECTOR,
+            status: 0,
+            config_generation: 0,
+            queue_select: 0,
+            isr: 0,
+        }
+    }
 }
 
 /// What the transport saves (with the device's own bytes).
@@ -144,14 +187,7 @@ struct Transport {
 struct TransportState {
     config: Vec<u8>,
     msix: MsixState,
-    device_feature_select: u32,
-    driver_feature_select: u32,
-    driver_features: u64,
-    config_vector: u16,
-    status: u8,
-    config_generation: u8,
-    queue_select: u16,
-    isr: u8,
+    registers: Registers,
     queues: Vec<SavedQueue>,
     device: Vec<u8>,
 }
@@ -230,14 +266,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 config,
                 msix_cap,
                 msix: Msix::new(vectors, irq),
-                device_feature_select: 0,
-                driver_feature_select: 0,
-                driver_features: 0,
-                config_vector: NO_VECTOR,
-                status: 0,
-                config_generation: 0,
-                queue_select: 0,
-                isr: 0,
+                r: Registers::default(),
                 queues,
             }),
         })
@@ -266,13 +295,8 @@ impl Transport {
     }
 
     fn reset(&mut self) {
-        self.status = 0;
-        self.driver_features = 0;
-        self.driver_feature_select = 0;
-        self.device_feature_select = 0;
-        self.queue_select = 0;
-        self.isr = 0;
-        self.config_vector = NO_VECTOR;
+        // The configuration generation counts on across resets.
+        self.r = Registers { config_generation: self.r.config_generation, ..Registers::default() };
         for s in &mut self.queues {
             s.queue.reset();
             s.vector = NO_VECTOR;
@@ -281,46 +305,46 @@ impl Transport {
 
     /// The device broke the rules or was broken by the driver: flag it and tell the driver.
     fn needs_reset(&mut self, name: &str, why: &dyn std::fmt::Display) {
-        if self.status & NEEDS_RESET == 0 {
+        if self.r.status & NEEDS_RESET == 0 {
             tracing::warn!("{name}: the guest driver broke the virtio rules ({why}); the device needs a reset");
-            self.status |= NEEDS_RESET;
-            self.isr |= ISR_CONFIG;
-            let v = self.config_vector;
+            self.r.status |= NEEDS_RESET;
+            self.r.isr |= ISR_CONFIG;
+            let v = self.r.config_vector;
             self.interrupt(v);
         }
     }
 
     fn selected(&mut self) -> Option<&mut Slot> {
-        self.queues.get_mut(usize::from(self.queue_select))
+        self.queues.get_mut(usize::from(self.r.queue_select))
     }
 
     fn common_bytes(&self, offered: u64) -> [u8; COMMON_LEN as usize] {
         let mut b = [0u8; COMMON_LEN as usize];
         let mut put = |at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
-        put(0x00, &self.device_feature_select.to_le_bytes());
-        let feature = match self.device_feature_select {
+        put(0x00, &self.r.device_feature_select.to_le_bytes());
+        let feature = match self.r.device_feature_select {
             0 => offered as u32,
             1 => (offered >> 32) as u32,
             _ => 0,
         };
         put(0x04, &feature.to_le_bytes());
-        put(0x08, &self.driver_feature_select.to_le_bytes());
-        let driver = match self.driver_feature_select {
-            0 => self.driver_features as u32,
-            1 => (self.driver_features >> 32) as u32,
+        put(0x08, &self.r.driver_feature_select.to_le_bytes());
+        let driver = match self.r.driver_feature_select {
+            0 => self.r.driver_features as u32,
+            1 => (self.r.driver_features >> 32) as u32,
             _ => 0,
         };
         put(0x0c, &driver.to_le_bytes());
-        put(0x10, &self.config_vector.to_le_bytes());
+        put(0x10, &self.r.config_vector.to_le_bytes());
         put(0x12, &(self.queues.len() as u16).to_le_bytes());
-        put(0x14, &[self.status, self.config_generation]);
-        put(0x16, &self.queue_select.to_le_bytes());
-        if let Some(s) = self.queues.get(usize::from(self.queue_select)) {
+        put(0x14, &[self.r.status, self.r.config_generation]);
+        put(0x16, &self.r.queue_select.to_le_bytes());
+        if let Some(s) = self.queues.get(usize::from(self.r.queue_select)) {
             let q = &s.queue;
             put(0x18, &q.size().to_le_bytes());
             put(0x1a, &s.vector.to_le_bytes());
             put(0x1c, &u16::from(q.ready()).to_le_bytes());
-            put(0x1e, &self.queue_select.to_le_bytes());
+            put(0x1e, &self.r.queue_select.to_le_bytes());
             put(0x20, &q.desc_table().to_le_bytes());
             put(0x28, &q.avail_ring().to_le_bytes());
             put(0x30, &q.used_ring().to_le_bytes());
@@ -340,16 +364,16 @@ impl<D: VirtioDevice> VirtioPci<D> {
     fn common_write(&self, t: &mut Transport, offset: u64, data: &[u8]) {
         let v = word(data);
         match (offset, data.len()) {
-            (0x00, 4) => t.device_feature_select = v as u32,
-            (0x08, 4) => t.driver_feature_select = v as u32,
-            (0x0c, 4) if t.status & FEATURES_OK == 0 => match t.driver_feature_select {
-                0 => t.driver_features = (t.driver_features & !0xffff_ffff) | v,
-                1 => t.driver_features = (t.driver_features & 0xffff_ffff) | (v << 32),
+            (0x00, 4) => t.r.device_feature_select = v as u32,
+            (0x08, 4) => t.r.driver_feature_select = v as u32,
+            (0x0c, 4) if t.r.status & FEATURES_OK == 0 => match t.r.driver_feature_select {
+                0 => t.r.driver_features = (t.r.driver_features & !0xffff_ffff) | v,
+                1 => t.r.driver_features = (t.r.driver_features & 0xffff_ffff) | (v << 32),
                 _ => {}
             },
-            (0x10, 2) => t.config_vector = v as u16,
+            (0x10, 2) => t.r.config_vector = v as u16,
             (0x14, 1) => self.status_write(t, v as u8),
-            (0x16, 2) => t.queue_select = v as u16,
+            (0x16, 2) => t.r.queue_select = v as u16,
             (0x18, 2) | (0x1a, 2) | (0x1c, 2) | (0x20..=0x37, 4 | 8) => {
                 let Some(s) = t.selected() else { return };
                 if offset == 0x1a {
@@ -389,15 +413,15 @@ impl<D: VirtioDevice> VirtioPci<D> {
             self.device.reset();
             return;
         }
-        let mut new = (v & !NEEDS_RESET) | (t.status & NEEDS_RESET);
-        if new & FEATURES_OK != 0 && t.status & FEATURES_OK == 0 {
-            let f = t.driver_features;
+        let mut new = (v & !NEEDS_RESET) | (t.r.status & NEEDS_RESET);
+        if new & FEATURES_OK != 0 && t.r.status & FEATURES_OK == 0 {
+            let f = t.r.driver_features;
             if f & !self.offered() != 0 || f & F_VERSION_1 == 0 {
                 tracing::debug!("{}: features {f:#x} refused (offered {:#x})", self.name, self.offered());
                 new &= !FEATURES_OK;
             }
         }
-        t.status = new;
+        t.r.status = new;
         if new & DRIVER_OK != 0 {
             let broken = t.queues.iter().position(|s| s.queue.ready() && !s.queue.is_valid(&*self.mem));
             if let Some(i) = broken {
@@ -407,7 +431,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     }
 
     fn notify(&self, t: &mut Transport, index: usize) {
-        if t.status & DRIVER_OK == 0 || t.status & NEEDS_RESET != 0 {
+        if t.r.status & DRIVER_OK == 0 || t.r.status & NEEDS_RESET != 0 {
             return;
         }
         let Some(s) = t.queues.get_mut(index) else { return };
@@ -418,7 +442,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             Ok(false) => {}
             Ok(true) => {
                 let v = s.vector;
-                t.isr |= ISR_QUEUE;
+                t.r.isr |= ISR_QUEUE;
                 t.interrupt(v);
             }
             Err(e) => t.needs_reset(self.name, &e),
@@ -440,9 +464,8 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
         }
     }
 
-    fn mapped_bars(&self) -> Vec<(Bar, Option<u64>)> {
-        let t = self.t.lock();
-        t.config.bars().iter().map(|b| (*b, t.config.bar_address(b.index))).collect()
+    fn decode(&self, addr: u64, len: usize) -> Option<(usize, u64)> {
+        self.t.lock().config.decode(addr, len)
     }
 
     fn bar_read(&self, _bar: usize, offset: u64, data: &mut [u8]) {
@@ -452,7 +475,7 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
             let b = t.common_bytes(self.offered());
             data.copy_from_slice(&b[offset as usize..end as usize]);
         } else if offset == ISR && data.len() == 1 {
-            data[0] = std::mem::take(&mut t.isr);
+            data[0] = std::mem::take(&mut t.r.isr);
         } else if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&offset) {
             self.device.read_config(offset - DEVICE_CFG, data);
         } else if (MSIX_TABLE..MSIX_PBA).contains(&offset) {
@@ -508,14 +531,7 @@ impl<D: VirtioDevice> Component for VirtioPci<D> {
         let state = TransportState {
             config: t.config.bytes().to_vec(),
             msix: t.msix.save(),
-            device_feature_select: t.device_feature_select,
-            driver_feature_select: t.driver_feature_select,
-            driver_features: t.driver_features,
-            config_vector: t.config_vector,
-            status: t.status,
-            config_generation: t.config_generation,
-            queue_select: t.queue_select,
-            isr: t.isr,
+            registers: t.r,
             queues,
             device: self.device.save(),
         };
@@ -556,14 +572,7 @@ impl<D: VirtioDevice> Component for VirtioPci<D> {
         t.config.load(&s.config).map_err(bad)?;
         t.msix.restore(&s.msix).map_err(bad)?;
         self.device.restore(&s.device).map_err(bad)?;
-        t.device_feature_select = s.device_feature_select;
-        t.driver_feature_select = s.driver_feature_select;
-        t.driver_features = s.driver_features;
-        t.config_vector = s.config_vector;
-        t.status = s.status;
-        t.config_generation = s.config_generation;
-        t.queue_select = s.queue_select;
-        t.isr = s.isr;
+        t.r = s.registers;
         t.queues = queues;
         Ok(())
     }

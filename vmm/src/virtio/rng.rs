@@ -2,10 +2,10 @@
 //! device fills them with entropy from the host (getrandom(2)). It has no state of its own
 //! beyond the transport's, and no host resource to reserve.
 
-use super::{check_chain, VirtioDevice, VirtioError};
+use super::{serve_chains, VirtioDevice, VirtioError};
 use crate::memory::DeviceMemory;
 use std::io::Write;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 
 /// The most one request is given at once (a driver asking for more gets this much).
 const MAX_REQUEST: usize = 64 << 10;
@@ -41,19 +41,15 @@ impl VirtioDevice for Rng {
     }
 
     fn process(&self, _index: usize, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, VirtioError> {
-        let chains: Vec<_> = queue.iter(&**mem)?.collect();
-        let mut used = false;
-        for chain in chains {
+        serve_chains(queue, mem, |chain| {
             let head = chain.head_index();
-            check_chain(&chain)?;
-            let mut w = chain.writer(&**mem).map_err(|e| VirtioError::Buffer { head, why: e.to_string() })?;
+            let failed = |why: String| VirtioError::Buffer { head, why };
+            let mut w = chain.writer(&**mem).map_err(|e| failed(e.to_string()))?;
             let n = w.available_bytes().min(MAX_REQUEST);
             let mut buf = vec![0u8; n];
-            entropy(&mut buf).map_err(|e| VirtioError::Buffer { head, why: format!("no entropy: {e}") })?;
-            w.write_all(&buf).map_err(|e| VirtioError::Buffer { head, why: e.to_string() })?;
-            queue.add_used(&**mem, head, n as u32)?;
-            used = true;
-        }
-        Ok(used)
+            entropy(&mut buf).map_err(|e| failed(format!("no entropy: {e}")))?;
+            w.write_all(&buf).map_err(|e| failed(e.to_string()))?;
+            Ok(n as u32)
+        })
     }
 }
