@@ -5,7 +5,7 @@
 mod common;
 
 use common::ft::{free_port, log, query, wait_exit, wait_state, FtSetup, Side};
-use common::{accepts_connections, require_kvm, Proc, VmPaths};
+use common::{accepts_connections, require_kvm, rng, Proc, VmPaths};
 use smpft_client::FailoverClient;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,16 +48,6 @@ impl Background {
     fn finish_or(self, context: impl FnOnce() -> String) -> FailoverClient {
         self.stop.store(true, Ordering::SeqCst);
         self.thread.join().unwrap().unwrap_or_else(|e| panic!("client: {e}\n{}", context()))
-    }
-}
-
-fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
-    let mut x = seed | 1;
-    move |n| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x % n
     }
 }
 

@@ -65,7 +65,8 @@ const MAX_IO: usize = 1 << 20;
 pub struct RawFile {
     buffered: File,
     direct: Option<File>,
-    ring: Mutex<IoUring>,
+    /// `None` once the ring failed.
+    ring: Mutex<Option<IoUring>>,
     size: u64,
     readonly: bool,
     block_device: bool,
@@ -94,7 +95,7 @@ impl RawFile {
             meta.len()
         };
         let ring = IoUring::new(8).map_err(BackendError::Ring)?;
-        Ok(RawFile { buffered, direct, ring: Mutex::new(ring), size, readonly, block_device })
+        Ok(RawFile { buffered, direct, ring: Mutex::new(Some(ring)), size, readonly, block_device })
     }
 
     /// Whether aligned requests bypass the page cache.
@@ -113,23 +114,36 @@ impl RawFile {
     }
 
     /// Submits one request and waits for it; returns the result (bytes, or 0).
+    ///
+    /// It returns only once the completion is in: the kernel may use the caller's buffer until
+    /// then. A signal (the vCPU threads that serve disk requests are kicked with one) can end the
+    /// wait after the submission and before the completion, so the wait is repeated.
     fn run(&self, entry: squeue::Entry) -> std::io::Result<u32> {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(ring) = guard.as_mut() else {
+            return Err(std::io::Error::other("the io_uring failed before: the disk is unusable"));
+        };
         // SAFETY: every buffer an entry points to is borrowed by the caller for the whole call,
         // and the call waits for the completion before returning.
         unsafe { ring.submission().push(&entry) }.map_err(|_| std::io::Error::other("io_uring queue full"))?;
         loop {
+            if let Some(cqe) = ring.completion().next() {
+                if cqe.result() < 0 {
+                    return Err(std::io::Error::from_raw_os_error(-cqe.result()));
+                }
+                return Ok(cqe.result() as u32);
+            }
             match ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e) => {
+                    // The ring itself is broken, and the request may or may not be with the
+                    // kernel: the ring is never used again (the caller's buffer stays safe).
+                    std::mem::forget(guard.take());
+                    return Err(e);
+                }
             }
         }
-        let cqe = ring.completion().next().ok_or_else(|| std::io::Error::other("io_uring lost a completion"))?;
-        if cqe.result() < 0 {
-            return Err(std::io::Error::from_raw_os_error(-cqe.result()));
-        }
-        Ok(cqe.result() as u32)
     }
 
     /// Reads or writes all of `len` bytes at `ptr`, resubmitting after short transfers.

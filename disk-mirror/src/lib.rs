@@ -1,13 +1,24 @@
 //! The disk mirror: what a protected VM's disks are (`spec`), the storage behind them
-//! (`backend`: local files and block devices through io_uring), and the standby's per-epoch
-//! staging of the primary's writes (`staging`), applied only once their checkpoint commits.
+//! (`backend`: local files and block devices through io_uring; `nbd`: NBD exports), and the
+//! primary's per-epoch write log with the initial copy's block bitmap (`log`).
 //!
 //! Consistency is redo on the standby: a guest write completes on the primary's disk at once and
-//! travels in the FT log with the epoch it belongs to; the standby stages epoch N's writes,
-//! acknowledges checkpoint N only when they are all staged, writes them to its own storage after
-//! commit, and on go-live applies exactly the committed epochs and drops the rest.
+//! travels in the FT log with the epoch it belongs to; the standby acknowledges checkpoint N only
+//! when it holds N's writes as well as N's memory, writes them to its own storage after that,
+//! and so goes live with a disk that matches the memory it resumes from: not one write more, not
+//! one less.
 
 pub mod backend;
+pub mod log;
 pub mod nbd;
 pub mod spec;
-pub mod staging;
+
+use std::sync::Arc;
+
+/// Opens the storage `spec` names.
+pub fn open(spec: &spec::DiskSpec) -> Result<Arc<dyn backend::Backend>, backend::BackendError> {
+    Ok(match &spec.location {
+        spec::Location::Path(p) => Arc::new(backend::RawFile::open(p, spec.readonly)?),
+        other => Arc::new(nbd::Nbd::connect(other, spec.readonly)?),
+    })
+}

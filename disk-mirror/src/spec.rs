@@ -28,6 +28,23 @@ pub struct DiskSpec {
     pub readonly: bool,
 }
 
+impl std::fmt::Display for DiskSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.location {
+            Location::Path(p) => write!(f, "{}", p.display())?,
+            Location::NbdTcp { host, port, export } if host.contains(':') => {
+                write!(f, "nbd://[{host}]:{port}/{export}")?
+            }
+            Location::NbdTcp { host, port, export } => write!(f, "nbd://{host}:{port}/{export}")?,
+            Location::NbdUnix { socket, export } => write!(f, "nbd+unix:///{export}?socket={}", socket.display())?,
+        }
+        if self.readonly {
+            write!(f, ",readonly")?;
+        }
+        Ok(())
+    }
+}
+
 /// The default NBD port.
 pub const NBD_PORT: u16 = 10809;
 

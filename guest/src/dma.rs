@@ -6,8 +6,9 @@
 
 use crate::sync::Locked;
 
-/// Rings and buffers for a few devices (each queue of up to 256 entries takes 3 pages).
-pub const SIZE: u64 = 512 << 10;
+/// Rings and buffers for a few devices (each queue of up to 256 entries takes 3 pages), and the
+/// disk workload's data buffer (up to 1 MiB) and generations (up to 256 KiB).
+pub const SIZE: u64 = 2 << 20;
 
 struct Pool {
     next: u64,

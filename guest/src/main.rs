@@ -8,6 +8,7 @@
 
 mod churn;
 mod counter;
+mod disk;
 mod dma;
 mod io;
 mod params;
@@ -123,11 +124,16 @@ fn init(bi: &BootInfo) -> Shared {
             io::exit(status);
         }
     }
+    if params.disk {
+        if let Err(status) = disk::init(bi.tsc_khz, bi.vcpus, params.disk_settings) {
+            io::exit(status);
+        }
+    }
     if params.service {
         io::serial::init();
     }
     log!(
-        "smpft-guest: {} vCPUs, {} MiB, counter={} churn={} (rate {} pages/s/vCPU, {} pages/vCPU) service={} rng={} duration={}ms",
+        "smpft-guest: {} vCPUs, {} MiB, counter={} churn={} (rate {} pages/s/vCPU, {} pages/vCPU) service={} rng={} disk={} duration={}ms",
         bi.vcpus,
         bi.mem_size >> 20,
         params.counter,
@@ -136,6 +142,7 @@ fn init(bi: &BootInfo) -> Shared {
         if params.churn { churn::pages_per_cpu() } else { 0 },
         params.service,
         params.rng,
+        params.disk,
         params.duration_ms
     );
     Shared { params, vcpus: bi.vcpus, tsc_khz: bi.tsc_khz, start }
@@ -165,7 +172,7 @@ extern "C" fn guest_main(cpu: u64, bi: *const BootInfo) -> ! {
 fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
     let serves = p.service && cpu == 0;
     let drives_rng = p.rng && cpu == 0;
-    let busy = p.counter || p.churn;
+    let busy = p.counter || p.churn || p.disk;
     let mut next_check = start + CHECK_EVERY_MS * tsc_khz;
     let mut next_report = start + p.report_ms * tsc_khz;
     let mut sabotaged = false;
@@ -189,6 +196,9 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
         if drives_rng && rng::step(now) {
             idle = false;
         }
+        if p.disk {
+            disk::step(cpu);
+        }
         if cpu == 0 && !sabotaged && p.fail != Fail::None && ms_since(start, now, tsc_khz) > 200 {
             sabotaged = true;
             // Check at once: churn would soon rewrite the damaged page.
@@ -196,6 +206,7 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
             match p.fail {
                 Fail::Counter => counter::sabotage(),
                 Fail::Churn => churn::sabotage(0),
+                Fail::Disk => disk::sabotage(),
                 Fail::None => {}
             }
         }
@@ -212,6 +223,10 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
             if p.rng {
                 let (requests, bytes) = rng::totals();
                 log!("progress: t={}ms rng: requests={requests} bytes={bytes}", ms_since(start, now, tsc_khz));
+            }
+            if p.disk {
+                let (writes, reads, flushes) = disk::totals();
+                log!("progress: t={}ms disk: writes={writes} reads={reads} flushes={flushes}", ms_since(start, now, tsc_khz));
             }
         }
         if idle {
@@ -261,6 +276,10 @@ impl core::fmt::Display for Progress {
 fn finish(cpu: usize, p: &Params, vcpus: u32) -> ! {
     FINAL.wait(vcpus);
     self_check(cpu, p);
+    if p.disk {
+        let units = disk::verify(cpu);
+        log!("disk: vCPU {cpu} verified {units} units");
+    }
     log!("{}", Progress(cpu));
     FINAL.wait(vcpus);
     if cpu != 0 {
@@ -275,6 +294,10 @@ fn finish(cpu: usize, p: &Params, vcpus: u32) -> ! {
     if p.rng {
         let (requests, bytes) = rng::finish();
         log!("rng: requests={requests} bytes={bytes}");
+    }
+    if p.disk {
+        let (writes, reads, flushes) = disk::totals();
+        log!("disk: writes={writes} reads={reads} flushes={flushes}");
     }
     log!("RESULT: PASS counter_total={counter} churn_pages={churn}");
     io::exit(abi::EXIT_OK)

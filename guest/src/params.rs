@@ -1,5 +1,5 @@
 //! Boot parameters: whitespace-separated words, e.g.
-//! `counter churn churn-rate=2000 churn-ws=8M service rng duration=5s`.
+//! `counter churn churn-rate=2000 churn-ws=8M service rng disk disk-io=4K duration=5s`.
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Fail {
@@ -8,6 +8,8 @@ pub enum Fail {
     Counter,
     /// Corrupt a churn page on purpose.
     Churn,
+    /// Claim a disk write in memory that never reached the disk.
+    Disk,
 }
 
 #[derive(Clone, Copy)]
@@ -17,6 +19,9 @@ pub struct Params {
     pub service: bool,
     /// vCPU 0 drives a virtio-rng device.
     pub rng: bool,
+    /// Every vCPU writes and checks its region of a virtio-blk disk.
+    pub disk: bool,
+    pub disk_settings: crate::disk::Settings,
     /// Pages per second per vCPU; 0 = as fast as possible.
     pub churn_rate: u64,
     /// Bytes in the whole churn working set (split between vCPUs).
@@ -34,6 +39,8 @@ impl Params {
         churn: false,
         service: false,
         rng: false,
+        disk: false,
+        disk_settings: crate::disk::Settings { io: 4096, ws: 0, sequential: false, check_every: 1, flush_every: 16 },
         churn_rate: 1000,
         churn_ws: 8 << 20,
         duration_ms: 0,
@@ -54,12 +61,19 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, &[u8]> {
             (b"churn", None) => p.churn = true,
             (b"service", None) => p.service = true,
             (b"rng", None) => p.rng = true,
+            (b"disk", None) => p.disk = true,
+            (b"disk-io", Some(v)) => p.disk_settings.io = size(v).ok_or(word)?,
+            (b"disk-ws", Some(v)) => p.disk_settings.ws = size(v).ok_or(word)?,
+            (b"disk-seq", None) => p.disk_settings.sequential = true,
+            (b"disk-check", Some(v)) => p.disk_settings.check_every = number(v).ok_or(word)?,
+            (b"flush-every", Some(v)) => p.disk_settings.flush_every = number(v).ok_or(word)?,
             (b"churn-rate", Some(v)) => p.churn_rate = number(v).ok_or(word)?,
             (b"churn-ws", Some(v)) => p.churn_ws = size(v).ok_or(word)?,
             (b"duration", Some(v)) => p.duration_ms = millis(v).ok_or(word)?,
             (b"report", Some(v)) => p.report_ms = millis(v).ok_or(word)?,
             (b"fail", Some(b"counter")) => p.fail = Fail::Counter,
             (b"fail", Some(b"churn")) => p.fail = Fail::Churn,
+            (b"fail", Some(b"disk")) => p.fail = Fail::Disk,
             _ => return Err(word),
         }
     }

@@ -3,6 +3,7 @@
 mod demo;
 
 use clap::{Parser, Subcommand};
+use disk_mirror::spec::DiskSpec;
 use smp_ft::error::error_chain;
 use smp_ft::ft::primary::PrimaryFt;
 use smp_ft::ft::standby::{StandbyEnd, StandbyOptions, StandbyRunner};
@@ -210,6 +211,11 @@ struct StandbyArgs {
     /// The protected VM has a virtio-rng (must match the primary's).
     #[arg(long)]
     rng: bool,
+    /// This standby's own storage for the VM's disks, in the primary's order (same count and
+    /// sizes): a raw image or block device path, nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH. The initial copy writes it; checkpoints keep it current.
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<DiskSpec>,
     #[command(flatten)]
     ft: FtArgs,
 }
@@ -236,7 +242,7 @@ struct RunArgs {
     #[arg(long)]
     guest: Option<PathBuf>,
     /// Boot parameters for the guest. The built-in guest takes workloads `counter`, `churn`,
-    /// `service`, `rng` (needs --rng) and settings `churn-rate=PAGES_PER_S` (per vCPU, 0 = flat
+    /// `service`, `rng` (needs --rng), `disk` (needs --disk) and settings `churn-rate=PAGES_PER_S` (per vCPU, 0 = flat
     /// out), `churn-ws=SIZE`, `duration=5s|500ms`, `report=1s`, `fail=counter|churn`.
     #[arg(long, default_value = "counter churn duration=2s", allow_hyphen_values = true)]
     guest_args: String,
@@ -253,6 +259,13 @@ struct RunArgs {
     /// Give the VM a virtio-rng (PCI): entropy from this host's getrandom(2).
     #[arg(long)]
     rng: bool,
+    /// Give the VM a virtio-blk disk (repeatable, up to 8): a raw image or block device path
+    /// (io_uring, O_DIRECT where possible), or an NBD export, nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH (qcow2, VMDK... through qemu-nbd; anything through
+    /// nbdkit). Append ",readonly" for a read-only disk. Protected, every write is mirrored to
+    /// the standby's own storage.
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<DiskSpec>,
     /// Protect the VM with the standby (`smpft standby`) at this address (host:port). Until
     /// it answers, and whenever it is lost, the VM runs unprotected and smpft keeps trying.
     #[arg(long, value_name = "HOST:PORT")]
@@ -348,6 +361,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     let devices = DeviceConfig {
         // A snapshot with the device's state needs the device.
         rng: args.rng || last.is_some_and(|s| s.state.component("virtio-rng").is_some()),
+        disks: args.disks,
     };
     let config = VmConfig {
         vcpus: args.vcpus.or(last.map(|s| s.vcpus)).unwrap_or(2),
@@ -424,7 +438,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         serial: args.serial,
         console: args.console,
         kvm_device: args.kvm_device,
-        devices: DeviceConfig { rng: args.rng },
+        devices: DeviceConfig { rng: args.rng, disks: args.disks },
     };
     let opts = StandbyOptions { ft: ft.clone(), listen: args.listen, config };
     block_termination_signals();

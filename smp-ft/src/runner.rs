@@ -61,6 +61,8 @@ impl Runner {
         let never = crossbeam_channel::never();
         let requests = self.qmp.as_ref().map_or(&never, |(_, rx)| rx).clone();
         let outcome = loop {
+            // Disk requests left waiting (the write log was full, or the VM was just restored).
+            self.vm.devices().kick_disks();
             let (ft_events, ft_inputs, ft_wake) = match &self.ft {
                 Some(ft) => ft.receivers(),
                 None => (crossbeam_channel::never(), crossbeam_channel::never(), crossbeam_channel::never()),

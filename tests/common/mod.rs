@@ -299,3 +299,14 @@ pub fn signal(p: &Proc, sig: i32) {
 pub fn sigkill(p: &mut Proc) {
     p.sigkill();
 }
+
+/// A small xorshift generator: `r(n)` is in `0..n`. Tests print their seed.
+pub fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut x = seed | 1;
+    move |n| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    }
+}

@@ -9,11 +9,17 @@
 use super::devices::serial::SerialHost;
 use super::devices::Console;
 use super::{open_kvm, VmConfig, VmError};
+use disk_mirror::backend::Backend;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub struct HostResources {
     pub(super) serial: SerialHost,
     pub(super) console: Console,
+    /// The disks' storage, opened (for a standby: its own copy, which it writes as checkpoints
+    /// commit).
+    pub(super) disks: Vec<Arc<dyn Backend>>,
+    disk_specs: Vec<String>,
     kvm_device: PathBuf,
 }
 
@@ -29,7 +35,19 @@ impl HostResources {
             }
         };
         let serial = SerialHost::reserve(&config.serial)?;
-        Ok(HostResources { serial, console, kvm_device: config.kvm_device.clone() })
+        let disks = config
+            .devices
+            .disks
+            .iter()
+            .map(|spec| disk_mirror::open(spec).map_err(|source| VmError::Disk { spec: spec.to_string(), source }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let disk_specs = config.devices.disks.iter().map(|s| s.to_string()).collect();
+        Ok(HostResources { serial, console, disks, disk_specs, kvm_device: config.kvm_device.clone() })
+    }
+
+    /// The disks' storage, in order.
+    pub fn disks(&self) -> &[Arc<dyn Backend>] {
+        &self.disks
     }
 
     /// Verifies that everything is still held and usable: KVM opens, the serial socket is
@@ -37,6 +55,12 @@ impl HostResources {
     pub fn check(&mut self) -> Result<(), VmError> {
         open_kvm(&self.kvm_device)?;
         self.serial.check()?;
+        // Storage that stopped answering (an NBD server gone) cannot carry the VM.
+        for (disk, spec) in self.disks.iter().zip(&self.disk_specs) {
+            let mut sector = [0u8; 512];
+            disk.read_at(&mut sector[..disk.size().min(512) as usize], 0)
+                .map_err(|source| VmError::Disk { spec: spec.clone(), source })?;
+        }
         Ok(())
     }
 }

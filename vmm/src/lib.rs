@@ -100,6 +100,8 @@ pub enum VmError {
     Dirty(#[from] dirty::DirtyError),
     #[error("cannot open console file {path}")]
     Console { path: PathBuf, source: std::io::Error },
+    #[error("disk {spec}")]
+    Disk { spec: String, source: disk_mirror::backend::BackendError },
     #[error("cannot start vCPU threads")]
     Thread(#[source] std::io::Error),
     #[error("vCPU threads did not exit within {0:?}")]
@@ -216,7 +218,7 @@ fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>, host: HostResource
     if config.vcpus == 0 || config.vcpus > max {
         return Err(VmError::Vcpus { asked: config.vcpus, max });
     }
-    let HostResources { serial: serial_host, console, .. } = host;
+    let HostResources { serial: serial_host, console, disks, .. } = host;
 
     let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
     vm.create_irq_chip().map_err(kvm_err("create in-kernel irqchip"))?;
@@ -248,7 +250,7 @@ fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>, host: HostResource
     let dirty = DirtyLog::new(0, &memory);
 
     let irq = Arc::new(irq::Irq::new(&vm).map_err(|e| VmError::Serial(SerialError::Event(e)))?);
-    let devices = Arc::new(Devices::new(&config.devices, console, &memory, &irq)?);
+    let devices = Arc::new(Devices::new(&config.devices, disks, console, &memory, &irq)?);
 
     vcpu::register_kick_handler().map_err(|e| VmError::Kvm { what: "install vCPU kick signal handler", source: e })?;
     let kick = SignalKick::new(config.vcpus as usize);
@@ -354,6 +356,7 @@ impl Vm {
         if let Some(extra) = state.components.iter().find(|s| !components.iter().any(|c| c.name() == s.name)) {
             return Err(VmError::UnknownState(extra.name.clone()));
         }
+        parts.devices.disks_restored();
         tracing::info!(vcpus = config.vcpus, memory_mib = config.memory >> 20, "VM restored");
         Ok(Vm::assemble(config, parts))
     }
@@ -539,6 +542,10 @@ impl RunningVm {
         }
         if let Some(s) = self.serial.take() {
             s.stop();
+        }
+        if exited {
+            // Whatever the guest wrote reaches stable storage before smpft reports the VM ended.
+            self.devices.flush_disks();
         }
         self.vm.take();
         if exited {

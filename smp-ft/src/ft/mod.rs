@@ -3,6 +3,7 @@
 //! crashes, acknowledgements and timeouts can be tested directly. `primary` and `standby` drive
 //! them with the VM, the logging channel (`transport`) and the tie-breaker.
 
+pub mod disk;
 pub mod error;
 pub mod fault;
 pub mod primary;

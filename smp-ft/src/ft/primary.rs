@@ -3,6 +3,7 @@
 //! [`PrimaryFt::tick`]; checkpoints are encoded and sent on a sender thread so the VM owner only
 //! pauses, captures and resumes.
 
+use super::disk::DiskCopy;
 use super::error::FtError;
 use super::protocol::{Epoch, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryState};
 use super::stats::{Progress, Stats};
@@ -112,6 +113,8 @@ struct SyncRun {
     final_pause: Duration,
     bytes: u64,
     progress: Progress,
+    /// The disks' copy (none without disks).
+    disk: Option<DiskCopy>,
 }
 
 /// How soon to try a standby again, and the tie-breaker again when it could not be reached.
@@ -130,10 +133,13 @@ pub struct PrimaryFt {
     inputs: (Sender<Input>, Receiver<Input>),
     wake: Receiver<()>,
     gate: Arc<crate::vmm::devices::gate::OutputGate>,
+    disk_log: Arc<disk_mirror::log::WriteLog>,
     /// `SMPFT_VERIFY=1`: what the standby should hold, checked against memory at each checkpoint.
     shadow: Option<super::verify::Shadow>,
     /// A capture taken for the machine, waiting for its [`PrimaryAction::Send`].
     captured: Option<Payload>,
+    /// Disk ops sealed by a capture that then failed: they open the next checkpoint's.
+    unsent_disk: Vec<(u32, disk_mirror::log::Op)>,
     next_connect: Instant,
     next_arbitrate: Option<Instant>,
     /// A tie-breaker claim is running in the background.
@@ -161,13 +167,15 @@ impl PrimaryFt {
             None => tiebreak.read()?.map_or(0, |(g, _)| g),
         };
         let (wtx, wake) = crossbeam_channel::bounded(1);
-        vm.devices().gate.notify_on_output(Some(wtx));
+        vm.devices().gate.notify_on_output(Some(wtx.clone()));
+        vm.devices().disk_log().notify(Some(wtx));
         let meta = Meta {
             vcpus: vm.vcpus(),
             mem_size: vm.memory().size(),
             generation,
             owner: opts.owner.clone(),
             devices: vm.device_config().summary(),
+            disks: vm.devices().disk_log().sizes().to_vec(),
         };
         Ok(PrimaryFt {
             tiebreak,
@@ -183,8 +191,10 @@ impl PrimaryFt {
             inputs: crossbeam_channel::unbounded(),
             wake,
             gate: vm.devices().gate.clone(),
+            disk_log: vm.devices().disk_log().clone(),
             shadow: std::env::var_os("SMPFT_VERIFY").map(|_| super::verify::Shadow::new(vm.memory().size())),
             captured: None,
+            unsent_disk: Vec::new(),
             next_connect: Instant::now(),
             next_arbitrate: None,
             claiming: false,
@@ -216,7 +226,7 @@ impl PrimaryFt {
         }
         // The machine's checkpoint timer (none while the window is full: the next
         // acknowledgement, an event on the channel, opens it).
-        self.proto.set_output_waiting(self.gate.open_times());
+        self.proto.set_output_waiting(self.output_waiting(self.disk_log.filling()));
         if let Some(t) = self.proto.poll_timeout() {
             at = at.min(t);
         }
@@ -224,6 +234,17 @@ impl PrimaryFt {
             at = at.min(t);
         }
         at
+    }
+
+    /// Output waiting to be committed, for the machine's timer; a disk log past half its budget
+    /// counts as output that has waited long enough (the disks stall when it is full).
+    fn output_waiting(&self, disk_filling: bool) -> Option<(Instant, Instant)> {
+        let out = self.gate.open_times();
+        if !disk_filling {
+            return out;
+        }
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now);
+        Some(out.map_or((long_ago, long_ago), |(first, _)| (first.min(long_ago), long_ago)))
     }
 
     fn error(&mut self, msg: String) {
@@ -250,7 +271,7 @@ impl PrimaryFt {
                 }
             }
             PrimaryState::Protected => {
-                self.proto.set_output_waiting(self.gate.open_times());
+                self.proto.set_output_waiting(self.output_waiting(vm.devices().disk_log().filling()));
                 let actions = self.proto.handle_timeout(now);
                 return self.act(vm, actions);
             }
@@ -360,11 +381,14 @@ impl PrimaryFt {
     fn act(&mut self, vm: &RunningVm, actions: Vec<PrimaryAction>) -> Flow {
         for a in actions {
             match a {
-                PrimaryAction::StartSync => self.start_sync(),
+                PrimaryAction::StartSync => self.start_sync(vm),
                 PrimaryAction::CopyRound { seq, all } => self.precopy_round(vm, seq, all),
                 PrimaryAction::MeasureDirty => {
                     let pages = vm.dirty_pending().unwrap_or(u64::MAX);
-                    let next = self.proto.handle(PrimaryEvent::DirtyPending { pages });
+                    let disk = DiskCopy::pending_pages(&self.disk_log);
+                    let copying = self.sync.as_ref().and_then(|s| s.disk.as_ref()).is_some_and(DiskCopy::copying);
+                    let next =
+                        self.proto.handle(PrimaryEvent::DirtyPending { pages: pages.saturating_add(disk), copying });
                     if self.act(vm, next) == Flow::Halt {
                         return Flow::Halt;
                     }
@@ -388,6 +412,8 @@ impl PrimaryFt {
                     vm.devices().gate.release(&ids)
                 }
                 PrimaryAction::DropStandby => {
+                    self.disk_log.stop();
+                    self.unsent_disk.clear();
                     if let Some(l) = self.link.take() {
                         l.close_in_background(transport::channel::code::SILENT, "standby dropped");
                     }
@@ -455,13 +481,15 @@ impl PrimaryFt {
         }
         let flow = self.act(vm, actions);
         if self.proto.state() == PrimaryState::Unprotected {
+            self.disk_log.stop();
             vm.devices().gate.open_all();
             self.next_connect = Instant::now() + RETRY_CONNECT;
         }
         flow
     }
 
-    fn start_sync(&mut self) {
+    fn start_sync(&mut self, vm: &RunningVm) {
+        let disk = (!vm.devices().disk_log().sizes().is_empty()).then(|| DiskCopy::full(&self.disk_log));
         self.sync = Some(SyncRun {
             started: Instant::now(),
             round: 0,
@@ -469,14 +497,27 @@ impl PrimaryFt {
             final_pause: Duration::ZERO,
             bytes: 0,
             progress: Progress::new("initial copy"),
+            disk,
         });
     }
 
     /// Carries out [`PrimaryAction::CopyRound`].
     fn precopy_round(&mut self, vm: &RunningVm, seq: Epoch, all: bool) {
+        let disks = vm.devices().disk_backends();
+        let disk = match self.sync.as_mut().and_then(|s| s.disk.as_mut()) {
+            Some(copy) => copy.round(&self.disk_log, &disks),
+            None => Ok(Vec::new()),
+        };
+        let disk = match disk {
+            Ok(d) => d,
+            Err(e) => {
+                self.error(format!("reading the disks for the initial copy failed: {}", error_chain(&e)));
+                return self.sync_failed("reading the disks failed");
+            }
+        };
         match vm.copy_running(if all { PageSet::All } else { PageSet::Dirty }) {
             Ok(memory) => {
-                let bytes = memory.data.len() as u64;
+                let bytes = memory.data.len() as u64 + disk.iter().map(|(_, op)| op.bytes() as u64).sum::<u64>();
                 if let Some(sh) = &self.shadow {
                     if all {
                         sh.reset();
@@ -487,7 +528,7 @@ impl PrimaryFt {
                     s.round += 1;
                     s.bytes += bytes;
                     s.progress.update(s.round, s.bytes, bytes);
-                    l.send(Payload { seq, kind: PayloadKind::PreCopy, memory, state: None });
+                    l.send(Payload { seq, kind: PayloadKind::PreCopy, memory, state: None, disk });
                 }
                 if all {
                     super::fault::hit(super::fault::Point::InPrecopy);
@@ -503,6 +544,7 @@ impl PrimaryFt {
     /// The initial copy failed on this side: drop the standby, carry on unprotected.
     fn sync_failed(&mut self, why: &str) {
         self.sync = None;
+        self.disk_log.stop();
         if let Some(l) = self.link.take() {
             l.close(transport::channel::code::PROTOCOL, why);
         }
@@ -515,8 +557,22 @@ impl PrimaryFt {
     fn final_sync(&mut self, vm: &RunningVm, seq: Epoch) -> Flow {
         let gate = vm.devices().gate.clone();
         let at = Instant::now();
-        match vm.capture(PageSet::Dirty, || gate.hold()) {
-            Ok(Capture { memory, state, timings: t }) => {
+        let (log, disks) = (&self.disk_log, vm.devices().disk_backends());
+        let mut disk = Ok(Vec::new());
+        let r = vm.capture(PageSet::Dirty, || {
+            gate.hold();
+            // The blocks still marked are read with the vCPUs stopped; every op after this pause
+            // belongs to an epoch and is logged.
+            disk = super::disk::read_marked(log, &disks, usize::MAX);
+            log.start_logging();
+        });
+        let r = match (r, disk) {
+            (Ok(c), Ok(disk)) => Ok((c, disk)),
+            (Err(e), _) => Err(error_chain(&e)),
+            (_, Err(e)) => Err(format!("reading the disks: {}", error_chain(&e))),
+        };
+        match r {
+            Ok((Capture { memory, state, timings: t }, disk)) => {
                 if let Some(sh) = &self.shadow {
                     sh.apply(&memory);
                 }
@@ -526,14 +582,14 @@ impl PrimaryFt {
                 if let (Some(s), Some(l)) = (&mut self.sync, &self.link) {
                     s.final_seq = Some(seq);
                     s.final_pause = pause;
-                    s.bytes += memory.data.len() as u64;
-                    l.send(Payload { seq, kind: PayloadKind::Sync, memory, state: Some(state) });
+                    s.bytes += memory.data.len() as u64 + disk.iter().map(|(_, op)| op.bytes() as u64).sum::<u64>();
+                    l.send(Payload { seq, kind: PayloadKind::Sync, memory, state: Some(state), disk });
                 }
                 self.act(vm, actions)
             }
             Err(e) => {
                 gate.open_all();
-                self.error(format!("final sync pause failed: {}", error_chain(&e)));
+                self.error(format!("final sync pause failed: {e}"));
                 self.sync_failed("sync failed");
                 Flow::Continue
             }
@@ -562,8 +618,11 @@ impl PrimaryFt {
         let mut sealed = None;
         let mut changed = Vec::new();
         let shadow = self.shadow.as_ref();
+        let log = &self.disk_log;
+        let mut disk = Vec::new();
         let r = vm.capture(PageSet::Dirty, || {
             sealed = gate.seal();
+            disk = log.seal();
             if let Some(sh) = shadow {
                 changed = sh.differing(vm.memory());
             }
@@ -581,6 +640,7 @@ impl PrimaryFt {
             Err(e) => {
                 self.error(format!("checkpoint {epoch} failed: {}", error_chain(&e)));
                 // Whatever was sealed stays held under this epoch's next attempt.
+                self.unsent_disk.append(&mut disk);
                 if let Some(id) = sealed {
                     let _ = self.proto.handle(PrimaryEvent::Output { id });
                 }
@@ -591,7 +651,11 @@ impl PrimaryFt {
         self.stats.pause(t);
         self.stats.checkpoint(epoch, memory.data.len() as u64);
         tracing::debug!(epoch, pages = memory.count(), output = ?sealed, "checkpoint");
-        self.captured = Some(Payload { seq: epoch, kind: PayloadKind::Epoch, memory, state: Some(state) });
+        if !self.unsent_disk.is_empty() {
+            disk.splice(0..0, std::mem::take(&mut self.unsent_disk));
+        }
+        self.stats.disk(disk.iter().map(|(_, op)| op.bytes() as u64).sum());
+        self.captured = Some(Payload { seq: epoch, kind: PayloadKind::Epoch, memory, state: Some(state), disk });
         let actions = self.proto.handle(PrimaryEvent::Captured { epoch, output: sealed, at });
         let flow = self.act(vm, actions);
         self.captured = None;
@@ -678,6 +742,7 @@ impl PrimaryFt {
             }
         }
         vm.devices().gate.open_all();
+        self.disk_log.stop();
         if let Some(l) = self.link.take() {
             tracing::info!("FT: telling the standby to stand down: {why}");
             l.close(GOODBYE_VM_ENDED, why);

@@ -74,9 +74,12 @@ pub enum PrimaryState {
 pub enum PrimaryEvent {
     /// A standby connected and wants the initial copy.
     StandbyAttached,
-    /// How many pages are dirty now (the answer to [`PrimaryAction::MeasureDirty`]).
+    /// How many pages are dirty now (the answer to [`PrimaryAction::MeasureDirty`]), disk
+    /// blocks to copy counted as pages; `copying` while a disk's first pass is not done (those
+    /// rounds do not count towards the limit: the final pause must not copy a whole disk).
     DirtyPending {
         pages: u64,
+        copying: bool,
     },
     /// A pre-copy round or the final pause of the initial copy failed: the standby is dropped.
     SyncFailed,
@@ -293,12 +296,14 @@ impl Primary {
                 }
                 _ => vec![],
             },
-            (S::Syncing, E::DirtyPending { pages }) => {
+            (S::Syncing, E::DirtyPending { pages, copying }) => {
                 let c = &self.config;
                 let Some(s) = self.sync.as_mut().filter(|s| s.measuring) else { return vec![] };
                 s.measuring = false;
                 s.awaiting += 1;
-                if pages > c.sync_done_pages && s.round < c.sync_max_rounds {
+                if copying {
+                    vec![A::CopyRound { seq: s.awaiting, all: false }]
+                } else if pages > c.sync_done_pages && s.round < c.sync_max_rounds {
                     s.round += 1;
                     vec![A::CopyRound { seq: s.awaiting, all: false }]
                 } else {

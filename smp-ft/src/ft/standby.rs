@@ -17,6 +17,7 @@ use crate::vmm::host::HostResources;
 use crate::vmm::memory::GuestMemory;
 use crate::vmm::{Vm, VmConfig, VmError, VmEvent};
 use crossbeam_channel::{select, Receiver};
+use disk_mirror::backend::Backend;
 use qemu_shim::qmp::{Command, QmpError, Request};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -55,6 +56,9 @@ struct Session {
     last_bytes: u64,
     checkpoints: u64,
     peer: SocketAddr,
+    /// The most disk data one checkpoint carried (held in memory until written).
+    disk_peak: u64,
+    disk_bytes: u64,
 }
 
 /// Acknowledges `epoch`. If the channel is already closed the ack is lost, which the protocol
@@ -70,6 +74,8 @@ pub struct StandbyRunner<'a> {
     opts: &'a StandbyOptions,
     /// Everything the VM needs on this host to go live, held from the start.
     host: Option<HostResources>,
+    /// This copy's own disks (the host resources' storage), written as checkpoints commit.
+    disks: Vec<Arc<dyn Backend>>,
     tiebreak: TieBreaker,
     generation: u64,
     qmp: Receiver<Request>,
@@ -83,11 +89,13 @@ impl<'a> StandbyRunner<'a> {
         signals: Receiver<VmEvent>,
     ) -> Result<Self, FtError> {
         let host = HostResources::reserve(&opts.config).map_err(FtError::CannotGoLive)?;
+        let disks = host.disks().to_vec();
         let tiebreak = TieBreaker::new(&opts.ft.tiebreak, &opts.ft.owner)?;
         let generation = tiebreak.read()?.map_or(0, |(g, _)| g);
         Ok(StandbyRunner {
             opts,
             host: Some(host),
+            disks,
             tiebreak,
             generation,
             qmp: qmp.unwrap_or_else(crossbeam_channel::never),
@@ -110,7 +118,12 @@ impl<'a> StandbyRunner<'a> {
             generation: self.generation,
             owner: self.opts.ft.owner.clone(),
             devices: self.opts.config.devices.summary(),
+            disks: self.disk_sizes(),
         }
+    }
+
+    fn disk_sizes(&self) -> Vec<u64> {
+        self.disks.iter().map(|d| d.size()).collect()
     }
 
     /// Waits for primaries and keeps their VM until it goes live here or ends.
@@ -187,6 +200,8 @@ impl<'a> StandbyRunner<'a> {
             last_bytes: 0,
             checkpoints: 0,
             peer,
+            disk_peak: 0,
+            disk_bytes: 0,
         };
         loop {
             let events = s.chan.events().clone();
@@ -229,6 +244,11 @@ impl<'a> StandbyRunner<'a> {
                     }
                 }
                 Event::Message(Message::Goodbye { code: GOODBYE_VM_ENDED, reason }) => {
+                    for (i, d) in self.disks.iter().enumerate() {
+                        if let Err(e) = d.flush() {
+                            tracing::error!("FT: flushing disk{i} failed: {}", error_chain(&e));
+                        }
+                    }
                     tracing::info!("FT: the primary ended the VM ({reason}); standby done");
                     return Ok(Some(StandbyEnd::PrimaryEnded(reason)));
                 }
@@ -251,7 +271,8 @@ impl<'a> StandbyRunner<'a> {
     }
 
     fn checkpoint(&mut self, s: &mut Session, seq: Epoch, data: &transport::CheckpointData) -> Result<(), FtError> {
-        let staged = Staged::validate(data, seq, self.opts.config.vcpus, self.opts.config.memory);
+        let sizes = self.disk_sizes();
+        let staged = Staged::validate(data, seq, self.opts.config.vcpus, self.opts.config.memory, &sizes);
         let staged = match staged {
             Ok(st) => st,
             Err(e) => {
@@ -260,11 +281,15 @@ impl<'a> StandbyRunner<'a> {
             }
         };
         s.last_bytes = data.len() as u64;
+        let disk_bytes = staged.disk_bytes();
+        s.disk_peak = s.disk_peak.max(disk_bytes);
+        s.disk_bytes += disk_bytes;
         if staged.kind() == PayloadKind::PreCopy {
             for a in s.proto.handle(StandbyEvent::PreCopy { seq }) {
                 match a {
                     StandbyAction::ApplyPreCopy { .. } => {
                         staged.apply(&s.memory)?;
+                        staged.apply_disk(&self.disks)?;
                     }
                     StandbyAction::Ack { epoch } => send_ack(&s.chan, epoch),
                     StandbyAction::Refuse { seq } => return Err(FtError::LatePreCopy(seq)),
@@ -279,6 +304,8 @@ impl<'a> StandbyRunner<'a> {
                 StandbyAction::Apply { epoch } => {
                     super::fault::hit(super::fault::Point::StallApply);
                     let state = staged.apply(&s.memory)?.ok_or(FtError::NoState)?;
+                    // Committed (acknowledged): its writes go to this copy's own storage.
+                    staged.apply_disk(&self.disks)?;
                     tracing::debug!(epoch, pages = staged.pages(), "applied");
                     s.state = Some(state);
                     s.applied = Some(epoch);
@@ -434,6 +461,8 @@ impl<'a> StandbyRunner<'a> {
             "checkpoints": s.map_or(0, |s| s.checkpoints),
             "last-checkpoint-bytes": s.map_or(0, |s| s.last_bytes),
             "peer": s.map(|s| s.peer.to_string()),
+            "disk-bytes-received": s.map_or(0, |s| s.disk_bytes),
+            "disk-staged-peak-bytes": s.map_or(0, |s| s.disk_peak),
         })
     }
 

@@ -27,6 +27,8 @@ struct Inner {
     sent: VecDeque<(Instant, u64)>,
     total_sent: u64,
     protected_since: Option<Instant>,
+    /// Bytes of disk writes mirrored in checkpoints.
+    disk_bytes: u64,
 }
 
 /// Counters shared by the VM owner and the sender thread.
@@ -76,6 +78,11 @@ impl Stats {
             }
             g.ack_latency.push_back(t.elapsed());
         }
+    }
+
+    /// A checkpoint carries `bytes` of disk writes.
+    pub fn disk(&self, bytes: u64) {
+        self.inner.lock().disk_bytes += bytes;
     }
 
     pub fn sent(&self, bytes: u64) {
@@ -149,6 +156,7 @@ impl Stats {
             "ack-latency-p99-us": a.map(|p| p.1.as_micros() as u64),
             "log-bandwidth-bytes-per-s": bw as u64,
             "log-bytes-total": g.total_sent,
+            "disk-write-bytes-mirrored": g.disk_bytes,
             "protected-for-ms": g.protected_since.map(|t| t.elapsed().as_millis() as u64),
         })
     }

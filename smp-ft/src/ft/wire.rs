@@ -8,6 +8,9 @@
 pub use crate::vmm::machine::MachineState;
 use crate::vmm::pages::{MemoryPages, PagesError};
 use bytes::Bytes;
+use disk_mirror::backend::Backend;
+use disk_mirror::log::Op;
+use std::sync::Arc;
 use transport::CheckpointData;
 
 /// A payload or peer description that cannot be used.
@@ -23,6 +26,10 @@ pub enum WireError {
     Sequence { seq: u64, says: u64 },
     #[error("checkpoint {seq}: {source}")]
     Pages { seq: u64, source: PagesError },
+    #[error("checkpoint {seq}: disk op {index} ({what}) is outside disk {disk}")]
+    DiskOp { seq: u64, index: usize, disk: u32, what: String },
+    #[error("checkpoint {seq}: writing disk {disk} failed: {why}")]
+    DiskWrite { seq: u64, disk: u32, why: String },
     #[error("checkpoint {seq} lacks the machine state")]
     NoState { seq: u64 },
     #[error("pre-copy round {seq} carries machine state")]
@@ -45,6 +52,8 @@ pub struct Meta {
     pub owner: String,
     /// The optional devices (`DeviceConfig::summary`): both copies must have the same.
     pub devices: String,
+    /// Each disk's size in bytes: both copies must have the same.
+    pub disks: Vec<u64>,
 }
 
 impl Meta {
@@ -60,6 +69,21 @@ impl Meta {
 
     /// Why a VM of shape `self` cannot be protected by (or protect) `other`, if it cannot.
     pub fn mismatch(&self, other: &Meta) -> Option<String> {
+        if self.disks != other.disks {
+            let sizes = |d: &[u64]| {
+                if d.is_empty() {
+                    "no disks".to_string()
+                } else {
+                    d.iter().map(|s| format!("{s} bytes")).collect::<Vec<_>>().join(", ")
+                }
+            };
+            return Some(format!(
+                "disks differ: this side has {}, the peer ({}) {}",
+                sizes(&self.disks),
+                other.owner,
+                sizes(&other.disks)
+            ));
+        }
         if self.devices != other.devices {
             return Some(format!(
                 "devices differ: this side has {}, the peer ({}) {}",
@@ -96,6 +120,10 @@ pub struct Payload {
     pub memory: MemoryPages,
     /// Present for `Sync` and `Epoch`.
     pub state: Option<MachineState>,
+    /// Disk changes, in order, each with its disk's number: the initial copy's blocks in
+    /// pre-copy rounds and the synchronising checkpoint, the epoch's completed requests in an
+    /// epoch checkpoint.
+    pub disk: Vec<(u32, Op)>,
 }
 
 pub fn encode(p: &Payload) -> Result<Bytes, WireError> {
@@ -115,8 +143,15 @@ impl std::fmt::Debug for Staged {
 }
 
 impl Staged {
-    /// Validates `data` as checkpoint `seq` of a VM with `vcpus` vCPUs and `mem_size` bytes.
-    pub fn validate(data: &CheckpointData, seq: u64, vcpus: u32, mem_size: u64) -> Result<Staged, WireError> {
+    /// Validates `data` as checkpoint `seq` of a VM with `vcpus` vCPUs, `mem_size` bytes and
+    /// disks of `disks` bytes.
+    pub fn validate(
+        data: &CheckpointData,
+        seq: u64,
+        vcpus: u32,
+        mem_size: u64,
+        disks: &[u64],
+    ) -> Result<Staged, WireError> {
         let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(data.len());
         for s in &data.segments {
             buf.extend_from_slice(s);
@@ -128,6 +163,14 @@ impl Staged {
             return Err(WireError::Sequence { seq, says: p.seq.to_native() });
         }
         p.memory.validate(mem_size).map_err(|source| WireError::Pages { seq, source })?;
+        for (index, entry) in p.disk.iter().enumerate() {
+            let disk = entry.0.to_native();
+            let range = entry.1.range();
+            if !disks.get(disk as usize).is_some_and(|&size| disk_mirror::log::fits(range, size)) {
+                let what = range.map_or("flush".into(), |(o, l)| format!("{l} bytes at {o:#x}"));
+                return Err(WireError::DiskOp { seq, index, disk, what });
+            }
+        }
         let wants_state = !matches!(p.kind, ArchivedPayloadKind::PreCopy);
         match p.state.as_ref() {
             None if wants_state => return Err(WireError::NoState { seq }),
@@ -157,6 +200,34 @@ impl Staged {
         self.archived().memory.count()
     }
 
+    /// Bytes of disk data the payload carries.
+    pub fn disk_bytes(&self) -> u64 {
+        let data = |op: &disk_mirror::log::ArchivedOp| match op {
+            disk_mirror::log::ArchivedOp::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        };
+        self.archived().disk.iter().map(|e| data(&e.1)).sum()
+    }
+
+    /// Writes the payload's disk changes to `disks`, in order (straight from the received bytes).
+    pub fn apply_disk(&self, disks: &[Arc<dyn Backend>]) -> Result<(), WireError> {
+        let seq = self.archived().seq.to_native();
+        for entry in self.archived().disk.iter() {
+            let disk = entry.0.to_native();
+            let target = disks.get(disk as usize).ok_or_else(|| WireError::DiskWrite {
+                seq,
+                disk,
+                why: "no such disk".into(),
+            })?;
+            entry.1.apply(&**target).map_err(|e| WireError::DiskWrite {
+                seq,
+                disk,
+                why: crate::error::error_chain(&e),
+            })?;
+        }
+        Ok(())
+    }
+
     /// Writes the memory pages into `mem` and returns the machine state, if any.
     pub fn apply(&self, mem: &crate::vmm::memory::GuestMemory) -> Result<Option<MachineState>, WireError> {
         let p = self.archived();
@@ -183,7 +254,7 @@ mod tests {
             vm: VmState { pic_master: vec![], pic_slave: vec![], ioapic: vec![], pit: vec![], clock: vec![] },
             components: vec![],
         });
-        Payload { seq, kind, memory: MemoryPages { pages, data, zero_pages: vec![0] }, state }
+        Payload { seq, kind, memory: MemoryPages { pages, data, zero_pages: vec![0] }, state, disk: vec![] }
     }
 
     fn data(p: &Payload) -> CheckpointData {
@@ -198,7 +269,7 @@ mod tests {
         let mem = crate::vmm::memory::GuestMemory::new(1 << 20).unwrap();
         mem.fill(0, 4096, 9).unwrap();
         let p = payload(7, PayloadKind::Epoch, vec![3, 5]);
-        let s = Staged::validate(&data(&p), 7, 0, 1 << 20).unwrap();
+        let s = Staged::validate(&data(&p), 7, 0, 1 << 20, &[]).unwrap();
         assert_eq!(s.kind(), PayloadKind::Epoch);
         assert_eq!(s.pages(), 3);
         assert!(s.apply(&mem).unwrap().is_some());
@@ -212,29 +283,85 @@ mod tests {
     #[test]
     fn invalid_payloads_are_refused() {
         let p = payload(7, PayloadKind::Epoch, vec![3]);
-        assert!(Staged::validate(&data(&p), 8, 0, 1 << 20).unwrap_err().to_string().contains("says it is 7"));
-        assert!(Staged::validate(&data(&p), 7, 2, 1 << 20).unwrap_err().to_string().contains("vCPU states"));
-        assert!(Staged::validate(&data(&p), 7, 0, 2 * PAGE_SIZE).unwrap_err().to_string().contains("beyond"));
+        assert!(Staged::validate(&data(&p), 8, 0, 1 << 20, &[]).unwrap_err().to_string().contains("says it is 7"));
+        assert!(Staged::validate(&data(&p), 7, 2, 1 << 20, &[]).unwrap_err().to_string().contains("vCPU states"));
+        assert!(Staged::validate(&data(&p), 7, 0, 2 * PAGE_SIZE, &[]).unwrap_err().to_string().contains("beyond"));
         let mut pre = payload(1, PayloadKind::PreCopy, vec![1]);
-        assert!(Staged::validate(&data(&pre), 1, 0, 1 << 20).is_ok());
+        assert!(Staged::validate(&data(&pre), 1, 0, 1 << 20, &[]).is_ok());
         pre.state = p.state.clone();
-        assert!(Staged::validate(&data(&pre), 1, 0, 1 << 20).unwrap_err().to_string().contains("carries"));
+        assert!(Staged::validate(&data(&pre), 1, 0, 1 << 20, &[]).unwrap_err().to_string().contains("carries"));
         let mut short = payload(2, PayloadKind::Sync, vec![1, 2]);
         short.memory.data.truncate(100);
-        assert!(Staged::validate(&data(&short), 2, 0, 1 << 20).unwrap_err().to_string().contains("bytes of data"));
+        assert!(Staged::validate(&data(&short), 2, 0, 1 << 20, &[]).unwrap_err().to_string().contains("bytes of data"));
         let garbage = CheckpointData { segments: vec![Bytes::from(vec![0xa5u8; 333])] };
-        assert!(Staged::validate(&garbage, 1, 0, 1 << 20).unwrap_err().to_string().contains("malformed"));
+        assert!(Staged::validate(&garbage, 1, 0, 1 << 20, &[]).unwrap_err().to_string().contains("malformed"));
+    }
+
+    #[test]
+    fn disk_ops_are_checked_against_the_disks_and_applied_in_order() {
+        struct Disk(parking_lot::Mutex<Vec<u8>>);
+        impl Backend for Disk {
+            fn size(&self) -> u64 {
+                self.0.lock().len() as u64
+            }
+            fn readonly(&self) -> bool {
+                false
+            }
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), disk_mirror::backend::BackendError> {
+                buf.copy_from_slice(&self.0.lock()[offset as usize..offset as usize + buf.len()]);
+                Ok(())
+            }
+            fn write_at(&self, data: &[u8], offset: u64) -> Result<(), disk_mirror::backend::BackendError> {
+                self.0.lock()[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+                Ok(())
+            }
+            fn flush(&self) -> Result<(), disk_mirror::backend::BackendError> {
+                Ok(())
+            }
+            fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), disk_mirror::backend::BackendError> {
+                self.0.lock()[offset as usize..(offset + len) as usize].fill(0);
+                Ok(())
+            }
+            fn discard(&self, offset: u64, len: u64) -> Result<(), disk_mirror::backend::BackendError> {
+                self.write_zeroes(offset, len)
+            }
+        }
+        let mut p = payload(3, PayloadKind::Epoch, vec![1]);
+        p.disk =
+            vec![(0, Op::Write { offset: 0, data: vec![7; 8] }), (0, Op::Zeroes { offset: 2, len: 2 }), (0, Op::Flush)];
+        let s = Staged::validate(&data(&p), 3, 0, 1 << 20, &[16]).unwrap();
+        assert_eq!(s.disk_bytes(), 8);
+        let disk: Arc<dyn Backend> = Arc::new(Disk(parking_lot::Mutex::new(vec![1; 16])));
+        s.apply_disk(std::slice::from_ref(&disk)).unwrap();
+        let mut back = [0u8; 10];
+        disk.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, [7, 7, 0, 0, 7, 7, 7, 7, 1, 1]);
+        let e = Staged::validate(&data(&p), 3, 0, 1 << 20, &[4]).unwrap_err().to_string();
+        assert!(e.contains("disk op 0 (8 bytes at 0x0) is outside disk 0"), "{e}");
+        assert!(Staged::validate(&data(&p), 3, 0, 1 << 20, &[]).is_err(), "a VM without disks takes no disk ops");
     }
 
     #[test]
     fn meta_round_trip_and_mismatch() {
-        let a = Meta { vcpus: 4, mem_size: 256 << 20, generation: 3, owner: "a".into(), devices: "none".into() };
+        let a = Meta {
+            vcpus: 4,
+            mem_size: 256 << 20,
+            generation: 3,
+            owner: "a".into(),
+            devices: "none".into(),
+            disks: vec![1 << 30],
+        };
         assert_eq!(Meta::decode(&a.encode()).unwrap(), a);
         assert!(a.mismatch(&a).is_none());
         let b = Meta { vcpus: 2, ..a.clone() };
         assert!(a.mismatch(&b).unwrap().contains("2 vCPUs"));
         let c = Meta { devices: "virtio-rng".into(), ..a.clone() };
         assert!(a.mismatch(&c).unwrap().contains("devices differ"));
+        let d = Meta { disks: vec![1 << 20], ..a.clone() };
+        assert!(a
+            .mismatch(&d)
+            .unwrap()
+            .contains("disks differ: this side has 1073741824 bytes, the peer (a) 1048576 bytes"));
         assert!(Meta::decode(b"nonsense").is_err());
     }
 }

@@ -18,7 +18,10 @@ use super::irq::Irq;
 use super::layout::{COM1_BASE, DEBUGCON_PORT, EXIT_PORT, IDLE_PORT};
 use super::memory::{GuestMemory, MemoryError};
 use super::pci::PciBus;
-use super::virtio::{self, rng::Rng, VirtioDevice, VirtioPci};
+use super::virtio::{self, blk::Blk, rng::Rng, VirtioDevice, VirtioPci};
+use disk_mirror::backend::Backend;
+use disk_mirror::log::WriteLog;
+use disk_mirror::spec::DiskSpec;
 use parking_lot::Mutex;
 use serial::SerialDevice;
 use std::io::Write;
@@ -76,12 +79,19 @@ impl DebugCon {
 pub struct DeviceConfig {
     /// A virtio-rng on the PCI bus.
     pub rng: bool,
+    /// A virtio-blk on the PCI bus for each (the storage differs between the two copies: only
+    /// the number of disks and their sizes must agree).
+    pub disks: Vec<DiskSpec>,
 }
+
+/// How much write data the disk log holds before the disks wait for a checkpoint.
+pub const DISK_LOG_BUDGET: usize = 32 << 20;
 
 impl DeviceConfig {
     /// The optional devices, for messages and for checking that two copies agree.
     pub fn summary(&self) -> String {
-        let names: Vec<&str> = [(self.rng, "virtio-rng")].iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+        let mut names: Vec<&str> = [(self.rng, "virtio-rng")].iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+        names.extend(self.disks.iter().map(|_| "virtio-blk"));
         if names.is_empty() {
             "none".into()
         } else {
@@ -90,11 +100,17 @@ impl DeviceConfig {
     }
 }
 
+/// Disk names, in saved state and as the serial number GET_ID reports.
+const DISK_NAMES: [&str; 8] = ["disk0", "disk1", "disk2", "disk3", "disk4", "disk5", "disk6", "disk7"];
+
 pub struct Devices {
     pub serial: Arc<SerialDevice>,
     /// Where all externally visible output passes (held while the VM is protected).
     pub gate: Arc<gate::OutputGate>,
     pci: Arc<PciBus>,
+    /// The disks, in order, and the log of their changes.
+    disks: Vec<Arc<VirtioPci<Blk>>>,
+    disk_log: Arc<WriteLog>,
     /// Every device with replicated state, in pause order (see [`crate::component`]).
     components: Vec<Arc<dyn Component>>,
     debugcon: Mutex<DebugCon>,
@@ -111,16 +127,18 @@ pub enum DeviceError {
     BarWindowFull,
     #[error("the PCI bus is full")]
     BusFull,
+    #[error("at most {} disks", DISK_NAMES.len())]
+    TooManyDisks,
 }
 
-/// Puts a virtio device on the bus with a BAR of its own; returns it as a component.
+/// Puts a virtio device on the bus with a BAR of its own.
 fn add_virtio<D: VirtioDevice + 'static>(
     pci: &mut PciBus,
     name: &'static str,
     device: D,
     memory: &Arc<GuestMemory>,
     irq: &Arc<Irq>,
-) -> Result<Arc<dyn Component>, DeviceError> {
+) -> Result<Arc<VirtioPci<D>>, DeviceError> {
     let bar = pci.allocate_bar(virtio::BAR_SIZE).ok_or(DeviceError::BarWindowFull)?;
     let dev = VirtioPci::new(name, device, bar, memory.device_view()?, Some(irq.clone()));
     pci.add(dev.clone()).ok_or(DeviceError::BusFull)?;
@@ -128,9 +146,11 @@ fn add_virtio<D: VirtioDevice + 'static>(
 }
 
 impl Devices {
-    /// The platform's devices: COM1, the PCI bus, and the optional devices `config` asks for.
+    /// The platform's devices: COM1, the PCI bus, and the optional devices `config` asks for,
+    /// with `disks` the storage opened for `config.disks`.
     pub fn new(
         config: &DeviceConfig,
+        disks: Vec<Arc<dyn Backend>>,
         console: Console,
         memory: &Arc<GuestMemory>,
         irq: &Arc<Irq>,
@@ -143,6 +163,15 @@ impl Devices {
         if config.rng {
             on_pci.push(add_virtio(&mut pci, "virtio-rng", Rng, memory, irq)?);
         }
+        let sizes: Vec<u64> = disks.iter().map(|d| d.size()).collect();
+        let disk_log = Arc::new(WriteLog::new(&sizes, DISK_LOG_BUDGET));
+        let mut blks = Vec::new();
+        for (i, disk) in disks.into_iter().enumerate() {
+            let name = DISK_NAMES.get(i).copied().ok_or(DeviceError::TooManyDisks)?;
+            let dev = add_virtio(&mut pci, name, Blk::new(disk, i as u32, disk_log.clone(), name), memory, irq)?;
+            on_pci.push(dev.clone());
+            blks.push(dev);
+        }
         let pci = Arc::new(pci);
         let mut components: Vec<Arc<dyn Component>> = vec![serial.clone(), pci.clone()];
         components.extend(on_pci);
@@ -150,10 +179,52 @@ impl Devices {
             serial,
             gate,
             pci,
+            disks: blks,
+            disk_log,
             components,
             debugcon: Mutex::new(DebugCon { line: Vec::new(), out: console }),
             unhandled: AtomicU64::new(0),
         })
+    }
+
+    /// The log of the disks' changes (the FT engine's to read).
+    pub fn disk_log(&self) -> &Arc<WriteLog> {
+        &self.disk_log
+    }
+
+    /// The disks' storage, in order.
+    pub fn disk_backends(&self) -> Vec<Arc<dyn Backend>> {
+        self.disks.iter().map(|d| d.device().backend().clone()).collect()
+    }
+
+    /// Serves requests a disk left waiting (log full, or restored with requests pending). The VM
+    /// owner calls this after each checkpoint and now and then.
+    pub fn kick_disks(&self) {
+        if self.disk_log.full() {
+            return;
+        }
+        for d in &self.disks {
+            if d.device().take_deferred() {
+                d.process_queue(0);
+            }
+        }
+    }
+
+    /// Flushes every disk (the VM is ending), logging failures.
+    pub fn flush_disks(&self) {
+        for (i, d) in self.disks.iter().enumerate() {
+            if let Err(e) = d.device().backend().flush() {
+                tracing::error!("disk{i}: flushing at shutdown failed: {e}");
+            }
+        }
+    }
+
+    /// After a restore: requests made available before the cut are served without waiting for
+    /// a notification that already happened.
+    pub fn disks_restored(&self) {
+        for d in &self.disks {
+            d.device().defer();
+        }
     }
 
     /// The VM's components, in pause order.

@@ -2,13 +2,19 @@
 //! handled as the driver notifies, on the notifying vCPU's thread: read, write, flush, get-id,
 //! discard and write-zeroes. A request the device cannot serve completes with an error status
 //! (IOERR, or UNSUPP for unknown types); a chain that breaks the rules marks the device
-//! NEEDS_RESET. Not on the VM's bus yet: writes must first travel in the FT log (the disk
-//! mirror), so that a standby's disk never lags or leads its memory.
+//! NEEDS_RESET.
+//!
+//! Every request that changes the disk (or flushes it) is recorded, once complete, in the VM's
+//! [`WriteLog`], which the FT engine carries to the standby with the epoch it belongs to. When
+//! the log is at its budget the device stops taking requests: they wait in the queue, and the VM
+//! owner serves them ([`Blk::take_deferred`]) once a checkpoint has sealed the log.
 
-use super::{serve_chains, VirtioDevice, VirtioError};
+use super::{serve_chains_while, VirtioDevice, VirtioError};
 use crate::memory::DeviceMemory;
 use disk_mirror::backend::Backend;
+use disk_mirror::log::{Op, WriteLog};
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use virtio_queue::Queue;
 
@@ -40,13 +46,39 @@ const CONFIG_LEN: usize = 60;
 
 pub struct Blk {
     disk: Arc<dyn Backend>,
+    /// This disk's number in the VM (and in the log).
+    index: u32,
+    log: Arc<WriteLog>,
+    /// Requests were left in the queue because the log was full.
+    deferred: AtomicBool,
     /// The serial number GET_ID returns (at most 20 bytes).
     id: Vec<u8>,
 }
 
 impl Blk {
-    pub fn new(disk: Arc<dyn Backend>, id: &str) -> Blk {
-        Blk { disk, id: id.as_bytes().iter().copied().take(20).collect() }
+    /// Disk number `index` of the VM, on `disk`, recording its changes in `log`.
+    pub fn new(disk: Arc<dyn Backend>, index: u32, log: Arc<WriteLog>, id: &str) -> Blk {
+        Blk { disk, index, log, deferred: AtomicBool::new(false), id: id.as_bytes().iter().copied().take(20).collect() }
+    }
+
+    /// The disk's storage.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.disk
+    }
+
+    /// Whether requests were left waiting (and clears the mark): the caller serves the queue.
+    pub fn take_deferred(&self) -> bool {
+        self.deferred.swap(false, Ordering::AcqRel)
+    }
+
+    /// Asks for the queue to be served again (after a restore: requests the driver made
+    /// available before the cut may have no notification coming).
+    pub fn defer(&self) {
+        self.deferred.store(true, Ordering::Release);
+    }
+
+    fn record(&self, op: Op) {
+        self.log.record(self.index, op);
     }
 
     fn config(&self) -> [u8; CONFIG_LEN] {
@@ -79,7 +111,8 @@ impl Blk {
                 let mut buf = vec![0u8; out_len];
                 match self.disk.read_at(&mut buf, at) {
                     Ok(()) if out.write_all(&buf).is_ok() => (S_OK, out_len as u32),
-                    _ => (S_IOERR, 0),
+                    Ok(()) => (S_IOERR, 0),
+                    Err(e) => io_error("read", &e),
                 }
             }
             T_OUT if ro => (S_IOERR, 0),
@@ -89,9 +122,21 @@ impl Blk {
                     return (S_IOERR, 0);
                 }
                 let Some(at) = range(data.len() as u64) else { return (S_IOERR, 0) };
-                (if self.disk.write_at(&data, at).is_ok() { S_OK } else { S_IOERR }, 0)
+                match self.disk.write_at(&data, at) {
+                    Ok(()) => {
+                        self.record(Op::Write { offset: at, data });
+                        (S_OK, 0)
+                    }
+                    Err(e) => io_error("write", &e),
+                }
             }
-            T_FLUSH => (if self.disk.flush().is_ok() { S_OK } else { S_IOERR }, 0),
+            T_FLUSH => match self.disk.flush() {
+                Ok(()) => {
+                    self.record(Op::Flush);
+                    (S_OK, 0)
+                }
+                Err(e) => io_error("flush", &e),
+            },
             T_GET_ID => {
                 let mut id = self.id.clone();
                 id.resize(20.min(out_len), 0);
@@ -115,12 +160,48 @@ impl Blk {
                 if at.checked_add(len).is_none_or(|end| end > self.disk.size()) {
                     return (S_IOERR, 0);
                 }
-                let r = if kind == T_DISCARD { self.disk.discard(at, len) } else { self.disk.write_zeroes(at, len) };
-                (if r.is_ok() { S_OK } else { S_IOERR }, 0)
+                let (r, op) = if kind == T_DISCARD {
+                    (self.disk.discard(at, len), Op::Discard { offset: at, len })
+                } else {
+                    (self.disk.write_zeroes(at, len), Op::Zeroes { offset: at, len })
+                };
+                match r {
+                    Ok(()) => {
+                        self.record(op);
+                        (S_OK, 0)
+                    }
+                    Err(e) => io_error(if kind == T_DISCARD { "discard" } else { "write-zeroes" }, &e),
+                }
             }
             _ => (S_UNSUPP, 0),
         }
     }
+}
+
+/// The storage failed a request: the guest gets an I/O error, and the host a log line (rate
+/// limited: a dead NBD server fails every request).
+fn io_error(what: &str, e: &disk_mirror::backend::BackendError) -> (u8, u32) {
+    static FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = FAILURES.fetch_add(1, Ordering::Relaxed);
+    if n < 8 || n % 1000 == 0 {
+        tracing::error!(
+            "virtio-blk: {what} failed, the guest gets an I/O error: {} ({} failures so far)",
+            error_chain(e),
+            n + 1
+        );
+    }
+    (S_IOERR, 0)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 impl VirtioDevice for Blk {
@@ -145,7 +226,14 @@ impl VirtioDevice for Blk {
     }
 
     fn process(&self, _index: usize, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, VirtioError> {
-        serve_chains(queue, mem, |chain| {
+        let more = || {
+            let full = self.log.full();
+            if full {
+                self.deferred.store(true, Ordering::Release);
+            }
+            !full
+        };
+        serve_chains_while(queue, mem, more, |chain| {
             let head = chain.head_index();
             let buffer = |why: String| VirtioError::Buffer { head, why };
             let mut reader = chain.clone().reader(&**mem).map_err(|e| buffer(e.to_string()))?;

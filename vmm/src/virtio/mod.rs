@@ -128,15 +128,29 @@ pub type Chain<'a> = virtio_queue::DescriptorChain<&'a vm_memory::GuestMemoryMma
 pub fn serve_chains<'a>(
     queue: &mut Queue,
     mem: &'a DeviceMemory,
+    serve: impl FnMut(Chain<'a>) -> Result<u32, VirtioError>,
+) -> Result<bool, VirtioError> {
+    serve_chains_while(queue, mem, || true, serve)
+}
+
+/// [`serve_chains`], taking each next chain only while `more` says so: the rest stay available
+/// for a later call.
+pub fn serve_chains_while<'a>(
+    queue: &mut Queue,
+    mem: &'a DeviceMemory,
+    more: impl Fn() -> bool,
     mut serve: impl FnMut(Chain<'a>) -> Result<u32, VirtioError>,
 ) -> Result<bool, VirtioError> {
-    let chains: Vec<Chain<'a>> = virtio_queue::QueueOwnedT::iter(queue, &**mem)?.collect();
-    let used = !chains.is_empty();
-    for chain in chains {
+    let mut used = false;
+    while more() {
+        // One chain at a time (the iterator takes the chain off the ring as it yields it), with
+        // a broken ring index reported rather than skipped.
+        let Some(chain) = virtio_queue::QueueOwnedT::iter(queue, &**mem)?.next() else { break };
         let head = chain.head_index();
         check_chain(&chain)?;
         let written = serve(chain)?;
         queue.add_used(&**mem, head, written)?;
+        used = true;
     }
     Ok(used)
 }
@@ -274,6 +288,13 @@ impl<D: VirtioDevice> VirtioPci<D> {
 
     pub fn device(&self) -> &D {
         &self.device
+    }
+
+    /// Serves queue `index` as if the driver had notified it (for requests a device left
+    /// waiting, and after a restore).
+    pub fn process_queue(&self, index: usize) {
+        let mut t = self.t.lock();
+        self.notify(&mut t, index);
     }
 
     fn offered(&self) -> u64 {

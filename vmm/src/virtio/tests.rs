@@ -5,6 +5,7 @@ use super::rng::Rng;
 use super::*;
 use crate::dirty::{Bitmap, PAGE_SIZE};
 use crate::memory::GuestMemory;
+use disk_mirror::log::WriteLog;
 
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;
@@ -258,10 +259,16 @@ const HDR: u64 = 0x20000;
 const DATA: u64 = 0x21000;
 const STATUS: u64 = 0x30000;
 
-fn blk(readonly: bool) -> (Driver<super::blk::Blk>, Arc<MemDisk>) {
+fn blk_with_log(readonly: bool, budget: usize) -> (Driver<super::blk::Blk>, Arc<MemDisk>, Arc<WriteLog>) {
     let disk = Arc::new(MemDisk { data: std::sync::Mutex::new(vec![0xee; 64 << 10]), readonly });
-    let mut d = Driver::with("virtio-blk", super::blk::Blk::new(disk.clone(), "smpft-disk0"));
+    let log = Arc::new(WriteLog::new(&[64 << 10], budget));
+    let mut d = Driver::with("virtio-blk", super::blk::Blk::new(disk.clone(), 0, log.clone(), "smpft-disk0"));
     d.init();
+    (d, disk, log)
+}
+
+fn blk(readonly: bool) -> (Driver<super::blk::Blk>, Arc<MemDisk>) {
+    let (d, disk, _) = blk_with_log(readonly, 1 << 20);
     (d, disk)
 }
 
@@ -339,6 +346,49 @@ fn blk_refuses_bad_requests_with_a_status_and_carries_on() {
     assert_eq!(ro.r(0x04, 4) & (1 << 5), 1 << 5, "VIRTIO_BLK_F_RO offered");
     assert_eq!(request(&mut ro, 1, 0, Some((&[1u8; 512], false))).0, 1, "a read-only disk refuses writes");
     assert_eq!(rodisk.data.lock().unwrap()[0], 0xee);
+}
+
+/// Writes one sector without waiting for its completion; returns the head.
+fn offer_write(d: &mut Driver<super::blk::Blk>, sector: u64, byte: u8) {
+    let mut hdr = [0u8; 16];
+    hdr[..4].copy_from_slice(&1u32.to_le_bytes());
+    hdr[8..].copy_from_slice(&sector.to_le_bytes());
+    let head = (d.avail_idx * 3) % SIZE;
+    let at = 0x40000 + u64::from(head) * 0x400;
+    d.mem.write(at, &hdr).unwrap();
+    d.mem.write(at + 0x100, &[byte; 512]).unwrap();
+    d.desc(head, at, 16, NEXT, (head + 1) % SIZE);
+    d.desc((head + 1) % SIZE, at + 0x100, 512, NEXT, (head + 2) % SIZE);
+    d.desc((head + 2) % SIZE, at + 0x3f0, 1, WRITE, 0);
+    d.offer(head);
+}
+
+#[test]
+fn blk_logs_what_it_changes_and_waits_while_the_log_is_full() {
+    use disk_mirror::log::Op;
+    let (mut d, disk, log) = blk_with_log(false, 1024);
+    offer_write(&mut d, 0, 1);
+    assert!(log.seal().is_empty(), "nothing is kept without a standby");
+    log.start_logging();
+    offer_write(&mut d, 1, 2);
+    assert_eq!(request(&mut d, 4, 0, None), (0, 1));
+    let ops = log.seal();
+    assert_eq!(ops.len(), 2);
+    assert_eq!(ops[0], (0, Op::Write { offset: 512, data: vec![2; 512] }));
+    assert_eq!(ops[1], (0, Op::Flush));
+    // Two sectors fill the 1 KiB budget: the third request waits in the queue.
+    offer_write(&mut d, 2, 3);
+    offer_write(&mut d, 3, 4);
+    let done = d.used().0;
+    offer_write(&mut d, 4, 5);
+    assert_eq!(d.used().0, done, "the request waits while the log is full");
+    assert_eq!(disk.data.lock().unwrap()[4 * 512], 0xee, "and has not reached the disk");
+    assert!(d.dev.device().take_deferred());
+    assert_eq!(log.seal().len(), 2);
+    d.dev.process_queue(0);
+    assert_eq!(d.used().0, done + 1, "served once a checkpoint sealed the log");
+    assert_eq!(disk.data.lock().unwrap()[4 * 512], 5);
+    assert_eq!(log.seal(), vec![(0, Op::Write { offset: 4 * 512, data: vec![5; 512] })]);
 }
 
 #[test]

@@ -302,15 +302,18 @@ fn the_initial_copy_iterates_until_few_pages_are_dirty_then_pauses_once() {
         p.handle(PrimaryEvent::StandbyAttached),
         vec![PrimaryAction::StartSync, PrimaryAction::CopyRound { seq: 1, all: true }]
     );
-    assert!(p.handle(PrimaryEvent::DirtyPending { pages: 5 }).is_empty(), "not asked for");
+    assert!(p.handle(PrimaryEvent::DirtyPending { pages: 5, copying: false }).is_empty(), "not asked for");
     assert_eq!(p.handle(PrimaryEvent::Acked { epoch: 1 }), vec![PrimaryAction::MeasureDirty]);
     assert_eq!(
-        p.handle(PrimaryEvent::DirtyPending { pages: 10_000 }),
+        p.handle(PrimaryEvent::DirtyPending { pages: 10_000, copying: false }),
         vec![PrimaryAction::CopyRound { seq: 2, all: false }]
     );
     assert!(p.handle(PrimaryEvent::Acked { epoch: 1 }).is_empty(), "a stale ack");
     assert_eq!(p.handle(PrimaryEvent::Acked { epoch: 2 }), vec![PrimaryAction::MeasureDirty]);
-    assert_eq!(p.handle(PrimaryEvent::DirtyPending { pages: 100 }), vec![PrimaryAction::CaptureSync { epoch: 3 }]);
+    assert_eq!(
+        p.handle(PrimaryEvent::DirtyPending { pages: 100, copying: false }),
+        vec![PrimaryAction::CaptureSync { epoch: 3 }]
+    );
     assert_eq!(p.state(), PrimaryState::Syncing);
     assert!(p.handle(PrimaryEvent::SyncSent { epoch: 3, at: t0() }).is_empty());
     assert_eq!(p.state(), PrimaryState::Protected);
@@ -325,15 +328,35 @@ fn the_initial_copy_gives_up_iterating_after_the_last_round() {
     for seq in 1..max {
         assert_eq!(p.handle(PrimaryEvent::Acked { epoch: seq }), vec![PrimaryAction::MeasureDirty]);
         assert_eq!(
-            p.handle(PrimaryEvent::DirtyPending { pages: u64::MAX }),
+            p.handle(PrimaryEvent::DirtyPending { pages: u64::MAX, copying: false }),
             vec![PrimaryAction::CopyRound { seq: seq + 1, all: false }]
         );
     }
     p.handle(PrimaryEvent::Acked { epoch: max });
     assert_eq!(
-        p.handle(PrimaryEvent::DirtyPending { pages: u64::MAX }),
+        p.handle(PrimaryEvent::DirtyPending { pages: u64::MAX, copying: false }),
         vec![PrimaryAction::CaptureSync { epoch: max + 1 }],
         "a guest dirtying faster than the link drains still gets protected"
+    );
+}
+
+#[test]
+fn rounds_that_copy_a_disk_for_the_first_time_do_not_count() {
+    let mut p = primary(0);
+    p.handle(PrimaryEvent::StandbyAttached);
+    let max = PrimaryConfig::default().sync_max_rounds as u64;
+    for seq in 1..=max + 5 {
+        assert_eq!(p.handle(PrimaryEvent::Acked { epoch: seq }), vec![PrimaryAction::MeasureDirty]);
+        assert_eq!(
+            p.handle(PrimaryEvent::DirtyPending { pages: 0, copying: true }),
+            vec![PrimaryAction::CopyRound { seq: seq + 1, all: false }],
+            "a disk's first pass goes on, however many rounds it takes"
+        );
+    }
+    p.handle(PrimaryEvent::Acked { epoch: max + 6 });
+    assert_eq!(
+        p.handle(PrimaryEvent::DirtyPending { pages: 10, copying: false }),
+        vec![PrimaryAction::CaptureSync { epoch: max + 7 }]
     );
 }
 
@@ -485,9 +508,9 @@ fn simulate(seed: u64) -> Result<(), String> {
                 }
                 PrimaryAction::Send { epoch } => to_standby.push_back((epoch, false)),
                 PrimaryAction::CopyRound { seq, .. } => to_standby.push_back((seq, true)),
-                PrimaryAction::MeasureDirty => {
-                    work.extend(p.handle(PrimaryEvent::DirtyPending { pages: rng.next() % 1000 }))
-                }
+                PrimaryAction::MeasureDirty => work.extend(
+                    p.handle(PrimaryEvent::DirtyPending { pages: rng.next() % 1000, copying: rng.next() % 8 == 0 }),
+                ),
                 PrimaryAction::CaptureSync { epoch } => {
                     if rng.chance(3) {
                         work.extend(p.handle(PrimaryEvent::SyncFailed));
