@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::ft::{free_port, log, spawn, wait_exit, wait_state, FtSetup, Side};
+use common::ft::{free_port, log, query, spawn, wait_exit, wait_state, FtSetup, Side};
 use common::{require_kvm, rng, Proc, VmPaths};
 use smpft_client::FailoverClient;
 use std::os::unix::process::ExitStatusExt;
@@ -272,4 +272,182 @@ fn primary_killed_while_the_guest_writes_its_disk() {
         std::fs::remove_file(&p_img).ok();
         std::fs::remove_file(&s_img).ok();
     }
+}
+
+/// Waits until `x-smpft-query-ft` of `p` satisfies `ok`; panics with the last answer.
+fn wait_query(p: &VmPaths, what: &str, within: Duration, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let q = query(p);
+        if ok(&q) {
+            return q;
+        }
+        assert!(Instant::now() < deadline, "{what}: {q}\n{}", log(p));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The standby dies during the initial copy, then again once protected: each time the primary
+/// carries on unprotected with its disk intact, and a new standby on the same storage protects
+/// it again. At the end the guest finds its whole disk as its memory says, and the last
+/// standby's disk equals the primary's.
+#[test]
+fn standby_killed_during_sync_and_when_protected_then_protected_again() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("disk-standby-killed");
+    let dir = setup.dir.to_path_buf();
+    let (p_img, s_img) = (dir.join("p.raw"), dir.join("s.raw"));
+    raw_image(&p_img, 256 << 20);
+    raw_image(&s_img, 256 << 20);
+    let s_spec = s_img.display().to_string();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let pp = setup.paths("p");
+    let sp0 = setup.paths("s0");
+    let mut sb = standby(&setup, &sp0, &addr, &s_spec, &[]);
+    wait_state(&sp0, "waiting", Duration::from_secs(10));
+    let guest = "counter service disk disk-ws=32M flush-every=8 duration=600s";
+    let pr = primary(&setup, &pp, &addr, &p_img.display().to_string(), guest, &[]);
+    let mut client = FailoverClient::new(vec![pp.serial.clone()], 1);
+    // 256 MiB of disk go in 32 MiB rounds: the copy is under way for a while.
+    wait_query(&pp, "the copy never started", Duration::from_secs(20), |q| q["sync-round"].as_u64() >= Some(2));
+    sb.sigkill();
+    wait_state(&pp, "unprotected", Duration::from_secs(10));
+    for _ in 0..20 {
+        client.incr(Duration::from_secs(10)).expect("the primary serves while unprotected");
+    }
+    for round in 1..=2 {
+        let sp = setup.paths(&format!("s{round}"));
+        let mut sb = standby(&setup, &sp, &addr, &s_spec, &[]);
+        wait_state(&pp, "protected", Duration::from_secs(30));
+        for _ in 0..50 {
+            client.incr(Duration::from_secs(10)).expect("protected again");
+        }
+        if round == 1 {
+            sb.sigkill();
+            wait_state(&pp, "unprotected", Duration::from_secs(10));
+            for _ in 0..20 {
+                client.incr(Duration::from_secs(10)).expect("unprotected again");
+            }
+            continue;
+        }
+        let bye = client.exit().expect("EXIT");
+        assert_eq!(Some(bye), client.last);
+        let status = wait_exit(pr, Duration::from_secs(60));
+        assert_eq!(status.code(), Some(0), "the guest's disk check on the primary\n{}", console_tail(&pp));
+        let status = wait_exit(sb, Duration::from_secs(20));
+        assert_eq!(status.code(), Some(0), "{}", log(&sp));
+        compare(&p_img, "raw", &s_img, "raw").unwrap_or_else(|e| panic!("qemu-img compare: {e}"));
+        return;
+    }
+}
+
+/// NBD servers that die: the standby's (it stands down; the primary carries on unprotected and
+/// its guest keeps a consistent disk) and the primary's (the guest gets I/O errors, and the log
+/// says why).
+#[test]
+fn nbd_servers_that_die_are_survived_or_reported() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("disk-nbd-dies");
+    let dir = setup.dir.to_path_buf();
+    let (p_img, s_img) = (dir.join("p.raw"), dir.join("s.qcow2"));
+    raw_image(&p_img, 32 << 20);
+    image(&s_img, "qcow2");
+    let server = qemu_nbd(&s_img, "qcow2");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
+    let sb = standby(&setup, &sp, &addr, &server.uri, &[]);
+    wait_state(&sp, "waiting", Duration::from_secs(10));
+    let pr = primary(&setup, &pp, &addr, &p_img.display().to_string(), GUEST, &[]);
+    let mut client = FailoverClient::new(vec![pp.serial.clone()], 1);
+    wait_state(&pp, "protected", Duration::from_secs(30));
+    let mut server = server;
+    server.child.sigkill();
+    // The standby stands down, says why, and refuses to protect until its storage is back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log(&sp).contains("could not go live") {
+        assert!(Instant::now() < deadline, "the standby did not stand down\n{}", log(&sp));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(log(&sp).contains("writing disk 0 failed"), "the standby says why\n{}", log(&sp));
+    assert!(!log(&sp).contains("goes live"), "{}", log(&sp));
+    let mut sb = sb;
+    sb.sigkill();
+    wait_state(&pp, "unprotected", Duration::from_secs(20));
+    for _ in 0..50 {
+        client.incr(Duration::from_secs(10)).expect("the primary carries on");
+    }
+    client.exit().expect("EXIT");
+    let status = wait_exit(pr, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "the primary's disk is intact\n{}", console_tail(&pp));
+
+    // The primary's own disk behind an NBD server that dies.
+    let q_img = dir.join("q.qcow2");
+    image(&q_img, "qcow2");
+    let mut server = qemu_nbd(&q_img, "qcow2");
+    let qp = setup.paths("q");
+    let vm = common::smpft()
+        .args(["run", "--vcpus", "2", "--memory", "128M", "--guest-args", "disk duration=60s", "--disk", &server.uri])
+        .arg("--console")
+        .arg(&qp.console)
+        .args(["--serial", "null"])
+        .stderr(std::fs::File::create(qp.console.with_extension("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let vm = Proc::new(vm);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !qp.console().contains("progress") && !qp.console().contains("disk: ") {
+        assert!(Instant::now() < deadline, "the guest never started\n{}", log(&qp));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    server.child.sigkill();
+    let status = wait_exit(vm, Duration::from_secs(30));
+    // The test guest treats an I/O error as fatal (exit status 3); smpft exits with its status.
+    assert_eq!(status.code(), Some(3), "the guest fails its disk workload\n{}", log(&qp));
+    assert!(log(&qp).contains("the guest gets an I/O error"), "{}", log(&qp));
+    assert!(qp.console().contains("with status 1"), "the guest saw VIRTIO_BLK_S_IOERR\n{}", qp.console());
+}
+
+/// Disks that cannot pair: sizes differ (refused when the primary connects, on both sides), a
+/// standby without the disk, and bad specs on the command line.
+#[test]
+fn mismatched_disks_and_bad_specs_are_refused_clearly() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("disk-mismatch");
+    let dir = setup.dir.to_path_buf();
+    let (p_img, s_img) = (dir.join("p.raw"), dir.join("s.raw"));
+    raw_image(&p_img, 32 << 20);
+    raw_image(&s_img, 16 << 20);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
+    let sb = standby(&setup, &sp, &addr, &s_img.display().to_string(), &[]);
+    wait_state(&sp, "waiting", Duration::from_secs(10));
+    let mut pr = primary(&setup, &pp, &addr, &p_img.display().to_string(), GUEST, &[]);
+    let status = wait_exit(sb, Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(
+        log(&sp).contains("disks differ: this side has 16777216 bytes, the peer")
+            && log(&sp).contains("33554432 bytes"),
+        "{}",
+        log(&sp)
+    );
+    let q = wait_query(&pp, "the primary reports the mismatch", Duration::from_secs(10), |q| {
+        q["last-error"].as_str().is_some_and(|e| e.contains("disks differ"))
+    });
+    assert_eq!(q["state"], "unprotected");
+    pr.sigkill();
+
+    let bad = |args: &[&str], want: &str| {
+        let o = common::smpft().args(args).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(want), "{args:?}: {e}");
+    };
+    bad(&["run", "--disk", "nbd://host:notaport/x"], "--disk");
+    bad(&["run", "--disk", "/nonexistent/disk.raw"], "cannot open /nonexistent/disk.raw");
+    bad(&["run", "--disk", &format!("{},fast", p_img.display())], "'fast' is not a disk option");
+    bad(&["run", "--disk", "nbd+unix:///vm?socket=/nonexistent.sock"], "/nonexistent.sock");
+    bad(&["run", "--disk", "/dev/null"], "neither a regular file nor a block device");
 }

@@ -193,7 +193,7 @@ fn io_error(what: &str, e: &disk_mirror::backend::BackendError) -> (u8, u32) {
     (S_IOERR, 0)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
