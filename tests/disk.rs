@@ -114,8 +114,23 @@ fn side<'a>(setup: &'a FtSetup, primary: bool) -> Side<'a> {
 }
 
 fn standby(setup: &FtSetup, p: &VmPaths, listen: &str, disk: &str, env: &[(&str, &str)]) -> Proc {
+    standby_with(setup, p, listen, disk, env, &[])
+}
+
+fn standby_with(setup: &FtSetup, p: &VmPaths, listen: &str, disk: &str, env: &[(&str, &str)], extra: &[&str]) -> Proc {
     let side = Side { env, ..side(setup, false) };
-    spawn(p, &side, &["standby", "--listen", listen, "--vcpus", "2", "--memory", "128M", "--disk", disk])
+    let args = ["standby", "--listen", listen, "--vcpus", "2", "--memory", "128M", "--disk", disk];
+    spawn(p, &side, &[&args[..], extra].concat())
+}
+
+/// (disk bytes sent, disk bytes found identical) of the primary's latest initial copy.
+fn last_copy(p: &VmPaths) -> (u64, u64) {
+    let log = log(p);
+    let line = log.lines().rev().find(|l| l.contains("the VM is protected")).expect("a finished copy");
+    let field = |k: &str| -> u64 {
+        line.split_whitespace().find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse().ok()).unwrap()
+    };
+    (field("disk_bytes"), field("disk_same"))
 }
 
 fn primary(setup: &FtSetup, p: &VmPaths, peer: &str, disk: &str, guest: &str, env: &[(&str, &str)]) -> Proc {
@@ -289,8 +304,8 @@ fn wait_query(p: &VmPaths, what: &str, within: Duration, ok: impl Fn(&serde_json
 
 /// The standby dies during the initial copy, then again once protected: each time the primary
 /// carries on unprotected with its disk intact, and a new standby on the same storage protects
-/// it again. At the end the guest finds its whole disk as its memory says, and the last
-/// standby's disk equals the primary's.
+/// it again with `--disk-sync compare`, which copies only what differs. At the end the guest
+/// finds its whole disk as its memory says, and the last standby's disk equals the primary's.
 #[test]
 fn standby_killed_during_sync_and_when_protected_then_protected_again() {
     require_kvm();
@@ -318,8 +333,13 @@ fn standby_killed_during_sync_and_when_protected_then_protected_again() {
     }
     for round in 1..=2 {
         let sp = setup.paths(&format!("s{round}"));
-        let mut sb = standby(&setup, &sp, &addr, &s_spec, &[]);
+        let mut sb = standby_with(&setup, &sp, &addr, &s_spec, &[], &["--disk-sync", "compare"]);
         wait_state(&pp, "protected", Duration::from_secs(30));
+        let (sent, same) = last_copy(&pp);
+        eprintln!("re-protect {round}: {sent} disk bytes sent, {same} found identical");
+        assert!(same >= 128 << 20, "re-protect {round}: most of the disk was already there ({same} bytes)");
+        assert!(sent < 128 << 20, "re-protect {round}: only what differs is sent ({sent} bytes)");
+        assert!(log(&sp).contains("hashed this copy's disks"), "{}", log(&sp));
         for _ in 0..50 {
             client.incr(Duration::from_secs(10)).expect("protected again");
         }

@@ -9,6 +9,7 @@
 //! one less.
 
 pub mod backend;
+pub mod digest;
 pub mod log;
 pub mod nbd;
 pub mod spec;

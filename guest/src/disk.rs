@@ -76,6 +76,30 @@ struct Disk {
     cpus: [Cpu; MAX_VCPUS],
     /// Broken on purpose (`fail=disk`).
     sabotaged: bool,
+    /// Write latencies: [`bucket`] of the microseconds.
+    latency: [u32; BUCKETS],
+    tsc_khz: u64,
+}
+
+/// Latency buckets: four per power of two of microseconds, up to ~2^31 µs.
+const BUCKETS: usize = 128;
+
+fn bucket(us: u64) -> usize {
+    if us < 4 {
+        return us as usize;
+    }
+    let log = 63 - us.leading_zeros() as usize;
+    let sub = ((us >> (log - 2)) & 3) as usize;
+    (log * 4 + sub).min(BUCKETS - 1)
+}
+
+/// The smallest latency (µs) of bucket `b`.
+fn bucket_floor(b: usize) -> u64 {
+    if b < 4 {
+        return b as u64;
+    }
+    let (log, sub) = (b / 4, (b % 4) as u64);
+    (4 + sub) << (log - 2)
 }
 
 static DISK: Locked<Option<Disk>> = Locked::new(None);
@@ -134,7 +158,20 @@ pub fn init(tsc_khz: u64, vcpus: u32, settings: Settings) -> Result<(), u32> {
     for (i, c) in cpus.iter_mut().enumerate() {
         c.cursor = if settings.sequential { 0 } else { 0x2545_f491_4f6c_dd1d ^ (i as u64 + 1) };
     }
-    let d = Disk { device, queue, settings, header, status, data, gens, units_per_cpu, cpus, sabotaged: false };
+    let d = Disk {
+        device,
+        queue,
+        settings,
+        header,
+        status,
+        data,
+        gens,
+        units_per_cpu,
+        cpus,
+        sabotaged: false,
+        latency: [0; BUCKETS],
+        tsc_khz,
+    };
     DISK.with(|s| *s = Some(d));
     Ok(())
 }
@@ -164,6 +201,26 @@ pub fn sabotage() {
             log!("disk: sabotaged unit {unit}");
             d.check(0, unit);
         }
+    })
+}
+
+/// Write latency percentiles (p50, p99) in microseconds, from the histogram.
+pub fn latency() -> (u64, u64) {
+    DISK.with(|d| {
+        let Some(d) = d.as_ref() else { return (0, 0) };
+        let total: u64 = d.latency.iter().map(|&n| u64::from(n)).sum();
+        let at = |q: u64| {
+            let want = (total * q).div_ceil(100).max(1);
+            let mut seen = 0;
+            for (b, &n) in d.latency.iter().enumerate() {
+                seen += u64::from(n);
+                if seen >= want {
+                    return bucket_floor(b);
+                }
+            }
+            0
+        };
+        (at(50), at(99))
     })
 }
 
@@ -251,7 +308,10 @@ impl Disk {
         }
         // Noted before the device can see it: after a cut, this write may or may not be there.
         self.cpus[cpu].pending = Some((unit, g));
+        let t0 = crate::io::rdtsc();
         self.request(T_OUT, unit);
+        let us = (crate::io::rdtsc() - t0) * 1000 / self.tsc_khz.max(1);
+        self.latency[bucket(us)] = self.latency[bucket(us)].saturating_add(1);
         self.set_gen(unit, g);
         self.cpus[cpu].pending = None;
         self.cpus[cpu].last = unit;

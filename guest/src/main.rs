@@ -297,7 +297,8 @@ fn finish(cpu: usize, p: &Params, vcpus: u32) -> ! {
     }
     if p.disk {
         let (writes, reads, flushes) = disk::totals();
-        log!("disk: writes={writes} reads={reads} flushes={flushes}");
+        let (p50, p99) = disk::latency();
+        log!("disk: writes={writes} reads={reads} flushes={flushes} write-latency-p50-us={p50} write-latency-p99-us={p99}");
     }
     log!("RESULT: PASS counter_total={counter} churn_pages={churn}");
     io::exit(abi::EXIT_OK)

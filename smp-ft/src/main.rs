@@ -5,6 +5,7 @@ mod demo;
 use clap::{Parser, Subcommand};
 use disk_mirror::spec::DiskSpec;
 use smp_ft::error::error_chain;
+use smp_ft::ft::disk::DiskSync;
 use smp_ft::ft::primary::PrimaryFt;
 use smp_ft::ft::standby::{StandbyEnd, StandbyOptions, StandbyRunner};
 use smp_ft::ft::FtOptions;
@@ -216,6 +217,11 @@ struct StandbyArgs {
     /// nbd+unix:///EXPORT?socket=PATH. The initial copy writes it; checkpoints keep it current.
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<DiskSpec>,
+    /// How the initial copy treats this standby's disks: `full` copies every block; `compare`
+    /// hashes them when a primary connects (they hold an earlier copy: a previous standby's, or
+    /// an image copied by hand) and the primary sends only the blocks that differ.
+    #[arg(long, value_enum, default_value = "full")]
+    disk_sync: DiskSync,
     #[command(flatten)]
     ft: FtArgs,
 }
@@ -440,7 +446,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         kvm_device: args.kvm_device,
         devices: DeviceConfig { rng: args.rng, disks: args.disks },
     };
-    let opts = StandbyOptions { ft: ft.clone(), listen: args.listen, config };
+    let opts = StandbyOptions { ft: ft.clone(), listen: args.listen, config, disk_sync: args.disk_sync };
     block_termination_signals();
     let qmp = bind_qmp(qmp_path.as_deref())?;
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();

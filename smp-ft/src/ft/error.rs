@@ -43,6 +43,8 @@ pub enum FtError {
     Address { addr: String, source: std::io::Error },
     #[error("'{0}' resolves to no address")]
     NoAddress(String),
+    #[error("disk: {0}")]
+    Disk(String),
     #[error("the VM is already {state} (standby {peer:?})")]
     Busy { state: &'static str, peer: Option<SocketAddr> },
 }

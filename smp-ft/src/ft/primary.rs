@@ -138,6 +138,10 @@ pub struct PrimaryFt {
     shadow: Option<super::verify::Shadow>,
     /// A capture taken for the machine, waiting for its [`PrimaryAction::Send`].
     captured: Option<Payload>,
+    /// A standby that offers its disks' digests connected; the copy starts when they arrive.
+    awaiting_digests: bool,
+    /// The standby's digests, for the copy about to start.
+    digests: Option<Vec<disk_mirror::digest::Digest>>,
     /// Disk ops sealed by a capture that then failed: they open the next checkpoint's.
     unsent_disk: Vec<(u32, disk_mirror::log::Op)>,
     next_connect: Instant,
@@ -176,6 +180,7 @@ impl PrimaryFt {
             owner: opts.owner.clone(),
             devices: vm.device_config().summary(),
             disks: vm.devices().disk_log().sizes().to_vec(),
+            digests: false,
         };
         Ok(PrimaryFt {
             tiebreak,
@@ -195,6 +200,8 @@ impl PrimaryFt {
             shadow: std::env::var_os("SMPFT_VERIFY").map(|_| super::verify::Shadow::new(vm.memory().size())),
             captured: None,
             unsent_disk: Vec::new(),
+            awaiting_digests: false,
+            digests: None,
             next_connect: Instant::now(),
             next_arbitrate: None,
             claiming: false,
@@ -304,10 +311,14 @@ impl PrimaryFt {
             }
             Input::Connected(Ok(chan)) => {
                 self.connecting = false;
+                let mut digests_follow = false;
                 let problem = match chan.peer_hello() {
                     Message::Hello { meta, .. } => match Meta::decode(meta) {
                         Err(e) => Some(e.to_string()),
-                        Ok(m) => self.meta.mismatch(&m),
+                        Ok(m) => {
+                            digests_follow = m.digests;
+                            self.meta.mismatch(&m)
+                        }
                     },
                     _ => Some("no Hello".to_string()),
                 };
@@ -321,11 +332,15 @@ impl PrimaryFt {
                     chan.close(transport::channel::code::PROTOCOL, "already protected");
                     return Flow::Continue;
                 }
-                tracing::info!(standby = %chan.peer_addr(), "standby connected; starting the initial copy");
                 self.last_error = None;
                 self.link = Some(Link::start(chan, self.inputs.0.clone(), self.stats.clone()));
-                let actions = self.proto.handle(PrimaryEvent::StandbyAttached);
-                return self.act(vm, actions);
+                self.digests = None;
+                if digests_follow {
+                    tracing::info!("standby connected; it is hashing its disks to compare");
+                    self.awaiting_digests = true;
+                    return Flow::Continue;
+                }
+                return self.attach(vm);
             }
             Input::Claimed(r) => return self.claimed(vm, r),
             Input::SendFailed(e) => {
@@ -338,8 +353,30 @@ impl PrimaryFt {
         Flow::Continue
     }
 
+    /// The standby is ready for the initial copy.
+    fn attach(&mut self, vm: &RunningVm) -> Flow {
+        let peer = self.link.as_ref().map(|l| l.peer.to_string()).unwrap_or_default();
+        tracing::info!(standby = %peer, compare = self.digests.is_some(), "standby connected; starting the initial copy");
+        let actions = self.proto.handle(PrimaryEvent::StandbyAttached);
+        self.act(vm, actions)
+    }
+
     pub fn on_channel(&mut self, vm: &RunningVm, ev: Event) -> Flow {
         match ev {
+            Event::Message(Message::App { kind: wire::APP_DIGESTS, data }) if self.awaiting_digests => {
+                self.awaiting_digests = false;
+                match wire::decode_digests(&data, self.disk_log.sizes()) {
+                    Ok(d) => {
+                        self.digests = Some(d);
+                        self.attach(vm)
+                    }
+                    Err(e) => {
+                        self.error(format!("standby refused: {e}"));
+                        self.sync_failed("bad disk digests");
+                        Flow::Continue
+                    }
+                }
+            }
             Event::Message(Message::Ack { epoch }) => {
                 if self.proto.state() != PrimaryState::Syncing {
                     if self.sync.as_ref().is_some_and(|s| s.final_seq == Some(epoch)) {
@@ -371,6 +408,11 @@ impl PrimaryFt {
 
     fn peer_lost(&mut self, vm: &RunningVm) -> Flow {
         if self.link.is_none() {
+            return Flow::Continue;
+        }
+        if std::mem::take(&mut self.awaiting_digests) {
+            // Nothing was sent yet: just drop it.
+            self.sync_failed("the standby left before its digests came");
             return Flow::Continue;
         }
         self.lost_at = Some(Instant::now());
@@ -489,7 +531,10 @@ impl PrimaryFt {
     }
 
     fn start_sync(&mut self, vm: &RunningVm) {
-        let disk = (!vm.devices().disk_log().sizes().is_empty()).then(|| DiskCopy::full(&self.disk_log));
+        let disk = (!vm.devices().disk_log().sizes().is_empty()).then(|| match self.digests.take() {
+            Some(d) => DiskCopy::compare(&self.disk_log, d),
+            None => DiskCopy::full(&self.disk_log),
+        });
         self.sync = Some(SyncRun {
             started: Instant::now(),
             round: 0,
@@ -599,9 +644,12 @@ impl PrimaryFt {
     fn sync_done(&mut self) {
         if let Some(s) = self.sync.take() {
             s.progress.finish();
+            let (disk_bytes, disk_same) = s.disk.as_ref().map_or((0, 0), |d| (d.bytes, d.same));
             tracing::info!(
                 rounds = s.round,
                 bytes = s.bytes,
+                disk_bytes,
+                disk_same,
                 took_ms = s.started.elapsed().as_millis() as u64,
                 final_pause_us = s.final_pause.as_micros() as u64,
                 "FT: the VM is protected"

@@ -30,6 +30,8 @@ pub struct StandbyOptions {
     pub listen: SocketAddr,
     /// The VM to become: vCPUs, memory, serial and console (the guest image is not used).
     pub config: VmConfig,
+    /// Whether the disks already hold a copy worth comparing against.
+    pub disk_sync: super::disk::DiskSync,
 }
 
 /// How a standby's watch ended.
@@ -119,7 +121,13 @@ impl<'a> StandbyRunner<'a> {
             owner: self.opts.ft.owner.clone(),
             devices: self.opts.config.devices.summary(),
             disks: self.disk_sizes(),
+            digests: self.compares(),
         }
+    }
+
+    /// Whether this standby hashes its disks for the primary (`--disk-sync compare`).
+    fn compares(&self) -> bool {
+        self.opts.disk_sync == super::disk::DiskSync::Compare && !self.disks.is_empty()
     }
 
     fn disk_sizes(&self) -> Vec<u64> {
@@ -187,6 +195,14 @@ impl<'a> StandbyRunner<'a> {
             tracing::error!("FT: refusing primary {peer}: {why}");
             chan.close(transport::channel::code::PROTOCOL, &why);
             return Ok(None);
+        }
+        if self.compares() {
+            if let Err(e) = self.send_digests(&chan) {
+                let why = error_chain(&e);
+                tracing::error!("FT: cannot offer the disks' digests: {why}; refusing primary {peer}");
+                chan.close(transport::channel::code::PROTOCOL, &why);
+                return Ok(None);
+            }
         }
         self.generation = self.generation.max(theirs.generation);
         tracing::info!(primary = %peer, owner = %theirs.owner, generation = self.generation, "primary connected; receiving the initial copy");
@@ -268,6 +284,27 @@ impl<'a> StandbyRunner<'a> {
                 Event::Message(_) => {}
             }
         }
+    }
+
+    /// Hashes this copy's disks as they are now and sends the digests (`--disk-sync compare`).
+    fn send_digests(&self, chan: &Channel) -> Result<(), FtError> {
+        let started = Instant::now();
+        let digests = self
+            .disks
+            .iter()
+            .map(|d| disk_mirror::digest::digest(&**d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| FtError::Disk(error_chain(&e)))?;
+        let bytes: u64 = self.disks.iter().map(|d| d.size()).sum();
+        tracing::info!(
+            disks = digests.len(),
+            bytes,
+            took_ms = started.elapsed().as_millis() as u64,
+            "FT: hashed this copy's disks; the primary sends only blocks that differ"
+        );
+        let data = super::wire::encode_digests(&digests)?;
+        chan.send(&Message::App { kind: super::wire::APP_DIGESTS, data })?;
+        Ok(())
     }
 
     fn checkpoint(&mut self, s: &mut Session, seq: Epoch, data: &transport::CheckpointData) -> Result<(), FtError> {

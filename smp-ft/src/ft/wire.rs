@@ -54,6 +54,29 @@ pub struct Meta {
     pub devices: String,
     /// Each disk's size in bytes: both copies must have the same.
     pub disks: Vec<u64>,
+    /// (A standby's) the digests of its disks follow the Hello, in an [`APP_DIGESTS`] message:
+    /// the initial copy sends only the blocks that differ (`--disk-sync compare`).
+    pub digests: bool,
+}
+
+/// The FT layer's own messages on the channel (`Message::App` kinds).
+pub const APP_DIGESTS: u16 = 1;
+
+/// Encodes the standby's disk digests for an [`APP_DIGESTS`] message.
+pub fn encode_digests(d: &Vec<disk_mirror::digest::Digest>) -> Result<Vec<u8>, WireError> {
+    rkyv::to_bytes::<rkyv::rancor::Error>(d).map(|v| v.to_vec()).map_err(|e| WireError::Encode(e.to_string()))
+}
+
+/// Decodes and checks the standby's disk digests against this side's disk sizes.
+pub fn decode_digests(b: &[u8], sizes: &[u64]) -> Result<Vec<disk_mirror::digest::Digest>, WireError> {
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(b.len());
+    aligned.extend_from_slice(b);
+    let d = rkyv::from_bytes::<Vec<disk_mirror::digest::Digest>, rkyv::rancor::Error>(&aligned)
+        .map_err(|e| WireError::Meta(format!("disk digests: {e}")))?;
+    if d.len() != sizes.len() || d.iter().zip(sizes).any(|(d, &s)| !d.fits(s)) {
+        return Err(WireError::Meta("disk digests do not describe this VM's disks".into()));
+    }
+    Ok(d)
 }
 
 impl Meta {
@@ -350,6 +373,7 @@ mod tests {
             owner: "a".into(),
             devices: "none".into(),
             disks: vec![1 << 30],
+            digests: false,
         };
         assert_eq!(Meta::decode(&a.encode()).unwrap(), a);
         assert!(a.mismatch(&a).is_none());
@@ -363,5 +387,11 @@ mod tests {
             .unwrap()
             .contains("disks differ: this side has 1073741824 bytes, the peer (a) 1048576 bytes"));
         assert!(Meta::decode(b"nonsense").is_err());
+        let g = vec![disk_mirror::digest::Digest { size: 1 << 20, block: 64 << 10, hashes: vec![[3; 16]; 16] }];
+        let bytes = encode_digests(&g).unwrap();
+        assert_eq!(decode_digests(&bytes, &[1 << 20]).unwrap(), g);
+        assert!(decode_digests(&bytes, &[2 << 20]).is_err(), "another disk size");
+        assert!(decode_digests(&bytes, &[]).is_err(), "another disk count");
+        assert!(decode_digests(b"junk", &[1 << 20]).is_err());
     }
 }
