@@ -20,88 +20,17 @@
 //! `SMPFT_BENCH_ONLY=VCPUS,PAGES,MS` runs one configuration and no failovers.
 
 use smpft_client::{parse_reply, FailoverClient, ServiceClient};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn quick() -> bool {
     std::env::var_os("SMPFT_BENCH_QUICK").is_some()
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_smpft");
+#[path = "common.rs"]
+mod common;
+use common::{qmp, wait_state, Env};
+
 const MEMORY: &str = "256M";
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Env {
-    dir: PathBuf,
-    a: PathBuf,
-    b: PathBuf,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = std::env::temp_dir().join(format!("smpft-bench-ft-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let (a, b) = (dir.join("a"), dir.join("b"));
-        for d in [&a, &b] {
-            let o = Command::new(BIN).args(["keygen", "--out"]).arg(d).output().unwrap();
-            assert!(o.status.success(), "keygen failed (is the smpft binary built?)");
-        }
-        Env { dir, a, b }
-    }
-
-    fn ft_args(&self, me: &Path, peer: &Path, tb: &Path, interval: Duration) -> Vec<String> {
-        vec![
-            "--identity".into(),
-            me.display().to_string(),
-            "--peer-cert".into(),
-            peer.join("cert.pem").display().to_string(),
-            "--tiebreak".into(),
-            tb.display().to_string(),
-            "--ft-interval".into(),
-            format!("{}ms", interval.as_millis()),
-        ]
-    }
-
-    fn spawn(&self, name: &str, args: &[String]) -> Killed {
-        let s = |x: &str| self.dir.join(format!("{name}.{x}")).display().to_string();
-        let child = Command::new(BIN)
-            .env("SMPFT_LOG", "warn")
-            .args(args)
-            .args(["--serial", &format!("unix:{}", s("serial")), "--qmp", &format!("unix:{}", s("qmp"))])
-            .args(["--console", &s("console")])
-            .stderr(std::fs::File::create(s("log")).unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        Killed(child)
-    }
-
-    fn path(&self, name: &str, x: &str) -> PathBuf {
-        self.dir.join(format!("{name}.{x}"))
-    }
-}
-
-fn qmp(path: &Path, cmd: &str) -> serde_json::Value {
-    smpft_client::qmp(path, cmd, None).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn wait_state(path: &Path, state: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while qmp(path, "x-smpft-query-ft")["state"] != state {
-        assert!(Instant::now() < deadline, "never reached {state}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// (counter, churn) totals from the service's STAT.
 fn stat(c: &mut ServiceClient, id: u64) -> (u64, u64) {
@@ -341,7 +270,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let env = Env::new();
+    let env = Env::new("ft");
     steady_state(&env);
     failover(&env);
     let _ = std::fs::remove_dir_all(&env.dir);

@@ -183,8 +183,10 @@ struct Bounce {
 impl Bounce {
     fn new(len: usize) -> Bounce {
         let layout = Layout::from_size_align(len.max(ALIGN), ALIGN).expect("a valid layout");
+        // Not zeroed: a write fills it before the kernel reads it, and a read's bytes are used
+        // only once the kernel has filled all of them.
         // SAFETY: `layout` has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = unsafe { std::alloc::alloc(layout) };
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }

@@ -12,8 +12,12 @@
 //! virtqueue, see [`WriteLog::full`]) until a checkpoint seals the log, and checkpoints wait for
 //! the standby's acknowledgements, so a slow standby slows the guest's disk and loses nothing.
 //!
-//! During the initial copy ([`Mode::Tracking`]) the log keeps no data, only which blocks of
-//! [`BLOCK`] bytes were written, so the copy can send them again.
+//! The log runs from the start of the initial copy: the copy reads blocks (a [`BlockMap`] says
+//! which are left) while the guest writes, and each pre-copy round carries the ops logged since
+//! the previous round *before* the blocks it read. Blocks read after an op completed already hold
+//! it, and ops that complete after the read come in a later round, replayed in order on top: the
+//! standby ends with exactly the primary's disk, and a guest that writes faster than the copy
+//! moves is held back by the log's budget instead of making the copy start over.
 
 use crate::backend::{Backend, BackendError};
 use parking_lot::Mutex;
@@ -110,27 +114,33 @@ pub fn apply(backends: &[&dyn Backend], ops: &[(u32, Op)]) -> Result<(), Backend
 pub enum Mode {
     /// No standby: nothing is kept.
     Off,
-    /// The initial copy runs: the blocks written are marked.
-    Tracking,
-    /// Protected: every op is kept, with its data, until the next checkpoint seals it.
+    /// A standby is attached (copying or protected): every op is kept, with its data, until the
+    /// next pre-copy round or checkpoint seals it.
     Logging,
 }
 
-/// Which blocks of one disk were written.
+/// Blocks of [`BLOCK`] bytes of one disk still to copy.
 #[derive(Debug, Clone)]
-struct Bitmap {
+pub struct BlockMap {
     words: Vec<u64>,
     blocks: u64,
     set: u64,
 }
 
-impl Bitmap {
-    fn new(size: u64) -> Bitmap {
+impl BlockMap {
+    /// No block marked, for a disk of `size` bytes.
+    pub fn new(size: u64) -> BlockMap {
         let blocks = size.div_ceil(BLOCK);
-        Bitmap { words: vec![0; blocks.div_ceil(64) as usize], blocks, set: 0 }
+        BlockMap { words: vec![0; blocks.div_ceil(64) as usize], blocks, set: 0 }
     }
 
-    fn mark(&mut self, offset: u64, len: u64) {
+    /// Blocks marked.
+    pub fn count(&self) -> u64 {
+        self.set
+    }
+
+    /// Marks the blocks that `len` bytes at `offset` touch.
+    pub fn mark(&mut self, offset: u64, len: u64) {
         if len == 0 {
             return;
         }
@@ -144,7 +154,8 @@ impl Bitmap {
         }
     }
 
-    fn set_all(&mut self) {
+    /// Marks every block.
+    pub fn set_all(&mut self) {
         for (i, w) in self.words.iter_mut().enumerate() {
             let left = self.blocks - i as u64 * 64;
             *w = if left >= 64 { u64::MAX } else { (1u64 << left) - 1 };
@@ -153,7 +164,7 @@ impl Bitmap {
     }
 
     /// Takes (clears) up to `max` marked blocks, lowest first.
-    fn take(&mut self, max: usize) -> Vec<u64> {
+    pub fn take(&mut self, max: usize) -> Vec<u64> {
         let mut out = Vec::with_capacity((self.set as usize).min(max));
         for (i, w) in self.words.iter_mut().enumerate() {
             while *w != 0 && out.len() < max {
@@ -174,7 +185,6 @@ struct Inner {
     mode: Mode,
     ops: Vec<(u32, Op)>,
     bytes: usize,
-    bitmaps: Vec<Bitmap>,
     /// Someone to tell when the log passes half its budget (the FT engine, to checkpoint early).
     notify: Option<crossbeam_channel::Sender<()>>,
 }
@@ -190,13 +200,7 @@ impl WriteLog {
     /// A log for disks of these sizes, keeping at most about `budget` bytes of write data.
     pub fn new(sizes: &[u64], budget: usize) -> WriteLog {
         WriteLog {
-            inner: Mutex::new(Inner {
-                mode: Mode::Off,
-                ops: Vec::new(),
-                bytes: 0,
-                bitmaps: sizes.iter().map(|&s| Bitmap::new(s)).collect(),
-                notify: None,
-            }),
+            inner: Mutex::new(Inner { mode: Mode::Off, ops: Vec::new(), bytes: 0, notify: None }),
             budget,
             sizes: sizes.to_vec(),
         }
@@ -224,11 +228,6 @@ impl WriteLog {
         let mut g = self.inner.lock();
         match g.mode {
             Mode::Off => {}
-            Mode::Tracking => {
-                if let (Some((offset, len)), Some(map)) = (op.range(), g.bitmaps.get_mut(disk as usize)) {
-                    map.mark(offset, len);
-                }
-            }
             Mode::Logging => {
                 let before = g.bytes;
                 g.bytes += op.bytes();
@@ -265,42 +264,7 @@ impl WriteLog {
         std::mem::take(&mut g.ops)
     }
 
-    /// The initial copy starts: nothing is logged, written blocks are marked. With `all`, every
-    /// block starts marked (a full copy), otherwise none (the caller marks what differs).
-    pub fn start_tracking(&self, all: bool) {
-        let mut g = self.inner.lock();
-        g.mode = Mode::Tracking;
-        g.ops.clear();
-        g.bytes = 0;
-        for m in &mut g.bitmaps {
-            if all {
-                m.set_all();
-            } else {
-                m.take(usize::MAX);
-            }
-        }
-    }
-
-    /// Marks blocks of `disk` to be copied.
-    pub fn mark(&self, disk: u32, blocks: &[u64]) {
-        if let Some(m) = self.inner.lock().bitmaps.get_mut(disk as usize) {
-            for &b in blocks {
-                m.mark(b * BLOCK, 1);
-            }
-        }
-    }
-
-    /// Up to `max` marked blocks of `disk`, lowest first, their marks cleared.
-    pub fn take_dirty(&self, disk: u32, max: usize) -> Vec<u64> {
-        self.inner.lock().bitmaps.get_mut(disk as usize).map(|m| m.take(max)).unwrap_or_default()
-    }
-
-    /// Blocks marked on all disks.
-    pub fn dirty_blocks(&self) -> u64 {
-        self.inner.lock().bitmaps.iter().map(|m| m.set).sum()
-    }
-
-    /// Protection starts (called while the vCPUs are paused): every op from now on is kept.
+    /// A standby attached: every op from now on is kept.
     pub fn start_logging(&self) {
         let mut g = self.inner.lock();
         g.mode = Mode::Logging;
@@ -394,24 +358,10 @@ mod tests {
     }
 
     #[test]
-    fn the_log_keeps_what_its_mode_asks_and_is_bounded() {
+    fn the_log_keeps_ops_only_while_logging_and_is_bounded() {
         let log = WriteLog::new(&[4 * BLOCK + 100, BLOCK], 100);
         log.record(0, w(0, 1, 60));
         assert_eq!(log.pending(), 0, "off: nothing kept");
-        log.start_tracking(false);
-        log.record(0, w(BLOCK - 1, 1, 2));
-        log.record(0, Op::Zeroes { offset: 4 * BLOCK, len: 100 });
-        log.record(1, Op::Flush);
-        assert_eq!(log.dirty_blocks(), 3);
-        assert_eq!(log.take_dirty(0, 2), vec![0, 1]);
-        assert_eq!(log.take_dirty(0, 9), vec![4]);
-        assert!(log.take_dirty(1, 9).is_empty());
-        assert_eq!(log.dirty_blocks(), 0);
-        log.start_tracking(true);
-        assert_eq!(log.dirty_blocks(), 6, "a full copy: 5 blocks (the last one short) and 1");
-        assert_eq!(log.take_dirty(0, 99), vec![0, 1, 2, 3, 4]);
-        log.mark(1, &[0]);
-        assert_eq!(log.take_dirty(1, 99), vec![0]);
         log.start_logging();
         let (tx, rx) = crossbeam_channel::bounded(1);
         log.notify(Some(tx));
@@ -426,6 +376,23 @@ mod tests {
         log.stop();
         log.record(0, w(0, 1, 60));
         assert!(log.seal().is_empty());
+    }
+
+    #[test]
+    fn block_maps_hand_out_marked_blocks_lowest_first() {
+        let mut m = BlockMap::new(4 * BLOCK + 100);
+        m.mark(BLOCK - 1, 2);
+        m.mark(4 * BLOCK, 100);
+        assert_eq!(m.count(), 3);
+        assert_eq!(m.take(2), vec![0, 1]);
+        assert_eq!(m.take(9), vec![4]);
+        assert_eq!(m.count(), 0);
+        m.set_all();
+        assert_eq!(m.count(), 5, "the last block is short");
+        assert_eq!(m.take(99), vec![0, 1, 2, 3, 4]);
+        let mut big = BlockMap::new(200 * BLOCK);
+        big.set_all();
+        assert_eq!(big.take(1000).len(), 200);
     }
 
     #[test]

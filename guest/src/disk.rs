@@ -76,8 +76,9 @@ struct Disk {
     cpus: [Cpu; MAX_VCPUS],
     /// Broken on purpose (`fail=disk`).
     sabotaged: bool,
-    /// Write latencies: [`bucket`] of the microseconds.
+    /// Write latencies: [`bucket`] of the microseconds, over the run and since the last report.
     latency: [u32; BUCKETS],
+    recent: [u32; BUCKETS],
     tsc_khz: u64,
 }
 
@@ -170,6 +171,7 @@ pub fn init(tsc_khz: u64, vcpus: u32, settings: Settings) -> Result<(), u32> {
         cpus,
         sabotaged: false,
         latency: [0; BUCKETS],
+        recent: [0; BUCKETS],
         tsc_khz,
     };
     DISK.with(|s| *s = Some(d));
@@ -204,23 +206,36 @@ pub fn sabotage() {
     })
 }
 
-/// Write latency percentiles (p50, p99) in microseconds, from the histogram.
-pub fn latency() -> (u64, u64) {
-    DISK.with(|d| {
-        let Some(d) = d.as_ref() else { return (0, 0) };
-        let total: u64 = d.latency.iter().map(|&n| u64::from(n)).sum();
-        let at = |q: u64| {
-            let want = (total * q).div_ceil(100).max(1);
-            let mut seen = 0;
-            for (b, &n) in d.latency.iter().enumerate() {
-                seen += u64::from(n);
-                if seen >= want {
-                    return bucket_floor(b);
-                }
+/// (p50, p99) in microseconds of a latency histogram.
+fn percentiles(h: &[u32; BUCKETS]) -> (u64, u64) {
+    let total: u64 = h.iter().map(|&n| u64::from(n)).sum();
+    let at = |q: u64| {
+        let want = (total * q).div_ceil(100).max(1);
+        let mut seen = 0;
+        for (b, &n) in h.iter().enumerate() {
+            seen += u64::from(n);
+            if seen >= want {
+                return bucket_floor(b);
             }
-            0
-        };
-        (at(50), at(99))
+        }
+        0
+    };
+    (at(50), at(99))
+}
+
+/// Write latency percentiles (p50, p99) in microseconds over the whole run.
+pub fn latency() -> (u64, u64) {
+    DISK.with(|d| d.as_ref().map_or((0, 0), |d| percentiles(&d.latency)))
+}
+
+/// Write latency percentiles since the last call (for progress reports).
+pub fn recent_latency() -> (u64, u64) {
+    DISK.with(|d| {
+        d.as_mut().map_or((0, 0), |d| {
+            let p = percentiles(&d.recent);
+            d.recent = [0; BUCKETS];
+            p
+        })
     })
 }
 
@@ -312,6 +327,7 @@ impl Disk {
         self.request(T_OUT, unit);
         let us = (crate::io::rdtsc() - t0) * 1000 / self.tsc_khz.max(1);
         self.latency[bucket(us)] = self.latency[bucket(us)].saturating_add(1);
+        self.recent[bucket(us)] = self.recent[bucket(us)].saturating_add(1);
         self.set_gen(unit, g);
         self.cpus[cpu].pending = None;
         self.cpus[cpu].last = unit;

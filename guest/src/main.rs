@@ -226,7 +226,11 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
             }
             if p.disk {
                 let (writes, reads, flushes) = disk::totals();
-                log!("progress: t={}ms disk: writes={writes} reads={reads} flushes={flushes}", ms_since(start, now, tsc_khz));
+                let (p50, p99) = disk::recent_latency();
+                log!(
+                    "progress: t={}ms disk: writes={writes} reads={reads} flushes={flushes} p50-us={p50} p99-us={p99}",
+                    ms_since(start, now, tsc_khz)
+                );
             }
         }
         if idle {

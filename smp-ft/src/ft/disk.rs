@@ -1,17 +1,16 @@
 //! The primary's side of disk mirroring in the FT engine: the initial copy of the disks, carried
-//! in the pre-copy rounds beside memory, and the hand-over to the write log when the synchronising
-//! pause ends it.
+//! in the pre-copy rounds beside memory.
 //!
-//! The copy works on the write log's block bitmap: every block starts marked (or, with `compare`,
-//! only the blocks whose hash differs from the standby's); each round takes marked blocks, lowest
-//! first, and reads them while the guest runs. A guest write marks its blocks again once it has
-//! completed, so a block read while it changed is sent again in a later round. The synchronising
-//! pause reads what is still marked with the vCPUs stopped and switches the log to keeping every
-//! op: from that checkpoint on, the standby's disk follows the epochs exactly.
+//! The write log keeps every op from the moment a standby attaches. Each pre-copy round seals the
+//! ops logged since the previous one, then reads blocks still to copy (every block at first, or
+//! with `compare` only those whose hash differs from the standby's), and sends the ops before the
+//! blocks; the standby applies them in that order, so it ends with exactly what the primary's
+//! disk holds (see `disk_mirror::log`). The synchronising pause seals the last ops; from that
+//! checkpoint on, each checkpoint carries its epoch's ops.
 
 use disk_mirror::backend::{Backend, BackendError};
 use disk_mirror::digest::{self, Digest};
-use disk_mirror::log::{self, Op, WriteLog, BLOCK};
+use disk_mirror::log::{self, BlockMap, Op, WriteLog, BLOCK};
 use std::sync::Arc;
 
 /// How the initial copy treats the standby's disks.
@@ -35,8 +34,8 @@ struct Comparing {
     next: u64,
 }
 
-/// Disk data per pre-copy round (a round is acknowledged before the next is read, so this is
-/// also about the most disk data in flight during the copy).
+/// Blocks read per pre-copy round (a round is acknowledged before the next is read, so this and
+/// the log's budget bound the disk data in flight during the copy).
 pub const ROUND_BYTES: u64 = 32 << 20;
 
 /// Pages a disk block counts for when the copy decides whether to iterate again.
@@ -44,9 +43,9 @@ pub const PAGES_PER_BLOCK: u64 = BLOCK / 4096;
 
 /// The initial copy of the disks.
 pub struct DiskCopy {
-    /// Blocks of the first pass not yet sent.
-    first_pass_left: u64,
-    /// Bytes of disk data sent.
+    /// Blocks still to copy, per disk.
+    maps: Vec<BlockMap>,
+    /// Bytes of disk data sent (blocks and ops).
     pub bytes: u64,
     /// Bytes found identical on the standby (`compare`).
     pub same: u64,
@@ -54,31 +53,41 @@ pub struct DiskCopy {
 }
 
 impl DiskCopy {
-    /// Starts copying every block of every disk.
-    pub fn full(log: &WriteLog) -> DiskCopy {
-        log.start_tracking(true);
-        DiskCopy { first_pass_left: log.dirty_blocks(), bytes: 0, same: 0, comparing: None }
+    /// Copies every block of disks of these sizes.
+    pub fn full(sizes: &[u64]) -> DiskCopy {
+        let mut maps: Vec<BlockMap> = sizes.iter().map(|&s| BlockMap::new(s)).collect();
+        maps.iter_mut().for_each(BlockMap::set_all);
+        DiskCopy { maps, bytes: 0, same: 0, comparing: None }
     }
 
-    /// Starts copying the blocks that differ from the standby's `digests` (checked to match
-    /// the disks): they are found a round at a time, while the guest runs.
-    pub fn compare(log: &WriteLog, digests: Vec<Digest>) -> DiskCopy {
-        log.start_tracking(false);
-        DiskCopy { first_pass_left: 0, bytes: 0, same: 0, comparing: Some(Comparing { digests, disk: 0, next: 0 }) }
+    /// Copies the blocks that differ from the standby's `digests` (checked to match the disks):
+    /// they are found a round at a time, while the guest runs.
+    pub fn compare(sizes: &[u64], digests: Vec<Digest>) -> DiskCopy {
+        let maps = sizes.iter().map(|&s| BlockMap::new(s)).collect();
+        DiskCopy { maps, bytes: 0, same: 0, comparing: Some(Comparing { digests, disk: 0, next: 0 }) }
     }
 
-    /// Whether the first pass over the disks is still under way.
+    /// Whether blocks are still to be found or sent (those rounds do not count towards the
+    /// round limit: the final pause must not copy a disk).
     pub fn copying(&self) -> bool {
-        self.first_pass_left > 0 || self.comparing.is_some()
+        self.comparing.is_some() || self.maps.iter().any(|m| m.count() > 0)
+    }
+
+    /// What is left, as pages (for the decision to iterate): blocks to copy and ops logged.
+    pub fn pending_pages(&self, log: &WriteLog) -> u64 {
+        let blocks: u64 = self.maps.iter().map(BlockMap::count).sum();
+        blocks.saturating_mul(PAGES_PER_BLOCK) + log.pending().div_ceil(4096) as u64
     }
 
     /// Hashes up to [`COMPARE_BYTES`] of the primary's disks and marks the blocks whose hash
-    /// differs from the standby's. A block written after it was hashed is marked by the write.
-    fn compare_some(&mut self, log: &WriteLog, disks: &[Arc<dyn Backend>]) -> Result<(), BackendError> {
+    /// differs from the standby's. (A block written after it was hashed: the op is in the log.)
+    fn compare_some(&mut self, disks: &[Arc<dyn Backend>]) -> Result<(), BackendError> {
         let Some(c) = self.comparing.as_mut() else { return Ok(()) };
         let mut budget = COMPARE_BYTES;
         while budget > 0 {
-            let (Some(d), Some(disk)) = (c.digests.get(c.disk), disks.get(c.disk)) else {
+            let (Some(d), Some(disk), Some(map)) =
+                (c.digests.get(c.disk), disks.get(c.disk), self.maps.get_mut(c.disk))
+            else {
                 self.comparing = None;
                 return Ok(());
             };
@@ -90,15 +99,13 @@ impl DiskCopy {
             }
             let count = (budget / d.block).clamp(1, total - c.next);
             let mine = digest::hash_blocks(&**disk, d.block, c.next, count)?;
-            let per = d.block / BLOCK;
             for (i, h) in mine.iter().enumerate() {
                 let b = c.next + i as u64;
+                let len = d.block.min(d.size - b * d.block);
                 if *h == d.hashes[b as usize] {
-                    self.same += d.block.min(d.size - b * d.block);
+                    self.same += len;
                 } else {
-                    let blocks: Vec<u64> = (b * per..(b + 1) * per).filter(|&x| x * BLOCK < d.size).collect();
-                    self.first_pass_left += blocks.len() as u64;
-                    log.mark(c.disk as u32, &blocks);
+                    map.mark(b * d.block, len);
                 }
             }
             c.next += count;
@@ -107,39 +114,45 @@ impl DiskCopy {
         Ok(())
     }
 
-    /// What is left, as pages (for the decision to iterate).
-    pub fn pending_pages(log: &WriteLog) -> u64 {
-        log.dirty_blocks().saturating_mul(PAGES_PER_BLOCK)
-    }
-
-    /// A round's share of the copy: up to [`ROUND_BYTES`] of marked blocks, read now.
+    /// A pre-copy round's disk changes: the ops logged since the last round, then up to
+    /// [`ROUND_BYTES`] of blocks still to copy, read now.
     pub fn round(&mut self, log: &WriteLog, disks: &[Arc<dyn Backend>]) -> Result<Vec<(u32, Op)>, BackendError> {
-        self.compare_some(log, disks)?;
-        let ops = read_marked(log, disks, (ROUND_BYTES / BLOCK) as usize)?;
-        let bytes: u64 = ops.iter().map(|(_, op)| op.bytes() as u64).sum();
-        self.first_pass_left = self.first_pass_left.saturating_sub(bytes.div_ceil(BLOCK));
-        self.bytes += bytes;
+        let mut ops = log.seal();
+        self.compare_some(disks)?;
+        ops.extend(self.read(disks, (ROUND_BYTES / BLOCK) as usize)?);
+        self.bytes += ops.iter().map(|(_, op)| op.bytes() as u64).sum::<u64>();
         Ok(ops)
     }
-}
 
-/// Reads up to `max` marked blocks (over all disks, in order), clearing their marks.
-pub fn read_marked(log: &WriteLog, disks: &[Arc<dyn Backend>], max: usize) -> Result<Vec<(u32, Op)>, BackendError> {
-    let mut out = Vec::new();
-    for (i, disk) in disks.iter().enumerate() {
-        let left = max - out.len();
-        if left == 0 {
-            break;
-        }
-        let blocks = log.take_dirty(i as u32, left);
-        match log::read_blocks(&**disk, &blocks) {
-            Ok(ops) => out.extend(ops.into_iter().map(|op| (i as u32, op))),
-            Err(e) => {
-                // Not copied: still to do if the copy is tried again.
-                log.mark(i as u32, &blocks);
-                return Err(e);
+    /// The synchronising pause's disk changes (vCPUs stopped): the last ops, and any block still
+    /// to copy.
+    pub fn last(&mut self, log: &WriteLog, disks: &[Arc<dyn Backend>]) -> Result<Vec<(u32, Op)>, BackendError> {
+        let mut ops = log.seal();
+        self.comparing = None;
+        ops.extend(self.read(disks, usize::MAX)?);
+        self.bytes += ops.iter().map(|(_, op)| op.bytes() as u64).sum::<u64>();
+        Ok(ops)
+    }
+
+    /// Reads up to `max` blocks still to copy (over all disks, in order).
+    fn read(&mut self, disks: &[Arc<dyn Backend>], max: usize) -> Result<Vec<(u32, Op)>, BackendError> {
+        let mut out = Vec::new();
+        let mut left = max;
+        for (i, (disk, map)) in disks.iter().zip(&mut self.maps).enumerate() {
+            if left == 0 {
+                break;
+            }
+            let blocks = map.take(left);
+            left -= blocks.len();
+            match log::read_blocks(&**disk, &blocks) {
+                Ok(ops) => out.extend(ops.into_iter().map(|op| (i as u32, op))),
+                Err(e) => {
+                    // Not copied: still to do if the copy is tried again.
+                    blocks.iter().for_each(|&b| map.mark(b * BLOCK, 1));
+                    return Err(e);
+                }
             }
         }
+        Ok(out)
     }
-    Ok(out)
 }

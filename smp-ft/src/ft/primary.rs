@@ -423,11 +423,12 @@ impl PrimaryFt {
     fn act(&mut self, vm: &RunningVm, actions: Vec<PrimaryAction>) -> Flow {
         for a in actions {
             match a {
-                PrimaryAction::StartSync => self.start_sync(vm),
+                PrimaryAction::StartSync => self.start_sync(),
                 PrimaryAction::CopyRound { seq, all } => self.precopy_round(vm, seq, all),
                 PrimaryAction::MeasureDirty => {
                     let pages = vm.dirty_pending().unwrap_or(u64::MAX);
-                    let disk = DiskCopy::pending_pages(&self.disk_log);
+                    let sync = self.sync.as_ref().and_then(|s| s.disk.as_ref());
+                    let disk = sync.map_or(0, |d| d.pending_pages(&self.disk_log));
                     let copying = self.sync.as_ref().and_then(|s| s.disk.as_ref()).is_some_and(DiskCopy::copying);
                     let next =
                         self.proto.handle(PrimaryEvent::DirtyPending { pages: pages.saturating_add(disk), copying });
@@ -530,11 +531,14 @@ impl PrimaryFt {
         flow
     }
 
-    fn start_sync(&mut self, vm: &RunningVm) {
-        let disk = (!vm.devices().disk_log().sizes().is_empty()).then(|| match self.digests.take() {
-            Some(d) => DiskCopy::compare(&self.disk_log, d),
-            None => DiskCopy::full(&self.disk_log),
+    fn start_sync(&mut self) {
+        let sizes = self.disk_log.sizes();
+        let disk = (!sizes.is_empty()).then(|| match self.digests.take() {
+            Some(d) => DiskCopy::compare(sizes, d),
+            None => DiskCopy::full(sizes),
         });
+        // From here every completed disk request is kept for the standby.
+        self.disk_log.start_logging();
         self.sync = Some(SyncRun {
             started: Instant::now(),
             round: 0,
@@ -604,12 +608,13 @@ impl PrimaryFt {
         let at = Instant::now();
         let (log, disks) = (&self.disk_log, vm.devices().disk_backends());
         let mut disk = Ok(Vec::new());
+        let copy = self.sync.as_mut().and_then(|s| s.disk.as_mut());
         let r = vm.capture(PageSet::Dirty, || {
             gate.hold();
-            // The blocks still marked are read with the vCPUs stopped; every op after this pause
-            // belongs to an epoch and is logged.
-            disk = super::disk::read_marked(log, &disks, usize::MAX);
-            log.start_logging();
+            // The last ops of the copy; every op after this pause belongs to an epoch.
+            if let Some(copy) = copy {
+                disk = copy.last(log, &disks);
+            }
         });
         let r = match (r, disk) {
             (Ok(c), Ok(disk)) => Ok((c, disk)),

@@ -98,7 +98,15 @@ impl Blk {
     }
 
     /// Serves one request: the status to report and how many bytes went to the driver.
-    fn serve(&self, kind: u32, sector: u64, body: &mut dyn Read, out: &mut dyn Write, out_len: usize) -> (u8, u32) {
+    fn serve(
+        &self,
+        kind: u32,
+        sector: u64,
+        body: &mut dyn Read,
+        out: &mut dyn Write,
+        lens: (usize, usize),
+    ) -> (u8, u32) {
+        let (body_len, out_len) = lens;
         let ro = self.disk.readonly();
         let range = |len: u64| {
             let at = sector.checked_mul(SECTOR)?;
@@ -117,7 +125,7 @@ impl Blk {
             }
             T_OUT if ro => (S_IOERR, 0),
             T_OUT => {
-                let mut data = Vec::new();
+                let mut data = Vec::with_capacity(body_len.min(MAX_REQUEST as usize + 1));
                 if body.take(MAX_REQUEST + 1).read_to_end(&mut data).is_err() {
                     return (S_IOERR, 0);
                 }
@@ -247,7 +255,8 @@ impl VirtioDevice for Blk {
             // The last writable byte is the status; everything before it is the data.
             let out_len = writer.available_bytes() - 1;
             let mut status_byte = writer.split_at(out_len).map_err(|e| buffer(e.to_string()))?;
-            let (status, written) = self.serve(kind, sector, &mut reader, &mut writer, out_len);
+            let body_len = reader.available_bytes();
+            let (status, written) = self.serve(kind, sector, &mut reader, &mut writer, (body_len, out_len));
             status_byte.write_all(&[status]).map_err(|e| buffer(e.to_string()))?;
             Ok(written + 1)
         })

@@ -1,0 +1,81 @@
+//! What the system benchmarks share: the smpft binary, identities, processes killed on drop.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_smpft");
+
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Env {
+    pub dir: PathBuf,
+    pub a: PathBuf,
+    pub b: PathBuf,
+}
+
+impl Env {
+    pub fn new(name: &str) -> Env {
+        let dir = std::env::temp_dir().join(format!("smpft-bench-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        for d in [&a, &b] {
+            let o = Command::new(BIN).args(["keygen", "--out"]).arg(d).output().unwrap();
+            assert!(o.status.success(), "keygen failed (is the smpft binary built?)");
+        }
+        Env { dir, a, b }
+    }
+
+    pub fn ft_args(&self, me: &Path, peer: &Path, tb: &Path, interval: Duration) -> Vec<String> {
+        vec![
+            "--identity".into(),
+            me.display().to_string(),
+            "--peer-cert".into(),
+            peer.join("cert.pem").display().to_string(),
+            "--tiebreak".into(),
+            tb.display().to_string(),
+            "--ft-interval".into(),
+            format!("{}ms", interval.as_millis()),
+        ]
+    }
+
+    pub fn spawn(&self, name: &str, args: &[String]) -> Killed {
+        let s = |x: &str| self.dir.join(format!("{name}.{x}")).display().to_string();
+        let child = Command::new(BIN)
+            .env("SMPFT_LOG", "warn")
+            .args(args)
+            .args(["--serial", &format!("unix:{}", s("serial")), "--qmp", &format!("unix:{}", s("qmp"))])
+            .args(["--console", &s("console")])
+            .stderr(std::fs::File::create(s("log")).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Killed(child)
+    }
+
+    pub fn path(&self, name: &str, x: &str) -> PathBuf {
+        self.dir.join(format!("{name}.{x}"))
+    }
+}
+
+pub fn qmp(path: &Path, cmd: &str) -> serde_json::Value {
+    smpft_client::qmp(path, cmd, None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn wait_state(path: &Path, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while qmp(path, "x-smpft-query-ft")["state"] != state {
+        assert!(Instant::now() < deadline, "never reached {state}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

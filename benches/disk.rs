@@ -1,0 +1,253 @@
+//! Disk mirroring benchmark: real `smpft run` and `smpft standby` processes over loopback, the
+//! standby's storage behind qemu-nbd; prints tables (run: `cargo bench -p smp-ft --bench disk`).
+//!
+//! 1. Guest writes, unprotected and then protected, back to back in the same run, on a 256 MiB
+//!    raw image (the standby's a raw image too): sequential 1 MiB writes (MB/s) and random
+//!    4 KiB writes (IOPS), one vCPU writing (the other core carries the mirror: both copies share
+//!    this host's two cores), no read-back, no flushes. Figures come from the
+//!    guest's own progress reports (one a second) after protection began: throughput, and write
+//!    latency p50/p99 (the median of the per-second p50s, the largest per-second p99). Also the
+//!    most disk data one checkpoint carried to the standby (its staging peak).
+//! 2. The initial copy of a 1 GiB image (full of data) to a qemu-nbd target: smpft's time from
+//!    start to protected, next to `qemu-img convert -n` into the same kind of target in the same
+//!    run; then `--disk-sync compare` against a standby whose image is already identical.
+//!
+//! `SMPFT_BENCH_QUICK=1` runs short windows and a 128 MiB image (a smoke test).
+
+#[path = "common.rs"]
+mod common;
+
+use common::{qmp, wait_state, Env, Killed};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn quick() -> bool {
+    std::env::var_os("SMPFT_BENCH_QUICK").is_some()
+}
+
+const DISK: u64 = 256 << 20;
+const INTERVAL: Duration = Duration::from_millis(20);
+const VCPUS: &str = "1";
+
+fn sparse(path: &Path, size: u64) {
+    let _ = std::fs::remove_file(path);
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
+}
+
+/// An image full of data (no two 4 KiB blocks alike, nothing sparse).
+fn filled(path: &Path, size: u64) {
+    let mut f = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(path).unwrap());
+    let mut block = vec![0u8; 4096];
+    for b in 0..size / 4096 {
+        for (i, w) in block.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&(b * 512 + i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+        }
+        f.write_all(&block).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+/// `qemu-nbd` serving a raw image on a unix socket; killed on drop.
+fn qemu_nbd(image: &Path) -> (Killed, String) {
+    let socket = image.with_extension("sock");
+    let _ = std::fs::remove_file(&socket);
+    let child = Command::new("qemu-nbd")
+        .args(["--persistent", "--export-name", "vm", "--cache", "writeback", "--format", "raw", "--socket"])
+        .arg(&socket)
+        .arg(image)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd (qemu-utils; scripts/setup installs it)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Killed(child), format!("nbd+unix:///vm?socket={}", socket.display()))
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// A primary (and its standby, if `standby_disk` is given) with one disk.
+struct Pair {
+    _standby: Option<Killed>,
+    _primary: Killed,
+}
+
+fn start(env: &Env, disk: &str, standby_disk: Option<&str>, standby_extra: &[&str], guest: &str) -> Pair {
+    let tb = env.dir.join("tiebreak");
+    let _ = std::fs::remove_file(&tb);
+    let standby = standby_disk.map(|sd| {
+        let mut a =
+            strings(&["standby", "--listen", "127.0.0.1:7497", "--vcpus", VCPUS, "--memory", "256M", "--disk", sd]);
+        a.extend(strings(standby_extra));
+        a.extend(env.ft_args(&env.b, &env.a, &tb, INTERVAL));
+        let s = env.spawn("s", &a);
+        wait_state(&env.path("s", "qmp"), "waiting");
+        s
+    });
+    let mut a = strings(&["run", "--vcpus", VCPUS, "--memory", "256M", "--disk", disk, "--guest-args", guest]);
+    if standby.is_some() {
+        a.extend(strings(&["--ft-peer", "127.0.0.1:7497"]));
+        a.extend(env.ft_args(&env.a, &env.b, &tb, INTERVAL));
+    }
+    Pair { _standby: standby, _primary: env.spawn("p", &a) }
+}
+
+/// The guest's disk progress reports: (guest ms, writes, p50 µs, p99 µs).
+fn reports(console: &Path) -> Vec<(u64, u64, u64, u64)> {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    let field = |l: &str, k: &str| -> Option<u64> {
+        l.split_whitespace().find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.trim_end_matches("ms").parse().ok())
+    };
+    text.lines()
+        .filter(|l| l.starts_with("progress:") && l.contains(" disk: "))
+        .filter_map(|l| Some((field(l, "t")?, field(l, "writes")?, field(l, "p50-us")?, field(l, "p99-us")?)))
+        .collect()
+}
+
+struct Io {
+    per_s: f64,
+    p50: u64,
+    p99: u64,
+}
+
+/// Waits for `n` more reports after the next one (which is warm-up) and sums them up.
+fn measure(console: &Path, n: usize) -> Io {
+    let have = reports(console).len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let r = loop {
+        let r = reports(console);
+        if r.len() >= have + 1 + n {
+            break r[have..=have + n].to_vec();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest stopped reporting:\n{}",
+            std::fs::read_to_string(console).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (first, last) = (r[0], r[n]);
+    let per_s = (last.1 - first.1) as f64 * 1000.0 / (last.0 - first.0).max(1) as f64;
+    let mut p50s: Vec<u64> = r[1..].iter().map(|x| x.2).collect();
+    p50s.sort_unstable();
+    Io { per_s, p50: p50s[p50s.len() / 2], p99: r[1..].iter().map(|x| x.3).max().unwrap_or(0) }
+}
+
+fn io_run(env: &Env, workload: &str, protected: bool) -> (Io, Option<u64>) {
+    let (p, s) = (env.dir.join("io-p.raw"), env.dir.join("io-s.raw"));
+    sparse(&p, DISK);
+    sparse(&s, DISK);
+    let guest = format!("disk {workload} disk-check=0 flush-every=0 report=1s duration=600s");
+    let s_spec = s.display().to_string();
+    let pair = start(env, &p.display().to_string(), protected.then_some(s_spec.as_str()), &[], &guest);
+    if protected {
+        wait_state(&env.path("p", "qmp"), "protected");
+    }
+    let io = measure(&env.path("p", "console"), if quick() { 2 } else { 5 });
+    let peak = protected
+        .then(|| qmp(&env.path("s", "qmp"), "x-smpft-query-ft")["disk-staged-peak-bytes"].as_u64().unwrap_or(0));
+    drop(pair);
+    (io, peak)
+}
+
+fn writes_table(env: &Env) {
+    println!(
+        "\nGuest disk writes, {VCPUS} vCPU, 256 MiB raw image (standby: raw image); unprotected then protected, {} s each",
+        if quick() { 2 } else { 5 }
+    );
+    println!(
+        "{:>20} | {:>11} {:>11} {:>6} | {:>15} {:>15} | {:>9} {:>9} | {:>12}",
+        "workload", "unprot", "prot", "ratio", "p50 µs un/prot", "p99 µs un/prot", "+p50 µs", "+p99 µs", "staging MiB"
+    );
+    for (name, workload, scale) in
+        [("seq 1 MiB (MB/s)", "disk-io=1M disk-seq", 1.048576), ("random 4 KiB (IOPS)", "disk-io=4K", 1.0)]
+    {
+        let (u, _) = io_run(env, workload, false);
+        let (p, peak) = io_run(env, workload, true);
+        println!(
+            "{:>20} | {:>11.0} {:>11.0} {:>6.2} | {:>7} {:>7} | {:>7} {:>7} | {:>9} {:>9} | {:>12.1}",
+            name,
+            u.per_s * scale,
+            p.per_s * scale,
+            p.per_s / u.per_s,
+            u.p50,
+            p.p50,
+            u.p99,
+            p.p99,
+            p.p50 as i64 - u.p50 as i64,
+            p.p99 as i64 - u.p99 as i64,
+            peak.unwrap_or(0) as f64 / (1 << 20) as f64
+        );
+    }
+}
+
+/// Time from starting the pair until the primary reports `protected`.
+fn time_to_protect(env: &Env, disk: &Path, target: &str, extra: &[&str]) -> Duration {
+    let t0 = Instant::now();
+    let pair = start(env, &disk.display().to_string(), Some(target), extra, "service duration=600s");
+    wait_state(&env.path("p", "qmp"), "protected");
+    let took = t0.elapsed();
+    drop(pair);
+    took
+}
+
+fn sync_table(env: &Env) {
+    let size: u64 = if quick() { 128 << 20 } else { 1 << 30 };
+    let src: PathBuf = env.dir.join("sync-src.raw");
+    filled(&src, size);
+    let mib = (size >> 20) as f64;
+
+    // qemu-img convert -n into a qemu-nbd target.
+    let t1 = env.dir.join("sync-t1.raw");
+    sparse(&t1, size);
+    let (server, uri) = qemu_nbd(&t1);
+    let t0 = Instant::now();
+    let o = Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&src)
+        .arg(&uri)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "qemu-img convert: {}", String::from_utf8_lossy(&o.stderr));
+    let convert = t0.elapsed();
+    drop(server);
+
+    // smpft's initial copy into the same kind of target, then compare against the result.
+    let t2 = env.dir.join("sync-t2.raw");
+    sparse(&t2, size);
+    let (server, uri) = qemu_nbd(&t2);
+    let full = time_to_protect(env, &src, &uri, &[]);
+    let compare = time_to_protect(env, &src, &uri, &["--disk-sync", "compare"]);
+    drop(server);
+    let identical =
+        Command::new("qemu-img").args(["compare", "-q", "-f", "raw", "-F", "raw"]).arg(&src).arg(&t2).status();
+    println!("\nInitial copy of a {mib:.0} MiB image (full of data) to qemu-nbd (raw, unix socket)");
+    println!("{:>44} | {:>9} | {:>9}", "", "seconds", "MB/s");
+    let row = |what: &str, d: Duration| {
+        println!("{:>44} | {:>9.2} | {:>9.0}", what, d.as_secs_f64(), size as f64 / 1e6 / d.as_secs_f64());
+    };
+    row("qemu-img convert -n", convert);
+    row("smpft start to protected (--disk-sync full)", full);
+    row("smpft start to protected (compare, identical)", compare);
+    println!(
+        "full ÷ qemu-img (throughput): {:.2}; the target equals the source afterwards: {}",
+        convert.as_secs_f64() / full.as_secs_f64(),
+        identical.is_ok_and(|s| s.success())
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let env = Env::new("disk");
+    writes_table(&env);
+    sync_table(&env);
+    let _ = std::fs::remove_dir_all(&env.dir);
+}
