@@ -37,6 +37,11 @@ pub trait Backend: Send + Sync {
     fn readonly(&self) -> bool;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BackendError>;
     fn write_at(&self, data: &[u8], offset: u64) -> Result<(), BackendError>;
+    /// Several writes, in order (a backend may have them in flight together; the ranges of one
+    /// batch do not overlap).
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Result<(), BackendError> {
+        writes.iter().try_for_each(|&(offset, data)| self.write_at(data, offset))
+    }
     /// Everything written before is on stable storage when this returns.
     fn flush(&self) -> Result<(), BackendError>;
     /// The range reads as zeroes afterwards.

@@ -23,3 +23,15 @@ pub fn open(spec: &spec::DiskSpec) -> Result<Arc<dyn backend::Backend>, backend:
         other => Arc::new(nbd::Nbd::connect(other, spec.readonly)?),
     })
 }
+
+/// An error with its causes, one after the other.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -236,10 +236,8 @@ fn demo(opts: &DemoOptions, f: &Files) -> Result<(), String> {
     }
 
     let console = std::fs::read_to_string(f.path("standby.console")).unwrap_or_default();
-    let verified: u64 = console
-        .lines()
-        .filter_map(|l| l.split(" verified ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
-        .sum();
+    let verified: u64 =
+        console.lines().filter_map(|l| l.split(" verified ").nth(1)?.split(' ').next()?.parse::<u64>().ok()).sum();
     let writes = console.lines().rev().find(|l| l.starts_with("disk: writes=")).unwrap_or_default().to_string();
     if verified == 0 {
         return Err("the guest on host B did not read its disk back".into());

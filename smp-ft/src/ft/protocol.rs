@@ -449,7 +449,8 @@ pub enum StandbyAction {
     Ack {
         epoch: Epoch,
     },
-    /// Write pre-copy round `seq`'s memory into the standby's copy (then acknowledge it).
+    /// Write pre-copy round `seq`'s memory and disk data into the standby's copy (it was
+    /// acknowledged on receipt).
     ApplyPreCopy {
         seq: Epoch,
     },
@@ -514,7 +515,9 @@ impl Standby {
             (S::Halted | S::Live, _) => vec![],
             (S::Syncing, E::PreCopy { seq }) if self.precopy.is_none_or(|p| seq > p) => {
                 self.precopy = Some(seq);
-                vec![A::ApplyPreCopy { seq }, A::Ack { epoch: seq }]
+                // Acknowledged on receipt: the primary reads and sends the next round while this
+                // one is written here (nothing can go live from a pre-copy round).
+                vec![A::Ack { epoch: seq }, A::ApplyPreCopy { seq }]
             }
             (_, E::PreCopy { seq }) => vec![A::Refuse { seq }],
             (S::Syncing | S::Standby, E::Checkpoint { epoch, valid }) => {

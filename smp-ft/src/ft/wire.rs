@@ -233,22 +233,38 @@ impl Staged {
     }
 
     /// Writes the payload's disk changes to `disks`, in order (straight from the received bytes).
+    /// Runs of writes to one disk whose ranges do not overlap go to the backend as one batch (an
+    /// NBD server then has them in flight together).
     pub fn apply_disk(&self, disks: &[Arc<dyn Backend>]) -> Result<(), WireError> {
         let seq = self.archived().seq.to_native();
+        let fail = |disk: u32, why: String| WireError::DiskWrite { seq, disk, why };
+        let target = |disk: u32| disks.get(disk as usize).ok_or_else(|| fail(disk, "no such disk".into()));
+        let mut batch: Vec<(u64, &[u8])> = Vec::new();
+        let mut batch_disk = 0u32;
+        let flush_batch = |batch: &mut Vec<(u64, &[u8])>, disk: u32| -> Result<(), WireError> {
+            if !batch.is_empty() {
+                target(disk)?.write_batch(batch).map_err(|e| fail(disk, crate::error::error_chain(&e)))?;
+                batch.clear();
+            }
+            Ok(())
+        };
         for entry in self.archived().disk.iter() {
             let disk = entry.0.to_native();
-            let target = disks.get(disk as usize).ok_or_else(|| WireError::DiskWrite {
-                seq,
-                disk,
-                why: "no such disk".into(),
-            })?;
-            entry.1.apply(&**target).map_err(|e| WireError::DiskWrite {
-                seq,
-                disk,
-                why: crate::error::error_chain(&e),
-            })?;
+            if let disk_mirror::log::ArchivedOp::Write { offset, data } = &entry.1 {
+                let (offset, data) = (offset.to_native(), data.as_slice());
+                let end = offset + data.len() as u64;
+                let overlaps = batch.iter().any(|&(o, d)| o < end && offset < o + d.len() as u64);
+                if disk != batch_disk || overlaps || batch.len() >= 64 {
+                    flush_batch(&mut batch, batch_disk)?;
+                    batch_disk = disk;
+                }
+                batch.push((offset, data));
+                continue;
+            }
+            flush_batch(&mut batch, batch_disk)?;
+            entry.1.apply(&**target(disk)?).map_err(|e| fail(disk, crate::error::error_chain(&e)))?;
         }
-        Ok(())
+        flush_batch(&mut batch, batch_disk)
     }
 
     /// Writes the memory pages into `mem` and returns the machine state, if any.

@@ -214,7 +214,7 @@ impl Devices {
     pub fn flush_disks(&self) {
         for (i, d) in self.disks.iter().enumerate() {
             if let Err(e) = d.device().backend().flush() {
-                tracing::error!("disk{i}: flushing at shutdown failed: {}", super::virtio::blk::error_chain(&e));
+                tracing::error!("disk{i}: flushing at shutdown failed: {}", disk_mirror::error_chain(&e));
             }
         }
     }

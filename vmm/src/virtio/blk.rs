@@ -194,22 +194,11 @@ fn io_error(what: &str, e: &disk_mirror::backend::BackendError) -> (u8, u32) {
     if n < 8 || n % 1000 == 0 {
         tracing::error!(
             "virtio-blk: {what} failed, the guest gets an I/O error: {} ({} failures so far)",
-            error_chain(e),
+            disk_mirror::error_chain(e),
             n + 1
         );
     }
     (S_IOERR, 0)
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl VirtioDevice for Blk {

@@ -378,11 +378,11 @@ fn the_standby_takes_pre_copy_rounds_in_order_and_only_while_syncing() {
     let mut s = Standby::new(0);
     assert_eq!(
         s.handle(StandbyEvent::PreCopy { seq: 1 }),
-        vec![StandbyAction::ApplyPreCopy { seq: 1 }, StandbyAction::Ack { epoch: 1 }]
+        vec![StandbyAction::Ack { epoch: 1 }, StandbyAction::ApplyPreCopy { seq: 1 }]
     );
     assert_eq!(
         s.handle(StandbyEvent::PreCopy { seq: 2 }),
-        vec![StandbyAction::ApplyPreCopy { seq: 2 }, StandbyAction::Ack { epoch: 2 }]
+        vec![StandbyAction::Ack { epoch: 2 }, StandbyAction::ApplyPreCopy { seq: 2 }]
     );
     assert_eq!(s.handle(StandbyEvent::PreCopy { seq: 2 }), vec![StandbyAction::Refuse { seq: 2 }], "again");
     assert_eq!(s.state(), StandbyState::Syncing, "pre-copy alone is no copy");
