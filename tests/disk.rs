@@ -460,6 +460,33 @@ fn mismatched_disks_and_bad_specs_are_refused_clearly() {
     assert_eq!(q["state"], "unprotected");
     pr.sigkill();
 
+    // A standby cannot keep a copy on storage it may not write.
+    let ro = dir.join("ro.qcow2");
+    image(&ro, "qcow2");
+    let ro_server = {
+        let socket = ro.with_extension("sock");
+        let child = tool("qemu-nbd")
+            .args(["--persistent", "--read-only", "--export-name", "vm", "--format", "qcow2", "--socket"])
+            .arg(&socket)
+            .arg(&ro)
+            .spawn()
+            .unwrap();
+        wait_for(&socket);
+        Server { child: Proc::new(child), uri: format!("nbd+unix:///vm?socket={}", socket.display()) }
+    };
+    let o = common::smpft()
+        .args(["standby", "--listen", "127.0.0.1:0", "--disk", &ro_server.uri, "--tiebreak"])
+        .arg(&setup.tiebreak)
+        .arg("--identity")
+        .arg(&setup.b)
+        .arg("--peer-cert")
+        .arg(setup.a.join("cert.pem"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("is read-only: a standby's disk receives"), "{e}");
+    ro_server.stop();
+
     let bad = |args: &[&str], want: &str| {
         let o = common::smpft().args(args).output().unwrap();
         let e = String::from_utf8_lossy(&o.stderr);

@@ -134,7 +134,7 @@ pub fn init(tsc_khz: u64, vcpus: u32, settings: Settings) -> Result<(), u32> {
     let sectors = device.read_config(|r| u64::from(r.read32(0)) | u64::from(r.read32(4)) << 32).unwrap_or(0);
     let size = sectors * SECTOR;
     let io = settings.io;
-    if io == 0 || io % SECTOR != 0 || io > MAX_IO {
+    if io == 0 || !io.is_multiple_of(SECTOR) || io > MAX_IO {
         log!("disk: disk-io={io} must be a multiple of 512 up to {MAX_IO}");
         return Err(crate::abi::EXIT_BAD_PARAMS);
     }
@@ -293,7 +293,10 @@ impl Disk {
         // SAFETY: the device returned the chain, so it no longer writes the status byte.
         let st = unsafe { (self.status as *const u8).read_volatile() };
         if used.head != head || st != 0 {
-            fail(format_args!("disk: request (type {kind}, unit {unit}) completed as head {} with status {st}", used.head));
+            fail(format_args!(
+                "disk: request (type {kind}, unit {unit}) completed as head {} with status {st}",
+                used.head
+            ));
         }
     }
 

@@ -92,6 +92,12 @@ impl<'a> StandbyRunner<'a> {
     ) -> Result<Self, FtError> {
         let host = HostResources::reserve(&opts.config).map_err(FtError::CannotGoLive)?;
         let disks = host.disks().to_vec();
+        // The standby writes every disk as checkpoints commit; its own copy is never read-only.
+        if let Some((spec, _)) = opts.config.devices.disks.iter().zip(&disks).find(|(_, d)| d.readonly()) {
+            return Err(FtError::Disk(format!(
+                "{spec} is read-only: a standby's disk receives the primary's writes (give the primary ',readonly' instead)"
+            )));
+        }
         let tiebreak = TieBreaker::new(&opts.ft.tiebreak, &opts.ft.owner)?;
         let generation = tiebreak.read()?.map_or(0, |(g, _)| g);
         Ok(StandbyRunner {
