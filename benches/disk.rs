@@ -12,7 +12,8 @@
 //!    start to protected, next to `qemu-img convert -n` into the same kind of target in the same
 //!    run; then `--disk-sync compare` against a standby whose image is already identical.
 //!
-//! `SMPFT_BENCH_QUICK=1` runs short windows and a 128 MiB image (a smoke test).
+//! `SMPFT_BENCH_QUICK=1` runs short windows and a 128 MiB image (a smoke test);
+//! `SMPFT_BENCH_ONLY=writes|sync` runs one of the two parts.
 
 #[path = "common.rs"]
 mod common;
@@ -247,7 +248,12 @@ fn main() {
         return;
     }
     let env = Env::new("disk");
-    writes_table(&env);
-    sync_table(&env);
+    let only = std::env::var("SMPFT_BENCH_ONLY").unwrap_or_default();
+    if only != "sync" {
+        writes_table(&env);
+    }
+    if only != "writes" {
+        sync_table(&env);
+    }
     let _ = std::fs::remove_dir_all(&env.dir);
 }
