@@ -137,6 +137,14 @@ struct FtArgs {
     /// This copy's name in the tie-breaker record (default: host name and process id).
     #[arg(long)]
     ft_owner: Option<String>,
+    /// How checkpoint pages travel (primary): `delta` sends a page sent before as the ranges that
+    /// changed, then LZ4 where it pays; `lz4` compresses whole pages; `none` sends them as they
+    /// are. Zero pages are always just their numbers.
+    #[arg(long, value_enum, default_value = "delta")]
+    ft_compress: smp_ft::ft::encode::Compression,
+    /// Memory the primary keeps of pages last sent, for `delta` (pages not in it go whole).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    ft_compress_cache: u64,
 }
 
 impl FtArgs {
@@ -181,6 +189,8 @@ impl FtArgs {
             interval: self.ft_interval,
             min_gap: self.ft_min_gap,
             claim_timeout: Duration::from_secs(2),
+            compression: self.ft_compress,
+            compression_cache: self.ft_compress_cache,
             channel,
         })
     }

@@ -4,6 +4,7 @@
 //! them with the VM, the logging channel (`transport`) and the tie-breaker.
 
 pub mod disk;
+pub mod encode;
 pub mod error;
 pub mod fault;
 pub mod primary;
@@ -37,6 +38,10 @@ pub struct FtOptions {
     pub min_gap: Duration,
     /// How long a tie-breaker claim may wait for the lock.
     pub claim_timeout: Duration,
+    /// How checkpoint pages are encoded (`--ft-compress`).
+    pub compression: encode::Compression,
+    /// Bytes of pages last sent that the primary keeps for deltas (`--ft-compress-cache`).
+    pub compression_cache: u64,
     pub channel: ChannelConfig,
 }
 

@@ -8,7 +8,7 @@ use super::error::FtError;
 use super::protocol::{Epoch, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryState};
 use super::stats::{Progress, Stats};
 use super::tiebreak::{Outcome as Claim, TieBreaker};
-use super::wire::{self, Meta, Payload, PayloadKind};
+use super::wire::{self, Meta, Outgoing, PayloadKind};
 use super::{FtOptions, GOODBYE_HALTED, GOODBYE_VM_ENDED};
 use crate::error::error_chain;
 use crate::vmm::capture::{Capture, PageSet};
@@ -40,21 +40,26 @@ pub enum Input {
 /// A connected standby and the thread that sends it checkpoints.
 struct Link {
     chan: Arc<Channel>,
-    out: Option<Sender<Payload>>,
+    out: Option<Sender<Outgoing>>,
     sender: Option<JoinHandle<()>>,
     peer: SocketAddr,
 }
 
 impl Link {
-    fn start(chan: Channel, inputs: Sender<Input>, stats: Arc<Stats>) -> Link {
+    /// The channel to a new standby, and its sender thread, which encodes the pages (with a
+    /// page cache of its own: it mirrors this standby's memory) and sends.
+    fn start(chan: Channel, inputs: Sender<Input>, stats: Arc<Stats>, opts: &FtOptions) -> Link {
         let chan = Arc::new(chan);
         let peer = chan.peer_addr();
-        let (tx, rx) = crossbeam_channel::unbounded::<Payload>();
+        let (tx, rx) = crossbeam_channel::unbounded::<Outgoing>();
         let c = chan.clone();
+        let mut encoder = super::encode::Encoder::new(opts.compression, opts.compression_cache);
         let sender = std::thread::Builder::new()
             .name("ft-send".into())
             .spawn(move || {
                 for p in rx {
+                    let (p, encoded) = p.encode(&mut encoder);
+                    stats.encoded(encoded);
                     let (seq, p_kind) = (p.seq, p.kind);
                     let r = wire::encode(&p).map_err(FtError::from).and_then(|b| {
                         let n = b.len() as u64;
@@ -78,7 +83,7 @@ impl Link {
         Link { chan, out: Some(tx), sender: Some(sender), peer }
     }
 
-    fn send(&self, p: Payload) {
+    fn send(&self, p: Outgoing) {
         if let Some(out) = &self.out {
             let _ = out.send(p);
         }
@@ -137,7 +142,7 @@ pub struct PrimaryFt {
     /// `SMPFT_VERIFY=1`: what the standby should hold, checked against memory at each checkpoint.
     shadow: Option<super::verify::Shadow>,
     /// A capture taken for the machine, waiting for its [`PrimaryAction::Send`].
-    captured: Option<Payload>,
+    captured: Option<Outgoing>,
     /// A standby that offers its disks' digests connected; the copy starts when they arrive.
     awaiting_digests: bool,
     /// The standby's digests, for the copy about to start.
@@ -333,7 +338,7 @@ impl PrimaryFt {
                     return Flow::Continue;
                 }
                 self.last_error = None;
-                self.link = Some(Link::start(chan, self.inputs.0.clone(), self.stats.clone()));
+                self.link = Some(Link::start(chan, self.inputs.0.clone(), self.stats.clone(), &self.opts));
                 self.digests = None;
                 if digests_follow {
                     tracing::info!("standby connected; it is hashing its disks to compare");
@@ -577,7 +582,7 @@ impl PrimaryFt {
                     s.round += 1;
                     s.bytes += bytes;
                     s.progress.update(s.round, s.bytes, bytes);
-                    l.send(Payload { seq, kind: PayloadKind::PreCopy, memory, state: None, disk });
+                    l.send(Outgoing { seq, kind: PayloadKind::PreCopy, memory, state: None, disk });
                 }
                 if all {
                     super::fault::hit(super::fault::Point::InPrecopy);
@@ -633,7 +638,7 @@ impl PrimaryFt {
                     s.final_seq = Some(seq);
                     s.final_pause = pause;
                     s.bytes += memory.data.len() as u64 + disk.iter().map(|(_, op)| op.bytes() as u64).sum::<u64>();
-                    l.send(Payload { seq, kind: PayloadKind::Sync, memory, state: Some(state), disk });
+                    l.send(Outgoing { seq, kind: PayloadKind::Sync, memory, state: Some(state), disk });
                 }
                 self.act(vm, actions)
             }
@@ -708,7 +713,7 @@ impl PrimaryFt {
             disk.splice(0..0, std::mem::take(&mut self.unsent_disk));
         }
         self.stats.disk(disk.iter().map(|(_, op)| op.bytes() as u64).sum());
-        self.captured = Some(Payload { seq: epoch, kind: PayloadKind::Epoch, memory, state: Some(state), disk });
+        self.captured = Some(Outgoing { seq: epoch, kind: PayloadKind::Epoch, memory, state: Some(state), disk });
         let actions = self.proto.handle(PrimaryEvent::Captured { epoch, output: sealed, at });
         let flow = self.act(vm, actions);
         self.captured = None;

@@ -29,6 +29,10 @@ struct Inner {
     protected_since: Option<Instant>,
     /// Bytes of disk writes mirrored in checkpoints.
     disk_bytes: u64,
+    /// Page bytes captured (whole pages with data) and what encoding made of them.
+    pages_raw: u64,
+    pages_wire: u64,
+    encode_cpu: Duration,
 }
 
 /// Counters shared by the VM owner and the sender thread.
@@ -78,6 +82,14 @@ impl Stats {
             }
             g.ack_latency.push_back(t.elapsed());
         }
+    }
+
+    /// The sender encoded a payload's pages.
+    pub fn encoded(&self, e: super::encode::EncodeStats) {
+        let mut g = self.inner.lock();
+        g.pages_raw += e.raw;
+        g.pages_wire += e.encoded;
+        g.encode_cpu += e.cpu;
     }
 
     /// A checkpoint carries `bytes` of disk writes.
@@ -157,6 +169,9 @@ impl Stats {
             "log-bandwidth-bytes-per-s": bw as u64,
             "log-bytes-total": g.total_sent,
             "disk-write-bytes-mirrored": g.disk_bytes,
+            "page-bytes-captured": g.pages_raw,
+            "page-bytes-sent": g.pages_wire,
+            "page-encode-ms": g.encode_cpu.as_millis() as u64,
             "protected-for-ms": g.protected_since.map(|t| t.elapsed().as_millis() as u64),
         })
     }

@@ -5,8 +5,9 @@
 //! only); the synchronising checkpoint that ends them carries the whole device and vCPU state,
 //! and so does every epoch checkpoint after it. A checkpoint's sequence number is its epoch.
 
+use super::encode::{DecodeError, Decoded, EncodeStats, EncodedPages, Encoder};
 pub use crate::vmm::machine::MachineState;
-use crate::vmm::pages::{MemoryPages, PagesError};
+use crate::vmm::pages::MemoryPages;
 use bytes::Bytes;
 use disk_mirror::backend::Backend;
 use disk_mirror::log::Op;
@@ -25,7 +26,7 @@ pub enum WireError {
     #[error("checkpoint {seq} says it is {says}")]
     Sequence { seq: u64, says: u64 },
     #[error("checkpoint {seq}: {source}")]
-    Pages { seq: u64, source: PagesError },
+    Pages { seq: u64, source: DecodeError },
     #[error("checkpoint {seq}: disk op {index} ({what}) is outside disk {disk}")]
     DiskOp { seq: u64, index: usize, disk: u32, what: String },
     #[error("checkpoint {seq}: writing disk {disk} failed: {why}")]
@@ -136,11 +137,30 @@ pub enum PayloadKind {
     Epoch,
 }
 
+/// A checkpoint or pre-copy round as the primary captured it, before its pages are encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub seq: u64,
+    pub kind: PayloadKind,
+    pub memory: MemoryPages,
+    pub state: Option<MachineState>,
+    pub disk: Vec<(u32, Op)>,
+}
+
+impl Outgoing {
+    /// Encodes the pages (on the sender thread, after the vCPUs resumed).
+    pub fn encode(self, encoder: &mut Encoder) -> (Payload, EncodeStats) {
+        let (memory, stats) = encoder.encode(self.memory);
+        (Payload { seq: self.seq, kind: self.kind, memory, state: self.state, disk: self.disk }, stats)
+    }
+}
+
+/// A checkpoint or pre-copy round as it travels.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Payload {
     pub seq: u64,
     pub kind: PayloadKind,
-    pub memory: MemoryPages,
+    pub memory: EncodedPages,
     /// Present for `Sync` and `Epoch`.
     pub state: Option<MachineState>,
     /// Disk changes, in order, each with its disk's number: the initial copy's blocks in
@@ -154,9 +174,11 @@ pub fn encode(p: &Payload) -> Result<Bytes, WireError> {
     Ok(Bytes::from_owner(v))
 }
 
-/// A received payload, checked: an aligned copy of the bytes, accessed in place.
+/// A received payload, checked: an aligned copy of the bytes, accessed in place, and its pages
+/// decoded.
 pub struct Staged {
     buf: rkyv::util::AlignedVec<16>,
+    pages: Decoded,
 }
 
 impl std::fmt::Debug for Staged {
@@ -179,13 +201,12 @@ impl Staged {
         for s in &data.segments {
             buf.extend_from_slice(s);
         }
-        let staged = Staged { buf };
-        let p = rkyv::access::<ArchivedPayload, rkyv::rancor::Error>(&staged.buf)
+        let p = rkyv::access::<ArchivedPayload, rkyv::rancor::Error>(&buf)
             .map_err(|e| WireError::Malformed { seq, why: e.to_string() })?;
         if p.seq.to_native() != seq {
             return Err(WireError::Sequence { seq, says: p.seq.to_native() });
         }
-        p.memory.validate(mem_size).map_err(|source| WireError::Pages { seq, source })?;
+        let pages = p.memory.decode(mem_size).map_err(|source| WireError::Pages { seq, source })?;
         for (index, entry) in p.disk.iter().enumerate() {
             let disk = entry.0.to_native();
             let range = entry.1.range();
@@ -203,7 +224,7 @@ impl Staged {
             }
             _ => {}
         }
-        Ok(staged)
+        Ok(Staged { buf, pages })
     }
 
     fn archived(&self) -> &ArchivedPayload {
@@ -220,7 +241,7 @@ impl Staged {
     }
 
     pub fn pages(&self) -> usize {
-        self.archived().memory.count()
+        self.pages.count()
     }
 
     /// Bytes of disk data the payload carries.
@@ -270,7 +291,7 @@ impl Staged {
     /// Writes the memory pages into `mem` and returns the machine state, if any.
     pub fn apply(&self, mem: &crate::vmm::memory::GuestMemory) -> Result<Option<MachineState>, WireError> {
         let p = self.archived();
-        p.memory.apply(mem).map_err(|e| WireError::Apply(e.to_string()))?;
+        self.pages.apply(mem).map_err(|e| WireError::Apply(e.to_string()))?;
         match p.state.as_ref() {
             None => Ok(None),
             Some(s) => rkyv::deserialize::<MachineState, rkyv::rancor::Error>(s)
@@ -293,7 +314,8 @@ mod tests {
             vm: VmState { pic_master: vec![], pic_slave: vec![], ioapic: vec![], pit: vec![], clock: vec![] },
             components: vec![],
         });
-        Payload { seq, kind, memory: MemoryPages { pages, data, zero_pages: vec![0] }, state, disk: vec![] }
+        let memory = EncodedPages::plain(MemoryPages { pages, data, zero_pages: vec![0] });
+        Payload { seq, kind, memory, state, disk: vec![] }
     }
 
     fn data(p: &Payload) -> CheckpointData {
