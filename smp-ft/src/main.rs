@@ -145,6 +145,12 @@ struct FtArgs {
     /// Memory the primary keeps of pages last sent, for `delta` (pages not in it go whole).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     ft_compress_cache: u64,
+    /// Output latency bound (primary): while the standby's acknowledgements lag more than this,
+    /// the vCPUs are slowed in proportion (and released as the channel catches up), so a guest
+    /// that dirties memory faster than the channel drains cannot hold its output back for
+    /// longer. 0 turns the brake off.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    ft_max_latency: Duration,
 }
 
 impl FtArgs {
@@ -191,6 +197,7 @@ impl FtArgs {
             claim_timeout: Duration::from_secs(2),
             compression: self.ft_compress,
             compression_cache: self.ft_compress_cache,
+            max_latency: self.ft_max_latency,
             channel,
         })
     }

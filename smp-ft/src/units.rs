@@ -25,6 +25,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
     let bad = || format!("'{s}' is not a duration; use e.g. 20ms, 1.5s or 500us");
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
     let split = s.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(bad)?;
     let (num, unit) = s.split_at(split);
     let n: f64 = num.parse().map_err(|_| bad())?;

@@ -9,7 +9,7 @@
 //! The controller blocks on a condition variable until every vCPU has acknowledged; nobody spins.
 
 use parking_lot::{Condvar, Mutex};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +66,28 @@ pub struct VcpuControl {
     input_seq: AtomicU64,
     /// Number of the current (or last) pause, bumped before each pause is requested.
     pause_seq: AtomicU64,
+    /// Share of time (percent) each vCPU spends out of the guest, in [`THROTTLE_SLICE`]s.
+    throttle: AtomicU32,
     kicker: Box<dyn Kick>,
+}
+
+/// Throttled vCPUs sleep their share of every slice this long.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+/// The most a throttle takes (a guest always keeps some time to run).
+pub const THROTTLE_MAX: u32 = 90;
+
+/// A vCPU's place in its throttle slices.
+#[derive(Debug, Clone, Copy)]
+pub struct ThrottleClock {
+    slice_start: Instant,
+    /// Sleep still owed (a pause cut it short).
+    owed: Duration,
+}
+
+impl Default for ThrottleClock {
+    fn default() -> Self {
+        ThrottleClock { slice_start: Instant::now(), owed: Duration::ZERO }
+    }
 }
 
 /// How often a waiting controller kicks again vCPUs that have not acknowledged.
@@ -81,6 +102,7 @@ impl VcpuControl {
             to_ctl: Condvar::new(),
             input_seq: AtomicU64::new(0),
             pause_seq: AtomicU64::new(0),
+            throttle: AtomicU32::new(0),
             kicker,
         }
     }
@@ -140,6 +162,56 @@ impl VcpuControl {
                 self.kick_running(&inner);
             }
         }
+    }
+
+    /// Throttles the vCPUs: each spends `percent` of its time out of the guest (capped at
+    /// [`THROTTLE_MAX`]; 0 lifts it). A vCPU looks at the throttle each time it leaves the guest;
+    /// [`Self::kick_running_vcpus`] makes sure that happens.
+    pub fn set_throttle(&self, percent: u32) {
+        self.throttle.store(percent.min(THROTTLE_MAX), Ordering::SeqCst);
+    }
+
+    pub fn throttle(&self) -> u32 {
+        self.throttle.load(Ordering::SeqCst)
+    }
+
+    /// Makes every vCPU in the guest leave it once (it goes back in at once unless throttled).
+    pub fn kick_running_vcpus(&self) {
+        let inner = self.inner.lock();
+        self.kick_running(&inner);
+    }
+
+    /// Called by a vCPU between guest entries: once a slice of running time has passed, sleeps
+    /// the throttle's share of a slice, woken early by any request other than Run (a pause for
+    /// a checkpoint) or by input for the guest; what was cut short is slept after it. True if it slept (the caller
+    /// looks at the request again).
+    pub fn throttle_point(&self, clock: &mut ThrottleClock) -> bool {
+        let pct = self.throttle();
+        let now = Instant::now();
+        if pct == 0 {
+            *clock = ThrottleClock::default();
+            return false;
+        }
+        if clock.owed.is_zero() {
+            if now.duration_since(clock.slice_start) < THROTTLE_SLICE {
+                return false;
+            }
+            clock.owed = THROTTLE_SLICE * pct / (100 - pct).max(1);
+        }
+        let deadline = now + clock.owed;
+        // Input for the guest (a request to serve) ends the sleep too: throttling is meant to
+        // slow what the guest dirties, not how soon it answers.
+        let seq = self.input_seq.load(Ordering::SeqCst);
+        let mut inner = self.inner.lock();
+        while self.request() == Request::Run && self.input_seq.load(Ordering::SeqCst) == seq {
+            if self.to_vcpus.wait_until(&mut inner, deadline).timed_out() {
+                break;
+            }
+        }
+        let now = Instant::now();
+        clock.owed = deadline.saturating_duration_since(now);
+        clock.slice_start = now;
+        true
     }
 
     /// Lets paused vCPUs run again. Does not wait for them to re-enter the guest.
@@ -236,6 +308,40 @@ impl VcpuControl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct NoKick;
+    impl Kick for NoKick {
+        fn kick(&self, _: usize) {}
+    }
+
+    #[test]
+    fn a_throttled_vcpu_sleeps_its_share_and_a_pause_cuts_the_sleep_short() {
+        let ctl = Arc::new(VcpuControl::new(1, Box::new(NoKick)));
+        let old = || ThrottleClock { slice_start: Instant::now() - THROTTLE_SLICE, owed: Duration::ZERO };
+        assert!(!ctl.throttle_point(&mut old()), "not throttled: no sleep");
+        ctl.set_throttle(200);
+        assert_eq!(ctl.throttle(), THROTTLE_MAX);
+        ctl.set_throttle(50);
+        let mut clock = old();
+        let t = Instant::now();
+        assert!(ctl.throttle_point(&mut clock));
+        assert!(t.elapsed() >= THROTTLE_SLICE, "50%: a slice out for a slice in");
+        assert!(!ctl.throttle_point(&mut clock), "not again before the next slice has run");
+        ctl.set_throttle(THROTTLE_MAX);
+        let mut start = old();
+        let c = ctl.clone();
+        let pauser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            c.request.store(Request::Pause as u8, Ordering::SeqCst);
+            let _g = c.inner.lock();
+            c.to_vcpus.notify_all();
+        });
+        let t = Instant::now();
+        ctl.throttle_point(&mut start);
+        assert!(t.elapsed() < THROTTLE_SLICE * 10, "a pause request ends the sleep ({:?})", t.elapsed());
+        assert!(start.owed > THROTTLE_SLICE * 5, "the rest is owed: {:?}", start.owed);
+        pauser.join().unwrap();
+    }
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 

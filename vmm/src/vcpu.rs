@@ -155,9 +155,14 @@ impl Vcpu {
 
     fn run_loop(&mut self) -> VcpuEnd {
         let vcpu = self.index;
+        let mut throttle = crate::control::ThrottleClock::default();
         loop {
             match self.control.request() {
-                Request::Run => {}
+                Request::Run => {
+                    if self.control.throttle_point(&mut throttle) {
+                        continue;
+                    }
+                }
                 Request::Pause => {
                     if let Err(e) = self.complete_pending_io() {
                         return VcpuEnd::Failed(e);

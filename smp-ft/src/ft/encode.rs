@@ -132,22 +132,33 @@ impl PageCache {
 /// Appends the ranges where `new` differs from `old` as runs; `None` once that is no smaller
 /// than the page.
 fn delta(old: &[u8], new: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    const BLOCK: usize = 64;
+    // Most of a page rewritten: a delta would not pay (and comparing 64-byte blocks is cheap).
+    let changed = old.chunks_exact(BLOCK).zip(new.chunks_exact(BLOCK)).filter(|(a, b)| a != b).count();
+    if changed > PAGE / BLOCK * 3 / 4 {
+        return None;
+    }
     let start = out.len();
-    let words =
-        |b: &[u8]| b.chunks_exact(8).map(|w| u64::from_ne_bytes(w.try_into().unwrap_or_default())).collect::<Vec<_>>();
-    let (o, n) = (words(old), words(new));
+    let word = |b: &[u8], i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+    let differs = |i: usize| word(old, i) != word(new, i);
+    let n = PAGE / 8;
     let mut i = 0;
-    while i < o.len() {
-        if o[i] == n[i] {
+    while i < n {
+        // Whole unchanged blocks are skipped at memcmp speed.
+        if i % (BLOCK / 8) == 0 && old[i * 8..i * 8 + BLOCK] == new[i * 8..i * 8 + BLOCK] {
+            i += BLOCK / 8;
+            continue;
+        }
+        if !differs(i) {
             i += 1;
             continue;
         }
-        // A run of changed words; gaps of one unchanged word are cheaper inside the run than
-        // as a new run's 4-byte header.
+        // A run of changed words; a gap of one unchanged word is cheaper inside the run than as
+        // a new run's 4-byte header.
         let first = i;
         let mut last = i;
-        while i < o.len() && (o[i] != n[i] || (i + 1 < o.len() && o[i + 1] != n[i + 1])) {
-            if o[i] != n[i] {
+        while i < n && (differs(i) || (i + 1 < n && differs(i + 1))) {
+            if differs(i) {
                 last = i;
             }
             i += 1;

@@ -11,6 +11,7 @@ pub mod primary;
 pub mod protocol;
 pub mod standby;
 pub mod stats;
+pub mod throttle;
 pub mod tiebreak;
 pub mod verify;
 pub mod wire;
@@ -42,6 +43,8 @@ pub struct FtOptions {
     pub compression: encode::Compression,
     /// Bytes of pages last sent that the primary keeps for deltas (`--ft-compress-cache`).
     pub compression_cache: u64,
+    /// Output latency bound: vCPUs are slowed while acknowledgements lag more (zero: never).
+    pub max_latency: Duration,
     pub channel: ChannelConfig,
 }
 

@@ -158,6 +158,8 @@ pub struct PrimaryFt {
     stats: Arc<Stats>,
     /// This copy went live after a failover (it started as a standby).
     took_over: bool,
+    /// The brake on the vCPUs that keeps output latency bounded.
+    throttle: super::throttle::Throttle,
     last_error: Option<String>,
 }
 
@@ -213,6 +215,7 @@ impl PrimaryFt {
             lost_at: None,
             stats: Arc::new(Stats::default()),
             took_over: took_over.is_some(),
+            throttle: super::throttle::Throttle::new(opts.max_latency),
             last_error: None,
             opts,
         })
@@ -245,7 +248,41 @@ impl PrimaryFt {
         if let Some(t) = self.next_arbitrate {
             at = at.min(t);
         }
+        if self.throttle.percent() > 0 {
+            // Throttled vCPUs are kicked out of the guest every slice, to take their sleep.
+            at = at.min(now + crate::vmm::control::THROTTLE_SLICE);
+        }
         at
+    }
+
+    /// Adjusts the brake on the vCPUs to how far acknowledgements lag (while protected).
+    fn throttle(&mut self, vm: &RunningVm, now: Instant) {
+        let before = self.throttle.percent();
+        // What output waits (the bound is on that), or what a checkpoint waits for its ack.
+        let waiting = self.stats.oldest_unacked().map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        let lag = self.gate.output_lag().max(waiting).max(self.stats.last_ack_latency().unwrap_or_default());
+        let after = if self.proto.state() == PrimaryState::Protected {
+            self.throttle.update(lag, now)
+        } else {
+            self.throttle.reset();
+            0
+        };
+        if after != before {
+            vm.control().set_throttle(after);
+            self.stats.throttle(after);
+            if before == 0 || after == 0 || after.abs_diff(before) >= 25 {
+                tracing::info!(
+                    percent = after,
+                    lag_ms = lag.as_millis() as u64,
+                    bound_ms = self.opts.max_latency.as_millis() as u64,
+                    "FT: vCPU throttle {}",
+                    if after == 0 { "released" } else { "set: the standby's acknowledgements lag" }
+                );
+            }
+        }
+        if after > 0 {
+            vm.control().kick_running_vcpus();
+        }
     }
 
     /// Output waiting to be committed, for the machine's timer; a disk log past half its budget
@@ -276,6 +313,7 @@ impl PrimaryFt {
         }
         match self.proto.state() {
             PrimaryState::Unprotected => {
+                self.throttle(vm, now);
                 if let Some(peer) = self.peer {
                     if self.link.is_none() && !self.connecting && now >= self.next_connect {
                         self.connect(peer);
@@ -283,11 +321,12 @@ impl PrimaryFt {
                 }
             }
             PrimaryState::Protected => {
+                self.throttle(vm, now);
                 self.proto.set_output_waiting(self.output_waiting(vm.devices().disk_log().filling()));
                 let actions = self.proto.handle_timeout(now);
                 return self.act(vm, actions);
             }
-            _ => {}
+            _ => self.throttle(vm, now),
         }
         Flow::Continue
     }

@@ -33,6 +33,10 @@ struct Inner {
     pages_raw: u64,
     pages_wire: u64,
     encode_cpu: Duration,
+    /// The vCPU throttle now, since when it is on, and the time it was on before.
+    throttle: u32,
+    throttled_since: Option<Instant>,
+    throttled: Duration,
 }
 
 /// Counters shared by the VM owner and the sender thread.
@@ -82,6 +86,30 @@ impl Stats {
             }
             g.ack_latency.push_back(t.elapsed());
         }
+    }
+
+    /// The vCPU throttle changed.
+    pub fn throttle(&self, percent: u32) {
+        let mut g = self.inner.lock();
+        match (g.throttled_since, percent) {
+            (None, p) if p > 0 => g.throttled_since = Some(Instant::now()),
+            (Some(t), 0) => {
+                g.throttled += t.elapsed();
+                g.throttled_since = None;
+            }
+            _ => {}
+        }
+        g.throttle = percent;
+    }
+
+    /// How long the latest acknowledged checkpoint waited for its acknowledgement.
+    pub fn last_ack_latency(&self) -> Option<Duration> {
+        self.inner.lock().ack_latency.back().copied()
+    }
+
+    /// When the oldest checkpoint not yet acknowledged was taken.
+    pub fn oldest_unacked(&self) -> Option<Instant> {
+        self.inner.lock().in_flight.front().map(|&(_, t)| t)
     }
 
     /// The sender encoded a payload's pages.
@@ -172,6 +200,8 @@ impl Stats {
             "page-bytes-captured": g.pages_raw,
             "page-bytes-sent": g.pages_wire,
             "page-encode-ms": g.encode_cpu.as_millis() as u64,
+            "throttle-percent": g.throttle,
+            "throttled-ms": (g.throttled + g.throttled_since.map_or(Duration::ZERO, |t| t.elapsed())).as_millis() as u64,
             "protected-for-ms": g.protected_since.map(|t| t.elapsed().as_millis() as u64),
         })
     }

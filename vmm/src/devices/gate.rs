@@ -161,6 +161,17 @@ impl OutputGate {
         self.inner.lock().held_bytes
     }
 
+    /// How long output has been waiting: the oldest byte held or not yet sealed, or else the hold
+    /// time of the latest release.
+    pub fn output_lag(&self) -> Duration {
+        let g = self.inner.lock();
+        let oldest = g.sealed.values().map(|b| b.since).chain(g.open.as_ref().map(|b| b.since)).min();
+        match oldest {
+            Some(t) => t.elapsed(),
+            None => g.latencies.back().copied().unwrap_or_default(),
+        }
+    }
+
     /// Hold-time percentiles (p50, p99) over recent releases.
     pub fn hold_latency(&self) -> Option<(Duration, Duration)> {
         let mut v: Vec<Duration> = self.inner.lock().latencies.iter().copied().collect();
