@@ -11,6 +11,7 @@ mod counter;
 mod disk;
 mod dma;
 mod io;
+mod kv;
 mod params;
 mod pci;
 mod rng;
@@ -119,6 +120,16 @@ fn init(bi: &BootInfo) -> Shared {
     if params.churn {
         churn::init(bi.free_start, churn_ws, bi.vcpus.into(), params.churn_rate, bi.tsc_khz * 1000, start);
     }
+    if params.kv {
+        // After the churn working set (if any), before the device area.
+        let base = bi.free_start + if params.churn { churn_ws } else { 0 };
+        let ws = params.kv_ws.max(64 * u64::from(bi.vcpus));
+        if base + ws > dma_base {
+            log!("kv-ws={} bytes does not fit in free guest memory beside the churn working set", ws);
+            io::exit(abi::EXIT_BAD_PARAMS);
+        }
+        kv::init(base, ws, bi.vcpus.into(), params.kv_rate, bi.tsc_khz * 1000, start);
+    }
     if params.rng {
         if let Err(status) = rng::init(bi.tsc_khz, start) {
             io::exit(status);
@@ -172,7 +183,7 @@ extern "C" fn guest_main(cpu: u64, bi: *const BootInfo) -> ! {
 fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
     let serves = p.service && cpu == 0;
     let drives_rng = p.rng && cpu == 0;
-    let busy = p.counter || p.churn || p.disk;
+    let busy = p.counter || p.churn || p.disk || p.kv;
     let mut next_check = start + CHECK_EVERY_MS * tsc_khz;
     let mut next_report = start + p.report_ms * tsc_khz;
     let mut sabotaged = false;
@@ -184,6 +195,9 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
         let now = io::rdtsc();
         if p.churn {
             churn::step(cpu, now);
+        }
+        if p.kv {
+            kv::step(cpu, now);
         }
         let mut idle = !busy;
         if serves {
@@ -207,6 +221,7 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
                 Fail::Counter => counter::sabotage(),
                 Fail::Churn => churn::sabotage(0),
                 Fail::Disk => disk::sabotage(),
+                Fail::Kv => kv::sabotage(0),
                 Fail::None => {}
             }
         }
@@ -248,6 +263,11 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
 }
 
 fn self_check(cpu: usize, p: &Params) {
+    if p.kv {
+        if let Err((slot, want, sum)) = kv::verify(cpu) {
+            fail(format_args!("kv: vCPU {cpu} slot {slot}: record torn, or versions add up to {sum}, not {want}"));
+        }
+    }
     if p.counter {
         if let Err((sum, total)) = counter::check() {
             fail(format_args!("counter: sum of private counters {sum} != shared total {total}"));
@@ -269,10 +289,11 @@ impl core::fmt::Display for Progress {
         let cpu = self.0;
         write!(
             f,
-            "cpu{cpu}: loops={} counter={} churn={}",
+            "cpu{cpu}: loops={} counter={} churn={} kv={}",
             LOOPS[cpu].load(Ordering::Relaxed),
             counter::private(cpu),
-            churn::written(cpu)
+            churn::written(cpu),
+            kv::updates(cpu)
         )
     }
 }

@@ -10,6 +10,8 @@ pub enum Fail {
     Churn,
     /// Claim a disk write in memory that never reached the disk.
     Disk,
+    /// Raise a record's version without writing it.
+    Kv,
 }
 
 #[derive(Clone, Copy)]
@@ -26,6 +28,11 @@ pub struct Params {
     pub churn_rate: u64,
     /// Bytes in the whole churn working set (split between vCPUs).
     pub churn_ws: u64,
+    /// Small records updated at random (`kv`): updates per second per vCPU (0: flat out) and
+    /// the bytes of the working set.
+    pub kv: bool,
+    pub kv_rate: u64,
+    pub kv_ws: u64,
     /// Run time in milliseconds; 0 = until the service is told `EXIT` (or forever).
     pub duration_ms: u64,
     /// Progress report interval in milliseconds; 0 = only the final report.
@@ -43,6 +50,9 @@ impl Params {
         disk_settings: crate::disk::Settings { io: 4096, ws: 0, sequential: false, check_every: 1, flush_every: 16 },
         churn_rate: 1000,
         churn_ws: 8 << 20,
+        kv: false,
+        kv_rate: 20_000,
+        kv_ws: 16 << 20,
         duration_ms: 0,
         report_ms: 0,
         fail: Fail::None,
@@ -69,11 +79,15 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, &[u8]> {
             (b"flush-every", Some(v)) => p.disk_settings.flush_every = number(v).ok_or(word)?,
             (b"churn-rate", Some(v)) => p.churn_rate = number(v).ok_or(word)?,
             (b"churn-ws", Some(v)) => p.churn_ws = size(v).ok_or(word)?,
+            (b"kv", None) => p.kv = true,
+            (b"kv-rate", Some(v)) => p.kv_rate = number(v).ok_or(word)?,
+            (b"kv-ws", Some(v)) => p.kv_ws = size(v).ok_or(word)?,
             (b"duration", Some(v)) => p.duration_ms = millis(v).ok_or(word)?,
             (b"report", Some(v)) => p.report_ms = millis(v).ok_or(word)?,
             (b"fail", Some(b"counter")) => p.fail = Fail::Counter,
             (b"fail", Some(b"churn")) => p.fail = Fail::Churn,
             (b"fail", Some(b"disk")) => p.fail = Fail::Disk,
+            (b"fail", Some(b"kv")) => p.fail = Fail::Kv,
             _ => return Err(word),
         }
     }
