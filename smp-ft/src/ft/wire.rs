@@ -353,7 +353,8 @@ mod tests {
         assert!(Staged::validate(&data(&pre), 1, 0, 1 << 20, &[]).unwrap_err().to_string().contains("carries"));
         let mut short = payload(2, PayloadKind::Sync, vec![1, 2]);
         short.memory.data.truncate(100);
-        assert!(Staged::validate(&data(&short), 2, 0, 1 << 20, &[]).unwrap_err().to_string().contains("bytes of data"));
+        let e = Staged::validate(&data(&short), 2, 0, 1 << 20, &[]).unwrap_err().to_string();
+        assert!(e.contains("page lengths add up to 8192 bytes, the data has 100"), "{e}");
         let garbage = CheckpointData { segments: vec![Bytes::from(vec![0xa5u8; 333])] };
         assert!(Staged::validate(&garbage, 1, 0, 1 << 20, &[]).unwrap_err().to_string().contains("malformed"));
     }
