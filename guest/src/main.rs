@@ -78,6 +78,12 @@ pub fn totals() -> (u64, u64) {
     (counter, (0..vcpus).map(churn::written).sum())
 }
 
+/// Record updates of the `kv` workload, all vCPUs.
+pub fn kv_updates() -> u64 {
+    let vcpus = SHARED.with(|s| s.vcpus) as usize;
+    (0..vcpus).map(kv::updates).sum()
+}
+
 /// Validates the boot information and parameters and lays out memory; run by vCPU 0 alone.
 fn init(bi: &BootInfo) -> Shared {
     if bi.magic != abi::BOOT_MAGIC || bi.version != abi::BOOT_VERSION {

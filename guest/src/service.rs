@@ -4,7 +4,7 @@
 //! |----------------|-----------------------------------------|
 //! | `INCR <id>`    | `OK <id> <value>` (value after the increment) |
 //! | `GET <id>`     | `VAL <id> <value>`                      |
-//! | `STAT <id>`    | `STAT <id> value=<v> requests=<n> counter=<c> churn=<p>` |
+//! | `STAT <id>`    | `STAT <id> value=<v> requests=<n> counter=<c> churn=<p> kv=<k>` |
 //! | `TIME <id>`    | `TIME <id> <ms>`: guest time since boot, from the TSC |
 //! | `EXIT <id>`    | `BYE <id> <value>`, then the guest checks its invariants and exits |
 //! | anything else  | `ERR <id or 0> <reason>`                |
@@ -125,8 +125,10 @@ impl Service {
                 let (counter, churn) = crate::totals();
                 let _ = write!(
                     r,
-                    "STAT {id} value={} requests={} counter={counter} churn={churn}",
-                    self.value, self.requests
+                    "STAT {id} value={} requests={} counter={counter} churn={churn} kv={}",
+                    self.value,
+                    self.requests,
+                    crate::kv_updates()
                 );
             }
             (b"TIME", Some(id)) => {
