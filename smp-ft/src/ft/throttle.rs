@@ -30,9 +30,11 @@ impl Throttle {
     }
 
     /// The throttle for a lag of `lag` at `now` (how long acknowledgements take: the age of the
-    /// oldest checkpoint not yet acknowledged, or the latest ack latency if more): each step it
-    /// moves by 15 points times the relative error, `lag / bound - 1` (limited to -1..3), so it
-    /// rises while the lag exceeds the bound (faster the further it is) and falls below it.
+    /// oldest output or checkpoint waiting, or the latest ack latency if more). Each step it
+    /// rises by 15 points times the relative excess, `lag / bound - 1` (at most 3), while the
+    /// lag exceeds the bound; it falls by 3 points a step only once the lag is under half the
+    /// bound. Quick to brake and slow to release: a guest that dirties in bursts would
+    /// otherwise get its brake off between bursts, and the bursts are what the tail is made of.
     pub fn update(&mut self, lag: Duration, now: Instant) -> u32 {
         if self.bound.is_zero() {
             return 0;
@@ -41,9 +43,13 @@ impl Throttle {
             return self.percent;
         }
         self.last = Some(now);
-        let error = (lag.as_secs_f64() / self.bound.as_secs_f64() - 1.0).clamp(-1.0, 3.0);
-        let next = f64::from(self.percent) + 15.0 * error;
-        self.percent = next.clamp(0.0, f64::from(crate::vmm::control::THROTTLE_MAX)) as u32;
+        let ratio = lag.as_secs_f64() / self.bound.as_secs_f64();
+        if ratio > 1.0 {
+            let step = (15.0 * (ratio - 1.0).min(3.0)).ceil() as u32;
+            self.percent = (self.percent + step).min(crate::vmm::control::THROTTLE_MAX);
+        } else if ratio < 0.5 {
+            self.percent = self.percent.saturating_sub(3);
+        }
         self.percent
     }
 
@@ -64,15 +70,15 @@ mod tests {
         let mut t = Throttle::new(Duration::from_millis(20));
         let ms = Duration::from_millis;
         assert_eq!(t.update(ms(20), t0), 0, "at the bound: no change");
-        assert_eq!(t.update(ms(30), t0 + ms(20)), 7, "50% over: 7.5 points");
-        assert_eq!(t.update(ms(300), t0 + ms(25)), 7, "at most one change a step");
-        assert_eq!(t.update(ms(300), t0 + ms(40)), 52, "far over: 45 points at most");
+        assert_eq!(t.update(ms(30), t0 + ms(20)), 8, "50% over: 7.5 points, rounded up");
+        assert_eq!(t.update(ms(300), t0 + ms(25)), 8, "at most one change a step");
+        assert_eq!(t.update(ms(300), t0 + ms(40)), 53, "far over: 45 points at most");
         for i in 3..10 {
             t.update(ms(300), t0 + ms(20 * i));
         }
         assert_eq!(t.percent(), crate::vmm::control::THROTTLE_MAX);
-        assert_eq!(t.update(ms(10), t0 + ms(300)), 82, "under the bound: released step by step");
-        assert_eq!(t.update(ms(0), t0 + ms(320)), 67);
+        assert_eq!(t.update(ms(15), t0 + ms(300)), 90, "under the bound but not under half: held");
+        assert_eq!(t.update(ms(5), t0 + ms(320)), 87, "released slowly");
         t.reset();
         assert_eq!(t.percent(), 0);
         assert_eq!(t.update(ms(0), t0 + ms(400)), 0, "never below zero");
