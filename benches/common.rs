@@ -79,3 +79,28 @@ pub fn wait_state(path: &Path, state: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The guest service's STAT figures.
+pub struct Stat {
+    pub counter: u64,
+    pub churn: u64,
+    pub kv: u64,
+}
+
+/// Asks the guest service for its figures (request id `id`).
+pub fn stat(c: &mut smpft_client::ServiceClient, id: u64) -> Stat {
+    let line = c.call(&format!("STAT {id}")).unwrap();
+    let field = |k: &str| {
+        line.split(' ')
+            .find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("bad STAT reply {line:?}"))
+    };
+    Stat { counter: field("counter"), churn: field("churn"), kv: field("kv") }
+}
+
+/// The `p` quantile of `v` (which it sorts).
+pub fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}

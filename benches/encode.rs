@@ -16,7 +16,7 @@
 #[path = "common.rs"]
 mod common;
 
-use common::{qmp, wait_state, Env, Killed};
+use common::{pct, qmp, wait_state, Env, Killed};
 use smpft_client::{parse_reply, ServiceClient};
 use std::time::{Duration, Instant};
 
@@ -81,14 +81,8 @@ struct Window {
 
 /// (kv updates + churn pages, churn pages) so far.
 fn stat(c: &mut ServiceClient, id: u64) -> (u64, u64) {
-    let line = c.call(&format!("STAT {id}")).unwrap();
-    let field = |k: &str| {
-        line.split(' ')
-            .find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("kv") + field("churn"), field("churn"))
+    let s = common::stat(c, id);
+    (s.kv + s.churn, s.churn)
 }
 
 /// A paced client (a request every 10 ms) for `window`, after a second of warm-up.
@@ -119,11 +113,6 @@ fn measure(env: &Env, protected: bool, window: Duration) -> Window {
     let (c1, h1) = stat(&mut c, 1_000_001);
     let ft = protected.then(|| (q0.unwrap(), qmp(&env.path("p", "qmp"), "x-smpft-query-ft")));
     Window { rtt, work_per_s: (c1 - c0) as f64 / secs, churn_per_s: (h1 - h0) as f64 / secs, ft }
-}
-
-fn pct(v: &mut [Duration], p: f64) -> Duration {
-    v.sort_unstable();
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 fn ms(d: Duration) -> String {

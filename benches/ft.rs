@@ -28,25 +28,14 @@ fn quick() -> bool {
 
 #[path = "common.rs"]
 mod common;
-use common::{qmp, wait_state, Env};
+use common::{pct, qmp, wait_state, Env};
 
 const MEMORY: &str = "256M";
 
-/// (counter, churn) totals from the service's STAT.
+/// (counter, churn) totals from the service.
 fn stat(c: &mut ServiceClient, id: u64) -> (u64, u64) {
-    let line = c.call(&format!("STAT {id}")).unwrap();
-    let field = |k: &str| {
-        line.split(' ')
-            .find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("bad STAT reply {line:?}"))
-    };
-    (field("counter"), field("churn"))
-}
-
-fn pct(v: &mut [Duration], p: f64) -> Duration {
-    v.sort_unstable();
-    v[((v.len() - 1) as f64 * p).round() as usize]
+    let s = common::stat(c, id);
+    (s.counter, s.churn)
 }
 
 struct Run {
