@@ -451,10 +451,12 @@ fn a_guest_dirtying_flat_out_is_throttled_and_loses_nothing() {
     let standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 2, &[]);
     wait_state(&sp, "waiting", Duration::from_secs(10));
     let side = Side { me: &setup.a, peer: &setup.b, tiebreak: &setup.tiebreak, env: &[], netns: None };
-    let guest = "counter churn churn-rate=0 churn-ws=32M service duration=600s";
+    let guest = "counter churn churn-rate=0 churn-ws=16M service duration=600s";
     let args = ["run", "--vcpus", "2", "--memory", "128M", "--guest-args", guest, "--ft-peer", &addr];
     let mut primary = common::ft::spawn(&pp, &side, &[&args[..], &["--ft-max-latency", "5ms"]].concat());
-    wait_state(&pp, "protected", Duration::from_secs(30));
+    // A guest dirtying flat out makes the initial copy run all its rounds (the test build's
+    // encoder is unoptimised): it takes a while.
+    wait_state(&pp, "protected", Duration::from_secs(90));
     let client = background_client(vec![pp.serial.clone(), sp.serial.clone()]);
     let deadline = Instant::now() + Duration::from_secs(20);
     let q = loop {
