@@ -1,7 +1,8 @@
 //! Checkpoint size and output latency: real `smpft run` and `smpft standby` processes over
 //! loopback; prints tables (run: `cargo bench -p smp-ft --bench encode`).
 //!
-//! 1. For `kv` (small records at random) and `churn` (whole pseudo-random pages) at ~1k and ~4k
+//! 1. For `kv` (small records at random), `churn` (whole pseudo-random pages) and `zero` (churn
+//!    where every other generation of a page is all zeroes) at ~1k and ~4k
 //!    dirty pages per 20 ms epoch, on 1, 2 and 4 vCPUs, each back to back in the same run:
 //!    unprotected, protected with `--ft-compress none`, protected with `--ft-compress delta`.
 //!    Reported: dirty pages per checkpoint, wire bytes ÷ dirty bytes, encoder CPU ms per 1k
@@ -37,6 +38,7 @@ fn guest(workload: &str, pages: u64, vcpus: u64) -> String {
         // Updates spread over 64 MiB land on distinct pages mostly: an update a dirty page.
         "kv" => format!("service kv kv-ws=64M kv-rate={} duration=600s", per_s * 5 / 4),
         "churn" => format!("service churn churn-ws=64M churn-rate={per_s} duration=600s"),
+        "zero" => format!("service churn churn-zero churn-ws=64M churn-rate={per_s} duration=600s"),
         _ => "service churn churn-ws=64M churn-rate=0 duration=600s".to_string(),
     }
 }
@@ -142,7 +144,7 @@ fn encoding_table(env: &Env, window: Duration) {
     );
     let rates: &[u64] = if quick() { &[1000] } else { &[1000, 4000] };
     let vcpus: &[u64] = if quick() { &[2] } else { &[1, 2, 4] };
-    for workload in ["kv", "churn"] {
+    for workload in ["kv", "churn", "zero"] {
         for &pages in rates {
             for &v in vcpus {
                 let g = guest(workload, pages, v);
@@ -186,7 +188,8 @@ fn encoding_table(env: &Env, window: Duration) {
             }
         }
     }
-    println!("pg/ck: dirty pages with data per checkpoint; wire÷: page bytes sent ÷ page bytes dirty; enc ms/k:");
+    println!("pg/ck: dirty pages per checkpoint; wire÷: page bytes sent ÷ page bytes dirty (a zero page sends its");
+    println!("8-byte number); enc ms/k:");
     println!("the primary's encoder CPU per 1000 pages; pause in ms; rtt: serial request round trip (ms), +: added");
     println!("over the unprotected run; work: the workload's updates (kv) or pages (churn) per second, protected ÷");
     println!("unprotected.");

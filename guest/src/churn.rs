@@ -2,6 +2,9 @@
 //! vCPU that has written `n` pages in all has been written `n / P + (j < n % P)` times (P = pages per
 //! vCPU), and its words are a function of (page number, generation), so memory and the counter `n`
 //! can be checked against each other: a restore that mixes two instants fails the check.
+//!
+//! With `churn-zero`, every even generation of a page is all zeroes (pages cleared and reused,
+//! as allocators do), so half the pages written are zero pages.
 
 use crate::sync::Locked;
 use crate::MAX_VCPUS;
@@ -19,9 +22,11 @@ struct Layout {
     period: u64,
     /// How far behind schedule a vCPU may fall before it stops trying to catch up.
     max_lag: u64,
+    /// Even generations are zero pages.
+    zero: bool,
 }
 
-static LAYOUT: Locked<Layout> = Locked::new(Layout { base: 0, pages_per_cpu: 0, period: 0, max_lag: 0 });
+static LAYOUT: Locked<Layout> = Locked::new(Layout { base: 0, pages_per_cpu: 0, period: 0, max_lag: 0, zero: false });
 
 #[repr(align(64))]
 struct PerCpu {
@@ -35,8 +40,9 @@ struct PerCpu {
 const PER_CPU_INIT: PerCpu = PerCpu { written: AtomicU64::new(0), next_due: AtomicU64::new(0) };
 static PER_CPU: [PerCpu; MAX_VCPUS] = [PER_CPU_INIT; MAX_VCPUS];
 
-pub fn init(base: u64, ws_bytes: u64, vcpus: u64, rate: u64, tsc_hz: u64, now: u64) {
+pub fn init(base: u64, ws_bytes: u64, vcpus: u64, rate: u64, tsc_hz: u64, now: u64, zero: bool) {
     LAYOUT.with(|l| {
+        l.zero = zero;
         l.base = base;
         l.pages_per_cpu = (ws_bytes / PAGE / vcpus).max(1);
         l.period = tsc_hz.checked_div(rate).map_or(0, |p| p.max(1));
@@ -64,7 +70,7 @@ fn page_ptr(base: u64, global_page: u64) -> *mut u64 {
 
 /// Writes the pages that are due for `cpu` at TSC `now`; returns how many it wrote.
 pub fn step(cpu: usize, now: u64) -> u64 {
-    let (base, ppc, period, max_lag) = LAYOUT.with(|l| (l.base, l.pages_per_cpu, l.period, l.max_lag));
+    let (base, ppc, period, max_lag, zero) = LAYOUT.with(|l| (l.base, l.pages_per_cpu, l.period, l.max_lag, l.zero));
     let me = &PER_CPU[cpu];
     let mut due = me.next_due.load(Ordering::Relaxed);
     if period != 0 && now.saturating_sub(due) > max_lag {
@@ -76,15 +82,17 @@ pub fn step(cpu: usize, now: u64) -> u64 {
         let (j, gen) = (n % ppc, n / ppc + 1);
         let global = cpu as u64 * ppc + j;
         let p = page_ptr(base, global);
+        let cleared = zero && gen.is_multiple_of(2);
         for w in 2..WORDS {
+            let v = if cleared { 0 } else { mix(global, gen, w as u64) };
             // SAFETY: `p` is inside this vCPU's share of the working set, which lies in free memory
             // reported by the VMM and is written by no one else.
-            unsafe { p.add(w).write_volatile(mix(global, gen, w as u64)) };
+            unsafe { p.add(w).write_volatile(v) };
         }
         // SAFETY: as above.
         unsafe {
-            p.add(1).write_volatile(global);
-            p.write_volatile(gen);
+            p.add(1).write_volatile(if cleared { 0 } else { global });
+            p.write_volatile(if cleared { 0 } else { gen });
         }
         n += 1;
         me.written.store(n, Ordering::Relaxed);
@@ -109,22 +117,23 @@ pub fn sabotage(cpu: usize) {
 /// Checks every page of `cpu`'s share against its write counter. Returns the number of pages that
 /// hold data, or the first bad page with what was expected and found in its generation word.
 pub fn verify(cpu: usize) -> Result<u64, (u64, u64, u64)> {
-    let (base, ppc) = LAYOUT.with(|l| (l.base, l.pages_per_cpu));
+    let (base, ppc, zero) = LAYOUT.with(|l| (l.base, l.pages_per_cpu, l.zero));
     let n = written(cpu);
     let mut checked = 0;
     for j in 0..ppc {
         let global = cpu as u64 * ppc + j;
         let gen = n / ppc + u64::from(j < n % ppc);
         let p = page_ptr(base, global);
+        // A page never written, or cleared in this generation, is all zeroes.
+        let cleared = gen == 0 || (zero && gen.is_multiple_of(2));
         // SAFETY: inside this vCPU's share, only read.
         let found = unsafe { p.read_volatile() };
-        if found != gen {
+        if found != if cleared { 0 } else { gen } {
             return Err((global, gen, found));
         }
         for w in 1..WORDS {
-            // A page never written is still all zeroes.
-            let want = match (gen, w) {
-                (0, _) => 0,
+            let want = match (cleared, w) {
+                (true, _) => 0,
                 (_, 1) => global,
                 _ => mix(global, gen, w as u64),
             };

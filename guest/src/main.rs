@@ -124,7 +124,8 @@ fn init(bi: &BootInfo) -> Shared {
     dma::init(dma_base);
     let start = io::rdtsc();
     if params.churn {
-        churn::init(bi.free_start, churn_ws, bi.vcpus.into(), params.churn_rate, bi.tsc_khz * 1000, start);
+        let (rate, hz) = (params.churn_rate, bi.tsc_khz * 1000);
+        churn::init(bi.free_start, churn_ws, bi.vcpus.into(), rate, hz, start, params.churn_zero);
     }
     if params.kv {
         // After the churn working set (if any), before the device area.

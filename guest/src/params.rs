@@ -28,6 +28,8 @@ pub struct Params {
     pub churn_rate: u64,
     /// Bytes in the whole churn working set (split between vCPUs).
     pub churn_ws: u64,
+    /// Every other generation of a churn page is all zeroes.
+    pub churn_zero: bool,
     /// Small records updated at random (`kv`): updates per second per vCPU (0: flat out) and
     /// the bytes of the working set.
     pub kv: bool,
@@ -50,6 +52,7 @@ impl Params {
         disk_settings: crate::disk::Settings { io: 4096, ws: 0, sequential: false, check_every: 1, flush_every: 16 },
         churn_rate: 1000,
         churn_ws: 8 << 20,
+        churn_zero: false,
         kv: false,
         kv_rate: 20_000,
         kv_ws: 16 << 20,
@@ -79,6 +82,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, &[u8]> {
             (b"flush-every", Some(v)) => p.disk_settings.flush_every = number(v).ok_or(word)?,
             (b"churn-rate", Some(v)) => p.churn_rate = number(v).ok_or(word)?,
             (b"churn-ws", Some(v)) => p.churn_ws = size(v).ok_or(word)?,
+            (b"churn-zero", None) => p.churn_zero = true,
             (b"kv", None) => p.kv = true,
             (b"kv-rate", Some(v)) => p.kv_rate = number(v).ok_or(word)?,
             (b"kv-ws", Some(v)) => p.kv_ws = size(v).ok_or(word)?,

@@ -192,7 +192,8 @@ fn lz4_in_place(out: &mut Vec<u8>, start: usize, scratch: &mut Vec<u8>) -> bool 
 /// Figures of what was encoded.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct EncodeStats {
-    /// Bytes of the dirty pages with data (4 KiB each), and what they became.
+    /// Bytes of the dirty pages (4 KiB each, zero pages included), and what they became (a zero
+    /// page counts its 8-byte number).
     pub raw: u64,
     pub encoded: u64,
     pub cpu: std::time::Duration,
@@ -214,10 +215,12 @@ impl Encoder {
     /// Encodes the pages of one checkpoint or pre-copy round.
     pub fn encode(&mut self, m: MemoryPages) -> (EncodedPages, EncodeStats) {
         let started = std::time::Instant::now();
+        let zero = m.zero_pages.len() as u64;
+        let raw = m.data.len() as u64 + zero * PAGE_SIZE;
         if self.mode == Compression::None {
-            let raw = m.data.len() as u64;
+            let encoded = m.data.len() as u64 + zero * 8;
             let e = EncodedPages::plain(m);
-            return (e, EncodeStats { raw, encoded: raw, cpu: started.elapsed() });
+            return (e, EncodeStats { raw, encoded, cpu: started.elapsed() });
         }
         let n = m.pages.len();
         let mut e = EncodedPages {
@@ -250,7 +253,7 @@ impl Encoder {
         if let Some(c) = self.cache.as_mut() {
             e.zero_pages.iter().for_each(|&p| c.remove(p));
         }
-        let stats = EncodeStats { raw: m.data.len() as u64, encoded: e.data.len() as u64, cpu: started.elapsed() };
+        let stats = EncodeStats { raw, encoded: e.data.len() as u64 + zero * 8, cpu: started.elapsed() };
         (e, stats)
     }
 }

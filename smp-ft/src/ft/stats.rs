@@ -29,7 +29,8 @@ struct Inner {
     protected_since: Option<Instant>,
     /// Bytes of disk writes mirrored in checkpoints.
     disk_bytes: u64,
-    /// Page bytes captured (whole pages with data) and what encoding made of them.
+    /// Dirty page bytes captured (4 KiB a page, zero pages included) and what encoding made of
+    /// them.
     pages_raw: u64,
     pages_wire: u64,
     encode_cpu: Duration,

@@ -84,7 +84,7 @@ fn the_standby_ends_with_the_primarys_memory_in_every_mode() {
         }
         // A fifth of the changes rewrite whole pages with noise: nothing shrinks those.
         match (mode, cache) {
-            (Compression::None, _) => assert_eq!(raw, wire),
+            (Compression::None, _) => assert!(wire <= raw, "zero pages travel as their numbers"),
             (Compression::Delta, c) if c == PAGES * PAGE_SIZE => {
                 assert!(wire < raw / 3, "{mode:?} (cache {cache}): {wire} of {raw} bytes")
             }
