@@ -7,6 +7,7 @@ pub mod disk;
 pub mod encode;
 pub mod error;
 pub mod fault;
+pub mod link;
 pub mod primary;
 pub mod protocol;
 pub mod standby;

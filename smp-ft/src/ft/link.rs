@@ -1,0 +1,85 @@
+//! The primary's connection to its standby: the channel, and the thread that encodes each
+//! checkpoint's pages and sends it (so the VM owner only pauses, captures and resumes).
+
+use super::error::FtError;
+use super::primary::Input;
+use super::stats::Stats;
+use super::wire::{self, Outgoing, PayloadKind};
+use super::FtOptions;
+use crate::error::error_chain;
+use crossbeam_channel::Sender;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use transport::Channel;
+
+/// A connected standby and the thread that sends it checkpoints.
+pub struct Link {
+    pub chan: Arc<Channel>,
+    out: Option<Sender<Outgoing>>,
+    sender: Option<JoinHandle<()>>,
+    pub peer: SocketAddr,
+}
+
+impl Link {
+    /// The channel to a new standby, and its sender thread, which encodes the pages (with a
+    /// page cache of its own: it mirrors this standby's memory) and sends.
+    pub fn start(chan: Channel, inputs: Sender<Input>, stats: Arc<Stats>, opts: &FtOptions) -> Link {
+        let chan = Arc::new(chan);
+        let peer = chan.peer_addr();
+        let (tx, rx) = crossbeam_channel::unbounded::<Outgoing>();
+        let c = chan.clone();
+        let mut encoder = super::encode::Encoder::new(opts.compression, opts.compression_cache);
+        let sender = std::thread::Builder::new()
+            .name("ft-send".into())
+            .spawn(move || {
+                for p in rx {
+                    let (p, encoded) = p.encode(&mut encoder);
+                    stats.encoded(encoded);
+                    let (seq, p_kind) = (p.seq, p.kind);
+                    let r = wire::encode(&p).map_err(FtError::from).and_then(|b| {
+                        let n = b.len() as u64;
+                        c.send_checkpoint(seq, b).map_err(FtError::from).map(|()| n)
+                    });
+                    match r {
+                        Ok(n) => {
+                            stats.sent(n);
+                            if p_kind == PayloadKind::Epoch {
+                                super::fault::hit(super::fault::Point::AfterSend);
+                            }
+                        }
+                        Err(e) => {
+                            let _ = inputs.send(Input::SendFailed(format!("checkpoint {seq}: {}", error_chain(&e))));
+                            return;
+                        }
+                    }
+                }
+            })
+            .expect("spawn ft-send thread");
+        Link { chan, out: Some(tx), sender: Some(sender), peer }
+    }
+
+    pub fn send(&self, p: Outgoing) {
+        if let Some(out) = &self.out {
+            let _ = out.send(p);
+        }
+    }
+
+    pub fn close(mut self, code: u32, reason: &str) {
+        self.out = None;
+        self.chan.close(code, reason);
+        if let Some(t) = self.sender.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Closes on a thread of its own: a closing QUIC connection waits for its peer (up to
+    /// ~200 ms when the peer is gone), and arbitration must not wait for that.
+    pub fn close_in_background(self, code: u32, reason: &str) {
+        let reason = reason.to_string();
+        let spawned = std::thread::Builder::new().name("ft-close".into()).spawn(move || self.close(code, &reason));
+        if let Err(e) = spawned {
+            tracing::warn!("cannot close the standby's channel in the background: {e}");
+        }
+    }
+}
