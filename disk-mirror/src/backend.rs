@@ -50,6 +50,24 @@ pub trait Backend: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError>;
 }
 
+/// Refuses a write to a read-only disk and a range past the end of a `size`-byte disk.
+pub fn check_access(
+    what: &'static str,
+    offset: u64,
+    len: u64,
+    write: bool,
+    size: u64,
+    readonly: bool,
+) -> Result<(), BackendError> {
+    if write && readonly {
+        return Err(BackendError::ReadOnly);
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BackendError::OutOfRange { what, offset, len, size }),
+    }
+}
+
 /// Write-zeroes for backends that cannot do better: writes the zeroes, a chunk at a time.
 pub fn write_zeroes_by_writing(b: &dyn Backend, offset: u64, len: u64) -> Result<(), BackendError> {
     let chunk = vec![0u8; len.min(MAX_IO as u64) as usize];
@@ -109,13 +127,7 @@ impl RawFile {
     }
 
     fn check(&self, what: &'static str, offset: u64, len: u64, write: bool) -> Result<(), BackendError> {
-        if write && self.readonly {
-            return Err(BackendError::ReadOnly);
-        }
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(BackendError::OutOfRange { what, offset, len, size: self.size }),
-        }
+        check_access(what, offset, len, write, self.size, self.readonly)
     }
 
     /// Submits one request and waits for it; returns the result (bytes, or 0).

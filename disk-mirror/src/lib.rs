@@ -24,14 +24,19 @@ pub fn open(spec: &spec::DiskSpec) -> Result<Arc<dyn backend::Backend>, backend:
     })
 }
 
-/// An error with its causes, one after the other.
+/// An error and its sources as the one line an operator reads: `outer: inner: innermost`. (The
+/// crates above use this one; it lives in the lowest crate that needs it.)
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let next = inner.to_string();
+        // `#[error(transparent)]` and "{source}" messages repeat their source: say it once.
+        if !s.ends_with(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        src = inner.source();
     }
     s
 }

@@ -147,13 +147,7 @@ impl Nbd {
     }
 
     fn check(&self, what: &'static str, offset: u64, len: u64, write: bool) -> Result<(), BackendError> {
-        if write && self.readonly {
-            return Err(BackendError::ReadOnly);
-        }
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(BackendError::OutOfRange { what, offset, len, size: self.size }),
-        }
+        crate::backend::check_access(what, offset, len, write, self.size, self.readonly)
     }
 
     /// Runs a batch; on failure says which request (`what` at its offset) failed. A connection

@@ -1,20 +1,7 @@
 //! Turning an error and its sources into the one line an operator reads.
 
-/// `outer: inner: innermost`, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let next = inner.to_string();
-        // `#[error(transparent)]` and "{source}" messages repeat their source: say it once.
-        if !s.ends_with(&next) {
-            s.push_str(": ");
-            s.push_str(&next);
-        }
-        src = inner.source();
-    }
-    s
-}
+/// `outer: inner: innermost`, one line (shared with the VMM and the disk mirror).
+pub use disk_mirror::error_chain;
 
 #[cfg(test)]
 mod tests {

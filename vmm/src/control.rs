@@ -77,17 +77,12 @@ pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 pub const THROTTLE_MAX: u32 = 90;
 
 /// A vCPU's place in its throttle slices.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct ThrottleClock {
-    slice_start: Instant,
+    /// When the running slice began (none while not throttled).
+    slice_start: Option<Instant>,
     /// Sleep still owed (a pause cut it short).
     owed: Duration,
-}
-
-impl Default for ThrottleClock {
-    fn default() -> Self {
-        ThrottleClock { slice_start: Instant::now(), owed: Duration::ZERO }
-    }
 }
 
 /// How often a waiting controller kicks again vCPUs that have not acknowledged.
@@ -186,14 +181,21 @@ impl VcpuControl {
     /// a checkpoint) or by input for the guest; what was cut short is slept after it. True if it slept (the caller
     /// looks at the request again).
     pub fn throttle_point(&self, clock: &mut ThrottleClock) -> bool {
+        // Not throttled (the usual case, on every guest exit): one atomic load, no clock read.
         let pct = self.throttle();
-        let now = Instant::now();
         if pct == 0 {
-            *clock = ThrottleClock::default();
+            clock.slice_start = None;
+            clock.owed = Duration::ZERO;
             return false;
         }
+        let now = Instant::now();
+        let Some(slice_start) = clock.slice_start else {
+            // The throttle just came on: this slice starts now.
+            clock.slice_start = Some(now);
+            return false;
+        };
         if clock.owed.is_zero() {
-            if now.duration_since(clock.slice_start) < THROTTLE_SLICE {
+            if now.duration_since(slice_start) < THROTTLE_SLICE {
                 return false;
             }
             clock.owed = THROTTLE_SLICE * pct / (100 - pct).max(1);
@@ -210,7 +212,7 @@ impl VcpuControl {
         }
         let now = Instant::now();
         clock.owed = deadline.saturating_duration_since(now);
-        clock.slice_start = now;
+        clock.slice_start = Some(now);
         true
     }
 
@@ -317,11 +319,13 @@ mod tests {
     #[test]
     fn a_throttled_vcpu_sleeps_its_share_and_a_pause_cuts_the_sleep_short() {
         let ctl = Arc::new(VcpuControl::new(1, Box::new(NoKick)));
-        let old = || ThrottleClock { slice_start: Instant::now() - THROTTLE_SLICE, owed: Duration::ZERO };
+        let old = || ThrottleClock { slice_start: Some(Instant::now() - THROTTLE_SLICE), owed: Duration::ZERO };
         assert!(!ctl.throttle_point(&mut old()), "not throttled: no sleep");
         ctl.set_throttle(200);
         assert_eq!(ctl.throttle(), THROTTLE_MAX);
         ctl.set_throttle(50);
+        let mut fresh = ThrottleClock::default();
+        assert!(!ctl.throttle_point(&mut fresh), "when the throttle comes on, a slice runs first");
         let mut clock = old();
         let t = Instant::now();
         assert!(ctl.throttle_point(&mut clock));
