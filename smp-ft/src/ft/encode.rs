@@ -270,15 +270,28 @@ pub enum DecodeError {
     Page { page: u64, why: String },
 }
 
-/// A checkpoint's pages, decoded and checked: whole pages, patches, zero pages.
+/// A checkpoint's pages, decoded and checked: whole pages and patches (each either still in the
+/// received bytes or, when it came LZ4-compressed, unpacked here), and zero pages. Pages sent
+/// plain or as plain deltas are not copied again: they are applied from the received bytes.
 #[derive(Debug, Default)]
 pub struct Decoded {
-    whole: Vec<u64>,
-    whole_data: Vec<u8>,
-    /// (page, runs): runs as sent, checked.
-    patches: Vec<(u64, std::ops::Range<usize>)>,
-    patch_data: Vec<u8>,
+    /// (page, whole page or patch runs, where its bytes are).
+    pages: Vec<(u64, Form, Bytes)>,
+    unpacked: Vec<u8>,
     zero: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Whole,
+    Patch,
+}
+
+/// A range of the received page data, or of [`Decoded::unpacked`].
+#[derive(Debug, Clone)]
+enum Bytes {
+    Sent(std::ops::Range<usize>),
+    Unpacked(std::ops::Range<usize>),
 }
 
 /// Checks that `runs` are well formed: increasing, non-empty, inside the page.
@@ -319,35 +332,35 @@ impl ArchivedEncodedPages {
         }
         let mut d = Decoded { zero: self.zero_pages.iter().map(|p| p.to_native()).collect(), ..Decoded::default() };
         let mut at = 0usize;
-        let mut scratch = vec![0u8; PAGE];
         for ((page, kind), len) in self.pages.iter().zip(self.kinds.iter()).zip(self.lens.iter()) {
             let page = page.to_native();
-            let bytes = &self.data[at..at + len.to_native() as usize];
-            at += bytes.len();
+            let sent = at..at + len.to_native() as usize;
+            at = sent.end;
             let bad = |why: String| DecodeError::Page { page, why };
-            let unpacked: &[u8] = match *kind {
-                LZ4 | DELTA_LZ4 => {
-                    let n = lz4_flex::block::decompress_into(bytes, &mut scratch).map_err(|e| bad(e.to_string()))?;
-                    &scratch[..n]
-                }
-                PLAIN | DELTA => bytes,
+            let form = match *kind {
+                PLAIN | LZ4 => Form::Whole,
+                DELTA | DELTA_LZ4 => Form::Patch,
                 k => return Err(bad(format!("unknown encoding {k}"))),
             };
-            match *kind {
-                PLAIN | LZ4 => {
-                    if unpacked.len() != PAGE {
-                        return Err(bad(format!("{} bytes for a whole page", unpacked.len())));
-                    }
-                    d.whole.push(page);
-                    d.whole_data.extend_from_slice(unpacked);
+            let bytes = if matches!(*kind, LZ4 | DELTA_LZ4) {
+                let start = d.unpacked.len();
+                d.unpacked.resize(start + PAGE, 0);
+                let n = lz4_flex::block::decompress_into(&self.data[sent], &mut d.unpacked[start..])
+                    .map_err(|e| bad(e.to_string()))?;
+                d.unpacked.truncate(start + n);
+                Bytes::Unpacked(start..start + n)
+            } else {
+                Bytes::Sent(sent)
+            };
+            let content = d.bytes(&bytes, self.data.as_slice());
+            match form {
+                Form::Whole if content.len() != PAGE => {
+                    return Err(bad(format!("{} bytes for a whole page", content.len())));
                 }
-                _ => {
-                    check_runs(unpacked).map_err(bad)?;
-                    let start = d.patch_data.len();
-                    d.patch_data.extend_from_slice(unpacked);
-                    d.patches.push((page, start..d.patch_data.len()));
-                }
+                Form::Whole => {}
+                Form::Patch => check_runs(content).map_err(bad)?,
             }
+            d.pages.push((page, form, bytes));
         }
         Ok(d)
     }
@@ -355,21 +368,30 @@ impl ArchivedEncodedPages {
 
 impl Decoded {
     pub fn count(&self) -> usize {
-        self.whole.len() + self.patches.len() + self.zero.len()
+        self.pages.len() + self.zero.len()
+    }
+
+    fn bytes<'a>(&'a self, b: &Bytes, sent: &'a [u8]) -> &'a [u8] {
+        match b {
+            Bytes::Sent(r) => &sent[r.clone()],
+            Bytes::Unpacked(r) => &self.unpacked[r.clone()],
+        }
     }
 
     /// Writes the pages into `mem`: whole pages, patches on the version `mem` holds, zeroes.
-    pub fn apply(&self, mem: &GuestMemory) -> Result<(), MemoryError> {
-        for (page, bytes) in self.whole.iter().zip(self.whole_data.chunks_exact(PAGE)) {
-            mem.write(page * PAGE_SIZE, bytes)?;
-        }
-        for (page, range) in &self.patches {
-            let runs = &self.patch_data[range.clone()];
+    /// `sent` is the page data these pages were decoded from.
+    pub fn apply(&self, mem: &GuestMemory, sent: &[u8]) -> Result<(), MemoryError> {
+        for (page, form, bytes) in &self.pages {
+            let bytes = self.bytes(bytes, sent);
+            if *form == Form::Whole {
+                mem.write(page * PAGE_SIZE, bytes)?;
+                continue;
+            }
             let mut at = 0;
-            while at < runs.len() {
-                let off = u16::from_le_bytes([runs[at], runs[at + 1]]) as u64;
-                let len = u16::from_le_bytes([runs[at + 2], runs[at + 3]]) as usize;
-                mem.write(page * PAGE_SIZE + off, &runs[at + 4..at + 4 + len])?;
+            while at < bytes.len() {
+                let off = u16::from_le_bytes([bytes[at], bytes[at + 1]]) as u64;
+                let len = u16::from_le_bytes([bytes[at + 2], bytes[at + 3]]) as usize;
+                mem.write(page * PAGE_SIZE + off, &bytes[at + 4..at + 4 + len])?;
                 at += 4 + len;
             }
         }

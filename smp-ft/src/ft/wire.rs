@@ -291,7 +291,7 @@ impl Staged {
     /// Writes the memory pages into `mem` and returns the machine state, if any.
     pub fn apply(&self, mem: &crate::vmm::memory::GuestMemory) -> Result<Option<MachineState>, WireError> {
         let p = self.archived();
-        self.pages.apply(mem).map_err(|e| WireError::Apply(e.to_string()))?;
+        self.pages.apply(mem, p.memory.data.as_slice()).map_err(|e| WireError::Apply(e.to_string()))?;
         match p.state.as_ref() {
             None => Ok(None),
             Some(s) => rkyv::deserialize::<MachineState, rkyv::rancor::Error>(s)
