@@ -43,7 +43,7 @@ impl Link {
                     });
                     match r {
                         Ok(n) => {
-                            stats.sent(n);
+                            stats.sent(n, c.udp_sent());
                             if p_kind == PayloadKind::Epoch {
                                 super::fault::hit(super::fault::Point::AfterSend);
                             }

@@ -20,6 +20,8 @@ struct Inner {
     /// Checkpoints taken and not yet acknowledged: (epoch, when).
     in_flight: VecDeque<(u64, Instant)>,
     checkpoints: u64,
+    /// The channel's UDP datagrams and send calls so far (this standby's).
+    udp: transport::UdpSent,
     last_epoch: u64,
     last_bytes: u64,
     acked: u64,
@@ -126,8 +128,10 @@ impl Stats {
         self.inner.lock().disk_bytes += bytes;
     }
 
-    pub fn sent(&self, bytes: u64) {
+    /// A checkpoint of `bytes` went out; `udp` is what the channel has sent so far.
+    pub fn sent(&self, bytes: u64, udp: transport::UdpSent) {
         let mut g = self.inner.lock();
+        g.udp = udp;
         g.total_sent += bytes;
         let total = g.total_sent;
         g.sent.push_back((Instant::now(), total));
@@ -201,6 +205,8 @@ impl Stats {
             "page-bytes-captured": g.pages_raw,
             "page-bytes-sent": g.pages_wire,
             "page-encode-ms": g.encode_cpu.as_millis() as u64,
+            "channel-datagrams": g.udp.datagrams,
+            "channel-datagrams-per-send": (g.udp.datagrams as f64 / g.udp.calls.max(1) as f64 * 10.0).round() / 10.0,
             "throttle-percent": g.throttle,
             "throttled-ms": (g.throttled + g.throttled_since.map_or(Duration::ZERO, |t| t.elapsed())).as_millis() as u64,
             "protected-for-ms": g.protected_since.map(|t| t.elapsed().as_millis() as u64),
@@ -266,9 +272,9 @@ mod tests {
         assert_eq!(percentiles(&mut v), Some((Duration::from_millis(51), Duration::from_millis(99))));
         assert_eq!(percentiles(&mut []), None);
         let s = Stats::default();
-        s.sent(1000);
+        s.sent(1000, Default::default());
         std::thread::sleep(Duration::from_millis(20));
-        s.sent(1000);
+        s.sent(1000, transport::UdpSent { datagrams: 25, bytes: 36000, calls: 4 });
         assert!(s.bandwidth() > 0.0);
         s.pause(PauseTimings {
             stop: Duration::from_micros(500),
@@ -277,6 +283,7 @@ mod tests {
         });
         let j = s.to_json();
         assert_eq!(j["pause-p50-us"], 700);
+        assert_eq!(j["channel-datagrams-per-send"], 6.3);
         assert_eq!(j["pause-phases-p50-p99-us"]["copy"], json!([200, 200]));
     }
 }

@@ -35,6 +35,11 @@ fn transport_config(cfg: &ChannelConfig) -> quinn::TransportConfig {
             quinn::IdleTimeout::try_from(cfg.silence_timeout * 4 + Duration::from_secs(1))
                 .unwrap_or(quinn::IdleTimeout::from(VarInt::from_u32(10_000))),
         ));
+    if let Some(n) = cfg.ack_threshold {
+        let mut a = quinn::AckFrequencyConfig::default();
+        a.ack_eliciting_threshold(VarInt::from_u32(n));
+        t.ack_frequency_config(Some(a));
+    }
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(cfg.max_mtu.max(cfg.mtu));
     t.mtu_discovery_config(Some(mtu));
