@@ -178,8 +178,9 @@ impl VcpuControl {
 
     /// Called by a vCPU between guest entries: once a slice of running time has passed, sleeps
     /// the throttle's share of a slice, woken early by any request other than Run (a pause for
-    /// a checkpoint) or by input for the guest; what was cut short is slept after it. True if it slept (the caller
-    /// looks at the request again).
+    /// a checkpoint: what was cut short is slept after it) or by input for the guest (the rest
+    /// is forgiven and a fresh slice starts). True if it slept (the caller looks at the request
+    /// again).
     pub fn throttle_point(&self, clock: &mut ThrottleClock) -> bool {
         // Not throttled (the usual case, on every guest exit): one atomic load, no clock read.
         let pct = self.throttle();
@@ -211,7 +212,10 @@ impl VcpuControl {
             }
         }
         let now = Instant::now();
-        clock.owed = deadline.saturating_duration_since(now);
+        // Woken by input: the rest is forgiven and a fresh slice runs, so the request is served
+        // at full speed. Woken by a pause: the rest is owed and slept after it.
+        let input = self.input_seq.load(Ordering::SeqCst) != seq;
+        clock.owed = if input { Duration::ZERO } else { deadline.saturating_duration_since(now) };
         clock.slice_start = Some(now);
         true
     }
@@ -345,6 +349,19 @@ mod tests {
         assert!(t.elapsed() < THROTTLE_SLICE * 10, "a pause request ends the sleep ({:?})", t.elapsed());
         assert!(start.owed > THROTTLE_SLICE * 5, "the rest is owed: {:?}", start.owed);
         pauser.join().unwrap();
+        ctl.request.store(Request::Run as u8, Ordering::SeqCst);
+        let mut serving = old();
+        let c = ctl.clone();
+        let input = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            c.input_arrived();
+        });
+        let t = Instant::now();
+        assert!(ctl.throttle_point(&mut serving));
+        assert!(t.elapsed() < THROTTLE_SLICE * 9, "input ends the sleep ({:?})", t.elapsed());
+        assert_eq!(serving.owed, Duration::ZERO, "and the rest is forgiven: the request is served at full speed");
+        assert!(!ctl.throttle_point(&mut serving), "a fresh slice runs first");
+        input.join().unwrap();
     }
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
