@@ -15,6 +15,7 @@ use smp_ft::snapshot;
 use smp_ft::units::{parse_duration, parse_size};
 use smp_ft::vmm::devices::serial::SerialSpec;
 use smp_ft::vmm::devices::DeviceConfig;
+use smp_ft::vmm::net::NetSpec;
 use smp_ft::vmm::{Vm, VmConfig, VmEvent};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -234,6 +235,12 @@ struct StandbyArgs {
     /// nbd+unix:///EXPORT?socket=PATH. The initial copy writes it; checkpoints keep it current.
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<DiskSpec>,
+    /// This standby's taps for the VM's network devices, in the primary's order (same count):
+    /// tap=NAME or tap-fd=N. The tap is attached at start (so this copy can go live) but carries
+    /// nothing until it does; the MAC comes with the VM's state. On the same L2 segment as the
+    /// primary's.
+    #[arg(long = "net", value_name = "SPEC")]
+    nets: Vec<NetSpec>,
     /// How the initial copy treats this standby's disks: `full` copies every block; `compare`
     /// hashes them when a primary connects (they hold an earlier copy: a previous standby's, or
     /// an image copied by hand) and the primary sends only the blocks that differ.
@@ -289,6 +296,13 @@ struct RunArgs {
     /// the standby's own storage.
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<DiskSpec>,
+    /// Give the VM a virtio-net NIC (repeatable, up to 4) on a tap: tap=NAME (an existing tap,
+    /// e.g. made with `ip tuntap add NAME mode tap` and attached to a bridge) or tap-fd=N (an
+    /// open tap handed over), optionally with ,mac=52:54:00:xx:xx:xx (default: random in
+    /// 52:54:00). Protected, every frame the guest sends is held until the standby has
+    /// acknowledged the checkpoint that produced it.
+    #[arg(long = "net", value_name = "SPEC")]
+    nets: Vec<NetSpec>,
     /// Protect the VM with the standby (`smpft standby`) at this address (host:port). Until
     /// it answers, and whenever it is lost, the VM runs unprotected and smpft keeps trying.
     #[arg(long, value_name = "HOST:PORT")]
@@ -385,6 +399,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         // A snapshot with the device's state needs the device.
         rng: args.rng || last.is_some_and(|s| s.state.component("virtio-rng").is_some()),
         disks: args.disks,
+        nets: args.nets,
     };
     let config = VmConfig {
         vcpus: args.vcpus.or(last.map(|s| s.vcpus)).unwrap_or(2),
@@ -461,7 +476,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         serial: args.serial,
         console: args.console,
         kvm_device: args.kvm_device,
-        devices: DeviceConfig { rng: args.rng, disks: args.disks },
+        devices: DeviceConfig { rng: args.rng, disks: args.disks, nets: args.nets },
     };
     let opts = StandbyOptions { ft: ft.clone(), listen: args.listen, config, disk_sync: args.disk_sync };
     block_termination_signals();
@@ -472,6 +487,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
     match end {
         StandbyEnd::Live { vm, generation, epoch } => {
             let running = (*vm).start()?;
+            running.announce_network();
             relay_signals(sig_rx, running.event_sender());
             tracing::info!(
                 epoch,

@@ -4,10 +4,11 @@
 //! `smpft run` at start, and a standby at its start too, not at the moment it goes live. A
 //! standby holds its [`HostResources`] for its whole watch and [`HostResources::check`]s them
 //! again before it accepts a primary and before it claims the tie-breaker; a copy that could not
-//! go live never claims. Devices that need a host resource (disks, taps) add it here.
+//! go live never claims. Devices that need a host resource (disks, taps) are opened here.
 
 use super::devices::serial::SerialHost;
 use super::devices::Console;
+use super::net::tap::{Tap, TapError};
 use super::{open_kvm, VmConfig, VmError};
 use disk_mirror::backend::Backend;
 use std::path::PathBuf;
@@ -20,6 +21,8 @@ pub struct HostResources {
     /// commit).
     pub(super) disks: Vec<Arc<dyn Backend>>,
     disk_specs: Vec<String>,
+    /// The NICs' taps, attached.
+    pub(super) taps: Vec<Arc<Tap>>,
     kvm_device: PathBuf,
 }
 
@@ -42,7 +45,15 @@ impl HostResources {
             .map(|spec| disk_mirror::open(spec).map_err(|source| VmError::Disk { spec: spec.to_string(), source }))
             .collect::<Result<Vec<_>, _>>()?;
         let disk_specs = config.devices.disks.iter().map(|s| s.to_string()).collect();
-        Ok(HostResources { serial, console, disks, disk_specs, kvm_device: config.kvm_device.clone() })
+        let taps = config
+            .devices
+            .nets
+            .iter()
+            .map(|spec| {
+                Tap::open(&spec.tap).map(Arc::new).map_err(|source| VmError::Net { spec: spec.to_string(), source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(HostResources { serial, console, disks, disk_specs, taps, kvm_device: config.kvm_device.clone() })
     }
 
     /// The disks' storage, in order.
@@ -60,6 +71,9 @@ impl HostResources {
             let mut sector = [0u8; 512];
             disk.read_at(&mut sector[..disk.size().min(512) as usize], 0)
                 .map_err(|source| VmError::Disk { spec: spec.clone(), source })?;
+        }
+        for tap in &self.taps {
+            tap.check().map_err(|source: TapError| VmError::Net { spec: format!("tap={}", tap.name()), source })?;
         }
         Ok(())
     }

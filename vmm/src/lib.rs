@@ -15,6 +15,7 @@ pub mod layout;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod net;
 pub mod pages;
 pub mod pci;
 pub mod state;
@@ -102,6 +103,10 @@ pub enum VmError {
     Console { path: PathBuf, source: std::io::Error },
     #[error("disk {spec}")]
     Disk { spec: String, source: disk_mirror::backend::BackendError },
+    #[error("--net {spec}")]
+    Net { spec: String, source: net::tap::TapError },
+    #[error("cannot start the network receive thread")]
+    NetThread(#[source] std::io::Error),
     #[error("cannot start vCPU threads")]
     Thread(#[source] std::io::Error),
     #[error("vCPU threads did not exit within {0:?}")]
@@ -218,7 +223,7 @@ fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>, host: HostResource
     if config.vcpus == 0 || config.vcpus > max {
         return Err(VmError::Vcpus { asked: config.vcpus, max });
     }
-    let HostResources { serial: serial_host, console, disks, .. } = host;
+    let HostResources { serial: serial_host, console, disks, taps, .. } = host;
 
     let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
     vm.create_irq_chip().map_err(kvm_err("create in-kernel irqchip"))?;
@@ -250,7 +255,7 @@ fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>, host: HostResource
     let dirty = DirtyLog::new(0, &memory);
 
     let irq = Arc::new(irq::Irq::new(&vm).map_err(|e| VmError::Serial(SerialError::Event(e)))?);
-    let devices = Arc::new(Devices::new(&config.devices, disks, console, &memory, &irq)?);
+    let devices = Arc::new(Devices::new(&config.devices, disks, taps, console, &memory, &irq)?);
 
     vcpu::register_kick_handler().map_err(|e| VmError::Kvm { what: "install vCPU kick signal handler", source: e })?;
     let kick = SignalKick::new(config.vcpus as usize);
@@ -381,7 +386,14 @@ impl Vm {
         let Vm { config, parts, vcpus } = self;
         let control = parts.control.clone();
         let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || control.input_arrived());
-        let serial = SerialBackend::start(parts.serial_host, parts.devices.serial.clone(), wake)?;
+        let serial = SerialBackend::start(parts.serial_host, parts.devices.serial.clone(), wake.clone())?;
+        let nets = parts
+            .devices
+            .nets()
+            .iter()
+            .map(|n| net::backend::NetBackend::start(n.clone(), wake.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VmError::NetThread)?;
         let mut threads = Vec::new();
         for mut v in vcpus {
             let tx: Sender<VmEvent> = tx.clone();
@@ -409,6 +421,7 @@ impl Vm {
             events: rx,
             sender: tx,
             serial: Some(serial),
+            nets,
             control: parts.control,
             kick: parts.kick,
             devices: parts.devices,
@@ -431,6 +444,8 @@ pub struct RunningVm {
     events: Receiver<VmEvent>,
     sender: Sender<VmEvent>,
     serial: Option<SerialBackend>,
+    /// The NICs' receive threads.
+    nets: Vec<net::backend::NetBackend>,
     control: Arc<VcpuControl>,
     kick: Arc<SignalKick>,
     devices: Arc<Devices>,
@@ -523,6 +538,33 @@ impl RunningVm {
         }
     }
 
+    /// Tells the network this VM's NICs are here now (after a failover): RARP and gratuitous
+    /// ARP announcements, a round at once and four more over the next ~350 ms, on a thread of
+    /// their own.
+    pub fn announce_network(&self) {
+        let nets: Vec<_> = self.devices.nets().to_vec();
+        if nets.is_empty() {
+            return;
+        }
+        for n in &nets {
+            let (mac, ips) = (n.device().mac(), n.device().learned());
+            tracing::info!(
+                "{}: announcing MAC {mac} and {ips:?} on tap {}",
+                component::Component::name(&**n),
+                n.device().tap().name()
+            );
+        }
+        let spawned = std::thread::Builder::new().name("net-announce".into()).spawn(move || {
+            for delay in net::announce::SCHEDULE {
+                std::thread::sleep(delay);
+                nets.iter().for_each(|n| n.device().announce());
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot announce the VM's network addresses: {e}");
+        }
+    }
+
     /// Stops every vCPU, joins every thread, and flushes serial output.
     pub fn shutdown(mut self) -> Result<(), VmError> {
         self.stop()
@@ -543,6 +585,7 @@ impl RunningVm {
         if let Some(s) = self.serial.take() {
             s.stop();
         }
+        self.nets.drain(..).for_each(net::backend::NetBackend::stop);
         if exited {
             // Whatever the guest wrote reaches stable storage before smpft reports the VM ended.
             self.devices.flush_disks();

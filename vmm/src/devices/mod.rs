@@ -17,8 +17,9 @@ use super::component::Component;
 use super::irq::Irq;
 use super::layout::{COM1_BASE, DEBUGCON_PORT, EXIT_PORT, IDLE_PORT};
 use super::memory::{GuestMemory, MemoryError};
+use super::net::{tap::Tap, Mac, NetSpec};
 use super::pci::PciBus;
-use super::virtio::{self, blk::Blk, rng::Rng, VirtioDevice, VirtioPci};
+use super::virtio::{self, blk::Blk, net::Net, rng::Rng, VirtioDevice, VirtioPci};
 use disk_mirror::backend::Backend;
 use disk_mirror::log::WriteLog;
 use disk_mirror::spec::DiskSpec;
@@ -82,6 +83,9 @@ pub struct DeviceConfig {
     /// A virtio-blk on the PCI bus for each (the storage differs between the two copies: only
     /// the number of disks and their sizes must agree).
     pub disks: Vec<DiskSpec>,
+    /// A virtio-net on the PCI bus for each (the taps differ between the two copies; the MAC
+    /// travels with the VM's state).
+    pub nets: Vec<NetSpec>,
 }
 
 /// How much write data the disk log holds before the disks wait for a checkpoint.
@@ -92,6 +96,7 @@ impl DeviceConfig {
     pub fn summary(&self) -> String {
         let mut names: Vec<&str> = [(self.rng, "virtio-rng")].iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
         names.extend(self.disks.iter().map(|_| "virtio-blk"));
+        names.extend(self.nets.iter().map(|_| "virtio-net"));
         if names.is_empty() {
             "none".into()
         } else {
@@ -102,6 +107,8 @@ impl DeviceConfig {
 
 /// Disk names, in saved state and as the serial number GET_ID reports.
 const DISK_NAMES: [&str; 8] = ["disk0", "disk1", "disk2", "disk3", "disk4", "disk5", "disk6", "disk7"];
+/// NIC names, in saved state and logs.
+const NET_NAMES: [&str; 4] = ["net0", "net1", "net2", "net3"];
 
 pub struct Devices {
     pub serial: Arc<SerialDevice>,
@@ -111,6 +118,8 @@ pub struct Devices {
     /// The disks, in order, and the log of their changes.
     disks: Vec<Arc<VirtioPci<Blk>>>,
     disk_log: Arc<WriteLog>,
+    /// The NICs, in order.
+    nets: Vec<Arc<VirtioPci<Net>>>,
     /// Every device with replicated state, in pause order (see [`crate::component`]).
     components: Vec<Arc<dyn Component>>,
     debugcon: Mutex<DebugCon>,
@@ -129,6 +138,10 @@ pub enum DeviceError {
     BusFull,
     #[error("at most {} disks", DISK_NAMES.len())]
     TooManyDisks,
+    #[error("at most {} network devices", NET_NAMES.len())]
+    TooManyNets,
+    #[error("cannot set up a network device")]
+    Net(#[source] std::io::Error),
 }
 
 /// Puts a virtio device on the bus with a BAR of its own.
@@ -147,10 +160,11 @@ fn add_virtio<D: VirtioDevice + 'static>(
 
 impl Devices {
     /// The platform's devices: COM1, the PCI bus, and the optional devices `config` asks for,
-    /// with `disks` the storage opened for `config.disks`.
+    /// with `disks` the storage opened for `config.disks` and `taps` the taps for `config.nets`.
     pub fn new(
         config: &DeviceConfig,
         disks: Vec<Arc<dyn Backend>>,
+        taps: Vec<Arc<Tap>>,
         console: Console,
         memory: &Arc<GuestMemory>,
         irq: &Arc<Irq>,
@@ -172,6 +186,15 @@ impl Devices {
             on_pci.push(dev.clone());
             blks.push(dev);
         }
+        let mut nets = Vec::new();
+        for (i, (tap, spec)) in taps.into_iter().zip(&config.nets).enumerate() {
+            let name = NET_NAMES.get(i).copied().ok_or(DeviceError::TooManyNets)?;
+            let mac = spec.mac.unwrap_or_else(Mac::random);
+            let dev = Net::new(name, tap, mac, gate.clone()).map_err(DeviceError::Net)?;
+            let dev = add_virtio(&mut pci, name, dev, memory, irq)?;
+            on_pci.push(dev.clone());
+            nets.push(dev);
+        }
         let pci = Arc::new(pci);
         let mut components: Vec<Arc<dyn Component>> = vec![serial.clone(), pci.clone()];
         components.extend(on_pci);
@@ -181,6 +204,7 @@ impl Devices {
             pci,
             disks: blks,
             disk_log,
+            nets,
             components,
             debugcon: Mutex::new(DebugCon { line: Vec::new(), out: console }),
             unhandled: AtomicU64::new(0),
@@ -190,6 +214,11 @@ impl Devices {
     /// The log of the disks' changes (the FT engine's to read).
     pub fn disk_log(&self) -> &Arc<WriteLog> {
         &self.disk_log
+    }
+
+    /// The NICs, in order.
+    pub fn nets(&self) -> &[Arc<VirtioPci<Net>>] {
+        &self.nets
     }
 
     /// The disks' storage, in order.

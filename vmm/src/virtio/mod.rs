@@ -17,6 +17,7 @@
 //! interrupt, and nothing more is processed until it resets the device: no panic, no hang.
 
 pub mod blk;
+pub mod net;
 pub mod rng;
 
 use super::component::{self, Component, ComponentError};
@@ -90,6 +91,9 @@ pub trait VirtioDevice: Send + Sync {
     fn process(&self, index: usize, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, VirtioError>;
     /// The driver reset the device.
     fn reset(&self) {}
+    /// The VM is pausing: stop writing guest memory from host threads (see `Component::pause`).
+    fn pause(&self) {}
+    fn resume(&self) {}
     /// Device state beyond the transport's, as bytes.
     fn save(&self) -> Vec<u8> {
         Vec::new()
@@ -527,6 +531,14 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
 impl<D: VirtioDevice> Component for VirtioPci<D> {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    fn pause(&self) {
+        self.device.pause();
+    }
+
+    fn resume(&self) {
+        self.device.resume();
     }
 
     fn save(&self) -> Result<Vec<u8>, ComponentError> {

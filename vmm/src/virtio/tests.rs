@@ -102,6 +102,8 @@ impl<D: VirtioDevice> Driver<D> {
 const WRITE: u16 = 2;
 const NEXT: u16 = 1;
 
+mod net;
+
 #[test]
 fn entropy_reaches_guest_buffers_and_marks_them_dirty() {
     let mut d = Driver::new();
