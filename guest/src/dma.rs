@@ -6,8 +6,9 @@
 
 use crate::sync::Locked;
 
-/// Rings and buffers for a few devices (each queue of up to 256 entries takes 3 pages), and the
-/// disk workload's data buffer (up to 1 MiB) and generations (up to 256 KiB).
+/// Rings and buffers for a few devices (each queue of up to 256 entries takes 3 pages), the disk
+/// workload's data buffer (up to 1 MiB) and generations (up to 256 KiB), and the network's frame
+/// buffers (384 KiB for receiving, 192 KiB for sending).
 pub const SIZE: u64 = 2 << 20;
 
 struct Pool {

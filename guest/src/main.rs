@@ -12,6 +12,7 @@ mod disk;
 mod dma;
 mod io;
 mod kv;
+mod net;
 mod params;
 mod pci;
 mod rng;
@@ -33,6 +34,9 @@ const COUNTER_BATCH: u32 = 64;
 const CHECK_EVERY_MS: u64 = 500;
 /// How long vCPU 0 waits, when it has nothing else to do, before looking for the rng completion.
 const RNG_WAIT_US: u32 = 20;
+/// How long vCPU 0 waits, when idle, before polling the network again (the VMM also wakes it when a
+/// frame arrives); short, so that latency stays low.
+const NET_WAIT_US: u32 = 200;
 
 core::arch::global_asm!(
     ".globl _start",
@@ -99,8 +103,8 @@ fn init(bi: &BootInfo) -> Shared {
     let cmdline = unsafe { core::slice::from_raw_parts(bi.cmdline_addr as *const u8, bi.cmdline_len as usize) };
     let params = match params::parse(cmdline) {
         Ok(p) => p,
-        Err(word) => {
-            log!("bad boot parameter: {:?}", core::str::from_utf8(word).unwrap_or("<not UTF-8>"));
+        Err(bad) => {
+            log!("{bad}");
             io::exit(abi::EXIT_BAD_PARAMS);
         }
     };
@@ -147,11 +151,16 @@ fn init(bi: &BootInfo) -> Shared {
             io::exit(status);
         }
     }
+    if let Some(net) = &params.net {
+        if let Err(status) = net::init(net, bi.tsc_khz) {
+            io::exit(status);
+        }
+    }
     if params.service {
         io::serial::init();
     }
     log!(
-        "smpft-guest: {} vCPUs, {} MiB, counter={} churn={} (rate {} pages/s/vCPU, {} pages/vCPU) service={} rng={} disk={} duration={}ms",
+        "smpft-guest: {} vCPUs, {} MiB, counter={} churn={} (rate {} pages/s/vCPU, {} pages/vCPU) service={} net={} rng={} disk={} duration={}ms",
         bi.vcpus,
         bi.mem_size >> 20,
         params.counter,
@@ -159,6 +168,7 @@ fn init(bi: &BootInfo) -> Shared {
         params.churn_rate,
         if params.churn { churn::pages_per_cpu() } else { 0 },
         params.service,
+        params.net.is_some(),
         params.rng,
         params.disk,
         params.duration_ms
@@ -189,6 +199,7 @@ extern "C" fn guest_main(cpu: u64, bi: *const BootInfo) -> ! {
 
 fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
     let serves = p.service && cpu == 0;
+    let networks = p.net.is_some() && cpu == 0;
     let drives_rng = p.rng && cpu == 0;
     let busy = p.counter || p.churn || p.disk || p.kv;
     let mut next_check = start + CHECK_EVERY_MS * tsc_khz;
@@ -209,6 +220,13 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
         let mut idle = !busy;
         if serves {
             match service::poll() {
+                service::Poll::Exit => STOP.store(true, Ordering::Relaxed),
+                service::Poll::Busy => idle = false,
+                service::Poll::Idle => {}
+            }
+        }
+        if networks {
+            match net::poll() {
                 service::Poll::Exit => STOP.store(true, Ordering::Relaxed),
                 service::Poll::Busy => idle = false,
                 service::Poll::Idle => {}
@@ -246,6 +264,9 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
                 let (requests, bytes) = rng::totals();
                 log!("progress: t={}ms rng: requests={requests} bytes={bytes}", ms_since(start, now, tsc_khz));
             }
+            if p.net.is_some() {
+                log!("progress: t={}ms net: {}", ms_since(start, now, tsc_khz), net::totals());
+            }
             if p.disk {
                 let (writes, reads, flushes) = disk::totals();
                 let (p50, p99) = disk::recent_latency();
@@ -260,6 +281,8 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
             let wait_ms = if p.duration_ms != 0 { p.duration_ms.min(CHECK_EVERY_MS) } else { CHECK_EVERY_MS };
             io::idle(if drives_rng {
                 RNG_WAIT_US
+            } else if networks {
+                NET_WAIT_US
             } else if serves {
                 1000
             } else {
@@ -320,8 +343,11 @@ fn finish(cpu: usize, p: &Params, vcpus: u32) -> ! {
         }
     }
     let (counter, churn) = totals();
-    if p.service {
+    if p.service || p.net.is_some() {
         log!("service: value={} requests={}", service::value(), service::requests());
+    }
+    if p.net.is_some() {
+        log!("net: {}", net::totals());
     }
     if p.rng {
         let (requests, bytes) = rng::finish();

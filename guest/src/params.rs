@@ -1,5 +1,14 @@
 //! Boot parameters: whitespace-separated words, e.g.
 //! `counter churn churn-rate=2000 churn-ws=8M service rng disk disk-io=4K duration=5s`.
+//!
+//! Networking (see `net`): `net` turns it on and needs `ip=A.B.C.D/PREFIX`, the guest's IPv4
+//! address and prefix length (0 to 32); `gw=A.B.C.D` optionally adds a default route through a
+//! gateway on that subnet. For example `net ip=10.0.2.15/24 gw=10.0.2.2`. Both addresses must be
+//! unicast (not 0.0.0.0, not 255.255.255.255, not multicast) and differ; `ip=` and `gw=` without
+//! `net` are refused. A bad parameter is logged and the guest exits with `EXIT_BAD_PARAMS`.
+
+use core::fmt;
+use core::net::Ipv4Addr;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Fail {
@@ -14,6 +23,14 @@ pub enum Fail {
     Kv,
 }
 
+/// The network's address settings (`net ip=... gw=...`).
+#[derive(Clone, Copy)]
+pub struct Net {
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub gw: Option<Ipv4Addr>,
+}
+
 #[derive(Clone, Copy)]
 pub struct Params {
     pub counter: bool,
@@ -24,6 +41,8 @@ pub struct Params {
     /// Every vCPU writes and checks its region of a virtio-blk disk.
     pub disk: bool,
     pub disk_settings: crate::disk::Settings,
+    /// vCPU 0 drives a virtio-net device and serves TCP ports 7000, 80 and 7 (`net`).
+    pub net: Option<Net>,
     /// Pages per second per vCPU; 0 = as fast as possible.
     pub churn_rate: u64,
     /// Bytes in the whole churn working set (split between vCPUs).
@@ -50,6 +69,7 @@ impl Params {
         rng: false,
         disk: false,
         disk_settings: crate::disk::Settings { io: 4096, ws: 0, sequential: false, check_every: 1, flush_every: 16 },
+        net: None,
         churn_rate: 1000,
         churn_ws: 8 << 20,
         churn_zero: false,
@@ -62,40 +82,113 @@ impl Params {
     };
 }
 
-pub fn parse(cmdline: &[u8]) -> Result<Params, &[u8]> {
+/// Why the parameters were refused.
+pub enum Bad<'a> {
+    /// A word that is unknown or whose value does not parse; the `&str` says what was expected
+    /// (empty: nothing more to say).
+    Word(&'a [u8], &'static str),
+    /// The words parse but do not go together.
+    Combination(&'static str),
+}
+
+impl fmt::Display for Bad<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Bad::Word(word, why) => {
+                write!(f, "bad boot parameter: {:?}", core::str::from_utf8(word).unwrap_or("<not UTF-8>"))?;
+                if !why.is_empty() {
+                    write!(f, " ({why})")?;
+                }
+                Ok(())
+            }
+            Bad::Combination(why) => write!(f, "bad boot parameters: {why}"),
+        }
+    }
+}
+
+const IP_FORMAT: &str = "expected ip=A.B.C.D/PREFIX: a unicast IPv4 address and a prefix length of 0 to 32";
+const GW_FORMAT: &str = "expected gw=A.B.C.D: a unicast IPv4 address";
+
+pub fn parse(cmdline: &[u8]) -> Result<Params, Bad<'_>> {
     let mut p = Params::DEFAULT;
+    let (mut net, mut ip, mut gw) = (false, None, None);
     for word in cmdline.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty()) {
         let (key, value) = match word.iter().position(|&b| b == b'=') {
             Some(i) => (&word[..i], Some(&word[i + 1..])),
             None => (word, None),
         };
+        let bad = Bad::Word(word, "");
         match (key, value) {
             (b"counter", None) => p.counter = true,
             (b"churn", None) => p.churn = true,
             (b"service", None) => p.service = true,
             (b"rng", None) => p.rng = true,
             (b"disk", None) => p.disk = true,
-            (b"disk-io", Some(v)) => p.disk_settings.io = size(v).ok_or(word)?,
-            (b"disk-ws", Some(v)) => p.disk_settings.ws = size(v).ok_or(word)?,
+            (b"disk-io", Some(v)) => p.disk_settings.io = size(v).ok_or(bad)?,
+            (b"disk-ws", Some(v)) => p.disk_settings.ws = size(v).ok_or(bad)?,
             (b"disk-seq", None) => p.disk_settings.sequential = true,
-            (b"disk-check", Some(v)) => p.disk_settings.check_every = number(v).ok_or(word)?,
-            (b"flush-every", Some(v)) => p.disk_settings.flush_every = number(v).ok_or(word)?,
-            (b"churn-rate", Some(v)) => p.churn_rate = number(v).ok_or(word)?,
-            (b"churn-ws", Some(v)) => p.churn_ws = size(v).ok_or(word)?,
+            (b"disk-check", Some(v)) => p.disk_settings.check_every = number(v).ok_or(bad)?,
+            (b"flush-every", Some(v)) => p.disk_settings.flush_every = number(v).ok_or(bad)?,
+            (b"churn-rate", Some(v)) => p.churn_rate = number(v).ok_or(bad)?,
+            (b"churn-ws", Some(v)) => p.churn_ws = size(v).ok_or(bad)?,
             (b"churn-zero", None) => p.churn_zero = true,
             (b"kv", None) => p.kv = true,
-            (b"kv-rate", Some(v)) => p.kv_rate = number(v).ok_or(word)?,
-            (b"kv-ws", Some(v)) => p.kv_ws = size(v).ok_or(word)?,
-            (b"duration", Some(v)) => p.duration_ms = millis(v).ok_or(word)?,
-            (b"report", Some(v)) => p.report_ms = millis(v).ok_or(word)?,
+            (b"kv-rate", Some(v)) => p.kv_rate = number(v).ok_or(bad)?,
+            (b"kv-ws", Some(v)) => p.kv_ws = size(v).ok_or(bad)?,
+            (b"net", None) => net = true,
+            (b"ip", Some(v)) => ip = Some(cidr(v).ok_or(Bad::Word(word, IP_FORMAT))?),
+            (b"gw", Some(v)) => gw = Some(unicast(v).ok_or(Bad::Word(word, GW_FORMAT))?),
+            (b"duration", Some(v)) => p.duration_ms = millis(v).ok_or(bad)?,
+            (b"report", Some(v)) => p.report_ms = millis(v).ok_or(bad)?,
             (b"fail", Some(b"counter")) => p.fail = Fail::Counter,
             (b"fail", Some(b"churn")) => p.fail = Fail::Churn,
             (b"fail", Some(b"disk")) => p.fail = Fail::Disk,
             (b"fail", Some(b"kv")) => p.fail = Fail::Kv,
-            _ => return Err(word),
+            _ => return Err(bad),
         }
     }
+    p.net = net_settings(net, ip, gw)?;
     Ok(p)
+}
+
+/// Checks that `net`, `ip=` and `gw=` go together.
+fn net_settings(net: bool, ip: Option<(Ipv4Addr, u8)>, gw: Option<Ipv4Addr>) -> Result<Option<Net>, Bad<'static>> {
+    if !net && (ip.is_some() || gw.is_some()) {
+        return Err(Bad::Combination("ip= and gw= need the word net"));
+    }
+    if !net {
+        return Ok(None);
+    }
+    let Some((ip, prefix)) = ip else {
+        return Err(Bad::Combination("net needs the guest's address: ip=A.B.C.D/PREFIX"));
+    };
+    if let Some(gw) = gw {
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        if gw == ip || (u32::from(gw) ^ u32::from(ip)) & mask != 0 {
+            return Err(Bad::Combination("gw= must be another address on the subnet of ip="));
+        }
+    }
+    Ok(Some(Net { ip, prefix, gw }))
+}
+
+/// `A.B.C.D/PREFIX`.
+fn cidr(v: &[u8]) -> Option<(Ipv4Addr, u8)> {
+    let slash = v.iter().position(|&b| b == b'/')?;
+    let prefix = number(&v[slash + 1..]).filter(|&p| p <= 32)?;
+    Some((unicast(&v[..slash])?, prefix as u8))
+}
+
+/// `A.B.C.D`, each part a decimal number of at most three digits up to 255, and a unicast address.
+fn unicast(v: &[u8]) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = v.split(|&b| b == b'.');
+    for o in &mut octets {
+        let part = parts.next().filter(|p| p.len() <= 3)?;
+        *o = u8::try_from(number(part)?).ok()?;
+    }
+    let a = Ipv4Addr::from(octets);
+    let usable = !(a.is_unspecified() || a.is_broadcast() || a.is_multicast());
+    (parts.next().is_none() && usable).then_some(a)
 }
 
 pub fn number(v: &[u8]) -> Option<u64> {

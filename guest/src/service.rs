@@ -1,4 +1,5 @@
-//! `service`: a request/response service on the serial line, one request per line:
+//! `service`: a request/response service, one request per line, on the serial line (`service`) and
+//! on TCP port 7000 (`net`):
 //!
 //! | request        | reply                                   |
 //! |----------------|-----------------------------------------|
@@ -11,26 +12,30 @@
 //!
 //! `INCR` is idempotent per request id: a retried id gets the value of its first execution back
 //! and increments nothing (the last `TABLE` ids are remembered). The value never goes backwards.
+//!
+//! The state (value, request count, idempotency table) is one for the whole guest: the serial line
+//! and the network's line service (TCP port 7000, see `net`) both assemble lines with [`Line`] and
+//! answer them with [`answer`]; the network's HTTP service runs [`Request`]s through [`execute`].
 
 use crate::io::serial;
 use crate::params::number;
 use crate::sync::Locked;
 
 const LINE_MAX: usize = 128;
+/// The longest reply, its `\n` included.
+pub const REPLY_MAX: usize = 192;
 const TABLE: usize = 1 << 16;
 
-pub struct Service {
+struct Service {
     value: u64,
     requests: u64,
-    line: [u8; LINE_MAX],
-    len: usize,
-    overflow: bool,
     /// Direct-mapped: slot `id % TABLE` holds `(id + 1, value)` of the last INCR that used it.
     done: [(u64, u64); TABLE],
 }
 
-static SERVICE: Locked<Service> =
-    Locked::new(Service { value: 0, requests: 0, line: [0; LINE_MAX], len: 0, overflow: false, done: [(0, 0); TABLE] });
+static SERVICE: Locked<Service> = Locked::new(Service { value: 0, requests: 0, done: [(0, 0); TABLE] });
+/// The line being received on the serial line.
+static SERIAL_LINE: Locked<Line> = Locked::new(Line::new());
 
 pub enum Poll {
     Idle,
@@ -43,26 +48,19 @@ pub fn poll() -> Poll {
     let mut state = Poll::Idle;
     while let Some(b) = serial::try_read() {
         state = Poll::Busy;
-        let exit = SERVICE.with(|s| {
-            if b == b'\r' {
-                return false;
+        let answered = SERIAL_LINE.with(|line| {
+            if !line.push(b) {
+                return None;
             }
-            if b != b'\n' {
-                if s.len < LINE_MAX {
-                    s.line[s.len] = b;
-                    s.len += 1;
-                } else {
-                    s.overflow = true;
-                }
-                return false;
-            }
-            let exit = s.handle_line();
-            s.len = 0;
-            s.overflow = false;
-            exit
+            let r = answer(line);
+            line.clear();
+            Some(r)
         });
-        if exit {
-            return Poll::Exit;
+        if let Some((reply, exit)) = answered {
+            serial::write(reply.bytes());
+            if exit {
+                return Poll::Exit;
+            }
         }
     }
     state
@@ -76,9 +74,89 @@ pub fn requests() -> u64 {
     SERVICE.with(|s| s.requests)
 }
 
-struct Reply {
-    buf: [u8; 192],
+/// A request line being assembled, byte by byte: `\r` is ignored, `\n` ends the line, and bytes
+/// past [`LINE_MAX`] are dropped (the request is then answered with an error).
+pub struct Line {
+    buf: [u8; LINE_MAX],
     len: usize,
+    overflow: bool,
+}
+
+impl Line {
+    pub const fn new() -> Line {
+        Line { buf: [0; LINE_MAX], len: 0, overflow: false }
+    }
+
+    /// Adds `b`; true if it ended the line, which is then to be [`answer`]ed and cleared.
+    pub fn push(&mut self, b: u8) -> bool {
+        match b {
+            b'\r' => false,
+            b'\n' => true,
+            _ if self.len < LINE_MAX => {
+                self.buf[self.len] = b;
+                self.len += 1;
+                false
+            }
+            _ => {
+                self.overflow = true;
+                false
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.overflow = false;
+    }
+}
+
+/// One request, parsed.
+#[derive(Clone, Copy)]
+pub enum Request {
+    Incr(u64),
+    Get(u64),
+    Stat(u64),
+    Time(u64),
+    Exit(u64),
+    /// Answered with `ERR <id> <why>`.
+    Bad {
+        id: u64,
+        why: &'static str,
+    },
+}
+
+impl Request {
+    fn parse(line: &Line) -> Request {
+        let mut words = line.buf[..line.len].split(|&b| b == b' ').filter(|w| !w.is_empty());
+        let cmd = words.next().unwrap_or(b"");
+        let id = words.next().and_then(number);
+        let extra = words.next().is_some();
+        match (cmd, id) {
+            _ if line.overflow => Request::Bad { id: id.unwrap_or(0), why: "line too long" },
+            (_, Some(id)) if extra => Request::Bad { id, why: "trailing words" },
+            (b"INCR", Some(id)) => Request::Incr(id),
+            (b"GET", Some(id)) => Request::Get(id),
+            (b"STAT", Some(id)) => Request::Stat(id),
+            (b"TIME", Some(id)) => Request::Time(id),
+            (b"EXIT", Some(id)) => Request::Exit(id),
+            (b"INCR" | b"GET" | b"STAT" | b"TIME" | b"EXIT", None) => {
+                Request::Bad { id: 0, why: "missing or bad request id" }
+            }
+            _ => Request::Bad { id: id.unwrap_or(0), why: "unknown command" },
+        }
+    }
+}
+
+/// A reply line, `\n` included.
+pub struct Reply {
+    buf: [u8; REPLY_MAX],
+    len: usize,
+}
+
+impl Reply {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 impl core::fmt::Write for Reply {
@@ -91,62 +169,48 @@ impl core::fmt::Write for Reply {
     }
 }
 
+/// Answers a complete line: the reply, and whether it was `EXIT` (the caller sends the reply,
+/// then stops the guest).
+pub fn answer(line: &Line) -> (Reply, bool) {
+    execute(Request::parse(line))
+}
+
+/// Carries out `request` on the shared state: the reply, and whether it was `EXIT`.
+pub fn execute(request: Request) -> (Reply, bool) {
+    SERVICE.with(|s| s.execute(request))
+}
+
 impl Service {
-    fn handle_line(&mut self) -> bool {
+    fn execute(&mut self, request: Request) -> (Reply, bool) {
         use core::fmt::Write as _;
-        let line = self.line;
-        let line = &line[..self.len];
-        let mut words = line.split(|&b| b == b' ').filter(|w| !w.is_empty());
-        let cmd = words.next().unwrap_or(b"");
-        let id = words.next().and_then(number);
-        let extra = words.next().is_some();
-        let mut r = Reply { buf: [0; 192], len: 0 };
-        let mut exit = false;
+        let mut r = Reply { buf: [0; REPLY_MAX], len: 0 };
         self.requests += 1;
-        match (cmd, id) {
-            _ if self.overflow => {
-                let _ = write!(r, "ERR {} line too long", id.unwrap_or(0));
-            }
-            (_, Some(id)) if extra => {
-                let _ = write!(r, "ERR {id} trailing words");
-            }
-            (b"INCR", Some(id)) => {
+        // Every reply fits with its newline: the longest, STAT with six 20-digit numbers, is 162 bytes.
+        let _ = match request {
+            Request::Bad { id, why } => write!(r, "ERR {id} {why}"),
+            Request::Incr(id) => {
                 let slot = &mut self.done[(id % TABLE as u64) as usize];
                 if slot.0 != id + 1 {
                     self.value += 1;
                     *slot = (id + 1, self.value);
                 }
-                let _ = write!(r, "OK {id} {}", slot.1);
+                write!(r, "OK {id} {}", slot.1)
             }
-            (b"GET", Some(id)) => {
-                let _ = write!(r, "VAL {id} {}", self.value);
-            }
-            (b"STAT", Some(id)) => {
+            Request::Get(id) => write!(r, "VAL {id} {}", self.value),
+            Request::Stat(id) => {
                 let (counter, churn) = crate::totals();
-                let _ = write!(
+                write!(
                     r,
                     "STAT {id} value={} requests={} counter={counter} churn={churn} kv={}",
                     self.value,
                     self.requests,
                     crate::kv_updates()
-                );
+                )
             }
-            (b"TIME", Some(id)) => {
-                let _ = write!(r, "TIME {id} {}", crate::uptime_ms());
-            }
-            (b"EXIT", Some(id)) => {
-                let _ = write!(r, "BYE {id} {}", self.value);
-                exit = true;
-            }
-            (b"INCR" | b"GET" | b"STAT" | b"TIME" | b"EXIT", None) => {
-                let _ = write!(r, "ERR 0 missing or bad request id");
-            }
-            _ => {
-                let _ = write!(r, "ERR {} unknown command", id.unwrap_or(0));
-            }
-        }
+            Request::Time(id) => write!(r, "TIME {id} {}", crate::uptime_ms()),
+            Request::Exit(id) => write!(r, "BYE {id} {}", self.value),
+        };
         let _ = r.write_str("\n");
-        serial::write(&r.buf[..r.len]);
-        exit
+        (r, matches!(request, Request::Exit(_)))
     }
 }

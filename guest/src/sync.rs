@@ -3,7 +3,7 @@
 
 use crate::io::{cpu_relax, idle};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 const SPINS_BEFORE_YIELD: u32 = 256;
 
@@ -67,6 +67,32 @@ impl<T> Locked<T> {
         let r = f(unsafe { &mut *self.value.get() });
         self.lock.unlock();
         r
+    }
+}
+
+/// Memory handed out once, as a `&'static mut`: storage that a library keeps borrowing for the rest
+/// of the run (the network stack's sockets and their buffers), without an allocator and without
+/// `static mut`. A second [`TakeOnce::take`] gets `None`.
+pub struct TakeOnce<T> {
+    taken: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: `value` is reached only through `take`, which hands out one reference, once.
+unsafe impl<T: Send> Sync for TakeOnce<T> {}
+
+impl<T> TakeOnce<T> {
+    pub const fn new(value: T) -> Self {
+        TakeOnce { taken: AtomicBool::new(false), value: UnsafeCell::new(value) }
+    }
+
+    #[allow(clippy::mut_from_ref, reason = "the flag makes the one mutable reference unique")]
+    pub fn take(&'static self) -> Option<&'static mut T> {
+        if self.taken.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        // SAFETY: the flag was clear and is now set, so this is the only reference ever made.
+        Some(unsafe { &mut *self.value.get() })
     }
 }
 
