@@ -1,8 +1,9 @@
 //! Builds the freestanding test guest (`../guest`) and hands its path to the crate, which embeds
 //! it as the built-in guest. The guest is a static, non-PIE ELF for the host target with no C
 //! runtime: `-nostartfiles -nostdlib -static`, `relocation-model=static`, `panic = "abort"`
-//! (set in its own manifest). Its only dependency is the `boot-abi` crate, by path, so the nested
-//! build runs offline.
+//! (set in its own manifest). Its dependencies are the `boot-abi` crate, by path, and smoltcp;
+//! the nested build is `--locked` to the guest's Cargo.lock and fetches smoltcp only if cargo
+//! does not have it yet.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -32,7 +33,7 @@ fn main() {
     }
     let target_dir = out_dir.join("guest-target");
     let status = Command::new(cargo)
-        .args(["build", "--release", "--offline", "--target", "x86_64-unknown-linux-gnu", "--manifest-path"])
+        .args(["build", "--release", "--locked", "--target", "x86_64-unknown-linux-gnu", "--manifest-path"])
         .arg(guest_dir.join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&target_dir)

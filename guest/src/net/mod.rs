@@ -6,6 +6,7 @@
 //! | TCP 7000 | the line service of `service`, its state shared with the serial line | [`LINE_SOCKETS`] |
 //! | TCP 80   | minimal HTTP/1.1: `GET /incr/<id>`, `GET /stat` (see `http`)       | [`HTTP_SOCKETS`]   |
 //! | TCP 7    | echo, byte for byte                                                | [`ECHO_SOCKETS`]   |
+//! | TCP 19   | source: sends a repeating pattern as fast as the client takes it (bulk throughput) | [`SOURCE_SOCKETS`] |
 //! | ICMP     | echo replies (ping), answered by the stack itself                  |                    |
 //!
 //! ARP is answered and used by the stack too; at start the guest announces its address with a
@@ -40,11 +41,13 @@ use smoltcp::wire::{EthernetRepr, HardwareAddress, IpAddress, IpCidr};
 pub const LINE_PORT: u16 = 7000;
 pub const HTTP_PORT: u16 = 80;
 pub const ECHO_PORT: u16 = 7;
+pub const SOURCE_PORT: u16 = 19;
 /// Connections served at once, per port.
 pub const LINE_SOCKETS: usize = 16;
 pub const HTTP_SOCKETS: usize = 32;
 pub const ECHO_SOCKETS: usize = 4;
-const SOCKETS: usize = LINE_SOCKETS + HTTP_SOCKETS + ECHO_SOCKETS;
+pub const SOURCE_SOCKETS: usize = 2;
+const SOCKETS: usize = LINE_SOCKETS + HTTP_SOCKETS + ECHO_SOCKETS + SOURCE_SOCKETS;
 /// Receive and transmit buffer, each, per socket. Echo's are larger for bulk transfers.
 const LINE_BUF: usize = 16 << 10;
 const HTTP_BUF: usize = 16 << 10;
@@ -60,6 +63,7 @@ static LINE_MEM: TakeOnce<[[u8; 2 * LINE_BUF]; LINE_SOCKETS]> = TakeOnce::new([[
 static HTTP_MEM: TakeOnce<[HttpMem; HTTP_SOCKETS]> =
     TakeOnce::new([const { HttpMem { socket: [0; 2 * HTTP_BUF], request: [0; http::REQUEST_MAX] } }; HTTP_SOCKETS]);
 static ECHO_MEM: TakeOnce<[[u8; 2 * ECHO_BUF]; ECHO_SOCKETS]> = TakeOnce::new([[0; 2 * ECHO_BUF]; ECHO_SOCKETS]);
+static SOURCE_MEM: TakeOnce<[[u8; 2 * ECHO_BUF]; SOURCE_SOCKETS]> = TakeOnce::new([[0; 2 * ECHO_BUF]; SOURCE_SOCKETS]);
 
 /// An HTTP connection's memory: its socket's buffers and the request being read.
 struct HttpMem {
@@ -81,6 +85,7 @@ struct Net {
     /// Each set up by `open_sockets`.
     http: [Option<http::Conn>; HTTP_SOCKETS],
     echo: [SocketHandle; ECHO_SOCKETS],
+    source: [SocketHandle; SOURCE_SOCKETS],
 }
 
 static NET: Locked<Option<Net>> = Locked::new(None);
@@ -109,6 +114,7 @@ pub fn init(settings: &params::Net, tsc_khz: u64) -> Result<(), u32> {
             lines: core::array::from_fn(|_| LineConn { handle: SocketHandle::default(), line: Line::new() }),
             http: [const { None }; HTTP_SOCKETS],
             echo: [SocketHandle::default(); ECHO_SOCKETS],
+            source: [SocketHandle::default(); SOURCE_SOCKETS],
         });
         net.open_sockets();
     });
@@ -142,7 +148,7 @@ fn log_start(nic: &Nic, s: &params::Net) {
     let made_up = if nic.mac_from_device { "" } else { " (made up: the device has none)" };
     log!("net: {}; queues rx={rxq} tx={txq}", nic.device());
     log!(
-        "net: mac={}{made_up} ip={}/{} gw={} link={link}; tcp {LINE_PORT} (lines, {LINE_SOCKETS} sockets), {HTTP_PORT} (http, {HTTP_SOCKETS}), {ECHO_PORT} (echo, {ECHO_SOCKETS}); icmp echo",
+        "net: mac={}{made_up} ip={}/{} gw={} link={link}; tcp {LINE_PORT} (lines, {LINE_SOCKETS} sockets), {HTTP_PORT} (http, {HTTP_SOCKETS}), {ECHO_PORT} (echo, {ECHO_SOCKETS}), {SOURCE_PORT} (source, {SOURCE_SOCKETS}); icmp echo",
         Mac(nic.mac),
         s.ip,
         s.prefix,
@@ -237,6 +243,9 @@ impl Net {
         for (h, mem) in self.echo.iter_mut().zip(take(&ECHO_MEM)) {
             *h = sockets.add(serve::socket(mem, ECHO_PORT));
         }
+        for (h, mem) in self.source.iter_mut().zip(take(&SOURCE_MEM)) {
+            *h = sockets.add(serve::socket(mem, SOURCE_PORT));
+        }
     }
 
     fn poll(&mut self) -> Poll {
@@ -297,6 +306,12 @@ impl Net {
             let sock = self.sockets.get_mut::<tcp::Socket>(h);
             if serve::tend(sock, ECHO_PORT) {
                 busy |= serve::serve_echo(sock).busy;
+            }
+        }
+        for &h in &self.source {
+            let sock = self.sockets.get_mut::<tcp::Socket>(h);
+            if serve::tend(sock, SOURCE_PORT) {
+                busy |= serve::serve_source(sock).busy;
             }
         }
         (busy, exit)

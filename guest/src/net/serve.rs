@@ -122,3 +122,29 @@ pub fn serve_echo(sock: &mut tcp::Socket) -> Served {
     close_when_peer_done(sock, false);
     served
 }
+
+/// Source: fills the transmit buffer with a repeating pattern (`0123456789` ...) whenever it has
+/// room; what the client sends is read and dropped.
+pub fn serve_source(sock: &mut tcp::Socket) -> Served {
+    let mut served = Served::default();
+    let mut sink = [0u8; 256];
+    while let Ok(n) = sock.recv_slice(&mut sink) {
+        if n == 0 {
+            break;
+        }
+    }
+    while sock.may_send() {
+        let room = send_room(sock).min(ECHO_CHUNK);
+        if room == 0 {
+            break;
+        }
+        let mut chunk = [0u8; ECHO_CHUNK];
+        for (i, b) in chunk[..room].iter_mut().enumerate() {
+            *b = b'0' + (i % 10) as u8;
+        }
+        let _ = sock.send_slice(&chunk[..room]);
+        served.busy = true;
+    }
+    close_when_peer_done(sock, false);
+    served
+}

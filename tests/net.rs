@@ -1,0 +1,375 @@
+//! The guest network through a failover, end to end: a protected guest (smoltcp on virtio-net)
+//! on a tap in "host A", its standby on a tap in "host B", both bridged onto one segment with a
+//! client namespace, and the FT channel on a link of its own (see `common::lan`). Real `curl`,
+//! `wrk` and `ping` in the client's namespace; real SIGKILL and SIGSTOP of the primary.
+//!
+//! The property: a TCP connection opened before the failover carries on after it, never reset;
+//! every INCR reply on it is exactly one above the last (nothing lost, duplicated or rolled
+//! back); an echo stream through it comes back byte for byte; and a copy that lost sends nothing.
+
+mod common;
+
+use common::ft::{log, query, spawn, wait_exit, wait_state, FtSetup, Side};
+use common::lan::{Lan, FT_B, GUEST_MAC};
+use common::{require_kvm, rng, Proc, VmPaths};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Each test runs two VMs; one at a time keeps them within the host's 2 cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const GUEST: &str = "counter service churn churn-rate=500 churn-ws=2M net ip=192.0.2.2/24 duration=600s";
+const SERVICE_PORT: u16 = 7000;
+const ECHO_PORT: u16 = 7;
+const HALTED: i32 = 75;
+
+struct Pair {
+    primary: Proc,
+    standby: Proc,
+    pp: VmPaths,
+    sp: VmPaths,
+}
+
+/// A protected pair on `lan`: the standby in host B, the primary in host A.
+fn pair(setup: &FtSetup, lan: &Lan, name: &str) -> Pair {
+    let (pp, sp) = (setup.paths(&format!("{name}-p")), setup.paths(&format!("{name}-s")));
+    let listen = format!("{FT_B}:7400");
+    let s_side = Side { me: &setup.b, peer: &setup.a, tiebreak: &setup.tiebreak, env: &[], netns: Some(&lan.b) };
+    let standby =
+        spawn(&sp, &s_side, &["standby", "--listen", &listen, "--vcpus", "2", "--memory", "128M", "--net", "tap=tap0"]);
+    wait_state(&sp, "waiting", Duration::from_secs(10));
+    let p_side = Side { me: &setup.a, peer: &setup.b, tiebreak: &setup.tiebreak, env: &[], netns: Some(&lan.a) };
+    let net = format!("tap=tap0,mac={GUEST_MAC}");
+    let args = ["run", "--vcpus", "2", "--memory", "128M", "--guest-args", GUEST, "--net", &net, "--ft-peer", &listen];
+    let primary = spawn(&pp, &p_side, &args);
+    wait_state(&pp, "protected", Duration::from_secs(30));
+    Pair { primary, standby, pp, sp }
+}
+
+/// A client of the guest's TCP service and echo port, checking every reply.
+struct NetClient {
+    svc: BufReader<TcpStream>,
+    echo: TcpStream,
+    next_id: u64,
+    last: u64,
+    echoed: u64,
+    /// Longest time one step took (the outage the client saw).
+    longest: Duration,
+}
+
+/// The echo stream's byte at `offset`.
+fn stream_byte(offset: u64) -> u8 {
+    (offset.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+impl NetClient {
+    fn connect(lan: &Lan) -> NetClient {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let connect = |port| loop {
+            match lan.connect(port, Duration::from_secs(2)) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "cannot reach the guest's port {port}: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        let svc = connect(SERVICE_PORT);
+        let echo = connect(ECHO_PORT);
+        for s in [&svc, &echo] {
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s.set_nodelay(true).unwrap();
+        }
+        NetClient { svc: BufReader::new(svc), echo, next_id: 1, last: 0, echoed: 0, longest: Duration::ZERO }
+    }
+
+    fn call(&mut self, line: &str) -> Result<String, String> {
+        self.svc.get_mut().write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("send {line}: {e}"))?;
+        let mut reply = String::new();
+        match self.svc.read_line(&mut reply) {
+            Ok(0) => Err(format!("{line}: the connection was closed")),
+            Ok(_) => Ok(reply.trim_end().to_string()),
+            Err(e) => Err(format!("{line}: {e}")),
+        }
+    }
+
+    /// One INCR (its value must be exactly one above the last) and one echo round.
+    fn step(&mut self) -> Result<(), String> {
+        let t = Instant::now();
+        let id = self.next_id;
+        self.next_id += 1;
+        let reply = self.call(&format!("INCR {id}"))?;
+        let value: u64 = reply
+            .strip_prefix(&format!("OK {id} "))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("INCR {id}: unexpected reply '{reply}'"))?;
+        if value != self.last + 1 {
+            return Err(format!("INCR {id} gave {value} after {}: lost, duplicated or rolled back", self.last));
+        }
+        self.last = value;
+        let len = 1 + (id * 7919 % 3000);
+        let chunk: Vec<u8> = (self.echoed..self.echoed + len).map(stream_byte).collect();
+        self.echo.write_all(&chunk).map_err(|e| format!("echo send: {e}"))?;
+        let mut back = vec![0u8; chunk.len()];
+        self.echo.read_exact(&mut back).map_err(|e| format!("echo at byte {}: {e}", self.echoed))?;
+        if back != chunk {
+            let at = back.iter().zip(&chunk).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(format!("echo differs at byte {}", self.echoed + at as u64));
+        }
+        self.echoed += len;
+        self.longest = self.longest.max(t.elapsed());
+        Ok(())
+    }
+
+    /// EXIT: the final value must be the last acknowledged one.
+    fn exit(&mut self) -> Result<(), String> {
+        let id = self.next_id;
+        let reply = self.call(&format!("EXIT {id}"))?;
+        if reply != format!("BYE {id} {}", self.last) {
+            return Err(format!("EXIT: '{reply}', the last acknowledged value was {}", self.last));
+        }
+        Ok(())
+    }
+}
+
+/// Runs `client` in the background until told to stop.
+fn background(mut client: NetClient) -> (Arc<AtomicBool>, std::thread::JoinHandle<Result<NetClient, String>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let t = std::thread::spawn(move || {
+        while !s.load(Ordering::SeqCst) {
+            client.step()?;
+        }
+        Ok(client)
+    });
+    (stop, t)
+}
+
+fn finish(
+    bg: (Arc<AtomicBool>, std::thread::JoinHandle<Result<NetClient, String>>),
+    context: impl FnOnce() -> String,
+) -> NetClient {
+    bg.0.store(true, Ordering::SeqCst);
+    bg.1.join().unwrap().unwrap_or_else(|e| panic!("client: {e}\n{}", context()))
+}
+
+/// After a failover: more steps on the same connection, EXIT, and the live copy's guest checks
+/// its invariants and exits 0.
+fn finish_on_live(mut client: NetClient, live: Proc, paths: &VmPaths, what: &str) -> NetClient {
+    for _ in 0..20 {
+        client.step().unwrap_or_else(|e| panic!("{what}: {e}\n{}", log(paths)));
+    }
+    client.exit().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let status = wait_exit(live, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{what}: guest invariants failed after takeover\n{}", log(paths));
+    client
+}
+
+#[test]
+fn curl_wrk_and_ping_reach_the_protected_guest() {
+    require_kvm();
+    let _one = one_at_a_time();
+    let setup = FtSetup::new("net-http");
+    let lan = Lan::new();
+    let mut p = pair(&setup, &lan, "http");
+    let ping = lan.client_cmd("ping").args(["-c", "5", "-i", "0.2", "-W", "5", "192.0.2.2"]).output().unwrap();
+    assert!(ping.status.success(), "ping: {}", String::from_utf8_lossy(&ping.stdout));
+    let curl = |path: &str| {
+        let o = lan.client_cmd("curl").args(["-sS", "--max-time", "20", &format!("http://192.0.2.2{path}")]).output();
+        let o = o.unwrap();
+        assert!(o.status.success(), "curl {path}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(curl("/incr/1"), "OK 1 1");
+    assert_eq!(curl("/incr/1"), "OK 1 1", "a retried id increments nothing");
+    assert_eq!(curl("/incr/2"), "OK 2 2");
+    assert!(curl("/stat").contains("value=2"), "{}", curl("/stat"));
+    let o =
+        lan.client_cmd("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://192.0.2.2/nope"]).output();
+    assert_eq!(String::from_utf8_lossy(&o.unwrap().stdout), "404");
+    let wrk = lan.client_cmd("wrk").args(["-t1", "-c4", "-d2s", "--timeout", "10s", "http://192.0.2.2/stat"]).output();
+    let wrk = wrk.unwrap();
+    let out = String::from_utf8_lossy(&wrk.stdout).to_string();
+    assert!(wrk.status.success(), "wrk: {out}{}", String::from_utf8_lossy(&wrk.stderr));
+    let rps: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no request rate in wrk's output: {out}"));
+    assert!(rps > 0.0, "{out}");
+    assert!(!out.contains("Socket errors") && !out.contains("Non-2xx"), "wrk saw errors:\n{out}");
+    let mut source = lan.connect(19, Duration::from_secs(5)).unwrap();
+    source.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut bulk = vec![0u8; 1 << 20];
+    source.read_exact(&mut bulk).unwrap();
+    assert!(bulk.iter().all(u8::is_ascii_digit), "the source port sends its pattern");
+    let q = query(&p.pp);
+    eprintln!("protected: wrk {rps:.0} requests/s; output hold p50/p99 {} / {} µs", q["output-hold-p50-us"], {
+        &q["output-hold-p99-us"]
+    });
+    p.primary.sigkill();
+    p.standby.sigkill();
+}
+
+#[test]
+fn a_tcp_connection_survives_primary_sigkill_at_random_moments() {
+    require_kvm();
+    let _one = one_at_a_time();
+    let setup = FtSetup::new("net-kill");
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut r = rng(seed);
+    eprintln!("seed {seed}");
+    let mut outages = Vec::new();
+    for trial in 0..10 {
+        let lan = Lan::new();
+        let _ = std::fs::remove_file(&setup.tiebreak);
+        let mut p = pair(&setup, &lan, &format!("t{trial}"));
+        let mut client = NetClient::connect(&lan);
+        for _ in 0..5 {
+            client.step().unwrap_or_else(|e| panic!("trial {trial} before the kill: {e}"));
+        }
+        let bg = background(client);
+        let wait = r(500);
+        std::thread::sleep(Duration::from_millis(wait));
+        p.primary.sigkill();
+        let what = format!("trial {trial} (SIGKILL {wait} ms into the connection)");
+        wait_state(&p.sp, "live-after-failover", Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(300));
+        let client = finish(bg, || format!("{what}\nprimary:\n{}\nstandby:\n{}", log(&p.pp), log(&p.sp)));
+        outages.push(client.longest);
+        let client = finish_on_live(client, p.standby, &p.sp, &what);
+        eprintln!("{what}: {} INCRs, {} echo bytes, longest step {:?}", client.last, client.echoed, client.longest);
+    }
+    outages.sort();
+    eprintln!(
+        "10 failovers, no connection reset; longest step per trial: median {:?}, max {:?}",
+        outages[5], outages[9]
+    );
+}
+
+#[test]
+fn a_frozen_primary_sends_nothing_after_the_standby_took_over() {
+    require_kvm();
+    let _one = one_at_a_time();
+    let setup = FtSetup::new("net-stop");
+    let lan = Lan::new();
+    let p = pair(&setup, &lan, "stop");
+    let mut client = NetClient::connect(&lan);
+    for _ in 0..5 {
+        client.step().unwrap();
+    }
+    let bg = background(client);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(lan.sent_by("pa") > 10, "the counter sees the primary's frames (so it could see late ones)");
+    // SAFETY: kill only sends a signal to the primary's process.
+    unsafe { libc::kill(p.primary.pid() as i32, libc::SIGSTOP) };
+    wait_state(&p.sp, "live-after-failover", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    let before = lan.sent_by("pa");
+    // SAFETY: as above.
+    unsafe { libc::kill(p.primary.pid() as i32, libc::SIGCONT) };
+    let status = wait_exit(p.primary, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(HALTED), "the thawed primary lost the tie-breaker and halts\n{}", log(&p.pp));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(lan.sent_by("pa"), before, "the old primary's host sent frames after it lost\n{}", log(&p.pp));
+    let client = finish(bg, || log(&p.sp));
+    finish_on_live(client, p.standby, &p.sp, "after SIGSTOP/SIGCONT");
+}
+
+#[test]
+fn cutting_only_the_ft_link_leaves_exactly_one_copy_answering() {
+    require_kvm();
+    let _one = one_at_a_time();
+    let setup = FtSetup::new("net-cut");
+    let lan = Lan::new();
+    let p = pair(&setup, &lan, "cut");
+    let mut client = NetClient::connect(&lan);
+    for _ in 0..5 {
+        client.step().unwrap();
+    }
+    let bg = background(client);
+    std::thread::sleep(Duration::from_millis(200));
+    lan.cut_ft_link();
+    let (mut primary, mut standby) = (p.primary, p.standby);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (winner, paths, who) = loop {
+        if let Some(st) = primary.try_wait() {
+            assert_eq!(st.code(), Some(HALTED), "the primary ended otherwise\n{}", log(&p.pp));
+            break (standby, &p.sp, "standby");
+        }
+        if let Some(st) = standby.try_wait() {
+            assert_eq!(st.code(), Some(HALTED), "the standby ended otherwise\n{}", log(&p.sp));
+            break (primary, &p.pp, "primary");
+        }
+        assert!(Instant::now() < deadline, "nobody halted after the FT link was cut");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut winner = winner;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(winner.is_running(), "the {who} won and keeps running");
+    let client = finish(bg, || log(paths));
+    eprintln!("FT link cut: the {who} won; the connection carried on ({} INCRs)", client.last);
+    finish_on_live(client, winner, paths, &format!("FT link cut, {who} won"));
+}
+
+#[test]
+fn bad_network_arguments_are_refused_with_a_clear_error() {
+    require_kvm();
+    let run = |net: &str| {
+        let o = common::smpft()
+            .args(["run", "--guest-args", "counter duration=1s", "--serial", "null", "--net", net])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "--net {net} was accepted");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    assert!(run("tap=smpft-nosuch").contains("no network interface 'smpft-nosuch'"));
+    assert!(run("tap=lo").contains("is not a tap"));
+    assert!(run("tap=x,mac=52:54:00:00:00").contains("not a MAC address"));
+    assert!(run("tap=x,mac=01:00:5e:00:00:01").contains("multicast"));
+    assert!(run("tap-fd=0").contains("not an open tap descriptor"));
+    assert!(run("bridge=br0").contains("unknown --net option"));
+    let _one = one_at_a_time();
+    let lan = Lan::new();
+    let first =
+        in_ns_spawn(&lan.a, &["run", "--guest-args", "counter duration=20s", "--serial", "null", "--net", "tap=tap0"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let o = common::lan::in_ns(
+        &lan.a,
+        &[
+            common::smpft_bin().to_str().unwrap(),
+            "run",
+            "--guest-args",
+            "counter",
+            "--serial",
+            "null",
+            "--net",
+            "tap=tap0",
+        ],
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("tap 'tap0' is in use by another process"), "{e}");
+    let mut first = first;
+    first.sigkill();
+    assert!(first.try_wait().is_some_and(|s| s.signal() == Some(9)));
+}
+
+/// `smpft ARGS` started in namespace `ns`.
+fn in_ns_spawn(ns: &str, args: &[&str]) -> Proc {
+    let c = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(common::smpft_bin())
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc::new(c)
+}
