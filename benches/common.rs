@@ -50,8 +50,21 @@ impl Env {
     }
 
     pub fn spawn(&self, name: &str, args: &[String]) -> Killed {
+        self.spawn_in(None, name, args)
+    }
+
+    /// As [`Env::spawn`], inside network namespace `ns` if given.
+    pub fn spawn_in(&self, ns: Option<&str>, name: &str, args: &[String]) -> Killed {
         let s = |x: &str| self.dir.join(format!("{name}.{x}")).display().to_string();
-        let child = Command::new(BIN)
+        let mut cmd = match ns {
+            None => Command::new(BIN),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+        };
+        let child = cmd
             .env("SMPFT_LOG", "warn")
             .args(args)
             .args(["--serial", &format!("unix:{}", s("serial")), "--qmp", &format!("unix:{}", s("qmp"))])

@@ -10,8 +10,8 @@
 mod common;
 
 use common::ft::{log, query, spawn, wait_exit, wait_state, FtSetup, Side};
-use common::lan::{Lan, FT_B, GUEST_MAC};
 use common::{require_kvm, rng, Proc, VmPaths};
+use smp_ft::lan::{Lan, FT_B, GUEST_MAC};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::ExitStatusExt;
@@ -178,7 +178,7 @@ fn curl_wrk_and_ping_reach_the_protected_guest() {
     require_kvm();
     let _one = one_at_a_time();
     let setup = FtSetup::new("net-http");
-    let lan = Lan::new();
+    let lan = Lan::new("t").expect("the network tests need root and iproute2");
     let mut p = pair(&setup, &lan, "http");
     let ping = lan.client_cmd("ping").args(["-c", "5", "-i", "0.2", "-W", "5", "192.0.2.2"]).output().unwrap();
     assert!(ping.status.success(), "ping: {}", String::from_utf8_lossy(&ping.stdout));
@@ -229,7 +229,7 @@ fn a_tcp_connection_survives_primary_sigkill_at_random_moments() {
     eprintln!("seed {seed}");
     let mut outages = Vec::new();
     for trial in 0..10 {
-        let lan = Lan::new();
+        let lan = Lan::new("t").expect("the network tests need root and iproute2");
         let _ = std::fs::remove_file(&setup.tiebreak);
         let mut p = pair(&setup, &lan, &format!("t{trial}"));
         let mut client = NetClient::connect(&lan);
@@ -260,7 +260,7 @@ fn a_frozen_primary_sends_nothing_after_the_standby_took_over() {
     require_kvm();
     let _one = one_at_a_time();
     let setup = FtSetup::new("net-stop");
-    let lan = Lan::new();
+    let lan = Lan::new("t").expect("the network tests need root and iproute2");
     let p = pair(&setup, &lan, "stop");
     let mut client = NetClient::connect(&lan);
     for _ in 0..5 {
@@ -289,7 +289,7 @@ fn cutting_only_the_ft_link_leaves_exactly_one_copy_answering() {
     require_kvm();
     let _one = one_at_a_time();
     let setup = FtSetup::new("net-cut");
-    let lan = Lan::new();
+    let lan = Lan::new("t").expect("the network tests need root and iproute2");
     let p = pair(&setup, &lan, "cut");
     let mut client = NetClient::connect(&lan);
     for _ in 0..5 {
@@ -297,7 +297,7 @@ fn cutting_only_the_ft_link_leaves_exactly_one_copy_answering() {
     }
     let bg = background(client);
     std::thread::sleep(Duration::from_millis(200));
-    lan.cut_ft_link();
+    lan.cut_ft_link().unwrap();
     let (mut primary, mut standby) = (p.primary, p.standby);
     let deadline = Instant::now() + Duration::from_secs(15);
     let (winner, paths, who) = loop {
@@ -338,11 +338,11 @@ fn bad_network_arguments_are_refused_with_a_clear_error() {
     assert!(run("tap-fd=0").contains("not an open tap descriptor"));
     assert!(run("bridge=br0").contains("unknown --net option"));
     let _one = one_at_a_time();
-    let lan = Lan::new();
+    let lan = Lan::new("t").expect("the network tests need root and iproute2");
     let first =
         in_ns_spawn(&lan.a, &["run", "--guest-args", "counter duration=20s", "--serial", "null", "--net", "tap=tap0"]);
     std::thread::sleep(Duration::from_millis(500));
-    let o = common::lan::in_ns(
+    let o = smp_ft::lan::in_ns(
         &lan.a,
         &[
             common::smpft_bin().to_str().unwrap(),
@@ -354,7 +354,8 @@ fn bad_network_arguments_are_refused_with_a_clear_error() {
             "--net",
             "tap=tap0",
         ],
-    );
+    )
+    .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("tap 'tap0' is in use by another process"), "{e}");
     let mut first = first;

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod ft;
 pub mod guest;
+pub mod lan;
 pub mod runner;
 pub mod snapshot;
 pub mod units;

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 pub mod ft;
-pub mod lan;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

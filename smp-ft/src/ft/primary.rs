@@ -730,6 +730,7 @@ impl PrimaryFt {
         v["output-hold-p50-us"] = json!(hold.map(|h| h.0.as_micros() as u64));
         v["output-hold-p99-us"] = json!(hold.map(|h| h.1.as_micros() as u64));
         v["last-error"] = json!(self.last_error);
+        v["nics"] = super::stats::nics(vm);
         if let Some(s) = &self.sync {
             v["sync-round"] = json!(s.round);
             v["sync-bytes"] = json!(s.bytes);

@@ -214,6 +214,30 @@ impl Stats {
     }
 }
 
+/// The NICs' counters, for `x-smpft-query-ft`.
+pub fn nics(vm: &crate::vmm::RunningVm) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let nics: Vec<Value> = vm
+        .devices()
+        .nets()
+        .iter()
+        .map(|n| {
+            let (d, s) = (n.device(), n.device().stats());
+            json!({
+                "tap": d.tap().name(),
+                "mac": d.mac().to_string(),
+                "addresses": d.learned().iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
+                "rx-frames": s.rx_frames.load(Relaxed),
+                "rx-dropped": s.rx_dropped.load(Relaxed),
+                "tx-frames": s.tx_frames.load(Relaxed),
+                "tx-dropped-held": s.tx_dropped_held.load(Relaxed),
+                "tx-dropped-tap": s.tx_dropped_tap.load(Relaxed),
+            })
+        })
+        .collect();
+    Value::Array(nics)
+}
+
 /// Progress of the initial copy: a bar on a terminal, log lines otherwise.
 pub struct Progress {
     what: &'static str,
