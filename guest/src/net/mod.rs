@@ -52,6 +52,10 @@ const SOCKETS: usize = LINE_SOCKETS + HTTP_SOCKETS + ECHO_SOCKETS + SOURCE_SOCKE
 const LINE_BUF: usize = 16 << 10;
 const HTTP_BUF: usize = 16 << 10;
 const ECHO_BUF: usize = 64 << 10;
+/// The source port sends in bulk: its transmit buffer (the most it can have in flight) covers a
+/// round trip that protection lengthens to a checkpoint cycle (tens of ms).
+const SOURCE_RX_BUF: usize = 4 << 10;
+const SOURCE_TX_BUF: usize = 1 << 20;
 /// Received frames taken in per poll before the sockets are served and replies sent.
 const RX_BUDGET: usize = 64;
 /// How long `EXIT` over TCP waits for its reply to be acknowledged.
@@ -63,7 +67,8 @@ static LINE_MEM: TakeOnce<[[u8; 2 * LINE_BUF]; LINE_SOCKETS]> = TakeOnce::new([[
 static HTTP_MEM: TakeOnce<[HttpMem; HTTP_SOCKETS]> =
     TakeOnce::new([const { HttpMem { socket: [0; 2 * HTTP_BUF], request: [0; http::REQUEST_MAX] } }; HTTP_SOCKETS]);
 static ECHO_MEM: TakeOnce<[[u8; 2 * ECHO_BUF]; ECHO_SOCKETS]> = TakeOnce::new([[0; 2 * ECHO_BUF]; ECHO_SOCKETS]);
-static SOURCE_MEM: TakeOnce<[[u8; 2 * ECHO_BUF]; SOURCE_SOCKETS]> = TakeOnce::new([[0; 2 * ECHO_BUF]; SOURCE_SOCKETS]);
+static SOURCE_MEM: TakeOnce<[[u8; SOURCE_RX_BUF + SOURCE_TX_BUF]; SOURCE_SOCKETS]> =
+    TakeOnce::new([[0; SOURCE_RX_BUF + SOURCE_TX_BUF]; SOURCE_SOCKETS]);
 
 /// An HTTP connection's memory: its socket's buffers and the request being read.
 struct HttpMem {
@@ -244,7 +249,7 @@ impl Net {
             *h = sockets.add(serve::socket(mem, ECHO_PORT));
         }
         for (h, mem) in self.source.iter_mut().zip(take(&SOURCE_MEM)) {
-            *h = sockets.add(serve::socket(mem, SOURCE_PORT));
+            *h = sockets.add(serve::socket_split(mem, SOURCE_RX_BUF, SOURCE_PORT));
         }
     }
 

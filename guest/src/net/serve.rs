@@ -30,7 +30,13 @@ pub struct Served {
 /// A socket with `mem` split into its receive and transmit buffers, listening on `port`.
 /// Replies go out at once (no Nagle: requests and replies are small and latency matters).
 pub fn socket(mem: &'static mut [u8], port: u16) -> tcp::Socket<'static> {
-    let (rx, tx) = mem.split_at_mut(mem.len() / 2);
+    let half = mem.len() / 2;
+    socket_split(mem, half, port)
+}
+
+/// As [`socket`], with the first `rx_len` bytes of `mem` for receiving and the rest for sending.
+pub fn socket_split(mem: &'static mut [u8], rx_len: usize, port: u16) -> tcp::Socket<'static> {
+    let (rx, tx) = mem.split_at_mut(rx_len);
     let mut s = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
     s.set_nagle_enabled(false);
     s.set_keep_alive(Some(KEEP_ALIVE));
