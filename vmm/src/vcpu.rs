@@ -28,6 +28,11 @@ pub enum VcpuError {
     Unexpected { vcpu: usize, exit: String },
 }
 
+/// Set as the exit reason before each `KVM_RUN` (KVM never uses it).
+const EXIT_REASON_NONE: u32 = 0xffff_fff0;
+/// `KVM_RUN`s that returned EINTR with an exit filled in.
+static EINTR_WITH_EXIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 thread_local! {
     /// This thread's `kvm_run`, for the kick signal handler; null when the thread has no vCPU.
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -199,6 +204,8 @@ impl Vcpu {
         let vcpu = self.index;
         let fd = self.fd.clone();
         let mut fd = fd.lock();
+        // A sentinel exit reason: after an EINTR, anything else means KVM filled in an exit.
+        fd.get_kvm_run().exit_reason = EXIT_REASON_NONE;
         let (step, kicked) = match fd.run() {
             Ok(exit) => {
                 self.pending_io = matches!(
@@ -232,6 +239,13 @@ impl Vcpu {
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.pending_io = false;
+                let reason = fd.get_kvm_run().exit_reason;
+                if reason != EXIT_REASON_NONE && reason != kvm_bindings::KVM_EXIT_INTR {
+                    let n = EINTR_WITH_EXIT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n < 8 {
+                        tracing::warn!(vcpu, reason, "KVM_RUN returned EINTR with an exit filled in");
+                    }
+                }
                 (Step::Continue, true)
             }
             Err(e) => (Step::End(VcpuEnd::Failed(VcpuError::Run { vcpu, source: e })), false),

@@ -1,0 +1,465 @@
+//! QEMU's command line, as libvirt 9.0 writes it, read into a [`Launch`]: what smpft is asked to
+//! run, in its own terms. Options come in QEMU's two spellings, `key=value,...` and JSON
+//! (`-device {"driver":...}`), which libvirt uses for `-object`, `-device`, `-blockdev` and
+//! `-netdev`.
+//!
+//! Every option is either understood, or accepted with nothing to do here (listed in
+//! [`IGNORED`], each with the reason), or refused with a one-line message that names it:
+//! libvirt shows that line to the operator when a domain fails to start.
+
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Options accepted with nothing to do, and why.
+pub const IGNORED: &[(&str, &str)] = &[
+    ("-no-user-config", "smpft reads no configuration files"),
+    ("-nodefaults", "smpft creates no default devices"),
+    ("-nographic", "smpft has no display"),
+    ("-display", "smpft has no display (only 'none' is accepted)"),
+    ("-rtc", "the guest clock is the host's TSC, carried across checkpoints"),
+    ("-no-shutdown", "a guest that powers off ends the process; libvirt sees SHUTDOWN and the exit"),
+    ("-no-acpi", "smpft's machine has no ACPI"),
+    ("-boot", "the guest is started from -kernel; there is no firmware boot order"),
+    ("-sandbox", "smpft does not install a seccomp filter of QEMU's kind"),
+    ("-msg", "log format only"),
+    ("-overcommit", "guest memory is not locked"),
+    ("-audiodev", "no audio devices"),
+    ("-global", "no device defaults apply"),
+    ("-enable-kvm", "smpft always uses KVM"),
+];
+
+/// Where a QMP monitor listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Monitor {
+    Path(PathBuf),
+    /// A listening socket inherited from the caller.
+    Fd(i32),
+}
+
+/// Where the guest's serial port goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Serial {
+    /// A pseudo-terminal (what `virsh console` attaches to).
+    Pty,
+    /// A unix socket smpft listens on.
+    Socket(PathBuf),
+    File(PathBuf),
+    Null,
+}
+
+/// A disk: where its blocks are (a path, or an NBD URI smpft understands) and whether read-only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub id: String,
+    pub source: String,
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    pub id: String,
+    /// The tap descriptor libvirt passed.
+    pub fd: i32,
+    pub mac: Option<String>,
+}
+
+/// What to run, in smpft's terms.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Launch {
+    /// `-machine none`: libvirt probing the emulator's capabilities; no VM.
+    pub probe: bool,
+    pub machine: Option<String>,
+    pub name: Option<String>,
+    pub uuid: Option<String>,
+    /// `-S`: the vCPUs wait for `cont`.
+    pub start_paused: bool,
+    pub memory_bytes: Option<u64>,
+    pub vcpus: Option<u32>,
+    pub kernel: Option<PathBuf>,
+    pub append: Option<String>,
+    pub monitors: Vec<Monitor>,
+    pub serial: Option<Serial>,
+    pub disks: Vec<Disk>,
+    pub nics: Vec<Nic>,
+    pub daemonize: bool,
+    pub pidfile: Option<PathBuf>,
+    /// `-version` / `-help`: print and exit.
+    pub version: bool,
+    /// Options accepted and ignored, as given (for the log).
+    pub ignored: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("smpft (QEMU persona): {0}")]
+pub struct ArgvError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ArgvError> {
+    Err(ArgvError(msg.into()))
+}
+
+/// An option's value as key/value pairs: JSON objects as they are, `a=b,c=d` split (`,,` is a
+/// literal comma), and a leading bare word under `implied` (e.g. `-machine pc,usb=off`).
+fn props(value: &str, implied: &str) -> Result<Map<String, Value>, ArgvError> {
+    if value.starts_with('{') {
+        return match serde_json::from_str::<Value>(value) {
+            Ok(Value::Object(m)) => Ok(m),
+            _ => err(format!("'{value}' is not a JSON object")),
+        };
+    }
+    let mut out = Map::new();
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                parts.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    for (i, p) in parts.into_iter().enumerate() {
+        match p.split_once('=') {
+            Some((k, v)) => {
+                out.insert(k.to_string(), Value::String(v.to_string()));
+            }
+            None if i == 0 && !implied.is_empty() => {
+                out.insert(implied.to_string(), Value::String(p));
+            }
+            None if !p.is_empty() => {
+                out.insert(p, Value::String("on".into()));
+            }
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+fn text(m: &Map<String, Value>, k: &str) -> Option<String> {
+    match m.get(k)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn flag(m: &Map<String, Value>, k: &str) -> bool {
+    matches!(m.get(k), Some(Value::Bool(true))) || matches!(text(m, k).as_deref(), Some("on" | "true" | "yes"))
+}
+
+/// A size as QEMU writes it: bytes, or a number with a k/M/G/T suffix; `default_unit` applies to
+/// a bare number (`-m 128` is MiB).
+fn size(v: &str, default_unit: u64) -> Option<u64> {
+    let v = v.trim();
+    let (num, unit) = match v.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&v[..i], &v[i..]),
+        None => (v, ""),
+    };
+    let n: u64 = num.parse().ok()?;
+    let mul = match unit.to_ascii_lowercase().as_str() {
+        "" => default_unit,
+        "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        "t" | "tb" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mul)
+}
+
+/// Block nodes by node name, to resolve a `-device`'s drive to its file.
+#[derive(Default)]
+struct Parser {
+    launch: Launch,
+    chardevs: HashMap<String, Map<String, Value>>,
+    blockdevs: HashMap<String, Map<String, Value>>,
+    netdevs: HashMap<String, Map<String, Value>>,
+    memory_backends: HashMap<String, u64>,
+    devices: Vec<Map<String, Value>>,
+    mons: Vec<String>,
+}
+
+/// Reads QEMU's command line (without the program name).
+pub fn parse(args: &[String]) -> Result<Launch, ArgvError> {
+    let mut p = Parser::default();
+    let mut it = args.iter();
+    while let Some(opt) = it.next() {
+        let opt = opt.strip_prefix('-').map(|o| format!("-{}", o.trim_start_matches('-'))).unwrap_or_default();
+        if opt.is_empty() {
+            return err("stray argument on the command line (options start with '-')");
+        }
+        if p.flag_option(&opt)? {
+            continue;
+        }
+        let Some(value) = it.next() else {
+            return err(format!("option {opt} needs a value"));
+        };
+        p.option(&opt, value)?;
+    }
+    p.finish()
+}
+
+impl Parser {
+    /// Options without a value; true if `opt` was one.
+    fn flag_option(&mut self, opt: &str) -> Result<bool, ArgvError> {
+        match opt {
+            "-S" => self.launch.start_paused = true,
+            "-daemonize" => self.launch.daemonize = true,
+            "-version" | "-help" | "-h" => self.launch.version = true,
+            "-no-user-config" | "-nodefaults" | "-nographic" | "-no-shutdown" | "-no-acpi" | "-enable-kvm" => {
+                self.launch.ignored.push(opt.to_string())
+            }
+            "-no-reboot" => return err("-no-reboot is not supported (a guest reboot ends the VM in smpft)"),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn option(&mut self, opt: &str, value: &str) -> Result<(), ArgvError> {
+        match opt {
+            "-name" => self.launch.name = text(&props(value, "guest")?, "guest"),
+            "-uuid" => self.launch.uuid = Some(value.to_string()),
+            "-machine" | "-M" => self.machine(value)?,
+            "-accel" => {
+                let a = text(&props(value, "accel")?, "accel").unwrap_or_default();
+                if a != "kvm" {
+                    return err(format!("-accel {a}: smpft runs guests only with KVM"));
+                }
+            }
+            "-cpu" => self.launch.ignored.push(format!("-cpu {value} (the guest sees the host CPU as KVM offers it)")),
+            "-m" => {
+                let m = props(value, "size")?;
+                let s = text(&m, "size").and_then(|s| size(&s, 1 << 20));
+                self.launch.memory_bytes = Some(s.ok_or_else(|| ArgvError(format!("-m {value}: not a size")))?);
+            }
+            "-smp" => {
+                let m = props(value, "cpus")?;
+                let n = text(&m, "cpus").and_then(|c| c.parse::<u32>().ok());
+                self.launch.vcpus = Some(n.ok_or_else(|| ArgvError(format!("-smp {value}: no vCPU count")))?);
+            }
+            "-object" => self.object(value)?,
+            "-chardev" => {
+                let m = props(value, "backend")?;
+                let id = text(&m, "id").ok_or_else(|| ArgvError(format!("-chardev {value}: no id")))?;
+                self.chardevs.insert(id, m);
+            }
+            "-mon" => {
+                let m = props(value, "chardev")?;
+                if text(&m, "mode").as_deref().unwrap_or("readline") != "control" {
+                    return err("-mon: only mode=control (QMP) monitors are supported");
+                }
+                self.mons.push(text(&m, "chardev").unwrap_or_default());
+            }
+            "-qmp" => self.launch.monitors.push(qmp_address(value)?),
+            "-serial" => self.launch.serial = Some(serial_address(value)?),
+            "-blockdev" => {
+                let m = props(value, "driver")?;
+                let name =
+                    text(&m, "node-name").ok_or_else(|| ArgvError(format!("-blockdev {value}: no node-name")))?;
+                self.blockdevs.insert(name, m);
+            }
+            "-netdev" => {
+                let m = props(value, "type")?;
+                let id = text(&m, "id").ok_or_else(|| ArgvError(format!("-netdev {value}: no id")))?;
+                self.netdevs.insert(id, m);
+            }
+            "-device" => self.devices.push(props(value, "driver")?),
+            "-kernel" => self.launch.kernel = Some(PathBuf::from(value)),
+            "-append" => self.launch.append = Some(value.to_string()),
+            "-pidfile" => self.launch.pidfile = Some(PathBuf::from(value)),
+            "-initrd" => {
+                return err("-initrd: smpft does not boot Linux kernels yet; -kernel takes a static ELF guest")
+            }
+            "-drive" => return err("-drive is not supported; smpft takes disks as -blockdev"),
+            "-netdev-legacy" | "-net" => return err("-net is not supported; smpft takes NICs as -netdev tap"),
+            _ if IGNORED.iter().any(|(o, _)| *o == opt) => self.launch.ignored.push(format!("{opt} {value}")),
+            _ => return err(format!("option {opt} is not supported")),
+        }
+        Ok(())
+    }
+
+    fn machine(&mut self, value: &str) -> Result<(), ArgvError> {
+        let m = props(value, "type")?;
+        let t = text(&m, "type").unwrap_or_default();
+        if let Some(a) = text(&m, "accel") {
+            if !a.split(':').any(|a| a == "kvm") {
+                return err(format!("-machine accel={a}: smpft runs guests only with KVM"));
+            }
+        }
+        if t == "none" {
+            self.launch.probe = true;
+        }
+        if let Some(b) = text(&m, "memory-backend") {
+            self.launch.machine = Some(format!("{t} (memory {b})"));
+        } else {
+            self.launch.machine = Some(t);
+        }
+        Ok(())
+    }
+
+    fn object(&mut self, value: &str) -> Result<(), ArgvError> {
+        let m = props(value, "qom-type")?;
+        let t = text(&m, "qom-type").unwrap_or_default();
+        match t.as_str() {
+            // libvirt's master key for encrypted secrets: smpft is given none to decrypt.
+            "secret" => self.launch.ignored.push(format!("-object secret ({})", text(&m, "id").unwrap_or_default())),
+            "memory-backend-ram" | "memory-backend-memfd" => {
+                let id = text(&m, "id").unwrap_or_default();
+                let s = text(&m, "size").and_then(|s| size(&s, 1));
+                let s = s.ok_or_else(|| ArgvError(format!("-object {t}: no size")))?;
+                self.memory_backends.insert(id, s);
+            }
+            _ => return err(format!("-object {t} is not supported")),
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Launch, ArgvError> {
+        if self.launch.memory_bytes.is_none() && self.memory_backends.len() == 1 {
+            self.launch.memory_bytes = self.memory_backends.values().next().copied();
+        }
+        for id in std::mem::take(&mut self.mons) {
+            let c = self.chardevs.remove(&id).ok_or_else(|| ArgvError(format!("-mon: no -chardev '{id}'")))?;
+            self.launch.monitors.push(chardev_monitor(&id, &c)?);
+        }
+        for d in std::mem::take(&mut self.devices) {
+            self.device(&d)?;
+        }
+        Ok(self.launch)
+    }
+
+    fn device(&mut self, d: &Map<String, Value>) -> Result<(), ArgvError> {
+        let driver = text(d, "driver").unwrap_or_default();
+        let id = text(d, "id").unwrap_or_default();
+        match driver.as_str() {
+            "isa-serial" => {
+                let c = text(d, "chardev").unwrap_or_default();
+                let dev = self.chardevs.get(&c).ok_or_else(|| ArgvError(format!("isa-serial: no -chardev '{c}'")))?;
+                if self.launch.serial.is_some() {
+                    return err("only one serial port is supported");
+                }
+                self.launch.serial = Some(chardev_serial(&c, dev)?);
+            }
+            "virtio-blk-pci" => {
+                let drive = text(d, "drive").unwrap_or_default();
+                let disk = self.disk(&id, &drive)?;
+                self.launch.disks.push(disk);
+            }
+            "virtio-net-pci" => {
+                let netdev = text(d, "netdev").unwrap_or_default();
+                let n = self.netdevs.get(&netdev).ok_or_else(|| ArgvError(format!("{id}: no -netdev '{netdev}'")))?;
+                if text(n, "type").as_deref() != Some("tap") {
+                    return err(format!("{id}: only tap network backends are supported"));
+                }
+                let fd = text(n, "fd").and_then(|f| f.parse().ok());
+                let fd = fd.ok_or_else(|| ArgvError(format!("{id}: the tap must be passed as fd=N")))?;
+                self.launch.nics.push(Nic { id, fd, mac: text(d, "mac") });
+            }
+            // The USB controller libvirt adds by default: the guest has no USB, nothing is attached.
+            "piix3-usb-uhci" => self.launch.ignored.push(format!("-device {driver}")),
+            _ => {
+                return err(format!(
+                    "device '{driver}' is not supported (smpft has virtio-blk-pci, virtio-net-pci and isa-serial)"
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows a drive's node (format, then protocol) to its storage.
+    fn disk(&self, id: &str, node: &str) -> Result<Disk, ArgvError> {
+        let mut name = node.to_string();
+        let mut readonly = false;
+        for _ in 0..4 {
+            let b = self.blockdevs.get(&name).ok_or_else(|| ArgvError(format!("{id}: no -blockdev '{name}'")))?;
+            readonly |= flag(b, "read-only");
+            match text(b, "driver").as_deref() {
+                Some("raw") => name = text(b, "file").unwrap_or_default(),
+                Some("file") | Some("host_device") => {
+                    let source = text(b, "filename").ok_or_else(|| ArgvError(format!("{id}: no filename")))?;
+                    return Ok(Disk { id: id.to_string(), source, readonly });
+                }
+                Some("nbd") => return Ok(Disk { id: id.to_string(), source: nbd_uri(id, b)?, readonly }),
+                Some(other) => return err(format!("{id}: block driver '{other}' is not supported (raw files, block devices and NBD are; serve other formats with qemu-nbd)")),
+                None => return err(format!("{id}: -blockdev '{name}' has no driver")),
+            }
+        }
+        err(format!("{id}: the block node chain of '{node}' is too deep"))
+    }
+}
+
+fn nbd_uri(id: &str, b: &Map<String, Value>) -> Result<String, ArgvError> {
+    let export = text(b, "export").unwrap_or_default();
+    let server =
+        b.get("server").and_then(Value::as_object).ok_or_else(|| ArgvError(format!("{id}: NBD without a server")))?;
+    match text(server, "type").as_deref() {
+        Some("inet") => {
+            let host = text(server, "host").unwrap_or_default();
+            let port = text(server, "port").unwrap_or_else(|| "10809".into());
+            Ok(if host.contains(':') {
+                format!("nbd://[{host}]:{port}/{export}")
+            } else {
+                format!("nbd://{host}:{port}/{export}")
+            })
+        }
+        Some("unix") => Ok(format!("nbd+unix:///{export}?socket={}", text(server, "path").unwrap_or_default())),
+        _ => err(format!("{id}: NBD server type not supported")),
+    }
+}
+
+fn qmp_address(v: &str) -> Result<Monitor, ArgvError> {
+    let m = props(v, "address")?;
+    match text(&m, "address").as_deref().and_then(|a| a.strip_prefix("unix:")) {
+        Some(p) if !p.is_empty() => Ok(Monitor::Path(PathBuf::from(p))),
+        _ => err(format!("-qmp {v}: only unix:PATH monitors are supported")),
+    }
+}
+
+fn serial_address(v: &str) -> Result<Serial, ArgvError> {
+    match v.split_once(':') {
+        None if v == "pty" => Ok(Serial::Pty),
+        None if v == "null" || v == "none" => Ok(Serial::Null),
+        Some(("unix", p)) => Ok(Serial::Socket(PathBuf::from(p.split(',').next().unwrap_or_default()))),
+        Some(("file", p)) => Ok(Serial::File(PathBuf::from(p))),
+        _ => err(format!("-serial {v}: only pty, unix:PATH, file:PATH and null are supported")),
+    }
+}
+
+fn chardev_monitor(id: &str, c: &Map<String, Value>) -> Result<Monitor, ArgvError> {
+    match text(c, "backend").as_deref() {
+        Some("socket") => {
+            if let Some(fd) = text(c, "fd") {
+                return fd.parse().map(Monitor::Fd).map_err(|_| ArgvError(format!("-chardev {id}: fd={fd}")));
+            }
+            match text(c, "path") {
+                Some(p) => Ok(Monitor::Path(PathBuf::from(p))),
+                None => err(format!("-chardev {id}: a monitor socket needs path= or fd=")),
+            }
+        }
+        other => err(format!("-chardev {id}: a monitor on '{}' is not supported", other.unwrap_or("?"))),
+    }
+}
+
+fn chardev_serial(id: &str, c: &Map<String, Value>) -> Result<Serial, ArgvError> {
+    match text(c, "backend").as_deref() {
+        Some("pty") => Ok(Serial::Pty),
+        Some("null") => Ok(Serial::Null),
+        Some("file") => Ok(Serial::File(PathBuf::from(text(c, "path").unwrap_or_default()))),
+        Some("socket") if flag(c, "server") => match text(c, "path") {
+            Some(p) => Ok(Serial::Socket(PathBuf::from(p))),
+            None => err(format!("-chardev {id}: a serial socket needs path=")),
+        },
+        other => err(format!("-chardev {id}: a serial port on '{}' is not supported", other.unwrap_or("?"))),
+    }
+}
+
+#[cfg(test)]
+mod tests;

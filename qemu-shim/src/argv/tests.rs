@@ -1,0 +1,85 @@
+use super::*;
+
+/// Splits a command line as libvirt wrote it (single spaces; JSON values contain no spaces).
+fn args(line: &str) -> Vec<String> {
+    line.split(' ').filter(|s| !s.is_empty()).map(String::from).collect()
+}
+
+/// The probe and a domain start, verbatim from libvirt 9.0.
+const PROBE: &str = "-S -no-user-config -nodefaults -nographic -machine none,accel=kvm:tcg -qmp unix:/var/lib/libvirt/qemu/qmp-DI77Y3/qmp.monitor,server=on,wait=off -pidfile /var/lib/libvirt/qemu/qmp-DI77Y3/qmp.pid -daemonize";
+const DOMAIN: &str = r#"-name guest=t1,debug-threads=on -S -object {"qom-type":"secret","id":"masterKey0","format":"raw","file":"/var/lib/libvirt/qemu/domain-1-t1/master-key.aes"} -machine pc-i440fx-7.2,usb=off,dump-guest-core=off,memory-backend=pc.ram -accel kvm -cpu qemu64 -m 128 -object {"qom-type":"memory-backend-ram","id":"pc.ram","size":134217728} -overcommit mem-lock=off -smp 1,sockets=1,cores=1,threads=1 -uuid 3da36df6-7d74-4192-8df4-612863a386ae -display none -no-user-config -nodefaults -chardev socket,id=charmonitor,fd=27,server=on,wait=off -mon chardev=charmonitor,id=monitor,mode=control -rtc base=utc -no-shutdown -no-acpi -boot strict=on -device {"driver":"piix3-usb-uhci","id":"usb","bus":"pci.0","addr":"0x1.0x2"} -chardev pty,id=charserial0 -device {"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0} -audiodev {"id":"audio1","driver":"none"} -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny -msg timestamp=on"#;
+
+#[test]
+fn libvirts_probe_line_is_a_probe() {
+    let l = parse(&args(PROBE)).unwrap();
+    assert!(l.probe && l.start_paused && l.daemonize);
+    assert_eq!(l.monitors, vec![Monitor::Path("/var/lib/libvirt/qemu/qmp-DI77Y3/qmp.monitor".into())]);
+    assert_eq!(l.pidfile, Some("/var/lib/libvirt/qemu/qmp-DI77Y3/qmp.pid".into()));
+}
+
+#[test]
+fn libvirts_domain_line_becomes_a_launch() {
+    let l = parse(&args(DOMAIN)).unwrap();
+    assert!(!l.probe);
+    assert_eq!(l.name.as_deref(), Some("t1"));
+    assert_eq!(l.uuid.as_deref(), Some("3da36df6-7d74-4192-8df4-612863a386ae"));
+    assert!(l.start_paused);
+    assert_eq!(l.memory_bytes, Some(128 << 20));
+    assert_eq!(l.vcpus, Some(1));
+    assert_eq!(l.monitors, vec![Monitor::Fd(27)]);
+    assert_eq!(l.serial, Some(Serial::Pty));
+    assert!(l.ignored.iter().any(|i| i.starts_with("-sandbox")), "{:?}", l.ignored);
+    assert!(l.ignored.iter().any(|i| i.starts_with("-device piix3-usb-uhci")), "{:?}", l.ignored);
+}
+
+#[test]
+fn disks_and_nics_resolve_through_their_nodes() {
+    let line = r#"-m 256 -smp 2 -kernel /guest.elf -append counter -blockdev {"driver":"file","filename":"/img/a.raw","node-name":"libvirt-2-storage","auto-read-only":true,"discard":"unmap"} -blockdev {"node-name":"libvirt-2-format","read-only":false,"driver":"raw","file":"libvirt-2-storage"} -device {"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x4","drive":"libvirt-2-format","id":"virtio-disk0","bootindex":1} -blockdev {"driver":"nbd","server":{"type":"unix","path":"/run/n.sock"},"export":"e","node-name":"libvirt-1-storage","read-only":true} -blockdev {"node-name":"libvirt-1-format","read-only":true,"driver":"raw","file":"libvirt-1-storage"} -device {"driver":"virtio-blk-pci","drive":"libvirt-1-format","id":"virtio-disk1"} -netdev {"type":"tap","fd":"30","vhost":true,"vhostfd":"31","id":"hostnet0"} -device {"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"52:54:00:aa:bb:cc","bus":"pci.0","addr":"0x3"}"#;
+    let l = parse(&args(line)).unwrap();
+    assert_eq!(l.kernel, Some("/guest.elf".into()));
+    assert_eq!(l.append.as_deref(), Some("counter"));
+    assert_eq!(
+        l.disks,
+        vec![
+            Disk { id: "virtio-disk0".into(), source: "/img/a.raw".into(), readonly: false },
+            Disk { id: "virtio-disk1".into(), source: "nbd+unix:///e?socket=/run/n.sock".into(), readonly: true },
+        ]
+    );
+    assert_eq!(l.nics, vec![Nic { id: "net0".into(), fd: 30, mac: Some("52:54:00:aa:bb:cc".into()) }]);
+}
+
+#[test]
+fn what_smpft_cannot_honour_is_refused_by_name() {
+    for (line, why) in [
+        ("-accel tcg", "only with KVM"),
+        ("-machine none,accel=tcg", "only with KVM"),
+        ("-device {\"driver\":\"VGA\",\"id\":\"video0\"}", "device 'VGA' is not supported"),
+        ("-initrd /boot/initrd", "-initrd"),
+        ("-drive file=/x,if=virtio", "-drive is not supported"),
+        ("-object {\"qom-type\":\"memory-backend-file\",\"id\":\"m\",\"mem-path\":\"/dev/hugepages\"}", "memory-backend-file"),
+        ("-blockdev {\"driver\":\"qcow2\",\"node-name\":\"f\",\"file\":\"s\"} -device {\"driver\":\"virtio-blk-pci\",\"drive\":\"f\",\"id\":\"d\"}", "block driver 'qcow2'"),
+        ("-netdev {\"type\":\"user\",\"id\":\"n\"} -device {\"driver\":\"virtio-net-pci\",\"netdev\":\"n\",\"id\":\"net0\"}", "only tap"),
+        ("-frobnicate 1", "option -frobnicate is not supported"),
+        ("-m", "needs a value"),
+        ("-m lots", "not a size"),
+        ("stray", "stray argument"),
+        ("-mon chardev=x,mode=readline", "mode=control"),
+        ("-chardev socket,id=m,fd=3 -mon chardev=other,mode=control", "no -chardev 'other'"),
+        ("-object {\"qom-type\":", "not a JSON object"),
+    ] {
+        let e = parse(&args(line)).unwrap_err().to_string();
+        assert!(e.starts_with("smpft (QEMU persona): ") && e.contains(why), "{line}: {e}");
+    }
+}
+
+#[test]
+fn key_value_options_follow_qemus_rules() {
+    let m = props("pc,usb=off,path=/a,,b,x", "type").unwrap();
+    assert_eq!(text(&m, "type").as_deref(), Some("pc"));
+    assert_eq!(text(&m, "path").as_deref(), Some("/a,b"));
+    assert!(flag(&m, "x"));
+    assert_eq!(size("128", 1 << 20), Some(128 << 20));
+    assert_eq!(size("2G", 1), Some(2 << 30));
+    assert_eq!(size("1x", 1), None);
+    assert_eq!(size("99999999999999999999", 1), None);
+}
