@@ -36,6 +36,12 @@ pub enum Command {
     Protect {
         peer: String,
     },
+    /// Any other command, for the VM owner to answer or refuse with `CommandNotFound` (the
+    /// QEMU persona answers libvirt's questions this way).
+    Other {
+        name: String,
+        args: Map<String, Value>,
+    },
 }
 
 /// QMP error classes (as QEMU names them).
@@ -181,7 +187,8 @@ struct Shared {
 
 pub struct QmpServer {
     shared: Arc<Shared>,
-    path: PathBuf,
+    /// The socket file to remove at the end (none for an inherited socket).
+    path: Option<PathBuf>,
     accept: Option<JoinHandle<()>>,
     client_threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -195,10 +202,37 @@ impl QmpServer {
         }
         let listen_err = |source| ServerError::Listen { path: path.to_path_buf(), source };
         let listener = UnixListener::bind(path).map_err(listen_err)?;
+        Self::serve_listener(listener, Some(path.to_path_buf()), version, listen_err)
+    }
+
+    /// Serves on a listening unix socket inherited from whoever started smpft (libvirt passes
+    /// its monitor socket as `-chardev socket,fd=N`). The socket file is not smpft's to remove.
+    pub fn from_fd(fd: std::os::fd::RawFd, version: &str) -> Result<(QmpServer, Receiver<Request>), ServerError> {
+        let path = PathBuf::from(format!("fd:{fd}"));
+        let listen_err = |source| ServerError::Listen { path: path.clone(), source };
+        let mut kind: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes one int into `kind`; a descriptor that is not a socket fails.
+        let r =
+            unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&raw mut kind).cast(), &mut len) };
+        if r != 0 || kind == 0 {
+            return Err(listen_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a listening socket")));
+        }
+        // SAFETY: the descriptor was handed to this process for the monitor; the listener owns it.
+        let listener = unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Self::serve_listener(listener, None, version, listen_err)
+    }
+
+    fn serve_listener(
+        listener: UnixListener,
+        path: Option<PathBuf>,
+        version: &str,
+        listen_err: impl Fn(std::io::Error) -> ServerError,
+    ) -> Result<(QmpServer, Receiver<Request>), ServerError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
             clients: Mutex::new(Vec::new()),
-            shutdown: Shutdown::new().map_err(listen_err)?,
+            shutdown: Shutdown::new().map_err(&listen_err)?,
             version: version.into(),
         });
         let client_threads = Arc::new(Mutex::new(Vec::new()));
@@ -208,9 +242,9 @@ impl QmpServer {
             std::thread::Builder::new()
                 .name("qmp-accept".into())
                 .spawn(move || accept_loop(&listener, &shared, &tx, &threads))
-                .map_err(listen_err)?
+                .map_err(&listen_err)?
         };
-        Ok((QmpServer { shared, path: path.to_path_buf(), accept: Some(accept), client_threads }, rx))
+        Ok((QmpServer { shared, path, accept: Some(accept), client_threads }, rx))
     }
 
     /// Queues an event for every client that has negotiated capabilities. Never blocks.
@@ -245,7 +279,9 @@ impl QmpServer {
         for t in self.client_threads.lock().drain(..) {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
@@ -514,11 +550,13 @@ pub fn parse_command(v: &Value, negotiated: bool) -> Result<Option<Command>, Qmp
                 None => Err(QmpError::generic("Parameter 'peer' is missing")),
             }
         }
-        other => Err(QmpError {
-            class: ErrorClass::CommandNotFound,
-            desc: format!("The command {other} has not been found"),
-        }),
+        other => Ok(Some(Command::Other { name: other.to_string(), args: args.clone() })),
     }
+}
+
+/// The reply to a command nobody here implements.
+pub fn not_found(name: &str) -> QmpError {
+    QmpError { class: ErrorClass::CommandNotFound, desc: format!("The command {name} has not been found") }
 }
 
 #[cfg(test)]
@@ -551,7 +589,10 @@ mod tests {
         assert!(cmd(r#"{"execute":"x-smpft-snapshot","arguments":{"file":1}}"#, true).is_err());
         assert!(cmd(r#"{"execute":"x-smpft-snapshot","arguments":{"file":"a","incremental":"yes"}}"#, true).is_err());
         assert!(cmd(r#"{"execute":"stop","arguments":{"now":true}}"#, true).is_err());
-        assert_eq!(cmd(r#"{"execute":"frobnicate"}"#, true).unwrap_err().class, ErrorClass::CommandNotFound);
+        assert_eq!(
+            cmd(r#"{"execute":"frobnicate","arguments":{"a":1}}"#, true),
+            Ok(Some(Command::Other { name: "frobnicate".into(), args: serde_json::from_str(r#"{"a":1}"#).unwrap() }))
+        );
         assert!(cmd(r#"[1,2]"#, true).is_err());
         assert!(cmd(r#"{"arguments":{}}"#, true).is_err());
         assert!(cmd(r#"{"execute":"stop","bogus":1}"#, true).is_err());
@@ -563,6 +604,23 @@ mod tests {
         assert!(cmd(r#"{"execute":"x-smpft-protect","arguments":{}}"#, true).is_err());
         assert!(cmd(r#"{"execute":"x-smpft-protect","arguments":{"peer":7}}"#, true).is_err());
         assert!(cmd(r#"{"execute":"x-smpft-protect","arguments":{"peer":"a:1","x":1}}"#, true).is_err());
+    }
+
+    #[test]
+    fn an_inherited_listening_socket_serves_and_anything_else_is_refused() {
+        use std::os::fd::IntoRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mon.sock");
+        let fd = UnixListener::bind(&path).unwrap().into_raw_fd();
+        let (server, _rx) = QmpServer::from_fd(fd, "test").unwrap();
+        let s = UnixStream::connect(&path).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        assert!(line.contains("\"QMP\""), "{line}");
+        server.stop();
+        assert!(path.exists(), "an inherited socket's file is not smpft's to remove");
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert!(QmpServer::from_fd(f.as_raw_fd(), "test").is_err(), "not a socket");
     }
 
     #[test]

@@ -182,6 +182,7 @@ impl Runner {
                 Some(ft) => ft.query(&self.vm),
                 None => json!({"role": "primary", "state": "unprotected", "configured": false}),
             }),
+            Command::Other { name, .. } => Err(qemu_shim::qmp::not_found(name)),
             Command::Protect { peer } => match &mut self.ft {
                 Some(ft) => ft.protect(peer).map(|()| json!({})).map_err(|e| QmpError::generic(error_chain(&e))),
                 None => Err(QmpError::generic(

@@ -129,6 +129,14 @@ impl VcpuControl {
     }
 
     /// Stops every vCPU and returns once all have acknowledged (or exited).
+    /// Asks the vCPUs to pause before their threads start: each parks before it first enters
+    /// the guest (a VM started paused, as QEMU's `-S`). Completed by [`VcpuControl::pause`].
+    pub fn pause_at_start(&self) {
+        let _inner = self.inner.lock();
+        self.pause_seq.fetch_add(1, Ordering::SeqCst);
+        self.request.store(Request::Pause as u8, Ordering::SeqCst);
+    }
+
     pub fn pause(&self, timeout: Duration) -> Result<(), PauseError> {
         let mut inner = self.inner.lock();
         match self.request() {

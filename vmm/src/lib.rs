@@ -109,6 +109,8 @@ pub enum VmError {
     NetThread(#[source] std::io::Error),
     #[error("cannot start vCPU threads")]
     Thread(#[source] std::io::Error),
+    #[error("cannot park the vCPUs")]
+    Pause(#[from] PauseError),
     #[error("vCPU threads did not exit within {0:?}")]
     ExitTimeout(Duration),
     #[error("the VM has stopped")]
@@ -378,6 +380,15 @@ impl Vm {
 
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.parts.memory
+    }
+
+    /// As [`Vm::start`], with every vCPU parked before it runs a single guest instruction (and
+    /// every component paused), until [`RunningVm::resume`].
+    pub fn start_paused(self) -> Result<RunningVm, VmError> {
+        self.parts.control.pause_at_start();
+        let running = self.start()?;
+        running.pause()?;
+        Ok(running)
     }
 
     /// Starts the serial backend and one thread per vCPU.

@@ -516,6 +516,7 @@ impl<'a> StandbyRunner<'a> {
             Command::QueryFt => Ok(self.query(s)),
             Command::QueryStatus => Ok(json!({"status": "inmigrate", "running": false, "singlestep": false})),
             Command::Quit => Ok(json!({})),
+            Command::Other { name, .. } => Err(qemu_shim::qmp::not_found(name)),
             _ => Err(QmpError::generic("this is an FT standby: the VM does not run here unless the primary fails")),
         };
         req.reply.send(reply);

@@ -36,6 +36,10 @@ pub enum SerialSpec {
     File(PathBuf),
     /// Output discarded; no input.
     Null,
+    /// A pseudo-terminal smpft creates (what `virsh console` attaches to); its path is logged
+    /// and reported by [`SerialBackend::pty_path`]. Output nobody reads is dropped, as on a
+    /// serial line with nothing plugged in.
+    Pty,
 }
 
 impl std::str::FromStr for SerialSpec {
@@ -51,9 +55,10 @@ impl std::str::FromStr for SerialSpec {
         match s.split_once(':') {
             None if s == "stdio" => Ok(SerialSpec::Stdio),
             None if s == "null" || s == "none" => Ok(SerialSpec::Null),
+            None if s == "pty" => Ok(SerialSpec::Pty),
             Some(("unix", p)) => path(p, "unix").map(SerialSpec::Unix),
             Some(("file", p)) => path(p, "file").map(SerialSpec::File),
-            _ => Err(format!("'{s}' is not a serial backend; use stdio, unix:PATH, file:PATH or null")),
+            _ => Err(format!("'{s}' is not a serial backend; use stdio, unix:PATH, file:PATH, pty or null")),
         }
     }
 }
@@ -68,6 +73,8 @@ pub enum SerialError {
     Event(#[source] std::io::Error),
     #[error("bad serial state: {0}")]
     State(String),
+    #[error("cannot create a pseudo-terminal for the serial port")]
+    Pty(#[source] std::io::Error),
 }
 
 /// Serial output not yet written to the host side.
@@ -352,11 +359,13 @@ pub struct SerialBackend {
     output: Arc<OutputQueue>,
     threads: Vec<JoinHandle<()>>,
     socket: Option<PathBuf>,
+    pty: Option<Arc<Pty>>,
 }
 
 enum Source {
     Stdin,
     Listener(UnixListener),
+    Pty(Arc<Pty>),
     Nothing,
 }
 
@@ -364,7 +373,62 @@ enum Target {
     Stdout,
     File(std::fs::File),
     Client(Arc<Mutex<Option<UnixStream>>>),
+    Pty(Arc<Pty>),
     Discard,
+}
+
+/// A pseudo-terminal in raw mode: smpft holds the master and keeps the slave open itself, so
+/// the master never reports a hang-up when no console is attached.
+pub struct Pty {
+    master: std::os::fd::OwnedFd,
+    _slave: std::os::fd::OwnedFd,
+    path: PathBuf,
+}
+
+impl Pty {
+    fn open() -> std::io::Result<Pty> {
+        use std::os::fd::FromRawFd;
+        let (mut m, mut sl) = (0, 0);
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: openpty writes two descriptors and a NUL-terminated name of at most 128 bytes
+        // (glibc uses ptsname_r into the buffer, which is large enough for /dev/pts/N).
+        let r = unsafe { libc::openpty(&mut m, &mut sl, name.as_mut_ptr(), std::ptr::null(), std::ptr::null()) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned by nothing else.
+        let (master, slave) = unsafe { (std::os::fd::OwnedFd::from_raw_fd(m), std::os::fd::OwnedFd::from_raw_fd(sl)) };
+        // SAFETY: `name` was NUL-terminated by openpty.
+        let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
+        // SAFETY: termios calls on the slave we own; `t` is fully written by tcgetattr first.
+        unsafe {
+            let mut t = std::mem::zeroed::<libc::termios>();
+            if libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 {
+                libc::cfmakeraw(&mut t);
+                libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
+            }
+            let fl = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        Ok(Pty { master, _slave: slave, path: PathBuf::from(path) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes what the terminal takes now and drops the rest (nobody is reading).
+    fn write(&self, bytes: &[u8]) -> usize {
+        // SAFETY: write reads `bytes` only.
+        let n = unsafe { libc::write(self.master.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        n.max(0) as usize
+    }
+
+    fn read(&self, buf: &mut [u8]) -> usize {
+        // SAFETY: read writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe { libc::read(self.master.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        n.max(0) as usize
+    }
 }
 
 /// A unix socket bound at a path but not listening: connections are refused until
@@ -414,6 +478,7 @@ enum Reserved {
     Null,
     File(std::fs::File),
     Unix(BoundSocket),
+    Pty(Arc<Pty>),
 }
 
 /// COM1's host side, claimed ahead of use: a unix socket is bound (connections are refused
@@ -431,6 +496,7 @@ impl SerialHost {
                 std::fs::File::create(path).map_err(|source| SerialError::File { path: path.clone(), source })?,
             ),
             SerialSpec::Unix(path) => Reserved::Unix(BoundSocket::bind(path)?),
+            SerialSpec::Pty => Reserved::Pty(Arc::new(Pty::open().map_err(SerialError::Pty)?)),
         }))
     }
 
@@ -457,10 +523,16 @@ impl SerialBackend {
     ) -> Result<Self, SerialError> {
         let client: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let mut socket = None;
+        let mut pty = None;
         let (source, target) = match host.0 {
             Reserved::Stdio => (Source::Stdin, Target::Stdout),
             Reserved::Null => (Source::Nothing, Target::Discard),
             Reserved::File(f) => (Source::Nothing, Target::File(f)),
+            Reserved::Pty(p) => {
+                tracing::info!("serial: COM1 is the pseudo-terminal {}", p.path().display());
+                pty = Some(p.clone());
+                (Source::Pty(p.clone()), Target::Pty(p))
+            }
             Reserved::Unix(bound) => {
                 let (l, path) = bound.listen()?;
                 socket = Some(path);
@@ -487,7 +559,12 @@ impl SerialBackend {
                     .expect("spawn serial-in thread"),
             );
         }
-        Ok(SerialBackend { stop, output, threads, socket })
+        Ok(SerialBackend { stop, output, threads, socket, pty })
+    }
+
+    /// The pseudo-terminal COM1 is connected to, for `SerialSpec::Pty`.
+    pub fn pty_path(&self) -> Option<&Path> {
+        self.pty.as_deref().map(Pty::path)
     }
 
     /// Writes out what the guest has produced (a reader gets [`DRAIN_GRACE`] to take it),
@@ -519,12 +596,16 @@ fn output_loop(q: &OutputQueue, mut target: Target, stop: &Shutdown) {
             Target::Client(c) => c.lock().as_ref().and_then(|s| s.try_clone().ok()),
             _ => None,
         };
+        if let Target::Pty(p) = &target {
+            p.write(&bytes);
+            continue;
+        }
         let fd = match &target {
             Target::Stdout => Some(libc::STDOUT_FILENO),
             Target::File(f) => Some(f.as_raw_fd()),
             // No client: like a serial line with nothing plugged in.
             Target::Client(_) => client.as_ref().map(|s| s.as_raw_fd()),
-            Target::Discard => None,
+            Target::Discard | Target::Pty(_) => None,
         };
         let Some(fd) = fd else { continue };
         match shutdown::write_all(fd, &bytes, stop, DRAIN_GRACE) {
@@ -573,6 +654,9 @@ fn input_loop(
             if let Some(r) = &reader {
                 fds.push(pollfd(r.as_raw_fd()));
                 input_at = Some(fds.len() - 1);
+            } else if let Source::Pty(p) = &source {
+                fds.push(pollfd(p.master.as_raw_fd()));
+                input_at = Some(fds.len() - 1);
             } else if stdin_open {
                 fds.push(pollfd(stdin.as_raw_fd()));
                 input_at = Some(fds.len() - 1);
@@ -609,6 +693,12 @@ fn input_loop(
             }
         }
         if input_at.is_some_and(ready) {
+            if let Source::Pty(p) = &source {
+                let n = p.read(&mut buf);
+                pending.extend_from_slice(&buf[..n]);
+            }
+        }
+        if input_at.is_some_and(ready) && !matches!(source, Source::Pty(_)) {
             let r = match &mut reader {
                 Some(s) => s.read(&mut buf),
                 None => stdin.lock().read(&mut buf),
@@ -645,9 +735,29 @@ mod tests {
         assert_eq!("null".parse(), Ok(SerialSpec::Null));
         assert_eq!("unix:/tmp/a.sock".parse(), Ok(SerialSpec::Unix("/tmp/a.sock".into())));
         assert_eq!("file:/tmp/out".parse(), Ok(SerialSpec::File("/tmp/out".into())));
+        assert_eq!("pty".parse(), Ok(SerialSpec::Pty));
         assert!("unix:".parse::<SerialSpec>().unwrap_err().contains("needs a path"));
         assert!("tcp:1234".parse::<SerialSpec>().unwrap_err().contains("not a serial backend"));
         assert!("".parse::<SerialSpec>().is_err());
+    }
+
+    #[test]
+    fn a_pty_passes_bytes_both_ways_raw_and_drops_what_nobody_reads() {
+        let p = Pty::open().unwrap();
+        assert!(p.path().starts_with("/dev/pts"), "{}", p.path().display());
+        let mut console = std::fs::OpenOptions::new().read(true).write(true).open(p.path()).unwrap();
+        assert_eq!(p.write(b"a\nb"), 3);
+        let mut got = [0u8; 3];
+        console.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"a\nb", "raw: no CR added");
+        console.write_all(b"INCR 1\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut buf = [0u8; 16];
+        let n = p.read(&mut buf);
+        assert_eq!(&buf[..n], b"INCR 1\n", "raw: no echo, no line editing");
+        drop(console);
+        let big = vec![b'x'; 1 << 20];
+        assert!(p.write(&big) < big.len(), "a full terminal takes no more; the write does not block");
     }
 
     #[test]
