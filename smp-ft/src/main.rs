@@ -277,7 +277,7 @@ struct RunArgs {
     #[arg(long, default_value = "counter churn duration=2s", allow_hyphen_values = true)]
     guest_args: String,
     /// Where the guest's serial port (COM1) goes: stdio, unix:PATH (smpft listens; one client
-    /// at a time), file:PATH (output only) or null.
+    /// at a time), file:PATH (output only), pty (a pseudo-terminal, its path in the log) or null.
     #[arg(long, default_value = "stdio")]
     serial: SerialSpec,
     /// Write the guest's log (debug console) to this file instead of standard error.
