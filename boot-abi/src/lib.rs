@@ -73,6 +73,9 @@ pub const EXIT_PORT: u16 = 0xf4;
 /// 32-bit write: nothing to do for up to this many microseconds (0 = just yield the host CPU).
 /// The VMM returns early when serial input arrives.
 pub const IDLE_PORT: u16 = 0xf5;
+/// Power button: an 8-bit read returns 1 once the host asked the guest to power down (QMP
+/// `system_powerdown`), 0 before. The guest is expected to shut down cleanly.
+pub const POWER_PORT: u16 = 0xf6;
 
 // Exit statuses the test guest reports through `EXIT_PORT`.
 

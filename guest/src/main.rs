@@ -253,6 +253,10 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
         if now >= next_check {
             next_check = now + CHECK_EVERY_MS * tsc_khz;
             self_check(cpu, p);
+            if cpu == 0 && io::inb(abi::POWER_PORT) == 1 {
+                log!("power button pressed: shutting down");
+                STOP.store(true, Ordering::Relaxed);
+            }
             if cpu == 0 && p.duration_ms != 0 && ms_since(start, now, tsc_khz) >= p.duration_ms {
                 STOP.store(true, Ordering::Relaxed);
             }

@@ -18,7 +18,6 @@ pub const IGNORED: &[(&str, &str)] = &[
     ("-nographic", "smpft has no display"),
     ("-display", "smpft has no display (only 'none' is accepted)"),
     ("-rtc", "the guest clock is the host's TSC, carried across checkpoints"),
-    ("-no-shutdown", "a guest that powers off ends the process; libvirt sees SHUTDOWN and the exit"),
     ("-no-acpi", "smpft's machine has no ACPI"),
     ("-boot", "the guest is started from -kernel; there is no firmware boot order"),
     ("-sandbox", "smpft does not install a seccomp filter of QEMU's kind"),
@@ -80,12 +79,20 @@ pub struct Launch {
     pub append: Option<String>,
     pub monitors: Vec<Monitor>,
     pub serial: Option<Serial>,
+    /// The serial port's chardev id (what `query-chardev` reports it as).
+    pub serial_label: Option<String>,
+    /// Every `-device` id with its driver, in order (QOM's `/machine/peripheral`).
+    pub device_ids: Vec<(String, String)>,
     pub disks: Vec<Disk>,
     pub nics: Vec<Nic>,
     pub daemonize: bool,
     pub pidfile: Option<PathBuf>,
     /// `-version` / `-help`: print and exit.
     pub version: bool,
+    /// `-no-reboot`: a guest reboot ends the process. (smpft's guests do not reboot; a guest
+    /// that powers off always ends it, after the SHUTDOWN event, with or without
+    /// `-no-shutdown`.)
+    pub no_reboot: bool,
     /// Options accepted and ignored, as given (for the log).
     pub ignored: Vec<String>,
 }
@@ -214,10 +221,13 @@ impl Parser {
             "-S" => self.launch.start_paused = true,
             "-daemonize" => self.launch.daemonize = true,
             "-version" | "-help" | "-h" => self.launch.version = true,
-            "-no-user-config" | "-nodefaults" | "-nographic" | "-no-shutdown" | "-no-acpi" | "-enable-kvm" => {
+            "-no-user-config" | "-nodefaults" | "-nographic" | "-no-acpi" | "-enable-kvm" => {
                 self.launch.ignored.push(opt.to_string())
             }
-            "-no-reboot" => return err("-no-reboot is not supported (a guest reboot ends the VM in smpft)"),
+            // A guest that powers off ends the process after the SHUTDOWN event: libvirt
+            // records "shut off (shutdown)" either way.
+            "-no-shutdown" => self.launch.ignored.push(opt.to_string()),
+            "-no-reboot" => self.launch.no_reboot = true,
             _ => return Ok(false),
         }
         Ok(true)
@@ -259,7 +269,10 @@ impl Parser {
                 self.mons.push(text(&m, "chardev").unwrap_or_default());
             }
             "-qmp" => self.launch.monitors.push(qmp_address(value)?),
-            "-serial" => self.launch.serial = Some(serial_address(value)?),
+            "-serial" => {
+                self.launch.serial = Some(serial_address(value)?);
+                self.launch.serial_label = Some("serial0".into());
+            }
             "-blockdev" => {
                 let m = props(value, "driver")?;
                 let name =
@@ -294,8 +307,15 @@ impl Parser {
                 return err(format!("-machine accel={a}: smpft runs guests only with KVM"));
             }
         }
-        if t == "none" {
-            self.launch.probe = true;
+        match t.as_str() {
+            "none" => self.launch.probe = true,
+            crate::probe::MACHINE => {}
+            _ => {
+                return err(format!(
+                    "machine type '{t}' is not supported (smpft's machine is '{}')",
+                    crate::probe::MACHINE
+                ))
+            }
         }
         if let Some(b) = text(&m, "memory-backend") {
             self.launch.machine = Some(format!("{t} (memory {b})"));
@@ -339,6 +359,9 @@ impl Parser {
     fn device(&mut self, d: &Map<String, Value>) -> Result<(), ArgvError> {
         let driver = text(d, "driver").unwrap_or_default();
         let id = text(d, "id").unwrap_or_default();
+        if !id.is_empty() && crate::probe::DEVICE_TYPES.contains(&driver.as_str()) {
+            self.launch.device_ids.push((id.clone(), driver.clone()));
+        }
         match driver.as_str() {
             "isa-serial" => {
                 let c = text(d, "chardev").unwrap_or_default();
@@ -347,6 +370,7 @@ impl Parser {
                     return err("only one serial port is supported");
                 }
                 self.launch.serial = Some(chardev_serial(&c, dev)?);
+                self.launch.serial_label = Some(c);
             }
             "virtio-blk-pci" => {
                 let drive = text(d, "drive").unwrap_or_default();

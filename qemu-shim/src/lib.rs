@@ -5,4 +5,5 @@
 //! [`argv::Launch`] that smp-ft turns into a VM.
 
 pub mod argv;
+pub mod probe;
 pub mod qmp;

@@ -49,6 +49,7 @@ pub enum Command {
 pub enum ErrorClass {
     GenericError,
     CommandNotFound,
+    DeviceNotFound,
 }
 
 impl ErrorClass {
@@ -56,6 +57,7 @@ impl ErrorClass {
         match self {
             ErrorClass::GenericError => "GenericError",
             ErrorClass::CommandNotFound => "CommandNotFound",
+            ErrorClass::DeviceNotFound => "DeviceNotFound",
         }
     }
 }
@@ -337,7 +339,7 @@ fn serve(stream: &UnixStream, client: &Arc<Client>, shared: &Shared, tx: &Sender
         return;
     }
     client.queue(&json!({"QMP": {
-        "version": {"qemu": {"major": 9, "minor": 2, "micro": 0}, "package": shared.version},
+        "version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": shared.version},
         "capabilities": []
     }}));
     let mut input: Vec<u8> = Vec::new();

@@ -1,10 +1,11 @@
 //! `smpft`: the command line (and the demo it runs, `demo.rs`).
 
 mod demo;
+mod persona;
 
 use clap::{Parser, Subcommand};
 use disk_mirror::spec::DiskSpec;
-use smp_ft::error::error_chain;
+pub(crate) use smp_ft::error::error_chain;
 use smp_ft::ft::disk::DiskSync;
 use smp_ft::ft::primary::PrimaryFt;
 use smp_ft::ft::standby::{StandbyEnd, StandbyOptions, StandbyRunner};
@@ -311,7 +312,7 @@ struct RunArgs {
     ft: FtArgs,
 }
 
-fn init_logging(filter: &str) -> Result<(), CliError> {
+pub(crate) fn init_logging(filter: &str) -> Result<(), CliError> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .map_err(|e| CliError::Usage(format!("--log '{filter}': {e}")))?;
     // Colours only on a terminal: a log written to a file or a journal stays plain text.
@@ -330,9 +331,9 @@ const SIGNAL_GRACE: Duration = Duration::from_secs(10);
 
 /// Blocks the termination signals in every thread and forwards them to the VM as events, so the
 /// VM stops in order. A signal always ends the process: if the orderly stop has not finished
-/// [`SIGNAL_GRACE`] after the first signal, or a second one arrives, smpft exits at once
+/// [`SIGNAL_GRACE`] after the first signal, or a second SIGINT arrives, smpft exits at once
 /// (a standby copies nothing then and a primary releases nothing, as after SIGKILL).
-fn forward_signals(tx: crossbeam_channel::Sender<VmEvent>) {
+pub(crate) fn forward_signals(tx: crossbeam_channel::Sender<VmEvent>) {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -345,8 +346,14 @@ fn forward_signals(tx: crossbeam_channel::Sender<VmEvent>) {
                     continue;
                 }
                 if first.is_some() {
-                    tracing::warn!("signal {sig} while stopping: exiting now");
-                    exit_now(sig);
+                    // A second Ctrl-C is someone who will not wait. Repeated SIGTERMs are a
+                    // supervisor's (libvirt sends more than one): the stop already under way,
+                    // bounded by SIGNAL_GRACE, finishes and flushes the disks.
+                    if sig == libc::SIGINT {
+                        tracing::warn!("signal {sig} while stopping: exiting now");
+                        exit_now(sig);
+                    }
+                    continue;
                 }
                 first = Some(sig);
                 let _ = tx.send(VmEvent::Signal(sig));
@@ -379,7 +386,7 @@ fn termination_set() -> libc::sigset_t {
     }
 }
 
-fn block_termination_signals() {
+pub(crate) fn block_termination_signals() {
     let set = termination_set();
     // SAFETY: blocks signals for this thread (inherited by all threads spawned after this).
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -442,7 +449,7 @@ fn bind_qmp(path: Option<&std::path::Path>) -> Result<Qmp, CliError> {
 }
 
 /// Passes the signals `forward_signals` catches on to `to`.
-fn relay_signals(from: crossbeam_channel::Receiver<VmEvent>, to: crossbeam_channel::Sender<VmEvent>) {
+pub(crate) fn relay_signals(from: crossbeam_channel::Receiver<VmEvent>, to: crossbeam_channel::Sender<VmEvent>) {
     std::thread::Builder::new()
         .name("signal-relay".into())
         .spawn(move || {
@@ -455,7 +462,7 @@ fn relay_signals(from: crossbeam_channel::Receiver<VmEvent>, to: crossbeam_chann
         .expect("spawn signal relay thread");
 }
 
-fn serve(runner: Runner) -> Result<ExitCode, CliError> {
+pub(crate) fn serve(runner: Runner) -> Result<ExitCode, CliError> {
     match runner.run()? {
         Outcome::GuestExit(status) => Ok(ExitCode::from(status.min(255) as u8)),
         Outcome::Quit => Ok(ExitCode::SUCCESS),
@@ -524,6 +531,10 @@ fn snapshot_info(files: &[PathBuf]) -> Result<ExitCode, CliError> {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(qemu_args) = persona::invoked(&args) {
+        return persona::main(&qemu_args);
+    }
     let cli = Cli::parse();
     if let Err(e) = init_logging(&cli.log) {
         eprintln!("smpft: error: {}", error_chain(&e));

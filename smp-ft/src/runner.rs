@@ -6,7 +6,7 @@ use crate::ft::primary::{Flow, PrimaryFt};
 use crate::snapshot::{self, Kind};
 use crate::vmm::{RunningVm, VmEvent};
 use qemu_shim::qmp::{Command, QmpError, QmpServer, Request};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::time::Instant;
 
 /// Why a VM stopped other than as asked.
@@ -33,8 +33,16 @@ pub enum Outcome {
     Halted,
 }
 
+/// Answers QMP commands the runner does not implement itself (the QEMU persona's: libvirt's
+/// questions about the emulator and the VM).
+pub trait Extension: Send {
+    /// `None`: not a command this extension knows either.
+    fn answer(&mut self, vm: &RunningVm, name: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>>;
+}
+
 pub struct Runner {
     vm: RunningVm,
+    extension: Option<Box<dyn Extension>>,
     /// The snapshots taken through QMP, for increments.
     snapshots: snapshot::Chain,
     qmp: Option<(QmpServer, crossbeam_channel::Receiver<Request>)>,
@@ -47,7 +55,13 @@ impl Runner {
         qmp: Option<(QmpServer, crossbeam_channel::Receiver<Request>)>,
         ft: Option<PrimaryFt>,
     ) -> Self {
-        Runner { vm, snapshots: snapshot::Chain::default(), qmp, ft }
+        Runner { vm, extension: None, snapshots: snapshot::Chain::default(), qmp, ft }
+    }
+
+    /// Adds answers for commands the runner does not implement.
+    pub fn with_extension(mut self, extension: Box<dyn Extension>) -> Self {
+        self.extension = Some(extension);
+        self
     }
 
     fn emit(&self, event: &str, data: Option<Value>) {
@@ -133,7 +147,8 @@ impl Runner {
                 Err(e) => ft.finish(&self.vm, &e.to_string()),
             }
         }
-        let Runner { vm, ft, .. } = self;
+        let Runner { vm, ft, extension, .. } = self;
+        drop(extension);
         drop(ft);
         vm.shutdown()?;
         outcome
@@ -182,7 +197,10 @@ impl Runner {
                 Some(ft) => ft.query(&self.vm),
                 None => json!({"role": "primary", "state": "unprotected", "configured": false}),
             }),
-            Command::Other { name, .. } => Err(qemu_shim::qmp::not_found(name)),
+            Command::Other { name, args } => match &mut self.extension {
+                Some(e) => e.answer(&self.vm, name, args).unwrap_or_else(|| Err(qemu_shim::qmp::not_found(name))),
+                None => Err(qemu_shim::qmp::not_found(name)),
+            },
             Command::Protect { peer } => match &mut self.ft {
                 Some(ft) => ft.protect(peer).map(|()| json!({})).map_err(|e| QmpError::generic(error_chain(&e))),
                 None => Err(QmpError::generic(

@@ -69,6 +69,8 @@ pub struct VcpuControl {
     /// Share of time (percent) each vCPU spends out of the guest, in [`THROTTLE_SLICE`]s.
     throttle: AtomicU32,
     kicker: Box<dyn Kick>,
+    /// Each vCPU thread's id (0 until it runs), for tools that place or account threads.
+    tids: Vec<std::sync::atomic::AtomicI32>,
 }
 
 /// Throttled vCPUs sleep their share of every slice this long.
@@ -98,6 +100,7 @@ impl VcpuControl {
             input_seq: AtomicU64::new(0),
             pause_seq: AtomicU64::new(0),
             throttle: AtomicU32::new(0),
+            tids: (0..vcpus).map(|_| std::sync::atomic::AtomicI32::new(0)).collect(),
             kicker,
         }
     }
@@ -111,6 +114,18 @@ impl VcpuControl {
     }
 
     /// The number of the current pause, or of the last one while the VM runs.
+    /// Records the calling thread as vCPU `vcpu`'s.
+    pub fn set_tid(&self, vcpu: usize, tid: i32) {
+        if let Some(t) = self.tids.get(vcpu) {
+            t.store(tid, Ordering::Relaxed);
+        }
+    }
+
+    /// The vCPU threads' ids (0 for one not started).
+    pub fn tids(&self) -> Vec<i32> {
+        self.tids.iter().map(|t| t.load(Ordering::Relaxed)).collect()
+    }
+
     pub fn pause_seq(&self) -> u64 {
         self.pause_seq.load(Ordering::SeqCst)
     }

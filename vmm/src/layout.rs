@@ -48,7 +48,7 @@ pub const GDT_USER_CODE: u16 = 0x20 | 3;
 pub const GDT_TSS0: u16 = 0x28;
 
 /// Ports of the platform (COM1 is eight ports from `COM1_BASE`).
-pub use boot_abi::{COM1 as COM1_BASE, DEBUGCON as DEBUGCON_PORT, EXIT_PORT, IDLE_PORT};
+pub use boot_abi::{COM1 as COM1_BASE, DEBUGCON as DEBUGCON_PORT, EXIT_PORT, IDLE_PORT, POWER_PORT};
 pub const COM1_IRQ: u32 = 4;
 
 pub use boot_abi::{BootInfo, BOOT_MAGIC, BOOT_VERSION};

@@ -549,6 +549,16 @@ impl RunningVm {
         }
     }
 
+    /// The pseudo-terminal COM1 is connected to, if it is one.
+    pub fn serial_pty(&self) -> Option<PathBuf> {
+        self.serial.as_ref().and_then(|s| s.pty_path()).map(|p| p.to_path_buf())
+    }
+
+    /// The vCPU threads' ids, in vCPU order.
+    pub fn vcpu_tids(&self) -> Vec<i32> {
+        self.control.tids()
+    }
+
     /// Tells the network this VM's NICs are here now (after a failover): RARP and gratuitous
     /// ARP announcements, a round at once and four more over the next ~350 ms, on a thread of
     /// their own.

@@ -128,6 +128,8 @@ impl Vcpu {
         // were no shorter.)
         // SAFETY: setpriority on this thread's id; failure only leaves the default priority.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, VCPU_NICE) };
+        // SAFETY: gettid has no preconditions.
+        self.control.set_tid(self.index, unsafe { libc::gettid() });
         KVM_RUN.with(|c| c.set(self.fd.lock().get_kvm_run() as *mut kvm_run));
         self.control.set_state(self.index, VcpuState::Running);
         let end = self.run_loop();

@@ -6,6 +6,7 @@
 //! | 0xe9            | debug console: the guest's log, one byte per write          |
 //! | 0xf4            | exit: a 32-bit write ends the VM with that status          |
 //! | 0xf5            | idle: a 32-bit write yields the host CPU for up to N µs    |
+//! | 0xf6            | power button: reads 1 once a powerdown was requested        |
 //! | 0xcf8..=0xcff   | PCI configuration (mechanism #1), `vmm::pci`                |
 //!
 //! MMIO goes to the PCI bus, which decodes its devices' BARs.
@@ -15,7 +16,7 @@ pub mod serial;
 
 use super::component::Component;
 use super::irq::Irq;
-use super::layout::{COM1_BASE, DEBUGCON_PORT, EXIT_PORT, IDLE_PORT};
+use super::layout::{COM1_BASE, DEBUGCON_PORT, EXIT_PORT, IDLE_PORT, POWER_PORT};
 use super::memory::{GuestMemory, MemoryError};
 use super::net::{tap::Tap, Mac, NetSpec};
 use super::pci::PciBus;
@@ -124,6 +125,8 @@ pub struct Devices {
     components: Vec<Arc<dyn Component>>,
     debugcon: Mutex<DebugCon>,
     unhandled: AtomicU64,
+    /// The power button was pressed (see [`Devices::press_power_button`]).
+    power_button: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +211,7 @@ impl Devices {
             components,
             debugcon: Mutex::new(DebugCon { line: Vec::new(), out: console }),
             unhandled: AtomicU64::new(0),
+            power_button: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -256,6 +260,12 @@ impl Devices {
         }
     }
 
+    /// Asks the guest to power down (it reads the button at port 0xf6 and shuts down cleanly).
+    /// Not replicated: a standby that goes live has not had its button pressed.
+    pub fn press_power_button(&self) {
+        self.power_button.store(true, Ordering::SeqCst);
+    }
+
     /// The VM's components, in pause order.
     pub fn components(&self) -> &[Arc<dyn Component>] {
         &self.components
@@ -275,6 +285,10 @@ impl Devices {
         }
         match port {
             COM1_BASE..=0x3ff if data.len() == 1 => data[0] = self.serial.read((port - COM1_BASE) as u8),
+            POWER_PORT => {
+                data.fill(0);
+                data[0] = u8::from(self.power_button.load(Ordering::SeqCst));
+            }
             _ => {
                 self.note_unhandled("port read", port.into());
                 data.fill(0xff);

@@ -1,0 +1,115 @@
+//! What smpft tells libvirt about itself as an emulator: the answers to the questions libvirt
+//! asks when it probes an emulator binary (and asks again on a domain's monitor). They describe
+//! what smpft implements, in QMP's terms:
+//!
+//! - one machine type, `smpft`, for x86_64 guests under KVM only, up to 16 vCPUs;
+//! - three device types, `virtio-blk-pci`, `virtio-net-pci` and `isa-serial`, with no
+//!   properties a user can set;
+//! - the QMP commands in [`COMMANDS`], as QEMU 7.2 defines them, and no QMP schema beyond that
+//!   list (libvirt then writes devices in key=value form, which `argv` reads);
+//! - no migration capabilities, no command-line option introspection.
+//!
+//! `query-version` reports the QMP dialect (7.2.0: the commands above behave as in QEMU 7.2)
+//! with smpft's own name and version as the package.
+
+use crate::qmp::{not_found, ErrorClass, QmpError};
+use serde_json::{json, Map, Value};
+
+/// The machine type.
+pub const MACHINE: &str = "smpft";
+/// The most vCPUs a VM may have.
+pub const MAX_VCPUS: u32 = 16;
+/// Device types smpft implements.
+pub const DEVICE_TYPES: [&str; 3] = ["virtio-blk-pci", "virtio-net-pci", "isa-serial"];
+
+/// Every QMP command smpft answers (as a probed emulator and on a domain's monitor).
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-target",
+    "query-qmp-schema",
+    "query-commands",
+    "query-kvm",
+    "qom-list-types",
+    "device-list-properties",
+    "qom-list-properties",
+    "query-machines",
+    "query-command-line-options",
+    "query-migrate-capabilities",
+    "migrate-set-capabilities",
+    "query-chardev",
+    "query-named-block-nodes",
+    "qom-list",
+    "qom-get",
+    "query-block",
+    "query-jobs",
+    "query-status",
+    "query-cpus-fast",
+    "stop",
+    "cont",
+    "system_powerdown",
+    "quit",
+    "x-smpft-query-ft",
+    "x-smpft-protect",
+    "x-smpft-snapshot",
+];
+
+/// The answer to `name` if it is a question about the emulator itself (the same on every VM);
+/// `None` for anything else.
+pub fn answer(name: &str, args: &Map<String, Value>, package: &str) -> Option<Result<Value, QmpError>> {
+    let typename = || args.get("typename").and_then(Value::as_str).unwrap_or_default().to_string();
+    Some(Ok(match name {
+        "query-version" => json!({"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": package}),
+        "query-target" => json!({"arch": "x86_64"}),
+        "query-qmp-schema" => json!([]),
+        "query-commands" => Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect()),
+        "query-kvm" => json!({"enabled": true, "present": true}),
+        "qom-list-types" => Value::Array(DEVICE_TYPES.iter().map(|t| json!({"name": t})).collect()),
+        "device-list-properties" => {
+            let t = typename();
+            if !DEVICE_TYPES.contains(&t.as_str()) {
+                return Some(Err(QmpError {
+                    class: ErrorClass::DeviceNotFound,
+                    desc: format!("Device '{t}' not found"),
+                }));
+            }
+            json!([])
+        }
+        // No object has properties a user sets. (An error here crashes libvirt 9.0's probe.)
+        "qom-list-properties" => json!([]),
+        "query-machines" => json!([{"name": MACHINE, "cpu-max": MAX_VCPUS, "is-default": true}]),
+        "query-command-line-options" | "query-migrate-capabilities" => json!([]),
+        "migrate-set-capabilities" => json!({}),
+        "query-named-block-nodes" | "query-block" | "query-jobs" => json!([]),
+        _ => return None,
+    }))
+}
+
+/// As [`answer`], with `CommandNotFound` for anything it does not know (a probed emulator has no
+/// VM to ask).
+pub fn answer_or_not_found(name: &str, args: &Map<String, Value>, package: &str) -> Result<Value, QmpError> {
+    answer(name, args, package).unwrap_or_else(|| Err(not_found(name)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(name: &str, args: Value) -> Result<Value, QmpError> {
+        answer_or_not_found(name, args.as_object().unwrap(), "smpft test")
+    }
+
+    #[test]
+    fn the_probe_gets_what_smpft_implements() {
+        assert_eq!(ask("query-version", json!({})).unwrap()["qemu"]["major"], 7);
+        assert_eq!(ask("query-kvm", json!({})).unwrap(), json!({"enabled": true, "present": true}));
+        let names = ask("query-commands", json!({})).unwrap();
+        assert!(names.as_array().unwrap().iter().any(|c| c["name"] == "x-smpft-query-ft"));
+        assert_eq!(ask("query-machines", json!({})).unwrap()[0]["name"], MACHINE);
+        assert_eq!(ask("device-list-properties", json!({"typename": "virtio-net-pci"})).unwrap(), json!([]));
+        let e = ask("device-list-properties", json!({"typename": "VGA"})).unwrap_err();
+        assert_eq!((e.class, e.desc.as_str()), (ErrorClass::DeviceNotFound, "Device 'VGA' not found"));
+        assert_eq!(ask("qom-list-properties", json!({"typename": "memory-backend-file"})).unwrap(), json!([]));
+        assert_eq!(ask("query-tpm-models", json!({})).unwrap_err().class, ErrorClass::CommandNotFound);
+    }
+}

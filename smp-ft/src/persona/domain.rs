@@ -1,0 +1,146 @@
+//! A domain libvirt starts: its launch description made into a VM, run as `smpft run` runs one,
+//! with QMP on the monitor socket libvirt passes and the answers libvirt's qemu driver needs
+//! while starting, watching, reconnecting to and stopping a domain.
+//!
+//! What libvirt relies on (measured with libvirt 9.0):
+//! - the state is followed from the `STOP`/`RESUME` events (the runner emits them on `stop` and
+//!   `cont`), and `-S` means the vCPUs wait for `cont`;
+//! - `query-chardev` names the serial port's pseudo-terminal (`pty:/dev/pts/N`): `virsh console`
+//!   attaches there;
+//! - after a libvirtd restart, `query-status`, `qom-get` and `query-jobs` must answer, or libvirt
+//!   kills the domain;
+//! - a guest that powers off ends the process after a `SHUTDOWN` event; `system_powerdown`
+//!   presses the power button the guest polls (port 0xf6).
+
+use super::PACKAGE;
+use disk_mirror::spec::DiskSpec;
+use qemu_shim::argv::{Launch, Monitor, Serial};
+use qemu_shim::qmp::{QmpError, QmpServer};
+use serde_json::{json, Map, Value};
+use smp_ft::runner::{Extension, Runner};
+use smp_ft::vmm::devices::serial::SerialSpec;
+use smp_ft::vmm::devices::DeviceConfig;
+use smp_ft::vmm::net::{NetSpec, TapSource};
+use smp_ft::vmm::{RunningVm, Vm, VmConfig};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// The VM `launch` describes.
+fn config(launch: &Launch) -> Result<VmConfig, String> {
+    let kernel = launch
+        .kernel
+        .as_ref()
+        .ok_or("the domain has no kernel: smpft boots a static x86-64 ELF guest given as <kernel>")?;
+    let image = std::fs::read(kernel).map_err(|e| format!("cannot read the kernel {}: {e}", kernel.display()))?;
+    let serial = match &launch.serial {
+        Some(Serial::Pty) => SerialSpec::Pty,
+        Some(Serial::Socket(p)) => SerialSpec::Unix(p.clone()),
+        Some(Serial::File(p)) => SerialSpec::File(p.clone()),
+        Some(Serial::Null) | None => SerialSpec::Null,
+    };
+    let disks = launch
+        .disks
+        .iter()
+        .map(|d| {
+            let spec = format!("{}{}", d.source, if d.readonly { ",readonly" } else { "" });
+            spec.parse::<DiskSpec>().map_err(|e| format!("disk {}: {e}", d.id))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let nets = launch
+        .nics
+        .iter()
+        .map(|n| {
+            let mac = n.mac.as_deref().map(str::parse).transpose().map_err(|e| format!("NIC {}: {e}", n.id))?;
+            Ok(NetSpec { tap: TapSource::Fd(n.fd), mac })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(VmConfig {
+        vcpus: launch.vcpus.unwrap_or(1),
+        memory: launch.memory_bytes.unwrap_or(128 << 20),
+        guest: Arc::from(image),
+        guest_name: kernel.display().to_string(),
+        guest_args: launch.append.clone().unwrap_or_default(),
+        serial,
+        console: None,
+        kvm_device: smp_ft::vmm::DEFAULT_KVM_DEVICE.into(),
+        devices: DeviceConfig { rng: false, disks, nets },
+    })
+}
+
+/// Runs the domain until it ends.
+pub fn run(launch: Launch) -> Result<ExitCode, String> {
+    let config = config(&launch)?;
+    let name = launch.name.clone().unwrap_or_else(|| "(unnamed)".into());
+    let qmp = match launch.monitors.as_slice() {
+        [] => None,
+        [m, rest @ ..] => {
+            if !rest.is_empty() {
+                tracing::warn!("{} more monitors were asked for; smpft serves the first only", rest.len());
+            }
+            Some(match m {
+                Monitor::Fd(fd) => QmpServer::from_fd(*fd, PACKAGE),
+                Monitor::Path(p) => QmpServer::bind(p, PACKAGE),
+            })
+            .transpose()
+            .map_err(|e| crate::error_chain(&e))?
+        }
+    };
+    crate::block_termination_signals();
+    let vm = Vm::create(config).map_err(|e| crate::error_chain(&e))?;
+    let running =
+        if launch.start_paused { vm.start_paused() } else { vm.start() }.map_err(|e| crate::error_chain(&e))?;
+    tracing::info!(domain = %name, paused = launch.start_paused, "domain started");
+    let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
+    crate::forward_signals(sig_tx);
+    crate::relay_signals(sig_rx, running.event_sender());
+    let answers = Answers { serial_label: launch.serial_label.clone(), devices: launch.device_ids.clone() };
+    crate::serve(Runner::new(running, qmp, None).with_extension(Box::new(answers))).map_err(|e| crate::error_chain(&e))
+}
+
+/// libvirt's questions about a running domain.
+struct Answers {
+    serial_label: Option<String>,
+    devices: Vec<(String, String)>,
+}
+
+impl Extension for Answers {
+    fn answer(&mut self, vm: &RunningVm, name: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>> {
+        let arg = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+        Some(Ok(match name {
+            "query-chardev" => {
+                let mut v =
+                    vec![json!({"label": "charmonitor", "filename": "disconnected:unix:fd", "frontend-open": true})];
+                if let (Some(label), Some(pty)) = (&self.serial_label, vm.serial_pty()) {
+                    v.insert(
+                        0,
+                        json!({"label": label, "filename": format!("pty:{}", pty.display()), "frontend-open": false}),
+                    );
+                }
+                Value::Array(v)
+            }
+            "query-cpus-fast" => Value::Array(
+                vm.vcpu_tids()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, tid)| {
+                        json!({"cpu-index": i, "qom-path": format!("/machine/unattached/device[{i}]"), "thread-id": tid,
+                               "props": {"core-id": 0, "thread-id": 0, "socket-id": i}, "target": "x86_64"})
+                    })
+                    .collect(),
+            ),
+            "qom-list" if arg("path") == "/machine/peripheral" => Value::Array(
+                self.devices
+                    .iter()
+                    .map(|(id, driver)| json!({"name": id, "type": format!("child<{driver}>")}))
+                    .collect(),
+            ),
+            "qom-list" => json!([]),
+            "qom-get" => return Some(Err(QmpError::generic(format!("Property '{}' not found", arg("property"))))),
+            "system_powerdown" => {
+                vm.devices().press_power_button();
+                json!({})
+            }
+            _ => return qemu_shim::probe::answer(name, args, PACKAGE),
+        }))
+    }
+}

@@ -1,0 +1,130 @@
+//! The QEMU persona: smpft started as libvirt starts its emulator, with QEMU's command line.
+//! It is chosen by the program name (a link named `qemu-system-x86_64`, `smpft-qemu` or
+//! anything ending in `-qemu`) or by `smpft qemu ARGS`.
+//!
+//! libvirt runs the emulator two ways (see `qemu_shim::argv` for the command line):
+//! - **probe** (`-machine none ... -qmp unix:PATH -pidfile PATH -daemonize`): no VM; smpft
+//!   answers libvirt's questions about itself (`qemu_shim::probe`) until libvirt kills it. The
+//!   pidfile is written and the socket listens before the parent exits, and the daemon lets go
+//!   of the standard streams, which libvirt reads to their end.
+//! - **domain** (`-name guest=... -chardev socket,fd=N ... -mon ...`): a VM, run as `smpft run`
+//!   would run it, with QMP on the listening socket libvirt passes, never forking (libvirt
+//!   records this process's pid). See [`domain`].
+
+mod daemon;
+mod domain;
+
+use qemu_shim::argv::{self, Launch, Monitor};
+use qemu_shim::qmp::QmpServer;
+use std::process::ExitCode;
+
+/// The QMP greeting's and `query-version`'s package string.
+pub const PACKAGE: &str = concat!("smpft ", env!("CARGO_PKG_VERSION"));
+
+/// Whether smpft was started as the persona: by a program name, or as `smpft qemu`. Returns
+/// QEMU's arguments (without the program name) if so.
+pub fn invoked(args: &[String]) -> Option<Vec<String>> {
+    let prog = args.first().map(std::path::Path::new).and_then(|p| p.file_name()).and_then(|n| n.to_str());
+    let prog = prog.unwrap_or_default();
+    if prog.starts_with("qemu-system") || prog.ends_with("-qemu") {
+        return Some(args[1..].to_vec());
+    }
+    if args.get(1).map(String::as_str) == Some("qemu") {
+        let rest = &args[2..];
+        return Some(rest.strip_prefix(&["--".to_string()]).unwrap_or(rest).to_vec());
+    }
+    None
+}
+
+/// Runs the persona with QEMU's arguments; errors go to standard error as one line, which
+/// libvirt shows to the operator.
+pub fn main(args: &[String]) -> ExitCode {
+    let launch = match argv::parse(args) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    if launch.version {
+        println!("QEMU emulator version 7.2.0 ({PACKAGE}: the QMP commands smpft implements behave as QEMU 7.2's)");
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = crate::init_logging(&std::env::var("SMPFT_LOG").unwrap_or_else(|_| "info".into())) {
+        eprintln!("smpft (QEMU persona): {e}");
+        return ExitCode::from(1);
+    }
+    for i in &launch.ignored {
+        tracing::debug!("QEMU option with nothing to do in smpft: {i}");
+    }
+    let r = if launch.probe { probe(&launch) } else { domain::run(launch) };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("smpft (QEMU persona): {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Serves libvirt's capability probe until it ends the process.
+fn probe(launch: &Launch) -> Result<ExitCode, String> {
+    let path = match launch.monitors.first() {
+        Some(Monitor::Path(p)) => p.clone(),
+        Some(Monitor::Fd(fd)) => {
+            return Err(format!("a probe monitor on fd {fd} is not supported; use -qmp unix:PATH"))
+        }
+        None => return Err("a probe needs a monitor (-qmp unix:PATH)".into()),
+    };
+    // Forked before any thread starts; the parent exits once the child is ready.
+    let mut daemon = match launch.daemonize {
+        true => Some(daemon::daemonize().map_err(|e| format!("cannot daemonize: {e}"))?),
+        false => None,
+    };
+    let (server, requests) = QmpServer::bind(&path, PACKAGE).map_err(|e| crate::error_chain(&e))?;
+    if let Some(p) = &launch.pidfile {
+        daemon::write_pidfile(p).map_err(|e| format!("cannot write pidfile {}: {e}", p.display()))?;
+    }
+    if let Some(d) = &mut daemon {
+        d.ready();
+    }
+    for req in requests {
+        use qemu_shim::qmp::Command;
+        let quit = req.command == Command::Quit;
+        let reply = match &req.command {
+            Command::Other { name, args } => qemu_shim::probe::answer_or_not_found(name, args, PACKAGE),
+            Command::QueryStatus => {
+                Ok(serde_json::json!({"status": "prelaunch", "running": false, "singlestep": false}))
+            }
+            Command::Quit => Ok(serde_json::json!({})),
+            _ => Err(qemu_shim::qmp::QmpError::generic(
+                "this smpft process is answering a capability probe: it runs no VM",
+            )),
+        };
+        req.reply.send(reply);
+        if quit {
+            break;
+        }
+    }
+    server.stop();
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_persona_is_chosen_by_name_or_subcommand() {
+        assert_eq!(invoked(&v(&["/usr/bin/qemu-system-x86_64", "-S"])), Some(v(&["-S"])));
+        assert_eq!(invoked(&v(&["/usr/local/bin/smpft-qemu", "-S"])), Some(v(&["-S"])));
+        assert_eq!(invoked(&v(&["smpft", "qemu", "--", "-S"])), Some(v(&["-S"])));
+        assert_eq!(invoked(&v(&["smpft", "qemu", "-S"])), Some(v(&["-S"])));
+        assert_eq!(invoked(&v(&["smpft", "run"])), None);
+        assert_eq!(invoked(&v(&["/opt/qemu-tools/smpft", "run"])), None);
+    }
+}
