@@ -1,0 +1,361 @@
+//! libvirt manages smpft: a real libvirtd (started here, stopped by its pid) runs smpft through
+//! its QEMU persona (a link named qemu-system-x86_64), with the built-in test guest as the
+//! domain's kernel. `virsh` does the rest, as an operator would.
+
+mod common;
+
+use common::{require_kvm, scratch, Scratch};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One libvirtd at a time.
+static DAEMON: Mutex<()> = Mutex::new(());
+
+/// libvirt's daemons, started by this test with the persona first in libvirtd's PATH, and
+/// stopped by their pids on drop.
+struct Libvirt {
+    started: Vec<(&'static str, u32)>,
+    dir: Scratch,
+}
+
+fn pid_of(pidfile: &str) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    (unsafe { libc::kill(pid as i32, 0) } == 0).then_some(pid)
+}
+
+impl Libvirt {
+    fn start(name: &str) -> Libvirt {
+        require_kvm();
+        for tool in ["virsh", "libvirtd", "virtlogd"] {
+            let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap();
+            assert!(found.status.success(), "{tool} is missing: run scripts/setup (it installs libvirt)");
+        }
+        for (d, p) in [("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")] {
+            assert!(pid_of(p).is_none(), "a {d} not started by this test is running; stop it first");
+        }
+        let dir = scratch(name);
+        // libvirt runs the emulator as an unprivileged user: everything it reads must be readable.
+        std::fs::set_permissions(&*dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::os::unix::fs::symlink(common::smpft_bin(), bin.join("qemu-system-x86_64")).unwrap();
+        std::fs::write(dir.join("guest.elf"), smp_ft::guest::BUILTIN).unwrap();
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        let mut lv = Libvirt { started: Vec::new(), dir };
+        for (d, p) in [("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")] {
+            let st = Command::new(d).arg("-d").env("PATH", &path).status().unwrap();
+            assert!(st.success(), "{d} -d failed");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let pid = loop {
+                if let Some(pid) = pid_of(p) {
+                    break pid;
+                }
+                assert!(Instant::now() < deadline, "{d} wrote no pidfile");
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            lv.started.push((d, pid));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !virsh(&["version"]).status.success() {
+            assert!(Instant::now() < deadline, "libvirtd does not answer");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        lv
+    }
+
+    fn emulator(&self) -> PathBuf {
+        self.dir.join("bin/qemu-system-x86_64")
+    }
+
+    /// Restarts libvirtd (domains keep running; libvirt reconnects to them).
+    fn restart_libvirtd(&mut self) {
+        let (_, pid) = self.started.pop().unwrap();
+        stop(pid);
+        let st = Command::new("libvirtd").arg("-d").env("PATH", self.path()).status().unwrap();
+        assert!(st.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            if let Some(p) = pid_of("/run/libvirtd.pid") {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "libvirtd did not come back");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        self.started.push(("libvirtd", pid));
+        while !virsh(&["version"]).status.success() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn path(&self) -> String {
+        format!("{}:{}", self.dir.join("bin").display(), std::env::var("PATH").unwrap_or_default())
+    }
+
+    /// A domain XML running the test guest with `args`, and `devices` added.
+    fn domain(&self, name: &str, args: &str, devices: &str) -> PathBuf {
+        let xml = format!(
+            "<domain type='kvm'><name>{name}</name><memory unit='MiB'>128</memory><vcpu>2</vcpu>\
+             <os><type arch='x86_64' machine='smpft'>hvm</type><kernel>{}</kernel><cmdline>{args}</cmdline></os>\
+             <cpu mode='host-passthrough'/><on_poweroff>destroy</on_poweroff><devices><emulator>{}</emulator>\
+             <controller type='pci' model='pci-root'/><controller type='usb' model='none'/><memballoon model='none'/>\
+             <serial type='pty'/><console type='pty'/>{devices}</devices></domain>",
+            self.dir.join("guest.elf").display(),
+            self.emulator().display()
+        );
+        let path = self.dir.join(format!("{name}.xml"));
+        std::fs::write(&path, xml).unwrap();
+        path
+    }
+}
+
+fn stop(pid: u32) {
+    // SAFETY: signals only the daemon this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // SAFETY: signal 0 only checks the process still exists.
+    while unsafe { libc::kill(pid as i32, 0) } == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Libvirt {
+    fn drop(&mut self) {
+        for d in ["lv-life", "lv-io", "lv-bad-kernel", "lv-bad-dev", "lv-bad-disk"] {
+            let _ = virsh(&["destroy", d]);
+            let _ = virsh(&["undefine", d]);
+        }
+        for (_, pid) in self.started.drain(..).rev() {
+            stop(pid);
+        }
+    }
+}
+
+fn virsh(args: &[&str]) -> Output {
+    Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output().unwrap()
+}
+
+/// `virsh ARGS`, which must succeed; its output.
+fn ok(args: &[&str]) -> String {
+    let o = virsh(args);
+    assert!(o.status.success(), "virsh {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn state(dom: &str) -> String {
+    ok(&["domstate", "--reason", dom])
+}
+
+fn wait_state(dom: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !state(dom).starts_with(want) {
+        assert!(Instant::now() < deadline, "{dom} never became '{want}': {}", state(dom));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A request to the guest's service over `virsh console`'s terminal (the domain's pty).
+fn console_request(dom: &str, line: &str) -> String {
+    let pty = ok(&["ttyconsole", dom]);
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&pty).unwrap();
+    // SAFETY: termios calls on a terminal we opened; `t` is written by tcgetattr first.
+    unsafe {
+        let mut t = std::mem::zeroed::<libc::termios>();
+        libc::tcgetattr(std::os::fd::AsRawFd::as_raw_fd(&f), &mut t);
+        libc::cfmakeraw(&mut t);
+        t.c_cc[libc::VMIN] = 0;
+        t.c_cc[libc::VTIME] = 1;
+        libc::tcsetattr(std::os::fd::AsRawFd::as_raw_fd(&f), libc::TCSANOW, &t);
+    }
+    f.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !got.ends_with(b"\n") && Instant::now() < deadline {
+        let mut b = [0u8; 256];
+        let n = f.read(&mut b).unwrap_or(0);
+        got.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8_lossy(&got).trim().to_string()
+}
+
+fn log(dom: &str) -> String {
+    std::fs::read_to_string(format!("/var/log/libvirt/qemu/{dom}.log")).unwrap_or_default()
+}
+
+#[test]
+fn virsh_manages_an_smpft_domain_through_its_whole_life() {
+    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lv = Libvirt::start("libvirt-life");
+    let caps = ok(&["capabilities"]);
+    assert!(caps.contains(&lv.emulator().display().to_string()), "the persona is libvirt's x86_64 emulator:\n{caps}");
+    let emu = lv.emulator().display().to_string();
+    let dc = ok(&["domcapabilities", "--emulatorbin", &emu, "--arch", "x86_64", "--virttype", "kvm"]);
+    assert!(dc.contains("<machine>smpft</machine>") && dc.contains("<domain>kvm</domain>"), "{dc}");
+
+    let dom = "lv-life";
+    let xml = lv.domain(dom, "counter service duration=600s", "");
+    ok(&["define", xml.to_str().unwrap()]);
+    let t = Instant::now();
+    ok(&["start", dom]);
+    assert_eq!(console_request(dom, "INCR 1"), "OK 1 1", "virsh console reaches the guest's serial line");
+    eprintln!("virsh start → the guest answering on its console: {:?}", t.elapsed());
+    assert!(ok(&["list"]).contains(dom));
+    let info = ok(&["dominfo", dom]);
+    assert!(info.contains("running") && info.contains("CPU(s):         2"), "{info}");
+    let stats = ok(&["domstats", dom]);
+    assert!(stats.contains("vcpu.current=2") && stats.contains("state.state=1"), "{stats}");
+
+    ok(&["suspend", dom]);
+    wait_state(dom, "paused");
+    let status = ok(&["qemu-monitor-command", dom, r#"{"execute":"query-status"}"#]);
+    assert!(status.contains(r#""status":"paused""#), "{status}");
+    ok(&["resume", dom]);
+    wait_state(dom, "running");
+    let ft = ok(&["qemu-monitor-command", dom, r#"{"execute":"x-smpft-query-ft"}"#]);
+    assert!(ft.contains(r#""role":"primary""#), "smpft's own commands pass through: {ft}");
+
+    lv.restart_libvirtd();
+    wait_state(dom, "running");
+    assert_eq!(console_request(dom, "INCR 2"), "OK 2 2", "the domain kept running across the restart");
+    ok(&["suspend", dom]);
+    wait_state(dom, "paused");
+    ok(&["resume", dom]);
+
+    ok(&["shutdown", dom]);
+    wait_state(dom, "shut off (shutdown)");
+    let l = log(dom);
+    assert!(l.contains("power button pressed") && l.contains("RESULT: PASS"), "a clean guest shutdown:\n{l}");
+
+    ok(&["start", "--paused", dom]);
+    wait_state(dom, "paused");
+    ok(&["resume", dom]);
+    wait_state(dom, "running");
+    assert_eq!(console_request(dom, "INCR 1"), "OK 1 1");
+    ok(&["destroy", dom]);
+    wait_state(dom, "shut off (destroyed)");
+    ok(&["undefine", dom]);
+}
+
+/// A disk (a raw file and an NBD export) and a NIC on a bridge, through libvirt's XML.
+#[test]
+fn a_domain_with_disks_and_a_bridged_nic_runs_its_services() {
+    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let lv = Libvirt::start("libvirt-io");
+    let raw = lv.dir.join("disk.raw");
+    std::fs::File::create(&raw).unwrap().set_len(32 << 20).unwrap();
+    let nbd_file = lv.dir.join("nbd.raw");
+    std::fs::File::create(&nbd_file).unwrap().set_len(32 << 20).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut nbd = Command::new("qemu-nbd")
+        .args(["-f", "raw", "--persistent", "-b", "127.0.0.1", "-p", &port.to_string(), "-x", "e"])
+        .arg(&nbd_file)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd is missing: run scripts/setup");
+    let net = Bridge::new();
+    let devices = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+         <disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='nbd' name='e'><host name='127.0.0.1' port='{port}'/></source><target dev='vdb' bus='virtio'/></disk>\
+         <interface type='bridge'><source bridge='{}'/><model type='virtio'/><driver name='qemu'/></interface>",
+        raw.display(),
+        net.bridge
+    );
+    let dom = "lv-io";
+    let xml = lv.domain(dom, "counter service disk disk-ws=4M net ip=203.0.113.2/24 duration=600s", &devices);
+    ok(&["define", xml.to_str().unwrap()]);
+    ok(&["start", dom]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let o = net.client(&["curl", "-sS", "--max-time", "5", "http://203.0.113.2/incr/1"]);
+        if o.status.success() {
+            break String::from_utf8_lossy(&o.stdout).trim().to_string();
+        }
+        assert!(Instant::now() < deadline, "the guest's HTTP service never answered\n{}", log(dom));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(body, "OK 1 1");
+    ok(&["shutdown", dom]);
+    wait_state(dom, "shut off");
+    let l = log(dom);
+    assert!(l.contains("RESULT: PASS") && l.contains("disk: writes="), "the guest used both disks and passed:\n{l}");
+    ok(&["undefine", dom]);
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+}
+
+#[test]
+fn what_smpft_cannot_run_is_refused_with_its_reason() {
+    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let lv = Libvirt::start("libvirt-bad");
+    let qcow = lv.dir.join("d.qcow2");
+    let st = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&qcow).arg("16M").status();
+    assert!(st.expect("qemu-img is missing: run scripts/setup").success());
+    let cases = [
+        ("lv-bad-dev", "<watchdog model='i6300esb'/>".to_string(), "is not supported"),
+        (
+            "lv-bad-disk",
+            format!("<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>", qcow.display()),
+            "block driver 'qcow2' is not supported",
+        ),
+    ];
+    for (dom, devices, why) in cases {
+        let xml = lv.domain(dom, "counter", &devices);
+        ok(&["define", xml.to_str().unwrap()]);
+        let t = Instant::now();
+        let o = virsh(&["start", dom]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("smpft (QEMU persona)") && e.contains(why), "{dom}: {e}");
+        assert!(t.elapsed() < Duration::from_secs(20), "{dom}: the refusal took {:?}", t.elapsed());
+        ok(&["undefine", dom]);
+    }
+    let xml = lv.domain("lv-bad-kernel", "counter", "");
+    std::fs::write(&xml, std::fs::read_to_string(&xml).unwrap().replace("guest.elf", "missing.elf")).unwrap();
+    ok(&["define", xml.to_str().unwrap()]);
+    let o = virsh(&["start", "lv-bad-kernel"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("missing.elf"), "{o:?}");
+    ok(&["undefine", "lv-bad-kernel"]);
+}
+
+/// A bridge in this namespace for the guests' NICs (no address of its own) and a client in a
+/// namespace of its own on it, 203.0.113.1/24.
+struct Bridge {
+    bridge: String,
+    ns: String,
+}
+
+impl Bridge {
+    fn new() -> Bridge {
+        let id = std::process::id() % 100_000;
+        let b = Bridge { bridge: format!("smpftbr{id}"), ns: format!("smpft-lvcl{id}") };
+        let ip = |a: &[&str]| {
+            let o = Command::new("ip").args(a).output().unwrap();
+            assert!(o.status.success(), "ip {}: {}", a.join(" "), String::from_utf8_lossy(&o.stderr));
+        };
+        let _ = Command::new("ip").args(["netns", "del", &b.ns]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip").args(["link", "del", &b.bridge]).stderr(Stdio::null()).status();
+        ip(&["netns", "add", &b.ns]);
+        ip(&["link", "add", "name", &b.bridge, "type", "bridge"]);
+        ip(&["link", "set", "dev", &b.bridge, "up"]);
+        let port = format!("smpftcl{id}");
+        ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &b.ns]);
+        ip(&["link", "set", "dev", &port, "master", &b.bridge, "up"]);
+        ip(&["-n", &b.ns, "addr", "add", "203.0.113.1/24", "dev", "eth0"]);
+        ip(&["-n", &b.ns, "link", "set", "dev", "eth0", "up"]);
+        ip(&["-n", &b.ns, "link", "set", "dev", "lo", "up"]);
+        b
+    }
+
+    fn client(&self, cmd: &[&str]) -> Output {
+        Command::new("ip").args(["netns", "exec", &self.ns]).args(cmd).output().unwrap()
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+    }
+}
