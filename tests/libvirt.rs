@@ -6,7 +6,7 @@ mod common;
 
 use common::{require_kvm, scratch, Scratch};
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -19,7 +19,11 @@ static DAEMON: Mutex<()> = Mutex::new(());
 struct Libvirt {
     started: Vec<(&'static str, u32)>,
     dir: Scratch,
+    /// This test installed libvirt's qemu hook (removed on drop).
+    hook: bool,
 }
+
+const HOOK: &str = "/etc/libvirt/hooks/qemu";
 
 fn pid_of(pidfile: &str) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
@@ -29,6 +33,12 @@ fn pid_of(pidfile: &str) -> Option<u32> {
 
 impl Libvirt {
     fn start(name: &str) -> Libvirt {
+        Self::start_with(name, false)
+    }
+
+    /// As [`Libvirt::start`]; with `hook`, smpft's qemu hook is installed first (it must not
+    /// be there already: it would be someone else's).
+    fn start_with(name: &str, hook: bool) -> Libvirt {
         require_kvm();
         for tool in ["virsh", "libvirtd", "virtlogd"] {
             let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap();
@@ -45,7 +55,14 @@ impl Libvirt {
         std::os::unix::fs::symlink(common::smpft_bin(), bin.join("qemu-system-x86_64")).unwrap();
         std::fs::write(dir.join("guest.elf"), smp_ft::guest::BUILTIN).unwrap();
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
-        let mut lv = Libvirt { started: Vec::new(), dir };
+        if hook {
+            assert!(!Path::new(HOOK).exists(), "{HOOK} exists and is not this test's: remove it to run this test");
+            std::fs::create_dir_all("/etc/libvirt/hooks").unwrap();
+            let script = format!("#!/bin/sh\nexec {} libvirt-hook \"$@\"\n", common::smpft_bin().display());
+            std::fs::write(HOOK, script).unwrap();
+            std::fs::set_permissions(HOOK, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        let mut lv = Libvirt { started: Vec::new(), dir, hook };
         for (d, p) in [("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")] {
             let st = Command::new(d).arg("-d").env("PATH", &path).status().unwrap();
             assert!(st.success(), "{d} -d failed");
@@ -97,8 +114,13 @@ impl Libvirt {
 
     /// A domain XML running the test guest with `args`, and `devices` added.
     fn domain(&self, name: &str, args: &str, devices: &str) -> PathBuf {
+        self.domain_with(name, args, devices, "")
+    }
+
+    /// As [`Libvirt::domain`], with `metadata` (the inside of `<metadata>`).
+    fn domain_with(&self, name: &str, args: &str, devices: &str, metadata: &str) -> PathBuf {
         let xml = format!(
-            "<domain type='kvm'><name>{name}</name><memory unit='MiB'>128</memory><vcpu>2</vcpu>\
+            "<domain type='kvm'><name>{name}</name><metadata>{metadata}</metadata><memory unit='MiB'>128</memory><vcpu>2</vcpu>\
              <os><type arch='x86_64' machine='smpft'>hvm</type><kernel>{}</kernel><cmdline>{args}</cmdline></os>\
              <cpu mode='host-passthrough'/><on_poweroff>destroy</on_poweroff><devices><emulator>{}</emulator>\
              <controller type='pci' model='pci-root'/><controller type='usb' model='none'/><memballoon model='none'/>\
@@ -124,12 +146,15 @@ fn stop(pid: u32) {
 
 impl Drop for Libvirt {
     fn drop(&mut self) {
-        for d in ["lv-life", "lv-io", "lv-bad-kernel", "lv-bad-dev", "lv-bad-disk"] {
+        for d in ["lv-life", "lv-io", "lv-bad-kernel", "lv-bad-dev", "lv-bad-disk", "lv-ftp", "lv-fts"] {
             let _ = virsh(&["destroy", d]);
             let _ = virsh(&["undefine", d]);
         }
         for (_, pid) in self.started.drain(..).rev() {
             stop(pid);
+        }
+        if self.hook {
+            let _ = std::fs::remove_file(HOOK);
         }
     }
 }
@@ -358,4 +383,77 @@ impl Drop for Bridge {
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
         let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
     }
+}
+
+/// The FT pair as two libvirt domains on this host: the standby started paused (and staying
+/// paused: `virsh resume` is refused), the primary protected, the primary's process killed
+/// with SIGKILL, the standby domain running with nothing lost.
+#[test]
+fn an_ft_pair_of_libvirt_domains_fails_over() {
+    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let lv = Libvirt::start_with("libvirt-ft", true);
+    let uid = String::from_utf8(Command::new("id").args(["-u", "libvirt-qemu"]).output().unwrap().stdout).unwrap();
+    let ft_dir = lv.dir.join("ft");
+    std::fs::create_dir_all(&ft_dir).unwrap();
+    for host in ["a", "b"] {
+        let o = common::smpft().args(["keygen", "--name", host, "--out"]).arg(ft_dir.join(host)).output().unwrap();
+        assert!(o.status.success());
+    }
+    // The domains run as libvirt-qemu: their identities and the tie-breaker's directory are its.
+    assert!(Command::new("chown").args(["-R", uid.trim()]).arg(&ft_dir).status().unwrap().success());
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let meta = |role: &str, me: &str, peer: &str, addr: &str| {
+        let (id, cert, tb) = (ft_dir.join(me), ft_dir.join(peer).join("cert.pem"), ft_dir.join("tiebreak"));
+        format!(
+            "<smpft:ft xmlns:smpft='urn:smpft:libvirt:1'><smpft:role>{role}</smpft:role>{addr}\
+             <smpft:tiebreak>{}</smpft:tiebreak><smpft:identity>{}</smpft:identity><smpft:peer-cert>{}</smpft:peer-cert></smpft:ft>",
+            tb.display(),
+            id.display(),
+            cert.display()
+        )
+    };
+    let guest = "counter service duration=600s";
+    let s_meta = meta("standby", "b", "a", &format!("<smpft:listen>127.0.0.1:{port}</smpft:listen>"));
+    let p_meta = meta("primary", "a", "b", &format!("<smpft:peer>127.0.0.1:{port}</smpft:peer>"));
+    let (sx, px) = (lv.domain_with("lv-fts", guest, "", &s_meta), lv.domain_with("lv-ftp", guest, "", &p_meta));
+    ok(&["define", sx.to_str().unwrap()]);
+    ok(&["define", px.to_str().unwrap()]);
+    ok(&["start", "--paused", "lv-fts"]);
+    wait_state("lv-fts", "paused");
+    let o = virsh(&["resume", "lv-fts"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("FT standby"), "resuming a standby is refused with the reason: {e}");
+    ok(&["start", "lv-ftp"]);
+    let q = |dom: &str| ok(&["qemu-monitor-command", dom, r#"{"execute":"x-smpft-query-ft"}"#]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !q("lv-ftp").contains(r#""state":"protected""#) {
+        assert!(Instant::now() < deadline, "never protected: {}\n{}", q("lv-ftp"), log("lv-ftp"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 1..=20 {
+        assert_eq!(console_request("lv-ftp", &format!("INCR {i}")), format!("OK {i} {i}"));
+    }
+    let pid: i32 = std::fs::read_to_string("/run/libvirt/qemu/lv-ftp.pid").unwrap().trim().parse().unwrap();
+    let killed = Instant::now();
+    // SAFETY: kill sends SIGKILL to the primary domain's process.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_state("lv-fts", "running");
+    eprintln!("SIGKILL of the primary → the standby domain running: {:?}", killed.elapsed());
+    assert!(q("lv-fts").contains("live-after-failover"), "{}", q("lv-fts"));
+    assert_eq!(console_request("lv-fts", "INCR 21"), "OK 21 21", "nothing lost: the value goes on from 20");
+    wait_state("lv-ftp", "shut off");
+    ok(&["destroy", "lv-fts"]);
+}
+
+#[test]
+fn bad_ft_metadata_stops_the_start_with_the_reason() {
+    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let lv = Libvirt::start_with("libvirt-ftbad", true);
+    let meta = "<smpft:ft xmlns:smpft='urn:smpft:libvirt:1'><smpft:role>leader</smpft:role></smpft:ft>";
+    let x = lv.domain_with("lv-ftp", "counter", "", meta);
+    ok(&["define", x.to_str().unwrap()]);
+    let o = virsh(&["start", "lv-ftp"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("smpft FT metadata"), "{e}");
+    ok(&["undefine", "lv-ftp"]);
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs smpft as an emulator libvirt can run: the binary, and the QEMU persona link libvirt
-# names in a domain's <emulator>. libvirt's qemu.conf needs no change: smpft runs as
+# Installs smpft as an emulator libvirt can run: the binary, the QEMU persona link libvirt
+# names in a domain's <emulator>, and the qemu hook that hands FT settings to smpft. libvirt's qemu.conf needs no change: smpft runs as
 # libvirt-qemu in group kvm, as QEMU does, and gets its taps and monitor socket from libvirt.
 #
 #   contrib/libvirt/install.sh [SMPFT_BINARY] [--default-emulator]
@@ -28,6 +28,14 @@ fi
 install -m 0755 "$bin" /usr/local/bin/smpft
 ln -sf /usr/local/bin/smpft /usr/local/bin/smpft-qemu
 echo "installed /usr/local/bin/smpft and the persona /usr/local/bin/smpft-qemu (use it as <emulator>)"
+hooks=/etc/libvirt/hooks
+mkdir -p "$hooks"
+if [[ -e $hooks/qemu ]] && ! grep -q "smpft" "$hooks/qemu"; then
+    echo "install.sh: $hooks/qemu exists and is not smpft's: merge contrib/libvirt/hooks/qemu into it by hand" >&2
+else
+    install -m 0755 "$(dirname "$0")/hooks/qemu" "$hooks/qemu"
+    echo "installed the qemu hook $hooks/qemu (FT settings from domain metadata): restart libvirtd"
+fi
 if ((default)); then
     ln -sf /usr/local/bin/smpft /usr/local/bin/qemu-system-x86_64
     echo "linked /usr/local/bin/qemu-system-x86_64: restart libvirtd for virsh capabilities to list it"

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 /// Why a command failed; printed as one line with its causes.
 #[derive(Debug, thiserror::Error)]
-enum CliError {
+pub(crate) enum CliError {
     /// Arguments that do not go together (clap checks each one alone).
     #[error("{0}")]
     Usage(String),
@@ -92,6 +92,14 @@ enum Command {
         #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(i64).range(1..=36500))]
         days: i64,
     },
+    /// libvirt's qemu hook (contrib/libvirt/hooks/qemu runs this): reads the FT settings in a
+    /// domain's metadata from the XML on standard input and hands them to the smpft process
+    /// libvirt starts next (see contrib/libvirt/README.md).
+    #[command(hide = true)]
+    LibvirtHook {
+        /// DOMAIN OPERATION SUB-OPERATION EXTRA, as libvirt passes them.
+        args: Vec<String>,
+    },
     /// Check a chain of snapshot files (a full one, then its increments) and describe them.
     SnapshotInfo {
         /// Snapshot files, full snapshot first.
@@ -112,7 +120,7 @@ struct DemoArgs {
 
 /// Fault tolerance: how the two copies find, trust and arbitrate between each other.
 #[derive(clap::Args, Clone)]
-struct FtArgs {
+pub(crate) struct FtArgs {
     /// This host's FT identity: a directory with key.pem and cert.pem (see `smpft keygen`).
     #[arg(long, value_name = "DIR")]
     identity: Option<PathBuf>,
@@ -160,7 +168,7 @@ impl FtArgs {
         self.identity.is_some() || self.peer_cert.is_some() || self.tiebreak.is_some()
     }
 
-    fn options(&self) -> Result<FtOptions, CliError> {
+    pub(crate) fn options(&self) -> Result<FtOptions, CliError> {
         let missing: Vec<&str> = [
             (self.identity.is_none(), "--identity"),
             (self.peer_cert.is_none(), "--peer-cert"),
@@ -442,7 +450,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     serve(Runner::new(running, qmp, ft))
 }
 
-type Qmp = Option<(qemu_shim::qmp::QmpServer, crossbeam_channel::Receiver<qemu_shim::qmp::Request>)>;
+pub(crate) type Qmp = Option<(qemu_shim::qmp::QmpServer, crossbeam_channel::Receiver<qemu_shim::qmp::Request>)>;
 
 fn bind_qmp(path: Option<&std::path::Path>) -> Result<Qmp, CliError> {
     Ok(path.map(|p| qemu_shim::qmp::QmpServer::bind(p, concat!("smpft ", env!("CARGO_PKG_VERSION")))).transpose()?)
@@ -491,6 +499,18 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     forward_signals(sig_tx);
     let end = StandbyRunner::new(&opts, qmp.as_ref().map(|(_, rx)| rx.clone()), sig_rx.clone())?.run()?;
+    standby_ended(end, ft, qmp, sig_rx, None)
+}
+
+/// What a standby does when its watch ends: run the VM if it won (with `extension` answering
+/// what the runner does not), or exit with the status that says why not.
+pub(crate) fn standby_ended(
+    end: StandbyEnd,
+    ft: FtOptions,
+    qmp: Qmp,
+    sig_rx: crossbeam_channel::Receiver<VmEvent>,
+    extension: Option<Box<dyn smp_ft::runner::Extension>>,
+) -> Result<ExitCode, CliError> {
     match end {
         StandbyEnd::Live { vm, generation, epoch } => {
             let running = (*vm).start()?;
@@ -501,8 +521,16 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
                 generation,
                 "VM running (live after failover); protect it again with QMP x-smpft-protect"
             );
+            if let Some((server, _)) = &qmp {
+                // The VM runs here now (libvirt shows the domain running on this event).
+                server.emit("RESUME", None);
+            }
             let ft = PrimaryFt::new(ft, &running, None, Some(generation))?;
-            serve(Runner::new(running, qmp, Some(ft)))
+            let runner = Runner::new(running, qmp, Some(ft));
+            serve(match extension {
+                Some(e) => runner.with_extension(e),
+                None => runner,
+            })
         }
         StandbyEnd::PrimaryEnded(_) | StandbyEnd::Quit => Ok(ExitCode::SUCCESS),
         StandbyEnd::Halted => Ok(ExitCode::from(EXIT_HALTED)),
@@ -544,6 +572,13 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Standby(args) => standby(args),
         Command::SnapshotInfo { files } => snapshot_info(&files),
+        Command::LibvirtHook { args } => {
+            let mut xml = String::new();
+            let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml);
+            persona::libvirt_ft::hook(&args, &xml, std::path::Path::new(persona::libvirt_ft::DIR))
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(CliError::Usage)
+        }
         Command::Keygen { out, name, days } => transport::identity::Identity::generate_into(&out, &name, days)
             .map(|fp| {
                 println!("wrote {}/key.pem and {}/cert.pem", out.display(), out.display());

@@ -56,6 +56,11 @@ impl HostResources {
         Ok(HostResources { serial, console, disks, disk_specs, taps, kvm_device: config.kvm_device.clone() })
     }
 
+    /// The pseudo-terminal reserved for COM1, if it is one.
+    pub fn serial_pty(&self) -> Option<&std::path::Path> {
+        self.serial.pty_path()
+    }
+
     /// The disks' storage, in order.
     pub fn disks(&self) -> &[Arc<dyn Backend>] {
         &self.disks

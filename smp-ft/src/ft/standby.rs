@@ -85,6 +85,11 @@ pub struct StandbyRunner<'a> {
 }
 
 impl<'a> StandbyRunner<'a> {
+    /// The pseudo-terminal reserved for the VM's serial port, if it is one (the same once live).
+    pub fn serial_pty(&self) -> Option<std::path::PathBuf> {
+        self.host.as_ref().and_then(|h| h.serial_pty()).map(|p| p.to_path_buf())
+    }
+
     pub fn new(
         opts: &'a StandbyOptions,
         qmp: Option<Receiver<Request>>,

@@ -67,57 +67,108 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
     })
 }
 
-/// Runs the domain until it ends.
-pub fn run(launch: Launch) -> Result<ExitCode, String> {
-    let config = config(&launch)?;
-    let name = launch.name.clone().unwrap_or_else(|| "(unnamed)".into());
-    let qmp = match launch.monitors.as_slice() {
-        [] => None,
+/// The QMP server on the monitor libvirt gave (the first one; libvirt gives one).
+fn monitor(launch: &Launch) -> Result<crate::Qmp, String> {
+    match launch.monitors.as_slice() {
+        [] => Ok(None),
         [m, rest @ ..] => {
             if !rest.is_empty() {
                 tracing::warn!("{} more monitors were asked for; smpft serves the first only", rest.len());
             }
-            Some(match m {
+            let server = match m {
                 Monitor::Fd(fd) => QmpServer::from_fd(*fd, PACKAGE),
                 Monitor::Path(p) => QmpServer::bind(p, PACKAGE),
-            })
-            .transpose()
-            .map_err(|e| crate::error_chain(&e))?
+            };
+            server.map(Some).map_err(|e| crate::error_chain(&e))
         }
-    };
+    }
+}
+
+/// Runs the domain until it ends: as an FT standby or primary if the hook left FT settings for
+/// it (see `libvirt_ft`), unprotected otherwise.
+pub fn run(launch: Launch) -> Result<ExitCode, String> {
+    let name = launch.name.clone().unwrap_or_else(|| "(unnamed)".into());
+    let ft = super::libvirt_ft::for_domain(&name);
+    let config = config(&launch)?;
+    let qmp = monitor(&launch)?;
     crate::block_termination_signals();
-    let vm = Vm::create(config).map_err(|e| crate::error_chain(&e))?;
-    let running =
-        if launch.start_paused { vm.start_paused() } else { vm.start() }.map_err(|e| crate::error_chain(&e))?;
-    tracing::info!(domain = %name, paused = launch.start_paused, "domain started");
+    let answers = Answers { serial_label: launch.serial_label.clone(), devices: launch.device_ids.clone() };
+    match ft {
+        Some(s) if s.get("role") == Some("standby") => super::standby::run(&name, &s, config, qmp, answers),
+        ft => primary(&launch, &name, ft, config, qmp, answers),
+    }
+}
+
+fn primary(
+    launch: &Launch,
+    name: &str,
+    ft: Option<super::libvirt_ft::Settings>,
+    config: VmConfig,
+    qmp: crate::Qmp,
+    answers: Answers,
+) -> Result<ExitCode, String> {
+    let err = |e: &dyn std::error::Error| crate::error_chain(e);
+    let vm = Vm::create(config).map_err(|e| err(&e))?;
+    let running = if launch.start_paused { vm.start_paused() } else { vm.start() }.map_err(|e| err(&e))?;
+    tracing::info!(domain = %name, paused = launch.start_paused, protected = ft.is_some(), "domain started");
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     crate::forward_signals(sig_tx);
     crate::relay_signals(sig_rx, running.event_sender());
-    let answers = Answers { serial_label: launch.serial_label.clone(), devices: launch.device_ids.clone() };
-    crate::serve(Runner::new(running, qmp, None).with_extension(Box::new(answers))).map_err(|e| crate::error_chain(&e))
+    let ft = match ft {
+        None => None,
+        Some(s) => {
+            let opts = super::standby::ft_options(&s)?;
+            let peer = s.get("peer").unwrap_or_default();
+            let peer = smp_ft::ft::error::resolve(peer).map_err(|e| format!("FT peer {peer}: {}", err(&e)))?;
+            Some(smp_ft::ft::primary::PrimaryFt::new(opts, &running, Some(peer), None).map_err(|e| err(&e))?)
+        }
+    };
+    crate::serve(Runner::new(running, qmp, ft).with_extension(Box::new(answers))).map_err(|e| err(&e))
 }
 
-/// libvirt's questions about a running domain.
-struct Answers {
+/// libvirt's questions about a domain.
+#[derive(Clone)]
+pub struct Answers {
     serial_label: Option<String>,
     devices: Vec<(String, String)>,
 }
 
-impl Extension for Answers {
-    fn answer(&mut self, vm: &RunningVm, name: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>> {
+impl Answers {
+    /// The answers that need no running VM (a standby's, too): the serial port's terminal
+    /// `pty`, the devices, the emulator's own description.
+    pub fn without_vm(
+        &self,
+        pty: Option<&std::path::Path>,
+        name: &str,
+        args: &Map<String, Value>,
+    ) -> Option<Result<Value, QmpError>> {
         let arg = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
         Some(Ok(match name {
             "query-chardev" => {
                 let mut v =
                     vec![json!({"label": "charmonitor", "filename": "disconnected:unix:fd", "frontend-open": true})];
-                if let (Some(label), Some(pty)) = (&self.serial_label, vm.serial_pty()) {
-                    v.insert(
-                        0,
-                        json!({"label": label, "filename": format!("pty:{}", pty.display()), "frontend-open": false}),
-                    );
+                if let (Some(label), Some(pty)) = (&self.serial_label, pty) {
+                    let filename = format!("pty:{}", pty.display());
+                    v.insert(0, json!({"label": label, "filename": filename, "frontend-open": false}));
                 }
                 Value::Array(v)
             }
+            "qom-list" if arg("path") == "/machine/peripheral" => Value::Array(
+                self.devices
+                    .iter()
+                    .map(|(id, driver)| json!({"name": id, "type": format!("child<{driver}>")}))
+                    .collect(),
+            ),
+            "qom-list" => json!([]),
+            "qom-get" => return Some(Err(QmpError::generic(format!("Property '{}' not found", arg("property"))))),
+            _ => return qemu_shim::probe::answer(name, args, PACKAGE),
+        }))
+    }
+}
+
+impl Extension for Answers {
+    fn answer(&mut self, vm: &RunningVm, name: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>> {
+        Some(Ok(match name {
             "query-cpus-fast" => Value::Array(
                 vm.vcpu_tids()
                     .iter()
@@ -128,19 +179,11 @@ impl Extension for Answers {
                     })
                     .collect(),
             ),
-            "qom-list" if arg("path") == "/machine/peripheral" => Value::Array(
-                self.devices
-                    .iter()
-                    .map(|(id, driver)| json!({"name": id, "type": format!("child<{driver}>")}))
-                    .collect(),
-            ),
-            "qom-list" => json!([]),
-            "qom-get" => return Some(Err(QmpError::generic(format!("Property '{}' not found", arg("property"))))),
             "system_powerdown" => {
                 vm.devices().press_power_button();
                 json!({})
             }
-            _ => return qemu_shim::probe::answer(name, args, PACKAGE),
+            _ => return self.without_vm(vm.serial_pty().as_deref(), name, args),
         }))
     }
 }

@@ -13,6 +13,8 @@
 
 mod daemon;
 mod domain;
+pub mod libvirt_ft;
+mod standby;
 
 use qemu_shim::argv::{self, Launch, Monitor};
 use qemu_shim::qmp::QmpServer;

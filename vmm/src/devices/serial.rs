@@ -500,6 +500,14 @@ impl SerialHost {
         }))
     }
 
+    /// The pseudo-terminal reserved, for `SerialSpec::Pty`.
+    pub fn pty_path(&self) -> Option<&Path> {
+        match &self.0 {
+            Reserved::Pty(p) => Some(p.path()),
+            _ => None,
+        }
+    }
+
     /// Verifies the reservation still holds: a socket whose file was removed or replaced is
     /// bound again at its path, and if that fails the VM cannot go live with it.
     pub fn check(&mut self) -> Result<(), SerialError> {

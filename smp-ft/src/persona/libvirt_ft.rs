@@ -1,0 +1,196 @@
+//! Fault tolerance for domains libvirt runs: the FT settings an operator puts in a domain's
+//! `<metadata>`, handed from libvirt's qemu hook to the smpft process libvirt starts.
+//!
+//! ```xml
+//! <metadata>
+//!   <smpft:ft xmlns:smpft="urn:smpft:libvirt:1">
+//!     <smpft:role>primary</smpft:role>                  <!-- or standby -->
+//!     <smpft:peer>host-b:7400</smpft:peer>              <!-- primary: its standby -->
+//!     <smpft:listen>0.0.0.0:7400</smpft:listen>         <!-- standby: where it waits -->
+//!     <smpft:tiebreak>/shared/vm1.tiebreak</smpft:tiebreak>
+//!     <smpft:identity>/etc/smpft/host-a</smpft:identity>
+//!     <smpft:peer-cert>/etc/smpft/host-b.pem</smpft:peer-cert>
+//!   </smpft:ft>
+//! </metadata>
+//! ```
+//!
+//! `smpft libvirt-hook DOMAIN prepare begin -` (the hook, run by libvirtd as root before it
+//! starts the emulator) checks them and writes `/run/smpft/DOMAIN.ft` (`key=value` lines); the
+//! persona reads that file by the domain's name. `release` removes it. Bad settings make the
+//! hook fail, and libvirt then refuses the start with the hook's message.
+
+use quick_xml::events::Event;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// smpft's XML namespace in domain metadata.
+pub const NAMESPACE: &str = "urn:smpft:libvirt:1";
+/// Where the hook leaves each domain's settings for the persona.
+pub const DIR: &str = "/run/smpft";
+
+const KEYS: [&str; 9] =
+    ["role", "peer", "listen", "tiebreak", "identity", "peer-cert", "interval", "timeout", "heartbeat"];
+
+/// A domain's FT settings, as `key → value`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Settings(pub BTreeMap<String, String>);
+
+impl Settings {
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let need = |keys: &[&str]| -> Result<(), String> {
+            let missing: Vec<&str> = keys.iter().copied().filter(|k| self.get(k).is_none()).collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("smpft FT metadata lacks <{}>", missing.join(">, <")))
+            }
+        };
+        need(&["role", "tiebreak", "identity", "peer-cert"])?;
+        match self.get("role") {
+            Some("primary") => need(&["peer"]),
+            Some("standby") => need(&["listen"]),
+            Some(r) => Err(format!("smpft FT metadata: role '{r}' is neither 'primary' nor 'standby'")),
+            None => unreachable!("checked above"),
+        }
+    }
+
+    fn to_text(&self) -> String {
+        self.0.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
+    }
+
+    fn from_text(t: &str) -> Settings {
+        Settings(t.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+}
+
+/// The FT settings in a domain XML: `None` if it has none; an error for malformed ones.
+pub fn from_domain_xml(xml: &str) -> Result<Option<Settings>, String> {
+    let mut reader = quick_xml::NsReader::from_str(xml);
+    let mut in_ft = false;
+    let mut key: Option<String> = None;
+    let mut found = false;
+    let mut s = Settings::default();
+    loop {
+        let ev = reader.read_resolved_event().map_err(|e| format!("the domain XML does not parse: {e}"))?;
+        match ev {
+            (ns, Event::Start(e)) => {
+                let ours = matches!(ns, quick_xml::name::ResolveResult::Bound(n) if n.as_ref() == NAMESPACE.as_bytes());
+                let local = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
+                if ours && local == "ft" {
+                    in_ft = true;
+                    found = true;
+                } else if ours && in_ft {
+                    if !KEYS.contains(&local.as_str()) {
+                        return Err(format!("smpft FT metadata: unknown element <{local}>"));
+                    }
+                    key = Some(local);
+                }
+            }
+            (_, Event::Text(t)) => {
+                if let Some(k) = &key {
+                    let v = t.unescape().map_err(|e| format!("smpft FT metadata: {e}"))?.trim().to_string();
+                    if v.contains('\n') {
+                        return Err(format!("smpft FT metadata: <{k}> spans lines"));
+                    }
+                    s.0.insert(k.clone(), v);
+                }
+            }
+            (_, Event::End(e)) => {
+                let local = e.local_name();
+                if key.is_some() {
+                    key = None;
+                } else if in_ft && local.as_ref() == b"ft" {
+                    in_ft = false;
+                }
+            }
+            (_, Event::Eof) => break,
+            _ => {}
+        }
+    }
+    if !found {
+        return Ok(None);
+    }
+    s.check()?;
+    Ok(Some(s))
+}
+
+fn file(dir: &Path, domain: &str) -> PathBuf {
+    dir.join(format!("{domain}.ft"))
+}
+
+/// The hook: `DOMAIN OPERATION ...` with the domain XML on standard input.
+pub fn hook(args: &[String], xml: &str, dir: &Path) -> Result<(), String> {
+    let (Some(domain), Some(op)) = (args.first(), args.get(1)) else {
+        return Err("usage: smpft libvirt-hook DOMAIN OPERATION SUB-OPERATION EXTRA (XML on stdin)".into());
+    };
+    if domain.contains('/') || domain.is_empty() {
+        return Err(format!("'{domain}' is not a domain name"));
+    }
+    match op.as_str() {
+        "prepare" => match from_domain_xml(xml)? {
+            Some(s) => {
+                std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                std::fs::write(file(dir, domain), s.to_text())
+                    .map_err(|e| format!("cannot write {}: {e}", file(dir, domain).display()))
+            }
+            None => {
+                let _ = std::fs::remove_file(file(dir, domain));
+                Ok(())
+            }
+        },
+        "release" => {
+            let _ = std::fs::remove_file(file(dir, domain));
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The settings the hook left for `domain`, if any.
+pub fn for_domain(domain: &str) -> Option<Settings> {
+    std::fs::read_to_string(file(Path::new(DIR), domain)).ok().map(|t| Settings::from_text(&t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const XML: &str = r#"<domain type='kvm'><name>vm1</name><metadata>
+      <smpft:ft xmlns:smpft="urn:smpft:libvirt:1"><smpft:role>primary</smpft:role>
+      <smpft:peer>host-b:7400</smpft:peer><smpft:tiebreak>/shared/tb</smpft:tiebreak>
+      <smpft:identity>/etc/smpft/a</smpft:identity><smpft:peer-cert>/etc/smpft/b.pem</smpft:peer-cert></smpft:ft>
+      <other:x xmlns:other="urn:other"><other:role>ignored</other:role></other:x></metadata></domain>"#;
+
+    #[test]
+    fn metadata_is_read_checked_and_handed_over() {
+        let s = from_domain_xml(XML).unwrap().unwrap();
+        assert_eq!(s.get("role"), Some("primary"));
+        assert_eq!(s.get("peer"), Some("host-b:7400"));
+        assert_eq!(Settings::from_text(&s.to_text()), s);
+        assert_eq!(from_domain_xml("<domain><name>x</name></domain>").unwrap(), None, "no FT: left alone");
+        let dir = tempfile::tempdir().unwrap();
+        let args = |op: &str| vec!["vm1".to_string(), op.to_string(), "begin".into(), "-".into()];
+        hook(&args("prepare"), XML, dir.path()).unwrap();
+        assert!(dir.path().join("vm1.ft").exists());
+        hook(&args("release"), "", dir.path()).unwrap();
+        assert!(!dir.path().join("vm1.ft").exists());
+    }
+
+    #[test]
+    fn bad_metadata_is_refused_with_its_reason() {
+        for (from, to, why) in [
+            ("<smpft:role>primary</smpft:role>", "<smpft:role>leader</smpft:role>", "role 'leader'"),
+            ("<smpft:peer>host-b:7400</smpft:peer>", "", "lacks <peer>"),
+            ("<smpft:tiebreak>/shared/tb</smpft:tiebreak>", "", "lacks <tiebreak>"),
+            ("<smpft:peer>", "<smpft:colour>red</smpft:colour><smpft:peer>", "unknown element <colour>"),
+            ("</metadata>", "</metadata", "does not parse"),
+        ] {
+            let e = from_domain_xml(&XML.replace(from, to)).expect_err(why);
+            assert!(e.contains(why), "{e}");
+        }
+    }
+}
