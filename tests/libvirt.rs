@@ -385,13 +385,22 @@ impl Drop for Bridge {
     }
 }
 
-/// The FT pair as two libvirt domains on this host: the standby started paused (and staying
-/// paused: `virsh resume` is refused), the primary protected, the primary's process killed
-/// with SIGKILL, the standby domain running with nothing lost.
-#[test]
-fn an_ft_pair_of_libvirt_domains_fails_over() {
-    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
-    let lv = Libvirt::start_with("libvirt-ft", true);
+/// FT metadata for a domain: `role`, this host's identity `me`, the peer's certificate, and
+/// `addr` (the `<smpft:peer>` or `<smpft:listen>` element).
+fn ft_meta(ft_dir: &Path, role: &str, me: &str, peer: &str, addr: &str) -> String {
+    let (id, cert, tb) = (ft_dir.join(me), ft_dir.join(peer).join("cert.pem"), ft_dir.join("tiebreak"));
+    format!(
+        "<smpft:ft xmlns:smpft='urn:smpft:libvirt:1'><smpft:role>{role}</smpft:role>{addr}\
+         <smpft:tiebreak>{}</smpft:tiebreak><smpft:identity>{}</smpft:identity><smpft:peer-cert>{}</smpft:peer-cert></smpft:ft>",
+        tb.display(),
+        id.display(),
+        cert.display()
+    )
+}
+
+/// Identities for hosts a and b, owned by the user libvirt runs domains as (with the
+/// tie-breaker's directory).
+fn ft_identities(lv: &Libvirt) -> PathBuf {
     let uid = String::from_utf8(Command::new("id").args(["-u", "libvirt-qemu"]).output().unwrap().stdout).unwrap();
     let ft_dir = lv.dir.join("ft");
     std::fs::create_dir_all(&ft_dir).unwrap();
@@ -399,37 +408,46 @@ fn an_ft_pair_of_libvirt_domains_fails_over() {
         let o = common::smpft().args(["keygen", "--name", host, "--out"]).arg(ft_dir.join(host)).output().unwrap();
         assert!(o.status.success());
     }
-    // The domains run as libvirt-qemu: their identities and the tie-breaker's directory are its.
     assert!(Command::new("chown").args(["-R", uid.trim()]).arg(&ft_dir).status().unwrap().success());
+    ft_dir
+}
+
+fn query_ft(dom: &str) -> String {
+    ok(&["qemu-monitor-command", dom, r#"{"execute":"x-smpft-query-ft"}"#])
+}
+
+/// Defines the pair lv-fts (standby, started paused) and lv-ftp (primary), starts them and
+/// waits until the primary is protected.
+fn ft_pair(lv: &Libvirt) {
+    let ft_dir = ft_identities(lv);
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let meta = |role: &str, me: &str, peer: &str, addr: &str| {
-        let (id, cert, tb) = (ft_dir.join(me), ft_dir.join(peer).join("cert.pem"), ft_dir.join("tiebreak"));
-        format!(
-            "<smpft:ft xmlns:smpft='urn:smpft:libvirt:1'><smpft:role>{role}</smpft:role>{addr}\
-             <smpft:tiebreak>{}</smpft:tiebreak><smpft:identity>{}</smpft:identity><smpft:peer-cert>{}</smpft:peer-cert></smpft:ft>",
-            tb.display(),
-            id.display(),
-            cert.display()
-        )
-    };
     let guest = "counter service duration=600s";
-    let s_meta = meta("standby", "b", "a", &format!("<smpft:listen>127.0.0.1:{port}</smpft:listen>"));
-    let p_meta = meta("primary", "a", "b", &format!("<smpft:peer>127.0.0.1:{port}</smpft:peer>"));
+    let s_meta = ft_meta(&ft_dir, "standby", "b", "a", &format!("<smpft:listen>127.0.0.1:{port}</smpft:listen>"));
+    let p_meta = ft_meta(&ft_dir, "primary", "a", "b", &format!("<smpft:peer>127.0.0.1:{port}</smpft:peer>"));
     let (sx, px) = (lv.domain_with("lv-fts", guest, "", &s_meta), lv.domain_with("lv-ftp", guest, "", &p_meta));
     ok(&["define", sx.to_str().unwrap()]);
     ok(&["define", px.to_str().unwrap()]);
     ok(&["start", "--paused", "lv-fts"]);
     wait_state("lv-fts", "paused");
+    ok(&["start", "lv-ftp"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !query_ft("lv-ftp").contains(r#""state":"protected""#) {
+        assert!(Instant::now() < deadline, "never protected: {}\n{}", query_ft("lv-ftp"), log("lv-ftp"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The FT pair as two libvirt domains on this host: the standby started paused (and staying
+/// paused: `virsh resume` is refused), the primary protected, the primary's process killed
+/// with SIGKILL, the standby domain running with nothing lost.
+#[test]
+fn an_ft_pair_of_libvirt_domains_fails_over() {
+    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let lv = Libvirt::start_with("libvirt-ft", true);
+    ft_pair(&lv);
     let o = virsh(&["resume", "lv-fts"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("FT standby"), "resuming a standby is refused with the reason: {e}");
-    ok(&["start", "lv-ftp"]);
-    let q = |dom: &str| ok(&["qemu-monitor-command", dom, r#"{"execute":"x-smpft-query-ft"}"#]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !q("lv-ftp").contains(r#""state":"protected""#) {
-        assert!(Instant::now() < deadline, "never protected: {}\n{}", q("lv-ftp"), log("lv-ftp"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
     for i in 1..=20 {
         assert_eq!(console_request("lv-ftp", &format!("INCR {i}")), format!("OK {i} {i}"));
     }
@@ -439,21 +457,48 @@ fn an_ft_pair_of_libvirt_domains_fails_over() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_state("lv-fts", "running");
     eprintln!("SIGKILL of the primary → the standby domain running: {:?}", killed.elapsed());
-    assert!(q("lv-fts").contains("live-after-failover"), "{}", q("lv-fts"));
+    assert!(query_ft("lv-fts").contains("live-after-failover"), "{}", query_ft("lv-fts"));
     assert_eq!(console_request("lv-fts", "INCR 21"), "OK 21 21", "nothing lost: the value goes on from 20");
     wait_state("lv-ftp", "shut off");
     ok(&["destroy", "lv-fts"]);
+}
+
+/// `virsh shutdown` of the primary: its guest powers off cleanly and the standby ends with it,
+/// both domains shut off (not crashed).
+#[test]
+fn shutting_down_the_primary_domain_ends_both() {
+    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let lv = Libvirt::start_with("libvirt-ftdown", true);
+    ft_pair(&lv);
+    assert_eq!(console_request("lv-ftp", "INCR 1"), "OK 1 1");
+    ok(&["shutdown", "lv-ftp"]);
+    wait_state("lv-ftp", "shut off (shutdown)");
+    wait_state("lv-fts", "shut off (shutdown)");
+    assert!(log("lv-ftp").contains("RESULT: PASS"), "{}", log("lv-ftp"));
 }
 
 #[test]
 fn bad_ft_metadata_stops_the_start_with_the_reason() {
     let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
     let lv = Libvirt::start_with("libvirt-ftbad", true);
-    let meta = "<smpft:ft xmlns:smpft='urn:smpft:libvirt:1'><smpft:role>leader</smpft:role></smpft:ft>";
-    let x = lv.domain_with("lv-ftp", "counter", "", meta);
-    ok(&["define", x.to_str().unwrap()]);
-    let o = virsh(&["start", "lv-ftp"]);
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("smpft FT metadata"), "{e}");
-    ok(&["undefine", "lv-ftp"]);
+    let ft_dir = ft_identities(&lv);
+    let peer = "<smpft:peer>127.0.0.1:7400</smpft:peer>";
+    for (meta, why) in [
+        (ft_meta(&ft_dir, "leader", "a", "b", peer), "role 'leader'"),
+        (
+            ft_meta(&ft_dir, "primary", "a", "b", "<smpft:peer>no-such-host.invalid:7400</smpft:peer>"),
+            "no-such-host.invalid",
+        ),
+        (ft_meta(&ft_dir, "primary", "a", "nobody", peer), "--peer-cert"),
+        (ft_meta(&ft_dir, "primary", "missing", "b", peer), "missing"),
+    ] {
+        let x = lv.domain_with("lv-ftp", "counter", "", &meta);
+        ok(&["define", x.to_str().unwrap()]);
+        let t = Instant::now();
+        let o = virsh(&["start", "lv-ftp"]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(why), "{why}: {e}");
+        assert!(t.elapsed() < Duration::from_secs(30), "{why}: the refusal took {:?}", t.elapsed());
+        ok(&["undefine", "lv-ftp"]);
+    }
 }

@@ -141,7 +141,7 @@ impl NetClient {
 }
 
 /// Runs `client` in the background until told to stop.
-fn background(mut client: NetClient) -> (Arc<AtomicBool>, std::thread::JoinHandle<Result<NetClient, String>>) {
+fn background(mut client: NetClient) -> Background {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     let t = std::thread::spawn(move || {
@@ -153,10 +153,22 @@ fn background(mut client: NetClient) -> (Arc<AtomicBool>, std::thread::JoinHandl
     (stop, t)
 }
 
-fn finish(
-    bg: (Arc<AtomicBool>, std::thread::JoinHandle<Result<NetClient, String>>),
-    context: impl FnOnce() -> String,
-) -> NetClient {
+type Background = (Arc<AtomicBool>, std::thread::JoinHandle<Result<NetClient, String>>);
+
+/// A protected pair, and a client connected to the guest (a few steps done) running in the
+/// background.
+fn pair_with_client(setup: &FtSetup, lan: &Lan, name: &str) -> (Pair, Background) {
+    let p = pair(setup, lan, name);
+    let mut client = NetClient::connect(lan);
+    for _ in 0..5 {
+        client.step().unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let bg = background(client);
+    std::thread::sleep(Duration::from_millis(200));
+    (p, bg)
+}
+
+fn finish(bg: Background, context: impl FnOnce() -> String) -> NetClient {
     bg.0.store(true, Ordering::SeqCst);
     bg.1.join().unwrap().unwrap_or_else(|e| panic!("client: {e}\n{}", context()))
 }
@@ -261,13 +273,7 @@ fn a_frozen_primary_sends_nothing_after_the_standby_took_over() {
     let _one = one_at_a_time();
     let setup = FtSetup::new("net-stop");
     let lan = Lan::new("t").expect("the network tests need root and iproute2");
-    let p = pair(&setup, &lan, "stop");
-    let mut client = NetClient::connect(&lan);
-    for _ in 0..5 {
-        client.step().unwrap();
-    }
-    let bg = background(client);
-    std::thread::sleep(Duration::from_millis(200));
+    let (p, bg) = pair_with_client(&setup, &lan, "stop");
     assert!(lan.sent_by("pa") > 10, "the counter sees the primary's frames (so it could see late ones)");
     // SAFETY: kill only sends a signal to the primary's process.
     unsafe { libc::kill(p.primary.pid() as i32, libc::SIGSTOP) };
@@ -290,13 +296,7 @@ fn cutting_only_the_ft_link_leaves_exactly_one_copy_answering() {
     let _one = one_at_a_time();
     let setup = FtSetup::new("net-cut");
     let lan = Lan::new("t").expect("the network tests need root and iproute2");
-    let p = pair(&setup, &lan, "cut");
-    let mut client = NetClient::connect(&lan);
-    for _ in 0..5 {
-        client.step().unwrap();
-    }
-    let bg = background(client);
-    std::thread::sleep(Duration::from_millis(200));
+    let (p, bg) = pair_with_client(&setup, &lan, "cut");
     lan.cut_ft_link().unwrap();
     let (mut primary, mut standby) = (p.primary, p.standby);
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -532,9 +532,22 @@ pub(crate) fn standby_ended(
                 None => runner,
             })
         }
-        StandbyEnd::PrimaryEnded(_) | StandbyEnd::Quit => Ok(ExitCode::SUCCESS),
-        StandbyEnd::Halted => Ok(ExitCode::from(EXIT_HALTED)),
-        StandbyEnd::Signal(sig) => Ok(ExitCode::from(128 + sig as u8)),
+        end => {
+            // The copy ends without having run: say why on QMP as QEMU would (a supervisor such
+            // as libvirt records a process that exits without SHUTDOWN as crashed).
+            let (reason, guest, code) = match end {
+                StandbyEnd::PrimaryEnded(_) => ("guest-shutdown", true, ExitCode::SUCCESS),
+                StandbyEnd::Quit => ("host-qmp-quit", false, ExitCode::SUCCESS),
+                StandbyEnd::Halted => ("ft-tie-breaker-lost", false, ExitCode::from(EXIT_HALTED)),
+                StandbyEnd::Signal(sig) => ("host-signal", false, ExitCode::from(128 + sig as u8)),
+                StandbyEnd::Live { .. } => unreachable!("handled above"),
+            };
+            if let Some((server, _)) = qmp {
+                server.emit("SHUTDOWN", Some(serde_json::json!({"guest": guest, "reason": reason})));
+                server.stop();
+            }
+            Ok(code)
+        }
     }
 }
 
