@@ -18,30 +18,60 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// A command the VM owner must carry out.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A command the VM owner must carry out: QEMU's lifecycle commands, typed, and every other
+/// command as it came, for the VM owner to parse with its own types (smpft's `x-smpft-*`
+/// commands, see [`typed`]), to answer (the QEMU persona answers libvirt's questions this way)
+/// or to refuse with `CommandNotFound`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(tag = "execute", content = "arguments", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Command {
     QueryStatus,
     Stop,
     Cont,
     Quit,
-    /// `x-smpft-snapshot`: write a snapshot to `file`, incremental on the previous one if asked.
-    Snapshot {
-        file: PathBuf,
-        incremental: bool,
-    },
-    /// `x-smpft-query-ft`: the fault-tolerance role, state and figures.
-    QueryFt,
-    /// `x-smpft-protect`: attach a standby at `peer` (host:port) to this unprotected VM.
-    Protect {
-        peer: String,
-    },
-    /// Any other command, for the VM owner to answer or refuse with `CommandNotFound` (the
-    /// QEMU persona answers libvirt's questions this way).
+    #[serde(skip)]
     Other {
         name: String,
         args: Map<String, Value>,
     },
+}
+
+/// The commands [`Command`] types itself.
+const TYPED: [&str; 4] = ["query-status", "stop", "cont", "quit"];
+
+/// `name` with `args` as the serde type `T` (an enum tagged `execute`, its arguments in
+/// `arguments`), with QMP's wording for arguments that are missing, unexpected or mistyped.
+pub fn typed<T: serde::de::DeserializeOwned>(name: &str, args: &Map<String, Value>) -> Result<T, QmpError> {
+    // A command without arguments may be sent with `"arguments": {}` or none, while serde
+    // wants none for a unit variant and an object for a struct variant: try both.
+    let mut v = json!({"execute": name});
+    if !args.is_empty() {
+        v["arguments"] = Value::Object(args.clone());
+    }
+    match serde_json::from_value(v.clone()) {
+        Err(e) if args.is_empty() && e.to_string().starts_with("missing field `arguments`") => {
+            v["arguments"] = json!({});
+            serde_json::from_value(v)
+        }
+        r => r,
+    }
+    .map_err(|e| QmpError::generic(qmp_wording(&e.to_string())))
+}
+
+/// serde's messages in QEMU's words (libvirt and operators know those).
+fn qmp_wording(e: &str) -> String {
+    let quoted = |s: &str| s.split('`').nth(1).unwrap_or_default().to_string();
+    if e.starts_with("missing field") {
+        format!("Parameter '{}' is missing", quoted(e))
+    } else if e.starts_with("unknown field") {
+        format!("Parameter '{}' is unexpected", quoted(e))
+    } else if e.contains("expected unit") {
+        "Parameter is unexpected: this command takes no arguments".into()
+    } else if let Some(rest) = e.strip_prefix("invalid type: ") {
+        format!("Invalid parameter type: {rest}")
+    } else {
+        format!("Invalid arguments: {e}")
+    }
 }
 
 /// QMP error classes (as QEMU names them).
@@ -508,50 +538,12 @@ pub fn parse_command(v: &Value, negotiated: bool) -> Result<Option<Command>, Qmp
             desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
         });
     }
-    let no_args = |cmd: Command| {
-        if let Some(k) = args.keys().next() {
-            return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
-        }
-        Ok(Some(cmd))
-    };
     match name {
         "qmp_capabilities" => Err(QmpError {
             class: ErrorClass::CommandNotFound,
             desc: "Capabilities negotiation is already complete, command ignored".into(),
         }),
-        "query-status" => no_args(Command::QueryStatus),
-        "stop" => no_args(Command::Stop),
-        "cont" => no_args(Command::Cont),
-        "quit" => no_args(Command::Quit),
-        "x-smpft-snapshot" => {
-            if let Some(k) = args.keys().find(|k| !matches!(k.as_str(), "file" | "incremental")) {
-                return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
-            }
-            let file = match args.get("file") {
-                Some(Value::String(f)) if !f.is_empty() => PathBuf::from(f),
-                Some(_) => return Err(QmpError::generic("Invalid parameter type for 'file', expected: string")),
-                None => return Err(QmpError::generic("Parameter 'file' is missing")),
-            };
-            let incremental = match args.get("incremental") {
-                None => false,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => {
-                    return Err(QmpError::generic("Invalid parameter type for 'incremental', expected: boolean"))
-                }
-            };
-            Ok(Some(Command::Snapshot { file, incremental }))
-        }
-        "x-smpft-query-ft" => no_args(Command::QueryFt),
-        "x-smpft-protect" => {
-            if let Some(k) = args.keys().find(|k| k.as_str() != "peer") {
-                return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
-            }
-            match args.get("peer") {
-                Some(Value::String(p)) if !p.is_empty() => Ok(Some(Command::Protect { peer: p.clone() })),
-                Some(_) => Err(QmpError::generic("Invalid parameter type for 'peer', expected: string")),
-                None => Err(QmpError::generic("Parameter 'peer' is missing")),
-            }
-        }
+        typed_name if TYPED.contains(&typed_name) => typed(name, args).map(Some),
         other => Ok(Some(Command::Other { name: other.to_string(), args: args.clone() })),
     }
 }
@@ -580,17 +572,9 @@ mod tests {
     #[test]
     fn commands_and_arguments() {
         assert_eq!(cmd(r#"{"execute":"stop","id":1}"#, true), Ok(Some(Command::Stop)));
-        assert_eq!(
-            cmd(r#"{"execute":"x-smpft-snapshot","arguments":{"file":"/tmp/a","incremental":true}}"#, true),
-            Ok(Some(Command::Snapshot { file: "/tmp/a".into(), incremental: true }))
-        );
-        assert_eq!(
-            cmd(r#"{"execute":"x-smpft-snapshot","arguments":{}}"#, true).unwrap_err().desc,
-            "Parameter 'file' is missing"
-        );
-        assert!(cmd(r#"{"execute":"x-smpft-snapshot","arguments":{"file":1}}"#, true).is_err());
-        assert!(cmd(r#"{"execute":"x-smpft-snapshot","arguments":{"file":"a","incremental":"yes"}}"#, true).is_err());
-        assert!(cmd(r#"{"execute":"stop","arguments":{"now":true}}"#, true).is_err());
+        assert_eq!(cmd(r#"{"execute":"cont","arguments":{}}"#, true), Ok(Some(Command::Cont)));
+        let e = cmd(r#"{"execute":"stop","arguments":{"now":true}}"#, true).unwrap_err();
+        assert!(e.desc.contains("takes no arguments"), "{}", e.desc);
         assert_eq!(
             cmd(r#"{"execute":"frobnicate","arguments":{"a":1}}"#, true),
             Ok(Some(Command::Other { name: "frobnicate".into(), args: serde_json::from_str(r#"{"a":1}"#).unwrap() }))
@@ -598,14 +582,29 @@ mod tests {
         assert!(cmd(r#"[1,2]"#, true).is_err());
         assert!(cmd(r#"{"arguments":{}}"#, true).is_err());
         assert!(cmd(r#"{"execute":"stop","bogus":1}"#, true).is_err());
-        assert_eq!(cmd(r#"{"execute":"x-smpft-query-ft"}"#, true), Ok(Some(Command::QueryFt)));
+    }
+
+    /// A VM owner's own commands, typed the same way.
+    #[test]
+    fn typed_arguments_are_checked_in_qmps_words() {
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        #[serde(tag = "execute", content = "arguments", deny_unknown_fields)]
+        enum Own {
+            #[serde(rename = "x-do")]
+            Do {
+                file: String,
+                #[serde(default)]
+                fast: bool,
+            },
+        }
+        let args = |s: &str| serde_json::from_str::<Map<String, Value>>(s).unwrap();
+        assert_eq!(typed::<Own>("x-do", &args(r#"{"file":"a"}"#)), Ok(Own::Do { file: "a".into(), fast: false }));
+        assert_eq!(typed::<Own>("x-do", &args("{}")).unwrap_err().desc, "Parameter 'file' is missing");
         assert_eq!(
-            cmd(r#"{"execute":"x-smpft-protect","arguments":{"peer":"10.0.0.2:7400"}}"#, true),
-            Ok(Some(Command::Protect { peer: "10.0.0.2:7400".into() }))
+            typed::<Own>("x-do", &args(r#"{"file":"a","x":1}"#)).unwrap_err().desc,
+            "Parameter 'x' is unexpected"
         );
-        assert!(cmd(r#"{"execute":"x-smpft-protect","arguments":{}}"#, true).is_err());
-        assert!(cmd(r#"{"execute":"x-smpft-protect","arguments":{"peer":7}}"#, true).is_err());
-        assert!(cmd(r#"{"execute":"x-smpft-protect","arguments":{"peer":"a:1","x":1}}"#, true).is_err());
+        assert!(typed::<Own>("x-do", &args(r#"{"file":1}"#)).unwrap_err().desc.starts_with("Invalid parameter type"));
     }
 
     #[test]

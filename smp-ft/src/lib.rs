@@ -5,6 +5,7 @@ pub mod error;
 pub mod ft;
 pub mod guest;
 pub mod lan;
+pub mod qmp;
 pub mod runner;
 pub mod snapshot;
 pub mod units;

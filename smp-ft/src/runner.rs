@@ -3,6 +3,7 @@
 
 use crate::error::error_chain;
 use crate::ft::primary::{Flow, PrimaryFt};
+use crate::qmp::SmpftCommand;
 use crate::snapshot::{self, Kind};
 use crate::vmm::{RunningVm, VmEvent};
 use qemu_shim::qmp::{Command, QmpError, QmpServer, Request};
@@ -178,14 +179,28 @@ impl Runner {
                 Ok(json!({}))
             }
             Command::Quit => Ok(json!({})),
-            Command::Snapshot { .. } if ft_active => Err(QmpError::generic(
+            Command::Other { name, args } => match SmpftCommand::parse(name, args) {
+                Some(Ok(c)) => self.smpft(c, ft_active),
+                Some(Err(e)) => Err(e),
+                None => match &mut self.extension {
+                    Some(e) => e.answer(&self.vm, name, args).unwrap_or_else(|| Err(qemu_shim::qmp::not_found(name))),
+                    None => Err(qemu_shim::qmp::not_found(name)),
+                },
+            },
+        }
+    }
+
+    /// smpft's own commands, on a VM that runs here.
+    fn smpft(&mut self, command: SmpftCommand, ft_active: bool) -> Result<Value, QmpError> {
+        match command {
+            SmpftCommand::Snapshot { .. } if ft_active => Err(QmpError::generic(
                 "the VM is protected by FT, whose checkpoints consume the dirty-page log; snapshots are refused until it is unprotected",
             )),
-            Command::Snapshot { file, incremental } => {
-                let kind = if *incremental { Kind::Incremental } else { Kind::Full };
+            SmpftCommand::Snapshot { file, incremental } => {
+                let kind = if incremental { Kind::Incremental } else { Kind::Full };
                 let (bytes, t) = self
                     .snapshots
-                    .take_to_file(&self.vm, kind, file)
+                    .take_to_file(&self.vm, kind, &file)
                     .map_err(|e| QmpError::generic(error_chain(&e)))?;
                 Ok(json!({
                     "bytes": bytes,
@@ -193,16 +208,12 @@ impl Runner {
                     "pause-us": t.total().as_micros() as u64,
                 }))
             }
-            Command::QueryFt => Ok(match &self.ft {
+            SmpftCommand::QueryFt => Ok(match &self.ft {
                 Some(ft) => ft.query(&self.vm),
                 None => json!({"role": "primary", "state": "unprotected", "configured": false}),
             }),
-            Command::Other { name, args } => match &mut self.extension {
-                Some(e) => e.answer(&self.vm, name, args).unwrap_or_else(|| Err(qemu_shim::qmp::not_found(name))),
-                None => Err(qemu_shim::qmp::not_found(name)),
-            },
-            Command::Protect { peer } => match &mut self.ft {
-                Some(ft) => ft.protect(peer).map(|()| json!({})).map_err(|e| QmpError::generic(error_chain(&e))),
+            SmpftCommand::Protect { peer } => match &mut self.ft {
+                Some(ft) => ft.protect(&peer).map(|()| json!({})).map_err(|e| QmpError::generic(error_chain(&e))),
                 None => Err(QmpError::generic(
                     "FT is not configured for this VM: start it with --identity, --peer-cert and --tiebreak",
                 )),

@@ -48,6 +48,9 @@ pub enum StandbyEnd {
     Quit,
 }
 
+/// What a standby says to commands for a running VM.
+const STANDBY_REFUSES: &str = "this is an FT standby: the VM does not run here unless the primary fails";
+
 /// One primary's session: the copy being kept.
 struct Session {
     chan: Channel,
@@ -518,11 +521,15 @@ impl<'a> StandbyRunner<'a> {
     fn qmp_request(&self, req: Request, s: Option<&Session>) -> Option<StandbyEnd> {
         let quit = req.command == Command::Quit;
         let reply = match &req.command {
-            Command::QueryFt => Ok(self.query(s)),
             Command::QueryStatus => Ok(json!({"status": "inmigrate", "running": false, "singlestep": false})),
             Command::Quit => Ok(json!({})),
-            Command::Other { name, .. } => Err(qemu_shim::qmp::not_found(name)),
-            _ => Err(QmpError::generic("this is an FT standby: the VM does not run here unless the primary fails")),
+            Command::Other { name, args } => match crate::qmp::SmpftCommand::parse(name, args) {
+                Some(Ok(crate::qmp::SmpftCommand::QueryFt)) => Ok(self.query(s)),
+                Some(Ok(_)) => Err(QmpError::generic(STANDBY_REFUSES)),
+                Some(Err(e)) => Err(e),
+                None => Err(qemu_shim::qmp::not_found(name)),
+            },
+            Command::Stop | Command::Cont => Err(QmpError::generic(STANDBY_REFUSES)),
         };
         req.reply.send(reply);
         quit.then_some(StandbyEnd::Quit)
