@@ -302,6 +302,11 @@ fn a_domain_with_disks_and_a_bridged_nic_runs_its_services() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(body, "OK 1 1");
+    let stats = ok(&["domstats", "--block", dom]);
+    let field = |k: &str| stats.lines().find_map(|l| l.trim().strip_prefix(k)).and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(field("block.count="), Some(2), "{stats}");
+    assert!(field("block.0.wr.reqs=").unwrap_or(0) > 0, "the guest's writes are counted:\n{stats}");
+    assert!(field("block.0.wr.bytes=").unwrap_or(0) > 0, "{stats}");
     ok(&["shutdown", dom]);
     wait_state(dom, "shut off");
     let l = log(dom);

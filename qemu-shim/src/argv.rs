@@ -51,6 +51,8 @@ pub enum Serial {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
     pub id: String,
+    /// The block node the device uses (libvirt's format node), as statistics name it.
+    pub node: String,
     pub source: String,
     pub readonly: bool,
 }
@@ -409,9 +411,11 @@ impl Parser {
                 Some("raw") => name = text(b, "file").unwrap_or_default(),
                 Some("file") | Some("host_device") => {
                     let source = text(b, "filename").ok_or_else(|| ArgvError(format!("{id}: no filename")))?;
-                    return Ok(Disk { id: id.to_string(), source, readonly });
+                    return Ok(Disk { id: id.to_string(), node: node.to_string(), source, readonly });
                 }
-                Some("nbd") => return Ok(Disk { id: id.to_string(), source: nbd_uri(id, b)?, readonly }),
+                Some("nbd") => {
+                    return Ok(Disk { id: id.to_string(), node: node.to_string(), source: nbd_uri(id, b)?, readonly })
+                }
                 Some(other) => return err(format!("{id}: block driver '{other}' is not supported (raw files, block devices and NBD are; serve other formats with qemu-nbd)")),
                 None => return err(format!("{id}: -blockdev '{name}' has no driver")),
             }

@@ -42,6 +42,7 @@ pub const COMMANDS: &[&str] = &[
     "qom-list",
     "qom-get",
     "query-block",
+    "query-blockstats",
     "query-jobs",
     "query-status",
     "query-cpus-fast",

@@ -42,8 +42,18 @@ fn disks_and_nics_resolve_through_their_nodes() {
     assert_eq!(
         l.disks,
         vec![
-            Disk { id: "virtio-disk0".into(), source: "/img/a.raw".into(), readonly: false },
-            Disk { id: "virtio-disk1".into(), source: "nbd+unix:///e?socket=/run/n.sock".into(), readonly: true },
+            Disk {
+                id: "virtio-disk0".into(),
+                node: "libvirt-2-format".into(),
+                source: "/img/a.raw".into(),
+                readonly: false
+            },
+            Disk {
+                id: "virtio-disk1".into(),
+                node: "libvirt-1-format".into(),
+                source: "nbd+unix:///e?socket=/run/n.sock".into(),
+                readonly: true
+            },
         ]
     );
     assert_eq!(l.nics, vec![Nic { id: "net0".into(), fd: 30, mac: Some("52:54:00:aa:bb:cc".into()) }]);
@@ -94,7 +104,13 @@ fn libvirts_line_for_smpft_is_understood() {
     assert_eq!((l.vcpus, l.memory_bytes), (Some(2), Some(256 << 20)));
     assert_eq!(l.monitors, vec![Monitor::Fd(31)]);
     assert_eq!(l.serial, Some(Serial::Pty));
-    assert_eq!(l.disks, vec![Disk { id: "virtio-disk0".into(), source: "/img/disk0.raw".into(), readonly: false }]);
+    let disk0 = Disk {
+        id: "virtio-disk0".into(),
+        node: "libvirt-1-format".into(),
+        source: "/img/disk0.raw".into(),
+        readonly: false,
+    };
+    assert_eq!(l.disks, vec![disk0]);
     assert_eq!(l.nics, vec![Nic { id: "net0".into(), fd: 32, mac: Some("52:54:00:a4:ee:9d".into()) }]);
     assert_eq!(l.kernel, Some("/bin/true".into()));
     assert!(!l.no_reboot);

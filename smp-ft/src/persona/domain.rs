@@ -90,9 +90,26 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
     let name = launch.name.clone().unwrap_or_else(|| "(unnamed)".into());
     let ft = super::libvirt_ft::for_domain(&name);
     let config = config(&launch)?;
+    // FT settings are checked before the monitor listens: an error then ends the start with
+    // smpft's reason, which libvirt shows (later, libvirt would see only a closed monitor).
+    if let Some(s) = &ft {
+        super::standby::ft_options(s)?;
+        if let Some(peer) = s.get("peer").filter(|_| s.get("role") == Some("primary")) {
+            smp_ft::ft::error::resolve(peer).map_err(|e| format!("FT peer {peer}: {}", crate::error_chain(&e)))?;
+        }
+        if let Some(listen) = s.get("listen").filter(|_| s.get("role") == Some("standby")) {
+            listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("FT metadata: <listen>{listen}</listen> is not ADDRESS:PORT"))?;
+        }
+    }
     let qmp = monitor(&launch)?;
     crate::block_termination_signals();
-    let answers = Answers { serial_label: launch.serial_label.clone(), devices: launch.device_ids.clone() };
+    let answers = Answers {
+        serial_label: launch.serial_label.clone(),
+        devices: launch.device_ids.clone(),
+        disks: launch.disks.iter().map(|d| (d.id.clone(), d.node.clone())).collect(),
+    };
     match ft {
         Some(s) if s.get("role") == Some("standby") => super::standby::run(&name, &s, config, qmp, answers),
         ft => primary(&launch, &name, ft, config, qmp, answers),
@@ -131,6 +148,8 @@ fn primary(
 pub struct Answers {
     serial_label: Option<String>,
     devices: Vec<(String, String)>,
+    /// Each disk's device id and block node, in order.
+    disks: Vec<(String, String)>,
 }
 
 impl Answers {
@@ -166,6 +185,35 @@ impl Answers {
     }
 }
 
+impl Answers {
+    /// Each disk's counters, named as libvirt looks them up: by the device's QOM path and by
+    /// its block node.
+    fn blockstats(&self, vm: &RunningVm) -> Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = vm.devices().disk_stats();
+        Value::Array(
+            self.disks
+                .iter()
+                .zip(stats)
+                .map(|((id, node), s)| {
+                    json!({
+                        "device": "",
+                        "qdev": format!("/machine/peripheral/{id}/virtio-backend"),
+                        "node-name": node,
+                        "stats": {
+                            "rd_bytes": s.rd_bytes.load(Relaxed), "wr_bytes": s.wr_bytes.load(Relaxed),
+                            "rd_operations": s.rd_ops.load(Relaxed), "wr_operations": s.wr_ops.load(Relaxed),
+                            "flush_operations": s.flush_ops.load(Relaxed),
+                            "rd_total_time_ns": s.rd_ns.load(Relaxed), "wr_total_time_ns": s.wr_ns.load(Relaxed),
+                            "flush_total_time_ns": s.flush_ns.load(Relaxed),
+                        },
+                    })
+                })
+                .collect(),
+        )
+    }
+}
+
 impl Extension for Answers {
     fn answer(&mut self, vm: &RunningVm, name: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>> {
         Some(Ok(match name {
@@ -183,6 +231,7 @@ impl Extension for Answers {
                 vm.devices().press_power_button();
                 json!({})
             }
+            "query-blockstats" => self.blockstats(vm),
             _ => return self.without_vm(vm.serial_pty().as_deref(), name, args),
         }))
     }

@@ -43,10 +43,7 @@ pub fn invoked(args: &[String]) -> Option<Vec<String>> {
 pub fn main(args: &[String]) -> ExitCode {
     let launch = match argv::parse(args) {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return refuse(&e.to_string()),
     };
     if launch.version {
         println!("QEMU emulator version 7.2.0 ({PACKAGE}: the QMP commands smpft implements behave as QEMU 7.2's)");
@@ -62,11 +59,17 @@ pub fn main(args: &[String]) -> ExitCode {
     let r = if launch.probe { probe(&launch) } else { domain::run(launch) };
     match r {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("smpft (QEMU persona): {e}");
-            ExitCode::from(1)
-        }
+        Err(e) => refuse(&format!("smpft (QEMU persona): {e}")),
     }
+}
+
+/// Reports why the persona cannot go on, on standard error, and gives up. libvirt collects that
+/// line through virtlogd when it sees the process end; a short wait lets it arrive first, or
+/// `virsh start` would say only that the emulator closed its monitor.
+fn refuse(why: &str) -> ExitCode {
+    eprintln!("{why}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    ExitCode::from(1)
 }
 
 /// Serves libvirt's capability probe until it ends the process.

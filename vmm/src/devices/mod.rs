@@ -225,6 +225,11 @@ impl Devices {
         &self.nets
     }
 
+    /// What each disk has served, in order.
+    pub fn disk_stats(&self) -> Vec<&super::virtio::blk::BlkStats> {
+        self.disks.iter().map(|d| d.device().stats()).collect()
+    }
+
     /// The disks' storage, in order.
     pub fn disk_backends(&self) -> Vec<Arc<dyn Backend>> {
         self.disks.iter().map(|d| d.device().backend().clone()).collect()

@@ -14,7 +14,7 @@ use crate::memory::DeviceMemory;
 use disk_mirror::backend::Backend;
 use disk_mirror::log::{Op, WriteLog};
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::Queue;
 
@@ -44,8 +44,22 @@ const S_UNSUPP: u8 = 2;
 /// The device's configuration space (virtio 1.2 §5.2.4), as far as smpft fills it.
 const CONFIG_LEN: usize = 60;
 
+/// What a disk has served, for QMP's `query-blockstats` (not replicated: each copy counts its own).
+#[derive(Debug, Default)]
+pub struct BlkStats {
+    pub rd_bytes: AtomicU64,
+    pub wr_bytes: AtomicU64,
+    pub rd_ops: AtomicU64,
+    pub wr_ops: AtomicU64,
+    pub flush_ops: AtomicU64,
+    pub rd_ns: AtomicU64,
+    pub wr_ns: AtomicU64,
+    pub flush_ns: AtomicU64,
+}
+
 pub struct Blk {
     disk: Arc<dyn Backend>,
+    stats: BlkStats,
     /// This disk's number in the VM (and in the log).
     index: u32,
     log: Arc<WriteLog>,
@@ -58,7 +72,20 @@ pub struct Blk {
 impl Blk {
     /// Disk number `index` of the VM, on `disk`, recording its changes in `log`.
     pub fn new(disk: Arc<dyn Backend>, index: u32, log: Arc<WriteLog>, id: &str) -> Blk {
-        Blk { disk, index, log, deferred: AtomicBool::new(false), id: id.as_bytes().iter().copied().take(20).collect() }
+        let id = id.as_bytes().iter().copied().take(20).collect();
+        Blk { disk, stats: BlkStats::default(), index, log, deferred: AtomicBool::new(false), id }
+    }
+
+    pub fn stats(&self) -> &BlkStats {
+        &self.stats
+    }
+
+    fn count(&self, ops: &AtomicU64, bytes: Option<(&AtomicU64, u64)>, ns: &AtomicU64, since: std::time::Instant) {
+        ops.fetch_add(1, Ordering::Relaxed);
+        if let Some((b, n)) = bytes {
+            b.fetch_add(n, Ordering::Relaxed);
+        }
+        ns.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// The disk's storage.
@@ -117,8 +144,13 @@ impl Blk {
                 let len = out_len as u64;
                 let Some(at) = range(len) else { return (S_IOERR, 0) };
                 let mut buf = vec![0u8; out_len];
+                let t = std::time::Instant::now();
                 match self.disk.read_at(&mut buf, at) {
-                    Ok(()) if out.write_all(&buf).is_ok() => (S_OK, out_len as u32),
+                    Ok(()) if out.write_all(&buf).is_ok() => {
+                        let s = &self.stats;
+                        self.count(&s.rd_ops, Some((&s.rd_bytes, len)), &s.rd_ns, t);
+                        (S_OK, out_len as u32)
+                    }
                     Ok(()) => (S_IOERR, 0),
                     Err(e) => io_error("read", &e),
                 }
@@ -130,20 +162,24 @@ impl Blk {
                     return (S_IOERR, 0);
                 }
                 let Some(at) = range(data.len() as u64) else { return (S_IOERR, 0) };
+                let t = std::time::Instant::now();
                 match self.disk.write_at(&data, at) {
                     Ok(()) => {
+                        let s = &self.stats;
+                        self.count(&s.wr_ops, Some((&s.wr_bytes, data.len() as u64)), &s.wr_ns, t);
                         self.record(Op::Write { offset: at, data });
                         (S_OK, 0)
                     }
                     Err(e) => io_error("write", &e),
                 }
             }
-            T_FLUSH => match self.disk.flush() {
-                Ok(()) => {
+            T_FLUSH => match (std::time::Instant::now(), self.disk.flush()) {
+                (t, Ok(())) => {
+                    self.count(&self.stats.flush_ops, None, &self.stats.flush_ns, t);
                     self.record(Op::Flush);
                     (S_OK, 0)
                 }
-                Err(e) => io_error("flush", &e),
+                (_, Err(e)) => io_error("flush", &e),
             },
             T_GET_ID => {
                 let mut id = self.id.clone();
