@@ -487,3 +487,57 @@ fn a_guest_dirtying_flat_out_is_throttled_and_loses_nothing() {
     let client = client.finish_or(|| format!("primary:\n{}\nstandby:\n{}", log(&pp), log(&sp)));
     finish_on(client, standby, &sp, "after a throttled primary died");
 }
+
+/// Waits until `p`'s `x-smpft-query-ft` says protected by the standby at `port`.
+fn wait_protected_by(p: &VmPaths, port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let q = query(p);
+        if q["state"] == "protected" && q["peer"] == format!("127.0.0.1:{port}") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: never protected by port {port}: {q}\n{}", log(p));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A spare pool: the primary protects itself with the first spare, then (that standby killed)
+/// with the second; the primary killed, the second goes live and protects the VM with its own
+/// spare. A client sees nothing lost throughout.
+#[test]
+fn spares_take_over_protection_in_turn() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-spares");
+    let (port1, port2, port3) = (free_port(), free_port(), free_port());
+    let addr = |p: u16| format!("127.0.0.1:{p}");
+    let (pp, s1p, s2p, s3p) = (setup.paths("p"), setup.paths("s1"), setup.paths("s2"), setup.paths("s3"));
+    let vcpus = ["--vcpus", "4", "--memory", "128M"];
+    let b_trusts_a = Side { me: &setup.b, peer: &setup.a, tiebreak: &setup.tiebreak, env: &[], netns: None };
+    let a_trusts_b = Side { me: &setup.a, peer: &setup.b, tiebreak: &setup.tiebreak, env: &[], netns: None };
+    let mut s1 = common::ft::spawn(&s1p, &b_trusts_a, &[&["standby", "--listen", &addr(port1)], &vcpus[..]].concat());
+    let (a2, a3) = (addr(port2), addr(port3));
+    let s2 =
+        common::ft::spawn(&s2p, &b_trusts_a, &[&["standby", "--listen", &a2, "--ft-peer", &a3], &vcpus[..]].concat());
+    // The third spare serves whoever runs the VM after the first failover: the copy with identity b.
+    let s3 = common::ft::spawn(&s3p, &a_trusts_b, &[&["standby", "--listen", &addr(port3)], &vcpus[..]].concat());
+    for p in [&s1p, &s2p, &s3p] {
+        wait_state(p, "waiting", Duration::from_secs(10));
+    }
+    let spares = format!("{},{}", addr(port1), addr(port2));
+    let mut primary = setup.primary(&pp, &spares, &[], &[]);
+    wait_protected_by(&pp, port1, "first spare");
+    let client = background_client(vec![pp.serial.clone(), s2p.serial.clone()]);
+    std::thread::sleep(Duration::from_millis(300));
+    s1.sigkill();
+    wait_protected_by(&pp, port2, "the first spare killed");
+    std::thread::sleep(Duration::from_millis(300));
+    primary.sigkill();
+    wait_state(&s2p, "live-after-failover", Duration::from_secs(10));
+    wait_protected_by(&s2p, port3, "the promoted copy's own spare");
+    let client = client.finish_or(|| format!("primary:\n{}\ns2:\n{}", log(&pp), log(&s2p)));
+    let client = finish_at(client, 1, s2, &s2p, "spares");
+    assert!(client.replies > 20, "the client made progress");
+    let st = wait_exit(s3, Duration::from_secs(20));
+    assert!(st.success(), "the last spare stands down when the VM ends\n{}", log(&s3p));
+}

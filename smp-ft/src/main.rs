@@ -255,6 +255,10 @@ struct StandbyArgs {
     /// an image copied by hand) and the primary sends only the blocks that differ.
     #[arg(long, value_enum, default_value = "full")]
     disk_sync: DiskSync,
+    /// Spares for after a failover: once this copy has gone live, it protects the VM with the
+    /// first of these standbys (host:port, comma-separated) that answers, as `run --ft-peer`.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
+    ft_peer: Option<String>,
     #[command(flatten)]
     ft: FtArgs,
 }
@@ -312,9 +316,10 @@ struct RunArgs {
     /// acknowledged the checkpoint that produced it.
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<NetSpec>,
-    /// Protect the VM with the standby (`smpft standby`) at this address (host:port). Until
-    /// it answers, and whenever it is lost, the VM runs unprotected and smpft keeps trying.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Protect the VM with the standby (`smpft standby`) at this address (host:port), or with
+    /// the first of several that answers (comma-separated spares, tried in turn). Until one
+    /// answers, and whenever it is lost, the VM runs unprotected and smpft keeps trying the next.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
     ft_peer: Option<String>,
     #[command(flatten)]
     ft: FtArgs,
@@ -431,7 +436,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     let ft = if args.ft.given() || args.ft_peer.is_some() { Some(args.ft.options()?) } else { None };
     let peer = match &args.ft_peer {
         None => None,
-        Some(p) => Some(smp_ft::ft::error::resolve(p).map_err(CliError::FtPeer)?),
+        Some(p) => Some(smp_ft::ft::error::resolve_all(p).map_err(CliError::FtPeer)?),
     };
     block_termination_signals();
     let vm = match &chain {
@@ -444,7 +449,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     forward_signals(sig_tx);
     relay_signals(sig_rx, running.event_sender());
     let ft = match ft {
-        Some(opts) => Some(PrimaryFt::new(opts, &running, peer, None)?),
+        Some(opts) => Some(PrimaryFt::new(opts, &running, peer.unwrap_or_default(), None)?),
         None => None,
     };
     serve(Runner::new(running, qmp, ft))
@@ -481,6 +486,10 @@ pub(crate) fn serve(runner: Runner) -> Result<ExitCode, CliError> {
 
 fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
     let ft = args.ft.options()?;
+    let spares = match &args.ft_peer {
+        None => Vec::new(),
+        Some(p) => smp_ft::ft::error::resolve_all(p).map_err(CliError::FtPeer)?,
+    };
     let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose()?;
     let config = VmConfig {
         vcpus: args.vcpus,
@@ -499,7 +508,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     forward_signals(sig_tx);
     let end = StandbyRunner::new(&opts, qmp.as_ref().map(|(_, rx)| rx.clone()), sig_rx.clone())?.run()?;
-    standby_ended(end, ft, qmp, sig_rx, None)
+    standby_ended(end, ft, spares, qmp, sig_rx, None)
 }
 
 /// What a standby does when its watch ends: run the VM if it won (with `extension` answering
@@ -507,6 +516,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
 pub(crate) fn standby_ended(
     end: StandbyEnd,
     ft: FtOptions,
+    spares: Vec<std::net::SocketAddr>,
     qmp: Qmp,
     sig_rx: crossbeam_channel::Receiver<VmEvent>,
     extension: Option<Box<dyn smp_ft::runner::Extension>>,
@@ -525,7 +535,7 @@ pub(crate) fn standby_ended(
                 // The VM runs here now (libvirt shows the domain running on this event).
                 server.emit("RESUME", None);
             }
-            let ft = PrimaryFt::new(ft, &running, None, Some(generation))?;
+            let ft = PrimaryFt::new(ft, &running, spares, Some(generation))?;
             let runner = Runner::new(running, qmp, Some(ft));
             serve(match extension {
                 Some(e) => runner.with_extension(e),

@@ -57,3 +57,12 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, FtError> {
         .next()
         .ok_or_else(|| FtError::NoAddress(addr.into()))
 }
+
+/// Resolves a comma-separated list of `host:port` (spares, in order).
+pub fn resolve_all(addrs: &str) -> Result<Vec<SocketAddr>, FtError> {
+    let list: Vec<&str> = addrs.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+    if list.is_empty() {
+        return Err(FtError::NoAddress(addrs.into()));
+    }
+    list.into_iter().map(resolve).collect()
+}

@@ -10,6 +10,7 @@ pub mod fault;
 pub mod link;
 pub mod primary;
 pub mod protocol;
+pub mod spares;
 pub mod standby;
 pub mod stats;
 pub mod throttle;

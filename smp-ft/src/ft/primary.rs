@@ -60,7 +60,8 @@ pub struct PrimaryFt {
     tiebreak: TieBreaker,
     proto: Primary,
     meta: Meta,
-    peer: Option<SocketAddr>,
+    /// The standbys to protect the VM with, tried in turn.
+    spares: super::spares::Spares,
     link: Option<Link>,
     connecting: bool,
     sync: Option<SyncRun>,
@@ -93,11 +94,12 @@ pub struct PrimaryFt {
 }
 
 impl PrimaryFt {
-    /// An FT engine for `vm`: protects it by connecting to `peer` when one is given.
+    /// An FT engine for `vm`: protects it with the first of `spares` that answers (none: the
+    /// VM runs unprotected until QMP `x-smpft-protect` names one).
     pub fn new(
         opts: FtOptions,
         vm: &RunningVm,
-        peer: Option<SocketAddr>,
+        spares: Vec<SocketAddr>,
         took_over: Option<u64>,
     ) -> Result<PrimaryFt, FtError> {
         let tiebreak = TieBreaker::new(&opts.tiebreak, &opts.owner)?;
@@ -125,7 +127,7 @@ impl PrimaryFt {
                 PrimaryConfig { interval: opts.interval, min_gap: opts.min_gap, ..PrimaryConfig::default() },
             ),
             meta,
-            peer,
+            spares: super::spares::Spares::new(spares),
             link: None,
             connecting: false,
             sync: None,
@@ -161,7 +163,7 @@ impl PrimaryFt {
         let now = Instant::now();
         let far = now + Duration::from_secs(3600);
         let mut at = far;
-        if self.peer.is_some()
+        if self.spares.current().is_some()
             && self.link.is_none()
             && !self.connecting
             && self.proto.state() == PrimaryState::Unprotected
@@ -243,7 +245,7 @@ impl PrimaryFt {
         match self.proto.state() {
             PrimaryState::Unprotected => {
                 self.throttle(vm, now);
-                if let Some(peer) = self.peer {
+                if let Some(peer) = self.spares.current() {
                     if self.link.is_none() && !self.connecting && now >= self.next_connect {
                         self.connect(peer);
                     }
@@ -263,6 +265,9 @@ impl PrimaryFt {
     fn connect(&mut self, peer: SocketAddr) {
         self.connecting = true;
         let (id, trust, cfg) = (self.opts.identity.clone(), self.opts.trust.clone(), self.opts.channel.clone());
+        // A new standby must claim above every generation this copy has won since it started
+        // (a standby that read an older record would lose a claim it should win).
+        self.meta.generation = self.proto.generation();
         let meta = self.meta.encode();
         let tx = self.inputs.0.clone();
         let session = std::process::id() as u64;
@@ -279,8 +284,13 @@ impl PrimaryFt {
         match input {
             Input::Connected(Err(e)) => {
                 self.connecting = false;
-                self.next_connect = Instant::now() + RETRY_CONNECT;
-                self.error(format!("cannot reach the standby: {}; the VM runs unprotected, retrying", error_chain(&e)));
+                let tried = self.spares.current().map(|a| a.to_string()).unwrap_or_default();
+                self.next_connect = Instant::now() + self.spares.failed();
+                let next = self.spares.current().map(|a| a.to_string()).unwrap_or_default();
+                self.error(format!(
+                    "cannot reach the standby {tried}: {}; the VM runs unprotected, trying {next} next",
+                    error_chain(&e)
+                ));
             }
             Input::Connected(Ok(chan)) => {
                 self.connecting = false;
@@ -297,7 +307,7 @@ impl PrimaryFt {
                 };
                 if let Some(p) = problem {
                     chan.close(transport::channel::code::PROTOCOL, &p);
-                    self.next_connect = Instant::now() + RETRY_CONNECT * 5;
+                    self.next_connect = Instant::now() + self.spares.failed().max(RETRY_CONNECT * 5);
                     self.error(format!("standby {} refused: {p}", chan.peer_addr()));
                     return Flow::Continue;
                 }
@@ -306,6 +316,7 @@ impl PrimaryFt {
                     return Flow::Continue;
                 }
                 self.last_error = None;
+                self.spares.succeeded();
                 self.link = Some(Link::start(chan, self.inputs.0.clone(), self.stats.clone(), &self.opts));
                 self.digests = None;
                 if digests_follow {
@@ -389,6 +400,7 @@ impl PrimaryFt {
             return Flow::Continue;
         }
         self.lost_at = Some(Instant::now());
+        self.spares.lost();
         let actions = self.proto.handle(PrimaryEvent::PeerSilent);
         self.act(vm, actions)
     }
@@ -693,13 +705,13 @@ impl PrimaryFt {
         self.link.is_some() || !matches!(self.proto.state(), PrimaryState::Unprotected)
     }
 
-    /// QMP `x-smpft-protect`.
-    pub fn protect(&mut self, peer: &str) -> Result<(), FtError> {
-        let addr = super::error::resolve(peer)?;
+    /// QMP `x-smpft-protect`: `peers` is one address or several, comma-separated (spares).
+    pub fn protect(&mut self, peers: &str) -> Result<(), FtError> {
+        let addrs = super::error::resolve_all(peers)?;
         if self.proto.state() != PrimaryState::Unprotected || self.link.is_some() || self.connecting {
-            return Err(FtError::Busy { state: self.state_name(), peer: self.peer });
+            return Err(FtError::Busy { state: self.state_name(), peer: self.spares.current() });
         }
-        self.peer = Some(addr);
+        self.spares.set(addrs);
         self.next_connect = Instant::now();
         Ok(())
     }
@@ -725,7 +737,8 @@ impl PrimaryFt {
         v["state"] = json!(self.state_name());
         v["epoch"] = json!(self.proto.acked().unwrap_or(0));
         v["generation"] = json!(self.proto.generation());
-        v["peer"] = json!(self.link.as_ref().map(|l| l.peer).or(self.peer).map(|p| p.to_string()));
+        v["peer"] = json!(self.link.as_ref().map(|l| l.peer).or(self.spares.current()).map(|p| p.to_string()));
+        v["spares"] = json!(self.spares.all().iter().map(|a| a.to_string()).collect::<Vec<_>>());
         v["held-bytes"] = json!(gate.held_bytes());
         v["output-hold-p50-us"] = json!(hold.map(|h| h.0.as_micros() as u64));
         v["output-hold-p99-us"] = json!(hold.map(|h| h.1.as_micros() as u64));

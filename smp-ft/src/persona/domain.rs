@@ -137,7 +137,7 @@ fn primary(
             let opts = super::standby::ft_options(&s)?;
             let peer = s.get("peer").unwrap_or_default();
             let peer = smp_ft::ft::error::resolve(peer).map_err(|e| format!("FT peer {peer}: {}", err(&e)))?;
-            Some(smp_ft::ft::primary::PrimaryFt::new(opts, &running, Some(peer), None).map_err(|e| err(&e))?)
+            Some(smp_ft::ft::primary::PrimaryFt::new(opts, &running, vec![peer], None).map_err(|e| err(&e))?)
         }
     };
     crate::serve(Runner::new(running, qmp, ft).with_extension(Box::new(answers))).map_err(|e| err(&e))

@@ -80,6 +80,6 @@ pub fn run(name: &str, s: &Settings, config: VmConfig, qmp: crate::Qmp, answers:
     let _ = pty.set(runner.serial_pty());
     tracing::info!(domain = %name, listen = %opts.listen, "FT standby domain waiting for its primary");
     let end = runner.run().map_err(|e| error_chain(&e))?;
-    crate::standby_ended(end, ft, Some((server, from_filter)), sig_rx, Some(Box::new(answers)))
+    crate::standby_ended(end, ft, Vec::new(), Some((server, from_filter)), sig_rx, Some(Box::new(answers)))
         .map_err(|e| error_chain(&e))
 }
