@@ -59,6 +59,13 @@ impl Link {
         Link { chan, out: Some(tx), sender: Some(sender), peer }
     }
 
+    /// While this standby has been heard from within half its silence timeout it cannot have
+    /// taken over: released output may leave (see `OutputGate::set_lease`).
+    pub fn lease(&self, silence_timeout: std::time::Duration) -> crate::vmm::devices::gate::Lease {
+        let chan = self.chan.clone();
+        Arc::new(move || chan.silent_for() < silence_timeout / 2)
+    }
+
     pub fn send(&self, p: Outgoing) {
         if let Some(out) = &self.out {
             let _ = out.send(p);

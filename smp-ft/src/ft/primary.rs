@@ -253,6 +253,7 @@ impl PrimaryFt {
             }
             PrimaryState::Protected => {
                 self.throttle(vm, now);
+                self.gate.deliver_releasable();
                 self.proto.set_output_waiting(self.output_waiting(vm.devices().disk_log().filling()));
                 let actions = self.proto.handle_timeout(now);
                 return self.act(vm, actions);
@@ -317,7 +318,9 @@ impl PrimaryFt {
                 }
                 self.last_error = None;
                 self.spares.succeeded();
-                self.link = Some(Link::start(chan, self.inputs.0.clone(), self.stats.clone(), &self.opts));
+                let link = Link::start(chan, self.inputs.0.clone(), self.stats.clone(), &self.opts);
+                self.gate.set_lease(Some(link.lease(self.opts.channel.silence_timeout)));
+                self.link = Some(link);
                 self.digests = None;
                 if digests_follow {
                     tracing::info!("standby connected; it is hashing its disks to compare");

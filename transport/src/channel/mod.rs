@@ -436,6 +436,11 @@ impl Channel {
         UdpSent { datagrams: s.datagrams, bytes: s.bytes, calls: s.ios }
     }
 
+    /// How long since anything was heard from the peer.
+    pub fn silent_for(&self) -> Duration {
+        self.shared.last_heard.lock().elapsed()
+    }
+
     /// Bytes of checkpoints sent and not yet acknowledged.
     pub fn in_flight(&self) -> u64 {
         self.shared.budget.in_flight()

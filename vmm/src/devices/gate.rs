@@ -37,16 +37,22 @@ struct Inner {
     holding: bool,
     open: Option<Batch>,
     sealed: BTreeMap<u64, Batch>,
+    /// Released, not yet delivered: the lease lapsed while delivering (oldest first).
+    releasable: VecDeque<(Arc<dyn OutputPort>, Vec<u8>)>,
     next_id: u64,
     /// Hold times of recently released batches (oldest byte to release), for statistics.
     latencies: VecDeque<Duration>,
     held_bytes: u64,
 }
 
+/// Whether released output may leave now (see [`OutputGate::set_lease`]).
+pub type Lease = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// See the module documentation.
 #[derive(Default)]
 pub struct OutputGate {
     inner: Mutex<Inner>,
+    lease: Mutex<Option<Lease>>,
     /// Told (without blocking) when output starts waiting, so a checkpoint can be taken early.
     waiting: Mutex<Option<crossbeam_channel::Sender<()>>>,
 }
@@ -114,36 +120,60 @@ impl OutputGate {
         Some(id)
     }
 
-    /// Lets the sealed batches `ids` out, in the order given.
+    /// Released output leaves only while `lease` says so (the FT engine: while the standby has
+    /// been heard from recently enough that it cannot have taken over). A process frozen in the
+    /// middle of a release (SIGSTOP, a long stall) wakes with a lapsed lease and sends the rest
+    /// only once its standby is heard again; if the standby took over meanwhile, this copy
+    /// loses the tie-breaker and [`OutputGate::discard_all`] drops it. `None`: no condition.
+    pub fn set_lease(&self, lease: Option<Lease>) {
+        *self.lease.lock() = lease;
+    }
+
+    /// Lets the sealed batches `ids` out, in the order given, after anything released earlier
+    /// and not yet delivered.
     pub fn release(&self, ids: &[u64]) {
-        let mut out = Vec::new();
         {
             let mut g = self.inner.lock();
             for id in ids {
                 if let Some(b) = g.sealed.remove(id) {
-                    let bytes: u64 = b.items.iter().map(|(_, d)| d.len() as u64).sum();
-                    g.held_bytes -= bytes;
                     if g.latencies.len() == LATENCY_SAMPLES {
                         g.latencies.pop_front();
                     }
                     g.latencies.push_back(b.since.elapsed());
-                    out.push(b);
+                    g.releasable.extend(b.items);
                 }
             }
         }
-        out.into_iter().for_each(deliver);
+        self.deliver_releasable();
+    }
+
+    /// Delivers released output, one item at a time, while the lease holds.
+    pub fn deliver_releasable(&self) {
+        let lease = self.lease.lock().clone();
+        loop {
+            if lease.as_ref().is_some_and(|l| !l()) {
+                return;
+            }
+            let Some((port, data)) = self.inner.lock().releasable.pop_front() else { return };
+            self.inner.lock().held_bytes -= data.len() as u64;
+            port.deliver(&data);
+        }
     }
 
     /// Stops holding and lets everything out, oldest first (nothing survives elsewhere any more).
     pub fn open_all(&self) {
-        let batches: Vec<Batch> = {
+        let (released, batches): (Vec<_>, Vec<Batch>) = {
             let mut g = self.inner.lock();
             g.holding = false;
             g.held_bytes = 0;
             let mut v: Vec<Batch> = std::mem::take(&mut g.sealed).into_values().collect();
             v.extend(g.open.take());
-            v
+            (std::mem::take(&mut g.releasable).into(), v)
         };
+        *self.lease.lock() = None;
+        for (port, data) in released {
+            port.deliver(&data);
+        }
         batches.into_iter().for_each(deliver);
     }
 
@@ -152,6 +182,7 @@ impl OutputGate {
     pub fn discard_all(&self) -> u64 {
         let mut g = self.inner.lock();
         g.sealed.clear();
+        g.releasable.clear();
         g.open = None;
         g.holding = true;
         std::mem::take(&mut g.held_bytes)
@@ -166,6 +197,9 @@ impl OutputGate {
     pub fn output_lag(&self) -> Duration {
         let g = self.inner.lock();
         let oldest = g.sealed.values().map(|b| b.since).chain(g.open.as_ref().map(|b| b.since)).min();
+        if !g.releasable.is_empty() && oldest.is_none() {
+            return g.latencies.back().copied().unwrap_or_default();
+        }
         match oldest {
             Some(t) => t.elapsed(),
             None => g.latencies.back().copied().unwrap_or_default(),
@@ -236,6 +270,33 @@ mod tests {
         assert_eq!(c.0.lock().len(), 2);
         assert_eq!(g.held_bytes(), 0);
         assert!(g.hold_latency().is_some());
+    }
+
+    #[test]
+    fn released_output_waits_while_the_lease_has_lapsed() {
+        let g = OutputGate::new();
+        let lease = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let l = lease.clone();
+        g.set_lease(Some(Arc::new(move || l.load(std::sync::atomic::Ordering::SeqCst))));
+        g.hold();
+        let (c, p) = port(false);
+        g.emit(&p, b"f1");
+        let first = g.seal().unwrap();
+        g.emit(&p, b"f2");
+        let second = g.seal().unwrap();
+        lease.store(false, std::sync::atomic::Ordering::SeqCst);
+        g.release(&[first]);
+        assert!(c.0.lock().is_empty(), "a lapsed lease holds released output back");
+        assert_eq!(g.held_bytes(), 4);
+        lease.store(true, std::sync::atomic::Ordering::SeqCst);
+        g.release(&[second]);
+        assert_eq!(*c.0.lock(), vec![b"f1".to_vec(), b"f2".to_vec()], "in order once the lease holds");
+        g.emit(&p, b"f3");
+        let third = g.seal().unwrap();
+        lease.store(false, std::sync::atomic::Ordering::SeqCst);
+        g.release(&[third]);
+        assert_eq!(g.discard_all(), 2, "a copy that lost drops what it could not send");
+        assert_eq!(c.0.lock().len(), 2);
     }
 
     #[test]
