@@ -117,3 +117,24 @@ pub fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort_unstable();
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
+
+/// A paced client on the guest service (an INCR every 10 ms, ids from 100), for `window`, so
+/// that the modes compared carry the same load: each request's round trip.
+pub fn paced_incrs(c: &mut smpft_client::ServiceClient, window: Duration) -> Vec<Duration> {
+    let t0 = Instant::now();
+    let mut rtts = Vec::new();
+    let mut next = Instant::now();
+    let mut id = 100;
+    while t0.elapsed() < window {
+        next += Duration::from_millis(10);
+        if let Some(d) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+        let t = Instant::now();
+        let line = c.call(&format!("INCR {id}")).unwrap();
+        rtts.push(t.elapsed());
+        smpft_client::parse_reply(&line, "OK").unwrap();
+        id += 1;
+    }
+    rtts
+}

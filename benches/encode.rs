@@ -19,7 +19,7 @@
 mod common;
 
 use common::{pct, qmp, wait_state, Env, Killed};
-use smpft_client::{parse_reply, ServiceClient};
+use smpft_client::ServiceClient;
 use std::time::{Duration, Instant};
 
 fn quick() -> bool {
@@ -98,20 +98,7 @@ fn measure(env: &Env, protected: bool, window: Duration) -> Window {
     let q0 = protected.then(|| qmp(&env.path("p", "qmp"), "x-smpft-query-ft"));
     let (c0, h0) = stat(&mut c, 1_000_000);
     let t0 = Instant::now();
-    let mut rtt = Vec::new();
-    let mut next = Instant::now();
-    let mut id = 100;
-    while t0.elapsed() < window {
-        next += Duration::from_millis(10);
-        if let Some(d) = next.checked_duration_since(Instant::now()) {
-            std::thread::sleep(d);
-        }
-        let t = Instant::now();
-        let line = c.call(&format!("INCR {id}")).unwrap();
-        rtt.push(t.elapsed());
-        parse_reply(&line, "OK").unwrap();
-        id += 1;
-    }
+    let rtt = common::paced_incrs(&mut c, window);
     let secs = t0.elapsed().as_secs_f64();
     let (c1, h1) = stat(&mut c, 1_000_001);
     let ft = protected.then(|| (q0.unwrap(), qmp(&env.path("p", "qmp"), "x-smpft-query-ft")));

@@ -19,7 +19,7 @@
 //! `SMPFT_BENCH_QUICK=1` runs one configuration and 5 failovers (a smoke test);
 //! `SMPFT_BENCH_ONLY=VCPUS,PAGES,MS` runs one configuration and no failovers.
 
-use smpft_client::{parse_reply, FailoverClient, ServiceClient};
+use smpft_client::{FailoverClient, ServiceClient};
 use std::time::{Duration, Instant};
 
 fn quick() -> bool {
@@ -62,21 +62,7 @@ fn load(env: &Env, name: &str, window: Duration) -> (f64, f64, Vec<Duration>, f6
     }
     let (c0, h0) = stat(&mut c, 1_000_000);
     let t0 = Instant::now();
-    let mut rtts = Vec::new();
-    let mut id = 100;
-    // A paced client (one request every 10 ms), so both modes carry the same load.
-    let mut next = Instant::now();
-    while t0.elapsed() < window {
-        next += Duration::from_millis(10);
-        if let Some(d) = next.checked_duration_since(Instant::now()) {
-            std::thread::sleep(d);
-        }
-        let t = Instant::now();
-        let line = c.call(&format!("INCR {id}")).unwrap();
-        rtts.push(t.elapsed());
-        parse_reply(&line, "OK").unwrap();
-        id += 1;
-    }
+    let rtts = common::paced_incrs(&mut c, window);
     let secs = t0.elapsed().as_secs_f64();
     let (c1, h1) = stat(&mut c, 1_000_001);
     ((c1 - c0) as f64 / secs, (h1 - h0) as f64 / secs, rtts, secs)

@@ -360,10 +360,7 @@ impl Bridge {
     fn new() -> Bridge {
         let id = std::process::id() % 100_000;
         let b = Bridge { bridge: format!("smpftbr{id}"), ns: format!("smpft-lvcl{id}") };
-        let ip = |a: &[&str]| {
-            let o = Command::new("ip").args(a).output().unwrap();
-            assert!(o.status.success(), "ip {}: {}", a.join(" "), String::from_utf8_lossy(&o.stderr));
-        };
+        let ip = |a: &[&str]| smp_ft::lan::ip(a).unwrap();
         let _ = Command::new("ip").args(["netns", "del", &b.ns]).stderr(Stdio::null()).status();
         let _ = Command::new("ip").args(["link", "del", &b.bridge]).stderr(Stdio::null()).status();
         ip(&["netns", "add", &b.ns]);

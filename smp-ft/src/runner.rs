@@ -34,11 +34,18 @@ pub enum Outcome {
     Halted,
 }
 
-/// Answers QMP commands the runner does not implement itself (the QEMU persona's: libvirt's
-/// questions about the emulator and the VM).
+/// Answers QMP commands the runner or the standby does not implement itself (the QEMU
+/// persona's: libvirt's questions about the emulator and the VM).
 pub trait Extension: Send {
+    /// `vm`: the running VM (none on a standby); `pty`: the serial port's terminal, if any.
     /// `None`: not a command this extension knows either.
-    fn answer(&mut self, vm: &RunningVm, name: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>>;
+    fn answer(
+        &mut self,
+        vm: Option<&RunningVm>,
+        pty: Option<&std::path::Path>,
+        name: &str,
+        args: &Map<String, Value>,
+    ) -> Option<Result<Value, QmpError>>;
 }
 
 pub struct Runner {
@@ -183,7 +190,11 @@ impl Runner {
                 Some(Ok(c)) => self.smpft(c, ft_active),
                 Some(Err(e)) => Err(e),
                 None => match &mut self.extension {
-                    Some(e) => e.answer(&self.vm, name, args).unwrap_or_else(|| Err(qemu_shim::qmp::not_found(name))),
+                    Some(e) => {
+                        let pty = self.vm.serial_pty();
+                        e.answer(Some(&self.vm), pty.as_deref(), name, args)
+                            .unwrap_or_else(|| Err(qemu_shim::qmp::not_found(name)))
+                    }
                     None => Err(qemu_shim::qmp::not_found(name)),
                 },
             },

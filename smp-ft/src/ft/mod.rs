@@ -18,6 +18,25 @@ pub mod tiebreak;
 pub mod verify;
 pub mod wire;
 
+/// A small seeded generator for the FT engine's randomised unit tests (xorshift64).
+#[cfg(test)]
+pub(crate) struct TestRng(pub u64);
+
+#[cfg(test)]
+impl TestRng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// True `percent` times in a hundred.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
 use std::path::PathBuf;
 use std::time::Duration;
 use transport::{ChannelConfig, Identity, PeerTrust};

@@ -85,9 +85,22 @@ pub struct StandbyRunner<'a> {
     generation: u64,
     qmp: Receiver<Request>,
     signals: Receiver<VmEvent>,
+    /// Answers for commands the standby does not implement (the QEMU persona's).
+    extension: parking_lot::Mutex<Option<Box<dyn crate::runner::Extension>>>,
 }
 
 impl<'a> StandbyRunner<'a> {
+    /// Adds answers for commands the standby does not implement (asked with no VM).
+    pub fn with_extension(self, extension: Box<dyn crate::runner::Extension>) -> Self {
+        *self.extension.lock() = Some(extension);
+        self
+    }
+
+    /// The extension, for the runner that takes over once this copy is live.
+    pub fn take_extension(&mut self) -> Option<Box<dyn crate::runner::Extension>> {
+        self.extension.get_mut().take()
+    }
+
     /// The pseudo-terminal reserved for the VM's serial port, if it is one (the same once live).
     pub fn serial_pty(&self) -> Option<std::path::PathBuf> {
         self.host.as_ref().and_then(|h| h.serial_pty()).map(|p| p.to_path_buf())
@@ -116,6 +129,7 @@ impl<'a> StandbyRunner<'a> {
             generation,
             qmp: qmp.unwrap_or_else(crossbeam_channel::never),
             signals,
+            extension: parking_lot::Mutex::new(None),
         })
     }
 
@@ -527,7 +541,12 @@ impl<'a> StandbyRunner<'a> {
                 Some(Ok(crate::qmp::SmpftCommand::QueryFt)) => Ok(self.query(s)),
                 Some(Ok(_)) => Err(QmpError::generic(STANDBY_REFUSES)),
                 Some(Err(e)) => Err(e),
-                None => Err(qemu_shim::qmp::not_found(name)),
+                None => {
+                    let pty = self.serial_pty();
+                    let answer =
+                        self.extension.lock().as_mut().and_then(|e| e.answer(None, pty.as_deref(), name, args));
+                    answer.unwrap_or_else(|| Err(qemu_shim::qmp::not_found(name)))
+                }
             },
             Command::Stop | Command::Cont => Err(QmpError::generic(STANDBY_REFUSES)),
         };

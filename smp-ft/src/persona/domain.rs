@@ -144,7 +144,6 @@ fn primary(
 }
 
 /// libvirt's questions about a domain.
-#[derive(Clone)]
 pub struct Answers {
     serial_label: Option<String>,
     devices: Vec<(String, String)>,
@@ -155,7 +154,7 @@ pub struct Answers {
 impl Answers {
     /// The answers that need no running VM (a standby's, too): the serial port's terminal
     /// `pty`, the devices, the emulator's own description.
-    pub fn without_vm(
+    fn without_vm(
         &self,
         pty: Option<&std::path::Path>,
         name: &str,
@@ -215,7 +214,14 @@ impl Answers {
 }
 
 impl Extension for Answers {
-    fn answer(&mut self, vm: &RunningVm, name: &str, args: &Map<String, Value>) -> Option<Result<Value, QmpError>> {
+    fn answer(
+        &mut self,
+        vm: Option<&RunningVm>,
+        pty: Option<&std::path::Path>,
+        name: &str,
+        args: &Map<String, Value>,
+    ) -> Option<Result<Value, QmpError>> {
+        let Some(vm) = vm else { return self.without_vm(pty, name, args) };
         Some(Ok(match name {
             "query-cpus-fast" => Value::Array(
                 vm.vcpu_tids()
@@ -232,7 +238,7 @@ impl Extension for Answers {
                 json!({})
             }
             "query-blockstats" => self.blockstats(vm),
-            _ => return self.without_vm(vm.serial_pty().as_deref(), name, args),
+            _ => return self.without_vm(pty, name, args),
         }))
     }
 }

@@ -3,22 +3,19 @@
 //! paused. `virsh resume` is refused with the reason. When it goes live after a failover it
 //! emits RESUME, and libvirt shows it running.
 //!
-//! libvirt asks its start-up questions before any VM exists here; they are answered from what
-//! is already known (the serial port's reserved terminal, the devices), and everything else
-//! goes to the standby (and, once live, to the running VM).
+//! libvirt asks its start-up questions before any VM exists here; the persona's answers take
+//! them with no VM (the serial port's reserved terminal, the devices), and the same answers
+//! serve the running VM once live.
 
 use super::domain::Answers;
 use super::libvirt_ft::Settings;
 use crate::{error_chain, FtArgs};
 use clap::Parser;
-use qemu_shim::qmp::{Command, Request};
 use smp_ft::ft::disk::DiskSync;
 use smp_ft::ft::standby::{StandbyOptions, StandbyRunner};
 use smp_ft::ft::FtOptions;
 use smp_ft::vmm::VmConfig;
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock};
 
 /// The FT options the settings name, through `smpft run`'s own option parser and checks.
 pub fn ft_options(s: &Settings) -> Result<FtOptions, String> {
@@ -50,36 +47,14 @@ pub fn run(name: &str, s: &Settings, config: VmConfig, qmp: crate::Qmp, answers:
     let listen = listen.parse().map_err(|_| format!("FT metadata: <listen>{listen}</listen> is not ADDRESS:PORT"))?;
     let opts = StandbyOptions { ft: ft.clone(), listen, config, disk_sync: DiskSync::Full };
     let (server, requests) = qmp.ok_or("an FT standby domain needs a monitor")?;
-    // Answered here from what is known before any VM exists; the rest goes on.
-    let pty: Arc<OnceLock<Option<PathBuf>>> = Arc::new(OnceLock::new());
-    let (to_vm, from_filter) = crossbeam_channel::unbounded::<Request>();
-    {
-        let (pty, answers) = (pty.clone(), answers.clone());
-        std::thread::Builder::new()
-            .name("qmp-standby".into())
-            .spawn(move || {
-                for req in requests {
-                    if let Command::Other { name, args } = &req.command {
-                        let p = pty.get().cloned().flatten();
-                        if let Some(r) = answers.without_vm(p.as_deref(), name, args) {
-                            req.reply.send(r);
-                            continue;
-                        }
-                    }
-                    if to_vm.send(req).is_err() {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start the QMP filter: {e}"))?;
-    }
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     crate::forward_signals(sig_tx);
-    let mut runner =
-        StandbyRunner::new(&opts, Some(from_filter.clone()), sig_rx.clone()).map_err(|e| error_chain(&e))?;
-    let _ = pty.set(runner.serial_pty());
+    let mut runner = StandbyRunner::new(&opts, Some(requests.clone()), sig_rx.clone())
+        .map_err(|e| error_chain(&e))?
+        .with_extension(Box::new(answers));
     tracing::info!(domain = %name, listen = %opts.listen, "FT standby domain waiting for its primary");
     let end = runner.run().map_err(|e| error_chain(&e))?;
-    crate::standby_ended(end, ft, Vec::new(), Some((server, from_filter)), sig_rx, Some(Box::new(answers)))
-        .map_err(|e| error_chain(&e))
+    let answers = runner.take_extension();
+    drop(runner);
+    crate::standby_ended(end, ft, Vec::new(), Some((server, requests)), sig_rx, answers).map_err(|e| error_chain(&e))
 }

@@ -149,13 +149,23 @@ impl OutputGate {
 
     /// Delivers released output, one item at a time, while the lease holds.
     pub fn deliver_releasable(&self) {
+        if self.inner.lock().releasable.is_empty() {
+            return;
+        }
         let lease = self.lease.lock().clone();
         loop {
             if lease.as_ref().is_some_and(|l| !l()) {
                 return;
             }
-            let Some((port, data)) = self.inner.lock().releasable.pop_front() else { return };
-            self.inner.lock().held_bytes -= data.len() as u64;
+            let next = {
+                let mut g = self.inner.lock();
+                let item = g.releasable.pop_front();
+                if let Some((_, data)) = &item {
+                    g.held_bytes -= data.len() as u64;
+                }
+                item
+            };
+            let Some((port, data)) = next else { return };
             port.deliver(&data);
         }
     }

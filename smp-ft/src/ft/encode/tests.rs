@@ -2,16 +2,7 @@ use super::*;
 
 const PAGES: u64 = 64;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use crate::ft::TestRng as Rng;
 
 /// Changes some pages of `mem` in the ways guests do (a few bytes, everything, zeroed, left as
 /// they were though dirty) and returns the dirty page numbers.

@@ -412,19 +412,7 @@ impl TieBreaker {
     }
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-}
+use crate::ft::TestRng as Rng;
 
 /// One schedule: a protected pair exchanging checkpoints and acks over a lossy link, with a
 /// crash or partition at a random moment. Returns a description of any invariant broken.
