@@ -19,13 +19,13 @@ fn fails_with(args: &[&str], needle: &str) {
 
 #[test]
 fn missing_guest_file() {
-    fails_with(&["--guest", "/nonexistent/guest.elf"], "cannot read guest /nonexistent/guest.elf");
+    fails_with(&["--guest", "/nonexistent/guest.elf"], "cannot read /nonexistent/guest.elf");
 }
 
 #[test]
 fn unreadable_guest_file() {
     let d = scratch("unreadable");
-    fails_with(&["--guest", d.to_str().unwrap()], "cannot read guest");
+    fails_with(&["--guest", d.to_str().unwrap()], "cannot read");
 }
 
 #[test]
@@ -51,6 +51,33 @@ fn dynamic_elf_guest() {
     // The test binary itself is a PIE executable.
     let me = std::env::current_exe().unwrap();
     fails_with(&["--guest", me.to_str().unwrap()], "not a static executable");
+}
+
+#[test]
+fn kernels_that_cannot_boot() {
+    require_kvm();
+    let d = scratch("kernels");
+    let p = |name: &str| d.join(name).to_str().unwrap().to_string();
+    std::fs::write(d.join("notes.txt"), b"not a kernel\n").unwrap();
+    std::fs::write(d.join("guest.elf"), smp_ft::guest::BUILTIN).unwrap();
+    fails_with(&["--kernel", &p("notes.txt")], "neither an ELF vmlinux with a PVH entry note nor a bzImage");
+    fails_with(&["--kernel", &p("guest.elf")], "without a PVH entry note");
+    fails_with(&["--kernel", &p("missing")], "cannot read");
+    fails_with(&["--initrd", &p("notes.txt")], "--kernel");
+    fails_with(&["--kernel", &p("guest.elf"), "--guest", &p("guest.elf")], "cannot be used with");
+    let bz = common::linux::bzimage();
+    let bz = bz.to_str().unwrap();
+    let cut = std::fs::read(bz).unwrap()[..100_000].to_vec();
+    std::fs::write(d.join("cut"), cut).unwrap();
+    fails_with(&["--kernel", &p("cut")], "truncated or malformed");
+    fails_with(
+        &["--kernel", bz, "--cmdline", &"x".repeat(3000)],
+        "command line is 3000 bytes; this kernel takes at most 2047",
+    );
+    fails_with(&["--kernel", bz, "--memory", "16M"], "needs");
+    let big = std::fs::File::create(d.join("big.initrd")).unwrap();
+    big.set_len(80 << 20).unwrap();
+    fails_with(&["--kernel", bz, "--memory", "96M", "--initrd", &p("big.initrd")], "does not fit in guest memory");
 }
 
 #[test]

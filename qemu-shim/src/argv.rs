@@ -78,6 +78,7 @@ pub struct Launch {
     pub memory_bytes: Option<u64>,
     pub vcpus: Option<u32>,
     pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
     pub append: Option<String>,
     pub monitors: Vec<Monitor>,
     pub serial: Option<Serial>,
@@ -290,9 +291,7 @@ impl Parser {
             "-kernel" => self.launch.kernel = Some(PathBuf::from(value)),
             "-append" => self.launch.append = Some(value.to_string()),
             "-pidfile" => self.launch.pidfile = Some(PathBuf::from(value)),
-            "-initrd" => {
-                return err("-initrd: smpft does not boot Linux kernels yet; -kernel takes a static ELF guest")
-            }
+            "-initrd" => self.launch.initrd = Some(PathBuf::from(value)),
             "-drive" => return err("-drive is not supported; smpft takes disks as -blockdev"),
             "-netdev-legacy" | "-net" => return err("-net is not supported; smpft takes NICs as -netdev tap"),
             _ if IGNORED.iter().any(|(o, _)| *o == opt) => self.launch.ignored.push(format!("{opt} {value}")),

@@ -35,9 +35,8 @@ fn main() {
             let config = VmConfig {
                 vcpus,
                 memory: 256 << 20,
-                guest: smp_ft::guest::BUILTIN.into(),
+                payload: smp_ft::vmm::Payload::TestGuest { image: smp_ft::guest::BUILTIN.into(), args },
                 guest_name: "built-in".into(),
-                guest_args: args,
                 serial: SerialSpec::Null,
                 console: Some(dir.join("console.log")),
                 kvm_device: DEFAULT_KVM_DEVICE.into(),

@@ -26,9 +26,8 @@ fn start(vcpus: u32, args: &str, serial: SerialSpec, console: Option<PathBuf>) -
     let config = VmConfig {
         vcpus,
         memory: 256 << 20,
-        guest: smp_ft::guest::BUILTIN.into(),
+        payload: smp_ft::vmm::Payload::TestGuest { image: smp_ft::guest::BUILTIN.into(), args: args.into() },
         guest_name: "built-in".into(),
-        guest_args: args.into(),
         serial,
         console,
         kvm_device: DEFAULT_KVM_DEVICE.into(),

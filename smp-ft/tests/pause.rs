@@ -15,9 +15,11 @@ fn busy_guest(d: &std::path::Path) -> VmConfig {
     VmConfig {
         vcpus: 4,
         memory: 64 << 20,
-        guest: smp_ft::guest::BUILTIN.into(),
+        payload: smp_ft::vmm::Payload::TestGuest {
+            image: smp_ft::guest::BUILTIN.into(),
+            args: "counter churn churn-rate=5000 churn-ws=4M service".into(),
+        },
         guest_name: "built-in".into(),
-        guest_args: "counter churn churn-rate=5000 churn-ws=4M service".into(),
         serial: SerialSpec::Unix(d.join("serial.sock")),
         console: Some(d.join("console.log")),
         kvm_device: DEFAULT_KVM_DEVICE.into(),

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod ft;
+pub mod linux;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -167,20 +167,41 @@ pub fn xcrs(cpuid: &CpuId) -> Option<kvm_xcrs> {
     Some(xcrs)
 }
 
-/// The host-supported CPUID adjusted for `vcpu`: its APIC id, and OSXSAVE reflecting CR4.
+/// The host-supported CPUID adjusted for `vcpu` of `vcpus`: its APIC id, OSXSAVE reflecting
+/// CR4, and a topology of one package with one single-threaded core per vCPU (leaves 1, 4, 0xB
+/// and 0x1F), whatever the host's own is: a kernel sizes its CPU maps and scheduler domains
+/// from these, and they must agree with the MADT.
 pub fn cpuid_for(mut cpuid: CpuId, vcpu: u32, vcpus: u32, xsave: bool) -> CpuId {
+    let core_bits = 32 - (vcpus.max(1) - 1).leading_zeros();
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
                 e.ebx = (e.ebx & 0x00ff_ffff) | (vcpu << 24);
                 e.ebx = (e.ebx & 0xff00_ffff) | (vcpus.min(255) << 16);
+                if vcpus > 1 {
+                    e.edx |= 1 << 28; // HTT: more than one logical processor in the package
+                }
                 if xsave {
                     e.ecx |= 1 << 27;
                 } else {
                     e.ecx &= !(1 << 27);
                 }
             }
-            0xb | 0x1f => e.edx = vcpu,
+            // Deterministic cache parameters: cores per package, and who shares each cache
+            // (a core's own L1/L2, the package's L3).
+            4 if e.eax & 0x1f != 0 => {
+                let level = (e.eax >> 5) & 7;
+                let sharing = if level >= 3 { vcpus - 1 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | (sharing.min(0xfff) << 14) | ((vcpus.min(64) - 1) << 26);
+            }
+            0xb | 0x1f => {
+                e.edx = vcpu;
+                (e.eax, e.ebx, e.ecx) = match e.index {
+                    0 => (0, 1, 1 << 8),                 // SMT: one thread per core
+                    1 => (core_bits, vcpus, 2 << 8 | 1), // core: the package's vCPUs
+                    i => (0, 0, i),                      // no further levels
+                };
+            }
             _ => {}
         }
     }
@@ -212,6 +233,38 @@ mod tests {
         assert_eq!((lo >> 16) & 0xff_ffff, 0xbc_def0);
         assert_eq!(lo >> 56, 0x9a);
         assert_eq!((lo >> 40) & 0xff, 0x89);
+    }
+
+    #[test]
+    fn cpuid_describes_one_core_per_vcpu() {
+        use kvm_bindings::kvm_cpuid_entry2;
+        let leaf = |function, index, eax| kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ebx: 0xff,
+            ecx: 0xff,
+            ..Default::default()
+        };
+        let host = CpuId::from_entries(&[
+            leaf(1, 0, 0),
+            leaf(4, 0, 0x21),
+            leaf(4, 3, 0x63),
+            leaf(0xb, 0, 1),
+            leaf(0xb, 1, 4),
+            leaf(0xb, 2, 0),
+        ])
+        .unwrap();
+        let c = cpuid_for(host, 5, 6, false);
+        let get = |f, i| *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap();
+        assert_eq!(get(1, 0).ebx >> 24, 5, "initial APIC id");
+        assert_eq!((get(1, 0).ebx >> 16) & 0xff, 6);
+        assert_eq!((get(0xb, 0).eax, get(0xb, 0).ebx, get(0xb, 0).ecx, get(0xb, 0).edx), (0, 1, 0x100, 5));
+        assert_eq!((get(0xb, 1).eax, get(0xb, 1).ebx, get(0xb, 1).ecx), (3, 6, 0x201), "6 vCPUs need 3 id bits");
+        assert_eq!(get(0xb, 2).ecx, 2, "no level past the core");
+        assert_eq!((get(4, 0).eax >> 26, (get(4, 0).eax >> 14) & 0xfff), (5, 0), "L1: per core");
+        assert_eq!((get(4, 3).eax >> 14) & 0xfff, 5, "L3: shared by the package");
+        assert_eq!(get(4, 3).eax & 0x3fff, 0x63);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod dirty;
 pub mod host;
 pub mod irq;
 pub mod layout;
+pub mod linux;
 pub mod loader;
 pub mod machine;
 pub mod memory;
@@ -50,12 +51,10 @@ use vcpu::{SignalKick, Vcpu, VcpuEnd};
 pub struct VmConfig {
     pub vcpus: u32,
     pub memory: u64,
-    /// The guest ELF image (unused when restoring).
-    pub guest: Arc<[u8]>,
-    /// Where the image came from, for messages.
+    /// What the VM boots (unused when restoring).
+    pub payload: Payload,
+    /// Where the payload came from, for messages.
     pub guest_name: String,
-    /// Boot parameters handed to the guest (unused when restoring).
-    pub guest_args: String,
     pub serial: SerialSpec,
     /// Where guest log lines (debug console) go: `None` for stderr.
     pub console: Option<PathBuf>,
@@ -63,6 +62,23 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// Optional devices.
     pub devices: DeviceConfig,
+}
+
+/// What a new VM boots.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// A freestanding guest on smpft's boot ABI (`boot-abi`): a static ELF started in ring 3 on
+    /// every vCPU, with its boot parameters.
+    TestGuest { image: Arc<[u8]>, args: String },
+    /// A Linux kernel (see [`linux`]).
+    Linux(linux::LinuxBoot),
+}
+
+impl Payload {
+    /// Nothing to boot: for a VM built from a saved state.
+    pub fn none() -> Payload {
+        Payload::TestGuest { image: Arc::from(Vec::new()), args: String::new() }
+    }
 }
 
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
@@ -85,6 +101,8 @@ pub enum VmError {
     MemoryTooSmall { have: u64, need: u64, guest: String },
     #[error("guest {guest}")]
     Image { guest: String, source: loader::LoaderError },
+    #[error("kernel {kernel}")]
+    Linux { kernel: String, source: linux::LinuxError },
     #[error("--guest-args is {len} bytes; at most {max} fit", max = CMDLINE_MAX)]
     ArgsTooLong { len: usize },
     #[error("KVM: {what}")]
@@ -218,7 +236,22 @@ pub enum VmEvent {
 /// Creates the VM, memory (with dirty logging), devices and vCPUs (with CPUID set).
 /// `memory`, when given, is used as the guest's memory as it is (a standby's copy); `host`
 /// holds the host resources reserved for it.
-fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>, host: HostResources) -> Result<Parts, VmError> {
+/// How vCPUs' CPUID and XCR0 are set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CpuSetup {
+    /// The test guest runs with XSAVE enabled by smpft (it never sets CR4 itself). Restored
+    /// VMs are built this way too; their CR4 and XCR0 come from the saved state.
+    TestGuest,
+    /// A kernel enables XSAVE itself if it wants it.
+    Linux,
+}
+
+fn build(
+    config: &VmConfig,
+    memory: Option<Arc<GuestMemory>>,
+    host: HostResources,
+    setup: CpuSetup,
+) -> Result<Parts, VmError> {
     check_memory(config.memory)?;
     let kvm = open_kvm(&config.kvm_device)?;
     let max = max_vcpus(&kvm);
@@ -264,7 +297,7 @@ fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>, host: HostResource
     let control = Arc::new(VcpuControl::new(config.vcpus as usize, Box::new(kick.clone())));
 
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
-    let xcrs = boot::xcrs(&supported);
+    let xcrs = if setup == CpuSetup::TestGuest { boot::xcrs(&supported) } else { None };
     let xsave = xcrs.is_some();
     let mut vcpu_fds = Vec::new();
     for i in 0..config.vcpus {
@@ -278,12 +311,25 @@ fn build(config: &VmConfig, memory: Option<Arc<GuestMemory>>, host: HostResource
 }
 
 impl Vm {
-    /// Validates the configuration and builds a VM that boots `config.guest`.
+    /// Validates the configuration and builds a VM that boots `config.payload`.
     pub fn create(config: VmConfig) -> Result<Vm, VmError> {
+        match &config.payload {
+            Payload::TestGuest { image, args } => {
+                let (image, args) = (image.clone(), args.clone());
+                Vm::create_test_guest(config, &image, &args)
+            }
+            Payload::Linux(boot) => {
+                let boot = boot.clone();
+                Vm::create_linux(config, &boot)
+            }
+        }
+    }
+
+    fn create_test_guest(config: VmConfig, elf: &[u8], args: &str) -> Result<Vm, VmError> {
         let image_err = |source| VmError::Image { guest: config.guest_name.clone(), source };
-        let image = Image::parse(&config.guest).map_err(image_err)?;
-        if config.guest_args.len() > CMDLINE_MAX {
-            return Err(VmError::ArgsTooLong { len: config.guest_args.len() });
+        let image = Image::parse(elf).map_err(image_err)?;
+        if args.len() > CMDLINE_MAX {
+            return Err(VmError::ArgsTooLong { len: args.len() });
         }
         let need = image.end().next_multiple_of(0x1000) + MIN_FREE;
         if config.memory < need {
@@ -294,11 +340,11 @@ impl Vm {
             });
         }
         let host = HostResources::reserve(&config)?;
-        let parts = build(&config, None, host)?;
+        let parts = build(&config, None, host, CpuSetup::TestGuest)?;
         let memory = &parts.memory;
         boot::write_tables(memory, config.vcpus)?;
-        image.load(&config.guest, memory).map_err(image_err)?;
-        memory.write(CMDLINE_ADDR, config.guest_args.as_bytes())?;
+        image.load(elf, memory).map_err(image_err)?;
+        memory.write(CMDLINE_ADDR, args.as_bytes())?;
 
         let mut tsc_khz = 0;
         for (i, fd) in parts.vcpu_fds.iter().enumerate() {
@@ -325,7 +371,7 @@ impl Vm {
             free_end: memory.size(),
             tsc_khz: tsc_khz.into(),
             cmdline_addr: CMDLINE_ADDR,
-            cmdline_len: config.guest_args.len() as u64,
+            cmdline_len: args.len() as u64,
         };
         memory.write(BOOT_INFO_ADDR, &info.to_bytes())?;
         tracing::info!(
@@ -339,6 +385,39 @@ impl Vm {
         Ok(Vm::assemble(config, parts))
     }
 
+    /// A VM that boots a Linux kernel: the boot vCPU at the kernel's entry, the others waiting
+    /// for the kernel to start them (INIT/SIPI through the in-kernel local APICs).
+    fn create_linux(config: VmConfig, boot: &linux::LinuxBoot) -> Result<Vm, VmError> {
+        let err = |source| VmError::Linux { kernel: config.guest_name.clone(), source };
+        let host = HostResources::reserve(&config)?;
+        let parts = build(&config, None, host, CpuSetup::Linux)?;
+        let entry = linux::load(&parts.memory, config.vcpus, boot).map_err(err)?;
+        for (i, fd) in parts.vcpu_fds.iter().enumerate() {
+            let fd = fd.lock();
+            let lapic = fd.get_lapic().map_err(kvm_err("get local APIC"))?;
+            fd.set_lapic(&linux::entry::wire_lints(lapic)).map_err(kvm_err("set local APIC"))?;
+            if i == 0 {
+                let sregs = fd.get_sregs().map_err(kvm_err("get special registers"))?;
+                fd.set_sregs(&linux::entry::sregs(sregs, entry.mode)).map_err(kvm_err("set special registers"))?;
+                fd.set_regs(&linux::entry::regs(&entry)).map_err(kvm_err("set registers"))?;
+            }
+        }
+        let map = linux::e820::map(config.memory);
+        for e in &map {
+            tracing::debug!("e820 {}", e.linux_line());
+        }
+        tracing::info!(
+            vcpus = config.vcpus,
+            memory_mib = config.memory >> 20,
+            kernel = %config.guest_name,
+            entry = ?entry.mode,
+            rip = format_args!("{:#x}", entry.rip),
+            initrd_kib = boot.initrd.as_ref().map_or(0, |i| i.len().div_ceil(1024)),
+            "Linux VM created"
+        );
+        Ok(Vm::assemble(config, parts))
+    }
+
     /// Builds a VM in `state`, on `memory` as it is (a snapshot chain applied to fresh memory,
     /// or a standby's copy). The one way back from a snapshot or a checkpoint.
     pub fn from_state(
@@ -347,7 +426,7 @@ impl Vm {
         host: HostResources,
         state: &machine::MachineState,
     ) -> Result<Vm, VmError> {
-        let parts = build(&config, Some(memory), host)?;
+        let parts = build(&config, Some(memory), host, CpuSetup::TestGuest)?;
         if state.cpus.len() != parts.vcpu_fds.len() {
             return Err(VmError::VcpuCount { got: state.cpus.len(), want: parts.vcpu_fds.len() });
         }

@@ -22,8 +22,8 @@ pub enum VcpuError {
     TripleFault { vcpu: usize, rip: u64, rsp: u64 },
     #[error("vCPU {vcpu}: VM entry failed (hardware reason {reason:#x})")]
     FailEntry { vcpu: usize, reason: u64 },
-    #[error("vCPU {vcpu}: KVM internal error")]
-    Internal { vcpu: usize },
+    #[error("vCPU {vcpu}: KVM internal error ({}) at rip {rip:#x}", internal_error_name(*.suberror))]
+    Internal { vcpu: usize, suberror: u32, rip: u64 },
     #[error("vCPU {vcpu}: unexpected exit {exit}")]
     Unexpected { vcpu: usize, exit: String },
 }
@@ -193,6 +193,17 @@ impl Vcpu {
     }
 }
 
+/// KVM's `KVM_INTERNAL_ERROR_*` sub-reasons.
+fn internal_error_name(suberror: u32) -> &'static str {
+    match suberror {
+        1 => "emulation failure: KVM cannot emulate the instruction",
+        2 => "simultaneous exceptions",
+        3 => "delivery event",
+        4 => "unexpected exit reason",
+        _ => "unknown reason",
+    }
+}
+
 /// What one entry into the guest asks of the vCPU loop.
 enum Step {
     Continue,
@@ -234,7 +245,9 @@ impl Vcpu {
                     }
                     VcpuExit::Shutdown => Step::End(VcpuEnd::Failed(VcpuError::TripleFault { vcpu, rip: 0, rsp: 0 })),
                     VcpuExit::FailEntry(reason, _) => Step::End(VcpuEnd::Failed(VcpuError::FailEntry { vcpu, reason })),
-                    VcpuExit::InternalError => Step::End(VcpuEnd::Failed(VcpuError::Internal { vcpu })),
+                    VcpuExit::InternalError => {
+                        Step::End(VcpuEnd::Failed(VcpuError::Internal { vcpu, suberror: 0, rip: 0 }))
+                    }
                     other => Step::End(VcpuEnd::Failed(VcpuError::Unexpected { vcpu, exit: format!("{other:?}") })),
                 };
                 (step, false)
@@ -261,6 +274,13 @@ impl Vcpu {
             Step::End(VcpuEnd::Failed(VcpuError::TripleFault { vcpu, .. })) => {
                 let (rip, rsp) = fd.get_regs().map(|r| (r.rip, r.rsp)).unwrap_or_default();
                 Step::End(VcpuEnd::Failed(VcpuError::TripleFault { vcpu, rip, rsp }))
+            }
+            Step::End(VcpuEnd::Failed(VcpuError::Internal { vcpu, .. })) => {
+                // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit, KVM filled in the `internal`
+                // member of the exit union.
+                let suberror = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                let rip = fd.get_regs().map(|r| r.rip).unwrap_or_default();
+                Step::End(VcpuEnd::Failed(VcpuError::Internal { vcpu, suberror, rip }))
             }
             step => step,
         }

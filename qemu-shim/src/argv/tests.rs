@@ -35,9 +35,10 @@ fn libvirts_domain_line_becomes_a_launch() {
 
 #[test]
 fn disks_and_nics_resolve_through_their_nodes() {
-    let line = r#"-m 256 -smp 2 -kernel /guest.elf -append counter -blockdev {"driver":"file","filename":"/img/a.raw","node-name":"libvirt-2-storage","auto-read-only":true,"discard":"unmap"} -blockdev {"node-name":"libvirt-2-format","read-only":false,"driver":"raw","file":"libvirt-2-storage"} -device {"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x4","drive":"libvirt-2-format","id":"virtio-disk0","bootindex":1} -blockdev {"driver":"nbd","server":{"type":"unix","path":"/run/n.sock"},"export":"e","node-name":"libvirt-1-storage","read-only":true} -blockdev {"node-name":"libvirt-1-format","read-only":true,"driver":"raw","file":"libvirt-1-storage"} -device {"driver":"virtio-blk-pci","drive":"libvirt-1-format","id":"virtio-disk1"} -netdev {"type":"tap","fd":"30","vhost":true,"vhostfd":"31","id":"hostnet0"} -device {"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"52:54:00:aa:bb:cc","bus":"pci.0","addr":"0x3"}"#;
+    let line = r#"-m 256 -smp 2 -kernel /guest.elf -initrd /boot/initrd -append counter -blockdev {"driver":"file","filename":"/img/a.raw","node-name":"libvirt-2-storage","auto-read-only":true,"discard":"unmap"} -blockdev {"node-name":"libvirt-2-format","read-only":false,"driver":"raw","file":"libvirt-2-storage"} -device {"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x4","drive":"libvirt-2-format","id":"virtio-disk0","bootindex":1} -blockdev {"driver":"nbd","server":{"type":"unix","path":"/run/n.sock"},"export":"e","node-name":"libvirt-1-storage","read-only":true} -blockdev {"node-name":"libvirt-1-format","read-only":true,"driver":"raw","file":"libvirt-1-storage"} -device {"driver":"virtio-blk-pci","drive":"libvirt-1-format","id":"virtio-disk1"} -netdev {"type":"tap","fd":"30","vhost":true,"vhostfd":"31","id":"hostnet0"} -device {"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"52:54:00:aa:bb:cc","bus":"pci.0","addr":"0x3"}"#;
     let l = parse(&args(line)).unwrap();
     assert_eq!(l.kernel, Some("/guest.elf".into()));
+    assert_eq!(l.initrd, Some("/boot/initrd".into()));
     assert_eq!(l.append.as_deref(), Some("counter"));
     assert_eq!(
         l.disks,
@@ -66,7 +67,6 @@ fn what_smpft_cannot_honour_is_refused_by_name() {
         ("-machine pc-i440fx-7.2,usb=off", "machine type 'pc-i440fx-7.2' is not supported"),
         ("-machine none,accel=tcg", "only with KVM"),
         ("-device {\"driver\":\"VGA\",\"id\":\"video0\"}", "device 'VGA' is not supported"),
-        ("-initrd /boot/initrd", "-initrd"),
         ("-drive file=/x,if=virtio", "-drive is not supported"),
         ("-object {\"qom-type\":\"memory-backend-file\",\"id\":\"m\",\"mem-path\":\"/dev/hugepages\"}", "memory-backend-file"),
         ("-blockdev {\"driver\":\"qcow2\",\"node-name\":\"f\",\"file\":\"s\"} -device {\"driver\":\"virtio-blk-pci\",\"drive\":\"f\",\"id\":\"d\"}", "block driver 'qcow2'"),

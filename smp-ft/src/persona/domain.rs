@@ -20,8 +20,9 @@ use serde_json::{json, Map, Value};
 use smp_ft::runner::{Extension, Runner};
 use smp_ft::vmm::devices::serial::SerialSpec;
 use smp_ft::vmm::devices::DeviceConfig;
+use smp_ft::vmm::linux::LinuxBoot;
 use smp_ft::vmm::net::{NetSpec, TapSource};
-use smp_ft::vmm::{RunningVm, Vm, VmConfig};
+use smp_ft::vmm::{Payload, RunningVm, Vm, VmConfig};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -30,8 +31,20 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
     let kernel = launch
         .kernel
         .as_ref()
-        .ok_or("the domain has no kernel: smpft boots a static x86-64 ELF guest given as <kernel>")?;
-    let image = std::fs::read(kernel).map_err(|e| format!("cannot read the kernel {}: {e}", kernel.display()))?;
+        .ok_or("the domain has no kernel: smpft boots a Linux kernel or a static x86-64 ELF guest given as <kernel>")?;
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let image: Arc<[u8]> = read(kernel)?.into();
+    // A Linux kernel (bzImage, or vmlinux with a PVH note) boots with -initrd and -append as
+    // its command line; anything else is a freestanding guest and -append its parameters.
+    let append = launch.append.clone().unwrap_or_default();
+    let payload = if smp_ft::vmm::linux::is_linux_kernel(&image) {
+        let initrd = launch.initrd.as_deref().map(read).transpose()?.map(Arc::from);
+        Payload::Linux(LinuxBoot { kernel: image, initrd, cmdline: append })
+    } else if launch.initrd.is_some() {
+        return Err(format!("{} is not a Linux kernel, so it takes no initrd", kernel.display()));
+    } else {
+        Payload::TestGuest { image, args: append }
+    };
     let serial = match &launch.serial {
         Some(Serial::Pty) => SerialSpec::Pty,
         Some(Serial::Socket(p)) => SerialSpec::Unix(p.clone()),
@@ -57,9 +70,8 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
     Ok(VmConfig {
         vcpus: launch.vcpus.unwrap_or(1),
         memory: launch.memory_bytes.unwrap_or(128 << 20),
-        guest: Arc::from(image),
+        payload,
         guest_name: kernel.display().to_string(),
-        guest_args: launch.append.clone().unwrap_or_default(),
         serial,
         console: None,
         kvm_device: smp_ft::vmm::DEFAULT_KVM_DEVICE.into(),

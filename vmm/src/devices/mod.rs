@@ -17,6 +17,10 @@ pub mod serial;
 use super::component::Component;
 use super::irq::Irq;
 use super::layout::{COM1_BASE, DEBUGCON_PORT, EXIT_PORT, IDLE_PORT, POWER_PORT};
+use super::linux::acpi::{S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, SLP_EN};
+
+/// The POST code / I/O delay port.
+const POST_PORT: u16 = 0x80;
 use super::memory::{GuestMemory, MemoryError};
 use super::net::{tap::Tap, Mac, NetSpec};
 use super::pci::PciBus;
@@ -294,6 +298,8 @@ impl Devices {
                 data.fill(0);
                 data[0] = u8::from(self.power_button.load(Ordering::SeqCst));
             }
+            // The ACPI sleep registers read as zero (never woken); the POST port as nothing.
+            SLEEP_CONTROL_PORT | SLEEP_STATUS_PORT | POST_PORT => data.fill(0),
             _ => {
                 self.note_unhandled("port read", port.into());
                 data.fill(0xff);
@@ -320,6 +326,14 @@ impl Devices {
                 }
             }
             EXIT_PORT => return PioAction::Exit(word()),
+            // ACPI power-off (S5) from a Linux guest: a clean exit, as the test guest's 0.
+            SLEEP_CONTROL_PORT if data[0] & SLP_EN != 0 && (data[0] >> 2) & 7 == S5_SLP_TYP => {
+                tracing::info!("the guest powered off (ACPI S5)");
+                return PioAction::Exit(0);
+            }
+            // Other sleep states are not offered (\_S5 is the only one the DSDT names); port
+            // 0x80 is the POST/delay port kernels write to.
+            SLEEP_CONTROL_PORT | SLEEP_STATUS_PORT | POST_PORT => {}
             IDLE_PORT => return PioAction::Idle(word().min(IDLE_MAX_US)),
             _ => self.note_unhandled("port write", port.into()),
         }
