@@ -9,8 +9,10 @@
 //! marker, and a clean power-off.
 
 mod common;
+use common::ft::{free_port, spawn_with_serial, wait_state, FtSetup, Side};
 use common::linux::*;
 use common::*;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 noxsave clearcpuid=cx16 smpft.test=milestones";
@@ -59,6 +61,17 @@ fn late() -> Vec<Milestone> {
         line("COM1 driver", "ttyS0 at I/O 0x3f8 (irq = 4".into()),
         line("init ran, saw the virtio device", format!("{INIT_MARKER} virtio=1")),
     ]
+}
+
+/// How many of `milestones` the console text shows, in order, and the lines that showed them.
+fn reached(milestones: &[Milestone], text: &str) -> usize {
+    let mut next = 0;
+    for l in text.lines() {
+        while next < milestones.len() && (milestones[next].found)(l) {
+            next += 1;
+        }
+    }
+    next
 }
 
 /// Boots `kernel` and follows the console until every milestone is seen in order, the VM
@@ -143,4 +156,76 @@ fn linux_boots_through_its_pvh_entry() {
 #[test]
 fn linux_boots_through_the_bzimage_64_bit_entry() {
     boot("linux-bzimage", &bzimage(), Duration::from_secs(240));
+}
+
+/// Waits until `path` shows every milestone in `upto`, or panics after `bound`.
+fn wait_console(path: &Path, upto: &[Milestone], bound: Duration, what: &str) {
+    let deadline = Instant::now() + bound;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if reached(upto, &text) == upto.len() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: console never reached the milestones\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A Linux guest is protected like any other: the primary is SIGKILLed in the middle of the
+/// kernel's early setup; the standby goes live from the last checkpoint and the boot carries on
+/// there. The two consoles together hold the boot log once, in order: every milestone, no
+/// line repeated, timestamps never going back.
+#[test]
+fn a_protected_linux_guest_fails_over_mid_boot() {
+    require_kvm();
+    let ft = FtSetup::new("linux-ft");
+    let (pp, sp) = (ft.paths("primary"), ft.paths("standby"));
+    let (pcon, scon) = (ft.dir.join("primary.ttyS0"), ft.dir.join("standby.ttyS0"));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (kernel, initrd) = (vmlinux(), initrd(&ft.dir));
+    let (kernel, initrd) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
+    let (vcpus, memory) = (VCPUS.to_string(), format!("{MEMORY_MIB}M"));
+    let b = Side { me: &ft.b, peer: &ft.a, tiebreak: &ft.tiebreak, env: &[], netns: None };
+    let a = Side { me: &ft.a, peer: &ft.b, tiebreak: &ft.tiebreak, env: &[], netns: None };
+    let standby_args = ["standby", "--listen", &listen, "--vcpus", &vcpus, "--memory", &memory];
+    let mut standby = spawn_with_serial(&sp, &b, &standby_args, &format!("file:{}", scon.display()));
+    wait_state(&sp, "waiting", Duration::from_secs(10));
+    let run = ["run", "--vcpus", &vcpus, "--memory", &memory, "--kernel", kernel, "--initrd", initrd];
+    let args = [&run[..], &["--cmdline", CMDLINE, "--ft-peer", &listen]].concat();
+    let mut primary = spawn_with_serial(&pp, &a, &args, &format!("file:{}", pcon.display()));
+    wait_state(&pp, "protected", Duration::from_secs(30));
+
+    let milestones = early();
+    let rsdp = milestones.iter().position(|m| m.what == "ACPI RSDP found").unwrap();
+    wait_console(&pcon, &milestones[..=rsdp], Duration::from_secs(90), "primary");
+    primary.sigkill();
+    wait_state(&sp, "live-after-failover", Duration::from_secs(10));
+    let joined = || {
+        let p = std::fs::read_to_string(&pcon).unwrap_or_default();
+        p + &std::fs::read_to_string(&scon).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while reached(&milestones, &joined()) < milestones.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let primary_text = std::fs::read_to_string(&pcon).unwrap();
+    let standby_text = std::fs::read_to_string(&scon).unwrap_or_default();
+    let all = joined();
+    standby.sigkill();
+    let context = || format!("--- primary ---\n{primary_text}\n--- standby ---\n{standby_text}");
+    assert_eq!(reached(&milestones, &all), milestones.len(), "the boot went on after the failover\n{}", context());
+    assert!(reached(&milestones, &primary_text) < milestones.len(), "the kill came before the last milestone");
+    let mut last = -1.0f64;
+    let mut seen = std::collections::HashSet::new();
+    for l in all.lines().filter(|l| l.starts_with('[')) {
+        let Some(t) = l[1..].split(']').next().and_then(|t| t.trim().parse::<f64>().ok()) else { continue };
+        assert!(t >= last, "time went back at {l:?}\n{}", context());
+        assert!(seen.insert(l.to_string()), "line repeated: {l:?}\n{}", context());
+        last = t;
+    }
+    eprintln!(
+        "failover mid-boot: primary console ended at {:?}; standby console began at {:?}",
+        primary_text.lines().last().unwrap_or(""),
+        standby_text.lines().next().unwrap_or("")
+    );
 }

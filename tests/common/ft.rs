@@ -80,6 +80,11 @@ pub struct Side<'a> {
 /// `smpft ARGS` with `p`'s serial, QMP and console and `side`'s FT options; its log goes to
 /// `p.console` with the extension `log`.
 pub fn spawn(p: &VmPaths, side: &Side, args: &[&str]) -> Proc {
+    spawn_with_serial(p, side, args, &format!("unix:{}", p.serial.display()))
+}
+
+/// As [`spawn`], with COM1 going to `serial` (an smpft `--serial` value).
+pub fn spawn_with_serial(p: &VmPaths, side: &Side, args: &[&str], serial: &str) -> Proc {
     let log = std::fs::File::create(p.console.with_extension("log")).unwrap();
     let mut c = match side.netns {
         None => smpft(),
@@ -93,7 +98,7 @@ pub fn spawn(p: &VmPaths, side: &Side, args: &[&str]) -> Proc {
         .envs(side.env.iter().copied())
         .args(args)
         .arg("--serial")
-        .arg(format!("unix:{}", p.serial.display()))
+        .arg(serial)
         .arg("--qmp")
         .arg(format!("unix:{}", p.qmp.display()))
         .arg("--console")
