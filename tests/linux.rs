@@ -137,7 +137,8 @@ fn boot(name: &str, kernel: &std::path::Path, bound: Duration) -> Vec<(String, O
     for (what, at) in &table {
         eprintln!("  {:>8}  {what}", at.map_or("-".into(), |s| format!("{s:.1} s")));
     }
-    eprintln!("  (smpft: {})", log.lines().rev().find(|l| l.contains("error")).unwrap_or("no error").trim());
+    eprintln!("  last console line: {}", console.lines().last().unwrap_or("(none)"));
+    eprintln!("  smpft: {}", log.lines().rev().find(|l| l.contains("error")).unwrap_or("no error").trim());
     let required = if full { table.len() } else { early().len() };
     if let Some((what, _)) = table[..required].iter().find(|(_, at)| at.is_none()) {
         panic!(

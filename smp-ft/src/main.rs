@@ -1,17 +1,19 @@
 //! `smpft`: the command line (and the demo it runs, `demo.rs`).
 
 mod demo;
+mod lifecycle;
 mod persona;
 
 use clap::{Parser, Subcommand};
 use disk_mirror::spec::DiskSpec;
+pub(crate) use lifecycle::{relay_signals, serve, standby_ended, Rejoin};
 pub(crate) use smp_ft::error::error_chain;
 use smp_ft::ft::disk::DiskSync;
 use smp_ft::ft::primary::PrimaryFt;
-use smp_ft::ft::standby::{StandbyEnd, StandbyOptions, StandbyRunner};
+use smp_ft::ft::standby::{StandbyOptions, StandbyRunner};
 use smp_ft::ft::FtOptions;
 use smp_ft::guest;
-use smp_ft::runner::{Outcome, Runner};
+use smp_ft::runner::Runner;
 use smp_ft::snapshot;
 use smp_ft::units::{parse_duration, parse_size};
 use smp_ft::vmm::devices::serial::SerialSpec;
@@ -54,7 +56,7 @@ pub(crate) enum CliError {
 }
 
 /// Exit status of a copy that lost the tie-breaker (the other copy runs the VM).
-const EXIT_HALTED: u8 = 75;
+pub(crate) const EXIT_HALTED: u8 = 75;
 
 /// smpft keeps a KVM virtual machine running through the loss of its host: it is the VMM for
 /// one VM and protects it with a live standby copy on a second host.
@@ -255,6 +257,12 @@ struct StandbyArgs {
     /// an image copied by hand) and the primary sends only the blocks that differ.
     #[arg(long, value_enum, default_value = "full")]
     disk_sync: DiskSync,
+    /// After a planned switchover (QMP x-smpft-switchover), wait here as the standby of the
+    /// copy that took the VM over, listening on this address (as `smpft standby --listen`);
+    /// the new primary protects the VM with it first. The command's `then-standby` argument
+    /// overrides it. Without either, this copy exits after handing the VM over.
+    #[arg(long, value_name = "HOST:PORT")]
+    then_standby: Option<String>,
     /// Spares for after a failover: once this copy has gone live, it protects the VM with the
     /// first of these standbys (host:port, comma-separated) that answers, as `run --ft-peer`.
     #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
@@ -328,6 +336,12 @@ struct RunArgs {
     /// acknowledged the checkpoint that produced it.
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<NetSpec>,
+    /// After a planned switchover (QMP x-smpft-switchover), wait here as the standby of the
+    /// copy that took the VM over, listening on this address (as `smpft standby --listen`);
+    /// the new primary protects the VM with it first. The command's `then-standby` argument
+    /// overrides it. Without either, this copy exits after handing the VM over.
+    #[arg(long, value_name = "HOST:PORT")]
+    then_standby: Option<String>,
     /// Protect the VM with the standby (`smpft standby`) at this address (host:port), or with
     /// the first of several that answers (comma-separated spares, tried in turn). Until one
     /// answers, and whenever it is lost, the VM runs unprotected and smpft keeps trying the next.
@@ -460,6 +474,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         Some(p) => Some(smp_ft::ft::error::resolve_all(p).map_err(CliError::FtPeer)?),
     };
     block_termination_signals();
+    let standby_config = config.clone();
     let vm = match &chain {
         None => Vm::create(config)?,
         Some(chain) => snapshot::restore(config, chain)?,
@@ -469,40 +484,24 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     forward_signals(sig_tx);
     relay_signals(sig_rx, running.event_sender());
+    let rejoin = ft.clone().map(|ft| Rejoin {
+        ft,
+        config: VmConfig { payload: Payload::none(), guest_name: "(standby)".into(), ..standby_config },
+        qmp: qmp_path.clone(),
+        listen: args.then_standby.clone(),
+        spares: peer.clone().unwrap_or_default(),
+    });
     let ft = match ft {
         Some(opts) => Some(PrimaryFt::new(opts, &running, peer.unwrap_or_default(), None)?),
         None => None,
     };
-    serve(Runner::new(running, qmp, ft))
+    serve(Runner::new(running, qmp, ft), rejoin)
 }
 
 pub(crate) type Qmp = Option<(qemu_shim::qmp::QmpServer, crossbeam_channel::Receiver<qemu_shim::qmp::Request>)>;
 
-fn bind_qmp(path: Option<&std::path::Path>) -> Result<Qmp, CliError> {
+pub(crate) fn bind_qmp(path: Option<&std::path::Path>) -> Result<Qmp, CliError> {
     Ok(path.map(|p| qemu_shim::qmp::QmpServer::bind(p, concat!("smpft ", env!("CARGO_PKG_VERSION")))).transpose()?)
-}
-
-/// Passes the signals `forward_signals` catches on to `to`.
-pub(crate) fn relay_signals(from: crossbeam_channel::Receiver<VmEvent>, to: crossbeam_channel::Sender<VmEvent>) {
-    std::thread::Builder::new()
-        .name("signal-relay".into())
-        .spawn(move || {
-            for ev in from {
-                if to.send(ev).is_err() {
-                    return;
-                }
-            }
-        })
-        .expect("spawn signal relay thread");
-}
-
-pub(crate) fn serve(runner: Runner) -> Result<ExitCode, CliError> {
-    match runner.run()? {
-        Outcome::GuestExit(status) => Ok(ExitCode::from(status.min(255) as u8)),
-        Outcome::Quit => Ok(ExitCode::SUCCESS),
-        Outcome::Signal(sig) => Ok(ExitCode::from(128 + sig as u8)),
-        Outcome::Halted => Ok(ExitCode::from(EXIT_HALTED)),
-    }
 }
 
 fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
@@ -522,63 +521,20 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         kvm_device: args.kvm_device,
         devices: DeviceConfig { rng: args.rng, disks: args.disks, nets: args.nets },
     };
+    let rejoin = Rejoin {
+        ft: ft.clone(),
+        config: config.clone(),
+        qmp: qmp_path.clone(),
+        listen: args.then_standby.clone(),
+        spares: spares.clone(),
+    };
     let opts = StandbyOptions { ft: ft.clone(), listen: args.listen, config, disk_sync: args.disk_sync };
     block_termination_signals();
     let qmp = bind_qmp(qmp_path.as_deref())?;
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     forward_signals(sig_tx);
     let end = StandbyRunner::new(&opts, qmp.as_ref().map(|(_, rx)| rx.clone()), sig_rx.clone())?.run()?;
-    standby_ended(end, ft, spares, qmp, sig_rx, None)
-}
-
-/// What a standby does when its watch ends: run the VM if it won (with `extension` answering
-/// what the runner does not), or exit with the status that says why not.
-pub(crate) fn standby_ended(
-    end: StandbyEnd,
-    ft: FtOptions,
-    spares: Vec<std::net::SocketAddr>,
-    qmp: Qmp,
-    sig_rx: crossbeam_channel::Receiver<VmEvent>,
-    extension: Option<Box<dyn smp_ft::runner::Extension>>,
-) -> Result<ExitCode, CliError> {
-    match end {
-        StandbyEnd::Live { vm, generation, epoch } => {
-            let running = (*vm).start()?;
-            running.announce_network();
-            relay_signals(sig_rx, running.event_sender());
-            tracing::info!(
-                epoch,
-                generation,
-                "VM running (live after failover); protect it again with QMP x-smpft-protect"
-            );
-            if let Some((server, _)) = &qmp {
-                // The VM runs here now (libvirt shows the domain running on this event).
-                server.emit("RESUME", None);
-            }
-            let ft = PrimaryFt::new(ft, &running, spares, Some(generation))?;
-            let runner = Runner::new(running, qmp, Some(ft));
-            serve(match extension {
-                Some(e) => runner.with_extension(e),
-                None => runner,
-            })
-        }
-        end => {
-            // The copy ends without having run: say why on QMP as QEMU would (a supervisor such
-            // as libvirt records a process that exits without SHUTDOWN as crashed).
-            let (reason, guest, code) = match end {
-                StandbyEnd::PrimaryEnded(_) => ("guest-shutdown", true, ExitCode::SUCCESS),
-                StandbyEnd::Quit => ("host-qmp-quit", false, ExitCode::SUCCESS),
-                StandbyEnd::Halted => ("ft-tie-breaker-lost", false, ExitCode::from(EXIT_HALTED)),
-                StandbyEnd::Signal(sig) => ("host-signal", false, ExitCode::from(128 + sig as u8)),
-                StandbyEnd::Live { .. } => unreachable!("handled above"),
-            };
-            if let Some((server, _)) = qmp {
-                server.emit("SHUTDOWN", Some(serde_json::json!({"guest": guest, "reason": reason})));
-                server.stop();
-            }
-            Ok(code)
-        }
-    }
+    standby_ended(end, ft, spares, qmp, sig_rx, None, Some(rejoin))
 }
 
 fn snapshot_info(files: &[PathBuf]) -> Result<ExitCode, CliError> {

@@ -16,6 +16,13 @@ pub enum SmpftCommand {
     /// Attach a standby at `peer` (host:port) to this unprotected VM.
     #[serde(rename = "x-smpft-protect")]
     Protect { peer: String },
+    /// Move the VM to its standby on purpose (planned switchover); this copy then waits as a
+    /// standby at `then-standby` if given (or its `--then-standby`), else exits.
+    #[serde(rename = "x-smpft-switchover")]
+    Switchover {
+        #[serde(rename = "then-standby", default)]
+        then_standby: Option<String>,
+    },
     /// Write a snapshot to `file`, incremental on the previous one if asked.
     #[serde(rename = "x-smpft-snapshot")]
     Snapshot {
@@ -25,7 +32,7 @@ pub enum SmpftCommand {
     },
 }
 
-const NAMES: [&str; 3] = ["x-smpft-query-ft", "x-smpft-protect", "x-smpft-snapshot"];
+const NAMES: [&str; 4] = ["x-smpft-query-ft", "x-smpft-protect", "x-smpft-snapshot", "x-smpft-switchover"];
 
 impl SmpftCommand {
     /// `Some` for one of smpft's commands: typed, or why its arguments are refused. `None` for
@@ -37,6 +44,9 @@ impl SmpftCommand {
         Some(typed::<SmpftCommand>(name, args).and_then(|c| match &c {
             SmpftCommand::Protect { peer } if peer.is_empty() => {
                 Err(QmpError::generic("Parameter 'peer' must not be empty"))
+            }
+            SmpftCommand::Switchover { then_standby: Some(a) } if a.is_empty() => {
+                Err(QmpError::generic("Parameter 'then-standby' must not be empty"))
             }
             SmpftCommand::Snapshot { file, .. } if file.as_os_str().is_empty() => {
                 Err(QmpError::generic("Parameter 'file' must not be empty"))
@@ -77,6 +87,12 @@ mod tests {
             let e = parse(name, args).unwrap().unwrap_err();
             assert!(e.desc.contains(why), "{name} {args}: {}", e.desc);
         }
+        assert_eq!(parse("x-smpft-switchover", "{}"), Some(Ok(SmpftCommand::Switchover { then_standby: None })));
+        assert_eq!(
+            parse("x-smpft-switchover", r#"{"then-standby":"10.0.0.1:7400"}"#),
+            Some(Ok(SmpftCommand::Switchover { then_standby: Some("10.0.0.1:7400".into()) }))
+        );
+        assert!(parse("x-smpft-switchover", r#"{"then-standby":""}"#).unwrap().is_err());
         assert_eq!(parse("x-smpft-frobnicate", "{}"), None);
         assert_eq!(parse("query-status", "{}"), None);
     }

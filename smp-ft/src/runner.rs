@@ -32,6 +32,9 @@ pub enum Outcome {
     Signal(i32),
     /// This copy lost the FT tie-breaker: the other copy runs the VM.
     Halted,
+    /// This copy handed the VM over to its standby (QMP `x-smpft-switchover`); it waits as a
+    /// standby at `then_standby` if the command named one.
+    SwitchedOver { then_standby: Option<String> },
 }
 
 /// Answers QMP commands the runner or the standby does not implement itself (the QEMU
@@ -55,6 +58,10 @@ pub struct Runner {
     snapshots: snapshot::Chain,
     qmp: Option<(QmpServer, crossbeam_channel::Receiver<Request>)>,
     ft: Option<PrimaryFt>,
+    /// Set by a completed switchover: the loop ends once its reply is sent.
+    switched: Option<Outcome>,
+    /// After a switchover, this copy can wait as a standby: by default at this address.
+    rejoin: Option<Option<String>>,
 }
 
 impl Runner {
@@ -63,7 +70,7 @@ impl Runner {
         qmp: Option<(QmpServer, crossbeam_channel::Receiver<Request>)>,
         ft: Option<PrimaryFt>,
     ) -> Self {
-        Runner { vm, extension: None, snapshots: snapshot::Chain::default(), qmp, ft }
+        Runner { vm, extension: None, snapshots: snapshot::Chain::default(), qmp, ft, switched: None, rejoin: None }
     }
 
     /// Adds answers for commands the runner does not implement.
@@ -76,6 +83,13 @@ impl Runner {
         if let Some((server, _)) = &self.qmp {
             server.emit(event, data);
         }
+    }
+
+    /// After a switchover this copy can wait as a standby, at `default` unless the command
+    /// names an address.
+    pub fn can_rejoin(mut self, default: Option<String>) -> Self {
+        self.rejoin = Some(default);
+        self
     }
 
     /// Runs until the VM ends; then closes the QMP server, stops the VM and joins its threads.
@@ -129,6 +143,10 @@ impl Runner {
                         self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "host-qmp-quit"})));
                         break Ok(Outcome::Quit);
                     }
+                    if let Some(done) = self.switched.take() {
+                        self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "ft-switchover"})));
+                        break Ok(done);
+                    }
                 }
             }
             if flow == Flow::Continue {
@@ -151,6 +169,7 @@ impl Runner {
         if let Some(ft) = &mut self.ft {
             match &outcome {
                 Ok(Outcome::Halted) => ft.halt(),
+                Ok(Outcome::SwitchedOver { .. }) => ft.switched_over(),
                 Ok(o) => ft.finish(&self.vm, &format!("{o:?}")),
                 Err(e) => ft.finish(&self.vm, &e.to_string()),
             }
@@ -223,6 +242,21 @@ impl Runner {
                 Some(ft) => ft.query(&self.vm),
                 None => json!({"role": "primary", "state": "unprotected", "configured": false}),
             }),
+            SmpftCommand::Switchover { then_standby } => {
+                let Some(ft) = &mut self.ft else {
+                    return Err(QmpError::generic("FT is not configured for this VM: there is no standby to switch over to"));
+                };
+                let then_standby = match (&self.rejoin, then_standby) {
+                    (None, Some(_)) => {
+                        return Err(QmpError::generic("this copy cannot wait as a standby after a switchover"))
+                    }
+                    (Some(default), asked) => asked.or(default.clone()),
+                    (None, None) => None,
+                };
+                let done = ft.switchover(&self.vm, then_standby.clone()).map_err(QmpError::generic)?;
+                self.switched = Some(Outcome::SwitchedOver { then_standby });
+                Ok(done.to_json())
+            }
             SmpftCommand::Protect { peer } => match &mut self.ft {
                 Some(ft) => ft.protect(&peer).map(|()| json!({})).map_err(|e| QmpError::generic(error_chain(&e))),
                 None => Err(QmpError::generic(

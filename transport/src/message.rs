@@ -1,8 +1,22 @@
 //! Messages on the control stream.
 
-/// The protocol version this build speaks (also the ALPN, `smpft/1`).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The FT wire version this build speaks: the Hello and control messages, the FT layer's
+/// messages and the checkpoint payloads. A change any of them makes bumps it.
+/// - 1: the first.
+/// - 2: the planned switchover (the FT layer's `APP_SWITCHOVER`).
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest peer version this build still talks to, in that version's terms: the two sides
+/// speak the lower of their versions (see `Channel::version`), and what needs a newer one
+/// (a switchover) is refused with the reason. A peer older than this is refused at its Hello.
+pub const OLDEST_COMPATIBLE: u32 = 1;
+/// The ALPN: the family of wire versions that share a Hello (a new family is a new ALPN).
 pub const ALPN: &[u8] = b"smpft/1";
+
+/// The version this process announces: [`PROTOCOL_VERSION`], unless `SMPFT_WIRE_VERSION` sets
+/// another (for compatibility tests, which stand in for an older or newer build).
+pub fn advertised_version() -> u32 {
+    std::env::var("SMPFT_WIRE_VERSION").ok().and_then(|v| v.parse().ok()).unwrap_or(PROTOCOL_VERSION)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Role {

@@ -64,6 +64,9 @@ pub enum PrimaryState {
     /// The synchronising checkpoint was sent (not necessarily acknowledged yet: see
     /// [`Primary::acked`]) and checkpoints flow; output is held until acknowledged.
     Protected,
+    /// A planned switchover: the VM is paused after its final checkpoint, which the standby is
+    /// to acknowledge before the tie-breaker is handed to it. Output stays held.
+    HandingOver,
     /// The standby went silent; asking the tie-breaker. Output stays held.
     Arbitrating,
     /// Lost the tie-breaker (or was told to stop): the VM must not run.
@@ -128,6 +131,14 @@ pub enum PrimaryEvent {
     },
     /// The tie-breaker could not be reached; try again later.
     TieBreakUnreachable,
+    /// The operator asked for a planned switchover to the standby.
+    Switchover,
+    /// The tie-breaker now names the standby at the generation of [`PrimaryAction::HandOver`],
+    /// and the standby was told to go live: this copy must never run the VM again.
+    HandedOver,
+    /// The hand-over could not be made (the tie-breaker unreachable, the message not sent):
+    /// this copy keeps the VM, protected.
+    HandOverFailed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +166,15 @@ pub enum PrimaryAction {
     Halt,
     /// Drop the channel to the standby (it is gone or lost).
     DropStandby,
+    /// As [`PrimaryAction::Capture`], for the final checkpoint of a switchover: the VM stays
+    /// paused after it (resumed, and [`PrimaryEvent::CaptureFailed`] reported, if it fails).
+    CaptureFinal { epoch: Epoch },
+    /// The standby holds the final checkpoint `epoch`: record the standby as the tie-breaker's
+    /// holder at `generation` and tell it to go live; report [`PrimaryEvent::HandedOver`] or
+    /// [`PrimaryEvent::HandOverFailed`].
+    HandOver { epoch: Epoch, generation: u64 },
+    /// Resume the VM paused for a switchover that did not happen.
+    ResumeVm,
 }
 
 /// Where the initial copy is: the round last sent and the sequence number whose
@@ -189,6 +209,8 @@ pub struct Primary {
     /// Held output, oldest first: (epoch it belongs to, id).
     held: std::collections::VecDeque<(Epoch, u64)>,
     generation: u64,
+    /// A switchover's final checkpoint, once asked for.
+    final_epoch: Option<Epoch>,
 }
 
 impl Primary {
@@ -206,13 +228,14 @@ impl Primary {
             sync: None,
             held: Default::default(),
             generation,
+            final_epoch: None,
         }
     }
 
     /// Checkpoints captured for the standby (the synchronising one included) and not yet
     /// acknowledged; none without a standby.
     pub fn unacked(&self) -> u64 {
-        if !matches!(self.state, PrimaryState::Protected | PrimaryState::Arbitrating) {
+        if !matches!(self.state, PrimaryState::Protected | PrimaryState::HandingOver | PrimaryState::Arbitrating) {
             return 0;
         }
         let taken = self.epoch - self.first;
@@ -246,6 +269,20 @@ impl Primary {
             Some(at) if now >= at => self.handle(PrimaryEvent::EpochTimer),
             _ => vec![],
         }
+    }
+
+    /// A switchover's final checkpoint, once nothing else is being captured and the window
+    /// has room for it.
+    fn next_final(&mut self) -> Option<PrimaryAction> {
+        let due = self.state == PrimaryState::HandingOver
+            && self.final_epoch.is_none()
+            && self.capturing.is_none()
+            && self.unacked() < self.config.window;
+        due.then(|| {
+            self.capturing = Some(self.epoch);
+            self.final_epoch = Some(self.epoch);
+            PrimaryAction::CaptureFinal { epoch: self.epoch }
+        })
     }
 
     fn capture(&mut self) -> Vec<PrimaryAction> {
@@ -328,7 +365,7 @@ impl Primary {
                 vec![]
             }
             (S::Unprotected | S::Syncing, E::Output { id }) => vec![A::Release { ids: vec![id] }],
-            (S::Protected | S::Arbitrating, E::Output { id }) => {
+            (S::Protected | S::HandingOver | S::Arbitrating, E::Output { id }) => {
                 self.held.push_back((self.epoch, id));
                 vec![]
             }
@@ -339,7 +376,7 @@ impl Primary {
             (_, E::Captured { epoch, output, at }) if self.capturing == Some(epoch) => {
                 self.capturing = None;
                 self.last_capture = Some(at);
-                if !matches!(self.state, S::Protected | S::Arbitrating) {
+                if !matches!(self.state, S::Protected | S::HandingOver | S::Arbitrating) {
                     // Protection ended during the capture: nothing to send, nothing to hold.
                     return output.map(|id| vec![A::Release { ids: vec![id] }]).unwrap_or_default();
                 }
@@ -347,18 +384,42 @@ impl Primary {
                     self.held.push_back((epoch, id));
                 }
                 self.epoch += 1;
-                if self.state == S::Protected {
-                    vec![A::Send { epoch }]
-                } else {
-                    vec![]
+                match self.state {
+                    S::Protected => vec![A::Send { epoch }],
+                    // An ordinary checkpoint was under way when the switchover was asked for:
+                    // the final one follows it.
+                    S::HandingOver => [A::Send { epoch }].into_iter().chain(self.next_final()).collect(),
+                    _ => vec![],
                 }
             }
             (_, E::CaptureFailed { epoch, at }) if self.capturing == Some(epoch) => {
                 self.capturing = None;
                 self.last_capture = Some(at);
+                if self.state == S::HandingOver {
+                    // The shell resumed the VM; the switchover is off.
+                    self.state = S::Protected;
+                    self.final_epoch = None;
+                }
                 vec![]
             }
-            (S::Protected | S::Arbitrating, E::Acked { epoch }) => {
+            (S::Protected, E::Switchover) => {
+                self.state = S::HandingOver;
+                self.final_epoch = None;
+                self.next_final().into_iter().collect()
+            }
+            (S::HandingOver, E::HandedOver) => {
+                // The tie-breaker names the standby: nothing held may go out any more (the
+                // standby re-runs from the final checkpoint, whose output is already out).
+                self.state = S::Halted;
+                self.held.clear();
+                vec![]
+            }
+            (S::HandingOver, E::HandOverFailed) => {
+                self.state = S::Protected;
+                self.final_epoch = None;
+                vec![A::ResumeVm]
+            }
+            (S::Protected | S::HandingOver | S::Arbitrating, E::Acked { epoch }) => {
                 // Only checkpoints actually taken can be acknowledged; a late ack for an older
                 // one changes nothing.
                 if epoch >= self.epoch || self.acked.is_some_and(|a| epoch <= a) {
@@ -369,11 +430,14 @@ impl Primary {
                 while self.held.front().is_some_and(|&(e, _)| e <= epoch) {
                     ids.extend(self.held.pop_front().map(|(_, id)| id));
                 }
-                if ids.is_empty() {
-                    vec![]
-                } else {
-                    vec![A::Release { ids }]
+                let mut actions = if ids.is_empty() { vec![] } else { vec![A::Release { ids }] };
+                actions.extend(self.next_final());
+                if self.state == S::HandingOver && self.final_epoch.is_some_and(|f| epoch >= f) {
+                    // The standby holds the final state and every output up to it is out.
+                    self.generation += 1;
+                    actions.push(A::HandOver { epoch, generation: self.generation });
                 }
+                actions
             }
             (S::Syncing, E::PeerSilent) => {
                 // The standby died before it held anything: nothing to arbitrate.
@@ -386,6 +450,14 @@ impl Primary {
                 self.state = S::Arbitrating;
                 self.generation += 1;
                 vec![A::DropStandby, A::Arbitrate { generation: self.generation }]
+            }
+            (S::HandingOver, E::PeerSilent) => {
+                // The standby died during the switchover: as in any failure, but the VM paused
+                // for the hand-over runs again (its output stays held until the claim is won).
+                self.state = S::Arbitrating;
+                self.final_epoch = None;
+                self.generation += 1;
+                vec![A::DropStandby, A::ResumeVm, A::Arbitrate { generation: self.generation }]
             }
             (S::Arbitrating, E::TieBreakUnreachable) => vec![A::Arbitrate { generation: self.generation }],
             (S::Arbitrating, E::TieBreakWon { generation }) if generation == self.generation => {
@@ -442,6 +514,12 @@ pub enum StandbyEvent {
         generation: u64,
     },
     TieBreakUnreachable,
+    /// The primary handed the VM over (a planned switchover): it paused after checkpoint
+    /// `epoch` and recorded this standby as the tie-breaker's holder at `generation`.
+    HandOver {
+        epoch: Epoch,
+        generation: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -541,6 +619,13 @@ impl Standby {
             (S::Standby, E::PeerSilent) => {
                 self.state = S::Arbitrating;
                 self.generation += 1;
+                vec![A::Arbitrate { generation: self.generation }]
+            }
+            (S::Standby, E::HandOver { epoch, generation }) if self.acked.is_some_and(|a| a >= epoch) => {
+                // No silence to wait for: confirm the hand-over with a claim of the generation
+                // the primary recorded for this side (it wins without writing), then go live.
+                self.state = S::Arbitrating;
+                self.generation = self.generation.max(generation);
                 vec![A::Arbitrate { generation: self.generation }]
             }
             (S::Arbitrating, E::TieBreakUnreachable) => vec![A::Arbitrate { generation: self.generation }],

@@ -36,8 +36,9 @@ pub struct StandbyOptions {
 
 /// How a standby's watch ended.
 pub enum StandbyEnd {
-    /// Won the tie-breaker at `generation`: this VM (not yet started) is the live copy now.
-    Live { vm: Box<Vm>, generation: u64, epoch: Epoch },
+    /// Won the tie-breaker at `generation`: this VM (not yet started) is the live copy now;
+    /// `handover` if the primary handed it over (a planned switchover), not failed.
+    Live { vm: Box<Vm>, generation: u64, epoch: Epoch, handover: Option<super::wire::HandOver> },
     /// The primary shut its VM down on purpose.
     PrimaryEnded(String),
     /// Lost the tie-breaker: the primary runs the VM.
@@ -166,6 +167,16 @@ impl<'a> StandbyRunner<'a> {
     pub fn run(&mut self) -> Result<StandbyEnd, FtError> {
         let ft = &self.opts.ft;
         let listener = Arc::new(Listener::bind(self.opts.listen, &ft.identity, &ft.trust, ft.channel.clone())?);
+        // Whatever ends the watch, the address is let go: this process may listen on it again
+        // (a copy that handed its VM over stands by once more), and the thread accepting on
+        // it ends.
+        struct CloseOnExit(Arc<Listener>);
+        impl Drop for CloseOnExit {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        let _close = CloseOnExit(listener.clone());
         tracing::info!(listen = %listener.local_addr(), vcpus = self.opts.config.vcpus, memory_mib = self.opts.config.memory >> 20, "standby waiting for a primary");
         let (atx, arx) = crossbeam_channel::bounded::<Accepted>(0);
         let meta = self.meta().encode();
@@ -309,6 +320,27 @@ impl<'a> StandbyRunner<'a> {
                     }
                     return Ok(None);
                 }
+                Event::Message(Message::App { kind: super::wire::APP_SWITCHOVER, data }) => {
+                    let h = match super::wire::HandOver::decode(&data) {
+                        Ok(h) => h,
+                        Err(e) => {
+                            tracing::error!("FT: a malformed switchover from the primary ({e}); ignored");
+                            continue;
+                        }
+                    };
+                    tracing::info!(
+                        epoch = h.epoch,
+                        generation = h.generation,
+                        "FT: the primary hands the VM over (switchover)"
+                    );
+                    let event = StandbyEvent::HandOver { epoch: h.epoch, generation: h.generation };
+                    match self.take_over(&mut s, event, Some(h))? {
+                        Some(end) => return Ok(Some(end)),
+                        None => {
+                            tracing::error!("FT: the switchover came for a checkpoint this copy does not hold; ignored")
+                        }
+                    }
+                }
                 Event::Message(_) => {}
             }
         }
@@ -389,8 +421,19 @@ impl<'a> StandbyRunner<'a> {
 
     /// The primary is gone. Arbitrate if this copy is whole; go live if the tie-breaker agrees.
     fn primary_lost(&mut self, s: &mut Session) -> Result<Option<StandbyEnd>, FtError> {
+        self.take_over(s, StandbyEvent::PeerSilent, None)
+    }
+
+    /// Runs the machine from `event` (the primary lost, or handing over) through the
+    /// tie-breaker to going live, halting, or nothing (`None`: keep standing by).
+    fn take_over(
+        &mut self,
+        s: &mut Session,
+        event: StandbyEvent,
+        handover: Option<super::wire::HandOver>,
+    ) -> Result<Option<StandbyEnd>, FtError> {
         let noticed = Instant::now();
-        let mut actions = s.proto.handle(StandbyEvent::PeerSilent);
+        let mut actions = s.proto.handle(event);
         loop {
             let mut next = Vec::new();
             for a in actions {
@@ -441,7 +484,7 @@ impl<'a> StandbyRunner<'a> {
                             decided_ms = noticed.elapsed().as_millis() as u64,
                             "FT: won the tie-breaker; the VM goes live here from checkpoint {epoch}"
                         );
-                        return Ok(Some(StandbyEnd::Live { vm: Box::new(vm), generation, epoch }));
+                        return Ok(Some(StandbyEnd::Live { vm: Box::new(vm), generation, epoch, handover }));
                     }
                     _ => {}
                 }

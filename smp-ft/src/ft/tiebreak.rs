@@ -90,6 +90,20 @@ impl TieBreaker {
 
     /// Claims `generation`; see the module documentation for the rule.
     pub fn claim(&self, generation: u64, timeout: Duration) -> Result<Outcome, TieBreakError> {
+        self.claim_for(generation, &self.owner, timeout)
+    }
+
+    /// Claims `generation` on behalf of `holder` (a planned switchover: the primary records its
+    /// standby, which then claims the same generation and wins without writing). The same rule
+    /// as [`TieBreaker::claim`], with `holder` in place of this side.
+    pub fn hand_over(&self, generation: u64, holder: &str, timeout: Duration) -> Result<Outcome, TieBreakError> {
+        if holder.is_empty() || holder.contains(char::is_whitespace) {
+            return Err(TieBreakError::BadOwner(holder.to_string()));
+        }
+        self.claim_for(generation, holder, timeout)
+    }
+
+    fn claim_for(&self, generation: u64, owner: &str, timeout: Duration) -> Result<Outcome, TieBreakError> {
         let lock_path = with_suffix(&self.path, ".lock");
         let lock = std::fs::OpenOptions::new()
             .read(true)
@@ -123,12 +137,12 @@ impl TieBreaker {
         // The lock is released when `lock` is closed, at the end of this function.
         let current = self.read()?;
         let outcome = match &current {
-            Some((g, holder)) if *g > generation || (*g == generation && *holder != self.owner) => {
+            Some((g, holder)) if *g > generation || (*g == generation && holder != owner) => {
                 Outcome::Lost { generation: *g, holder: holder.clone() }
             }
             Some((g, _)) if *g == generation => Outcome::Won { generation },
             _ => {
-                self.write(generation)?;
+                self.write(generation, owner)?;
                 Outcome::Won { generation }
             }
         };
@@ -155,10 +169,10 @@ impl TieBreaker {
         }
     }
 
-    fn write(&self, generation: u64) -> Result<(), TieBreakError> {
+    fn write(&self, generation: u64, owner: &str) -> Result<(), TieBreakError> {
         let tmp = with_suffix(&self.path, ".tmp");
         let mut f = std::fs::File::create(&tmp).map_err(self.unreachable())?;
-        writeln!(f, "{MAGIC} {generation} {}", self.owner).map_err(self.unreachable())?;
+        writeln!(f, "{MAGIC} {generation} {owner}").map_err(self.unreachable())?;
         f.sync_all().map_err(self.unreachable())?;
         std::fs::rename(&tmp, &self.path).map_err(self.unreachable())?;
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -180,6 +194,20 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_hand_over_names_the_standby_which_then_wins_without_the_primary() {
+        let d = dir("handover");
+        let path = d.path().join("tb");
+        let (a, b) = (TieBreaker::new(&path, "a").unwrap(), TieBreaker::new(&path, "b").unwrap());
+        assert_eq!(a.claim(3, T).unwrap(), Outcome::Won { generation: 3 });
+        assert_eq!(a.hand_over(4, "b", T).unwrap(), Outcome::Won { generation: 4 });
+        assert_eq!(a.read().unwrap(), Some((4, "b".to_string())));
+        assert_eq!(b.claim(4, T).unwrap(), Outcome::Won { generation: 4 }, "the named standby holds 4");
+        assert_eq!(a.claim(4, T).unwrap(), Outcome::Lost { generation: 4, holder: "b".into() });
+        assert!(matches!(a.hand_over(4, "c", T).unwrap(), Outcome::Lost { .. }), "no hand-over below the record");
+        assert!(matches!(a.hand_over(5, "has space", T), Err(TieBreakError::BadOwner(_))));
+    }
 
     #[test]
     fn higher_generations_win_and_the_holder_may_claim_again() {

@@ -62,6 +62,33 @@ pub struct Meta {
 
 /// The FT layer's own messages on the channel (`Message::App` kinds).
 pub const APP_DIGESTS: u16 = 1;
+/// A planned switchover ([`HandOver`]), from the primary; wire version 2 and later.
+pub const APP_SWITCHOVER: u16 = 2;
+/// The wire version that brought [`APP_SWITCHOVER`].
+pub const SWITCHOVER_VERSION: u32 = 2;
+
+/// The primary hands the VM over: it is paused after checkpoint `epoch`, which the standby has
+/// acknowledged, and the tie-breaker names the standby at `generation`.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct HandOver {
+    pub epoch: u64,
+    pub generation: u64,
+    /// Where the old primary waits as a standby, to be protected with first (`--then-standby`).
+    pub return_to: Option<String>,
+}
+
+impl HandOver {
+    pub fn encode(&self) -> Vec<u8> {
+        rkyv::to_bytes::<rkyv::rancor::Error>(self).map(|v| v.to_vec()).unwrap_or_default()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<HandOver, WireError> {
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(b.len());
+        aligned.extend_from_slice(b);
+        rkyv::from_bytes::<HandOver, rkyv::rancor::Error>(&aligned)
+            .map_err(|e| WireError::Meta(format!("switchover: {e}")))
+    }
+}
 
 /// Encodes the standby's disk digests for an [`APP_DIGESTS`] message.
 pub fn encode_digests(d: &Vec<disk_mirror::digest::Digest>) -> Result<Vec<u8>, WireError> {

@@ -152,7 +152,7 @@ fn primary(
             Some(smp_ft::ft::primary::PrimaryFt::new(opts, &running, vec![peer], None).map_err(|e| err(&e))?)
         }
     };
-    crate::serve(Runner::new(running, qmp, ft).with_extension(Box::new(answers))).map_err(|e| err(&e))
+    crate::serve(Runner::new(running, qmp, ft).with_extension(Box::new(answers)), None).map_err(|e| err(&e))
 }
 
 /// libvirt's questions about a domain.

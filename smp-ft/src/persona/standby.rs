@@ -56,5 +56,6 @@ pub fn run(name: &str, s: &Settings, config: VmConfig, qmp: crate::Qmp, answers:
     let end = runner.run().map_err(|e| error_chain(&e))?;
     let answers = runner.take_extension();
     drop(runner);
-    crate::standby_ended(end, ft, Vec::new(), Some((server, requests)), sig_rx, answers).map_err(|e| error_chain(&e))
+    crate::standby_ended(end, ft, Vec::new(), Some((server, requests)), sig_rx, answers, None)
+        .map_err(|e| error_chain(&e))
 }

@@ -29,7 +29,7 @@ use tasks::{bulk_acceptor, closed_watch, control_reader, control_writer, heartbe
 
 use crate::frame::{self, Decoder};
 use crate::identity::{Identity, PeerTrust};
-use crate::message::{Message, Role, PROTOCOL_VERSION};
+use crate::message::{advertised_version, Message, Role, OLDEST_COMPATIBLE, PROTOCOL_VERSION};
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
@@ -233,10 +233,13 @@ async fn read_hello(recv: &mut quinn::RecvStream, max: usize) -> Result<Message,
 fn check_hello(m: &Message, want: Role) -> Result<(), (u32, String)> {
     match m {
         Message::Hello { version, role, .. } => {
-            if *version != PROTOCOL_VERSION {
+            if *version < OLDEST_COMPATIBLE {
                 return Err((
                     code::VERSION,
-                    format!("peer speaks protocol version {version}, this side {PROTOCOL_VERSION}"),
+                    format!(
+                        "peer speaks FT wire version {version}; this smpft speaks {PROTOCOL_VERSION} and talks to \
+                         peers from version {OLDEST_COMPATIBLE}: upgrade the peer"
+                    ),
                 ));
             }
             if *role != want {
@@ -263,6 +266,12 @@ impl Listener {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.endpoint.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Stops accepting: an [`Listener::accept`] under way returns an error, and the address is
+    /// free again once the channels accepted on it are gone.
+    pub fn close(&self) {
+        self.endpoint.close(VarInt::from_u32(0), b"listener closed");
     }
 
     /// Waits (up to `timeout`, forever if `None`) for a primary that completes the TLS
@@ -315,7 +324,7 @@ impl Listener {
 }
 
 async fn send_hello(send: &mut quinn::SendStream, role: Role, session: u64, meta: Vec<u8>) -> Result<(), String> {
-    let hello = Message::Hello { version: PROTOCOL_VERSION, role, session, meta };
+    let hello = Message::Hello { version: advertised_version(), role, session, meta };
     send.write_all(&frame::encode(&hello)).await.map_err(|e| e.to_string())
 }
 
@@ -406,6 +415,14 @@ impl Channel {
 
     pub fn peer_addr(&self) -> SocketAddr {
         self.shared.peer
+    }
+
+    /// The wire version both sides speak: the lower of theirs.
+    pub fn version(&self) -> u32 {
+        match &self.peer_hello {
+            Message::Hello { version, .. } => (*version).min(advertised_version()),
+            _ => OLDEST_COMPATIBLE,
+        }
     }
 
     /// The peer's Hello (its session id and the layer above's metadata).
@@ -524,7 +541,14 @@ mod tests {
     fn hello_checks_version_role_and_kind() {
         let hello = |version, role| Message::Hello { version, role, session: 1, meta: vec![] };
         assert!(check_hello(&hello(PROTOCOL_VERSION, Role::Primary), Role::Primary).is_ok());
-        assert_eq!(check_hello(&hello(2, Role::Primary), Role::Primary).unwrap_err().0, code::VERSION);
+        assert!(
+            check_hello(&hello(PROTOCOL_VERSION + 1, Role::Primary), Role::Primary).is_ok(),
+            "a newer peer decides"
+        );
+        assert!(check_hello(&hello(OLDEST_COMPATIBLE, Role::Primary), Role::Primary).is_ok());
+        let (c, why) = check_hello(&hello(OLDEST_COMPATIBLE - 1, Role::Primary), Role::Primary).unwrap_err();
+        assert_eq!(c, code::VERSION);
+        assert!(why.contains("upgrade the peer"), "{why}");
         assert_eq!(check_hello(&hello(PROTOCOL_VERSION, Role::Standby), Role::Primary).unwrap_err().0, code::PROTOCOL);
         assert_eq!(check_hello(&Message::Heartbeat { seq: 0 }, Role::Primary).unwrap_err().0, code::PROTOCOL);
     }

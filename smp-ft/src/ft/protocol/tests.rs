@@ -390,6 +390,95 @@ fn the_standby_takes_pre_copy_rounds_in_order_and_only_while_syncing() {
     assert_eq!(s.handle(StandbyEvent::PreCopy { seq: 4 }), vec![StandbyAction::Refuse { seq: 4 }], "after the sync");
 }
 
+// ---- planned switchover ----
+
+#[test]
+fn switchover_hands_over_once_the_final_checkpoint_is_acked() {
+    let mut p = protected();
+    p.handle(PrimaryEvent::Output { id: 1 });
+    let e = p.epoch();
+    assert_eq!(p.handle(PrimaryEvent::Switchover), vec![PrimaryAction::CaptureFinal { epoch: e }]);
+    assert_eq!(p.state(), PrimaryState::HandingOver);
+    assert_eq!(p.handle(PrimaryEvent::EpochTimer), vec![], "no ordinary checkpoint now");
+    assert_eq!(
+        p.handle(PrimaryEvent::Captured { epoch: e, output: Some(2), at: t0() }),
+        vec![PrimaryAction::Send { epoch: e }]
+    );
+    assert_eq!(
+        p.handle(PrimaryEvent::Acked { epoch: e }),
+        vec![PrimaryAction::Release { ids: vec![1, 2] }, PrimaryAction::HandOver { epoch: e, generation: 1 }]
+    );
+    assert_eq!(p.handle(PrimaryEvent::HandedOver), vec![]);
+    assert_eq!(p.state(), PrimaryState::Halted);
+    assert_eq!(p.handle(PrimaryEvent::Output { id: 3 }), vec![], "nothing more goes out from here");
+}
+
+#[test]
+fn switchover_follows_a_checkpoint_under_way() {
+    let mut p = protected();
+    let e = p.epoch();
+    assert_eq!(p.handle(PrimaryEvent::EpochTimer), vec![PrimaryAction::Capture { epoch: e }]);
+    assert_eq!(p.handle(PrimaryEvent::Switchover), vec![]);
+    assert_eq!(
+        p.handle(PrimaryEvent::Captured { epoch: e, output: None, at: t0() }),
+        vec![PrimaryAction::Send { epoch: e }, PrimaryAction::CaptureFinal { epoch: e + 1 }]
+    );
+    assert_eq!(p.handle(PrimaryEvent::Acked { epoch: e }), vec![], "not the final one yet");
+}
+
+#[test]
+fn switchover_waits_for_room_in_the_window() {
+    let mut p = protected();
+    let first = p.epoch();
+    for _ in 0..PrimaryConfig::default().window {
+        cp(&mut p);
+    }
+    assert_eq!(p.handle(PrimaryEvent::Switchover), vec![], "the window is full");
+    let e = p.epoch();
+    assert_eq!(p.handle(PrimaryEvent::Acked { epoch: first }), vec![PrimaryAction::CaptureFinal { epoch: e }]);
+}
+
+#[test]
+fn a_failed_switchover_leaves_the_vm_running_protected_here() {
+    // The hand-over could not be recorded.
+    let mut p = protected();
+    let e = p.epoch();
+    p.handle(PrimaryEvent::Switchover);
+    p.handle(PrimaryEvent::Captured { epoch: e, output: None, at: t0() });
+    p.handle(PrimaryEvent::Acked { epoch: e });
+    assert_eq!(p.handle(PrimaryEvent::HandOverFailed), vec![PrimaryAction::ResumeVm]);
+    assert_eq!(p.state(), PrimaryState::Protected);
+    assert_eq!(cp(&mut p), vec![PrimaryAction::Send { epoch: e + 1 }], "checkpoints go on");
+    // The final capture failed (the shell resumed the VM).
+    let mut p = protected();
+    let e = p.epoch();
+    p.handle(PrimaryEvent::Switchover);
+    assert_eq!(p.handle(PrimaryEvent::CaptureFailed { epoch: e, at: t0() }), vec![]);
+    assert_eq!(p.state(), PrimaryState::Protected);
+    // The standby died meanwhile: arbitrate as for any failure, with the VM running again.
+    let mut p = protected();
+    let e = p.epoch();
+    p.handle(PrimaryEvent::Switchover);
+    p.handle(PrimaryEvent::Captured { epoch: e, output: Some(9), at: t0() });
+    assert_eq!(
+        p.handle(PrimaryEvent::PeerSilent),
+        vec![PrimaryAction::DropStandby, PrimaryAction::ResumeVm, PrimaryAction::Arbitrate { generation: 1 }]
+    );
+    assert_eq!(p.held(), 1, "output stays held until the claim is decided");
+}
+
+#[test]
+fn standby_takes_a_hand_over_only_for_a_state_it_holds() {
+    let mut s = standby_at(5);
+    assert_eq!(s.handle(StandbyEvent::HandOver { epoch: 6, generation: 3 }), vec![], "a checkpoint it lacks");
+    assert_eq!(s.state(), StandbyState::Standby);
+    assert_eq!(
+        s.handle(StandbyEvent::HandOver { epoch: 5, generation: 3 }),
+        vec![StandbyAction::Arbitrate { generation: 3 }]
+    );
+    assert_eq!(s.handle(StandbyEvent::TieBreakWon { generation: 3 }), vec![StandbyAction::GoLive { epoch: 5 }]);
+}
+
 // ---- randomized simulation ----
 
 /// The shared lock: a generation and its holder. `try_lock` succeeds for a higher generation
@@ -447,8 +536,12 @@ fn simulate(seed: u64) -> Result<(), String> {
         }
         // Silence is noticed by whoever is alive once the link or the peer is gone.
         let silent = step > fault_at + 5;
-        let mut p_actions = std::mem::take(&mut first_actions);
         let mut s_actions = Vec::new();
+        if p_alive && p.state() == PrimaryState::Protected && rng.chance(1) {
+            // Now and then, the operator asks for a planned switchover.
+            first_actions.extend(p.handle(PrimaryEvent::Switchover));
+        }
+        let mut p_actions = std::mem::take(&mut first_actions);
         if p_alive {
             let ev = match rng.next() % 4 {
                 0 => {
@@ -487,7 +580,7 @@ fn simulate(seed: u64) -> Result<(), String> {
         let mut work: std::collections::VecDeque<PrimaryAction> = p_actions.into();
         while let Some(a) = work.pop_front() {
             match a {
-                PrimaryAction::Capture { epoch } => {
+                PrimaryAction::Capture { epoch } | PrimaryAction::CaptureFinal { epoch } => {
                     if rng.chance(3) {
                         work.extend(p.handle(PrimaryEvent::CaptureFailed { epoch, at: now }));
                     } else {
@@ -523,7 +616,25 @@ fn simulate(seed: u64) -> Result<(), String> {
                     link_up = false;
                     fault_at = fault_at.min(step);
                 }
-                PrimaryAction::Halt | PrimaryAction::DropStandby | PrimaryAction::StartSync => {}
+                PrimaryAction::HandOver { epoch, generation } => {
+                    // The primary records the standby as the holder; the message may be lost
+                    // (the standby then claims the generation once the primary is silent).
+                    if tb.try_lock("standby", generation).is_err() || rng.chance(3) {
+                        work.extend(p.handle(PrimaryEvent::HandOverFailed));
+                        continue;
+                    }
+                    work.extend(p.handle(PrimaryEvent::HandedOver));
+                    if link_up && s_alive && rng.chance(80) {
+                        s_actions.extend(s.handle(StandbyEvent::HandOver { epoch, generation }));
+                    }
+                    // The old primary stops: to the standby that is silence.
+                    p_alive = false;
+                    fault_at = fault_at.min(step);
+                }
+                PrimaryAction::Halt
+                | PrimaryAction::DropStandby
+                | PrimaryAction::StartSync
+                | PrimaryAction::ResumeVm => {}
             }
         }
         if p.unacked() > window {

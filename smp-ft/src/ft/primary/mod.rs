@@ -21,6 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use transport::{Channel, Event, Message};
 
+mod switchover;
+pub use switchover::Switched;
+
 /// What the VM owner must do after an FT step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -91,6 +94,12 @@ pub struct PrimaryFt {
     /// The brake on the vCPUs that keeps output latency bounded.
     throttle: super::throttle::Throttle,
     last_error: Option<String>,
+    /// The standby's name in the tie-breaker (from its Hello), for a switchover.
+    peer_owner: Option<String>,
+    /// Where this side waits as a standby after a switchover.
+    return_to: Option<String>,
+    /// The VM was handed over to the standby (a switchover).
+    switched: bool,
 }
 
 impl PrimaryFt {
@@ -148,6 +157,9 @@ impl PrimaryFt {
             took_over: took_over.is_some(),
             throttle: super::throttle::Throttle::new(opts.max_latency),
             last_error: None,
+            peer_owner: None,
+            return_to: None,
+            switched: false,
             opts,
         })
     }
@@ -301,6 +313,7 @@ impl PrimaryFt {
                         Err(e) => Some(e.to_string()),
                         Ok(m) => {
                             digests_follow = m.digests;
+                            self.peer_owner = Some(m.owner.clone());
                             self.meta.mismatch(&m)
                         }
                     },
@@ -457,6 +470,21 @@ impl PrimaryFt {
                     }
                 }
                 PrimaryAction::Arbitrate { .. } => self.start_claim(),
+                PrimaryAction::CaptureFinal { epoch } => {
+                    if self.capture_final(vm, epoch) == Flow::Halt {
+                        return Flow::Halt;
+                    }
+                }
+                PrimaryAction::HandOver { epoch, generation } => {
+                    if self.hand_over(vm, epoch, generation) == Flow::Halt {
+                        return Flow::Halt;
+                    }
+                }
+                PrimaryAction::ResumeVm => {
+                    if vm.is_paused() {
+                        vm.resume();
+                    }
+                }
                 PrimaryAction::Halt => {
                     let dropped = vm.devices().gate.discard_all();
                     tracing::error!(
@@ -726,7 +754,9 @@ impl PrimaryFt {
             PrimaryState::Syncing => "syncing",
             PrimaryState::Protected if self.proto.acked().is_none() || self.sync.is_some() => "syncing",
             PrimaryState::Protected => "protected",
+            PrimaryState::HandingOver => "switching-over",
             PrimaryState::Arbitrating => "arbitrating",
+            PrimaryState::Halted if self.handed_over() => "switched-over",
             PrimaryState::Halted => "halted",
         }
     }
@@ -789,6 +819,20 @@ impl PrimaryFt {
         if let Some(l) = self.link.take() {
             tracing::info!("FT: telling the standby to stand down: {why}");
             l.close(GOODBYE_VM_ENDED, why);
+        }
+    }
+
+    /// Whether this copy handed the VM over to its standby (a switchover).
+    pub fn handed_over(&self) -> bool {
+        self.switched
+    }
+
+    /// This copy handed the VM over: close the channel (the standby runs the VM already, or
+    /// will on its own once this side is gone).
+    pub fn switched_over(&mut self) {
+        self.disk_log.stop();
+        if let Some(l) = self.link.take() {
+            l.close(GOODBYE_HALTED, "switched over");
         }
     }
 
