@@ -45,11 +45,21 @@ fn hello_and_every_message_type_round_trip_both_ways() {
     let (p, s) = pair("roundtrip", ChannelConfig::default());
     assert_eq!(
         p.peer_hello(),
-        &Message::Hello { version: 1, role: Role::Standby, session: 2, meta: b"standby-meta".to_vec() }
+        &Message::Hello {
+            version: transport::message::PROTOCOL_VERSION,
+            role: Role::Standby,
+            session: 2,
+            meta: b"standby-meta".to_vec()
+        }
     );
     assert_eq!(
         s.peer_hello(),
-        &Message::Hello { version: 1, role: Role::Primary, session: 1, meta: b"vm: 4 vcpus".to_vec() }
+        &Message::Hello {
+            version: transport::message::PROTOCOL_VERSION,
+            role: Role::Primary,
+            session: 1,
+            meta: b"vm: 4 vcpus".to_vec()
+        }
     );
     let msgs = [
         Message::App { kind: 7, data: vec![1, 2, 3] },
@@ -355,7 +365,12 @@ fn closed_for_violation(bad: Message) {
 
 #[test]
 fn a_second_hello_closes_the_channel() {
-    closed_for_violation(Message::Hello { version: 1, role: Role::Primary, session: 9, meta: vec![] });
+    closed_for_violation(Message::Hello {
+        version: transport::message::PROTOCOL_VERSION,
+        role: Role::Primary,
+        session: 9,
+        meta: vec![],
+    });
 }
 
 #[test]
