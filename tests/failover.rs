@@ -541,3 +541,56 @@ fn spares_take_over_protection_in_turn() {
     let st = wait_exit(s3, Duration::from_secs(20));
     assert!(st.success(), "the last spare stands down when the VM ends\n{}", log(&s3p));
 }
+
+/// The lag policy: a standby slowed by SIGSTOP bursts (stopped most of the time, never long
+/// enough to count as silent) lags behind; the primary first takes the tie-breaker, then drops
+/// it and protects the VM with the next spare. The primary never halts, the client loses
+/// nothing, and the replaced standby never goes live: once thawed, its own claim loses and it
+/// halts.
+#[test]
+fn a_lagging_standby_is_replaced_by_a_spare() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-lag");
+    let (port1, port2) = (free_port(), free_port());
+    let addr = |p: u16| format!("127.0.0.1:{p}");
+    let (pp, s1p, s2p) = (setup.paths("p"), setup.paths("s1"), setup.paths("s2"));
+    // A stopped standby is slow, not silent: the silence timeout is above each stop.
+    let shape = ["--vcpus", "4", "--memory", "128M", "--ft-timeout", "600ms"];
+    let b_trusts_a = Side { me: &setup.b, peer: &setup.a, tiebreak: &setup.tiebreak, env: &[], netns: None };
+    let (a1, a2) = (addr(port1), addr(port2));
+    let s1 = common::ft::spawn(&s1p, &b_trusts_a, &[&["standby", "--listen", &a1], &shape[..]].concat());
+    let s2 = common::ft::spawn(&s2p, &b_trusts_a, &[&["standby", "--listen", &a2], &shape[..]].concat());
+    for p in [&s1p, &s2p] {
+        wait_state(p, "waiting", Duration::from_secs(10));
+    }
+    let policy = ["--ft-max-lag", "80ms", "--ft-max-lag-for", "1s", "--ft-timeout", "600ms"];
+    let primary = setup.primary(&pp, &format!("{a1},{a2}"), &[], &policy);
+    wait_protected_by(&pp, port1, "first spare");
+    let client = background_client(vec![pp.serial.clone()]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s1_pid, st) = (s1.pid() as i32, stop.clone());
+    let bursts = std::thread::spawn(move || {
+        while !st.load(Ordering::SeqCst) {
+            // SAFETY: kill only sends signals to the standby's process.
+            unsafe { libc::kill(s1_pid, libc::SIGSTOP) };
+            std::thread::sleep(Duration::from_millis(150));
+            // SAFETY: as above.
+            unsafe { libc::kill(s1_pid, libc::SIGCONT) };
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    });
+    wait_protected_by(&pp, port2, "the lagging standby replaced");
+    stop.store(true, Ordering::SeqCst);
+    bursts.join().unwrap();
+    let status = wait_exit(s1, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(75), "the replaced standby halts\n{}", log(&s1p));
+    assert!(log(&s1p).contains("replaced: acknowledgements lagged"), "the standby is told why\n{}", log(&s1p));
+    assert!(!log(&s1p).contains("goes live"), "the replaced standby never ran the VM\n{}", log(&s1p));
+    let q = query(&pp);
+    assert_eq!(q["standbys-replaced"], 1, "{q}");
+    let client = client.finish_or(|| format!("primary:\n{}\ns1:\n{}", log(&pp), log(&s1p)));
+    let client = finish_at(client, 0, primary, &pp, "lag");
+    assert!(client.replies > 20, "the client made progress");
+    assert!(wait_exit(s2, Duration::from_secs(20)).success(), "the spare stands down with the VM\n{}", log(&s2p));
+}

@@ -388,12 +388,14 @@ impl Drop for Bridge {
 }
 
 /// FT metadata for a domain: `role`, this host's identity `me`, the peer's certificate, and
-/// `addr` (the `<smpft:peer>` or `<smpft:listen>` element).
+/// `addr` (the `<smpft:peer>` or `<smpft:listen>` element). The silence timeout is generous:
+/// these tests run several domains at once on two cores, and a standby starved of CPU past the
+/// default 150 ms would be declared lost (correctly, but not what the tests are about).
 fn ft_meta(ft_dir: &Path, role: &str, me: &str, peer: &str, addr: &str) -> String {
     let (id, cert, tb) = (ft_dir.join(me), ft_dir.join(peer).join("cert.pem"), ft_dir.join("tiebreak"));
     format!(
         "<smpft:ft xmlns:smpft='urn:smpft:libvirt:1'><smpft:role>{role}</smpft:role>{addr}\
-         <smpft:tiebreak>{}</smpft:tiebreak><smpft:identity>{}</smpft:identity><smpft:peer-cert>{}</smpft:peer-cert></smpft:ft>",
+         <smpft:tiebreak>{}</smpft:tiebreak><smpft:identity>{}</smpft:identity><smpft:peer-cert>{}</smpft:peer-cert><smpft:timeout>600ms</smpft:timeout></smpft:ft>",
         tb.display(),
         id.display(),
         cert.display()

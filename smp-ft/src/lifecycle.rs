@@ -20,6 +20,9 @@ use std::sync::Mutex;
 static SIGNAL_TARGET: Mutex<Option<crossbeam_channel::Sender<VmEvent>>> = Mutex::new(None);
 static RELAY: std::sync::Once = std::sync::Once::new();
 
+/// After a switchover, when the new primary first tries the copy that handed the VM over.
+const RETURN_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Passes the signals `forward_signals` catches on to `to` (from now on, instead of wherever
 /// they went before).
 pub(crate) fn relay_signals(from: crossbeam_channel::Receiver<VmEvent>, to: crossbeam_channel::Sender<VmEvent>) {
@@ -124,7 +127,11 @@ pub(crate) fn standby_ended(
                 // The VM runs here now (libvirt shows the domain running on this event).
                 server.emit("RESUME", None);
             }
-            let ft = PrimaryFt::new(ft, &running, spares, Some(generation))?;
+            let mut ft = PrimaryFt::new(ft, &running, spares, Some(generation))?;
+            if back.is_some() {
+                // The copy that handed over stops its VM and listens again within ~100 ms.
+                ft.first_attempt_after(RETURN_WAIT);
+            }
             let runner = Runner::new(running, qmp, Some(ft));
             serve(
                 match extension {

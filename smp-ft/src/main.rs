@@ -163,6 +163,17 @@ pub(crate) struct FtArgs {
     /// longer. 0 turns the brake off.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     ft_max_latency: Duration,
+    /// Lag policy (primary): a standby whose acknowledgements lag more than this for at least
+    /// half of --ft-max-lag-for is replaced: the primary takes the tie-breaker at a new
+    /// generation (so the standby can never go live), drops it and protects the VM with the
+    /// next spare of --ft-peer. The throttle (--ft-max-latency) acts first; this is for a
+    /// standby too slow for any brake on the guest to help. Set it above --ft-max-latency.
+    /// 0 (the default) keeps a slow standby.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    ft_max_lag: Duration,
+    /// The window --ft-max-lag looks at.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    ft_max_lag_for: Duration,
 }
 
 impl FtArgs {
@@ -191,6 +202,12 @@ impl FtArgs {
         if self.ft_interval.is_zero() {
             return Err(CliError::Usage("--ft-interval must be above zero".into()));
         }
+        if !self.ft_max_lag.is_zero() && (self.ft_max_lag_for.is_zero() || self.ft_max_lag <= self.ft_interval) {
+            return Err(CliError::Usage(format!(
+                "--ft-max-lag ({:?}) must exceed --ft-interval ({:?}), over a --ft-max-lag-for above zero",
+                self.ft_max_lag, self.ft_interval
+            )));
+        }
         let identity = transport::Identity::load(self.identity.as_deref().unwrap_or_else(|| std::path::Path::new("")))?;
         let trust =
             transport::PeerTrust::parse(self.peer_cert.as_deref().unwrap_or_default()).map_err(CliError::PeerCert)?;
@@ -210,6 +227,8 @@ impl FtArgs {
             compression: self.ft_compress,
             compression_cache: self.ft_compress_cache,
             max_latency: self.ft_max_latency,
+            max_lag: self.ft_max_lag,
+            max_lag_for: self.ft_max_lag_for,
             channel,
         })
     }

@@ -136,6 +136,7 @@ impl Runner {
                 },
                 recv(requests) -> req => {
                     let Ok(req) = req else { continue };
+                    let Some(req) = self.forward(req) else { continue };
                     let quit = req.command == Command::Quit;
                     let reply = self.execute(&req.command);
                     req.reply.send(reply);
@@ -181,6 +182,20 @@ impl Runner {
         outcome
     }
 
+    /// A snapshot of a protected VM is the standby's to write: handed to the FT engine, which
+    /// answers it when the standby reports. Anything else comes back to be executed here.
+    fn forward(&mut self, req: Request) -> Option<Request> {
+        let Some(ft) = self.ft.as_mut().filter(|ft| ft.is_active()) else { return Some(req) };
+        let Command::Other { name, args } = &req.command else { return Some(req) };
+        match SmpftCommand::parse(name, args) {
+            Some(Ok(SmpftCommand::Snapshot { file, incremental })) => {
+                ft.forward_snapshot(&file, incremental, req.reply);
+                None
+            }
+            _ => Some(req),
+        }
+    }
+
     fn execute(&mut self, command: &Command) -> Result<Value, QmpError> {
         let ft_active = self.ft.as_ref().is_some_and(|ft| ft.is_active());
         match command {
@@ -223,9 +238,12 @@ impl Runner {
     /// smpft's own commands, on a VM that runs here.
     fn smpft(&mut self, command: SmpftCommand, ft_active: bool) -> Result<Value, QmpError> {
         match command {
-            SmpftCommand::Snapshot { .. } if ft_active => Err(QmpError::generic(
-                "the VM is protected by FT, whose checkpoints consume the dirty-page log; snapshots are refused until it is unprotected",
-            )),
+            // Protected, snapshots go to the standby (`forward`); one arriving here raced a
+            // standby that just attached, and the VM's own capture would take the dirty log
+            // from the checkpoints.
+            SmpftCommand::Snapshot { .. } if ft_active => {
+                Err(QmpError::generic("a standby is attaching; ask for the snapshot again once the VM is protected"))
+            }
             SmpftCommand::Snapshot { file, incremental } => {
                 let kind = if incremental { Kind::Incremental } else { Kind::Full };
                 let (bytes, t) = self
@@ -244,7 +262,9 @@ impl Runner {
             }),
             SmpftCommand::Switchover { then_standby } => {
                 let Some(ft) = &mut self.ft else {
-                    return Err(QmpError::generic("FT is not configured for this VM: there is no standby to switch over to"));
+                    return Err(QmpError::generic(
+                        "FT is not configured for this VM: there is no standby to switch over to",
+                    ));
                 };
                 let then_standby = match (&self.rejoin, then_standby) {
                     (None, Some(_)) => {

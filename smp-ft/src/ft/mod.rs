@@ -7,6 +7,7 @@ pub mod disk;
 pub mod encode;
 pub mod error;
 pub mod fault;
+pub mod lag;
 pub mod link;
 pub mod primary;
 pub mod protocol;
@@ -44,6 +45,8 @@ use transport::{ChannelConfig, Identity, PeerTrust};
 /// Goodbye codes between the FT peers (above the channel's own).
 pub const GOODBYE_VM_ENDED: u32 = 100;
 pub const GOODBYE_HALTED: u32 = 101;
+/// The primary replaced this standby (it lagged): it must not go live, and cannot.
+pub const GOODBYE_REPLACED: u32 = 102;
 
 /// Settings shared by both roles.
 #[derive(Clone)]
@@ -66,6 +69,10 @@ pub struct FtOptions {
     pub compression_cache: u64,
     /// Output latency bound: vCPUs are slowed while acknowledgements lag more (zero: never).
     pub max_latency: Duration,
+    /// The lag policy: a standby whose acknowledgements lag more than this for at least half
+    /// of `max_lag_for` is replaced (zero: never).
+    pub max_lag: Duration,
+    pub max_lag_for: Duration,
     pub channel: ChannelConfig,
 }
 

@@ -67,6 +67,10 @@ pub enum PrimaryState {
     /// A planned switchover: the VM is paused after its final checkpoint, which the standby is
     /// to acknowledge before the tie-breaker is handed to it. Output stays held.
     HandingOver,
+    /// The standby lags too far behind for too long (`--ft-max-lag`): taking the tie-breaker
+    /// at a new generation while it is still connected, so that once it is dropped no claim of
+    /// its own can win. Output stays held.
+    Replacing,
     /// The standby went silent; asking the tie-breaker. Output stays held.
     Arbitrating,
     /// Lost the tie-breaker (or was told to stop): the VM must not run.
@@ -131,6 +135,8 @@ pub enum PrimaryEvent {
     },
     /// The tie-breaker could not be reached; try again later.
     TieBreakUnreachable,
+    /// The standby's acknowledgements have lagged beyond the bound for the configured time.
+    Lagging,
     /// The operator asked for a planned switchover to the standby.
     Switchover,
     /// The tie-breaker now names the standby at the generation of [`PrimaryAction::HandOver`],
@@ -211,6 +217,10 @@ pub struct Primary {
     generation: u64,
     /// A switchover's final checkpoint, once asked for.
     final_epoch: Option<Epoch>,
+    /// The generation before a claim that may fail without recording anything (a hand-over,
+    /// a replacement): restored if it does, so that this side and its standby keep claiming
+    /// the same generation on a failure (one ahead, both could win).
+    claimed_from: Option<u64>,
 }
 
 impl Primary {
@@ -229,13 +239,15 @@ impl Primary {
             held: Default::default(),
             generation,
             final_epoch: None,
+            claimed_from: None,
         }
     }
 
     /// Checkpoints captured for the standby (the synchronising one included) and not yet
     /// acknowledged; none without a standby.
     pub fn unacked(&self) -> u64 {
-        if !matches!(self.state, PrimaryState::Protected | PrimaryState::HandingOver | PrimaryState::Arbitrating) {
+        use PrimaryState as S;
+        if !matches!(self.state, S::Protected | S::HandingOver | S::Replacing | S::Arbitrating) {
             return 0;
         }
         let taken = self.epoch - self.first;
@@ -365,7 +377,7 @@ impl Primary {
                 vec![]
             }
             (S::Unprotected | S::Syncing, E::Output { id }) => vec![A::Release { ids: vec![id] }],
-            (S::Protected | S::HandingOver | S::Arbitrating, E::Output { id }) => {
+            (S::Protected | S::HandingOver | S::Replacing | S::Arbitrating, E::Output { id }) => {
                 self.held.push_back((self.epoch, id));
                 vec![]
             }
@@ -376,7 +388,7 @@ impl Primary {
             (_, E::Captured { epoch, output, at }) if self.capturing == Some(epoch) => {
                 self.capturing = None;
                 self.last_capture = Some(at);
-                if !matches!(self.state, S::Protected | S::HandingOver | S::Arbitrating) {
+                if !matches!(self.state, S::Protected | S::HandingOver | S::Replacing | S::Arbitrating) {
                     // Protection ended during the capture: nothing to send, nothing to hold.
                     return output.map(|id| vec![A::Release { ids: vec![id] }]).unwrap_or_default();
                 }
@@ -411,15 +423,18 @@ impl Primary {
                 // The tie-breaker names the standby: nothing held may go out any more (the
                 // standby re-runs from the final checkpoint, whose output is already out).
                 self.state = S::Halted;
+                self.claimed_from = None;
                 self.held.clear();
                 vec![]
             }
             (S::HandingOver, E::HandOverFailed) => {
                 self.state = S::Protected;
                 self.final_epoch = None;
+                // Nothing was recorded: the standby still claims the generation this side had.
+                self.generation = self.claimed_from.take().unwrap_or(self.generation);
                 vec![A::ResumeVm]
             }
-            (S::Protected | S::HandingOver | S::Arbitrating, E::Acked { epoch }) => {
+            (S::Protected | S::HandingOver | S::Replacing | S::Arbitrating, E::Acked { epoch }) => {
                 // Only checkpoints actually taken can be acknowledged; a late ack for an older
                 // one changes nothing.
                 if epoch >= self.epoch || self.acked.is_some_and(|a| epoch <= a) {
@@ -434,6 +449,7 @@ impl Primary {
                 actions.extend(self.next_final());
                 if self.state == S::HandingOver && self.final_epoch.is_some_and(|f| epoch >= f) {
                     // The standby holds the final state and every output up to it is out.
+                    self.claimed_from = Some(self.generation);
                     self.generation += 1;
                     actions.push(A::HandOver { epoch, generation: self.generation });
                 }
@@ -459,6 +475,34 @@ impl Primary {
                 self.generation += 1;
                 vec![A::DropStandby, A::ResumeVm, A::Arbitrate { generation: self.generation }]
             }
+            (S::Protected, E::Lagging) => {
+                self.state = S::Replacing;
+                self.claimed_from = Some(self.generation);
+                self.generation += 1;
+                vec![A::Arbitrate { generation: self.generation }]
+            }
+            (S::Replacing, E::TieBreakWon { generation }) if generation == self.generation => {
+                // The lagging standby can no longer win a claim: drop it, and what was held
+                // for it goes out.
+                self.state = S::Unprotected;
+                self.claimed_from = None;
+                self.acked = None;
+                vec![A::DropStandby, self.release_all()]
+            }
+            (S::Replacing, E::TieBreakUnreachable) => {
+                // Without the tie-breaker the standby cannot be dropped safely: keep it, and
+                // claim what it would claim.
+                self.state = S::Protected;
+                self.generation = self.claimed_from.take().unwrap_or(self.generation);
+                vec![]
+            }
+            (S::Replacing, E::PeerSilent) => {
+                // It went silent meanwhile: the claim under way decides, as for any failure
+                // (the standby's own claim is of the same generation).
+                self.state = S::Arbitrating;
+                self.claimed_from = None;
+                vec![A::DropStandby]
+            }
             (S::Arbitrating, E::TieBreakUnreachable) => vec![A::Arbitrate { generation: self.generation }],
             (S::Arbitrating, E::TieBreakWon { generation }) if generation == self.generation => {
                 // The standby can no longer go live: what was held can go out.
@@ -466,7 +510,8 @@ impl Primary {
                 self.acked = None;
                 vec![self.release_all()]
             }
-            (S::Arbitrating, E::TieBreakLost { generation }) => {
+            // A hand-over that finds a newer generation recorded: someone else runs the VM.
+            (S::HandingOver | S::Replacing | S::Arbitrating, E::TieBreakLost { generation }) => {
                 self.generation = self.generation.max(generation);
                 self.state = S::Halted;
                 self.held.clear();

@@ -54,7 +54,8 @@ const STANDBY_REFUSES: &str = "this is an FT standby: the VM does not run here u
 
 /// One primary's session: the copy being kept.
 struct Session {
-    chan: Channel,
+    /// Shared with the threads that write snapshots of the committed copy (they report on it).
+    chan: Arc<Channel>,
     proto: Standby,
     memory: Arc<GuestMemory>,
     state: Option<MachineState>,
@@ -65,6 +66,24 @@ struct Session {
     /// The most disk data one checkpoint carried (held in memory until written).
     disk_peak: u64,
     disk_bytes: u64,
+}
+
+impl Drop for Session {
+    /// The channel is closed off the standby's path: closing waits for the peer (up to 200 ms
+    /// while it is still connected, as after a switchover), and a copy going live must not.
+    fn drop(&mut self) {
+        let chan = self.chan.clone();
+        let spawned = std::thread::Builder::new().name("ft-close".into()).spawn(move || {
+            // The last holder closes it: wait for the session (and any snapshot writer) to let go.
+            while Arc::strong_count(&chan) > 1 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(chan);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot close the FT channel in the background: {e}");
+        }
+    }
 }
 
 /// Acknowledges `epoch`. If the channel is already closed the ack is lost, which the protocol
@@ -247,7 +266,7 @@ impl<'a> StandbyRunner<'a> {
         tracing::info!(primary = %peer, owner = %theirs.owner, generation = self.generation, "primary connected; receiving the initial copy");
         let memory = Arc::new(GuestMemory::new(self.opts.config.memory).map_err(VmError::from)?);
         let mut s = Session {
-            chan,
+            chan: Arc::new(chan),
             proto: Standby::new(self.generation),
             memory,
             state: None,
@@ -307,6 +326,15 @@ impl<'a> StandbyRunner<'a> {
                     tracing::info!("FT: the primary ended the VM ({reason}); standby done");
                     return Ok(Some(StandbyEnd::PrimaryEnded(reason)));
                 }
+                Event::Message(Message::Goodbye { code: super::GOODBYE_REPLACED, reason }) => {
+                    // Told, but not trusted: the claim below cannot win (the primary holds a
+                    // newer generation), whatever the message says.
+                    tracing::warn!("FT: the primary replaced this standby: {reason}");
+                    if let Some(end) = self.primary_lost(&mut s)? {
+                        return Ok(Some(end));
+                    }
+                    return Ok(None);
+                }
                 Event::Message(Message::Goodbye { reason, .. }) => {
                     tracing::warn!("FT: the primary said goodbye: {reason}");
                     if let Some(end) = self.primary_lost(&mut s)? {
@@ -319,6 +347,9 @@ impl<'a> StandbyRunner<'a> {
                         return Ok(Some(end));
                     }
                     return Ok(None);
+                }
+                Event::Message(Message::App { kind: super::wire::APP_SNAPSHOT, data }) => {
+                    self.snapshot_for_primary(&s, &data)
                 }
                 Event::Message(Message::App { kind: super::wire::APP_SWITCHOVER, data }) => {
                     let h = match super::wire::HandOver::decode(&data) {
@@ -574,8 +605,57 @@ impl<'a> StandbyRunner<'a> {
         })
     }
 
+    /// A snapshot of the committed copy (the state as of the last acknowledged checkpoint),
+    /// written to `file` on a thread of its own; `done` gets the QMP reply.
+    fn snapshot_committed(
+        &self,
+        s: Option<&Session>,
+        file: std::path::PathBuf,
+        done: impl FnOnce(Result<Value, String>) + Send + 'static,
+    ) {
+        let Some((s, state)) = s.and_then(|s| s.state.as_ref().map(|st| (s, st))) else {
+            return done(Err("this standby holds no committed copy of the VM yet".into()));
+        };
+        match crate::snapshot::committed::take(&s.memory, state, self.opts.config.vcpus) {
+            Ok((snap, mut report)) => {
+                report["epoch"] = json!(s.applied);
+                crate::snapshot::committed::write_in_background(snap, file, report, done);
+            }
+            Err(e) => done(Err(error_chain(&e))),
+        }
+    }
+
+    /// The primary asked for a snapshot of the committed copy: the outcome goes back to it.
+    fn snapshot_for_primary(&self, s: &Session, data: &[u8]) {
+        let req: super::wire::SnapshotRequest = match super::wire::decode_app(data, "snapshot request") {
+            Ok(r) => r,
+            Err(e) => return tracing::error!("FT: {e}; ignored"),
+        };
+        let (chan, id) = (s.chan.clone(), req.id);
+        self.snapshot_committed(Some(s), req.file.into(), move |result| {
+            let done = super::wire::SnapshotDone { id, result: result.map(|v| v.to_string()) };
+            let msg = Message::App { kind: super::wire::APP_SNAPSHOT_DONE, data: super::wire::encode_app(&done) };
+            if let Err(e) = chan.send(&msg) {
+                tracing::warn!("FT: cannot report snapshot {id} to the primary: {e}");
+            }
+        });
+    }
+
     /// Answers QMP on a standby; `Some` when the request ends it (`quit`).
     fn qmp_request(&self, req: Request, s: Option<&Session>) -> Option<StandbyEnd> {
+        if let Command::Other { name, args } = &req.command {
+            if let Some(Ok(crate::qmp::SmpftCommand::Snapshot { file, incremental })) =
+                crate::qmp::SmpftCommand::parse(name, args)
+            {
+                if incremental {
+                    req.reply.send(Err(QmpError::generic("a standby writes full snapshots of its committed copy")));
+                } else {
+                    let reply = req.reply;
+                    self.snapshot_committed(s, file, move |r| reply.send(r.map_err(QmpError::generic)));
+                }
+                return None;
+            }
+        }
         let quit = req.command == Command::Quit;
         let reply = match &req.command {
             Command::QueryStatus => Ok(json!({"status": "inmigrate", "running": false, "singlestep": false})),

@@ -64,8 +64,53 @@ pub struct Meta {
 pub const APP_DIGESTS: u16 = 1;
 /// A planned switchover ([`HandOver`]), from the primary; wire version 2 and later.
 pub const APP_SWITCHOVER: u16 = 2;
-/// The wire version that brought [`APP_SWITCHOVER`].
+/// A snapshot of the standby's committed copy, asked by the primary ([`SnapshotRequest`]).
+pub const APP_SNAPSHOT: u16 = 3;
+/// Its outcome, from the standby ([`SnapshotDone`]).
+pub const APP_SNAPSHOT_DONE: u16 = 4;
+/// The wire version that brought [`APP_SWITCHOVER`] and the snapshot messages.
 pub const SWITCHOVER_VERSION: u32 = 2;
+
+/// Encodes an FT-layer message for `Message::App`.
+pub fn encode_app<T>(v: &T) -> Vec<u8>
+where
+    T: for<'a> rkyv::Serialize<
+        rkyv::api::high::HighSerializer<
+            rkyv::util::AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rkyv::rancor::Error,
+        >,
+    >,
+{
+    rkyv::to_bytes::<rkyv::rancor::Error>(v).map(|v| v.to_vec()).unwrap_or_default()
+}
+
+/// Decodes an FT-layer message from `Message::App`.
+pub fn decode_app<T>(b: &[u8], what: &str) -> Result<T, WireError>
+where
+    T: rkyv::Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+{
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(b.len());
+    aligned.extend_from_slice(b);
+    rkyv::from_bytes::<T, rkyv::rancor::Error>(&aligned).map_err(|e| WireError::Meta(format!("{what}: {e}")))
+}
+
+/// The primary asks its standby for a snapshot of the committed copy, written to `file` on the
+/// standby's host.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SnapshotRequest {
+    pub id: u64,
+    pub file: String,
+}
+
+/// How the snapshot `id` went: the QMP reply (JSON text) or why it failed.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SnapshotDone {
+    pub id: u64,
+    pub result: Result<String, String>,
+}
 
 /// The primary hands the VM over: it is paused after checkpoint `epoch`, which the standby has
 /// acknowledged, and the tie-breaker names the standby at `generation`.

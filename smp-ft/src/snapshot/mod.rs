@@ -5,6 +5,7 @@
 //! instant. A full snapshot holds every non-zero page; an incremental one holds the pages the
 //! dirty log reports since the previous snapshot of the same VM and names it as its parent.
 
+pub mod committed;
 pub mod format;
 
 pub use crate::vmm::capture::PauseTimings;
@@ -54,7 +55,7 @@ pub enum Kind {
     Incremental,
 }
 
-fn random_id() -> u64 {
+pub(crate) fn random_id() -> u64 {
     let mut b = [0u8; 8];
     // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };

@@ -198,7 +198,7 @@ const MAX_CHUNKS: u32 = 1024;
 
 /// One end of an established channel.
 pub struct Channel {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<quic::Rt>,
     endpoint: Endpoint,
     conn: Connection,
     shared: Arc<Shared>,
@@ -210,7 +210,7 @@ pub struct Channel {
 
 /// A standby's listening endpoint.
 pub struct Listener {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<quic::Rt>,
     endpoint: Endpoint,
     cfg: ChannelConfig,
 }
@@ -374,7 +374,7 @@ impl Channel {
     }
 
     fn start(
-        rt: Arc<tokio::runtime::Runtime>,
+        rt: Arc<quic::Rt>,
         endpoint: Endpoint,
         conn: Connection,
         send: quinn::SendStream,

@@ -9,15 +9,35 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub(super) fn runtime() -> Result<Arc<tokio::runtime::Runtime>, ChannelError> {
+pub(super) fn runtime() -> Result<Arc<Rt>, ChannelError> {
     tokio::runtime::Builder::new_multi_thread()
         // One worker per endpoint: on a 2-core host a second one only adds wakeups (measured).
         .worker_threads(1)
         .thread_name("ft-channel")
         .enable_all()
         .build()
-        .map(Arc::new)
+        .map(|rt| Arc::new(Rt(Some(rt))))
         .map_err(ChannelError::Runtime)
+}
+
+/// An endpoint's runtime, shared by the endpoint and its channels. The last of them to go
+/// shuts it down in the background: whoever drops it (a standby going live, say) never waits
+/// for the runtime's tasks to wind down.
+pub(super) struct Rt(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for Rt {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("the runtime lives until dropped")
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 fn transport_config(cfg: &ChannelConfig) -> quinn::TransportConfig {

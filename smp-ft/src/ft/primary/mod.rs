@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use transport::{Channel, Event, Message};
 
+mod forward;
 mod switchover;
 pub use switchover::Switched;
 
@@ -93,11 +94,20 @@ pub struct PrimaryFt {
     took_over: bool,
     /// The brake on the vCPUs that keeps output latency bounded.
     throttle: super::throttle::Throttle,
+    /// The lag policy: when a standby too slow for the brake is replaced.
+    lag: super::lag::LagWatch,
+    /// Why the standby is being dropped, told to it (a replacement).
+    drop_reason: Option<(u32, String)>,
     last_error: Option<String>,
     /// The standby's name in the tie-breaker (from its Hello), for a switchover.
     peer_owner: Option<String>,
     /// Where this side waits as a standby after a switchover.
     return_to: Option<String>,
+    /// Standbys replaced for lagging.
+    replaced: u64,
+    /// Snapshots asked of the standby, waiting for its report: (id, the QMP reply).
+    pending_snapshots: Vec<(u64, qemu_shim::qmp::Reply)>,
+    next_snapshot: u64,
     /// The VM was handed over to the standby (a switchover).
     switched: bool,
 }
@@ -156,9 +166,14 @@ impl PrimaryFt {
             stats: Arc::new(Stats::default()),
             took_over: took_over.is_some(),
             throttle: super::throttle::Throttle::new(opts.max_latency),
+            lag: super::lag::LagWatch::new(opts.max_lag, opts.max_lag_for),
+            drop_reason: None,
             last_error: None,
             peer_owner: None,
             return_to: None,
+            replaced: 0,
+            pending_snapshots: Vec::new(),
+            next_snapshot: 0,
             switched: false,
             opts,
         })
@@ -210,6 +225,12 @@ impl PrimaryFt {
             self.throttle.reset();
             0
         };
+        let protected = self.proto.state() == PrimaryState::Protected && self.sync.is_none();
+        if protected && self.lag.update(lag, now) {
+            self.replace_lagging(vm, lag);
+        } else if !protected {
+            self.lag.reset();
+        }
         if after != before {
             vm.control().set_throttle(after);
             self.stats.throttle(after);
@@ -226,6 +247,28 @@ impl PrimaryFt {
         if after > 0 {
             vm.control().kick_running_vcpus();
         }
+    }
+
+    /// The lag policy fired: take the tie-breaker from the standby, then drop it.
+    fn replace_lagging(&mut self, vm: &RunningVm, lag: Duration) {
+        let peer = self.link.as_ref().map(|l| l.peer.to_string()).unwrap_or_default();
+        let why = format!(
+            "replaced: acknowledgements lagged more than {:?} for {:.0}% of {:?} (now {} ms), with the vCPU throttle at {}%",
+            self.opts.max_lag,
+            self.lag.share_over() * 100.0,
+            self.opts.max_lag_for,
+            lag.as_millis(),
+            self.throttle.percent()
+        );
+        self.error(format!("standby {peer} {why}; taking the tie-breaker, then protecting with the next spare"));
+        self.lag.reset();
+        self.drop_reason = Some((super::GOODBYE_REPLACED, why));
+        self.replaced += 1;
+        self.lost_at = Some(Instant::now());
+        self.spares.lost();
+        let actions = self.proto.handle(PrimaryEvent::Lagging);
+        // An Arbitrate (in the background); its answer drops the standby.
+        let _ = self.act(vm, actions);
     }
 
     /// Output waiting to be committed, for the machine's timer; a disk log past half its budget
@@ -390,6 +433,10 @@ impl PrimaryFt {
                 let actions = self.proto.handle(PrimaryEvent::Acked { epoch });
                 self.act(vm, actions)
             }
+            Event::Message(Message::App { kind: wire::APP_SNAPSHOT_DONE, data }) => {
+                self.snapshot_done(&data);
+                Flow::Continue
+            }
             Event::Message(Message::Goodbye { reason, .. }) => {
                 tracing::warn!("FT: the standby left: {reason}");
                 self.peer_lost(vm)
@@ -456,10 +503,15 @@ impl PrimaryFt {
                     vm.devices().gate.release(&ids)
                 }
                 PrimaryAction::DropStandby => {
+                    self.fail_pending_snapshots();
                     self.disk_log.stop();
                     self.unsent_disk.clear();
                     if let Some(l) = self.link.take() {
-                        l.close_in_background(transport::channel::code::SILENT, "standby dropped");
+                        let (code, why) = self
+                            .drop_reason
+                            .take()
+                            .unwrap_or((transport::channel::code::SILENT, "standby dropped".into()));
+                        l.close_in_background(code, &why);
                     }
                     if self.sync.take().is_some() {
                         tracing::warn!("FT: the standby went away during the initial copy; running unprotected");
@@ -731,6 +783,12 @@ impl PrimaryFt {
         flow
     }
 
+    /// Tries the first standby only after `wait` (a copy that just handed the VM over needs a
+    /// moment to wait as a standby again; tried before that, it would cost a whole retry).
+    pub fn first_attempt_after(&mut self, wait: Duration) {
+        self.next_connect = Instant::now() + wait;
+    }
+
     /// Whether a standby is attached (syncing or protected): the dirty log belongs to FT then.
     pub fn is_active(&self) -> bool {
         self.link.is_some() || !matches!(self.proto.state(), PrimaryState::Unprotected)
@@ -755,6 +813,7 @@ impl PrimaryFt {
             PrimaryState::Protected if self.proto.acked().is_none() || self.sync.is_some() => "syncing",
             PrimaryState::Protected => "protected",
             PrimaryState::HandingOver => "switching-over",
+            PrimaryState::Replacing => "replacing-standby",
             PrimaryState::Arbitrating => "arbitrating",
             PrimaryState::Halted if self.handed_over() => "switched-over",
             PrimaryState::Halted => "halted",
@@ -776,6 +835,7 @@ impl PrimaryFt {
         v["output-hold-p50-us"] = json!(hold.map(|h| h.0.as_micros() as u64));
         v["output-hold-p99-us"] = json!(hold.map(|h| h.1.as_micros() as u64));
         v["last-error"] = json!(self.last_error);
+        v["standbys-replaced"] = json!(self.replaced);
         v["nics"] = super::stats::nics(vm);
         if let Some(s) = &self.sync {
             v["sync-round"] = json!(s.round);
@@ -828,11 +888,12 @@ impl PrimaryFt {
     }
 
     /// This copy handed the VM over: close the channel (the standby runs the VM already, or
-    /// will on its own once this side is gone).
+    /// will on its own once this side is gone), without waiting for the peer to confirm: the
+    /// client of the VM waits for this copy to let go of its serial line and taps.
     pub fn switched_over(&mut self) {
         self.disk_log.stop();
         if let Some(l) = self.link.take() {
-            l.close(GOODBYE_HALTED, "switched over");
+            l.close_in_background(GOODBYE_HALTED, "switched over");
         }
     }
 

@@ -149,8 +149,9 @@ impl PrimaryFt {
                 PrimaryEvent::HandedOver
             }
             Ok(Claim::Lost { generation, holder }) => {
+                // A newer generation than this side's: another copy runs the VM.
                 self.error(format!("switchover: the tie-breaker is at generation {generation}, held by {holder}"));
-                PrimaryEvent::HandOverFailed
+                PrimaryEvent::TieBreakLost { generation }
             }
             Err(e) => {
                 self.error(format!("switchover: {}", error_chain(&e)));
