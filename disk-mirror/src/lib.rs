@@ -12,6 +12,7 @@ pub mod backend;
 pub mod digest;
 pub mod log;
 pub mod nbd;
+pub mod pit;
 pub mod spec;
 
 use std::sync::Arc;

@@ -23,6 +23,10 @@ pub enum SmpftCommand {
         #[serde(rename = "then-standby", default)]
         then_standby: Option<String>,
     },
+    /// End the point-in-time disk exports a snapshot of a protected VM (`file`) left on the
+    /// standby.
+    #[serde(rename = "x-smpft-release-snapshot")]
+    ReleaseSnapshot { file: PathBuf },
     /// Write a snapshot to `file`, incremental on the previous one if asked.
     #[serde(rename = "x-smpft-snapshot")]
     Snapshot {
@@ -32,7 +36,8 @@ pub enum SmpftCommand {
     },
 }
 
-const NAMES: [&str; 4] = ["x-smpft-query-ft", "x-smpft-protect", "x-smpft-snapshot", "x-smpft-switchover"];
+const NAMES: [&str; 5] =
+    ["x-smpft-query-ft", "x-smpft-protect", "x-smpft-snapshot", "x-smpft-switchover", "x-smpft-release-snapshot"];
 
 impl SmpftCommand {
     /// `Some` for one of smpft's commands: typed, or why its arguments are refused. `None` for

@@ -192,6 +192,10 @@ impl Runner {
                 ft.forward_snapshot(&file, incremental, req.reply);
                 None
             }
+            Some(Ok(SmpftCommand::ReleaseSnapshot { file })) => {
+                ft.forward_release(&file, req.reply);
+                None
+            }
             _ => Some(req),
         }
     }
@@ -256,6 +260,9 @@ impl Runner {
                     "pause-us": t.total().as_micros() as u64,
                 }))
             }
+            SmpftCommand::ReleaseSnapshot { .. } => Err(QmpError::generic(
+                "the VM is not protected: point-in-time disk exports are made by its standby, and there is none",
+            )),
             SmpftCommand::QueryFt => Ok(match &self.ft {
                 Some(ft) => ft.query(&self.vm),
                 None => json!({"role": "primary", "state": "unprotected", "configured": false}),

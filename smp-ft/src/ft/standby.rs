@@ -18,12 +18,16 @@ use crate::vmm::memory::GuestMemory;
 use crate::vmm::{Vm, VmConfig, VmError, VmEvent};
 use crossbeam_channel::{select, Receiver};
 use disk_mirror::backend::Backend;
+use disk_mirror::pit::{Export, Fleece};
 use qemu_shim::qmp::{Command, QmpError, Request};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use transport::{Channel, Event, Listener, Message};
+
+/// The most a point-in-time export may hold of blocks the primary rewrote since its snapshot.
+const EXPORT_OVERLAY_LIMIT: u64 = 1 << 30;
 
 pub struct StandbyOptions {
     pub ft: FtOptions,
@@ -99,8 +103,13 @@ pub struct StandbyRunner<'a> {
     opts: &'a StandbyOptions,
     /// Everything the VM needs on this host to go live, held from the start.
     host: Option<HostResources>,
-    /// This copy's own disks (the host resources' storage), written as checkpoints commit.
+    /// This copy's own disks (the host resources' storage, through `fleeces`), written as
+    /// checkpoints commit.
     disks: Vec<Arc<dyn Backend>>,
+    fleeces: Vec<Arc<Fleece>>,
+    /// Point-in-time disk exports of snapshots of the committed copy: (snapshot file, one per
+    /// disk). They end when released, or when the session that took them ends.
+    exports: parking_lot::Mutex<Vec<(std::path::PathBuf, Vec<Export>)>>,
     tiebreak: TieBreaker,
     generation: u64,
     qmp: Receiver<Request>,
@@ -132,7 +141,10 @@ impl<'a> StandbyRunner<'a> {
         signals: Receiver<VmEvent>,
     ) -> Result<Self, FtError> {
         let host = HostResources::reserve(&opts.config).map_err(FtError::CannotGoLive)?;
-        let disks = host.disks().to_vec();
+        // Writes reach the disks through a fleece, which keeps the point-in-time views that
+        // snapshots of the committed copy export.
+        let fleeces: Vec<Arc<Fleece>> = host.disks().iter().map(|d| Fleece::new(d.clone())).collect();
+        let disks: Vec<Arc<dyn Backend>> = fleeces.iter().map(|f| f.clone() as Arc<dyn Backend>).collect();
         // The standby writes every disk as checkpoints commit; its own copy is never read-only.
         if let Some((spec, _)) = opts.config.devices.disks.iter().zip(&disks).find(|(_, d)| d.readonly()) {
             return Err(FtError::Disk(format!(
@@ -145,6 +157,8 @@ impl<'a> StandbyRunner<'a> {
             opts,
             host: Some(host),
             disks,
+            fleeces,
+            exports: parking_lot::Mutex::new(Vec::new()),
             tiebreak,
             generation,
             qmp: qmp.unwrap_or_else(crossbeam_channel::never),
@@ -230,7 +244,11 @@ impl<'a> StandbyRunner<'a> {
                     _ => continue,
                 },
             };
-            match self.session(chan, &arx)? {
+            let end = self.session(chan, &arx);
+            // The disks change hands (a VM of their own, or a new primary's initial copy):
+            // their point-in-time exports end.
+            self.release_exports(None);
+            match end? {
                 Some(end) => return Ok(end),
                 None => tracing::info!("standby waiting for a primary again"),
             }
@@ -619,10 +637,43 @@ impl<'a> StandbyRunner<'a> {
         match crate::snapshot::committed::take(&s.memory, state, self.opts.config.vcpus) {
             Ok((snap, mut report)) => {
                 report["epoch"] = json!(s.applied);
+                // The disks as of the same instant, for backup tools to read.
+                match self.export_disks(&file) {
+                    Ok(uris) if uris.is_empty() => {}
+                    Ok(uris) => report["exports"] = json!(uris),
+                    Err(e) => return done(Err(e)),
+                }
                 crate::snapshot::committed::write_in_background(snap, file, report, done);
             }
             Err(e) => done(Err(error_chain(&e))),
         }
+    }
+
+    /// Read-only NBD exports of every disk as it is now, next to the snapshot `file` (one unix
+    /// socket per disk, `FILE.diskN.nbd`), until released; their NBD URIs.
+    fn export_disks(&self, file: &std::path::Path) -> Result<Vec<String>, String> {
+        let mut exports = Vec::new();
+        for (i, f) in self.fleeces.iter().enumerate() {
+            let mut path = file.as_os_str().to_owned();
+            path.push(format!(".disk{i}.nbd"));
+            let e = Export::serve(f.view(EXPORT_OVERLAY_LIMIT), std::path::Path::new(&path))
+                .map_err(|e| format!("cannot export disk{i} at {}: {e}", std::path::Path::new(&path).display()))?;
+            exports.push(e);
+        }
+        let uris = exports.iter().map(Export::uri).collect();
+        if !exports.is_empty() {
+            self.release_exports(Some(file));
+            self.exports.lock().push((file.to_path_buf(), exports));
+        }
+        Ok(uris)
+    }
+
+    /// Ends the exports of the snapshot at `file` (all of them if `None`); how many ended.
+    fn release_exports(&self, file: Option<&std::path::Path>) -> usize {
+        let mut exports = self.exports.lock();
+        let before = exports.len();
+        exports.retain(|(f, _)| file.is_some_and(|file| f != file));
+        before - exports.len()
     }
 
     /// The primary asked for a snapshot of the committed copy: the outcome goes back to it.
@@ -632,18 +683,31 @@ impl<'a> StandbyRunner<'a> {
             Err(e) => return tracing::error!("FT: {e}; ignored"),
         };
         let (chan, id) = (s.chan.clone(), req.id);
-        self.snapshot_committed(Some(s), req.file.into(), move |result| {
+        let report = move |result: Result<Value, String>| {
             let done = super::wire::SnapshotDone { id, result: result.map(|v| v.to_string()) };
             let msg = Message::App { kind: super::wire::APP_SNAPSHOT_DONE, data: super::wire::encode_app(&done) };
             if let Err(e) = chan.send(&msg) {
                 tracing::warn!("FT: cannot report snapshot {id} to the primary: {e}");
             }
-        });
+        };
+        if req.release {
+            let released = self.release_exports(Some(std::path::Path::new(&req.file)));
+            report(Ok(json!({ "released": released })));
+        } else {
+            self.snapshot_committed(Some(s), req.file.into(), report);
+        }
     }
 
     /// Answers QMP on a standby; `Some` when the request ends it (`quit`).
     fn qmp_request(&self, req: Request, s: Option<&Session>) -> Option<StandbyEnd> {
         if let Command::Other { name, args } = &req.command {
+            if let Some(Ok(crate::qmp::SmpftCommand::ReleaseSnapshot { file })) =
+                crate::qmp::SmpftCommand::parse(name, args)
+            {
+                let released = self.release_exports(Some(&file));
+                req.reply.send(Ok(json!({ "released": released })));
+                return None;
+            }
             if let Some(Ok(crate::qmp::SmpftCommand::Snapshot { file, incremental })) =
                 crate::qmp::SmpftCommand::parse(name, args)
             {

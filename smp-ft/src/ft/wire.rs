@@ -103,6 +103,8 @@ where
 pub struct SnapshotRequest {
     pub id: u64,
     pub file: String,
+    /// End the exports of the snapshot at `file` instead of taking one.
+    pub release: bool,
 }
 
 /// How the snapshot `id` went: the QMP reply (JSON text) or why it failed.

@@ -14,6 +14,15 @@ impl PrimaryFt {
     /// Asks the standby for a snapshot of its committed copy, written to `file` on its host;
     /// `reply` is answered when it reports (or at once, if it cannot be asked).
     pub fn forward_snapshot(&mut self, file: &Path, incremental: bool, reply: Reply) {
+        self.forward(file, incremental, false, reply)
+    }
+
+    /// Asks the standby to end the disk exports of the snapshot at `file`.
+    pub fn forward_release(&mut self, file: &Path, reply: Reply) {
+        self.forward(file, false, true, reply)
+    }
+
+    fn forward(&mut self, file: &Path, incremental: bool, release: bool, reply: Reply) {
         let refuse = |why: String| reply_err(why);
         let Some(link) = &self.link else {
             return refuse("the VM is not protected".into()).send_to(reply);
@@ -24,7 +33,9 @@ impl PrimaryFt {
             )
             .send_to(reply);
         }
-        if self.proto.state() != PrimaryState::Protected || self.sync.is_some() || self.proto.acked().is_none() {
+        if !release
+            && (self.proto.state() != PrimaryState::Protected || self.sync.is_some() || self.proto.acked().is_none())
+        {
             return refuse(format!(
                 "the standby holds no committed copy yet (the VM is {}); ask again once it is protected",
                 self.state_name()
@@ -41,12 +52,12 @@ impl PrimaryFt {
         }
         self.next_snapshot += 1;
         let id = self.next_snapshot;
-        let req = SnapshotRequest { id, file: file.display().to_string() };
+        let req = SnapshotRequest { id, file: file.display().to_string(), release };
         let msg = Message::App { kind: wire::APP_SNAPSHOT, data: wire::encode_app(&req) };
         if let Err(e) = link.chan.send(&msg) {
             return refuse(format!("cannot ask the standby: {e}")).send_to(reply);
         }
-        tracing::info!(id, file = %file.display(), standby = %link.peer, "FT: snapshot asked of the standby's committed copy");
+        tracing::info!(id, file = %file.display(), standby = %link.peer, release, "FT: snapshot request forwarded to the standby");
         self.pending_snapshots.push((id, reply));
     }
 
