@@ -4,13 +4,12 @@
 
 mod common;
 
-use common::ft::{free_port, log, query, wait_exit, wait_state, FtSetup, Side};
+use common::ft::{background_client, free_port, log, query, wait_exit, wait_state, FtSetup, Side};
 use common::{accepts_connections, require_kvm, rng, Proc, VmPaths};
 use smpft_client::FailoverClient;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The FT tests each run two 4-vCPU VMs; one at a time keeps them within the host's 2 cores.
@@ -18,37 +17,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A client running in the background until stopped; returns itself (with its checks done).
-struct Background {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<Result<FailoverClient, String>>,
-}
-
-fn background_client(paths: Vec<std::path::PathBuf>) -> Background {
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let thread = std::thread::spawn(move || {
-        let mut c = FailoverClient::new(paths, 1);
-        while !s.load(Ordering::SeqCst) {
-            c.incr(Duration::from_secs(20)).map_err(|e| e.to_string())?;
-        }
-        Ok(c)
-    });
-    Background { stop, thread }
-}
-
-impl Background {
-    fn finish(self) -> FailoverClient {
-        self.finish_or(String::new)
-    }
-
-    /// As `finish`; on failure the panic message adds `context()` (e.g. the processes' logs).
-    fn finish_or(self, context: impl FnOnce() -> String) -> FailoverClient {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().unwrap().unwrap_or_else(|e| panic!("client: {e}\n{}", context()))
-    }
 }
 
 /// After a failover: a few more requests on the new copy, then EXIT; the guest checks its

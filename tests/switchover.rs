@@ -6,31 +6,14 @@
 
 mod common;
 
-use common::ft::{free_port, log, query, spawn, wait_exit, wait_state, FtSetup, Side, GUEST};
+use common::ft::{background_client, free_port, log, query, spawn, wait_exit, wait_state, FtSetup, Side, GUEST};
 use common::{require_kvm, Qmp, VmPaths};
 use smpft_client::FailoverClient;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Both tests run two VMs; one test at a time keeps them within the host's 2 cores.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// A client doing INCR requests on whichever copy serves the guest, until stopped.
-fn background_client(
-    paths: Vec<std::path::PathBuf>,
-) -> (Arc<AtomicBool>, std::thread::JoinHandle<Result<FailoverClient, String>>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let t = std::thread::spawn(move || {
-        let mut c = FailoverClient::new(paths, 1);
-        while !s.load(Ordering::SeqCst) {
-            c.incr(Duration::from_secs(20)).map_err(|e| e.to_string())?;
-        }
-        Ok(c)
-    });
-    (stop, t)
-}
 
 fn side<'a>(
     setup: &'a FtSetup,
@@ -61,7 +44,7 @@ fn twenty_switchovers_back_and_forth_lose_nothing() {
         [&["run", "--guest-args", GUEST][..], &vm, &["--ft-peer", &b_addr, "--then-standby", &a_addr]].concat();
     let a = spawn(&ap, &side(&setup, &setup.a, &setup.b, &[]), &a_args);
     wait_state(&ap, "protected", Duration::from_secs(20));
-    let (stop, client) = background_client(vec![ap.serial.clone(), bp.serial.clone()]);
+    let client = background_client(vec![ap.serial.clone(), bp.serial.clone()]);
 
     let mut generation = setup.record().map_or(0, |r| r.0);
     let (mut from, mut to) = (&ap, &bp);
@@ -80,8 +63,7 @@ fn twenty_switchovers_back_and_forth_lose_nothing() {
         wait_state(to, "protected", Duration::from_secs(20));
         (from, to) = (to, from);
     }
-    stop.store(true, Ordering::SeqCst);
-    let mut client = client.join().unwrap().unwrap_or_else(|e| panic!("client: {e}\n{}", logs()));
+    let mut client = client.finish_or(logs);
     assert!(client.replies > 40, "the client made progress through the switchovers ({} replies)", client.replies);
     for _ in 0..10 {
         client.incr(Duration::from_secs(10)).unwrap();

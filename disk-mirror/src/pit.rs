@@ -64,12 +64,13 @@ impl Fleece {
     fn preserve(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         let views: Vec<Arc<ViewState>> = {
             let mut v = self.views.lock().unwrap_or_else(|e| e.into_inner());
+            if v.is_empty() || len == 0 {
+                // No snapshot exported: the write goes straight through.
+                return Ok(());
+            }
             v.retain(|w| w.strong_count() > 0);
             v.iter().filter_map(Weak::upgrade).collect()
         };
-        if views.is_empty() || len == 0 {
-            return Ok(());
-        }
         let size = self.inner.size();
         for block in offset / BLOCK..(offset + len).div_ceil(BLOCK) {
             let missing: Vec<&Arc<ViewState>> = views

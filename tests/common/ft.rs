@@ -149,3 +149,35 @@ pub fn wait_exit(p: Proc, within: Duration) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A client of the guest's service running in the background until stopped (INCRs on whichever
+/// of its paths serves); returns itself, with its checks done.
+pub struct Background {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<smpft_client::FailoverClient, String>>,
+}
+
+pub fn background_client(paths: Vec<PathBuf>) -> Background {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut c = smpft_client::FailoverClient::new(paths, 1);
+        while !s.load(std::sync::atomic::Ordering::SeqCst) {
+            c.incr(Duration::from_secs(20)).map_err(|e| e.to_string())?;
+        }
+        Ok(c)
+    });
+    Background { stop, thread }
+}
+
+impl Background {
+    pub fn finish(self) -> smpft_client::FailoverClient {
+        self.finish_or(String::new)
+    }
+
+    /// As `finish`; on failure the panic message adds `context()` (e.g. the processes' logs).
+    pub fn finish_or(self, context: impl FnOnce() -> String) -> smpft_client::FailoverClient {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap().unwrap_or_else(|e| panic!("client: {e}\n{}", context()))
+    }
+}

@@ -6,25 +6,25 @@ use super::memory::{GuestMemory, MemoryError};
 use super::pci::{PCI_MMIO_BASE, PCI_MMIO_SIZE};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs, CpuId};
 
-const PTE_PRESENT: u64 = 1;
-const PTE_WRITE: u64 = 1 << 1;
+pub(crate) const PTE_PRESENT: u64 = 1;
+pub(crate) const PTE_WRITE: u64 = 1 << 1;
 const PTE_USER: u64 = 1 << 2;
 const PTE_PWT: u64 = 1 << 3;
 const PTE_PCD: u64 = 1 << 4;
-const PTE_HUGE: u64 = 1 << 7;
+pub(crate) const PTE_HUGE: u64 = 1 << 7;
 
-const CR0_PE: u64 = 1;
+pub(crate) const CR0_PE: u64 = 1;
 const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
+pub(crate) const CR0_ET: u64 = 1 << 4;
 const CR0_NE: u64 = 1 << 5;
 const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
+pub(crate) const CR0_PG: u64 = 1 << 31;
+pub(crate) const CR4_PAE: u64 = 1 << 5;
 const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
 const CR4_OSXSAVE: u64 = 1 << 18;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+pub(crate) const EFER_LME: u64 = 1 << 8;
+pub(crate) const EFER_LMA: u64 = 1 << 10;
 /// IOPL=3 (port I/O from ring 3 exits to the VMM) and the always-one bit; interrupts off.
 pub const RFLAGS_BOOT: u64 = (3 << 12) | 0x2;
 

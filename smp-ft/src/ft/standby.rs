@@ -80,7 +80,7 @@ impl Drop for Session {
         let spawned = std::thread::Builder::new().name("ft-close".into()).spawn(move || {
             // The last holder closes it: wait for the session (and any snapshot writer) to let go.
             while Arc::strong_count(&chan) > 1 {
-                std::thread::sleep(Duration::from_millis(1));
+                std::thread::sleep(Duration::from_millis(5));
             }
             drop(chan);
         });

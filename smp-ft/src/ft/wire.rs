@@ -126,14 +126,11 @@ pub struct HandOver {
 
 impl HandOver {
     pub fn encode(&self) -> Vec<u8> {
-        rkyv::to_bytes::<rkyv::rancor::Error>(self).map(|v| v.to_vec()).unwrap_or_default()
+        encode_app(self)
     }
 
     pub fn decode(b: &[u8]) -> Result<HandOver, WireError> {
-        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(b.len());
-        aligned.extend_from_slice(b);
-        rkyv::from_bytes::<HandOver, rkyv::rancor::Error>(&aligned)
-            .map_err(|e| WireError::Meta(format!("switchover: {e}")))
+        decode_app(b, "switchover")
     }
 }
 
@@ -144,10 +141,7 @@ pub fn encode_digests(d: &Vec<disk_mirror::digest::Digest>) -> Result<Vec<u8>, W
 
 /// Decodes and checks the standby's disk digests against this side's disk sizes.
 pub fn decode_digests(b: &[u8], sizes: &[u64]) -> Result<Vec<disk_mirror::digest::Digest>, WireError> {
-    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(b.len());
-    aligned.extend_from_slice(b);
-    let d = rkyv::from_bytes::<Vec<disk_mirror::digest::Digest>, rkyv::rancor::Error>(&aligned)
-        .map_err(|e| WireError::Meta(format!("disk digests: {e}")))?;
+    let d: Vec<disk_mirror::digest::Digest> = decode_app(b, "disk digests")?;
     if d.len() != sizes.len() || d.iter().zip(sizes).any(|(d, &s)| !d.fits(s)) {
         return Err(WireError::Meta("disk digests do not describe this VM's disks".into()));
     }
@@ -156,13 +150,11 @@ pub fn decode_digests(b: &[u8], sizes: &[u64]) -> Result<Vec<disk_mirror::digest
 
 impl Meta {
     pub fn encode(&self) -> Vec<u8> {
-        rkyv::to_bytes::<rkyv::rancor::Error>(self).map(|v| v.to_vec()).unwrap_or_default()
+        encode_app(self)
     }
 
     pub fn decode(b: &[u8]) -> Result<Meta, WireError> {
-        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(b.len());
-        aligned.extend_from_slice(b);
-        rkyv::from_bytes::<Meta, rkyv::rancor::Error>(&aligned).map_err(|e| WireError::Meta(e.to_string()))
+        decode_app(b, "Hello metadata")
     }
 
     /// Why a VM of shape `self` cannot be protected by (or protect) `other`, if it cannot.

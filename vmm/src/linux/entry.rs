@@ -4,6 +4,7 @@
 //! kernel's INIT/SIPI in the state KVM creates them in.
 
 use super::layout::*;
+use crate::boot::{CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, PTE_HUGE, PTE_PRESENT, PTE_WRITE};
 use crate::memory::{GuestMemory, MemoryError};
 use kvm_bindings::{kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs};
 
@@ -25,15 +26,6 @@ pub struct Entry {
     pub info: u64,
 }
 
-const PTE_PRESENT: u64 = 1;
-const PTE_WRITE: u64 = 1 << 1;
-const PTE_HUGE: u64 = 1 << 7;
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 /// Flat 4 GiB descriptors (granularity 4 KiB, limit 0xfffff): 32-bit code, 64-bit code, data.
 const GDT: [u64; 4] = [0, 0x00cf_9b00_0000_ffff, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
 /// The TSS descriptor KVM needs for a valid TR (base 0, limit 0x67, busy 32-bit TSS).
