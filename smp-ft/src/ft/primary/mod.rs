@@ -15,13 +15,15 @@ use crate::error::error_chain;
 use crate::vmm::capture::{Capture, PageSet};
 use crate::vmm::RunningVm;
 use crossbeam_channel::{Receiver, Sender};
-use serde_json::{json, Value};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use transport::{Channel, Event, Message};
 
 mod forward;
+mod pace;
+mod report;
 mod switchover;
 pub use switchover::Switched;
 
@@ -41,7 +43,6 @@ pub enum Input {
     Claimed(Result<Claim, super::tiebreak::TieBreakError>),
 }
 
-/// The initial synchronisation in progress.
 /// The initial copy, as reported: the protocol core decides its rounds.
 struct SyncRun {
     started: Instant,
@@ -211,75 +212,6 @@ impl PrimaryFt {
             at = at.min(now + crate::vmm::control::THROTTLE_SLICE);
         }
         at
-    }
-
-    /// Adjusts the brake on the vCPUs to how far acknowledgements lag (while protected).
-    fn throttle(&mut self, vm: &RunningVm, now: Instant) {
-        let before = self.throttle.percent();
-        // What output waits (the bound is on that), or what a checkpoint waits for its ack.
-        let waiting = self.stats.oldest_unacked().map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-        let lag = self.gate.output_lag().max(waiting).max(self.stats.last_ack_latency().unwrap_or_default());
-        let after = if self.proto.state() == PrimaryState::Protected {
-            self.throttle.update(lag, now)
-        } else {
-            self.throttle.reset();
-            0
-        };
-        let protected = self.proto.state() == PrimaryState::Protected && self.sync.is_none();
-        if protected && self.lag.update(lag, now) {
-            self.replace_lagging(vm, lag);
-        } else if !protected {
-            self.lag.reset();
-        }
-        if after != before {
-            vm.control().set_throttle(after);
-            self.stats.throttle(after);
-            if before == 0 || after == 0 || after.abs_diff(before) >= 25 {
-                tracing::info!(
-                    percent = after,
-                    lag_ms = lag.as_millis() as u64,
-                    bound_ms = self.opts.max_latency.as_millis() as u64,
-                    "FT: vCPU throttle {}",
-                    if after == 0 { "released" } else { "set: the standby's acknowledgements lag" }
-                );
-            }
-        }
-        if after > 0 {
-            vm.control().kick_running_vcpus();
-        }
-    }
-
-    /// The lag policy fired: take the tie-breaker from the standby, then drop it.
-    fn replace_lagging(&mut self, vm: &RunningVm, lag: Duration) {
-        let peer = self.link.as_ref().map(|l| l.peer.to_string()).unwrap_or_default();
-        let why = format!(
-            "replaced: acknowledgements lagged more than {:?} for {:.0}% of {:?} (now {} ms), with the vCPU throttle at {}%",
-            self.opts.max_lag,
-            self.lag.share_over() * 100.0,
-            self.opts.max_lag_for,
-            lag.as_millis(),
-            self.throttle.percent()
-        );
-        self.error(format!("standby {peer} {why}; taking the tie-breaker, then protecting with the next spare"));
-        self.lag.reset();
-        self.drop_reason = Some((super::GOODBYE_REPLACED, why));
-        self.replaced += 1;
-        self.lost_at = Some(Instant::now());
-        self.spares.lost();
-        let actions = self.proto.handle(PrimaryEvent::Lagging);
-        // An Arbitrate (in the background); its answer drops the standby.
-        let _ = self.act(vm, actions);
-    }
-
-    /// Output waiting to be committed, for the machine's timer; a disk log past half its budget
-    /// counts as output that has waited long enough (the disks stall when it is full).
-    fn output_waiting(&self, disk_filling: bool) -> Option<(Instant, Instant)> {
-        let out = self.gate.open_times();
-        if !disk_filling {
-            return out;
-        }
-        let long_ago = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now);
-        Some(out.map_or((long_ago, long_ago), |(first, _)| (first.min(long_ago), long_ago)))
     }
 
     fn error(&mut self, msg: String) {
@@ -803,45 +735,6 @@ impl PrimaryFt {
         self.spares.set(addrs);
         self.next_connect = Instant::now();
         Ok(())
-    }
-
-    fn state_name(&self) -> &'static str {
-        match self.proto.state() {
-            PrimaryState::Unprotected if self.took_over => "live-after-failover",
-            PrimaryState::Unprotected => "unprotected",
-            PrimaryState::Syncing => "syncing",
-            PrimaryState::Protected if self.proto.acked().is_none() || self.sync.is_some() => "syncing",
-            PrimaryState::Protected => "protected",
-            PrimaryState::HandingOver => "switching-over",
-            PrimaryState::Replacing => "replacing-standby",
-            PrimaryState::Arbitrating => "arbitrating",
-            PrimaryState::Halted if self.handed_over() => "switched-over",
-            PrimaryState::Halted => "halted",
-        }
-    }
-
-    /// QMP `x-smpft-query-ft`.
-    pub fn query(&self, vm: &RunningVm) -> Value {
-        let mut v = self.stats.to_json();
-        let gate = &vm.devices().gate;
-        let hold = gate.hold_latency();
-        v["role"] = json!("primary");
-        v["state"] = json!(self.state_name());
-        v["epoch"] = json!(self.proto.acked().unwrap_or(0));
-        v["generation"] = json!(self.proto.generation());
-        v["peer"] = json!(self.link.as_ref().map(|l| l.peer).or(self.spares.current()).map(|p| p.to_string()));
-        v["spares"] = json!(self.spares.all().iter().map(|a| a.to_string()).collect::<Vec<_>>());
-        v["held-bytes"] = json!(gate.held_bytes());
-        v["output-hold-p50-us"] = json!(hold.map(|h| h.0.as_micros() as u64));
-        v["output-hold-p99-us"] = json!(hold.map(|h| h.1.as_micros() as u64));
-        v["last-error"] = json!(self.last_error);
-        v["standbys-replaced"] = json!(self.replaced);
-        v["nics"] = super::stats::nics(vm);
-        if let Some(s) = &self.sync {
-            v["sync-round"] = json!(s.round);
-            v["sync-bytes"] = json!(s.bytes);
-        }
-        v
     }
 
     /// The VM is ending (guest exit, quit or signal). If protected, the last output is committed

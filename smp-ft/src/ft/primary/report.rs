@@ -1,0 +1,47 @@
+//! What the primary says of itself: QMP `x-smpft-query-ft` and its state names.
+
+use super::PrimaryFt;
+use crate::ft::protocol::PrimaryState;
+use crate::vmm::RunningVm;
+use serde_json::{json, Value};
+
+impl PrimaryFt {
+    pub(super) fn state_name(&self) -> &'static str {
+        match self.proto.state() {
+            PrimaryState::Unprotected if self.took_over => "live-after-failover",
+            PrimaryState::Unprotected => "unprotected",
+            PrimaryState::Syncing => "syncing",
+            PrimaryState::Protected if self.proto.acked().is_none() || self.sync.is_some() => "syncing",
+            PrimaryState::Protected => "protected",
+            PrimaryState::HandingOver => "switching-over",
+            PrimaryState::Replacing => "replacing-standby",
+            PrimaryState::Arbitrating => "arbitrating",
+            PrimaryState::Halted if self.handed_over() => "switched-over",
+            PrimaryState::Halted => "halted",
+        }
+    }
+
+    /// QMP `x-smpft-query-ft`.
+    pub fn query(&self, vm: &RunningVm) -> Value {
+        let mut v = self.stats.to_json();
+        let gate = &vm.devices().gate;
+        let hold = gate.hold_latency();
+        v["role"] = json!("primary");
+        v["state"] = json!(self.state_name());
+        v["epoch"] = json!(self.proto.acked().unwrap_or(0));
+        v["generation"] = json!(self.proto.generation());
+        v["peer"] = json!(self.link.as_ref().map(|l| l.peer).or(self.spares.current()).map(|p| p.to_string()));
+        v["spares"] = json!(self.spares.all().iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        v["held-bytes"] = json!(gate.held_bytes());
+        v["output-hold-p50-us"] = json!(hold.map(|h| h.0.as_micros() as u64));
+        v["output-hold-p99-us"] = json!(hold.map(|h| h.1.as_micros() as u64));
+        v["last-error"] = json!(self.last_error);
+        v["standbys-replaced"] = json!(self.replaced);
+        v["nics"] = crate::ft::stats::nics(vm);
+        if let Some(s) = &self.sync {
+            v["sync-round"] = json!(s.round);
+            v["sync-bytes"] = json!(s.bytes);
+        }
+        v
+    }
+}
