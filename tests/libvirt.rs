@@ -427,7 +427,9 @@ fn ft_pair(lv: &Libvirt) {
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let guest = "counter service duration=600s";
     let s_meta = ft_meta(&ft_dir, "standby", "b", "a", &format!("<smpft:listen>127.0.0.1:{port}</smpft:listen>"));
-    let p_meta = ft_meta(&ft_dir, "primary", "a", "b", &format!("<smpft:peer>127.0.0.1:{port}</smpft:peer>"));
+    // A list of spares: the standby, then an address where nothing listens.
+    let p_meta =
+        ft_meta(&ft_dir, "primary", "a", "b", &format!("<smpft:peer>127.0.0.1:{port},127.0.0.1:9</smpft:peer>"));
     let (sx, px) = (lv.domain_with("lv-fts", guest, "", &s_meta), lv.domain_with("lv-ftp", guest, "", &p_meta));
     ok(&["define", sx.to_str().unwrap()]);
     ok(&["define", px.to_str().unwrap()]);

@@ -106,8 +106,8 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
     // smpft's reason, which libvirt shows (later, libvirt would see only a closed monitor).
     if let Some(s) = &ft {
         super::standby::ft_options(s)?;
-        if let Some(peer) = s.get("peer").filter(|_| s.get("role") == Some("primary")) {
-            smp_ft::ft::error::resolve(peer).map_err(|e| format!("FT peer {peer}: {}", crate::error_chain(&e)))?;
+        if let Some(peer) = s.get("peer") {
+            smp_ft::ft::error::resolve_all(peer).map_err(|e| format!("FT peer {peer}: {}", crate::error_chain(&e)))?;
         }
         if let Some(listen) = s.get("listen").filter(|_| s.get("role") == Some("standby")) {
             listen
@@ -148,8 +148,8 @@ fn primary(
         Some(s) => {
             let opts = super::standby::ft_options(&s)?;
             let peer = s.get("peer").unwrap_or_default();
-            let peer = smp_ft::ft::error::resolve(peer).map_err(|e| format!("FT peer {peer}: {}", err(&e)))?;
-            Some(smp_ft::ft::primary::PrimaryFt::new(opts, &running, vec![peer], None).map_err(|e| err(&e))?)
+            let spares = smp_ft::ft::error::resolve_all(peer).map_err(|e| format!("FT peer {peer}: {}", err(&e)))?;
+            Some(smp_ft::ft::primary::PrimaryFt::new(opts, &running, spares, None).map_err(|e| err(&e))?)
         }
     };
     crate::serve(Runner::new(running, qmp, ft).with_extension(Box::new(answers)), None).map_err(|e| err(&e))

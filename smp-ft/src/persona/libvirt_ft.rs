@@ -5,7 +5,9 @@
 //! <metadata>
 //!   <smpft:ft xmlns:smpft="urn:smpft:libvirt:1">
 //!     <smpft:role>primary</smpft:role>                  <!-- or standby -->
-//!     <smpft:peer>host-b:7400</smpft:peer>              <!-- primary: its standby -->
+//!     <smpft:peer>host-b:7400</smpft:peer>              <!-- primary: its standby, or spares
+//!                                                            A,B,... tried in turn; standby:
+//!                                                            spares once it has gone live -->
 //!     <smpft:listen>0.0.0.0:7400</smpft:listen>         <!-- standby: where it waits -->
 //!     <smpft:tiebreak>/shared/vm1.tiebreak</smpft:tiebreak>
 //!     <smpft:identity>/etc/smpft/host-a</smpft:identity>

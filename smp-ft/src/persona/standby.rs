@@ -45,6 +45,11 @@ pub fn run(name: &str, s: &Settings, config: VmConfig, qmp: crate::Qmp, answers:
     let ft = ft_options(s)?;
     let listen = s.get("listen").unwrap_or_default();
     let listen = listen.parse().map_err(|_| format!("FT metadata: <listen>{listen}</listen> is not ADDRESS:PORT"))?;
+    // A standby's <peer> lists the spares it protects the VM with once it has gone live.
+    let spares = match s.get("peer") {
+        Some(p) => smp_ft::ft::error::resolve_all(p).map_err(|e| format!("FT peer {p}: {}", error_chain(&e)))?,
+        None => Vec::new(),
+    };
     let opts = StandbyOptions { ft: ft.clone(), listen, config, disk_sync: DiskSync::Full };
     let (server, requests) = qmp.ok_or("an FT standby domain needs a monitor")?;
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
@@ -56,6 +61,5 @@ pub fn run(name: &str, s: &Settings, config: VmConfig, qmp: crate::Qmp, answers:
     let end = runner.run().map_err(|e| error_chain(&e))?;
     let answers = runner.take_extension();
     drop(runner);
-    crate::standby_ended(end, ft, Vec::new(), Some((server, requests)), sig_rx, answers, None)
-        .map_err(|e| error_chain(&e))
+    crate::standby_ended(end, ft, spares, Some((server, requests)), sig_rx, answers, None).map_err(|e| error_chain(&e))
 }
