@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::ft::{free_port, log, query, spawn, wait_exit, wait_state, FtSetup, Side};
+use common::ft::{free_port, log, spawn, wait_exit, wait_query, wait_state, FtSetup, Side};
 use common::{require_kvm, rng, Proc, VmPaths};
 use smpft_client::FailoverClient;
 use std::os::unix::process::ExitStatusExt;
@@ -309,19 +309,6 @@ fn primary_killed_while_the_guest_writes_its_disk() {
         eprintln!("{what}: standby went live; the guest verified {verified} units of its disk");
         std::fs::remove_file(&p_img).ok();
         std::fs::remove_file(&s_img).ok();
-    }
-}
-
-/// Waits until `x-smpft-query-ft` of `p` satisfies `ok`; panics with the last answer.
-fn wait_query(p: &VmPaths, what: &str, within: Duration, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let q = query(p);
-        if ok(&q) {
-            return q;
-        }
-        assert!(Instant::now() < deadline, "{what}: {q}\n{}", log(p));
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::ft::{background_client, free_port, log, query, wait_exit, wait_state, FtSetup, Side};
+use common::ft::{background_client, free_port, log, query, wait_exit, wait_query, wait_state, FtSetup, Side};
 use common::{accepts_connections, require_kvm, rng, Proc, VmPaths};
 use smpft_client::FailoverClient;
 use std::os::unix::process::ExitStatusExt;
@@ -458,15 +458,9 @@ fn a_guest_dirtying_flat_out_is_throttled_and_loses_nothing() {
 
 /// Waits until `p`'s `x-smpft-query-ft` says protected by the standby at `port`.
 fn wait_protected_by(p: &VmPaths, port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let q = query(p);
-        if q["state"] == "protected" && q["peer"] == format!("127.0.0.1:{port}") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: never protected by port {port}: {q}\n{}", log(p));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let peer = format!("127.0.0.1:{port}");
+    let what = format!("{what}: never protected by port {port}");
+    wait_query(p, &what, Duration::from_secs(40), |q| q["state"] == "protected" && q["peer"] == peer.as_str());
 }
 
 /// A spare pool: the primary protects itself with the first spare, then (that standby killed)

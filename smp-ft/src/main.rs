@@ -505,7 +505,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     relay_signals(sig_rx, running.event_sender());
     let rejoin = ft.clone().map(|ft| Rejoin {
         ft,
-        config: VmConfig { payload: Payload::none(), guest_name: "(standby)".into(), ..standby_config },
+        config: VmConfig { payload: Payload::None, guest_name: "(standby)".into(), ..standby_config },
         qmp: qmp_path.clone(),
         listen: args.then_standby.clone(),
         spares: peer.clone().unwrap_or_default(),
@@ -533,7 +533,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
     let config = VmConfig {
         vcpus: args.vcpus,
         memory: args.memory,
-        payload: Payload::none(),
+        payload: Payload::None,
         guest_name: "(standby)".into(),
         serial: args.serial,
         console: args.console,

@@ -123,17 +123,28 @@ pub fn query(p: &VmPaths) -> serde_json::Value {
     Qmp::negotiated(&p.qmp).ok("x-smpft-query-ft", None)
 }
 
-/// Waits until `x-smpft-query-ft` reports `state`; panics with the last answer after `within`.
-pub fn wait_state(p: &VmPaths, state: &str, within: Duration) -> serde_json::Value {
+/// Waits until `x-smpft-query-ft` of `p` satisfies `ok`; panics with `what`, the last answer
+/// and the log after `within`.
+pub fn wait_query(
+    p: &VmPaths,
+    what: &str,
+    within: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + within;
     loop {
         let q = query(p);
-        if q["state"] == state {
+        if ok(&q) {
             return q;
         }
-        assert!(Instant::now() < deadline, "never reached state {state}: {q}\nlog:\n{}", log(p));
+        assert!(Instant::now() < deadline, "{what}: {q}\nlog:\n{}", log(p));
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Waits until `x-smpft-query-ft` reports `state`; panics with the last answer after `within`.
+pub fn wait_state(p: &VmPaths, state: &str, within: Duration) -> serde_json::Value {
+    wait_query(p, &format!("never reached state {state}"), within, |q| q["state"] == state)
 }
 
 /// Waits for the process to exit; panics after `within`.

@@ -83,10 +83,21 @@ where
     T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
         + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
 {
+    from_archive(bytes).map_err(|e| ComponentError::Malformed { component, why: e.to_string() })
+}
+
+/// Validates and deserializes an rkyv archive from bytes that may not be aligned (a `Vec<u8>`,
+/// a frame's body): they are copied to aligned memory first. The one way smpft reads the
+/// records it archives (component state, snapshots, the FT layer's messages).
+pub fn from_archive<T>(bytes: &[u8]) -> Result<T, rkyv::rancor::Error>
+where
+    T: rkyv::Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+{
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
     aligned.extend_from_slice(bytes);
     rkyv::from_bytes::<T, rkyv::rancor::Error>(&aligned)
-        .map_err(|e| ComponentError::Malformed { component, why: e.to_string() })
 }
 
 /// Refuses a state version other than `current` (for components with one format so far).

@@ -113,7 +113,6 @@ impl VcpuControl {
         self.inner.lock().states.clone()
     }
 
-    /// The number of the current pause, or of the last one while the VM runs.
     /// Records the calling thread as vCPU `vcpu`'s.
     pub fn set_tid(&self, vcpu: usize, tid: i32) {
         if let Some(t) = self.tids.get(vcpu) {
@@ -126,6 +125,7 @@ impl VcpuControl {
         self.tids.iter().map(|t| t.load(Ordering::Relaxed)).collect()
     }
 
+    /// The number of the current pause, or of the last one while the VM runs.
     pub fn pause_seq(&self) -> u64 {
         self.pause_seq.load(Ordering::SeqCst)
     }
@@ -143,7 +143,6 @@ impl VcpuControl {
         }
     }
 
-    /// Stops every vCPU and returns once all have acknowledged (or exited).
     /// Asks the vCPUs to pause before their threads start: each parks before it first enters
     /// the guest (a VM started paused, as QEMU's `-S`). Completed by [`VcpuControl::pause`].
     pub fn pause_at_start(&self) {
@@ -152,6 +151,7 @@ impl VcpuControl {
         self.request.store(Request::Pause as u8, Ordering::SeqCst);
     }
 
+    /// Stops every vCPU and returns once all have acknowledged (or exited).
     pub fn pause(&self, timeout: Duration) -> Result<(), PauseError> {
         let mut inner = self.inner.lock();
         match self.request() {

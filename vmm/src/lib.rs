@@ -72,13 +72,8 @@ pub enum Payload {
     TestGuest { image: Arc<[u8]>, args: String },
     /// A Linux kernel (see [`linux`]).
     Linux(linux::LinuxBoot),
-}
-
-impl Payload {
-    /// Nothing to boot: for a VM built from a saved state.
-    pub fn none() -> Payload {
-        Payload::TestGuest { image: Arc::from(Vec::new()), args: String::new() }
-    }
+    /// Nothing: the VM is built from a saved state ([`Vm::from_state`]), as a standby's is.
+    None,
 }
 
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
@@ -103,6 +98,8 @@ pub enum VmError {
     Image { guest: String, source: loader::LoaderError },
     #[error("kernel {kernel}")]
     Linux { kernel: String, source: linux::LinuxError },
+    #[error("nothing to boot: a VM without a guest or kernel is built from a saved state")]
+    NothingToBoot,
     #[error("--guest-args is {len} bytes; at most {max} fit", max = CMDLINE_MAX)]
     ArgsTooLong { len: usize },
     #[error("KVM: {what}")]
@@ -322,6 +319,7 @@ impl Vm {
                 let boot = boot.clone();
                 Vm::create_linux(config, &boot)
             }
+            Payload::None => Err(VmError::NothingToBoot),
         }
     }
 

@@ -92,9 +92,7 @@ where
     T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
         + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
 {
-    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(b.len());
-    aligned.extend_from_slice(b);
-    rkyv::from_bytes::<T, rkyv::rancor::Error>(&aligned).map_err(|e| WireError::Meta(format!("{what}: {e}")))
+    crate::vmm::component::from_archive(b).map_err(|e| WireError::Meta(format!("{what}: {e}")))
 }
 
 /// The primary asks its standby for a snapshot of the committed copy, written to `file` on the

@@ -88,10 +88,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, FormatError> {
     if crc32fast::hash(payload) != crc {
         return Err(FormatError::Checksum);
     }
-    // rkyv needs the archive aligned; the slice from a Vec<u8> may not be.
-    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
-    aligned.extend_from_slice(payload);
-    rkyv::from_bytes::<Snapshot, rkyv::rancor::Error>(&aligned).map_err(|e| FormatError::Invalid(e.to_string()))
+    crate::vmm::component::from_archive::<Snapshot>(payload).map_err(|e| FormatError::Invalid(e.to_string()))
 }
 
 pub fn write_file(path: &Path, s: &Snapshot) -> Result<u64, std::io::Error> {

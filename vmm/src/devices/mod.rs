@@ -8,6 +8,8 @@
 //! | 0xf5            | idle: a 32-bit write yields the host CPU for up to N µs    |
 //! | 0xf6            | power button: reads 1 once a powerdown was requested        |
 //! | 0xcf8..=0xcff   | PCI configuration (mechanism #1), `vmm::pci`                |
+//! | 0x600, 0x601    | ACPI sleep control/status (a Linux guest's S5 power-off)    |
+//! | 0x80            | POST code / I/O delay: ignored                              |
 //!
 //! MMIO goes to the PCI bus, which decodes its devices' BARs.
 
@@ -18,9 +20,6 @@ use super::component::Component;
 use super::irq::Irq;
 use super::layout::{COM1_BASE, DEBUGCON_PORT, EXIT_PORT, IDLE_PORT, POWER_PORT};
 use super::linux::acpi::{S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, SLP_EN};
-
-/// The POST code / I/O delay port.
-const POST_PORT: u16 = 0x80;
 use super::memory::{GuestMemory, MemoryError};
 use super::net::{tap::Tap, Mac, NetSpec};
 use super::pci::PciBus;
@@ -33,6 +32,9 @@ use serial::SerialDevice;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// The POST code / I/O delay port.
+const POST_PORT: u16 = 0x80;
 
 /// What a port write asks of the vCPU loop.
 #[derive(Debug, PartialEq, Eq)]

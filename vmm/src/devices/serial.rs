@@ -700,13 +700,10 @@ fn input_loop(
                 }
             }
         }
-        if input_at.is_some_and(ready) {
-            if let Source::Pty(p) = &source {
-                let n = p.read(&mut buf);
-                pending.extend_from_slice(&buf[..n]);
-            }
-        }
-        if input_at.is_some_and(ready) && !matches!(source, Source::Pty(_)) {
+        if let (true, Source::Pty(p)) = (input_at.is_some_and(ready), &source) {
+            let n = p.read(&mut buf);
+            pending.extend_from_slice(&buf[..n]);
+        } else if input_at.is_some_and(ready) {
             let r = match &mut reader {
                 Some(s) => s.read(&mut buf),
                 None => stdin.lock().read(&mut buf),

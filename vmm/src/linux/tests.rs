@@ -151,7 +151,8 @@ fn bad_kernels_are_refused_with_the_reason() {
     assert!(err(truncated).contains("truncated or malformed"));
     let mut cut = bzimage(0x2000);
     cut.truncate(2 * 512 + 0x100);
-    assert!(err(cut).contains("of the"), "{}", err(bzimage(0x2000)[..1200].to_vec()));
+    let why = err(cut);
+    assert!(why.contains("truncated or malformed") && why.contains("of the"), "{why}");
     let mut old = bzimage(16);
     old[0x236] = 0; // no XLF_KERNEL_64
     assert!(err(old).contains("64-bit entry"));

@@ -23,42 +23,45 @@ impl PrimaryFt {
     }
 
     fn forward(&mut self, file: &Path, incremental: bool, release: bool, reply: Reply) {
-        let refuse = |why: String| reply_err(why);
-        let Some(link) = &self.link else {
-            return refuse("the VM is not protected".into()).send_to(reply);
-        };
-        if incremental {
-            return refuse(
-                "a protected VM's snapshots are full snapshots of the standby's committed copy (no increments)".into(),
-            )
-            .send_to(reply);
+        if let Err(why) = self.may_forward(incremental, release) {
+            return reply.send(Err(QmpError::generic(why)));
         }
-        if !release
-            && (self.proto.state() != PrimaryState::Protected || self.sync.is_some() || self.proto.acked().is_none())
-        {
-            return refuse(format!(
-                "the standby holds no committed copy yet (the VM is {}); ask again once it is protected",
-                self.state_name()
-            ))
-            .send_to(reply);
-        }
-        let version = link.chan.version();
-        if version < wire::SWITCHOVER_VERSION {
-            return refuse(format!(
-                "the standby {} speaks FT wire version {version}, which cannot write snapshots of its copy: upgrade it",
-                link.peer
-            ))
-            .send_to(reply);
-        }
+        let Some(link) = &self.link else { return };
         self.next_snapshot += 1;
         let id = self.next_snapshot;
         let req = SnapshotRequest { id, file: file.display().to_string(), release };
         let msg = Message::App { kind: wire::APP_SNAPSHOT, data: wire::encode_app(&req) };
         if let Err(e) = link.chan.send(&msg) {
-            return refuse(format!("cannot ask the standby: {e}")).send_to(reply);
+            return reply.send(Err(QmpError::generic(format!("cannot ask the standby: {e}"))));
         }
         tracing::info!(id, file = %file.display(), standby = %link.peer, release, "FT: snapshot request forwarded to the standby");
         self.pending_snapshots.push((id, reply));
+    }
+
+    /// Why the standby cannot be asked (for a snapshot unless `release`), if it cannot.
+    fn may_forward(&self, incremental: bool, release: bool) -> Result<(), String> {
+        let Some(link) = &self.link else { return Err("the VM is not protected".into()) };
+        if incremental {
+            return Err(
+                "a protected VM's snapshots are full snapshots of the standby's committed copy (no increments)".into(),
+            );
+        }
+        let committed =
+            self.proto.state() == PrimaryState::Protected && self.sync.is_none() && self.proto.acked().is_some();
+        if !release && !committed {
+            return Err(format!(
+                "the standby holds no committed copy yet (the VM is {}); ask again once it is protected",
+                self.state_name()
+            ));
+        }
+        let version = link.chan.version();
+        if version < wire::SWITCHOVER_VERSION {
+            return Err(format!(
+                "the standby {} speaks FT wire version {version}, which cannot write snapshots of its copy: upgrade it",
+                link.peer
+            ));
+        }
+        Ok(())
     }
 
     /// The standby's report on a snapshot.
@@ -87,17 +90,5 @@ impl PrimaryFt {
         for (_, reply) in self.pending_snapshots.drain(..) {
             reply.send(Err(QmpError::generic("the standby went away before it wrote the snapshot")));
         }
-    }
-}
-
-struct Refusal(QmpError);
-
-fn reply_err(why: String) -> Refusal {
-    Refusal(QmpError::generic(why))
-}
-
-impl Refusal {
-    fn send_to(self, reply: Reply) {
-        reply.send(Err(self.0));
     }
 }
