@@ -13,6 +13,9 @@
 //! fires the shutdown and every thread it then joins has already returned or is about to: no
 //! join waits on a peer.
 
+mod workers;
+pub use workers::Workers;
+
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use std::io;

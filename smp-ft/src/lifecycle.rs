@@ -105,7 +105,7 @@ pub(crate) fn standby_ended(
     rejoin: Option<Rejoin>,
 ) -> Result<ExitCode, CliError> {
     match end {
-        StandbyEnd::Live { vm, generation, epoch, handover } => {
+        StandbyEnd::Live { vm, generation, epoch, handover, background } => {
             let running = (*vm).start()?;
             running.announce_network();
             relay_signals(sig_rx, running.event_sender());
@@ -133,13 +133,16 @@ pub(crate) fn standby_ended(
                 ft.first_attempt_after(RETURN_WAIT);
             }
             let runner = Runner::new(running, qmp, Some(ft));
-            serve(
+            let served = serve(
                 match extension {
                     Some(e) => runner.with_extension(e),
                     None => runner,
                 },
                 rejoin,
-            )
+            );
+            // What the watch left ending (its channel closing, a snapshot being written).
+            drop(background);
+            served
         }
         end => {
             // The copy ends without having run: say why on QMP as QEMU would (a supervisor such

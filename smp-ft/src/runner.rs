@@ -58,8 +58,6 @@ pub struct Runner {
     snapshots: snapshot::Chain,
     qmp: Option<(QmpServer, crossbeam_channel::Receiver<Request>)>,
     ft: Option<PrimaryFt>,
-    /// Set by a completed switchover: the loop ends once its reply is sent.
-    switched: Option<Outcome>,
     /// After a switchover, this copy can wait as a standby: by default at this address.
     rejoin: Option<Option<String>>,
 }
@@ -70,7 +68,7 @@ impl Runner {
         qmp: Option<(QmpServer, crossbeam_channel::Receiver<Request>)>,
         ft: Option<PrimaryFt>,
     ) -> Self {
-        Runner { vm, extension: None, snapshots: snapshot::Chain::default(), qmp, ft, switched: None, rejoin: None }
+        Runner { vm, extension: None, snapshots: snapshot::Chain::default(), qmp, ft, rejoin: None }
     }
 
     /// Adds answers for commands the runner does not implement.
@@ -93,9 +91,16 @@ impl Runner {
     }
 
     /// Runs until the VM ends; then closes the QMP server, stops the VM and joins its threads.
+    /// One event loop serves everything: VM events, QMP, the FT channel and the FT engine's
+    /// timers, and, once the VM is ending, the FT engine until its last output is committed.
     pub fn run(mut self) -> Result<Outcome, RunError> {
         let never = crossbeam_channel::never();
-        let requests = self.qmp.as_ref().map_or(&never, |(_, rx)| rx).clone();
+        let mut requests = self.qmp.as_ref().map_or(&never, |(_, rx)| rx).clone();
+        let mut vm_events = self.vm.events().clone();
+        // Set once the VM is ending: the loop serves the FT engine until it has finished.
+        let mut ending: Option<Result<Outcome, RunError>> = None;
+        // This copy lost the tie-breaker (even while ending): it shows nothing more.
+        let mut halted = false;
         let outcome = loop {
             // Disk requests left waiting (the write log was full, or the VM was just restored).
             self.vm.devices().kick_disks();
@@ -107,6 +112,7 @@ impl Runner {
                 ft.next_deadline().saturating_duration_since(Instant::now())
             });
             let mut flow = Flow::Continue;
+            let mut ended = None;
             crossbeam_channel::select! {
                 recv(ft_events) -> ev => {
                     if let (Ok(ev), Some(ft)) = (ev, &mut self.ft) {
@@ -120,34 +126,12 @@ impl Runner {
                 }
                 recv(ft_wake) -> _ => {}
                 default(timeout) => {}
-                recv(self.vm.events()) -> ev => match ev {
-                    Ok(VmEvent::GuestExit(status)) => {
-                        tracing::info!(status, "guest exited");
-                        self.emit("SHUTDOWN", Some(json!({"guest": true, "reason": "guest-shutdown"})));
-                        break Ok(Outcome::GuestExit(status));
-                    }
-                    Ok(VmEvent::Signal(sig)) => {
-                        tracing::info!("stopping on signal {sig}");
-                        self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "host-signal"})));
-                        break Ok(Outcome::Signal(sig));
-                    }
-                    Ok(VmEvent::VcpuFailed(msg)) => break Err(RunError::Vcpu(msg)),
-                    Err(_) => break Err(RunError::EventsClosed),
-                },
+                recv(vm_events) -> ev => ended = Some(self.vm_event(ev)),
                 recv(requests) -> req => {
                     let Ok(req) = req else { continue };
-                    let Some(req) = self.forward(req) else { continue };
-                    let quit = req.command == Command::Quit;
-                    let reply = self.execute(&req.command);
-                    req.reply.send(reply);
-                    if quit {
-                        self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "host-qmp-quit"})));
-                        break Ok(Outcome::Quit);
-                    }
-                    if let Some(done) = self.switched.take() {
-                        self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "ft-switchover"})));
-                        break Ok(done);
-                    }
+                    let (f, end) = self.request(req);
+                    flow = f;
+                    ended = end;
                 }
             }
             if flow == Flow::Continue {
@@ -155,24 +139,40 @@ impl Runner {
                     flow = ft.tick(&self.vm);
                 }
             }
-            if flow == Flow::Halt {
-                self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "ft-tie-breaker-lost"})));
-                break Ok(Outcome::Halted);
+            if let Some(end) = ended {
+                // The QMP server stops first, whatever ends the VM: a command still waiting
+                // gets an error, every client gets its last replies and events (a bounded
+                // grace) and is disconnected, and no client can hold up what follows.
+                self.stop_qmp();
+                requests = crossbeam_channel::never();
+                vm_events = crossbeam_channel::never();
+                // Protected, the VM's last output is committed first (the loop goes on serving
+                // the FT engine until it says so).
+                flow = flow.and(self.ft.as_mut().map_or(Flow::Finished, |ft| ft.finish(&self.vm)));
+                ending = Some(end);
+            }
+            match flow {
+                Flow::Continue => {}
+                Flow::Finished => break ending.take().unwrap_or(Ok(Outcome::Quit)),
+                Flow::Halt => {
+                    self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "ft-tie-breaker-lost"})));
+                    halted = true;
+                    break ending.take().unwrap_or(Ok(Outcome::Halted));
+                }
+                Flow::SwitchedOver => {
+                    self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "ft-switchover"})));
+                    let then_standby = self.ft.as_ref().and_then(|ft| ft.return_to());
+                    break Ok(Outcome::SwitchedOver { then_standby });
+                }
             }
         };
-        // The QMP server stops first, whatever ended the VM: a command still waiting gets an
-        // error, every client gets its last replies and events (a bounded grace) and is
-        // disconnected, and no client can hold up what follows.
-        if let Some((server, rx)) = self.qmp.take() {
-            server.stop();
-            drop(rx);
-        }
+        self.stop_qmp();
         if let Some(ft) = &mut self.ft {
             match &outcome {
-                Ok(Outcome::Halted) => ft.halt(),
+                _ if halted => ft.halt(),
                 Ok(Outcome::SwitchedOver { .. }) => ft.switched_over(),
-                Ok(o) => ft.finish(&self.vm, &format!("{o:?}")),
-                Err(e) => ft.finish(&self.vm, &e.to_string()),
+                Ok(o) => ft.finished(&format!("{o:?}")),
+                Err(e) => ft.finished(&e.to_string()),
             }
         }
         let Runner { vm, ft, extension, .. } = self;
@@ -180,6 +180,72 @@ impl Runner {
         drop(ft);
         vm.shutdown()?;
         outcome
+    }
+
+    fn stop_qmp(&mut self) {
+        if let Some((server, rx)) = self.qmp.take() {
+            server.stop();
+            drop(rx);
+        }
+    }
+
+    /// An event from the VM: how its life ends.
+    fn vm_event(&mut self, ev: Result<VmEvent, crossbeam_channel::RecvError>) -> Result<Outcome, RunError> {
+        match ev {
+            Ok(VmEvent::GuestExit(status)) => {
+                tracing::info!(status, "guest exited");
+                self.emit("SHUTDOWN", Some(json!({"guest": true, "reason": "guest-shutdown"})));
+                Ok(Outcome::GuestExit(status))
+            }
+            Ok(VmEvent::Signal(sig)) => {
+                tracing::info!("stopping on signal {sig}");
+                self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "host-signal"})));
+                Ok(Outcome::Signal(sig))
+            }
+            Ok(VmEvent::VcpuFailed(msg)) => Err(RunError::Vcpu(msg)),
+            Err(_) => Err(RunError::EventsClosed),
+        }
+    }
+
+    /// A QMP request: answered here, or handed to the FT engine (which answers it later).
+    fn request(&mut self, req: Request) -> (Flow, Option<Result<Outcome, RunError>>) {
+        let Some(req) = self.forward(req) else { return (Flow::Continue, None) };
+        let req = match self.switchover(req) {
+            Ok(flow) => return (flow, None),
+            Err(req) => req,
+        };
+        let quit = req.command == Command::Quit;
+        let reply = self.execute(&req.command);
+        req.reply.send(reply);
+        if quit {
+            self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "host-qmp-quit"})));
+            return (Flow::Continue, Some(Ok(Outcome::Quit)));
+        }
+        (Flow::Continue, None)
+    }
+
+    /// QMP `x-smpft-switchover`: handed to the FT engine, which answers it when the switchover
+    /// is over. Any other request comes back.
+    fn switchover(&mut self, req: Request) -> Result<Flow, Request> {
+        let Command::Other { name, args } = &req.command else { return Err(req) };
+        let Some(Ok(SmpftCommand::Switchover { then_standby })) = SmpftCommand::parse(name, args) else {
+            return Err(req);
+        };
+        let Some(ft) = &mut self.ft else {
+            req.reply.send(Err(QmpError::generic(
+                "FT is not configured for this VM: there is no standby to switch over to",
+            )));
+            return Ok(Flow::Continue);
+        };
+        let then_standby = match (&self.rejoin, then_standby) {
+            (None, Some(_)) => {
+                req.reply.send(Err(QmpError::generic("this copy cannot wait as a standby after a switchover")));
+                return Ok(Flow::Continue);
+            }
+            (Some(default), asked) => asked.or(default.clone()),
+            (None, None) => None,
+        };
+        Ok(ft.switchover(&self.vm, then_standby, req.reply))
     }
 
     /// A snapshot of a protected VM is the standby's to write: handed to the FT engine, which
@@ -267,25 +333,12 @@ impl Runner {
                 Some(ft) => ft.query(&self.vm),
                 None => json!({"role": "primary", "state": "unprotected", "configured": false}),
             }),
-            SmpftCommand::Switchover { then_standby } => {
-                let Some(ft) = &mut self.ft else {
-                    return Err(QmpError::generic(
-                        "FT is not configured for this VM: there is no standby to switch over to",
-                    ));
-                };
-                let then_standby = match (&self.rejoin, then_standby) {
-                    (None, Some(_)) => {
-                        return Err(QmpError::generic("this copy cannot wait as a standby after a switchover"))
-                    }
-                    (Some(default), asked) => asked.or(default.clone()),
-                    (None, None) => None,
-                };
-                let done = ft.switchover(&self.vm, then_standby.clone()).map_err(QmpError::generic)?;
-                self.switched = Some(Outcome::SwitchedOver { then_standby });
-                Ok(done.to_json())
-            }
+            // Answered by the FT engine once the switchover is over (see `switchover`).
+            SmpftCommand::Switchover { .. } => Err(QmpError::generic("a switchover is asked of the FT engine")),
             SmpftCommand::Protect { peer } => match &mut self.ft {
-                Some(ft) => ft.protect(&peer).map(|()| json!({})).map_err(|e| QmpError::generic(error_chain(&e))),
+                Some(ft) => {
+                    ft.protect(&self.vm, &peer).map(|()| json!({})).map_err(|e| QmpError::generic(error_chain(&e)))
+                }
                 None => Err(QmpError::generic(
                     "FT is not configured for this VM: start it with --identity, --peer-cert and --tiebreak",
                 )),

@@ -79,14 +79,4 @@ impl Link {
             let _ = t.join();
         }
     }
-
-    /// Closes on a thread of its own: a closing QUIC connection waits for its peer (up to
-    /// ~200 ms when the peer is gone), and arbitration must not wait for that.
-    pub fn close_in_background(self, code: u32, reason: &str) {
-        let reason = reason.to_string();
-        let spawned = std::thread::Builder::new().name("ft-close".into()).spawn(move || self.close(code, &reason));
-        if let Err(e) = spawned {
-            tracing::warn!("cannot close the standby's channel in the background: {e}");
-        }
-    }
 }

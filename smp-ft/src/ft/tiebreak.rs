@@ -150,25 +150,6 @@ impl TieBreaker {
         Ok(outcome)
     }
 
-    /// [`TieBreaker::claim`] on a thread of its own: the result, passed through `wrap`, is sent
-    /// to `to`. Waiting for the lock (up to `timeout`, or longer on storage that hangs) then
-    /// never stops the caller from serving QMP, signals or its channel.
-    pub fn claim_in_background<T: Send + 'static>(
-        &self,
-        generation: u64,
-        timeout: Duration,
-        to: crossbeam_channel::Sender<T>,
-        wrap: impl FnOnce(Result<Outcome, TieBreakError>) -> T + Send + 'static,
-    ) {
-        let me = self.clone();
-        let spawned = std::thread::Builder::new().name("ft-claim".into()).spawn(move || {
-            let _ = to.send(wrap(me.claim(generation, timeout)));
-        });
-        if let Err(e) = spawned {
-            tracing::error!("cannot start a tie-breaker claim: {e}");
-        }
-    }
-
     fn write(&self, generation: u64, owner: &str) -> Result<(), TieBreakError> {
         let tmp = with_suffix(&self.path, ".tmp");
         let mut f = std::fs::File::create(&tmp).map_err(self.unreachable())?;

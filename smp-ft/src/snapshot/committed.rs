@@ -31,15 +31,16 @@ pub fn take(memory: &GuestMemory, state: &MachineState, vcpus: u32) -> Result<(S
     Ok((snap, report))
 }
 
-/// Writes `snap` to `path` on a thread of its own and hands `done` the QMP reply: `report` with
+/// Writes `snap` to `path` on a thread `workers` owns and hands `done` the QMP reply: `report` with
 /// the file's size and where it was written, or why it was not.
 pub fn write_in_background(
+    workers: &mut shutdown::Workers,
     snap: Snapshot,
     path: PathBuf,
     mut report: Value,
     done: impl FnOnce(Result<Value, String>) + Send + 'static,
 ) {
-    let spawned = std::thread::Builder::new().name("snapshot-write".into()).spawn(move || {
+    let spawned = workers.spawn("snapshot-write", move || {
         let started = Instant::now();
         let r = format::write_file(&path, &snap)
             .map(|bytes| {

@@ -2,14 +2,14 @@
 //! lag policy that replaces a standby too slow for any brake (`--ft-max-lag`), and what the
 //! machine's checkpoint timer counts as output waiting.
 
-use super::PrimaryFt;
+use super::{Flow, PrimaryFt};
 use crate::ft::protocol::{PrimaryEvent, PrimaryState};
 use crate::vmm::RunningVm;
 use std::time::{Duration, Instant};
 
 impl PrimaryFt {
     /// Adjusts the brake on the vCPUs to how far acknowledgements lag (while protected).
-    pub(super) fn throttle(&mut self, vm: &RunningVm, now: Instant) {
+    pub(super) fn throttle(&mut self, vm: &RunningVm, now: Instant) -> Flow {
         let before = self.throttle.percent();
         // What output waits (the bound is on that), or what a checkpoint waits for its ack.
         let waiting = self.stats.oldest_unacked().map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
@@ -21,8 +21,9 @@ impl PrimaryFt {
             0
         };
         let protected = self.proto.state() == PrimaryState::Protected && self.sync.is_none();
+        let mut flow = Flow::Continue;
         if protected && self.lag.update(lag, now) {
-            self.replace_lagging(vm, lag);
+            flow = self.replace_lagging(vm, lag);
         } else if !protected {
             self.lag.reset();
         }
@@ -42,10 +43,11 @@ impl PrimaryFt {
         if after > 0 {
             vm.control().kick_running_vcpus();
         }
+        flow
     }
 
     /// The lag policy fired: take the tie-breaker from the standby, then drop it.
-    fn replace_lagging(&mut self, vm: &RunningVm, lag: Duration) {
+    fn replace_lagging(&mut self, vm: &RunningVm, lag: Duration) -> Flow {
         let peer = self.link.as_ref().map(|l| l.peer.to_string()).unwrap_or_default();
         let why = format!(
             "replaced: acknowledgements lagged more than {:?} for {:.0}% of {:?} (now {} ms), with the vCPU throttle at {}%",
@@ -60,10 +62,8 @@ impl PrimaryFt {
         self.drop_reason = Some((crate::ft::GOODBYE_REPLACED, why));
         self.replaced += 1;
         self.lost_at = Some(Instant::now());
-        self.spares.lost();
-        let actions = self.proto.handle(PrimaryEvent::Lagging);
-        // An Arbitrate (in the background); its answer drops the standby.
-        let _ = self.act(vm, actions);
+        // A claim (in the background); its answer drops the standby.
+        self.step(vm, PrimaryEvent::Lagging)
     }
 
     /// Output waiting to be committed, for the machine's timer; a disk log past half its budget

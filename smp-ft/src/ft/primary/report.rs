@@ -11,12 +11,12 @@ impl PrimaryFt {
             PrimaryState::Unprotected if self.took_over => "live-after-failover",
             PrimaryState::Unprotected => "unprotected",
             PrimaryState::Syncing => "syncing",
-            PrimaryState::Protected if self.proto.acked().is_none() || self.sync.is_some() => "syncing",
+            PrimaryState::Protected if self.proto.syncing() || self.sync.is_some() => "syncing",
             PrimaryState::Protected => "protected",
             PrimaryState::HandingOver => "switching-over",
             PrimaryState::Replacing => "replacing-standby",
             PrimaryState::Arbitrating => "arbitrating",
-            PrimaryState::Halted if self.handed_over() => "switched-over",
+            PrimaryState::SwitchedOver => "switched-over",
             PrimaryState::Halted => "halted",
         }
     }
@@ -30,8 +30,9 @@ impl PrimaryFt {
         v["state"] = json!(self.state_name());
         v["epoch"] = json!(self.proto.acked().unwrap_or(0));
         v["generation"] = json!(self.proto.generation());
-        v["peer"] = json!(self.link.as_ref().map(|l| l.peer).or(self.spares.current()).map(|p| p.to_string()));
-        v["spares"] = json!(self.spares.all().iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        let spares = self.proto.spares();
+        v["peer"] = json!(self.link.as_ref().map(|l| l.peer).or(spares.current()).map(|p| p.to_string()));
+        v["spares"] = json!(spares.all().iter().map(|a| a.to_string()).collect::<Vec<_>>());
         v["held-bytes"] = json!(gate.held_bytes());
         v["output-hold-p50-us"] = json!(hold.map(|h| h.0.as_micros() as u64));
         v["output-hold-p99-us"] = json!(hold.map(|h| h.1.as_micros() as u64));

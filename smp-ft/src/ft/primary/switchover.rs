@@ -12,12 +12,13 @@
 //! protected); after it the standby, even if the message of step 4 is lost (it then claims
 //! the generation when this side goes silent, and holds it).
 
-use super::{Flow, PrimaryFt};
+use super::{Flow, Input, PrimaryFt};
 use crate::error::error_chain;
-use crate::ft::protocol::{Epoch, PrimaryEvent, PrimaryState};
-use crate::ft::tiebreak::Outcome as Claim;
+use crate::ft::protocol::{Epoch, PrimaryEvent};
+use crate::ft::tiebreak::{Outcome as Claim, TieBreakError};
 use crate::ft::wire::{self, HandOver};
 use crate::vmm::RunningVm;
+use qemu_shim::qmp::{QmpError, Reply};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use transport::Message;
@@ -43,16 +44,42 @@ impl Switched {
     }
 }
 
+/// A switchover under way: its QMP reply waits for the machine's verdict.
+pub(super) struct PendingSwitchover {
+    reply: Reply,
+    started: Instant,
+    standby: String,
+    /// The hand-over being recorded: (final epoch, generation).
+    handing: Option<(Epoch, u64)>,
+}
+
 impl PrimaryFt {
-    /// Hands the VM over to the protecting standby and returns once it has been told to go live
-    /// (this copy must then stop without running the VM again), or why not (the VM runs on here,
-    /// protected). `return_to` is where this side will wait as a standby, for the new primary to
-    /// protect the VM with first.
-    pub fn switchover(&mut self, vm: &RunningVm, return_to: Option<String>) -> Result<Switched, String> {
+    /// Starts handing the VM over to the protecting standby; `reply` is answered once the
+    /// standby has been told to go live (this copy must then stop without running the VM
+    /// again, [`Flow::SwitchedOver`]), or with why not (the VM runs on here, protected).
+    /// `return_to` is where this side will wait as a standby, for the new primary to protect
+    /// the VM with first.
+    pub fn switchover(&mut self, vm: &RunningVm, return_to: Option<String>, reply: Reply) -> Flow {
+        if let Err(why) = self.may_switch_over() {
+            reply.send(Err(QmpError::generic(why)));
+            return Flow::Continue;
+        }
+        let standby = self.link.as_ref().map(|l| l.peer.to_string()).unwrap_or_default();
+        tracing::info!(%standby, "FT: switchover: pausing for the final checkpoint");
+        self.return_to = return_to;
+        self.last_error = None;
+        self.switchover = Some(PendingSwitchover { reply, started: Instant::now(), standby, handing: None });
+        self.step(vm, PrimaryEvent::Switchover)
+    }
+
+    fn may_switch_over(&self) -> Result<(), String> {
         let Some(link) = &self.link else {
             return Err("the VM is not protected: there is no standby to switch over to".into());
         };
-        if self.proto.state() != PrimaryState::Protected || self.sync.is_some() || self.proto.acked().is_none() {
+        if self.switchover.is_some() {
+            return Err("a switchover is already under way".into());
+        }
+        if !self.proto.may_switch_over() || self.sync.is_some() {
             return Err(format!(
                 "the VM is {}, not protected: a switchover needs a standby in step",
                 self.state_name()
@@ -67,77 +94,37 @@ impl PrimaryFt {
                 wire::SWITCHOVER_VERSION
             ));
         }
-        let standby = link.peer.to_string();
-        let started = Instant::now();
-        self.return_to = return_to;
-        tracing::info!(%standby, "FT: switchover: pausing for the final checkpoint");
-        let actions = self.proto.handle(PrimaryEvent::Switchover);
-        if self.act(vm, actions) == Flow::Halt {
-            return Err("this copy lost the tie-breaker".into());
-        }
-        // The standby's acknowledgement (it comes within a round trip) moves the machine on.
-        let deadline = started + self.opts.channel.silence_timeout * 2;
-        while self.proto.state() == PrimaryState::HandingOver && Instant::now() < deadline {
-            let (events, _, _) = self.receivers();
-            match events.recv_deadline(deadline) {
-                Ok(ev) => {
-                    if self.on_channel(vm, ev) == Flow::Halt {
-                        return Err("this copy lost the tie-breaker".into());
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        match self.proto.state() {
-            PrimaryState::Halted => {
-                let switched = Switched {
-                    epoch: self.proto.acked().unwrap_or(0),
-                    generation: self.proto.generation(),
-                    paused: started.elapsed(),
-                    standby,
-                };
-                tracing::info!(
-                    epoch = switched.epoch,
-                    generation = switched.generation,
-                    pause_ms = switched.paused.as_millis() as u64,
-                    "FT: switched over: the standby {} runs the VM now",
-                    switched.standby
-                );
-                Ok(switched)
-            }
-            PrimaryState::HandingOver => {
-                let actions = self.proto.handle(PrimaryEvent::HandOverFailed);
-                self.act(vm, actions);
-                Err("the standby did not acknowledge the final checkpoint in time; the VM runs on here".into())
-            }
-            _ => Err(self.last_error.clone().unwrap_or_else(|| "the switchover did not complete".into())),
-        }
+        Ok(())
     }
 
-    /// [`crate::ft::protocol::PrimaryAction::CaptureFinal`]: the VM stays paused after it.
-    pub(super) fn capture_final(&mut self, vm: &RunningVm, epoch: Epoch) -> Flow {
-        if let Err(e) = vm.pause() {
-            self.error(format!("switchover: cannot pause the VM: {e}"));
-            let actions = self.proto.handle(PrimaryEvent::CaptureFailed { epoch, at: Instant::now() });
-            return self.act(vm, actions);
-        }
-        let flow = self.capture(vm, epoch);
-        if self.proto.state() != PrimaryState::HandingOver && self.proto.state() != PrimaryState::Halted {
-            vm.resume();
-        }
-        flow
-    }
-
-    /// [`crate::ft::protocol::PrimaryAction::HandOver`]: names the standby in the tie-breaker
-    /// and tells it to go live.
+    /// [`crate::ft::protocol::PrimaryAction::HandOver`]: names the standby in the tie-breaker,
+    /// in the background; the answer comes back as [`Input::HandedOver`].
     pub(super) fn hand_over(&mut self, vm: &RunningVm, epoch: Epoch, generation: u64) -> Flow {
         let Some(holder) = self.peer_owner.clone() else {
             self.error("switchover: the standby did not say who it is".into());
-            let actions = self.proto.handle(PrimaryEvent::HandOverFailed);
-            return self.act(vm, actions);
+            return self.step(vm, PrimaryEvent::HandOverFailed);
         };
-        let event = match self.tiebreak.hand_over(generation, &holder, self.opts.claim_timeout) {
+        if let Some(p) = &mut self.switchover {
+            p.handing = Some((epoch, generation));
+        }
+        let (tiebreak, timeout, tx) = (self.tiebreak.clone(), self.opts.claim_timeout, self.inputs.0.clone());
+        let spawned = self.workers.spawn("ft-hand-over", move || {
+            let _ = tx.send(Input::HandedOver(tiebreak.hand_over(generation, &holder, timeout)));
+        });
+        match spawned {
+            Ok(()) => Flow::Continue,
+            Err(e) => {
+                self.error(format!("switchover: cannot start recording the hand-over: {e}"));
+                self.step(vm, PrimaryEvent::HandOverFailed)
+            }
+        }
+    }
+
+    /// The hand-over was recorded, or why not.
+    pub(super) fn hand_over_recorded(&mut self, vm: &RunningVm, r: Result<Claim, TieBreakError>) -> Flow {
+        let event = match r {
             Ok(Claim::Won { .. }) => {
+                let (epoch, generation) = self.switchover.as_ref().and_then(|p| p.handing).unwrap_or_default();
                 let msg = HandOver { epoch, generation, return_to: self.return_to.clone() };
                 if let Some(l) = &self.link {
                     // Lost or not, the hand-over stands: the standby holds the generation.
@@ -145,7 +132,6 @@ impl PrimaryFt {
                         tracing::warn!("FT: switchover: telling the standby failed ({e}); it takes over when it notices this side is gone");
                     }
                 }
-                self.switched = true;
                 PrimaryEvent::HandedOver
             }
             Ok(Claim::Lost { generation, holder }) => {
@@ -158,7 +144,31 @@ impl PrimaryFt {
                 PrimaryEvent::HandOverFailed
             }
         };
-        let actions = self.proto.handle(event);
-        self.act(vm, actions)
+        self.step(vm, event)
+    }
+
+    /// [`crate::ft::protocol::PrimaryAction::SwitchoverEnded`]: the operator's answer.
+    pub(super) fn switchover_ended(&mut self, handed_over: bool) -> Flow {
+        let Some(p) = self.switchover.take() else {
+            return if handed_over { Flow::SwitchedOver } else { Flow::Continue };
+        };
+        if !handed_over {
+            let why = self.last_error.clone().unwrap_or_else(|| {
+                "the standby did not acknowledge the final checkpoint in time; the VM runs on here".into()
+            });
+            p.reply.send(Err(QmpError::generic(why)));
+            return Flow::Continue;
+        }
+        let (epoch, generation) = p.handing.unwrap_or_default();
+        let switched = Switched { epoch, generation, paused: p.started.elapsed(), standby: p.standby };
+        tracing::info!(
+            epoch = switched.epoch,
+            generation = switched.generation,
+            pause_ms = switched.paused.as_millis() as u64,
+            "FT: switched over: the standby {} runs the VM now",
+            switched.standby
+        );
+        p.reply.send(Ok(switched.to_json()));
+        Flow::SwitchedOver
     }
 }

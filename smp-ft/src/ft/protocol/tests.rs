@@ -2,6 +2,7 @@
 //! checks the two invariants over many schedules.
 
 use super::*;
+use std::time::{Duration, Instant};
 
 /// A fixed origin for the machine's clock in these tests.
 fn t0() -> Instant {
@@ -14,13 +15,13 @@ fn ms(n: f64) -> Instant {
 }
 
 fn primary(generation: u64) -> Primary {
-    Primary::new(generation, PrimaryConfig::default())
+    Primary::new(generation, PrimaryConfig::default(), t0())
 }
 
 fn protected() -> Primary {
     let mut p = primary(0);
     assert_eq!(
-        p.handle(PrimaryEvent::StandbyAttached),
+        p.handle(PrimaryEvent::Connected { digests: false }),
         vec![PrimaryAction::StartSync, PrimaryAction::CopyRound { seq: 1, all: true }]
     );
     p.handle(PrimaryEvent::SyncSent { epoch: 0, at: t0() });
@@ -61,7 +62,7 @@ fn output_is_held_until_its_checkpoint_is_acked() {
 fn unprotected_and_syncing_output_flows_at_once() {
     let mut p = primary(0);
     assert_eq!(released(&p.handle(PrimaryEvent::Output { id: 7 })), vec![7]);
-    p.handle(PrimaryEvent::StandbyAttached);
+    p.handle(PrimaryEvent::Connected { digests: false });
     assert_eq!(released(&p.handle(PrimaryEvent::Output { id: 8 })), vec![8]);
 }
 
@@ -110,22 +111,30 @@ fn unreachable_tie_breaker_keeps_asking_and_keeps_output_held() {
     let mut p = protected();
     p.handle(PrimaryEvent::Output { id: 1 });
     p.handle(PrimaryEvent::PeerSilent);
-    assert_eq!(p.handle(PrimaryEvent::TieBreakUnreachable), vec![PrimaryAction::Arbitrate { generation: 1 }]);
+    assert_eq!(p.handle_at(ms(10.0), PrimaryEvent::TieBreakUnreachable), vec![], "asked again later");
+    assert_eq!(p.poll_timeout(), Some(ms(110.0)), "after the configured retry");
+    assert_eq!(p.handle_timeout(ms(109.0)), vec![]);
+    assert_eq!(p.handle_timeout(ms(110.0)), vec![PrimaryAction::Arbitrate { generation: 1 }]);
+    assert_eq!(p.poll_timeout(), None, "one claim at a time");
     assert_eq!(p.held(), 1);
     let mut s = standby_at(3);
     s.handle(StandbyEvent::PeerSilent);
-    assert_eq!(s.handle(StandbyEvent::TieBreakUnreachable), vec![StandbyAction::Arbitrate { generation: 1 }]);
+    assert_eq!(s.handle_at(ms(10.0), StandbyEvent::TieBreakUnreachable), vec![]);
+    assert_eq!(s.handle_timeout(ms(110.0)), vec![StandbyAction::Arbitrate { generation: 1 }]);
     assert_eq!(s.state(), StandbyState::Arbitrating, "never live without winning");
 }
 
 #[test]
 fn standby_dying_during_sync_leaves_the_primary_unprotected() {
     let mut p = primary(0);
-    p.handle(PrimaryEvent::StandbyAttached);
-    assert_eq!(p.handle(PrimaryEvent::PeerSilent), vec![PrimaryAction::DropStandby]);
+    p.handle(PrimaryEvent::Connected { digests: false });
+    assert_eq!(
+        p.handle(PrimaryEvent::PeerSilent),
+        vec![PrimaryAction::DropStandby, PrimaryAction::Release { ids: vec![] }, PrimaryAction::StopProtecting]
+    );
     assert_eq!(p.state(), PrimaryState::Unprotected);
     // Re-protect: a new standby can attach at once.
-    assert_eq!(p.handle(PrimaryEvent::StandbyAttached)[0], PrimaryAction::StartSync);
+    assert_eq!(p.handle(PrimaryEvent::Connected { digests: false })[0], PrimaryAction::StartSync);
 }
 
 #[test]
@@ -133,7 +142,7 @@ fn silence_after_the_sync_checkpoint_left_means_arbitration_not_release() {
     // The standby may have acknowledged the synchronising checkpoint (and so could go live)
     // even though that ack never arrived: the primary must not act alone without the lock.
     let mut p = primary(0);
-    p.handle(PrimaryEvent::StandbyAttached);
+    p.handle(PrimaryEvent::Connected { digests: false });
     assert!(p.handle(PrimaryEvent::SyncSent { epoch: 5, at: t0() }).is_empty());
     assert!(p.handle(PrimaryEvent::Output { id: 1 }).is_empty(), "output after the sync pause is held");
     assert_eq!(cp(&mut p), vec![PrimaryAction::Send { epoch: 6 }]);
@@ -146,7 +155,7 @@ fn silence_after_the_sync_checkpoint_left_means_arbitration_not_release() {
 }
 
 fn standby_at(epoch: Epoch) -> Standby {
-    let mut s = Standby::new(0);
+    let mut s = Standby::new(0, Duration::from_millis(100), t0());
     for e in 0..=epoch {
         assert_eq!(
             s.handle(StandbyEvent::Checkpoint { epoch: e, valid: true }),
@@ -185,10 +194,15 @@ fn acked_but_not_yet_applied_checkpoint_is_the_one_that_goes_live() {
 }
 
 #[test]
-fn standby_that_never_finished_sync_halts_instead_of_going_live() {
-    let mut s = Standby::new(0);
-    assert_eq!(s.handle(StandbyEvent::PeerSilent), vec![StandbyAction::Halt]);
-    assert_eq!(s.state(), StandbyState::Halted);
+fn standby_that_never_finished_sync_stands_down_instead_of_going_live() {
+    let mut s = Standby::new(0, Duration::from_millis(100), t0());
+    assert_eq!(s.handle(StandbyEvent::PeerSilent), vec![StandbyAction::StandDown]);
+    assert_eq!(s.state(), StandbyState::StoodDown);
+    // Nor does one whose host can no longer run the VM.
+    let mut s = standby_at(3);
+    s.handle(StandbyEvent::PeerSilent);
+    assert_eq!(s.handle(StandbyEvent::CannotGoLive), vec![StandbyAction::StandDown]);
+    assert_eq!(s.handle(StandbyEvent::TieBreakWon { generation: 1 }), vec![], "a claim's late answer changes nothing");
 }
 
 #[test]
@@ -202,7 +216,7 @@ fn standby_losing_the_tie_break_halts() {
 fn a_standby_that_went_live_can_be_protected_again() {
     // It runs as a primary with the generation it won at; a later failover needs a higher one.
     let mut p = primary(1);
-    p.handle(PrimaryEvent::StandbyAttached);
+    p.handle(PrimaryEvent::Connected { digests: false });
     p.handle(PrimaryEvent::SyncSent { epoch: 0, at: t0() });
     p.handle(PrimaryEvent::PeerSilent);
     assert_eq!(p.generation(), 2);
@@ -261,7 +275,7 @@ fn a_full_window_waits_for_an_acknowledgement_but_a_final_checkpoint_does_not() 
 #[test]
 fn the_sync_checkpoint_counts_in_the_window_and_precopy_acks_do_not_open_it() {
     let mut p = primary(0);
-    p.handle(PrimaryEvent::StandbyAttached);
+    p.handle(PrimaryEvent::Connected { digests: false });
     p.handle(PrimaryEvent::SyncSent { epoch: 5, at: t0() });
     assert_eq!(p.unacked(), 1, "the sync checkpoint is in flight");
     p.handle(PrimaryEvent::Acked { epoch: 3 });
@@ -299,7 +313,7 @@ fn a_failed_capture_keeps_the_epoch_and_retries_an_interval_later() {
 fn the_initial_copy_iterates_until_few_pages_are_dirty_then_pauses_once() {
     let mut p = primary(0);
     assert_eq!(
-        p.handle(PrimaryEvent::StandbyAttached),
+        p.handle(PrimaryEvent::Connected { digests: false }),
         vec![PrimaryAction::StartSync, PrimaryAction::CopyRound { seq: 1, all: true }]
     );
     assert!(p.handle(PrimaryEvent::DirtyPending { pages: 5, copying: false }).is_empty(), "not asked for");
@@ -323,7 +337,7 @@ fn the_initial_copy_iterates_until_few_pages_are_dirty_then_pauses_once() {
 #[test]
 fn the_initial_copy_gives_up_iterating_after_the_last_round() {
     let mut p = primary(0);
-    p.handle(PrimaryEvent::StandbyAttached);
+    p.handle(PrimaryEvent::Connected { digests: false });
     let max = PrimaryConfig::default().sync_max_rounds as u64;
     for seq in 1..max {
         assert_eq!(p.handle(PrimaryEvent::Acked { epoch: seq }), vec![PrimaryAction::MeasureDirty]);
@@ -343,7 +357,7 @@ fn the_initial_copy_gives_up_iterating_after_the_last_round() {
 #[test]
 fn rounds_that_copy_a_disk_for_the_first_time_do_not_count() {
     let mut p = primary(0);
-    p.handle(PrimaryEvent::StandbyAttached);
+    p.handle(PrimaryEvent::Connected { digests: false });
     let max = PrimaryConfig::default().sync_max_rounds as u64;
     for seq in 1..=max + 5 {
         assert_eq!(p.handle(PrimaryEvent::Acked { epoch: seq }), vec![PrimaryAction::MeasureDirty]);
@@ -363,19 +377,22 @@ fn rounds_that_copy_a_disk_for_the_first_time_do_not_count() {
 #[test]
 fn a_failed_initial_copy_drops_the_standby_and_a_new_one_starts_over() {
     let mut p = primary(0);
-    p.handle(PrimaryEvent::StandbyAttached);
+    p.handle(PrimaryEvent::Connected { digests: false });
     p.handle(PrimaryEvent::Acked { epoch: 1 });
-    assert_eq!(p.handle(PrimaryEvent::SyncFailed), vec![PrimaryAction::DropStandby]);
+    assert_eq!(
+        p.handle(PrimaryEvent::SyncFailed),
+        vec![PrimaryAction::DropStandby, PrimaryAction::Release { ids: vec![] }, PrimaryAction::StopProtecting]
+    );
     assert_eq!(p.state(), PrimaryState::Unprotected);
     assert_eq!(
-        p.handle(PrimaryEvent::StandbyAttached),
+        p.handle(PrimaryEvent::Connected { digests: false }),
         vec![PrimaryAction::StartSync, PrimaryAction::CopyRound { seq: 1, all: true }]
     );
 }
 
 #[test]
 fn the_standby_takes_pre_copy_rounds_in_order_and_only_while_syncing() {
-    let mut s = Standby::new(0);
+    let mut s = Standby::new(0, Duration::from_millis(100), t0());
     assert_eq!(
         s.handle(StandbyEvent::PreCopy { seq: 1 }),
         vec![StandbyAction::Ack { epoch: 1 }, StandbyAction::ApplyPreCopy { seq: 1 }]
@@ -408,8 +425,8 @@ fn switchover_hands_over_once_the_final_checkpoint_is_acked() {
         p.handle(PrimaryEvent::Acked { epoch: e }),
         vec![PrimaryAction::Release { ids: vec![1, 2] }, PrimaryAction::HandOver { epoch: e, generation: 1 }]
     );
-    assert_eq!(p.handle(PrimaryEvent::HandedOver), vec![]);
-    assert_eq!(p.state(), PrimaryState::Halted);
+    assert_eq!(p.handle(PrimaryEvent::HandedOver), vec![PrimaryAction::SwitchoverEnded { handed_over: true }]);
+    assert_eq!(p.state(), PrimaryState::SwitchedOver);
     assert_eq!(p.handle(PrimaryEvent::Output { id: 3 }), vec![], "nothing more goes out from here");
 }
 
@@ -446,7 +463,10 @@ fn a_failed_switchover_leaves_the_vm_running_protected_here() {
     p.handle(PrimaryEvent::Switchover);
     p.handle(PrimaryEvent::Captured { epoch: e, output: None, at: t0() });
     p.handle(PrimaryEvent::Acked { epoch: e });
-    assert_eq!(p.handle(PrimaryEvent::HandOverFailed), vec![PrimaryAction::ResumeVm]);
+    assert_eq!(
+        p.handle(PrimaryEvent::HandOverFailed),
+        vec![PrimaryAction::ResumeVm, PrimaryAction::SwitchoverEnded { handed_over: false }]
+    );
     assert_eq!(p.state(), PrimaryState::Protected);
     assert_eq!(p.generation(), 0, "nothing was recorded: the standby would still claim generation 1");
     assert_eq!(cp(&mut p), vec![PrimaryAction::Send { epoch: e + 1 }], "checkpoints go on");
@@ -454,7 +474,10 @@ fn a_failed_switchover_leaves_the_vm_running_protected_here() {
     let mut p = protected();
     let e = p.epoch();
     p.handle(PrimaryEvent::Switchover);
-    assert_eq!(p.handle(PrimaryEvent::CaptureFailed { epoch: e, at: t0() }), vec![]);
+    assert_eq!(
+        p.handle(PrimaryEvent::CaptureFailed { epoch: e, at: t0() }),
+        vec![PrimaryAction::ResumeVm, PrimaryAction::SwitchoverEnded { handed_over: false }]
+    );
     assert_eq!(p.state(), PrimaryState::Protected);
     // The standby died meanwhile: arbitrate as for any failure, with the VM running again.
     let mut p = protected();
@@ -463,9 +486,30 @@ fn a_failed_switchover_leaves_the_vm_running_protected_here() {
     p.handle(PrimaryEvent::Captured { epoch: e, output: Some(9), at: t0() });
     assert_eq!(
         p.handle(PrimaryEvent::PeerSilent),
-        vec![PrimaryAction::DropStandby, PrimaryAction::ResumeVm, PrimaryAction::Arbitrate { generation: 1 }]
+        vec![
+            PrimaryAction::DropStandby,
+            PrimaryAction::ResumeVm,
+            PrimaryAction::SwitchoverEnded { handed_over: false },
+            PrimaryAction::Arbitrate { generation: 1 }
+        ]
     );
     assert_eq!(p.held(), 1, "output stays held until the claim is decided");
+    // The standby went silent while the hand-over was being recorded: that decides first.
+    let mut p = protected();
+    let e = p.epoch();
+    p.handle(PrimaryEvent::Switchover);
+    p.handle(PrimaryEvent::Captured { epoch: e, output: None, at: t0() });
+    p.handle(PrimaryEvent::Acked { epoch: e });
+    assert_eq!(p.handle(PrimaryEvent::PeerSilent), vec![PrimaryAction::DropStandby], "no competing claim");
+    assert_eq!(
+        p.handle(PrimaryEvent::HandOverFailed),
+        vec![
+            PrimaryAction::ResumeVm,
+            PrimaryAction::SwitchoverEnded { handed_over: false },
+            PrimaryAction::Arbitrate { generation: 1 }
+        ],
+        "nothing recorded: claim what the standby would claim"
+    );
 }
 
 #[test]
@@ -491,7 +535,7 @@ fn a_lagging_standby_is_dropped_only_once_the_tie_breaker_is_taken() {
     assert_eq!(p.handle(PrimaryEvent::EpochTimer), vec![], "no checkpoints for a standby on its way out");
     assert_eq!(
         p.handle(PrimaryEvent::TieBreakWon { generation: 1 }),
-        vec![PrimaryAction::DropStandby, PrimaryAction::Release { ids: vec![1] }]
+        vec![PrimaryAction::DropStandby, PrimaryAction::Release { ids: vec![1] }, PrimaryAction::StopProtecting]
     );
     assert_eq!(p.state(), PrimaryState::Unprotected);
     // Without the tie-breaker the standby stays: dropping it could let it go live.
@@ -508,236 +552,103 @@ fn a_lagging_standby_is_dropped_only_once_the_tie_breaker_is_taken() {
     let mut p = protected();
     p.handle(PrimaryEvent::Lagging);
     assert_eq!(p.handle(PrimaryEvent::PeerSilent), vec![PrimaryAction::DropStandby]);
-    assert_eq!(p.handle(PrimaryEvent::TieBreakWon { generation: 1 }), vec![PrimaryAction::Release { ids: vec![] }]);
+    assert_eq!(
+        p.handle(PrimaryEvent::TieBreakWon { generation: 1 }),
+        vec![PrimaryAction::Release { ids: vec![] }, PrimaryAction::StopProtecting]
+    );
     assert_eq!(p.state(), PrimaryState::Unprotected);
 }
 
-// ---- randomized simulation ----
+// ---- the machine's own timers and the VM's end ----
 
-/// The shared lock: a generation and its holder. `try_lock` succeeds for a higher generation
-/// than any before, or for the holder again.
-#[derive(Default)]
-struct TieBreaker {
-    generation: u64,
-    holder: Option<&'static str>,
-}
-
-impl TieBreaker {
-    fn try_lock(&mut self, who: &'static str, generation: u64) -> Result<u64, u64> {
-        if generation > self.generation || self.holder == Some(who) && generation == self.generation {
-            self.generation = generation;
-            self.holder = Some(who);
-            Ok(generation)
-        } else {
-            Err(self.generation)
-        }
-    }
-}
-
-use crate::ft::TestRng as Rng;
-
-/// One schedule: a protected pair exchanging checkpoints and acks over a lossy link, with a
-/// crash or partition at a random moment. Returns a description of any invariant broken.
-fn simulate(seed: u64) -> Result<(), String> {
-    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    // Half the schedules start with the initial copy over the same lossy link.
-    let from_scratch = seed % 2 == 0;
-    let (mut p, mut s) = if from_scratch { (primary(0), Standby::new(0)) } else { (protected(), standby_at(0)) };
-    let mut first_actions = if from_scratch { p.handle(PrimaryEvent::StandbyAttached) } else { vec![] };
-    let mut tb = TieBreaker::default();
-    let (mut p_alive, mut s_alive, mut link_up) = (true, true, true);
-    let mut next_id = 0;
-    let mut output_epoch = std::collections::HashMap::new();
-    let mut released_ids = Vec::new();
-    // Checkpoints and acks in flight on the link.
-    // (sequence number, pre-copy round?)
-    let mut to_standby: std::collections::VecDeque<(Epoch, bool)> = Default::default();
-    let mut to_primary: std::collections::VecDeque<Epoch> = Default::default();
-    let mut standby_live_at: Option<Epoch> = None;
-    let mut primary_ran_alone = false;
-    let mut fault_at = rng.next() % 200;
-    let mut now = t0();
-    let window = PrimaryConfig::default().window;
-    for step in 0..400u64 {
-        now += Duration::from_micros(rng.next() % 8000);
-        if step == fault_at {
-            match rng.next() % 3 {
-                0 => p_alive = false,
-                1 => s_alive = false,
-                _ => link_up = false,
-            }
-        }
-        // Silence is noticed by whoever is alive once the link or the peer is gone.
-        let silent = step > fault_at + 5;
-        let mut s_actions = Vec::new();
-        if p_alive && p.state() == PrimaryState::Protected && rng.chance(1) {
-            // Now and then, the operator asks for a planned switchover...
-            first_actions.extend(p.handle(PrimaryEvent::Switchover));
-        } else if p_alive && p.state() == PrimaryState::Protected && rng.chance(1) {
-            // ...or the lag policy replaces the standby.
-            first_actions.extend(p.handle(PrimaryEvent::Lagging));
-        }
-        let mut p_actions = std::mem::take(&mut first_actions);
-        if p_alive {
-            let ev = match rng.next() % 4 {
-                0 => {
-                    p_actions = p.handle_timeout(now);
-                    None
-                }
-                1 => {
-                    next_id += 1;
-                    output_epoch.insert(next_id, p.epoch());
-                    Some(PrimaryEvent::Output { id: next_id })
-                }
-                2 if link_up && s_alive => to_primary.pop_front().map(|epoch| PrimaryEvent::Acked { epoch }),
-                _ if silent && (!link_up || !s_alive) => Some(PrimaryEvent::PeerSilent),
-                _ => None,
-            };
-            if let Some(ev) = ev {
-                p_actions = p.handle(ev);
-            }
-        }
-        if s_alive {
-            let ev = match rng.next() % 3 {
-                0 if link_up && p_alive => to_standby.pop_front().map(|(seq, precopy)| {
-                    if precopy {
-                        StandbyEvent::PreCopy { seq }
-                    } else {
-                        StandbyEvent::Checkpoint { epoch: seq, valid: rng.chance(97) }
-                    }
-                }),
-                _ if silent && (!link_up || !p_alive) => Some(StandbyEvent::PeerSilent),
-                _ => None,
-            };
-            if let Some(ev) = ev {
-                s_actions = s.handle(ev);
-            }
-        }
-        let mut work: std::collections::VecDeque<PrimaryAction> = p_actions.into();
-        while let Some(a) = work.pop_front() {
-            match a {
-                PrimaryAction::Capture { epoch } | PrimaryAction::CaptureFinal { epoch } => {
-                    if rng.chance(3) {
-                        work.extend(p.handle(PrimaryEvent::CaptureFailed { epoch, at: now }));
-                    } else {
-                        work.extend(p.handle(PrimaryEvent::Captured { epoch, output: None, at: now }));
-                    }
-                }
-                PrimaryAction::Send { epoch } => to_standby.push_back((epoch, false)),
-                PrimaryAction::CopyRound { seq, .. } => to_standby.push_back((seq, true)),
-                PrimaryAction::MeasureDirty => work.extend(
-                    p.handle(PrimaryEvent::DirtyPending { pages: rng.next() % 1000, copying: rng.next() % 8 == 0 }),
-                ),
-                PrimaryAction::CaptureSync { epoch } => {
-                    if rng.chance(3) {
-                        work.extend(p.handle(PrimaryEvent::SyncFailed));
-                    } else {
-                        to_standby.push_back((epoch, false));
-                        work.extend(p.handle(PrimaryEvent::SyncSent { epoch, at: now }));
-                    }
-                }
-                PrimaryAction::Release { ids } => released_ids.extend(ids),
-                PrimaryAction::Arbitrate { generation } => {
-                    let r = tb.try_lock("primary", generation);
-                    let outcome = p.handle(match r {
-                        Ok(g) => PrimaryEvent::TieBreakWon { generation: g },
-                        Err(g) => PrimaryEvent::TieBreakLost { generation: g },
-                    });
-                    released_ids.extend(released(&outcome));
-                    primary_ran_alone |= r.is_ok();
-                }
-                PrimaryAction::DropStandby if link_up && s_alive => {
-                    // The primary dropped a standby that still runs (a failed sync): it hears
-                    // nothing more, which is a fault like any other.
-                    link_up = false;
-                    fault_at = fault_at.min(step);
-                }
-                PrimaryAction::HandOver { epoch, generation } => {
-                    // The primary records the standby as the holder; the message may be lost
-                    // (the standby then claims the generation once the primary is silent).
-                    if rng.chance(3) {
-                        // The tie-breaker could not be reached: nothing was recorded.
-                        work.extend(p.handle(PrimaryEvent::HandOverFailed));
-                        continue;
-                    }
-                    if let Err(g) = tb.try_lock("standby", generation) {
-                        work.extend(p.handle(PrimaryEvent::TieBreakLost { generation: g }));
-                        continue;
-                    }
-                    work.extend(p.handle(PrimaryEvent::HandedOver));
-                    if link_up && s_alive && rng.chance(80) {
-                        s_actions.extend(s.handle(StandbyEvent::HandOver { epoch, generation }));
-                    }
-                    // The old primary stops: to the standby that is silence.
-                    p_alive = false;
-                    fault_at = fault_at.min(step);
-                }
-                PrimaryAction::Halt
-                | PrimaryAction::DropStandby
-                | PrimaryAction::StartSync
-                | PrimaryAction::ResumeVm => {}
-            }
-        }
-        if p.unacked() > window {
-            return Err(format!("seed {seed}: {} checkpoints in flight, beyond the window of {window}", p.unacked()));
-        }
-        // A won tie-break releases everything still held: collect those releases too.
-        if p.state() == PrimaryState::Unprotected && p.held() > 0 {
-            return Err(format!("seed {seed}: unprotected primary still holds output"));
-        }
-        for a in s_actions {
-            match a {
-                // Acks may be lost on the way.
-                StandbyAction::Ack { epoch } if rng.chance(90) => to_primary.push_back(epoch),
-                StandbyAction::Arbitrate { generation } => {
-                    let ev = match tb.try_lock("standby", generation) {
-                        Ok(g) => StandbyEvent::TieBreakWon { generation: g },
-                        Err(g) => StandbyEvent::TieBreakLost { generation: g },
-                    };
-                    for a in s.handle(ev) {
-                        if let StandbyAction::GoLive { epoch } = a {
-                            standby_live_at = Some(epoch);
-                        }
-                    }
-                }
-                StandbyAction::GoLive { epoch } => standby_live_at = Some(epoch),
-                StandbyAction::Refuse { seq } => {
-                    return Err(format!("seed {seed}: the standby refused pre-copy round {seq}"))
-                }
-                _ => {}
-            }
-        }
-        if standby_live_at.is_some() && primary_ran_alone {
-            return Err(format!("seed {seed}: both copies won the tie-breaker by step {step}"));
-        }
-    }
-    // Every output a client saw must be in the state that survived: if the standby went live,
-    // nothing the primary released may be newer than the checkpoint it went live from.
-    if let Some(live) = standby_live_at {
-        for id in &released_ids {
-            let e = output_epoch[id];
-            if e > live {
-                return Err(format!(
-                    "seed {seed}: output {id} of epoch {e} was released but the standby went live at {live}"
-                ));
-            }
-        }
-    }
-    // And the schedule did exercise something: a fault happened and someone noticed.
-    if p_alive && s_alive && link_up {
-        return Err(format!("seed {seed}: no fault was injected"));
-    }
-    Ok(())
+fn spare(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 #[test]
-fn random_schedules_keep_one_live_copy_and_lose_no_released_output() {
-    let seeds = std::env::var("SMPFT_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3000u64);
-    let failures: Vec<String> = (1..=seeds).filter_map(|seed| simulate(seed).err()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} schedules broke an invariant, e.g. {:?}",
-        failures.len(),
-        &failures[..failures.len().min(3)]
+fn spares_are_connected_in_turn_and_retried_after_the_backoff() {
+    let mut p = primary(0);
+    p.handle_at(ms(0.0), PrimaryEvent::Protect { spares: vec![spare(1), spare(2)], after: Duration::ZERO });
+    assert_eq!(p.handle_timeout(ms(0.0)), vec![PrimaryAction::Connect { peer: spare(1) }]);
+    assert_eq!(p.poll_timeout(), None, "one connect at a time");
+    assert!(!p.may_protect(), "x-smpft-protect waits for the attempt under way");
+    p.handle_at(ms(5.0), PrimaryEvent::ConnectFailed { refused: false });
+    assert_eq!(p.poll_timeout(), Some(ms(1005.0)), "the next spare after a pause");
+    assert_eq!(p.handle_timeout(ms(1005.0)), vec![PrimaryAction::Connect { peer: spare(2) }]);
+    // A standby that answered but is not this VM's is tried again much later.
+    p.handle_at(ms(1010.0), PrimaryEvent::ConnectFailed { refused: true });
+    assert!(p.poll_timeout().unwrap() >= ms(6010.0));
+    // Connected: the copy starts; lost during it, the next spare after the reconnect pause.
+    p.handle_timeout(p.poll_timeout().unwrap());
+    p.handle_at(ms(7000.0), PrimaryEvent::Connected { digests: false });
+    assert_eq!(p.state(), PrimaryState::Syncing);
+    p.handle_at(ms(7100.0), PrimaryEvent::PeerSilent);
+    assert_eq!(p.poll_timeout(), Some(ms(8100.0)));
+    assert_eq!(p.spares().current(), Some(spare(2)), "the lost one is not tried first");
+}
+
+#[test]
+fn a_comparing_standby_is_copied_once_its_digests_come() {
+    let mut p = primary(0);
+    assert_eq!(p.handle(PrimaryEvent::Connected { digests: true }), vec![]);
+    assert_eq!(p.link(), LinkState::Digests);
+    assert_eq!(p.handle(PrimaryEvent::Digests { valid: true })[0], PrimaryAction::StartSync);
+    let mut p = primary(0);
+    p.handle(PrimaryEvent::Connected { digests: true });
+    assert_eq!(p.handle(PrimaryEvent::Digests { valid: false }), vec![PrimaryAction::DropStandby]);
+    assert_eq!(p.link(), LinkState::None);
+}
+
+#[test]
+fn a_switchover_not_acknowledged_in_time_is_off() {
+    let mut p = protected();
+    let e = p.epoch();
+    p.handle_at(ms(0.0), PrimaryEvent::Switchover);
+    p.handle(PrimaryEvent::Captured { epoch: e, output: None, at: ms(0.0) });
+    assert_eq!(p.poll_timeout(), Some(ms(300.0)), "the acknowledgement is awaited this long");
+    assert_eq!(
+        p.handle_timeout(ms(300.0))[..2],
+        [PrimaryAction::ResumeVm, PrimaryAction::SwitchoverEnded { handed_over: false }]
     );
+    assert_eq!(p.state(), PrimaryState::Protected);
+}
+
+#[test]
+fn an_ending_vm_commits_its_last_output_first() {
+    let mut p = protected();
+    p.handle(PrimaryEvent::Output { id: 1 });
+    let e = p.epoch();
+    assert_eq!(p.handle_at(ms(0.0), PrimaryEvent::Finish), vec![PrimaryAction::Capture { epoch: e }]);
+    p.handle(PrimaryEvent::Captured { epoch: e, output: Some(2), at: ms(0.0) });
+    assert_eq!(
+        p.handle(PrimaryEvent::Acked { epoch: e }),
+        vec![PrimaryAction::Release { ids: vec![1, 2] }, PrimaryAction::StopProtecting, PrimaryAction::Finished]
+    );
+    // Unacknowledged, the tie-breaker decides whether the last output may be shown...
+    let mut p = protected();
+    p.handle(PrimaryEvent::Output { id: 1 });
+    let e = p.epoch();
+    p.handle_at(ms(0.0), PrimaryEvent::Finish);
+    p.handle(PrimaryEvent::Captured { epoch: e, output: None, at: ms(0.0) });
+    assert_eq!(
+        p.handle_timeout(ms(300.0)),
+        vec![PrimaryAction::DropStandby, PrimaryAction::Arbitrate { generation: 1 }]
+    );
+    assert_eq!(
+        p.handle(PrimaryEvent::TieBreakWon { generation: 1 }),
+        vec![PrimaryAction::Release { ids: vec![1] }, PrimaryAction::StopProtecting, PrimaryAction::Finished]
+    );
+    // ...and one that cannot be reached in time means it is never shown.
+    let mut p = protected();
+    p.handle(PrimaryEvent::Output { id: 1 });
+    p.handle_at(ms(0.0), PrimaryEvent::Finish);
+    p.handle(PrimaryEvent::Captured { epoch: p.epoch(), output: None, at: ms(0.0) });
+    p.handle_timeout(ms(300.0));
+    p.handle_at(ms(310.0), PrimaryEvent::TieBreakUnreachable);
+    assert_eq!(p.handle_timeout(ms(410.0)), vec![PrimaryAction::Arbitrate { generation: 1 }]);
+    p.handle_at(ms(420.0), PrimaryEvent::TieBreakUnreachable);
+    assert_eq!(p.handle_timeout(ms(600.0)), vec![PrimaryAction::Halt]);
+    assert_eq!(p.held(), 0);
+    // Unprotected, the VM ends at once.
+    assert_eq!(primary(0).handle(PrimaryEvent::Finish), vec![PrimaryAction::Finished]);
 }
