@@ -6,7 +6,7 @@
 use super::disk::DiskCopy;
 use super::error::FtError;
 use super::link::Link;
-use super::protocol::{Epoch, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryState};
+use super::protocol::{Epoch, Primary, PrimaryAction, PrimaryEvent, PrimaryState};
 use super::stats::{Progress, Stats};
 use super::tiebreak::{Outcome as Claim, TieBreaker};
 use super::wire::{self, Meta, Outgoing, PayloadKind};
@@ -74,7 +74,7 @@ pub struct PrimaryFt {
     wake: Receiver<()>,
     gate: Arc<crate::vmm::devices::gate::OutputGate>,
     disk_log: Arc<disk_mirror::log::WriteLog>,
-    /// `SMPFT_VERIFY=1`: what the standby should hold, checked against memory at each checkpoint.
+    /// The test hook `verify`: what the standby should hold, checked against memory at each checkpoint.
     shadow: Option<super::verify::Shadow>,
     /// A capture taken for the machine, waiting for its [`PrimaryAction::Send`].
     captured: Option<Outgoing>,
@@ -142,10 +142,7 @@ impl PrimaryFt {
         };
         Ok(PrimaryFt {
             tiebreak,
-            proto: Primary::new(
-                generation,
-                PrimaryConfig { interval: opts.interval, min_gap: opts.min_gap, ..PrimaryConfig::default() },
-            ),
+            proto: Primary::new(generation, opts.protocol.clone()),
             meta,
             spares: super::spares::Spares::new(spares),
             link: None,
@@ -155,7 +152,7 @@ impl PrimaryFt {
             wake,
             gate: vm.devices().gate.clone(),
             disk_log: vm.devices().disk_log().clone(),
-            shadow: std::env::var_os("SMPFT_VERIFY").map(|_| super::verify::Shadow::new(vm.memory().size())),
+            shadow: opts.verify.then(|| super::verify::Shadow::new(vm.memory().size())),
             captured: None,
             unsent_disk: Vec::new(),
             awaiting_digests: false,
