@@ -29,7 +29,7 @@ pub(crate) enum CliError {
     Usage(String),
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("{0}")]
+    #[error(transparent)]
     TestHooks(#[from] config::hooks::HookError),
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
@@ -177,7 +177,8 @@ fn main() -> ExitCode {
         return persona::main(&qemu_args);
     }
     let cli = Cli::parse();
-    if let Err(e) = init_logging(&cli.log).and_then(|()| Ok(config::hooks::init().map(|_| ())?)) {
+    let started = init_logging(&cli.log).and_then(|()| config::hooks::init().map(drop).map_err(CliError::from));
+    if let Err(e) = started {
         eprintln!("smpft: error: {}", error_chain(&e));
         return ExitCode::from(2);
     }
