@@ -260,8 +260,10 @@ fn primary_killed_while_the_guest_writes_its_disk() {
         raw_image(&s_img, 32 << 20);
         let addr = format!("127.0.0.1:{}", free_port());
         let (pp, sp) = (setup.paths(&format!("p{trial}")), setup.paths(&format!("s{trial}")));
-        let s_env: Vec<(&str, &str)> = s_fault.iter().map(|f| ("SMPFT_FAULT", f.as_str())).collect();
-        let p_env: Vec<(&str, &str)> = p_fault.iter().map(|f| ("SMPFT_FAULT", f.as_str())).collect();
+        let s_hooks: Option<String> = s_fault.as_ref().map(|f| format!("fault={f}"));
+        let s_env: Vec<(&str, &str)> = s_hooks.iter().map(|h| ("SMPFT_TEST_HOOKS", h.as_str())).collect();
+        let p_hooks: Option<String> = p_fault.as_ref().map(|f| format!("fault={f}"));
+        let p_env: Vec<(&str, &str)> = p_hooks.iter().map(|h| ("SMPFT_TEST_HOOKS", h.as_str())).collect();
         let sb = standby(&setup, &sp, &addr, &s_img.display().to_string(), &s_env);
         wait_state(&sp, "waiting", Duration::from_secs(10));
         let encoding: &[&str] = match trial % 4 {

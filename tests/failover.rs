@@ -65,8 +65,10 @@ fn primary_killed_at_random_moments_loses_nothing() {
             _ => (format!("SIGKILL {} ms after protection", r(400)), None, None),
         };
         let what = format!("trial {trial} ({what})");
-        let s_env: Vec<(&str, &str)> = s_fault.iter().map(|f| ("SMPFT_FAULT", f.as_str())).collect();
-        let p_env: Vec<(&str, &str)> = p_fault.iter().map(|f| ("SMPFT_FAULT", f.as_str())).collect();
+        let s_hooks: Option<String> = s_fault.as_ref().map(|f| format!("fault={f}"));
+        let s_env: Vec<(&str, &str)> = s_hooks.iter().map(|h| ("SMPFT_TEST_HOOKS", h.as_str())).collect();
+        let p_hooks: Option<String> = p_fault.as_ref().map(|f| format!("fault={f}"));
+        let p_env: Vec<(&str, &str)> = p_hooks.iter().map(|h| ("SMPFT_TEST_HOOKS", h.as_str())).collect();
         let mut standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &s_env);
         wait_state(&sp, "waiting", Duration::from_secs(10));
         let mut primary = setup.primary(&pp, &addr, &p_env, &[]);

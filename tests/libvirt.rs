@@ -495,7 +495,7 @@ fn bad_ft_metadata_stops_the_start_with_the_reason() {
             ft_meta(&ft_dir, "primary", "a", "b", "<smpft:peer>no-such-host.invalid:7400</smpft:peer>"),
             "no-such-host.invalid",
         ),
-        (ft_meta(&ft_dir, "primary", "a", "nobody", peer), "--peer-cert"),
+        (ft_meta(&ft_dir, "primary", "a", "nobody", peer), "<smpft:peer-cert>"),
         (ft_meta(&ft_dir, "primary", "missing", "b", peer), "missing"),
     ] {
         let x = lv.domain_with("lv-ftp", "counter", "", &meta);

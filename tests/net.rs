@@ -336,7 +336,7 @@ fn bad_network_arguments_are_refused_with_a_clear_error() {
     assert!(run("tap=x,mac=52:54:00:00:00").contains("not a MAC address"));
     assert!(run("tap=x,mac=01:00:5e:00:00:01").contains("multicast"));
     assert!(run("tap-fd=0").contains("not an open tap descriptor"));
-    assert!(run("bridge=br0").contains("unknown --net option"));
+    assert!(run("bridge=br0").contains("unknown network spec option"));
     let _one = one_at_a_time();
     let lan = Lan::new("t").expect("the network tests need root and iproute2");
     let first =

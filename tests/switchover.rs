@@ -93,7 +93,7 @@ fn a_switchover_needs_a_standby_that_speaks_it() {
     let addr = format!("127.0.0.1:{}", free_port());
     let (pp, sp) = (setup.paths("p"), setup.paths("s"));
     // A standby that speaks wire version 1 (an older build): it can protect, not take a switchover.
-    let old = [("SMPFT_WIRE_VERSION", "1")];
+    let old = [("SMPFT_TEST_HOOKS", "wire-version=1")];
     let _standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &old);
     wait_state(&sp, "waiting", Duration::from_secs(10));
     let _primary = setup.primary(&pp, &addr, &[], &[]);
@@ -112,7 +112,7 @@ fn a_switchover_needs_a_standby_that_speaks_it() {
     // A standby older than any this build talks to is refused when it connects.
     let addr2 = format!("127.0.0.1:{}", free_port());
     let (pp2, sp2) = (setup.paths("p2"), setup.paths("s2"));
-    let _standby2 = setup.standby(&sp2, &addr2, &setup.b, &setup.a, 4, &[("SMPFT_WIRE_VERSION", "0")]);
+    let _standby2 = setup.standby(&sp2, &addr2, &setup.b, &setup.a, 4, &[("SMPFT_TEST_HOOKS", "wire-version=0")]);
     wait_state(&sp2, "waiting", Duration::from_secs(10));
     let _primary2 = setup.primary(&pp2, &addr2, &[], &[]);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);

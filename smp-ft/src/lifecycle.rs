@@ -82,7 +82,7 @@ pub(crate) fn serve(runner: Runner, rejoin: Option<Rejoin>) -> Result<ExitCode, 
 /// After a switchover: the same VM shape, the same disks (they hold the state as of the
 /// hand-over, so the new primary sends only what changed since) and taps, as a standby.
 fn stand_by_again(listen: &str, rejoin: Rejoin) -> Result<ExitCode, CliError> {
-    let addr = smp_ft::ft::error::resolve(listen).map_err(CliError::FtPeer)?;
+    let addr = smp_ft::ft::error::resolve(listen)?;
     let disk_sync = if rejoin.config.devices.disks.is_empty() { DiskSync::Full } else { DiskSync::Compare };
     let opts = StandbyOptions { ft: rejoin.ft.clone(), listen: addr, config: rejoin.config.clone(), disk_sync };
     let qmp = bind_qmp(rejoin.qmp.as_deref())?;

@@ -12,12 +12,6 @@ pub const OLDEST_COMPATIBLE: u32 = 1;
 /// The ALPN: the family of wire versions that share a Hello (a new family is a new ALPN).
 pub const ALPN: &[u8] = b"smpft/1";
 
-/// The version this process announces: [`PROTOCOL_VERSION`], unless `SMPFT_WIRE_VERSION` sets
-/// another (for compatibility tests, which stand in for an older or newer build).
-pub fn advertised_version() -> u32 {
-    std::env::var("SMPFT_WIRE_VERSION").ok().and_then(|v| v.parse().ok()).unwrap_or(PROTOCOL_VERSION)
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Role {
     Primary,

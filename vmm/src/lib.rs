@@ -88,11 +88,11 @@ pub enum VmError {
     NotKvm(PathBuf),
     #[error("cannot open {path}")]
     KvmOpen { path: PathBuf, source: kvm_ioctls::Error },
-    #[error("--vcpus {asked} is out of range: this host runs 1 to {max} vCPUs per VM")]
+    #[error("a vCPU count of {asked} is out of range: this host runs 1 to {max} vCPUs per VM")]
     Vcpus { asked: u32, max: u32 },
-    #[error("--memory {asked} MiB is larger than {limit} MiB ({why})")]
+    #[error("a memory size of {asked} MiB is larger than {limit} MiB ({why})")]
     MemoryTooLarge { asked: u64, limit: u64, why: &'static str },
-    #[error("--memory {have} MiB is too small for guest {guest}: it needs at least {need} MiB")]
+    #[error("a memory size of {have} MiB is too small for guest {guest}: it needs at least {need} MiB")]
     MemoryTooSmall { have: u64, need: u64, guest: String },
     #[error("guest {guest}")]
     Image { guest: String, source: loader::LoaderError },
@@ -100,7 +100,7 @@ pub enum VmError {
     Linux { kernel: String, source: linux::LinuxError },
     #[error("nothing to boot: a VM without a guest or kernel is built from a saved state")]
     NothingToBoot,
-    #[error("--guest-args is {len} bytes; at most {max} fit", max = CMDLINE_MAX)]
+    #[error("the guest's arguments are {len} bytes; at most {max} fit", max = CMDLINE_MAX)]
     ArgsTooLong { len: usize },
     #[error("KVM: {what}")]
     Kvm { what: &'static str, source: kvm_ioctls::Error },
@@ -118,7 +118,7 @@ pub enum VmError {
     Console { path: PathBuf, source: std::io::Error },
     #[error("disk {spec}")]
     Disk { spec: String, source: disk_mirror::backend::BackendError },
-    #[error("--net {spec}")]
+    #[error("network device {spec}")]
     Net { spec: String, source: net::tap::TapError },
     #[error("cannot start the network receive thread")]
     NetThread(#[source] std::io::Error),

@@ -1,8 +1,9 @@
-//! Fault injection for the failover tests: `SMPFT_FAULT` names one point at which this process
-//! kills itself with SIGKILL (or stalls), so a test can hit a precise moment of the protocol.
-//! Unset, every check is one relaxed atomic load.
+//! Fault injection for the failover tests: the test hook `fault=POINT` (in `SMPFT_TEST_HOOKS`,
+//! see `config::hooks`) names one point at which this process kills itself with SIGKILL (or
+//! stalls), so a test can hit a precise moment of the protocol. Without it, every check is one
+//! load of a value set once.
 //!
-//! | `SMPFT_FAULT`        | where                                                        |
+//! | `POINT`              | where                                                        |
 //! |----------------------|--------------------------------------------------------------|
 //! | `kill-in-precopy`    | primary: right after sending the first pre-copy round        |
 //! | `kill-after-send:K`  | primary: once the K-th epoch checkpoint is handed to QUIC    |
@@ -10,7 +11,6 @@
 //! | `stall-apply:K:MS`   | standby: sleeps MS after acking the K-th checkpoint, before applying it |
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,46 +21,42 @@ pub enum Point {
     StallApply,
 }
 
-struct Fault {
-    point: Point,
-    count: u64,
-    stall_ms: u64,
-    seen: AtomicU64,
+/// An armed fault point: act on the `count`-th pass (sleeping `stall_ms` for a stall).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultSpec {
+    pub point: Point,
+    pub count: u64,
+    pub stall_ms: u64,
 }
 
-fn parse(s: &str) -> Option<Fault> {
-    let mut w = s.split(':');
-    let point = match w.next()? {
-        "kill-in-precopy" => Point::InPrecopy,
-        "kill-after-send" => Point::AfterSend,
-        "kill-after-ack" => Point::AfterAck,
-        "stall-apply" => Point::StallApply,
-        _ => return None,
-    };
-    let count = w.next().map_or(Some(1), |c| c.parse().ok())?;
-    let stall_ms = w.next().map_or(Some(0), |c| c.parse().ok())?;
-    Some(Fault { point, count, stall_ms, seen: AtomicU64::new(0) })
+impl FaultSpec {
+    /// Parses `kill-after-ack:7`, `stall-apply:3:250`, `kill-in-precopy` (K is 1 if left out).
+    pub fn parse(s: &str) -> Option<FaultSpec> {
+        let mut w = s.split(':');
+        let point = match w.next()? {
+            "kill-in-precopy" => Point::InPrecopy,
+            "kill-after-send" => Point::AfterSend,
+            "kill-after-ack" => Point::AfterAck,
+            "stall-apply" => Point::StallApply,
+            _ => return None,
+        };
+        let count = w.next().map_or(Some(1), |c| c.parse().ok())?;
+        let stall_ms = w.next().map_or(Some(0), |c| c.parse().ok())?;
+        Some(FaultSpec { point, count, stall_ms })
+    }
 }
 
-fn fault() -> Option<&'static Fault> {
-    static F: OnceLock<Option<Fault>> = OnceLock::new();
-    F.get_or_init(|| {
-        let s = std::env::var("SMPFT_FAULT").ok()?;
-        let f = parse(&s);
-        if f.is_none() {
-            tracing::warn!("SMPFT_FAULT={s:?} is not a fault point; ignored");
-        } else {
-            tracing::warn!("fault injection armed: {s}");
-        }
-        f
-    })
-    .as_ref()
+/// Passes of the armed point so far.
+static SEEN: AtomicU64 = AtomicU64::new(0);
+
+fn fault() -> Option<&'static FaultSpec> {
+    crate::config::hooks::current().fault.as_ref()
 }
 
 /// Passes `point` once more; acts if this is the armed point's K-th pass.
 pub fn hit(point: Point) {
     let Some(f) = fault() else { return };
-    if f.point != point || f.seen.fetch_add(1, Ordering::Relaxed) + 1 != f.count {
+    if f.point != point || SEEN.fetch_add(1, Ordering::Relaxed) + 1 != f.count {
         return;
     }
     if point == Point::StallApply {
@@ -78,12 +74,12 @@ mod tests {
 
     #[test]
     fn parses_fault_points() {
-        let f = parse("kill-after-ack:7").unwrap();
+        let f = FaultSpec::parse("kill-after-ack:7").unwrap();
         assert_eq!((f.point, f.count), (Point::AfterAck, 7));
-        let f = parse("stall-apply:3:250").unwrap();
+        let f = FaultSpec::parse("stall-apply:3:250").unwrap();
         assert_eq!((f.point, f.count, f.stall_ms), (Point::StallApply, 3, 250));
-        assert_eq!(parse("kill-in-precopy").unwrap().count, 1);
-        assert!(parse("explode").is_none());
-        assert!(parse("kill-after-ack:x").is_none());
+        assert_eq!(FaultSpec::parse("kill-in-precopy").unwrap().count, 1);
+        assert!(FaultSpec::parse("explode").is_none());
+        assert!(FaultSpec::parse("kill-after-ack:x").is_none());
     }
 }

@@ -1,7 +1,8 @@
-//! A debugging aid (`SMPFT_VERIFY=1` on the primary): a copy of guest memory built only from
-//! what was sent to the standby. At each checkpoint, with the vCPUs stopped, every page where
-//! it differs from the real memory must be in that checkpoint; a page that is not was missed by
-//! the dirty log, and is reported. It costs a full memory compare per checkpoint.
+//! A debugging aid (the test hook `verify` on the primary, see `config::hooks`): a copy of guest
+//! memory built only from what was sent to the standby. At each checkpoint, with the vCPUs
+//! stopped, every page where it differs from the real memory must be in that checkpoint; a page
+//! that is not was missed by the dirty log, and is reported. It costs a full memory compare per
+//! checkpoint.
 
 use crate::vmm::dirty::PAGE_SIZE;
 use crate::vmm::memory::GuestMemory;

@@ -12,39 +12,27 @@
 //! - a guest that powers off ends the process after a `SHUTDOWN` event; `system_powerdown`
 //!   presses the power button the guest polls (port 0xf6).
 
+use super::libvirt_ft::DomainFt;
 use super::PACKAGE;
 use disk_mirror::spec::DiskSpec;
 use qemu_shim::argv::{Launch, Monitor, Serial};
 use qemu_shim::qmp::{QmpError, QmpServer};
 use serde_json::{json, Map, Value};
+use smp_ft::config::{Names, VmBuilder};
+use smp_ft::ft::primary::PrimaryFt;
 use smp_ft::runner::{Extension, Runner};
 use smp_ft::vmm::devices::serial::SerialSpec;
 use smp_ft::vmm::devices::DeviceConfig;
-use smp_ft::vmm::linux::LinuxBoot;
 use smp_ft::vmm::net::{NetSpec, TapSource};
-use smp_ft::vmm::{Payload, RunningVm, Vm, VmConfig};
+use smp_ft::vmm::{RunningVm, Vm, VmConfig};
 use std::process::ExitCode;
-use std::sync::Arc;
 
-/// The VM `launch` describes.
+/// The VM `launch` describes, on the configuration builder (its errors name QEMU's options).
 fn config(launch: &Launch) -> Result<VmConfig, String> {
     let kernel = launch
         .kernel
-        .as_ref()
+        .clone()
         .ok_or("the domain has no kernel: smpft boots a Linux kernel or a static x86-64 ELF guest given as <kernel>")?;
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-    let image: Arc<[u8]> = read(kernel)?.into();
-    // A Linux kernel (bzImage, or vmlinux with a PVH note) boots with -initrd and -append as
-    // its command line; anything else is a freestanding guest and -append its parameters.
-    let append = launch.append.clone().unwrap_or_default();
-    let payload = if smp_ft::vmm::linux::is_linux_kernel(&image) {
-        let initrd = launch.initrd.as_deref().map(read).transpose()?.map(Arc::from);
-        Payload::Linux(LinuxBoot { kernel: image, initrd, cmdline: append })
-    } else if launch.initrd.is_some() {
-        return Err(format!("{} is not a Linux kernel, so it takes no initrd", kernel.display()));
-    } else {
-        Payload::TestGuest { image, args: append }
-    };
     let serial = match &launch.serial {
         Some(Serial::Pty) => SerialSpec::Pty,
         Some(Serial::Socket(p)) => SerialSpec::Unix(p.clone()),
@@ -67,16 +55,16 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
             Ok(NetSpec { tap: TapSource::Fd(n.fd), mac })
         })
         .collect::<Result<Vec<_>, String>>()?;
-    Ok(VmConfig {
-        vcpus: launch.vcpus.unwrap_or(1),
-        memory: launch.memory_bytes.unwrap_or(128 << 20),
-        payload,
-        guest_name: kernel.display().to_string(),
-        serial,
-        console: None,
-        kvm_device: smp_ft::vmm::DEFAULT_KVM_DEVICE.into(),
-        devices: DeviceConfig { rng: false, disks, nets },
-    })
+    // A Linux kernel (bzImage, or vmlinux with a PVH note) boots with -initrd and -append as
+    // its command line; anything else is a freestanding guest and -append its parameters.
+    VmBuilder::new(Names::Qemu)
+        .vcpus(launch.vcpus)
+        .memory(launch.memory_bytes)
+        .kernel(kernel, launch.initrd.clone(), launch.append.clone().unwrap_or_default())
+        .serial(serial)
+        .devices(DeviceConfig { rng: false, disks, nets })
+        .build()
+        .map_err(|e| crate::error_chain(&e))
 }
 
 /// The QMP server on the monitor libvirt gave (the first one; libvirt gives one).
@@ -100,21 +88,13 @@ fn monitor(launch: &Launch) -> Result<crate::Qmp, String> {
 /// it (see `libvirt_ft`), unprotected otherwise.
 pub fn run(launch: Launch) -> Result<ExitCode, String> {
     let name = launch.name.clone().unwrap_or_else(|| "(unnamed)".into());
-    let ft = super::libvirt_ft::for_domain(&name);
     let config = config(&launch)?;
     // FT settings are checked before the monitor listens: an error then ends the start with
     // smpft's reason, which libvirt shows (later, libvirt would see only a closed monitor).
-    if let Some(s) = &ft {
-        super::standby::ft_options(s)?;
-        if let Some(peer) = s.get("peer") {
-            smp_ft::ft::error::resolve_all(peer).map_err(|e| format!("FT peer {peer}: {}", crate::error_chain(&e)))?;
-        }
-        if let Some(listen) = s.get("listen").filter(|_| s.get("role") == Some("standby")) {
-            listen
-                .parse::<std::net::SocketAddr>()
-                .map_err(|_| format!("FT metadata: <listen>{listen}</listen> is not ADDRESS:PORT"))?;
-        }
-    }
+    let ft = super::libvirt_ft::for_domain(&name)
+        .map(|s| DomainFt::new(&s))
+        .transpose()
+        .map_err(|e| crate::error_chain(&e))?;
     let qmp = monitor(&launch)?;
     crate::block_termination_signals();
     let answers = Answers {
@@ -123,7 +103,7 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
         disks: launch.disks.iter().map(|d| (d.id.clone(), d.node.clone())).collect(),
     };
     match ft {
-        Some(s) if s.get("role") == Some("standby") => super::standby::run(&name, &s, config, qmp, answers),
+        Some(ft) if ft.standby => super::standby::run(&name, ft, config, qmp, answers),
         ft => primary(&launch, &name, ft, config, qmp, answers),
     }
 }
@@ -131,7 +111,7 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
 fn primary(
     launch: &Launch,
     name: &str,
-    ft: Option<super::libvirt_ft::Settings>,
+    ft: Option<DomainFt>,
     config: VmConfig,
     qmp: crate::Qmp,
     answers: Answers,
@@ -145,12 +125,7 @@ fn primary(
     crate::relay_signals(sig_rx, running.event_sender());
     let ft = match ft {
         None => None,
-        Some(s) => {
-            let opts = super::standby::ft_options(&s)?;
-            let peer = s.get("peer").unwrap_or_default();
-            let spares = smp_ft::ft::error::resolve_all(peer).map_err(|e| format!("FT peer {peer}: {}", err(&e)))?;
-            Some(smp_ft::ft::primary::PrimaryFt::new(opts, &running, spares, None).map_err(|e| err(&e))?)
-        }
+        Some(ft) => Some(PrimaryFt::new(ft.opts, &running, ft.peers, None).map_err(|e| err(&e))?),
     };
     crate::serve(Runner::new(running, qmp, ft).with_extension(Box::new(answers)), None).map_err(|e| err(&e))
 }

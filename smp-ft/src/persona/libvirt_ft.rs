@@ -22,16 +22,15 @@
 //! hook fail, and libvirt then refuses the start with the hook's message.
 
 use quick_xml::events::Event;
+use smp_ft::config::{self, FtBuilder, FtOptions, Names, Setting};
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// smpft's XML namespace in domain metadata.
 pub const NAMESPACE: &str = "urn:smpft:libvirt:1";
 /// Where the hook leaves each domain's settings for the persona.
 pub const DIR: &str = "/run/smpft";
-
-const KEYS: [&str; 9] =
-    ["role", "peer", "listen", "tiebreak", "identity", "peer-cert", "interval", "timeout", "heartbeat"];
 
 /// A domain's FT settings, as `key → value`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -86,7 +85,7 @@ pub fn from_domain_xml(xml: &str) -> Result<Option<Settings>, String> {
                     in_ft = true;
                     found = true;
                 } else if ours && in_ft {
-                    if !KEYS.contains(&local.as_str()) {
+                    if local != "role" && Setting::from_libvirt(&local).is_none() {
                         return Err(format!("smpft FT metadata: unknown element <{local}>"));
                     }
                     key = Some(local);
@@ -118,6 +117,40 @@ pub fn from_domain_xml(xml: &str) -> Result<Option<Settings>, String> {
     }
     s.check()?;
     Ok(Some(s))
+}
+
+/// A domain's fault tolerance, as its settings describe it, checked.
+pub struct DomainFt {
+    /// The role is standby (primary otherwise).
+    pub standby: bool,
+    pub opts: FtOptions,
+    /// A primary's standbys, tried in turn; a standby's spares once it has gone live.
+    pub peers: Vec<SocketAddr>,
+    /// Where a standby waits for its primary.
+    pub listen: Option<SocketAddr>,
+}
+
+impl DomainFt {
+    /// The settings on the configuration builders, errors naming their metadata elements.
+    pub fn new(s: &Settings) -> Result<DomainFt, config::ConfigError> {
+        let mut ft = FtBuilder::new(Names::Libvirt);
+        for (key, value) in &s.0 {
+            match Setting::from_libvirt(key) {
+                None | Some(Setting::Peer | Setting::Listen) => {}
+                Some(setting) => ft = ft.parse(setting, value)?,
+            }
+        }
+        let standby = s.get("role") == Some("standby");
+        Ok(DomainFt {
+            standby,
+            opts: ft.build()?,
+            peers: s.get("peer").map(|p| config::ft::peers(Names::Libvirt, p)).transpose()?.unwrap_or_default(),
+            listen: match s.get("listen") {
+                Some(l) if standby => Some(config::ft::listen(Names::Libvirt, l)?),
+                _ => None,
+            },
+        })
+    }
 }
 
 fn file(dir: &Path, domain: &str) -> PathBuf {

@@ -53,6 +53,9 @@ pub fn main(args: &[String]) -> ExitCode {
         eprintln!("smpft (QEMU persona): {e}");
         return ExitCode::from(1);
     }
+    if let Err(e) = smp_ft::config::hooks::init() {
+        return refuse(&format!("smpft (QEMU persona): {e}"));
+    }
     for i in &launch.ignored {
         tracing::debug!("QEMU option with nothing to do in smpft: {i}");
     }

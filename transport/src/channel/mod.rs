@@ -29,7 +29,7 @@ use tasks::{bulk_acceptor, closed_watch, control_reader, control_writer, heartbe
 
 use crate::frame::{self, Decoder};
 use crate::identity::{Identity, PeerTrust};
-use crate::message::{advertised_version, Message, Role, OLDEST_COMPATIBLE, PROTOCOL_VERSION};
+use crate::message::{Message, Role, OLDEST_COMPATIBLE, PROTOCOL_VERSION};
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
@@ -91,6 +91,9 @@ pub struct ChannelConfig {
     /// at line rate and makes congestion control back off. As root smpft sets this regardless
     /// of `net.core.rmem_max`; otherwise the kernel caps it there.
     pub socket_buffer: usize,
+    /// The wire version this end announces in its Hello: [`PROTOCOL_VERSION`] normally; a
+    /// compatibility test sets another to stand in for an older or newer build.
+    pub wire_version: u32,
 }
 
 impl Default for ChannelConfig {
@@ -109,6 +112,7 @@ impl Default for ChannelConfig {
             window: 64 << 20,
             congestion: Congestion::Cubic,
             socket_buffer: 32 << 20,
+            wire_version: PROTOCOL_VERSION,
         }
     }
 }
@@ -205,6 +209,8 @@ pub struct Channel {
     control: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     events: Receiver<Event>,
     peer_hello: Message,
+    /// The wire version this end announced.
+    wire_version: u32,
     bulk_streams: usize,
 }
 
@@ -289,7 +295,7 @@ impl Listener {
                     let hello = read_hello(&mut recv, cfg.max_frame).await?;
                     Ok::<_, String>((
                         conn,
-                        send_hello(&mut send, Role::Standby, session, meta.clone())
+                        send_hello(&mut send, cfg.wire_version, Role::Standby, session, meta.clone())
                             .await
                             .map(|()| (send, recv, hello))?,
                     ))
@@ -323,8 +329,14 @@ impl Listener {
     }
 }
 
-async fn send_hello(send: &mut quinn::SendStream, role: Role, session: u64, meta: Vec<u8>) -> Result<(), String> {
-    let hello = Message::Hello { version: advertised_version(), role, session, meta };
+async fn send_hello(
+    send: &mut quinn::SendStream,
+    version: u32,
+    role: Role,
+    session: u64,
+    meta: Vec<u8>,
+) -> Result<(), String> {
+    let hello = Message::Hello { version, role, session, meta };
     send.write_all(&frame::encode(&hello)).await.map_err(|e| e.to_string())
 }
 
@@ -346,6 +358,7 @@ impl Channel {
         endpoint.set_default_client_config(cc);
         let timeout = cfg.handshake_timeout;
         let max_frame = cfg.max_frame;
+        let wire_version = cfg.wire_version;
         let ep = endpoint.clone();
         let connected = rt.block_on(async move {
             let setup = async {
@@ -356,7 +369,7 @@ impl Channel {
                     .map_err(|e| ChannelError::Connect { addr, reason: e.to_string() })?;
                 let (mut send, mut recv) =
                     conn.open_bi().await.map_err(|e| ChannelError::Connect { addr, reason: e.to_string() })?;
-                send_hello(&mut send, Role::Primary, session, meta)
+                send_hello(&mut send, wire_version, Role::Primary, session, meta)
                     .await
                     .map_err(|reason| ChannelError::Connect { addr, reason })?;
                 let hello =
@@ -409,6 +422,7 @@ impl Channel {
             control: ctx,
             events: erx,
             peer_hello,
+            wire_version: cfg.wire_version,
             bulk_streams: cfg.bulk_streams.max(1),
         }
     }
@@ -420,7 +434,7 @@ impl Channel {
     /// The wire version both sides speak: the lower of theirs.
     pub fn version(&self) -> u32 {
         match &self.peer_hello {
-            Message::Hello { version, .. } => (*version).min(advertised_version()),
+            Message::Hello { version, .. } => (*version).min(self.wire_version),
             _ => OLDEST_COMPATIBLE,
         }
     }

@@ -43,9 +43,9 @@ pub enum LinuxError {
     No64BitEntry,
     #[error("is truncated or malformed: {0}")]
     Load(String),
-    #[error("needs {need} MiB of guest memory (--memory gives {have} MiB)")]
+    #[error("needs {need} MiB of guest memory (the VM has {have} MiB)")]
     MemoryTooSmall { need: u64, have: u64 },
-    #[error("initrd of {size} KiB does not fit in guest memory above the kernel ({room} KiB free between {lo:#x} and {hi:#x}); give the VM more --memory")]
+    #[error("initrd of {size} KiB does not fit in guest memory above the kernel ({room} KiB free between {lo:#x} and {hi:#x}); give the VM more memory")]
     InitrdTooLarge { size: u64, room: u64, lo: u64, hi: u64 },
     #[error("command line is {len} bytes; this kernel takes at most {max}")]
     CmdlineTooLong { len: usize, max: usize },

@@ -103,11 +103,11 @@ impl FromStr for NetSpec {
         let mut tap = None;
         let mut mac = None;
         for part in s.split(',') {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("'{part}' in --net '{s}' is not KEY=VALUE (tap=NAME, tap-fd=N, mac=MAC)"))?;
+            let (key, value) = part.split_once('=').ok_or_else(|| {
+                format!("'{part}' in network spec '{s}' is not KEY=VALUE (tap=NAME, tap-fd=N, mac=MAC)")
+            })?;
             match key {
-                "tap" | "tap-fd" if tap.is_some() => return Err(format!("--net '{s}' names more than one tap")),
+                "tap" | "tap-fd" if tap.is_some() => return Err(format!("network spec '{s}' names more than one tap")),
                 "tap" => {
                     if value.is_empty() || value.len() > IFNAME_MAX || value.contains(['/', ' ', '\0']) {
                         return Err(format!(
@@ -125,10 +125,10 @@ impl FromStr for NetSpec {
                     tap = Some(TapSource::Fd(fd));
                 }
                 "mac" => mac = Some(value.parse()?),
-                _ => return Err(format!("unknown --net option '{key}' (known: tap, tap-fd, mac)")),
+                _ => return Err(format!("unknown network spec option '{key}' (known: tap, tap-fd, mac)")),
             }
         }
-        let tap = tap.ok_or_else(|| format!("--net '{s}' needs tap=NAME or tap-fd=N"))?;
+        let tap = tap.ok_or_else(|| format!("network spec '{s}' needs tap=NAME or tap-fd=N"))?;
         Ok(NetSpec { tap, mac })
     }
 }
@@ -161,7 +161,7 @@ mod tests {
             ("tap=a,mac=52:54:00:00:00:0g", "not a MAC"),
             ("tap=a,mac=53:54:00:00:00:01", "multicast"),
             ("tap=a,mac=00:00:00:00:00:00", "all-zero"),
-            ("tap=a,queues=4", "unknown --net option"),
+            ("tap=a,queues=4", "unknown network spec option"),
         ] {
             let e = s.parse::<NetSpec>().unwrap_err();
             assert!(e.contains(why), "{s}: {e}");

@@ -7,7 +7,7 @@
 
 use super::error::FtError;
 use super::link::Link;
-use super::protocol::{Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryState};
+use super::protocol::{Primary, PrimaryAction, PrimaryEvent, PrimaryState};
 use super::stats::Stats;
 use super::tiebreak::{Outcome as Claim, TieBreakError, TieBreaker};
 use super::wire::{self, Meta, Outgoing};
@@ -141,13 +141,7 @@ impl PrimaryFt {
             disks: vm.devices().disk_log().sizes().to_vec(),
             digests: false,
         };
-        let config = PrimaryConfig {
-            interval: opts.interval,
-            min_gap: opts.min_gap,
-            ack_timeout: opts.channel.silence_timeout * 2,
-            ..PrimaryConfig::default()
-        };
-        let mut proto = Primary::new(generation, config, Instant::now());
+        let mut proto = Primary::new(generation, opts.protocol.clone(), Instant::now());
         proto.handle(PrimaryEvent::Protect { spares, after: Duration::ZERO });
         Ok(PrimaryFt {
             tiebreak,
@@ -159,7 +153,7 @@ impl PrimaryFt {
             wake,
             gate: vm.devices().gate.clone(),
             disk_log: vm.devices().disk_log().clone(),
-            shadow: std::env::var_os("SMPFT_VERIFY").map(|_| super::verify::Shadow::new(vm.memory().size())),
+            shadow: opts.verify.then(|| super::verify::Shadow::new(vm.memory().size())),
             captured: None,
             unsent_disk: Vec::new(),
             digests: None,

@@ -1,0 +1,288 @@
+//! The command line: what `smpft` takes (clap), mapped onto the configuration builders
+//! (`smp_ft::config`) by the commands in `main.rs`.
+
+use clap::{Parser, Subcommand};
+use disk_mirror::spec::DiskSpec;
+use smp_ft::config::ft::{parse_listen, shown};
+use smp_ft::config::vm::MAX_VCPUS;
+use smp_ft::config::{FtBuilder, Names};
+use smp_ft::ft::disk::DiskSync;
+use smp_ft::units::{parse_duration, parse_size};
+use smp_ft::vmm::devices::serial::SerialSpec;
+use smp_ft::vmm::net::NetSpec;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// smpft keeps a KVM virtual machine running through the loss of its host: it is the VMM for
+/// one VM and protects it with a live standby copy on a second host.
+#[derive(Parser)]
+#[command(name = "smpft", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. "info", "smp_ft=debug". Also SMPFT_LOG.
+    #[arg(long, global = true, default_value = "info", env = "SMPFT_LOG")]
+    pub(crate) log: String,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Run a VM, protected by a standby when --ft-peer is given. Exits with the guest's exit
+    /// status, 128+N after signal N, or 75 if this copy lost the FT tie-breaker.
+    Run(RunArgs),
+    /// Keep a live standby copy of a VM that `smpft run --ft-peer` protects, and take it over
+    /// if that primary fails. Runs the VM (as `run` would) only after winning the tie-breaker.
+    Standby(StandbyArgs),
+    /// Show protection and failover on this machine: a standby and a protected VM (built-in
+    /// test guest), a client checking every reply, SIGKILL of the primary, and the takeover.
+    Demo(DemoArgs),
+    /// Create this host's FT identity: a private key (key.pem, mode 0600) and a self-signed
+    /// certificate (cert.pem). Give the certificate, or the fingerprint printed, to the peer.
+    Keygen {
+        /// Directory to write key.pem and cert.pem into (created if missing; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Name in the certificate.
+        #[arg(long, default_value = "smpft")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(i64).range(1..=36500))]
+        days: i64,
+    },
+    /// libvirt's qemu hook (contrib/libvirt/hooks/qemu runs this): reads the FT settings in a
+    /// domain's metadata from the XML on standard input and hands them to the smpft process
+    /// libvirt starts next (see contrib/libvirt/README.md).
+    #[command(hide = true)]
+    LibvirtHook {
+        /// DOMAIN OPERATION SUB-OPERATION EXTRA, as libvirt passes them.
+        args: Vec<String>,
+    },
+    /// Check a chain of snapshot files (a full one, then its increments) and describe them.
+    SnapshotInfo {
+        /// Snapshot files, full snapshot first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+pub(crate) struct DemoArgs {
+    /// vCPUs for the demo VM.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
+    pub(crate) vcpus: u32,
+    /// INCR requests to send before the failover (and as many after it).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub(crate) requests: u64,
+}
+
+/// Fault tolerance: how the two copies find, trust and arbitrate between each other.
+#[derive(clap::Args, Clone)]
+pub(crate) struct FtArgs {
+    /// This host's FT identity: a directory with key.pem and cert.pem (see `smpft keygen`).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) identity: Option<PathBuf>,
+    /// The peer's certificate (a PEM file) or its fingerprint (sha256:HEX). Only that peer is
+    /// accepted, in both directions.
+    #[arg(long, value_name = "FILE|sha256:HEX")]
+    pub(crate) peer_cert: Option<String>,
+    /// The tie-breaker: a file on storage both hosts share (a local or NFS path). Whichever
+    /// copy wants to run alone must first win it; the loser halts.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) tiebreak: Option<PathBuf>,
+    /// Checkpoint interval.
+    #[arg(long, default_value = shown::INTERVAL, value_parser = parse_duration)]
+    pub(crate) ft_interval: Duration,
+    /// Shortest gap between checkpoints when output is waiting to be released.
+    #[arg(long, default_value = shown::MIN_GAP, value_parser = parse_duration)]
+    pub(crate) ft_min_gap: Duration,
+    /// Silence after which the peer is declared failed.
+    #[arg(long, default_value = shown::TIMEOUT, value_parser = parse_duration)]
+    pub(crate) ft_timeout: Duration,
+    /// Heartbeat interval on the FT channel.
+    #[arg(long, default_value = shown::HEARTBEAT, value_parser = parse_duration)]
+    pub(crate) ft_heartbeat: Duration,
+    /// This copy's name in the tie-breaker record (default: host name and process id).
+    #[arg(long)]
+    pub(crate) ft_owner: Option<String>,
+    /// How checkpoint pages travel (primary): `delta` sends a page sent before as the ranges that
+    /// changed, then LZ4 where it pays; `lz4` compresses whole pages; `none` sends them as they
+    /// are. Zero pages are always just their numbers.
+    #[arg(long, value_enum, default_value = "delta")]
+    pub(crate) ft_compress: smp_ft::ft::encode::Compression,
+    /// Memory the primary keeps of pages last sent, for `delta` (pages not in it go whole).
+    #[arg(long, default_value = shown::COMPRESS_CACHE, value_parser = parse_size)]
+    pub(crate) ft_compress_cache: u64,
+    /// Output latency bound (primary): while the standby's acknowledgements lag more than this,
+    /// the vCPUs are slowed in proportion (and released as the channel catches up), so a guest
+    /// that dirties memory faster than the channel drains cannot hold its output back for
+    /// longer. 0 turns the brake off.
+    #[arg(long, default_value = shown::MAX_LATENCY, value_parser = parse_duration)]
+    pub(crate) ft_max_latency: Duration,
+    /// Lag policy (primary): a standby whose acknowledgements lag more than this for at least
+    /// half of --ft-max-lag-for is replaced: the primary takes the tie-breaker at a new
+    /// generation (so the standby can never go live), drops it and protects the VM with the
+    /// next spare of --ft-peer. The throttle (--ft-max-latency) acts first; this is for a
+    /// standby too slow for any brake on the guest to help. Set it above --ft-max-latency.
+    /// 0 (the default) keeps a slow standby.
+    #[arg(long, default_value = shown::MAX_LAG, value_parser = parse_duration)]
+    pub(crate) ft_max_lag: Duration,
+    /// The window --ft-max-lag looks at.
+    #[arg(long, default_value = shown::MAX_LAG_FOR, value_parser = parse_duration)]
+    pub(crate) ft_max_lag_for: Duration,
+}
+
+impl FtArgs {
+    /// The settings on the fault tolerance builder, named as flags in its errors.
+    pub(crate) fn builder(&self) -> FtBuilder {
+        FtBuilder::new(Names::Cli)
+            .identity(self.identity.clone())
+            .peer_cert(self.peer_cert.clone())
+            .tiebreak(self.tiebreak.clone())
+            .owner(self.ft_owner.clone())
+            .interval(self.ft_interval)
+            .min_gap(self.ft_min_gap)
+            .timeout(self.ft_timeout)
+            .heartbeat(self.ft_heartbeat)
+            .compression(self.ft_compress)
+            .compression_cache(self.ft_compress_cache)
+            .max_latency(self.ft_max_latency)
+            .max_lag(self.ft_max_lag)
+            .max_lag_for(self.ft_max_lag_for)
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct StandbyArgs {
+    /// Where to wait for the primary (UDP), e.g. 0.0.0.0:7400.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
+    pub(crate) listen: std::net::SocketAddr,
+    /// vCPUs of the protected VM (must match the primary's). Default 2.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
+    pub(crate) vcpus: Option<u32>,
+    /// Memory of the protected VM (must match the primary's). Default 256M.
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) memory: Option<u64>,
+    /// Where COM1 goes once this copy is live (as for `run`).
+    #[arg(long, default_value = "stdio")]
+    pub(crate) serial: SerialSpec,
+    /// Write the guest's log to this file once live.
+    #[arg(long)]
+    pub(crate) console: Option<PathBuf>,
+    /// Serve QMP on this unix socket, before and after going live.
+    #[arg(long, value_name = "unix:PATH")]
+    pub(crate) qmp: Option<String>,
+    /// The KVM device to use once live.
+    #[arg(long, default_value = smp_ft::vmm::DEFAULT_KVM_DEVICE)]
+    pub(crate) kvm_device: PathBuf,
+    /// The protected VM has a virtio-rng (must match the primary's).
+    #[arg(long)]
+    pub(crate) rng: bool,
+    /// This standby's own storage for the VM's disks, in the primary's order (same count and
+    /// sizes): a raw image or block device path, nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH. The initial copy writes it; checkpoints keep it current.
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub(crate) disks: Vec<DiskSpec>,
+    /// This standby's taps for the VM's network devices, in the primary's order (same count):
+    /// tap=NAME or tap-fd=N. The tap is attached at start (so this copy can go live) but carries
+    /// nothing until it does; the MAC comes with the VM's state. On the same L2 segment as the
+    /// primary's.
+    #[arg(long = "net", value_name = "SPEC")]
+    pub(crate) nets: Vec<NetSpec>,
+    /// How the initial copy treats this standby's disks: `full` copies every block; `compare`
+    /// hashes them when a primary connects (they hold an earlier copy: a previous standby's, or
+    /// an image copied by hand) and the primary sends only the blocks that differ.
+    #[arg(long, value_enum, default_value = "full")]
+    pub(crate) disk_sync: DiskSync,
+    /// After a planned switchover (QMP x-smpft-switchover), wait here as the standby of the
+    /// copy that took the VM over, listening on this address (as `smpft standby --listen`);
+    /// the new primary protects the VM with it first. The command's `then-standby` argument
+    /// overrides it. Without either, this copy exits after handing the VM over.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) then_standby: Option<String>,
+    /// Spares for after a failover: once this copy has gone live, it protects the VM with the
+    /// first of these standbys (host:port, comma-separated) that answers, as `run --ft-peer`.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
+    pub(crate) ft_peer: Option<String>,
+    #[command(flatten)]
+    pub(crate) ft: FtArgs,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct RunArgs {
+    /// Number of vCPUs (1 to 16, and at most what this host's KVM allows). Default 2, or the
+    /// snapshot's with --restore.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
+    pub(crate) vcpus: Option<u32>,
+    /// Guest memory, e.g. 256M or 1G (binary units). At most 3G. Default 256M, or the
+    /// snapshot's with --restore.
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) memory: Option<u64>,
+    /// Resume a VM from snapshot files instead of booting: a full snapshot, then any
+    /// incremental snapshots taken after it, in order.
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    pub(crate) restore: Vec<PathBuf>,
+    /// Serve QMP on this unix socket (unix:PATH; QEMU's ",server,nowait" is accepted).
+    #[arg(long, value_name = "unix:PATH")]
+    pub(crate) qmp: Option<String>,
+    /// Guest image: a static x86-64 ELF started in ring 3 on every vCPU. Defaults to the
+    /// built-in test guest.
+    #[arg(long, conflicts_with = "kernel")]
+    pub(crate) guest: Option<PathBuf>,
+    /// Boot a Linux kernel instead of the test guest: an ELF vmlinux with a PVH entry note
+    /// (entered directly in 32-bit mode, the fast path) or a bzImage (64-bit boot protocol).
+    /// smpft gives it an e820 map, ACPI tables (one CPU per vCPU), COM1 on IRQ 4 and the PCI
+    /// bus with the virtio devices asked for.
+    #[arg(long, value_name = "PATH", conflicts_with = "restore")]
+    pub(crate) kernel: Option<PathBuf>,
+    /// An initrd (initramfs) for --kernel, placed at the top of guest memory.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub(crate) initrd: Option<PathBuf>,
+    /// The kernel command line for --kernel, e.g. "console=ttyS0 earlyprintk=serial,ttyS0".
+    #[arg(long, default_value = "console=ttyS0", requires = "kernel", allow_hyphen_values = true)]
+    pub(crate) cmdline: String,
+    /// Boot parameters for the guest. The built-in guest takes workloads `counter`, `churn`,
+    /// `service`, `rng` (needs --rng), `disk` (needs --disk) and settings `churn-rate=PAGES_PER_S` (per vCPU, 0 = flat
+    /// out), `churn-ws=SIZE`, `duration=5s|500ms`, `report=1s`, `fail=counter|churn`.
+    #[arg(long, default_value = "counter churn duration=2s", allow_hyphen_values = true)]
+    pub(crate) guest_args: String,
+    /// Where the guest's serial port (COM1) goes: stdio, unix:PATH (smpft listens; one client
+    /// at a time), file:PATH (output only), pty (a pseudo-terminal, its path in the log) or null.
+    #[arg(long, default_value = "stdio")]
+    pub(crate) serial: SerialSpec,
+    /// Write the guest's log (debug console) to this file instead of standard error.
+    #[arg(long)]
+    pub(crate) console: Option<PathBuf>,
+    /// The KVM device to use.
+    #[arg(long, default_value = smp_ft::vmm::DEFAULT_KVM_DEVICE)]
+    pub(crate) kvm_device: PathBuf,
+    /// Give the VM a virtio-rng (PCI): entropy from this host's getrandom(2).
+    #[arg(long)]
+    pub(crate) rng: bool,
+    /// Give the VM a virtio-blk disk (repeatable, up to 8): a raw image or block device path
+    /// (io_uring, O_DIRECT where possible), or an NBD export, nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH (qcow2, VMDK... through qemu-nbd; anything through
+    /// nbdkit). Append ",readonly" for a read-only disk. Protected, every write is mirrored to
+    /// the standby's own storage.
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub(crate) disks: Vec<DiskSpec>,
+    /// Give the VM a virtio-net NIC (repeatable, up to 4) on a tap: tap=NAME (an existing tap,
+    /// e.g. made with `ip tuntap add NAME mode tap` and attached to a bridge) or tap-fd=N (an
+    /// open tap handed over), optionally with ,mac=52:54:00:xx:xx:xx (default: random in
+    /// 52:54:00). Protected, every frame the guest sends is held until the standby has
+    /// acknowledged the checkpoint that produced it.
+    #[arg(long = "net", value_name = "SPEC")]
+    pub(crate) nets: Vec<NetSpec>,
+    /// After a planned switchover (QMP x-smpft-switchover), wait here as the standby of the
+    /// copy that took the VM over, listening on this address (as `smpft standby --listen`);
+    /// the new primary protects the VM with it first. The command's `then-standby` argument
+    /// overrides it. Without either, this copy exits after handing the VM over.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) then_standby: Option<String>,
+    /// Protect the VM with the standby (`smpft standby`) at this address (host:port), or with
+    /// the first of several that answers (comma-separated spares, tried in turn). Until one
+    /// answers, and whenever it is lost, the VM runs unprotected and smpft keeps trying the next.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
+    pub(crate) ft_peer: Option<String>,
+    #[command(flatten)]
+    pub(crate) ft: FtArgs,
+}
