@@ -4,8 +4,8 @@ mod demo;
 mod lifecycle;
 mod persona;
 
+use block::spec::DiskSpec;
 use clap::{Parser, Subcommand};
-use disk_mirror::spec::DiskSpec;
 pub(crate) use lifecycle::{relay_signals, serve, standby_ended, Rejoin};
 pub(crate) use smp_ft::error::error_chain;
 use smp_ft::ft::disk::DiskSync;

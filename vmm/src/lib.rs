@@ -117,7 +117,7 @@ pub enum VmError {
     #[error("cannot open console file {path}")]
     Console { path: PathBuf, source: std::io::Error },
     #[error("disk {spec}")]
-    Disk { spec: String, source: disk_mirror::backend::BackendError },
+    Disk { spec: String, source: block::BackendError },
     #[error("--net {spec}")]
     Net { spec: String, source: net::tap::TapError },
     #[error("cannot start the network receive thread")]

@@ -13,7 +13,7 @@
 //!   presses the power button the guest polls (port 0xf6).
 
 use super::PACKAGE;
-use disk_mirror::spec::DiskSpec;
+use block::spec::DiskSpec;
 use qemu_shim::argv::{Launch, Monitor, Serial};
 use qemu_shim::qmp::{QmpError, QmpServer};
 use serde_json::{json, Map, Value};

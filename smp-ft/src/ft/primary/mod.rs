@@ -3,7 +3,7 @@
 //! [`PrimaryFt::tick`]; checkpoints are encoded and sent on a sender thread so the VM owner only
 //! pauses, captures and resumes.
 
-use super::disk::DiskCopy;
+use super::disk::{DiskCopy, DiskLog};
 use super::error::FtError;
 use super::link::Link;
 use super::protocol::{Epoch, Primary, PrimaryAction, PrimaryConfig, PrimaryEvent, PrimaryState};
