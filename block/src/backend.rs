@@ -121,11 +121,6 @@ impl RawFile {
         Ok(RawFile { buffered, direct, ring: Mutex::new(Some(ring)), size, readonly, block_device })
     }
 
-    /// Whether aligned requests bypass the page cache.
-    pub fn is_direct(&self) -> bool {
-        self.direct.is_some()
-    }
-
     fn check(&self, what: &'static str, offset: u64, len: u64, write: bool) -> Result<(), BackendError> {
         check_access(what, offset, len, write, self.size, self.readonly)
     }

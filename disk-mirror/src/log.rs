@@ -143,14 +143,6 @@ impl WriteLog {
         &self.sizes
     }
 
-    pub fn budget(&self) -> usize {
-        self.budget
-    }
-
-    pub fn mode(&self) -> Mode {
-        self.inner.lock().mode
-    }
-
     /// Who to wake when the log fills up.
     pub fn notify(&self, to: Option<crossbeam_channel::Sender<()>>) {
         self.inner.lock().notify = to;

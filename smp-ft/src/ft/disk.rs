@@ -36,7 +36,8 @@ impl DiskObserver for LogObserver {
 /// The write log of a VM's disks.
 pub trait DiskLog {
     /// The log of the disks' changes, installed as their observer the first time it is asked
-    /// for (it keeps nothing until a standby attaches, as the disks of a VM never protected).
+    /// for: the FT engine asks when it starts protecting the VM (after a boot, a restore or a
+    /// go-live alike). Until then nothing watches the disks, as a log that keeps nothing would.
     fn disk_log(&self) -> Arc<WriteLog>;
 }
 

@@ -2,7 +2,7 @@
 //!
 //! | port            | device                                                     |
 //! |-----------------|------------------------------------------------------------|
-//! | 0x3f8..=0x3ff   | COM1, a 16550 UART (`serial.rs`)                           |
+//! | 0x3f8..=0x3ff   | COM1, a 16550 UART (`serial/`)                             |
 //! | 0xe9            | debug console: the guest's log, one byte per write          |
 //! | 0xf4            | exit: a 32-bit write ends the VM with that status          |
 //! | 0xf5            | idle: a 32-bit write yields the host CPU for up to N µs    |
