@@ -3,7 +3,7 @@
 //! hashes; the primary hashes its own blocks during the initial copy and sends only those that
 //! differ. Hashes are BLAKE3, 128 bits of it per block.
 
-use crate::backend::{Backend, BackendError};
+use block::{Backend, BackendError};
 
 /// The smallest hashed block; larger disks use larger blocks so a digest stays small.
 pub const MIN_BLOCK: u64 = 64 << 10;
@@ -76,7 +76,7 @@ impl Digest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::RawFile;
+    use block::backend::RawFile;
 
     #[test]
     fn digests_find_exactly_the_blocks_that_differ() {

@@ -19,8 +19,11 @@
 //! standby ends with exactly the primary's disk, and a guest that writes faster than the copy
 //! moves is held back by the log's budget instead of making the copy start over.
 
-use crate::backend::{Backend, BackendError};
+use block::{Backend, BackendError};
 use parking_lot::Mutex;
+
+/// The log's entries: block ops (re-exported: the FT layer names them through the log).
+pub use block::op::{ArchivedOp, Op};
 
 /// The unit of the initial copy's bitmap: a guest page, so a 4 KiB write costs the copy no
 /// more than itself.
@@ -29,81 +32,11 @@ pub const BLOCK: u64 = 4096;
 /// The most one op of the initial copy carries (runs of marked blocks are read together).
 pub const MAX_RUN: u64 = 1 << 20;
 
-/// One change to a disk.
-#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub enum Op {
-    Write {
-        offset: u64,
-        data: Vec<u8>,
-    },
-    Zeroes {
-        offset: u64,
-        len: u64,
-    },
-    Discard {
-        offset: u64,
-        len: u64,
-    },
-    /// Flush what came before on this disk to stable storage.
-    Flush,
-}
-
-impl Op {
-    /// Bytes of data the op carries.
-    pub fn bytes(&self) -> usize {
-        match self {
-            Op::Write { data, .. } => data.len(),
-            _ => 0,
-        }
-    }
-
-    /// The byte range the op changes, if any.
-    pub fn range(&self) -> Option<(u64, u64)> {
-        match self {
-            Op::Write { offset, data } => Some((*offset, data.len() as u64)),
-            Op::Zeroes { offset, len } | Op::Discard { offset, len } => Some((*offset, *len)),
-            Op::Flush => None,
-        }
-    }
-}
-
-impl ArchivedOp {
-    /// The byte range the op changes, if any.
-    pub fn range(&self) -> Option<(u64, u64)> {
-        match self {
-            ArchivedOp::Write { offset, data } => Some((offset.to_native(), data.len() as u64)),
-            ArchivedOp::Zeroes { offset, len } | ArchivedOp::Discard { offset, len } => {
-                Some((offset.to_native(), len.to_native()))
-            }
-            ArchivedOp::Flush => None,
-        }
-    }
-
-    /// Carries the op out on `disk`.
-    pub fn apply(&self, disk: &dyn Backend) -> Result<(), BackendError> {
-        match self {
-            ArchivedOp::Write { offset, data } => disk.write_at(data.as_slice(), offset.to_native()),
-            ArchivedOp::Zeroes { offset, len } => disk.write_zeroes(offset.to_native(), len.to_native()),
-            ArchivedOp::Discard { offset, len } => disk.discard(offset.to_native(), len.to_native()),
-            ArchivedOp::Flush => disk.flush(),
-        }
-    }
-}
-
-/// Whether `op` fits a disk of `size` bytes.
-pub fn fits(range: Option<(u64, u64)>, size: u64) -> bool {
-    range.is_none_or(|(offset, len)| offset.checked_add(len).is_some_and(|end| end <= size))
-}
-
 /// Applies ops to the disks' backends, in order.
 pub fn apply(backends: &[&dyn Backend], ops: &[(u32, Op)]) -> Result<(), BackendError> {
     for (disk, op) in ops {
-        let Some(b) = backends.get(*disk as usize) else { continue };
-        match op {
-            Op::Write { offset, data } => b.write_at(data, *offset)?,
-            Op::Zeroes { offset, len } => b.write_zeroes(*offset, *len)?,
-            Op::Discard { offset, len } => b.discard(*offset, *len)?,
-            Op::Flush => b.flush()?,
+        if let Some(b) = backends.get(*disk as usize) {
+            op.apply(*b)?;
         }
     }
     Ok(())
@@ -210,14 +143,6 @@ impl WriteLog {
         &self.sizes
     }
 
-    pub fn budget(&self) -> usize {
-        self.budget
-    }
-
-    pub fn mode(&self) -> Mode {
-        self.inner.lock().mode
-    }
-
     /// Who to wake when the log fills up.
     pub fn notify(&self, to: Option<crossbeam_channel::Sender<()>>) {
         self.inner.lock().notify = to;
@@ -281,7 +206,7 @@ impl WriteLog {
     }
 }
 
-/// Reads blocks of a disk (sorted, as [`WriteLog::take_dirty`] gives them) as write ops, a run
+/// Reads blocks of a disk (sorted, as [`BlockMap::take`] gives them) as write ops, a run
 /// of consecutive blocks in one op of up to [`MAX_RUN`] bytes; blocks past the end are skipped
 /// and the last block of a disk may be short.
 pub fn read_blocks(disk: &dyn Backend, blocks: &[u64]) -> Result<Vec<Op>, BackendError> {
@@ -396,7 +321,7 @@ mod tests {
     }
 
     #[test]
-    fn blocks_read_as_writes_in_runs_and_ranges_are_checked() {
+    fn blocks_read_as_writes_in_runs() {
         let d = MemDisk(Mutex::new((0..(3 * BLOCK + 10)).map(|i| i as u8).collect()));
         let ops = read_blocks(&d, &[0, 1, 3, 9]).unwrap();
         assert_eq!(ops.len(), 2, "a run in one op; a block past the end is skipped");
@@ -405,9 +330,5 @@ mod tests {
         let big: Vec<u64> = (0..(MAX_RUN / BLOCK) + 1).collect();
         let d = MemDisk(Mutex::new(vec![0; (MAX_RUN + BLOCK) as usize]));
         assert_eq!(read_blocks(&d, &big).unwrap().len(), 2, "runs are cut at MAX_RUN");
-        assert!(fits(Some((0, 10)), 10));
-        assert!(!fits(Some((5, 10)), 10));
-        assert!(!fits(Some((u64::MAX, 2)), 10));
-        assert!(fits(None, 0));
     }
 }

@@ -5,8 +5,8 @@
 //! write-zeroes, or a discard) through to the disk, it copies the old contents of every block
 //! the write touches, once, into each view's overlay ("fleecing", as QEMU's backup export
 //! does). A view reads a block from its overlay if the block was preserved, from the disk if
-//! not. [`Export`] serves a view to backup tools (`qemu-img convert`, `nbdcopy`) as a
-//! read-only NBD export on a unix socket.
+//! not. A view is an [`block::export::Image`]: [`block::export::Export`] serves it to backup
+//! tools (`qemu-img convert`, `nbdcopy`) as a read-only NBD export on a unix socket.
 //!
 //! Reads race writes without a lock held across the disk read: a reader checks the overlay,
 //! reads the disk, and checks the overlay again; a write preserves a block before it starts,
@@ -15,11 +15,9 @@
 //! The overlay lives in memory, bounded: a view whose disk is rewritten by more than its limit
 //! breaks (its reads fail with the reason) rather than grow without end.
 
-use crate::backend::{Backend, BackendError};
+use block::export::Image;
+use block::{Backend, BackendError};
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -179,189 +177,21 @@ impl View {
     }
 }
 
-/// A [`View`] as the NBD server reads it: a read-only file.
-struct ViewFile {
-    view: View,
-    pos: u64,
-}
-
-impl Read for ViewFile {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = (self.view.size().saturating_sub(self.pos)).min(buf.len() as u64) as usize;
-        self.view.read_at(&mut buf[..n], self.pos)?;
-        self.pos += n as u64;
-        Ok(n)
+impl Image for View {
+    fn size(&self) -> u64 {
+        View::size(self)
     }
-}
-
-impl Write for ViewFile {
-    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-        Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "a point-in-time export is read-only"))
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Seek for ViewFile {
-    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
-        let size = self.view.size() as i128;
-        let at = match to {
-            SeekFrom::Start(o) => o as i128,
-            SeekFrom::End(d) => size + d as i128,
-            SeekFrom::Current(d) => self.pos as i128 + d as i128,
-        };
-        if !(0..=size).contains(&at) {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek outside the disk"));
-        }
-        self.pos = at as u64;
-        Ok(self.pos)
-    }
-}
-
-const NBD_OPT_EXPORT_NAME: u32 = 1;
-const NBD_OPT_ABORT: u32 = 2;
-const NBD_OPT_LIST: u32 = 3;
-const NBD_OPT_INFO: u32 = 6;
-const NBD_OPT_GO: u32 = 7;
-const NBD_REP_ACK: u32 = 1;
-const NBD_REP_SERVER: u32 = 2;
-const NBD_REP_INFO: u32 = 3;
-const NBD_REP_ERR_UNSUP: u32 = 0x8000_0001;
-const NBD_INFO_EXPORT: u16 = 0;
-/// Transmission flags: flags are meaningful; the export is read-only.
-const TRANSMISSION_FLAGS: u16 = 1 | 2;
-const NBD_FLAG_NO_ZEROES: u32 = 2;
-
-/// The fixed-newstyle handshake for the one (unnamed) export of `size` bytes, with the options
-/// clients use to find it (`GO`/`INFO`, `LIST`, the old `EXPORT_NAME`); any other option gets
-/// "unsupported" (so simple replies, no structured ones). `Ok(true)` once the client goes to
-/// transmission, `Ok(false)` if it aborted.
-fn handshake(c: &std::os::unix::net::UnixStream, size: u64) -> std::io::Result<bool> {
-    let mut c = c;
-    c.write_all(b"NBDMAGICIHAVEOPT")?;
-    c.write_all(&(1u16 | 2).to_be_bytes())?;
-    let mut b4 = [0u8; 4];
-    c.read_exact(&mut b4)?;
-    let client_flags = u32::from_be_bytes(b4);
-    let reply = |c: &mut &std::os::unix::net::UnixStream, opt: u32, kind: u32, data: &[u8]| -> std::io::Result<()> {
-        let mut m = Vec::with_capacity(20 + data.len());
-        m.extend_from_slice(&0x0003_e889_0455_65a9_u64.to_be_bytes());
-        m.extend_from_slice(&opt.to_be_bytes());
-        m.extend_from_slice(&kind.to_be_bytes());
-        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        m.extend_from_slice(data);
-        c.write_all(&m)
-    };
-    loop {
-        let mut head = [0u8; 16];
-        c.read_exact(&mut head)?;
-        if &head[..8] != b"IHAVEOPT" {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad option magic"));
-        }
-        let opt = u32::from_be_bytes(head[8..12].try_into().unwrap_or_default());
-        let len = u32::from_be_bytes(head[12..16].try_into().unwrap_or_default());
-        if len > 64 << 10 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "option too long"));
-        }
-        let mut data = vec![0u8; len as usize];
-        c.read_exact(&mut data)?;
-        match opt {
-            NBD_OPT_EXPORT_NAME => {
-                c.write_all(&size.to_be_bytes())?;
-                c.write_all(&TRANSMISSION_FLAGS.to_be_bytes())?;
-                if client_flags & NBD_FLAG_NO_ZEROES == 0 {
-                    c.write_all(&[0u8; 124])?;
-                }
-                return Ok(true);
-            }
-            NBD_OPT_ABORT => {
-                reply(&mut c, opt, NBD_REP_ACK, &[])?;
-                return Ok(false);
-            }
-            NBD_OPT_LIST => {
-                reply(&mut c, opt, NBD_REP_SERVER, &0u32.to_be_bytes())?;
-                reply(&mut c, opt, NBD_REP_ACK, &[])?;
-            }
-            NBD_OPT_INFO | NBD_OPT_GO => {
-                let mut info = NBD_INFO_EXPORT.to_be_bytes().to_vec();
-                info.extend_from_slice(&size.to_be_bytes());
-                info.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
-                reply(&mut c, opt, NBD_REP_INFO, &info)?;
-                reply(&mut c, opt, NBD_REP_ACK, &[])?;
-                if opt == NBD_OPT_GO {
-                    return Ok(true);
-                }
-            }
-            _ => reply(&mut c, opt, NBD_REP_ERR_UNSUP, &[])?,
-        }
-    }
-}
-
-/// A view served read-only over NBD on a unix socket, one thread per client, until dropped.
-pub struct Export {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Export {
-    /// Serves `view` at `path` (replacing a stale socket there).
-    pub fn serve(view: View, path: &Path) -> std::io::Result<Export> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::Builder::new().name("nbd-export".into()).spawn(move || {
-            for conn in listener.incoming() {
-                if s.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(conn) = conn else { continue };
-                let view = view.clone();
-                let _ = std::thread::Builder::new().name("nbd-client".into()).spawn(move || {
-                    let r = handshake(&conn, view.size()).and_then(|go| {
-                        if go {
-                            nbd::server::transmission(&conn, ViewFile { view, pos: 0 })
-                        } else {
-                            Ok(())
-                        }
-                    });
-                    if let Err(e) = r {
-                        tracing::debug!("point-in-time export client: {e}");
-                    }
-                });
-            }
-        })?;
-        Ok(Export { path: path.to_path_buf(), stop, thread: Some(thread) })
-    }
-
-    /// The NBD URI backup tools open it with.
-    pub fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.path.display())
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for Export {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = std::os::unix::net::UnixStream::connect(&self.path);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        View::read_at(self, buf, offset)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::RawFile;
+    use block::backend::RawFile;
+    use block::export::Export;
+    use std::io::Read;
 
     fn disk(size: u64, byte: u8) -> (tempfile::TempDir, Arc<dyn Backend>) {
         let d = tempfile::tempdir().unwrap();

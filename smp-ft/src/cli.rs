@@ -1,8 +1,8 @@
 //! The command line: what `smpft` takes (clap), mapped onto the configuration builders
 //! (`smp_ft::config`) by the commands in `main.rs`.
 
+use block::spec::DiskSpec;
 use clap::{Parser, Subcommand};
-use disk_mirror::spec::DiskSpec;
 use smp_ft::config::ft::{parse_listen, shown};
 use smp_ft::config::vm::MAX_VCPUS;
 use smp_ft::config::{FtBuilder, Names};

@@ -1,7 +1,7 @@
 //! Turning an error and its sources into the one line an operator reads.
 
 /// `outer: inner: innermost`, one line (shared with the VMM and the disk mirror).
-pub use disk_mirror::error_chain;
+pub use block::error_chain;
 
 #[cfg(test)]
 mod tests {

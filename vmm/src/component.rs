@@ -14,8 +14,6 @@
 //!    the component's [`Component::name`] in [`MachineState`](super::machine::MachineState).
 //! 3. [`Component::restore`] receives those bytes (and their version) on a VM built the same
 //!    way; a state for a component the VM lacks, or a component with no state, is refused.
-//! 4. [`Component::epoch_closed`] runs at each FT checkpoint pause, for devices that hold data
-//!    per epoch (their writes of that epoch are sealed there).
 
 /// A component's saved state could not be made or used.
 #[derive(Debug, thiserror::Error)]
@@ -52,11 +50,6 @@ pub trait Component: Send + Sync {
     fn restore(&self, version: u32, state: &[u8]) -> Result<(), ComponentError> {
         let _ = (version, state);
         Ok(())
-    }
-
-    /// An FT checkpoint closed `epoch` (called with the VM paused).
-    fn epoch_closed(&self, epoch: u64) {
-        let _ = epoch;
     }
 }
 

@@ -10,7 +10,7 @@ use super::devices::serial::SerialHost;
 use super::devices::Console;
 use super::net::tap::{Tap, TapError};
 use super::{open_kvm, VmConfig, VmError};
-use disk_mirror::backend::Backend;
+use block::Backend;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -42,7 +42,7 @@ impl HostResources {
             .devices
             .disks
             .iter()
-            .map(|spec| disk_mirror::open(spec).map_err(|source| VmError::Disk { spec: spec.to_string(), source }))
+            .map(|spec| block::open(spec).map_err(|source| VmError::Disk { spec: spec.to_string(), source }))
             .collect::<Result<Vec<_>, _>>()?;
         let disk_specs = config.devices.disks.iter().map(|s| s.to_string()).collect();
         let taps = config

@@ -33,9 +33,9 @@ fn valid() -> &'static bytes::Bytes {
         changed[100] = 1;
         let memory = MemoryPages { pages: vec![1, 3], data: [changed, page(0x11)].concat(), zero_pages: vec![0] };
         let disk = vec![
-            (0, disk_mirror::log::Op::Write { offset: 512, data: vec![0x5a; 1024] }),
-            (0, disk_mirror::log::Op::Zeroes { offset: 4096, len: 4096 }),
-            (0, disk_mirror::log::Op::Flush),
+            (0, block::Op::Write { offset: 512, data: vec![0x5a; 1024] }),
+            (0, block::Op::Zeroes { offset: 4096, len: 4096 }),
+            (0, block::Op::Flush),
         ];
         let outgoing = Outgoing { seq: SEQ, kind: PayloadKind::Epoch, memory, state: Some(common::machine(1)), disk };
         let (payload, _) = outgoing.encode(&mut encoder);
@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
     let b = bytes::Bytes::from(bytes);
     let cp = CheckpointData { segments: vec![b.slice(..cut), b.slice(cut..)] };
     if let Ok(staged) = Staged::validate(&cp, SEQ, 1, MEM, &[DISK]) {
-        let disk: std::sync::Arc<dyn disk_mirror::backend::Backend> = std::sync::Arc::new(MemDisk::default());
+        let disk: std::sync::Arc<dyn block::Backend> = std::sync::Arc::new(MemDisk::default());
         staged.apply_disk(&[disk]).expect("validated disk ops apply");
         let mem = GuestMemory::new(MEM).expect("guest memory");
         if let Ok(Some(state)) = staged.apply(&mem) {
@@ -67,14 +67,14 @@ fuzz_target!(|data: &[u8]| {
 #[derive(Default)]
 struct MemDisk(std::sync::Mutex<Vec<u8>>);
 
-impl disk_mirror::backend::Backend for MemDisk {
+impl block::Backend for MemDisk {
     fn size(&self) -> u64 {
         DISK
     }
     fn readonly(&self) -> bool {
         false
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), disk_mirror::backend::BackendError> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), block::BackendError> {
         let d = self.0.lock().unwrap();
         buf.fill(0);
         let o = offset as usize;
@@ -82,7 +82,7 @@ impl disk_mirror::backend::Backend for MemDisk {
         buf[..n].copy_from_slice(&d[o.min(d.len())..o.min(d.len()) + n]);
         Ok(())
     }
-    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), disk_mirror::backend::BackendError> {
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), block::BackendError> {
         let end = offset as usize + data.len();
         assert!(end as u64 <= DISK, "a write past the end of the disk got through");
         let mut d = self.0.lock().unwrap();
@@ -92,14 +92,14 @@ impl disk_mirror::backend::Backend for MemDisk {
         d[offset as usize..end].copy_from_slice(data);
         Ok(())
     }
-    fn flush(&self) -> Result<(), disk_mirror::backend::BackendError> {
+    fn flush(&self) -> Result<(), block::BackendError> {
         Ok(())
     }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), disk_mirror::backend::BackendError> {
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), block::BackendError> {
         assert!(offset + len <= DISK, "zeroes past the end of the disk got through");
         self.write_at(&vec![0; len as usize], offset)
     }
-    fn discard(&self, offset: u64, len: u64) -> Result<(), disk_mirror::backend::BackendError> {
+    fn discard(&self, offset: u64, len: u64) -> Result<(), block::BackendError> {
         self.write_zeroes(offset, len)
     }
 }

@@ -7,11 +7,58 @@
 //! blocks; the standby applies them in that order, so it ends with exactly what the primary's
 //! disk holds (see `disk_mirror::log`). The synchronising pause seals the last ops; from that
 //! checkpoint on, each checkpoint carries its epoch's ops.
+//!
+//! The log watches the VM's disks as their [`DiskObserver`]: the disks report every completed
+//! change to it, and wait while it is full. [`DiskLog::disk_log`] installs it.
 
-use disk_mirror::backend::{Backend, BackendError};
+use crate::vmm::devices::{Devices, DiskObserver};
+use block::{Backend, BackendError};
 use disk_mirror::digest::{self, Digest};
 use disk_mirror::log::{self, BlockMap, Op, WriteLog, BLOCK};
 use std::sync::Arc;
+
+/// How much write data the disk log holds before the disks wait for a checkpoint.
+pub const DISK_LOG_BUDGET: usize = 32 << 20;
+
+/// The write log as the disks' observer: it keeps what they change, and holds them while full.
+struct LogObserver(Arc<WriteLog>);
+
+impl DiskObserver for LogObserver {
+    fn completed(&self, disk: u32, op: Op) {
+        self.0.record(disk, op);
+    }
+
+    fn hold(&self) -> bool {
+        self.0.full()
+    }
+}
+
+/// The write log of a VM's disks.
+pub trait DiskLog {
+    /// The log of the disks' changes, installed as their observer the first time it is asked
+    /// for: the FT engine asks when it starts protecting the VM (after a boot, a restore or a
+    /// go-live alike). Until then nothing watches the disks, as a log that keeps nothing would.
+    fn disk_log(&self) -> Arc<WriteLog>;
+}
+
+impl DiskLog for Devices {
+    fn disk_log(&self) -> Arc<WriteLog> {
+        let new_log = || {
+            let sizes: Vec<u64> = self.disk_backends().iter().map(|d| d.size()).collect();
+            Arc::new(WriteLog::new(&sizes, DISK_LOG_BUDGET))
+        };
+        match self.disk_observer(|| Arc::new(LogObserver(new_log()))) {
+            Some(observer) => observer.0.clone(),
+            None => {
+                // Only this module installs disk observers: this is not reached.
+                tracing::error!(
+                    "the disks have an observer other than the FT write log: their writes are not mirrored"
+                );
+                new_log()
+            }
+        }
+    }
+}
 
 /// How the initial copy treats the standby's disks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -8,9 +8,9 @@
 use super::encode::{DecodeError, Decoded, EncodeStats, EncodedPages, Encoder};
 pub use crate::vmm::machine::MachineState;
 use crate::vmm::pages::MemoryPages;
+use block::op::{self, ArchivedOp, Op};
+use block::Backend;
 use bytes::Bytes;
-use disk_mirror::backend::Backend;
-use disk_mirror::log::Op;
 use std::sync::Arc;
 use transport::CheckpointData;
 
@@ -274,7 +274,7 @@ impl Staged {
         for (index, entry) in p.disk.iter().enumerate() {
             let disk = entry.0.to_native();
             let range = entry.1.range();
-            if !disks.get(disk as usize).is_some_and(|&size| disk_mirror::log::fits(range, size)) {
+            if !disks.get(disk as usize).is_some_and(|&size| op::fits(range, size)) {
                 let what = range.map_or("flush".into(), |(o, l)| format!("{l} bytes at {o:#x}"));
                 return Err(WireError::DiskOp { seq, index, disk, what });
             }
@@ -310,8 +310,8 @@ impl Staged {
 
     /// Bytes of disk data the payload carries.
     pub fn disk_bytes(&self) -> u64 {
-        let data = |op: &disk_mirror::log::ArchivedOp| match op {
-            disk_mirror::log::ArchivedOp::Write { data, .. } => data.len() as u64,
+        let data = |op: &ArchivedOp| match op {
+            ArchivedOp::Write { data, .. } => data.len() as u64,
             _ => 0,
         };
         self.archived().disk.iter().map(|e| data(&e.1)).sum()
@@ -335,7 +335,7 @@ impl Staged {
         };
         for entry in self.archived().disk.iter() {
             let disk = entry.0.to_native();
-            if let disk_mirror::log::ArchivedOp::Write { offset, data } = &entry.1 {
+            if let ArchivedOp::Write { offset, data } = &entry.1 {
                 let (offset, data) = (offset.to_native(), data.as_slice());
                 let end = offset + data.len() as u64;
                 let overlaps = batch.iter().any(|&(o, d)| o < end && offset < o + d.len() as u64);
@@ -370,6 +370,7 @@ mod tests {
     use super::*;
     use crate::vmm::dirty::PAGE_SIZE;
     use crate::vmm::state::VmState;
+    use block::BackendError;
 
     fn payload(seq: u64, kind: PayloadKind, pages: Vec<u64>) -> Payload {
         let data = pages.iter().flat_map(|&p| vec![p as u8 + 1; PAGE_SIZE as usize]).collect();
@@ -433,22 +434,22 @@ mod tests {
             fn readonly(&self) -> bool {
                 false
             }
-            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), disk_mirror::backend::BackendError> {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BackendError> {
                 buf.copy_from_slice(&self.0.lock()[offset as usize..offset as usize + buf.len()]);
                 Ok(())
             }
-            fn write_at(&self, data: &[u8], offset: u64) -> Result<(), disk_mirror::backend::BackendError> {
+            fn write_at(&self, data: &[u8], offset: u64) -> Result<(), BackendError> {
                 self.0.lock()[offset as usize..offset as usize + data.len()].copy_from_slice(data);
                 Ok(())
             }
-            fn flush(&self) -> Result<(), disk_mirror::backend::BackendError> {
+            fn flush(&self) -> Result<(), BackendError> {
                 Ok(())
             }
-            fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), disk_mirror::backend::BackendError> {
+            fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
                 self.0.lock()[offset as usize..(offset + len) as usize].fill(0);
                 Ok(())
             }
-            fn discard(&self, offset: u64, len: u64) -> Result<(), disk_mirror::backend::BackendError> {
+            fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
                 self.write_zeroes(offset, len)
             }
         }

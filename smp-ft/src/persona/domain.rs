@@ -14,7 +14,7 @@
 
 use super::libvirt_ft::DomainFt;
 use super::PACKAGE;
-use disk_mirror::spec::DiskSpec;
+use block::spec::DiskSpec;
 use qemu_shim::argv::{Launch, Monitor, Serial};
 use qemu_shim::qmp::{QmpError, QmpServer};
 use serde_json::{json, Map, Value};

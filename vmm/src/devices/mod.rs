@@ -2,7 +2,7 @@
 //!
 //! | port            | device                                                     |
 //! |-----------------|------------------------------------------------------------|
-//! | 0x3f8..=0x3ff   | COM1, a 16550 UART (`serial.rs`)                           |
+//! | 0x3f8..=0x3ff   | COM1, a 16550 UART (`serial/`)                             |
 //! | 0xe9            | debug console: the guest's log, one byte per write          |
 //! | 0xf4            | exit: a 32-bit write ends the VM with that status          |
 //! | 0xf5            | idle: a 32-bit write yields the host CPU for up to N µs    |
@@ -14,6 +14,7 @@
 //! MMIO goes to the PCI bus, which decodes its devices' BARs.
 
 pub mod gate;
+pub mod observer;
 pub mod serial;
 
 use super::component::Component;
@@ -24,9 +25,10 @@ use super::memory::{GuestMemory, MemoryError};
 use super::net::{tap::Tap, Mac, NetSpec};
 use super::pci::PciBus;
 use super::virtio::{self, blk::Blk, net::Net, rng::Rng, VirtioDevice, VirtioPci};
-use disk_mirror::backend::Backend;
-use disk_mirror::log::WriteLog;
-use disk_mirror::spec::DiskSpec;
+use block::spec::DiskSpec;
+use block::Backend;
+pub use observer::DiskObserver;
+use observer::ObserverSlot;
 use parking_lot::Mutex;
 use serial::SerialDevice;
 use std::io::Write;
@@ -95,9 +97,6 @@ pub struct DeviceConfig {
     pub nets: Vec<NetSpec>,
 }
 
-/// How much write data the disk log holds before the disks wait for a checkpoint.
-pub const DISK_LOG_BUDGET: usize = 32 << 20;
-
 impl DeviceConfig {
     /// The optional devices, for messages and for checking that two copies agree.
     pub fn summary(&self) -> String {
@@ -122,9 +121,9 @@ pub struct Devices {
     /// Where all externally visible output passes (held while the VM is protected).
     pub gate: Arc<gate::OutputGate>,
     pci: Arc<PciBus>,
-    /// The disks, in order, and the log of their changes.
+    /// The disks, in order, and who watches their changes.
     disks: Vec<Arc<VirtioPci<Blk>>>,
-    disk_log: Arc<WriteLog>,
+    disk_observer: Arc<ObserverSlot>,
     /// The NICs, in order.
     nets: Vec<Arc<VirtioPci<Net>>>,
     /// Every device with replicated state, in pause order (see [`crate::component`]).
@@ -186,12 +185,12 @@ impl Devices {
         if config.rng {
             on_pci.push(add_virtio(&mut pci, "virtio-rng", Rng, memory, irq)?);
         }
-        let sizes: Vec<u64> = disks.iter().map(|d| d.size()).collect();
-        let disk_log = Arc::new(WriteLog::new(&sizes, DISK_LOG_BUDGET));
+        let disk_observer = Arc::new(ObserverSlot::default());
         let mut blks = Vec::new();
         for (i, disk) in disks.into_iter().enumerate() {
             let name = DISK_NAMES.get(i).copied().ok_or(DeviceError::TooManyDisks)?;
-            let dev = add_virtio(&mut pci, name, Blk::new(disk, i as u32, disk_log.clone(), name), memory, irq)?;
+            let blk = Blk::new(disk, i as u32, disk_observer.clone(), name);
+            let dev = add_virtio(&mut pci, name, blk, memory, irq)?;
             on_pci.push(dev.clone());
             blks.push(dev);
         }
@@ -212,7 +211,7 @@ impl Devices {
             gate,
             pci,
             disks: blks,
-            disk_log,
+            disk_observer,
             nets,
             components,
             debugcon: Mutex::new(DebugCon { line: Vec::new(), out: console }),
@@ -221,9 +220,10 @@ impl Devices {
         })
     }
 
-    /// The log of the disks' changes (the FT engine's to read).
-    pub fn disk_log(&self) -> &Arc<WriteLog> {
-        &self.disk_log
+    /// The observer of the disks' changes (see [`DiskObserver`]), `make`'s if none is
+    /// installed yet; `None` if one of another type is. Installed once, for the VM's life.
+    pub fn disk_observer<O: DiskObserver>(&self, make: impl FnOnce() -> Arc<O>) -> Option<Arc<O>> {
+        self.disk_observer.get_or_install(make)
     }
 
     /// The NICs, in order.
@@ -241,10 +241,10 @@ impl Devices {
         self.disks.iter().map(|d| d.device().backend().clone()).collect()
     }
 
-    /// Serves requests a disk left waiting (log full, or restored with requests pending). The VM
-    /// owner calls this after each checkpoint and now and then.
+    /// Serves requests a disk left waiting (held by the disks' observer, or restored with
+    /// requests pending). The VM owner calls this after each checkpoint and now and then.
     pub fn kick_disks(&self) {
-        if self.disk_log.full() {
+        if self.disk_observer.hold() {
             return;
         }
         for d in &self.disks {
@@ -258,7 +258,7 @@ impl Devices {
     pub fn flush_disks(&self) {
         for (i, d) in self.disks.iter().enumerate() {
             if let Err(e) = d.device().backend().flush() {
-                tracing::error!("disk{i}: flushing at shutdown failed: {}", disk_mirror::error_chain(&e));
+                tracing::error!("disk{i}: flushing at shutdown failed: {}", block::error_chain(&e));
             }
         }
     }

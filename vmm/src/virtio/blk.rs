@@ -4,15 +4,15 @@
 //! (IOERR, or UNSUPP for unknown types); a chain that breaks the rules marks the device
 //! NEEDS_RESET.
 //!
-//! Every request that changes the disk (or flushes it) is recorded, once complete, in the VM's
-//! [`WriteLog`], which the FT engine carries to the standby with the epoch it belongs to. When
-//! the log is at its budget the device stops taking requests: they wait in the queue, and the VM
-//! owner serves them ([`Blk::take_deferred`]) once a checkpoint has sealed the log.
+//! Every request that changes the disk (or flushes it) is reported, once complete, to the VM's
+//! [`DiskObserver`](crate::devices::DiskObserver), if one is installed. While the observer holds the disks the device stops
+//! taking requests: they wait in the queue, and the VM owner serves them
+//! ([`Blk::take_deferred`]) once the observer lets go.
 
 use super::{serve_chains_while, VirtioDevice, VirtioError};
+use crate::devices::observer::ObserverSlot;
 use crate::memory::DeviceMemory;
-use disk_mirror::backend::Backend;
-use disk_mirror::log::{Op, WriteLog};
+use block::{Backend, BackendError, Op};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -60,20 +60,21 @@ pub struct BlkStats {
 pub struct Blk {
     disk: Arc<dyn Backend>,
     stats: BlkStats,
-    /// This disk's number in the VM (and in the log).
+    /// This disk's number in the VM (as its observer knows it).
     index: u32,
-    log: Arc<WriteLog>,
-    /// Requests were left in the queue because the log was full.
+    observer: Arc<ObserverSlot>,
+    /// Requests were left in the queue because the observer held the disks.
     deferred: AtomicBool,
     /// The serial number GET_ID returns (at most 20 bytes).
     id: Vec<u8>,
 }
 
 impl Blk {
-    /// Disk number `index` of the VM, on `disk`, recording its changes in `log`.
-    pub fn new(disk: Arc<dyn Backend>, index: u32, log: Arc<WriteLog>, id: &str) -> Blk {
+    /// Disk number `index` of the VM, on `disk`, reporting its changes to the observer in
+    /// `observer`.
+    pub fn new(disk: Arc<dyn Backend>, index: u32, observer: Arc<ObserverSlot>, id: &str) -> Blk {
         let id = id.as_bytes().iter().copied().take(20).collect();
-        Blk { disk, stats: BlkStats::default(), index, log, deferred: AtomicBool::new(false), id }
+        Blk { disk, stats: BlkStats::default(), index, observer, deferred: AtomicBool::new(false), id }
     }
 
     pub fn stats(&self) -> &BlkStats {
@@ -105,7 +106,7 @@ impl Blk {
     }
 
     fn record(&self, op: Op) {
-        self.log.record(self.index, op);
+        self.observer.completed(self.index, op);
     }
 
     fn config(&self) -> [u8; CONFIG_LEN] {
@@ -224,13 +225,13 @@ impl Blk {
 
 /// The storage failed a request: the guest gets an I/O error, and the host a log line (rate
 /// limited: a dead NBD server fails every request).
-fn io_error(what: &str, e: &disk_mirror::backend::BackendError) -> (u8, u32) {
+fn io_error(what: &str, e: &BackendError) -> (u8, u32) {
     static FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = FAILURES.fetch_add(1, Ordering::Relaxed);
     if n < 8 || n % 1000 == 0 {
         tracing::error!(
             "virtio-blk: {what} failed, the guest gets an I/O error: {} ({} failures so far)",
-            disk_mirror::error_chain(e),
+            block::error_chain(e),
             n + 1
         );
     }
@@ -260,11 +261,11 @@ impl VirtioDevice for Blk {
 
     fn process(&self, _index: usize, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, VirtioError> {
         let more = || {
-            let full = self.log.full();
-            if full {
+            let hold = self.observer.hold();
+            if hold {
                 self.deferred.store(true, Ordering::Release);
             }
-            !full
+            !hold
         };
         serve_chains_while(queue, mem, more, |chain| {
             let head = chain.head_index();

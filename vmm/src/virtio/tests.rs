@@ -3,9 +3,12 @@
 
 use super::rng::Rng;
 use super::*;
+use crate::devices::observer::ObserverSlot;
+use crate::devices::DiskObserver;
 use crate::dirty::{Bitmap, PAGE_SIZE};
 use crate::memory::GuestMemory;
-use disk_mirror::log::WriteLog;
+use block::{BackendError, Op};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;
@@ -229,30 +232,30 @@ struct MemDisk {
     readonly: bool,
 }
 
-impl disk_mirror::backend::Backend for MemDisk {
+impl block::Backend for MemDisk {
     fn size(&self) -> u64 {
         self.data.lock().unwrap().len() as u64
     }
     fn readonly(&self) -> bool {
         self.readonly
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), disk_mirror::backend::BackendError> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BackendError> {
         let d = self.data.lock().unwrap();
         buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
         Ok(())
     }
-    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), disk_mirror::backend::BackendError> {
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), BackendError> {
         self.data.lock().unwrap()[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         Ok(())
     }
-    fn flush(&self) -> Result<(), disk_mirror::backend::BackendError> {
+    fn flush(&self) -> Result<(), BackendError> {
         Ok(())
     }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), disk_mirror::backend::BackendError> {
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
         Ok(())
     }
-    fn discard(&self, offset: u64, len: u64) -> Result<(), disk_mirror::backend::BackendError> {
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         self.write_zeroes(offset, len)
     }
 }
@@ -261,16 +264,39 @@ const HDR: u64 = 0x20000;
 const DATA: u64 = 0x21000;
 const STATUS: u64 = 0x30000;
 
-fn blk_with_log(readonly: bool, budget: usize) -> (Driver<super::blk::Blk>, Arc<MemDisk>, Arc<WriteLog>) {
+/// An observer that keeps what it is told and holds the disks when asked to.
+#[derive(Default)]
+struct Watcher {
+    ops: std::sync::Mutex<Vec<(u32, Op)>>,
+    hold: AtomicBool,
+}
+
+impl DiskObserver for Watcher {
+    fn completed(&self, disk: u32, op: Op) {
+        self.ops.lock().unwrap().push((disk, op));
+    }
+    fn hold(&self) -> bool {
+        self.hold.load(Ordering::SeqCst)
+    }
+}
+
+impl Watcher {
+    fn take(&self) -> Vec<(u32, Op)> {
+        std::mem::take(&mut *self.ops.lock().unwrap())
+    }
+}
+
+/// A disk, and the slot its observer goes in (empty).
+fn blk_with_slot(readonly: bool) -> (Driver<super::blk::Blk>, Arc<MemDisk>, Arc<ObserverSlot>) {
     let disk = Arc::new(MemDisk { data: std::sync::Mutex::new(vec![0xee; 64 << 10]), readonly });
-    let log = Arc::new(WriteLog::new(&[64 << 10], budget));
-    let mut d = Driver::with("virtio-blk", super::blk::Blk::new(disk.clone(), 0, log.clone(), "smpft-disk0"));
+    let slot = Arc::new(ObserverSlot::default());
+    let mut d = Driver::with("virtio-blk", super::blk::Blk::new(disk.clone(), 0, slot.clone(), "smpft-disk0"));
     d.init();
-    (d, disk, log)
+    (d, disk, slot)
 }
 
 fn blk(readonly: bool) -> (Driver<super::blk::Blk>, Arc<MemDisk>) {
-    let (d, disk, _) = blk_with_log(readonly, 1 << 20);
+    let (d, disk, _) = blk_with_slot(readonly);
     (d, disk)
 }
 
@@ -366,31 +392,37 @@ fn offer_write(d: &mut Driver<super::blk::Blk>, sector: u64, byte: u8) {
 }
 
 #[test]
-fn blk_logs_what_it_changes_and_waits_while_the_log_is_full() {
-    use disk_mirror::log::Op;
-    let (mut d, disk, log) = blk_with_log(false, 1024);
+fn blk_reports_what_it_changes_and_waits_while_held() {
+    let (mut d, disk, slot) = blk_with_slot(false);
     offer_write(&mut d, 0, 1);
-    assert!(log.seal().is_empty(), "nothing is kept without a standby");
-    log.start_logging();
+    assert_eq!(disk.data.lock().unwrap()[0], 1, "without an observer the disk just serves");
+    let watcher = slot.get_or_install(|| Arc::new(Watcher::default())).unwrap();
     offer_write(&mut d, 1, 2);
     assert_eq!(request(&mut d, 4, 0, None), (0, 1));
-    let ops = log.seal();
-    assert_eq!(ops.len(), 2);
-    assert_eq!(ops[0], (0, Op::Write { offset: 512, data: vec![2; 512] }));
-    assert_eq!(ops[1], (0, Op::Flush));
-    // Two sectors fill the 1 KiB budget: the third request waits in the queue.
-    offer_write(&mut d, 2, 3);
-    offer_write(&mut d, 3, 4);
+    let mut seg = [0u8; 16];
+    seg[..8].copy_from_slice(&2u64.to_le_bytes());
+    seg[8..12].copy_from_slice(&1u32.to_le_bytes());
+    assert_eq!(request(&mut d, 11, 0, Some((&seg, false))), (0, 1), "discard");
+    assert_eq!(
+        watcher.take(),
+        vec![
+            (0, Op::Write { offset: 512, data: vec![2; 512] }),
+            (0, Op::Flush),
+            (0, Op::Discard { offset: 1024, len: 512 })
+        ]
+    );
+    watcher.hold.store(true, Ordering::SeqCst);
     let done = d.used().0;
     offer_write(&mut d, 4, 5);
-    assert_eq!(d.used().0, done, "the request waits while the log is full");
+    assert_eq!(d.used().0, done, "the request waits while the observer holds the disk");
     assert_eq!(disk.data.lock().unwrap()[4 * 512], 0xee, "and has not reached the disk");
+    assert!(watcher.take().is_empty());
     assert!(d.dev.device().take_deferred());
-    assert_eq!(log.seal().len(), 2);
+    watcher.hold.store(false, Ordering::SeqCst);
     d.dev.process_queue(0);
-    assert_eq!(d.used().0, done + 1, "served once a checkpoint sealed the log");
+    assert_eq!(d.used().0, done + 1, "served once the observer lets go");
     assert_eq!(disk.data.lock().unwrap()[4 * 512], 5);
-    assert_eq!(log.seal(), vec![(0, Op::Write { offset: 4 * 512, data: vec![5; 512] })]);
+    assert_eq!(watcher.take(), vec![(0, Op::Write { offset: 4 * 512, data: vec![5; 512] })]);
 }
 
 #[test]

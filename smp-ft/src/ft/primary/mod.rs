@@ -5,6 +5,7 @@
 //! tie-breaker claims run on threads this shell owns, so the VM owner only pauses, captures
 //! and resumes.
 
+use super::disk::DiskLog;
 use super::error::FtError;
 use super::link::Link;
 use super::protocol::{Primary, PrimaryAction, PrimaryEvent, PrimaryState};

@@ -3,7 +3,7 @@
 
 use super::{Session, StandbyRunner, EXPORT_OVERLAY_LIMIT};
 use crate::error::error_chain;
-use disk_mirror::pit::Export;
+use block::export::Export;
 use serde_json::{json, Value};
 use transport::Message;
 

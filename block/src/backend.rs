@@ -1,7 +1,7 @@
 //! Storage behind a disk. [`RawFile`] serves raw images and block devices through io_uring,
 //! with O_DIRECT where the file system allows it (requests aligned to 4 KiB go through an aligned
 //! bounce buffer on the O_DIRECT descriptor; the rest, and file systems without O_DIRECT, use the
-//! page cache). NBD backends come next, behind the same trait.
+//! page cache). NBD exports ([`crate::nbd`]) are disks behind the same trait.
 //!
 //! Guarantees: a completed `write_at` is in the backend (a later `read_at` sees it); a completed
 //! `flush` means every write completed before it is on stable storage.
@@ -119,11 +119,6 @@ impl RawFile {
         };
         let ring = IoUring::new(8).map_err(BackendError::Ring)?;
         Ok(RawFile { buffered, direct, ring: Mutex::new(Some(ring)), size, readonly, block_device })
-    }
-
-    /// Whether aligned requests bypass the page cache.
-    pub fn is_direct(&self) -> bool {
-        self.direct.is_some()
     }
 
     fn check(&self, what: &'static str, offset: u64, len: u64, write: bool) -> Result<(), BackendError> {

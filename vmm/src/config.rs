@@ -1,0 +1,39 @@
+//! What a VM is: its shape, what it boots, where its console and serial port go, its devices.
+
+use crate::devices::serial::SerialSpec;
+use crate::devices::DeviceConfig;
+use crate::linux;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub vcpus: u32,
+    pub memory: u64,
+    /// What the VM boots (unused when restoring).
+    pub payload: Payload,
+    /// Where the payload came from, for messages.
+    pub guest_name: String,
+    pub serial: SerialSpec,
+    /// Where guest log lines (debug console) go: `None` for stderr.
+    pub console: Option<PathBuf>,
+    /// The KVM device, normally `/dev/kvm`.
+    pub kvm_device: PathBuf,
+    /// Optional devices.
+    pub devices: DeviceConfig,
+}
+
+/// What a new VM boots.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// A freestanding guest on smpft's boot ABI (`boot-abi`): a static ELF started in ring 3 on
+    /// every vCPU, with its boot parameters.
+    TestGuest { image: Arc<[u8]>, args: String },
+    /// A Linux kernel (see [`linux`]).
+    Linux(linux::LinuxBoot),
+    /// Nothing: the VM is built from a saved state ([`crate::Vm::from_state`]), as a standby's is.
+    None,
+}
+
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
