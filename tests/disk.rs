@@ -5,20 +5,12 @@
 mod common;
 
 use common::ft::{free_port, log, spawn, wait_exit, wait_query, wait_state, FtSetup, Side};
-use common::{require_kvm, rng, Proc, VmPaths};
+use common::{later, one_at_a_time, require_kvm, seeded_rng, wait_until, Proc, VmPaths};
 use smpft_client::FailoverClient;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-/// Two VMs per test: one test at a time on this host's 2 cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const DISK_SIZE: &str = "32M";
 /// The guest writes its disk flat out (reading each write back), rewrites memory pages whose
@@ -55,11 +47,7 @@ struct Server {
 }
 
 fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{} did not appear", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(format!("{} did not appear", path.display()), Duration::from_secs(20), || path.exists());
 }
 
 /// `qemu-nbd` serving `image` in `format` on a unix socket.
@@ -238,9 +226,7 @@ fn primary_killed_while_the_guest_writes_its_disk() {
     require_kvm();
     let _serial = one_at_a_time();
     let setup = FtSetup::new("disk-kills");
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    eprintln!("seed {seed}");
-    let mut r = rng(seed);
+    let (_seed, mut r) = seeded_rng();
     for trial in 0..12u64 {
         let k = 3 + r(30);
         let (what, p_fault, s_fault) = match trial % 6 {
@@ -397,11 +383,8 @@ fn nbd_servers_that_die_are_survived_or_reported() {
     let mut server = server;
     server.child.sigkill();
     // The standby stands down, says why, and refuses to protect until its storage is back.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log(&sp).contains("could not go live") {
-        assert!(Instant::now() < deadline, "the standby did not stand down\n{}", log(&sp));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let down = later(|| format!("the standby did not stand down\n{}", log(&sp)));
+    wait_until(down, Duration::from_secs(20), || log(&sp).contains("could not go live"));
     assert!(log(&sp).contains("writing disk 0 failed"), "the standby says why\n{}", log(&sp));
     assert!(!log(&sp).contains("goes live"), "{}", log(&sp));
     let mut sb = sb;
@@ -428,11 +411,9 @@ fn nbd_servers_that_die_are_survived_or_reported() {
         .spawn()
         .unwrap();
     let vm = Proc::new(vm);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !qp.console().contains("progress") && !qp.console().contains("disk: ") {
-        assert!(Instant::now() < deadline, "the guest never started\n{}", log(&qp));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let started = || qp.console().contains("progress") || qp.console().contains("disk: ");
+    wait_until(later(|| format!("the guest never started\n{}", log(&qp))), Duration::from_secs(20), started);
+    // The time is the point: the guest writes through the server for a while before it dies.
     std::thread::sleep(Duration::from_millis(300));
     server.child.sigkill();
     let status = wait_exit(vm, Duration::from_secs(30));

@@ -5,19 +5,12 @@
 mod common;
 
 use common::ft::{background_client, free_port, log, query, wait_exit, wait_query, wait_state, FtSetup, Side};
-use common::{accepts_connections, require_kvm, rng, Proc, VmPaths};
+use common::{accepts_connections, later, one_at_a_time, require_kvm, seeded_rng, wait_for, wait_until, Proc, VmPaths};
 use smpft_client::FailoverClient;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The FT tests each run two 4-vCPU VMs; one at a time keeps them within the host's 2 cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// After a failover: a few more requests on the new copy, then EXIT; the guest checks its
 /// invariants (counter, churn) and exits 0 only if they hold.
@@ -43,9 +36,7 @@ fn primary_killed_at_random_moments_loses_nothing() {
     require_kvm();
     let _serial = one_at_a_time();
     let setup = FtSetup::new("ft-kills");
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    let mut r = rng(seed);
-    eprintln!("seed {seed}");
+    let (_seed, mut r) = seeded_rng();
     let mut outages = Vec::new();
     let mut total_replies = 0;
     for trial in 0..32u64 {
@@ -76,7 +67,9 @@ fn primary_killed_at_random_moments_loses_nothing() {
             // Nothing whole reached the standby: it must not go live, and waits for a new primary.
             let status = wait_exit(primary, Duration::from_secs(20));
             assert_eq!(status.signal(), Some(9), "{what}: the primary should have been killed");
-            std::thread::sleep(Duration::from_millis(600));
+            let waits_again = "standby waiting for a primary again";
+            let lost = later(|| format!("{what}: the standby never noticed\n{}", log(&sp)));
+            wait_until(lost, Duration::from_secs(10), || log(&sp).contains(waits_again));
             assert!(standby.is_running(), "{what}: the standby must keep waiting\n{}", log(&sp));
             assert_eq!(query(&sp)["state"], "waiting", "{what}\n{}", log(&sp));
             assert!(!accepts_connections(&sp.serial), "{what}: the standby's serial port must stay closed");
@@ -87,6 +80,7 @@ fn primary_killed_at_random_moments_loses_nothing() {
         if p_fault.is_none() {
             wait_state(&pp, "protected", Duration::from_secs(20));
             let ms: u64 = what.split("SIGKILL ").nth(1).and_then(|s| s.split(' ').next()?.parse().ok()).unwrap();
+            // The moment is the point: a random time into the protected run.
             std::thread::sleep(Duration::from_millis(ms));
             primary.sigkill();
         }
@@ -118,14 +112,14 @@ fn standby_killed_primary_continues_unprotected_and_releases_output() {
     let primary = setup.primary(&pp, &addr, &[], &[]);
     wait_state(&pp, "protected", Duration::from_secs(20));
     let client = background_client(vec![pp.serial.clone()]);
-    std::thread::sleep(Duration::from_millis(300));
+    client.wait_replies(5, Duration::from_secs(20));
     standby.sigkill();
     let q = wait_state(&pp, "unprotected", Duration::from_secs(10));
     assert_eq!(q["held-bytes"], 0, "nothing stays held once unprotected: {q}");
     let t = Instant::now();
-    std::thread::sleep(Duration::from_millis(300));
+    client.wait_replies(5, Duration::from_secs(5));
     let mut client = client.finish();
-    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(t.elapsed() < Duration::from_secs(5), "replies flow unprotected: {:?}", t.elapsed());
     let before = client.replies;
     for _ in 0..50 {
         client.incr(Duration::from_secs(5)).unwrap();
@@ -150,7 +144,7 @@ fn reprotect_after_failover_and_fail_over_again() {
     let mut a = setup.primary(&ap, &addr1, &[], &[]);
     wait_state(&ap, "protected", Duration::from_secs(20));
     let client = background_client(vec![ap.serial.clone(), bp.serial.clone(), cp.serial.clone()]);
-    std::thread::sleep(Duration::from_millis(300));
+    client.wait_replies(5, Duration::from_secs(20));
     a.sigkill();
     wait_state(&bp, "live-after-failover", Duration::from_secs(10));
     // A new standby (on the old primary's host, so with its identity) protects B.
@@ -159,7 +153,7 @@ fn reprotect_after_failover_and_fail_over_again() {
     common::Qmp::negotiated(&bp.qmp).ok("x-smpft-protect", Some(serde_json::json!({"peer": addr2})));
     let q = wait_state(&bp, "protected", Duration::from_secs(20));
     assert_eq!(q["generation"], 1, "{q}");
-    std::thread::sleep(Duration::from_millis(300));
+    client.wait_replies(5, Duration::from_secs(20));
     b.sigkill();
     wait_state(&cp, "live-after-failover", Duration::from_secs(10));
     let mut client = client.finish();
@@ -189,9 +183,12 @@ fn unreachable_tiebreaker_keeps_the_standby_from_going_live() {
     let mut primary = setup.primary_side(&pp, &addr, &side, &[]);
     wait_state(&pp, "protected", Duration::from_secs(20));
     let client = background_client(vec![pp.serial.clone(), sp.serial.clone()]);
-    std::thread::sleep(Duration::from_millis(200));
+    client.wait_replies(5, Duration::from_secs(20));
     primary.sigkill();
     wait_state(&sp, "arbitrating", Duration::from_secs(10));
+    let tried = later(|| format!("the standby never tried the tie-breaker\n{}", log(&sp)));
+    wait_until(tried, Duration::from_secs(10), || log(&sp).contains("unreachable"));
+    // The time is the point: the standby keeps failing its claims for a while and stays put.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(query(&sp)["state"], "arbitrating", "never live without winning the tie-breaker");
     assert!(!accepts_connections(&sp.serial), "the standby's serial port stays closed");
@@ -215,15 +212,7 @@ fn wrong_certificate_or_shape_is_refused_with_a_clear_error() {
     let (pp, sp) = (setup.paths("p"), setup.paths("s"));
     let mut standby = setup.standby(&sp, &addr, &setup.b, &stranger, 4, &[]);
     let mut primary = setup.primary(&pp, &addr, &[], &[]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let q = loop {
-        let q = query(&pp);
-        if q["last-error"].is_string() {
-            break q;
-        }
-        assert!(Instant::now() < deadline, "no error reported: {q}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let q = wait_query(&pp, "no error reported", Duration::from_secs(20), |q| q["last-error"].is_string());
     assert_eq!(q["state"], "unprotected", "{q}");
     assert!(q["last-error"].as_str().unwrap().contains("cannot reach the standby"), "{q}");
     assert_eq!(query(&sp)["state"], "waiting");
@@ -238,11 +227,8 @@ fn wrong_certificate_or_shape_is_refused_with_a_clear_error() {
     let status = wait_exit(standby, Duration::from_secs(20));
     assert!(!status.success());
     assert!(log(&sp).contains("VM shape differs"), "{}", log(&sp));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !query(&pp)["last-error"].as_str().is_some_and(|e| e.contains("shape")) {
-        assert!(Instant::now() < deadline, "primary did not report the mismatch: {}", query(&pp));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mismatch = |q: &serde_json::Value| q["last-error"].as_str().is_some_and(|e| e.contains("shape"));
+    wait_query(&pp, "the primary did not report the mismatch", Duration::from_secs(10), mismatch);
     assert_eq!(query(&pp)["state"], "unprotected");
     primary.sigkill();
 }
@@ -346,23 +332,25 @@ fn partition_leaves_exactly_one_live_copy() {
         let mut primary = setup.primary_side(&pp, "10.214.0.2:7400", &p_side, &[]);
         wait_state(&pp, "protected", Duration::from_secs(20));
         let client = background_client(vec![pp.serial.clone(), sp.serial.clone()]);
-        std::thread::sleep(Duration::from_millis(300));
+        client.wait_replies(5, Duration::from_secs(20));
         net.partition();
         // Both sides notice the silence and race for the tie-breaker; the loser halts.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let (loser, winner, at, winner_paths, who) = loop {
+        let halted = wait_for("nobody halted after the partition", Duration::from_secs(15), || {
             if let Some(st) = primary.try_wait() {
+                return Some((st, "primary"));
+            }
+            standby.try_wait().map(|st| (st, "standby"))
+        });
+        let (winner, at, winner_paths, who) = match halted {
+            (st, "primary") => {
                 assert_eq!(st.code(), Some(75), "the primary ended otherwise\n{}", log(&pp));
-                break (st, standby, 1, &sp, "standby");
+                (standby, 1, &sp, "standby")
             }
-            if let Some(st) = standby.try_wait() {
+            (st, _) => {
                 assert_eq!(st.code(), Some(75), "the standby ended otherwise\n{}", log(&sp));
-                break (st, primary, 0, &pp, "primary");
+                (primary, 0, &pp, "primary")
             }
-            assert!(Instant::now() < deadline, "nobody halted after the partition");
-            std::thread::sleep(Duration::from_millis(10));
         };
-        let _ = loser;
         let decided = |l: String| {
             l.lines().filter(|l| l.contains("tie-breaker")).find_map(|l| {
                 l.split("decided_ms=").nth(1).map(|v| v.split_whitespace().next().unwrap_or("").to_string())
@@ -374,10 +362,9 @@ fn partition_leaves_exactly_one_live_copy() {
             decided(log(&sp))
         );
         let mut winner = winner;
-        std::thread::sleep(Duration::from_millis(500));
+        let running_alone = |q: &serde_json::Value| q["state"] == "live-after-failover" || q["state"] == "unprotected";
+        wait_query(winner_paths, &format!("the {who} won"), Duration::from_secs(10), running_alone);
         assert!(winner.is_running(), "the {who} won and must keep running");
-        let state = query(winner_paths)["state"].clone();
-        assert!(state == "live-after-failover" || state == "unprotected", "{who}: {state}");
         let (generation, holder) = std::fs::read_to_string(&tb)
             .ok()
             .and_then(|t| {
@@ -433,15 +420,9 @@ fn a_guest_dirtying_flat_out_is_throttled_and_loses_nothing() {
     // encoder is unoptimised): it takes a while.
     wait_state(&pp, "protected", Duration::from_secs(90));
     let client = background_client(vec![pp.serial.clone(), sp.serial.clone()]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let q = loop {
-        let q = query(&pp);
-        if q["throttled-ms"].as_u64().unwrap_or(0) > 500 && q["output-hold-p50-us"].is_u64() {
-            break q;
-        }
-        assert!(Instant::now() < deadline, "the vCPUs were never throttled: {q}\n{}", log(&pp));
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let throttled =
+        |q: &serde_json::Value| q["throttled-ms"].as_u64().unwrap_or(0) > 500 && q["output-hold-p50-us"].is_u64();
+    let q = wait_query(&pp, "the vCPUs were never throttled", Duration::from_secs(20), throttled);
     eprintln!(
         "throttle {}% ({} ms so far); output hold p50 {} µs, p99 {} µs; pages {} bytes captured, {} sent",
         q["throttle-percent"],
@@ -492,12 +473,13 @@ fn spares_take_over_protection_in_turn() {
     let mut primary = setup.primary(&pp, &spares, &[], &[]);
     wait_protected_by(&pp, port1, "first spare");
     let client = background_client(vec![pp.serial.clone(), s2p.serial.clone()]);
-    std::thread::sleep(Duration::from_millis(300));
+    client.wait_replies(5, Duration::from_secs(20));
     s1.sigkill();
     wait_protected_by(&pp, port2, "the first spare killed");
-    std::thread::sleep(Duration::from_millis(300));
+    client.wait_replies(5, Duration::from_secs(20));
     primary.sigkill();
-    wait_state(&s2p, "live-after-failover", Duration::from_secs(10));
+    // Protected by its own spare, so live: the copy goes live and is protected again at once
+    // (its live-after-failover state may last too short a time for a poll to see).
     wait_protected_by(&s2p, port3, "the promoted copy's own spare");
     let client = client.finish_or(|| format!("primary:\n{}\ns2:\n{}", log(&pp), log(&s2p)));
     let client = finish_at(client, 1, s2, &s2p, "spares");
@@ -535,6 +517,8 @@ fn a_lagging_standby_is_replaced_by_a_spare() {
     let stop = Arc::new(AtomicBool::new(false));
     let (s1_pid, st) = (s1.pid() as i32, stop.clone());
     let bursts = std::thread::spawn(move || {
+        // The times are the point: stopped 150 ms (under the 600 ms silence timeout), 30 ms
+        // running, over and over.
         while !st.load(Ordering::SeqCst) {
             // SAFETY: kill only sends signals to the standby's process.
             unsafe { libc::kill(s1_pid, libc::SIGSTOP) };

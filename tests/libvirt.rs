@@ -4,15 +4,11 @@
 
 mod common;
 
-use common::{require_kvm, scratch, Scratch};
+use common::{later, one_at_a_time, poll, require_kvm, scratch, wait_for, wait_until, Scratch};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-/// One libvirtd at a time.
-static DAEMON: Mutex<()> = Mutex::new(());
 
 /// libvirt's daemons, started by this test with the persona first in libvirtd's PATH, and
 /// stopped by their pids on drop.
@@ -66,21 +62,10 @@ impl Libvirt {
         for (d, p) in [("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")] {
             let st = Command::new(d).arg("-d").env("PATH", &path).status().unwrap();
             assert!(st.success(), "{d} -d failed");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let pid = loop {
-                if let Some(pid) = pid_of(p) {
-                    break pid;
-                }
-                assert!(Instant::now() < deadline, "{d} wrote no pidfile");
-                std::thread::sleep(Duration::from_millis(50));
-            };
+            let pid = wait_for(format!("{d} wrote no pidfile"), Duration::from_secs(10), || pid_of(p));
             lv.started.push((d, pid));
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !virsh(&["version"]).status.success() {
-            assert!(Instant::now() < deadline, "libvirtd does not answer");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until("libvirtd does not answer", Duration::from_secs(20), || virsh(&["version"]).status.success());
         lv
     }
 
@@ -94,18 +79,10 @@ impl Libvirt {
         stop(pid);
         let st = Command::new("libvirtd").arg("-d").env("PATH", self.path()).status().unwrap();
         assert!(st.success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let pid = loop {
-            if let Some(p) = pid_of("/run/libvirtd.pid") {
-                break p;
-            }
-            assert!(Instant::now() < deadline, "libvirtd did not come back");
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let pid = wait_for("libvirtd did not come back", Duration::from_secs(10), || pid_of("/run/libvirtd.pid"));
         self.started.push(("libvirtd", pid));
-        while !virsh(&["version"]).status.success() {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let answers = || virsh(&["version"]).status.success();
+        wait_until("the restarted libvirtd does not answer", Duration::from_secs(20), answers);
     }
 
     fn path(&self) -> String {
@@ -137,11 +114,9 @@ impl Libvirt {
 fn stop(pid: u32) {
     // SAFETY: signals only the daemon this test started.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // (No failure if it lingers: this runs on drop too.)
     // SAFETY: signal 0 only checks the process still exists.
-    while unsafe { libc::kill(pid as i32, 0) } == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll(Duration::from_secs(10), || unsafe { libc::kill(pid as i32, 0) } != 0);
 }
 
 impl Drop for Libvirt {
@@ -175,11 +150,8 @@ fn state(dom: &str) -> String {
 }
 
 fn wait_state(dom: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !state(dom).starts_with(want) {
-        assert!(Instant::now() < deadline, "{dom} never became '{want}': {}", state(dom));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let what = later(|| format!("{dom} never became '{want}': {}", state(dom)));
+    wait_until(what, Duration::from_secs(20), || state(dom).starts_with(want));
 }
 
 /// A request to the guest's service over `virsh console`'s terminal (the domain's pty).
@@ -212,7 +184,7 @@ fn log(dom: &str) -> String {
 
 #[test]
 fn virsh_manages_an_smpft_domain_through_its_whole_life() {
-    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     let mut lv = Libvirt::start("libvirt-life");
     let caps = ok(&["capabilities"]);
     assert!(caps.contains(&lv.emulator().display().to_string()), "the persona is libvirt's x86_64 emulator:\n{caps}");
@@ -267,7 +239,7 @@ fn virsh_manages_an_smpft_domain_through_its_whole_life() {
 /// A disk (a raw file and an NBD export) and a NIC on a bridge, through libvirt's XML.
 #[test]
 fn a_domain_with_disks_and_a_bridged_nic_runs_its_services() {
-    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     let lv = Libvirt::start("libvirt-io");
     let raw = lv.dir.join("disk.raw");
     std::fs::File::create(&raw).unwrap().set_len(32 << 20).unwrap();
@@ -292,15 +264,11 @@ fn a_domain_with_disks_and_a_bridged_nic_runs_its_services() {
     let xml = lv.domain(dom, "counter service disk disk-ws=4M net ip=203.0.113.2/24 duration=600s", &devices);
     ok(&["define", xml.to_str().unwrap()]);
     ok(&["start", dom]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
+    let never = later(|| format!("the guest's HTTP service never answered\n{}", log(dom)));
+    let body = wait_for(never, Duration::from_secs(20), || {
         let o = net.client(&["curl", "-sS", "--max-time", "5", "http://203.0.113.2/incr/1"]);
-        if o.status.success() {
-            break String::from_utf8_lossy(&o.stdout).trim().to_string();
-        }
-        assert!(Instant::now() < deadline, "the guest's HTTP service never answered\n{}", log(dom));
-        std::thread::sleep(Duration::from_millis(200));
-    };
+        o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    });
     assert_eq!(body, "OK 1 1");
     let stats = ok(&["domstats", "--block", dom]);
     let field = |k: &str| stats.lines().find_map(|l| l.trim().strip_prefix(k)).and_then(|v| v.parse::<u64>().ok());
@@ -318,7 +286,7 @@ fn a_domain_with_disks_and_a_bridged_nic_runs_its_services() {
 
 #[test]
 fn what_smpft_cannot_run_is_refused_with_its_reason() {
-    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     let lv = Libvirt::start("libvirt-bad");
     let qcow = lv.dir.join("d.qcow2");
     let st = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&qcow).arg("16M").status();
@@ -436,11 +404,8 @@ fn ft_pair(lv: &Libvirt) {
     ok(&["start", "--paused", "lv-fts"]);
     wait_state("lv-fts", "paused");
     ok(&["start", "lv-ftp"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !query_ft("lv-ftp").contains(r#""state":"protected""#) {
-        assert!(Instant::now() < deadline, "never protected: {}\n{}", query_ft("lv-ftp"), log("lv-ftp"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let never = later(|| format!("never protected: {}\n{}", query_ft("lv-ftp"), log("lv-ftp")));
+    wait_until(never, Duration::from_secs(30), || query_ft("lv-ftp").contains(r#""state":"protected""#));
 }
 
 /// The FT pair as two libvirt domains on this host: the standby started paused (and staying
@@ -448,7 +413,7 @@ fn ft_pair(lv: &Libvirt) {
 /// with SIGKILL, the standby domain running with nothing lost.
 #[test]
 fn an_ft_pair_of_libvirt_domains_fails_over() {
-    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     let lv = Libvirt::start_with("libvirt-ft", true);
     ft_pair(&lv);
     let o = virsh(&["resume", "lv-fts"]);
@@ -473,7 +438,7 @@ fn an_ft_pair_of_libvirt_domains_fails_over() {
 /// both domains shut off (not crashed).
 #[test]
 fn shutting_down_the_primary_domain_ends_both() {
-    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     let lv = Libvirt::start_with("libvirt-ftdown", true);
     ft_pair(&lv);
     assert_eq!(console_request("lv-ftp", "INCR 1"), "OK 1 1");
@@ -485,7 +450,7 @@ fn shutting_down_the_primary_domain_ends_both() {
 
 #[test]
 fn bad_ft_metadata_stops_the_start_with_the_reason() {
-    let _one = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     let lv = Libvirt::start_with("libvirt-ftbad", true);
     let ft_dir = ft_identities(&lv);
     let peer = "<smpft:peer>127.0.0.1:7400</smpft:peer>";

@@ -9,22 +9,15 @@
 
 mod common;
 
-use common::ft::{log, query, spawn, wait_exit, wait_state, FtSetup, Side};
-use common::{require_kvm, rng, Proc, VmPaths};
+use common::ft::{log, query, spawn, wait_exit, wait_query, wait_state, FtSetup, Side};
+use common::{accepts_connections, later, one_at_a_time, require_kvm, seeded_rng, wait_for, wait_until, Proc, VmPaths};
 use smp_ft::lan::{Lan, FT_B, GUEST_MAC};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::ExitStatusExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Each test runs two VMs; one at a time keeps them within the host's 2 cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const GUEST: &str = "counter service churn churn-rate=500 churn-ws=2M net ip=192.0.2.2/24 duration=600s";
 const SERVICE_PORT: u16 = 7000;
@@ -72,15 +65,9 @@ fn stream_byte(offset: u64) -> u8 {
 
 impl NetClient {
     fn connect(lan: &Lan) -> NetClient {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let connect = |port| loop {
-            match lan.connect(port, Duration::from_secs(2)) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "cannot reach the guest's port {port}: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
+        let connect = |port| {
+            let what = format!("cannot reach the guest's port {port}");
+            wait_for(what, Duration::from_secs(20), || lan.connect(port, Duration::from_secs(2)).ok())
         };
         let svc = connect(SERVICE_PORT);
         let echo = connect(ECHO_PORT);
@@ -143,17 +130,34 @@ impl NetClient {
 /// Runs `client` in the background until told to stop.
 fn background(mut client: NetClient) -> Background {
     let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let t = std::thread::spawn(move || {
+    let steps = Arc::new(AtomicU64::new(0));
+    let (s, n) = (stop.clone(), steps.clone());
+    let thread = std::thread::spawn(move || {
         while !s.load(Ordering::SeqCst) {
             client.step()?;
+            n.fetch_add(1, Ordering::SeqCst);
         }
         Ok(client)
     });
-    (stop, t)
+    Background { stop, steps, thread }
 }
 
-type Background = (Arc<AtomicBool>, std::thread::JoinHandle<Result<NetClient, String>>);
+struct Background {
+    stop: Arc<AtomicBool>,
+    /// Steps done so far.
+    steps: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<Result<NetClient, String>>,
+}
+
+impl Background {
+    /// Waits until the client has done `n` more steps than now (or has stopped on an error,
+    /// which [`finish`] reports).
+    fn wait_steps(&self, n: u64, within: Duration) {
+        let want = self.steps.load(Ordering::SeqCst) + n;
+        let what = later(|| format!("the client did {} of {want} steps", self.steps.load(Ordering::SeqCst)));
+        wait_until(what, within, || self.steps.load(Ordering::SeqCst) >= want || self.thread.is_finished());
+    }
+}
 
 /// A protected pair, and a client connected to the guest (a few steps done) running in the
 /// background.
@@ -164,13 +168,13 @@ fn pair_with_client(setup: &FtSetup, lan: &Lan, name: &str) -> (Pair, Background
         client.step().unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     let bg = background(client);
-    std::thread::sleep(Duration::from_millis(200));
+    bg.wait_steps(5, Duration::from_secs(20));
     (p, bg)
 }
 
 fn finish(bg: Background, context: impl FnOnce() -> String) -> NetClient {
-    bg.0.store(true, Ordering::SeqCst);
-    bg.1.join().unwrap().unwrap_or_else(|e| panic!("client: {e}\n{}", context()))
+    bg.stop.store(true, Ordering::SeqCst);
+    bg.thread.join().unwrap().unwrap_or_else(|e| panic!("client: {e}\n{}", context()))
 }
 
 /// After a failover: more steps on the same connection, EXIT, and the live copy's guest checks
@@ -236,9 +240,7 @@ fn a_tcp_connection_survives_primary_sigkill_at_random_moments() {
     require_kvm();
     let _one = one_at_a_time();
     let setup = FtSetup::new("net-kill");
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    let mut r = rng(seed);
-    eprintln!("seed {seed}");
+    let (_seed, mut r) = seeded_rng();
     let mut outages = Vec::new();
     for trial in 0..10 {
         let lan = Lan::new("t").expect("the network tests need root and iproute2");
@@ -250,11 +252,12 @@ fn a_tcp_connection_survives_primary_sigkill_at_random_moments() {
         }
         let bg = background(client);
         let wait = r(500);
+        // The moment is the point: a random time into the connection.
         std::thread::sleep(Duration::from_millis(wait));
         p.primary.sigkill();
         let what = format!("trial {trial} (SIGKILL {wait} ms into the connection)");
         wait_state(&p.sp, "live-after-failover", Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(300));
+        bg.wait_steps(5, Duration::from_secs(20));
         let client = finish(bg, || format!("{what}\nprimary:\n{}\nstandby:\n{}", log(&p.pp), log(&p.sp)));
         outages.push(client.longest);
         let client = finish_on_live(client, p.standby, &p.sp, &what);
@@ -278,12 +281,13 @@ fn a_frozen_primary_sends_nothing_after_the_standby_took_over() {
     // SAFETY: kill only sends a signal to the primary's process.
     unsafe { libc::kill(p.primary.pid() as i32, libc::SIGSTOP) };
     wait_state(&p.sp, "live-after-failover", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(500));
+    bg.wait_steps(5, Duration::from_secs(20));
     let before = lan.sent_by("pa");
     // SAFETY: as above.
     unsafe { libc::kill(p.primary.pid() as i32, libc::SIGCONT) };
     let status = wait_exit(p.primary, Duration::from_secs(20));
     assert_eq!(status.code(), Some(HALTED), "the thawed primary lost the tie-breaker and halts\n{}", log(&p.pp));
+    // The time is the point: a window in which a late frame from host A would be counted.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(lan.sent_by("pa"), before, "the old primary's host sent frames after it lost\n{}", log(&p.pp));
     let client = finish(bg, || log(&p.sp));
@@ -299,21 +303,25 @@ fn cutting_only_the_ft_link_leaves_exactly_one_copy_answering() {
     let (p, bg) = pair_with_client(&setup, &lan, "cut");
     lan.cut_ft_link().unwrap();
     let (mut primary, mut standby) = (p.primary, p.standby);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let (winner, paths, who) = loop {
+    let halted = wait_for("nobody halted after the FT link was cut", Duration::from_secs(15), || {
         if let Some(st) = primary.try_wait() {
+            return Some((st, "primary"));
+        }
+        standby.try_wait().map(|st| (st, "standby"))
+    });
+    let (winner, paths, who) = match halted {
+        (st, "primary") => {
             assert_eq!(st.code(), Some(HALTED), "the primary ended otherwise\n{}", log(&p.pp));
-            break (standby, &p.sp, "standby");
+            (standby, &p.sp, "standby")
         }
-        if let Some(st) = standby.try_wait() {
+        (st, _) => {
             assert_eq!(st.code(), Some(HALTED), "the standby ended otherwise\n{}", log(&p.sp));
-            break (primary, &p.pp, "primary");
+            (primary, &p.pp, "primary")
         }
-        assert!(Instant::now() < deadline, "nobody halted after the FT link was cut");
-        std::thread::sleep(Duration::from_millis(10));
     };
     let mut winner = winner;
-    std::thread::sleep(Duration::from_millis(500));
+    let running_alone = |q: &serde_json::Value| q["state"] == "live-after-failover" || q["state"] == "unprotected";
+    wait_query(paths, &format!("the {who} won"), Duration::from_secs(10), running_alone);
     assert!(winner.is_running(), "the {who} won and keeps running");
     let client = finish(bg, || log(paths));
     eprintln!("FT link cut: the {who} won; the connection carried on ({} INCRs)", client.last);
@@ -339,9 +347,14 @@ fn bad_network_arguments_are_refused_with_a_clear_error() {
     assert!(run("bridge=br0").contains("unknown network spec option"));
     let _one = one_at_a_time();
     let lan = Lan::new("t").expect("the network tests need root and iproute2");
-    let first =
-        in_ns_spawn(&lan.a, &["run", "--guest-args", "counter duration=20s", "--serial", "null", "--net", "tap=tap0"]);
-    std::thread::sleep(Duration::from_millis(500));
+    let dir = common::scratch("net-busy");
+    let qmp = dir.join("first.qmp");
+    let qmp_arg = format!("unix:{}", qmp.display());
+    let args =
+        ["run", "--guest-args", "counter duration=20s", "--serial", "null", "--net", "tap=tap0", "--qmp", &qmp_arg];
+    let first = in_ns_spawn(&lan.a, &args);
+    // Its QMP socket is bound once the VM (with its tap) is built.
+    wait_until("the first VM never answered on QMP", Duration::from_secs(20), || accepts_connections(&qmp));
     let o = smp_ft::lan::in_ns(
         &lan.a,
         &[

@@ -18,12 +18,6 @@ const RUNS: usize = 20;
 /// The bound a stop must meet: well under the 10 s after which a signal ends smpft regardless.
 const BOUND: Duration = Duration::from_secs(5);
 
-/// One test at a time: each starts many processes and threads on a 2-core host.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// QMP clients hammering one socket until dropped.
 struct Pollers {
     stop: Arc<AtomicBool>,
@@ -55,11 +49,9 @@ impl Pollers {
 
     /// Waits until the pollers have had `n` answers (the QMP server is up and serving).
     fn wait_answers(&self, n: u64) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.answered.load(Ordering::SeqCst) < n {
-            assert!(Instant::now() < deadline, "QMP never answered the pollers");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("QMP never answered the pollers", Duration::from_secs(30), || {
+            self.answered.load(Ordering::SeqCst) >= n
+        });
     }
 }
 
@@ -203,6 +195,7 @@ fn quit_ends_the_process_while_clients_poll() {
 fn sigterm_ends_the_process_while_clients_poll() {
     vm_runs("sigterm", "counter duration=600s", Some(128 + libc::SIGTERM), |vm, qmp| {
         Qmp::negotiated(qmp);
+        // The time is the point: the signal comes while the pollers are at work.
         std::thread::sleep(Duration::from_millis(50));
         let t = Instant::now();
         sigterm(vm);

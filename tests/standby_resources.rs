@@ -8,11 +8,6 @@ use common::ft::{free_port, log, query, wait_state, FtSetup};
 use common::*;
 use std::time::{Duration, Instant};
 
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Paths whose serial socket lives in its own directory, which a test can take away.
 fn paths_in_subdir(setup: &FtSetup, name: &str) -> (VmPaths, std::path::PathBuf) {
     let sub = setup.dir.join(format!("{name}-run"));
@@ -20,6 +15,16 @@ fn paths_in_subdir(setup: &FtSetup, name: &str) -> (VmPaths, std::path::PathBuf)
     let mut p = setup.paths(name);
     p.serial = sub.join("serial.sock");
     (p, sub)
+}
+
+/// Waits until the standby at `sp` noticed the silent primary, declined to claim, and waits for
+/// a primary again.
+fn wait_standing_down(sp: &VmPaths) {
+    let what = later(|| format!("the standby never stood down\n{}", log(sp)));
+    wait_until(what, Duration::from_secs(20), || {
+        let l = log(sp);
+        l.contains("not claiming the tie-breaker") && l.contains("standby waiting for a primary again")
+    });
 }
 
 #[test]
@@ -80,7 +85,7 @@ fn a_stalled_primary_keeps_the_vm_when_the_standby_could_not_go_live() {
     std::fs::remove_dir_all(&sub).unwrap();
 
     signal(&primary, libc::SIGSTOP);
-    std::thread::sleep(Duration::from_secs(2));
+    wait_standing_down(&sp);
     assert!(standby.is_running(), "the standby keeps running\n{}", log(&sp));
     assert_eq!(setup.record(), None, "the standby never claimed the tie-breaker\n{}", log(&sp));
     assert!(log(&sp).contains("could not go live"), "{}", log(&sp));
@@ -88,11 +93,8 @@ fn a_stalled_primary_keeps_the_vm_when_the_standby_could_not_go_live() {
 
     // The primary runs on and answers; it holds the tie-breaker.
     assert_eq!(reply(&client.call("INCR 2"), "OK"), (2, 2));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log(&pp).contains("could not go live") {
-        assert!(Instant::now() < deadline, "the primary never logged the standby's refusal\n{}", log(&pp));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let refused = later(|| format!("the primary never logged the standby's refusal\n{}", log(&pp)));
+    wait_until(refused, Duration::from_secs(20), || log(&pp).contains("could not go live"));
     wait_state(&pp, "unprotected", Duration::from_secs(10));
     let (_, holder) = setup.record().expect("the primary claimed the tie-breaker");
     assert!(holder.ends_with(&format!(":{}", primary.pid())), "holder {holder}");
@@ -116,7 +118,7 @@ fn a_standby_that_could_not_go_live_does_not_claim_when_the_primary_dies() {
     wait_state(&pp, "protected", Duration::from_secs(30));
     std::fs::remove_dir_all(&sub).unwrap();
     primary.sigkill();
-    std::thread::sleep(Duration::from_secs(1));
+    wait_standing_down(&sp);
     assert!(standby.is_running(), "{}", log(&sp));
     assert_eq!(query(&sp)["state"], "waiting", "{}", log(&sp));
     assert_eq!(setup.record(), None, "no claim\n{}", log(&sp));
@@ -179,6 +181,7 @@ fn a_standby_waiting_for_the_tie_breaker_keeps_answering_qmp() {
         let r = q.ok("x-smpft-query-ft", None);
         assert_eq!(r["state"], "arbitrating", "{r}");
         assert!(t.elapsed() < Duration::from_secs(1), "QMP took {:?} while the lock was held", t.elapsed());
+        // The time is the point: asked every 100 ms for 3 s, across several claim attempts.
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(log(&sp).contains("could not be locked"), "the claims did wait for the lock\n{}", log(&sp));

@@ -9,11 +9,7 @@ mod common;
 use common::ft::{background_client, free_port, log, query, spawn, wait_exit, wait_state, FtSetup, Side, GUEST};
 use common::{require_kvm, Qmp, VmPaths};
 use smpft_client::FailoverClient;
-use std::sync::Mutex;
 use std::time::Duration;
-
-/// Both tests run two VMs; one test at a time keeps them within the host's 2 cores.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 fn side<'a>(
     setup: &'a FtSetup,
@@ -31,7 +27,7 @@ fn switchover(from: &VmPaths) -> serde_json::Value {
 #[test]
 fn twenty_switchovers_back_and_forth_lose_nothing() {
     require_kvm();
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = common::one_at_a_time();
     let setup = FtSetup::new("switchover");
     let (a_addr, b_addr) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let (ap, bp) = (setup.paths("a"), setup.paths("b"));
@@ -52,7 +48,7 @@ fn twenty_switchovers_back_and_forth_lose_nothing() {
     let logs = || format!("a:\n{}\nb:\n{}", log(&ap), log(&bp));
     for i in 0..20 {
         wait_state(from, "protected", Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(100)); // the client's requests flow meanwhile
+        client.wait_replies(3, Duration::from_secs(20)); // the client's requests flow meanwhile
         let r = switchover(from);
         let r = r.get("return").cloned().unwrap_or_else(|| panic!("switchover {i}: {r}\n{}", logs()));
         generation += 1;
@@ -88,7 +84,7 @@ fn twenty_switchovers_back_and_forth_lose_nothing() {
 #[test]
 fn a_switchover_needs_a_standby_that_speaks_it() {
     require_kvm();
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = common::one_at_a_time();
     let setup = FtSetup::new("switchover-version");
     let addr = format!("127.0.0.1:{}", free_port());
     let (pp, sp) = (setup.paths("p"), setup.paths("s"));
@@ -101,6 +97,7 @@ fn a_switchover_needs_a_standby_that_speaks_it() {
     let r = switchover(&pp);
     let why = r["error"]["desc"].as_str().unwrap_or_else(|| panic!("refused: {r}")).to_string();
     assert!(why.contains("wire version 1") && why.contains("upgrade the standby"), "{why}");
+    // The time is the point: nothing changes for a while after the refusal.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(query(&pp)["state"], "protected", "the VM stays protected where it was\n{}", log(&pp));
     assert_eq!(setup.record(), None, "nobody touched the tie-breaker");
@@ -115,10 +112,7 @@ fn a_switchover_needs_a_standby_that_speaks_it() {
     let _standby2 = setup.standby(&sp2, &addr2, &setup.b, &setup.a, 4, &[("SMPFT_TEST_HOOKS", "wire-version=0")]);
     wait_state(&sp2, "waiting", Duration::from_secs(10));
     let _primary2 = setup.primary(&pp2, &addr2, &[], &[]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !log(&pp2).contains("FT wire version 0") && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(log(&pp2).contains("peer speaks FT wire version 0"), "{}", log(&pp2));
+    let refused = common::later(|| format!("the primary never refused the old standby\n{}", log(&pp2)));
+    common::wait_until(refused, Duration::from_secs(15), || log(&pp2).contains("peer speaks FT wire version 0"));
     assert_eq!(query(&pp2)["state"], "unprotected", "{}", log(&pp2));
 }

@@ -1,8 +1,10 @@
 //! Helpers for the FT tests: identities, a tie-breaker, and primary/standby processes.
 
-use super::{scratch, smpft, Proc, Qmp, Scratch, VmPaths};
+use super::{scratch, smpft, wait_for, wait_until, Proc, Qmp, Scratch, VmPaths};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
 
 pub struct FtSetup {
     pub dir: Scratch,
@@ -131,15 +133,16 @@ pub fn wait_query(
     within: Duration,
     ok: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
+    let last = std::cell::RefCell::new(serde_json::Value::Null);
+    let shown = super::later(|| format!("{what}: {}\nlog:\n{}", last.borrow(), log(p)));
+    wait_for(shown, within, || {
         let q = query(p);
         if ok(&q) {
-            return q;
+            return Some(q);
         }
-        assert!(Instant::now() < deadline, "{what}: {q}\nlog:\n{}", log(p));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        *last.borrow_mut() = q;
+        None
+    })
 }
 
 /// Waits until `x-smpft-query-ft` reports `state`; panics with the last answer after `within`.
@@ -149,46 +152,51 @@ pub fn wait_state(p: &VmPaths, state: &str, within: Duration) -> serde_json::Val
 
 /// Waits for the process to exit; panics after `within`.
 pub fn wait_exit(p: Proc, within: Duration) -> std::process::ExitStatus {
-    let pid = p.pid();
-    let deadline = Instant::now() + within;
+    let what = format!("process {} did not exit within {within:?}", p.pid());
     let mut p = p;
-    loop {
-        if let Some(s) = p.try_wait() {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "process {pid} did not exit within {within:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(what, within, || p.try_wait())
 }
 
 /// A client of the guest's service running in the background until stopped (INCRs on whichever
 /// of its paths serves); returns itself, with its checks done.
 pub struct Background {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
+    /// Replies acknowledged so far.
+    replies: Arc<AtomicU64>,
     thread: std::thread::JoinHandle<Result<smpft_client::FailoverClient, String>>,
 }
 
 pub fn background_client(paths: Vec<PathBuf>) -> Background {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let s = stop.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let replies = Arc::new(AtomicU64::new(0));
+    let (s, r) = (stop.clone(), replies.clone());
     let thread = std::thread::spawn(move || {
         let mut c = smpft_client::FailoverClient::new(paths, 1);
-        while !s.load(std::sync::atomic::Ordering::SeqCst) {
+        while !s.load(SeqCst) {
             c.incr(Duration::from_secs(20)).map_err(|e| e.to_string())?;
+            r.store(c.replies, SeqCst);
         }
         Ok(c)
     });
-    Background { stop, thread }
+    Background { stop, replies, thread }
 }
 
 impl Background {
+    /// Waits until the client has `n` more replies than now (it is getting answers); panics
+    /// after `within`.
+    pub fn wait_replies(&self, n: u64, within: Duration) {
+        let want = self.replies.load(SeqCst) + n;
+        let what = super::later(|| format!("the client got {} of {want} replies", self.replies.load(SeqCst)));
+        wait_until(what, within, || self.replies.load(SeqCst) >= want || self.thread.is_finished());
+    }
+
     pub fn finish(self) -> smpft_client::FailoverClient {
         self.finish_or(String::new)
     }
 
     /// As `finish`; on failure the panic message adds `context()` (e.g. the processes' logs).
     pub fn finish_or(self, context: impl FnOnce() -> String) -> smpft_client::FailoverClient {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.store(true, SeqCst);
         self.thread.join().unwrap().unwrap_or_else(|e| panic!("client: {e}\n{}", context()))
     }
 }

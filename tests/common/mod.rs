@@ -4,9 +4,10 @@
 pub mod ft;
 pub mod linux;
 
+use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// These tests need KVM. Without it they fail, loudly, rather than pass vacuously.
 pub fn require_kvm() {
@@ -301,7 +302,89 @@ pub fn sigkill(p: &mut Proc) {
     p.sigkill();
 }
 
-/// A small xorshift generator: `r(n)` is in `0..n`. Tests print their seed.
+/// One test at a time in this test binary: each starts VMs (often two, of several vCPUs) and
+/// the host has 2 cores. A test that panicked does not block the next.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Polls `cond` every few milliseconds until it holds or `within` has passed; whether it held.
+pub fn poll(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+const POLL: Duration = Duration::from_millis(20);
+
+/// Waits until `cond` holds; fails the test with `what` and the time waited after `within`.
+pub fn wait_until(what: impl Display, within: Duration, mut cond: impl FnMut() -> bool) {
+    wait_for(what, within, || cond().then_some(()))
+}
+
+/// Waits until `get` gives a value and returns it; fails as [`wait_until`] does.
+pub fn wait_for<T>(what: impl Display, within: Duration, mut get: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = get() {
+            return v;
+        }
+        let waited = started.elapsed();
+        assert!(waited < within, "{what} (waited {waited:.1?})");
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A message made only when shown: `later(|| format!("..{}", log(&p)))` reads the log only
+/// if the wait fails.
+pub fn later<F: Fn() -> String>(f: F) -> Later<F> {
+    Later(f)
+}
+
+pub struct Later<F>(F);
+
+impl<F: Fn() -> String> Display for Later<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&(self.0)())
+    }
+}
+
+/// The seed of a randomized test: `SMPFT_TEST_SEED` if set (to replay a run), else drawn from
+/// the clock. Printed at the start, and again if the test fails.
+pub struct Seed(pub u64);
+
+/// The test's [`Seed`] (keep it alive to the end of the test: it prints the seed again on
+/// failure) and a generator from it.
+pub fn seeded_rng() -> (Seed, impl FnMut(u64) -> u64) {
+    let seed = match std::env::var("SMPFT_TEST_SEED") {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| panic!("SMPFT_TEST_SEED={v:?} is not a number")),
+        Err(_) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            now.as_nanos() as u64
+        }
+    };
+    eprintln!("SMPFT_TEST_SEED={seed}");
+    (Seed(seed), rng(seed))
+}
+
+impl Drop for Seed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("failed with SMPFT_TEST_SEED={}: set it to replay this run", self.0);
+        }
+    }
+}
+
+/// A small xorshift generator: `r(n)` is in `0..n`. Randomized tests take it from
+/// [`seeded_rng`].
 pub fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
     let mut x = seed | 1;
     move |n| {

@@ -1,10 +1,11 @@
 //! FT figures for QMP (`x-smpft-query-ft`) and the progress display of the initial copy.
 
 use crate::snapshot::PauseTimings;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 const SAMPLES: usize = 4096;
@@ -238,51 +239,82 @@ pub fn nics(vm: &crate::vmm::RunningVm) -> Value {
     Value::Array(nics)
 }
 
-/// Progress of the initial copy: a bar on a terminal, log lines otherwise.
+/// Progress of the initial copy: an `indicatif` spinner on a terminal, a log line per round
+/// otherwise (no terminal control in a log).
 pub struct Progress {
     what: &'static str,
     started: Instant,
-    tty: bool,
+    /// The spinner, when stderr is a terminal.
+    bar: Option<ProgressBar>,
 }
 
 impl Progress {
     pub fn new(what: &'static str) -> Progress {
-        Progress { what, started: Instant::now(), tty: std::io::stderr().is_terminal() }
+        let bar = std::io::stderr().is_terminal().then(|| spinner(what));
+        Progress { what, started: Instant::now(), bar }
     }
 
     /// Round `round` started; `total` bytes so far, `this` of them in this round.
     pub fn update(&self, round: u32, total: u64, this: u64) {
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let rate = total as f64 / secs;
-        let eta = this as f64 / rate.max(1.0);
-        if self.tty {
-            let mut e = std::io::stderr().lock();
-            let _ = write!(
-                e,
-                "\r\x1b[K{}: round {round}, {:.1} MiB sent, {:.1} MiB/s, ETA {:.1} s",
-                self.what,
-                total as f64 / 1048576.0,
-                rate / 1048576.0,
-                eta
-            );
-            let _ = e.flush();
-        } else {
-            tracing::info!(
+        let r = Rate::new(self.started.elapsed(), total, this);
+        match &self.bar {
+            Some(bar) => bar.set_message(r.line(round, total)),
+            None => tracing::info!(
                 round,
                 sent_bytes = total,
                 round_bytes = this,
-                rate_mib_s = format_args!("{:.1}", rate / 1048576.0),
-                eta_s = format_args!("{eta:.2}"),
+                rate_mib_s = format_args!("{:.1}", r.mib_s()),
+                eta_s = format_args!("{:.2}", r.eta_s),
                 "{}",
                 self.what
-            );
+            ),
         }
     }
 
+    /// The copy is done: the spinner stays on its line with the last figures.
     pub fn finish(&self) {
-        if self.tty {
-            let _ = writeln!(std::io::stderr().lock());
+        if let Some(bar) = &self.bar {
+            bar.finish();
         }
+    }
+}
+
+/// A spinner on stderr: `what`, its figures and the time taken.
+fn spinner(what: &'static str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{spinner} {prefix}: {msg} [{elapsed}]")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    bar.set_style(style);
+    bar.set_prefix(what);
+    bar.set_message("starting");
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// The copy's rate so far and the time this round should take at it.
+struct Rate {
+    bytes_s: f64,
+    eta_s: f64,
+}
+
+impl Rate {
+    fn new(elapsed: Duration, total: u64, this: u64) -> Rate {
+        let bytes_s = total as f64 / elapsed.as_secs_f64().max(1e-3);
+        Rate { bytes_s, eta_s: this as f64 / bytes_s.max(1.0) }
+    }
+
+    fn mib_s(&self) -> f64 {
+        self.bytes_s / 1048576.0
+    }
+
+    /// The spinner's message: round, bytes sent, rate and ETA.
+    fn line(&self, round: u32, total: u64) -> String {
+        format!(
+            "round {round}, {:.1} MiB sent, {:.1} MiB/s, ETA {:.1} s",
+            total as f64 / 1048576.0,
+            self.mib_s(),
+            self.eta_s
+        )
     }
 }
 
@@ -309,5 +341,25 @@ mod tests {
         assert_eq!(j["pause-p50-us"], 700);
         assert_eq!(j["channel-datagrams-per-send"], 6.3);
         assert_eq!(j["pause-phases-p50-p99-us"]["copy"], json!([200, 200]));
+    }
+
+    #[test]
+    fn progress_figures_and_a_quiet_progress_off_a_terminal() {
+        let r = Rate::new(Duration::from_secs(2), 8 << 20, 2 << 20);
+        assert_eq!(r.mib_s(), 4.0);
+        assert_eq!(r.eta_s, 0.5);
+        assert_eq!(r.line(3, 8 << 20), "round 3, 8.0 MiB sent, 4.0 MiB/s, ETA 0.5 s");
+        // No time yet, nothing sent: finite figures, no division by zero.
+        let r = Rate::new(Duration::ZERO, 0, 4096);
+        assert!(r.mib_s() == 0.0 && r.eta_s.is_finite());
+        // The test harness captures stderr: no terminal, so no bar, and updates only log.
+        let p = Progress { what: "initial copy", started: Instant::now(), bar: None };
+        p.update(1, 4096, 4096);
+        p.finish();
+        // A bar drawn nowhere takes the same calls.
+        let p = Progress { bar: Some(ProgressBar::hidden()), ..p };
+        p.update(2, 8192, 4096);
+        p.finish();
+        assert!(p.bar.as_ref().is_some_and(|b| b.is_finished() && b.message().starts_with("round 2,")));
     }
 }
