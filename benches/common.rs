@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_smpft");
+/// The smpft binary the benchmark runs: this build's, or `SMPFT_BENCH_BIN` (another build, to
+/// compare two side by side on one machine).
+pub fn bin() -> String {
+    std::env::var("SMPFT_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_smpft").to_string())
+}
 
 pub struct Killed(pub Child);
 
@@ -30,7 +34,7 @@ impl Env {
         std::fs::create_dir_all(&dir).unwrap();
         let (a, b) = (dir.join("a"), dir.join("b"));
         for d in [&a, &b] {
-            let o = Command::new(BIN).args(["keygen", "--out"]).arg(d).output().unwrap();
+            let o = Command::new(bin()).args(["keygen", "--out"]).arg(d).output().unwrap();
             assert!(o.status.success(), "keygen failed (is the smpft binary built?)");
         }
         Env { dir, a, b }
@@ -57,10 +61,10 @@ impl Env {
     pub fn spawn_in(&self, ns: Option<&str>, name: &str, args: &[String]) -> Killed {
         let s = |x: &str| self.dir.join(format!("{name}.{x}")).display().to_string();
         let mut cmd = match ns {
-            None => Command::new(BIN),
+            None => Command::new(bin()),
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, BIN]);
+                c.args(["netns", "exec", ns, &bin()]);
                 c
             }
         };

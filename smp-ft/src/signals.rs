@@ -15,34 +15,52 @@ pub(crate) fn forward_signals(tx: crossbeam_channel::Sender<VmEvent>) {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let mut first: Option<i32> = None;
+            let set = termination_set();
+            let sig = wait_signal(&set, None).unwrap_or(libc::SIGTERM);
+            let _ = tx.send(VmEvent::Signal(sig));
+            // The stop is under way; this thread keeps its bound.
+            let deadline = std::time::Instant::now() + SIGNAL_GRACE;
             loop {
-                let set = termination_set();
-                let mut sig = 0;
-                // SAFETY: `set` is an initialised signal set and `sig` a valid out pointer.
-                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                    continue;
-                }
-                if first.is_some() {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match wait_signal(&set, Some(left)) {
+                    None => {
+                        tracing::error!("the VM did not stop within {SIGNAL_GRACE:?} of signal {sig}: exiting now");
+                        exit_now(sig);
+                    }
                     // A second Ctrl-C is someone who will not wait. Repeated SIGTERMs are a
                     // supervisor's (libvirt sends more than one): the stop already under way,
                     // bounded by SIGNAL_GRACE, finishes and flushes the disks.
-                    if sig == libc::SIGINT {
-                        tracing::warn!("signal {sig} while stopping: exiting now");
-                        exit_now(sig);
+                    Some(libc::SIGINT) => {
+                        tracing::warn!("signal {} while stopping: exiting now", libc::SIGINT);
+                        exit_now(libc::SIGINT);
                     }
-                    continue;
+                    Some(_) => {}
                 }
-                first = Some(sig);
-                let _ = tx.send(VmEvent::Signal(sig));
-                let _ = std::thread::Builder::new().name("signal-grace".into()).spawn(move || {
-                    std::thread::sleep(SIGNAL_GRACE);
-                    tracing::error!("the VM did not stop within {SIGNAL_GRACE:?} of signal {sig}: exiting now");
-                    exit_now(sig);
-                });
             }
         })
         .expect("spawn signal thread");
+}
+
+/// Waits for one of `set`'s signals, for at most `timeout` (none: for ever); `None` if the
+/// time ran out.
+fn wait_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<i32> {
+    loop {
+        let ts =
+            timeout.map(|t| libc::timespec { tv_sec: t.as_secs() as libc::time_t, tv_nsec: t.subsec_nanos() as _ });
+        let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: `set` is an initialised signal set, a null info pointer is allowed, and
+        // `ts_ptr` is null or points at a timespec that outlives the call.
+        let r = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), ts_ptr) };
+        if r > 0 {
+            return Some(r);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN) => return None,
+            // Interrupted: wait again (the deadline's remainder is the caller's to recompute,
+            // and an interruption comes long before it).
+            _ => continue,
+        }
+    }
 }
 
 /// Ends the process with status 128 + `sig` without running destructors or flushing anything

@@ -81,6 +81,7 @@ impl Vm {
             sender: tx,
             serial: Some(serial),
             nets,
+            announcer: Mutex::new(None),
             control: parts.control,
             kick: parts.kick,
             devices: parts.devices,
@@ -105,6 +106,8 @@ pub struct RunningVm {
     serial: Option<SerialBackend>,
     /// The NICs' receive threads.
     nets: Vec<net::backend::NetBackend>,
+    /// The go-live announcements being sent, and what stops them.
+    announcer: Mutex<Option<(shutdown::Shutdown, JoinHandle<()>)>>,
     pub(crate) control: Arc<VcpuControl>,
     kick: Arc<SignalKick>,
     pub(crate) devices: Arc<Devices>,
@@ -223,14 +226,22 @@ impl RunningVm {
                 n.device().tap().name()
             );
         }
+        let stop = match shutdown::Shutdown::new() {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!("cannot announce the VM's network addresses: {e}"),
+        };
+        let until = stop.clone();
         let spawned = std::thread::Builder::new().name("net-announce".into()).spawn(move || {
             for delay in net::announce::SCHEDULE {
-                std::thread::sleep(delay);
+                if until.wait_timeout(delay) {
+                    return;
+                }
                 nets.iter().for_each(|n| n.device().announce());
             }
         });
-        if let Err(e) = spawned {
-            tracing::warn!("cannot announce the VM's network addresses: {e}");
+        match spawned {
+            Ok(t) => *self.announcer.lock() = Some((stop, t)),
+            Err(e) => tracing::warn!("cannot announce the VM's network addresses: {e}"),
         }
     }
 
@@ -253,6 +264,10 @@ impl RunningVm {
         }
         if let Some(s) = self.serial.take() {
             s.stop();
+        }
+        if let Some((stop, t)) = self.announcer.lock().take() {
+            stop.fire();
+            let _ = t.join();
         }
         self.nets.drain(..).for_each(net::backend::NetBackend::stop);
         if exited {

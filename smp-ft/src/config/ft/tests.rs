@@ -104,6 +104,14 @@ fn every_protocol_setting_is_reachable() {
         b = b.parse(s, v).unwrap();
     }
     let o = b.build().unwrap();
+    // The retry pauses have no metadata element: their defaults stand.
+    let d = PrimaryConfig::default();
+    let want = PrimaryConfig {
+        reconnect_after: d.reconnect_after,
+        refused_retry: d.refused_retry,
+        arbitrate_retry: d.arbitrate_retry,
+        ..want
+    };
     assert_eq!((o.protocol, o.claim_timeout), (want, ms(500)));
     assert_eq!((o.compression, o.compression_cache), (Compression::Lz4, 1 << 20));
 }
