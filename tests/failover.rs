@@ -542,3 +542,41 @@ fn a_lagging_standby_is_replaced_by_a_spare() {
     assert!(client.replies > 20, "the client made progress");
     assert!(wait_exit(s2, Duration::from_secs(20)).success(), "the spare stands down with the VM\n{}", log(&s2p));
 }
+
+/// The `OK <id> <value>` replies in a serial log, in order.
+fn ok_replies(log: &str) -> Vec<(u64, u64)> {
+    log.lines().filter_map(|l| smpft_client::parse_reply(l.trim_end_matches('\r'), "OK").ok()).collect()
+}
+
+#[test]
+fn the_serial_log_continues_on_the_standby_after_a_failover() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-serial-log");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
+    let (plog, slog) = (setup.dir.join("p-console.log"), setup.dir.join("s-console.log"));
+    let (pl, sl) = (plog.display().to_string(), slog.display().to_string());
+    let side = Side { me: &setup.b, peer: &setup.a, tiebreak: &setup.tiebreak, env: &[], netns: None };
+    let args = ["standby", "--listen", &addr, "--vcpus", "4", "--memory", "128M", "--serial-log", &sl];
+    let standby = common::ft::spawn(&sp, &side, &args);
+    let mut primary = setup.primary(&pp, &addr, &[], &["--serial-log", &pl]);
+    wait_state(&pp, "protected", Duration::from_secs(20));
+    let client = background_client(vec![pp.serial.clone(), sp.serial.clone()]);
+    client.wait_replies(30, Duration::from_secs(20));
+    primary.sigkill();
+    let client = finish_on(client.finish(), standby, &sp, "serial log");
+    let (p, s) = (std::fs::read_to_string(&plog).unwrap(), std::fs::read_to_string(&slog).unwrap());
+    let (on_p, on_s) = (ok_replies(&p), ok_replies(&s));
+    assert!(on_p.len() >= 30, "the primary's log holds what its serial port released: {} replies", on_p.len());
+    assert!(!on_s.is_empty(), "the standby's log goes on after the failover");
+    // Together, the two logs are one stream: each request answered once (or again, the same,
+    // when the client retried it), every value once, in order, with no gap at the failover.
+    let all = ok_replies(&(p + &s));
+    for w in all.windows(2) {
+        let ((id1, v1), (id2, v2)) = (w[0], w[1]);
+        let ok = if id2 == id1 { v2 == v1 } else { id2 > id1 && v2 == v1 + 1 };
+        assert!(ok, "the logs break the stream at {:?} -> {:?}", w[0], w[1]);
+    }
+    assert_eq!(all.last().map(|r| r.1), client.last, "the last value acknowledged is the last logged");
+}

@@ -473,3 +473,33 @@ fn bad_ft_metadata_stops_the_start_with_the_reason() {
         ok(&["undefine", "lv-ftp"]);
     }
 }
+
+/// The serial console's `<log>` (Nova's console.log, which `nova console-log` reads): libvirt
+/// passes the file as a descriptor (`-add-fd`, `logfile=/dev/fdset/N`), and it receives what
+/// the serial port released, once.
+#[test]
+fn the_serial_consoles_log_file_holds_its_output() {
+    let _one = one_at_a_time();
+    let lv = Libvirt::start("libvirt-console-log");
+    let dom = "lv-console-log";
+    // A run that failed may have left the domain defined.
+    let _ = virsh(&["destroy", dom]);
+    let _ = virsh(&["undefine", dom]);
+    let console_log = lv.dir.join("console.log");
+    let xml = lv.domain(dom, "counter service duration=600s", "");
+    let text = std::fs::read_to_string(&xml).unwrap();
+    let serial = format!("<serial type='pty'><log file='{}' append='off'/></serial>", console_log.display());
+    std::fs::write(&xml, text.replace("<serial type='pty'/>", &serial)).unwrap();
+    ok(&["define", xml.to_str().unwrap()]);
+    ok(&["start", dom]);
+    assert_eq!(console_request(dom, "INCR 1"), "OK 1 1");
+    assert_eq!(console_request(dom, "INCR 2"), "OK 2 2");
+    let logged = wait_for("the console log to hold both replies", Duration::from_secs(10), || {
+        let l = std::fs::read_to_string(&console_log).unwrap_or_default();
+        (l.contains("OK 1 1") && l.contains("OK 2 2")).then_some(l)
+    });
+    assert_eq!(logged.matches("OK 1 1").count(), 1, "each reply is logged once:\n{logged}");
+    assert!(log(dom).contains("logfile=/dev/fdset/"), "libvirt passed the log as a descriptor:\n{}", log(dom));
+    ok(&["destroy", dom]);
+    ok(&["undefine", dom]);
+}

@@ -47,6 +47,15 @@ pub enum Serial {
     Null,
 }
 
+/// A file that receives what the serial port releases (libvirt's `<log file=...>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialLog {
+    /// `logfile=PATH`; `logappend=on` keeps what the file holds.
+    File { path: PathBuf, append: bool },
+    /// `logfile=/dev/fdset/N`: the descriptor passed with `-add-fd set=N`.
+    Fd(i32),
+}
+
 /// A disk: where its blocks are (a path, or an NBD URI smpft understands) and whether read-only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
@@ -82,6 +91,8 @@ pub struct Launch {
     pub append: Option<String>,
     pub monitors: Vec<Monitor>,
     pub serial: Option<Serial>,
+    /// The serial port's log (`logfile=` on its chardev): every byte it releases.
+    pub serial_log: Option<SerialLog>,
     /// The serial port's chardev id (what `query-chardev` reports it as).
     pub serial_label: Option<String>,
     /// Every `-device` id with its driver, in order (QOM's `/machine/peripheral`).
@@ -195,6 +206,8 @@ struct Parser {
     memory_backends: HashMap<String, u64>,
     devices: Vec<Map<String, Value>>,
     mons: Vec<String>,
+    /// `-add-fd set=N,fd=M`: the descriptors of each fd set (`/dev/fdset/N`).
+    fdsets: HashMap<u32, Vec<i32>>,
 }
 
 /// Reads QEMU's command line (without the program name).
@@ -272,6 +285,7 @@ impl Parser {
                 self.mons.push(text(&m, "chardev").unwrap_or_default());
             }
             "-qmp" => self.launch.monitors.push(qmp_address(value)?),
+            "-add-fd" => self.add_fd(value)?,
             "-serial" => {
                 self.launch.serial = Some(serial_address(value)?);
                 self.launch.serial_label = Some("serial0".into());
@@ -343,6 +357,36 @@ impl Parser {
         Ok(())
     }
 
+    /// `-add-fd set=N,fd=M[,opaque=...]`: a descriptor the caller passed, in fd set N.
+    fn add_fd(&mut self, value: &str) -> Result<(), ArgvError> {
+        let m = props(value, "")?;
+        let num =
+            |k: &str| text(&m, k).and_then(|v| v.parse::<i64>().ok()).filter(|n| (0..=i64::from(i32::MAX)).contains(n));
+        let (Some(set), Some(fd)) = (num("set"), num("fd")) else {
+            return err(format!("-add-fd {value}: needs set=N,fd=M"));
+        };
+        // SAFETY: F_GETFD only reads the descriptor's flags; an fd this process does not hold
+        // fails with EBADF.
+        if unsafe { libc::fcntl(fd as i32, libc::F_GETFD) } < 0 {
+            return err(format!("-add-fd {value}: descriptor {fd} is not open"));
+        }
+        self.fdsets.entry(set as u32).or_default().push(fd as i32);
+        Ok(())
+    }
+
+    /// The log of chardev `id` (`logfile=PATH` or `/dev/fdset/N`, `logappend=`), if it has one.
+    fn chardev_log(&self, id: &str, c: &Map<String, Value>) -> Result<Option<SerialLog>, ArgvError> {
+        let Some(file) = text(c, "logfile") else { return Ok(None) };
+        let Some(set) = file.strip_prefix("/dev/fdset/") else {
+            return Ok(Some(SerialLog::File { path: PathBuf::from(&file), append: flag(c, "logappend") }));
+        };
+        let fds = set.parse::<u32>().ok().and_then(|s| self.fdsets.get(&s));
+        match fds.map(Vec::as_slice) {
+            Some([fd, ..]) => Ok(Some(SerialLog::Fd(*fd))),
+            _ => err(format!("-chardev {id}: logfile={file} names no -add-fd set")),
+        }
+    }
+
     fn finish(mut self) -> Result<Launch, ArgvError> {
         if self.launch.memory_bytes.is_none() && self.memory_backends.len() == 1 {
             self.launch.memory_bytes = self.memory_backends.values().next().copied();
@@ -371,6 +415,7 @@ impl Parser {
                     return err("only one serial port is supported");
                 }
                 self.launch.serial = Some(chardev_serial(&c, dev)?);
+                self.launch.serial_log = self.chardev_log(&c, dev)?;
                 self.launch.serial_label = Some(c);
             }
             "virtio-blk-pci" => {

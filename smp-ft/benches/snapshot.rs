@@ -38,6 +38,7 @@ fn main() {
                 payload: smp_ft::vmm::Payload::TestGuest { image: smp_ft::guest::BUILTIN.into(), args },
                 guest_name: "built-in".into(),
                 serial: SerialSpec::Null,
+                serial_log: None,
                 console: Some(dir.join("console.log")),
                 kvm_device: DEFAULT_KVM_DEVICE.into(),
                 devices: Default::default(),

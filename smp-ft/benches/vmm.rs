@@ -29,6 +29,7 @@ fn start(vcpus: u32, args: &str, serial: SerialSpec, console: Option<PathBuf>) -
         payload: smp_ft::vmm::Payload::TestGuest { image: smp_ft::guest::BUILTIN.into(), args: args.into() },
         guest_name: "built-in".into(),
         serial,
+        serial_log: None,
         console,
         kvm_device: DEFAULT_KVM_DEVICE.into(),
         devices: Default::default(),

@@ -165,6 +165,10 @@ pub(crate) struct StandbyArgs {
     /// Where COM1 goes once this copy is live (as for `run`).
     #[arg(long, default_value = "stdio")]
     pub(crate) serial: SerialSpec,
+    /// Append every byte the serial port releases once this copy is live to this file (as for
+    /// `run`: after a failover it continues where the primary's log stopped).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) serial_log: Option<PathBuf>,
     /// Write the guest's log to this file once live.
     #[arg(long)]
     pub(crate) console: Option<PathBuf>,
@@ -249,6 +253,10 @@ pub(crate) struct RunArgs {
     /// at a time), file:PATH (output only), pty (a pseudo-terminal, its path in the log) or null.
     #[arg(long, default_value = "stdio")]
     pub(crate) serial: SerialSpec,
+    /// Append every byte the serial port releases to this file, wherever --serial sends it (a
+    /// console log: protected, only output the standby holds the state of reaches it).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) serial_log: Option<PathBuf>,
     /// Write the guest's log (debug console) to this file instead of standard error.
     #[arg(long)]
     pub(crate) console: Option<PathBuf>,

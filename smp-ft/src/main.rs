@@ -16,6 +16,7 @@ use smp_ft::ft::primary::PrimaryFt;
 use smp_ft::ft::standby::{StandbyOptions, StandbyRunner};
 use smp_ft::runner::Runner;
 use smp_ft::snapshot;
+use smp_ft::vmm::devices::serial::SerialLog;
 use smp_ft::vmm::devices::DeviceConfig;
 use smp_ft::vmm::Vm;
 use std::path::PathBuf;
@@ -79,6 +80,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     };
     let config = vm
         .serial(args.serial)
+        .serial_log(args.serial_log.map(|path| SerialLog::File { path, append: true }))
         .console(args.console)
         .kvm_device(args.kvm_device)
         .devices(DeviceConfig {
@@ -131,6 +133,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         .vcpus(args.vcpus)
         .memory(args.memory)
         .serial(args.serial)
+        .serial_log(args.serial_log.map(|path| SerialLog::File { path, append: true }))
         .console(args.console)
         .kvm_device(args.kvm_device)
         .devices(DeviceConfig { rng: args.rng, disks: args.disks, nets: args.nets })

@@ -21,6 +21,7 @@ fn busy_guest(d: &std::path::Path) -> VmConfig {
         },
         guest_name: "built-in".into(),
         serial: SerialSpec::Unix(d.join("serial.sock")),
+        serial_log: None,
         console: Some(d.join("console.log")),
         kvm_device: DEFAULT_KVM_DEVICE.into(),
         devices: Default::default(),

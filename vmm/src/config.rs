@@ -1,6 +1,6 @@
 //! What a VM is: its shape, what it boots, where its console and serial port go, its devices.
 
-use crate::devices::serial::SerialSpec;
+use crate::devices::serial::{SerialLog, SerialSpec};
 use crate::devices::DeviceConfig;
 use crate::linux;
 use std::path::PathBuf;
@@ -16,6 +16,8 @@ pub struct VmConfig {
     /// Where the payload came from, for messages.
     pub guest_name: String,
     pub serial: SerialSpec,
+    /// A file that receives every byte the serial port releases, wherever it goes.
+    pub serial_log: Option<SerialLog>,
     /// Where guest log lines (debug console) go: `None` for stderr.
     pub console: Option<PathBuf>,
     /// The KVM device, normally `/dev/kvm`.

@@ -37,7 +37,7 @@ impl HostResources {
                 Console::File(std::fs::File::create(p).map_err(|source| VmError::Console { path: p.clone(), source })?)
             }
         };
-        let serial = SerialHost::reserve(&config.serial)?;
+        let serial = SerialHost::reserve(&config.serial, config.serial_log.as_ref())?;
         let disks = config
             .devices
             .disks

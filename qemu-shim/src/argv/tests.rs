@@ -116,3 +116,29 @@ fn libvirts_line_for_smpft_is_understood() {
     assert!(!l.no_reboot);
     assert!(parse(&args("-no-reboot")).unwrap().no_reboot);
 }
+
+#[test]
+fn a_serial_log_is_a_path_or_a_passed_descriptor() {
+    // Nova's console.log: libvirt passes the file as a descriptor in an fd set.
+    let f = std::fs::File::open("/dev/null").unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    let line = format!(
+        "-add-fd set=6,fd={fd} -chardev pty,id=charserial0,logfile=/dev/fdset/6,logappend=on -device isa-serial,chardev=charserial0,id=serial0"
+    );
+    let l = parse(&args(&line)).unwrap();
+    assert_eq!(l.serial, Some(Serial::Pty));
+    assert_eq!(l.serial_log, Some(SerialLog::Fd(fd)));
+    let l = parse(&args("-chardev pty,id=c,logfile=/var/log/c.log -device isa-serial,chardev=c")).unwrap();
+    assert_eq!(l.serial_log, Some(SerialLog::File { path: "/var/log/c.log".into(), append: false }));
+    assert_eq!(parse(&args("-chardev pty,id=c -device isa-serial,chardev=c")).unwrap().serial_log, None);
+    for (line, says) in [
+        ("-chardev pty,id=c,logfile=/dev/fdset/9 -device isa-serial,chardev=c", "names no -add-fd set"),
+        ("-add-fd set=1,fd=987654", "is not open"),
+        ("-add-fd set=1", "needs set=N,fd=M"),
+        ("-add-fd fd=3,set=x", "needs set=N,fd=M"),
+    ] {
+        let e = parse(&args(line)).unwrap_err().to_string();
+        assert!(e.contains(says), "{line}: {e}");
+    }
+    drop(f);
+}

@@ -5,7 +5,7 @@
 use super::error::{ConfigError, Problem};
 use super::names::{Names, Setting};
 use crate::guest;
-use crate::vmm::devices::serial::SerialSpec;
+use crate::vmm::devices::serial::{SerialLog, SerialSpec};
 use crate::vmm::devices::DeviceConfig;
 use crate::vmm::linux::LinuxBoot;
 use crate::vmm::{Payload, VmConfig, DEFAULT_KVM_DEVICE};
@@ -47,6 +47,7 @@ pub struct VmBuilder {
     snapshot: Option<(u32, u64)>,
     boot: Boot,
     serial: SerialSpec,
+    serial_log: Option<SerialLog>,
     console: Option<PathBuf>,
     kvm_device: PathBuf,
     devices: DeviceConfig,
@@ -64,6 +65,7 @@ impl VmBuilder {
             snapshot: None,
             boot: Boot::Nothing,
             serial: SerialSpec::Null,
+            serial_log: None,
             console: None,
             kvm_device: DEFAULT_KVM_DEVICE.into(),
             devices: DeviceConfig::default(),
@@ -114,6 +116,12 @@ impl VmBuilder {
         self
     }
 
+    /// A file that receives every byte the serial port releases (created if missing).
+    pub fn serial_log(mut self, log: Option<SerialLog>) -> Self {
+        self.serial_log = log;
+        self
+    }
+
     /// Where guest log lines go (`None`: standard error).
     pub fn console(mut self, console: Option<PathBuf>) -> Self {
         self.console = console;
@@ -149,6 +157,7 @@ impl VmBuilder {
             payload,
             guest_name,
             serial: self.serial,
+            serial_log: self.serial_log,
             console: self.console,
             kvm_device: self.kvm_device,
             devices: self.devices,

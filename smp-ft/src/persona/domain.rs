@@ -21,7 +21,7 @@ use serde_json::{json, Map, Value};
 use smp_ft::config::{Names, VmBuilder};
 use smp_ft::ft::primary::PrimaryFt;
 use smp_ft::runner::{Extension, Runner};
-use smp_ft::vmm::devices::serial::SerialSpec;
+use smp_ft::vmm::devices::serial::{SerialLog, SerialSpec};
 use smp_ft::vmm::devices::DeviceConfig;
 use smp_ft::vmm::net::{NetSpec, TapSource};
 use smp_ft::vmm::{RunningVm, Vm, VmConfig};
@@ -62,6 +62,12 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
         .memory(launch.memory_bytes)
         .kernel(kernel, launch.initrd.clone(), launch.append.clone().unwrap_or_default())
         .serial(serial)
+        .serial_log(launch.serial_log.as_ref().map(|l| match l {
+            qemu_shim::argv::SerialLog::File { path, append } => {
+                SerialLog::File { path: path.clone(), append: *append }
+            }
+            qemu_shim::argv::SerialLog::Fd(fd) => SerialLog::Fd(*fd),
+        }))
         .devices(DeviceConfig { rng: false, disks, nets })
         .build()
         .map_err(|e| crate::error_chain(&e))

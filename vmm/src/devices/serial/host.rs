@@ -116,11 +116,14 @@ pub(super) enum Reserved {
 /// until the VM runs), an output file is open. A standby holds one from its start, so that it
 /// never accepts protection it could not honour, and [`SerialHost::check`]s it again before it
 /// claims the tie-breaker.
-pub struct SerialHost(pub(super) Reserved);
+/// The log file, if any, is opened (created) as well.
+pub struct SerialHost(pub(super) Reserved, pub(super) Option<std::fs::File>);
 
 impl SerialHost {
-    pub fn reserve(spec: &SerialSpec) -> Result<SerialHost, SerialError> {
-        Ok(SerialHost(match spec {
+    pub fn reserve(spec: &SerialSpec, log: Option<&super::SerialLog>) -> Result<SerialHost, SerialError> {
+        let log =
+            log.map(|l| l.open().map_err(|source| SerialError::Log { what: l.describe(), source })).transpose()?;
+        let reserved = match spec {
             SerialSpec::Stdio => Reserved::Stdio,
             SerialSpec::Null => Reserved::Null,
             SerialSpec::File(path) => Reserved::File(
@@ -128,7 +131,8 @@ impl SerialHost {
             ),
             SerialSpec::Unix(path) => Reserved::Unix(BoundSocket::bind(path)?),
             SerialSpec::Pty => Reserved::Pty(Arc::new(Pty::open().map_err(SerialError::Pty)?)),
-        }))
+        };
+        Ok(SerialHost(reserved, log))
     }
 
     /// The pseudo-terminal reserved, for `SerialSpec::Pty`.

@@ -66,6 +66,9 @@ impl SerialBackend {
         };
         let stop = Shutdown::new().map_err(SerialError::Event)?;
         let output = device.output().clone();
+        if let Some(log) = host.1 {
+            output.set_log(log);
+        }
         let mut threads = Vec::new();
         let q = output.clone();
         let out_stop = stop.clone();

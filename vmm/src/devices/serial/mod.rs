@@ -16,5 +16,5 @@ mod uart;
 
 pub use host::{Pty, SerialHost};
 pub use io::{SerialBackend, DRAIN_GRACE};
-pub use spec::{SerialError, SerialSpec};
+pub use spec::{SerialError, SerialLog, SerialSpec};
 pub use uart::{IrqTrigger, OutputQueue, SerialDevice, SerialSnapshot};

@@ -3,6 +3,52 @@
 use std::path::PathBuf;
 
 /// Where COM1 is connected on the host.
+/// A file that receives every byte the serial port releases (QEMU's `logfile=`, libvirt's
+/// `<log file=...>`: Nova's `console.log`), whatever the serial port is connected to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialLog {
+    /// A file, created if missing; `append` keeps what it holds (otherwise it is truncated).
+    File { path: PathBuf, append: bool },
+    /// A descriptor this process was given (libvirt's, through `-add-fd`: a file or virtlogd's
+    /// pipe). It is duplicated, never closed: the VM may be built more than once.
+    Fd(i32),
+}
+
+impl SerialLog {
+    pub(super) fn open(&self) -> std::io::Result<std::fs::File> {
+        match self {
+            SerialLog::File { path, append } => {
+                let mut o = std::fs::OpenOptions::new();
+                o.create(true);
+                if *append {
+                    o.append(true);
+                } else {
+                    o.write(true).truncate(true);
+                }
+                o.open(path)
+            }
+            SerialLog::Fd(fd) => {
+                // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor from `fd` (it fails with EBADF
+                // if `fd` is not open); the original is left alone.
+                let new = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 0) };
+                if new < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: `new` was just created and nothing else owns it.
+                Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(new) })
+            }
+        }
+    }
+
+    /// How the log is named in messages.
+    pub fn describe(&self) -> String {
+        match self {
+            SerialLog::File { path, .. } => path.display().to_string(),
+            SerialLog::Fd(fd) => format!("descriptor {fd}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialSpec {
     /// Standard input and output of smpft.
@@ -46,6 +92,8 @@ pub enum SerialError {
     Listen { path: PathBuf, source: std::io::Error },
     #[error("cannot open serial output file {path}")]
     File { path: PathBuf, source: std::io::Error },
+    #[error("cannot open serial log {what}")]
+    Log { what: String, source: std::io::Error },
     #[error("cannot create serial event")]
     Event(#[source] std::io::Error),
     #[error("bad serial state: {0}")]

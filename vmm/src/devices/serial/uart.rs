@@ -18,6 +18,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub struct OutputQueue {
     inner: Mutex<OutputInner>,
     cv: Condvar,
+    /// The serial log: every byte released to the port, whether or not anyone reads it.
+    log: Mutex<Option<std::fs::File>>,
 }
 
 struct OutputInner {
@@ -34,10 +36,24 @@ impl OutputQueue {
         Arc::new(OutputQueue {
             inner: Mutex::new(OutputInner { bytes: Vec::new(), closed: false, dropped: 0 }),
             cv: Condvar::new(),
+            log: Mutex::new(None),
         })
     }
 
+    /// From now on, every byte pushed is also written to `log`.
+    pub fn set_log(&self, log: std::fs::File) {
+        *self.log.lock() = Some(log);
+    }
+
     pub fn push(&self, data: &[u8]) {
+        let mut log = self.log.lock();
+        if let Some(f) = log.as_mut() {
+            if let Err(e) = std::io::Write::write_all(f, data) {
+                tracing::error!("serial log: {e}; it is not written any more");
+                *log = None;
+            }
+        }
+        drop(log);
         let mut q = self.inner.lock();
         let room = OUTPUT_MAX.saturating_sub(q.bytes.len());
         if data.len() > room {
@@ -293,6 +309,38 @@ impl Component for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_receives_exactly_what_the_gate_releases() {
+        let gate = OutputGate::new();
+        let dev = SerialDevice::new(None, gate.clone()).unwrap();
+        let path = std::env::temp_dir().join(format!("smpft-serial-log-{}", std::process::id()));
+        let log = super::super::SerialLog::File { path: path.clone(), append: false };
+        dev.output().set_log(log.open().unwrap());
+        let read = || std::fs::read(&path).unwrap();
+        gate.hold();
+        b"held".iter().for_each(|&b| dev.write(0, b));
+        assert_eq!(read(), b"", "held output is not logged");
+        let id = gate.seal().expect("a sealed batch");
+        b" later".iter().for_each(|&b| dev.write(0, b));
+        gate.release(&[id]);
+        assert_eq!(read(), b"held", "released output is, and only that");
+        gate.open_all();
+        b"!".iter().for_each(|&b| dev.write(0, b));
+        assert_eq!(read(), b"held later!");
+        let again = super::super::SerialLog::File { path: path.clone(), append: true };
+        dev.output().set_log(again.open().unwrap());
+        let f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let passed = super::super::SerialLog::Fd(std::os::fd::AsRawFd::as_raw_fd(&f));
+        dev.output().set_log(passed.open().unwrap());
+        drop(f);
+        b"=".iter().for_each(|&b| dev.write(0, b));
+        assert_eq!(read(), b"held later!=", "a passed descriptor is written through its duplicate");
+        dev.output().set_log(again.open().unwrap());
+        b"+".iter().for_each(|&b| dev.write(0, b));
+        assert_eq!(read(), b"held later!=+", "an appending log keeps what was there");
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn input_waits_for_room_and_nothing_is_lost() {
