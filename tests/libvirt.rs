@@ -503,3 +503,40 @@ fn the_serial_consoles_log_file_holds_its_output() {
     ok(&["destroy", dom]);
     ok(&["undefine", dom]);
 }
+
+/// libvirt's PCI addresses (`<address type='pci' slot=...>`) are where the guest finds the
+/// devices; a device without one takes a free slot.
+#[test]
+fn devices_sit_at_the_pci_slots_the_domain_gives() {
+    let _one = one_at_a_time();
+    let lv = Libvirt::start("libvirt-pci");
+    let dom = "lv-pci";
+    let _ = virsh(&["destroy", dom]);
+    let _ = virsh(&["undefine", dom]);
+    let (a, b) = (lv.dir.join("a.raw"), lv.dir.join("b.raw"));
+    for f in [&a, &b] {
+        std::fs::File::create(f).unwrap().set_len(8 << 20).unwrap();
+    }
+    let disk = |f: &Path, dev: &str, address: &str| {
+        format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/>\
+             <target dev='{dev}' bus='virtio'/>{address}</disk>",
+            f.display()
+        )
+    };
+    let at7 = "<address type='pci' domain='0x0000' bus='0x00' slot='0x07' function='0x0'/>";
+    let devices = disk(&a, "vda", at7) + &disk(&b, "vdb", "");
+    let xml = lv.domain(dom, "pci counter service duration=600s", &devices);
+    ok(&["define", xml.to_str().unwrap()]);
+    let dumped = ok(&["dumpxml", dom]);
+    ok(&["start", dom]);
+    assert_eq!(console_request(dom, "INCR 1"), "OK 1 1");
+    let found: Vec<String> = log(dom).lines().filter_map(|l| l.split("pci 00:").nth(1)).map(String::from).collect();
+    assert!(found.iter().any(|f| f.starts_with("07.0 [1af4:1042]")), "vda at slot 7: {found:?}");
+    // vdb's slot is the one libvirt chose for it, as virsh dumpxml shows it.
+    let vdb = dumped.split("<target dev='vdb'").nth(1).and_then(|r| r.split("slot='0x").nth(1)).unwrap();
+    let slot = &vdb[..2];
+    assert!(found.iter().any(|f| f.starts_with(&format!("{slot}.0 [1af4:1042]"))), "vdb at slot {slot}: {found:?}");
+    ok(&["destroy", dom]);
+    ok(&["undefine", dom]);
+}

@@ -141,6 +141,11 @@ fn init(bi: &BootInfo) -> Shared {
         }
         kv::init(base, ws, bi.vcpus.into(), params.kv_rate, bi.tsc_khz * 1000, start);
     }
+    if params.pci {
+        for f in pci::functions() {
+            log!("pci {f}");
+        }
+    }
     if params.rng {
         if let Err(status) = rng::init(bi.tsc_khz, start) {
             io::exit(status);

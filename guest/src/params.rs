@@ -38,6 +38,8 @@ pub struct Params {
     pub service: bool,
     /// vCPU 0 drives a virtio-rng device.
     pub rng: bool,
+    /// List the PCI functions found at boot (`pci`), as `pci 00:SS.F [vendor:device]` lines.
+    pub pci: bool,
     /// Every vCPU writes and checks its region of a virtio-blk disk.
     pub disk: bool,
     pub disk_settings: crate::disk::Settings,
@@ -67,6 +69,7 @@ impl Params {
         churn: false,
         service: false,
         rng: false,
+        pci: false,
         disk: false,
         disk_settings: crate::disk::Settings { io: 4096, ws: 0, sequential: false, check_every: 1, flush_every: 16 },
         net: None,
@@ -123,6 +126,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, Bad<'_>> {
             (b"churn", None) => p.churn = true,
             (b"service", None) => p.service = true,
             (b"rng", None) => p.rng = true,
+            (b"pci", None) => p.pci = true,
             (b"disk", None) => p.disk = true,
             (b"disk-io", Some(v)) => p.disk_settings.io = size(v).ok_or(bad)?,
             (b"disk-ws", Some(v)) => p.disk_settings.ws = size(v).ok_or(bad)?,

@@ -64,6 +64,8 @@ pub struct Disk {
     pub node: String,
     pub source: String,
     pub readonly: bool,
+    /// The PCI slot libvirt placed it in (`addr=SLOT`), if it did.
+    pub slot: Option<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +74,8 @@ pub struct Nic {
     /// The tap descriptor libvirt passed.
     pub fd: i32,
     pub mac: Option<String>,
+    /// The PCI slot libvirt placed it in (`addr=SLOT`), if it did.
+    pub slot: Option<u8>,
 }
 
 /// What to run, in smpft's terms.
@@ -208,6 +212,8 @@ struct Parser {
     mons: Vec<String>,
     /// `-add-fd set=N,fd=M`: the descriptors of each fd set (`/dev/fdset/N`).
     fdsets: HashMap<u32, Vec<i32>>,
+    /// The PCI slots devices were placed in, with their ids.
+    pci_slots: Vec<(u8, String)>,
 }
 
 /// Reads QEMU's command line (without the program name).
@@ -357,6 +363,32 @@ impl Parser {
         Ok(())
     }
 
+    /// The slot of a device on the PCI root (`bus=pci.0,addr=SLOT[.0]`), checked against the
+    /// others placed so far.
+    fn pci_slot(&mut self, id: &str, d: &Map<String, Value>) -> Result<Option<u8>, ArgvError> {
+        let Some(addr) = text(d, "addr") else { return Ok(None) };
+        if let Some(bus) = text(d, "bus").filter(|b| b != "pci.0") {
+            return err(format!("{id}: bus={bus}: smpft has one PCI bus, pci.0"));
+        }
+        let number = |v: &str| match v.strip_prefix("0x") {
+            Some(hex) => u8::from_str_radix(hex, 16).ok(),
+            None => v.parse().ok(),
+        };
+        let (slot, function) = addr.split_once('.').unwrap_or((&addr, "0"));
+        let slot = match (number(slot), number(function)) {
+            (Some(s), Some(0)) if (1..32).contains(&s) => s,
+            (Some(_), Some(f)) if f != 0 => {
+                return err(format!("{id}: addr={addr}: smpft's devices are function 0 of their slot"))
+            }
+            _ => return err(format!("{id}: addr={addr} is not a PCI slot (0x1 to 0x1f)")),
+        };
+        if let Some((_, other)) = self.pci_slots.iter().find(|(s, _)| *s == slot) {
+            return err(format!("{other} and {id} are both at PCI slot {slot:#x}"));
+        }
+        self.pci_slots.push((slot, id.to_string()));
+        Ok(Some(slot))
+    }
+
     /// `-add-fd set=N,fd=M[,opaque=...]`: a descriptor the caller passed, in fd set N.
     fn add_fd(&mut self, value: &str) -> Result<(), ArgvError> {
         let m = props(value, "")?;
@@ -420,7 +452,8 @@ impl Parser {
             }
             "virtio-blk-pci" => {
                 let drive = text(d, "drive").unwrap_or_default();
-                let disk = self.disk(&id, &drive)?;
+                let mut disk = self.disk(&id, &drive)?;
+                disk.slot = self.pci_slot(&id, d)?;
                 self.launch.disks.push(disk);
             }
             "virtio-net-pci" => {
@@ -431,7 +464,8 @@ impl Parser {
                 }
                 let fd = text(n, "fd").and_then(|f| f.parse().ok());
                 let fd = fd.ok_or_else(|| ArgvError(format!("{id}: the tap must be passed as fd=N")))?;
-                self.launch.nics.push(Nic { id, fd, mac: text(d, "mac") });
+                let slot = self.pci_slot(&id, d)?;
+                self.launch.nics.push(Nic { id, fd, mac: text(d, "mac"), slot });
             }
             // The USB controller libvirt adds by default: the guest has no USB, nothing is attached.
             "piix3-usb-uhci" => self.launch.ignored.push(format!("-device {driver}")),
@@ -455,10 +489,10 @@ impl Parser {
                 Some("raw") => name = text(b, "file").unwrap_or_default(),
                 Some("file") | Some("host_device") => {
                     let source = text(b, "filename").ok_or_else(|| ArgvError(format!("{id}: no filename")))?;
-                    return Ok(Disk { id: id.to_string(), node: node.to_string(), source, readonly });
+                    return Ok(Disk { id: id.to_string(), node: node.to_string(), source, readonly, slot: None });
                 }
                 Some("nbd") => {
-                    return Ok(Disk { id: id.to_string(), node: node.to_string(), source: nbd_uri(id, b)?, readonly })
+                    return Ok(Disk { id: id.to_string(), node: node.to_string(), source: nbd_uri(id, b)?, readonly, slot: None })
                 }
                 Some(other) => return err(format!("{id}: block driver '{other}' is not supported (raw files, block devices and NBD are; serve other formats with qemu-nbd)")),
                 None => return err(format!("{id}: -blockdev '{name}' has no driver")),

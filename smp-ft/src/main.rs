@@ -88,6 +88,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             rng: args.rng || last.is_some_and(|s| s.state.component("virtio-rng").is_some()),
             disks: args.disks,
             nets: args.nets,
+            ..Default::default()
         })
         .build()?;
     let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose()?;
@@ -136,7 +137,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         .serial_log(args.serial_log.map(|path| SerialLog::File { path, append: true }))
         .console(args.console)
         .kvm_device(args.kvm_device)
-        .devices(DeviceConfig { rng: args.rng, disks: args.disks, nets: args.nets })
+        .devices(DeviceConfig { rng: args.rng, disks: args.disks, nets: args.nets, ..Default::default() })
         .build()?;
     let rejoin = Rejoin {
         ft: ft.clone(),

@@ -47,17 +47,19 @@ fn disks_and_nics_resolve_through_their_nodes() {
                 id: "virtio-disk0".into(),
                 node: "libvirt-2-format".into(),
                 source: "/img/a.raw".into(),
-                readonly: false
+                readonly: false,
+                slot: Some(4),
             },
             Disk {
                 id: "virtio-disk1".into(),
                 node: "libvirt-1-format".into(),
                 source: "nbd+unix:///e?socket=/run/n.sock".into(),
-                readonly: true
+                readonly: true,
+                slot: None,
             },
         ]
     );
-    assert_eq!(l.nics, vec![Nic { id: "net0".into(), fd: 30, mac: Some("52:54:00:aa:bb:cc".into()) }]);
+    assert_eq!(l.nics, vec![Nic { id: "net0".into(), fd: 30, mac: Some("52:54:00:aa:bb:cc".into()), slot: Some(3) }]);
 }
 
 #[test]
@@ -109,9 +111,11 @@ fn libvirts_line_for_smpft_is_understood() {
         node: "libvirt-1-format".into(),
         source: "/img/disk0.raw".into(),
         readonly: false,
+        slot: Some(2),
     };
     assert_eq!(l.disks, vec![disk0]);
-    assert_eq!(l.nics, vec![Nic { id: "net0".into(), fd: 32, mac: Some("52:54:00:a4:ee:9d".into()) }]);
+    let net0 = Nic { id: "net0".into(), fd: 32, mac: Some("52:54:00:a4:ee:9d".into()), slot: Some(1) };
+    assert_eq!(l.nics, vec![net0]);
     assert_eq!(l.kernel, Some("/bin/true".into()));
     assert!(!l.no_reboot);
     assert!(parse(&args("-no-reboot")).unwrap().no_reboot);
@@ -141,4 +145,32 @@ fn a_serial_log_is_a_path_or_a_passed_descriptor() {
         assert!(e.contains(says), "{line}: {e}");
     }
     drop(f);
+}
+
+#[test]
+fn pci_addresses_are_honoured_and_a_clash_is_refused() {
+    let blk = r#"-blockdev {"driver":"file","filename":"/a","node-name":"s"} -blockdev {"node-name":"f","driver":"raw","file":"s"}"#;
+    let net = r#"-netdev {"type":"tap","fd":"30","id":"h0"}"#;
+    let dev = |extra: &str| {
+        format!("{blk} {net} -device {{\"driver\":\"virtio-blk-pci\",\"drive\":\"f\",\"id\":\"disk0\"{extra}}}")
+    };
+    let l = parse(&args(&format!(
+        "{} -device virtio-net-pci,netdev=h0,id=n0,bus=pci.0,addr=0x3",
+        dev(r#","bus":"pci.0","addr":"0x6""#)
+    )))
+    .unwrap();
+    assert_eq!((l.disks[0].slot, l.nics[0].slot), (Some(6), Some(3)));
+    let l = parse(&args(&format!("{} -device virtio-net-pci,netdev=h0,id=n0", dev("")))).unwrap();
+    assert_eq!((l.disks[0].slot, l.nics[0].slot), (None, None), "no addr: the next free slot");
+    for (extra, says) in [
+        (r#","addr":"0x3""#, "disk0 and n0 are both at PCI slot 0x3"),
+        (r#","addr":"0x0""#, "is not a PCI slot"),
+        (r#","addr":"0x20""#, "is not a PCI slot"),
+        (r#","addr":"0x5.0x1""#, "function 0"),
+        (r#","bus":"pci.1","addr":"0x5""#, "one PCI bus"),
+    ] {
+        let line = format!("{} -device virtio-net-pci,netdev=h0,id=n0,addr=0x3", dev(extra));
+        let e = parse(&args(&line)).unwrap_err().to_string();
+        assert!(e.contains(says), "{extra}: {e}");
+    }
 }

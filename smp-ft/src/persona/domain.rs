@@ -22,7 +22,7 @@ use smp_ft::config::{Names, VmBuilder};
 use smp_ft::ft::primary::PrimaryFt;
 use smp_ft::runner::{Extension, Runner};
 use smp_ft::vmm::devices::serial::{SerialLog, SerialSpec};
-use smp_ft::vmm::devices::DeviceConfig;
+use smp_ft::vmm::devices::{DeviceConfig, PciSlots};
 use smp_ft::vmm::net::{NetSpec, TapSource};
 use smp_ft::vmm::{RunningVm, Vm, VmConfig};
 use std::process::ExitCode;
@@ -68,7 +68,15 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
             }
             qemu_shim::argv::SerialLog::Fd(fd) => SerialLog::Fd(*fd),
         }))
-        .devices(DeviceConfig { rng: false, disks, nets })
+        .devices(DeviceConfig {
+            rng: false,
+            disks,
+            nets,
+            slots: PciSlots {
+                disks: launch.disks.iter().map(|d| d.slot).collect(),
+                nets: launch.nics.iter().map(|n| n.slot).collect(),
+            },
+        })
         .build()
         .map_err(|e| crate::error_chain(&e))
 }

@@ -95,14 +95,53 @@ pub struct DeviceConfig {
     /// A virtio-net on the PCI bus for each (the taps differ between the two copies; the MAC
     /// travels with the VM's state).
     pub nets: Vec<NetSpec>,
+    /// Where devices sit on the PCI bus, where that is given (libvirt's `addr=`); the others
+    /// take the next free slots.
+    pub slots: PciSlots,
+}
+
+/// PCI slots asked for: one entry per disk and per NIC, in order (`None`: the next free one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PciSlots {
+    pub disks: Vec<Option<u8>>,
+    pub nets: Vec<Option<u8>>,
+}
+
+impl PciSlots {
+    /// The slot asked for the device `kind` number `i`.
+    fn get(&self, kind: &str, i: usize) -> Option<u8> {
+        let v = if kind == "disk" { &self.disks } else { &self.nets };
+        v.get(i).copied().flatten()
+    }
+
+    /// Every slot asked for, checked: within the bus, not the host bridge's, not twice.
+    fn reserved(&self, names: impl Fn(&str, usize) -> String) -> Result<Vec<u8>, DeviceError> {
+        let mut taken: Vec<(u8, String)> = Vec::new();
+        let asked = self.disks.iter().enumerate().map(|(i, s)| ("disk", i, s));
+        for (kind, i, slot) in asked.chain(self.nets.iter().enumerate().map(|(i, s)| ("net", i, s))) {
+            let Some(slot) = *slot else { continue };
+            let name = names(kind, i);
+            if slot == 0 || usize::from(slot) >= crate::pci::SLOTS {
+                return Err(DeviceError::BadSlot { slot, device: name });
+            }
+            if let Some((_, other)) = taken.iter().find(|(s, _)| *s == slot) {
+                return Err(DeviceError::SlotClash { slot, first: other.clone(), second: name });
+            }
+            taken.push((slot, name));
+        }
+        Ok(taken.into_iter().map(|(s, _)| s).collect())
+    }
 }
 
 impl DeviceConfig {
     /// The optional devices, for messages and for checking that two copies agree.
     pub fn summary(&self) -> String {
-        let mut names: Vec<&str> = [(self.rng, "virtio-rng")].iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
-        names.extend(self.disks.iter().map(|_| "virtio-blk"));
-        names.extend(self.nets.iter().map(|_| "virtio-net"));
+        let names: Vec<&str> = [(self.rng, "virtio-rng")].iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+        let mut names: Vec<String> = names.into_iter().map(String::from).collect();
+        // A slot asked for is part of what the guest sees, so both copies must agree on it.
+        let at = |slot: Option<u8>| slot.map_or(String::new(), |s| format!("@{s:02x}"));
+        names.extend((0..self.disks.len()).map(|i| format!("virtio-blk{}", at(self.slots.get("disk", i)))));
+        names.extend((0..self.nets.len()).map(|i| format!("virtio-net{}", at(self.slots.get("net", i)))));
         if names.is_empty() {
             "none".into()
         } else {
@@ -144,6 +183,10 @@ pub enum DeviceError {
     BarWindowFull,
     #[error("the PCI bus is full")]
     BusFull,
+    #[error("{device}: PCI slot {slot:#x} does not exist on the bus (1 to 0x1f)")]
+    BadSlot { slot: u8, device: String },
+    #[error("{first} and {second} are both at PCI slot {slot:#x}")]
+    SlotClash { slot: u8, first: String, second: String },
     #[error("at most {} disks", DISK_NAMES.len())]
     TooManyDisks,
     #[error("at most {} network devices", NET_NAMES.len())]
@@ -152,17 +195,34 @@ pub enum DeviceError {
     Net(#[source] std::io::Error),
 }
 
+/// Where a device goes on the bus: the slot asked for, or the next free one not asked for by
+/// another device.
+#[derive(Clone, Copy)]
+struct Place<'a> {
+    slot: Option<u8>,
+    reserved: &'a [u8],
+}
+
 /// Puts a virtio device on the bus with a BAR of its own.
 fn add_virtio<D: VirtioDevice + 'static>(
     pci: &mut PciBus,
     name: &'static str,
     device: D,
+    place: Place,
     memory: &Arc<GuestMemory>,
     irq: &Arc<Irq>,
 ) -> Result<Arc<VirtioPci<D>>, DeviceError> {
     let bar = pci.allocate_bar(virtio::BAR_SIZE).ok_or(DeviceError::BarWindowFull)?;
     let dev = VirtioPci::new(name, device, bar, memory.device_view()?, Some(irq.clone()));
-    pci.add(dev.clone()).ok_or(DeviceError::BusFull)?;
+    match place.slot {
+        Some(slot) if !pci.add_at(dev.clone(), slot) => {
+            return Err(DeviceError::BadSlot { slot, device: name.to_string() })
+        }
+        Some(_) => {}
+        None => {
+            pci.add(dev.clone(), place.reserved).ok_or(DeviceError::BusFull)?;
+        }
+    }
     Ok(dev)
 }
 
@@ -181,16 +241,23 @@ impl Devices {
         let serial = SerialDevice::new(Some(irq.clone()), gate.clone())?;
         let mut pci = PciBus::new();
         let mut on_pci: Vec<Arc<dyn Component>> = Vec::new();
+        let name_of = |kind: &str, i: usize| match kind {
+            "disk" => DISK_NAMES.get(i).map_or_else(|| format!("disk{i}"), |n| n.to_string()),
+            _ => NET_NAMES.get(i).map_or_else(|| format!("net{i}"), |n| n.to_string()),
+        };
+        let reserved = config.slots.reserved(name_of)?;
+        let free = Place { slot: None, reserved: &reserved };
+        let place = |kind: &str, i: usize| Place { slot: config.slots.get(kind, i), reserved: &reserved };
         // The registration list: one line per optional device.
         if config.rng {
-            on_pci.push(add_virtio(&mut pci, "virtio-rng", Rng, memory, irq)?);
+            on_pci.push(add_virtio(&mut pci, "virtio-rng", Rng, free, memory, irq)?);
         }
         let disk_observer = Arc::new(ObserverSlot::default());
         let mut blks = Vec::new();
         for (i, disk) in disks.into_iter().enumerate() {
             let name = DISK_NAMES.get(i).copied().ok_or(DeviceError::TooManyDisks)?;
             let blk = Blk::new(disk, i as u32, disk_observer.clone(), name);
-            let dev = add_virtio(&mut pci, name, blk, memory, irq)?;
+            let dev = add_virtio(&mut pci, name, blk, place("disk", i), memory, irq)?;
             on_pci.push(dev.clone());
             blks.push(dev);
         }
@@ -199,7 +266,7 @@ impl Devices {
             let name = NET_NAMES.get(i).copied().ok_or(DeviceError::TooManyNets)?;
             let mac = spec.mac.unwrap_or_else(Mac::random);
             let dev = Net::new(name, tap, mac, gate.clone()).map_err(DeviceError::Net)?;
-            let dev = add_virtio(&mut pci, name, dev, memory, irq)?;
+            let dev = add_virtio(&mut pci, name, dev, place("net", i), memory, irq)?;
             on_pci.push(dev.clone());
             nets.push(dev);
         }
@@ -353,5 +420,31 @@ impl Devices {
         if !self.pci.mmio_write(addr, data) {
             self.note_unhandled("MMIO write", addr);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pci_slots_asked_for_are_checked_and_named_in_the_summary() {
+        let name = |kind: &str, i: usize| format!("{kind}{i}");
+        let slots = PciSlots { disks: vec![Some(7), None], nets: vec![Some(3)] };
+        assert_eq!(slots.reserved(name).unwrap(), vec![7, 3]);
+        let clash = PciSlots { disks: vec![Some(5)], nets: vec![Some(5)] };
+        let e = clash.reserved(name).unwrap_err().to_string();
+        assert_eq!(e, "disk0 and net0 are both at PCI slot 0x5");
+        for bad in [0, 32] {
+            let e = PciSlots { disks: vec![Some(bad)], nets: vec![] }.reserved(name).unwrap_err().to_string();
+            assert!(e.contains("does not exist on the bus"), "{e}");
+        }
+        // Both copies of an FT pair must agree on the slots asked for; without any, the
+        // summary is what it always was.
+        let disk = || "/tmp/d.raw".parse::<DiskSpec>().unwrap();
+        let mut c = DeviceConfig { rng: true, disks: vec![disk(), disk()], ..Default::default() };
+        assert_eq!(c.summary(), "virtio-rng,virtio-blk,virtio-blk");
+        c.slots.disks = vec![Some(7), None];
+        assert_eq!(c.summary(), "virtio-rng,virtio-blk@07,virtio-blk");
     }
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 pub use boot_abi::{
     PCI_CONFIG_ADDRESS as CONFIG_ADDRESS, PCI_CONFIG_DATA as CONFIG_DATA, PCI_MMIO_BASE, PCI_MMIO_SIZE,
 };
-const SLOTS: usize = 32;
+pub const SLOTS: usize = 32;
 
 /// A function on the bus (function 0 of its slot).
 pub trait PciDevice: Send + Sync {
@@ -88,11 +88,22 @@ impl PciBus {
         })
     }
 
-    /// Puts `device` in the next free slot; returns the slot.
-    pub fn add(&mut self, device: Arc<dyn PciDevice>) -> Option<usize> {
-        let slot = self.slots.iter().position(Option::is_none)?;
+    /// Puts `device` in the next free slot that is not in `reserved`; returns the slot.
+    pub fn add(&mut self, device: Arc<dyn PciDevice>, reserved: &[u8]) -> Option<usize> {
+        let slot = (0..self.slots.len()).find(|&s| self.slots[s].is_none() && !reserved.contains(&(s as u8)))?;
         self.slots[slot] = Some(device);
         Some(slot)
+    }
+
+    /// Puts `device` in `slot`; `false` if that slot does not exist or is taken.
+    pub fn add_at(&mut self, device: Arc<dyn PciDevice>, slot: u8) -> bool {
+        match self.slots.get_mut(slot as usize) {
+            Some(s @ None) => {
+                *s = Some(device);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The device and register offset the latched address selects, if any.
@@ -188,6 +199,32 @@ impl Component for PciBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Dummy;
+
+    impl PciDevice for Dummy {
+        fn config_read(&self, _: usize, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn config_write(&self, _: usize, _: &[u8]) {}
+        fn decode(&self, _: u64, _: usize) -> Option<(usize, u64)> {
+            None
+        }
+        fn bar_read(&self, _: usize, _: u64, _: &mut [u8]) {}
+        fn bar_write(&self, _: usize, _: u64, _: &[u8]) {}
+    }
+
+    #[test]
+    fn devices_go_where_asked_and_free_slots_skip_those_asked_for() {
+        let mut bus = PciBus::new();
+        let dev = || -> Arc<dyn PciDevice> { Arc::new(Dummy) };
+        assert!(bus.add_at(dev(), 1));
+        assert!(!bus.add_at(dev(), 1), "taken");
+        assert!(!bus.add_at(dev(), 0), "the host bridge's");
+        assert!(!bus.add_at(dev(), 40), "no such slot");
+        assert_eq!(bus.add(dev(), &[2, 3]), Some(4));
+        assert_eq!(cfg_read(&bus, 4, 0), 0, "the guest finds it there");
+    }
 
     fn cfg_read(bus: &PciBus, slot: u32, reg: u32) -> u32 {
         assert!(bus.pio_write(CONFIG_ADDRESS, &(0x8000_0000 | slot << 11 | reg).to_le_bytes()));
