@@ -184,6 +184,13 @@ fn log(dom: &str) -> String {
     std::fs::read_to_string(format!("/var/log/libvirt/qemu/{dom}.log")).unwrap_or_default()
 }
 
+/// The domain's log since libvirt last started it (libvirt appends to the log of a name).
+fn last_start_log(dom: &str) -> String {
+    let l = log(dom);
+    let from = l.rfind("starting up libvirt").unwrap_or(0);
+    l[from..].to_string()
+}
+
 #[test]
 fn virsh_manages_an_smpft_domain_through_its_whole_life() {
     let _one = one_at_a_time();
@@ -478,7 +485,7 @@ fn bad_ft_metadata_stops_the_start_with_the_reason() {
 
 /// The platform elements virt-install and Nova write, unchanged: machine `pc`, no PCI root of
 /// its own (libvirt adds it), `<pm>` with suspend disabled, `<clock>` with its timers, a USB
-/// controller with a tablet, PS/2 input, video with VNC graphics. The domain starts and runs;
+/// controller with a tablet, PS/2 input, video with VNC graphics, vmcoreinfo. The domain starts and runs;
 /// each device smpft does not have gets one warning line; `virsh domblkinfo` reads the disk's
 /// capacity.
 #[test]
@@ -492,7 +499,7 @@ fn a_domain_with_the_pc_platform_stacks_write_runs_unchanged() {
         "<domain type='kvm'><name>{dom}</name><memory unit='KiB'>131072</memory><currentMemory unit='KiB'>131072</currentMemory>\
          <vcpu placement='static'>2</vcpu>\
          <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{}</kernel><cmdline>counter service disk disk-ws=4M duration=600s</cmdline></os>\
-         <features><acpi/><apic/></features><cpu mode='host-passthrough'/>\
+         <features><acpi/><apic/><vmcoreinfo state='on'/></features><cpu mode='host-passthrough'/>\
          <clock offset='utc'><timer name='pit' tickpolicy='delay'/><timer name='rtc' tickpolicy='catchup'/><timer name='hpet' present='no'/></clock>\
          <pm><suspend-to-mem enabled='no'/><suspend-to-disk enabled='no'/></pm>\
          <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>\
@@ -517,8 +524,15 @@ fn a_domain_with_the_pc_platform_stacks_write_runs_unchanged() {
     ok(&["start", dom]);
     assert_eq!(console_request(dom, "INCR 1"), "OK 1 1", "the guest runs");
 
-    let l = log(dom);
-    for (what, count) in [("no PS/2", 1), ("no USB: the USB controller", 1), ("no USB tablet", 1), ("no display", 2)] {
+    let l = last_start_log(dom);
+    let warnings = [
+        ("no PS/2", 1),
+        ("no USB: the USB controller", 1),
+        ("no USB tablet", 1),
+        ("no display", 2),
+        ("no vmcoreinfo", 1),
+    ];
+    for (what, count) in warnings {
         assert_eq!(l.matches(what).count(), count, "one warning line for '{what}':\n{l}");
     }
     let info = ok(&["domblkinfo", dom, "vda"]);
@@ -569,6 +583,10 @@ fn virt_install_creates_and_starts_a_domain() {
     let xml = ok(&["dumpxml", dom]);
     assert!(xml.contains("<pm>") && xml.contains("name='hpet' present='no'"), "virt-install's defaults:\n{xml}");
     assert_eq!(console_request(dom, "INCR 1"), "OK 1 1", "the guest runs");
+    let l = last_start_log(dom);
+    for what in ["no PS/2", "no USB: the USB controller"] {
+        assert_eq!(l.matches(what).count(), 1, "one warning line for '{what}':\n{l}");
+    }
     let never = later(|| format!("the guest's HTTP service never answered\n{}", log(dom)));
     let body = wait_for(never, Duration::from_secs(20), || {
         let o = net.client(&["curl", "-sS", "--max-time", "5", "http://203.0.113.2/incr/2"]);
