@@ -548,6 +548,16 @@ fn a_domain_with_the_pc_platform_stacks_write_runs_unchanged() {
     ok(&["shutdown", dom]);
     wait_state(dom, "shut off");
     assert!(log(dom).contains("RESULT: PASS"), "{}", log(dom));
+
+    // Suspend enabled would promise the guest a sleep state smpft's machine does not have.
+    let s3 =
+        std::fs::read_to_string(&path).unwrap().replace("suspend-to-mem enabled='no'", "suspend-to-mem enabled='yes'");
+    std::fs::write(&path, s3).unwrap();
+    ok(&["undefine", dom]);
+    ok(&["define", path.to_str().unwrap()]);
+    let o = virsh(&["start", dom]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("PIIX4_PM.disable_s3=0") && e.contains("no S3 sleep state"), "{e}");
     ok(&["undefine", dom]);
 }
 

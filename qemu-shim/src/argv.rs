@@ -338,6 +338,7 @@ impl Parser {
         for d in std::mem::take(&mut self.devices) {
             self.device(&d)?;
         }
+        crate::platform::finish(&mut self.launch);
         self.launch.disk_nodes =
             self.launch.disks.iter().map(|d| crate::platform::block_chain(&self.blockdevs, &d.node)).collect();
         Ok(self.launch)

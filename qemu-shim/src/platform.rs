@@ -26,6 +26,7 @@ pub const SMPFT_MACHINE: &str = "smpft";
 pub const MACHINES: [&str; 3] = [PC_MACHINE, PC_ALIAS, SMPFT_MACHINE];
 
 const NO_DISPLAY: &str = "no display: use the serial console";
+const NO_HPET: &str = "no HPET: the guest keeps time by its TSC and the PIT (write <timer name='hpet' present='no'/>)";
 
 /// Device types smpft accepts on the command line and leaves out of the VM, with what the
 /// guest is without.
@@ -164,9 +165,7 @@ fn machine_option(k: &str, v: &str) -> Result<Step, ArgvError> {
         "vmport" if !on => "smpft's machine has no VMware I/O port",
         "smm" if !on => "smpft's machine has no SMM",
         "kernel_irqchip" | "kernel-irqchip" if on => "smpft always uses KVM's in-kernel irqchip",
-        "hpet" => {
-            return err("-machine hpet=on: smpft's machine has no HPET (write <timer name='hpet' present='no'/>)")
-        }
+        "hpet" => return Ok(Step::LeftOut(NO_HPET)),
         "vmport" => return err("-machine vmport=on: smpft's machine has no VMware I/O port"),
         "smm" => return err("-machine smm=on: smpft runs no firmware, so there is no System Management Mode"),
         "kernel_irqchip" | "kernel-irqchip" => {
@@ -174,6 +173,17 @@ fn machine_option(k: &str, v: &str) -> Result<Step, ArgvError> {
         }
         _ => return err(format!("-machine {k}={v}: option not supported")),
     }))
+}
+
+/// Once the whole command line is read: a PC has an HPET unless `-no-hpet` (or `hpet=off`)
+/// says otherwise, and smpft's has none.
+pub fn finish(launch: &mut Launch) {
+    let machine = launch.machine.as_deref().unwrap_or_default();
+    let pc = [PC_MACHINE, PC_ALIAS].iter().any(|m| machine == *m || machine.starts_with(&format!("{m} ")));
+    let no_hpet = launch.ignored.iter().any(|i| i.starts_with("-no-hpet") || i.starts_with("-machine hpet="));
+    if pc && !no_hpet && !launch.left_out.iter().any(|l| l == NO_HPET) {
+        launch.left_out.push(NO_HPET.into());
+    }
 }
 
 /// Options without a value that belong here; true if `opt` was one.

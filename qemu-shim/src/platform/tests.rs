@@ -55,9 +55,13 @@ fn every_machine_name_is_smpfts_one_machine() {
         assert_eq!(l.machine.as_deref(), Some(name));
         let ps2 = l.left_out.iter().any(|w| w.contains("PS/2"));
         assert_eq!(ps2, name != SMPFT_MACHINE, "{name}: PS/2 is a PC's: {:?}", l.left_out);
+        let hpet = l.left_out.iter().any(|w| w.contains("no HPET"));
+        assert_eq!(hpet, name != SMPFT_MACHINE, "{name}: without -no-hpet a PC has an HPET: {:?}", l.left_out);
     }
-    let l = parse(&args("-machine pc,i8042=off -kernel /g")).unwrap();
-    assert!(l.left_out.is_empty(), "i8042=off: no PS/2 devices to warn about: {:?}", l.left_out);
+    let l = parse(&args("-machine pc,i8042=off -kernel /g -no-hpet")).unwrap();
+    assert!(l.left_out.is_empty(), "i8042=off, -no-hpet: nothing to warn about: {:?}", l.left_out);
+    let l = parse(&args("-machine pc,hpet=on,i8042=off")).unwrap();
+    assert_eq!(l.left_out.len(), 1, "hpet=on: one line: {:?}", l.left_out);
     assert!(parse(&args("-machine none,accel=kvm:tcg")).unwrap().probe);
     assert!(refused("-machine q35").contains("-machine q35: machine type not supported"));
     assert!(refused("-machine pc-i440fx-rhel7.4.0").contains("pc-i440fx-7.2, pc, smpft"));
@@ -70,7 +74,6 @@ fn machine_options_are_honoured_accepted_or_refused_with_the_reason() {
     assert_eq!(l.ignored.len(), 5, "{:?}", l.ignored);
     for (opt, why) in [
         ("accel=tcg", "only with KVM"),
-        ("hpet=on", "no HPET"),
         ("vmport=on", "VMware I/O port"),
         ("smm=on", "no firmware"),
         ("kernel_irqchip=split", "in-kernel irqchip"),
