@@ -5,7 +5,9 @@
 //!
 //! Every option is either understood, or accepted with nothing to do here (listed in
 //! [`IGNORED`], each with the reason), or refused with a one-line message that names it:
-//! libvirt shows that line to the operator when a domain fails to start.
+//! libvirt shows that line to the operator when a domain fails to start. The PC around the
+//! devices (`-machine`, `-global`, `-rtc`, `-no-hpet`, displays, and the devices smpft leaves
+//! out) is read in [`crate::platform`].
 
 use serde_json::{Map, Value};
 use std::collections::HashMap;
