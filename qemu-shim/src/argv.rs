@@ -5,7 +5,9 @@
 //!
 //! Every option is either understood, or accepted with nothing to do here (listed in
 //! [`IGNORED`], each with the reason), or refused with a one-line message that names it:
-//! libvirt shows that line to the operator when a domain fails to start.
+//! libvirt shows that line to the operator when a domain fails to start. The PC around the
+//! devices (`-machine`, `-global`, `-rtc`, `-no-hpet`, displays, and the devices smpft leaves
+//! out) is read in [`crate::platform`].
 
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -17,14 +19,12 @@ pub const IGNORED: &[(&str, &str)] = &[
     ("-nodefaults", "smpft creates no default devices"),
     ("-nographic", "smpft has no display"),
     ("-display", "smpft has no display (only 'none' is accepted)"),
-    ("-rtc", "the guest clock is the host's TSC, carried across checkpoints"),
     ("-no-acpi", "smpft's machine has no ACPI"),
     ("-boot", "the guest is started from -kernel; there is no firmware boot order"),
     ("-sandbox", "smpft does not install a seccomp filter of QEMU's kind"),
     ("-msg", "log format only"),
     ("-overcommit", "guest memory is not locked"),
     ("-audiodev", "no audio devices"),
-    ("-global", "no device defaults apply"),
     ("-enable-kvm", "smpft always uses KVM"),
 ];
 
@@ -113,6 +113,12 @@ pub struct Launch {
     pub no_reboot: bool,
     /// Options accepted and ignored, as given (for the log).
     pub ignored: Vec<String>,
+    /// Devices smpft does not have and leaves out of the VM: one warning line each (see
+    /// [`crate::platform`]).
+    pub left_out: Vec<String>,
+    /// Each disk's block nodes, from the device's node down to its storage (parallel to
+    /// `disks`).
+    pub disk_nodes: Vec<Vec<crate::platform::BlockNode>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,7 +131,7 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ArgvError> {
 
 /// An option's value as key/value pairs: JSON objects as they are, `a=b,c=d` split (`,,` is a
 /// literal comma), and a leading bare word under `implied` (e.g. `-machine pc,usb=off`).
-fn props(value: &str, implied: &str) -> Result<Map<String, Value>, ArgvError> {
+pub(crate) fn props(value: &str, implied: &str) -> Result<Map<String, Value>, ArgvError> {
     if value.starts_with('{') {
         return match serde_json::from_str::<Value>(value) {
             Ok(Value::Object(m)) => Ok(m),
@@ -166,7 +172,7 @@ fn props(value: &str, implied: &str) -> Result<Map<String, Value>, ArgvError> {
     Ok(out)
 }
 
-fn text(m: &Map<String, Value>, k: &str) -> Option<String> {
+pub(crate) fn text(m: &Map<String, Value>, k: &str) -> Option<String> {
     match m.get(k)? {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -175,7 +181,7 @@ fn text(m: &Map<String, Value>, k: &str) -> Option<String> {
     }
 }
 
-fn flag(m: &Map<String, Value>, k: &str) -> bool {
+pub(crate) fn flag(m: &Map<String, Value>, k: &str) -> bool {
     matches!(m.get(k), Some(Value::Bool(true))) || matches!(text(m, k).as_deref(), Some("on" | "true" | "yes"))
 }
 
@@ -239,6 +245,9 @@ pub fn parse(args: &[String]) -> Result<Launch, ArgvError> {
 impl Parser {
     /// Options without a value; true if `opt` was one.
     fn flag_option(&mut self, opt: &str) -> Result<bool, ArgvError> {
+        if crate::platform::flag_option(&mut self.launch, opt) {
+            return Ok(true);
+        }
         match opt {
             "-S" => self.launch.start_paused = true,
             "-daemonize" => self.launch.daemonize = true,
@@ -256,10 +265,13 @@ impl Parser {
     }
 
     fn option(&mut self, opt: &str, value: &str) -> Result<(), ArgvError> {
+        // The machine, its timers and power management, and the display smpft does not have.
+        if crate::platform::option(&mut self.launch, opt, value)? {
+            return Ok(());
+        }
         match opt {
             "-name" => self.launch.name = text(&props(value, "guest")?, "guest"),
             "-uuid" => self.launch.uuid = Some(value.to_string()),
-            "-machine" | "-M" => self.machine(value)?,
             "-accel" => {
                 let a = text(&props(value, "accel")?, "accel").unwrap_or_default();
                 if a != "kvm" {
@@ -316,32 +328,6 @@ impl Parser {
             "-netdev-legacy" | "-net" => return err("-net is not supported; smpft takes NICs as -netdev tap"),
             _ if IGNORED.iter().any(|(o, _)| *o == opt) => self.launch.ignored.push(format!("{opt} {value}")),
             _ => return err(format!("option {opt} is not supported")),
-        }
-        Ok(())
-    }
-
-    fn machine(&mut self, value: &str) -> Result<(), ArgvError> {
-        let m = props(value, "type")?;
-        let t = text(&m, "type").unwrap_or_default();
-        if let Some(a) = text(&m, "accel") {
-            if !a.split(':').any(|a| a == "kvm") {
-                return err(format!("-machine accel={a}: smpft runs guests only with KVM"));
-            }
-        }
-        match t.as_str() {
-            "none" => self.launch.probe = true,
-            crate::probe::MACHINE => {}
-            _ => {
-                return err(format!(
-                    "machine type '{t}' is not supported (smpft's machine is '{}')",
-                    crate::probe::MACHINE
-                ))
-            }
-        }
-        if let Some(b) = text(&m, "memory-backend") {
-            self.launch.machine = Some(format!("{t} (memory {b})"));
-        } else {
-            self.launch.machine = Some(t);
         }
         Ok(())
     }
@@ -430,6 +416,9 @@ impl Parser {
         for d in std::mem::take(&mut self.devices) {
             self.device(&d)?;
         }
+        crate::platform::finish(&mut self.launch);
+        self.launch.disk_nodes =
+            self.launch.disks.iter().map(|d| crate::platform::block_chain(&self.blockdevs, &d.node)).collect();
         Ok(self.launch)
     }
 
@@ -438,6 +427,9 @@ impl Parser {
         let id = text(d, "id").unwrap_or_default();
         if !id.is_empty() && crate::probe::DEVICE_TYPES.contains(&driver.as_str()) {
             self.launch.device_ids.push((id.clone(), driver.clone()));
+        }
+        if crate::platform::left_out_device(&mut self.launch, &driver, &id) {
+            return Ok(());
         }
         match driver.as_str() {
             "isa-serial" => {
@@ -467,8 +459,6 @@ impl Parser {
                 let slot = self.pci_slot(&id, d)?;
                 self.launch.nics.push(Nic { id, fd, mac: text(d, "mac"), slot });
             }
-            // The USB controller libvirt adds by default: the guest has no USB, nothing is attached.
-            "piix3-usb-uhci" => self.launch.ignored.push(format!("-device {driver}")),
             _ => {
                 return err(format!(
                     "device '{driver}' is not supported (smpft has virtio-blk-pci, virtio-net-pci and isa-serial)"

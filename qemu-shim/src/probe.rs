@@ -2,9 +2,14 @@
 //! asks when it probes an emulator binary (and asks again on a domain's monitor). They describe
 //! what smpft implements, in QMP's terms:
 //!
-//! - one machine type, `smpft`, for x86_64 guests under KVM only, up to 16 vCPUs;
+//! - one machine, for x86_64 guests under KVM only, up to 16 vCPUs, under the names libvirt
+//!   treats as a PC (`pc-i440fx-7.2`, alias `pc`) and its own, `smpft` (see
+//!   [`crate::platform`]);
 //! - three device types, `virtio-blk-pci`, `virtio-net-pci` and `isa-serial`, with no
-//!   properties a user can set;
+//!   properties a user can set, and the PC devices smpft accepts and leaves out of the VM
+//!   ([`crate::platform::ABSENT_DEVICE_TYPES`]: USB, video, vmcoreinfo);
+//! - S3 and S4 that can be disabled (`PIIX4_PM`'s `disable_s3`/`disable_s4`: they are) and the
+//!   PIT's lost-tick policy;
 //! - the QMP commands in [`COMMANDS`], as QEMU 7.2 defines them, and no QMP schema beyond that
 //!   list (libvirt then writes devices in key=value form, which `argv` reads);
 //! - no migration capabilities, no command-line option introspection.
@@ -15,8 +20,8 @@
 use crate::qmp::{not_found, ErrorClass, QmpError};
 use serde_json::{json, Map, Value};
 
-/// The machine type.
-pub const MACHINE: &str = "smpft";
+/// The machine type's canonical name (the default).
+pub const MACHINE: &str = crate::platform::PC_MACHINE;
 /// The most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 16;
 /// Device types smpft implements.
@@ -55,6 +60,9 @@ pub const COMMANDS: &[&str] = &[
     "x-smpft-snapshot",
 ];
 
+/// Commands about the PC platform (the display smpft does not have).
+pub const PLATFORM_COMMANDS: [&str; 2] = ["query-vnc", "query-spice"];
+
 /// The answer to `name` if it is a question about the emulator itself (the same on every VM);
 /// `None` for anything else.
 pub fn answer(name: &str, args: &Map<String, Value>, package: &str) -> Option<Result<Value, QmpError>> {
@@ -63,11 +71,27 @@ pub fn answer(name: &str, args: &Map<String, Value>, package: &str) -> Option<Re
         "query-version" => json!({"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": package}),
         "query-target" => json!({"arch": "x86_64"}),
         "query-qmp-schema" => json!([]),
-        "query-commands" => Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect()),
+        "query-commands" => Value::Array(
+            COMMANDS
+                .iter()
+                .chain(&PLATFORM_COMMANDS)
+                .chain(&crate::platform::DISPLAY_COMMANDS)
+                .map(|c| json!({"name": c}))
+                .collect(),
+        ),
         "query-kvm" => json!({"enabled": true, "present": true}),
-        "qom-list-types" => Value::Array(DEVICE_TYPES.iter().map(|t| json!({"name": t})).collect()),
+        "qom-list-types" => Value::Array(
+            DEVICE_TYPES
+                .iter()
+                .chain(crate::platform::ABSENT_DEVICE_TYPES.iter().map(|(t, _)| t))
+                .map(|t| json!({"name": t}))
+                .collect(),
+        ),
         "device-list-properties" => {
             let t = typename();
+            if let Some(props) = crate::platform::device_properties(&t) {
+                return Some(Ok(props));
+            }
             if !DEVICE_TYPES.contains(&t.as_str()) {
                 return Some(Err(QmpError {
                     class: ErrorClass::DeviceNotFound,
@@ -78,11 +102,11 @@ pub fn answer(name: &str, args: &Map<String, Value>, package: &str) -> Option<Re
         }
         // No object has properties a user sets. (An error here crashes libvirt 9.0's probe.)
         "qom-list-properties" => json!([]),
-        "query-machines" => json!([{"name": MACHINE, "cpu-max": MAX_VCPUS, "is-default": true}]),
+        "query-machines" => crate::platform::machines(MAX_VCPUS),
         "query-command-line-options" | "query-migrate-capabilities" => json!([]),
         "migrate-set-capabilities" => json!({}),
         "query-named-block-nodes" | "query-block" | "query-jobs" => json!([]),
-        _ => return None,
+        _ => return crate::platform::display_answer(name),
     }))
 }
 
@@ -108,8 +132,14 @@ mod tests {
         assert!(names.as_array().unwrap().iter().any(|c| c["name"] == "x-smpft-query-ft"));
         assert_eq!(ask("query-machines", json!({})).unwrap()[0]["name"], MACHINE);
         assert_eq!(ask("device-list-properties", json!({"typename": "virtio-net-pci"})).unwrap(), json!([]));
-        let e = ask("device-list-properties", json!({"typename": "VGA"})).unwrap_err();
-        assert_eq!((e.class, e.desc.as_str()), (ErrorClass::DeviceNotFound, "Device 'VGA' not found"));
+        let e = ask("device-list-properties", json!({"typename": "vmware-svga"})).unwrap_err();
+        assert_eq!((e.class, e.desc.as_str()), (ErrorClass::DeviceNotFound, "Device 'vmware-svga' not found"));
+        // The PC devices smpft leaves out are listed, so libvirt accepts them.
+        let types = ask("qom-list-types", json!({})).unwrap();
+        assert!(types.as_array().unwrap().iter().any(|t| t["name"] == "usb-tablet"), "{types}");
+        assert_eq!(ask("device-list-properties", json!({"typename": "VGA"})).unwrap(), json!([]));
+        assert!(names.as_array().unwrap().iter().any(|c| c["name"] == "query-vnc"));
+        assert_eq!(ask("query-vnc", json!({})).unwrap()["enabled"], false);
         assert_eq!(ask("qom-list-properties", json!({"typename": "memory-backend-file"})).unwrap(), json!([]));
         assert_eq!(ask("query-tpm-models", json!({})).unwrap_err().class, ErrorClass::CommandNotFound);
     }

@@ -69,6 +69,10 @@ impl GuestMemory {
         // Best effort: THP for shmem depends on the host's shmem_enabled setting.
         // SAFETY: advice on a mapping we own; failure is harmless.
         unsafe { libc::madvise(host, size as usize, libc::MADV_HUGEPAGE) };
+        // Guest memory is the guest's data, and can be most of the host's memory: it is left out
+        // of smpft's core dumps (QEMU's dump-guest-core=off, libvirt's default).
+        // SAFETY: advice on a mapping we own; failure only leaves it in core dumps.
+        unsafe { libc::madvise(host, size as usize, libc::MADV_DONTDUMP) };
         let vmm_dirty: Arc<[AtomicU64]> = (0..(size / PAGE_SIZE).div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         Ok(GuestMemory { fd, host: host.cast(), size, vmm_dirty })
     }

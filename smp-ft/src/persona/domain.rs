@@ -12,6 +12,7 @@
 //! - a guest that powers off ends the process after a `SHUTDOWN` event; `system_powerdown`
 //!   presses the power button the guest polls (port 0xf6).
 
+use super::block_info::{self, BlockDisk, Size};
 use super::libvirt_ft::DomainFt;
 use super::PACKAGE;
 use block::spec::DiskSpec;
@@ -115,6 +116,12 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
         serial_label: launch.serial_label.clone(),
         devices: launch.device_ids.clone(),
         disks: launch.disks.iter().map(|d| (d.id.clone(), d.node.clone())).collect(),
+        block: launch
+            .disks
+            .iter()
+            .zip(launch.disk_nodes.iter().chain(std::iter::repeat(&Vec::new())))
+            .map(|(d, n)| BlockDisk { disk: d.clone(), nodes: n.clone() })
+            .collect(),
     };
     match ft {
         Some(ft) if ft.standby => super::standby::run(&name, ft, config, qmp, answers),
@@ -150,6 +157,8 @@ pub struct Answers {
     devices: Vec<(String, String)>,
     /// Each disk's device id and block node, in order.
     disks: Vec<(String, String)>,
+    /// Each disk with its block nodes, in order (`query-block`, `query-named-block-nodes`).
+    block: Vec<BlockDisk>,
 }
 
 impl Answers {
@@ -180,6 +189,11 @@ impl Answers {
             ),
             "qom-list" => json!([]),
             "qom-get" => return Some(Err(QmpError::generic(format!("Property '{}' not found", arg("property"))))),
+            // No VM yet (a standby): the sizes of the disks' local files.
+            "query-block" | "query-named-block-nodes" => {
+                let sizes: Vec<_> = self.block.iter().map(|d| Size::of(&d.disk.source, None)).collect();
+                self.block_answer(name, &sizes)
+            }
             _ => return qemu_shim::probe::answer(name, args, PACKAGE),
         }))
     }
@@ -214,6 +228,15 @@ impl Answers {
     }
 }
 
+impl Answers {
+    fn block_answer(&self, name: &str, sizes: &[Size]) -> Value {
+        match name {
+            "query-block" => block_info::query_block(&self.block, sizes),
+            _ => block_info::named_nodes(&self.block, sizes),
+        }
+    }
+}
+
 impl Extension for Answers {
     fn answer(
         &mut self,
@@ -239,6 +262,16 @@ impl Extension for Answers {
                 json!({})
             }
             "query-blockstats" => self.blockstats(vm),
+            "query-block" | "query-named-block-nodes" => {
+                let backends = vm.devices().disk_backends();
+                let sizes: Vec<_> = self
+                    .block
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| Size::of(&d.disk.source, backends.get(i).map(|b| b.size())))
+                    .collect();
+                self.block_answer(name, &sizes)
+            }
             _ => return self.without_vm(pty, name, args),
         }))
     }

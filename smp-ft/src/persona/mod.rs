@@ -11,6 +11,7 @@
 //!   would run it, with QMP on the listening socket libvirt passes, never forking (libvirt
 //!   records this process's pid). See [`domain`].
 
+mod block_info;
 mod daemon;
 mod domain;
 pub mod libvirt_ft;
@@ -58,6 +59,12 @@ pub fn main(args: &[String]) -> ExitCode {
     }
     for i in &launch.ignored {
         tracing::debug!("QEMU option with nothing to do in smpft: {i}");
+    }
+    // One line per device the stacks add by habit and smpft does not have.
+    if !launch.probe {
+        for l in &launch.left_out {
+            tracing::warn!("{l}");
+        }
     }
     let r = if launch.probe { probe(&launch) } else { domain::run(launch) };
     match r {
