@@ -71,3 +71,39 @@ fn bad_guest_parameter_is_reported() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("bad boot parameter: \"churn-rate=fast\""), "{}", stderr(&out));
 }
+
+/// The SMBIOS tables tell the guest what the stack says the machine is (cloud-init recognises
+/// OpenStack by the system product), and smpft's defaults otherwise; bad specs are refused.
+#[test]
+fn the_guest_reads_the_smbios_tables_it_is_given() {
+    require_kvm();
+    let run = |extra: &[&str]| {
+        smpft()
+            .args(["run", "--vcpus", "1", "--memory", "64M", "--serial", "null"])
+            .args(["--guest-args", "smbios counter duration=200ms"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "--smbios",
+        "type=1,manufacturer=Red Hat,product=OpenStack Compute,version=16.0.2,serial=4c4c,,x,uuid=30ad89ac-5906-49ca-8d52-3c6343c598f6,family=Virtual Machine",
+        "--smbios",
+        "type=11,value=cloud-name:test",
+    ]);
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("smbios: system manufacturer=Red Hat product=OpenStack Compute version=16.0.2 serial=4c4c,x family=Virtual Machine uuid=30ad89ac-5906-49ca-8d52-3c6343c598f6"),
+        "{log}"
+    );
+    assert!(log.contains("smbios: oem string 1=cloud-name:test"), "{log}");
+    let log = stderr(&run(&[]));
+    assert!(log.contains("smbios: system manufacturer=smpft product=smpft VM"), "smpft's defaults: {log}");
+    for (spec, says) in [("type=4,x=y", "type=4 is not one smpft writes"), ("type=1,uuid=abc", "is not a UUID")] {
+        let out = run(&["--smbios", spec]);
+        assert_ne!(out.status.code(), Some(0));
+        let e = stderr(&out);
+        assert!(e.contains(&format!("--smbios {spec}")) && e.contains(says), "{spec}: {e}");
+    }
+}

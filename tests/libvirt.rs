@@ -676,3 +676,36 @@ fn virt_install_creates_and_starts_a_domain() {
     wait_state(dom, "shut off");
     ok(&["undefine", dom]);
 }
+
+/// `<sysinfo type='smbios'>` (Nova's "OpenStack Compute") reaches the guest's SMBIOS tables,
+/// with the domain's UUID as the system UUID.
+#[test]
+fn the_domains_sysinfo_is_what_the_guest_reads_in_smbios() {
+    let _one = one_at_a_time();
+    let lv = Libvirt::start("libvirt-smbios");
+    let dom = "lv-smbios";
+    let _ = virsh(&["destroy", dom]);
+    let _ = virsh(&["undefine", dom]);
+    let xml = lv.domain(dom, "smbios counter service duration=600s", "");
+    let uuid = "30ad89ac-5906-49ca-8d52-3c6343c598f6";
+    let sysinfo = format!(
+        "<uuid>{uuid}</uuid><sysinfo type='smbios'><system><entry name='manufacturer'>Red Hat</entry>\
+         <entry name='product'>OpenStack Compute</entry><entry name='serial'>S-1</entry>\
+         <entry name='family'>Virtual Machine</entry></system></sysinfo><os>"
+    );
+    let text = std::fs::read_to_string(&xml).unwrap().replacen("<os>", &sysinfo, 1).replacen(
+        "hvm</type>",
+        "hvm</type><smbios mode='sysinfo'/>",
+        1,
+    );
+    std::fs::write(&xml, text).unwrap();
+    ok(&["define", xml.to_str().unwrap()]);
+    ok(&["start", dom]);
+    assert_eq!(console_request(dom, "INCR 1"), "OK 1 1");
+    let want = format!(
+        "smbios: system manufacturer=Red Hat product=OpenStack Compute version= serial=S-1 family=Virtual Machine uuid={uuid}"
+    );
+    assert!(log(dom).contains(&want), "{}", log(dom));
+    ok(&["destroy", dom]);
+    ok(&["undefine", dom]);
+}

@@ -17,6 +17,7 @@ mod params;
 mod pci;
 mod rng;
 mod service;
+mod smbios;
 mod sync;
 mod virtio;
 
@@ -140,6 +141,9 @@ fn init(bi: &BootInfo) -> Shared {
             io::exit(abi::EXIT_BAD_PARAMS);
         }
         kv::init(base, ws, bi.vcpus.into(), params.kv_rate, bi.tsc_khz * 1000, start);
+    }
+    if params.smbios {
+        smbios::report();
     }
     if params.pci {
         for f in pci::functions() {

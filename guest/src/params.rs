@@ -40,6 +40,8 @@ pub struct Params {
     pub rng: bool,
     /// List the PCI functions found at boot (`pci`), as `pci 00:SS.F [vendor:device]` lines.
     pub pci: bool,
+    /// Log what the SMBIOS tables say (`smbios`), as `smbios: ...` lines.
+    pub smbios: bool,
     /// Every vCPU writes and checks its region of a virtio-blk disk.
     pub disk: bool,
     pub disk_settings: crate::disk::Settings,
@@ -70,6 +72,7 @@ impl Params {
         service: false,
         rng: false,
         pci: false,
+        smbios: false,
         disk: false,
         disk_settings: crate::disk::Settings { io: 4096, ws: 0, sequential: false, check_every: 1, flush_every: 16 },
         net: None,
@@ -127,6 +130,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, Bad<'_>> {
             (b"service", None) => p.service = true,
             (b"rng", None) => p.rng = true,
             (b"pci", None) => p.pci = true,
+            (b"smbios", None) => p.smbios = true,
             (b"disk", None) => p.disk = true,
             (b"disk-io", Some(v)) => p.disk_settings.io = size(v).ok_or(bad)?,
             (b"disk-ws", Some(v)) => p.disk_settings.ws = size(v).ok_or(bad)?,

@@ -86,6 +86,8 @@ pub struct Launch {
     pub machine: Option<String>,
     pub name: Option<String>,
     pub uuid: Option<String>,
+    /// `-smbios type=N,...` as given (what the SMBIOS tables say).
+    pub smbios: Vec<String>,
     /// `-S`: the vCPUs wait for `cont`.
     pub start_paused: bool,
     pub memory_bytes: Option<u64>,
@@ -272,6 +274,7 @@ impl Parser {
         match opt {
             "-name" => self.launch.name = text(&props(value, "guest")?, "guest"),
             "-uuid" => self.launch.uuid = Some(value.to_string()),
+            "-smbios" => self.launch.smbios.push(value.to_string()),
             "-accel" => {
                 let a = text(&props(value, "accel")?, "accel").unwrap_or_default();
                 if a != "kvm" {

@@ -257,6 +257,12 @@ pub(crate) struct RunArgs {
     /// console log: protected, only output the standby holds the state of reaches it).
     #[arg(long, value_name = "FILE")]
     pub(crate) serial_log: Option<PathBuf>,
+    /// What the SMBIOS tables tell the guest the machine is, in QEMU's syntax (repeatable):
+    /// type=0 (vendor, version, date), type=1 (manufacturer, product, version, serial, uuid,
+    /// sku, family), type=2 (board), type=3 (chassis), type=11 (value=OEM string). Unset
+    /// fields are smpft's; e.g. --smbios "type=1,product=OpenStack Compute".
+    #[arg(long = "smbios", value_name = "type=N,KEY=VALUE,...")]
+    pub(crate) smbios: Vec<String>,
     /// Write the guest's log (debug console) to this file instead of standard error.
     #[arg(long)]
     pub(crate) console: Option<PathBuf>,

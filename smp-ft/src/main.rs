@@ -78,7 +78,12 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         (Some(kernel), _) => vm.linux(kernel, args.initrd, args.cmdline),
         (None, guest) => vm.test_guest(guest, args.guest_args),
     };
+    let mut smbios = smp_ft::vmm::smbios::Smbios::default();
+    for spec in &args.smbios {
+        smbios.apply(spec).map_err(|e| CliError::Usage(format!("--smbios {spec}: {e}")))?;
+    }
     let config = vm
+        .smbios(smbios)
         .serial(args.serial)
         .serial_log(args.serial_log.map(|path| SerialLog::File { path, append: true }))
         .console(args.console)

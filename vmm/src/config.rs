@@ -24,6 +24,8 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// Optional devices.
     pub devices: DeviceConfig,
+    /// What the SMBIOS tables say the machine is.
+    pub smbios: crate::smbios::Smbios,
 }
 
 /// What a new VM boots.

@@ -29,6 +29,8 @@ pub enum VmError {
     Linux { kernel: String, source: linux::LinuxError },
     #[error("nothing to boot: a VM without a guest or kernel is built from a saved state")]
     NothingToBoot,
+    #[error("SMBIOS tables")]
+    Smbios(#[source] crate::smbios::SmbiosError),
     #[error("the guest's arguments are {len} bytes; at most {max} fit", max = CMDLINE_MAX)]
     ArgsTooLong { len: usize },
     #[error("KVM: {what}")]

@@ -23,6 +23,7 @@ pub mod memory;
 pub mod net;
 pub mod pages;
 pub mod pci;
+pub mod smbios;
 pub mod state;
 pub mod vcpu;
 pub mod virtio;

@@ -53,6 +53,7 @@ impl Vm {
         let parts = build(&config, None, host, CpuSetup::TestGuest)?;
         let memory = &parts.memory;
         boot::write_tables(memory, config.vcpus)?;
+        config.smbios.write(memory)?;
         image.load(elf, memory).map_err(image_err)?;
         memory.write(CMDLINE_ADDR, args.as_bytes())?;
 
@@ -102,6 +103,7 @@ impl Vm {
         let host = HostResources::reserve(&config)?;
         let parts = build(&config, None, host, CpuSetup::Linux)?;
         let entry = linux::load(&parts.memory, config.vcpus, boot).map_err(err)?;
+        config.smbios.write(&parts.memory)?;
         for (i, fd) in parts.vcpu_fds.iter().enumerate() {
             let fd = fd.lock();
             let lapic = fd.get_lapic().map_err(kvm_err("get local APIC"))?;

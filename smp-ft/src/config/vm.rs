@@ -8,6 +8,7 @@ use crate::guest;
 use crate::vmm::devices::serial::{SerialLog, SerialSpec};
 use crate::vmm::devices::DeviceConfig;
 use crate::vmm::linux::LinuxBoot;
+use crate::vmm::smbios::Smbios;
 use crate::vmm::{Payload, VmConfig, DEFAULT_KVM_DEVICE};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +49,7 @@ pub struct VmBuilder {
     boot: Boot,
     serial: SerialSpec,
     serial_log: Option<SerialLog>,
+    smbios: Smbios,
     console: Option<PathBuf>,
     kvm_device: PathBuf,
     devices: DeviceConfig,
@@ -66,6 +68,7 @@ impl VmBuilder {
             boot: Boot::Nothing,
             serial: SerialSpec::Null,
             serial_log: None,
+            smbios: Smbios::default(),
             console: None,
             kvm_device: DEFAULT_KVM_DEVICE.into(),
             devices: DeviceConfig::default(),
@@ -116,6 +119,12 @@ impl VmBuilder {
         self
     }
 
+    /// What the SMBIOS tables say the machine is.
+    pub fn smbios(mut self, smbios: Smbios) -> Self {
+        self.smbios = smbios;
+        self
+    }
+
     /// A file that receives every byte the serial port releases (created if missing).
     pub fn serial_log(mut self, log: Option<SerialLog>) -> Self {
         self.serial_log = log;
@@ -161,6 +170,7 @@ impl VmBuilder {
             console: self.console,
             kvm_device: self.kvm_device,
             devices: self.devices,
+            smbios: self.smbios,
         })
     }
 }

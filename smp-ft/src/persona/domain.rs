@@ -25,6 +25,7 @@ use smp_ft::runner::{Extension, Runner};
 use smp_ft::vmm::devices::serial::{SerialLog, SerialSpec};
 use smp_ft::vmm::devices::{DeviceConfig, PciSlots};
 use smp_ft::vmm::net::{NetSpec, TapSource};
+use smp_ft::vmm::smbios::Smbios;
 use smp_ft::vmm::{RunningVm, Vm, VmConfig};
 use std::process::ExitCode;
 
@@ -69,6 +70,7 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
             }
             qemu_shim::argv::SerialLog::Fd(fd) => SerialLog::Fd(*fd),
         }))
+        .smbios(smbios(launch)?)
         .devices(DeviceConfig {
             rng: false,
             disks,
@@ -80,6 +82,18 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
         })
         .build()
         .map_err(|e| crate::error_chain(&e))
+}
+
+/// The SMBIOS tables `-smbios` and `-uuid` describe (smpft's defaults for the rest).
+fn smbios(launch: &Launch) -> Result<Smbios, String> {
+    let mut m = Smbios::default();
+    for spec in &launch.smbios {
+        m.apply(spec).map_err(|e| format!("-smbios {spec}: {e}"))?;
+    }
+    if let (None, Some(uuid)) = (m.uuid, &launch.uuid) {
+        m.uuid = Some(smp_ft::vmm::smbios::parse_uuid(uuid).map_err(|e| format!("-uuid: {e}"))?);
+    }
+    Ok(m)
 }
 
 /// The QMP server on the monitor libvirt gave (the first one; libvirt gives one).
