@@ -5,5 +5,6 @@
 //! [`argv::Launch`] that smp-ft turns into a VM.
 
 pub mod argv;
+pub mod cpu;
 pub mod probe;
 pub mod qmp;

@@ -53,6 +53,9 @@ pub const COMMANDS: &[&str] = &[
     "x-smpft-query-ft",
     "x-smpft-protect",
     "x-smpft-snapshot",
+    // Guest CPU models (answered in `cpu`).
+    "query-cpu-definitions",
+    "query-cpu-model-expansion",
 ];
 
 /// The answer to `name` if it is a question about the emulator itself (the same on every VM);

@@ -41,6 +41,7 @@ fn main() {
                 console: Some(dir.join("console.log")),
                 kvm_device: DEFAULT_KVM_DEVICE.into(),
                 devices: Default::default(),
+                cpu: Default::default(),
             };
             let vm = Vm::create(config).unwrap().start().unwrap();
             std::thread::sleep(Duration::from_millis(50));

@@ -32,6 +32,7 @@ fn start(vcpus: u32, args: &str, serial: SerialSpec, console: Option<PathBuf>) -
         console,
         kvm_device: DEFAULT_KVM_DEVICE.into(),
         devices: Default::default(),
+        cpu: Default::default(),
     };
     Vm::create(config).expect("create VM (is /dev/kvm there?)").start().expect("start VM")
 }

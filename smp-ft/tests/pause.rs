@@ -24,6 +24,7 @@ fn busy_guest(d: &std::path::Path) -> VmConfig {
         console: Some(d.join("console.log")),
         kvm_device: DEFAULT_KVM_DEVICE.into(),
         devices: Default::default(),
+        cpu: Default::default(),
     }
 }
 

@@ -22,6 +22,8 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// Optional devices.
     pub devices: DeviceConfig,
+    /// The guest's CPU model and features (`host`: the host's CPU as KVM offers it).
+    pub cpu: cpu_model::CpuSpec,
 }
 
 /// What a new VM boots.

@@ -63,6 +63,7 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
         .kernel(kernel, launch.initrd.clone(), launch.append.clone().unwrap_or_default())
         .serial(serial)
         .devices(DeviceConfig { rng: false, disks, nets })
+        .cpu(launch.cpu.clone().unwrap_or_default())
         .build()
         .map_err(|e| crate::error_chain(&e))
 }
@@ -101,6 +102,7 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
         serial_label: launch.serial_label.clone(),
         devices: launch.device_ids.clone(),
         disks: launch.disks.iter().map(|d| (d.id.clone(), d.node.clone())).collect(),
+        host_cpu: super::host_cpu(),
     };
     match ft {
         Some(ft) if ft.standby => super::standby::run(&name, ft, config, qmp, answers),
@@ -136,6 +138,8 @@ pub struct Answers {
     devices: Vec<(String, String)>,
     /// Each disk's device id and block node, in order.
     disks: Vec<(String, String)>,
+    /// What the host's KVM offers a guest's CPU (for libvirt's CPU model questions).
+    host_cpu: Result<Vec<cpu_model::Leaf>, String>,
 }
 
 impl Answers {
@@ -166,7 +170,10 @@ impl Answers {
             ),
             "qom-list" => json!([]),
             "qom-get" => return Some(Err(QmpError::generic(format!("Property '{}' not found", arg("property"))))),
-            _ => return qemu_shim::probe::answer(name, args, PACKAGE),
+            _ => {
+                return super::cpu_answer(&self.host_cpu, name, args)
+                    .or_else(|| qemu_shim::probe::answer(name, args, PACKAGE))
+            }
         }))
     }
 }

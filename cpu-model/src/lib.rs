@@ -1,0 +1,228 @@
+//! The guest's CPU: QEMU's x86 CPU models and feature names (`-cpu MODEL,+feat,-feat`), and
+//! the CPUID a model makes of what the host's KVM offers. Pure: no KVM here, the VMM passes the
+//! host's CPUID in and sets what comes out.
+//!
+//! As QEMU's `enforce`: a model or feature the host cannot give is refused, naming it; nothing
+//! is dropped silently. `host` (and `max`, the same under KVM) is the host's CPUID as KVM offers
+//! it, with the features asked for added or removed. A named model ([`models::MODELS`]) exposes
+//! exactly its features in the feature words it defines ([`features::MODEL_WORDS`]), plus or
+//! minus those asked for; every other leaf stays the host's.
+
+pub mod features;
+pub mod models;
+
+use features::{Feature, Reg, Word, FEATURES, MODEL_WORDS};
+use models::Model;
+
+/// One CPUID leaf (sub-leaf `index` of `function`) and its four output registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Leaf {
+    pub function: u32,
+    pub index: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+impl Leaf {
+    fn reg(&mut self, r: Reg) -> &mut u32 {
+        match r {
+            Reg::Eax => &mut self.eax,
+            Reg::Ebx => &mut self.ebx,
+            Reg::Ecx => &mut self.ecx,
+            Reg::Edx => &mut self.edx,
+        }
+    }
+}
+
+/// Why a CPU cannot be given to the guest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CpuError {
+    #[error("CPU model '{0}' is not known to smpft (it has {list})", list = model_names().join(", "))]
+    UnknownModel(String),
+    #[error("CPU feature '{0}' is not known to smpft")]
+    UnknownFeature(String),
+    #[error("CPU property '{0}' is not supported")]
+    Property(String),
+    #[error("{what} needs what this host's KVM does not offer: {missing}", missing = .missing.join(", "))]
+    Missing { what: String, missing: Vec<&'static str> },
+}
+
+/// Every model name smpft answers to.
+pub fn model_names() -> Vec<&'static str> {
+    models::HOST_MODELS.iter().copied().chain(models::MODELS.iter().map(|m| m.name)).collect()
+}
+
+/// A guest CPU as `-cpu` describes it: a model and the features added and removed, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuSpec {
+    /// `None`: the host's CPU (`host`, `max`).
+    pub model: Option<&'static Model>,
+    /// Each feature asked for, and whether on (later entries win).
+    pub changes: Vec<(&'static Feature, bool)>,
+}
+
+impl Default for CpuSpec {
+    fn default() -> Self {
+        CpuSpec { model: None, changes: Vec::new() }
+    }
+}
+
+/// Properties QEMU's CPUs have that change nothing smpft shows the guest, with the values
+/// smpft accepts: `migratable` (smpft's guests migrate only as FT pairs, whose CPUID is
+/// compared), `check`/`enforce` (smpft always enforces), `kvm=on` (KVM's leaves are shown).
+const PROPERTIES: &[(&str, &[&str])] = &[
+    ("migratable", &["on", "off", "true", "false", "yes", "no"]),
+    ("check", &["on", "off", "true", "false", "yes", "no"]),
+    ("enforce", &["on", "off", "true", "false", "yes", "no"]),
+    ("kvm", &["on", "true", "yes"]),
+];
+
+fn switch(value: &str) -> Option<bool> {
+    match value {
+        "on" | "true" | "yes" => Some(true),
+        "off" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+impl CpuSpec {
+    /// Reads `-cpu`'s value: `MODEL[,+FEAT|,-FEAT|,FEAT=on|off|,FEAT|,PROP=VALUE]...`.
+    pub fn parse(text: &str) -> Result<CpuSpec, CpuError> {
+        let mut items = text.split(',');
+        let name = items.next().unwrap_or_default();
+        let model = match name {
+            n if models::HOST_MODELS.contains(&n) => None,
+            n => Some(models::find(n).ok_or_else(|| CpuError::UnknownModel(n.to_string()))?),
+        };
+        let mut changes = Vec::new();
+        for item in items.filter(|i| !i.is_empty()) {
+            let (name, on) = match (item.strip_prefix('+'), item.strip_prefix('-'), item.split_once('=')) {
+                (Some(f), ..) => (f, true),
+                (_, Some(f), _) => (f, false),
+                (.., Some((k, v))) => {
+                    if let Some((_, ok)) = PROPERTIES.iter().find(|(p, _)| *p == k) {
+                        if ok.contains(&v) {
+                            continue;
+                        }
+                        return Err(CpuError::Property(item.to_string()));
+                    }
+                    match switch(v) {
+                        Some(on) => (k, on),
+                        None => return Err(CpuError::Property(item.to_string())),
+                    }
+                }
+                _ => (item, true),
+            };
+            let f = features::find(name).ok_or_else(|| CpuError::UnknownFeature(name.to_string()))?;
+            changes.push((f, on));
+        }
+        Ok(CpuSpec { model, changes })
+    }
+
+    /// The model's name (`host` for the host's CPU).
+    pub fn model_name(&self) -> &'static str {
+        self.model.map_or("host", |m| m.name)
+    }
+
+    /// The guest's CPUID from the `host`'s (what KVM offers, before per-vCPU details), or
+    /// which model or features the host lacks.
+    pub fn guest_cpuid(&self, host: &[Leaf]) -> Result<Vec<Leaf>, CpuError> {
+        let mut out = host.to_vec();
+        if let Some(m) = self.model {
+            let missing = unavailable(m, host);
+            if !missing.is_empty() {
+                return Err(CpuError::Missing { what: format!("CPU model '{}'", m.name), missing });
+            }
+            let host_e1_edx = read(host, features::E1_EDX);
+            for word in MODEL_WORDS {
+                let mut value = model_bits(m, word);
+                if word == features::E1_EDX {
+                    // AMD repeats most of leaf 1's EDX here; keep the host's copy of those
+                    // the model has.
+                    value |= host_e1_edx & model_bits(m, features::L1_EDX) & AMD_ALIASES;
+                }
+                write(&mut out, word, value);
+            }
+        }
+        let missing: Vec<_> =
+            self.changes.iter().filter(|(f, on)| *on && !has(host, f)).map(|(f, _)| f.name).collect();
+        if !missing.is_empty() {
+            return Err(CpuError::Missing { what: format!("CPU '{self}'"), missing });
+        }
+        for (f, on) in &self.changes {
+            let v = read(&out, f.word);
+            write(&mut out, f.word, if *on { v | 1 << f.bit } else { v & !(1 << f.bit) });
+        }
+        trim_xsave(&mut out);
+        Ok(out)
+    }
+}
+
+impl std::fmt::Display for CpuSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.model_name())?;
+        self.changes.iter().try_for_each(|(feat, on)| write!(f, ",{}{}", if *on { '+' } else { '-' }, feat.name))
+    }
+}
+
+/// Leaf 1 EDX bits AMD repeats in leaf 0x8000_0001 EDX.
+const AMD_ALIASES: u32 = 0x0183_f3ff;
+
+fn model_bits(m: &Model, word: Word) -> u32 {
+    m.features.iter().filter_map(|n| features::find(n)).filter(|f| f.word == word).fold(0, |v, f| v | 1 << f.bit)
+}
+
+fn read(leaves: &[Leaf], w: Word) -> u32 {
+    leaves.iter().find(|l| l.function == w.function && l.index == w.index).map_or(0, |l| *l.clone().reg(w.reg))
+}
+
+fn write(leaves: &mut [Leaf], w: Word, value: u32) {
+    if let Some(l) = leaves.iter_mut().find(|l| l.function == w.function && l.index == w.index) {
+        *l.reg(w.reg) = value;
+    }
+}
+
+/// Whether `host` offers `f`.
+pub fn has(host: &[Leaf], f: &Feature) -> bool {
+    read(host, f.word) & (1 << f.bit) != 0
+}
+
+/// The features of `m` that `host` does not offer (QEMU's `unavailable-features`).
+pub fn unavailable(m: &Model, host: &[Leaf]) -> Vec<&'static str> {
+    m.features.iter().filter_map(|n| features::find(n)).filter(|f| !has(host, f)).map(|f| f.name).collect()
+}
+
+/// Every feature smpft knows, and whether `leaves` have it.
+pub fn feature_set(leaves: &[Leaf]) -> Vec<(&'static str, bool)> {
+    FEATURES.iter().map(|f| (f.name, has(leaves, f))).collect()
+}
+
+/// The XSAVE state components (leaf 0xD.0 EAX) the features left out no longer need: a kernel
+/// must not enable state the CPU says it lacks.
+fn trim_xsave(leaves: &mut [Leaf]) {
+    let comps: [(&str, u32); 5] =
+        [("avx", 1 << 2), ("mpx", 0b11 << 3), ("avx512f", 0b111 << 5), ("pku", 1 << 9), ("amx-tile", 0b11 << 17)];
+    let mut drop = 0;
+    for (name, bits) in comps {
+        if features::find(name).is_some_and(|f| !has(leaves, f)) {
+            drop |= bits;
+        }
+    }
+    let w = Word { function: 0xd, index: 0, reg: Reg::Eax };
+    let v = read(leaves, w);
+    write(leaves, w, v & !drop);
+}
+
+/// The leaves where `a` and `b` differ, as `0xF.I` (sub-leaf `I` of function `F`), in order.
+pub fn differences(a: &[Leaf], b: &[Leaf]) -> Vec<String> {
+    let mut keys: Vec<(u32, u32)> = a.iter().chain(b).map(|l| (l.function, l.index)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let find = |s: &[Leaf], k: (u32, u32)| s.iter().find(|l| (l.function, l.index) == k).copied();
+    keys.into_iter().filter(|k| find(a, *k) != find(b, *k)).map(|(f, i)| format!("{f:#x}.{i}")).collect()
+}
+
+#[cfg(test)]
+mod tests;
