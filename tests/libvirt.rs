@@ -473,3 +473,71 @@ fn bad_ft_metadata_stops_the_start_with_the_reason() {
         ok(&["undefine", "lv-ftp"]);
     }
 }
+
+/// Destroys and undefines the domains named, on drop (after a failed assertion too).
+struct Domains(&'static [&'static str]);
+
+impl Drop for Domains {
+    fn drop(&mut self) {
+        for d in self.0 {
+            let _ = virsh(&["destroy", d]);
+            let _ = virsh(&["undefine", d]);
+        }
+    }
+}
+
+/// The guest CPUs stacks write: Nova's default `host-model`, `host-passthrough`, virt-install's
+/// `kvm64`, and a named model with features added and removed as Nova writes them. Each domain
+/// starts and its guest serves; libvirtd is alive afterwards. A model or feature smpft cannot
+/// give is refused with one line naming it.
+#[test]
+fn every_cpu_mode_starts_and_what_the_host_lacks_is_refused() {
+    let _one = one_at_a_time();
+    let lv = Libvirt::start("libvirt-cpu");
+    let _cleanup = Domains(&["lv-cpu-hm", "lv-cpu-hp", "lv-cpu-kvm64", "lv-cpu-sky", "lv-cpu-bad-model", "lv-cpu-bad-feat"]);
+    let libvirtd = lv.started.last().unwrap().1;
+    let with_cpu = |dom: &str, cpu: &str| {
+        let xml = lv.domain(dom, "counter service duration=600s", "");
+        let text = std::fs::read_to_string(&xml).unwrap().replace("<cpu mode='host-passthrough'/>", cpu);
+        std::fs::write(&xml, text).unwrap();
+        ok(&["define", xml.to_str().unwrap()]);
+    };
+    let sky = "<cpu mode='custom' match='exact' check='none'><model fallback='forbid'>Skylake-Client</model>\
+               <feature policy='require' name='hypervisor'/><feature policy='require' name='tsc-deadline'/>\
+               <feature policy='disable' name='hle'/><feature policy='disable' name='rtm'/>\
+               <feature policy='disable' name='avx2'/></cpu>";
+    let good = [
+        ("lv-cpu-hm", "<cpu mode='host-model'/>"),
+        ("lv-cpu-hp", "<cpu mode='host-passthrough'/>"),
+        ("lv-cpu-kvm64", "<cpu mode='custom' match='exact'><model>kvm64</model></cpu>"),
+        ("lv-cpu-sky", sky),
+    ];
+    for (dom, cpu) in good {
+        with_cpu(dom, cpu);
+        let o = virsh(&["start", dom]);
+        assert!(o.status.success(), "{dom}: {}\n{}", String::from_utf8_lossy(&o.stderr), log(dom));
+        assert_eq!(console_request(dom, "INCR 1"), "OK 1 1", "{dom}: the guest serves\n{}", log(dom));
+        ok(&["destroy", dom]);
+        // SAFETY: signal 0 only checks that the process exists.
+        assert_eq!(unsafe { libc::kill(libvirtd as i32, 0) }, 0, "libvirtd died with {dom}");
+    }
+    let argv = log("lv-cpu-sky");
+    assert!(argv.contains("-cpu Skylake-Client,") && argv.contains("hle=off"), "{argv}");
+
+    let bad = [
+        ("lv-cpu-bad-model", "<cpu mode='custom' match='exact'><model fallback='forbid'>Haswell-noTSX</model></cpu>", "Haswell-noTSX"),
+        (
+            "lv-cpu-bad-feat",
+            // check='none': libvirt leaves the check to smpft.
+            "<cpu mode='custom' match='exact' check='none'><model>kvm64</model><feature policy='require' name='pn'/></cpu>",
+            "smpft (QEMU persona): CPU 'kvm64,+pn' needs what this host's KVM does not offer: pn",
+        ),
+    ];
+    for (dom, cpu, named) in bad {
+        with_cpu(dom, cpu);
+        let o = virsh(&["start", dom]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(named), "{dom}: {e}");
+    }
+    assert!(virsh(&["version"]).status.success(), "libvirtd still answers");
+}

@@ -2,8 +2,10 @@
 //! the CPUID a model makes of what the host's KVM offers. Pure: no KVM here, the VMM passes the
 //! host's CPUID in and sets what comes out.
 //!
-//! As QEMU's `enforce`: a model or feature the host cannot give is refused, naming it; nothing
-//! is dropped silently. `host` (and `max`, the same under KVM) is the host's CPUID as KVM offers
+//! A feature asked for (`+feat`, `feat=on`) that the host cannot give is refused, naming it.
+//! A model's own features the host lacks are refused too with `enforce` (libvirt's
+//! `check='full'`); without it they are left out and named ([`CpuSpec::left_out`]), as QEMU's
+//! default `check` does. Nothing is dropped silently. `host` (and `max`, the same under KVM) is the host's CPUID as KVM offers
 //! it, with the features asked for added or removed. A named model ([`models::MODELS`]) exposes
 //! exactly its features in the feature words it defines ([`features::MODEL_WORDS`]), plus or
 //! minus those asked for; every other leaf stays the host's.
@@ -51,7 +53,8 @@ pub enum CpuError {
 
 /// Every model name smpft answers to.
 pub fn model_names() -> Vec<&'static str> {
-    models::HOST_MODELS.iter().copied().chain(models::MODELS.iter().map(|m| m.name)).collect()
+    let named = models::MODELS.iter().chain([&models::BASE_MODEL]).map(|m| m.name);
+    models::HOST_MODELS.iter().copied().chain(named).collect()
 }
 
 /// A guest CPU as `-cpu` describes it: a model and the features added and removed, in order.
@@ -61,21 +64,23 @@ pub struct CpuSpec {
     pub model: Option<&'static Model>,
     /// Each feature asked for, and whether on (later entries win).
     pub changes: Vec<(&'static Feature, bool)>,
+    /// `enforce`: the model's features the host lacks are refused, not left out.
+    pub enforce: bool,
 }
 
 impl Default for CpuSpec {
     fn default() -> Self {
-        CpuSpec { model: None, changes: Vec::new() }
+        CpuSpec { model: None, changes: Vec::new(), enforce: false }
     }
 }
 
 /// Properties QEMU's CPUs have that change nothing smpft shows the guest, with the values
 /// smpft accepts: `migratable` (smpft's guests migrate only as FT pairs, whose CPUID is
-/// compared), `check`/`enforce` (smpft always enforces), `kvm=on` (KVM's leaves are shown).
+/// compared), `check` (smpft always names what it leaves out), `kvm=on` (KVM's leaves are
+/// shown). `enforce` is read apart.
 const PROPERTIES: &[(&str, &[&str])] = &[
     ("migratable", &["on", "off", "true", "false", "yes", "no"]),
     ("check", &["on", "off", "true", "false", "yes", "no"]),
-    ("enforce", &["on", "off", "true", "false", "yes", "no"]),
     ("kvm", &["on", "true", "yes"]),
 ];
 
@@ -97,7 +102,15 @@ impl CpuSpec {
             n => Some(models::find(n).ok_or_else(|| CpuError::UnknownModel(n.to_string()))?),
         };
         let mut changes = Vec::new();
+        let mut enforce = false;
         for item in items.filter(|i| !i.is_empty()) {
+            if let Some(v) = item.strip_prefix("enforce").and_then(|v| v.strip_prefix('=').or(v.is_empty().then_some("on"))) {
+                enforce = switch(v).ok_or_else(|| CpuError::Property(item.to_string()))?;
+                continue;
+            }
+            if item == "check" {
+                continue;
+            }
             let (name, on) = match (item.strip_prefix('+'), item.strip_prefix('-'), item.split_once('=')) {
                 (Some(f), ..) => (f, true),
                 (_, Some(f), _) => (f, false),
@@ -118,7 +131,7 @@ impl CpuSpec {
             let f = features::find(name).ok_or_else(|| CpuError::UnknownFeature(name.to_string()))?;
             changes.push((f, on));
         }
-        Ok(CpuSpec { model, changes })
+        Ok(CpuSpec { model, changes, enforce })
     }
 
     /// The model's name (`host` for the host's CPU).
@@ -129,12 +142,37 @@ impl CpuSpec {
     /// The guest's CPUID from the `host`'s (what KVM offers, before per-vCPU details), or
     /// which model or features the host lacks.
     pub fn guest_cpuid(&self, host: &[Leaf]) -> Result<Vec<Leaf>, CpuError> {
+        let mut out = self.wanted(host);
+        // As QEMU, on the result: a model's feature turned off is not needed.
+        let lacking = |f: &&Feature| has(&out, f) && !has(host, f);
+        let asked: Vec<_> = self.changes.iter().filter(|(_, on)| *on).map(|(f, _)| *f).filter(lacking).map(|f| f.name).collect();
+        if !asked.is_empty() {
+            return Err(CpuError::Missing { what: format!("CPU '{self}'"), missing: asked });
+        }
+        let missing: Vec<_> = FEATURES.iter().filter(lacking).collect();
+        if self.enforce && !missing.is_empty() {
+            let missing = missing.iter().map(|f| f.name).collect();
+            return Err(CpuError::Missing { what: format!("CPU model '{}'", self.model_name()), missing });
+        }
+        for f in missing {
+            let v = read(&out, f.word);
+            write(&mut out, f.word, v & !(1 << f.bit));
+        }
+        trim_xsave(&mut out);
+        Ok(out)
+    }
+
+    /// The model's features `host` lacks, which the guest goes without (refused with
+    /// `enforce`, see [`CpuSpec::guest_cpuid`]).
+    pub fn left_out(&self, host: &[Leaf]) -> Vec<&'static str> {
+        let out = self.wanted(host);
+        FEATURES.iter().filter(|f| has(&out, f) && !has(host, f)).map(|f| f.name).collect()
+    }
+
+    /// The CPUID the model and changes ask for, whether or not `host` has it.
+    fn wanted(&self, host: &[Leaf]) -> Vec<Leaf> {
         let mut out = host.to_vec();
         if let Some(m) = self.model {
-            let missing = unavailable(m, host);
-            if !missing.is_empty() {
-                return Err(CpuError::Missing { what: format!("CPU model '{}'", m.name), missing });
-            }
             let host_e1_edx = read(host, features::E1_EDX);
             for word in MODEL_WORDS {
                 let mut value = model_bits(m, word);
@@ -146,23 +184,20 @@ impl CpuSpec {
                 write(&mut out, word, value);
             }
         }
-        let missing: Vec<_> =
-            self.changes.iter().filter(|(f, on)| *on && !has(host, f)).map(|(f, _)| f.name).collect();
-        if !missing.is_empty() {
-            return Err(CpuError::Missing { what: format!("CPU '{self}'"), missing });
-        }
         for (f, on) in &self.changes {
             let v = read(&out, f.word);
             write(&mut out, f.word, if *on { v | 1 << f.bit } else { v & !(1 << f.bit) });
         }
-        trim_xsave(&mut out);
-        Ok(out)
+        out
     }
 }
 
 impl std::fmt::Display for CpuSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.model_name())?;
+        if self.enforce {
+            f.write_str(",enforce")?;
+        }
         self.changes.iter().try_for_each(|(feat, on)| write!(f, ",{}{}", if *on { '+' } else { '-' }, feat.name))
     }
 }
@@ -178,9 +213,17 @@ fn read(leaves: &[Leaf], w: Word) -> u32 {
     leaves.iter().find(|l| l.function == w.function && l.index == w.index).map_or(0, |l| *l.clone().reg(w.reg))
 }
 
-fn write(leaves: &mut [Leaf], w: Word, value: u32) {
-    if let Some(l) = leaves.iter_mut().find(|l| l.function == w.function && l.index == w.index) {
-        *l.reg(w.reg) = value;
+/// Sets `w` to `value`; a leaf the host lacks is added for a value other than 0 (and the
+/// features in it are then found lacking).
+fn write(leaves: &mut Vec<Leaf>, w: Word, value: u32) {
+    match leaves.iter_mut().find(|l| l.function == w.function && l.index == w.index) {
+        Some(l) => *l.reg(w.reg) = value,
+        None if value != 0 => {
+            let mut l = Leaf { function: w.function, index: w.index, ..Default::default() };
+            *l.reg(w.reg) = value;
+            leaves.push(l);
+        }
+        None => {}
     }
 }
 
@@ -201,7 +244,7 @@ pub fn feature_set(leaves: &[Leaf]) -> Vec<(&'static str, bool)> {
 
 /// The XSAVE state components (leaf 0xD.0 EAX) the features left out no longer need: a kernel
 /// must not enable state the CPU says it lacks.
-fn trim_xsave(leaves: &mut [Leaf]) {
+fn trim_xsave(leaves: &mut Vec<Leaf>) {
     let comps: [(&str, u32); 5] =
         [("avx", 1 << 2), ("mpx", 0b11 << 3), ("avx512f", 0b111 << 5), ("pku", 1 << 9), ("amx-tile", 0b11 << 17)];
     let mut drop = 0;

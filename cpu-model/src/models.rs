@@ -91,13 +91,17 @@ pub const MODELS: &[Model] = &[
     ),
 ];
 
+/// QEMU's static `base` model: no features at all (a static expansion names it, with every
+/// feature given as on or off).
+pub const BASE_MODEL: Model = Model { name: "base", features: &[] };
+
 /// The models that are the host's CPU as KVM offers it (`host`, and QEMU's `max`, the same
 /// under KVM).
 pub const HOST_MODELS: [&str; 2] = ["host", "max"];
 
 /// The model called `name` (QEMU compares model names exactly; so does smpft).
 pub fn find(name: &str) -> Option<&'static Model> {
-    MODELS.iter().find(|m| m.name == name)
+    MODELS.iter().chain([&BASE_MODEL]).find(|m| m.name == name)
 }
 
 #[cfg(test)]

@@ -77,15 +77,26 @@ fn amd_keeps_its_copy_of_leaf_one_for_the_models_features() {
 #[test]
 fn what_the_host_lacks_is_refused_naming_it() {
     let h = host(&["fpu", "sse", "sse2"]);
-    let e = CpuSpec::parse("kvm64").unwrap().guest_cpuid(&h).unwrap_err();
+    let e = CpuSpec::parse("kvm64,enforce").unwrap().guest_cpuid(&h).unwrap_err();
     assert!(e.to_string().starts_with("CPU model 'kvm64' needs what this host's KVM does not offer: de, pse"), "{e}");
+    // Without enforce, the model's features the host lacks are left out, and named.
+    let kvm64 = CpuSpec::parse("kvm64,check=on").unwrap();
+    assert!(kvm64.left_out(&h).starts_with(&["de", "pse"]));
+    assert_eq!(names(&kvm64.guest_cpuid(&h).unwrap()), ["fpu", "sse", "sse2"]);
     let e = CpuSpec::parse("host,+pn,+ss,-sse").unwrap().guest_cpuid(&h).unwrap_err();
     assert_eq!(e.to_string(), "CPU 'host,+pn,+ss,-sse' needs what this host's KVM does not offer: pn, ss");
     let h = big_host();
     let e = CpuSpec::parse("Skylake-Client,+pn").unwrap().guest_cpuid(&h).unwrap_err();
     assert!(e.to_string().ends_with("does not offer: pn"), "{e}");
     assert!(CpuSpec::parse("Skylake-Client,-pn").unwrap().guest_cpuid(&h).is_ok(), "taking away is always possible");
-    let e = CpuSpec::parse("EPYC").unwrap().guest_cpuid(&h).unwrap_err();
+    let h = host(&["fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca"]);
+    let e = CpuSpec::parse("kvm64,pni=off,enforce").unwrap().guest_cpuid(&h).unwrap_err();
+    assert!(!e.to_string().contains("pni"), "a model's feature turned off is not needed: {e}");
+    let mut no_leaf_7: Vec<Leaf> = h.iter().filter(|l| l.function != 7).copied().collect();
+    let e = CpuSpec::parse("host,+avx2").unwrap().guest_cpuid(&no_leaf_7).unwrap_err();
+    assert!(e.to_string().ends_with("does not offer: avx2"), "a leaf the host lacks: {e}");
+    no_leaf_7.clear();
+    let e = CpuSpec::parse("EPYC,enforce=on").unwrap().guest_cpuid(&h).unwrap_err();
     assert!(e.to_string().contains("monitor"), "{e}");
 }
 
@@ -98,6 +109,9 @@ fn bad_cpu_options_name_what_is_wrong() {
     assert_eq!(CpuSpec::parse("host,kvm=off").unwrap_err().to_string(), "CPU property 'kvm=off' is not supported");
     assert_eq!(CpuSpec::parse("host,l3-cache=on").unwrap_err().to_string(), "CPU feature 'l3-cache' is not known to smpft");
     assert!(CpuSpec::parse("kvm64,check=on,enforce=on,migratable=off,,+ss").is_ok());
+    assert_eq!(CpuSpec::parse("kvm64,enforce=maybe").unwrap_err().to_string(), "CPU property 'enforce=maybe' is not supported");
+    let base = CpuSpec::parse("base,+fpu,sse=on,avx=off").unwrap();
+    assert_eq!(names(&base.guest_cpuid(&big_host()).unwrap()), ["fpu", "sse", "kvmclock"], "QEMU's static base model (KVM's leaf stays)");
 }
 
 #[test]

@@ -31,8 +31,8 @@ fn definitions(host: &[Leaf]) -> Value {
         json!({"name": n, "typename": format!("{n}-x86_64-cpu"), "static": false, "migration-safe": false,
                "deprecated": false, "unavailable-features": []})
     });
-    let named = models::MODELS.iter().map(|m| {
-        json!({"name": m.name, "typename": format!("{}-x86_64-cpu", m.name), "static": false,
+    let named = models::MODELS.iter().chain([&models::BASE_MODEL]).map(|m| {
+        json!({"name": m.name, "typename": format!("{}-x86_64-cpu", m.name), "static": m.name == "base",
                "migration-safe": true, "deprecated": false,
                "unavailable-features": cpu_model::unavailable(m, host)})
     });
@@ -57,6 +57,8 @@ fn expansion(args: &Map<String, Value>, host: &[Leaf]) -> Result<Value, QmpError
             text.push_str(&format!(",{}{k}", if on { '+' } else { '-' }));
         }
     }
+    // As QEMU's: a model the host cannot give in full does not expand.
+    text.push_str(",enforce");
     let guest = CpuSpec::parse(&text)
         .and_then(|s| s.guest_cpuid(host))
         .map_err(|e| QmpError::generic(format!("CPU model '{name}': {e}")))?;
@@ -150,6 +152,10 @@ mod tests {
         let args = json!({"type": "full", "model": {"name": "kvm64", "props": {"sse4.1": true}}});
         let k = ask("query-cpu-model-expansion", args).unwrap();
         assert_eq!((&k["model"]["props"]["sse4.1"], &k["model"]["props"]["avx2"]), (&json!(true), &json!(false)));
+        // libvirt expands the static result again, in full: QEMU's `base` with every feature.
+        let args = json!({"type": "full", "model": {"name": "base", "props": s["model"]["props"].clone()}});
+        let b = ask("query-cpu-model-expansion", args).unwrap();
+        assert_eq!(b["model"]["props"], s["model"]["props"]);
     }
 
     #[test]
@@ -163,5 +169,19 @@ mod tests {
         let e = answer("query-cpu-definitions", &Map::new(), Err("no /dev/kvm")).unwrap().unwrap_err();
         assert_eq!(e.desc, "the host's CPU cannot be read: no /dev/kvm");
         assert!(answer("query-version", &Map::new(), Ok(&[])).is_none());
+    }
+
+    #[test]
+    fn the_command_line_takes_a_cpu_or_names_what_is_wrong() {
+        let line = |cpu: &str| -> Vec<String> {
+            ["-machine", "smpft", "-accel", "kvm", "-cpu", cpu, "-m", "128"].iter().map(|s| s.to_string()).collect()
+        };
+        let l = crate::argv::parse(&line("Skylake-Client,ss=on,tsc_adjust=on,hle=off")).unwrap();
+        assert_eq!(l.cpu.unwrap().to_string(), "Skylake-Client,+ss,+tsc-adjust,-hle");
+        assert_eq!(crate::argv::parse(&line("host,migratable=on")).unwrap().cpu.unwrap().to_string(), "host");
+        let e = crate::argv::parse(&line("Haswell-noTSX")).unwrap_err().to_string();
+        assert!(e.contains("-cpu Haswell-noTSX: CPU model 'Haswell-noTSX' is not known to smpft (it has host, max"), "{e}");
+        let e = crate::argv::parse(&line("kvm64,+warp")).unwrap_err().to_string();
+        assert!(e.ends_with("-cpu kvm64,+warp: CPU feature 'warp' is not known to smpft"), "{e}");
     }
 }

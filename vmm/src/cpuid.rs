@@ -4,10 +4,14 @@
 //! What KVM offers is `KVM_GET_SUPPORTED_CPUID` plus what KVM itself provides whatever the host
 //! CPU: the hypervisor bit, and the TSC-deadline timer of KVM's local APIC where KVM has it.
 //!
-//! On a PVM host (`kvm_pvm`) the guest's ring-3 code runs natively and the `CPUID` instruction
-//! there may read the host processor's own values: a model can add nothing the host lacks (that
-//! is refused), but the features it takes away are hidden only from code whose `CPUID` KVM
-//! answers. smpft says so once at start when a model takes features away on such a host.
+//! A model's own features the host lacks are left out unless `enforce` is given (then refused),
+//! and named in one warning line at start, as QEMU does.
+//!
+//! On a PVM host (`kvm_pvm`) guest CPUID features cannot be hidden through KVM (measured: only
+//! a kernel's own options mask them), and KVM offers few of the processor's features (those its
+//! instruction emulator handles). A model can add nothing KVM does not offer (refused), but
+//! what it takes away stays visible to the guest: smpft says so once at start when a model
+//! takes features away on such a host.
 
 use crate::VmError;
 use cpu_model::{CpuSpec, Leaf};
@@ -39,6 +43,14 @@ pub fn host_at(device: &std::path::Path) -> Result<Vec<Leaf>, VmError> {
 pub fn guest(kvm: &Kvm, spec: &CpuSpec) -> Result<Vec<Leaf>, VmError> {
     let host = host(kvm)?;
     let guest = spec.guest_cpuid(&host).map_err(VmError::Cpu)?;
+    let left_out = spec.left_out(&host);
+    if !left_out.is_empty() {
+        tracing::warn!(
+            "CPU model '{}': this host's KVM does not offer {}; the guest runs without them (add enforce to refuse instead)",
+            spec.model_name(),
+            left_out.join(", ")
+        );
+    }
     let hidden = cpu_model::feature_set(&host)
         .into_iter()
         .zip(cpu_model::feature_set(&guest))
@@ -48,7 +60,7 @@ pub fn guest(kvm: &Kvm, spec: &CpuSpec) -> Result<Vec<Leaf>, VmError> {
         tracing::warn!(
             cpu = %spec,
             hidden,
-            "this host's KVM is PVM: the {hidden} features CPU '{spec}' leaves out are hidden only from guest code whose CPUID KVM answers (ring 3 reads the host's)"
+            "this host's KVM is PVM, which cannot hide CPUID features: the {hidden} features CPU '{spec}' leaves out stay visible to the guest"
         );
     }
     Ok(guest)
