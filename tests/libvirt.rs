@@ -494,7 +494,8 @@ impl Drop for Domains {
 fn every_cpu_mode_starts_and_what_the_host_lacks_is_refused() {
     let _one = one_at_a_time();
     let lv = Libvirt::start("libvirt-cpu");
-    let _cleanup = Domains(&["lv-cpu-hm", "lv-cpu-hp", "lv-cpu-kvm64", "lv-cpu-sky", "lv-cpu-bad-model", "lv-cpu-bad-feat"]);
+    let _cleanup =
+        Domains(&["lv-cpu-hm", "lv-cpu-hp", "lv-cpu-kvm64", "lv-cpu-sky", "lv-cpu-bad-model", "lv-cpu-bad-feat"]);
     let libvirtd = lv.started.last().unwrap().1;
     let with_cpu = |dom: &str, cpu: &str| {
         let xml = lv.domain(dom, "counter service duration=600s", "");
@@ -540,4 +541,33 @@ fn every_cpu_mode_starts_and_what_the_host_lacks_is_refused() {
         assert!(!o.status.success() && e.contains(named), "{dom}: {e}");
     }
     assert!(virsh(&["version"]).status.success(), "libvirtd still answers");
+}
+
+/// The two copies of an FT pair must present the same CPU: a standby domain whose CPU model
+/// differs from the primary's is refused when the primary connects, naming the leaves, and the
+/// primary runs on unprotected.
+#[test]
+fn an_ft_pair_with_different_cpus_is_refused_naming_the_leaves() {
+    let _one = one_at_a_time();
+    let lv = Libvirt::start_with("libvirt-ft-cpu", true);
+    let ft_dir = ft_identities(&lv);
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let guest = "counter service duration=600s";
+    let s_meta = ft_meta(&ft_dir, "standby", "b", "a", &format!("<smpft:listen>127.0.0.1:{port}</smpft:listen>"));
+    let p_meta = ft_meta(&ft_dir, "primary", "a", "b", &format!("<smpft:peer>127.0.0.1:{port}</smpft:peer>"));
+    let (sx, px) = (lv.domain_with("lv-fts", guest, "", &s_meta), lv.domain_with("lv-ftp", guest, "", &p_meta));
+    let kvm64 = "<cpu mode='custom' match='exact' check='none'><model>kvm64</model></cpu>";
+    std::fs::write(&sx, std::fs::read_to_string(&sx).unwrap().replace("<cpu mode='host-passthrough'/>", kvm64)).unwrap();
+    ok(&["define", sx.to_str().unwrap()]);
+    ok(&["define", px.to_str().unwrap()]);
+    ok(&["start", "--paused", "lv-fts"]);
+    wait_state("lv-fts", "paused");
+    ok(&["start", "lv-ftp"]);
+    let never = later(|| format!("the primary never refused the standby: {}\n{}", query_ft("lv-ftp"), log("lv-ftp")));
+    wait_until(never, Duration::from_secs(30), || log("lv-ftp").contains("the guest's CPUID differs"));
+    let l = log("lv-ftp");
+    let line = l.lines().find(|l| l.contains("the guest's CPUID differs")).unwrap();
+    assert!(line.contains("in leaves 0x1.0"), "the differing leaves are named: {line}");
+    assert!(!query_ft("lv-ftp").contains(r#""state":"protected""#), "{}", query_ft("lv-ftp"));
+    assert_eq!(console_request("lv-ftp", "INCR 1"), "OK 1 1", "the primary runs on");
 }

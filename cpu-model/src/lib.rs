@@ -58,7 +58,8 @@ pub fn model_names() -> Vec<&'static str> {
 }
 
 /// A guest CPU as `-cpu` describes it: a model and the features added and removed, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The default is the host's CPU as KVM offers it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CpuSpec {
     /// `None`: the host's CPU (`host`, `max`).
     pub model: Option<&'static Model>,
@@ -68,11 +69,6 @@ pub struct CpuSpec {
     pub enforce: bool,
 }
 
-impl Default for CpuSpec {
-    fn default() -> Self {
-        CpuSpec { model: None, changes: Vec::new(), enforce: false }
-    }
-}
 
 /// Properties QEMU's CPUs have that change nothing smpft shows the guest, with the values
 /// smpft accepts: `migratable` (smpft's guests migrate only as FT pairs, whose CPUID is
@@ -104,7 +100,9 @@ impl CpuSpec {
         let mut changes = Vec::new();
         let mut enforce = false;
         for item in items.filter(|i| !i.is_empty()) {
-            if let Some(v) = item.strip_prefix("enforce").and_then(|v| v.strip_prefix('=').or(v.is_empty().then_some("on"))) {
+            if let Some(v) =
+                item.strip_prefix("enforce").and_then(|v| v.strip_prefix('=').or(v.is_empty().then_some("on")))
+            {
                 enforce = switch(v).ok_or_else(|| CpuError::Property(item.to_string()))?;
                 continue;
             }
@@ -145,7 +143,8 @@ impl CpuSpec {
         let mut out = self.wanted(host);
         // As QEMU, on the result: a model's feature turned off is not needed.
         let lacking = |f: &&Feature| has(&out, f) && !has(host, f);
-        let asked: Vec<_> = self.changes.iter().filter(|(_, on)| *on).map(|(f, _)| *f).filter(lacking).map(|f| f.name).collect();
+        let asked: Vec<_> =
+            self.changes.iter().filter(|(_, on)| *on).map(|(f, _)| *f).filter(lacking).map(|f| f.name).collect();
         if !asked.is_empty() {
             return Err(CpuError::Missing { what: format!("CPU '{self}'"), missing: asked });
         }

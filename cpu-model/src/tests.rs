@@ -103,15 +103,28 @@ fn what_the_host_lacks_is_refused_naming_it() {
 #[test]
 fn bad_cpu_options_name_what_is_wrong() {
     let e = CpuSpec::parse("Haswell-noTSX").unwrap_err();
-    assert!(e.to_string().starts_with("CPU model 'Haswell-noTSX' is not known to smpft (it has host, max, qemu64"), "{e}");
+    assert!(
+        e.to_string().starts_with("CPU model 'Haswell-noTSX' is not known to smpft (it has host, max, qemu64"),
+        "{e}"
+    );
     assert_eq!(CpuSpec::parse("kvm64,+warp").unwrap_err().to_string(), "CPU feature 'warp' is not known to smpft");
     assert_eq!(CpuSpec::parse("kvm64,avx=maybe").unwrap_err().to_string(), "CPU property 'avx=maybe' is not supported");
     assert_eq!(CpuSpec::parse("host,kvm=off").unwrap_err().to_string(), "CPU property 'kvm=off' is not supported");
-    assert_eq!(CpuSpec::parse("host,l3-cache=on").unwrap_err().to_string(), "CPU feature 'l3-cache' is not known to smpft");
+    assert_eq!(
+        CpuSpec::parse("host,l3-cache=on").unwrap_err().to_string(),
+        "CPU feature 'l3-cache' is not known to smpft"
+    );
     assert!(CpuSpec::parse("kvm64,check=on,enforce=on,migratable=off,,+ss").is_ok());
-    assert_eq!(CpuSpec::parse("kvm64,enforce=maybe").unwrap_err().to_string(), "CPU property 'enforce=maybe' is not supported");
+    assert_eq!(
+        CpuSpec::parse("kvm64,enforce=maybe").unwrap_err().to_string(),
+        "CPU property 'enforce=maybe' is not supported"
+    );
     let base = CpuSpec::parse("base,+fpu,sse=on,avx=off").unwrap();
-    assert_eq!(names(&base.guest_cpuid(&big_host()).unwrap()), ["fpu", "sse", "kvmclock"], "QEMU's static base model (KVM's leaf stays)");
+    assert_eq!(
+        names(&base.guest_cpuid(&big_host()).unwrap()),
+        ["fpu", "sse", "kvmclock"],
+        "QEMU's static base model (KVM's leaf stays)"
+    );
 }
 
 #[test]

@@ -47,7 +47,9 @@ fn definitions(host: &[Leaf]) -> Value {
 fn expansion(args: &Map<String, Value>, host: &[Leaf]) -> Result<Value, QmpError> {
     let kind = args.get("type").and_then(Value::as_str).unwrap_or_default();
     if kind != "static" && kind != "full" {
-        return Err(QmpError::generic(format!("expansion type '{kind}' is not supported: smpft expands static or full")));
+        return Err(QmpError::generic(format!(
+            "expansion type '{kind}' is not supported: smpft expands static or full"
+        )));
     }
     let model = args.get("model").and_then(Value::as_object);
     let name = model.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or_default();
@@ -146,7 +148,8 @@ mod tests {
         let p = &s["model"]["props"];
         assert_eq!((&p["avx512f"], &p["hle"], &p["hypervisor"]), (&json!(true), &json!(false), &json!(false)));
         assert_eq!((&p["vendor"], &p["family"], &p["model"]), (&json!("GenuineIntel"), &json!(6), &json!(0x5e)));
-        let args = json!({"type": "full", "model": {"name": "host", "props": {"migratable": false, "hv-passthrough": true}}});
+        let args =
+            json!({"type": "full", "model": {"name": "host", "props": {"migratable": false, "hv-passthrough": true}}});
         let f = ask("query-cpu-model-expansion", args).unwrap();
         assert_eq!((&f["model"]["name"], &f["model"]["props"]["avx2"]), (&json!("host"), &json!(true)));
         let args = json!({"type": "full", "model": {"name": "kvm64", "props": {"sse4.1": true}}});
@@ -180,7 +183,10 @@ mod tests {
         assert_eq!(l.cpu.unwrap().to_string(), "Skylake-Client,+ss,+tsc-adjust,-hle");
         assert_eq!(crate::argv::parse(&line("host,migratable=on")).unwrap().cpu.unwrap().to_string(), "host");
         let e = crate::argv::parse(&line("Haswell-noTSX")).unwrap_err().to_string();
-        assert!(e.contains("-cpu Haswell-noTSX: CPU model 'Haswell-noTSX' is not known to smpft (it has host, max"), "{e}");
+        assert!(
+            e.contains("-cpu Haswell-noTSX: CPU model 'Haswell-noTSX' is not known to smpft (it has host, max"),
+            "{e}"
+        );
         let e = crate::argv::parse(&line("kvm64,+warp")).unwrap_err().to_string();
         assert!(e.ends_with("-cpu kvm64,+warp: CPU feature 'warp' is not known to smpft"), "{e}");
     }

@@ -18,16 +18,26 @@ use cpu_model::{CpuSpec, Leaf};
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm};
 
-/// What the host's KVM offers a guest, as leaves.
+/// What the host's KVM offers a guest, as leaves, without the asking CPU's own APIC ids (so two
+/// hosts, or two calls, with the same processors and KVM give the same).
 pub fn host(kvm: &Kvm) -> Result<Vec<Leaf>, VmError> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VmError::Kvm { what: "get supported CPUID", source: e })?;
     let mut leaves = to_leaves(&supported);
-    for l in leaves.iter_mut().filter(|l| l.function == 1) {
-        l.ecx |= 1 << 31; // hypervisor
-        if kvm.check_extension(Cap::TscDeadlineTimer) {
-            l.ecx |= 1 << 24;
+    let deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+    for l in leaves.iter_mut() {
+        match l.function {
+            1 => {
+                l.ecx |= 1 << 31; // hypervisor
+                if deadline {
+                    l.ecx |= 1 << 24;
+                }
+                // The APIC id of the CPU that asked: each vCPU gets its own (`cpuid_for`).
+                l.ebx &= 0x00ff_ffff;
+            }
+            0xb | 0x1f => l.edx = 0, // the x2APIC id, likewise
+            _ => {}
         }
     }
     Ok(leaves)
@@ -83,11 +93,8 @@ pub fn to_cpuid(leaves: &[Leaf], like: &CpuId) -> Result<CpuId, VmError> {
     let entries: Vec<kvm_cpuid_entry2> = leaves
         .iter()
         .map(|l| {
-            let flags = like
-                .as_slice()
-                .iter()
-                .find(|e| e.function == l.function && e.index == l.index)
-                .map_or(0, |e| e.flags);
+            let flags =
+                like.as_slice().iter().find(|e| e.function == l.function && e.index == l.index).map_or(0, |e| e.flags);
             kvm_cpuid_entry2 {
                 function: l.function,
                 index: l.index,
@@ -100,7 +107,8 @@ pub fn to_cpuid(leaves: &[Leaf], like: &CpuId) -> Result<CpuId, VmError> {
             }
         })
         .collect();
-    CpuId::from_entries(&entries).map_err(|_| VmError::Cpu(cpu_model::CpuError::Property("too many CPUID leaves".into())))
+    CpuId::from_entries(&entries)
+        .map_err(|_| VmError::Cpu(cpu_model::CpuError::Property("too many CPUID leaves".into())))
 }
 
 #[cfg(test)]

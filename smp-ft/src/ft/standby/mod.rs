@@ -140,8 +140,8 @@ impl<'a> StandbyRunner<'a> {
             )));
         }
         // The CPU the VM would have here: a model this host cannot give means it cannot go live.
-        let cpuid = crate::vmm::cpuid::guest_at(&opts.config.kvm_device, &opts.config.cpu)
-            .map_err(FtError::CannotGoLive)?;
+        let cpuid =
+            crate::vmm::cpuid::guest_at(&opts.config.kvm_device, &opts.config.cpu).map_err(FtError::CannotGoLive)?;
         let tiebreak = TieBreaker::new(&opts.ft.tiebreak, &opts.ft.owner)?;
         let generation = tiebreak.read()?.map_or(0, |(g, _)| g);
         Ok(StandbyRunner {
