@@ -518,6 +518,16 @@ fn every_cpu_mode_starts_and_what_the_host_lacks_is_refused() {
         let o = virsh(&["start", dom]);
         assert!(o.status.success(), "{dom}: {}\n{}", String::from_utf8_lossy(&o.stderr), log(dom));
         assert_eq!(console_request(dom, "INCR 1"), "OK 1 1", "{dom}: the guest serves\n{}", log(dom));
+        // Leaf 0x8000_0001's ECX follows the model on every host this runs on (on PVM too).
+        let e1 = console_request(dom, "CPUID 2147483649");
+        let ecx = u32::from_str_radix(e1.split(' ').nth(4).unwrap_or_default(), 16);
+        let ecx = ecx.unwrap_or_else(|_| panic!("{dom}: the guest's CPUID: {e1}"));
+        let lahf_abm_prefetch = 1 | 1 << 5 | 1 << 8;
+        match dom {
+            "lv-cpu-kvm64" => assert_eq!(ecx, 0, "kvm64 has none of leaf 0x80000001's ECX features"),
+            "lv-cpu-sky" => assert_eq!(ecx & !lahf_abm_prefetch, 0, "Skylake-Client's only: {ecx:#x}"),
+            _ => assert_ne!(ecx, 0, "{dom}: the host's features (LAHF in 64-bit mode at least)"),
+        }
         ok(&["destroy", dom]);
         // SAFETY: signal 0 only checks that the process exists.
         assert_eq!(unsafe { libc::kill(libvirtd as i32, 0) }, 0, "libvirtd died with {dom}");
@@ -557,7 +567,8 @@ fn an_ft_pair_with_different_cpus_is_refused_naming_the_leaves() {
     let p_meta = ft_meta(&ft_dir, "primary", "a", "b", &format!("<smpft:peer>127.0.0.1:{port}</smpft:peer>"));
     let (sx, px) = (lv.domain_with("lv-fts", guest, "", &s_meta), lv.domain_with("lv-ftp", guest, "", &p_meta));
     let kvm64 = "<cpu mode='custom' match='exact' check='none'><model>kvm64</model></cpu>";
-    std::fs::write(&sx, std::fs::read_to_string(&sx).unwrap().replace("<cpu mode='host-passthrough'/>", kvm64)).unwrap();
+    std::fs::write(&sx, std::fs::read_to_string(&sx).unwrap().replace("<cpu mode='host-passthrough'/>", kvm64))
+        .unwrap();
     ok(&["define", sx.to_str().unwrap()]);
     ok(&["define", px.to_str().unwrap()]);
     ok(&["start", "--paused", "lv-fts"]);

@@ -69,7 +69,6 @@ pub struct CpuSpec {
     pub enforce: bool,
 }
 
-
 /// Properties QEMU's CPUs have that change nothing smpft shows the guest, with the values
 /// smpft accepts: `migratable` (smpft's guests migrate only as FT pairs, whose CPUID is
 /// compared), `check` (smpft always names what it leaves out), `kvm=on` (KVM's leaves are

@@ -90,6 +90,8 @@ fn monitor(launch: &Launch) -> Result<crate::Qmp, String> {
 pub fn run(launch: Launch) -> Result<ExitCode, String> {
     let name = launch.name.clone().unwrap_or_else(|| "(unnamed)".into());
     let config = config(&launch)?;
+    // So is the CPU: a model or feature this host cannot give is refused with its name.
+    smp_ft::vmm::cpuid::check(&config.kvm_device, &config.cpu).map_err(|e| crate::error_chain(&e))?;
     // FT settings are checked before the monitor listens: an error then ends the start with
     // smpft's reason, which libvirt shows (later, libvirt would see only a closed monitor).
     let ft = super::libvirt_ft::for_domain(&name)
