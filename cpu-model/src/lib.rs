@@ -190,6 +190,14 @@ impl CpuSpec {
     }
 }
 
+impl std::str::FromStr for CpuSpec {
+    type Err = CpuError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        CpuSpec::parse(s)
+    }
+}
+
 impl std::fmt::Display for CpuSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.model_name())?;

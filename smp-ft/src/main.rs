@@ -81,6 +81,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         .serial(args.serial)
         .console(args.console)
         .kvm_device(args.kvm_device)
+        .cpu(args.cpu)
         .devices(DeviceConfig {
             // A snapshot with the device's state needs the device.
             rng: args.rng || last.is_some_and(|s| s.state.component("virtio-rng").is_some()),
@@ -133,6 +134,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         .serial(args.serial)
         .console(args.console)
         .kvm_device(args.kvm_device)
+        .cpu(args.cpu)
         .devices(DeviceConfig { rng: args.rng, disks: args.disks, nets: args.nets })
         .build()?;
     let rejoin = Rejoin {
