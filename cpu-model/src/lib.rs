@@ -28,6 +28,15 @@ pub struct Leaf {
 }
 
 impl Leaf {
+    fn get(&self, r: Reg) -> u32 {
+        match r {
+            Reg::Eax => self.eax,
+            Reg::Ebx => self.ebx,
+            Reg::Ecx => self.ecx,
+            Reg::Edx => self.edx,
+        }
+    }
+
     fn reg(&mut self, r: Reg) -> &mut u32 {
         match r {
             Reg::Eax => &mut self.eax,
@@ -156,7 +165,10 @@ impl CpuSpec {
             let v = read(&out, f.word);
             write(&mut out, f.word, v & !(1 << f.bit));
         }
-        trim_xsave(&mut out);
+        // The host's CPU as it is keeps KVM's XSAVE leaf as it is.
+        if self.model.is_some() || !self.changes.is_empty() {
+            trim_xsave(&mut out);
+        }
         Ok(out)
     }
 
@@ -216,7 +228,7 @@ fn model_bits(m: &Model, word: Word) -> u32 {
 }
 
 fn read(leaves: &[Leaf], w: Word) -> u32 {
-    leaves.iter().find(|l| l.function == w.function && l.index == w.index).map_or(0, |l| *l.clone().reg(w.reg))
+    leaves.iter().find(|l| l.function == w.function && l.index == w.index).map_or(0, |l| l.get(w.reg))
 }
 
 /// Sets `w` to `value`; a leaf the host lacks is added for a value other than 0 (and the
