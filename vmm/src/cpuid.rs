@@ -57,7 +57,7 @@ pub fn guest(kvm: &Kvm, spec: &CpuSpec) -> Result<Vec<Leaf>, VmError> {
     let left_out = spec.left_out(&host);
     if !left_out.is_empty() {
         tracing::warn!(
-            "CPU model '{}': this host's KVM does not offer {}; the guest runs without them (add enforce to refuse instead)",
+            "CPU model '{}': this host's KVM does not offer {}, which the guest goes without (give enforce to refuse instead)",
             spec.model_name(),
             left_out.join(", ")
         );
