@@ -140,3 +140,16 @@ fn kvm_not_permitted() {
     assert!(!out.status.success());
     assert!(err.contains("permission denied on /dev/kvm"), "{err}");
 }
+
+#[test]
+fn unknown_cpu_models_and_features_and_features_the_host_lacks() {
+    fails_with(
+        &["--cpu", "Haswell-noTSX"],
+        "CPU model 'Haswell-noTSX' is not known to smpft (it has host, max, qemu64",
+    );
+    fails_with(&["--cpu", "kvm64,+warp"], "CPU feature 'warp' is not known to smpft");
+    if std::path::Path::new("/dev/kvm").exists() {
+        // `pn` (the Pentium III serial number) is a feature no KVM offers.
+        fails_with(&["--cpu", "kvm64,+pn"], "CPU 'kvm64,+pn' needs what this host's KVM does not offer: pn");
+    }
+}

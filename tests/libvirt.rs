@@ -709,3 +709,112 @@ fn the_domains_sysinfo_is_what_the_guest_reads_in_smbios() {
     ok(&["destroy", dom]);
     ok(&["undefine", dom]);
 }
+
+/// Destroys and undefines the domains named, on drop (after a failed assertion too).
+struct Domains(&'static [&'static str]);
+
+impl Drop for Domains {
+    fn drop(&mut self) {
+        for d in self.0 {
+            let _ = virsh(&["destroy", d]);
+            let _ = virsh(&["undefine", d]);
+        }
+    }
+}
+
+/// The guest CPUs stacks write: Nova's default `host-model`, `host-passthrough`, virt-install's
+/// `kvm64`, and a named model with features added and removed as Nova writes them. Each domain
+/// starts and its guest serves; libvirtd is alive afterwards. A model or feature smpft cannot
+/// give is refused with one line naming it.
+#[test]
+fn every_cpu_mode_starts_and_what_the_host_lacks_is_refused() {
+    let _one = one_at_a_time();
+    let lv = Libvirt::start("libvirt-cpu");
+    let _cleanup =
+        Domains(&["lv-cpu-hm", "lv-cpu-hp", "lv-cpu-kvm64", "lv-cpu-sky", "lv-cpu-bad-model", "lv-cpu-bad-feat"]);
+    let libvirtd = lv.started.last().unwrap().1;
+    let with_cpu = |dom: &str, cpu: &str| {
+        let xml = lv.domain(dom, "counter service duration=600s", "");
+        let text = std::fs::read_to_string(&xml).unwrap().replace("<cpu mode='host-passthrough'/>", cpu);
+        std::fs::write(&xml, text).unwrap();
+        ok(&["define", xml.to_str().unwrap()]);
+    };
+    let sky = "<cpu mode='custom' match='exact' check='none'><model fallback='forbid'>Skylake-Client</model>\
+               <feature policy='require' name='hypervisor'/><feature policy='require' name='tsc-deadline'/>\
+               <feature policy='disable' name='hle'/><feature policy='disable' name='rtm'/>\
+               <feature policy='disable' name='avx2'/></cpu>";
+    let good = [
+        ("lv-cpu-hm", "<cpu mode='host-model'/>"),
+        ("lv-cpu-hp", "<cpu mode='host-passthrough'/>"),
+        ("lv-cpu-kvm64", "<cpu mode='custom' match='exact'><model>kvm64</model></cpu>"),
+        ("lv-cpu-sky", sky),
+    ];
+    for (dom, cpu) in good {
+        with_cpu(dom, cpu);
+        let o = virsh(&["start", dom]);
+        assert!(o.status.success(), "{dom}: {}\n{}", String::from_utf8_lossy(&o.stderr), log(dom));
+        assert_eq!(console_request(dom, "INCR 1"), "OK 1 1", "{dom}: the guest serves\n{}", log(dom));
+        // Leaf 0x8000_0001's ECX follows the model on every host this runs on (on PVM too).
+        let e1 = console_request(dom, "CPUID 2147483649");
+        let ecx = u32::from_str_radix(e1.split(' ').nth(4).unwrap_or_default(), 16);
+        let ecx = ecx.unwrap_or_else(|_| panic!("{dom}: the guest's CPUID: {e1}"));
+        let lahf_abm_prefetch = 1 | 1 << 5 | 1 << 8;
+        match dom {
+            "lv-cpu-kvm64" => assert_eq!(ecx, 0, "kvm64 has none of leaf 0x80000001's ECX features"),
+            "lv-cpu-sky" => assert_eq!(ecx & !lahf_abm_prefetch, 0, "Skylake-Client's only: {ecx:#x}"),
+            _ => assert_ne!(ecx, 0, "{dom}: the host's features (LAHF in 64-bit mode at least)"),
+        }
+        ok(&["destroy", dom]);
+        // SAFETY: signal 0 only checks that the process exists.
+        assert_eq!(unsafe { libc::kill(libvirtd as i32, 0) }, 0, "libvirtd died with {dom}");
+    }
+    let argv = log("lv-cpu-sky");
+    assert!(argv.contains("-cpu Skylake-Client,") && argv.contains("hle=off"), "{argv}");
+
+    let bad = [
+        ("lv-cpu-bad-model", "<cpu mode='custom' match='exact'><model fallback='forbid'>Haswell-noTSX</model></cpu>", "Haswell-noTSX"),
+        (
+            "lv-cpu-bad-feat",
+            // check='none': libvirt leaves the check to smpft.
+            "<cpu mode='custom' match='exact' check='none'><model>kvm64</model><feature policy='require' name='pn'/></cpu>",
+            "smpft (QEMU persona): CPU 'kvm64,+pn' needs what this host's KVM does not offer: pn",
+        ),
+    ];
+    for (dom, cpu, named) in bad {
+        with_cpu(dom, cpu);
+        let o = virsh(&["start", dom]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(named), "{dom}: {e}");
+    }
+    assert!(virsh(&["version"]).status.success(), "libvirtd still answers");
+}
+
+/// The two copies of an FT pair must present the same CPU: a standby domain whose CPU model
+/// differs from the primary's is refused when the primary connects, naming the leaves, and the
+/// primary runs on unprotected.
+#[test]
+fn an_ft_pair_with_different_cpus_is_refused_naming_the_leaves() {
+    let _one = one_at_a_time();
+    let lv = Libvirt::start_with("libvirt-ft-cpu", true);
+    let ft_dir = ft_identities(&lv);
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let guest = "counter service duration=600s";
+    let s_meta = ft_meta(&ft_dir, "standby", "b", "a", &format!("<smpft:listen>127.0.0.1:{port}</smpft:listen>"));
+    let p_meta = ft_meta(&ft_dir, "primary", "a", "b", &format!("<smpft:peer>127.0.0.1:{port}</smpft:peer>"));
+    let (sx, px) = (lv.domain_with("lv-fts", guest, "", &s_meta), lv.domain_with("lv-ftp", guest, "", &p_meta));
+    let kvm64 = "<cpu mode='custom' match='exact' check='none'><model>kvm64</model></cpu>";
+    std::fs::write(&sx, std::fs::read_to_string(&sx).unwrap().replace("<cpu mode='host-passthrough'/>", kvm64))
+        .unwrap();
+    ok(&["define", sx.to_str().unwrap()]);
+    ok(&["define", px.to_str().unwrap()]);
+    ok(&["start", "--paused", "lv-fts"]);
+    wait_state("lv-fts", "paused");
+    ok(&["start", "lv-ftp"]);
+    let never = later(|| format!("the primary never refused the standby: {}\n{}", query_ft("lv-ftp"), log("lv-ftp")));
+    wait_until(never, Duration::from_secs(30), || log("lv-ftp").contains("the guest's CPUID differs"));
+    let l = log("lv-ftp");
+    let line = l.lines().find(|l| l.contains("the guest's CPUID differs")).unwrap();
+    assert!(line.contains("in leaves 0x1.0"), "the differing leaves are named: {line}");
+    assert!(!query_ft("lv-ftp").contains(r#""state":"protected""#), "{}", query_ft("lv-ftp"));
+    assert_eq!(console_request("lv-ftp", "INCR 1"), "OK 1 1", "the primary runs on");
+}

@@ -8,6 +8,7 @@
 //! | `STAT <id>`    | `STAT <id> value=<v> requests=<n> counter=<c> churn=<p> kv=<k>` |
 //! | `TIME <id>`    | `TIME <id> <ms>`: guest time since boot, from the TSC |
 //! | `EXIT <id>`    | `BYE <id> <value>`, then the guest checks its invariants and exits |
+//! | `CPUID <leaf>` | `CPUID <leaf> <eax> <ebx> <ecx> <edx>` (sub-leaf 0, in hex), as the guest reads it |
 //! | anything else  | `ERR <id or 0> <reason>`                |
 //!
 //! `INCR` is idempotent per request id: a retried id gets the value of its first execution back
@@ -118,6 +119,7 @@ pub enum Request {
     Stat(u64),
     Time(u64),
     Exit(u64),
+    Cpuid(u64),
     /// Answered with `ERR <id> <why>`.
     Bad {
         id: u64,
@@ -139,7 +141,8 @@ impl Request {
             (b"STAT", Some(id)) => Request::Stat(id),
             (b"TIME", Some(id)) => Request::Time(id),
             (b"EXIT", Some(id)) => Request::Exit(id),
-            (b"INCR" | b"GET" | b"STAT" | b"TIME" | b"EXIT", None) => {
+            (b"CPUID", Some(leaf)) => Request::Cpuid(leaf),
+            (b"INCR" | b"GET" | b"STAT" | b"TIME" | b"EXIT" | b"CPUID", None) => {
                 Request::Bad { id: 0, why: "missing or bad request id" }
             }
             _ => Request::Bad { id: id.unwrap_or(0), why: "unknown command" },
@@ -209,6 +212,11 @@ impl Service {
             }
             Request::Time(id) => write!(r, "TIME {id} {}", crate::uptime_ms()),
             Request::Exit(id) => write!(r, "BYE {id} {}", self.value),
+            Request::Cpuid(leaf) => {
+                // CPUID exists on every x86-64 processor.
+                let c = core::arch::x86_64::__cpuid_count(leaf as u32, 0);
+                write!(r, "CPUID {leaf} {:x} {:x} {:x} {:x}", c.eax, c.ebx, c.ecx, c.edx)
+            }
         };
         let _ = r.write_str("\n");
         (r, matches!(request, Request::Exit(_)))

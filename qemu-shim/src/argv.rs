@@ -121,6 +121,8 @@ pub struct Launch {
     /// Each disk's block nodes, from the device's node down to its storage (parallel to
     /// `disks`).
     pub disk_nodes: Vec<Vec<crate::platform::BlockNode>>,
+    /// `-cpu`: the guest's CPU model and features (`None`: the host's CPU).
+    pub cpu: Option<cpu_model::CpuSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -266,6 +268,14 @@ impl Parser {
         Ok(true)
     }
 
+    /// `-cpu MODEL[,+FEAT|,-FEAT|,FEAT=on|off]...`: checked against smpft's models and feature
+    /// names here; whether the host can give it is checked when the VM is built.
+    fn cpu(&mut self, value: &str) -> Result<(), ArgvError> {
+        let spec = cpu_model::CpuSpec::parse(value).map_err(|e| ArgvError(format!("-cpu {value}: {e}")))?;
+        self.launch.cpu = Some(spec);
+        Ok(())
+    }
+
     fn option(&mut self, opt: &str, value: &str) -> Result<(), ArgvError> {
         // The machine, its timers and power management, and the display smpft does not have.
         if crate::platform::option(&mut self.launch, opt, value)? {
@@ -281,7 +291,7 @@ impl Parser {
                     return err(format!("-accel {a}: smpft runs guests only with KVM"));
                 }
             }
-            "-cpu" => self.launch.ignored.push(format!("-cpu {value} (the guest sees the host CPU as KVM offers it)")),
+            "-cpu" => self.cpu(value)?,
             "-m" => {
                 let m = props(value, "size")?;
                 let s = text(&m, "size").and_then(|s| size(&s, 1 << 20));

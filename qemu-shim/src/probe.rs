@@ -58,6 +58,9 @@ pub const COMMANDS: &[&str] = &[
     "x-smpft-query-ft",
     "x-smpft-protect",
     "x-smpft-snapshot",
+    // Guest CPU models (answered in `cpu`).
+    "query-cpu-definitions",
+    "query-cpu-model-expansion",
 ];
 
 /// Commands about the PC platform (the display smpft does not have).

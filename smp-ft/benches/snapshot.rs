@@ -43,6 +43,7 @@ fn main() {
                 kvm_device: DEFAULT_KVM_DEVICE.into(),
                 devices: Default::default(),
                 smbios: Default::default(),
+                cpu: Default::default(),
             };
             let vm = Vm::create(config).unwrap().start().unwrap();
             std::thread::sleep(Duration::from_millis(50));

@@ -34,6 +34,7 @@ fn start(vcpus: u32, args: &str, serial: SerialSpec, console: Option<PathBuf>) -
         kvm_device: DEFAULT_KVM_DEVICE.into(),
         devices: Default::default(),
         smbios: Default::default(),
+        cpu: Default::default(),
     };
     Vm::create(config).expect("create VM (is /dev/kvm there?)").start().expect("start VM")
 }

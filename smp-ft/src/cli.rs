@@ -178,6 +178,10 @@ pub(crate) struct StandbyArgs {
     /// The KVM device to use once live.
     #[arg(long, default_value = smp_ft::vmm::DEFAULT_KVM_DEVICE)]
     pub(crate) kvm_device: PathBuf,
+    /// The guest's CPU, as QEMU's -cpu: MODEL[,+FEAT|,-FEAT]... (must give the same CPUID as
+    /// the primary's).
+    #[arg(long, default_value = "host", value_name = "MODEL[,+FEAT|,-FEAT]...")]
+    pub(crate) cpu: cpu_model::CpuSpec,
     /// The protected VM has a virtio-rng (must match the primary's).
     #[arg(long)]
     pub(crate) rng: bool,
@@ -269,6 +273,11 @@ pub(crate) struct RunArgs {
     /// The KVM device to use.
     #[arg(long, default_value = smp_ft::vmm::DEFAULT_KVM_DEVICE)]
     pub(crate) kvm_device: PathBuf,
+    /// The guest's CPU, as QEMU's -cpu: `host` (what this host's KVM offers) or a model
+    /// (qemu64, kvm64, Skylake-Client, Skylake-Server, Cascadelake-Server, EPYC, EPYC-Rome) with
+    /// features added or removed; a feature the host lacks is refused.
+    #[arg(long, default_value = "host", value_name = "MODEL[,+FEAT|,-FEAT]...")]
+    pub(crate) cpu: cpu_model::CpuSpec,
     /// Give the VM a virtio-rng (PCI): entropy from this host's getrandom(2).
     #[arg(long)]
     pub(crate) rng: bool,

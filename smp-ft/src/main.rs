@@ -88,6 +88,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         .serial_log(args.serial_log.map(|path| SerialLog::File { path, append: true }))
         .console(args.console)
         .kvm_device(args.kvm_device)
+        .cpu(args.cpu)
         .devices(DeviceConfig {
             // A snapshot with the device's state needs the device.
             rng: args.rng || last.is_some_and(|s| s.state.component("virtio-rng").is_some()),
@@ -142,6 +143,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         .serial_log(args.serial_log.map(|path| SerialLog::File { path, append: true }))
         .console(args.console)
         .kvm_device(args.kvm_device)
+        .cpu(args.cpu)
         .devices(DeviceConfig { rng: args.rng, disks: args.disks, nets: args.nets, ..Default::default() })
         .build()?;
     let rejoin = Rejoin {

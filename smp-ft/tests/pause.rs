@@ -26,6 +26,7 @@ fn busy_guest(d: &std::path::Path) -> VmConfig {
         kvm_device: DEFAULT_KVM_DEVICE.into(),
         devices: Default::default(),
         smbios: Default::default(),
+        cpu: Default::default(),
     }
 }
 

@@ -4,7 +4,9 @@
 /// messages and the checkpoint payloads. A change any of them makes bumps it.
 /// - 1: the first.
 /// - 2: the planned switchover (the FT layer's `APP_SWITCHOVER`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// - 3: the FT layer's Hello metadata carries the guest's CPUID (an older build cannot read
+///   it, and is told so when its own metadata cannot be read).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest peer version this build still talks to, in that version's terms: the two sides
 /// speak the lower of their versions (see `Channel::version`), and what needs a newer one
 /// (a switchover) is refused with the reason. A peer older than this is refused at its Hello.

@@ -84,6 +84,8 @@ pub(crate) struct Parts {
     pub(crate) xcrs: Option<kvm_bindings::kvm_xcrs>,
     /// COM1's host side, reserved; connected when the VM starts.
     pub(crate) serial_host: SerialHost,
+    /// The guest's CPUID before per-vCPU details (see [`crate::cpuid::guest`]).
+    pub(crate) cpuid: Vec<cpu_model::Leaf>,
     pub(crate) _kvm: Kvm,
 }
 
@@ -151,6 +153,8 @@ pub(crate) fn build(
     let control = Arc::new(VcpuControl::new(config.vcpus as usize, Box::new(kick.clone())));
 
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
+    let cpuid = crate::cpuid::guest(&kvm, &config.cpu)?;
+    let supported = crate::cpuid::to_cpuid(&cpuid, &supported)?;
     let xcrs = if setup == CpuSetup::TestGuest { boot::xcrs(&supported) } else { None };
     let xsave = xcrs.is_some();
     let mut vcpu_fds = Vec::new();
@@ -161,5 +165,5 @@ pub(crate) fn build(
     }
     let caps = StateCaps::probe(&kvm, &vm, &vcpu_fds[0].lock())?;
     let early = Arc::new(EarlyStates::new(caps, vcpu_fds.len()));
-    Ok(Parts { vm, memory, vcpu_fds, devices, control, kick, early, dirty, xcrs, serial_host, _kvm: kvm })
+    Ok(Parts { vm, memory, vcpu_fds, devices, control, kick, early, dirty, xcrs, serial_host, cpuid, _kvm: kvm })
 }

@@ -26,6 +26,8 @@ pub struct VmConfig {
     pub devices: DeviceConfig,
     /// What the SMBIOS tables say the machine is.
     pub smbios: crate::smbios::Smbios,
+    /// The guest's CPU model and features (`host`: the host's CPU as KVM offers it).
+    pub cpu: cpu_model::CpuSpec,
 }
 
 /// What a new VM boots.

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    #[error(transparent)]
+    Cpu(cpu_model::CpuError),
     #[error("{0} is not present: this host has no KVM (load kvm_intel, kvm_amd or kvm_pvm)")]
     NoKvm(PathBuf),
     #[error("permission denied on {0}: run as root or as a member of the kvm group")]

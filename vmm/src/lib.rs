@@ -11,6 +11,7 @@ pub mod boot;
 pub mod capture;
 pub mod component;
 pub mod control;
+pub mod cpuid;
 pub mod devices;
 pub mod dirty;
 pub mod host;

@@ -93,6 +93,7 @@ impl Vm {
             memory: parts.memory,
             vcpus: config.vcpus,
             device_config: config.devices.clone(),
+            cpuid: parts.cpuid,
             _kvm: parts._kvm,
         })
     }
@@ -120,6 +121,7 @@ pub struct RunningVm {
     pub(crate) memory: Arc<GuestMemory>,
     vcpus: u32,
     device_config: DeviceConfig,
+    cpuid: Vec<cpu_model::Leaf>,
     _kvm: Kvm,
 }
 
@@ -148,6 +150,11 @@ impl RunningVm {
     /// The optional devices the VM was built with.
     pub fn device_config(&self) -> &DeviceConfig {
         &self.device_config
+    }
+
+    /// The guest's CPUID before per-vCPU details (its model applied to the host's).
+    pub fn guest_cpuid(&self) -> &[cpu_model::Leaf] {
+        &self.cpuid
     }
 
     pub fn vcpu_fds(&self) -> &[Arc<Mutex<VcpuFd>>] {

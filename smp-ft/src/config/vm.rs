@@ -53,6 +53,7 @@ pub struct VmBuilder {
     console: Option<PathBuf>,
     kvm_device: PathBuf,
     devices: DeviceConfig,
+    cpu: cpu_model::CpuSpec,
 }
 
 impl VmBuilder {
@@ -72,6 +73,7 @@ impl VmBuilder {
             console: None,
             kvm_device: DEFAULT_KVM_DEVICE.into(),
             devices: DeviceConfig::default(),
+            cpu: cpu_model::CpuSpec::default(),
         }
     }
 
@@ -147,6 +149,12 @@ impl VmBuilder {
         self
     }
 
+    /// The guest's CPU model and features (default: the host's CPU as KVM offers it).
+    pub fn cpu(mut self, cpu: cpu_model::CpuSpec) -> Self {
+        self.cpu = cpu;
+        self
+    }
+
     /// Checks the settings, reads the guest's files and gives the VM's configuration.
     pub fn build(self) -> Result<VmConfig, ConfigError> {
         let names = self.names;
@@ -171,6 +179,7 @@ impl VmBuilder {
             kvm_device: self.kvm_device,
             devices: self.devices,
             smbios: self.smbios,
+            cpu: self.cpu,
         })
     }
 }

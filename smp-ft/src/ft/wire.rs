@@ -58,6 +58,21 @@ pub struct Meta {
     /// (A standby's) the digests of its disks follow the Hello, in an [`APP_DIGESTS`] message:
     /// the initial copy sends only the blocks that differ (`--disk-sync compare`).
     pub digests: bool,
+    /// The guest's CPUID before per-vCPU details, one `[function, index, eax, ebx, ecx, edx]`
+    /// a leaf: both copies must present the same CPU to the guest (wire version 3 and later).
+    pub cpuid: Vec<[u32; 6]>,
+}
+
+/// CPUID leaves as [`Meta`] carries them.
+pub fn cpuid_words(leaves: &[cpu_model::Leaf]) -> Vec<[u32; 6]> {
+    leaves.iter().map(|l| [l.function, l.index, l.eax, l.ebx, l.ecx, l.edx]).collect()
+}
+
+fn cpuid_leaves(words: &[[u32; 6]]) -> Vec<cpu_model::Leaf> {
+    words
+        .iter()
+        .map(|&[function, index, eax, ebx, ecx, edx]| cpu_model::Leaf { function, index, eax, ebx, ecx, edx })
+        .collect()
 }
 
 /// The FT layer's own messages on the channel (`Message::App` kinds).
@@ -70,6 +85,8 @@ pub const APP_SNAPSHOT: u16 = 3;
 pub const APP_SNAPSHOT_DONE: u16 = 4;
 /// The wire version that brought [`APP_SWITCHOVER`] and the snapshot messages.
 pub const SWITCHOVER_VERSION: u32 = 2;
+/// The wire version that brought [`Meta::cpuid`].
+pub const CPUID_VERSION: u32 = 3;
 
 /// Encodes an FT-layer message for `Message::App`.
 pub fn encode_app<T>(v: &T) -> Vec<u8>
@@ -155,8 +172,27 @@ impl Meta {
         decode_app(b, "Hello metadata")
     }
 
+    /// The metadata of a peer that speaks wire `version`: one older than [`CPUID_VERSION`]
+    /// sends metadata without the guest's CPUID, which this build cannot read.
+    pub fn from_hello(version: u32, b: &[u8]) -> Result<Meta, WireError> {
+        Meta::decode(b).map_err(|e| match version < CPUID_VERSION {
+            true => WireError::Meta(format!(
+                "the peer speaks FT wire version {version}, whose Hello metadata lacks the guest's CPUID: upgrade the peer"
+            )),
+            false => e,
+        })
+    }
+
     /// Why a VM of shape `self` cannot be protected by (or protect) `other`, if it cannot.
     pub fn mismatch(&self, other: &Meta) -> Option<String> {
+        let leaves = cpu_model::differences(&cpuid_leaves(&self.cpuid), &cpuid_leaves(&other.cpuid));
+        if !leaves.is_empty() {
+            return Some(format!(
+                "the guest's CPUID differs from the peer's ({}) in leaves {}: give both copies the same CPU model on hosts that offer it",
+                other.owner,
+                leaves.join(", ")
+            ));
+        }
         if self.disks != other.disks {
             let sizes = |d: &[u64]| {
                 if d.is_empty() {
@@ -478,6 +514,7 @@ mod tests {
             devices: "none".into(),
             disks: vec![1 << 30],
             digests: false,
+            cpuid: vec![[1, 0, 0x806f8, 0, 0x7ffa_3223, 0x178b_fbff], [7, 0, 0, 0x219c_07a9, 0, 0]],
         };
         assert_eq!(Meta::decode(&a.encode()).unwrap(), a);
         assert!(a.mismatch(&a).is_none());
@@ -491,6 +528,15 @@ mod tests {
             .unwrap()
             .contains("disks differ: this side has 1073741824 bytes, the peer (a) 1048576 bytes"));
         assert!(Meta::decode(b"nonsense").is_err());
+        assert_eq!(Meta::from_hello(1, &a.encode()).unwrap(), a, "an older version number with this build's metadata");
+        assert!(Meta::from_hello(2, b"old").unwrap_err().to_string().contains("version 2, whose Hello metadata lacks"));
+        let mut e = Meta { owner: "b".into(), ..a.clone() };
+        e.cpuid[1][3] &= !(1 << 5); // no AVX2
+        e.cpuid.push([0x8000_0008, 0, 0x3030, 0, 0, 0]);
+        assert_eq!(
+            a.mismatch(&e).unwrap(),
+            "the guest's CPUID differs from the peer's (b) in leaves 0x7.0, 0x80000008.0: give both copies the same CPU model on hosts that offer it"
+        );
         let g = vec![disk_mirror::digest::Digest { size: 1 << 20, block: 64 << 10, hashes: vec![[3; 16]; 16] }];
         let bytes = encode_digests(&g).unwrap();
         assert_eq!(decode_digests(&bytes, &[1 << 20]).unwrap(), g);

@@ -80,6 +80,7 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
                 nets: launch.nics.iter().map(|n| n.slot).collect(),
             },
         })
+        .cpu(launch.cpu.clone().unwrap_or_default())
         .build()
         .map_err(|e| crate::error_chain(&e))
 }
@@ -118,6 +119,8 @@ fn monitor(launch: &Launch) -> Result<crate::Qmp, String> {
 pub fn run(launch: Launch) -> Result<ExitCode, String> {
     let name = launch.name.clone().unwrap_or_else(|| "(unnamed)".into());
     let config = config(&launch)?;
+    // So is the CPU: a model or feature this host cannot give is refused with its name.
+    smp_ft::vmm::cpuid::check(&config.kvm_device, &config.cpu).map_err(|e| crate::error_chain(&e))?;
     // FT settings are checked before the monitor listens: an error then ends the start with
     // smpft's reason, which libvirt shows (later, libvirt would see only a closed monitor).
     let ft = super::libvirt_ft::for_domain(&name)
@@ -136,6 +139,7 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
             .zip(launch.disk_nodes.iter().chain(std::iter::repeat(&Vec::new())))
             .map(|(d, n)| BlockDisk { disk: d.clone(), nodes: n.clone() })
             .collect(),
+        host_cpu: super::host_cpu(),
     };
     match ft {
         Some(ft) if ft.standby => super::standby::run(&name, ft, config, qmp, answers),
@@ -173,6 +177,8 @@ pub struct Answers {
     disks: Vec<(String, String)>,
     /// Each disk with its block nodes, in order (`query-block`, `query-named-block-nodes`).
     block: Vec<BlockDisk>,
+    /// What the host's KVM offers a guest's CPU (for libvirt's CPU model questions).
+    host_cpu: Result<Vec<cpu_model::Leaf>, String>,
 }
 
 impl Answers {
@@ -208,7 +214,10 @@ impl Answers {
                 let sizes: Vec<_> = self.block.iter().map(|d| Size::of(&d.disk.source, None)).collect();
                 self.block_answer(name, &sizes)
             }
-            _ => return qemu_shim::probe::answer(name, args, PACKAGE),
+            _ => {
+                return super::cpu_answer(&self.host_cpu, name, args)
+                    .or_else(|| qemu_shim::probe::answer(name, args, PACKAGE))
+            }
         }))
     }
 }

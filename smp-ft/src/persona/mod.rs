@@ -103,11 +103,13 @@ fn probe(launch: &Launch) -> Result<ExitCode, String> {
     if let Some(d) = &mut daemon {
         d.ready();
     }
+    let host_cpu = host_cpu();
     for req in requests {
         use qemu_shim::qmp::Command;
         let quit = req.command == Command::Quit;
         let reply = match &req.command {
-            Command::Other { name, args } => qemu_shim::probe::answer_or_not_found(name, args, PACKAGE),
+            Command::Other { name, args } => cpu_answer(&host_cpu, name, args)
+                .unwrap_or_else(|| qemu_shim::probe::answer_or_not_found(name, args, PACKAGE)),
             Command::QueryStatus => {
                 Ok(serde_json::json!({"status": "prelaunch", "running": false, "singlestep": false}))
             }
@@ -123,6 +125,21 @@ fn probe(launch: &Launch) -> Result<ExitCode, String> {
     }
     server.stop();
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the host's KVM offers a guest's CPU, or why it cannot be read.
+fn host_cpu() -> Result<Vec<cpu_model::Leaf>, String> {
+    let device = std::path::Path::new(smp_ft::vmm::DEFAULT_KVM_DEVICE);
+    smp_ft::vmm::cpuid::host_at(device).map_err(|e| crate::error_chain(&e))
+}
+
+/// libvirt's questions about guest CPU models (`qemu_shim::cpu`).
+fn cpu_answer(
+    host: &Result<Vec<cpu_model::Leaf>, String>,
+    name: &str,
+    args: &serde_json::Map<String, serde_json::Value>,
+) -> Option<Result<serde_json::Value, qemu_shim::qmp::QmpError>> {
+    qemu_shim::cpu::answer(name, args, host.as_deref().map_err(String::as_str))
 }
 
 #[cfg(test)]

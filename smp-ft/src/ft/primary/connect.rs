@@ -52,7 +52,7 @@ impl PrimaryFt {
         };
         let mut digests = false;
         let problem = match chan.peer_hello() {
-            Message::Hello { meta, .. } => match Meta::decode(meta) {
+            Message::Hello { version, meta, .. } => match Meta::from_hello(*version, meta) {
                 Err(e) => Some(e.to_string()),
                 Ok(m) => {
                     digests = m.digests;

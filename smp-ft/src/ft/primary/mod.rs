@@ -141,6 +141,7 @@ impl PrimaryFt {
             devices: vm.device_config().summary(),
             disks: vm.devices().disk_log().sizes().to_vec(),
             digests: false,
+            cpuid: super::wire::cpuid_words(vm.guest_cpuid()),
         };
         let mut proto = Primary::new(generation, opts.protocol.clone(), Instant::now());
         proto.handle(PrimaryEvent::Protect { spares, after: Duration::ZERO });

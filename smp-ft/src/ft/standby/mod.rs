@@ -102,6 +102,8 @@ pub struct StandbyRunner<'a> {
     claims: (Sender<Claimed>, Receiver<Claimed>),
     /// Numbers the sessions, so that a claim's late answer finds only its own.
     sessions: u64,
+    /// The guest's CPUID as this host would present it (see `wire::Meta::cpuid`).
+    cpuid: Vec<[u32; 6]>,
 }
 
 impl<'a> StandbyRunner<'a> {
@@ -137,9 +139,13 @@ impl<'a> StandbyRunner<'a> {
                 "{spec} is read-only: a standby's disk receives the primary's writes (give the primary ',readonly' instead)"
             )));
         }
+        // The CPU the VM would have here: a model this host cannot give means it cannot go live.
+        let cpuid =
+            crate::vmm::cpuid::guest_at(&opts.config.kvm_device, &opts.config.cpu).map_err(FtError::CannotGoLive)?;
         let tiebreak = TieBreaker::new(&opts.ft.tiebreak, &opts.ft.owner)?;
         let generation = tiebreak.read()?.map_or(0, |(g, _)| g);
         Ok(StandbyRunner {
+            cpuid: super::wire::cpuid_words(&cpuid),
             opts,
             host: Some(host),
             disks,
@@ -173,6 +179,7 @@ impl<'a> StandbyRunner<'a> {
             devices: self.opts.config.devices.summary(),
             disks: self.disk_sizes(),
             digests: self.compares(),
+            cpuid: self.cpuid.clone(),
         }
     }
 

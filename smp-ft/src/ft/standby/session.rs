@@ -61,7 +61,7 @@ impl StandbyRunner<'_> {
     pub(super) fn open_session(&mut self, chan: Channel) -> Result<Option<Session>, FtError> {
         let peer = chan.peer_addr();
         let theirs = match chan.peer_hello() {
-            Message::Hello { meta, .. } => Meta::decode(meta)?,
+            Message::Hello { version, meta, .. } => Meta::from_hello(*version, meta)?,
             _ => return Err(FtError::NoHello),
         };
         if let Some(why) = self.meta().mismatch(&theirs) {
