@@ -105,6 +105,9 @@ pub struct Launch {
     pub device_ids: Vec<(String, String)>,
     pub disks: Vec<Disk>,
     pub nics: Vec<Nic>,
+    /// A virtio-rng (`-device virtio-rng-pci`), and its PCI slot if libvirt gave one.
+    pub rng: bool,
+    pub rng_slot: Option<u8>,
     pub daemonize: bool,
     pub pidfile: Option<PathBuf>,
     /// `-version` / `-help`: print and exit.
@@ -224,6 +227,8 @@ struct Parser {
     fdsets: HashMap<u32, Vec<i32>>,
     /// The PCI slots devices were placed in, with their ids.
     pci_slots: Vec<(u8, String)>,
+    /// The ids of the entropy sources (`-object rng-random|rng-builtin`).
+    rng_backends: Vec<String>,
 }
 
 /// Reads QEMU's command line (without the program name).
@@ -351,6 +356,20 @@ impl Parser {
         match t.as_str() {
             // libvirt's master key for encrypted secrets: smpft is given none to decrypt.
             "secret" => self.launch.ignored.push(format!("-object secret ({})", text(&m, "id").unwrap_or_default())),
+            // Entropy for virtio-rng: smpft's device draws from getrandom(2), which is what
+            // /dev/urandom (and, once seeded, /dev/random) gives.
+            "rng-builtin" => {
+                self.rng_backends.push(text(&m, "id").unwrap_or_default());
+            }
+            "rng-random" => {
+                let file = text(&m, "filename").unwrap_or_else(|| "/dev/urandom".into());
+                if file != "/dev/urandom" && file != "/dev/random" {
+                    return err(format!(
+                        "-object rng-random,filename={file}: smpft's virtio-rng draws from the host's getrandom(2) (/dev/urandom or /dev/random), not from another source"
+                    ));
+                }
+                self.rng_backends.push(text(&m, "id").unwrap_or_default());
+            }
             "memory-backend-ram" | "memory-backend-memfd" => {
                 let id = text(&m, "id").unwrap_or_default();
                 let s = text(&m, "size").and_then(|s| size(&s, 1));
@@ -454,6 +473,17 @@ impl Parser {
                 self.launch.serial = Some(chardev_serial(&c, dev)?);
                 self.launch.serial_log = self.chardev_log(&c, dev)?;
                 self.launch.serial_label = Some(c);
+            }
+            "virtio-rng-pci" => {
+                let backend = text(d, "rng").unwrap_or_default();
+                if !backend.is_empty() && !self.rng_backends.contains(&backend) {
+                    return err(format!("{id}: no -object rng-random or rng-builtin '{backend}'"));
+                }
+                if self.launch.rng {
+                    return err("only one virtio-rng device is supported");
+                }
+                self.launch.rng = true;
+                self.launch.rng_slot = self.pci_slot(&id, d)?;
             }
             "virtio-blk-pci" => {
                 let drive = text(d, "drive").unwrap_or_default();

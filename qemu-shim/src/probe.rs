@@ -25,7 +25,11 @@ pub const MACHINE: &str = crate::platform::PC_MACHINE;
 /// The most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 16;
 /// Device types smpft implements.
-pub const DEVICE_TYPES: [&str; 3] = ["virtio-blk-pci", "virtio-net-pci", "isa-serial"];
+pub const DEVICE_TYPES: [&str; 4] = ["virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci", "isa-serial"];
+
+/// The object types a domain may use: entropy sources for virtio-rng (both are the host's
+/// getrandom(2) in smpft).
+pub const OBJECT_TYPES: [&str; 2] = ["rng-random", "rng-builtin"];
 
 /// Every QMP command smpft answers (as a probed emulator and on a domain's monitor).
 pub const COMMANDS: &[&str] = &[
@@ -86,6 +90,7 @@ pub fn answer(name: &str, args: &Map<String, Value>, package: &str) -> Option<Re
         "qom-list-types" => Value::Array(
             DEVICE_TYPES
                 .iter()
+                .chain(&OBJECT_TYPES)
                 .chain(crate::platform::ABSENT_DEVICE_TYPES.iter().map(|(t, _)| t))
                 .map(|t| json!({"name": t}))
                 .collect(),

@@ -174,3 +174,20 @@ fn pci_addresses_are_honoured_and_a_clash_is_refused() {
         assert!(e.contains(says), "{extra}: {e}");
     }
 }
+
+#[test]
+fn a_virtio_rng_takes_the_entropy_sources_libvirt_writes() {
+    let l = parse(&args(r#"-object {"qom-type":"rng-random","id":"objrng0","filename":"/dev/urandom"} -device {"driver":"virtio-rng-pci","rng":"objrng0","id":"rng0","bus":"pci.0","addr":"0x5"}"#)).unwrap();
+    assert_eq!((l.rng, l.rng_slot), (true, Some(5)));
+    let l = parse(&args("-object rng-builtin,id=r -device virtio-rng-pci,rng=r")).unwrap();
+    assert_eq!((l.rng, l.rng_slot), (true, None));
+    assert!(!parse(&args("-m 64")).unwrap().rng);
+    for (line, says) in [
+        ("-object rng-random,id=r,filename=/dev/hwrng -device virtio-rng-pci,rng=r", "getrandom"),
+        ("-device virtio-rng-pci,rng=nope", "no -object rng-random or rng-builtin 'nope'"),
+        ("-object rng-builtin,id=r -device virtio-rng-pci,rng=r -device virtio-rng-pci,rng=r", "only one virtio-rng"),
+    ] {
+        let e = parse(&args(line)).unwrap_err().to_string();
+        assert!(e.contains(says), "{line}: {e}");
+    }
+}

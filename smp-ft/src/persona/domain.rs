@@ -72,10 +72,11 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
         }))
         .smbios(smbios(launch)?)
         .devices(DeviceConfig {
-            rng: false,
+            rng: launch.rng,
             disks,
             nets,
             slots: PciSlots {
+                rng: launch.rng_slot,
                 disks: launch.disks.iter().map(|d| d.slot).collect(),
                 nets: launch.nics.iter().map(|n| n.slot).collect(),
             },

@@ -103,6 +103,7 @@ pub struct DeviceConfig {
 /// PCI slots asked for: one entry per disk and per NIC, in order (`None`: the next free one).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PciSlots {
+    pub rng: Option<u8>,
     pub disks: Vec<Option<u8>>,
     pub nets: Vec<Option<u8>>,
 }
@@ -110,14 +111,18 @@ pub struct PciSlots {
 impl PciSlots {
     /// The slot asked for the device `kind` number `i`.
     fn get(&self, kind: &str, i: usize) -> Option<u8> {
-        let v = if kind == "disk" { &self.disks } else { &self.nets };
-        v.get(i).copied().flatten()
+        match kind {
+            "rng" => self.rng,
+            "disk" => self.disks.get(i).copied().flatten(),
+            _ => self.nets.get(i).copied().flatten(),
+        }
     }
 
     /// Every slot asked for, checked: within the bus, not the host bridge's, not twice.
     fn reserved(&self, names: impl Fn(&str, usize) -> String) -> Result<Vec<u8>, DeviceError> {
         let mut taken: Vec<(u8, String)> = Vec::new();
-        let asked = self.disks.iter().enumerate().map(|(i, s)| ("disk", i, s));
+        let rng = std::iter::once(("rng", 0, &self.rng));
+        let asked = rng.chain(self.disks.iter().enumerate().map(|(i, s)| ("disk", i, s)));
         for (kind, i, slot) in asked.chain(self.nets.iter().enumerate().map(|(i, s)| ("net", i, s))) {
             let Some(slot) = *slot else { continue };
             let name = names(kind, i);
@@ -136,10 +141,12 @@ impl PciSlots {
 impl DeviceConfig {
     /// The optional devices, for messages and for checking that two copies agree.
     pub fn summary(&self) -> String {
-        let names: Vec<&str> = [(self.rng, "virtio-rng")].iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
-        let mut names: Vec<String> = names.into_iter().map(String::from).collect();
         // A slot asked for is part of what the guest sees, so both copies must agree on it.
         let at = |slot: Option<u8>| slot.map_or(String::new(), |s| format!("@{s:02x}"));
+        let mut names: Vec<String> = Vec::new();
+        if self.rng {
+            names.push(format!("virtio-rng{}", at(self.slots.rng)));
+        }
         names.extend((0..self.disks.len()).map(|i| format!("virtio-blk{}", at(self.slots.get("disk", i)))));
         names.extend((0..self.nets.len()).map(|i| format!("virtio-net{}", at(self.slots.get("net", i)))));
         if names.is_empty() {
@@ -242,15 +249,15 @@ impl Devices {
         let mut pci = PciBus::new();
         let mut on_pci: Vec<Arc<dyn Component>> = Vec::new();
         let name_of = |kind: &str, i: usize| match kind {
+            "rng" => "virtio-rng".to_string(),
             "disk" => DISK_NAMES.get(i).map_or_else(|| format!("disk{i}"), |n| n.to_string()),
             _ => NET_NAMES.get(i).map_or_else(|| format!("net{i}"), |n| n.to_string()),
         };
         let reserved = config.slots.reserved(name_of)?;
-        let free = Place { slot: None, reserved: &reserved };
         let place = |kind: &str, i: usize| Place { slot: config.slots.get(kind, i), reserved: &reserved };
         // The registration list: one line per optional device.
         if config.rng {
-            on_pci.push(add_virtio(&mut pci, "virtio-rng", Rng, free, memory, irq)?);
+            on_pci.push(add_virtio(&mut pci, "virtio-rng", Rng, place("rng", 0), memory, irq)?);
         }
         let disk_observer = Arc::new(ObserverSlot::default());
         let mut blks = Vec::new();
@@ -430,13 +437,13 @@ mod tests {
     #[test]
     fn pci_slots_asked_for_are_checked_and_named_in_the_summary() {
         let name = |kind: &str, i: usize| format!("{kind}{i}");
-        let slots = PciSlots { disks: vec![Some(7), None], nets: vec![Some(3)] };
-        assert_eq!(slots.reserved(name).unwrap(), vec![7, 3]);
-        let clash = PciSlots { disks: vec![Some(5)], nets: vec![Some(5)] };
+        let slots = PciSlots { rng: Some(9), disks: vec![Some(7), None], nets: vec![Some(3)] };
+        assert_eq!(slots.reserved(name).unwrap(), vec![9, 7, 3]);
+        let clash = PciSlots { rng: None, disks: vec![Some(5)], nets: vec![Some(5)] };
         let e = clash.reserved(name).unwrap_err().to_string();
         assert_eq!(e, "disk0 and net0 are both at PCI slot 0x5");
         for bad in [0, 32] {
-            let e = PciSlots { disks: vec![Some(bad)], nets: vec![] }.reserved(name).unwrap_err().to_string();
+            let e = PciSlots { disks: vec![Some(bad)], ..Default::default() }.reserved(name).unwrap_err().to_string();
             assert!(e.contains("does not exist on the bus"), "{e}");
         }
         // Both copies of an FT pair must agree on the slots asked for; without any, the
@@ -445,6 +452,7 @@ mod tests {
         let mut c = DeviceConfig { rng: true, disks: vec![disk(), disk()], ..Default::default() };
         assert_eq!(c.summary(), "virtio-rng,virtio-blk,virtio-blk");
         c.slots.disks = vec![Some(7), None];
-        assert_eq!(c.summary(), "virtio-rng,virtio-blk@07,virtio-blk");
+        c.slots.rng = Some(0x1e);
+        assert_eq!(c.summary(), "virtio-rng@1e,virtio-blk@07,virtio-blk");
     }
 }
