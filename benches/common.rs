@@ -89,10 +89,18 @@ pub fn qmp(path: &Path, cmd: &str) -> serde_json::Value {
     smpft_client::qmp(path, cmd, None).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Waits for the process serving QMP at `path` to report FT state `state`. A process just
+/// started may take a while to answer at all on a loaded host (its VM is created before its
+/// monitor listens, and KVM may still be tearing down the VM of a process killed a moment ago).
 pub fn wait_state(path: &Path, state: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while qmp(path, "x-smpft-query-ft")["state"] != state {
-        assert!(Instant::now() < deadline, "never reached {state}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = match smpft_client::qmp(path, "x-smpft-query-ft", None) {
+            Ok(v) if v["state"] == state => return,
+            Ok(v) => v["state"].to_string(),
+            Err(e) => e,
+        };
+        assert!(Instant::now() < deadline, "never reached {state} (last: {seen})");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
