@@ -26,6 +26,10 @@ impl Workers {
 
     /// Joins the threads that have ended.
     pub fn reap(&mut self) {
+        // Called on every turn of an owner's event loop: nothing to allocate unless one ended.
+        if !self.threads.iter().any(JoinHandle::is_finished) {
+            return;
+        }
         let (done, running): (Vec<_>, Vec<_>) = self.threads.drain(..).partition(|t| t.is_finished());
         self.threads = running;
         for t in done {
