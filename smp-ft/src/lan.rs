@@ -119,6 +119,23 @@ impl Lan {
             .unwrap_or(0)
     }
 
+    /// Frames carrying the guest's MAC as their source that host `port` ("pa" or "pb") sent
+    /// into the switch so far (what the guest sent from that host; none of the host's own).
+    pub fn guest_frames_sent_by(&self, port: &str) -> u64 {
+        let sw = self.switch.as_str();
+        let table = ["nft", "list", "chain", "bridge", "smpft", port];
+        if in_ns(sw, &table).map_or(true, |o| !o.status.success()) {
+            // First use: a chain of its own per port, counting the guest's frames.
+            let _ = in_ns(sw, &["nft", "add", "table", "bridge", "smpft"]);
+            let hook = "{ type filter hook forward priority 0 ; }";
+            let _ = in_ns(sw, &["nft", "add", "chain", "bridge", "smpft", port, hook]);
+            let rule = ["nft", "add", "rule", "bridge", "smpft", port, "iifname", port, "ether", "saddr", GUEST_MAC];
+            let _ = in_ns(sw, &[&rule[..], &["counter"]].concat());
+        }
+        let out = in_ns(sw, &table).map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
+        out.split("packets ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+    }
+
     /// A command to run in the client's namespace.
     pub fn client_cmd(&self, cmd: &str) -> Command {
         let mut c = Command::new("ip");
