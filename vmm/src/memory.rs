@@ -21,6 +21,8 @@ pub enum MemoryError {
     OutOfRange { addr: u64, len: u64, size: u64 },
     #[error("cannot build the device view of guest memory: {0}")]
     DeviceView(String),
+    #[error("cannot give guest range {addr:#x}+{len:#x} back to the host")]
+    Discard { addr: u64, len: u64, source: std::io::Error },
 }
 
 pub struct GuestMemory {
@@ -189,6 +191,30 @@ impl GuestMemory {
         self.write(addr, &v.to_le_bytes())
     }
 
+    /// Gives a range back to the host (a balloon's pages, a reset's memory): whole pages are
+    /// punched out of the memory file, so they take no host memory until the guest touches them
+    /// again, and read as zero; the ragged ends are zeroed. The range is marked dirty, so the
+    /// next checkpoint or snapshot carries the zeroes to the other copy.
+    pub fn discard(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        self.check(addr, len)?;
+        let (start, end) = (addr.next_multiple_of(PAGE_SIZE), (addr + len) / PAGE_SIZE * PAGE_SIZE);
+        if start >= end {
+            return self.fill(addr, len, 0);
+        }
+        self.fill(addr, start - addr, 0)?;
+        self.fill(end, addr + len - end, 0)?;
+        self.mark_dirty(start, end - start);
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: plain syscall on the memory file we own, inside its size (checked); the
+        // mapping stays valid and reads the punched range as zeroes.
+        let r = unsafe { libc::fallocate(self.fd.as_raw_fd(), mode, start as libc::off_t, (end - start) as libc::off_t) };
+        if r < 0 {
+            let source = std::io::Error::last_os_error();
+            return Err(MemoryError::Discard { addr: start, len: end - start, source });
+        }
+        Ok(())
+    }
+
     pub fn fill(&self, addr: u64, len: u64, byte: u8) -> Result<(), MemoryError> {
         self.check(addr, len)?;
         self.mark_dirty(addr, len);
@@ -281,6 +307,26 @@ mod tests {
         let r = m.data_ranges();
         assert!(r.iter().any(|&(s, e)| s <= 40 << 20 && e > 40 << 20), "{r:?}");
         assert!(r.iter().map(|(s, e)| e - s).sum::<u64>() < 64 << 20, "{r:?}");
+    }
+
+    #[test]
+    fn discarded_ranges_read_zero_take_no_host_memory_and_are_dirty() {
+        let m = GuestMemory::new(1 << 20).unwrap();
+        m.fill(0, 1 << 20, 0xa5).unwrap();
+        m.take_vmm_dirty(&mut Bitmap::new(256));
+        // Two whole pages and a ragged page on each side.
+        m.discard(0x1800, 0x3000).unwrap();
+        let mut all = vec![0u8; 0x6000];
+        m.read(0, &mut all).unwrap();
+        assert!(all[..0x1800].iter().all(|&b| b == 0xa5));
+        assert!(all[0x1800..0x4800].iter().all(|&b| b == 0), "the range reads as zero");
+        assert!(all[0x4800..].iter().all(|&b| b == 0xa5), "nothing beyond it changed");
+        let holes = m.data_ranges();
+        assert!(!holes.iter().any(|&(s, e)| s < 0x4000 && e > 0x2000), "pages 2 and 3 are punched out: {holes:?}");
+        let mut dirty = Bitmap::new(256);
+        m.take_vmm_dirty(&mut dirty);
+        assert_eq!(dirty.iter().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert!(m.discard(1 << 20, 1).is_err(), "outside memory");
     }
 
     #[test]
