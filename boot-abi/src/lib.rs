@@ -76,6 +76,10 @@ pub const IDLE_PORT: u16 = 0xf5;
 /// Power button: an 8-bit read returns 1 once the host asked the guest to power down (QMP
 /// `system_powerdown`), 0 before. The guest is expected to shut down cleanly.
 pub const POWER_PORT: u16 = 0xf6;
+/// Reset control, as on a PC's chipset (and the ACPI FADT's reset register): an 8-bit write
+/// of [`RESET_VALUE`] resets the machine in place; the guest boots again.
+pub const RESET_PORT: u16 = 0xcf9;
+pub const RESET_VALUE: u8 = 0x06;
 
 // Exit statuses the test guest reports through `EXIT_PORT`.
 

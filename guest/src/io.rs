@@ -64,6 +64,14 @@ pub fn idle(us: u32) {
     outl(abi::IDLE_PORT, us);
 }
 
+/// Resets the machine (the ACPI reset register): the guest boots again from the start.
+pub fn reboot() -> ! {
+    loop {
+        outb(abi::RESET_PORT, abi::RESET_VALUE);
+        idle(1000);
+    }
+}
+
 pub fn exit(status: u32) -> ! {
     loop {
         outl(abi::EXIT_PORT, status);
@@ -149,12 +157,17 @@ pub mod serial {
     /// Writes `bytes`, a FIFO-full at a time once the transmitter is empty.
     pub fn write(bytes: &[u8]) {
         for chunk in bytes.chunks(FIFO_DEPTH) {
-            while inb(LSR) & LSR_THR_EMPTY == 0 {
-                super::cpu_relax();
-            }
+            flush();
             for &b in chunk {
                 outb(COM1, b);
             }
+        }
+    }
+
+    /// Waits until the UART has taken every byte written (its transmit FIFO is empty).
+    pub fn flush() {
+        while inb(LSR) & LSR_THR_EMPTY == 0 {
+            super::cpu_relax();
         }
     }
 }

@@ -9,6 +9,7 @@
 //! | `TIME <id>`    | `TIME <id> <ms>`: guest time since boot, from the TSC |
 //! | `EXIT <id>`    | `BYE <id> <value>`, then the guest checks its invariants and exits |
 //! | `CPUID <leaf>` | `CPUID <leaf> <eax> <ebx> <ecx> <edx>` (sub-leaf 0, in hex), as the guest reads it |
+//! | `REBOOT <id>`  | `REBOOT <id>`, then (serial line only) the guest resets the machine and boots again |
 //! | anything else  | `ERR <id or 0> <reason>`                |
 //!
 //! `INCR` is idempotent per request id: a retried id gets the value of its first execution back
@@ -61,6 +62,11 @@ pub fn poll() -> Poll {
             serial::write(reply.bytes());
             if exit {
                 return Poll::Exit;
+            }
+            if reply.bytes().starts_with(b"REBOOT ") {
+                crate::log!("service: rebooting");
+                serial::flush();
+                crate::io::reboot();
             }
         }
     }
@@ -120,6 +126,7 @@ pub enum Request {
     Time(u64),
     Exit(u64),
     Cpuid(u64),
+    Reboot(u64),
     /// Answered with `ERR <id> <why>`.
     Bad {
         id: u64,
@@ -142,7 +149,8 @@ impl Request {
             (b"TIME", Some(id)) => Request::Time(id),
             (b"EXIT", Some(id)) => Request::Exit(id),
             (b"CPUID", Some(leaf)) => Request::Cpuid(leaf),
-            (b"INCR" | b"GET" | b"STAT" | b"TIME" | b"EXIT" | b"CPUID", None) => {
+            (b"REBOOT", Some(id)) => Request::Reboot(id),
+            (b"INCR" | b"GET" | b"STAT" | b"TIME" | b"EXIT" | b"CPUID" | b"REBOOT", None) => {
                 Request::Bad { id: 0, why: "missing or bad request id" }
             }
             _ => Request::Bad { id: id.unwrap_or(0), why: "unknown command" },
@@ -212,6 +220,7 @@ impl Service {
             }
             Request::Time(id) => write!(r, "TIME {id} {}", crate::uptime_ms()),
             Request::Exit(id) => write!(r, "BYE {id} {}", self.value),
+            Request::Reboot(id) => write!(r, "REBOOT {id}"),
             Request::Cpuid(leaf) => {
                 // CPUID exists on every x86-64 processor.
                 let c = core::arch::x86_64::__cpuid_count(leaf as u32, 0);

@@ -112,10 +112,14 @@ pub struct Launch {
     pub pidfile: Option<PathBuf>,
     /// `-version` / `-help`: print and exit.
     pub version: bool,
-    /// `-no-reboot`: a guest reboot ends the process. (smpft's guests do not reboot; a guest
-    /// that powers off always ends it, after the SHUTDOWN event, with or without
-    /// `-no-shutdown`.)
+    /// `-no-reboot`: a reset the guest asks for ends the process (after a SHUTDOWN event with
+    /// reason `guest-reset`) instead of restarting the VM in place; libvirt passes it for
+    /// `<on_reboot>destroy</on_reboot>`.
     pub no_reboot: bool,
+    /// `-no-shutdown`: a guest that powers off leaves the VM stopped (after the SHUTDOWN
+    /// event) until `system_reset` and `cont` (libvirt's reboot through ACPI) or `quit`, or
+    /// until libvirt ends the process.
+    pub no_shutdown: bool,
     /// Options accepted and ignored, as given (for the log).
     pub ignored: Vec<String>,
     /// Devices smpft does not have and leaves out of the VM: one warning line each (see
@@ -264,9 +268,7 @@ impl Parser {
             "-no-user-config" | "-nodefaults" | "-nographic" | "-no-acpi" | "-enable-kvm" => {
                 self.launch.ignored.push(opt.to_string())
             }
-            // A guest that powers off ends the process after the SHUTDOWN event: libvirt
-            // records "shut off (shutdown)" either way.
-            "-no-shutdown" => self.launch.ignored.push(opt.to_string()),
+            "-no-shutdown" => self.launch.no_shutdown = true,
             "-no-reboot" => self.launch.no_reboot = true,
             _ => return Ok(false),
         }

@@ -44,6 +44,8 @@ fn main() {
                 devices: Default::default(),
                 smbios: Default::default(),
                 cpu: Default::default(),
+                no_reboot: false,
+                no_shutdown: false,
             };
             let vm = Vm::create(config).unwrap().start().unwrap();
             std::thread::sleep(Duration::from_millis(50));

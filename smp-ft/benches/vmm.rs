@@ -35,6 +35,8 @@ fn start(vcpus: u32, args: &str, serial: SerialSpec, console: Option<PathBuf>) -
         devices: Default::default(),
         smbios: Default::default(),
         cpu: Default::default(),
+        no_reboot: false,
+        no_shutdown: false,
     };
     Vm::create(config).expect("create VM (is /dev/kvm there?)").start().expect("start VM")
 }

@@ -185,6 +185,12 @@ pub(crate) struct StandbyArgs {
     /// The protected VM has a virtio-rng (must match the primary's).
     #[arg(long)]
     pub(crate) rng: bool,
+    /// Once live, a reboot the guest asks for ends the VM (as for `run`).
+    #[arg(long)]
+    pub(crate) no_reboot: bool,
+    /// Once live, a guest that powers off leaves the VM stopped (as for `run`).
+    #[arg(long)]
+    pub(crate) no_shutdown: bool,
     /// This standby's own storage for the VM's disks, in the primary's order (same count and
     /// sizes): a raw image or block device path, nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH. The initial copy writes it; checkpoints keep it current.
@@ -281,6 +287,14 @@ pub(crate) struct RunArgs {
     /// Give the VM a virtio-rng (PCI): entropy from this host's getrandom(2).
     #[arg(long)]
     pub(crate) rng: bool,
+    /// A reboot the guest asks for (the ACPI reset register) ends the VM instead of booting
+    /// it again in place (QEMU's -no-reboot). QMP system_reset still resets it.
+    #[arg(long)]
+    pub(crate) no_reboot: bool,
+    /// A guest that powers off leaves the VM stopped (QMP status "shutdown") instead of
+    /// ending it, until QMP system_reset and cont boot it again, or quit (QEMU's -no-shutdown).
+    #[arg(long)]
+    pub(crate) no_shutdown: bool,
     /// Give the VM a virtio-blk disk (repeatable, up to 8): a raw image or block device path
     /// (io_uring, O_DIRECT where possible), or an NBD export, nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH (qcow2, VMDK... through qemu-nbd; anything through

@@ -89,6 +89,8 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         .console(args.console)
         .kvm_device(args.kvm_device)
         .cpu(args.cpu)
+        .no_reboot(args.no_reboot)
+        .no_shutdown(args.no_shutdown)
         .devices(DeviceConfig {
             // A snapshot with the device's state needs the device.
             rng: args.rng || last.is_some_and(|s| s.state.component("virtio-rng").is_some()),
@@ -144,6 +146,8 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         .console(args.console)
         .kvm_device(args.kvm_device)
         .cpu(args.cpu)
+        .no_reboot(args.no_reboot)
+        .no_shutdown(args.no_shutdown)
         .devices(DeviceConfig { rng: args.rng, disks: args.disks, nets: args.nets, ..Default::default() })
         .build()?;
     let rejoin = Rejoin {

@@ -60,6 +60,8 @@ pub struct Runner {
     ft: Option<PrimaryFt>,
     /// After a switchover, this copy can wait as a standby: by default at this address.
     rejoin: Option<Option<String>>,
+    /// The guest powered off and the VM stays stopped until it is reset (`-no-shutdown`).
+    powered_off: bool,
 }
 
 impl Runner {
@@ -68,7 +70,7 @@ impl Runner {
         qmp: Option<(QmpServer, crossbeam_channel::Receiver<Request>)>,
         ft: Option<PrimaryFt>,
     ) -> Self {
-        Runner { vm, extension: None, snapshots: snapshot::Chain::default(), qmp, ft, rejoin: None }
+        Runner { vm, extension: None, snapshots: snapshot::Chain::default(), qmp, ft, rejoin: None, powered_off: false }
     }
 
     /// Adds answers for commands the runner does not implement.
@@ -126,7 +128,7 @@ impl Runner {
                 }
                 recv(ft_wake) -> _ => {}
                 default(timeout) => {}
-                recv(vm_events) -> ev => ended = Some(self.vm_event(ev)),
+                recv(vm_events) -> ev => ended = self.vm_event(ev),
                 recv(requests) -> req => {
                     let Ok(req) = req else { continue };
                     let (f, end) = self.request(req);
@@ -189,9 +191,21 @@ impl Runner {
         }
     }
 
-    /// An event from the VM: how its life ends.
-    fn vm_event(&mut self, ev: Result<VmEvent, crossbeam_channel::RecvError>) -> Result<Outcome, RunError> {
-        match ev {
+    /// An event from the VM: how its life ends, if it does.
+    fn vm_event(&mut self, ev: Result<VmEvent, crossbeam_channel::RecvError>) -> Option<Result<Outcome, RunError>> {
+        Some(match ev {
+            // The exit port may be written again before the VM has stopped.
+            Ok(VmEvent::GuestExit(_)) if self.powered_off => return None,
+            Ok(VmEvent::GuestExit(status)) if self.vm.no_shutdown() => {
+                tracing::info!(status, "the guest powered off; the VM stays stopped until it is reset or ended");
+                self.emit("SHUTDOWN", Some(json!({"guest": true, "reason": "guest-shutdown"})));
+                if let Err(e) = self.vm.pause() {
+                    return Some(Err(RunError::Vcpu(format!("cannot stop the powered-off VM: {e}"))));
+                }
+                self.emit("STOP", None);
+                self.powered_off = true;
+                return None;
+            }
             Ok(VmEvent::GuestExit(status)) => {
                 tracing::info!(status, "guest exited");
                 self.emit("SHUTDOWN", Some(json!({"guest": true, "reason": "guest-shutdown"})));
@@ -202,9 +216,24 @@ impl Runner {
                 self.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "host-signal"})));
                 Ok(Outcome::Signal(sig))
             }
+            Ok(VmEvent::Reset) if self.vm.no_reboot() => {
+                tracing::info!("the guest asked for a reset, and the VM does not reboot (-no-reboot): it ends");
+                self.emit("SHUTDOWN", Some(json!({"guest": true, "reason": "guest-reset"})));
+                Ok(Outcome::GuestExit(0))
+            }
+            Ok(VmEvent::Reset) => return self.reset("guest-reset").err().map(Err),
             Ok(VmEvent::VcpuFailed(msg)) => Err(RunError::Vcpu(msg)),
             Err(_) => Err(RunError::EventsClosed),
-        }
+        })
+    }
+
+    /// Resets the VM in place and says so (QMP `RESET`). A VM that cannot be reset (it has
+    /// nothing to boot) ends.
+    fn reset(&mut self, reason: &str) -> Result<(), RunError> {
+        self.vm.reset()?;
+        self.powered_off = false;
+        self.emit("RESET", Some(json!({"guest": reason == "guest-reset", "reason": reason})));
+        Ok(())
     }
 
     /// A QMP request: answered here, or handed to the FT engine (which answers it later).
@@ -271,9 +300,12 @@ impl Runner {
         match command {
             Command::QueryStatus => {
                 let paused = self.vm.is_paused();
-                Ok(
-                    json!({"status": if paused { "paused" } else { "running" }, "running": !paused, "singlestep": false}),
-                )
+                let status = match paused {
+                    _ if self.powered_off => "shutdown",
+                    true => "paused",
+                    false => "running",
+                };
+                Ok(json!({"status": status, "running": !paused, "singlestep": false}))
             }
             Command::Stop => {
                 if !self.vm.is_paused() {
@@ -282,6 +314,7 @@ impl Runner {
                 }
                 Ok(json!({}))
             }
+            Command::Cont if self.powered_off => Err(QmpError::generic("Resetting the Virtual Machine is required")),
             Command::Cont => {
                 if self.vm.is_paused() {
                     self.vm.resume();
@@ -290,6 +323,9 @@ impl Runner {
                 Ok(json!({}))
             }
             Command::Quit => Ok(json!({})),
+            Command::Other { name, .. } if name == "system_reset" => {
+                self.reset("host-qmp-system-reset").map(|()| json!({})).map_err(|e| QmpError::generic(error_chain(&e)))
+            }
             Command::Other { name, args } => match SmpftCommand::parse(name, args) {
                 Some(Ok(c)) => self.smpft(c, ft_active),
                 Some(Err(e)) => Err(e),

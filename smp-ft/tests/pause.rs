@@ -27,6 +27,8 @@ fn busy_guest(d: &std::path::Path) -> VmConfig {
         devices: Default::default(),
         smbios: Default::default(),
         cpu: Default::default(),
+        no_reboot: false,
+        no_shutdown: false,
     }
 }
 

@@ -9,6 +9,8 @@ use crate::error::kvm_err;
 use crate::host::HostResources;
 use crate::layout::{MAX_MEMORY, MAX_VCPUS};
 use crate::memory::GuestMemory;
+use crate::payload::Target;
+use crate::reset::PowerOn;
 use crate::state::{EarlyStates, StateCaps};
 use crate::vcpu::{self, SignalKick};
 use crate::{boot, irq, VmConfig, VmError};
@@ -86,7 +88,16 @@ pub(crate) struct Parts {
     pub(crate) serial_host: SerialHost,
     /// The guest's CPUID before per-vCPU details (see [`crate::cpuid::guest`]).
     pub(crate) cpuid: Vec<cpu_model::Leaf>,
+    /// The machine as built, before anything was loaded: what a reset goes back to.
+    pub(crate) power_on: PowerOn,
     pub(crate) _kvm: Kvm,
+}
+
+impl Parts {
+    /// Where a payload is loaded.
+    pub(crate) fn target(&self) -> Target<'_> {
+        Target { memory: &self.memory, vcpu_fds: &self.vcpu_fds, xcrs: self.xcrs.as_ref() }
+    }
 }
 
 /// How vCPUs' CPUID and XCR0 are set up.
@@ -164,6 +175,21 @@ pub(crate) fn build(
         vcpu_fds.push(Arc::new(Mutex::new(fd)));
     }
     let caps = StateCaps::probe(&kvm, &vm, &vcpu_fds[0].lock())?;
+    let power_on = PowerOn::capture(&vm, &vcpu_fds, &caps, &devices, xcrs)?;
     let early = Arc::new(EarlyStates::new(caps, vcpu_fds.len()));
-    Ok(Parts { vm, memory, vcpu_fds, devices, control, kick, early, dirty, xcrs, serial_host, cpuid, _kvm: kvm })
+    Ok(Parts {
+        vm,
+        memory,
+        vcpu_fds,
+        devices,
+        control,
+        kick,
+        early,
+        dirty,
+        xcrs,
+        serial_host,
+        cpuid,
+        power_on,
+        _kvm: kvm,
+    })
 }

@@ -28,6 +28,12 @@ pub struct VmConfig {
     pub smbios: crate::smbios::Smbios,
     /// The guest's CPU model and features (`host`: the host's CPU as KVM offers it).
     pub cpu: cpu_model::CpuSpec,
+    /// A reset the guest asks for ends the VM instead (QEMU's `-no-reboot`); `system_reset`
+    /// still resets it.
+    pub no_reboot: bool,
+    /// A guest that powers off leaves the VM stopped, not ended, until `system_reset` (and
+    /// `cont`) or `quit` (QEMU's `-no-shutdown`, which libvirt's reboot through ACPI needs).
+    pub no_shutdown: bool,
 }
 
 /// What a new VM boots.

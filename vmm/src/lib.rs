@@ -32,6 +32,8 @@ pub mod virtio;
 mod build;
 mod config;
 mod error;
+mod payload;
+mod reset;
 mod running;
 mod vm;
 

@@ -27,6 +27,9 @@ pub enum VmEvent {
     VcpuFailed(String),
     /// The host asked smpft to stop (signal number).
     Signal(i32),
+    /// The guest asked for a reset (the VM goes on: its owner resets it, or ends it if told
+    /// not to reboot).
+    Reset,
 }
 
 impl Vm {
@@ -43,6 +46,7 @@ impl Vm {
     pub fn start(self) -> Result<RunningVm, VmError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let Vm { config, parts, vcpus } = self;
+        parts.devices.send_events_to(tx.clone());
         let control = parts.control.clone();
         let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || control.input_arrived());
         let serial = SerialBackend::start(parts.serial_host, parts.devices.serial.clone(), wake.clone())?;
@@ -59,12 +63,8 @@ impl Vm {
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.index))
                 .spawn(move || {
-                    v.run(|i, end| match end {
+                    v.run(|_, end| match end {
                         VcpuEnd::Requested => {}
-                        VcpuEnd::GuestExit(status) => {
-                            tracing::debug!(vcpu = i, status, "guest exit");
-                            let _ = tx.send(VmEvent::GuestExit(*status));
-                        }
                         VcpuEnd::Failed(e) => {
                             let _ = tx.send(VmEvent::VcpuFailed(e.to_string()));
                         }
@@ -94,6 +94,8 @@ impl Vm {
             vcpus: config.vcpus,
             device_config: config.devices.clone(),
             cpuid: parts.cpuid,
+            power_on: parts.power_on,
+            boot_config: config,
             _kvm: parts._kvm,
         })
     }
@@ -122,6 +124,9 @@ pub struct RunningVm {
     vcpus: u32,
     device_config: DeviceConfig,
     cpuid: Vec<cpu_model::Leaf>,
+    /// What a reset goes back to, and what it boots again.
+    pub(crate) power_on: crate::reset::PowerOn,
+    pub(crate) boot_config: crate::VmConfig,
     _kvm: Kvm,
 }
 
@@ -145,6 +150,17 @@ impl RunningVm {
 
     pub fn vcpus(&self) -> u32 {
         self.vcpus
+    }
+
+    /// Whether a reset the guest asks for ends the VM (see [`crate::VmConfig::no_reboot`]).
+    pub fn no_reboot(&self) -> bool {
+        self.boot_config.no_reboot
+    }
+
+    /// Whether a guest that powers off leaves the VM stopped (see
+    /// [`crate::VmConfig::no_shutdown`]).
+    pub fn no_shutdown(&self) -> bool {
+        self.boot_config.no_shutdown
     }
 
     /// The optional devices the VM was built with.

@@ -324,6 +324,14 @@ impl EarlyStates {
         }
     }
 
+    /// Drops vCPU `vcpu`'s entry: its registers were set since (a reset), so the next capture
+    /// reads them whole.
+    pub fn forget(&self, vcpu: usize) {
+        if let Some(slot) = self.slots.get(vcpu) {
+            *slot.lock() = None;
+        }
+    }
+
     /// The pause number of vCPU `vcpu`'s entry, if it has one.
     pub fn recorded(&self, vcpu: usize) -> Option<u64> {
         self.slots.get(vcpu).and_then(|s| s.lock().as_ref().map(|(p, _)| *p))

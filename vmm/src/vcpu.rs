@@ -90,8 +90,6 @@ impl Kick for Arc<SignalKick> {
 pub enum VcpuEnd {
     /// The controller asked for it.
     Requested,
-    /// The guest reported its exit status on the exit port.
-    GuestExit(u32),
     Failed(VcpuError),
 }
 
@@ -187,6 +185,11 @@ impl Vcpu {
             match self.enter_guest() {
                 Step::Continue => {}
                 Step::Idle(us) => self.control.idle(Duration::from_micros(us.into())),
+                Step::AwaitOwner => {
+                    while self.control.request() == Request::Run {
+                        self.control.idle(Duration::from_millis(1));
+                    }
+                }
                 Step::End(end) => return end,
             }
         }
@@ -208,6 +211,8 @@ fn internal_error_name(suberror: u32) -> &'static str {
 enum Step {
     Continue,
     Idle(u32),
+    /// Run no more guest code until the VM's owner pauses the vCPUs (it resets the VM).
+    AwaitOwner,
     End(VcpuEnd),
 }
 
@@ -232,8 +237,8 @@ impl Vcpu {
                     }
                     VcpuExit::IoOut(port, data) => match self.devices.pio_write(port, data) {
                         PioAction::None => Step::Continue,
-                        PioAction::Exit(status) => Step::End(VcpuEnd::GuestExit(status)),
                         PioAction::Idle(us) => Step::Idle(us),
+                        PioAction::AwaitOwner => Step::AwaitOwner,
                     },
                     VcpuExit::MmioRead(addr, data) => {
                         self.devices.mmio_read(addr, data);

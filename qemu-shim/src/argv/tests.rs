@@ -119,6 +119,8 @@ fn libvirts_line_for_smpft_is_understood() {
     assert_eq!(l.kernel, Some("/bin/true".into()));
     assert!(!l.no_reboot);
     assert!(parse(&args("-no-reboot")).unwrap().no_reboot);
+    assert!(l.no_shutdown, "libvirt always passes -no-shutdown");
+    assert!(!parse(&args("-m 64")).unwrap().no_shutdown);
 }
 
 #[test]

@@ -54,6 +54,8 @@ pub struct VmBuilder {
     kvm_device: PathBuf,
     devices: DeviceConfig,
     cpu: cpu_model::CpuSpec,
+    no_reboot: bool,
+    no_shutdown: bool,
 }
 
 impl VmBuilder {
@@ -74,6 +76,8 @@ impl VmBuilder {
             kvm_device: DEFAULT_KVM_DEVICE.into(),
             devices: DeviceConfig::default(),
             cpu: cpu_model::CpuSpec::default(),
+            no_reboot: false,
+            no_shutdown: false,
         }
     }
 
@@ -155,6 +159,18 @@ impl VmBuilder {
         self
     }
 
+    /// A reset the guest asks for ends the VM instead of restarting it.
+    pub fn no_reboot(mut self, no_reboot: bool) -> Self {
+        self.no_reboot = no_reboot;
+        self
+    }
+
+    /// A guest that powers off leaves the VM stopped until it is reset or told to quit.
+    pub fn no_shutdown(mut self, no_shutdown: bool) -> Self {
+        self.no_shutdown = no_shutdown;
+        self
+    }
+
     /// Checks the settings, reads the guest's files and gives the VM's configuration.
     pub fn build(self) -> Result<VmConfig, ConfigError> {
         let names = self.names;
@@ -180,13 +196,16 @@ impl VmBuilder {
             devices: self.devices,
             smbios: self.smbios,
             cpu: self.cpu,
+            no_reboot: self.no_reboot,
+            no_shutdown: self.no_shutdown,
         })
     }
 }
 
-/// The same VM as a standby builds it: from the state its primary sends, booting nothing.
+/// The same VM as a standby builds it: from the state its primary sends. It keeps the payload,
+/// which a reset boots again once this copy is the one running.
 pub fn as_standby(config: VmConfig) -> VmConfig {
-    VmConfig { payload: Payload::None, guest_name: STANDBY_NAME.into(), ..config }
+    VmConfig { guest_name: STANDBY_NAME.into(), ..config }
 }
 
 fn read(names: Names, setting: Setting, path: &Path) -> Result<Arc<[u8]>, ConfigError> {

@@ -82,6 +82,8 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
             },
         })
         .cpu(launch.cpu.clone().unwrap_or_default())
+        .no_reboot(launch.no_reboot)
+        .no_shutdown(launch.no_shutdown)
         .build()
         .map_err(|e| crate::error_chain(&e))
 }

@@ -9,6 +9,8 @@
 //! | 0xf6            | power button: reads 1 once a powerdown was requested        |
 //! | 0xcf8..=0xcff   | PCI configuration (mechanism #1), `vmm::pci`                |
 //! | 0x600, 0x601    | ACPI sleep control/status (a Linux guest's S5 power-off)    |
+//! | 0x610           | the Generic Event Device's events (the ACPI power button)   |
+//! | 0xcf9 (byte)    | reset control: bit 2 resets the machine (the FADT's reset)  |
 //! | 0x80            | POST code / I/O delay: ignored                              |
 //!
 //! MMIO goes to the PCI bus, which decodes its devices' BARs.
@@ -20,7 +22,9 @@ pub mod serial;
 use super::component::Component;
 use super::irq::Irq;
 use super::layout::{COM1_BASE, DEBUGCON_PORT, EXIT_PORT, IDLE_PORT, POWER_PORT};
-use super::linux::acpi::{S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, SLP_EN};
+use super::linux::acpi::{
+    GED_IRQ, GED_PORT, GED_POWER_BUTTON, RESET_PORT, S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, SLP_EN,
+};
 use super::memory::{GuestMemory, MemoryError};
 use super::net::{tap::Tap, Mac, NetSpec};
 use super::pci::PciBus;
@@ -42,11 +46,15 @@ const POST_PORT: u16 = 0x80;
 #[derive(Debug, PartialEq, Eq)]
 pub enum PioAction {
     None,
-    /// The guest is done, with this exit status.
-    Exit(u32),
     /// Nothing to do for up to this many microseconds.
     Idle(u32),
+    /// The guest asked to end or reset the VM: its owner was told; the vCPU runs no more
+    /// guest code until the owner has acted (paused, reset or stopped the VM).
+    AwaitOwner,
 }
+
+/// Reset control register bit: reset the CPU (the FADT's reset value sets it).
+const RESET_CPU: u8 = 1 << 2;
 
 /// The longest a guest may idle in one call, so a stuck guest stays responsive to the VMM.
 const IDLE_MAX_US: u32 = 1_000_000;
@@ -178,6 +186,12 @@ pub struct Devices {
     unhandled: AtomicU64,
     /// The power button was pressed (see [`Devices::press_power_button`]).
     power_button: std::sync::atomic::AtomicBool,
+    /// Events the Generic Event Device has not yet reported (GED_* bits).
+    ged_events: std::sync::atomic::AtomicU8,
+    irq: Arc<Irq>,
+    /// Where the guest's requests to end or reset the VM go (its owner's event channel, set
+    /// when the VM starts).
+    events: Mutex<Option<crossbeam_channel::Sender<crate::VmEvent>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -291,6 +305,9 @@ impl Devices {
             debugcon: Mutex::new(DebugCon { line: Vec::new(), out: console }),
             unhandled: AtomicU64::new(0),
             power_button: std::sync::atomic::AtomicBool::new(false),
+            ged_events: std::sync::atomic::AtomicU8::new(0),
+            irq: irq.clone(),
+            events: Mutex::new(None),
         })
     }
 
@@ -345,10 +362,32 @@ impl Devices {
         }
     }
 
-    /// Asks the guest to power down (it reads the button at port 0xf6 and shuts down cleanly).
+    /// Asks the guest to power down: the test guest reads the button at port 0xf6; a Linux
+    /// guest gets the ACPI power button event through the Generic Event Device's interrupt.
     /// Not replicated: a standby that goes live has not had its button pressed.
     pub fn press_power_button(&self) {
         self.power_button.store(true, Ordering::SeqCst);
+        self.ged_events.fetch_or(GED_POWER_BUTTON, Ordering::SeqCst);
+        self.irq.pulse(GED_IRQ);
+    }
+
+    /// Where the guest's requests to end or reset the VM go.
+    pub fn send_events_to(&self, events: crossbeam_channel::Sender<crate::VmEvent>) {
+        *self.events.lock() = Some(events);
+    }
+
+    /// Tells the VM's owner what the guest asked for; the vCPU then waits for it.
+    fn tell_owner(&self, event: crate::VmEvent) -> PioAction {
+        if let Some(tx) = &*self.events.lock() {
+            let _ = tx.send(event);
+        }
+        PioAction::AwaitOwner
+    }
+
+    /// The machine was reset: the buttons are released, no event is pending.
+    pub fn reset(&self) {
+        self.power_button.store(false, Ordering::SeqCst);
+        self.ged_events.store(0, Ordering::SeqCst);
     }
 
     /// The VM's components, in pause order.
@@ -365,6 +404,10 @@ impl Devices {
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if port == RESET_PORT && data.len() == 1 {
+            data[0] = 0;
+            return;
+        }
         if self.pci.pio_read(port, data) {
             return;
         }
@@ -373,6 +416,10 @@ impl Devices {
             POWER_PORT => {
                 data.fill(0);
                 data[0] = u8::from(self.power_button.load(Ordering::SeqCst));
+            }
+            GED_PORT => {
+                data.fill(0);
+                data[0] = self.ged_events.swap(0, Ordering::SeqCst);
             }
             // The ACPI sleep registers read as zero (never woken); the POST port as nothing.
             SLEEP_CONTROL_PORT | SLEEP_STATUS_PORT | POST_PORT => data.fill(0),
@@ -390,6 +437,14 @@ impl Devices {
             b[..n].copy_from_slice(&data[..n]);
             u32::from_le_bytes(b)
         };
+        // A byte at 0xcf9 is the reset control register, inside the PCI configuration ports.
+        if port == RESET_PORT && data.len() == 1 {
+            if data[0] & RESET_CPU == 0 {
+                return PioAction::None;
+            }
+            tracing::info!("the guest asked for a reset");
+            return self.tell_owner(crate::VmEvent::Reset);
+        }
         if self.pci.pio_write(port, data) {
             return PioAction::None;
         }
@@ -401,11 +456,11 @@ impl Devices {
                     con.byte(b);
                 }
             }
-            EXIT_PORT => return PioAction::Exit(word()),
+            EXIT_PORT => return self.tell_owner(crate::VmEvent::GuestExit(word())),
             // ACPI power-off (S5) from a Linux guest: a clean exit, as the test guest's 0.
             SLEEP_CONTROL_PORT if data[0] & SLP_EN != 0 && (data[0] >> 2) & 7 == S5_SLP_TYP => {
                 tracing::info!("the guest powered off (ACPI S5)");
-                return PioAction::Exit(0);
+                return self.tell_owner(crate::VmEvent::GuestExit(0));
             }
             // Other sleep states are not offered (\_S5 is the only one the DSDT names); port
             // 0x80 is the POST/delay port kernels write to.

@@ -7,8 +7,13 @@
 //!   the guest powers off;
 //! - MADT: one local APIC per vCPU (APIC id = vCPU index, as CPUID says), KVM's IOAPIC, and the
 //!   PC-AT compatible flag (KVM's in-kernel dual 8259 is there);
+//! - FADT: the reset register ([`RESET_PORT`], the PC's reset control register at 0xCF9, and
+//!   [`RESET_VALUE`]), through which the guest reboots;
 //! - DSDT: the PCI host bridge (bus 0, configuration mechanism #1 at 0xCF8, the BAR window),
-//!   COM1 with IRQ 4, and `\_S5` for power-off.
+//!   COM1 with IRQ 4, `\_S5` for power-off, and the power button: a Generic Event Device
+//!   (ACPI0013, the hardware-reduced way to signal events) on [`GED_IRQ`] whose `_EVT` reads
+//!   the pending events at [`GED_PORT`] and notifies the power button device (PNP0C0C), which
+//!   Linux's ACPI button driver turns into a KEY_POWER press.
 //!
 //! No MCFG: the PCI bus offers no ECAM, only port I/O configuration.
 
@@ -16,7 +21,9 @@ use super::layout::{ACPI_END, ACPI_START};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::pci::{CONFIG_ADDRESS, PCI_MMIO_BASE, PCI_MMIO_SIZE};
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Name, Package, ResourceTemplate, IO,
+    AddressSpace, AddressSpaceCacheable, And, Device, EISAName, Field, FieldAccessType, FieldEntry, FieldLockRule,
+    FieldUpdateRule, If, Interrupt, Local, Method, Name, Notify, OpRegion, OpRegionSpace, Package, Path,
+    ResourceTemplate, Store, Zero, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -38,6 +45,17 @@ pub const SLEEP_STATUS_PORT: u16 = 0x601;
 pub const S5_SLP_TYP: u8 = 5;
 /// `SLP_EN` in the sleep control register.
 pub const SLP_EN: u8 = 1 << 5;
+
+/// The reset control register, as on a PC's chipset: writing [`RESET_VALUE`] (bit 2: reset
+/// the CPU; bit 1: a hard reset) resets the machine.
+pub use boot_abi::{RESET_PORT, RESET_VALUE};
+/// The Generic Event Device's event register: reading it returns the pending events and
+/// clears them.
+pub const GED_PORT: u16 = 0x610;
+/// The GED's interrupt (an IOAPIC pin no other device uses).
+pub const GED_IRQ: u32 = 9;
+/// GED event bit: the power button was pressed.
+pub const GED_POWER_BUTTON: u8 = 1;
 
 pub const LAPIC_BASE: u32 = 0xfee0_0000;
 pub const IOAPIC_BASE: u32 = 0xfec0_0000;
@@ -108,9 +126,12 @@ fn fadt(dsdt: u64) -> Vec<u8> {
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup)
         .preferred_pm_profile(PmProfile::EnterpriseServer);
     f.sleep_control_reg = io_port(SLEEP_CONTROL_PORT);
     f.sleep_status_reg = io_port(SLEEP_STATUS_PORT);
+    f.reset_reg = io_port(RESET_PORT);
+    f.reset_value = RESET_VALUE;
     bytes(&f.finalize())
 }
 
@@ -175,8 +196,46 @@ fn dsdt() -> Vec<u8> {
     )
     .to_aml_bytes(&mut d);
     Name::new("_S5_".into(), &Package::new(vec![&S5_SLP_TYP])).to_aml_bytes(&mut d);
+    power_button(&mut d);
     d.update_checksum();
     d.as_slice().to_vec()
+}
+
+/// The power button (PNP0C0C) and the Generic Event Device that signals it.
+fn power_button(d: &mut Sdt) {
+    Device::new(
+        "_SB_.PWRB".into(),
+        vec![&Name::new("_HID".into(), &EISAName::new("PNP0C0C")), &Name::new("_UID".into(), &0u8)],
+    )
+    .to_aml_bytes(d);
+    let (port, bit) = (u64::from(GED_PORT), u64::from(GED_POWER_BUTTON));
+    let (local, pressed) = (Local(0), And::new(&Zero {}, &Local(0), &bit));
+    Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &Name::new("_HID".into(), &"ACPI0013"),
+            &Name::new("_UID".into(), &0u8),
+            &Name::new("_CRS".into(), &ResourceTemplate::new(vec![&Interrupt::new(true, true, false, false, GED_IRQ)])),
+            &OpRegion::new("GDST".into(), OpRegionSpace::SystemIO, &port, &1u8),
+            &Field::new(
+                "GDST".into(),
+                FieldAccessType::Byte,
+                FieldLockRule::NoLock,
+                FieldUpdateRule::WriteAsZeroes,
+                vec![FieldEntry::Named(*b"GDAT", 8)],
+            ),
+            &Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    &Store::new(&local, &Path::new("GDAT")),
+                    &If::new(&pressed, vec![&Notify::new(&Path::new("\\_SB_.PWRB"), &0x80u8)]),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(d);
 }
 
 #[cfg(test)]
@@ -225,6 +284,9 @@ mod tests {
         assert_ne!(u32_at(fadt, 112) & (1 << 20), 0, "hardware-reduced");
         // SLEEP_CONTROL_REG (GAS at 244): system I/O at the port the VMM serves.
         assert_eq!((fadt[244], u64_at(fadt, 248)), (1, u64::from(SLEEP_CONTROL_PORT)));
+        // RESET_REG (GAS at 116), RESET_VALUE (128), and the flag that says they are there.
+        assert_eq!((fadt[116], u64_at(fadt, 120), fadt[128]), (1, u64::from(RESET_PORT), RESET_VALUE));
+        assert_ne!(u32_at(fadt, 112) & (1 << 10), 0, "RESET_REG_SUP");
         assert!(t.iter().all(|(a, b)| a + b.len() as u64 <= ACPI_END));
     }
 
@@ -265,6 +327,24 @@ mod tests {
         // PNP0A03 and PNP0501 as compressed EISA ids.
         assert!(has(&[0x41, 0xd0, 0x0a, 0x03]));
         assert!(has(&[0x41, 0xd0, 0x05, 0x01]));
+    }
+
+    #[test]
+    fn dsdt_has_the_power_button_and_the_generic_event_device_that_signals_it() {
+        let t = tables(1);
+        let d = &find(&t, b"DSDT").1;
+        let has = |s: &[u8]| d.windows(s.len()).any(|w| w == s);
+        for name in [&b"PWRB"[..], b"GED_", b"ACPI0013\0", b"GDST", b"GDAT", b"_EVT"] {
+            assert!(has(name), "{}", String::from_utf8_lossy(name));
+        }
+        assert!(has(&[0x41, 0xd0, 0x0c, 0x0c]), "PNP0C0C as a compressed EISA id");
+        // The GED's interrupt: an extended IRQ descriptor (edge, active high) for GED_IRQ.
+        assert!(has(&[0x89, 6, 0, 0x03, 1, GED_IRQ as u8, 0, 0, 0]));
+        // OperationRegion (GDST, SystemIO, GED_PORT, 1).
+        let port = GED_PORT.to_le_bytes();
+        assert!(has(&[0x5b, 0x80, b'G', b'D', b'S', b'T', 0x01, 0x0b, port[0], port[1], 0x01]));
+        // Notify (\_SB_.PWRB, 0x80).
+        assert!(has(&[0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'P', b'W', b'R', b'B', 0x0a, 0x80]));
     }
 
     #[test]
