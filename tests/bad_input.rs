@@ -153,3 +153,20 @@ fn unknown_cpu_models_and_features_and_features_the_host_lacks() {
         fails_with(&["--cpu", "kvm64,+pn"], "CPU 'kvm64,+pn' needs what this host's KVM does not offer: pn");
     }
 }
+
+#[test]
+fn malformed_vm_generation_ids() {
+    for bad in
+        ["c773c261-d800-4348-9f5d", "c773c261d80043489f5d167fadd53cf8", "x773c261-d800-4348-9f5d-167fadd53cf8", ""]
+    {
+        let out = run(&["--vmgenid", bad]);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{bad:?} should fail");
+        assert!(
+            err.contains(&format!("'{bad}' is not a GUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx")),
+            "{bad:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    fails_with(&["--vmgenid"], "a value is required for '--vmgenid <GUID|auto>'");
+}

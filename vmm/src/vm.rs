@@ -54,6 +54,7 @@ impl Vm {
         let memory = &parts.memory;
         boot::write_tables(memory, config.vcpus)?;
         config.smbios.write(memory)?;
+        write_generation_id(&config, memory)?;
         image.load(elf, memory).map_err(image_err)?;
         memory.write(CMDLINE_ADDR, args.as_bytes())?;
 
@@ -102,8 +103,10 @@ impl Vm {
         let err = |source| VmError::Linux { kernel: config.guest_name.clone(), source };
         let host = HostResources::reserve(&config)?;
         let parts = build(&config, None, host, CpuSetup::Linux)?;
-        let entry = linux::load(&parts.memory, config.vcpus, boot).map_err(err)?;
+        let vmgenid = config.devices.vmgenid.is_some();
+        let entry = linux::load(&parts.memory, config.vcpus, boot, vmgenid).map_err(err)?;
         config.smbios.write(&parts.memory)?;
+        write_generation_id(&config, &parts.memory)?;
         for (i, fd) in parts.vcpu_fds.iter().enumerate() {
             let fd = fd.lock();
             let lapic = fd.get_lapic().map_err(kvm_err("get local APIC"))?;
@@ -172,4 +175,21 @@ impl Vm {
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.parts.memory
     }
+
+    /// Starts a new generation of this VM (it was restored from a snapshot: another copy of
+    /// the same state may run, or did): writes a new VM generation ID, `config`'s GUID if it
+    /// gives one, a random one otherwise. Nothing without the device.
+    pub fn new_generation(&self) -> Result<(), VmError> {
+        write_generation_id(&self.config, &self.parts.memory)
+    }
+}
+
+/// Writes the VM generation ID `config` asks for (a random one for `auto`), if any.
+fn write_generation_id(config: &VmConfig, memory: &GuestMemory) -> Result<(), VmError> {
+    if let Some(id) = config.devices.vmgenid {
+        let guid = id.guid();
+        crate::vmgenid::write(memory, guid)?;
+        tracing::info!(%guid, "VM generation ID");
+    }
+    Ok(())
 }
