@@ -170,3 +170,18 @@ fn malformed_vm_generation_ids() {
     }
     fails_with(&["--vmgenid"], "a value is required for '--vmgenid <GUID|auto>'");
 }
+
+#[test]
+fn malformed_vmgenid_device_on_qemus_command_line() {
+    let d = scratch("bad-vmgenid-qemu");
+    let guest = d.join("guest.elf");
+    std::fs::write(&guest, smp_ft::guest::BUILTIN).unwrap();
+    let out = smpft()
+        .args(["qemu", "--", "-m", "64", "-kernel", guest.to_str().unwrap(), "-device", "vmgenid,guid=c773c261-nope"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("-device vmgenid,guid=: 'c773c261-nope' is not a GUID"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
