@@ -153,3 +153,35 @@ fn unknown_cpu_models_and_features_and_features_the_host_lacks() {
         fails_with(&["--cpu", "kvm64,+pn"], "CPU 'kvm64,+pn' needs what this host's KVM does not offer: pn");
     }
 }
+
+#[test]
+fn malformed_vm_generation_ids() {
+    for bad in
+        ["c773c261-d800-4348-9f5d", "c773c261d80043489f5d167fadd53cf8", "x773c261-d800-4348-9f5d-167fadd53cf8", ""]
+    {
+        let out = run(&["--vmgenid", bad]);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{bad:?} should fail");
+        assert!(
+            err.contains(&format!("'{bad}' is not a GUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx")),
+            "{bad:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    fails_with(&["--vmgenid"], "a value is required for '--vmgenid <GUID|auto>'");
+}
+
+#[test]
+fn malformed_vmgenid_device_on_qemus_command_line() {
+    let d = scratch("bad-vmgenid-qemu");
+    let guest = d.join("guest.elf");
+    std::fs::write(&guest, smp_ft::guest::BUILTIN).unwrap();
+    let out = smpft()
+        .args(["qemu", "--", "-m", "64", "-kernel", guest.to_str().unwrap(), "-device", "vmgenid,guid=c773c261-nope"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("-device vmgenid,guid=: 'c773c261-nope' is not a GUID"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

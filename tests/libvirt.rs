@@ -842,3 +842,25 @@ fn an_ft_pair_with_different_cpus_is_refused_naming_the_leaves() {
     assert!(!query_ft("lv-ftp").contains(r#""state":"protected""#), "{}", query_ft("lv-ftp"));
     assert_eq!(console_request("lv-ftp", "INCR 1"), "OK 1 1", "the primary runs on");
 }
+
+/// `<genid>` (libvirt's `-device vmgenid,guid=`): the guest reads that GUID, and QMP reports it.
+#[test]
+fn the_domains_genid_is_the_guests_vm_generation_id() {
+    let _one = one_at_a_time();
+    let lv = Libvirt::start("libvirt-genid");
+    let dom = "lv-genid";
+    let _gone = Domains(&["lv-genid"]);
+    let _ = virsh(&["destroy", dom]);
+    let _ = virsh(&["undefine", dom]);
+    let guid = "c773c261-d800-4348-9f5d-167fadd53cf8";
+    let xml = lv.domain(dom, "vmgenid counter service duration=600s", "");
+    let text = std::fs::read_to_string(&xml).unwrap().replacen("</name>", &format!("</name><genid>{guid}</genid>"), 1);
+    std::fs::write(&xml, text).unwrap();
+    ok(&["define", xml.to_str().unwrap()]);
+    ok(&["start", dom]);
+    assert_eq!(console_request(dom, "INCR 1"), "OK 1 1");
+    assert!(last_start_log(dom).contains(&format!("vmgenid: {guid}")), "{}", last_start_log(dom));
+    let q = ok(&["qemu-monitor-command", dom, r#"{"execute":"query-vm-generation-id"}"#]);
+    assert!(q.contains(&format!(r#""guid":"{guid}""#)), "{q}");
+    assert!(ok(&["dumpxml", dom]).contains(&format!("<genid>{guid}</genid>")));
+}

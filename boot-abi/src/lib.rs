@@ -110,6 +110,13 @@ pub const PCI_CONFIG_ENABLE: u32 = 1 << 31;
 pub const PCI_MMIO_BASE: u64 = 0xe000_0000;
 pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
 
+/// Where the VM generation ID is, when the VM has one (`smpft run --vmgenid`, QEMU's `-device
+/// vmgenid`): 16 bytes, a GUID with its first three fields little-endian (as Windows and Linux
+/// read it; the string c773c261-d800-... is the bytes 61 c2 73 c7 00 d8 ...). All zero without
+/// the device. Below 1 MiB, outside the guest's free memory and outside a Linux guest's RAM. It
+/// changes when the VM is started again from a snapshot (`--restore`), never while it runs.
+pub const VMGENID_ADDR: u64 = 0xe_f000;
+
 /// One configuration register as named through [`PCI_CONFIG_ADDRESS`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PciAddress {

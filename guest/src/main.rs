@@ -20,6 +20,7 @@ mod service;
 mod smbios;
 mod sync;
 mod virtio;
+mod vmgenid;
 
 use abi::BootInfo;
 use boot_abi as abi;
@@ -145,6 +146,9 @@ fn init(bi: &BootInfo) -> Shared {
     if params.smbios {
         smbios::report();
     }
+    if params.vmgenid {
+        vmgenid::report();
+    }
     if params.pci {
         for f in pci::functions() {
             log!("pci {f}");
@@ -262,6 +266,9 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
         if now >= next_check {
             next_check = now + CHECK_EVERY_MS * tsc_khz;
             self_check(cpu, p);
+            if cpu == 0 && p.vmgenid {
+                vmgenid::check();
+            }
             if cpu == 0 && io::inb(abi::POWER_PORT) == 1 {
                 log!("power button pressed: shutting down");
                 STOP.store(true, Ordering::Relaxed);

@@ -42,6 +42,8 @@ pub struct Params {
     pub pci: bool,
     /// Log what the SMBIOS tables say (`smbios`), as `smbios: ...` lines.
     pub smbios: bool,
+    /// Log the VM generation ID at start and whenever it changes (`vmgenid`), as `vmgenid: ...`.
+    pub vmgenid: bool,
     /// Every vCPU writes and checks its region of a virtio-blk disk.
     pub disk: bool,
     pub disk_settings: crate::disk::Settings,
@@ -73,6 +75,7 @@ impl Params {
         rng: false,
         pci: false,
         smbios: false,
+        vmgenid: false,
         disk: false,
         disk_settings: crate::disk::Settings { io: 4096, ws: 0, sequential: false, check_every: 1, flush_every: 16 },
         net: None,
@@ -131,6 +134,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, Bad<'_>> {
             (b"rng", None) => p.rng = true,
             (b"pci", None) => p.pci = true,
             (b"smbios", None) => p.smbios = true,
+            (b"vmgenid", None) => p.vmgenid = true,
             (b"disk", None) => p.disk = true,
             (b"disk-io", Some(v)) => p.disk_settings.io = size(v).ok_or(bad)?,
             (b"disk-ws", Some(v)) => p.disk_settings.ws = size(v).ok_or(bad)?,

@@ -108,6 +108,9 @@ pub struct Launch {
     /// A virtio-rng (`-device virtio-rng-pci`), and its PCI slot if libvirt gave one.
     pub rng: bool,
     pub rng_slot: Option<u8>,
+    /// A VM generation ID (`-device vmgenid,guid=GUID|auto`): its `guid=` as given (`auto`
+    /// when there is none; the VMM checks it).
+    pub vmgenid: Option<String>,
     pub daemonize: bool,
     pub pidfile: Option<PathBuf>,
     /// `-version` / `-help`: print and exit.
@@ -486,6 +489,12 @@ impl Parser {
                 }
                 self.launch.rng = true;
                 self.launch.rng_slot = self.pci_slot(&id, d)?;
+            }
+            "vmgenid" => {
+                if self.launch.vmgenid.is_some() {
+                    return err("at most one vmgenid device is permitted");
+                }
+                self.launch.vmgenid = Some(text(d, "guid").unwrap_or_else(|| "auto".into()));
             }
             "virtio-blk-pci" => {
                 let drive = text(d, "drive").unwrap_or_default();

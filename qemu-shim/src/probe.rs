@@ -25,7 +25,7 @@ pub const MACHINE: &str = crate::platform::PC_MACHINE;
 /// The most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 16;
 /// Device types smpft implements.
-pub const DEVICE_TYPES: [&str; 4] = ["virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci", "isa-serial"];
+pub const DEVICE_TYPES: [&str; 5] = ["virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci", "isa-serial", "vmgenid"];
 
 /// The object types a domain may use: entropy sources for virtio-rng (both are the host's
 /// getrandom(2) in smpft).
@@ -65,6 +65,8 @@ pub const COMMANDS: &[&str] = &[
     // Guest CPU models (answered in `cpu`).
     "query-cpu-definitions",
     "query-cpu-model-expansion",
+    // The VM generation ID (answered by the VM's runner, from guest memory).
+    "query-vm-generation-id",
 ];
 
 /// Commands about the PC platform (the display smpft does not have).

@@ -191,6 +191,10 @@ pub(crate) struct StandbyArgs {
     /// Once live, a guest that powers off leaves the VM stopped (as for `run`).
     #[arg(long)]
     pub(crate) no_shutdown: bool,
+    /// The protected VM has a VM generation ID (must match the primary's; its GUID comes with
+    /// the VM's memory and stays the same when this copy goes live).
+    #[arg(long)]
+    pub(crate) vmgenid: bool,
     /// This standby's own storage for the VM's disks, in the primary's order (same count and
     /// sizes): a raw image or block device path, nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH. The initial copy writes it; checkpoints keep it current.
@@ -255,7 +259,7 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value = "console=ttyS0", requires = "kernel", allow_hyphen_values = true)]
     pub(crate) cmdline: String,
     /// Boot parameters for the guest. The built-in guest takes workloads `counter`, `churn`,
-    /// `service`, `rng` (needs --rng), `disk` (needs --disk) and settings `churn-rate=PAGES_PER_S` (per vCPU, 0 = flat
+    /// `service`, `rng` (needs --rng), `disk` (needs --disk), `vmgenid` and settings `churn-rate=PAGES_PER_S` (per vCPU, 0 = flat
     /// out), `churn-ws=SIZE`, `duration=5s|500ms`, `report=1s`, `fail=counter|churn`.
     #[arg(long, default_value = "counter churn duration=2s", allow_hyphen_values = true)]
     pub(crate) guest_args: String,
@@ -295,6 +299,13 @@ pub(crate) struct RunArgs {
     /// ending it, until QMP system_reset and cont boot it again, or quit (QEMU's -no-shutdown).
     #[arg(long)]
     pub(crate) no_shutdown: bool,
+    /// Give the VM a VM generation ID (ACPI, as QEMU's -device vmgenid): a GUID in guest
+    /// memory, this one or a random one (`auto`), that Windows and Linux read to notice they
+    /// were restored from a snapshot. It stays the same across a failover or switchover (the
+    /// same VM goes on); --restore writes a new one (this GUID if given, else a random one).
+    /// The test guest logs it with its `vmgenid` parameter; QMP query-vm-generation-id reports it.
+    #[arg(long, value_name = "GUID|auto")]
+    pub(crate) vmgenid: Option<smp_ft::vmm::vmgenid::VmGenId>,
     /// Give the VM a virtio-blk disk (repeatable, up to 8): a raw image or block device path
     /// (io_uring, O_DIRECT where possible), or an NBD export, nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH (qcow2, VMDK... through qemu-nbd; anything through

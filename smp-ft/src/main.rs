@@ -82,6 +82,15 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     for spec in &args.smbios {
         smbios.apply(spec).map_err(|e| CliError::Usage(format!("--smbios {spec}: {e}")))?;
     }
+    // A snapshot of a VM with a generation ID needs the device (and its restore writes a new
+    // ID); one without cannot gain it (a Linux guest's ACPI tables were written at its boot).
+    let had_vmgenid = last.map(|s| s.state.component("vmgenid").is_some());
+    if had_vmgenid == Some(false) && args.vmgenid.is_some() {
+        return Err(CliError::Usage(
+            "--vmgenid: the snapshot's VM has no VM generation ID device, and a restored VM keeps its devices".into(),
+        ));
+    }
+    let vmgenid = args.vmgenid.or((had_vmgenid == Some(true)).then_some(smp_ft::vmm::vmgenid::VmGenId::Auto));
     let config = vm
         .smbios(smbios)
         .serial(args.serial)
@@ -96,6 +105,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             rng: args.rng || last.is_some_and(|s| s.state.component("virtio-rng").is_some()),
             disks: args.disks,
             nets: args.nets,
+            vmgenid,
             ..Default::default()
         })
         .build()?;
@@ -148,7 +158,13 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         .cpu(args.cpu)
         .no_reboot(args.no_reboot)
         .no_shutdown(args.no_shutdown)
-        .devices(DeviceConfig { rng: args.rng, disks: args.disks, nets: args.nets, ..Default::default() })
+        .devices(DeviceConfig {
+            rng: args.rng,
+            disks: args.disks,
+            nets: args.nets,
+            vmgenid: args.vmgenid.then_some(smp_ft::vmm::vmgenid::VmGenId::Auto),
+            ..Default::default()
+        })
         .build()?;
     let rejoin = Rejoin {
         ft: ft.clone(),

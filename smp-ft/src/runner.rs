@@ -326,6 +326,7 @@ impl Runner {
             Command::Other { name, .. } if name == "system_reset" => {
                 self.reset("host-qmp-system-reset").map(|()| json!({})).map_err(|e| QmpError::generic(error_chain(&e)))
             }
+            Command::Other { name, .. } if name == "query-vm-generation-id" => vm_generation_id(&self.vm),
             Command::Other { name, args } => match SmpftCommand::parse(name, args) {
                 Some(Ok(c)) => self.smpft(c, ft_active),
                 Some(Err(e)) => Err(e),
@@ -381,4 +382,14 @@ impl Runner {
             },
         }
     }
+}
+
+/// QMP `query-vm-generation-id`: the GUID the guest sees now, read from its memory (QEMU's
+/// answer and error).
+fn vm_generation_id(vm: &RunningVm) -> Result<Value, QmpError> {
+    if vm.device_config().vmgenid.is_none() {
+        return Err(QmpError::generic("VM Generation ID device not found"));
+    }
+    let guid = crate::vmm::vmgenid::read(vm.memory()).map_err(|e| QmpError::generic(e.to_string()))?;
+    Ok(json!({"guid": guid.to_string()}))
 }

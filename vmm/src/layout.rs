@@ -9,6 +9,8 @@
 //! 0x0001_0000  page tables: PML4, PDPT, page directories (2 MiB pages, identity, user-accessible;
 //!              memory, and the PCI BAR window 0xe000_0000..0xf000_0000 uncached)
 //! 0x0002_0000  TSS with a full I/O permission bitmap, one 12 KiB slot per vCPU
+//! 0x000e_f000  VM generation ID (16 bytes, `boot_abi::VMGENID_ADDR`; see `crate::vmgenid`)
+//! 0x000f_0000  SMBIOS entry point and tables (`crate::smbios`)
 //! 0x0010_0000  vCPU stacks, 64 KiB each
 //! 0x0020_0000  guest image (ELF PT_LOAD segments)
 //! image end .. end of memory: free for the guest
@@ -51,12 +53,15 @@ pub const GDT_TSS0: u16 = 0x28;
 pub use boot_abi::{COM1 as COM1_BASE, DEBUGCON as DEBUGCON_PORT, EXIT_PORT, IDLE_PORT, POWER_PORT};
 pub const COM1_IRQ: u32 = 4;
 
-pub use boot_abi::{BootInfo, BOOT_MAGIC, BOOT_VERSION};
+pub use boot_abi::{BootInfo, BOOT_MAGIC, BOOT_VERSION, VMGENID_ADDR};
 
 // The fixed area fits below the image, checked at compile time.
 const _: () = assert!(STACKS_ADDR + STACK_SIZE * MAX_VCPUS as u64 <= IMAGE_MIN);
 const _: () = assert!(TSS_ADDR + TSS_SLOT * MAX_VCPUS as u64 <= STACKS_ADDR);
 const _: () = assert!(TSS_LIMIT < TSS_SLOT);
+// The VM generation ID sits between the TSSs and the SMBIOS tables, below the stacks.
+const _: () = assert!(TSS_ADDR + TSS_SLOT * MAX_VCPUS as u64 <= VMGENID_ADDR);
+const _: () = assert!(VMGENID_ADDR + 16 <= crate::smbios::ADDR);
 const _: () = assert!(GDT_TSS0 as u64 + 16 * MAX_VCPUS as u64 <= 0x1000);
 // Page directories for memory and, in the 4th GiB, the PCI window.
 const _: () = assert!(PD_ADDR + 0x1000 * 4 <= TSS_ADDR);

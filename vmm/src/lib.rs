@@ -28,6 +28,7 @@ pub mod smbios;
 pub mod state;
 pub mod vcpu;
 pub mod virtio;
+pub mod vmgenid;
 
 mod build;
 mod config;

@@ -54,6 +54,7 @@ fn load_test_guest(config: &VmConfig, target: &Target, elf: &[u8], args: &str) -
     let memory = target.memory;
     boot::write_tables(memory, config.vcpus)?;
     config.smbios.write(memory)?;
+    write_generation_id(config, memory)?;
     image.load(elf, memory).map_err(image_err)?;
     memory.write(CMDLINE_ADDR, args.as_bytes())?;
     let mut tsc_khz = 0;
@@ -99,8 +100,10 @@ fn load_test_guest(config: &VmConfig, target: &Target, elf: &[u8], args: &str) -
 /// (INIT/SIPI through the in-kernel local APICs).
 fn load_linux(config: &VmConfig, target: &Target, boot: &linux::LinuxBoot) -> Result<(), VmError> {
     let err = |source| VmError::Linux { kernel: config.guest_name.clone(), source };
-    let entry = linux::load(target.memory, config.vcpus, boot).map_err(err)?;
+    let vmgenid = config.devices.vmgenid.is_some();
+    let entry = linux::load(target.memory, config.vcpus, boot, vmgenid).map_err(err)?;
     config.smbios.write(target.memory)?;
+    write_generation_id(config, target.memory)?;
     for (i, fd) in target.vcpu_fds.iter().enumerate() {
         let fd = fd.lock();
         let lapic = fd.get_lapic().map_err(kvm_err("get local APIC"))?;
@@ -123,5 +126,15 @@ fn load_linux(config: &VmConfig, target: &Target, boot: &linux::LinuxBoot) -> Re
         initrd_kib = boot.initrd.as_ref().map_or(0, |i| i.len().div_ceil(1024)),
         "Linux kernel loaded"
     );
+    Ok(())
+}
+
+/// Writes the VM generation ID `config` asks for (a random one for `auto`), if any.
+pub(crate) fn write_generation_id(config: &VmConfig, memory: &GuestMemory) -> Result<(), VmError> {
+    if let Some(id) = config.devices.vmgenid {
+        let guid = id.guid();
+        crate::vmgenid::write(memory, guid)?;
+        tracing::info!(%guid, "VM generation ID");
+    }
     Ok(())
 }

@@ -99,8 +99,14 @@ impl RunningVm {
             c.restore(saved.version, &saved.data)?;
         }
         self.devices.reset();
+        // A reset is the same VM going on: its generation ID stays what it is now.
+        let generation = config.devices.vmgenid.map(|_| crate::vmgenid::read(&self.memory)).transpose()?;
         self.memory.discard(0, self.memory.size())?;
         let target = Target { memory: &self.memory, vcpu_fds: &self.vcpu_fds, xcrs: on.xcrs.as_ref() };
-        payload::load(config, &target)
+        payload::load(config, &target)?;
+        if let Some(guid) = generation {
+            crate::vmgenid::write(&self.memory, guid)?;
+        }
+        Ok(())
     }
 }

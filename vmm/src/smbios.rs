@@ -246,12 +246,7 @@ fn bios_body(i: &[u8]) -> Vec<u8> {
 fn system_body(i: &[u8], uuid: Option<[u8; 16]>) -> Vec<u8> {
     let mut b = vec![i[0], i[1], i[2], i[3]];
     // SMBIOS stores the first three UUID fields little-endian.
-    let u = uuid.unwrap_or([0; 16]);
-    let mut wire = u;
-    wire[..4].reverse();
-    wire[4..6].reverse();
-    wire[6..8].reverse();
-    b.extend(wire);
+    b.extend(crate::vmgenid::swap_fields(uuid.unwrap_or([0; 16])));
     b.push(6); // wake-up type: power switch
     b.extend([i[4], i[5]]);
     b

@@ -87,4 +87,11 @@ impl Vm {
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.parts.memory
     }
+
+    /// Starts a new generation of this VM (it was restored from a snapshot: another copy of
+    /// the same state may run, or did): writes a new VM generation ID, `config`'s GUID if it
+    /// gives one, a random one otherwise. Nothing without the device.
+    pub fn new_generation(&self) -> Result<(), VmError> {
+        payload::write_generation_id(&self.config, &self.parts.memory)
+    }
 }

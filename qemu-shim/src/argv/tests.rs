@@ -193,3 +193,20 @@ fn a_virtio_rng_takes_the_entropy_sources_libvirt_writes() {
         assert!(e.contains(says), "{line}: {e}");
     }
 }
+
+#[test]
+fn a_vmgenid_takes_the_guid_libvirt_and_proxmox_write() {
+    let guid = "c773c261-d800-4348-9f5d-167fadd53cf8";
+    let json = format!(r#"-device {{"driver":"vmgenid","guid":"{guid}","id":"vmgenid0"}}"#);
+    let plain = format!("-device vmgenid,guid={guid}");
+    for line in [json.as_str(), plain.as_str()] {
+        assert_eq!(parse(&args(line)).unwrap().vmgenid.as_deref(), Some(guid), "{line}");
+    }
+    let l = parse(&args("-device vmgenid,guid=auto,id=vmgenid0")).unwrap();
+    assert_eq!(l.vmgenid.as_deref(), Some("auto"));
+    assert!(l.device_ids.contains(&("vmgenid0".into(), "vmgenid".into())), "{:?}", l.device_ids);
+    assert_eq!(parse(&args("-device vmgenid")).unwrap().vmgenid.as_deref(), Some("auto"));
+    assert_eq!(parse(&args("-m 64")).unwrap().vmgenid, None);
+    let e = parse(&args("-device vmgenid,guid=auto -device vmgenid,guid=auto")).unwrap_err().to_string();
+    assert!(e.contains("at most one vmgenid"), "{e}");
+}

@@ -80,6 +80,12 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
                 disks: launch.disks.iter().map(|d| d.slot).collect(),
                 nets: launch.nics.iter().map(|n| n.slot).collect(),
             },
+            vmgenid: launch
+                .vmgenid
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|e| format!("-device vmgenid,guid=: {e}"))?,
         })
         .cpu(launch.cpu.clone().unwrap_or_default())
         .no_reboot(launch.no_reboot)

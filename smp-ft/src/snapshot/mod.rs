@@ -195,7 +195,9 @@ pub fn memory_hash(chain: &[Snapshot]) -> Result<u64, VmError> {
 }
 
 /// Builds a VM in the state of a validated chain (from [`read_chain`]). `config.vcpus` and
-/// `config.memory` must match the snapshot.
+/// `config.memory` must match the snapshot. The VM is a new generation of the one saved (the
+/// snapshot may be restored again, or its VM still run): it gets a new VM generation ID, as
+/// QEMU gives a restored VM, so its guest reseeds what must not be shared between copies.
 pub fn restore(config: VmConfig, chain: &[Snapshot]) -> Result<Vm, SnapshotError> {
     let last = chain.last().ok_or(SnapshotError::Empty)?;
     if (config.vcpus, config.memory) != (last.vcpus, last.mem_size) {
@@ -207,7 +209,9 @@ pub fn restore(config: VmConfig, chain: &[Snapshot]) -> Result<Vm, SnapshotError
     let host = HostResources::reserve(&config)?;
     let memory = GuestMemory::new(config.memory).map_err(VmError::from)?;
     apply_memory(chain, &memory)?;
-    Ok(Vm::from_state(config, Arc::new(memory), host, &last.state)?)
+    let vm = Vm::from_state(config, Arc::new(memory), host, &last.state)?;
+    vm.new_generation()?;
+    Ok(vm)
 }
 
 #[cfg(test)]

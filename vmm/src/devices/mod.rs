@@ -106,6 +106,10 @@ pub struct DeviceConfig {
     /// Where devices sit on the PCI bus, where that is given (libvirt's `addr=`); the others
     /// take the next free slots.
     pub slots: PciSlots,
+    /// A VM generation ID (ACPI, not PCI): the GUID written at boot, or `auto` for a random
+    /// one (see [`crate::vmgenid`]; the GUID lives in guest memory, so copies agree on the
+    /// device only).
+    pub vmgenid: Option<crate::vmgenid::VmGenId>,
 }
 
 /// PCI slots asked for: one entry per disk and per NIC, in order (`None`: the next free one).
@@ -157,6 +161,9 @@ impl DeviceConfig {
         }
         names.extend((0..self.disks.len()).map(|i| format!("virtio-blk{}", at(self.slots.get("disk", i)))));
         names.extend((0..self.nets.len()).map(|i| format!("virtio-net{}", at(self.slots.get("net", i)))));
+        if self.vmgenid.is_some() {
+            names.push("vmgenid".into());
+        }
         if names.is_empty() {
             "none".into()
         } else {
@@ -294,6 +301,9 @@ impl Devices {
         let pci = Arc::new(pci);
         let mut components: Vec<Arc<dyn Component>> = vec![serial.clone(), pci.clone()];
         components.extend(on_pci);
+        if config.vmgenid.is_some() {
+            components.push(Arc::new(crate::vmgenid::VmGenIdDevice));
+        }
         Ok(Devices {
             serial,
             gate,
@@ -509,5 +519,11 @@ mod tests {
         c.slots.disks = vec![Some(7), None];
         c.slots.rng = Some(0x1e);
         assert_eq!(c.summary(), "virtio-rng@1e,virtio-blk@07,virtio-blk");
+        // The VM generation ID device is there or not; its GUID is in guest memory.
+        c.vmgenid = Some(crate::vmgenid::VmGenId::Auto);
+        assert_eq!(c.summary(), "virtio-rng@1e,virtio-blk@07,virtio-blk,vmgenid");
+        let other =
+            DeviceConfig { vmgenid: Some(crate::vmgenid::VmGenId::Guid(crate::vmgenid::Guid([7; 16]))), ..c.clone() };
+        assert_eq!(other.summary(), c.summary());
     }
 }

@@ -13,17 +13,19 @@
 //!   COM1 with IRQ 4, `\_S5` for power-off, and the power button: a Generic Event Device
 //!   (ACPI0013, the hardware-reduced way to signal events) on [`GED_IRQ`] whose `_EVT` reads
 //!   the pending events at [`GED_PORT`] and notifies the power button device (PNP0C0C), which
-//!   Linux's ACPI button driver turns into a KEY_POWER press.
+//!   Linux's ACPI button driver turns into a KEY_POWER press; with a VM generation ID, the
+//!   device `VGEN` Linux's `vmgenid` driver and Windows bind to (`_CID` "VM_Gen_Counter",
+//!   `ADDR` giving the GUID's address as a package of two 32-bit halves, see `crate::vmgenid`).
 //!
 //! No MCFG: the PCI bus offers no ECAM, only port I/O configuration.
 
-use super::layout::{ACPI_END, ACPI_START};
+use super::layout::{ACPI_END, ACPI_START, ACPI_TABLES_END};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::pci::{CONFIG_ADDRESS, PCI_MMIO_BASE, PCI_MMIO_SIZE};
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, And, Device, EISAName, Field, FieldAccessType, FieldEntry, FieldLockRule,
     FieldUpdateRule, If, Interrupt, Local, Method, Name, Notify, OpRegion, OpRegionSpace, Package, Path,
-    ResourceTemplate, Store, Zero, IO,
+    ResourceTemplate, Return, Store, Zero, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -65,7 +67,7 @@ const COM1_IRQ: u32 = crate::layout::COM1_IRQ;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
-    #[error("the ACPI tables need {need} bytes; {have} fit between {ACPI_START:#x} and {ACPI_END:#x}")]
+    #[error("the ACPI tables need {need} bytes; {have} fit between {ACPI_START:#x} and {ACPI_TABLES_END:#x}")]
     TooLarge { need: usize, have: u64 },
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -77,8 +79,9 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The tables as they are laid out from [`ACPI_START`]: (address, bytes), RSDP first.
-pub fn tables(vcpus: u32) -> Vec<(u64, Vec<u8>)> {
+/// The tables as they are laid out from [`ACPI_START`]: (address, bytes), RSDP first; the
+/// DSDT has the VM generation ID device if `vmgenid`.
+pub fn tables(vcpus: u32, vmgenid: bool) -> Vec<(u64, Vec<u8>)> {
     let mut at = ACPI_START;
     let mut out = Vec::new();
     let mut place = |t: Vec<u8>| {
@@ -90,7 +93,7 @@ pub fn tables(vcpus: u32) -> Vec<(u64, Vec<u8>)> {
     // The RSDP goes first (at a 16-byte boundary, where a scan of the BIOS area finds it);
     // its XSDT address is known once the others are placed, and patched in below.
     let rsdp_addr = place(vec![0; Rsdp::len()]);
-    let dsdt = place(dsdt());
+    let dsdt = place(dsdt(vmgenid));
     let fadt = place(fadt(dsdt));
     let madt = place(madt(vcpus));
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, OEM_REVISION);
@@ -102,12 +105,12 @@ pub fn tables(vcpus: u32) -> Vec<(u64, Vec<u8>)> {
 }
 
 /// Writes the tables into guest memory and returns the RSDP's address.
-pub fn write(mem: &GuestMemory, vcpus: u32) -> Result<u64, AcpiError> {
-    let tables = tables(vcpus);
+pub fn write(mem: &GuestMemory, vcpus: u32, vmgenid: bool) -> Result<u64, AcpiError> {
+    let tables = tables(vcpus, vmgenid);
     let (last, t) = tables.last().expect("the RSDP at least");
     let end = last + t.len() as u64;
-    if end > ACPI_END {
-        return Err(AcpiError::TooLarge { need: (end - ACPI_START) as usize, have: ACPI_END - ACPI_START });
+    if end > ACPI_TABLES_END {
+        return Err(AcpiError::TooLarge { need: (end - ACPI_START) as usize, have: ACPI_TABLES_END - ACPI_START });
     }
     mem.fill(ACPI_START, ACPI_END - ACPI_START, 0)?;
     for (addr, t) in &tables {
@@ -149,7 +152,7 @@ fn madt(vcpus: u32) -> Vec<u8> {
     m.as_slice().to_vec()
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(vmgenid: bool) -> Vec<u8> {
     let mut d = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, OEM_REVISION);
     let mmio_end = (PCI_MMIO_BASE + PCI_MMIO_SIZE - 1) as u32;
     // Each object is encoded in the statement that builds it (the builders borrow their parts).
@@ -197,6 +200,9 @@ fn dsdt() -> Vec<u8> {
     .to_aml_bytes(&mut d);
     Name::new("_S5_".into(), &Package::new(vec![&S5_SLP_TYP])).to_aml_bytes(&mut d);
     power_button(&mut d);
+    if vmgenid {
+        vmgenid_device(&mut d);
+    }
     d.update_checksum();
     d.as_slice().to_vec()
 }
@@ -238,6 +244,27 @@ fn power_button(d: &mut Sdt) {
     .to_aml_bytes(d);
 }
 
+/// The VM generation ID device (Microsoft's "Virtual Machine Generation ID" device: `_CID`
+/// "VM_Gen_Counter", which ACPICA upper-cases to the "VM_GEN_COUNTER" Linux matches, and an
+/// `ADDR` method returning the GUID's address as two 32-bit halves, low first). The GUID's place
+/// is fixed, so `ADDR` returns constants; nothing notifies the guest, since the ID only changes
+/// while the VM is not running (a restore).
+fn vmgenid_device(d: &mut Sdt) {
+    let addr = crate::vmgenid::ADDR;
+    let (lo, hi) = (addr as u32, (addr >> 32) as u32);
+    Device::new(
+        "_SB_.VGEN".into(),
+        vec![
+            &Name::new("_HID".into(), &"SMPF0001"),
+            &Name::new("_CID".into(), &"VM_Gen_Counter"),
+            &Name::new("_DDN".into(), &"VM_Gen_Counter"),
+            &Method::new("_STA".into(), 0, false, vec![&Return::new(&0xfu8)]),
+            &Method::new("ADDR".into(), 0, false, vec![&Return::new(&Package::new(vec![&lo, &hi]))]),
+        ],
+    )
+    .to_aml_bytes(d);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,7 +284,7 @@ mod tests {
 
     #[test]
     fn every_table_sums_to_zero_and_states_its_length() {
-        let t = tables(4);
+        let t = tables(4, true);
         let (_, rsdp) = &t[0];
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0, "ACPI 1.0 checksum");
@@ -273,7 +300,7 @@ mod tests {
 
     #[test]
     fn the_pointers_lead_from_the_rsdp_to_every_table() {
-        let t = tables(2);
+        let t = tables(2, true);
         assert_eq!(t[0].0, ACPI_START, "the RSDP is where a scan of the BIOS area starts");
         let xsdt = find(&t, b"XSDT");
         assert_eq!(u64_at(&t[0].1, 24), xsdt.0);
@@ -293,7 +320,7 @@ mod tests {
     #[test]
     fn madt_has_one_enabled_local_apic_per_vcpu_and_the_ioapic() {
         for vcpus in [1, 2, 7, 16] {
-            let t = tables(vcpus);
+            let t = tables(vcpus, false);
             let m = &find(&t, b"APIC").1;
             assert_eq!(u32_at(m, 36), LAPIC_BASE);
             assert_eq!(u32_at(m, 40), MADT_PCAT_COMPAT);
@@ -318,12 +345,13 @@ mod tests {
 
     #[test]
     fn dsdt_names_the_pci_bridge_com1_and_s5() {
-        let t = tables(1);
+        let t = tables(1, false);
         let d = &find(&t, b"DSDT").1;
         let has = |s: &[u8]| d.windows(s.len()).any(|w| w == s);
         for name in [&b"PCI0"[..], b"COM1", b"_S5_", b"_CRS", b"_HID"] {
             assert!(has(name), "{}", String::from_utf8_lossy(name));
         }
+        assert!(!has(b"VGEN") && !has(b"VM_Gen_Counter"), "no VM generation ID unless asked for");
         // PNP0A03 and PNP0501 as compressed EISA ids.
         assert!(has(&[0x41, 0xd0, 0x0a, 0x03]));
         assert!(has(&[0x41, 0xd0, 0x05, 0x01]));
@@ -331,7 +359,7 @@ mod tests {
 
     #[test]
     fn dsdt_has_the_power_button_and_the_generic_event_device_that_signals_it() {
-        let t = tables(1);
+        let t = tables(1, false);
         let d = &find(&t, b"DSDT").1;
         let has = |s: &[u8]| d.windows(s.len()).any(|w| w == s);
         for name in [&b"PWRB"[..], b"GED_", b"ACPI0013\0", b"GDST", b"GDAT", b"_EVT"] {
@@ -348,9 +376,28 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_has_the_vm_generation_id_device_linux_binds_to() {
+        let t = tables(2, true);
+        let d = &find(&t, b"DSDT").1;
+        let has = |s: &[u8]| d.windows(s.len()).any(|w| w == s);
+        assert!(has(b"VGEN"));
+        // _CID "VM_Gen_Counter" (a string: 0x0d ... NUL), and _HID a string too.
+        assert!(has(b"_CID\x0dVM_Gen_Counter\0"));
+        assert!(has(b"_HID\x0dSMPF0001\0"));
+        // Method ADDR, no arguments: Return (Package (2) { 0xef000 (a DWord), 0 }).
+        let addr = crate::vmgenid::ADDR as u32;
+        let mut ret = vec![0xa4, 0x12, 0x08, 0x02, 0x0c];
+        ret.extend(addr.to_le_bytes());
+        ret.push(0x00);
+        assert!(has(b"ADDR\x00"), "a method with no arguments, not serialized");
+        assert!(has(&ret), "ADDR returns the GUID's address in two halves");
+        assert_eq!(sum(d), 0);
+    }
+
+    #[test]
     fn tables_fit_and_are_written_where_they_say() {
         let mem = GuestMemory::new(4 << 20).unwrap();
-        let rsdp = write(&mem, 16).unwrap();
+        let rsdp = write(&mem, 16, true).unwrap();
         let mut b = [0u8; 8];
         mem.read(rsdp, &mut b).unwrap();
         assert_eq!(&b, b"RSD PTR ");

@@ -75,6 +75,8 @@ mod tests {
         assert_eq!(at(0x9_fc00), Kind::Reserved);
         assert_eq!(at(0xa_0000), Kind::Reserved, "VGA");
         assert_eq!(at(0xe_0000), Kind::Reserved, "ACPI tables");
+        assert_eq!(at(crate::layout::VMGENID_ADDR), Kind::Reserved, "VM generation ID");
+        assert_eq!(at(crate::layout::VMGENID_ADDR + 15), Kind::Reserved);
         assert_eq!(at(0xf_ffff), Kind::Reserved);
         assert_eq!(at(0x10_0000), Kind::Ram);
         assert_eq!(ram(&m), (256 << 20) - (0x10_0000 - 0x9_fc00));

@@ -8,7 +8,8 @@
 //! 0x0000_9000  identity page tables for the 64-bit entry: PML4, PDPT, 4 page directories
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  reserved (where firmware keeps its EBDA) up to 1 MiB, with the ACPI tables
-//!              at 0x000e_0000
+//!              at 0x000e_0000, the VM generation ID at 0x000e_f000 (`crate::vmgenid`) and
+//!              the SMBIOS tables at 0x000f_0000 (`crate::smbios`)
 //! 0x0010_0000  a bzImage's protected-mode kernel; an ELF vmlinux loads at its own physical
 //!              addresses (16 MiB for distribution kernels)
 //! top of RAM   the initrd, page-aligned, as high as the kernel allows
@@ -35,9 +36,12 @@ pub const CMDLINE_MAX: usize = 2048;
 pub const EBDA_START: u64 = 0x9_fc00;
 pub const ACPI_START: u64 = 0xe_0000;
 pub const ACPI_END: u64 = 0x10_0000;
+/// The ACPI tables end below the VM generation ID.
+pub const ACPI_TABLES_END: u64 = crate::layout::VMGENID_ADDR;
 pub const HIGH_MEMORY: u64 = 0x10_0000;
 
 const _: () = assert!(PVH_MEMMAP_ADDR + 16 * 24 <= ZERO_PAGE_ADDR);
 const _: () = assert!(PD_ADDR + 4 * 0x1000 <= CMDLINE_ADDR);
 const _: () = assert!(CMDLINE_ADDR + CMDLINE_MAX as u64 <= EBDA_START);
 const _: () = assert!(ACPI_END == HIGH_MEMORY);
+const _: () = assert!(ACPI_START < ACPI_TABLES_END && ACPI_TABLES_END < ACPI_END);

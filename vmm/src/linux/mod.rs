@@ -126,8 +126,9 @@ fn elf_end(elf: &[u8]) -> Option<u64> {
     (end > 0).then_some(end)
 }
 
-/// Loads `boot` into `mem` for `vcpus` vCPUs and returns how to enter it.
-pub fn load(mem: &Arc<GuestMemory>, vcpus: u32, boot: &LinuxBoot) -> Result<Entry, LinuxError> {
+/// Loads `boot` into `mem` for `vcpus` vCPUs and returns how to enter it; the ACPI tables
+/// describe a VM generation ID device if `vmgenid` (its GUID is the caller's to write).
+pub fn load(mem: &Arc<GuestMemory>, vcpus: u32, boot: &LinuxBoot, vmgenid: bool) -> Result<Entry, LinuxError> {
     let have = mem.size();
     let too_small = |need: u64| LinuxError::MemoryTooSmall { need: need.div_ceil(1 << 20), have: have >> 20 };
     let view = mem.device_view()?;
@@ -165,7 +166,7 @@ pub fn load(mem: &Arc<GuestMemory>, vcpus: u32, boot: &LinuxBoot) -> Result<Entr
     let initrd_max = header.map_or(u64::from(u32::MAX), |h| u64::from(h.initrd_addr_max));
     let initrd = boot.initrd.as_deref().map(|i| place_initrd(mem, i, kernel_end, initrd_max)).transpose()?;
     let map = e820::map(have);
-    let rsdp = acpi::write(mem, vcpus)?;
+    let rsdp = acpi::write(mem, vcpus, vmgenid)?;
     entry::write_tables(mem)?;
     match header {
         None => write_start_info(&view, &map, initrd, rsdp)?,

@@ -88,7 +88,7 @@ fn cstr(m: &GuestMemory, addr: u64) -> String {
 fn bzimage_gets_a_zero_page_with_map_initrd_command_line_and_rsdp() {
     let m = mem(64 * MIB);
     let initrd = vec![0x5a; 3 * 4096 + 17];
-    let entry = load(&m, 2, &boot(bzimage(0x2000), Some(initrd.clone()), "console=ttyS0 quiet")).unwrap();
+    let entry = load(&m, 2, &boot(bzimage(0x2000), Some(initrd.clone()), "console=ttyS0 quiet"), false).unwrap();
     assert_eq!(entry, Entry { mode: Mode::Long, rip: 0x10_0200, info: ZERO_PAGE_ADDR });
     let p: boot_params = read(&m, ZERO_PAGE_ADDR);
     assert_eq!(p.hdr.type_of_loader, LOADER_UNDEFINED);
@@ -115,7 +115,7 @@ fn bzimage_gets_a_zero_page_with_map_initrd_command_line_and_rsdp() {
 #[test]
 fn vmlinux_gets_a_pvh_start_info() {
     let m = mem(64 * MIB);
-    let entry = load(&m, 4, &boot(vmlinux(true), Some(vec![1; 100]), "root=/dev/vda")).unwrap();
+    let entry = load(&m, 4, &boot(vmlinux(true), Some(vec![1; 100]), "root=/dev/vda"), false).unwrap();
     assert_eq!(entry, Entry { mode: Mode::Pvh, rip: 0x100_0040, info: PVH_INFO_ADDR });
     let info: hvm_start_info = read(&m, PVH_INFO_ADDR);
     assert_eq!((info.magic, info.version), (XEN_HVM_START_MAGIC, 1));
@@ -141,7 +141,7 @@ fn vmlinux_gets_a_pvh_start_info() {
 #[test]
 fn bad_kernels_are_refused_with_the_reason() {
     let m = mem(64 * MIB);
-    let err = |k: Vec<u8>| load(&m, 1, &boot(k, None, "")).unwrap_err().to_string();
+    let err = |k: Vec<u8>| load(&m, 1, &boot(k, None, ""), false).unwrap_err().to_string();
     assert!(err(b"#!/bin/sh\n".to_vec()).contains("neither an ELF vmlinux"));
     assert!(err(vec![]).contains("neither"));
     assert!(err(vmlinux(false)).contains("without a PVH entry note"));
@@ -162,15 +162,15 @@ fn bad_kernels_are_refused_with_the_reason() {
 fn memory_initrd_and_command_line_limits() {
     // The bzImage decompresses into init_size (4 MiB) from 1 MiB.
     let small = mem(4 * MIB);
-    let e = load(&small, 1, &boot(bzimage(16), None, "")).unwrap_err();
+    let e = load(&small, 1, &boot(bzimage(16), None, ""), false).unwrap_err();
     assert!(matches!(e, LinuxError::MemoryTooSmall { have: 4, .. }), "{e}");
     let m = mem(16 * MIB);
-    let e = load(&m, 1, &boot(bzimage(16), Some(vec![0; 12 << 20]), "")).unwrap_err();
+    let e = load(&m, 1, &boot(bzimage(16), Some(vec![0; 12 << 20]), ""), false).unwrap_err();
     assert!(matches!(e, LinuxError::InitrdTooLarge { .. }), "{e}");
     assert!(e.to_string().contains("does not fit"), "{e}");
     let long = "x".repeat(2048);
-    let e = load(&m, 1, &boot(bzimage(16), None, &long)).unwrap_err();
+    let e = load(&m, 1, &boot(bzimage(16), None, &long), false).unwrap_err();
     assert!(matches!(e, LinuxError::CmdlineTooLong { len: 2048, max: 2047 }), "{e}");
-    let e = load(&m, 1, &boot(bzimage(16), None, "a\nb")).unwrap_err();
+    let e = load(&m, 1, &boot(bzimage(16), None, "a\nb"), false).unwrap_err();
     assert!(matches!(e, LinuxError::Cmdline(_)), "{e}");
 }
