@@ -94,6 +94,10 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             rng: args.rng || last.is_some_and(|s| s.state.component("virtio-rng").is_some()),
             disks: args.disks,
             nets: args.nets,
+            // So does the balloon (the snapshot's options come with its state).
+            balloon: args
+                .balloon
+                .or_else(|| last.and_then(|s| s.state.component("virtio-balloon")).map(|_| Default::default())),
             ..Default::default()
         })
         .build()?;
@@ -144,7 +148,13 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         .console(args.console)
         .kvm_device(args.kvm_device)
         .cpu(args.cpu)
-        .devices(DeviceConfig { rng: args.rng, disks: args.disks, nets: args.nets, ..Default::default() })
+        .devices(DeviceConfig {
+            rng: args.rng,
+            disks: args.disks,
+            nets: args.nets,
+            balloon: args.balloon,
+            ..Default::default()
+        })
         .build()?;
     let rejoin = Rejoin {
         ft: ft.clone(),
