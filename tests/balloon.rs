@@ -2,9 +2,10 @@
 //! pages leave the host: the process's shared memory shrinks) and deflates again (pages come
 //! back as zero, which the guest checks); `query-balloon` and BALLOON_CHANGE follow the guest;
 //! statistics come at the polling interval set through QOM; the state survives a snapshot and
-//! restore.
+//! restore and a failover.
 
 mod common;
+use common::ft::{free_port, log, spawn, wait_exit, wait_state, FtSetup, Side};
 use common::*;
 use serde_json::json;
 use std::time::Duration;
@@ -115,4 +116,38 @@ fn without_a_balloon_qmp_says_so_and_the_guest_finds_none() {
     let n = VmPaths::new(&dir, "none");
     let out = n.spawn(&["--vcpus", "1", "--memory", "64M", "--guest-args", "balloon duration=1s"]).wait_with_output();
     assert_eq!(out.status.code(), Some(EXIT_NO_DEVICE), "without --balloon the guest finds no device: {}", n.console());
+}
+
+#[test]
+fn a_failover_keeps_the_target_and_actual_and_the_guest_goes_on_following() {
+    require_kvm();
+    let setup = FtSetup::new("balloon-failover");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
+    let s_side = Side { me: &setup.b, peer: &setup.a, tiebreak: &setup.tiebreak, env: &[], netns: None };
+    let vm = ["--vcpus", "1", "--memory", "128M", "--balloon"];
+    let standby = spawn(&sp, &s_side, &[&["standby", "--listen", &addr][..], &vm].concat());
+    let p_side = Side { me: &setup.a, peer: &setup.b, tiebreak: &setup.tiebreak, env: &[], netns: None };
+    let args = [&["run", "--guest-args", "balloon counter", "--ft-peer", &addr][..], &vm].concat();
+    let mut primary = spawn(&pp, &p_side, &args);
+    wait_state(&pp, "protected", Duration::from_secs(30));
+    let mut q = Qmp::negotiated(&pp.qmp);
+    q.ok("balloon", Some(json!({"value": MEM / 2})));
+    wait_until(later(|| format!("the guest inflates: {}", log(&pp))), Duration::from_secs(30), || {
+        actual(&mut q) == MEM / 2
+    });
+    // A checkpoint or two after the guest's last step.
+    std::thread::sleep(Duration::from_millis(300));
+    primary.sigkill();
+    wait_state(&sp, "live-after-failover", Duration::from_secs(10));
+    let mut q = Qmp::negotiated(&sp.qmp);
+    assert_eq!(actual(&mut q), MEM / 2, "actual survives the failover");
+    q.ok("balloon", Some(json!({"value": MEM})));
+    wait_until(later(|| format!("the promoted guest deflates: {}", log(&sp))), Duration::from_secs(30), || {
+        actual(&mut q) == MEM
+    });
+    q.ok("quit", None);
+    let status = wait_exit(standby, Duration::from_secs(30));
+    assert!(status.code().is_some(), "the promoted copy ends on quit: {status:?}");
+    assert!(!sp.console().contains("INVARIANT FAILED"), "{}", sp.console());
 }
