@@ -641,8 +641,8 @@ fn a_domain_with_the_pc_platform_stacks_write_runs_unchanged() {
 
 /// virt-install with the usual flags creates and starts a domain: its default CPU (custom
 /// kvm64), its virtio-rng on /dev/urandom (the guest reads entropy from it), its PC platform.
-/// Still needed: `--channel none --memballoon none` (the guest agent's virtio-serial channel
-/// and the balloon are not smpft's yet).
+/// Its balloon answers `virsh dommemstat` and `virsh setmem`. Still needed: `--channel none`
+/// (the guest agent's virtio-serial channel is not smpft's yet).
 #[test]
 fn virt_install_creates_and_starts_a_domain() {
     let _one = one_at_a_time();
@@ -654,7 +654,7 @@ fn virt_install_creates_and_starts_a_domain() {
     std::fs::File::create(&raw).unwrap().set_len(32 << 20).unwrap();
     let dom = "lv-vi";
     let boot = format!(
-        "kernel={},cmdline=counter service disk disk-ws=4M rng net ip=203.0.113.2/24 duration=600s",
+        "kernel={},cmdline=counter service disk disk-ws=4M rng balloon net ip=203.0.113.2/24 duration=600s",
         lv.dir.join("guest.elf").display()
     );
     let o = Command::new("virt-install")
@@ -663,7 +663,7 @@ fn virt_install_creates_and_starts_a_domain() {
         .arg("--disk")
         .arg(format!("path={}", raw.display()))
         .args(["--network", &format!("bridge={}", net.bridge), "--graphics", "none", "--console", "pty"])
-        .args(["--channel", "none", "--memballoon", "none"])
+        .args(["--channel", "none"])
         .args(["--noautoconsole"])
         .output()
         .unwrap();
@@ -687,9 +687,32 @@ fn virt_install_creates_and_starts_a_domain() {
     assert_eq!(body, "OK 2 2");
     let info = ok(&["domblkinfo", dom, "vda"]);
     assert!(info.contains("Capacity:       33554432"), "{info}");
+    memballoon(dom);
     ok(&["shutdown", dom]);
     wait_state(dom, "shut off");
     ok(&["undefine", dom]);
+}
+
+/// virt-install's `<memballoon model="virtio">`: `virsh dommemstat` shows actual, and the guest's
+/// figures once a period is set; `virsh setmem --live` moves actual as the guest follows.
+fn memballoon(dom: &str) {
+    let stat = |name: &str| {
+        let out = ok(&["dommemstat", dom]);
+        out.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse::<u64>().ok())
+    };
+    assert_eq!(stat("actual"), Some(128 << 10), "{}", ok(&["dommemstat", dom]));
+    ok(&["dommemstat", dom, "--period", "1", "--live"]);
+    let never = later(|| format!("no guest figures in dommemstat: {}", ok(&["dommemstat", dom])));
+    let total = wait_for(never, Duration::from_secs(20), || stat("available"));
+    assert_eq!(total, 128 << 10, "the guest's total memory, KiB");
+    assert!(stat("unused").is_some_and(|free| free > 0 && free < total), "{}", ok(&["dommemstat", dom]));
+    ok(&["setmem", dom, "98304", "--live"]);
+    let never = later(|| format!("actual never followed setmem: {}", ok(&["dommemstat", dom])));
+    wait_until(never, Duration::from_secs(30), || stat("actual") == Some(96 << 10));
+    let never = later(|| format!("the guest's figures never followed: {}", ok(&["dommemstat", dom])));
+    wait_until(never, Duration::from_secs(30), || stat("available") == Some(96 << 10));
+    let info = ok(&["dominfo", dom]);
+    assert!(info.contains("Used memory:    98304 KiB"), "{info}");
 }
 
 /// `<sysinfo type='smbios'>` (Nova's "OpenStack Compute") reaches the guest's SMBIOS tables,

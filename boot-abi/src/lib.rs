@@ -163,6 +163,7 @@ pub const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
 pub const VIRTIO_TYPE_NET: u16 = 1;
 pub const VIRTIO_TYPE_BLOCK: u16 = 2;
 pub const VIRTIO_TYPE_RNG: u16 = 4;
+pub const VIRTIO_TYPE_BALLOON: u16 = 5;
 
 /// The PCI device ID of a modern virtio device of `device_type` (rng: 0x1044).
 pub const fn virtio_pci_device_id(device_type: u16) -> u16 {

@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod balloon;
 mod churn;
 mod counter;
 mod disk;
@@ -133,15 +134,18 @@ fn init(bi: &BootInfo) -> Shared {
         let (rate, hz) = (params.churn_rate, bi.tsc_khz * 1000);
         churn::init(bi.free_start, churn_ws, bi.vcpus.into(), rate, hz, start, params.churn_zero);
     }
+    // Free memory the workloads below leave, from the bottom.
+    let mut unused = bi.free_start + if params.churn { churn_ws } else { 0 };
     if params.kv {
         // After the churn working set (if any), before the device area.
-        let base = bi.free_start + if params.churn { churn_ws } else { 0 };
+        let base = unused;
         let ws = params.kv_ws.max(64 * u64::from(bi.vcpus));
         if base + ws > dma_base {
             log!("kv-ws={} bytes does not fit in free guest memory beside the churn working set", ws);
             io::exit(abi::EXIT_BAD_PARAMS);
         }
         kv::init(base, ws, bi.vcpus.into(), params.kv_rate, bi.tsc_khz * 1000, start);
+        unused = (base + ws).next_multiple_of(churn::PAGE);
     }
     if params.smbios {
         smbios::report();
@@ -156,6 +160,11 @@ fn init(bi: &BootInfo) -> Shared {
     }
     if params.rng {
         if let Err(status) = rng::init(bi.tsc_khz, start) {
+            io::exit(status);
+        }
+    }
+    if params.balloon {
+        if let Err(status) = balloon::init(bi.tsc_khz, bi.mem_size, unused, dma_base.saturating_sub(unused)) {
             io::exit(status);
         }
     }
@@ -246,6 +255,9 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
             }
         }
         if drives_rng && rng::step(now) {
+            idle = false;
+        }
+        if p.balloon && cpu == 0 && balloon::step(now) {
             idle = false;
         }
         if p.disk {

@@ -38,6 +38,8 @@ pub struct Params {
     pub service: bool,
     /// vCPU 0 drives a virtio-rng device.
     pub rng: bool,
+    /// vCPU 0 drives a virtio-balloon over the free memory the other workloads leave.
+    pub balloon: bool,
     /// List the PCI functions found at boot (`pci`), as `pci 00:SS.F [vendor:device]` lines.
     pub pci: bool,
     /// Log what the SMBIOS tables say (`smbios`), as `smbios: ...` lines.
@@ -73,6 +75,7 @@ impl Params {
         churn: false,
         service: false,
         rng: false,
+        balloon: false,
         pci: false,
         smbios: false,
         vmgenid: false,
@@ -132,6 +135,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, Bad<'_>> {
             (b"churn", None) => p.churn = true,
             (b"service", None) => p.service = true,
             (b"rng", None) => p.rng = true,
+            (b"balloon", None) => p.balloon = true,
             (b"pci", None) => p.pci = true,
             (b"smbios", None) => p.smbios = true,
             (b"vmgenid", None) => p.vmgenid = true,

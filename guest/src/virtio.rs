@@ -401,6 +401,13 @@ impl Device {
         }
     }
 
+    /// Writes a 32-bit field of the device-specific configuration (if the device has one).
+    pub fn write_config32(&self, off: u32, v: u32) {
+        if let Some(c) = &self.config {
+            c.write32(off, v);
+        }
+    }
+
     /// Reads the device-specific configuration consistently: `read` is repeated until
     /// `config_generation` is the same before and after it (4.1.4.3.1). `None` if the device has
     /// no such structure.

@@ -68,6 +68,17 @@ pub struct Disk {
     pub slot: Option<u8>,
 }
 
+/// A virtio-balloon (`-device virtio-balloon-pci`), as libvirt's `<memballoon>` writes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Balloon {
+    pub id: String,
+    pub slot: Option<u8>,
+    /// `deflate-on-oom=on` (libvirt's `autodeflate`).
+    pub deflate_on_oom: bool,
+    /// `free-page-reporting=on` (libvirt's `freePageReporting`, Proxmox's default).
+    pub free_page_reporting: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nic {
     pub id: String,
@@ -111,6 +122,7 @@ pub struct Launch {
     /// A VM generation ID (`-device vmgenid,guid=GUID|auto`): its `guid=` as given (`auto`
     /// when there is none; the VMM checks it).
     pub vmgenid: Option<String>,
+    pub balloon: Option<Balloon>,
     pub daemonize: bool,
     pub pidfile: Option<PathBuf>,
     /// `-version` / `-help`: print and exit.
@@ -496,6 +508,22 @@ impl Parser {
                 }
                 self.launch.vmgenid = Some(text(d, "guid").unwrap_or_else(|| "auto".into()));
             }
+            "virtio-balloon-pci" => {
+                if self.launch.balloon.is_some() {
+                    return err("only one virtio-balloon device is supported");
+                }
+                let on_off = |k: &str| match text(d, k).as_deref() {
+                    None | Some("off" | "false") => Ok(false),
+                    Some("on" | "true") => Ok(true),
+                    Some(v) => err(format!("{id}: {k}={v}: expected on or off")),
+                };
+                let (deflate_on_oom, free_page_reporting) = (on_off("deflate-on-oom")?, on_off("free-page-reporting")?);
+                if on_off("free-page-hint")? {
+                    return err(format!("{id}: free-page-hint is not supported (free-page-reporting is)"));
+                }
+                let slot = self.pci_slot(&id, d)?;
+                self.launch.balloon = Some(Balloon { id, slot, deflate_on_oom, free_page_reporting });
+            }
             "virtio-blk-pci" => {
                 let drive = text(d, "drive").unwrap_or_default();
                 let mut disk = self.disk(&id, &drive)?;
@@ -515,7 +543,7 @@ impl Parser {
             }
             _ => {
                 return err(format!(
-                    "device '{driver}' is not supported (smpft has virtio-blk-pci, virtio-net-pci and isa-serial)"
+                    "device '{driver}' is not supported (smpft has virtio-blk-pci, virtio-net-pci, virtio-rng-pci, virtio-balloon-pci and isa-serial)"
                 ))
             }
         }

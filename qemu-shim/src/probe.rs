@@ -25,7 +25,11 @@ pub const MACHINE: &str = crate::platform::PC_MACHINE;
 /// The most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 16;
 /// Device types smpft implements.
-pub const DEVICE_TYPES: [&str; 5] = ["virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci", "isa-serial", "vmgenid"];
+pub const DEVICE_TYPES: [&str; 6] =
+    ["virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci", "virtio-balloon-pci", "isa-serial", "vmgenid"];
+
+/// The virtio-balloon's options libvirt probes for (`autodeflate`, `freePageReporting`).
+pub const BALLOON_PROPERTIES: [&str; 2] = ["deflate-on-oom", "free-page-reporting"];
 
 /// The object types a domain may use: entropy sources for virtio-rng (both are the host's
 /// getrandom(2) in smpft).
@@ -59,6 +63,9 @@ pub const COMMANDS: &[&str] = &[
     "cont",
     "system_powerdown",
     "quit",
+    "balloon",
+    "query-balloon",
+    "qom-set",
     "x-smpft-query-ft",
     "x-smpft-protect",
     "x-smpft-snapshot",
@@ -102,6 +109,11 @@ pub fn answer(name: &str, args: &Map<String, Value>, package: &str) -> Option<Re
             if let Some(props) = crate::platform::device_properties(&t) {
                 return Some(Ok(props));
             }
+            if t == "virtio-balloon-pci" {
+                return Some(Ok(Value::Array(
+                    BALLOON_PROPERTIES.iter().map(|p| json!({"name": p, "type": "bool"})).collect(),
+                )));
+            }
             if !DEVICE_TYPES.contains(&t.as_str()) {
                 return Some(Err(QmpError {
                     class: ErrorClass::DeviceNotFound,
@@ -142,6 +154,11 @@ mod tests {
         assert!(names.as_array().unwrap().iter().any(|c| c["name"] == "x-smpft-query-ft"));
         assert_eq!(ask("query-machines", json!({})).unwrap()[0]["name"], MACHINE);
         assert_eq!(ask("device-list-properties", json!({"typename": "virtio-net-pci"})).unwrap(), json!([]));
+        let props = ask("device-list-properties", json!({"typename": "virtio-balloon-pci"})).unwrap();
+        assert_eq!(
+            props,
+            json!([{"name": "deflate-on-oom", "type": "bool"}, {"name": "free-page-reporting", "type": "bool"}])
+        );
         let e = ask("device-list-properties", json!({"typename": "vmware-svga"})).unwrap_err();
         assert_eq!((e.class, e.desc.as_str()), (ErrorClass::DeviceNotFound, "Device 'vmware-svga' not found"));
         // The PC devices smpft leaves out are listed, so libvirt accepts them.

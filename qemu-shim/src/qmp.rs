@@ -80,6 +80,8 @@ pub enum ErrorClass {
     GenericError,
     CommandNotFound,
     DeviceNotFound,
+    /// A device the command needs is not there (`balloon` without one).
+    DeviceNotActive,
 }
 
 impl ErrorClass {
@@ -88,6 +90,7 @@ impl ErrorClass {
             ErrorClass::GenericError => "GenericError",
             ErrorClass::CommandNotFound => "CommandNotFound",
             ErrorClass::DeviceNotFound => "DeviceNotFound",
+            ErrorClass::DeviceNotActive => "DeviceNotActive",
         }
     }
 }

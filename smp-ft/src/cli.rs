@@ -10,6 +10,7 @@ use smp_ft::ft::disk::DiskSync;
 use smp_ft::units::{parse_duration, parse_size};
 use smp_ft::vmm::devices::serial::SerialSpec;
 use smp_ft::vmm::net::NetSpec;
+use smp_ft::vmm::virtio::balloon::BalloonSpec;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -195,6 +196,9 @@ pub(crate) struct StandbyArgs {
     /// the VM's memory and stays the same when this copy goes live).
     #[arg(long)]
     pub(crate) vmgenid: bool,
+    /// The protected VM has a virtio-balloon, with the same options as the primary's.
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS")]
+    pub(crate) balloon: Option<BalloonSpec>,
     /// This standby's own storage for the VM's disks, in the primary's order (same count and
     /// sizes): a raw image or block device path, nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH. The initial copy writes it; checkpoints keep it current.
@@ -306,6 +310,14 @@ pub(crate) struct RunArgs {
     /// The test guest logs it with its `vmgenid` parameter; QMP query-vm-generation-id reports it.
     #[arg(long, value_name = "GUID|auto")]
     pub(crate) vmgenid: Option<smp_ft::vmm::vmgenid::VmGenId>,
+    /// Give the VM a virtio-balloon (PCI). QMP `balloon` sets the guest's memory target and
+    /// `query-balloon` shows how far the guest followed; pages the guest gives back are released
+    /// on this host (and read as zero on both copies); its memory statistics are polled every
+    /// `guest-stats-polling-interval` seconds (qom-set on /machine/peripheral/balloon0).
+    /// OPTIONS, comma-separated: deflate-on-oom (the guest may take pages back when it runs
+    /// out), free-page-reporting (the guest hands over free pages, released here too).
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS")]
+    pub(crate) balloon: Option<BalloonSpec>,
     /// Give the VM a virtio-blk disk (repeatable, up to 8): a raw image or block device path
     /// (io_uring, O_DIRECT where possible), or an NBD export, nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH (qcow2, VMDK... through qemu-nbd; anything through

@@ -1,6 +1,7 @@
 //! smpft: a fault-tolerant VMM for KVM. This crate holds, on top of the VMM ([`vmm`], a crate of
 //! its own), snapshots and the fault-tolerance engine; the `smpft` binary is its command line.
 
+pub mod balloon;
 pub mod config;
 pub mod error;
 pub mod ft;

@@ -106,6 +106,10 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             disks: args.disks,
             nets: args.nets,
             vmgenid,
+            // So does the balloon (the snapshot's options come with its state).
+            balloon: args
+                .balloon
+                .or_else(|| last.and_then(|s| s.state.component("virtio-balloon")).map(|_| Default::default())),
             ..Default::default()
         })
         .build()?;
@@ -163,6 +167,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
             disks: args.disks,
             nets: args.nets,
             vmgenid: args.vmgenid.then_some(smp_ft::vmm::vmgenid::VmGenId::Auto),
+            balloon: args.balloon,
             ..Default::default()
         })
         .build()?;

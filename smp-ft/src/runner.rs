@@ -106,6 +106,12 @@ impl Runner {
         let outcome = loop {
             // Disk requests left waiting (the write log was full, or the VM was just restored).
             self.vm.devices().kick_disks();
+            // The balloon's statistics buffer goes back each polling interval.
+            let balloon = self.vm.devices().balloon().cloned();
+            if let Some(b) = &balloon {
+                b.tick(Instant::now());
+            }
+            let balloon_changes = balloon.as_ref().map_or_else(crossbeam_channel::never, |b| b.device().changes());
             let (ft_events, ft_inputs, ft_wake) = match &self.ft {
                 Some(ft) => ft.receivers(),
                 None => (crossbeam_channel::never(), crossbeam_channel::never(), crossbeam_channel::never()),
@@ -113,6 +119,8 @@ impl Runner {
             let timeout = self.ft.as_mut().map_or(std::time::Duration::from_secs(3600), |ft| {
                 ft.next_deadline().saturating_duration_since(Instant::now())
             });
+            let balloon_due = balloon.as_ref().and_then(|b| b.device().due());
+            let timeout = balloon_due.map_or(timeout, |t| timeout.min(t.saturating_duration_since(Instant::now())));
             let mut flow = Flow::Continue;
             let mut ended = None;
             crossbeam_channel::select! {
@@ -127,6 +135,11 @@ impl Runner {
                     }
                 }
                 recv(ft_wake) -> _ => {}
+                recv(balloon_changes) -> _ => {
+                    if let Some(b) = &balloon {
+                        self.emit("BALLOON_CHANGE", Some(json!({"actual": b.device().actual()})));
+                    }
+                }
                 default(timeout) => {}
                 recv(vm_events) -> ev => ended = self.vm_event(ev),
                 recv(requests) -> req => {
@@ -330,14 +343,22 @@ impl Runner {
             Command::Other { name, args } => match SmpftCommand::parse(name, args) {
                 Some(Ok(c)) => self.smpft(c, ft_active),
                 Some(Err(e)) => Err(e),
-                None => match &mut self.extension {
-                    Some(e) => {
-                        let pty = self.vm.serial_pty();
-                        e.answer(Some(&self.vm), pty.as_deref(), name, args)
-                            .unwrap_or_else(|| Err(qemu_shim::qmp::not_found(name)))
+                None => {
+                    if let Some(r) = crate::balloon::answer(&self.vm, name, args) {
+                        return r;
                     }
-                    None => Err(qemu_shim::qmp::not_found(name)),
-                },
+                    let pty = self.vm.serial_pty();
+                    let answered =
+                        self.extension.as_mut().and_then(|e| e.answer(Some(&self.vm), pty.as_deref(), name, args));
+                    // smpft's own monitor names the balloon's QOM path itself.
+                    let own_balloon = self.vm.devices().balloon().is_some()
+                        && crate::balloon::qom_path(name, args).as_deref() == Some(crate::balloon::DEFAULT_PATH);
+                    match answered {
+                        Some(r) => r,
+                        None if own_balloon => crate::balloon::qom(Some(&self.vm), name, args),
+                        None => Err(qemu_shim::qmp::not_found(name)),
+                    }
+                }
             },
         }
     }

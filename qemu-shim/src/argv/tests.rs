@@ -210,3 +210,33 @@ fn a_vmgenid_takes_the_guid_libvirt_and_proxmox_write() {
     let e = parse(&args("-device vmgenid,guid=auto -device vmgenid,guid=auto")).unwrap_err().to_string();
     assert!(e.contains("at most one vmgenid"), "{e}");
 }
+
+#[test]
+fn a_virtio_balloon_as_libvirt_nova_and_proxmox_write_it() {
+    let l =
+        parse(&args(r#"-device {"driver":"virtio-balloon-pci","id":"balloon0","bus":"pci.0","addr":"0x7"}"#)).unwrap();
+    let plain = Balloon { id: "balloon0".into(), slot: Some(7), ..Default::default() };
+    assert_eq!(l.balloon, Some(plain));
+    assert!(l.device_ids.contains(&("balloon0".into(), "virtio-balloon-pci".into())), "listed in QOM");
+    let l = parse(&args("-device virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x3,free-page-reporting=on")).unwrap();
+    let b = l.balloon.unwrap();
+    assert_eq!((b.slot, b.deflate_on_oom, b.free_page_reporting), (Some(3), false, true));
+    let json =
+        r#"-device {"driver":"virtio-balloon-pci","id":"balloon0","deflate-on-oom":true,"free-page-reporting":false}"#;
+    let b = parse(&args(json)).unwrap().balloon.unwrap();
+    assert_eq!((b.slot, b.deflate_on_oom, b.free_page_reporting), (None, true, false));
+    assert_eq!(parse(&args("-m 64")).unwrap().balloon, None);
+    for (line, says) in [
+        ("-device virtio-balloon-pci,id=b,deflate-on-oom=maybe", "deflate-on-oom=maybe: expected on or off"),
+        ("-device virtio-balloon-pci,id=b,free-page-hint=on", "free-page-hint is not supported"),
+        ("-device virtio-balloon-pci,id=a -device virtio-balloon-pci,id=b", "only one virtio-balloon"),
+        ("-device virtio-balloon-pci,id=b,bus=pci.0,addr=0x20", "not a PCI slot"),
+        (
+            "-device virtio-rng-pci,id=r,addr=0x7 -device virtio-balloon-pci,id=b,addr=0x7",
+            "r and b are both at PCI slot 0x7",
+        ),
+    ] {
+        let e = parse(&args(line)).unwrap_err().to_string();
+        assert!(e.contains(says), "{line}: {e}");
+    }
+}

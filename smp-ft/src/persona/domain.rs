@@ -26,6 +26,7 @@ use smp_ft::vmm::devices::serial::{SerialLog, SerialSpec};
 use smp_ft::vmm::devices::{DeviceConfig, PciSlots};
 use smp_ft::vmm::net::{NetSpec, TapSource};
 use smp_ft::vmm::smbios::Smbios;
+use smp_ft::vmm::virtio::balloon::BalloonSpec;
 use smp_ft::vmm::{RunningVm, Vm, VmConfig};
 use std::process::ExitCode;
 
@@ -79,6 +80,7 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
                 rng: launch.rng_slot,
                 disks: launch.disks.iter().map(|d| d.slot).collect(),
                 nets: launch.nics.iter().map(|n| n.slot).collect(),
+                balloon: launch.balloon.as_ref().and_then(|b| b.slot),
             },
             vmgenid: launch
                 .vmgenid
@@ -86,6 +88,10 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
                 .map(str::parse)
                 .transpose()
                 .map_err(|e| format!("-device vmgenid,guid=: {e}"))?,
+            balloon: launch
+                .balloon
+                .as_ref()
+                .map(|b| BalloonSpec { deflate_on_oom: b.deflate_on_oom, free_page_reporting: b.free_page_reporting }),
         })
         .cpu(launch.cpu.clone().unwrap_or_default())
         .no_reboot(launch.no_reboot)
@@ -149,6 +155,7 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
             .map(|(d, n)| BlockDisk { disk: d.clone(), nodes: n.clone() })
             .collect(),
         host_cpu: super::host_cpu(),
+        balloon_path: launch.balloon.as_ref().map(|b| format!("/machine/peripheral/{}", b.id)),
     };
     match ft {
         Some(ft) if ft.standby => super::standby::run(&name, ft, config, qmp, answers),
@@ -188,6 +195,8 @@ pub struct Answers {
     block: Vec<BlockDisk>,
     /// What the host's KVM offers a guest's CPU (for libvirt's CPU model questions).
     host_cpu: Result<Vec<cpu_model::Leaf>, String>,
+    /// The balloon's QOM path (`/machine/peripheral/ID`), if the domain has one.
+    balloon_path: Option<String>,
 }
 
 impl Answers {
@@ -200,7 +209,17 @@ impl Answers {
         args: &Map<String, Value>,
     ) -> Option<Result<Value, QmpError>> {
         let arg = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+        if self.is_balloon(name, args) {
+            return Some(smp_ft::balloon::qom(None, name, args));
+        }
         Some(Ok(match name {
+            // A standby's balloon is its primary's until it goes live (the state comes with the
+            // VM): libvirt takes this error as "no balloon to set" and carries on.
+            "balloon" | "query-balloon" if self.balloon_path.is_some() => return Some(Err(QmpError {
+                class: qemu_shim::qmp::ErrorClass::DeviceNotActive,
+                desc: "No balloon device has been activated: this copy is a standby, its primary's balloon runs the VM"
+                    .into(),
+            })),
             "query-chardev" => {
                 let mut v =
                     vec![json!({"label": "charmonitor", "filename": "disconnected:unix:fd", "frontend-open": true})];
@@ -261,6 +280,11 @@ impl Answers {
 }
 
 impl Answers {
+    /// Whether `name` is a QOM command on the balloon.
+    fn is_balloon(&self, name: &str, args: &Map<String, Value>) -> bool {
+        self.balloon_path.is_some() && smp_ft::balloon::qom_path(name, args) == self.balloon_path
+    }
+
     fn block_answer(&self, name: &str, sizes: &[Size]) -> Value {
         match name {
             "query-block" => block_info::query_block(&self.block, sizes),
@@ -278,6 +302,9 @@ impl Extension for Answers {
         args: &Map<String, Value>,
     ) -> Option<Result<Value, QmpError>> {
         let Some(vm) = vm else { return self.without_vm(pty, name, args) };
+        if self.is_balloon(name, args) {
+            return Some(smp_ft::balloon::qom(Some(vm), name, args));
+        }
         Some(Ok(match name {
             "query-cpus-fast" => Value::Array(
                 vm.vcpu_tids()

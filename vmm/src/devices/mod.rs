@@ -28,6 +28,7 @@ use super::linux::acpi::{
 use super::memory::{GuestMemory, MemoryError};
 use super::net::{tap::Tap, Mac, NetSpec};
 use super::pci::PciBus;
+use super::virtio::balloon::{Balloon, BalloonSpec};
 use super::virtio::{self, blk::Blk, net::Net, rng::Rng, VirtioDevice, VirtioPci};
 use block::spec::DiskSpec;
 use block::Backend;
@@ -110,6 +111,8 @@ pub struct DeviceConfig {
     /// one (see [`crate::vmgenid`]; the GUID lives in guest memory, so copies agree on the
     /// device only).
     pub vmgenid: Option<crate::vmgenid::VmGenId>,
+    /// A virtio-balloon on the PCI bus, with its options.
+    pub balloon: Option<BalloonSpec>,
 }
 
 /// PCI slots asked for: one entry per disk and per NIC, in order (`None`: the next free one).
@@ -118,6 +121,7 @@ pub struct PciSlots {
     pub rng: Option<u8>,
     pub disks: Vec<Option<u8>>,
     pub nets: Vec<Option<u8>>,
+    pub balloon: Option<u8>,
 }
 
 impl PciSlots {
@@ -125,6 +129,7 @@ impl PciSlots {
     fn get(&self, kind: &str, i: usize) -> Option<u8> {
         match kind {
             "rng" => self.rng,
+            "balloon" => self.balloon,
             "disk" => self.disks.get(i).copied().flatten(),
             _ => self.nets.get(i).copied().flatten(),
         }
@@ -135,7 +140,8 @@ impl PciSlots {
         let mut taken: Vec<(u8, String)> = Vec::new();
         let rng = std::iter::once(("rng", 0, &self.rng));
         let asked = rng.chain(self.disks.iter().enumerate().map(|(i, s)| ("disk", i, s)));
-        for (kind, i, slot) in asked.chain(self.nets.iter().enumerate().map(|(i, s)| ("net", i, s))) {
+        let asked = asked.chain(self.nets.iter().enumerate().map(|(i, s)| ("net", i, s)));
+        for (kind, i, slot) in asked.chain(std::iter::once(("balloon", 0, &self.balloon))) {
             let Some(slot) = *slot else { continue };
             let name = names(kind, i);
             if slot == 0 || usize::from(slot) >= crate::pci::SLOTS {
@@ -164,6 +170,10 @@ impl DeviceConfig {
         if self.vmgenid.is_some() {
             names.push("vmgenid".into());
         }
+        if let Some(b) = self.balloon {
+            let options: String = b.options().iter().map(|o| format!("+{o}")).collect();
+            names.push(format!("virtio-balloon{options}{}", at(self.slots.balloon)));
+        }
         if names.is_empty() {
             "none".into()
         } else {
@@ -187,6 +197,7 @@ pub struct Devices {
     disk_observer: Arc<ObserverSlot>,
     /// The NICs, in order.
     nets: Vec<Arc<VirtioPci<Net>>>,
+    balloon: Option<Arc<VirtioPci<Balloon>>>,
     /// Every device with replicated state, in pause order (see [`crate::component`]).
     components: Vec<Arc<dyn Component>>,
     debugcon: Mutex<DebugCon>,
@@ -271,6 +282,7 @@ impl Devices {
         let mut on_pci: Vec<Arc<dyn Component>> = Vec::new();
         let name_of = |kind: &str, i: usize| match kind {
             "rng" => "virtio-rng".to_string(),
+            "balloon" => "virtio-balloon".to_string(),
             "disk" => DISK_NAMES.get(i).map_or_else(|| format!("disk{i}"), |n| n.to_string()),
             _ => NET_NAMES.get(i).map_or_else(|| format!("net{i}"), |n| n.to_string()),
         };
@@ -298,6 +310,15 @@ impl Devices {
             on_pci.push(dev.clone());
             nets.push(dev);
         }
+        let balloon = match config.balloon {
+            Some(spec) => {
+                let dev = Balloon::new(spec, memory.clone());
+                let dev = add_virtio(&mut pci, "virtio-balloon", dev, place("balloon", 0), memory, irq)?;
+                on_pci.push(dev.clone());
+                Some(dev)
+            }
+            None => None,
+        };
         let pci = Arc::new(pci);
         let mut components: Vec<Arc<dyn Component>> = vec![serial.clone(), pci.clone()];
         components.extend(on_pci);
@@ -311,6 +332,7 @@ impl Devices {
             disks: blks,
             disk_observer,
             nets,
+            balloon,
             components,
             debugcon: Mutex::new(DebugCon { line: Vec::new(), out: console }),
             unhandled: AtomicU64::new(0),
@@ -330,6 +352,11 @@ impl Devices {
     /// The NICs, in order.
     pub fn nets(&self) -> &[Arc<VirtioPci<Net>>] {
         &self.nets
+    }
+
+    /// The balloon, if the VM has one.
+    pub fn balloon(&self) -> Option<&Arc<VirtioPci<Balloon>>> {
+        self.balloon.as_ref()
     }
 
     /// What each disk has served, in order.
@@ -502,9 +529,9 @@ mod tests {
     #[test]
     fn pci_slots_asked_for_are_checked_and_named_in_the_summary() {
         let name = |kind: &str, i: usize| format!("{kind}{i}");
-        let slots = PciSlots { rng: Some(9), disks: vec![Some(7), None], nets: vec![Some(3)] };
-        assert_eq!(slots.reserved(name).unwrap(), vec![9, 7, 3]);
-        let clash = PciSlots { rng: None, disks: vec![Some(5)], nets: vec![Some(5)] };
+        let slots = PciSlots { rng: Some(9), disks: vec![Some(7), None], nets: vec![Some(3)], balloon: Some(4) };
+        assert_eq!(slots.reserved(name).unwrap(), vec![9, 7, 3, 4]);
+        let clash = PciSlots { rng: None, disks: vec![Some(5)], nets: vec![Some(5)], balloon: None };
         let e = clash.reserved(name).unwrap_err().to_string();
         assert_eq!(e, "disk0 and net0 are both at PCI slot 0x5");
         for bad in [0, 32] {
@@ -525,5 +552,11 @@ mod tests {
         let other =
             DeviceConfig { vmgenid: Some(crate::vmgenid::VmGenId::Guid(crate::vmgenid::Guid([7; 16]))), ..c.clone() };
         assert_eq!(other.summary(), c.summary());
+        c.balloon = Some(BalloonSpec { deflate_on_oom: false, free_page_reporting: true });
+        c.slots.balloon = Some(7);
+        let e = c.slots.reserved(name).unwrap_err().to_string();
+        assert_eq!(e, "disk0 and balloon0 are both at PCI slot 0x7");
+        c.slots.balloon = Some(3);
+        assert_eq!(c.summary(), "virtio-rng@1e,virtio-blk@07,virtio-blk,vmgenid,virtio-balloon+free-page-reporting@03");
     }
 }

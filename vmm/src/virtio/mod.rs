@@ -16,6 +16,7 @@
 //! of the ring, an inconsistent queue) gets the device marked DEVICE_NEEDS_RESET with a config
 //! interrupt, and nothing more is processed until it resets the device: no panic, no hang.
 
+pub mod balloon;
 pub mod blk;
 pub mod net;
 pub mod rng;
@@ -67,6 +68,10 @@ pub enum VirtioError {
     BrokenChain { head: u16 },
     #[error("buffer of chain {head}: {why}")]
     Buffer { head: u16, why: String },
+    /// A request the device cannot make sense of beyond one buffer (a queue the negotiated
+    /// features leave unused, say).
+    #[error("{0}")]
+    Request(String),
 }
 
 /// What a device is, beside the transport.
@@ -89,6 +94,10 @@ pub trait VirtioDevice: Send + Sync {
     /// Handles what the driver made available on queue `index`; true if used entries were
     /// added (the driver is then interrupted).
     fn process(&self, index: usize, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, VirtioError>;
+    /// The driver accepted these features (FEATURES_OK), or a restored device had them.
+    fn negotiated(&self, features: u64) {
+        let _ = features;
+    }
     /// The driver reset the device.
     fn reset(&self) {}
     /// The VM is pausing: stop writing guest memory from host threads (see `Component::pause`).
@@ -304,6 +313,19 @@ impl<D: VirtioDevice> VirtioPci<D> {
     fn offered(&self) -> u64 {
         self.device.features() | F_VERSION_1
     }
+
+    /// Tells the driver the device configuration changed (a new generation and a configuration
+    /// interrupt), once it is driving the device.
+    pub fn config_changed(&self) {
+        let mut t = self.t.lock();
+        if t.r.status & DRIVER_OK == 0 || t.r.status & NEEDS_RESET != 0 {
+            return;
+        }
+        t.r.config_generation = t.r.config_generation.wrapping_add(1);
+        t.r.isr |= ISR_CONFIG;
+        let v = t.r.config_vector;
+        t.interrupt(v);
+    }
 }
 
 impl Transport {
@@ -444,6 +466,8 @@ impl<D: VirtioDevice> VirtioPci<D> {
             if f & !self.offered() != 0 || f & F_VERSION_1 == 0 {
                 tracing::debug!("{}: features {f:#x} refused (offered {:#x})", self.name, self.offered());
                 new &= !FEATURES_OK;
+            } else {
+                self.device.negotiated(f);
             }
         }
         t.r.status = new;
@@ -605,6 +629,7 @@ impl<D: VirtioDevice> Component for VirtioPci<D> {
         t.config.load(&s.config).map_err(bad)?;
         t.msix.restore(&s.msix).map_err(bad)?;
         self.device.restore(&s.device).map_err(bad)?;
+        self.device.negotiated(if s.registers.status & FEATURES_OK != 0 { s.registers.driver_features } else { 0 });
         t.r = s.registers;
         t.queues = queues;
         Ok(())
