@@ -127,3 +127,32 @@ fn a_protected_vm_stays_protected_through_a_reset_and_fails_over_after_it() {
     assert_eq!(c.call("EXIT 6"), "BYE 6 2");
     assert_eq!(wait_exit(standby, Duration::from_secs(20)).code(), Some(0), "{}", log(&sp));
 }
+
+#[test]
+fn a_protected_vm_powered_off_with_no_shutdown_stays_protected_and_both_copies_end_on_sigterm() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-no-shutdown");
+    let addr = format!("127.0.0.1:{}", common::ft::free_port());
+    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
+    let standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &[]);
+    wait_state(&sp, "waiting", Duration::from_secs(10));
+    let primary = setup.primary(&pp, &addr, &[], &["--no-shutdown"]);
+    wait_state(&pp, "protected", Duration::from_secs(20));
+    let mut c = ServiceClient::connect(&pp.serial, Duration::from_secs(10));
+    assert_eq!(c.call("INCR 1"), "OK 1 1");
+    assert_eq!(c.call("EXIT 2"), "BYE 2 1");
+    let stopped = || Qmp::negotiated(&pp.qmp).ok("query-status", None)["status"] == "shutdown";
+    wait_until(later(|| format!("the VM stopped\n{}", log(&pp))), Duration::from_secs(20), stopped);
+    // Stopped is not silent: the standby keeps the pair (a host that goes quiet is the only
+    // failure), for longer than it takes to notice a silent primary.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(common::ft::query(&sp)["state"], "standby", "{}", log(&sp));
+    assert_eq!(common::ft::query(&pp)["state"], "protected", "{}", log(&pp));
+    // libvirt ends a powered-off domain with SIGTERM: an orderly end of both copies.
+    signal(&primary, libc::SIGTERM);
+    wait_exit(primary, Duration::from_secs(20));
+    let status = wait_exit(standby, Duration::from_secs(20));
+    assert!(!log(&sp).contains("goes live"), "the standby must not take over an ended VM\n{}", log(&sp));
+    assert!(status.code().is_some(), "{}", log(&sp));
+}

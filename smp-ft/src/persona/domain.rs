@@ -132,6 +132,10 @@ fn monitor(launch: &Launch) -> Result<crate::Qmp, String> {
 /// Runs the domain until it ends: as an FT standby or primary if the hook left FT settings for
 /// it (see `libvirt_ft`), unprotected otherwise.
 pub fn run(launch: Launch) -> Result<ExitCode, String> {
+    // Before any thread exists (the monitor's, the FT transport's): a termination signal must
+    // reach the VM as an event, never end the process where it lands (libvirt sends SIGTERM to
+    // end a domain; an FT primary that vanished would look failed to its standby).
+    crate::block_termination_signals();
     let name = launch.name.clone().unwrap_or_else(|| "(unnamed)".into());
     let config = config(&launch)?;
     // So is the CPU: a model or feature this host cannot give is refused with its name.
@@ -143,7 +147,6 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
         .transpose()
         .map_err(|e| crate::error_chain(&e))?;
     let qmp = monitor(&launch)?;
-    crate::block_termination_signals();
     let answers = Answers {
         serial_label: launch.serial_label.clone(),
         devices: launch.device_ids.clone(),
