@@ -11,7 +11,10 @@
 
 use serde_json::{Map, Value};
 use std::collections::HashMap;
+
+mod virtio_serial;
 use std::path::PathBuf;
+pub use virtio_serial::{Channel, ChannelSocket, VirtioSerial};
 
 /// Options accepted with nothing to do, and why.
 pub const IGNORED: &[(&str, &str)] = &[
@@ -108,6 +111,8 @@ pub struct Launch {
     /// A virtio-rng (`-device virtio-rng-pci`), and its PCI slot if libvirt gave one.
     pub rng: bool,
     pub rng_slot: Option<u8>,
+    /// A virtio-serial (`-device virtio-serial-pci`) with its ports (`-device virtserialport`).
+    pub virtio_serial: Option<VirtioSerial>,
     pub daemonize: bool,
     pub pidfile: Option<PathBuf>,
     /// `-version` / `-help`: print and exit.
@@ -485,6 +490,8 @@ impl Parser {
                 self.launch.rng = true;
                 self.launch.rng_slot = self.pci_slot(&id, d)?;
             }
+            "virtio-serial-pci" => self.virtio_serial(&id, d)?,
+            "virtserialport" => self.virtserialport(&id, d)?,
             "virtio-blk-pci" => {
                 let drive = text(d, "drive").unwrap_or_default();
                 let mut disk = self.disk(&id, &drive)?;
@@ -504,7 +511,7 @@ impl Parser {
             }
             _ => {
                 return err(format!(
-                    "device '{driver}' is not supported (smpft has virtio-blk-pci, virtio-net-pci and isa-serial)"
+                    "device '{driver}' is not supported (smpft has virtio-blk-pci, virtio-net-pci, virtio-rng-pci, virtio-serial-pci with virtserialport and isa-serial)"
                 ))
             }
         }

@@ -25,7 +25,8 @@ pub const MACHINE: &str = crate::platform::PC_MACHINE;
 /// The most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 16;
 /// Device types smpft implements.
-pub const DEVICE_TYPES: [&str; 4] = ["virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci", "isa-serial"];
+pub const DEVICE_TYPES: [&str; 6] =
+    ["virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci", "isa-serial", "virtio-serial-pci", "virtserialport"];
 
 /// The object types a domain may use: entropy sources for virtio-rng (both are the host's
 /// getrandom(2) in smpft).

@@ -96,6 +96,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             nets: args.nets,
             ..Default::default()
         })
+        .virtio_serial((!args.channels.is_empty()).then_some(args.channels))
         .build()?;
     let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose()?;
     let ft = args.ft.builder();
@@ -145,6 +146,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         .kvm_device(args.kvm_device)
         .cpu(args.cpu)
         .devices(DeviceConfig { rng: args.rng, disks: args.disks, nets: args.nets, ..Default::default() })
+        .virtio_serial((!args.channels.is_empty()).then_some(args.channels))
         .build()?;
     let rejoin = Rejoin {
         ft: ft.clone(),

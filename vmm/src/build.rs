@@ -84,6 +84,8 @@ pub(crate) struct Parts {
     pub(crate) xcrs: Option<kvm_bindings::kvm_xcrs>,
     /// COM1's host side, reserved; connected when the VM starts.
     pub(crate) serial_host: SerialHost,
+    /// The virtio-serial ports' listening sockets; served when the VM starts.
+    pub(crate) channels: Vec<crate::devices::channel::ChannelListener>,
     /// The guest's CPUID before per-vCPU details (see [`crate::cpuid::guest`]).
     pub(crate) cpuid: Vec<cpu_model::Leaf>,
     pub(crate) _kvm: Kvm,
@@ -114,7 +116,7 @@ pub(crate) fn build(
     if config.vcpus == 0 || config.vcpus > max {
         return Err(VmError::Vcpus { asked: config.vcpus, max });
     }
-    let HostResources { serial: serial_host, console, disks, taps, .. } = host;
+    let HostResources { serial: serial_host, console, disks, taps, channels, .. } = host;
 
     let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
     vm.create_irq_chip().map_err(kvm_err("create in-kernel irqchip"))?;
@@ -165,5 +167,19 @@ pub(crate) fn build(
     }
     let caps = StateCaps::probe(&kvm, &vm, &vcpu_fds[0].lock())?;
     let early = Arc::new(EarlyStates::new(caps, vcpu_fds.len()));
-    Ok(Parts { vm, memory, vcpu_fds, devices, control, kick, early, dirty, xcrs, serial_host, cpuid, _kvm: kvm })
+    Ok(Parts {
+        vm,
+        memory,
+        vcpu_fds,
+        devices,
+        control,
+        kick,
+        early,
+        dirty,
+        xcrs,
+        serial_host,
+        channels,
+        cpuid,
+        _kvm: kvm,
+    })
 }

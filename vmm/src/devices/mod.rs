@@ -13,6 +13,7 @@
 //!
 //! MMIO goes to the PCI bus, which decodes its devices' BARs.
 
+pub mod channel;
 pub mod gate;
 pub mod observer;
 pub mod serial;
@@ -24,7 +25,7 @@ use super::linux::acpi::{S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, SLP_
 use super::memory::{GuestMemory, MemoryError};
 use super::net::{tap::Tap, Mac, NetSpec};
 use super::pci::PciBus;
-use super::virtio::{self, blk::Blk, net::Net, rng::Rng, VirtioDevice, VirtioPci};
+use super::virtio::{self, blk::Blk, console::Console as VirtioConsole, net::Net, rng::Rng, VirtioDevice, VirtioPci};
 use block::spec::DiskSpec;
 use block::Backend;
 pub use observer::DiskObserver;
@@ -98,6 +99,10 @@ pub struct DeviceConfig {
     /// Where devices sit on the PCI bus, where that is given (libvirt's `addr=`); the others
     /// take the next free slots.
     pub slots: PciSlots,
+    /// A virtio-serial (virtio-console with multiple ports) on the PCI bus, with these ports
+    /// (the guest agent's channel). The ports' host sides differ between the two copies; their
+    /// numbers and names must agree.
+    pub virtio_serial: Option<Vec<channel::ChannelSpec>>,
 }
 
 /// PCI slots asked for: one entry per disk and per NIC, in order (`None`: the next free one).
@@ -106,6 +111,7 @@ pub struct PciSlots {
     pub rng: Option<u8>,
     pub disks: Vec<Option<u8>>,
     pub nets: Vec<Option<u8>>,
+    pub virtio_serial: Option<u8>,
 }
 
 impl PciSlots {
@@ -114,6 +120,7 @@ impl PciSlots {
         match kind {
             "rng" => self.rng,
             "disk" => self.disks.get(i).copied().flatten(),
+            "virtio-serial" => self.virtio_serial,
             _ => self.nets.get(i).copied().flatten(),
         }
     }
@@ -123,6 +130,7 @@ impl PciSlots {
         let mut taken: Vec<(u8, String)> = Vec::new();
         let rng = std::iter::once(("rng", 0, &self.rng));
         let asked = rng.chain(self.disks.iter().enumerate().map(|(i, s)| ("disk", i, s)));
+        let asked = asked.chain(std::iter::once(("virtio-serial", 0, &self.virtio_serial)));
         for (kind, i, slot) in asked.chain(self.nets.iter().enumerate().map(|(i, s)| ("net", i, s))) {
             let Some(slot) = *slot else { continue };
             let name = names(kind, i);
@@ -149,6 +157,10 @@ impl DeviceConfig {
         }
         names.extend((0..self.disks.len()).map(|i| format!("virtio-blk{}", at(self.slots.get("disk", i)))));
         names.extend((0..self.nets.len()).map(|i| format!("virtio-net{}", at(self.slots.get("net", i)))));
+        if let Some(ports) = &self.virtio_serial {
+            let ports: Vec<String> = ports.iter().map(|p| format!("{}:{}", p.nr, p.name)).collect();
+            names.push(format!("virtio-serial{}({})", at(self.slots.virtio_serial), ports.join(",")));
+        }
         if names.is_empty() {
             "none".into()
         } else {
@@ -172,6 +184,8 @@ pub struct Devices {
     disk_observer: Arc<ObserverSlot>,
     /// The NICs, in order.
     nets: Vec<Arc<VirtioPci<Net>>>,
+    /// The virtio-serial device and where each port's output goes.
+    virtio_serial: Option<VirtioSerial>,
     /// Every device with replicated state, in pause order (see [`crate::component`]).
     components: Vec<Arc<dyn Component>>,
     debugcon: Mutex<DebugCon>,
@@ -200,6 +214,10 @@ pub enum DeviceError {
     TooManyNets,
     #[error("cannot set up a network device")]
     Net(#[source] std::io::Error),
+    #[error("virtio-serial: {0}")]
+    Ports(String),
+    #[error("cannot set up the virtio-serial device")]
+    VirtioSerial(#[source] std::io::Error),
 }
 
 /// Where a device goes on the bus: the slot asked for, or the next free one not asked for by
@@ -250,6 +268,7 @@ impl Devices {
         let mut on_pci: Vec<Arc<dyn Component>> = Vec::new();
         let name_of = |kind: &str, i: usize| match kind {
             "rng" => "virtio-rng".to_string(),
+            "virtio-serial" => "virtio-serial".to_string(),
             "disk" => DISK_NAMES.get(i).map_or_else(|| format!("disk{i}"), |n| n.to_string()),
             _ => NET_NAMES.get(i).map_or_else(|| format!("net{i}"), |n| n.to_string()),
         };
@@ -277,6 +296,15 @@ impl Devices {
             on_pci.push(dev.clone());
             nets.push(dev);
         }
+        let virtio_serial = match &config.virtio_serial {
+            Some(ports) => {
+                let (dev, links) = VirtioSerial::create(ports, &gate)?;
+                let dev = add_virtio(&mut pci, "virtio-serial", dev, place("virtio-serial", 0), memory, irq)?;
+                on_pci.push(dev.clone());
+                Some(VirtioSerial { dev, links })
+            }
+            None => None,
+        };
         let pci = Arc::new(pci);
         let mut components: Vec<Arc<dyn Component>> = vec![serial.clone(), pci.clone()];
         components.extend(on_pci);
@@ -287,6 +315,7 @@ impl Devices {
             disks: blks,
             disk_observer,
             nets,
+            virtio_serial,
             components,
             debugcon: Mutex::new(DebugCon { line: Vec::new(), out: console }),
             unhandled: AtomicU64::new(0),
@@ -303,6 +332,11 @@ impl Devices {
     /// The NICs, in order.
     pub fn nets(&self) -> &[Arc<VirtioPci<Net>>] {
         &self.nets
+    }
+
+    /// The virtio-serial device, if the VM has one.
+    pub fn virtio_serial(&self) -> Option<&VirtioSerial> {
+        self.virtio_serial.as_ref()
     }
 
     /// What each disk has served, in order.
@@ -430,6 +464,32 @@ impl Devices {
     }
 }
 
+/// The virtio-serial device, and where each of its ports' output goes (in port order).
+pub struct VirtioSerial {
+    pub dev: Arc<VirtioPci<VirtioConsole>>,
+    pub links: Vec<Arc<channel::SocketLink>>,
+}
+
+impl VirtioSerial {
+    fn create(
+        ports: &[channel::ChannelSpec],
+        gate: &Arc<gate::OutputGate>,
+    ) -> Result<(VirtioConsole, Vec<Arc<channel::SocketLink>>), DeviceError> {
+        channel::ChannelSpec::check_all(ports).map_err(DeviceError::Ports)?;
+        let links: Vec<Arc<channel::SocketLink>> = ports.iter().map(|_| Arc::default()).collect();
+        let dyn_links = links.iter().map(|l| l.clone() as Arc<dyn virtio::console::PortLink>).collect();
+        let defs = ports.iter().map(channel::ChannelSpec::def).collect();
+        let dev =
+            VirtioConsole::new("virtio-serial", defs, dyn_links, gate.clone()).map_err(DeviceError::VirtioSerial)?;
+        Ok((dev, links))
+    }
+
+    /// Whether a guest program has port `i` open (QMP's `frontend-open`).
+    pub fn guest_open(&self, i: usize) -> bool {
+        self.dev.device().guest_open(i)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,9 +497,9 @@ mod tests {
     #[test]
     fn pci_slots_asked_for_are_checked_and_named_in_the_summary() {
         let name = |kind: &str, i: usize| format!("{kind}{i}");
-        let slots = PciSlots { rng: Some(9), disks: vec![Some(7), None], nets: vec![Some(3)] };
+        let slots = PciSlots { rng: Some(9), disks: vec![Some(7), None], nets: vec![Some(3)], virtio_serial: None };
         assert_eq!(slots.reserved(name).unwrap(), vec![9, 7, 3]);
-        let clash = PciSlots { rng: None, disks: vec![Some(5)], nets: vec![Some(5)] };
+        let clash = PciSlots { rng: None, disks: vec![Some(5)], nets: vec![Some(5)], virtio_serial: None };
         let e = clash.reserved(name).unwrap_err().to_string();
         assert_eq!(e, "disk0 and net0 are both at PCI slot 0x5");
         for bad in [0, 32] {

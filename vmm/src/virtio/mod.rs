@@ -17,6 +17,7 @@
 //! interrupt, and nothing more is processed until it resets the device: no panic, no hang.
 
 pub mod blk;
+pub mod console;
 pub mod net;
 pub mod rng;
 
@@ -89,6 +90,12 @@ pub trait VirtioDevice: Send + Sync {
     /// Handles what the driver made available on queue `index`; true if used entries were
     /// added (the driver is then interrupted).
     fn process(&self, index: usize, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, VirtioError>;
+    /// Queues to serve right after queue `index` was (a device whose requests on one queue are
+    /// answered on another, as virtio-console's control queues).
+    fn then_serve(&self, index: usize) -> Vec<usize> {
+        let _ = index;
+        Vec::new()
+    }
     /// The driver reset the device.
     fn reset(&self) {}
     /// The VM is pausing: stop writing guest memory from host threads (see `Component::pause`).
@@ -157,6 +164,25 @@ pub fn serve_chains_while<'a>(
         used = true;
     }
     Ok(used)
+}
+
+/// [`serve_chains`] for at most `n` chains (one per item waiting for the driver).
+pub fn serve_chains_upto<'a>(
+    queue: &mut Queue,
+    mem: &'a DeviceMemory,
+    n: usize,
+    mut serve: impl FnMut(Chain<'a>) -> Result<u32, VirtioError>,
+) -> Result<bool, VirtioError> {
+    let taken = std::cell::Cell::new(0usize);
+    serve_chains_while(
+        queue,
+        mem,
+        || taken.get() < n,
+        |chain| {
+            taken.set(taken.get() + 1);
+            serve(chain)
+        },
+    )
 }
 
 struct Slot {
@@ -456,6 +482,15 @@ impl<D: VirtioDevice> VirtioPci<D> {
     }
 
     fn notify(&self, t: &mut Transport, index: usize) {
+        self.serve(t, index);
+        for next in self.device.then_serve(index) {
+            if next != index {
+                self.serve(t, next);
+            }
+        }
+    }
+
+    fn serve(&self, t: &mut Transport, index: usize) {
         if t.r.status & DRIVER_OK == 0 || t.r.status & NEEDS_RESET != 0 {
             return;
         }

@@ -105,6 +105,7 @@ impl<D: VirtioDevice> Driver<D> {
 const WRITE: u16 = 2;
 const NEXT: u16 = 1;
 
+mod console;
 mod net;
 
 #[test]
