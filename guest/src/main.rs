@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod agent;
 mod churn;
 mod counter;
 mod disk;
@@ -155,6 +156,11 @@ fn init(bi: &BootInfo) -> Shared {
             io::exit(status);
         }
     }
+    if params.agent {
+        if let Err(status) = agent::init(bi.tsc_khz) {
+            io::exit(status);
+        }
+    }
     if params.disk {
         if let Err(status) = disk::init(bi.tsc_khz, bi.vcpus, params.disk_settings) {
             io::exit(status);
@@ -244,6 +250,16 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
         if drives_rng && rng::step(now) {
             idle = false;
         }
+        if p.agent && cpu == 0 {
+            match agent::poll() {
+                service::Poll::Exit => {
+                    log!("agent: powering off");
+                    STOP.store(true, Ordering::Relaxed);
+                }
+                service::Poll::Busy => idle = false,
+                service::Poll::Idle => {}
+            }
+        }
         if p.disk {
             disk::step(cpu);
         }
@@ -296,7 +312,7 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
                 RNG_WAIT_US
             } else if networks {
                 NET_WAIT_US
-            } else if serves {
+            } else if serves || (p.agent && cpu == 0) {
                 1000
             } else {
                 (wait_ms * 1000).min(100_000) as u32
@@ -361,6 +377,9 @@ fn finish(cpu: usize, p: &Params, vcpus: u32) -> ! {
     }
     if p.net.is_some() {
         log!("net: {}", net::totals());
+    }
+    if p.agent {
+        log!("agent: answered={}", agent::answered());
     }
     if p.rng {
         let (requests, bytes) = rng::finish();

@@ -38,6 +38,8 @@ pub struct Params {
     pub service: bool,
     /// vCPU 0 drives a virtio-rng device.
     pub rng: bool,
+    /// vCPU 0 answers the QEMU guest agent on a virtio-serial port (`agent`).
+    pub agent: bool,
     /// List the PCI functions found at boot (`pci`), as `pci 00:SS.F [vendor:device]` lines.
     pub pci: bool,
     /// Log what the SMBIOS tables say (`smbios`), as `smbios: ...` lines.
@@ -71,6 +73,7 @@ impl Params {
         churn: false,
         service: false,
         rng: false,
+        agent: false,
         pci: false,
         smbios: false,
         disk: false,
@@ -129,6 +132,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, Bad<'_>> {
             (b"churn", None) => p.churn = true,
             (b"service", None) => p.service = true,
             (b"rng", None) => p.rng = true,
+            (b"agent", None) => p.agent = true,
             (b"pci", None) => p.pci = true,
             (b"smbios", None) => p.smbios = true,
             (b"disk", None) => p.disk = true,

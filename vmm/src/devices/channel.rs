@@ -89,7 +89,11 @@ impl std::str::FromStr for ChannelSpec {
                 Some(("fd", v)) => {
                     host = Some(ChannelHost::Fd(v.parse().map_err(|_| format!("fd={v} is not a descriptor number"))?))
                 }
-                Some(("nr", v)) => nr = v.parse().map_err(|_| format!("nr={v} is not a port number"))?,
+                Some(("nr", v)) => {
+                    nr = v.parse().ok().filter(|n| (1..MAX_PORTS).contains(n)).ok_or_else(|| {
+                        format!("nr={v}: port numbers are 1 to {} (0 is the virtconsole's)", MAX_PORTS - 1)
+                    })?
+                }
                 _ => return Err(format!("'{part}' is not name=NAME, path=PATH, fd=N or nr=N")),
             }
         }
