@@ -188,6 +188,9 @@ impl VmBuilder {
                 if p.chardev.is_empty() {
                     p.chardev = format!("charchannel{i}");
                 }
+                if p.id.is_empty() {
+                    p.id = format!("channel{i}");
+                }
             }
             ChannelSpec::check_all(&ports)
                 .map_err(|why| ConfigError::new(names, &[Setting::Channel], Problem::Invalid(why)))?;

@@ -97,6 +97,7 @@ fn channels(v: &qemu_shim::argv::VirtioSerial) -> Vec<ChannelSpec> {
         .map(|p| ChannelSpec {
             nr: p.nr.unwrap_or(0),
             name: p.name.clone(),
+            id: p.id.clone(),
             chardev: p.chardev.clone(),
             host: match &p.socket {
                 ChannelSocket::Path(path) => ChannelHost::Path(path.clone()),

@@ -31,12 +31,14 @@ pub enum ChannelHost {
     Fd(i32),
 }
 
-/// One `virtserialport`: its number on the device, the name the guest sees, the chardev id it
-/// is reported as, and where its host side listens.
+/// One `virtserialport`: its number on the device, the name the guest sees, its device id (QMP's
+/// `VSERPORT_CHANGE` names it), the chardev id it is reported as, and where its host side
+/// listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelSpec {
     pub nr: u32,
     pub name: String,
+    pub id: String,
     pub chardev: String,
     pub host: ChannelHost,
 }
@@ -99,7 +101,7 @@ impl std::str::FromStr for ChannelSpec {
         }
         let name = name.ok_or("a channel needs name=NAME (the guest agent's is org.qemu.guest_agent.0)")?;
         let host = host.ok_or("a channel needs path=PATH (a unix socket smpft listens on) or fd=N")?;
-        Ok(ChannelSpec { nr, name, chardev: String::new(), host })
+        Ok(ChannelSpec { nr, name, id: String::new(), chardev: String::new(), host })
     }
 }
 

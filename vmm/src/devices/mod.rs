@@ -301,7 +301,7 @@ impl Devices {
                 let (dev, links) = VirtioSerial::create(ports, &gate)?;
                 let dev = add_virtio(&mut pci, "virtio-serial", dev, place("virtio-serial", 0), memory, irq)?;
                 on_pci.push(dev.clone());
-                Some(VirtioSerial { dev, links })
+                Some(VirtioSerial { dev, links, ids: ports.iter().map(|p| p.id.clone()).collect() })
             }
             None => None,
         };
@@ -468,6 +468,8 @@ impl Devices {
 pub struct VirtioSerial {
     pub dev: Arc<VirtioPci<VirtioConsole>>,
     pub links: Vec<Arc<channel::SocketLink>>,
+    /// The ports' device ids, in port order.
+    pub ids: Vec<String>,
 }
 
 impl VirtioSerial {
@@ -482,6 +484,12 @@ impl VirtioSerial {
         let dev =
             VirtioConsole::new("virtio-serial", defs, dyn_links, gate.clone()).map_err(DeviceError::VirtioSerial)?;
         Ok((dev, links))
+    }
+
+    /// Each port a guest program opens or closes, as (port index, open): see
+    /// [`VirtioConsole::port_events`].
+    pub fn port_events(&self) -> crossbeam_channel::Receiver<(usize, bool)> {
+        self.dev.device().port_events().clone()
     }
 
     /// Whether a guest program has port `i` open (QMP's `frontend-open`).

@@ -147,6 +147,9 @@ pub struct ConsoleStats {
     pub rx_bytes: AtomicU64,
 }
 
+/// (port index, open): a guest program opened or closed a port.
+pub type PortEvent = (usize, bool);
+
 pub struct Console {
     name: &'static str,
     defs: Vec<PortDef>,
@@ -158,6 +161,8 @@ pub struct Console {
     kick: EventFd,
     /// Something changed that the host threads should look at (set with `kick`).
     changed: AtomicBool,
+    /// (port, open): a guest program opened or closed a port (QMP's `VSERPORT_CHANGE`).
+    opened: (crossbeam_channel::Sender<PortEvent>, crossbeam_channel::Receiver<PortEvent>),
 }
 
 impl Console {
@@ -184,6 +189,7 @@ impl Console {
             stats: ConsoleStats::default(),
             kick: EventFd::new(EFD_NONBLOCK)?,
             changed: AtomicBool::new(false),
+            opened: crossbeam_channel::unbounded(),
         })
     }
 
@@ -197,6 +203,12 @@ impl Console {
 
     pub fn kick_event(&self) -> &EventFd {
         &self.kick
+    }
+
+    /// Tells of every port a guest program opens or closes, as (port index, open); after a
+    /// restore, of each port the guest has open (it is open on this host from then on).
+    pub fn port_events(&self) -> &crossbeam_channel::Receiver<(usize, bool)> {
+        &self.opened.1
     }
 
     fn max_nr_ports(&self) -> u32 {
@@ -429,6 +441,7 @@ impl Console {
                 let open = value != 0;
                 let p = &mut g.ports[i];
                 if p.guest_open != open {
+                    let _ = self.opened.0.send((i, open));
                     tracing::info!(
                         "{}: port {} ({}) {} by the guest",
                         self.name,
@@ -543,9 +556,13 @@ impl VirtioDevice for Console {
             g.ctrl_out = s.ctrl_out.into();
             g.ports = s.ports.into_iter().map(|(_, _, p)| p).collect();
         }
-        // The guest learns the connection state of the host it now runs on.
+        // The guest learns the connection state of the host it now runs on, and whoever
+        // watches this host's ports that the guest has them open.
         for i in 0..self.defs.len() {
             self.host_changed(i);
+            if self.guest_open(i) {
+                let _ = self.opened.0.send((i, true));
+            }
         }
         self.signal();
         Ok(())
