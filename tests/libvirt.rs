@@ -640,9 +640,9 @@ fn a_domain_with_the_pc_platform_stacks_write_runs_unchanged() {
 }
 
 /// virt-install with the usual flags creates and starts a domain: its default CPU (custom
-/// kvm64), its virtio-rng on /dev/urandom (the guest reads entropy from it), its PC platform.
-/// Its balloon answers `virsh dommemstat` and `virsh setmem`. Still needed: `--channel none`
-/// (the guest agent's virtio-serial channel is not smpft's yet).
+/// kvm64), its virtio-rng on /dev/urandom (the guest reads entropy from it), its PC platform,
+/// its guest agent channel (`virsh qemu-agent-command` reaches the test guest's agent). Its
+/// balloon answers `virsh dommemstat` and `virsh setmem`.
 #[test]
 fn virt_install_creates_and_starts_a_domain() {
     let _one = one_at_a_time();
@@ -654,7 +654,7 @@ fn virt_install_creates_and_starts_a_domain() {
     std::fs::File::create(&raw).unwrap().set_len(32 << 20).unwrap();
     let dom = "lv-vi";
     let boot = format!(
-        "kernel={},cmdline=counter service disk disk-ws=4M rng balloon net ip=203.0.113.2/24 duration=600s",
+        "kernel={},cmdline=counter service disk disk-ws=4M rng balloon agent net ip=203.0.113.2/24 duration=600s",
         lv.dir.join("guest.elf").display()
     );
     let o = Command::new("virt-install")
@@ -663,7 +663,6 @@ fn virt_install_creates_and_starts_a_domain() {
         .arg("--disk")
         .arg(format!("path={}", raw.display()))
         .args(["--network", &format!("bridge={}", net.bridge), "--graphics", "none", "--console", "pty"])
-        .args(["--channel", "none"])
         .args(["--noautoconsole"])
         .output()
         .unwrap();
@@ -674,7 +673,12 @@ fn virt_install_creates_and_starts_a_domain() {
     assert!(xml.contains("<pm>") && xml.contains("name='hpet' present='no'"), "virt-install's defaults:\n{xml}");
     assert!(xml.contains("<model fallback='forbid'>kvm64</model>") || xml.contains(">kvm64</model>"), "{xml}");
     assert!(xml.contains("<rng model='virtio'>"), "{xml}");
+    assert!(xml.contains("name='org.qemu.guest_agent.0'"), "the agent's channel: {xml}");
     assert_eq!(console_request(dom, "INCR 1"), "OK 1 1", "the guest runs");
+    let pong = ok(&["qemu-agent-command", dom, r#"{"execute":"guest-ping"}"#]);
+    assert_eq!(pong.trim(), r#"{"return":{}}"#, "{}", log(dom));
+    let info = ok(&["qemu-agent-command", dom, r#"{"execute":"guest-info"}"#]);
+    assert!(info.contains(r#""name":"guest-sync-delimited""#) && info.contains("smpft-guest"), "{info}");
     let l = last_start_log(dom);
     for what in ["no PS/2", "no USB: the USB controller"] {
         assert_eq!(l.matches(what).count(), 1, "one warning line for '{what}':\n{l}");

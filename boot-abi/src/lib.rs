@@ -162,6 +162,7 @@ pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 pub const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
 pub const VIRTIO_TYPE_NET: u16 = 1;
 pub const VIRTIO_TYPE_BLOCK: u16 = 2;
+pub const VIRTIO_TYPE_CONSOLE: u16 = 3;
 pub const VIRTIO_TYPE_RNG: u16 = 4;
 pub const VIRTIO_TYPE_BALLOON: u16 = 5;
 

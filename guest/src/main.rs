@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod agent;
 mod balloon;
 mod churn;
 mod counter;
@@ -168,6 +169,11 @@ fn init(bi: &BootInfo) -> Shared {
             io::exit(status);
         }
     }
+    if params.agent {
+        if let Err(status) = agent::init(bi.tsc_khz) {
+            io::exit(status);
+        }
+    }
     if params.disk {
         if let Err(status) = disk::init(bi.tsc_khz, bi.vcpus, params.disk_settings) {
             io::exit(status);
@@ -260,6 +266,16 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
         if p.balloon && cpu == 0 && balloon::step(now) {
             idle = false;
         }
+        if p.agent && cpu == 0 {
+            match agent::poll() {
+                service::Poll::Exit => {
+                    log!("agent: powering off");
+                    STOP.store(true, Ordering::Relaxed);
+                }
+                service::Poll::Busy => idle = false,
+                service::Poll::Idle => {}
+            }
+        }
         if p.disk {
             disk::step(cpu);
         }
@@ -315,7 +331,7 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
                 RNG_WAIT_US
             } else if networks {
                 NET_WAIT_US
-            } else if serves {
+            } else if serves || (p.agent && cpu == 0) {
                 1000
             } else {
                 (wait_ms * 1000).min(100_000) as u32
@@ -380,6 +396,9 @@ fn finish(cpu: usize, p: &Params, vcpus: u32) -> ! {
     }
     if p.net.is_some() {
         log!("net: {}", net::totals());
+    }
+    if p.agent {
+        log!("agent: answered={}", agent::answered());
     }
     if p.rng {
         let (requests, bytes) = rng::finish();

@@ -40,6 +40,8 @@ pub struct Params {
     pub rng: bool,
     /// vCPU 0 drives a virtio-balloon over the free memory the other workloads leave.
     pub balloon: bool,
+    /// vCPU 0 answers the QEMU guest agent on a virtio-serial port (`agent`).
+    pub agent: bool,
     /// List the PCI functions found at boot (`pci`), as `pci 00:SS.F [vendor:device]` lines.
     pub pci: bool,
     /// Log what the SMBIOS tables say (`smbios`), as `smbios: ...` lines.
@@ -76,6 +78,7 @@ impl Params {
         service: false,
         rng: false,
         balloon: false,
+        agent: false,
         pci: false,
         smbios: false,
         vmgenid: false,
@@ -136,6 +139,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, Bad<'_>> {
             (b"service", None) => p.service = true,
             (b"rng", None) => p.rng = true,
             (b"balloon", None) => p.balloon = true,
+            (b"agent", None) => p.agent = true,
             (b"pci", None) => p.pci = true,
             (b"smbios", None) => p.smbios = true,
             (b"vmgenid", None) => p.vmgenid = true,

@@ -11,7 +11,10 @@
 
 use serde_json::{Map, Value};
 use std::collections::HashMap;
+
+mod virtio_serial;
 use std::path::PathBuf;
+pub use virtio_serial::{Channel, ChannelSocket, VirtioSerial};
 
 /// Options accepted with nothing to do, and why.
 pub const IGNORED: &[(&str, &str)] = &[
@@ -123,6 +126,8 @@ pub struct Launch {
     /// when there is none; the VMM checks it).
     pub vmgenid: Option<String>,
     pub balloon: Option<Balloon>,
+    /// A virtio-serial (`-device virtio-serial-pci`) with its ports (`-device virtserialport`).
+    pub virtio_serial: Option<VirtioSerial>,
     pub daemonize: bool,
     pub pidfile: Option<PathBuf>,
     /// `-version` / `-help`: print and exit.
@@ -524,6 +529,8 @@ impl Parser {
                 let slot = self.pci_slot(&id, d)?;
                 self.launch.balloon = Some(Balloon { id, slot, deflate_on_oom, free_page_reporting });
             }
+            "virtio-serial-pci" => self.virtio_serial(&id, d)?,
+            "virtserialport" => self.virtserialport(&id, d)?,
             "virtio-blk-pci" => {
                 let drive = text(d, "drive").unwrap_or_default();
                 let mut disk = self.disk(&id, &drive)?;
@@ -543,7 +550,7 @@ impl Parser {
             }
             _ => {
                 return err(format!(
-                    "device '{driver}' is not supported (smpft has virtio-blk-pci, virtio-net-pci, virtio-rng-pci, virtio-balloon-pci and isa-serial)"
+                    "device '{driver}' is not supported (smpft has virtio-blk-pci, virtio-net-pci, virtio-rng-pci, virtio-balloon-pci, virtio-serial-pci with virtserialport, vmgenid and isa-serial)"
                 ))
             }
         }

@@ -25,8 +25,16 @@ pub const MACHINE: &str = crate::platform::PC_MACHINE;
 /// The most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 16;
 /// Device types smpft implements.
-pub const DEVICE_TYPES: [&str; 6] =
-    ["virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci", "virtio-balloon-pci", "isa-serial", "vmgenid"];
+pub const DEVICE_TYPES: [&str; 8] = [
+    "virtio-blk-pci",
+    "virtio-net-pci",
+    "virtio-rng-pci",
+    "virtio-balloon-pci",
+    "isa-serial",
+    "vmgenid",
+    "virtio-serial-pci",
+    "virtserialport",
+];
 
 /// The virtio-balloon's options libvirt probes for (`autodeflate`, `freePageReporting`).
 pub const BALLOON_PROPERTIES: [&str; 2] = ["deflate-on-oom", "free-page-reporting"];

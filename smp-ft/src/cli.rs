@@ -8,6 +8,7 @@ use smp_ft::config::vm::MAX_VCPUS;
 use smp_ft::config::{FtBuilder, Names};
 use smp_ft::ft::disk::DiskSync;
 use smp_ft::units::{parse_duration, parse_size};
+use smp_ft::vmm::devices::channel::ChannelSpec;
 use smp_ft::vmm::devices::serial::SerialSpec;
 use smp_ft::vmm::net::NetSpec;
 use smp_ft::vmm::virtio::balloon::BalloonSpec;
@@ -199,6 +200,10 @@ pub(crate) struct StandbyArgs {
     /// The protected VM has a virtio-balloon, with the same options as the primary's.
     #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS")]
     pub(crate) balloon: Option<BalloonSpec>,
+    /// The protected VM's virtio-serial ports, as for `run` (the same names and numbers as the
+    /// primary's); this copy's own sockets, listened on once it is live.
+    #[arg(long = "channel", value_name = "name=NAME,path=PATH|fd=N[,nr=N]")]
+    pub(crate) channels: Vec<ChannelSpec>,
     /// This standby's own storage for the VM's disks, in the primary's order (same count and
     /// sizes): a raw image or block device path, nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH. The initial copy writes it; checkpoints keep it current.
@@ -263,7 +268,8 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value = "console=ttyS0", requires = "kernel", allow_hyphen_values = true)]
     pub(crate) cmdline: String,
     /// Boot parameters for the guest. The built-in guest takes workloads `counter`, `churn`,
-    /// `service`, `rng` (needs --rng), `disk` (needs --disk), `vmgenid` and settings `churn-rate=PAGES_PER_S` (per vCPU, 0 = flat
+    /// `service`, `rng` (needs --rng), `disk` (needs --disk), `vmgenid`, `balloon` (needs --balloon), `agent` (answers the QEMU guest agent's basic
+    /// commands on the port named org.qemu.guest_agent.0, needs --channel) and settings `churn-rate=PAGES_PER_S` (per vCPU, 0 = flat
     /// out), `churn-ws=SIZE`, `duration=5s|500ms`, `report=1s`, `fail=counter|churn`.
     #[arg(long, default_value = "counter churn duration=2s", allow_hyphen_values = true)]
     pub(crate) guest_args: String,
@@ -318,6 +324,14 @@ pub(crate) struct RunArgs {
     /// out), free-page-reporting (the guest hands over free pages, released here too).
     #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS")]
     pub(crate) balloon: Option<BalloonSpec>,
+    /// Give the VM a virtio-serial port (repeatable; all on one virtio-serial PCI device), e.g.
+    /// the guest agent's channel: name=org.qemu.guest_agent.0,path=/run/vm-agent.sock. smpft
+    /// listens on the unix socket PATH (or on the listening socket passed as fd=N) and serves
+    /// one client at a time; the guest sees the port named NAME (number nr=N, default 1, 2, ...
+    /// in order) and whether a client is connected. Protected, what the guest sends on the
+    /// port is held until the standby has acknowledged the checkpoint that produced it.
+    #[arg(long = "channel", value_name = "name=NAME,path=PATH|fd=N[,nr=N]")]
+    pub(crate) channels: Vec<ChannelSpec>,
     /// Give the VM a virtio-blk disk (repeatable, up to 8): a raw image or block device path
     /// (io_uring, O_DIRECT where possible), or an NBD export, nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH (qcow2, VMDK... through qemu-nbd; anything through

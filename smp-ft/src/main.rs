@@ -112,6 +112,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
                 .or_else(|| last.and_then(|s| s.state.component("virtio-balloon")).map(|_| Default::default())),
             ..Default::default()
         })
+        .virtio_serial((!args.channels.is_empty()).then_some(args.channels))
         .build()?;
     let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose()?;
     let ft = args.ft.builder();
@@ -170,6 +171,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
             balloon: args.balloon,
             ..Default::default()
         })
+        .virtio_serial((!args.channels.is_empty()).then_some(args.channels))
         .build()?;
     let rejoin = Rejoin {
         ft: ft.clone(),

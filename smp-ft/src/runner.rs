@@ -121,9 +121,15 @@ impl Runner {
             });
             let balloon_due = balloon.as_ref().and_then(|b| b.device().due());
             let timeout = balloon_due.map_or(timeout, |t| timeout.min(t.saturating_duration_since(Instant::now())));
+            let ports = self.vm.devices().virtio_serial().map_or_else(crossbeam_channel::never, |v| v.port_events());
             let mut flow = Flow::Continue;
             let mut ended = None;
             crossbeam_channel::select! {
+                recv(ports) -> ev => {
+                    if let Ok((i, open)) = ev {
+                        self.port_changed(i, open);
+                    }
+                }
                 recv(ft_events) -> ev => {
                     if let (Ok(ev), Some(ft)) = (ev, &mut self.ft) {
                         flow = ft.on_channel(&self.vm, ev);
@@ -195,6 +201,13 @@ impl Runner {
         drop(ft);
         vm.shutdown()?;
         outcome
+    }
+
+    /// A guest program opened or closed a virtio-serial port (QEMU's event, which libvirt waits
+    /// for before it connects to the guest agent).
+    fn port_changed(&self, port: usize, open: bool) {
+        let id = self.vm.devices().virtio_serial().and_then(|v| v.ids.get(port).cloned()).unwrap_or_default();
+        self.emit("VSERPORT_CHANGE", Some(json!({"id": id, "open": open})));
     }
 
     fn stop_qmp(&mut self) {

@@ -86,6 +86,8 @@ pub(crate) struct Parts {
     pub(crate) xcrs: Option<kvm_bindings::kvm_xcrs>,
     /// COM1's host side, reserved; connected when the VM starts.
     pub(crate) serial_host: SerialHost,
+    /// The virtio-serial ports' listening sockets; served when the VM starts.
+    pub(crate) channels: Vec<crate::devices::channel::ChannelListener>,
     /// The guest's CPUID before per-vCPU details (see [`crate::cpuid::guest`]).
     pub(crate) cpuid: Vec<cpu_model::Leaf>,
     /// The machine as built, before anything was loaded: what a reset goes back to.
@@ -125,7 +127,7 @@ pub(crate) fn build(
     if config.vcpus == 0 || config.vcpus > max {
         return Err(VmError::Vcpus { asked: config.vcpus, max });
     }
-    let HostResources { serial: serial_host, console, disks, taps, .. } = host;
+    let HostResources { serial: serial_host, console, disks, taps, channels, .. } = host;
 
     let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
     vm.create_irq_chip().map_err(kvm_err("create in-kernel irqchip"))?;
@@ -188,6 +190,7 @@ pub(crate) fn build(
         dirty,
         xcrs,
         serial_host,
+        channels,
         cpuid,
         power_on,
         _kvm: kvm,

@@ -53,6 +53,10 @@ pub enum VmError {
     Disk { spec: String, source: block::BackendError },
     #[error("network device {spec}")]
     Net { spec: String, source: net::tap::TapError },
+    #[error(transparent)]
+    Channel(#[from] devices::channel::ChannelError),
+    #[error("cannot start the virtio-serial thread")]
+    ChannelThread(#[source] std::io::Error),
     #[error("cannot start the network receive thread")]
     NetThread(#[source] std::io::Error),
     #[error("cannot start vCPU threads")]

@@ -6,6 +6,7 @@
 //! again before it accepts a primary and before it claims the tie-breaker; a copy that could not
 //! go live never claims. Devices that need a host resource (disks, taps) are opened here.
 
+use super::devices::channel::ChannelListener;
 use super::devices::serial::SerialHost;
 use super::devices::Console;
 use super::net::tap::{Tap, TapError};
@@ -23,6 +24,8 @@ pub struct HostResources {
     disk_specs: Vec<String>,
     /// The NICs' taps, attached.
     pub(super) taps: Vec<Arc<Tap>>,
+    /// The virtio-serial ports' listening sockets, in port order.
+    pub(super) channels: Vec<ChannelListener>,
     kvm_device: PathBuf,
 }
 
@@ -53,7 +56,14 @@ impl HostResources {
                 Tap::open(&spec.tap).map(Arc::new).map_err(|source| VmError::Net { spec: spec.to_string(), source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(HostResources { serial, console, disks, disk_specs, taps, kvm_device: config.kvm_device.clone() })
+        let channels = config
+            .devices
+            .virtio_serial
+            .iter()
+            .flatten()
+            .map(ChannelListener::reserve)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(HostResources { serial, console, disks, disk_specs, taps, channels, kvm_device: config.kvm_device.clone() })
     }
 
     /// The pseudo-terminal reserved for COM1, if it is one.

@@ -2,6 +2,7 @@
 //! pauses, resumes, captures and stops it.
 
 use crate::control::{self, PauseError, VcpuControl};
+use crate::devices::channel::ChannelBackend;
 use crate::devices::serial::SerialBackend;
 use crate::devices::{DeviceConfig, Devices};
 use crate::dirty::DirtyLog;
@@ -57,6 +58,13 @@ impl Vm {
             .map(|n| net::backend::NetBackend::start(n.clone(), wake.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(VmError::NetThread)?;
+        let channels = match parts.devices.virtio_serial() {
+            Some(v) => Some(
+                ChannelBackend::start(v.dev.clone(), v.links.clone(), parts.channels, wake.clone())
+                    .map_err(VmError::ChannelThread)?,
+            ),
+            None => None,
+        };
         let mut threads = Vec::new();
         for mut v in vcpus {
             let tx: Sender<VmEvent> = tx.clone();
@@ -81,6 +89,7 @@ impl Vm {
             sender: tx,
             serial: Some(serial),
             nets,
+            channels,
             announcer: Mutex::new(None),
             control: parts.control,
             kick: parts.kick,
@@ -109,6 +118,8 @@ pub struct RunningVm {
     serial: Option<SerialBackend>,
     /// The NICs' receive threads.
     nets: Vec<net::backend::NetBackend>,
+    /// The virtio-serial ports' host thread.
+    channels: Option<ChannelBackend>,
     /// The go-live announcements being sent, and what stops them.
     announcer: Mutex<Option<(shutdown::Shutdown, JoinHandle<()>)>>,
     pub(crate) control: Arc<VcpuControl>,
@@ -293,6 +304,9 @@ impl RunningVm {
             let _ = t.join();
         }
         self.nets.drain(..).for_each(net::backend::NetBackend::stop);
+        if let Some(c) = self.channels.take() {
+            c.stop();
+        }
         if exited {
             // Whatever the guest wrote reaches stable storage before smpft reports the VM ended.
             self.devices.flush_disks();

@@ -240,3 +240,40 @@ fn a_virtio_balloon_as_libvirt_nova_and_proxmox_write_it() {
         assert!(e.contains(says), "{line}: {e}");
     }
 }
+
+#[test]
+fn the_guest_agent_channel_is_a_virtio_serial_port() {
+    use super::{Channel, ChannelSocket};
+    let json = r#"-chardev socket,id=charchannel0,fd=5,server=on,wait=off -device {"driver":"virtio-serial-pci","id":"virtio-serial0","bus":"pci.0","addr":"0x5"} -device {"driver":"virtserialport","bus":"virtio-serial0.0","nr":1,"chardev":"charchannel0","id":"channel0","name":"org.qemu.guest_agent.0"}"#;
+    let l = parse(&args(json)).unwrap();
+    let v = l.virtio_serial.unwrap();
+    assert_eq!((v.id.as_str(), v.slot), ("virtio-serial0", Some(5)));
+    let agent = Channel {
+        id: "channel0".into(),
+        chardev: "charchannel0".into(),
+        nr: Some(1),
+        name: "org.qemu.guest_agent.0".into(),
+        socket: ChannelSocket::Fd(5),
+    };
+    assert_eq!(v.ports, vec![agent]);
+    let plain = "-chardev socket,id=c,path=/run/a.sock,server=on,wait=off -device virtio-serial-pci,id=vs -device virtserialport,bus=vs.0,chardev=c,id=p,name=x";
+    let v = parse(&args(plain)).unwrap().virtio_serial.unwrap();
+    assert_eq!((v.slot, v.ports[0].nr, &v.ports[0].socket), (None, None, &ChannelSocket::Path("/run/a.sock".into())));
+    for (line, says) in [
+        (
+            "-chardev socket,id=c,path=/a,server=on -device virtserialport,chardev=c",
+            "needs a -device virtio-serial-pci",
+        ),
+        ("-device virtio-serial-pci,id=vs -device virtserialport,bus=other.0,chardev=c", "bus=other.0"),
+        ("-device virtio-serial-pci,id=vs -device virtserialport,bus=vs.0,chardev=nope,id=p", "no -chardev 'nope'"),
+        (
+            "-chardev pty,id=c -device virtio-serial-pci,id=vs -device virtserialport,chardev=c",
+            "'pty' is not supported",
+        ),
+        ("-chardev socket,id=c,path=/a -device virtio-serial-pci,id=vs -device virtserialport,chardev=c", "server=on"),
+        ("-device virtio-serial-pci,id=a -device virtio-serial-pci,id=b", "only one virtio-serial"),
+    ] {
+        let e = parse(&args(line)).unwrap_err().to_string();
+        assert!(e.contains(says), "{line}: {e}");
+    }
+}

@@ -33,6 +33,7 @@ pub enum Setting {
     MaxLagFor,
     Peer,
     Listen,
+    Channel,
 }
 
 /// Whose words an error uses for a setting.
@@ -66,7 +67,7 @@ const fn w(
 }
 
 impl Setting {
-    pub const ALL: [Setting; 28] = [
+    pub const ALL: [Setting; 29] = [
         Setting::Vcpus,
         Setting::Memory,
         Setting::Guest,
@@ -95,11 +96,13 @@ impl Setting {
         Setting::MaxLagFor,
         Setting::Peer,
         Setting::Listen,
+        Setting::Channel,
     ];
 
     fn words(self) -> Words {
         match self {
             Setting::Vcpus => w("vcpus", Some("--vcpus"), Some("-smp"), None),
+            Setting::Channel => w("channel", Some("--channel"), Some("-device virtserialport"), None),
             Setting::Memory => w("memory", Some("--memory"), Some("-m"), None),
             Setting::Guest => w("guest", Some("--guest"), Some("-kernel"), None),
             Setting::GuestArgs => w("guest-args", Some("--guest-args"), Some("-append"), None),

@@ -5,6 +5,7 @@
 use super::error::{ConfigError, Problem};
 use super::names::{Names, Setting};
 use crate::guest;
+use crate::vmm::devices::channel::ChannelSpec;
 use crate::vmm::devices::serial::{SerialLog, SerialSpec};
 use crate::vmm::devices::DeviceConfig;
 use crate::vmm::linux::LinuxBoot;
@@ -53,6 +54,8 @@ pub struct VmBuilder {
     console: Option<PathBuf>,
     kvm_device: PathBuf,
     devices: DeviceConfig,
+    /// The virtio-serial ports (a virtio-serial device even without any, if `Some`).
+    virtio_serial: Option<Vec<ChannelSpec>>,
     cpu: cpu_model::CpuSpec,
     no_reboot: bool,
     no_shutdown: bool,
@@ -75,6 +78,7 @@ impl VmBuilder {
             console: None,
             kvm_device: DEFAULT_KVM_DEVICE.into(),
             devices: DeviceConfig::default(),
+            virtio_serial: None,
             cpu: cpu_model::CpuSpec::default(),
             no_reboot: false,
             no_shutdown: false,
@@ -153,6 +157,13 @@ impl VmBuilder {
         self
     }
 
+    /// A virtio-serial device with these ports (the guest agent's channel): ports without a
+    /// number are numbered from 1 in order, and named `charchannelN` for QMP if unnamed.
+    pub fn virtio_serial(mut self, ports: Option<Vec<ChannelSpec>>) -> Self {
+        self.virtio_serial = ports;
+        self
+    }
+
     /// The guest's CPU model and features (default: the host's CPU as KVM offers it).
     pub fn cpu(mut self, cpu: cpu_model::CpuSpec) -> Self {
         self.cpu = cpu;
@@ -184,6 +195,23 @@ impl VmBuilder {
             return Err(ConfigError::new(names, &[Setting::Memory], Problem::Zero));
         }
         let (payload, guest_name) = payload(names, self.boot)?;
+        let mut devices = self.devices;
+        if let Some(mut ports) = self.virtio_serial {
+            for (i, p) in ports.iter_mut().enumerate() {
+                if p.nr == 0 {
+                    p.nr = i as u32 + 1;
+                }
+                if p.chardev.is_empty() {
+                    p.chardev = format!("charchannel{i}");
+                }
+                if p.id.is_empty() {
+                    p.id = format!("channel{i}");
+                }
+            }
+            ChannelSpec::check_all(&ports)
+                .map_err(|why| ConfigError::new(names, &[Setting::Channel], Problem::Invalid(why)))?;
+            devices.virtio_serial = Some(ports);
+        }
         Ok(VmConfig {
             vcpus,
             memory,
@@ -193,7 +221,7 @@ impl VmBuilder {
             serial_log: self.serial_log,
             console: self.console,
             kvm_device: self.kvm_device,
-            devices: self.devices,
+            devices,
             smbios: self.smbios,
             cpu: self.cpu,
             no_reboot: self.no_reboot,

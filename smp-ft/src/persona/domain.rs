@@ -16,12 +16,13 @@ use super::block_info::{self, BlockDisk, Size};
 use super::libvirt_ft::DomainFt;
 use super::PACKAGE;
 use block::spec::DiskSpec;
-use qemu_shim::argv::{Launch, Monitor, Serial};
+use qemu_shim::argv::{ChannelSocket, Launch, Monitor, Serial};
 use qemu_shim::qmp::{QmpError, QmpServer};
 use serde_json::{json, Map, Value};
 use smp_ft::config::{Names, VmBuilder};
 use smp_ft::ft::primary::PrimaryFt;
 use smp_ft::runner::{Extension, Runner};
+use smp_ft::vmm::devices::channel::{ChannelHost, ChannelListener, ChannelSpec};
 use smp_ft::vmm::devices::serial::{SerialLog, SerialSpec};
 use smp_ft::vmm::devices::{DeviceConfig, PciSlots};
 use smp_ft::vmm::net::{NetSpec, TapSource};
@@ -81,6 +82,7 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
                 disks: launch.disks.iter().map(|d| d.slot).collect(),
                 nets: launch.nics.iter().map(|n| n.slot).collect(),
                 balloon: launch.balloon.as_ref().and_then(|b| b.slot),
+                virtio_serial: launch.virtio_serial.as_ref().and_then(|v| v.slot),
             },
             vmgenid: launch
                 .vmgenid
@@ -92,12 +94,31 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
                 .balloon
                 .as_ref()
                 .map(|b| BalloonSpec { deflate_on_oom: b.deflate_on_oom, free_page_reporting: b.free_page_reporting }),
+            virtio_serial: None,
         })
+        .virtio_serial(launch.virtio_serial.as_ref().map(channels))
         .cpu(launch.cpu.clone().unwrap_or_default())
         .no_reboot(launch.no_reboot)
         .no_shutdown(launch.no_shutdown)
         .build()
         .map_err(|e| crate::error_chain(&e))
+}
+
+/// The virtio-serial ports, with their host sides (libvirt's listening sockets).
+fn channels(v: &qemu_shim::argv::VirtioSerial) -> Vec<ChannelSpec> {
+    v.ports
+        .iter()
+        .map(|p| ChannelSpec {
+            nr: p.nr.unwrap_or(0),
+            name: p.name.clone(),
+            id: p.id.clone(),
+            chardev: p.chardev.clone(),
+            host: match &p.socket {
+                ChannelSocket::Path(path) => ChannelHost::Path(path.clone()),
+                ChannelSocket::Fd(fd) => ChannelHost::Fd(*fd),
+            },
+        })
+        .collect()
 }
 
 /// The SMBIOS tables `-smbios` and `-uuid` describe (smpft's defaults for the rest).
@@ -140,6 +161,10 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
     let config = config(&launch)?;
     // So is the CPU: a model or feature this host cannot give is refused with its name.
     smp_ft::vmm::cpuid::check(&config.kvm_device, &config.cpu).map_err(|e| crate::error_chain(&e))?;
+    // So is an agent channel whose socket cannot be listened on (claimed again with the VM).
+    for port in config.devices.virtio_serial.iter().flatten() {
+        ChannelListener::reserve(port).map_err(|e| crate::error_chain(&e))?;
+    }
     // FT settings are checked before the monitor listens: an error then ends the start with
     // smpft's reason, which libvirt shows (later, libvirt would see only a closed monitor).
     let ft = super::libvirt_ft::for_domain(&name)
@@ -159,6 +184,7 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
             .collect(),
         host_cpu: super::host_cpu(),
         balloon_path: launch.balloon.as_ref().map(|b| format!("/machine/peripheral/{}", b.id)),
+        channels: launch.virtio_serial.iter().flat_map(|v| &v.ports).map(|p| p.chardev.clone()).collect(),
     };
     match ft {
         Some(ft) if ft.standby => super::standby::run(&name, ft, config, qmp, answers),
@@ -200,6 +226,8 @@ pub struct Answers {
     host_cpu: Result<Vec<cpu_model::Leaf>, String>,
     /// The balloon's QOM path (`/machine/peripheral/ID`), if the domain has one.
     balloon_path: Option<String>,
+    /// The virtio-serial ports' chardev ids, in port order.
+    channels: Vec<String>,
 }
 
 impl Answers {
@@ -223,15 +251,7 @@ impl Answers {
                 desc: "No balloon device has been activated: this copy is a standby, its primary's balloon runs the VM"
                     .into(),
             })),
-            "query-chardev" => {
-                let mut v =
-                    vec![json!({"label": "charmonitor", "filename": "disconnected:unix:fd", "frontend-open": true})];
-                if let (Some(label), Some(pty)) = (&self.serial_label, pty) {
-                    let filename = format!("pty:{}", pty.display());
-                    v.insert(0, json!({"label": label, "filename": filename, "frontend-open": false}));
-                }
-                Value::Array(v)
-            }
+            "query-chardev" => self.chardevs(pty, &[]),
             "qom-list" if arg("path") == "/machine/peripheral" => Value::Array(
                 self.devices
                     .iter()
@@ -288,6 +308,22 @@ impl Answers {
         self.balloon_path.is_some() && smp_ft::balloon::qom_path(name, args) == self.balloon_path
     }
 
+    /// `query-chardev`: the serial port's terminal, the monitor, and each virtio-serial port
+    /// with whether the guest has it open (`open`, in port order; closed if not given), which
+    /// libvirt shows as the channel's state.
+    fn chardevs(&self, pty: Option<&std::path::Path>, open: &[bool]) -> Value {
+        let mut v = vec![json!({"label": "charmonitor", "filename": "disconnected:unix:fd", "frontend-open": true})];
+        if let (Some(label), Some(pty)) = (&self.serial_label, pty) {
+            let filename = format!("pty:{}", pty.display());
+            v.insert(0, json!({"label": label, "filename": filename, "frontend-open": false}));
+        }
+        for (i, label) in self.channels.iter().enumerate() {
+            let open = open.get(i).copied().unwrap_or(false);
+            v.push(json!({"label": label, "filename": "unix:,server=on", "frontend-open": open}));
+        }
+        Value::Array(v)
+    }
+
     fn block_answer(&self, name: &str, sizes: &[Size]) -> Value {
         match name {
             "query-block" => block_info::query_block(&self.block, sizes),
@@ -324,6 +360,13 @@ impl Extension for Answers {
                 json!({})
             }
             "query-blockstats" => self.blockstats(vm),
+            "query-chardev" => {
+                let open: Vec<bool> = match vm.devices().virtio_serial() {
+                    Some(v) => (0..self.channels.len()).map(|i| v.guest_open(i)).collect(),
+                    None => Vec::new(),
+                };
+                self.chardevs(pty, &open)
+            }
             "query-block" | "query-named-block-nodes" => {
                 let backends = vm.devices().disk_backends();
                 let sizes: Vec<_> = self

@@ -15,6 +15,7 @@
 //!
 //! MMIO goes to the PCI bus, which decodes its devices' BARs.
 
+pub mod channel;
 pub mod gate;
 pub mod observer;
 pub mod serial;
@@ -29,7 +30,7 @@ use super::memory::{GuestMemory, MemoryError};
 use super::net::{tap::Tap, Mac, NetSpec};
 use super::pci::PciBus;
 use super::virtio::balloon::{Balloon, BalloonSpec};
-use super::virtio::{self, blk::Blk, net::Net, rng::Rng, VirtioDevice, VirtioPci};
+use super::virtio::{self, blk::Blk, console::Console as VirtioConsole, net::Net, rng::Rng, VirtioDevice, VirtioPci};
 use block::spec::DiskSpec;
 use block::Backend;
 pub use observer::DiskObserver;
@@ -113,6 +114,10 @@ pub struct DeviceConfig {
     pub vmgenid: Option<crate::vmgenid::VmGenId>,
     /// A virtio-balloon on the PCI bus, with its options.
     pub balloon: Option<BalloonSpec>,
+    /// A virtio-serial (virtio-console with multiple ports) on the PCI bus, with these ports
+    /// (the guest agent's channel). The ports' host sides differ between the two copies; their
+    /// numbers and names must agree.
+    pub virtio_serial: Option<Vec<channel::ChannelSpec>>,
 }
 
 /// PCI slots asked for: one entry per disk and per NIC, in order (`None`: the next free one).
@@ -122,6 +127,7 @@ pub struct PciSlots {
     pub disks: Vec<Option<u8>>,
     pub nets: Vec<Option<u8>>,
     pub balloon: Option<u8>,
+    pub virtio_serial: Option<u8>,
 }
 
 impl PciSlots {
@@ -131,6 +137,7 @@ impl PciSlots {
             "rng" => self.rng,
             "balloon" => self.balloon,
             "disk" => self.disks.get(i).copied().flatten(),
+            "virtio-serial" => self.virtio_serial,
             _ => self.nets.get(i).copied().flatten(),
         }
     }
@@ -141,7 +148,8 @@ impl PciSlots {
         let rng = std::iter::once(("rng", 0, &self.rng));
         let asked = rng.chain(self.disks.iter().enumerate().map(|(i, s)| ("disk", i, s)));
         let asked = asked.chain(self.nets.iter().enumerate().map(|(i, s)| ("net", i, s)));
-        for (kind, i, slot) in asked.chain(std::iter::once(("balloon", 0, &self.balloon))) {
+        let asked = asked.chain(std::iter::once(("balloon", 0, &self.balloon)));
+        for (kind, i, slot) in asked.chain(std::iter::once(("virtio-serial", 0, &self.virtio_serial))) {
             let Some(slot) = *slot else { continue };
             let name = names(kind, i);
             if slot == 0 || usize::from(slot) >= crate::pci::SLOTS {
@@ -174,6 +182,10 @@ impl DeviceConfig {
             let options: String = b.options().iter().map(|o| format!("+{o}")).collect();
             names.push(format!("virtio-balloon{options}{}", at(self.slots.balloon)));
         }
+        if let Some(ports) = &self.virtio_serial {
+            let ports: Vec<String> = ports.iter().map(|p| format!("{}:{}", p.nr, p.name)).collect();
+            names.push(format!("virtio-serial{}({})", at(self.slots.virtio_serial), ports.join(",")));
+        }
         if names.is_empty() {
             "none".into()
         } else {
@@ -198,6 +210,8 @@ pub struct Devices {
     /// The NICs, in order.
     nets: Vec<Arc<VirtioPci<Net>>>,
     balloon: Option<Arc<VirtioPci<Balloon>>>,
+    /// The virtio-serial device and where each port's output goes.
+    virtio_serial: Option<VirtioSerial>,
     /// Every device with replicated state, in pause order (see [`crate::component`]).
     components: Vec<Arc<dyn Component>>,
     debugcon: Mutex<DebugCon>,
@@ -232,6 +246,10 @@ pub enum DeviceError {
     TooManyNets,
     #[error("cannot set up a network device")]
     Net(#[source] std::io::Error),
+    #[error("virtio-serial: {0}")]
+    Ports(String),
+    #[error("cannot set up the virtio-serial device")]
+    VirtioSerial(#[source] std::io::Error),
 }
 
 /// Where a device goes on the bus: the slot asked for, or the next free one not asked for by
@@ -283,6 +301,7 @@ impl Devices {
         let name_of = |kind: &str, i: usize| match kind {
             "rng" => "virtio-rng".to_string(),
             "balloon" => "virtio-balloon".to_string(),
+            "virtio-serial" => "virtio-serial".to_string(),
             "disk" => DISK_NAMES.get(i).map_or_else(|| format!("disk{i}"), |n| n.to_string()),
             _ => NET_NAMES.get(i).map_or_else(|| format!("net{i}"), |n| n.to_string()),
         };
@@ -319,6 +338,15 @@ impl Devices {
             }
             None => None,
         };
+        let virtio_serial = match &config.virtio_serial {
+            Some(ports) => {
+                let (dev, links) = VirtioSerial::create(ports, &gate)?;
+                let dev = add_virtio(&mut pci, "virtio-serial", dev, place("virtio-serial", 0), memory, irq)?;
+                on_pci.push(dev.clone());
+                Some(VirtioSerial { dev, links, ids: ports.iter().map(|p| p.id.clone()).collect() })
+            }
+            None => None,
+        };
         let pci = Arc::new(pci);
         let mut components: Vec<Arc<dyn Component>> = vec![serial.clone(), pci.clone()];
         components.extend(on_pci);
@@ -333,6 +361,7 @@ impl Devices {
             disk_observer,
             nets,
             balloon,
+            virtio_serial,
             components,
             debugcon: Mutex::new(DebugCon { line: Vec::new(), out: console }),
             unhandled: AtomicU64::new(0),
@@ -357,6 +386,11 @@ impl Devices {
     /// The balloon, if the VM has one.
     pub fn balloon(&self) -> Option<&Arc<VirtioPci<Balloon>>> {
         self.balloon.as_ref()
+    }
+
+    /// The virtio-serial device, if the VM has one.
+    pub fn virtio_serial(&self) -> Option<&VirtioSerial> {
+        self.virtio_serial.as_ref()
     }
 
     /// What each disk has served, in order.
@@ -522,6 +556,40 @@ impl Devices {
     }
 }
 
+/// The virtio-serial device, and where each of its ports' output goes (in port order).
+pub struct VirtioSerial {
+    pub dev: Arc<VirtioPci<VirtioConsole>>,
+    pub links: Vec<Arc<channel::SocketLink>>,
+    /// The ports' device ids, in port order.
+    pub ids: Vec<String>,
+}
+
+impl VirtioSerial {
+    fn create(
+        ports: &[channel::ChannelSpec],
+        gate: &Arc<gate::OutputGate>,
+    ) -> Result<(VirtioConsole, Vec<Arc<channel::SocketLink>>), DeviceError> {
+        channel::ChannelSpec::check_all(ports).map_err(DeviceError::Ports)?;
+        let links: Vec<Arc<channel::SocketLink>> = ports.iter().map(|_| Arc::default()).collect();
+        let dyn_links = links.iter().map(|l| l.clone() as Arc<dyn virtio::console::PortLink>).collect();
+        let defs = ports.iter().map(channel::ChannelSpec::def).collect();
+        let dev =
+            VirtioConsole::new("virtio-serial", defs, dyn_links, gate.clone()).map_err(DeviceError::VirtioSerial)?;
+        Ok((dev, links))
+    }
+
+    /// Each port a guest program opens or closes, as (port index, open): see
+    /// [`VirtioConsole::port_events`].
+    pub fn port_events(&self) -> crossbeam_channel::Receiver<(usize, bool)> {
+        self.dev.device().port_events().clone()
+    }
+
+    /// Whether a guest program has port `i` open (QMP's `frontend-open`).
+    pub fn guest_open(&self, i: usize) -> bool {
+        self.dev.device().guest_open(i)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,9 +597,16 @@ mod tests {
     #[test]
     fn pci_slots_asked_for_are_checked_and_named_in_the_summary() {
         let name = |kind: &str, i: usize| format!("{kind}{i}");
-        let slots = PciSlots { rng: Some(9), disks: vec![Some(7), None], nets: vec![Some(3)], balloon: Some(4) };
-        assert_eq!(slots.reserved(name).unwrap(), vec![9, 7, 3, 4]);
-        let clash = PciSlots { rng: None, disks: vec![Some(5)], nets: vec![Some(5)], balloon: None };
+        let slots = PciSlots {
+            rng: Some(9),
+            disks: vec![Some(7), None],
+            nets: vec![Some(3)],
+            balloon: Some(4),
+            virtio_serial: Some(6),
+        };
+        assert_eq!(slots.reserved(name).unwrap(), vec![9, 7, 3, 4, 6]);
+        let clash =
+            PciSlots { rng: None, disks: vec![Some(5)], nets: vec![Some(5)], balloon: None, virtio_serial: None };
         let e = clash.reserved(name).unwrap_err().to_string();
         assert_eq!(e, "disk0 and net0 are both at PCI slot 0x5");
         for bad in [0, 32] {

@@ -18,6 +18,7 @@
 
 pub mod balloon;
 pub mod blk;
+pub mod console;
 pub mod net;
 pub mod rng;
 
@@ -98,6 +99,13 @@ pub trait VirtioDevice: Send + Sync {
     fn negotiated(&self, features: u64) {
         let _ = features;
     }
+
+    /// Queues to serve right after queue `index` was (a device whose requests on one queue are
+    /// answered on another, as virtio-console's control queues).
+    fn then_serve(&self, index: usize) -> Vec<usize> {
+        let _ = index;
+        Vec::new()
+    }
     /// The driver reset the device.
     fn reset(&self) {}
     /// The VM is pausing: stop writing guest memory from host threads (see `Component::pause`).
@@ -166,6 +174,25 @@ pub fn serve_chains_while<'a>(
         used = true;
     }
     Ok(used)
+}
+
+/// [`serve_chains`] for at most `n` chains (one per item waiting for the driver).
+pub fn serve_chains_upto<'a>(
+    queue: &mut Queue,
+    mem: &'a DeviceMemory,
+    n: usize,
+    mut serve: impl FnMut(Chain<'a>) -> Result<u32, VirtioError>,
+) -> Result<bool, VirtioError> {
+    let taken = std::cell::Cell::new(0usize);
+    serve_chains_while(
+        queue,
+        mem,
+        || taken.get() < n,
+        |chain| {
+            taken.set(taken.get() + 1);
+            serve(chain)
+        },
+    )
 }
 
 struct Slot {
@@ -480,6 +507,15 @@ impl<D: VirtioDevice> VirtioPci<D> {
     }
 
     fn notify(&self, t: &mut Transport, index: usize) {
+        self.serve(t, index);
+        for next in self.device.then_serve(index) {
+            if next != index {
+                self.serve(t, next);
+            }
+        }
+    }
+
+    fn serve(&self, t: &mut Transport, index: usize) {
         if t.r.status & DRIVER_OK == 0 || t.r.status & NEEDS_RESET != 0 {
             return;
         }

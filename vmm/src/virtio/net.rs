@@ -17,7 +17,7 @@
 //! - **State**: the MAC (so a standby that goes live keeps the guest's address) and the IPv4
 //!   addresses the guest was seen using in its own ARP packets (what it announces on go-live).
 
-use super::{serve_chains, serve_chains_while, VirtioDevice, VirtioError};
+use super::{serve_chains, serve_chains_upto, VirtioDevice, VirtioError};
 use crate::devices::gate::{OutputGate, OutputPort};
 use crate::memory::DeviceMemory;
 use crate::net::tap::{Tap, FRAME_MAX};
@@ -174,30 +174,23 @@ impl Net {
             return Ok(false);
         }
         let waiting = rx.pending.len();
-        let taken = std::cell::Cell::new(0usize);
-        serve_chains_while(
-            queue,
-            mem,
-            || taken.get() < waiting,
-            |chain| {
-                let head = chain.head_index();
-                taken.set(taken.get() + 1);
-                let frame = rx.pending.pop_front().unwrap_or_default();
-                let mut w = chain.writer(&**mem).map_err(|e| VirtioError::Buffer { head, why: e.to_string() })?;
-                if w.available_bytes() < HDR_LEN + frame.len() {
-                    // The driver's buffer cannot hold a whole frame: it is dropped, not cut.
-                    self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                    return Ok(0);
-                }
-                let mut hdr = [0u8; HDR_LEN];
-                hdr[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
-                w.write_all(&hdr)
-                    .and_then(|()| w.write_all(&frame))
-                    .map_err(|e| VirtioError::Buffer { head, why: e.to_string() })?;
-                self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-                Ok((HDR_LEN + frame.len()) as u32)
-            },
-        )
+        serve_chains_upto(queue, mem, waiting, |chain| {
+            let head = chain.head_index();
+            let frame = rx.pending.pop_front().unwrap_or_default();
+            let mut w = chain.writer(&**mem).map_err(|e| VirtioError::Buffer { head, why: e.to_string() })?;
+            if w.available_bytes() < HDR_LEN + frame.len() {
+                // The driver's buffer cannot hold a whole frame: it is dropped, not cut.
+                self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                return Ok(0);
+            }
+            let mut hdr = [0u8; HDR_LEN];
+            hdr[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
+            w.write_all(&hdr)
+                .and_then(|()| w.write_all(&frame))
+                .map_err(|e| VirtioError::Buffer { head, why: e.to_string() })?;
+            self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+            Ok((HDR_LEN + frame.len()) as u32)
+        })
     }
 
     fn send_tx(&self, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, VirtioError> {

@@ -106,6 +106,7 @@ const WRITE: u16 = 2;
 const NEXT: u16 = 1;
 
 mod balloon;
+mod console;
 mod net;
 
 #[test]
