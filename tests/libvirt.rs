@@ -692,6 +692,17 @@ fn virt_install_creates_and_starts_a_domain() {
     let info = ok(&["domblkinfo", dom, "vda"]);
     assert!(info.contains("Capacity:       33554432"), "{info}");
     memballoon(dom);
+    // `virsh reboot` goes through the agent (guest-shutdown, mode reboot): the guest writes the
+    // ACPI reset register and boots again in place; its agent answers again.
+    let boots = || last_start_log(dom).matches("smpft-guest: ").count();
+    ok(&["reboot", dom]);
+    wait_until(later(|| format!("a second boot\n{}", log(dom))), Duration::from_secs(30), || boots() == 2);
+    assert_eq!(console_request(dom, "INCR 3"), "OK 3 1", "the rebooted guest started over");
+    let pong = wait_for("the agent after the reboot", Duration::from_secs(30), || {
+        let o = virsh(&["qemu-agent-command", dom, r#"{"execute":"guest-ping"}"#]);
+        o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    });
+    assert_eq!(pong, r#"{"return":{}}"#);
     ok(&["shutdown", dom]);
     wait_state(dom, "shut off");
     ok(&["undefine", dom]);
