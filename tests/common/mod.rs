@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod ft;
+pub mod libvirt;
 pub mod linux;
 
 use std::fmt::Display;
