@@ -100,17 +100,24 @@ fn with_no_shutdown_a_powered_off_guest_waits_for_a_reset() {
     );
 }
 
-#[test]
-fn a_protected_vm_stays_protected_through_a_reset_and_fails_over_after_it() {
-    require_kvm();
-    let _serial = one_at_a_time();
-    let setup = FtSetup::new("ft-reset");
+/// A standby and a primary started with `extra`, protected: (setup, primary's paths,
+/// standby's paths, primary, standby).
+fn protected_pair(name: &str, extra: &[&str]) -> (FtSetup, VmPaths, VmPaths, Proc, Proc) {
+    let setup = FtSetup::new(name);
     let addr = format!("127.0.0.1:{}", common::ft::free_port());
     let (pp, sp) = (setup.paths("p"), setup.paths("s"));
     let standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &[]);
     wait_state(&sp, "waiting", Duration::from_secs(10));
-    let mut primary = setup.primary(&pp, &addr, &[], &[]);
+    let primary = setup.primary(&pp, &addr, &[], extra);
     wait_state(&pp, "protected", Duration::from_secs(20));
+    (setup, pp, sp, primary, standby)
+}
+
+#[test]
+fn a_protected_vm_stays_protected_through_a_reset_and_fails_over_after_it() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let (_setup, pp, sp, mut primary, standby) = protected_pair("ft-reset", &[]);
     let mut c = ServiceClient::connect(&pp.serial, Duration::from_secs(10));
     assert_eq!(c.call("INCR 1"), "OK 1 1");
     assert_eq!(c.call("REBOOT 2"), "REBOOT 2");
@@ -132,13 +139,7 @@ fn a_protected_vm_stays_protected_through_a_reset_and_fails_over_after_it() {
 fn a_protected_vm_powered_off_with_no_shutdown_stays_protected_and_both_copies_end_on_sigterm() {
     require_kvm();
     let _serial = one_at_a_time();
-    let setup = FtSetup::new("ft-no-shutdown");
-    let addr = format!("127.0.0.1:{}", common::ft::free_port());
-    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
-    let standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &[]);
-    wait_state(&sp, "waiting", Duration::from_secs(10));
-    let primary = setup.primary(&pp, &addr, &[], &["--no-shutdown"]);
-    wait_state(&pp, "protected", Duration::from_secs(20));
+    let (_setup, pp, sp, primary, standby) = protected_pair("ft-no-shutdown", &["--no-shutdown"]);
     let mut c = ServiceClient::connect(&pp.serial, Duration::from_secs(10));
     assert_eq!(c.call("INCR 1"), "OK 1 1");
     assert_eq!(c.call("EXIT 2"), "BYE 2 1");
