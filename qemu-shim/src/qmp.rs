@@ -284,19 +284,12 @@ impl QmpServer {
 
     /// Queues an event for every client that has negotiated capabilities. Never blocks.
     pub fn emit(&self, event: &str, data: Option<Value>) {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let mut v = json!({
-            "event": event,
-            "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
-        });
-        if let Some(d) = data {
-            v["data"] = d;
-        }
-        for c in self.shared.clients.lock().iter() {
-            if c.negotiated.load(Ordering::SeqCst) {
-                c.queue(&v);
-            }
-        }
+        self.emitter().emit(event, data);
+    }
+
+    /// A handle that emits events on this server from any thread (to no one once it stopped).
+    pub fn emitter(&self) -> Emitter {
+        Emitter(self.shared.clone())
     }
 
     /// Stops accepting, answers every command still waiting with an error, gives each client
@@ -316,6 +309,29 @@ impl QmpServer {
         }
         if let Some(p) = &self.path {
             let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Emits events on a [`QmpServer`]'s clients (see [`QmpServer::emitter`]).
+#[derive(Clone)]
+pub struct Emitter(Arc<Shared>);
+
+impl Emitter {
+    /// Queues an event for every client that has negotiated capabilities. Never blocks.
+    pub fn emit(&self, event: &str, data: Option<Value>) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let mut v = json!({
+            "event": event,
+            "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
+        });
+        if let Some(d) = data {
+            v["data"] = d;
+        }
+        for c in self.0.clients.lock().iter() {
+            if c.negotiated.load(Ordering::SeqCst) {
+                c.queue(&v);
+            }
         }
     }
 }

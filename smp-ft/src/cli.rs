@@ -23,6 +23,9 @@ pub(crate) struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. "info", "smp_ft=debug". Also SMPFT_LOG.
     #[arg(long, global = true, default_value = "info", env = "SMPFT_LOG")]
     pub(crate) log: String,
+    /// Log lines as text, or as JSON objects (one a line, for log shippers).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub(crate) log_format: crate::ops::LogFormat,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -59,6 +62,10 @@ pub(crate) enum Command {
         /// DOMAIN OPERATION SUB-OPERATION EXTRA, as libvirt passes them.
         args: Vec<String>,
     },
+    /// One line per VM copy on this host (role, FT state, peer, generation, lag, last
+    /// checkpoint, time protected, output hold p99), from the QMP sockets copies register in
+    /// the runtime directory ($SMPFT_RUNTIME_DIR, else /run/smpft/qmp), or those named.
+    Status(crate::ops::StatusArgs),
     /// Check a chain of snapshot files (a full one, then its increments) and describe them.
     SnapshotInfo {
         /// Snapshot files, full snapshot first.
@@ -232,6 +239,8 @@ pub(crate) struct StandbyArgs {
     pub(crate) ft_peer: Option<String>,
     #[command(flatten)]
     pub(crate) ft: FtArgs,
+    #[command(flatten)]
+    pub(crate) observe: crate::ops::ObserveArgs,
 }
 
 #[derive(clap::Args)]
@@ -359,4 +368,6 @@ pub(crate) struct RunArgs {
     pub(crate) ft_peer: Option<String>,
     #[command(flatten)]
     pub(crate) ft: FtArgs,
+    #[command(flatten)]
+    pub(crate) observe: crate::ops::ObserveArgs,
 }

@@ -7,6 +7,7 @@ pub mod error;
 pub mod ft;
 pub mod guest;
 pub mod lan;
+pub mod observe;
 pub mod qmp;
 pub mod runner;
 pub mod snapshot;

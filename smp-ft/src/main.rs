@@ -3,6 +3,7 @@
 mod cli;
 mod demo;
 mod lifecycle;
+mod ops;
 mod persona;
 mod signals;
 
@@ -53,17 +54,17 @@ pub(crate) enum CliError {
 /// Exit status of a copy that lost the tie-breaker (the other copy runs the VM).
 pub(crate) const EXIT_HALTED: u8 = 75;
 
-pub(crate) fn init_logging(filter: &str) -> Result<(), CliError> {
+pub(crate) fn init_logging(filter: &str, format: ops::LogFormat) -> Result<(), CliError> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .map_err(|e| CliError::Usage(format!("--log '{filter}': {e}")))?;
     // Colours only on a terminal: a log written to a file or a journal stays plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(ansi)
-        .init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        ops::LogFormat::Text => fmt.with_ansi(ansi).init(),
+        // One object a line: timestamp, level, fields (the message among them), current span.
+        ops::LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
     Ok(())
 }
 
@@ -125,6 +126,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         Some(chain) => snapshot::restore(config, chain)?,
     };
     let qmp = bind_qmp(qmp_path.as_deref())?;
+    let _registered = args.observe.start(qmp_path.as_deref())?;
     let running = vm.start()?;
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     forward_signals(sig_tx);
@@ -146,7 +148,12 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
 pub(crate) type Qmp = Option<(qemu_shim::qmp::QmpServer, crossbeam_channel::Receiver<qemu_shim::qmp::Request>)>;
 
 pub(crate) fn bind_qmp(path: Option<&std::path::Path>) -> Result<Qmp, CliError> {
-    Ok(path.map(|p| qemu_shim::qmp::QmpServer::bind(p, concat!("smpft ", env!("CARGO_PKG_VERSION")))).transpose()?)
+    let qmp =
+        path.map(|p| qemu_shim::qmp::QmpServer::bind(p, concat!("smpft ", env!("CARGO_PKG_VERSION")))).transpose()?;
+    if let Some((server, _)) = &qmp {
+        smp_ft::observe::get().set_qmp(server);
+    }
+    Ok(qmp)
 }
 
 fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
@@ -183,6 +190,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
     let opts = StandbyOptions { ft: ft.clone(), listen: args.listen, config, disk_sync: args.disk_sync };
     block_termination_signals();
     let qmp = bind_qmp(qmp_path.as_deref())?;
+    let _registered = args.observe.start(qmp_path.as_deref())?;
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     forward_signals(sig_tx);
     let end = StandbyRunner::new(&opts, qmp.as_ref().map(|(_, rx)| rx.clone()), sig_rx.clone())?.run()?;
@@ -215,7 +223,8 @@ fn main() -> ExitCode {
         return persona::main(&qemu_args);
     }
     let cli = Cli::parse();
-    let started = init_logging(&cli.log).and_then(|()| config::hooks::init().map(drop).map_err(CliError::from));
+    let started =
+        init_logging(&cli.log, cli.log_format).and_then(|()| config::hooks::init().map(drop).map_err(CliError::from));
     if let Err(e) = started {
         eprintln!("smpft: error: {}", error_chain(&e));
         return ExitCode::from(2);
@@ -224,6 +233,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Standby(args) => standby(args),
         Command::SnapshotInfo { files } => snapshot_info(&files),
+        Command::Status(args) => ops::status(&args),
         Command::LibvirtHook { args } => {
             let mut xml = String::new();
             let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml);

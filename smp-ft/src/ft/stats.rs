@@ -61,6 +61,7 @@ pub fn percentiles(v: &mut [Duration]) -> Option<(Duration, Duration)> {
 
 impl Stats {
     pub fn pause(&self, t: PauseTimings) {
+        crate::observe::get().pause(t.total());
         let mut g = self.inner.lock();
         if g.pauses.len() == SAMPLES {
             g.pauses.pop_front();
@@ -74,6 +75,7 @@ impl Stats {
         g.checkpoints += 1;
         g.last_epoch = epoch;
         g.last_bytes = bytes;
+        crate::observe::get().checkpoint(g.in_flight.front().map(|&(_, t)| t));
     }
 
     /// Checkpoints up to `epoch` were acknowledged.
@@ -90,6 +92,8 @@ impl Stats {
             }
             g.ack_latency.push_back(t.elapsed());
         }
+        let latency = newest.map(|(_, t)| t.elapsed());
+        crate::observe::get().acked(epoch, latency, g.in_flight.front().map(|&(_, t)| t));
     }
 
     /// The vCPU throttle changed.
@@ -104,6 +108,7 @@ impl Stats {
             _ => {}
         }
         g.throttle = percent;
+        crate::observe::get().figures.throttle_percent.store(percent.into(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How long the latest acknowledged checkpoint waited for its acknowledgement.
@@ -119,6 +124,9 @@ impl Stats {
     /// The sender encoded a payload's pages.
     pub fn encoded(&self, e: super::encode::EncodeStats) {
         let mut g = self.inner.lock();
+        let o = crate::observe::get();
+        o.add(&o.figures.dirty_bytes, e.raw);
+        o.add(&o.figures.wire_bytes, e.encoded);
         g.pages_raw += e.raw;
         g.pages_wire += e.encoded;
         g.encode_cpu += e.cpu;
@@ -126,12 +134,16 @@ impl Stats {
 
     /// A checkpoint carries `bytes` of disk writes.
     pub fn disk(&self, bytes: u64) {
+        let o = crate::observe::get();
+        o.add(&o.figures.disk_mirrored, bytes);
         self.inner.lock().disk_bytes += bytes;
     }
 
     /// A checkpoint of `bytes` went out; `udp` is what the channel has sent so far.
     pub fn sent(&self, bytes: u64, udp: transport::UdpSent) {
         let mut g = self.inner.lock();
+        let o = crate::observe::get();
+        o.add(&o.figures.log_bytes, bytes);
         g.udp = udp;
         g.total_sent += bytes;
         let total = g.total_sent;

@@ -172,6 +172,7 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
         .transpose()
         .map_err(|e| crate::error_chain(&e))?;
     let qmp = monitor(&launch)?;
+    let _registered = crate::ops::from_libvirt(&launch, &name, &qmp)?;
     let answers = Answers {
         serial_label: launch.serial_label.clone(),
         devices: launch.device_ids.clone(),

@@ -12,6 +12,9 @@
 //!     <smpft:tiebreak>/shared/vm1.tiebreak</smpft:tiebreak>
 //!     <smpft:identity>/etc/smpft/host-a</smpft:identity>
 //!     <smpft:peer-cert>/etc/smpft/host-b.pem</smpft:peer-cert>
+//!     <smpft:metrics>127.0.0.1:9740</smpft:metrics>     <!-- optional: Prometheus endpoint -->
+//!     <smpft:on-event>/etc/smpft/page</smpft:on-event>  <!-- optional: run on FT changes -->
+//!     <smpft:on-event-timeout>10s</smpft:on-event-timeout>
 //!   </smpft:ft>
 //! </metadata>
 //! ```
@@ -85,7 +88,8 @@ pub fn from_domain_xml(xml: &str) -> Result<Option<Settings>, String> {
                     in_ft = true;
                     found = true;
                 } else if ours && in_ft {
-                    if local != "role" && Setting::from_libvirt(&local).is_none() {
+                    let operators = crate::ops::LIBVIRT_KEYS.contains(&local.as_str());
+                    if local != "role" && !operators && Setting::from_libvirt(&local).is_none() {
                         return Err(format!("smpft FT metadata: unknown element <{local}>"));
                     }
                     key = Some(local);

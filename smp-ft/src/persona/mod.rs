@@ -50,7 +50,9 @@ pub fn main(args: &[String]) -> ExitCode {
         println!("QEMU emulator version 7.2.0 ({PACKAGE}: the QMP commands smpft implements behave as QEMU 7.2's)");
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = crate::init_logging(&std::env::var("SMPFT_LOG").unwrap_or_else(|_| "info".into())) {
+    if let Err(e) =
+        crate::init_logging(&std::env::var("SMPFT_LOG").unwrap_or_else(|_| "info".into()), crate::ops::LogFormat::Text)
+    {
         eprintln!("smpft (QEMU persona): {e}");
         return ExitCode::from(1);
     }

@@ -55,7 +55,12 @@ pub struct OutputGate {
     lease: Mutex<Option<Lease>>,
     /// Told (without blocking) when output starts waiting, so a checkpoint can be taken early.
     waiting: Mutex<Option<crossbeam_channel::Sender<()>>>,
+    /// Told each released batch's hold time (the metrics' histogram).
+    on_hold: std::sync::OnceLock<HoldObserver>,
 }
+
+/// Receives each released batch's hold time.
+pub type HoldObserver = Box<dyn Fn(std::time::Duration) + Send + Sync>;
 
 const LATENCY_SAMPLES: usize = 4096;
 
@@ -129,6 +134,11 @@ impl OutputGate {
         *self.lease.lock() = lease;
     }
 
+    /// Tells `f` the hold time of every batch released from now on (set once).
+    pub fn observe_holds(&self, f: HoldObserver) {
+        let _ = self.on_hold.set(f);
+    }
+
     /// Lets the sealed batches `ids` out, in the order given, after anything released earlier
     /// and not yet delivered.
     pub fn release(&self, ids: &[u64]) {
@@ -139,7 +149,11 @@ impl OutputGate {
                     if g.latencies.len() == LATENCY_SAMPLES {
                         g.latencies.pop_front();
                     }
-                    g.latencies.push_back(b.since.elapsed());
+                    let held = b.since.elapsed();
+                    g.latencies.push_back(held);
+                    if let Some(f) = self.on_hold.get() {
+                        f(held);
+                    }
                     g.releasable.extend(b.items);
                 }
             }

@@ -143,6 +143,7 @@ impl PrimaryFt {
             digests: false,
             cpuid: super::wire::cpuid_words(vm.guest_cpuid()),
         };
+        crate::observe::get().attach(vm);
         let mut proto = Primary::new(generation, opts.protocol.clone(), Instant::now());
         proto.handle(PrimaryEvent::Protect { spares, after: Duration::ZERO });
         Ok(PrimaryFt {
@@ -330,6 +331,7 @@ impl PrimaryFt {
                 }
             });
         }
+        self.publish();
         flow
     }
 
@@ -383,6 +385,7 @@ impl PrimaryFt {
 
     fn claimed(&mut self, vm: &RunningVm, result: Result<Claim, TieBreakError>) -> Flow {
         let decided_ms = self.lost_at.map_or(0, |t| t.elapsed().as_millis() as u64);
+        crate::observe::get().claim(crate::observe::claim_outcome(&result));
         let event = match result {
             Ok(Claim::Won { generation }) => {
                 tracing::warn!(generation, decided_ms, "FT: won the tie-breaker; continuing unprotected");

@@ -2,6 +2,7 @@
 
 use super::PrimaryFt;
 use crate::ft::protocol::PrimaryState;
+use crate::observe::Role;
 use crate::vmm::RunningVm;
 use serde_json::{json, Value};
 
@@ -19,6 +20,12 @@ impl PrimaryFt {
             PrimaryState::SwitchedOver => "switched-over",
             PrimaryState::Halted => "halted",
         }
+    }
+
+    /// Tells the observer (metrics, event hooks) the state now.
+    pub(super) fn publish(&self) {
+        let peer = self.link.as_ref().map(|l| l.peer).or(self.proto.spares().current()).map(|p| p.to_string());
+        crate::observe::get().state(Role::Primary, self.state_name(), self.proto.generation(), peer);
     }
 
     /// QMP `x-smpft-query-ft`.
@@ -39,6 +46,7 @@ impl PrimaryFt {
         v["last-error"] = json!(self.last_error);
         v["standbys-replaced"] = json!(self.replaced);
         v["nics"] = crate::ft::stats::nics(vm);
+        crate::observe::get().query(&mut v);
         if let Some(s) = &self.sync {
             v["sync-round"] = json!(s.round);
             v["sync-bytes"] = json!(s.bytes);

@@ -279,6 +279,12 @@ impl<'a> StandbyRunner<'a> {
                     _ => Step::Continue,
                 },
             };
+            match &step {
+                Step::End(StandbyEnd::Halted) => self.publish(session.as_ref(), "halted"),
+                Step::End(StandbyEnd::PrimaryEnded(_)) => crate::observe::get().stood_down(),
+                Step::End(_) => {}
+                _ => self.publish(session.as_ref(), qmp::state_name(session.as_ref())),
+            }
             match step {
                 Step::Continue => {}
                 Step::SessionOver => {
@@ -410,6 +416,7 @@ impl<'a> StandbyRunner<'a> {
                         "FT: won the tie-breaker; the VM goes live here from checkpoint {epoch}"
                     );
                     let handover = s.handover.take();
+                    crate::observe::get().went_live(handover.is_some(), generation);
                     let background = Workers::new();
                     return Ok(Step::End(StandbyEnd::Live {
                         vm: Box::new(vm),
@@ -455,6 +462,7 @@ impl<'a> StandbyRunner<'a> {
     }
 
     fn claimed(&mut self, s: &mut Session, r: Result<Claim, TieBreakError>) -> Result<Step, FtError> {
+        crate::observe::get().claim(crate::observe::claim_outcome(&r));
         let ev = match r {
             Ok(Claim::Won { generation }) => StandbyEvent::TieBreakWon { generation },
             Ok(Claim::Lost { generation, holder }) => {

@@ -7,18 +7,29 @@ use crate::ft::protocol::StandbyState;
 use qemu_shim::qmp::{Command, QmpError, Request};
 use serde_json::{json, Value};
 
+/// The standby's state name (as `x-smpft-query-ft` and the metrics say it).
+pub(super) fn state_name(s: Option<&Session>) -> &'static str {
+    match s.map(|s| s.proto.state()) {
+        None => "waiting",
+        Some(StandbyState::Syncing) => "syncing",
+        Some(StandbyState::Standby) => "standby",
+        Some(StandbyState::Arbitrating) => "arbitrating",
+        Some(StandbyState::Live) => "live-after-failover",
+        Some(StandbyState::Halted) => "halted",
+        Some(StandbyState::StoodDown) => "waiting",
+    }
+}
+
 impl StandbyRunner<'_> {
+    /// Tells the observer (metrics, event hooks) the state now.
+    pub(super) fn publish(&self, s: Option<&Session>, state: &'static str) {
+        let peer = s.map(|s| s.peer.to_string());
+        crate::observe::get().state(crate::observe::Role::Standby, state, self.generation, peer);
+    }
+
     fn query(&self, s: Option<&Session>) -> Value {
-        let state = match s.map(|s| s.proto.state()) {
-            None => "waiting",
-            Some(StandbyState::Syncing) => "syncing",
-            Some(StandbyState::Standby) => "standby",
-            Some(StandbyState::Arbitrating) => "arbitrating",
-            Some(StandbyState::Live) => "live-after-failover",
-            Some(StandbyState::Halted) => "halted",
-            Some(StandbyState::StoodDown) => "waiting",
-        };
-        json!({
+        let state = state_name(s);
+        let mut v = json!({
             "role": "standby",
             "state": state,
             "epoch": s.and_then(|s| s.proto.acked()),
@@ -28,7 +39,9 @@ impl StandbyRunner<'_> {
             "peer": s.map(|s| s.peer.to_string()),
             "disk-bytes-received": s.map_or(0, |s| s.disk_bytes),
             "disk-staged-peak-bytes": s.map_or(0, |s| s.disk_peak),
-        })
+        });
+        crate::observe::get().query(&mut v);
+        v
     }
 
     /// Answers QMP on a standby; `Some` when the request ends it (`quit`).

@@ -141,6 +141,7 @@ impl StandbyRunner<'_> {
         let disk_bytes = staged.disk_bytes();
         s.disk_peak = s.disk_peak.max(disk_bytes);
         s.disk_bytes += disk_bytes;
+        crate::observe::get().received(data.len() as u64, disk_bytes);
         if staged.kind() == PayloadKind::PreCopy {
             for a in s.proto.handle(StandbyEvent::PreCopy { seq }) {
                 match a {
@@ -166,6 +167,7 @@ impl StandbyRunner<'_> {
                     tracing::debug!(epoch, pages = staged.pages(), "applied");
                     s.state = Some(state);
                     s.checkpoints += 1;
+                    crate::observe::get().acked(epoch, None, None);
                     if staged.kind() == PayloadKind::Sync {
                         tracing::info!(epoch, "FT: holding a complete copy of the VM");
                     }
