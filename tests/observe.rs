@@ -272,3 +272,53 @@ fn a_stale_socket_is_reported_as_such() {
     assert_eq!(st.len(), 1, "{st:?}");
     assert_eq!((st[0]["vm"].as_str(), st[0]["state"].as_str()), (Some("gone"), Some("stale")), "{st:?}");
 }
+
+/// The events of `file` (one hook run a line), in order.
+fn hook_events(file: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').find_map(|kv| kv.strip_prefix("SMPFT_EVENT=")).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_switchover_and_the_end_of_the_vm_run_the_hooks() {
+    require_kvm();
+    let _serial = common::one_at_a_time();
+    let setup = FtSetup::new("observe-switchover");
+    let dir = setup.dir.to_path_buf();
+    let (a_addr, b_addr) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let (ap, bp) = (setup.paths("a"), setup.paths("b"));
+    let (a_ev, b_ev) = (dir.join("a-events"), dir.join("b-events"));
+    let (a_hook, b_hook) = (hook(&dir, "a-hook", &a_ev, "none", "none"), hook(&dir, "b-hook", &b_ev, "none", "none"));
+    let vm = ["--vcpus", "2", "--memory", "128M", "--name", "sw"];
+    let b_side = Side { me: &setup.b, peer: &setup.a, tiebreak: &setup.tiebreak, env: &[], netns: None };
+    let a_side = Side { me: &setup.a, peer: &setup.b, tiebreak: &setup.tiebreak, env: &[], netns: None };
+    let b_args =
+        [&["standby", "--listen", &b_addr][..], &vm, &["--ft-peer", &a_addr, "--on-event", b_hook.to_str().unwrap()]];
+    let b = spawn(&bp, &b_side, &b_args.concat());
+    wait_state(&bp, "waiting", Duration::from_secs(10));
+    let a_args = [&["run", "--guest-args", GUEST][..], &vm, &["--ft-peer", &b_addr, "--then-standby", &a_addr]];
+    let a = spawn(&ap, &a_side, &[&a_args.concat()[..], &["--on-event", a_hook.to_str().unwrap()]].concat());
+    wait_state(&ap, "protected", Duration::from_secs(20));
+    let r = common::Qmp::negotiated(&ap.qmp).execute("x-smpft-switchover", None);
+    assert!(r.get("return").is_some(), "{r}\n{}", log(&ap));
+    // B runs the VM and protects it with A, which waits as its standby.
+    wait_state(&bp, "protected", Duration::from_secs(20));
+    wait_for("A's hook saw the switchover and protection again", Duration::from_secs(10), || {
+        let e = hook_events(&a_ev);
+        e.ends_with(&["switched-over".to_string(), "protected".to_string()]).then_some(())
+    });
+    wait_for("B's hook saw the switchover", Duration::from_secs(10), || {
+        hook_events(&b_ev).contains(&"switched-over".to_string()).then_some(())
+    });
+    let b_text = std::fs::read_to_string(&b_ev).unwrap();
+    let took = b_text.lines().find(|l| l.contains("SMPFT_EVENT=switched-over")).unwrap();
+    assert!(took.contains("SMPFT_ROLE=primary") && took.contains("SMPFT_VM=sw"), "{took}");
+    // The VM ends on B: A's copy stands down.
+    common::Qmp::negotiated(&bp.qmp).execute("quit", None);
+    common::ft::wait_exit(b, Duration::from_secs(20));
+    common::ft::wait_exit(a, Duration::from_secs(20));
+    let a_events = hook_events(&a_ev);
+    assert_eq!(a_events.last().map(String::as_str), Some("stood-down"), "{a_events:?}\n{}", log(&ap));
+}

@@ -220,7 +220,9 @@ fn snapshot_info(files: &[PathBuf]) -> Result<ExitCode, CliError> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if let Some(qemu_args) = persona::invoked(&args) {
-        return persona::main(&qemu_args);
+        let code = persona::main(&qemu_args);
+        ops::finish();
+        return code;
     }
     let cli = Cli::parse();
     let started =
@@ -256,6 +258,7 @@ fn main() -> ExitCode {
             })
             .map(|()| ExitCode::SUCCESS),
     };
+    ops::finish();
     match r {
         Ok(code) => code,
         Err(e) => {

@@ -63,6 +63,7 @@ pub(crate) fn start(
         observe::metrics::serve(addr).map_err(|e| CliError::Usage(format!("--metrics {addr}: {e}")))?;
     }
     if let Some(program) = on_event {
+        DRAIN.get_or_init(|| timeout);
         observe::hook::install(program.clone(), timeout)
             .map_err(|e| CliError::Usage(format!("--on-event {}: {e}", program.display())))?;
     }
@@ -97,6 +98,16 @@ pub(crate) fn from_libvirt(
     });
     start(name, launch.uuid.as_deref(), metrics, s.get("on-event").map(PathBuf::from), timeout, path.as_deref())
         .map_err(|e| crate::error_chain(&e))
+}
+
+/// How long the process waits at its end for event hooks still queued.
+static DRAIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// At the end of the process: the event hooks still queued run (bounded by their timeout).
+pub(crate) fn finish() {
+    if let Some(t) = DRAIN.get() {
+        observe::hook::drain(*t + Duration::from_secs(1));
+    }
 }
 
 #[derive(clap::Args)]

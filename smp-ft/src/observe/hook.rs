@@ -21,18 +21,35 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ("SMPFT_EPOCH", "epoch"),
 ];
 
+/// Hook runs queued or running, for [`drain`].
+static PENDING: (parking_lot::Mutex<usize>, parking_lot::Condvar) =
+    (parking_lot::Mutex::new(0), parking_lot::Condvar::new());
+
 /// Starts the thread that runs `program` for each change the observer reports.
 pub fn install(program: PathBuf, timeout: Duration) -> std::io::Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded::<Value>();
     std::thread::Builder::new().name("event-hook".into()).spawn(move || {
         for ev in rx {
             run(&program, &ev, timeout);
+            *PENDING.0.lock() -= 1;
+            PENDING.1.notify_all();
         }
     })?;
     super::get().on_change(move |_, data| {
-        let _ = tx.send(data);
+        *PENDING.0.lock() += 1;
+        if tx.send(data).is_err() {
+            *PENDING.0.lock() -= 1;
+        }
     });
     Ok(())
+}
+
+/// As the process ends: lets the hooks still queued run, for at most `within` (the last change,
+/// e.g. a standby standing down, is told as the copy exits).
+pub fn drain(within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    let mut n = PENDING.0.lock();
+    while *n > 0 && !PENDING.1.wait_until(&mut n, deadline).timed_out() {}
 }
 
 fn env_value(v: &Value) -> String {

@@ -56,6 +56,58 @@ fn with(base: &Labels, extra: &[(&'static str, &str)]) -> Labels {
     l
 }
 
+/// A metric read at scrape time.
+enum Scalar {
+    Gauge(f64),
+    Counter(u64),
+    /// A counter of seconds.
+    Seconds(f64),
+}
+
+/// The single-series figures: (name, help, value).
+fn scalars(o: &Observer) -> Vec<(&'static str, &'static str, Scalar)> {
+    use Scalar::*;
+    let f = &o.figures;
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+    let (p, u) = o.protection_times();
+    let age = o.last_checkpoint_age().map_or(f64::NAN, |d| d.as_secs_f64());
+    vec![
+        ("smpft_generation", "Tie-breaker generation this copy holds or last saw", Gauge(g(&f.generation) as f64)),
+        ("smpft_epoch", "Last checkpoint acknowledged (primary) or applied (standby)", Gauge(g(&f.epoch) as f64)),
+        ("smpft_checkpoints", "Checkpoints taken (primary) or received (standby)", Counter(g(&f.checkpoints))),
+        ("smpft_log_bytes", "Bytes of FT log sent (primary) or received (standby)", Counter(g(&f.log_bytes))),
+        ("smpft_dirty_page_bytes", "Dirty page bytes captured for checkpoints", Counter(g(&f.dirty_bytes))),
+        ("smpft_wire_page_bytes", "What encoding made of the dirty page bytes", Counter(g(&f.wire_bytes))),
+        (
+            "smpft_wire_dirty_ratio",
+            "Page bytes sent per dirty page byte captured",
+            Gauge(g(&f.wire_bytes) as f64 / g(&f.dirty_bytes).max(1) as f64),
+        ),
+        (
+            "smpft_throttle_ratio",
+            "Share of vCPU time the output-latency brake takes",
+            Gauge(g(&f.throttle_percent) as f64 / 100.0),
+        ),
+        (
+            "smpft_standby_lag_seconds",
+            "Age of the oldest checkpoint the standby has not acknowledged",
+            Gauge(o.lag().as_secs_f64()),
+        ),
+        ("smpft_last_checkpoint_age_seconds", "Time since the last checkpoint", Gauge(age)),
+        (
+            "smpft_disk_mirrored_bytes",
+            "Disk write bytes mirrored to the standby in checkpoints",
+            Counter(g(&f.disk_mirrored)),
+        ),
+        ("smpft_disk_staged_bytes", "Disk write bytes the standby staged from checkpoints", Counter(g(&f.disk_staged))),
+        ("smpft_failovers", "Times this copy went live after its primary failed", Counter(g(&f.failovers))),
+        ("smpft_switchovers", "Planned switchovers this copy took part in", Counter(g(&f.switchovers))),
+        ("smpft_standby_replacements", "Standbys replaced for lagging", Counter(g(&f.replacements))),
+        ("smpft_protected_seconds", "Time the VM ran protected by a standby", Seconds(p.as_secs_f64())),
+        ("smpft_unprotected_seconds", "Time the VM ran without a standby", Seconds(u.as_secs_f64())),
+    ]
+}
+
 impl Collector for FtCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let o = get();
@@ -68,143 +120,27 @@ impl Collector for FtCollector {
         let series: Vec<(Labels, &dyn EncodeMetric)> =
             states.iter().map(|(l, g)| (l.clone(), g as &dyn EncodeMetric)).collect();
         one(&mut enc, "smpft_ft_state", "1 for the copy's FT state now, 0 for the others", &series)?;
-        let gauge = |v: i64| ConstGauge::new(v);
-        let fgauge = |v: f64| ConstGauge::new(v);
-        let counter = |v: u64| ConstCounter::new(v);
-        let fcounter = |v: f64| ConstCounter::new(v);
-        let g = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
-        one(
-            &mut enc,
-            "smpft_generation",
-            "Tie-breaker generation this copy holds or last saw",
-            &[(l.clone(), &gauge(g(&f.generation) as i64))],
-        )?;
-        one(
-            &mut enc,
-            "smpft_epoch",
-            "Last checkpoint acknowledged (primary) or applied (standby)",
-            &[(l.clone(), &gauge(g(&f.epoch) as i64))],
-        )?;
-        one(
-            &mut enc,
-            "smpft_checkpoints",
-            "Checkpoints taken (primary) or received (standby)",
-            &[(l.clone(), &counter(g(&f.checkpoints)))],
-        )?;
-        one(
-            &mut enc,
-            "smpft_checkpoint_pause_seconds",
-            "Time the vCPUs stood still for a checkpoint",
-            &[(l.clone(), &f.pause)],
-        )?;
-        one(
-            &mut enc,
-            "smpft_output_hold_seconds",
-            "Time guest output was held until its checkpoint was acknowledged",
-            &[(l.clone(), &f.hold)],
-        )?;
-        one(
-            &mut enc,
-            "smpft_ack_latency_seconds",
-            "Checkpoint taken to its acknowledgement by the standby",
-            &[(l.clone(), &f.ack)],
-        )?;
-        one(
-            &mut enc,
-            "smpft_log_bytes",
-            "Bytes of FT log sent (primary) or received (standby)",
-            &[(l.clone(), &counter(g(&f.log_bytes)))],
-        )?;
-        one(
-            &mut enc,
-            "smpft_dirty_page_bytes",
-            "Dirty page bytes captured for checkpoints",
-            &[(l.clone(), &counter(g(&f.dirty_bytes)))],
-        )?;
-        one(
-            &mut enc,
-            "smpft_wire_page_bytes",
-            "What encoding made of the dirty page bytes",
-            &[(l.clone(), &counter(g(&f.wire_bytes)))],
-        )?;
-        let ratio = g(&f.wire_bytes) as f64 / g(&f.dirty_bytes).max(1) as f64;
-        one(
-            &mut enc,
-            "smpft_wire_dirty_ratio",
-            "Page bytes sent per dirty page byte captured",
-            &[(l.clone(), &fgauge(ratio))],
-        )?;
-        let throttle = g(&f.throttle_percent) as f64 / 100.0;
-        one(
-            &mut enc,
-            "smpft_throttle_ratio",
-            "Share of vCPU time the output-latency brake takes",
-            &[(l.clone(), &fgauge(throttle))],
-        )?;
-        one(
-            &mut enc,
-            "smpft_standby_lag_seconds",
-            "Age of the oldest checkpoint the standby has not acknowledged",
-            &[(l.clone(), &fgauge(o.lag().as_secs_f64()))],
-        )?;
-        let age = o.last_checkpoint_age().map_or(f64::NAN, |d| d.as_secs_f64());
-        one(
-            &mut enc,
-            "smpft_last_checkpoint_age_seconds",
-            "Time since the last checkpoint",
-            &[(l.clone(), &fgauge(age))],
-        )?;
-        one(
-            &mut enc,
-            "smpft_disk_mirrored_bytes",
-            "Disk write bytes mirrored to the standby in checkpoints",
-            &[(l.clone(), &counter(g(&f.disk_mirrored)))],
-        )?;
-        one(
-            &mut enc,
-            "smpft_disk_staged_bytes",
-            "Disk write bytes the standby staged from checkpoints",
-            &[(l.clone(), &counter(g(&f.disk_staged)))],
-        )?;
-        one(
-            &mut enc,
-            "smpft_failovers",
-            "Times this copy went live after its primary failed",
-            &[(l.clone(), &counter(g(&f.failovers)))],
-        )?;
-        one(
-            &mut enc,
-            "smpft_switchovers",
-            "Planned switchovers this copy took part in",
-            &[(l.clone(), &counter(g(&f.switchovers)))],
-        )?;
-        one(
-            &mut enc,
-            "smpft_standby_replacements",
-            "Standbys replaced for lagging",
-            &[(l.clone(), &counter(g(&f.replacements)))],
-        )?;
+        for (name, help, v) in scalars(o) {
+            match v {
+                Scalar::Gauge(v) => one(&mut enc, name, help, &[(l.clone(), &ConstGauge::new(v))])?,
+                Scalar::Counter(v) => one(&mut enc, name, help, &[(l.clone(), &ConstCounter::new(v))])?,
+                Scalar::Seconds(v) => one(&mut enc, name, help, &[(l.clone(), &ConstCounter::new(v))])?,
+            }
+        }
+        let histograms = [
+            ("smpft_checkpoint_pause_seconds", "Time the vCPUs stood still for a checkpoint", &f.pause),
+            ("smpft_output_hold_seconds", "Time guest output was held until its checkpoint was acknowledged", &f.hold),
+            ("smpft_ack_latency_seconds", "Checkpoint taken to its acknowledgement by the standby", &f.ack),
+        ];
+        for (name, help, h) in histograms {
+            one(&mut enc, name, help, &[(l.clone(), h)])?;
+        }
         let claims: Vec<(Labels, ConstCounter)> = ["won", "lost", "unreachable"]
             .iter()
             .zip(&f.claims)
-            .map(|(o, c)| (with(&l, &[("outcome", o)]), counter(c.load(Relaxed))))
+            .map(|(o, c)| (with(&l, &[("outcome", o)]), ConstCounter::new(c.load(Relaxed))))
             .collect();
-        let series: Vec<(Labels, &dyn EncodeMetric)> =
-            claims.iter().map(|(l, c)| (l.clone(), c as &dyn EncodeMetric)).collect();
-        one(&mut enc, "smpft_tiebreak_claims", "Tie-breaker claims by outcome", &series)?;
-        let (p, u) = o.protection_times();
-        one(
-            &mut enc,
-            "smpft_protected_seconds",
-            "Time the VM ran protected by a standby",
-            &[(l.clone(), &fcounter(p.as_secs_f64()))],
-        )?;
-        one(
-            &mut enc,
-            "smpft_unprotected_seconds",
-            "Time the VM ran without a standby",
-            &[(l.clone(), &fcounter(u.as_secs_f64()))],
-        )?;
+        one(&mut enc, "smpft_tiebreak_claims", "Tie-breaker claims by outcome", &refs(&claims))?;
         nics(o, &l, &mut enc)
     }
 }
