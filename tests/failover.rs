@@ -510,8 +510,12 @@ fn a_lagging_standby_is_replaced_by_a_spare() {
     for p in [&s1p, &s2p] {
         wait_state(p, "waiting", Duration::from_secs(10));
     }
-    let policy = ["--ft-max-lag", "80ms", "--ft-max-lag-for", "1s", "--ft-timeout", "600ms"];
-    let primary = setup.primary(&pp, &format!("{a1},{a2}"), &[], &policy);
+    // The primary's event hook records each change (--on-event).
+    let (hook, events) = (setup.dir.join("hook"), setup.dir.join("events"));
+    std::fs::write(&hook, format!("#!/bin/sh\necho \"$SMPFT_EVENT $SMPFT_PEER\" >> {}\n", events.display())).unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let policy = ["--ft-max-lag", "80ms", "--ft-max-lag-for", "1s", "--ft-timeout", "600ms", "--on-event"];
+    let primary = setup.primary(&pp, &format!("{a1},{a2}"), &[], &[&policy[..], &[hook.to_str().unwrap()]].concat());
     wait_protected_by(&pp, port1, "first spare");
     let client = background_client(vec![pp.serial.clone()]);
     let stop = Arc::new(AtomicBool::new(false));
@@ -537,6 +541,9 @@ fn a_lagging_standby_is_replaced_by_a_spare() {
     assert!(!log(&s1p).contains("goes live"), "the replaced standby never ran the VM\n{}", log(&s1p));
     let q = query(&pp);
     assert_eq!(q["standbys-replaced"], 1, "{q}");
+    let seen = std::fs::read_to_string(&events).unwrap_or_default();
+    assert!(seen.contains(&format!("standby-replaced {a1}")), "the hook ran for the replacement: {seen}");
+    assert!(seen.ends_with(&format!("protected {a2}\n")), "then for the spare's protection: {seen}");
     let client = client.finish_or(|| format!("primary:\n{}\ns1:\n{}", log(&pp), log(&s1p)));
     let client = finish_at(client, 0, primary, &pp, "lag");
     assert!(client.replies > 20, "the client made progress");

@@ -120,13 +120,13 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     let ft = if ft.given() || args.ft_peer.is_some() { Some(ft.build()?) } else { None };
     let peer = args.ft_peer.as_deref().map(|p| config::ft::peers(Names::Cli, p)).transpose()?;
     block_termination_signals();
+    let _registered = args.observe.start(qmp_path.as_deref())?;
     let standby_config = config::vm::as_standby(config.clone());
     let vm = match &chain {
         None => Vm::create(config)?,
         Some(chain) => snapshot::restore(config, chain)?,
     };
     let qmp = bind_qmp(qmp_path.as_deref())?;
-    let _registered = args.observe.start(qmp_path.as_deref())?;
     let running = vm.start()?;
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     forward_signals(sig_tx);

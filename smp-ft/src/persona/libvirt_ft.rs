@@ -211,6 +211,13 @@ mod tests {
         assert_eq!(s.get("peer"), Some("host-b:7400"));
         assert_eq!(Settings::from_text(&s.to_text()), s);
         assert_eq!(from_domain_xml("<domain><name>x</name></domain>").unwrap(), None, "no FT: left alone");
+        // The operators' elements are taken beside the FT settings.
+        let more = "<smpft:metrics>127.0.0.1:9740</smpft:metrics><smpft:on-event>/bin/true</smpft:on-event></smpft:ft>";
+        let s2 = from_domain_xml(&XML.replace("</smpft:ft>", more)).unwrap().unwrap();
+        assert_eq!((s2.get("metrics"), s2.get("on-event")), (Some("127.0.0.1:9740"), Some("/bin/true")));
+        // (The FT settings' files do not exist here: the error, if any, is about them.)
+        let e = DomainFt::new(&s2).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(!e.contains("metrics") && !e.contains("on-event"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let args = |op: &str| vec!["vm1".to_string(), op.to_string(), "begin".into(), "-".into()];
         hook(&args("prepare"), XML, dir.path()).unwrap();
