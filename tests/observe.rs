@@ -174,6 +174,13 @@ fn a_pair_is_seen_through_a_failover_by_prometheus_hooks_qmp_and_status() {
         "{text}"
     );
     assert!(text.contains("smpft_checkpoint_pause_seconds_bucket{"), "{text}");
+    // Held output and acknowledgements were measured (the client's replies went through the gate).
+    let count = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(count("smpft_output_hold_seconds_count{") > 0.0, "{text}");
+    assert!(count("smpft_ack_latency_seconds_count{") > 0.0, "{text}");
     let text = promtool_accepts(&dir, sm, "standby.txt");
     assert!(text.contains(r#"role="standby",state="standby"} 1"#), "{text}");
 
