@@ -626,3 +626,27 @@ fn a_false_alarm_costs_no_protection() {
     let st = wait_exit(standby, Duration::from_secs(20));
     assert!(st.success(), "the standby stands down when the VM ends\n{}", log(&sp));
 }
+
+/// Stopping a protected primary is an order, not a failure, even when the standby never hears
+/// it: with the stand-down message dropped (test hook), SIGTERM ends the primary, the standby
+/// notices the silence, claims, finds the stop in the tie-breaker record, and ends with status
+/// 0 without going live.
+#[test]
+fn a_stop_whose_message_is_lost_still_ends_both_copies() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-lost-stop");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
+    let standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &[]);
+    wait_state(&sp, "waiting", Duration::from_secs(10));
+    let primary = setup.primary(&pp, &addr, &[("SMPFT_TEST_HOOKS", "drop-goodbye")], &[]);
+    wait_state(&pp, "protected", Duration::from_secs(20));
+    common::signal(&primary, libc::SIGTERM);
+    assert_eq!(wait_exit(primary, Duration::from_secs(20)).code(), Some(128 + libc::SIGTERM), "{}", log(&pp));
+    assert!(log(&pp).contains("the tie-breaker records the stop"), "{}", log(&pp));
+    let st = wait_exit(standby, Duration::from_secs(20));
+    assert_eq!(st.code(), Some(0), "the standby ends, not halts\n{}", log(&sp));
+    assert!(!log(&sp).contains("goes live"), "the standby must not take over a stopped VM\n{}", log(&sp));
+    assert!(log(&sp).contains("records that the primary ended the VM"), "{}", log(&sp));
+}

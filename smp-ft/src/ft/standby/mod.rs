@@ -461,6 +461,13 @@ impl<'a> StandbyRunner<'a> {
     fn claimed(&mut self, s: &mut Session, r: Result<Claim, TieBreakError>) -> Result<Step, FtError> {
         let ev = match r {
             Ok(Claim::Won { generation }) => StandbyEvent::TieBreakWon { generation },
+            Ok(Claim::Lost { holder, .. }) if holder.ends_with(super::tiebreak::STOPPED) => {
+                // The primary ended the VM on purpose; its message did not arrive.
+                tracing::info!(%holder, "FT: the tie-breaker records that the primary ended the VM; standby done");
+                return Ok(Step::End(StandbyEnd::PrimaryEnded(format!(
+                    "stopped, as the tie-breaker records ({holder})"
+                ))));
+            }
             Ok(Claim::Lost { generation, holder }) => {
                 tracing::warn!(generation, %holder, "FT: the tie-breaker is held by the primary");
                 let actions = s.proto.handle_at(Instant::now(), StandbyEvent::TieBreakLost { generation });
