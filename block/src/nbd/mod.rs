@@ -352,6 +352,6 @@ impl Backend for Nbd {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod servers;
+#[cfg(test)]
+mod tests;
