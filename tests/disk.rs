@@ -65,6 +65,11 @@ fn qemu_nbd(image: &Path, format: &str) -> Server {
 
 /// `nbdkit` serving `image` with its file plugin on a unix socket.
 fn nbdkit_file(image: &Path) -> Server {
+    nbdkit_file_with(image, &[], &[])
+}
+
+/// As [`nbdkit_file`], with `filters` and the plugin's `params`.
+fn nbdkit_file_with(image: &Path, filters: &[&str], params: &[&str]) -> Server {
     let socket = image.with_extension("sock");
     let pidfile = image.with_extension("pid");
     let child = tool("nbdkit")
@@ -72,8 +77,10 @@ fn nbdkit_file(image: &Path) -> Server {
         .arg(&socket)
         .arg("--pidfile")
         .arg(&pidfile)
+        .args(filters)
         .arg("file")
         .arg(image)
+        .args(params)
         .spawn()
         .unwrap();
     wait_for(&pidfile);
@@ -434,20 +441,8 @@ fn a_guest_writes_through_an_nbd_export_with_block_size_limits() {
     let setup = FtSetup::new("disk-nbd-blocks");
     let img = setup.dir.join("b.raw");
     raw_image(&img, 32 << 20);
-    let socket = img.with_extension("sock");
-    let pidfile = img.with_extension("pid");
-    let child = tool("nbdkit")
-        .args(["--foreground", "--exportname", "vm", "--unix"])
-        .arg(&socket)
-        .arg("--pidfile")
-        .arg(&pidfile)
-        .args(["--filter=blocksize-policy", "file"])
-        .arg(&img)
-        .args(["blocksize-minimum=4096", "blocksize-maximum=65536", "blocksize-error-policy=error"])
-        .spawn()
-        .unwrap();
-    wait_for(&pidfile);
-    let server = Server { child: Proc::new(child), uri: format!("nbd+unix:///vm?socket={}", socket.display()) };
+    let params = ["blocksize-minimum=4096", "blocksize-maximum=65536", "blocksize-error-policy=error"];
+    let server = nbdkit_file_with(&img, &["--filter=blocksize-policy"], &params);
     let qp = setup.paths("b");
     let guest = "disk disk-io=1536 disk-check=1 flush-every=4 duration=5s";
     let vm = common::smpft()
