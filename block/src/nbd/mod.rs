@@ -178,6 +178,17 @@ impl Nbd {
         m - m % a
     }
 
+    /// Reads `buf` at `offset` (aligned, or ending at the end of the export) in pipelined pieces.
+    fn read_whole(&self, buf: &mut [u8], offset: u64) -> Result<(), BackendError> {
+        let max = self.max_io();
+        let mut reqs: Vec<Request<'_>> = buf
+            .chunks_mut(max)
+            .enumerate()
+            .map(|(i, b)| Request::Read { offset: offset + (i * max) as u64, buf: b })
+            .collect();
+        self.run("read", &mut reqs)
+    }
+
     fn aligned(&self, offset: u64, len: u64) -> bool {
         offset % self.align() == 0 && len % self.align() == 0
     }
@@ -303,18 +314,12 @@ impl Backend for Nbd {
             let start = offset - offset % a;
             let end = (offset + buf.len() as u64).div_ceil(a).saturating_mul(a).min(self.export.size);
             let mut whole = vec![0u8; (end - start) as usize];
-            self.read_at(&mut whole, start)?;
+            self.read_whole(&mut whole, start)?;
             let at = (offset - start) as usize;
             buf.copy_from_slice(&whole[at..at + buf.len()]);
             return Ok(());
         }
-        let max = self.max_io();
-        let mut reqs: Vec<Request<'_>> = buf
-            .chunks_mut(max)
-            .enumerate()
-            .map(|(i, b)| Request::Read { offset: offset + (i * max) as u64, buf: b })
-            .collect();
-        self.run("read", &mut reqs)
+        self.read_whole(buf, offset)
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> Result<(), BackendError> {
