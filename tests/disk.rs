@@ -65,6 +65,11 @@ fn qemu_nbd(image: &Path, format: &str) -> Server {
 
 /// `nbdkit` serving `image` with its file plugin on a unix socket.
 fn nbdkit_file(image: &Path) -> Server {
+    nbdkit_file_with(image, &[], &[])
+}
+
+/// As [`nbdkit_file`], with `filters` and the plugin's `params`.
+fn nbdkit_file_with(image: &Path, filters: &[&str], params: &[&str]) -> Server {
     let socket = image.with_extension("sock");
     let pidfile = image.with_extension("pid");
     let child = tool("nbdkit")
@@ -72,8 +77,10 @@ fn nbdkit_file(image: &Path) -> Server {
         .arg(&socket)
         .arg("--pidfile")
         .arg(&pidfile)
+        .args(filters)
         .arg("file")
         .arg(image)
+        .args(params)
         .spawn()
         .unwrap();
     wait_for(&pidfile);
@@ -421,6 +428,37 @@ fn nbd_servers_that_die_are_survived_or_reported() {
     assert_eq!(status.code(), Some(3), "the guest fails its disk workload\n{}", log(&qp));
     assert!(log(&qp).contains("the guest gets an I/O error"), "{}", log(&qp));
     assert!(qp.console().contains("with status 1"), "the guest saw VIRTIO_BLK_S_IOERR\n{}", qp.console());
+}
+
+/// A guest's disk workload over an export that accepts only 4 KiB-aligned requests of at most
+/// 64 KiB (nbdkit's blocksize-policy filter fails any other with EINVAL): the guest writes
+/// 1536-byte units (never aligned) and reads each back, and every check passes; the image then
+/// holds what the guest wrote through the server.
+#[test]
+fn a_guest_writes_through_an_nbd_export_with_block_size_limits() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("disk-nbd-blocks");
+    let img = setup.dir.join("b.raw");
+    raw_image(&img, 32 << 20);
+    let params = ["blocksize-minimum=4096", "blocksize-maximum=65536", "blocksize-error-policy=error"];
+    let server = nbdkit_file_with(&img, &["--filter=blocksize-policy"], &params);
+    let qp = setup.paths("b");
+    let guest = "disk disk-io=1536 disk-check=1 flush-every=4 duration=5s";
+    let vm = common::smpft()
+        .args(["run", "--vcpus", "2", "--memory", "128M", "--guest-args", guest, "--disk", &server.uri])
+        .arg("--console")
+        .arg(&qp.console)
+        .args(["--serial", "null"])
+        .stderr(std::fs::File::create(qp.console.with_extension("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(Proc::new(vm), Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "the guest's checks pass\n{}\n{}", log(&qp), console_tail(&qp));
+    assert!(!log(&qp).contains("I/O error"), "{}", log(&qp));
+    server.stop();
+    let written = std::fs::read(&img).unwrap().iter().filter(|&&b| b != 0).count();
+    assert!(written > 1536, "the guest's writes are in the image ({written} non-zero bytes)");
 }
 
 /// Disks that cannot pair: sizes differ (refused when the primary connects, on both sides), a

@@ -334,20 +334,27 @@ fn partition_leaves_exactly_one_live_copy() {
         let client = background_client(vec![pp.serial.clone(), sp.serial.clone()]);
         client.wait_replies(5, Duration::from_secs(20));
         net.partition();
-        // Both sides notice the silence and race for the tie-breaker; the loser halts.
-        let halted = wait_for("nobody halted after the partition", Duration::from_secs(15), || {
+        // Both sides notice the silence and race for the tie-breaker. A primary that loses
+        // halts (it ran the VM); a standby that loses never ran it: it stands down and waits
+        // for a primary again.
+        let lost = wait_for("nobody lost after the partition", Duration::from_secs(15), || {
             if let Some(st) = primary.try_wait() {
-                return Some((st, "primary"));
+                return Some((Some(st), "primary"));
             }
-            standby.try_wait().map(|st| (st, "standby"))
+            if let Some(st) = standby.try_wait() {
+                return Some((Some(st), "standby"));
+            }
+            log(&sp).contains("lost to a live primary").then_some((None, "standby"))
         });
-        let (winner, at, winner_paths, who) = match halted {
+        let (winner, at, winner_paths, who) = match lost {
             (st, "primary") => {
-                assert_eq!(st.code(), Some(75), "the primary ended otherwise\n{}", log(&pp));
+                assert_eq!(st.and_then(|s| s.code()), Some(75), "the primary ended otherwise\n{}", log(&pp));
                 (standby, 1, &sp, "standby")
             }
             (st, _) => {
-                assert_eq!(st.code(), Some(75), "the standby ended otherwise\n{}", log(&sp));
+                assert!(st.is_none(), "the standby must wait for a primary again, not end\n{}", log(&sp));
+                assert!(standby.is_running() && !log(&sp).contains("goes live"), "{}", log(&sp));
+                standby.sigkill();
                 (primary, 0, &pp, "primary")
             }
         };
@@ -492,7 +499,7 @@ fn spares_take_over_protection_in_turn() {
 /// enough to count as silent) lags behind; the primary first takes the tie-breaker, then drops
 /// it and protects the VM with the next spare. The primary never halts, the client loses
 /// nothing, and the replaced standby never goes live: once thawed, its own claim loses and it
-/// halts.
+/// halts (it was started with --ft-halt-on-loss; without it, it would wait for a primary again).
 #[test]
 fn a_lagging_standby_is_replaced_by_a_spare() {
     require_kvm();
@@ -505,7 +512,8 @@ fn a_lagging_standby_is_replaced_by_a_spare() {
     let shape = ["--vcpus", "4", "--memory", "128M", "--ft-timeout", "600ms"];
     let b_trusts_a = Side { me: &setup.b, peer: &setup.a, tiebreak: &setup.tiebreak, env: &[], netns: None };
     let (a1, a2) = (addr(port1), addr(port2));
-    let s1 = common::ft::spawn(&s1p, &b_trusts_a, &[&["standby", "--listen", &a1], &shape[..]].concat());
+    let halt = ["--ft-halt-on-loss"];
+    let s1 = common::ft::spawn(&s1p, &b_trusts_a, &[&["standby", "--listen", &a1], &shape[..], &halt[..]].concat());
     let s2 = common::ft::spawn(&s2p, &b_trusts_a, &[&["standby", "--listen", &a2], &shape[..]].concat());
     for p in [&s1p, &s2p] {
         wait_state(p, "waiting", Duration::from_secs(10));
@@ -586,4 +594,66 @@ fn the_serial_log_continues_on_the_standby_after_a_failover() {
         assert!(ok, "the logs break the stream at {:?} -> {:?}", w[0], w[1]);
     }
     assert_eq!(all.last().map(|r| r.1), client.last, "the last value acknowledged is the last logged");
+}
+
+/// A false alarm costs no protection: the standby is stopped (SIGSTOP) past the primary's
+/// silence timeout, so the primary takes the tie-breaker and runs on unprotected; thawed, the
+/// standby's own claim loses to the live primary. It never ran the VM, so it discards its copy
+/// and waits again, and the primary protects the VM with it again by itself (its disks compared,
+/// not copied whole). The client loses nothing throughout.
+#[test]
+fn a_false_alarm_costs_no_protection() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-false-alarm");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
+    let standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &[]);
+    wait_state(&sp, "waiting", Duration::from_secs(10));
+    let primary = setup.primary(&pp, &addr, &[], &[]);
+    wait_state(&pp, "protected", Duration::from_secs(20));
+    let client = background_client(vec![pp.serial.clone()]);
+    client.wait_replies(5, Duration::from_secs(20));
+    // SAFETY: kill only sends signals to the standby's process.
+    unsafe { libc::kill(standby.pid() as i32, libc::SIGSTOP) };
+    wait_state(&pp, "unprotected", Duration::from_secs(10));
+    // SAFETY: as above.
+    unsafe { libc::kill(standby.pid() as i32, libc::SIGCONT) };
+    let stood_down = later(|| format!("the standby never stood down\n{}", log(&sp)));
+    wait_until(stood_down, Duration::from_secs(20), || log(&sp).contains("lost to a live primary"));
+    let t = Instant::now();
+    let q = wait_query(&pp, "protected again", Duration::from_secs(60), |q| q["state"] == "protected");
+    eprintln!("false alarm: protected again {:?} after the standby stood down", t.elapsed());
+    assert_eq!(q["generation"], 1, "the primary's claim: {q}");
+    assert!(!log(&sp).contains("goes live"), "the standby never ran the VM\n{}", log(&sp));
+    client.wait_replies(5, Duration::from_secs(20));
+    let client = client.finish_or(|| format!("primary:\n{}\nstandby:\n{}", log(&pp), log(&sp)));
+    let client = finish_at(client, 0, primary, &pp, "false alarm");
+    assert!(client.replies > 10, "the client made progress");
+    let st = wait_exit(standby, Duration::from_secs(20));
+    assert!(st.success(), "the standby stands down when the VM ends\n{}", log(&sp));
+}
+
+/// Stopping a protected primary is an order, not a failure, even when the standby never hears
+/// it: with the stand-down message dropped (test hook), SIGTERM ends the primary, the standby
+/// notices the silence, claims, finds the stop in the tie-breaker record, and ends with status
+/// 0 without going live.
+#[test]
+fn a_stop_whose_message_is_lost_still_ends_both_copies() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("ft-lost-stop");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (pp, sp) = (setup.paths("p"), setup.paths("s"));
+    let standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &[]);
+    wait_state(&sp, "waiting", Duration::from_secs(10));
+    let primary = setup.primary(&pp, &addr, &[("SMPFT_TEST_HOOKS", "drop-goodbye")], &[]);
+    wait_state(&pp, "protected", Duration::from_secs(20));
+    common::signal(&primary, libc::SIGTERM);
+    assert_eq!(wait_exit(primary, Duration::from_secs(20)).code(), Some(128 + libc::SIGTERM), "{}", log(&pp));
+    assert!(log(&pp).contains("the tie-breaker records the stop"), "{}", log(&pp));
+    let st = wait_exit(standby, Duration::from_secs(20));
+    assert_eq!(st.code(), Some(0), "the standby ends, not halts\n{}", log(&sp));
+    assert!(!log(&sp).contains("goes live"), "the standby must not take over a stopped VM\n{}", log(&sp));
+    assert!(log(&sp).contains("records that the primary ended the VM"), "{}", log(&sp));
 }

@@ -196,6 +196,21 @@ fn shutting_down_the_primary_domain_ends_both() {
     assert!(log("lv-ftp").contains("RESULT: PASS"), "{}", log("lv-ftp"));
 }
 
+/// `virsh destroy` of the primary (libvirt's SIGTERM, then SIGKILL if it lingers) is an order
+/// too: both domains end, and the standby never goes live.
+#[test]
+fn destroying_the_primary_domain_ends_both() {
+    let _one = one_at_a_time();
+    let lv = Libvirt::start_with("libvirt-ftdestroy", true);
+    ft_pair(&lv);
+    assert_eq!(console_request("lv-ftp", "INCR 1"), "OK 1 1");
+    ok(&["destroy", "lv-ftp"]);
+    wait_state("lv-ftp", "shut off (destroyed)");
+    wait_state("lv-fts", "shut off");
+    let l = last_start_log("lv-fts");
+    assert!(!l.contains("goes live"), "the standby never runs the VM\n{l}");
+}
+
 #[test]
 fn bad_ft_metadata_stops_the_start_with_the_reason() {
     let _one = one_at_a_time();

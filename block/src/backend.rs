@@ -46,6 +46,11 @@ pub trait Backend: Send + Sync {
     fn flush(&self) -> Result<(), BackendError>;
     /// The range reads as zeroes afterwards.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError>;
+    /// As `write_zeroes`, and the backend may free the range's storage (a guest's write-zeroes
+    /// with its unmap flag). Backends that cannot tell the two apart keep the default.
+    fn write_zeroes_may_unmap(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.write_zeroes(offset, len)
+    }
     /// The range's contents no longer matter (the backend may free them; they read as zeroes).
     fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError>;
 }

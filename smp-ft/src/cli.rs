@@ -104,9 +104,15 @@ pub(crate) struct FtArgs {
     /// Shortest gap between checkpoints when output is waiting to be released.
     #[arg(long, default_value = shown::MIN_GAP, value_parser = parse_duration)]
     pub(crate) ft_min_gap: Duration,
-    /// Silence after which the peer is declared failed.
+    /// Silence after which the peer may be declared failed: the failure detector's floor. A
+    /// peer whose messages have come in bursts (a busy host) is given the room its bursts took,
+    /// up to --ft-timeout-max; this copy's own scheduling stalls never count as the peer's
+    /// silence.
     #[arg(long, default_value = shown::TIMEOUT, value_parser = parse_duration)]
     pub(crate) ft_timeout: Duration,
+    /// The most silence the failure detector ever allows (default: 4 times --ft-timeout).
+    #[arg(long, value_parser = parse_duration)]
+    pub(crate) ft_timeout_max: Option<Duration>,
     /// Heartbeat interval on the FT channel.
     #[arg(long, default_value = shown::HEARTBEAT, value_parser = parse_duration)]
     pub(crate) ft_heartbeat: Duration,
@@ -138,6 +144,12 @@ pub(crate) struct FtArgs {
     /// The window --ft-max-lag looks at.
     #[arg(long, default_value = shown::MAX_LAG_FOR, value_parser = parse_duration)]
     pub(crate) ft_max_lag_for: Duration,
+    /// A standby that loses the tie-breaker ends with exit status 75. Without it, a standby
+    /// that lost to a live primary (a false alarm: it never ran the VM) discards its copy and
+    /// waits for a primary again, and the primary protects the VM with it again by itself. A
+    /// copy that ran the VM and lost always halts.
+    #[arg(long)]
+    pub(crate) ft_halt_on_loss: bool,
 }
 
 impl FtArgs {
@@ -151,12 +163,14 @@ impl FtArgs {
             .interval(self.ft_interval)
             .min_gap(self.ft_min_gap)
             .timeout(self.ft_timeout)
+            .timeout_max(self.ft_timeout_max)
             .heartbeat(self.ft_heartbeat)
             .compression(self.ft_compress)
             .compression_cache(self.ft_compress_cache)
             .max_latency(self.ft_max_latency)
             .max_lag(self.ft_max_lag)
             .max_lag_for(self.ft_max_lag_for)
+            .halt_on_loss(self.ft_halt_on_loss)
     }
 }
 

@@ -1,4 +1,5 @@
 pub mod channel;
+pub mod detector;
 pub mod frame;
 pub mod identity;
 pub mod message;

@@ -40,6 +40,9 @@ pub struct FtOptions {
     pub channel: ChannelConfig,
     /// The test hook `verify`: the primary checks each checkpoint against a shadow copy.
     pub verify: bool,
+    /// A standby that loses the tie-breaker halts (exit 75) instead of waiting for a primary
+    /// again (`--ft-halt-on-loss`).
+    pub halt_on_loss: bool,
 }
 
 /// The default owner name: host name and process id.
@@ -52,6 +55,8 @@ pub fn default_owner() -> String {
 /// Defaults of the settings [`PrimaryConfig`] does not hold.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(150);
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(20);
+/// The failure detector's ceiling is this many times its floor unless set.
+pub const TIMEOUT_MAX_FACTOR: u32 = 4;
 pub const DEFAULT_CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_COMPRESS_CACHE: u64 = 64 << 20;
 pub const DEFAULT_MAX_LATENCY: Duration = Duration::from_millis(100);
@@ -83,6 +88,8 @@ pub struct FtBuilder {
     /// silence timeout).
     ack_timeout: Option<Duration>,
     timeout: Duration,
+    /// The failure detector's ceiling (default: [`TIMEOUT_MAX_FACTOR`] times `timeout`).
+    timeout_max: Option<Duration>,
     heartbeat: Duration,
     claim_timeout: Duration,
     compression: Compression,
@@ -90,6 +97,7 @@ pub struct FtBuilder {
     max_latency: Duration,
     max_lag: Duration,
     max_lag_for: Duration,
+    halt_on_loss: bool,
     hooks: TestHooks,
 }
 
@@ -114,6 +122,7 @@ impl FtBuilder {
             protocol: PrimaryConfig::default(),
             ack_timeout: None,
             timeout: DEFAULT_TIMEOUT,
+            timeout_max: None,
             heartbeat: DEFAULT_HEARTBEAT,
             claim_timeout: DEFAULT_CLAIM_TIMEOUT,
             compression: Compression::default(),
@@ -121,6 +130,7 @@ impl FtBuilder {
             max_latency: DEFAULT_MAX_LATENCY,
             max_lag: Duration::ZERO,
             max_lag_for: DEFAULT_MAX_LAG_FOR,
+            halt_on_loss: false,
             hooks: super::hooks::current().clone(),
         }
     }
@@ -149,8 +159,10 @@ impl FtBuilder {
         /// How long a switchover's or an ending VM's final checkpoint may wait for its
         /// acknowledgement (default: twice the silence timeout).
         ack_timeout: Option<Duration> => ack_timeout;
-        /// Silence after which the peer is declared failed.
+        /// Silence after which the peer may be declared failed: the failure detector's floor.
         timeout: Duration => timeout;
+        /// The most silence the failure detector allows a peer whose messages came in bursts.
+        timeout_max: Option<Duration> => timeout_max;
         heartbeat: Duration => heartbeat;
         claim_timeout: Duration => claim_timeout;
         compression: Compression => compression;
@@ -158,6 +170,8 @@ impl FtBuilder {
         max_latency: Duration => max_latency;
         max_lag: Duration => max_lag;
         max_lag_for: Duration => max_lag_for;
+        /// A standby that loses the tie-breaker halts instead of waiting for a primary again.
+        halt_on_loss: bool => halt_on_loss;
         /// Test hooks other than this process's.
         test_hooks: TestHooks => hooks;
     }
@@ -184,6 +198,7 @@ impl FtBuilder {
                 self.sync_max_rounds(number()?.try_into().map_err(|_| invalid(format!("'{value}' is too large")))?)
             }
             Setting::Timeout => self.timeout(duration()?),
+            Setting::TimeoutMax => self.timeout_max(Some(duration()?)),
             Setting::Heartbeat => self.heartbeat(duration()?),
             Setting::ClaimTimeout => self.claim_timeout(duration()?),
             Setting::Compress => self.compression(
@@ -194,6 +209,11 @@ impl FtBuilder {
             Setting::MaxLatency => self.max_latency(duration()?),
             Setting::MaxLag => self.max_lag(duration()?),
             Setting::MaxLagFor => self.max_lag_for(duration()?),
+            Setting::HaltOnLoss => self.halt_on_loss(match value.trim() {
+                "yes" | "true" | "on" | "1" => true,
+                "no" | "false" | "off" | "0" => false,
+                other => return Err(invalid(format!("'{other}' is not yes or no"))),
+            }),
             _ => return Err(invalid("not a fault tolerance setting".into())),
         })
     }
@@ -214,6 +234,7 @@ impl FtBuilder {
         let channel = ChannelConfig {
             heartbeat: self.heartbeat,
             silence_timeout: self.timeout,
+            silence_ceiling: self.timeout_max.unwrap_or(self.timeout * TIMEOUT_MAX_FACTOR),
             wire_version: self.hooks.wire_version.unwrap_or(transport::message::PROTOCOL_VERSION),
             ..ChannelConfig::default()
         };
@@ -231,6 +252,7 @@ impl FtBuilder {
             max_lag_for: self.max_lag_for,
             channel,
             verify: self.hooks.verify,
+            halt_on_loss: self.halt_on_loss,
         })
     }
 
@@ -251,6 +273,10 @@ impl FtBuilder {
         if self.heartbeat.is_zero() || self.timeout <= self.heartbeat * 2 {
             let p = Problem::Timeout { timeout: self.timeout, heartbeat: self.heartbeat };
             return Err(ConfigError::new(names, &[Setting::Timeout, Setting::Heartbeat], p));
+        }
+        if let Some(max) = self.timeout_max.filter(|m| *m < self.timeout) {
+            let why = format!("{max:?} is below the timeout ({:?}), the failure detector's floor", self.timeout);
+            return Err(ConfigError::new(names, &[Setting::TimeoutMax], Problem::Invalid(why)));
         }
         let p = &self.protocol;
         for (zero, setting) in [(p.interval.is_zero(), Setting::Interval), (p.window == 0, Setting::Window)] {

@@ -25,11 +25,14 @@ pub struct TestHooks {
     pub verify: bool,
     /// The FT wire version to announce instead of this build's.
     pub wire_version: Option<u32>,
+    /// `drop-goodbye`: the primary ends without telling its standby (as if the message were
+    /// lost), so the standby must learn of the stop from the tie-breaker.
+    pub drop_goodbye: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
-    #[error("{ENV}: unknown test hook '{0}' (known: fault=POINT[:K[:MS]], verify, wire-version=N)")]
+    #[error("{ENV}: unknown test hook '{0}' (known: fault=POINT[:K[:MS]], verify, wire-version=N, drop-goodbye)")]
     Unknown(String),
     #[error(
         "{ENV}: '{0}' is not a fault point (kill-in-precopy, kill-after-send:K, kill-after-ack:K, stall-apply:K:MS)"
@@ -52,6 +55,7 @@ impl TestHooks {
                     hooks.wire_version = Some(v.parse().map_err(|_| HookError::WireVersion(v.into()))?)
                 }
                 None if hook == "verify" => hooks.verify = true,
+                None if hook == "drop-goodbye" => hooks.drop_goodbye = true,
                 _ => return Err(HookError::Unknown(hook.into())),
             }
         }

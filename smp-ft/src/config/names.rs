@@ -24,6 +24,7 @@ pub enum Setting {
     SyncDonePages,
     SyncMaxRounds,
     Timeout,
+    TimeoutMax,
     Heartbeat,
     ClaimTimeout,
     Compress,
@@ -31,6 +32,7 @@ pub enum Setting {
     MaxLatency,
     MaxLag,
     MaxLagFor,
+    HaltOnLoss,
     Peer,
     Listen,
     Channel,
@@ -67,7 +69,7 @@ const fn w(
 }
 
 impl Setting {
-    pub const ALL: [Setting; 29] = [
+    pub const ALL: [Setting; 31] = [
         Setting::Vcpus,
         Setting::Memory,
         Setting::Guest,
@@ -87,6 +89,7 @@ impl Setting {
         Setting::SyncDonePages,
         Setting::SyncMaxRounds,
         Setting::Timeout,
+        Setting::TimeoutMax,
         Setting::Heartbeat,
         Setting::ClaimTimeout,
         Setting::Compress,
@@ -94,6 +97,7 @@ impl Setting {
         Setting::MaxLatency,
         Setting::MaxLag,
         Setting::MaxLagFor,
+        Setting::HaltOnLoss,
         Setting::Peer,
         Setting::Listen,
         Setting::Channel,
@@ -121,6 +125,7 @@ impl Setting {
             Setting::SyncDonePages => w("sync-done-pages", None, None, None),
             Setting::SyncMaxRounds => w("sync-max-rounds", None, None, None),
             Setting::Timeout => w("timeout", Some("--ft-timeout"), None, Some("timeout")),
+            Setting::TimeoutMax => w("timeout-max", Some("--ft-timeout-max"), None, Some("timeout-max")),
             Setting::Heartbeat => w("heartbeat", Some("--ft-heartbeat"), None, Some("heartbeat")),
             Setting::ClaimTimeout => w("claim-timeout", None, None, None),
             Setting::Compress => w("compress", Some("--ft-compress"), None, None),
@@ -128,6 +133,7 @@ impl Setting {
             Setting::MaxLatency => w("max-latency", Some("--ft-max-latency"), None, None),
             Setting::MaxLag => w("max-lag", Some("--ft-max-lag"), None, None),
             Setting::MaxLagFor => w("max-lag-for", Some("--ft-max-lag-for"), None, None),
+            Setting::HaltOnLoss => w("halt-on-loss", Some("--ft-halt-on-loss"), None, Some("halt-on-loss")),
             Setting::Peer => w("peer", Some("--ft-peer"), None, Some("peer")),
             Setting::Listen => w("listen", Some("--listen"), None, Some("listen")),
         }

@@ -80,3 +80,18 @@ impl Link {
         }
     }
 }
+
+/// The failure detector's view of the peer, for `x-smpft-query-ft`.
+pub fn detector_json(chan: &Channel) -> serde_json::Value {
+    let r = chan.detector();
+    let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+    serde_json::json!({
+        "threshold-ms": ms(r.threshold),
+        "silent-ms": ms(r.silent_for),
+        "own-stall-ms": ms(r.own_stall),
+        "suspicion": (r.suspicion * 100.0).round() / 100.0,
+        "mean-gap-ms": ms(r.mean_gap),
+        "gap-deviation-ms": ms(r.gap_deviation),
+        "longest-gap-ms": ms(r.longest_gap),
+    })
+}

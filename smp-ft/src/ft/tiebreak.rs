@@ -21,6 +21,10 @@ use std::time::{Duration, Instant};
 
 const MAGIC: &str = "smpft-tiebreak v1";
 
+/// What a holder's name ends with when the copy that held the tie-breaker ended the VM on
+/// purpose (see [`TieBreaker::record_stop`]).
+pub const STOPPED: &str = "/stopped";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Won {
@@ -101,6 +105,13 @@ impl TieBreaker {
             return Err(TieBreakError::BadOwner(holder.to_string()));
         }
         self.claim_for(generation, holder, timeout)
+    }
+
+    /// The VM was ended on purpose by this copy, which holds `generation`: the record says so
+    /// at the next generation, so a standby that did not hear the stop and claims loses to a
+    /// holder named `OWNER/stopped`, and knows the VM ended rather than failed.
+    pub fn record_stop(&self, generation: u64, timeout: Duration) -> Result<Outcome, TieBreakError> {
+        self.claim_for(generation + 1, &format!("{}{STOPPED}", self.owner), timeout)
     }
 
     fn claim_for(&self, generation: u64, owner: &str, timeout: Duration) -> Result<Outcome, TieBreakError> {

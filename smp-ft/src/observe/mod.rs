@@ -317,8 +317,16 @@ impl Observer {
         self.event(FtEvent::StoodDown, prev);
     }
 
-    pub fn claim(&self, outcome: ClaimOutcome) {
-        self.figures.claims[outcome as usize].fetch_add(1, Relaxed);
+    /// A tie-breaker claim's answer: counted by outcome; one lost to the peer is told as
+    /// `lost-tie-breaker` (not one that finds the VM ended on purpose).
+    pub fn claimed<T>(&self, r: &Result<crate::ft::tiebreak::Outcome, T>) {
+        self.figures.claims[claim_outcome(r) as usize].fetch_add(1, Relaxed);
+        if let Ok(crate::ft::tiebreak::Outcome::Lost { holder, .. }) = r {
+            if !holder.ends_with(crate::ft::tiebreak::STOPPED) {
+                let prev = self.now.lock().state;
+                self.event(FtEvent::LostTieBreaker, prev);
+            }
+        }
     }
 
     fn event(&self, ev: FtEvent, prev: &str) {
@@ -418,7 +426,7 @@ impl Observer {
 }
 
 /// A claim's outcome, for the metrics.
-pub fn claim_outcome<T>(r: &Result<crate::ft::tiebreak::Outcome, T>) -> ClaimOutcome {
+fn claim_outcome<T>(r: &Result<crate::ft::tiebreak::Outcome, T>) -> ClaimOutcome {
     match r {
         Ok(crate::ft::tiebreak::Outcome::Won { .. }) => ClaimOutcome::Won,
         Ok(crate::ft::tiebreak::Outcome::Lost { .. }) => ClaimOutcome::Lost,
@@ -441,7 +449,6 @@ fn stint(role: Role, state: &str) -> Option<bool> {
 fn transition(role: Role, prev: &str, state: &str, fresh: bool) -> Option<FtEvent> {
     match (role, state) {
         (_, "protected") | (Role::Standby, "standby") => Some(FtEvent::Protected),
-        (_, "halted") => Some(FtEvent::LostTieBreaker),
         (Role::Primary, "replacing-standby") => Some(FtEvent::StandbyReplaced),
         (Role::Primary, "switched-over") => Some(FtEvent::SwitchedOver),
         _ if fresh => None,
@@ -468,7 +475,7 @@ mod tests {
         assert_eq!(transition(Primary, "standby", "live-after-failover", true), None, "told by went_live");
         assert_eq!(transition(Primary, "unprotected", "unprotected", true), None);
         assert_eq!(transition(Primary, "protected", "replacing-standby", false), Some(FtEvent::StandbyReplaced));
-        assert_eq!(transition(Standby, "arbitrating", "halted", false), Some(FtEvent::LostTieBreaker));
+        assert_eq!(transition(Standby, "arbitrating", "halted", false), None, "told by claimed");
         assert_eq!(transition(Standby, "standby", "waiting", false), Some(FtEvent::StoodDown));
         assert_eq!(transition(Standby, "syncing", "standby", false), Some(FtEvent::Protected));
         assert_eq!(stint(Primary, "protected"), Some(true));

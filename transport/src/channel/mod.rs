@@ -39,6 +39,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How often the failure detector looks at the peer's silence.
+pub(crate) fn watchdog_period(heartbeat: Duration) -> Duration {
+    (heartbeat / 4).max(Duration::from_millis(1))
+}
+
 /// Close codes.
 pub mod code {
     pub const NORMAL: u32 = 0;
@@ -61,8 +66,12 @@ pub enum Congestion {
 pub struct ChannelConfig {
     /// Heartbeat interval.
     pub heartbeat: Duration,
-    /// Silence after which the peer is declared gone.
+    /// Silence after which the peer may be declared gone: the failure detector's floor (see
+    /// [`crate::detector`]); a peer whose messages have come in bursts is given more, up to
+    /// `silence_ceiling`.
     pub silence_timeout: Duration,
+    /// The most silence the failure detector ever allows.
+    pub silence_ceiling: Duration,
     /// Time allowed for the TLS handshake and the Hello exchange.
     pub handshake_timeout: Duration,
     /// Checkpoint bytes sent but not yet acknowledged, at most.
@@ -101,6 +110,7 @@ impl Default for ChannelConfig {
         ChannelConfig {
             heartbeat: Duration::from_millis(50),
             silence_timeout: Duration::from_millis(300),
+            silence_ceiling: Duration::from_millis(1200),
             handshake_timeout: Duration::from_secs(5),
             max_in_flight: 256 << 20,
             bulk_streams: 8,
@@ -399,7 +409,13 @@ impl Channel {
         let shared = Arc::new(Shared {
             peer: conn.remote_address(),
             events: etx,
-            last_heard: Mutex::new(Instant::now()),
+            detector: Mutex::new(crate::detector::Detector::new(
+                cfg.silence_timeout,
+                cfg.silence_ceiling,
+                cfg.heartbeat,
+                watchdog_period(cfg.heartbeat),
+                Instant::now(),
+            )),
             closed: AtomicBool::new(false),
             budget: Budget::new(cfg.max_in_flight),
             assembly: Mutex::new(Assembly::default()),
@@ -412,7 +428,7 @@ impl Channel {
         rt.spawn(control_reader(recv, conn.clone(), shared.clone()));
         rt.spawn(bulk_acceptor(conn.clone(), shared.clone()));
         rt.spawn(heartbeats(ctx.clone(), shared.clone(), cfg.heartbeat));
-        rt.spawn(watchdog(conn.clone(), shared.clone(), cfg.heartbeat, cfg.silence_timeout));
+        rt.spawn(watchdog(conn.clone(), shared.clone(), watchdog_period(cfg.heartbeat)));
         rt.spawn(closed_watch(conn.clone(), shared.clone()));
         Channel {
             rt,
@@ -469,7 +485,12 @@ impl Channel {
 
     /// How long since anything was heard from the peer.
     pub fn silent_for(&self) -> Duration {
-        self.shared.last_heard.lock().elapsed()
+        self.shared.detector.lock().silent_for(Instant::now())
+    }
+
+    /// The failure detector's view of the peer now (threshold, silence, suspicion).
+    pub fn detector(&self) -> crate::detector::Report {
+        self.shared.detector.lock().report(Instant::now())
     }
 
     /// Bytes of checkpoints sent and not yet acknowledged.

@@ -52,7 +52,7 @@ fn transport_config(cfg: &ChannelConfig) -> quinn::TransportConfig {
         .keep_alive_interval(Some(cfg.heartbeat))
         // The channel's own watchdog decides about silence; QUIC's idle timeout is a backstop.
         .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(cfg.silence_timeout * 4 + Duration::from_secs(1))
+            quinn::IdleTimeout::try_from(cfg.silence_ceiling.max(cfg.silence_timeout) * 4 + Duration::from_secs(1))
                 .unwrap_or(quinn::IdleTimeout::from(VarInt::from_u32(10_000))),
         ));
     if let Some(n) = cfg.ack_threshold {

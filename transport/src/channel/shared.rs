@@ -70,7 +70,8 @@ impl Budget {
 pub(super) struct Shared {
     pub(super) peer: SocketAddr,
     pub(super) events: Sender<Event>,
-    pub(super) last_heard: Mutex<Instant>,
+    /// When the peer was last heard, and whether its silence means it is dead.
+    pub(super) detector: Mutex<crate::detector::Detector>,
     pub(super) closed: AtomicBool,
     pub(super) budget: Budget,
     pub(super) assembly: Mutex<Assembly>,
@@ -125,7 +126,7 @@ impl Assembly {
 
 impl Shared {
     pub(super) fn heard(&self) {
-        *self.last_heard.lock() = Instant::now();
+        self.detector.lock().heard(Instant::now());
     }
 
     pub(super) fn deliver(&self, conn: &Connection) {

@@ -3,6 +3,7 @@
 
 use super::shared::{Partial, Shared};
 use super::{code, Event, CHUNK_HEADER, MAX_CHUNKS};
+use crate::detector::Verdict;
 use crate::frame::{self, Decoder};
 use crate::message::Message;
 use bytes::Bytes;
@@ -181,16 +182,25 @@ pub(super) async fn heartbeats(ctl: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     }
 }
 
-pub(super) async fn watchdog(conn: Connection, shared: Arc<Shared>, every: Duration, timeout: Duration) {
-    let mut tick = tokio::time::interval((every / 4).max(Duration::from_millis(1)));
+pub(super) async fn watchdog(conn: Connection, shared: Arc<Shared>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if shared.closed.load(Ordering::SeqCst) {
             return;
         }
-        let silent_for = shared.last_heard.lock().elapsed();
-        if silent_for > timeout {
-            tracing::warn!(peer = %shared.peer, "FT peer silent for {silent_for:?}");
+        let now = std::time::Instant::now();
+        let mut detector = shared.detector.lock();
+        if let Verdict::Dead { silent_for, own_stall } = detector.tick(now) {
+            let threshold = detector.threshold();
+            drop(detector);
+            tracing::warn!(
+                peer = %shared.peer,
+                threshold_ms = threshold.as_millis() as u64,
+                own_stall_ms = own_stall.as_millis() as u64,
+                "FT peer silent for {silent_for:?}"
+            );
             let _ = shared.events.send(Event::PeerSilent { silent_for });
             shared.violation(&conn, code::SILENT, "peer silent");
             return;

@@ -122,6 +122,7 @@ impl Blk {
         put(44, &1u32.to_le_bytes()); // discard_sector_alignment
         put(48, &max_sectors.to_le_bytes()); // max_write_zeroes_sectors
         put(52, &1u32.to_le_bytes()); // max_write_zeroes_seg
+        put(56, &[1]); // write_zeroes_may_unmap
         c
     }
 
@@ -208,7 +209,11 @@ impl Blk {
                 let (r, op) = if kind == T_DISCARD {
                     (self.disk.discard(at, len), Op::Discard { offset: at, len })
                 } else {
-                    (self.disk.write_zeroes(at, len), Op::Zeroes { offset: at, len })
+                    // VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: the range's storage may be freed.
+                    let unmap = seg[12] & 1 != 0;
+                    let r =
+                        if unmap { self.disk.write_zeroes_may_unmap(at, len) } else { self.disk.write_zeroes(at, len) };
+                    (r, Op::Zeroes { offset: at, len })
                 };
                 match r {
                     Ok(()) => {

@@ -232,6 +232,8 @@ fn state_survives_save_and_restore_mid_use() {
 struct MemDisk {
     data: std::sync::Mutex<Vec<u8>>,
     readonly: bool,
+    /// Write-zeroes the guest allowed to unmap.
+    unmapped: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
 impl block::Backend for MemDisk {
@@ -256,6 +258,10 @@ impl block::Backend for MemDisk {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
         Ok(())
+    }
+    fn write_zeroes_may_unmap(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.unmapped.lock().unwrap().push((offset, len));
+        self.write_zeroes(offset, len)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         self.write_zeroes(offset, len)
@@ -290,7 +296,8 @@ impl Watcher {
 
 /// A disk, and the slot its observer goes in (empty).
 fn blk_with_slot(readonly: bool) -> (Driver<super::blk::Blk>, Arc<MemDisk>, Arc<ObserverSlot>) {
-    let disk = Arc::new(MemDisk { data: std::sync::Mutex::new(vec![0xee; 64 << 10]), readonly });
+    let disk =
+        Arc::new(MemDisk { data: std::sync::Mutex::new(vec![0xee; 64 << 10]), readonly, unmapped: Default::default() });
     let slot = Arc::new(ObserverSlot::default());
     let mut d = Driver::with("virtio-blk", super::blk::Blk::new(disk.clone(), 0, slot.clone(), "smpft-disk0"));
     d.init();
@@ -391,6 +398,22 @@ fn offer_write(d: &mut Driver<super::blk::Blk>, sector: u64, byte: u8) {
     d.desc((head + 1) % SIZE, at + 0x100, 512, NEXT, (head + 2) % SIZE);
     d.desc((head + 2) % SIZE, at + 0x3f0, 1, WRITE, 0);
     d.offer(head);
+}
+
+/// VIRTIO_BLK_T_WRITE_ZEROES with VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP lets the disk free the
+/// range; without it the disk must keep it allocated. Both read as zeroes.
+#[test]
+fn blk_write_zeroes_passes_the_guests_unmap_flag_on() {
+    let (mut d, disk, _slot) = blk_with_slot(false);
+    for (sector, flags) in [(2u64, 0u32), (4, 1)] {
+        let mut seg = [0u8; 16];
+        seg[..8].copy_from_slice(&sector.to_le_bytes());
+        seg[8..12].copy_from_slice(&2u32.to_le_bytes());
+        seg[12..].copy_from_slice(&flags.to_le_bytes());
+        assert_eq!(request(&mut d, 13, 0, Some((&seg, false))), (0, 1), "write-zeroes, flags {flags}");
+    }
+    assert_eq!(*disk.unmapped.lock().unwrap(), vec![(2048, 1024)], "only the request with the flag may unmap");
+    assert!(disk.data.lock().unwrap()[1024..3072].iter().all(|&b| b == 0));
 }
 
 #[test]

@@ -385,7 +385,7 @@ impl PrimaryFt {
 
     fn claimed(&mut self, vm: &RunningVm, result: Result<Claim, TieBreakError>) -> Flow {
         let decided_ms = self.lost_at.map_or(0, |t| t.elapsed().as_millis() as u64);
-        crate::observe::get().claim(crate::observe::claim_outcome(&result));
+        crate::observe::get().claimed(&result);
         let event = match result {
             Ok(Claim::Won { generation }) => {
                 tracing::warn!(generation, decided_ms, "FT: won the tie-breaker; continuing unprotected");
@@ -439,6 +439,19 @@ impl PrimaryFt {
     pub fn finished(&mut self, why: &str) {
         self.disk_log.stop();
         if let Some(l) = self.link.take() {
+            // A second path for the order, written first: a standby that misses the message
+            // below and claims finds the VM stopped, not failed.
+            match self.tiebreak.record_stop(self.proto.generation(), self.opts.claim_timeout) {
+                Ok(Claim::Won { generation }) => tracing::info!(generation, "FT: the tie-breaker records the stop"),
+                Ok(Claim::Lost { generation, holder }) => {
+                    tracing::warn!(generation, %holder, "FT: the tie-breaker is someone else's; the stop is not recorded")
+                }
+                Err(e) => tracing::warn!("FT: cannot record the stop in the tie-breaker: {}", error_chain(&e)),
+            }
+            if crate::config::hooks::current().drop_goodbye {
+                tracing::warn!("FT: test hook drop-goodbye: the standby is not told");
+                return self.join_workers();
+            }
             tracing::info!("FT: telling the standby to stand down: {why}");
             l.close(GOODBYE_VM_ENDED, why);
         }

@@ -14,7 +14,8 @@ pub enum StandbyState {
     Arbitrating,
     /// Won the tie-breaker and runs the VM.
     Live,
-    /// Lost the tie-breaker: the primary runs the VM, and this copy must not.
+    /// Lost the tie-breaker and told to halt on a loss (`--ft-halt-on-loss`): the primary runs
+    /// the VM, and this copy ends.
     Halted,
     /// The session ended without a state to go live from (or with one this host cannot run):
     /// the copy is discarded, and this standby waits for a primary again.
@@ -89,9 +90,10 @@ pub enum StandbyAction {
     GoLive {
         epoch: Epoch,
     },
-    /// Lost the tie-breaker: end without running the VM.
+    /// Lost the tie-breaker, told to halt on a loss: end without running the VM.
     Halt,
-    /// Discard the copy and wait for a primary again.
+    /// Discard the copy and wait for a primary again (also after losing the tie-breaker to a
+    /// live primary: this copy never ran the VM, and the primary protects it again with it).
     StandDown,
 }
 
@@ -113,6 +115,8 @@ pub struct Standby {
     /// When an unreachable tie-breaker is asked again.
     retry_at: Option<Instant>,
     arbitrate_retry: Duration,
+    /// A lost claim ends this copy (exit 75) instead of standing it down.
+    halt_on_loss: bool,
 }
 
 impl Standby {
@@ -129,7 +133,14 @@ impl Standby {
             claiming: false,
             retry_at: None,
             arbitrate_retry,
+            halt_on_loss: false,
         }
+    }
+
+    /// A lost claim halts this copy instead of standing it down to wait for a primary again.
+    pub fn halt_on_loss(mut self, halt: bool) -> Standby {
+        self.halt_on_loss = halt;
+        self
     }
 
     pub fn state(&self) -> StandbyState {
@@ -243,8 +254,15 @@ impl Standby {
             (S::Arbitrating, E::TieBreakLost { generation }) => {
                 self.claiming = false;
                 self.generation = self.generation.max(generation);
-                self.state = S::Halted;
-                vec![A::Halt]
+                // The primary holds the tie-breaker and runs the VM: this copy never ran it, so
+                // a false alarm costs it only its copy; it waits to be protecting again.
+                if self.halt_on_loss {
+                    self.state = S::Halted;
+                    vec![A::Halt]
+                } else {
+                    self.state = S::StoodDown;
+                    vec![A::StandDown]
+                }
             }
             _ => vec![],
         }

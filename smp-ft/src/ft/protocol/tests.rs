@@ -206,10 +206,19 @@ fn standby_that_never_finished_sync_stands_down_instead_of_going_live() {
 }
 
 #[test]
-fn standby_losing_the_tie_break_halts() {
+fn a_standby_losing_the_tie_break_to_a_live_primary_stands_down_to_wait_again() {
+    // It never ran the VM: a false alarm costs it its copy, not its place as a standby.
     let mut s = standby_at(1);
     s.handle(StandbyEvent::PeerSilent);
-    assert_eq!(s.handle(StandbyEvent::TieBreakLost { generation: 1 }), vec![StandbyAction::Halt]);
+    assert_eq!(s.handle(StandbyEvent::TieBreakLost { generation: 2 }), vec![StandbyAction::StandDown]);
+    assert_eq!(s.state(), StandbyState::StoodDown);
+    assert_eq!(s.generation(), 2, "it knows the generation the primary holds");
+    assert_eq!(s.handle(StandbyEvent::TieBreakWon { generation: 2 }), vec![], "nothing after standing down");
+    // Told to halt on a loss (--ft-halt-on-loss), it ends instead.
+    let mut s = standby_at(1).halt_on_loss(true);
+    s.handle(StandbyEvent::PeerSilent);
+    assert_eq!(s.handle(StandbyEvent::TieBreakLost { generation: 2 }), vec![StandbyAction::Halt]);
+    assert_eq!(s.state(), StandbyState::Halted);
 }
 
 #[test]

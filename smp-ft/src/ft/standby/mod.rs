@@ -102,6 +102,9 @@ pub struct StandbyRunner<'a> {
     claims: (Sender<Claimed>, Receiver<Claimed>),
     /// Numbers the sessions, so that a claim's late answer finds only its own.
     sessions: u64,
+    /// The disks held a whole copy when the last session ended: the next initial copy compares
+    /// them rather than copying every block (as `--disk-sync compare`).
+    resync_compare: bool,
     /// The guest's CPUID as this host would present it (see `wire::Meta::cpuid`).
     cpuid: Vec<[u32; 6]>,
 }
@@ -159,6 +162,7 @@ impl<'a> StandbyRunner<'a> {
             workers: parking_lot::Mutex::new(Workers::new()),
             claims: crossbeam_channel::unbounded(),
             sessions: 0,
+            resync_compare: false,
         })
     }
 
@@ -185,7 +189,7 @@ impl<'a> StandbyRunner<'a> {
 
     /// Whether this standby hashes its disks for the primary (`--disk-sync compare`).
     fn compares(&self) -> bool {
-        self.opts.disk_sync == super::disk::DiskSync::Compare && !self.disks.is_empty()
+        (self.opts.disk_sync == super::disk::DiskSync::Compare || self.resync_compare) && !self.disks.is_empty()
     }
 
     fn disk_sizes(&self) -> Vec<u64> {
@@ -462,12 +466,30 @@ impl<'a> StandbyRunner<'a> {
     }
 
     fn claimed(&mut self, s: &mut Session, r: Result<Claim, TieBreakError>) -> Result<Step, FtError> {
-        crate::observe::get().claim(crate::observe::claim_outcome(&r));
+        crate::observe::get().claimed(&r);
         let ev = match r {
             Ok(Claim::Won { generation }) => StandbyEvent::TieBreakWon { generation },
+            Ok(Claim::Lost { holder, .. }) if holder.ends_with(super::tiebreak::STOPPED) => {
+                // The primary ended the VM on purpose; its message did not arrive.
+                tracing::info!(%holder, "FT: the tie-breaker records that the primary ended the VM; standby done");
+                return Ok(Step::End(StandbyEnd::PrimaryEnded(format!(
+                    "stopped, as the tie-breaker records ({holder})"
+                ))));
+            }
             Ok(Claim::Lost { generation, holder }) => {
                 tracing::warn!(generation, %holder, "FT: the tie-breaker is held by the primary");
-                StandbyEvent::TieBreakLost { generation }
+                let actions = s.proto.handle_at(Instant::now(), StandbyEvent::TieBreakLost { generation });
+                if actions == [StandbyAction::StandDown] {
+                    tracing::warn!(
+                        generation,
+                        "FT: lost to a live primary (a false alarm: this copy never ran the VM); discarding \
+                         the copy and waiting for the primary to protect the VM again"
+                    );
+                    self.generation = self.generation.max(generation);
+                    // Its disks hold all but the last moments: the next initial copy compares them.
+                    self.resync_compare = true;
+                }
+                return self.act(s, actions);
             }
             Err(e) => {
                 tracing::error!("FT: {}; not going live, retrying", error_chain(&e));
@@ -494,6 +516,6 @@ impl<'a> StandbyRunner<'a> {
 
     /// A new session's machine.
     fn machine(&self) -> Standby {
-        Standby::new(self.generation, ARBITRATE_RETRY, Instant::now())
+        Standby::new(self.generation, ARBITRATE_RETRY, Instant::now()).halt_on_loss(self.opts.ft.halt_on_loss)
     }
 }

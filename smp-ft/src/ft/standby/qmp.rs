@@ -39,6 +39,7 @@ impl StandbyRunner<'_> {
             "peer": s.map(|s| s.peer.to_string()),
             "disk-bytes-received": s.map_or(0, |s| s.disk_bytes),
             "disk-staged-peak-bytes": s.map_or(0, |s| s.disk_peak),
+            "detector": s.map(|s| crate::ft::link::detector_json(&s.chan)),
         });
         crate::observe::get().query(&mut v);
         v
