@@ -34,6 +34,7 @@ pub enum Setting {
     Peer,
     Listen,
     Channel,
+    BootDisk,
 }
 
 /// Whose words an error uses for a setting.
@@ -67,7 +68,7 @@ const fn w(
 }
 
 impl Setting {
-    pub const ALL: [Setting; 29] = [
+    pub const ALL: [Setting; 30] = [
         Setting::Vcpus,
         Setting::Memory,
         Setting::Guest,
@@ -97,12 +98,14 @@ impl Setting {
         Setting::Peer,
         Setting::Listen,
         Setting::Channel,
+        Setting::BootDisk,
     ];
 
     fn words(self) -> Words {
         match self {
             Setting::Vcpus => w("vcpus", Some("--vcpus"), Some("-smp"), None),
             Setting::Channel => w("channel", Some("--channel"), Some("-device virtserialport"), None),
+            Setting::BootDisk => w("boot", Some("--boot disk"), Some("bootindex"), None),
             Setting::Memory => w("memory", Some("--memory"), Some("-m"), None),
             Setting::Guest => w("guest", Some("--guest"), Some("-kernel"), None),
             Setting::GuestArgs => w("guest-args", Some("--guest-args"), Some("-append"), None),
