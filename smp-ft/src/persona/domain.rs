@@ -33,10 +33,11 @@ use std::process::ExitCode;
 
 /// The VM `launch` describes, on the configuration builder (its errors name QEMU's options).
 fn config(launch: &Launch) -> Result<VmConfig, String> {
-    let kernel = launch
-        .kernel
-        .clone()
-        .ok_or("the domain has no kernel: smpft boots a Linux kernel or a static x86-64 ELF guest given as <kernel>")?;
+    // Without -kernel, the disk with the lowest bootindex (or the first, with -boot order=c).
+    let boot_disk = launch.boot_disk.or((launch.boot_order_disk && !launch.disks.is_empty()).then_some(0));
+    if launch.kernel.is_none() && boot_disk.is_none() {
+        return Err("the domain has no kernel and no boot disk: smpft boots a Linux kernel or a static x86-64 ELF guest given as <kernel>, or what a disk with <boot dev='hd'/> or <boot order='N'/> holds".into());
+    }
     let serial = match &launch.serial {
         Some(Serial::Pty) => SerialSpec::Pty,
         Some(Serial::Socket(p)) => SerialSpec::Unix(p.clone()),
@@ -61,11 +62,14 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
         .collect::<Result<Vec<_>, String>>()?;
     // A Linux kernel (bzImage, or vmlinux with a PVH note) boots with -initrd and -append as
     // its command line; anything else is a freestanding guest and -append its parameters.
-    VmBuilder::new(Names::Qemu)
-        .vcpus(launch.vcpus)
-        .memory(launch.memory_bytes)
-        .kernel(kernel, launch.initrd.clone(), launch.append.clone().unwrap_or_default())
-        .serial(serial)
+    let vm = VmBuilder::new(Names::Qemu).vcpus(launch.vcpus).memory(launch.memory_bytes);
+    let append = launch.append.clone().unwrap_or_default();
+    let vm = match (&launch.kernel, boot_disk) {
+        (Some(kernel), _) => vm.kernel(kernel.clone(), launch.initrd.clone(), append),
+        (None, Some(disk)) => vm.boot_disk(disk, append),
+        (None, None) => unreachable!("refused above"),
+    };
+    vm.serial(serial)
         .serial_log(launch.serial_log.as_ref().map(|l| match l {
             qemu_shim::argv::SerialLog::File { path, append } => {
                 SerialLog::File { path: path.clone(), append: *append }
