@@ -145,3 +145,182 @@ fn a_gpt_disk_with_a_separate_boot_boots_grubs_default_then_the_new_saved_entry(
     let log = boots_with("advanced", &d2, &args, &cmdline);
     assert!(log.contains(&format!("entry=Debian GNU/Linux, with Linux {}", version())), "{log}");
 }
+
+/// An MBR disk with /boot inside the root file system; grub.cfg's default is a path into the
+/// submenu by numbers ("1>0").
+fn mbr_boot_in_root(dir: &Path) -> std::path::PathBuf {
+    let k = version();
+    let cfg = debian_grub_cfg("/boot").replace("set default=\"${saved_entry}\"", "set default=\"1>0\"");
+    let root = Fs::default()
+        .uuid(UUID)
+        .file(&format!("/boot/vmlinuz-{k}"), Content::Copy(vmlinux()))
+        .file(&format!("/boot/initrd.img-{k}"), Content::Copy(debian_initrd()))
+        .text("/boot/grub/grub.cfg", &cfg)
+        .text("/etc/hostname", "debian\n");
+    build(dir, Table::Mbr, &[root])
+}
+
+#[test]
+fn an_mbr_disk_with_boot_inside_root_boots_the_submenu_entry_its_default_names() {
+    let d = scratch("bootdisk-mbr");
+    let disk = mbr_boot_in_root(&d);
+    let args = ["run", "--boot", "disk", "--disk", disk.to_str().unwrap(), "--cmdline-extra", EXTRA];
+    let cmdline = format!("root=UUID={UUID} ro {BASE} smpft.entry=advanced {EXTRA}");
+    let log = boots_with("mbr", &d, &args, &cmdline);
+    assert!(log.contains(&format!("kernel=/boot/vmlinuz-{}", version())), "{log}");
+}
+
+/// Boot Loader Specification entries on a separate /boot (as Fedora lays them out, with a
+/// grub.cfg that makes its menu with blscfg): the newest version is the default.
+#[test]
+fn bls_entries_boot_the_newest_version() {
+    let d = scratch("bootdisk-bls");
+    let k = version();
+    let entry = |ver: &str, marker: &str| {
+        format!(
+            "title Fedora Linux ({ver})\nversion {ver}\nlinux /vmlinuz-{k}\ninitrd /initrd.img-{k}\n\
+             options root=UUID={UUID} ro {BASE} {marker}\ngrub_users $grub_users\ngrub_arg --unrestricted\ngrub_class fedora\n"
+        )
+    };
+    let boot = Fs::default()
+        .file(&format!("/vmlinuz-{k}"), Content::Copy(vmlinux()))
+        .file(&format!("/initrd.img-{k}"), Content::Copy(debian_initrd()))
+        .text("/loader/entries/0123abcd-6.1.9-100.fc38.x86_64.conf", &entry("6.1.9-100.fc38.x86_64", "smpft.entry=old"))
+        .text(
+            "/loader/entries/0123abcd-6.1.10-100.fc38.x86_64.conf",
+            &entry("6.1.10-100.fc38.x86_64", "smpft.entry=new"),
+        )
+        .text("/grub2/grub.cfg", "set default=\"${saved_entry}\"\nload_env\ninsmod blscfg\nblscfg\n");
+    let disk = build(&d, Table::Gpt, &[boot, Fs::default().text("/etc/hostname", "fedora\n")]);
+    let args = ["run", "--boot", "disk", "--disk", disk.to_str().unwrap()];
+    let log = boots_with("bls", &d, &args, &format!("root=UUID={UUID} ro {BASE} smpft.entry=new"));
+    assert!(log.contains("entry=Fedora Linux (6.1.10-100.fc38.x86_64)") && log.contains("loader/entries"), "{log}");
+}
+
+/// The disk behind NBD (qemu-nbd): the boot loader reads it through the same backend the VM's
+/// disk uses.
+#[test]
+fn a_disk_behind_nbd_boots_the_same() {
+    let d = scratch("bootdisk-nbd");
+    let disk = gpt_separate_boot(&d, None);
+    let sock = d.join("nbd.sock");
+    let nbd = std::process::Command::new("qemu-nbd")
+        .args(["--format=raw", "--shared=4", "--persistent", "--socket"])
+        .arg(&sock)
+        .arg(&disk)
+        .spawn()
+        .expect("qemu-nbd (scripts/setup installs qemu-utils)");
+    let mut nbd = Proc::new(nbd);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !accepts_connections(&sock) {
+        assert!(Instant::now() < deadline, "qemu-nbd never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let spec = format!("nbd+unix:///?socket={}", sock.display());
+    let args = ["run", "--boot", "disk", "--disk", &spec, "--cmdline-extra", EXTRA];
+    boots_with("nbd", &d, &args, &format!("root=UUID={UUID} ro {BASE} smpft.entry=simple {EXTRA}"));
+    nbd.sigkill();
+}
+
+/// The QEMU persona as libvirt starts a domain with <boot dev='hd'/> and no <kernel>: the disk
+/// with bootindex=1, no -kernel.
+#[test]
+fn the_qemu_persona_boots_the_disk_with_the_lowest_bootindex() {
+    let d = scratch("bootdisk-persona");
+    let disk = gpt_separate_boot(&d, None);
+    let file = format!(
+        r#"{{"driver":"file","filename":"{}","node-name":"libvirt-1-storage","auto-read-only":true,"discard":"unmap"}}"#,
+        disk.display()
+    );
+    let raw = r#"{"node-name":"libvirt-1-format","read-only":false,"driver":"raw","file":"libvirt-1-storage"}"#;
+    let dev = "virtio-blk-pci,bus=pci.0,addr=0x4,drive=libvirt-1-format,id=virtio-disk0,bootindex=1";
+    let args = ["qemu", "-machine", "smpft", "-nodefaults", "-smp", "2", "-m", "256", "-boot", "strict=on"];
+    let args: Vec<&str> = args.into_iter().chain(["-blockdev", &file, "-blockdev", raw, "-device", dev]).collect();
+    let log = boots_with("persona", &d, &args, &format!("root=UUID={UUID} ro {BASE} smpft.entry=simple"));
+    assert!(log.contains("booting from the disk"), "{log}");
+}
+
+/// Runs `smpft run --boot disk` on `disk`; it must fail with one line that contains `want`.
+fn refused(name: &str, disk: &Path, want: &str) {
+    let err_path = disk.with_file_name("stderr");
+    let mut vm = Proc::new(
+        smpft()
+            .env("SMPFT_LOG", "error")
+            .args(["run", "--boot", "disk", "--serial", "null", "--disk", disk.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let status = loop {
+        if let Some(st) = vm.try_wait() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "{name}: smpft still running after 150 s");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert!(!status.success(), "{name}: smpft booted a hostile disk\n{err}");
+    assert_eq!(err.lines().count(), 1, "{name}: one line\n{err}");
+    assert!(
+        err.starts_with("smpft: error: --boot disk: disk 0: ") && err.contains(want),
+        "{name}: want '{want}' in\n{err}"
+    );
+    eprintln!("{name}: {}", err.trim());
+}
+
+fn one_entry(linux: &str) -> String {
+    format!("menuentry 'Hostile' {{\n\tinsmod ext2\n\tlinux {linux} console=ttyS0\n}}\n")
+}
+
+#[test]
+fn hostile_disks_are_refused_in_one_line_each() {
+    let d = scratch("bootdisk-hostile");
+    let case = |name: &str, fs: Fs, want: &str| {
+        let dir = d.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = build(&dir, Table::Gpt, &[fs]);
+        refused(name, &disk, want);
+        std::fs::remove_dir_all(&dir).unwrap();
+    };
+    let kernel = || Content::Bytes(vec![0x90; 4096]);
+    // A superblock whose block size is absurd (the magic is intact, so it is read as ext4).
+    let mut corrupt = Fs::default().text("/grub/grub.cfg", &one_entry("/vmlinuz"));
+    corrupt.patch = Some((1024 + 24, vec![0xff; 4]));
+    case("corrupt-superblock", corrupt, "the ext2/3/4 file system is unreadable");
+    // A directory linked into itself: the path that walks it is longer than any /boot needs.
+    let deep = format!("/grub{}/vmlinuz", "/loop".repeat(40));
+    let fs = Fs::default()
+        .file("/vmlinuz", kernel())
+        .text("/grub/grub.cfg", &one_entry(&deep))
+        .debugfs("link /grub /grub/loop");
+    case("directory-loop", fs, "deeper than 32 directories");
+    let fs = Fs::default()
+        .file("/a", Content::Symlink("/b".into()))
+        .file("/b", Content::Symlink("/a".into()))
+        .text("/grub/grub.cfg", &one_entry("/a"));
+    case("symlink-loop", fs, "partition 1: /a: ");
+    let fs = Fs::default().file("/vmlinuz", kernel()).text("/grub/grub.cfg", &one_entry("/vmlinuz"));
+    case("4GiB-kernel", fs.debugfs("sif /vmlinuz size 4294967296"), "/vmlinuz is 4294967296 bytes, more than");
+    let fs = Fs::default().text("/grub/grub.cfg", &one_entry("/vmlinuz"));
+    case(
+        "100MB-grub.cfg",
+        fs.debugfs("sif /grub/grub.cfg size 104857600"),
+        "/grub/grub.cfg is 104857600 bytes, more than",
+    );
+    let nested = format!("{}{}", "menuentry 'x' {\n".repeat(50_000), "}\n".repeat(50_000));
+    case("nested-braces", Fs::default().text("/grub/grub.cfg", &nested), "blocks nest deeper than 32");
+    case(
+        "missing-kernel",
+        Fs::default().text("/grub/grub.cfg", &one_entry("/vmlinuz-6.1")),
+        "/vmlinuz-6.1 does not exist",
+    );
+    let chain = format!("configfile /grub/custom.cfg\n{}", one_entry("/vmlinuz"));
+    case("configfile", Fs::default().text("/grub/grub.cfg", &chain), "needs 'configfile /grub/custom.cfg'");
+    let chainload = "menuentry 'Windows' {\n\tinsmod ntfs\n\tchainloader +1\n}\n";
+    case("chainloader", Fs::default().text("/grub/grub.cfg", chainload), "the entry 'Windows' needs 'chainloader +1'");
+    case("no-config", Fs::default().text("/etc/hostname", "x\n"), "no file system on the disk has");
+    let fs = Fs::default().file("/vmlinuz", kernel()).text("/grub/grub.cfg", &one_entry("/vmlinuz"));
+    case("not-a-kernel", fs, "/vmlinuz is not a Linux kernel");
+}
