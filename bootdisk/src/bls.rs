@@ -110,3 +110,31 @@ pub fn grubenv(text: &str) -> HashMap<String, String> {
         .take(1024)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newest_version_or_saved_entry() {
+        let e = |id: &str, ver: &str| {
+            parse(id, &format!("title T {ver}\nversion {ver}\nlinux /vmlinuz-{ver}\ninitrd /i-{ver}\noptions $kernelopts x\noptions y\n"))
+        };
+        let entries = vec![e("m-6.1.9", "6.1.9"), e("m-6.1.10", "6.1.10"), e("m-5.19", "5.19.0")];
+        let env: HashMap<String, String> = [("kernelopts".to_string(), "root=/dev/vda ro".to_string())].into();
+        let d = default_entry(entries.clone(), &env).unwrap();
+        assert_eq!((d.title.as_str(), d.kernel.path.as_str()), ("T 6.1.10", "/vmlinuz-6.1.10"));
+        assert_eq!(d.args, "root=/dev/vda ro x y");
+        let saved: HashMap<String, String> = [("saved_entry".to_string(), "m-5.19".to_string())].into();
+        assert_eq!(default_entry(entries, &saved).unwrap().kernel.path, "/vmlinuz-5.19.0");
+        assert!(default_entry(vec![parse("x", "title no linux\n")], &HashMap::new()).is_err());
+    }
+
+    #[test]
+    fn versions_compare_by_number() {
+        assert_eq!(version_cmp("6.1.10", "6.1.9"), Ordering::Greater);
+        assert_eq!(version_cmp("6.1.0-13", "6.1.0-13"), Ordering::Equal);
+        assert_eq!(version_cmp("5.19", "6.0"), Ordering::Less);
+        assert_eq!(grubenv("# GRUB Environment Block\nsaved_entry=a>b\n####")["saved_entry"], "a>b");
+    }
+}

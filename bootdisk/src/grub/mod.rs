@@ -13,3 +13,6 @@ mod eval;
 pub mod parse;
 
 pub use eval::{default_entry, Env};
+
+#[cfg(test)]
+mod tests;

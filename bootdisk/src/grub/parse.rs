@@ -270,8 +270,9 @@ impl Parser {
         while let Some((tok, l)) = self.toks.get(self.i).cloned() {
             match tok {
                 Tok::Word(w) => words.push(w),
-                Tok::Sep => break,
-                Tok::Open | Tok::Close => return Err(err(l, "a brace in the middle of a command")),
+                // `{ linux /k }`: the brace ends the command and closes the block.
+                Tok::Sep | Tok::Close => break,
+                Tok::Open => return Err(err(l, "a { in the middle of a command")),
             }
             self.i += 1;
         }
