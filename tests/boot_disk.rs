@@ -324,3 +324,49 @@ fn hostile_disks_are_refused_in_one_line_each() {
     let fs = Fs::default().file("/vmlinuz", kernel()).text("/grub/grub.cfg", &one_entry("/vmlinuz"));
     case("not-a-kernel", fs, "/vmlinuz is not a Linux kernel");
 }
+
+/// Waits until the console at `serial`, past byte `from`, shows the kernel's command line
+/// `cmdline` after a "Linux version"; panics with the console after 240 s.
+fn wait_cmdline(vm: &mut Proc, serial: &Path, from: usize, cmdline: &str) -> usize {
+    let want = format!("Command line: {cmdline}");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while Instant::now() < deadline && vm.try_wait().is_none() {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        let rest = text.get(from..).unwrap_or("");
+        if let Some(v) = rest.find("Linux version ") {
+            if let Some(l) = rest[v..].lines().find(|l| l.trim_end().ends_with(&want)) {
+                return from + rest.find(l).unwrap() + l.len();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("the kernel never showed '{want}'\n{}", std::fs::read_to_string(serial).unwrap_or_default());
+}
+
+/// A reset in place reads the disk again: after the guest's GRUB saved another default, QMP
+/// system_reset boots that entry.
+#[test]
+fn a_reset_boots_what_the_disk_says_then() {
+    require_kvm();
+    let d = scratch("bootdisk-reset");
+    let disk = gpt_separate_boot(&d, None);
+    let later = d.join("later");
+    std::fs::create_dir_all(&later).unwrap();
+    let saved = std::fs::read(gpt_separate_boot(&later, Some(&advanced_id()))).unwrap();
+    assert_eq!(saved.len() as u64, std::fs::metadata(&disk).unwrap().len());
+    let (serial, qmp) = (d.join("serial.log"), d.join("qmp.sock"));
+    let (serial_arg, qmp_arg) = (format!("file:{}", serial.display()), format!("unix:{}", qmp.display()));
+    let log = std::fs::File::create(d.join("smpft.log")).unwrap();
+    let args = ["run", "--boot", "disk", "--disk", disk.to_str().unwrap(), "--serial", &serial_arg, "--qmp", &qmp_arg];
+    let mut vm = Proc::new(smpft().env("SMPFT_LOG", "info").args(args).stderr(log).spawn().unwrap());
+    let first = wait_cmdline(&mut vm, &serial, 0, &format!("root=UUID={UUID} ro {BASE} smpft.entry=simple"));
+    // What the guest would do with grub-set-default: a new grubenv on its /boot.
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &saved, 0).unwrap();
+    drop(f);
+    Qmp::negotiated(&qmp).ok("system_reset", None);
+    wait_cmdline(&mut vm, &serial, first, &format!("root=UUID={UUID} ro {BASE} smpft.entry=advanced"));
+    vm.sigkill();
+    let log = std::fs::read_to_string(d.join("smpft.log")).unwrap();
+    assert_eq!(log.matches("booting from the disk").count(), 2, "{log}");
+}

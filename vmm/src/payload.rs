@@ -43,7 +43,7 @@ pub(crate) fn check_test_guest(config: &VmConfig, elf: &[u8], args: &str) -> Res
 pub(crate) fn load(config: &VmConfig, target: &Target) -> Result<(), VmError> {
     match &config.payload {
         Payload::TestGuest { image, args } => load_test_guest(config, target, image, args),
-        Payload::Linux(boot) => load_linux(config, target, boot),
+        Payload::Linux(boot) | Payload::FromDisk { boot, .. } => load_linux(config, target, boot),
         Payload::None => Err(VmError::NothingToBoot),
     }
 }

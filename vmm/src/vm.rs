@@ -23,7 +23,7 @@ impl Vm {
                 let (image, args) = (image.clone(), args.clone());
                 Vm::create_test_guest(config, &image, &args)
             }
-            Payload::Linux(_) => Vm::create_linux(config),
+            Payload::Linux(_) | Payload::FromDisk { .. } => Vm::create_linux(config),
             Payload::None => Err(VmError::NothingToBoot),
         }
     }
