@@ -370,3 +370,49 @@ fn a_reset_boots_what_the_disk_says_then() {
     let log = std::fs::read_to_string(d.join("smpft.log")).unwrap();
     assert_eq!(log.matches("booting from the disk").count(), 2, "{log}");
 }
+
+/// libvirt: a domain as virt-install --import writes it for a cloud image, <boot dev='hd'/> and
+/// no <kernel>, boots the disk's default entry.
+#[test]
+fn a_libvirt_domain_with_boot_dev_hd_and_no_kernel_boots_its_disk() {
+    let _one = one_at_a_time();
+    let lv = common::libvirt::Libvirt::start("bootdisk-libvirt");
+    let disk = gpt_separate_boot(&lv.dir, None);
+    let console = lv.dir.join("console.log");
+    let dom = "lv-bootdisk";
+    let xml = format!(
+        "<domain type='kvm'><name>{dom}</name><memory unit='MiB'>256</memory><vcpu>2</vcpu>\
+         <os><type arch='x86_64' machine='smpft'>hvm</type><boot dev='hd'/></os>\
+         <cpu mode='host-passthrough'/><on_poweroff>destroy</on_poweroff><devices><emulator>{}</emulator>\
+         <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+         <controller type='pci' model='pci-root'/><controller type='usb' model='none'/><memballoon model='none'/>\
+         <serial type='pty'><log file='{log}' append='off'/><target port='0'/></serial>\
+         <console type='pty'><log file='{log}' append='off'/><target type='serial' port='0'/></console></devices></domain>",
+        lv.emulator().display(),
+        disk.display(),
+        log = console.display()
+    );
+    let path = lv.dir.join("dom.xml");
+    std::fs::write(&path, xml).unwrap();
+    let _ = common::libvirt::virsh(&["destroy", dom]);
+    let _ = common::libvirt::virsh(&["undefine", dom]);
+    common::libvirt::ok(&["define", path.to_str().unwrap()]);
+    common::libvirt::ok(&["start", dom]);
+    let want = format!("Command line: root=UUID={UUID} ro {BASE} smpft.entry=simple");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.lines().any(|l| l.trim_end().ends_with(&want)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the kernel never showed '{want}'\n{text}\n{}",
+            common::libvirt::last_start_log(dom)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(common::libvirt::last_start_log(dom).contains("booting from the disk"), "{}", common::libvirt::log(dom));
+    common::libvirt::ok(&["destroy", dom]);
+    common::libvirt::ok(&["undefine", dom]);
+}
