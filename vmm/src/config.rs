@@ -45,8 +45,10 @@ pub enum Payload {
     /// A Linux kernel (see [`linux`]).
     Linux(linux::LinuxBoot),
     /// A Linux kernel read from the VM's disk, and how to read the disk again: a reset in place
-    /// boots what the disk says then (or this kernel again, if the disk cannot be read).
-    FromDisk { boot: linux::LinuxBoot, reread: Reread },
+    /// boots what the disk says then (or this kernel again, if the disk cannot be read). A
+    /// standby's has no kernel: it never reads the disk, and reads it only at a reset once it
+    /// runs the VM.
+    FromDisk { boot: Option<linux::LinuxBoot>, reread: Reread },
     /// Nothing: the VM is built from a saved state ([`crate::Vm::from_state`]), as a standby's is.
     None,
 }

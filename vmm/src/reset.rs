@@ -112,7 +112,9 @@ impl RunningVm {
                     &reread
                 }
                 Err(why) => {
-                    tracing::warn!("cannot read the boot disk again ({why}); booting the kernel it booted before");
+                    tracing::warn!(
+                        "cannot read the boot disk again ({why}); booting the kernel it booted before, if any"
+                    );
                     config
                 }
             },

@@ -18,11 +18,15 @@ pub(crate) fn payload(
     disks: &[DiskSpec],
     index: usize,
     extra: &str,
+    read_now: bool,
 ) -> Result<(Payload, String), ConfigError> {
     let err = |why: String| ConfigError::new(names, &[Setting::BootDisk], Problem::Invalid(why));
     let spec = disks.get(index).ok_or_else(|| err(format!("the VM has no disk {index} to boot from")))?.clone();
     let exe = std::env::current_exe().map_err(|e| err(format!("cannot find the smpft binary: {e}")))?;
-    let (boot, name) = read(&exe, &spec, index, extra).map_err(err)?;
+    let (boot, name) = match read_now {
+        true => read(&exe, &spec, index, extra).map(|(b, name)| (Some(b), name)).map_err(err)?,
+        false => (None, format!("disk {index} (read when this copy boots it)")),
+    };
     let extra = extra.to_string();
     let reread = Reread(Arc::new(move || read(&exe, &spec, index, &extra).map(|(boot, _)| boot)));
     Ok((Payload::FromDisk { boot, reread }, name))

@@ -39,7 +39,7 @@ enum Boot {
     Either { kernel: PathBuf, initrd: Option<PathBuf>, append: String },
     /// What disk `index` (of the VM's disks) says to boot, its command line with `extra`
     /// appended (`--boot disk`, a disk with the lowest `bootindex`).
-    Disk { index: usize, extra: String },
+    Disk { index: usize, extra: String, read_now: bool },
 }
 
 /// Builds a [`VmConfig`]: set what the caller was given, then [`VmBuilder::build`].
@@ -130,7 +130,14 @@ impl VmBuilder {
     /// Boot what the VM's disk `index` says (its default boot entry), with `extra` appended to
     /// the entry's command line. Only this copy reads the disk: a standby gets the booted VM.
     pub fn boot_disk(mut self, index: usize, extra: String) -> Self {
-        self.boot = Boot::Disk { index, extra };
+        self.boot = Boot::Disk { index, extra, read_now: true };
+        self
+    }
+
+    /// As [`Self::boot_disk`] for a standby: the disk is not read now (the standby receives
+    /// the booted VM), only by a reset once this copy runs the VM.
+    pub fn boot_disk_later(mut self, index: usize, extra: String) -> Self {
+        self.boot = Boot::Disk { index, extra, read_now: false };
         self
     }
 
@@ -205,7 +212,9 @@ impl VmBuilder {
             return Err(ConfigError::new(names, &[Setting::Memory], Problem::Zero));
         }
         let (payload, guest_name) = match self.boot {
-            Boot::Disk { index, extra } => super::disk_boot::payload(names, &self.devices.disks, index, &extra)?,
+            Boot::Disk { index, extra, read_now } => {
+                super::disk_boot::payload(names, &self.devices.disks, index, &extra, read_now)?
+            }
             boot => payload(names, boot)?,
         };
         let mut devices = self.devices;
