@@ -23,7 +23,7 @@ pub const IGNORED: &[(&str, &str)] = &[
     ("-nographic", "smpft has no display"),
     ("-display", "smpft has no display (only 'none' is accepted)"),
     ("-no-acpi", "smpft's machine has no ACPI"),
-    ("-boot", "the guest is started from -kernel; there is no firmware boot order"),
+    ("-boot", "without -kernel, smpft boots what a disk holds (its lowest bootindex, or the first with order=c)"),
     ("-sandbox", "smpft does not install a seccomp filter of QEMU's kind"),
     ("-msg", "log format only"),
     ("-overcommit", "guest memory is not locked"),
@@ -142,6 +142,11 @@ pub struct Launch {
     pub no_shutdown: bool,
     /// Options accepted and ignored, as given (for the log).
     pub ignored: Vec<String>,
+    /// The disk (index in `disks`) with the lowest `bootindex=`, if any has one: without
+    /// `-kernel`, the VM boots what that disk holds.
+    pub boot_disk: Option<usize>,
+    /// `-boot order=c` (or an order starting with the hard disk): boot the first disk.
+    pub boot_order_disk: bool,
     /// Devices smpft does not have and leaves out of the VM: one warning line each (see
     /// [`crate::platform`]).
     pub left_out: Vec<String>,
@@ -253,6 +258,8 @@ struct Parser {
     pci_slots: Vec<(u8, String)>,
     /// The ids of the entropy sources (`-object rng-random|rng-builtin`).
     rng_backends: Vec<String>,
+    /// The lowest `bootindex=` of a disk so far, with that disk's index.
+    boot_index: Option<(u32, usize)>,
 }
 
 /// Reads QEMU's command line (without the program name).
@@ -366,6 +373,10 @@ impl Parser {
             "-initrd" => self.launch.initrd = Some(PathBuf::from(value)),
             "-drive" => return err("-drive is not supported; smpft takes disks as -blockdev"),
             "-netdev-legacy" | "-net" => return err("-net is not supported; smpft takes NICs as -netdev tap"),
+            "-boot" if value.split(',').any(|o| o.starts_with("order=c") || o.starts_with('c')) => {
+                self.launch.boot_order_disk = true;
+                self.launch.ignored.push(format!("{opt} {value}"));
+            }
             _ if IGNORED.iter().any(|(o, _)| *o == opt) => self.launch.ignored.push(format!("{opt} {value}")),
             _ => return err(format!("option {opt} is not supported")),
         }
@@ -535,6 +546,7 @@ impl Parser {
                 let drive = text(d, "drive").unwrap_or_default();
                 let mut disk = self.disk(&id, &drive)?;
                 disk.slot = self.pci_slot(&id, d)?;
+                self.boot_index(d);
                 self.launch.disks.push(disk);
             }
             "virtio-net-pci" => {
@@ -555,6 +567,15 @@ impl Parser {
             }
         }
         Ok(())
+    }
+
+    /// Notes the disk being added as the boot disk if its `bootindex=` is the lowest yet.
+    fn boot_index(&mut self, d: &Map<String, Value>) {
+        let Some(mine) = text(d, "bootindex").and_then(|b| b.parse::<u32>().ok()) else { return };
+        if self.boot_index.is_none_or(|(lowest, _)| mine < lowest) {
+            self.boot_index = Some((mine, self.launch.disks.len()));
+            self.launch.boot_disk = Some(self.launch.disks.len());
+        }
     }
 
     /// Follows a drive's node (format, then protocol) to its storage.

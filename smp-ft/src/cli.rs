@@ -284,6 +284,16 @@ pub(crate) struct RunArgs {
     /// bus with the virtio devices asked for.
     #[arg(long, value_name = "PATH", conflicts_with = "restore")]
     pub(crate) kernel: Option<PathBuf>,
+    /// `disk`: boot what the VM's first disk (--disk) holds, as a boot loader would: the
+    /// default entry of its Boot Loader Specification entries (loader/entries) or of its GRUB
+    /// grub.cfg, on an ext2/3/4 file system of a GPT or MBR partition (or of the whole disk);
+    /// its kernel, initrds and command line. The disk is read in a confined child process; a
+    /// reset in place reads it again (a kernel updated in the guest boots), a standby never does.
+    #[arg(long, value_name = "disk", value_parser = ["disk"], conflicts_with_all = ["kernel", "guest", "restore"])]
+    pub(crate) boot: Option<String>,
+    /// Appended to the command line of the entry --boot disk boots, e.g. "console=ttyS0".
+    #[arg(long, value_name = "ARGS", requires = "boot", allow_hyphen_values = true)]
+    pub(crate) cmdline_extra: Option<String>,
     /// An initrd (initramfs) for --kernel, placed at the top of guest memory.
     #[arg(long, value_name = "PATH", requires = "kernel")]
     pub(crate) initrd: Option<PathBuf>,

@@ -75,9 +75,10 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     if let Some(s) = last {
         vm = vm.snapshot_shape(s.vcpus, s.mem_size);
     }
-    vm = match (args.kernel, args.guest) {
-        (Some(kernel), _) => vm.linux(kernel, args.initrd, args.cmdline),
-        (None, guest) => vm.test_guest(guest, args.guest_args),
+    vm = match (args.kernel, args.guest, args.boot) {
+        (Some(kernel), _, _) => vm.linux(kernel, args.initrd, args.cmdline),
+        (None, None, Some(_)) => vm.boot_disk(0, args.cmdline_extra.unwrap_or_default()),
+        (None, guest, _) => vm.test_guest(guest, args.guest_args),
     };
     let mut smbios = smp_ft::vmm::smbios::Smbios::default();
     for spec in &args.smbios {
@@ -219,6 +220,9 @@ fn snapshot_info(files: &[PathBuf]) -> Result<ExitCode, CliError> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(bootdisk::sandbox::SUBCOMMAND) {
+        bootdisk::sandbox::child_main();
+    }
     if let Some(qemu_args) = persona::invoked(&args) {
         let code = persona::main(&qemu_args);
         ops::finish();

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: they boot real KVM guests in real processes.
 #![allow(dead_code)]
 
+pub mod disk_image;
 pub mod ft;
 pub mod libvirt;
 pub mod linux;

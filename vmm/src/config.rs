@@ -44,8 +44,24 @@ pub enum Payload {
     TestGuest { image: Arc<[u8]>, args: String },
     /// A Linux kernel (see [`linux`]).
     Linux(linux::LinuxBoot),
+    /// A Linux kernel read from the VM's disk, and how to read the disk again: a reset in place
+    /// boots what the disk says then (or this kernel again, if the disk cannot be read). A
+    /// standby's has no kernel: it never reads the disk, and reads it only at a reset once it
+    /// runs the VM.
+    FromDisk { boot: Option<linux::LinuxBoot>, reread: Reread },
     /// Nothing: the VM is built from a saved state ([`crate::Vm::from_state`]), as a standby's is.
     None,
+}
+
+/// Reads the boot disk again: the kernel, initrd and command line its default entry names now,
+/// or why it cannot.
+#[derive(Clone)]
+pub struct Reread(pub Arc<dyn Fn() -> Result<linux::LinuxBoot, String> + Send + Sync>);
+
+impl std::fmt::Debug for Reread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reread")
+    }
 }
 
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";

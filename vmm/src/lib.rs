@@ -39,7 +39,7 @@ mod running;
 mod vm;
 
 pub use build::{max_vcpus, open_kvm};
-pub use config::{Payload, VmConfig, DEFAULT_KVM_DEVICE};
+pub use config::{Payload, Reread, VmConfig, DEFAULT_KVM_DEVICE};
 pub use error::VmError;
 pub use running::{RunningVm, VmEvent};
 pub use vm::Vm;

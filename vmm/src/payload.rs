@@ -43,8 +43,8 @@ pub(crate) fn check_test_guest(config: &VmConfig, elf: &[u8], args: &str) -> Res
 pub(crate) fn load(config: &VmConfig, target: &Target) -> Result<(), VmError> {
     match &config.payload {
         Payload::TestGuest { image, args } => load_test_guest(config, target, image, args),
-        Payload::Linux(boot) => load_linux(config, target, boot),
-        Payload::None => Err(VmError::NothingToBoot),
+        Payload::Linux(boot) | Payload::FromDisk { boot: Some(boot), .. } => load_linux(config, target, boot),
+        Payload::None | Payload::FromDisk { boot: None, .. } => Err(VmError::NothingToBoot),
     }
 }
 

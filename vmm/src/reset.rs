@@ -103,6 +103,23 @@ impl RunningVm {
         let generation = config.devices.vmgenid.map(|_| crate::vmgenid::read(&self.memory)).transpose()?;
         self.memory.discard(0, self.memory.size())?;
         let target = Target { memory: &self.memory, vcpu_fds: &self.vcpu_fds, xcrs: on.xcrs.as_ref() };
+        let reread;
+        let config = match &config.payload {
+            // Booted from its disk: boot what the disk says now (a kernel updated in the guest).
+            crate::Payload::FromDisk { reread: r, .. } => match (r.0)() {
+                Ok(boot) => {
+                    reread = VmConfig { payload: crate::Payload::Linux(boot), ..config.clone() };
+                    &reread
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        "cannot read the boot disk again ({why}); booting the kernel it booted before, if any"
+                    );
+                    config
+                }
+            },
+            _ => config,
+        };
         payload::load(config, &target)?;
         if let Some(guid) = generation {
             crate::vmgenid::write(&self.memory, guid)?;

@@ -23,8 +23,8 @@ impl Vm {
                 let (image, args) = (image.clone(), args.clone());
                 Vm::create_test_guest(config, &image, &args)
             }
-            Payload::Linux(_) => Vm::create_linux(config),
-            Payload::None => Err(VmError::NothingToBoot),
+            Payload::Linux(_) | Payload::FromDisk { boot: Some(_), .. } => Vm::create_linux(config),
+            Payload::None | Payload::FromDisk { boot: None, .. } => Err(VmError::NothingToBoot),
         }
     }
 

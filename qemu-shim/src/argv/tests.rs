@@ -277,3 +277,19 @@ fn the_guest_agent_channel_is_a_virtio_serial_port() {
         assert!(e.contains(says), "{line}: {e}");
     }
 }
+
+#[test]
+fn the_boot_disk_is_the_one_with_the_lowest_bootindex_or_the_first_with_order_c() {
+    let disk = |n: u32, boot: &str| {
+        format!(
+            r#"-blockdev {{"driver":"file","filename":"/img/{n}.raw","node-name":"s{n}"}} -blockdev {{"node-name":"f{n}","driver":"raw","file":"s{n}"}} -device virtio-blk-pci,drive=f{n},id=virtio-disk{n}{boot}"#
+        )
+    };
+    let line = |s: String| parse(&s.split(' ').map(String::from).collect::<Vec<_>>()).unwrap();
+    let l = line(format!("-m 256 {} {} {}", disk(0, ""), disk(1, ",bootindex=2"), disk(2, ",bootindex=1")));
+    assert_eq!((l.boot_disk, l.boot_order_disk), (Some(2), false));
+    let l = line(format!("-m 256 -boot order=c {}", disk(0, "")));
+    assert_eq!((l.boot_disk, l.boot_order_disk), (None, true));
+    let l = line(format!("-m 256 -boot strict=on {}", disk(0, "")));
+    assert_eq!((l.boot_disk, l.boot_order_disk), (None, false));
+}

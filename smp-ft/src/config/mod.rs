@@ -4,6 +4,7 @@
 //! the command-line flag, the QEMU option, the libvirt metadata element). Test hooks, the one
 //! test-only option (`SMPFT_TEST_HOOKS`), are read once at start ([`hooks`]).
 
+mod disk_boot;
 mod error;
 pub mod ft;
 pub mod hooks;

@@ -36,6 +36,7 @@ pub enum Setting {
     Peer,
     Listen,
     Channel,
+    BootDisk,
 }
 
 /// Whose words an error uses for a setting.
@@ -69,7 +70,7 @@ const fn w(
 }
 
 impl Setting {
-    pub const ALL: [Setting; 31] = [
+    pub const ALL: [Setting; 32] = [
         Setting::Vcpus,
         Setting::Memory,
         Setting::Guest,
@@ -101,12 +102,14 @@ impl Setting {
         Setting::Peer,
         Setting::Listen,
         Setting::Channel,
+        Setting::BootDisk,
     ];
 
     fn words(self) -> Words {
         match self {
             Setting::Vcpus => w("vcpus", Some("--vcpus"), Some("-smp"), None),
             Setting::Channel => w("channel", Some("--channel"), Some("-device virtserialport"), None),
+            Setting::BootDisk => w("boot", Some("--boot disk"), Some("bootindex"), None),
             Setting::Memory => w("memory", Some("--memory"), Some("-m"), None),
             Setting::Guest => w("guest", Some("--guest"), Some("-kernel"), None),
             Setting::GuestArgs => w("guest-args", Some("--guest-args"), Some("-append"), None),

@@ -37,6 +37,9 @@ enum Boot {
     /// A Linux kernel or a freestanding guest, whichever the file is; `append` is the kernel's
     /// command line or the guest's parameters (QEMU's `-kernel`, `-initrd`, `-append`).
     Either { kernel: PathBuf, initrd: Option<PathBuf>, append: String },
+    /// What disk `index` (of the VM's disks) says to boot, its command line with `extra`
+    /// appended (`--boot disk`, a disk with the lowest `bootindex`).
+    Disk { index: usize, extra: String, read_now: bool },
 }
 
 /// Builds a [`VmConfig`]: set what the caller was given, then [`VmBuilder::build`].
@@ -124,6 +127,20 @@ impl VmBuilder {
         self
     }
 
+    /// Boot what the VM's disk `index` says (its default boot entry), with `extra` appended to
+    /// the entry's command line. Only this copy reads the disk: a standby gets the booted VM.
+    pub fn boot_disk(mut self, index: usize, extra: String) -> Self {
+        self.boot = Boot::Disk { index, extra, read_now: true };
+        self
+    }
+
+    /// As [`Self::boot_disk`] for a standby: the disk is not read now (the standby receives
+    /// the booted VM), only by a reset once this copy runs the VM.
+    pub fn boot_disk_later(mut self, index: usize, extra: String) -> Self {
+        self.boot = Boot::Disk { index, extra, read_now: false };
+        self
+    }
+
     pub fn serial(mut self, serial: SerialSpec) -> Self {
         self.serial = serial;
         self
@@ -194,7 +211,12 @@ impl VmBuilder {
         if memory == 0 {
             return Err(ConfigError::new(names, &[Setting::Memory], Problem::Zero));
         }
-        let (payload, guest_name) = payload(names, self.boot)?;
+        let (payload, guest_name) = match self.boot {
+            Boot::Disk { index, extra, read_now } => {
+                super::disk_boot::payload(names, &self.devices.disks, index, &extra, read_now)?
+            }
+            boot => payload(names, boot)?,
+        };
         let mut devices = self.devices;
         if let Some(mut ports) = self.virtio_serial {
             for (i, p) in ports.iter_mut().enumerate() {
@@ -247,6 +269,7 @@ fn payload(names: Names, boot: Boot) -> Result<(Payload, String), ConfigError> {
     let initrd = |p: &Option<PathBuf>| p.as_deref().map(|p| read(names, Setting::Initrd, p)).transpose();
     Ok(match boot {
         Boot::Nothing => (Payload::None, STANDBY_NAME.into()),
+        Boot::Disk { .. } => unreachable!("disks are read by disk_boot::payload"),
         Boot::BuiltinGuest { args } => {
             (Payload::TestGuest { image: guest::BUILTIN.into(), args }, guest::BUILTIN_NAME.into())
         }

@@ -32,11 +32,12 @@ use smp_ft::vmm::{RunningVm, Vm, VmConfig};
 use std::process::ExitCode;
 
 /// The VM `launch` describes, on the configuration builder (its errors name QEMU's options).
-fn config(launch: &Launch) -> Result<VmConfig, String> {
-    let kernel = launch
-        .kernel
-        .clone()
-        .ok_or("the domain has no kernel: smpft boots a Linux kernel or a static x86-64 ELF guest given as <kernel>")?;
+fn config(launch: &Launch, standby: bool) -> Result<VmConfig, String> {
+    // Without -kernel, the disk with the lowest bootindex (or the first, with -boot order=c).
+    let boot_disk = launch.boot_disk.or((launch.boot_order_disk && !launch.disks.is_empty()).then_some(0));
+    if launch.kernel.is_none() && boot_disk.is_none() {
+        return Err("the domain has no kernel and no boot disk: smpft boots a Linux kernel or a static x86-64 ELF guest given as <kernel>, or what a disk with <boot dev='hd'/> or <boot order='N'/> holds".into());
+    }
     let serial = match &launch.serial {
         Some(Serial::Pty) => SerialSpec::Pty,
         Some(Serial::Socket(p)) => SerialSpec::Unix(p.clone()),
@@ -61,11 +62,16 @@ fn config(launch: &Launch) -> Result<VmConfig, String> {
         .collect::<Result<Vec<_>, String>>()?;
     // A Linux kernel (bzImage, or vmlinux with a PVH note) boots with -initrd and -append as
     // its command line; anything else is a freestanding guest and -append its parameters.
-    VmBuilder::new(Names::Qemu)
-        .vcpus(launch.vcpus)
-        .memory(launch.memory_bytes)
-        .kernel(kernel, launch.initrd.clone(), launch.append.clone().unwrap_or_default())
-        .serial(serial)
+    let vm = VmBuilder::new(Names::Qemu).vcpus(launch.vcpus).memory(launch.memory_bytes);
+    let append = launch.append.clone().unwrap_or_default();
+    let vm = match (&launch.kernel, boot_disk) {
+        (Some(kernel), _) => vm.kernel(kernel.clone(), launch.initrd.clone(), append),
+        // A standby receives the booted VM: it never reads the disk (its own copy of it).
+        (None, Some(disk)) if standby => vm.boot_disk_later(disk, append),
+        (None, Some(disk)) => vm.boot_disk(disk, append),
+        (None, None) => unreachable!("refused above"),
+    };
+    vm.serial(serial)
         .serial_log(launch.serial_log.as_ref().map(|l| match l {
             qemu_shim::argv::SerialLog::File { path, append } => {
                 SerialLog::File { path: path.clone(), append: *append }
@@ -158,19 +164,20 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
     // end a domain; an FT primary that vanished would look failed to its standby).
     crate::block_termination_signals();
     let name = launch.name.clone().unwrap_or_else(|| "(unnamed)".into());
-    let config = config(&launch)?;
-    // So is the CPU: a model or feature this host cannot give is refused with its name.
-    smp_ft::vmm::cpuid::check(&config.kvm_device, &config.cpu).map_err(|e| crate::error_chain(&e))?;
-    // So is an agent channel whose socket cannot be listened on (claimed again with the VM).
-    for port in config.devices.virtio_serial.iter().flatten() {
-        ChannelListener::reserve(port).map_err(|e| crate::error_chain(&e))?;
-    }
     // FT settings are checked before the monitor listens: an error then ends the start with
     // smpft's reason, which libvirt shows (later, libvirt would see only a closed monitor).
     let ft = super::libvirt_ft::for_domain(&name)
         .map(|s| DomainFt::new(&s))
         .transpose()
         .map_err(|e| crate::error_chain(&e))?;
+    // A standby's disk is its own copy, and what it boots comes from its primary.
+    let config = config(&launch, ft.as_ref().is_some_and(|ft| ft.standby))?;
+    // So is the CPU: a model or feature this host cannot give is refused with its name.
+    smp_ft::vmm::cpuid::check(&config.kvm_device, &config.cpu).map_err(|e| crate::error_chain(&e))?;
+    // So is an agent channel whose socket cannot be listened on (claimed again with the VM).
+    for port in config.devices.virtio_serial.iter().flatten() {
+        ChannelListener::reserve(port).map_err(|e| crate::error_chain(&e))?;
+    }
     let qmp = monitor(&launch)?;
     let _registered = crate::ops::from_libvirt(&launch, &name, &qmp)?;
     let answers = Answers {
