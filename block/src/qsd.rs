@@ -241,10 +241,16 @@ fn spawn(args: Vec<String>, files: &Files, names: String) -> Result<Spawned, Qsd
     let log = std::fs::File::create(&files.log).map_err(|source| QsdError::Dir { path: files.log.clone(), source })?;
     let mut cmd = Command::new(&program);
     cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-    // SAFETY: only async-signal-safe calls between fork and exec: prctl(2).
+    // SAFETY: only async-signal-safe calls between fork and exec: prctl(2), sigemptyset(3) and
+    // sigprocmask(2) on a local set. smpft blocks the termination signals in all its threads (its
+    // signal thread takes them); the daemon must not inherit that mask, or SIGTERM never stops it.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0
+                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

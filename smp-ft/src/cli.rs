@@ -396,8 +396,17 @@ pub(crate) fn with_blockdevs(
         let id = m.get("id").and_then(|v| v.as_str()).ok_or_else(|| format!("--object {o}: no id"))?;
         graph.add_object(id.to_string(), o);
     }
-    for root in graph.roots() {
-        let g = graph.graph(&root, &root)?;
+    let roots = graph.roots();
+    let graphs = roots.iter().map(|r| graph.graph(r, r)).collect::<Result<Vec<_>, _>>()?;
+    // A node no disk reaches is in a cycle (every node of it is named by another).
+    for (b, m) in blockdevs.iter().zip(blockdevs.iter().map(|b| parse_props(b, "driver"))) {
+        let name = m.ok().and_then(|m| m.get("node-name")?.as_str().map(str::to_string)).unwrap_or_default();
+        if !graphs.iter().any(|g| g.blockdevs.contains(b)) {
+            graph.graph(&name, &name)?;
+            return Err(format!("--blockdev {b}: no disk uses it"));
+        }
+    }
+    for (root, g) in roots.into_iter().zip(graphs) {
         let readonly = graph.get(&root).and_then(|m| m.get("read-only")).is_some_and(|v| v == true || v == "on");
         disks.push(DiskSpec {
             location: block::spec::Location::Path(g.filename.clone().unwrap_or_else(|| root.clone()).into()),
