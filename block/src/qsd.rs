@@ -69,6 +69,8 @@ struct Watch {
     reaped: bool,
     /// smpft is stopping it: its end is no failure.
     stopping: bool,
+    /// It served its disks (an end before is a refusal, reported as such).
+    ready: bool,
 }
 
 /// A running qemu-storage-daemon.
@@ -184,6 +186,7 @@ impl StorageDaemon {
             }
             let ready = std::fs::read_to_string(&files.pidfile).ok().and_then(|p| p.trim().parse::<i32>().ok());
             if ready.is_some() {
+                daemon.watch.lock().unwrap_or_else(|e| e.into_inner()).ready = true;
                 break;
             }
             if Instant::now() > deadline {
@@ -309,7 +312,7 @@ fn watch_child(
     let mut w = watch.lock().unwrap_or_else(|e| e.into_inner());
     let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
     w.reaped = true;
-    if !w.stopping {
+    if w.ready && !w.stopping {
         tracing::error!(
             "qemu-storage-daemon (pid {pid}) serving disk {names} died ({status}): I/O to those disks fails from now on"
         );
