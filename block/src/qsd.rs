@@ -165,10 +165,13 @@ fn refusal(log: &str, disks: &[(usize, &DiskSpec)], status: &str) -> QsdError {
     QsdError::Refused { index: disks.first().map(|(i, _)| *i).unwrap_or(0), message }
 }
 
+/// A daemon started, with where it serves each disk (by index in the specs).
+pub type Started = (Arc<StorageDaemon>, Vec<(usize, Location)>);
+
 impl StorageDaemon {
     /// Starts one daemon for the disks of `specs` that have a graph and returns it with where
     /// each such disk is served (by index in `specs`). `None` when no disk needs it.
-    pub fn start(specs: &[DiskSpec]) -> Result<Option<(Arc<StorageDaemon>, Vec<(usize, Location)>)>, QsdError> {
+    pub fn start(specs: &[DiskSpec]) -> Result<Option<Started>, QsdError> {
         let disks: Vec<(usize, &DiskSpec)> = specs.iter().enumerate().filter(|(_, d)| d.graph.is_some()).collect();
         if disks.is_empty() {
             return Ok(None);
