@@ -12,8 +12,12 @@
 //!    start to protected, next to `qemu-img convert -n` into the same kind of target in the same
 //!    run; then `--disk-sync compare` against a standby whose image is already identical.
 //!
-//! `SMPFT_BENCH_QUICK=1` runs short windows and a 128 MiB image (a smoke test);
-//! `SMPFT_BENCH_ONLY=writes|sync` runs one of the two parts.
+//! 3. Raw files through io_uring against qcow2 through qemu-storage-daemon (`--disk
+//!    PATH,format=qcow2,cache=none`, the standby's disk qcow2 too): random 4 KiB IOPS and
+//!    sequential 1 MiB MB/s, unprotected and protected, in one run, with the ratios.
+//!
+//! `SMPFT_BENCH_QUICK=1` runs short windows and small images (a smoke test);
+//! `SMPFT_BENCH_ONLY=writes|sync|formats` runs one of the three parts.
 
 #[path = "common.rs"]
 mod common;
@@ -141,12 +145,29 @@ fn measure(console: &Path, n: usize) -> Io {
 }
 
 fn io_run(env: &Env, workload: &str, protected: bool) -> (Io, Option<u64>) {
-    let (p, s) = (env.dir.join("io-p.raw"), env.dir.join("io-s.raw"));
-    sparse(&p, DISK);
-    sparse(&s, DISK);
-    let guest = format!("disk {workload} disk-check=0 flush-every=0 report=1s duration=600s");
-    let s_spec = s.display().to_string();
-    let pair = start(env, &p.display().to_string(), protected.then_some(s_spec.as_str()), &[], &guest);
+    io_run_on(env, workload, protected, "raw", DISK)
+}
+
+/// A disk image of `size` in `format` and the `--disk` spec for it: a raw file (io_uring), or
+/// qcow2 through qemu-storage-daemon (O_DIRECT, as a raw file where the file system allows).
+fn disk_image(path: &Path, format: &str, size: u64) -> String {
+    if format == "raw" {
+        sparse(path, size);
+        return path.display().to_string();
+    }
+    let _ = std::fs::remove_file(path);
+    let o = Command::new("qemu-img").args(["create", "-q", "-f", format]).arg(path).arg(size.to_string()).output();
+    assert!(o.is_ok_and(|o| o.status.success()), "qemu-img create (qemu-utils; scripts/setup installs it)");
+    format!("{},format={format},cache=none", path.display())
+}
+
+fn io_run_on(env: &Env, workload: &str, protected: bool, format: &str, size: u64) -> (Io, Option<u64>) {
+    let (p, s) = (env.dir.join(format!("io-p.{format}")), env.dir.join(format!("io-s.{format}")));
+    let (p_spec, s_spec) = (disk_image(&p, format, size), disk_image(&s, format, size));
+    // Quick: reports every 250 ms, so the whole table is a smoke test of a few seconds a run.
+    let report = if quick() { "250ms" } else { "1s" };
+    let guest = format!("disk {workload} disk-check=0 flush-every=0 report={report} duration=600s");
+    let pair = start(env, &p_spec, protected.then_some(s_spec.as_str()), &[], &guest);
     if protected {
         wait_state(&env.path("p", "qmp"), "protected");
     }
@@ -157,10 +178,45 @@ fn io_run(env: &Env, workload: &str, protected: bool) -> (Io, Option<u64>) {
     (io, peak)
 }
 
+/// Raw files through io_uring against qcow2 through qemu-storage-daemon, unprotected and
+/// protected, in one run.
+fn formats_table(env: &Env) {
+    let size: u64 = if quick() { 32 << 20 } else { DISK };
+    println!(
+        "\nGuest disk writes, {VCPUS} vCPU, {} MiB image: raw/io_uring against qcow2/qemu-storage-daemon (cache=none), {} each",
+        size >> 20,
+        if quick() { "0.5 s" } else { "5 s" }
+    );
+    println!(
+        "{:>20} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6} | {:>15}",
+        "workload", "raw", "qcow2", "ratio", "raw prot", "qcow2 prot", "ratio", "p50 µs raw/qcow2"
+    );
+    let rows = [("random 4 KiB (IOPS)", "disk-io=4K", 1.0), ("seq 1 MiB (MB/s)", "disk-io=1M disk-seq", 1.048576)];
+    // Quick: the random row alone (four VMs), a smoke test.
+    for (name, workload, scale) in rows.into_iter().take(if quick() { 1 } else { 2 }) {
+        let (ru, _) = io_run_on(env, workload, false, "raw", size);
+        let (qu, _) = io_run_on(env, workload, false, "qcow2", size);
+        let (rp, _) = io_run_on(env, workload, true, "raw", size);
+        let (qp, _) = io_run_on(env, workload, true, "qcow2", size);
+        println!(
+            "{:>20} | {:>9.0} {:>9.0} {:>6.2} | {:>9.0} {:>10.0} {:>6.2} | {:>7} {:>7}",
+            name,
+            ru.per_s * scale,
+            qu.per_s * scale,
+            qu.per_s / ru.per_s,
+            rp.per_s * scale,
+            qp.per_s * scale,
+            qp.per_s / rp.per_s,
+            ru.p50,
+            qu.p50
+        );
+    }
+}
+
 fn writes_table(env: &Env) {
     println!(
-        "\nGuest disk writes, {VCPUS} vCPU, 256 MiB raw image (standby: raw image); unprotected then protected, {} s each",
-        if quick() { 2 } else { 5 }
+        "\nGuest disk writes, {VCPUS} vCPU, 256 MiB raw image (standby: raw image); unprotected then protected, {} each",
+        if quick() { "0.5 s" } else { "5 s" }
     );
     println!(
         "{:>20} | {:>11} {:>11} {:>6} | {:>15} {:>15} | {:>9} {:>9} | {:>12}",
@@ -249,11 +305,14 @@ fn main() {
     }
     let env = Env::new("disk");
     let only = std::env::var("SMPFT_BENCH_ONLY").unwrap_or_default();
-    if only != "sync" {
+    if only.is_empty() || only == "writes" {
         writes_table(&env);
     }
-    if only != "writes" {
+    if only.is_empty() || only == "sync" {
         sync_table(&env);
+    }
+    if only.is_empty() || only == "formats" {
+        formats_table(&env);
     }
     let _ = std::fs::remove_dir_all(&env.dir);
 }

@@ -28,6 +28,10 @@ pub enum BackendError {
     ReadOnly,
     #[error("{path} is neither a regular file nor a block device")]
     NotADisk { path: PathBuf },
+    #[error(transparent)]
+    Daemon(#[from] crate::qsd::QsdError),
+    #[error("a disk in a format of QEMU's block layer is opened through qemu-storage-daemon (block::qsd::open_all)")]
+    NeedsDaemon,
 }
 
 /// One disk's storage.

@@ -1,6 +1,7 @@
 //! Block storage: what a VM's disks are (`spec`), the storage behind them (`backend`: local
 //! files and block devices through io_uring; `nbd`: NBD exports), one completed change to a disk
-//! as a value (`op`), and read-only NBD exports of disk images (`export`).
+//! as a value (`op`), read-only NBD exports of disk images (`export`), and qemu-storage-daemon
+//! for the disks QEMU's block layer opens (`qsd`).
 //!
 //! Nothing here knows of fault tolerance: the VMM serves its disks from these backends, and the
 //! disk mirror builds its write log, digests and point-in-time views on top.
@@ -9,6 +10,7 @@ pub mod backend;
 pub mod export;
 pub mod nbd;
 pub mod op;
+pub mod qsd;
 pub mod spec;
 
 pub use backend::{Backend, BackendError};
@@ -18,6 +20,9 @@ use std::sync::Arc;
 
 /// Opens the storage `spec` names.
 pub fn open(spec: &spec::DiskSpec) -> Result<Arc<dyn Backend>, BackendError> {
+    if spec.graph.is_some() {
+        return Err(BackendError::NeedsDaemon);
+    }
     Ok(match &spec.location {
         spec::Location::Path(p) => Arc::new(backend::RawFile::open(p, spec.readonly)?),
         other => Arc::new(nbd::Nbd::connect(other, spec.readonly)?),

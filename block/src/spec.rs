@@ -1,15 +1,18 @@
 //! `--disk SPEC`: a path to a raw image or block device, or an NBD URI in the syntax qemu and
-//! libnbd use, optionally followed by `,readonly`.
+//! libnbd use, optionally followed by `,readonly`; an image in a format of QEMU's block layer
+//! names it with `,format=` (and may ask for `,cache=` and `,discard=` as QEMU's `-drive` spells
+//! them): qemu-storage-daemon opens it ([`crate::qsd`]).
 //!
 //! ```text
 //! /var/lib/vm1/disk.raw
 //! /dev/vg0/vm1,readonly
+//! /var/lib/nova/instances/x/disk,format=qcow2,cache=none
 //! nbd://storage.example:10809/vm1
 //! nbd://[fd00::1]/vm1
 //! nbd+unix:///vm1?socket=/run/qemu-nbd.sock
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where a disk's blocks live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,10 +29,30 @@ pub enum Location {
 pub struct DiskSpec {
     pub location: Location,
     pub readonly: bool,
+    /// A graph of QEMU block nodes qemu-storage-daemon opens and exports (`location` is then
+    /// what the operator named, for messages, until the daemon serves it).
+    pub graph: Option<Graph>,
+}
+
+/// A disk QEMU's block layer opens: its nodes as QEMU's `--blockdev` takes them, served by
+/// qemu-storage-daemon over NBD ([`crate::qsd`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Graph {
+    /// What the operator calls the disk (messages name it).
+    pub name: String,
+    /// The node the guest's disk is (the top of the graph, exported).
+    pub node: String,
+    /// `--blockdev` values, verbatim, in the order they are opened (a node after those it names).
+    pub blockdevs: Vec<String>,
+    /// `--object` values (throttle groups), verbatim.
+    pub objects: Vec<String>,
 }
 
 impl std::fmt::Display for DiskSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(g) = &self.graph {
+            return write!(f, "{}", g.name);
+        }
         match &self.location {
             Location::Path(p) => write!(f, "{}", p.display())?,
             Location::NbdTcp { host, port, export } if host.contains(':') => {
@@ -52,8 +75,10 @@ pub const NBD_PORT: u16 = 10809;
 pub enum SpecError {
     #[error("a disk needs a path or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)")]
     Empty,
-    #[error("'{0}' is not a disk option; the only option is readonly")]
+    #[error("'{0}' is not a disk option (readonly, format=, cache=, discard=)")]
     Option(String),
+    #[error("'{0}': {1}")]
+    Value(String, &'static str),
     #[error("'{uri}': {why}")]
     Uri { uri: String, why: &'static str },
 }
@@ -62,27 +87,112 @@ impl std::str::FromStr for DiskSpec {
     type Err = SpecError;
 
     fn from_str(s: &str) -> Result<DiskSpec, SpecError> {
-        // Options follow the last comma that is not part of the URI's query.
-        let (target, options) = match s.rsplit_once(',') {
-            Some((t, o)) if !o.contains('/') && !o.contains('=') => (t, Some(o)),
-            _ => (s, None),
-        };
-        let readonly = match options {
-            None => false,
-            Some("readonly") => true,
-            Some(o) => return Err(SpecError::Option(o.into())),
-        };
+        // Options follow the target, each after a comma; a piece with a '/' belongs to the
+        // target (a path or a URI's query).
+        let mut target = s;
+        let mut options = Options::default();
+        while let Some((t, o)) = target.rsplit_once(',').filter(|(_, o)| !o.contains('/')) {
+            options.take(o)?;
+            target = t;
+        }
         if target.is_empty() {
             return Err(SpecError::Empty);
         }
-        let location = if target.starts_with("nbd") && target.contains("://") {
-            parse_nbd(target)?
-        } else {
-            Location::Path(PathBuf::from(target))
-        };
-        Ok(DiskSpec { location, readonly })
+        let readonly = options.readonly;
+        if target.starts_with("nbd") && target.contains("://") {
+            if options.format.is_some() || options.cache.is_some() || options.discard.is_some() {
+                return Err(SpecError::Value(s.into(), "format=, cache= and discard= apply to a file or block device"));
+            }
+            return Ok(DiskSpec { location: parse_nbd(target)?, readonly, graph: None });
+        }
+        let graph = options.graph(Path::new(target))?;
+        Ok(DiskSpec { location: Location::Path(PathBuf::from(target)), readonly, graph })
     }
 }
+
+/// The options after a disk's target.
+#[derive(Default)]
+struct Options {
+    readonly: bool,
+    format: Option<String>,
+    cache: Option<String>,
+    discard: Option<String>,
+}
+
+impl Options {
+    fn take(&mut self, o: &str) -> Result<(), SpecError> {
+        let slot = match o.split_once('=') {
+            None if o == "readonly" => {
+                self.readonly = true;
+                return Ok(());
+            }
+            Some(("format", _)) => &mut self.format,
+            Some(("cache", _)) => &mut self.cache,
+            Some(("discard", _)) => &mut self.discard,
+            _ => return Err(SpecError::Option(o.into())),
+        };
+        let value = o.split_once('=').map(|(_, v)| v).unwrap_or_default();
+        if value.is_empty() || !value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(SpecError::Value(o.into(), "not a value QEMU takes"));
+        }
+        *slot = Some(value.into());
+        Ok(())
+    }
+
+    /// The graph a file in `format` (with the cache and discard modes asked) is: a format node
+    /// over a protocol node. `None` for a raw file with nothing else asked (served through
+    /// io_uring as it is).
+    fn graph(&self, path: &Path) -> Result<Option<Graph>, SpecError> {
+        let format = self.format.as_deref().unwrap_or("raw");
+        if format == "raw" && self.cache.is_none() && self.discard.is_none() {
+            return Ok(None);
+        }
+        let (direct, no_flush) = match self.cache.as_deref().unwrap_or("writeback") {
+            "none" => (true, false),
+            "writeback" | "writethrough" => (false, false),
+            "directsync" => (true, false),
+            "unsafe" => (false, true),
+            _ => {
+                return Err(SpecError::Value(
+                    format!("cache={}", self.cache.as_deref().unwrap_or_default()),
+                    "cache is none, writeback, writethrough, directsync or unsafe",
+                ))
+            }
+        };
+        let discard = match self.discard.as_deref().unwrap_or("ignore") {
+            "on" | "unmap" => "unmap",
+            "off" | "ignore" => "ignore",
+            _ => {
+                return Err(SpecError::Value(
+                    format!("discard={}", self.discard.as_deref().unwrap_or_default()),
+                    "discard is unmap or ignore",
+                ))
+            }
+        };
+        use std::os::unix::fs::FileTypeExt;
+        let block_device = std::fs::metadata(path).map(|m| m.file_type().is_block_device()).unwrap_or(false);
+        let n = NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (top, file) = (format!("smpft-disk{n}"), format!("smpft-disk{n}-file"));
+        let cache = serde_json::json!({"direct": direct, "no-flush": no_flush});
+        let protocol = serde_json::json!({
+            "driver": if block_device { "host_device" } else { "file" }, "node-name": file,
+            "filename": path, "cache": cache, "discard": discard, "read-only": self.readonly,
+        });
+        let format_node = serde_json::json!({
+            "driver": format, "node-name": top, "file": file, "cache": cache, "discard": discard,
+            "read-only": self.readonly,
+        });
+        Ok(Some(Graph {
+            name: path.display().to_string(),
+            node: top,
+            blockdevs: vec![protocol.to_string(), format_node.to_string()],
+            objects: Vec::new(),
+        }))
+    }
+}
+
+/// Numbers the block nodes of disks given as `PATH,format=...` (node names are unique in a VM).
+static NODES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn parse_nbd(uri: &str) -> Result<Location, SpecError> {
     let bad = |why| SpecError::Uri { uri: uri.into(), why };
@@ -141,11 +251,11 @@ mod tests {
     fn paths_and_options() {
         assert_eq!(
             p("/a/disk.raw").unwrap(),
-            DiskSpec { location: Location::Path("/a/disk.raw".into()), readonly: false }
+            DiskSpec { location: Location::Path("/a/disk.raw".into()), readonly: false, graph: None }
         );
         assert_eq!(
             p("/dev/vg/x,readonly").unwrap(),
-            DiskSpec { location: Location::Path("/dev/vg/x".into()), readonly: true }
+            DiskSpec { location: Location::Path("/dev/vg/x".into()), readonly: true, graph: None }
         );
         assert_eq!(p("/a,b/disk").unwrap().location, Location::Path("/a,b/disk".into()), "a comma inside a path");
         assert_eq!(p("/a/d,rw"), Err(SpecError::Option("rw".into())));
@@ -162,7 +272,7 @@ mod tests {
         assert_eq!(p("nbd://[fd00::1]:99/x").unwrap().location, tcp("fd00::1", 99, "x"));
         assert_eq!(
             p("nbd://127.0.0.1/x,readonly").unwrap(),
-            DiskSpec { location: tcp("127.0.0.1", NBD_PORT, "x"), readonly: true }
+            DiskSpec { location: tcp("127.0.0.1", NBD_PORT, "x"), readonly: true, graph: None }
         );
         assert_eq!(
             p("nbd+unix:///vm1?socket=/run/nbd.sock").unwrap().location,

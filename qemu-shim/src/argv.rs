@@ -12,6 +12,7 @@
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
+mod drive;
 mod virtio_serial;
 use std::path::PathBuf;
 pub use virtio_serial::{Channel, ChannelSocket, VirtioSerial};
@@ -69,6 +70,9 @@ pub struct Disk {
     pub readonly: bool,
     /// The PCI slot libvirt placed it in (`addr=SLOT`), if it did.
     pub slot: Option<u8>,
+    /// A graph of QEMU block nodes qemu-storage-daemon opens (any format but raw, a throttle
+    /// group, a node smpft does not serve itself); `source` is then its file, for messages.
+    pub graph: Option<crate::blockdev::DiskGraph>,
 }
 
 /// A virtio-balloon (`-device virtio-balloon-pci`), as libvirt's `<memballoon>` writes it.
@@ -248,6 +252,8 @@ struct Parser {
     launch: Launch,
     chardevs: HashMap<String, Map<String, Value>>,
     blockdevs: HashMap<String, Map<String, Value>>,
+    /// The same nodes as given, with the throttle groups, for qemu-storage-daemon.
+    graph: crate::blockdev::Blockdevs,
     netdevs: HashMap<String, Map<String, Value>>,
     memory_backends: HashMap<String, u64>,
     devices: Vec<Map<String, Value>>,
@@ -357,8 +363,7 @@ impl Parser {
             }
             "-blockdev" => {
                 let m = props(value, "driver")?;
-                let name =
-                    text(&m, "node-name").ok_or_else(|| ArgvError(format!("-blockdev {value}: no node-name")))?;
+                let name = self.graph.add(value, m.clone()).map_err(ArgvError)?;
                 self.blockdevs.insert(name, m);
             }
             "-netdev" => {
@@ -371,7 +376,7 @@ impl Parser {
             "-append" => self.launch.append = Some(value.to_string()),
             "-pidfile" => self.launch.pidfile = Some(PathBuf::from(value)),
             "-initrd" => self.launch.initrd = Some(PathBuf::from(value)),
-            "-drive" => return err("-drive is not supported; smpft takes disks as -blockdev"),
+            "-drive" => self.drive(value)?,
             "-netdev-legacy" | "-net" => return err("-net is not supported; smpft takes NICs as -netdev tap"),
             "-boot" if value.split(',').any(|o| o.starts_with("order=c") || o.starts_with('c')) => {
                 self.launch.boot_order_disk = true;
@@ -402,6 +407,11 @@ impl Parser {
                     ));
                 }
                 self.rng_backends.push(text(&m, "id").unwrap_or_default());
+            }
+            // I/O limits, for qemu-storage-daemon (the throttle nodes that name the group).
+            "throttle-group" => {
+                let id = text(&m, "id").ok_or_else(|| ArgvError(format!("-object {value}: no id")))?;
+                self.graph.add_object(id, value);
             }
             "memory-backend-ram" | "memory-backend-memfd" => {
                 let id = text(&m, "id").unwrap_or_default();
@@ -578,28 +588,64 @@ impl Parser {
         }
     }
 
-    /// Follows a drive's node (format, then protocol) to its storage.
+    /// A `-drive if=none`: the nodes QEMU would make of it, under its id.
+    fn drive(&mut self, value: &str) -> Result<(), ArgvError> {
+        match drive::parse(value, &props(value, "file")?)? {
+            drive::Drive::Empty => self.launch.ignored.push(format!("-drive {value} (no medium)")),
+            drive::Drive::Node { id, node, throttle_group } => {
+                if let Some((group, object)) = throttle_group {
+                    self.graph.add_object(group, &object);
+                }
+                let m = props(&node, "driver")?;
+                self.graph.add(&node, m.clone()).map_err(ArgvError)?;
+                self.blockdevs.insert(id, m);
+            }
+        }
+        Ok(())
+    }
+
+    /// A drive's storage: a raw file, block device or NBD export smpft serves itself, or else
+    /// the graph of nodes qemu-storage-daemon opens.
     fn disk(&self, id: &str, node: &str) -> Result<Disk, ArgvError> {
+        if let Some(disk) = self.own_disk(id, node)? {
+            return Ok(disk);
+        }
+        let graph = self.graph.graph(id, node).map_err(ArgvError)?;
+        let readonly = self.blockdevs.get(node).is_some_and(|b| flag(b, "read-only"));
+        let source = graph.filename.clone().unwrap_or_else(|| node.to_string());
+        Ok(Disk { id: id.into(), node: node.into(), source, readonly, slot: None, graph: Some(graph) })
+    }
+
+    /// Follows a drive's node (raw format, then protocol) to storage smpft serves itself;
+    /// `None` for any other graph.
+    fn own_disk(&self, id: &str, node: &str) -> Result<Option<Disk>, ArgvError> {
         let mut name = node.to_string();
         let mut readonly = false;
         for _ in 0..4 {
             let b = self.blockdevs.get(&name).ok_or_else(|| ArgvError(format!("{id}: no -blockdev '{name}'")))?;
             readonly |= flag(b, "read-only");
+            let disk = |source| Disk { id: id.into(), node: node.into(), source, readonly, slot: None, graph: None };
             match text(b, "driver").as_deref() {
-                Some("raw") => name = text(b, "file").unwrap_or_default(),
+                Some("raw") if b.get("file").is_some_and(Value::is_string) && !b.contains_key("offset") => {
+                    name = text(b, "file").unwrap_or_default()
+                }
                 Some("file") | Some("host_device") => {
                     let source = text(b, "filename").ok_or_else(|| ArgvError(format!("{id}: no filename")))?;
-                    return Ok(Disk { id: id.to_string(), node: node.to_string(), source, readonly, slot: None });
+                    return Ok(Some(disk(source)));
                 }
-                Some("nbd") => {
-                    return Ok(Disk { id: id.to_string(), node: node.to_string(), source: nbd_uri(id, b)?, readonly, slot: None })
-                }
-                Some(other) => return err(format!("{id}: block driver '{other}' is not supported (raw files, block devices and NBD are; serve other formats with qemu-nbd)")),
+                Some("nbd") => return Ok(Some(disk(nbd_uri(id, b)?))),
+                Some(_) => return Ok(None),
                 None => return err(format!("{id}: -blockdev '{name}' has no driver")),
             }
         }
         err(format!("{id}: the block node chain of '{node}' is too deep"))
     }
+}
+
+/// QEMU's option syntax, `key=value,...` (with `implied` the key of a first bare value) or a
+/// JSON object, as a map.
+pub fn parse_props(value: &str, implied: &str) -> Result<Map<String, Value>, ArgvError> {
+    props(value, implied)
 }
 
 fn nbd_uri(id: &str, b: &Map<String, Value>) -> Result<String, ArgvError> {

@@ -5,6 +5,7 @@
 //! [`argv::Launch`] that smp-ft turns into a VM.
 
 pub mod argv;
+pub mod blockdev;
 pub mod cpu;
 pub mod platform;
 pub mod probe;

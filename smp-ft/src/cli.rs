@@ -230,6 +230,14 @@ pub(crate) struct StandbyArgs {
     /// nbd+unix:///EXPORT?socket=PATH. The initial copy writes it; checkpoints keep it current.
     #[arg(long = "disk", value_name = "SPEC")]
     pub(crate) disks: Vec<DiskSpec>,
+    /// A disk as a graph of QEMU block nodes, as QEMU's -blockdev takes them (JSON or
+    /// key=value; repeatable): nodes name others by node-name or nest them inline. Each node no
+    /// other names is one disk, after the --disk ones; qemu-storage-daemon opens them.
+    #[arg(long = "blockdev", value_name = "JSON|key=value")]
+    pub(crate) blockdevs: Vec<String>,
+    /// An object the --blockdev nodes use (a throttle-group), as QEMU's -object takes it.
+    #[arg(long = "object", value_name = "JSON|key=value")]
+    pub(crate) objects: Vec<String>,
     /// This standby's taps for the VM's network devices, in the primary's order (same count):
     /// tap=NAME or tap-fd=N. The tap is attached at start (so this copy can go live) but carries
     /// nothing until it does; the MAC comes with the VM's state. On the same L2 segment as the
@@ -366,12 +374,22 @@ pub(crate) struct RunArgs {
     #[arg(long = "channel", value_name = "name=NAME,path=PATH|fd=N[,nr=N]")]
     pub(crate) channels: Vec<ChannelSpec>,
     /// Give the VM a virtio-blk disk (repeatable, up to 8): a raw image or block device path
-    /// (io_uring, O_DIRECT where possible), or an NBD export, nbd://HOST[:PORT]/EXPORT or
+    /// (io_uring, O_DIRECT where possible), an image in a format of QEMU's block layer
+    /// (PATH,format=qcow2[,cache=none|writeback|unsafe|directsync][,discard=unmap], opened by
+    /// qemu-storage-daemon), or an NBD export, nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH (qcow2, VMDK... through qemu-nbd; anything through
     /// nbdkit). Append ",readonly" for a read-only disk. Protected, every write is mirrored to
     /// the standby's own storage.
     #[arg(long = "disk", value_name = "SPEC")]
     pub(crate) disks: Vec<DiskSpec>,
+    /// A disk as a graph of QEMU block nodes, as QEMU's -blockdev takes them (JSON or
+    /// key=value; repeatable): nodes name others by node-name or nest them inline. Each node no
+    /// other names is one disk, after the --disk ones; qemu-storage-daemon opens them.
+    #[arg(long = "blockdev", value_name = "JSON|key=value")]
+    pub(crate) blockdevs: Vec<String>,
+    /// An object the --blockdev nodes use (a throttle-group), as QEMU's -object takes it.
+    #[arg(long = "object", value_name = "JSON|key=value")]
+    pub(crate) objects: Vec<String>,
     /// Give the VM a virtio-net NIC (repeatable, up to 4) on a tap: tap=NAME (an existing tap,
     /// e.g. made with `ip tuntap add NAME mode tap` and attached to a bridge) or tap-fd=N (an
     /// open tap handed over), optionally with ,mac=52:54:00:xx:xx:xx (default: random in
@@ -394,4 +412,42 @@ pub(crate) struct RunArgs {
     pub(crate) ft: FtArgs,
     #[command(flatten)]
     pub(crate) observe: crate::ops::ObserveArgs,
+}
+
+/// The disks `--disk` names, then one for each `--blockdev` node no other names.
+pub(crate) fn with_blockdevs(
+    mut disks: Vec<DiskSpec>,
+    blockdevs: &[String],
+    objects: &[String],
+) -> Result<Vec<DiskSpec>, String> {
+    use qemu_shim::argv::parse_props;
+    let mut graph = qemu_shim::blockdev::Blockdevs::default();
+    for b in blockdevs {
+        let m = parse_props(b, "driver").map_err(|e| format!("--blockdev {b}: {}", e.0))?;
+        graph.add(b, m).map_err(|e| e.replacen("-blockdev", "--blockdev", 1))?;
+    }
+    for o in objects {
+        let m = parse_props(o, "qom-type").map_err(|e| format!("--object {o}: {}", e.0))?;
+        let id = m.get("id").and_then(|v| v.as_str()).ok_or_else(|| format!("--object {o}: no id"))?;
+        graph.add_object(id.to_string(), o);
+    }
+    let roots = graph.roots();
+    let graphs = roots.iter().map(|r| graph.graph(r, r)).collect::<Result<Vec<_>, _>>()?;
+    // A node no disk reaches is in a cycle (every node of it is named by another).
+    for (b, m) in blockdevs.iter().zip(blockdevs.iter().map(|b| parse_props(b, "driver"))) {
+        let name = m.ok().and_then(|m| m.get("node-name")?.as_str().map(str::to_string)).unwrap_or_default();
+        if !graphs.iter().any(|g| g.blockdevs.contains(b)) {
+            graph.graph(&name, &name)?;
+            return Err(format!("--blockdev {b}: no disk uses it"));
+        }
+    }
+    for (root, g) in roots.into_iter().zip(graphs) {
+        let readonly = graph.get(&root).and_then(|m| m.get("read-only")).is_some_and(|v| v == true || v == "on");
+        disks.push(DiskSpec {
+            location: block::spec::Location::Path(g.filename.clone().unwrap_or_else(|| root.clone()).into()),
+            readonly,
+            graph: Some(block::spec::Graph { name: root, node: g.node, blockdevs: g.blockdevs, objects: g.objects }),
+        });
+    }
+    Ok(disks)
 }

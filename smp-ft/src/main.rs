@@ -105,7 +105,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         .devices(DeviceConfig {
             // A snapshot with the device's state needs the device.
             rng: args.rng || last.is_some_and(|s| s.state.component("virtio-rng").is_some()),
-            disks: args.disks,
+            disks: cli::with_blockdevs(args.disks, &args.blockdevs, &args.objects).map_err(CliError::Usage)?,
             nets: args.nets,
             vmgenid,
             // So does the balloon (the snapshot's options come with its state).
@@ -173,7 +173,7 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         .no_shutdown(args.no_shutdown)
         .devices(DeviceConfig {
             rng: args.rng,
-            disks: args.disks,
+            disks: cli::with_blockdevs(args.disks, &args.blockdevs, &args.objects).map_err(CliError::Usage)?,
             nets: args.nets,
             vmgenid: args.vmgenid.then_some(smp_ft::vmm::vmgenid::VmGenId::Auto),
             balloon: args.balloon,

@@ -41,12 +41,12 @@ impl HostResources {
             }
         };
         let serial = SerialHost::reserve(&config.serial, config.serial_log.as_ref())?;
-        let disks = config
-            .devices
-            .disks
-            .iter()
-            .map(|spec| block::open(spec).map_err(|source| VmError::Disk { spec: spec.to_string(), source }))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Disks in a format of QEMU's block layer are served by one qemu-storage-daemon, started
+        // here, before the vCPUs, and stopped when the last of them goes (after the final flush).
+        let disks = block::qsd::open_all(&config.devices.disks).map_err(|(i, source)| VmError::Disk {
+            spec: config.devices.disks.get(i).map(|s| s.to_string()).unwrap_or_default(),
+            source,
+        })?;
         let disk_specs = config.devices.disks.iter().map(|s| s.to_string()).collect();
         let taps = config
             .devices

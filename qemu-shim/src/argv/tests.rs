@@ -49,6 +49,7 @@ fn disks_and_nics_resolve_through_their_nodes() {
                 source: "/img/a.raw".into(),
                 readonly: false,
                 slot: Some(4),
+                graph: None,
             },
             Disk {
                 id: "virtio-disk1".into(),
@@ -56,6 +57,7 @@ fn disks_and_nics_resolve_through_their_nodes() {
                 source: "nbd+unix:///e?socket=/run/n.sock".into(),
                 readonly: true,
                 slot: None,
+                graph: None,
             },
         ]
     );
@@ -69,9 +71,9 @@ fn what_smpft_cannot_honour_is_refused_by_name() {
         ("-machine pc-q35-7.2,usb=off", "-machine pc-q35-7.2: machine type not supported"),
         ("-machine none,accel=tcg", "only with KVM"),
         ("-device {\"driver\":\"i6300esb\",\"id\":\"watchdog0\"}", "device 'i6300esb' is not supported"),
-        ("-drive file=/x,if=virtio", "-drive is not supported"),
+        ("-drive file=/x,if=virtio", "if=virtio: smpft takes drives with if=none"),
         ("-object {\"qom-type\":\"memory-backend-file\",\"id\":\"m\",\"mem-path\":\"/dev/hugepages\"}", "memory-backend-file"),
-        ("-blockdev {\"driver\":\"qcow2\",\"node-name\":\"f\",\"file\":\"s\"} -device {\"driver\":\"virtio-blk-pci\",\"drive\":\"f\",\"id\":\"d\"}", "block driver 'qcow2'"),
+        ("-blockdev {\"driver\":\"qcow2\",\"node-name\":\"f\",\"file\":\"s\"} -device {\"driver\":\"virtio-blk-pci\",\"drive\":\"f\",\"id\":\"d\"}", "d: no -blockdev 's'"),
         ("-netdev {\"type\":\"user\",\"id\":\"n\"} -device {\"driver\":\"virtio-net-pci\",\"netdev\":\"n\",\"id\":\"net0\"}", "only tap"),
         ("-frobnicate 1", "option -frobnicate is not supported"),
         ("-m", "needs a value"),
@@ -112,6 +114,7 @@ fn libvirts_line_for_smpft_is_understood() {
         source: "/img/disk0.raw".into(),
         readonly: false,
         slot: Some(2),
+        graph: None,
     };
     assert_eq!(l.disks, vec![disk0]);
     let net0 = Nic { id: "net0".into(), fd: 32, mac: Some("52:54:00:a4:ee:9d".into()), slot: Some(1) };

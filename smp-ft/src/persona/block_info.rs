@@ -3,7 +3,9 @@
 //! size). `virsh domblkinfo` reads the capacity from the node the disk's device uses; libvirt
 //! names those nodes on the command line and looks them up by the same names here.
 
+use block::spec::{DiskSpec, Graph, Location};
 use qemu_shim::argv::Disk;
+use qemu_shim::blockdev::DiskGraph;
 use qemu_shim::platform::BlockNode;
 use serde_json::{json, Value};
 
@@ -33,22 +35,89 @@ impl Size {
     }
 }
 
-/// The image a node shows: smpft serves raw data (other formats arrive through an NBD
-/// server, which serves them as raw).
+/// A disk whose graph qemu-storage-daemon opens, named by its device's id.
+pub fn daemon_disk(d: &Disk, g: &DiskGraph) -> DiskSpec {
+    DiskSpec {
+        location: Location::Path(d.source.clone().into()),
+        readonly: d.readonly,
+        graph: Some(Graph {
+            name: d.id.clone(),
+            node: g.node.clone(),
+            blockdevs: g.blockdevs.clone(),
+            objects: g.objects.clone(),
+        }),
+    }
+}
+
+/// The image a node shows: smpft serves raw data itself; a disk qemu-storage-daemon opens shows
+/// its image as QEMU's block layer reads it (format, sizes, backing chain).
 fn image(d: &BlockDisk, size: Size) -> Value {
+    if d.disk.graph.is_some() {
+        if let Some(info) = chain_info(&d.disk.source) {
+            return info;
+        }
+    }
     json!({
         "filename": d.disk.source, "format": "raw",
         "virtual-size": size.virtual_size, "actual-size": size.actual_size, "dirty-flag": false,
     })
 }
 
+/// `qemu-img info --backing-chain` of an image (shared, so the daemon's lock allows it) as
+/// QEMU's `ImageInfo`: each backing file nested as `backing-image` in the one above it.
+fn chain_info(file: &str) -> Option<Value> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json", file])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let chain: Vec<Value> = serde_json::from_slice(&out.stdout).ok()?;
+    let keep = [
+        "filename",
+        "format",
+        "virtual-size",
+        "actual-size",
+        "dirty-flag",
+        "cluster-size",
+        "backing-filename",
+        "full-backing-filename",
+        "backing-filename-format",
+    ];
+    chain.into_iter().rev().fold(None, |below: Option<Value>, image| {
+        let mut m: serde_json::Map<String, Value> = image
+            .as_object()?
+            .iter()
+            .filter(|(k, _)| keep.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        m.entry("dirty-flag").or_insert(json!(false));
+        if let Some(b) = below {
+            m.insert("backing-image".into(), b);
+        }
+        Some(Value::Object(m))
+    })
+}
+
+/// How many backing files are under an image.
+fn backing_depth(image: &Value) -> u64 {
+    image.get("backing-image").map_or(0, |b| 1 + backing_depth(b))
+}
+
 fn node(d: &BlockDisk, n: &BlockNode, size: Size) -> Value {
-    json!({
+    let image = image(d, size);
+    let mut node = json!({
         "node-name": n.name, "drv": n.driver, "ro": n.readonly || d.disk.readonly, "file": d.disk.source,
-        "encrypted": false, "detect_zeroes": "off", "write_threshold": 0, "image": image(d, size),
+        "encrypted": false, "detect_zeroes": "off", "write_threshold": 0,
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "cache": {"writeback": true, "direct": false, "no-flush": false},
-    })
+    });
+    if let Some(b) = image.get("backing-filename") {
+        node["backing_file"] = b.clone();
+        node["backing_file_depth"] = json!(backing_depth(&image));
+    }
+    node["image"] = image;
+    node
 }
 
 /// `query-named-block-nodes`: every node of every disk.
@@ -97,6 +166,7 @@ mod tests {
                 source: "/img/a.raw".into(),
                 readonly: true,
                 slot: None,
+                graph: None,
             },
             nodes: vec![
                 node("libvirt-1-format", "raw", Some("libvirt-1-storage")),

@@ -48,6 +48,9 @@ fn config(launch: &Launch, standby: bool) -> Result<VmConfig, String> {
         .disks
         .iter()
         .map(|d| {
+            if let Some(g) = &d.graph {
+                return Ok(super::block_info::daemon_disk(d, g));
+            }
             let spec = format!("{}{}", d.source, if d.readonly { ",readonly" } else { "" });
             spec.parse::<DiskSpec>().map_err(|e| format!("disk {}: {e}", d.id))
         })
