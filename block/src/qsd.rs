@@ -45,15 +45,27 @@ pub enum QsdError {
     Timeout(Duration),
 }
 
-/// Where a daemon's runtime directories go: `SMPFT_RUN_DIR`, else `/run/smpft`, else the
-/// temporary directory.
+/// Where a daemon's runtime directories go: `SMPFT_RUN_DIR`, else `/run/smpft` if this user
+/// may create directories there (libvirt runs the emulator as an unprivileged user, for whom
+/// root's `/run/smpft` is not writable), else `$XDG_RUNTIME_DIR/smpft`, else the temporary
+/// directory.
 fn runtime_base() -> PathBuf {
     if let Some(d) = std::env::var_os("SMPFT_RUN_DIR") {
         return PathBuf::from(d);
     }
+    let writable = |p: &Path| {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
+        // SAFETY: access(2) reads the NUL-terminated path we own; the result is checked.
+        std::fs::create_dir_all(p).is_ok() && unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0
+    };
     let run = Path::new("/run/smpft");
-    if std::fs::create_dir_all(run).is_ok() {
+    if writable(run) {
         return run.to_path_buf();
+    }
+    if let Some(xdg) = std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("smpft")) {
+        if writable(&xdg) {
+            return xdg;
+        }
     }
     std::env::temp_dir()
 }

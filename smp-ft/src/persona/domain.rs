@@ -181,6 +181,13 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
     for port in config.devices.virtio_serial.iter().flatten() {
         ChannelListener::reserve(port).map_err(|e| crate::error_chain(&e))?;
     }
+    // And the VM itself (a standby's is built from its primary's state later): what cannot be
+    // opened (a disk qemu-storage-daemon refuses, a kernel) ends the start with smpft's reason
+    // before libvirt talks to the monitor.
+    let vm = match ft.as_ref().is_some_and(|ft| ft.standby) {
+        true => None,
+        false => Some(Vm::create(config.clone()).map_err(|e| crate::error_chain(&e))?),
+    };
     let qmp = monitor(&launch)?;
     let _registered = crate::ops::from_libvirt(&launch, &name, &qmp)?;
     let answers = Answers {
@@ -197,9 +204,10 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
         balloon_path: launch.balloon.as_ref().map(|b| format!("/machine/peripheral/{}", b.id)),
         channels: launch.virtio_serial.iter().flat_map(|v| &v.ports).map(|p| p.chardev.clone()).collect(),
     };
-    match ft {
-        Some(ft) if ft.standby => super::standby::run(&name, ft, config, qmp, answers),
-        ft => primary(&launch, &name, ft, config, qmp, answers),
+    match (ft, vm) {
+        (Some(ft), None) => super::standby::run(&name, ft, config, qmp, answers),
+        (ft, Some(vm)) => primary(&launch, &name, ft, vm, qmp, answers),
+        (None, None) => Err("no VM was built for an unprotected domain".into()),
     }
 }
 
@@ -207,12 +215,11 @@ fn primary(
     launch: &Launch,
     name: &str,
     ft: Option<DomainFt>,
-    config: VmConfig,
+    vm: Vm,
     qmp: crate::Qmp,
     answers: Answers,
 ) -> Result<ExitCode, String> {
     let err = |e: &dyn std::error::Error| crate::error_chain(e);
-    let vm = Vm::create(config).map_err(|e| err(&e))?;
     let running = if launch.start_paused { vm.start_paused() } else { vm.start() }.map_err(|e| err(&e))?;
     tracing::info!(domain = %name, paused = launch.start_paused, protected = ft.is_some(), "domain started");
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
