@@ -30,6 +30,7 @@ pub const IGNORED: &[(&str, &str)] = &[
     ("-overcommit", "guest memory is not locked"),
     ("-audiodev", "no audio devices"),
     ("-enable-kvm", "smpft always uses KVM"),
+    ("-iscsi", "the iSCSI initiator's name applies to iscsi:// drives, which qemu-storage-daemon opens with its own"),
 ];
 
 /// Where a QMP monitor listens.
@@ -86,11 +87,20 @@ pub struct Balloon {
     pub free_page_reporting: bool,
 }
 
+/// Where a NIC's tap comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapSpec {
+    /// A descriptor the caller passed (libvirt's `fd=N`).
+    Fd(i32),
+    /// A tap by name (`ifname=`), created if it does not exist, with the programs QEMU runs on
+    /// it (`script=` before the VM starts, `downscript=` after it ends; absent or `no`: none).
+    Named { ifname: String, script: Option<PathBuf>, downscript: Option<PathBuf> },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nic {
     pub id: String,
-    /// The tap descriptor libvirt passed.
-    pub fd: i32,
+    pub tap: TapSpec,
     pub mac: Option<String>,
     /// The PCI slot libvirt placed it in (`addr=SLOT`), if it did.
     pub slot: Option<u8>,
@@ -103,6 +113,8 @@ pub struct Launch {
     pub probe: bool,
     pub machine: Option<String>,
     pub name: Option<String>,
+    /// `-id N` (Proxmox's VM id).
+    pub id: Option<String>,
     pub uuid: Option<String>,
     /// `-smbios type=N,...` as given (what the SMBIOS tables say).
     pub smbios: Vec<String>,
@@ -266,6 +278,10 @@ struct Parser {
     rng_backends: Vec<String>,
     /// The lowest `bootindex=` of a disk so far, with that disk's index.
     boot_index: Option<(u32, usize)>,
+    /// The ids of the PCI bridges (`-device pci-bridge`): devices behind them go on bus 0.
+    bridges: Vec<String>,
+    /// The ids of `-drive`s with no medium.
+    empty_drives: Vec<String>,
 }
 
 /// Reads QEMU's command line (without the program name).
@@ -323,6 +339,12 @@ impl Parser {
         }
         match opt {
             "-name" => self.launch.name = text(&props(value, "guest")?, "guest"),
+            "-id" => self.launch.id = Some(value.to_string()),
+            "-readconfig" => {
+                for (opt, value) in crate::readconfig::read(std::path::Path::new(value), &mut self.launch.left_out)? {
+                    self.option(&opt, &value)?;
+                }
+            }
             "-uuid" => self.launch.uuid = Some(value.to_string()),
             "-smbios" => self.launch.smbios.push(value.to_string()),
             "-accel" => {
@@ -413,6 +435,10 @@ impl Parser {
                 let id = text(&m, "id").ok_or_else(|| ArgvError(format!("-object {value}: no id")))?;
                 self.graph.add_object(id, value);
             }
+            "iothread" => self.launch.ignored.push(format!(
+                "-object iothread ({}: smpft serves each disk from its own io_uring thread)",
+                text(&m, "id").unwrap_or_default()
+            )),
             "memory-backend-ram" | "memory-backend-memfd" => {
                 let id = text(&m, "id").unwrap_or_default();
                 let s = text(&m, "size").and_then(|s| size(&s, 1));
@@ -428,13 +454,17 @@ impl Parser {
     /// others placed so far.
     fn pci_slot(&mut self, id: &str, d: &Map<String, Value>) -> Result<Option<u8>, ArgvError> {
         let Some(addr) = text(d, "addr") else { return Ok(None) };
-        if let Some(bus) = text(d, "bus").filter(|b| b != "pci.0") {
-            return err(format!("{id}: bus={bus}: smpft has one PCI bus, pci.0"));
+        if let Some(bus) = text(d, "bus").filter(|b| b != "pci.0" && b != "pcie.0") {
+            if !self.bridges.contains(&bus) {
+                return err(format!("{id}: bus={bus}: smpft has one PCI bus, pci.0"));
+            }
+            self.launch.left_out.push(format!(
+                "{id}: placed on PCI bus 0 at a free slot, not behind bridge {bus} (smpft's machine has one PCI bus)"
+            ));
+            return Ok(None);
         }
-        let number = |v: &str| match v.strip_prefix("0x") {
-            Some(hex) => u8::from_str_radix(hex, 16).ok(),
-            None => v.parse().ok(),
-        };
+        // QEMU reads a PCI address in hexadecimal, with or without 0x.
+        let number = |v: &str| u8::from_str_radix(v.strip_prefix("0x").unwrap_or(v), 16).ok();
         let (slot, function) = addr.split_once('.').unwrap_or((&addr, "0"));
         let slot = match (number(slot), number(function)) {
             (Some(s), Some(0)) if (1..32).contains(&s) => s,
@@ -506,6 +536,13 @@ impl Parser {
         if crate::platform::left_out_device(&mut self.launch, &driver, &id) {
             return Ok(());
         }
+        if crate::platform::BRIDGES.contains(&driver.as_str()) {
+            self.launch.ignored.push(format!(
+                "-device {driver},id={id} (smpft's machine has one PCI bus: devices behind it go on bus 0)"
+            ));
+            self.bridges.push(id);
+            return Ok(());
+        }
         match driver.as_str() {
             "isa-serial" => {
                 let c = text(d, "chardev").unwrap_or_default();
@@ -552,6 +589,7 @@ impl Parser {
             }
             "virtio-serial-pci" => self.virtio_serial(&id, d)?,
             "virtserialport" => self.virtserialport(&id, d)?,
+            "ide-cd" => self.cdrom(&id, d)?,
             "virtio-blk-pci" => {
                 let drive = text(d, "drive").unwrap_or_default();
                 let mut disk = self.disk(&id, &drive)?;
@@ -565,10 +603,12 @@ impl Parser {
                 if text(n, "type").as_deref() != Some("tap") {
                     return err(format!("{id}: only tap network backends are supported"));
                 }
-                let fd = text(n, "fd").and_then(|f| f.parse().ok());
-                let fd = fd.ok_or_else(|| ArgvError(format!("{id}: the tap must be passed as fd=N")))?;
+                let tap = tap(&id, n)?;
+                if flag(n, "vhost") && !n.contains_key("vhostfd") {
+                    self.launch.ignored.push(format!("{id}: vhost=on (smpft's virtio-net moves the frames itself)"));
+                }
                 let slot = self.pci_slot(&id, d)?;
-                self.launch.nics.push(Nic { id, fd, mac: text(d, "mac"), slot });
+                self.launch.nics.push(Nic { id, tap, mac: text(d, "mac"), slot });
             }
             _ => {
                 return err(format!(
@@ -576,6 +616,21 @@ impl Parser {
                 ))
             }
         }
+        Ok(())
+    }
+
+    /// An IDE CD-ROM: an empty one (the drive every Proxmox VM gets) is left out with a warning;
+    /// smpft has no IDE controller to give one with a medium.
+    fn cdrom(&mut self, id: &str, d: &Map<String, Value>) -> Result<(), ArgvError> {
+        let drive = text(d, "drive");
+        let empty = match &drive {
+            None => true,
+            Some(node) => self.empty_drives.contains(node),
+        };
+        if !empty {
+            return err(format!("{id}: a CD-ROM with a medium is not supported (smpft has no IDE controller); remove the medium or give the image as a disk"));
+        }
+        self.launch.left_out.push(format!("no CD-ROM: the empty drive {id} (ide-cd) is left out of the VM"));
         Ok(())
     }
 
@@ -591,7 +646,10 @@ impl Parser {
     /// A `-drive if=none`: the nodes QEMU would make of it, under its id.
     fn drive(&mut self, value: &str) -> Result<(), ArgvError> {
         match drive::parse(value, &props(value, "file")?)? {
-            drive::Drive::Empty => self.launch.ignored.push(format!("-drive {value} (no medium)")),
+            drive::Drive::Empty(id) => {
+                self.launch.ignored.push(format!("-drive {value} (no medium)"));
+                self.empty_drives.push(id);
+            }
             drive::Drive::Node { id, node, throttle_group } => {
                 if let Some((group, object)) = throttle_group {
                     self.graph.add_object(group, &object);
@@ -665,6 +723,21 @@ fn nbd_uri(id: &str, b: &Map<String, Value>) -> Result<String, ArgvError> {
         Some("unix") => Ok(format!("nbd+unix:///{export}?socket={}", text(server, "path").unwrap_or_default())),
         _ => err(format!("{id}: NBD server type not supported")),
     }
+}
+
+/// A `-netdev tap`'s tap: a passed descriptor, or one by name with its scripts.
+fn tap(id: &str, n: &Map<String, Value>) -> Result<TapSpec, ArgvError> {
+    if let Some(fd) = text(n, "fd") {
+        return fd.parse().map(TapSpec::Fd).map_err(|_| ArgvError(format!("{id}: fd={fd} is not a descriptor")));
+    }
+    let Some(ifname) = text(n, "ifname").filter(|i| !i.is_empty()) else {
+        return err(format!("{id}: the tap must be passed as fd=N or named with ifname=NAME"));
+    };
+    if ifname.len() > 15 || ifname.contains('/') {
+        return err(format!("{id}: ifname={ifname} is not an interface name (at most 15 characters)"));
+    }
+    let program = |k: &str| text(n, k).filter(|s| !s.is_empty() && s != "no").map(PathBuf::from);
+    Ok(TapSpec::Named { ifname, script: program("script"), downscript: program("downscript") })
 }
 
 fn qmp_address(v: &str) -> Result<Monitor, ArgvError> {

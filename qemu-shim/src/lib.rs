@@ -10,3 +10,4 @@ pub mod cpu;
 pub mod platform;
 pub mod probe;
 pub mod qmp;
+pub mod readconfig;

@@ -25,6 +25,8 @@ pub const SMPFT_MACHINE: &str = "smpft";
 /// Every name of smpft's one machine.
 pub const MACHINES: [&str; 3] = [PC_MACHINE, PC_ALIAS, SMPFT_MACHINE];
 
+/// Why a VM that boots UEFI firmware from pflash is refused.
+pub const UEFI: &str = "a UEFI VM (OVMF firmware in pflash) is not supported: smpft runs no firmware; it boots a Linux kernel, or what the VM's disk holds, directly (in Proxmox: bios seabios, no efidisk)";
 const NO_DISPLAY: &str = "no display: use the serial console";
 const NO_HPET: &str = "no HPET: the guest keeps time by its TSC and the PIT (write <timer name='hpet' present='no'/>)";
 
@@ -40,7 +42,15 @@ pub const ABSENT_DEVICE_TYPES: &[(&str, &str)] = &[
     ("virtio-gpu-pci", NO_DISPLAY),
     ("qxl-vga", NO_DISPLAY),
     ("vmcoreinfo", "no vmcoreinfo: a guest kernel's crash notes are not exported"),
+    ("ich9-usb-ehci1", "no USB: the USB controller is left out"),
+    ("ich9-usb-uhci1", "no USB: the USB controller is left out"),
+    ("ich9-usb-uhci2", "no USB: the USB controller is left out"),
+    ("ich9-usb-uhci3", "no USB: the USB controller is left out"),
 ];
+
+/// PCI bridges and ports stacks add to place devices behind: smpft's machine has one bus, so the
+/// devices go on it and the bridge itself is left out.
+pub const BRIDGES: &[&str] = &["pci-bridge", "i82801b11-bridge", "ioh3420", "pcie-root-port", "pcie-pci-bridge"];
 
 /// Properties the probe reports for types libvirt asks about that are not devices of the VM:
 /// the power-management and PIT knobs libvirt sets with `-global`.
@@ -54,6 +64,27 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ArgvError> {
 /// Whether `name` is one of smpft's machine names.
 pub fn is_machine(name: &str) -> bool {
     MACHINES.contains(&name)
+}
+
+/// A PC machine type another stack names (Proxmox's `pc+pve0`, `q35`, `q35+pve1`, a versioned
+/// `pc-i440fx-8.1` or `pc-q35-8.1`): smpft runs it as its one machine, and says so. `None` for
+/// any other name.
+pub fn foreign_pc(name: &str) -> Option<String> {
+    let (base, pve) = match name.split_once('+') {
+        Some((b, v)) if v.strip_prefix("pve").is_some_and(|n| n.parse::<u32>().is_ok()) => (b, true),
+        Some(_) => return None,
+        None => (name, false),
+    };
+    let versioned =
+        |prefix: &str| base.strip_prefix(prefix).is_some_and(|v| v.split('.').all(|p| p.parse::<u32>().is_ok()));
+    let q35 = base == "q35" || versioned("pc-q35-");
+    if !(q35 || base == PC_ALIAS || base == PC_MACHINE || versioned("pc-i440fx-")) || (!pve && !q35 && is_machine(base))
+    {
+        return None;
+    }
+    let chipset =
+        if q35 { "no ICH9 chipset or PCIe root ports: its devices sit on one PCI bus" } else { "the same i440fx PC" };
+    Some(format!("-machine {name}: runs as smpft's one machine ({PC_MACHINE}: {chipset})"))
 }
 
 /// `query-machines`: the i440fx names first (the default, which virt-install picks), then
@@ -99,14 +130,16 @@ pub fn machine(launch: &mut Launch, value: &str) -> Result<(), ArgvError> {
     let t = crate::argv::text(&m, "type").unwrap_or_default();
     if t == "none" {
         launch.probe = true;
+    } else if let Some(line) = foreign_pc(&t) {
+        launch.left_out.push(line);
     } else if !is_machine(&t) {
         return err(format!(
             "-machine {t}: machine type not supported (smpft's one machine is named {})",
             MACHINES.join(", ")
         ));
     }
-    // libvirt gives a PC (and only a PC) PS/2 input of its own.
-    let mut ps2 = t == PC_MACHINE || t == PC_ALIAS;
+    // libvirt gives a PC (and only a PC) PS/2 input of its own; so does every other stack.
+    let mut ps2 = t == PC_MACHINE || t == PC_ALIAS || foreign_pc(&t).is_some();
     for (k, v) in &m {
         let v = match v {
             Value::String(s) => s.clone(),
@@ -171,6 +204,7 @@ fn machine_option(k: &str, v: &str) -> Result<Step, ArgvError> {
         "kernel_irqchip" | "kernel-irqchip" => {
             return err(format!("-machine {k}={v}: smpft always uses KVM's in-kernel irqchip"))
         }
+        "pflash0" | "pflash1" => return err(UEFI),
         _ => return err(format!("-machine {k}={v}: option not supported")),
     }))
 }
@@ -179,7 +213,8 @@ fn machine_option(k: &str, v: &str) -> Result<Step, ArgvError> {
 /// says otherwise, and smpft's has none.
 pub fn finish(launch: &mut Launch) {
     let machine = launch.machine.as_deref().unwrap_or_default();
-    let pc = [PC_MACHINE, PC_ALIAS].iter().any(|m| machine == *m || machine.starts_with(&format!("{m} ")));
+    let name = machine.split(' ').next().unwrap_or_default();
+    let pc = name == PC_MACHINE || name == PC_ALIAS || foreign_pc(name).is_some();
     let no_hpet = launch.ignored.iter().any(|i| i.starts_with("-no-hpet") || i.starts_with("-machine hpet="));
     if pc && !no_hpet && !launch.left_out.iter().any(|l| l == NO_HPET) {
         launch.left_out.push(NO_HPET.into());

@@ -82,7 +82,8 @@ pub(crate) fn from_libvirt(
     if let Some((server, _)) = qmp {
         observe::get().set_qmp(server);
     }
-    let s = crate::persona::libvirt_ft::for_domain(name).unwrap_or_default();
+    let key = crate::persona::libvirt_ft::key(launch, name);
+    let s = crate::persona::libvirt_ft::for_domain(&key).unwrap_or_default();
     let metrics = s
         .get("metrics")
         .map(|m| m.parse().map_err(|e| format!("smpft metadata <metrics>{m}</metrics>: {e}")))

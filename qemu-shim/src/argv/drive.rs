@@ -8,8 +8,8 @@ use serde_json::{json, Map, Value};
 
 /// What a `-drive` is.
 pub enum Drive {
-    /// An empty drive (Proxmox's CD-ROM without a medium): nothing to open.
-    Empty,
+    /// An empty drive (Proxmox's CD-ROM without a medium), by id: nothing to open.
+    Empty(String),
     /// A node named by the drive's id (JSON, as `-blockdev` takes it), with the throttle group
     /// it needs (`id`, JSON) if it has limits.
     Node { id: String, node: String, throttle_group: Option<(String, String)> },
@@ -37,11 +37,14 @@ const IGNORED: &[&str] = &["if", "id", "media", "index", "werror", "rerror", "se
 
 /// Reads a `-drive` (parsed by `props`).
 pub fn parse(value: &str, d: &Map<String, Value>) -> Result<Drive, ArgvError> {
+    if text(d, "if").as_deref() == Some("pflash") {
+        return err(format!("-drive {value}: {}", crate::platform::UEFI));
+    }
     if let Some(i) = text(d, "if").filter(|i| i != "none") {
         return err(format!("-drive {value}: if={i}: smpft takes drives with if=none and a -device"));
     }
     let id = text(d, "id").ok_or_else(|| ArgvError(format!("-drive {value}: no id")))?;
-    let Some(file) = text(d, "file").filter(|f| !f.is_empty()) else { return Ok(Drive::Empty) };
+    let Some(file) = text(d, "file").filter(|f| !f.is_empty()) else { return Ok(Drive::Empty(id)) };
     let readonly = flag(d, "readonly") || flag(d, "read-only");
     let (direct, no_flush) = match text(d, "cache").as_deref() {
         None | Some("writeback" | "writethrough") => (false, false),
@@ -120,7 +123,7 @@ mod tests {
         assert_eq!((n["driver"].as_str(), n["throttle-group"].as_str()), (Some("throttle"), Some(group.as_str())));
         assert_eq!(n["file"]["file"]["aio"], "io_uring");
         assert_eq!(o["limits"], json!({"bps-write": 1048576, "iops-read": 100}));
-        assert!(matches!(drive("if=none,id=drive-ide2,media=cdrom,aio=io_uring"), Drive::Empty));
+        assert!(matches!(drive("if=none,id=drive-ide2,media=cdrom,aio=io_uring"), Drive::Empty(_)));
         let bad = "file=/x,if=virtio,id=d";
         assert!(parse(bad, &super::super::props(bad, "file").unwrap()).is_err());
     }

@@ -61,14 +61,17 @@ fn disks_and_nics_resolve_through_their_nodes() {
             },
         ]
     );
-    assert_eq!(l.nics, vec![Nic { id: "net0".into(), fd: 30, mac: Some("52:54:00:aa:bb:cc".into()), slot: Some(3) }]);
+    assert_eq!(
+        l.nics,
+        vec![Nic { id: "net0".into(), tap: TapSpec::Fd(30), mac: Some("52:54:00:aa:bb:cc".into()), slot: Some(3) }]
+    );
 }
 
 #[test]
 fn what_smpft_cannot_honour_is_refused_by_name() {
     for (line, why) in [
         ("-accel tcg", "only with KVM"),
-        ("-machine pc-q35-7.2,usb=off", "-machine pc-q35-7.2: machine type not supported"),
+        ("-machine virt,usb=off", "-machine virt: machine type not supported"),
         ("-machine none,accel=tcg", "only with KVM"),
         ("-device {\"driver\":\"i6300esb\",\"id\":\"watchdog0\"}", "device 'i6300esb' is not supported"),
         ("-drive file=/x,if=virtio", "if=virtio: smpft takes drives with if=none"),
@@ -117,7 +120,7 @@ fn libvirts_line_for_smpft_is_understood() {
         graph: None,
     };
     assert_eq!(l.disks, vec![disk0]);
-    let net0 = Nic { id: "net0".into(), fd: 32, mac: Some("52:54:00:a4:ee:9d".into()), slot: Some(1) };
+    let net0 = Nic { id: "net0".into(), tap: TapSpec::Fd(32), mac: Some("52:54:00:a4:ee:9d".into()), slot: Some(1) };
     assert_eq!(l.nics, vec![net0]);
     assert_eq!(l.kernel, Some("/bin/true".into()));
     assert!(!l.no_reboot);
@@ -295,4 +298,91 @@ fn the_boot_disk_is_the_one_with_the_lowest_bootindex_or_the_first_with_order_c(
     assert_eq!((l.boot_disk, l.boot_order_disk), (None, true));
     let l = line(format!("-m 256 -boot strict=on {}", disk(0, "")));
     assert_eq!((l.boot_disk, l.boot_order_disk), (None, false));
+}
+
+/// A command line as `qm showcmd --pretty` prints it: the program, then one option per line with
+/// its value in single quotes where it needs them.
+pub(crate) fn qm_words(cmd: &str) -> Vec<String> {
+    let (mut words, mut cur, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
+    for c in cmd.replace("\\\n", " ").chars() {
+        match c {
+            '\'' => (quoted, any) = (!quoted, true),
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut cur));
+                }
+                any = false;
+            }
+            c => (cur, any) = (cur + &c.to_string(), true),
+        }
+    }
+    if any {
+        words.push(cur);
+    }
+    words.remove(0);
+    words
+}
+
+const PVE: [(&str, &str); 3] = [
+    ("pve9-simple1", include_str!("../../../tests/data/proxmox/pve9-simple1.conf.cmd")),
+    ("pve9-simple-virtio-blk", include_str!("../../../tests/data/proxmox/pve9-simple-virtio-blk.conf.cmd")),
+    ("pve8-simple1-drive", include_str!("../../../tests/data/proxmox/pve8-simple1-drive.conf.cmd")),
+];
+
+#[test]
+fn proxmoxs_command_lines_are_read_whole() {
+    for (name, cmd) in PVE {
+        let l = parse(&qm_words(cmd)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(l.id.as_deref(), Some("8006"), "{name}");
+        assert!(l.daemonize && !l.probe, "{name}");
+        assert_eq!(l.pidfile, Some("/var/run/qemu-server/8006.pid".into()), "{name}");
+        assert_eq!((l.vcpus, l.memory_bytes), (Some(3), Some(768 << 20)), "{name}");
+        assert_eq!(l.vmgenid.as_deref(), Some("c773c261-d800-4348-9f5d-167fadd53cf8"), "{name}");
+        assert!(l.balloon.as_ref().is_some_and(|b| b.free_page_reporting), "{name}");
+        assert_eq!(l.disks.len(), 1, "{name}");
+        assert_eq!(l.disks[0].source, "/var/lib/vz/images/8006/vm-8006-disk-0.qcow2", "{name}");
+        assert_eq!(l.boot_disk, Some(0), "{name}: the disk's bootindex=100 is the lowest");
+        let tap = TapSpec::Named {
+            ifname: "tap8006i0".into(),
+            script: Some("/usr/libexec/qemu-server/pve-bridge".into()),
+            downscript: Some("/usr/libexec/qemu-server/pve-bridgedown".into()),
+        };
+        assert_eq!(
+            l.nics,
+            vec![Nic { id: "net0".into(), tap, mac: Some("A2:C0:43:77:08:A0".into()), slot: Some(0x12) }]
+        );
+        for said in
+            ["pc+pve0: runs as smpft's one machine", "ide2 (ide-cd)", "VNC server", "tablet (usb-tablet)", "vga (VGA)"]
+        {
+            assert!(l.left_out.iter().any(|w| w.contains(said)), "{name}: no line for {said}: {:?}", l.left_out);
+        }
+        assert!(l.ignored.iter().any(|i| i.contains("pci-bridge,id=pci.1")), "{name}: {:?}", l.ignored);
+    }
+}
+
+#[test]
+fn devices_behind_a_bridge_go_on_bus_0_and_a_cdrom_with_a_medium_is_refused() {
+    let line = "-kernel /g -device pci-bridge,id=pci.1,chassis_nr=1,bus=pci.0,addr=0x1e -netdev type=tap,id=n,ifname=tap1,script=no -device virtio-net-pci,netdev=n,id=net0,bus=pci.1,addr=0x3";
+    let l = parse(&args(line)).unwrap();
+    assert_eq!(l.nics[0].slot, None, "a free slot on bus 0");
+    assert_eq!(l.nics[0].tap, TapSpec::Named { ifname: "tap1".into(), script: None, downscript: None });
+    assert!(l.left_out.iter().any(|w| w.contains("net0: placed on PCI bus 0")), "{:?}", l.left_out);
+    for (line, why) in [
+        (
+            "-drive file=/i.iso,if=none,id=cd,media=cdrom -device ide-cd,bus=ide.1,unit=0,drive=cd,id=ide2",
+            "a CD-ROM with a medium",
+        ),
+        ("-drive if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/pve-edk2-firmware/OVMF_CODE.fd", "UEFI VM"),
+        ("-machine pc+pve0,pflash0=fw", "UEFI VM"),
+        ("-netdev type=tap,id=n -device virtio-net-pci,netdev=n,id=net0", "fd=N or named with ifname="),
+        (
+            "-netdev type=tap,id=n,ifname=a-name-far-too-long -device virtio-net-pci,netdev=n,id=net0",
+            "not an interface name",
+        ),
+        ("-device virtio-net-pci,netdev=n,id=net0,bus=pci.7,addr=0x3 -netdev type=tap,id=n,fd=3", "bus=pci.7"),
+        ("-readconfig /nonexistent/pve-q35.cfg", "cannot read it"),
+    ] {
+        let e = parse(&args(line)).expect_err(why).to_string();
+        assert!(e.contains(why), "{line}: {e}");
+    }
 }

@@ -63,7 +63,20 @@ fn every_machine_name_is_smpfts_one_machine() {
     let l = parse(&args("-machine pc,hpet=on,i8042=off")).unwrap();
     assert_eq!(l.left_out.len(), 1, "hpet=on: one line: {:?}", l.left_out);
     assert!(parse(&args("-machine none,accel=kvm:tcg")).unwrap().probe);
-    assert!(refused("-machine q35").contains("-machine q35: machine type not supported"));
+    assert!(refused("-machine virt").contains("-machine virt: machine type not supported"));
+    assert!(refused("-machine pc+vmware1").contains("machine type not supported"));
+}
+
+#[test]
+fn other_stacks_pc_names_run_as_smpfts_machine_with_one_line() {
+    for name in ["pc+pve0", "q35", "q35+pve1", "pc-i440fx-8.1", "pc-q35-8.1+pve0", "pc-i440fx-7.2+pve0"] {
+        let l = parse(&args(&format!("-machine type={name},hpet=off -kernel /g"))).unwrap();
+        let said = l.left_out.iter().filter(|w| w.contains(&format!("-machine {name}: runs as smpft's one machine")));
+        assert_eq!(said.count(), 1, "{name}: {:?}", l.left_out);
+        assert!(l.left_out.iter().any(|w| w.contains("PS/2")), "{name}: a PC's PS/2: {:?}", l.left_out);
+    }
+    let l = parse(&args("-machine pc+pve0 -kernel /g")).unwrap();
+    assert!(l.left_out.iter().any(|w| w.contains("no HPET")), "a pc+pve0 has an HPET: {:?}", l.left_out);
     assert!(refused("-machine pc-i440fx-rhel7.4.0").contains("pc-i440fx-7.2, pc, smpft"));
 }
 

@@ -46,15 +46,45 @@ pub fn daemonize() -> std::io::Result<Daemon> {
 impl Daemon {
     /// Everything is set up: the parent may exit, and the standard streams go to /dev/null.
     pub fn ready(&mut self) {
+        self.release(None);
+    }
+
+    /// As [`Self::ready`], with standard error (smpft's log) appended to `log` instead, if it
+    /// can be opened: a VM that runs for months keeps saying what happened to it.
+    pub fn ready_logging_to(&mut self, log: &std::path::Path) {
+        if let Some(dir) = log.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).ok();
+        if file.is_some() {
+            tracing::info!(log = %log.display(), "running in the background; the log continues in this file");
+        }
+        self.release(file);
+    }
+
+    fn release(&mut self, log: Option<std::fs::File>) {
         if let Some(mut w) = self.ready.take() {
             let _ = w.write_all(&[1]);
         }
         if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
             for fd in 0..3 {
+                let to = match (&log, fd) {
+                    (Some(l), 2) => l.as_raw_fd(),
+                    _ => null.as_raw_fd(),
+                };
                 // SAFETY: dup2 onto the standard descriptors, which this process owns.
-                unsafe { libc::dup2(null.as_raw_fd(), fd) };
+                unsafe { libc::dup2(to, fd) };
             }
         }
+    }
+}
+
+/// Where a daemonized VM's log goes: `$SMPFT_DAEMON_LOG`, or `/var/log/smpft/KEY.log` (KEY the
+/// VM's name, or `pve-ID` for a Proxmox VM).
+pub fn log_path(key: &str) -> std::path::PathBuf {
+    match std::env::var_os("SMPFT_DAEMON_LOG") {
+        Some(p) => p.into(),
+        None => std::path::Path::new("/var/log/smpft").join(format!("{}.log", key.replace('/', "_"))),
     }
 }
 

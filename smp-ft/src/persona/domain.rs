@@ -14,6 +14,7 @@
 
 use super::block_info::{self, BlockDisk, Size};
 use super::libvirt_ft::DomainFt;
+use super::taps::NamedTaps;
 use super::PACKAGE;
 use block::spec::DiskSpec;
 use qemu_shim::argv::{ChannelSocket, Launch, Monitor, Serial};
@@ -25,14 +26,14 @@ use smp_ft::runner::{Extension, Runner};
 use smp_ft::vmm::devices::channel::{ChannelHost, ChannelListener, ChannelSpec};
 use smp_ft::vmm::devices::serial::{SerialLog, SerialSpec};
 use smp_ft::vmm::devices::{DeviceConfig, PciSlots};
-use smp_ft::vmm::net::{NetSpec, TapSource};
+use smp_ft::vmm::net::NetSpec;
 use smp_ft::vmm::smbios::Smbios;
 use smp_ft::vmm::virtio::balloon::BalloonSpec;
 use smp_ft::vmm::{RunningVm, Vm, VmConfig};
 use std::process::ExitCode;
 
 /// The VM `launch` describes, on the configuration builder (its errors name QEMU's options).
-fn config(launch: &Launch, standby: bool) -> Result<VmConfig, String> {
+fn config(launch: &Launch, standby: bool, taps: &mut NamedTaps) -> Result<VmConfig, String> {
     // Without -kernel, the disk with the lowest bootindex (or the first, with -boot order=c).
     let boot_disk = launch.boot_disk.or((launch.boot_order_disk && !launch.disks.is_empty()).then_some(0));
     if launch.kernel.is_none() && boot_disk.is_none() {
@@ -60,7 +61,7 @@ fn config(launch: &Launch, standby: bool) -> Result<VmConfig, String> {
         .iter()
         .map(|n| {
             let mac = n.mac.as_deref().map(str::parse).transpose().map_err(|e| format!("NIC {}: {e}", n.id))?;
-            Ok(NetSpec { tap: TapSource::Fd(n.fd), mac })
+            Ok(NetSpec { tap: taps.source(&n.id, &n.tap)?, mac })
         })
         .collect::<Result<Vec<_>, String>>()?;
     // A Linux kernel (bzImage, or vmlinux with a PVH note) boots with -initrd and -append as
@@ -166,15 +167,24 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
     // reach the VM as an event, never end the process where it lands (libvirt sends SIGTERM to
     // end a domain; an FT primary that vanished would look failed to its standby).
     crate::block_termination_signals();
+    // -daemonize (Proxmox's qm): forked before any thread; the parent exits once the VM is
+    // built, the monitor listens and the pidfile names this process.
+    let mut daemon = match launch.daemonize {
+        true => Some(super::daemon::daemonize().map_err(|e| format!("cannot daemonize: {e}"))?),
+        false => None,
+    };
     let name = launch.name.clone().unwrap_or_else(|| "(unnamed)".into());
     // FT settings are checked before the monitor listens: an error then ends the start with
     // smpft's reason, which libvirt shows (later, libvirt would see only a closed monitor).
-    let ft = super::libvirt_ft::for_domain(&name)
+    // libvirt's hook leaves them by the domain's name, Proxmox's hookscript by the VM's id.
+    let key = super::libvirt_ft::key(&launch, &name);
+    let ft = super::libvirt_ft::for_domain(&key)
         .map(|s| DomainFt::new(&s))
         .transpose()
         .map_err(|e| crate::error_chain(&e))?;
     // A standby's disk is its own copy, and what it boots comes from its primary.
-    let config = config(&launch, ft.as_ref().is_some_and(|ft| ft.standby))?;
+    let mut taps = NamedTaps::default();
+    let config = config(&launch, ft.as_ref().is_some_and(|ft| ft.standby), &mut taps)?;
     // So is the CPU: a model or feature this host cannot give is refused with its name.
     smp_ft::vmm::cpuid::check(&config.kvm_device, &config.cpu).map_err(|e| crate::error_chain(&e))?;
     // So is an agent channel whose socket cannot be listened on (claimed again with the VM).
@@ -190,6 +200,12 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
     };
     let qmp = monitor(&launch)?;
     let _registered = crate::ops::from_libvirt(&launch, &name, &qmp)?;
+    if let Some(p) = &launch.pidfile {
+        super::daemon::write_pidfile(p).map_err(|e| format!("cannot write pidfile {}: {e}", p.display()))?;
+    }
+    if let Some(d) = &mut daemon {
+        d.ready_logging_to(&super::daemon::log_path(&key));
+    }
     let answers = Answers {
         serial_label: launch.serial_label.clone(),
         devices: launch.device_ids.clone(),
@@ -204,11 +220,17 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
         balloon_path: launch.balloon.as_ref().map(|b| format!("/machine/peripheral/{}", b.id)),
         channels: launch.virtio_serial.iter().flat_map(|v| &v.ports).map(|p| p.chardev.clone()).collect(),
     };
-    match (ft, vm) {
+    let ended = match (ft, vm) {
         (Some(ft), None) => super::standby::run(&name, ft, config, qmp, answers),
         (ft, Some(vm)) => primary(&launch, &name, ft, vm, qmp, answers),
         (None, None) => Err("no VM was built for an unprotected domain".into()),
+    };
+    // The taps' downscripts run once the VM is gone.
+    drop(taps);
+    if let Some(p) = launch.pidfile.as_ref().filter(|_| launch.daemonize) {
+        let _ = std::fs::remove_file(p);
     }
+    ended
 }
 
 fn primary(

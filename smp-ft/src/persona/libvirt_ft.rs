@@ -23,6 +23,9 @@
 //! starts the emulator) checks them and writes `/run/smpft/DOMAIN.ft` (`key=value` lines); the
 //! persona reads that file by the domain's name. `release` removes it. Bad settings make the
 //! hook fail, and libvirt then refuses the start with the hook's message.
+//!
+//! Proxmox VE's hookscript (contrib/proxmox) writes the same file as `/run/smpft/pve-VMID.ft`,
+//! found by the VM's `-id`.
 
 use quick_xml::events::Event;
 use smp_ft::config::{self, FtBuilder, FtOptions, Names, Setting};
@@ -189,9 +192,16 @@ pub fn hook(args: &[String], xml: &str, dir: &Path) -> Result<(), String> {
     }
 }
 
-/// The settings the hook left for `domain`, if any.
+/// The settings the hook left for `domain`, if any (in `$SMPFT_FT_DIR`, else [`DIR`]).
 pub fn for_domain(domain: &str) -> Option<Settings> {
-    std::fs::read_to_string(file(Path::new(DIR), domain)).ok().map(|t| Settings::from_text(&t))
+    let dir = std::env::var_os("SMPFT_FT_DIR").map_or_else(|| PathBuf::from(DIR), PathBuf::from);
+    std::fs::read_to_string(file(&dir, domain)).ok().map(|t| Settings::from_text(&t))
+}
+
+/// What a VM's settings are found by: Proxmox VE's hookscript leaves them as `pve-VMID` (the
+/// VM's `-id`), libvirt's hook by the domain's name.
+pub fn key(launch: &qemu_shim::argv::Launch, name: &str) -> String {
+    launch.id.as_ref().map_or_else(|| name.to_string(), |id| format!("pve-{id}"))
 }
 
 #[cfg(test)]

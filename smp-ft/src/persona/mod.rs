@@ -1,6 +1,6 @@
 //! The QEMU persona: smpft started as libvirt starts its emulator, with QEMU's command line.
-//! It is chosen by the program name (a link named `qemu-system-x86_64`, `smpft-qemu` or
-//! anything ending in `-qemu`) or by `smpft qemu ARGS`.
+//! It is chosen by the program name (a link named `qemu-system-x86_64`, `kvm` as Proxmox VE
+//! runs it, `smpft-qemu` or anything ending in `-qemu`) or by `smpft qemu ARGS`.
 //!
 //! libvirt runs the emulator two ways (see `qemu_shim::argv` for the command line):
 //! - **probe** (`-machine none ... -qmp unix:PATH -pidfile PATH -daemonize`): no VM; smpft
@@ -16,6 +16,7 @@ mod daemon;
 mod domain;
 pub mod libvirt_ft;
 mod standby;
+mod taps;
 
 use qemu_shim::argv::{self, Launch, Monitor};
 use qemu_shim::qmp::QmpServer;
@@ -29,7 +30,8 @@ pub const PACKAGE: &str = concat!("smpft ", env!("CARGO_PKG_VERSION"));
 pub fn invoked(args: &[String]) -> Option<Vec<String>> {
     let prog = args.first().map(std::path::Path::new).and_then(|p| p.file_name()).and_then(|n| n.to_str());
     let prog = prog.unwrap_or_default();
-    if prog.starts_with("qemu-system") || prog.ends_with("-qemu") {
+    // Proxmox VE runs its emulator as /usr/bin/kvm.
+    if prog.starts_with("qemu-system") || prog.ends_with("-qemu") || prog == "kvm" {
         return Some(args[1..].to_vec());
     }
     if args.get(1).map(String::as_str) == Some("qemu") {
@@ -158,6 +160,7 @@ mod tests {
         assert_eq!(invoked(&v(&["/usr/local/bin/smpft-qemu", "-S"])), Some(v(&["-S"])));
         assert_eq!(invoked(&v(&["smpft", "qemu", "--", "-S"])), Some(v(&["-S"])));
         assert_eq!(invoked(&v(&["smpft", "qemu", "-S"])), Some(v(&["-S"])));
+        assert_eq!(invoked(&v(&["/usr/bin/kvm", "--version"])), Some(v(&["--version"])));
         assert_eq!(invoked(&v(&["smpft", "run"])), None);
         assert_eq!(invoked(&v(&["/opt/qemu-tools/smpft", "run"])), None);
     }

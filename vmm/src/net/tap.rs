@@ -95,6 +95,17 @@ impl Tap {
         if !sys.join("tun_flags").exists() {
             return Err(TapError::NotTap(name.into()));
         }
+        Ok(Tap { fd: Tap::set_iff(name)?, name: name.into(), vnet_hdr: 0 })
+    }
+
+    /// Opens the tap `name`, creating it if it does not exist (as QEMU's `-netdev
+    /// tap,ifname=NAME` does): a tap created here goes away when the descriptor is closed.
+    pub fn create(name: &str) -> Result<OwnedFd, TapError> {
+        Tap::set_iff(name)
+    }
+
+    /// A descriptor on the tap `name` (non-blocking, without packet information).
+    fn set_iff(name: &str) -> Result<OwnedFd, TapError> {
         // SAFETY: a plain open of a device node; the result is checked.
         let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if raw < 0 {
@@ -114,7 +125,7 @@ impl Tap {
                 _ => TapError::Attach { name: name.into(), source: e },
             });
         }
-        Ok(Tap { fd, name: name.into(), vnet_hdr: 0 })
+        Ok(fd)
     }
 
     fn adopt(fd: RawFd) -> Result<Tap, TapError> {
