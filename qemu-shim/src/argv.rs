@@ -674,29 +674,15 @@ impl Parser {
         Ok(Disk { id: id.into(), node: node.into(), source, readonly, slot: None, graph: Some(graph) })
     }
 
-    /// Follows a drive's node (raw format, then protocol) to storage smpft serves itself;
+    /// A drive's storage if smpft serves it itself (see [`crate::blockdev::Blockdevs::own_storage`]);
     /// `None` for any other graph.
     fn own_disk(&self, id: &str, node: &str) -> Result<Option<Disk>, ArgvError> {
-        let mut name = node.to_string();
-        let mut readonly = false;
-        for _ in 0..4 {
-            let b = self.blockdevs.get(&name).ok_or_else(|| ArgvError(format!("{id}: no -blockdev '{name}'")))?;
-            readonly |= flag(b, "read-only");
-            let disk = |source| Disk { id: id.into(), node: node.into(), source, readonly, slot: None, graph: None };
-            match text(b, "driver").as_deref() {
-                Some("raw") if b.get("file").is_some_and(Value::is_string) && !b.contains_key("offset") => {
-                    name = text(b, "file").unwrap_or_default()
-                }
-                Some("file") | Some("host_device") => {
-                    let source = text(b, "filename").ok_or_else(|| ArgvError(format!("{id}: no filename")))?;
-                    return Ok(Some(disk(source)));
-                }
-                Some("nbd") => return Ok(Some(disk(nbd_uri(id, b)?))),
-                Some(_) => return Ok(None),
-                None => return err(format!("{id}: -blockdev '{name}' has no driver")),
-            }
-        }
-        err(format!("{id}: the block node chain of '{node}' is too deep"))
+        let Some((b, readonly)) = self.graph.own_storage(node) else { return Ok(None) };
+        let source = match text(&b, "driver").as_deref() {
+            Some("nbd") => nbd_uri(id, &b)?,
+            _ => text(&b, "filename").ok_or_else(|| ArgvError(format!("{id}: no filename")))?,
+        };
+        Ok(Some(Disk { id: id.into(), node: node.into(), source, readonly, slot: None, graph: None }))
     }
 }
 

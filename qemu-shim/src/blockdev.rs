@@ -115,6 +115,48 @@ impl Blockdevs {
         Ok(())
     }
 
+    /// The storage node under `node` if smpft serves it itself: a file, block device or NBD
+    /// export reached through whole raw format nodes (no offset or size) and throttle nodes whose
+    /// group sets no limit (Proxmox's `"limits":{}`), with whether any node on the way is
+    /// read-only. `None` for any other graph, which qemu-storage-daemon opens.
+    pub fn own_storage(&self, node: &str) -> Option<(Map<String, Value>, bool)> {
+        let mut map = nest(self.get(node)?.clone());
+        let mut readonly = false;
+        for _ in 0..8 {
+            readonly |= matches!(map.get("read-only"), Some(Value::Bool(true)))
+                || matches!(text(&map, "read-only").as_deref(), Some("on" | "true"));
+            let whole = !map.contains_key("offset") && !map.contains_key("size");
+            let next = match text(&map, "driver")?.as_str() {
+                "raw" if whole => map.get("file")?.clone(),
+                "throttle" if self.unlimited(&text(&map, "throttle-group")?) => map.get("file")?.clone(),
+                "file" | "host_device" | "nbd" => return Some((map, readonly)),
+                _ => return None,
+            };
+            map = match next {
+                Value::Object(m) => m,
+                Value::String(s) => nest(self.get(&s)?.clone()),
+                _ => return None,
+            };
+        }
+        None
+    }
+
+    /// Whether the throttle group `id` sets no limit.
+    fn unlimited(&self, id: &str) -> bool {
+        let Some(m) = self.objects.get(id).and_then(|t| crate::argv::parse_props(t, "qom-type").ok()) else {
+            return false;
+        };
+        let zero = |v: &Value| v.as_u64() == Some(0) || v.as_str() == Some("0");
+        let m = nest(m);
+        let legacy = m.iter().filter(|(k, _)| k.starts_with("x-")).all(|(_, v)| zero(v));
+        legacy
+            && match m.get("limits") {
+                None => true,
+                Some(Value::Object(l)) => l.values().all(zero),
+                Some(_) => false,
+            }
+    }
+
     /// The format of the image under `node` (the first driver that is not a filter) and the file
     /// its protocol node opens.
     fn describe(&self, node: &str) -> (String, Option<String>) {
@@ -233,6 +275,29 @@ mod tests {
         let b = graph(&[kv], &[("g", "throttle-group,id=g")]);
         let g = b.graph("d", "t").unwrap();
         assert_eq!((g.format.as_str(), g.filename.as_deref(), g.objects.len()), ("qcow2", Some("/k"), 1));
+    }
+
+    #[test]
+    fn raw_storage_under_unlimited_throttles_is_smpfts_own() {
+        let raw = r#"{"driver":"throttle","file":{"driver":"raw","file":{"driver":"host_device","filename":"/dev/pve/vm-1-disk-0","node-name":"e"},"node-name":"f","read-only":true},"node-name":"drive-scsi0","throttle-group":"g"}"#;
+        let open = r#"{"id":"g","limits":{},"qom-type":"throttle-group"}"#;
+        let (storage, readonly) = graph(&[raw], &[("g", open)]).own_storage("drive-scsi0").unwrap();
+        assert_eq!((text(&storage, "filename").as_deref(), readonly), (Some("/dev/pve/vm-1-disk-0"), true));
+        for limited in [
+            r#"{"id":"g","limits":{"bps-total":1048576},"qom-type":"throttle-group"}"#,
+            "throttle-group,id=g,x-iops-total=100",
+        ] {
+            assert!(
+                graph(&[raw], &[("g", limited)]).own_storage("drive-scsi0").is_none(),
+                "{limited}: a limit needs the daemon"
+            );
+        }
+        let qcow =
+            r#"{"driver":"qcow2","file":{"driver":"file","filename":"/v.qcow2","node-name":"e"},"node-name":"q"}"#;
+        assert!(graph(&[qcow], &[]).own_storage("q").is_none());
+        let sliced =
+            r#"{"driver":"raw","offset":512,"file":{"driver":"file","filename":"/v","node-name":"e"},"node-name":"r"}"#;
+        assert!(graph(&[sliced], &[]).own_storage("r").is_none());
     }
 
     #[test]
