@@ -9,4 +9,5 @@ pub mod blockdev;
 pub mod cpu;
 pub mod platform;
 pub mod probe;
+pub mod qm;
 pub mod qmp;
