@@ -299,3 +299,30 @@ fn qmeventd_hears_of_the_vm_and_of_its_end() {
     let (code, log) = vm.wait();
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// `server=on` without `wait=off`: the VM starts only once the monitor has had a client, as
+/// QEMU waits.
+#[test]
+fn a_monitor_with_wait_on_holds_the_vm_until_its_first_client() {
+    require_kvm();
+    let dir = scratch("qm-wait");
+    let guest = dir.join("guest.elf");
+    std::fs::write(&guest, smp_ft::guest::BUILTIN).unwrap();
+    let (qmp, out) = (dir.join("w.qmp"), dir.join("w.out"));
+    let mon = format!("socket,id=qmp,path={},server=on", qmp.display());
+    let child = smpft()
+        .env("SMPFT_LOG", "info")
+        .args(["qemu", "--", "-chardev", &mon, "-mon", "chardev=qmp,mode=control", "-m", "64"])
+        .args(["-kernel", guest.to_str().unwrap(), "-append", "counter report=10ms", "-serial", "null"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(out.with_extension("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let proc = Proc::new(child);
+    wait_until(later(|| log_of(&out)), Duration::from_secs(60), || log_of(&out).contains("waiting for a client"));
+    assert!(std::fs::read_to_string(&out).unwrap().is_empty(), "the guest ran before a client came: {}", log_of(&out));
+    let mut q = Qmp::negotiated(&qmp);
+    wait_until(later(|| log_of(&out)), Duration::from_secs(60), || log_of(&out).contains("progress:"));
+    q.ok("quit", None);
+    assert_eq!(proc.wait().code(), Some(0), "{}", log_of(&out));
+}
