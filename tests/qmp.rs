@@ -1,5 +1,6 @@
 //! The QMP control socket of a real smpft process: status, stop/cont with events, quit, snapshot
-//! errors, and malformed input answered with QMP errors (the connection and the VM survive).
+//! errors, and input that is not QMP answered with QMP errors (the connection and the VM
+//! survive); input that is not JSON gets an error and that client is let go (the VM survives).
 
 mod common;
 use common::*;
@@ -17,7 +18,7 @@ fn qmp_commands_events_and_errors() {
     assert_eq!(r["error"]["class"], "CommandNotFound", "commands before negotiation are refused: {r}");
     assert_eq!(q.execute("qmp_capabilities", None), json!({"return": {}}));
 
-    for bad in ["{not json", "[1,2,3]", "{\"arguments\":{}}", "{\"execute\":42}", "\"stop\""] {
+    for bad in ["[1,2,3]", "{\"arguments\":{}}", "{\"execute\":42}", "\"stop\""] {
         let r = q.raw(bad);
         assert_eq!(r["error"]["class"], "GenericError", "{bad}: {r}");
     }
@@ -37,6 +38,13 @@ fn qmp_commands_events_and_errors() {
     assert_eq!(q.ok("query-status", None)["status"], "running");
     let names: Vec<&str> = q.events.iter().filter_map(|e| e["event"].as_str()).collect();
     assert_eq!(names, ["STOP", "RESUME"]);
+
+    // Not JSON: that client is told and let go; the others and the VM go on.
+    let mut other = Qmp::negotiated(&p.qmp);
+    let r = other.raw("{not json}");
+    assert!(r["error"]["desc"].as_str().unwrap().starts_with("JSON parse error, "), "{r}");
+    assert!(other.closed(), "the client that sent it is disconnected");
+    assert_eq!(q.ok("query-status", None)["status"], "running");
 
     // The guest kept running through all of that.
     let mut c = ServiceClient::connect(&p.serial, std::time::Duration::from_secs(10));

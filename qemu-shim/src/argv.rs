@@ -33,12 +33,22 @@ pub const IGNORED: &[(&str, &str)] = &[
     ("-iscsi", "the iSCSI initiator's name applies to iscsi:// drives, which qemu-storage-daemon opens with its own"),
 ];
 
-/// Where a QMP monitor listens.
+/// A QMP monitor: where it listens, or where smpft connects to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Monitor {
     Path(PathBuf),
     /// A listening socket inherited from the caller.
     Fd(i32),
+    /// `server=off`: smpft connects to the socket at `path` (Proxmox VE's qmeventd listens
+    /// there), and, with `reconnect` (`reconnect-ms=`, or `reconnect=` in seconds), again that
+    /// often while it is absent or after it closes.
+    Connect {
+        path: PathBuf,
+        reconnect: Option<std::time::Duration>,
+    },
+    /// `server=on` with `wait=on` (QEMU's default for a server socket): the VM starts only once
+    /// a first client has connected to this monitor.
+    Wait(Box<Monitor>),
 }
 
 /// Where the guest's serial port goes.
@@ -745,18 +755,41 @@ fn serial_address(v: &str) -> Result<Serial, ArgvError> {
 }
 
 fn chardev_monitor(id: &str, c: &Map<String, Value>) -> Result<Monitor, ArgvError> {
-    match text(c, "backend").as_deref() {
-        Some("socket") => {
-            if let Some(fd) = text(c, "fd") {
-                return fd.parse().map(Monitor::Fd).map_err(|_| ArgvError(format!("-chardev {id}: fd={fd}")));
-            }
-            match text(c, "path") {
-                Some(p) => Ok(Monitor::Path(PathBuf::from(p))),
-                None => err(format!("-chardev {id}: a monitor socket needs path= or fd=")),
-            }
-        }
-        other => err(format!("-chardev {id}: a monitor on '{}' is not supported", other.unwrap_or("?"))),
+    if text(c, "backend").as_deref() != Some("socket") {
+        let other = text(c, "backend");
+        return err(format!("-chardev {id}: a monitor on '{}' is not supported", other.as_deref().unwrap_or("?")));
     }
+    // A descriptor libvirt passes is a listening socket whatever the options say.
+    let listening = if let Some(fd) = text(c, "fd") {
+        fd.parse().map(Monitor::Fd).map_err(|_| ArgvError(format!("-chardev {id}: fd={fd}")))?
+    } else {
+        let path =
+            text(c, "path").ok_or_else(|| ArgvError(format!("-chardev {id}: a monitor socket needs path= or fd=")))?;
+        if !flag(c, "server") {
+            return Ok(Monitor::Connect { path: PathBuf::from(path), reconnect: chardev_reconnect(id, c)? });
+        }
+        Monitor::Path(PathBuf::from(path))
+    };
+    // QEMU waits for a server socket's first client unless told not to.
+    let off = |k: &str| matches!(text(c, k).as_deref(), Some("off" | "false" | "no"));
+    let wait = flag(c, "server") && !off("wait") && !c.contains_key("nowait");
+    Ok(if wait { Monitor::Wait(Box::new(listening)) } else { listening })
+}
+
+/// How often a monitor smpft connects to is connected again: `reconnect-ms=` (QEMU 9.2 on) or
+/// `reconnect=` seconds; 0 or neither: never.
+fn chardev_reconnect(id: &str, c: &Map<String, Value>) -> Result<Option<std::time::Duration>, ArgvError> {
+    let num = |k: &str| -> Result<Option<u64>, ArgvError> {
+        text(c, k)
+            .map(|v| v.parse::<u64>().map_err(|_| ArgvError(format!("-chardev {id}: {k}={v} is not a number"))))
+            .transpose()
+    };
+    let d = match (num("reconnect-ms")?, num("reconnect")?) {
+        (Some(ms), _) => std::time::Duration::from_millis(ms),
+        (None, Some(s)) => std::time::Duration::from_secs(s),
+        (None, None) => return Ok(None),
+    };
+    Ok((!d.is_zero()).then_some(d))
 }
 
 fn chardev_serial(id: &str, c: &Map<String, Value>) -> Result<Serial, ArgvError> {

@@ -9,5 +9,6 @@ pub mod blockdev;
 pub mod cpu;
 pub mod platform;
 pub mod probe;
+pub mod qm;
 pub mod qmp;
 pub mod readconfig;

@@ -82,6 +82,11 @@ pub const COMMANDS: &[&str] = &[
     "query-cpu-model-expansion",
     // The VM generation ID (answered by the VM's runner, from guest memory).
     "query-vm-generation-id",
+    // What Proxmox VE's qm asks (`crate::qm`, and the persona for the VM's devices).
+    "system_reset",
+    "query-pci",
+    "query-proxmox-support",
+    "human-monitor-command",
 ];
 
 /// Commands about the PC platform (the display smpft does not have).
@@ -136,7 +141,7 @@ pub fn answer(name: &str, args: &Map<String, Value>, package: &str) -> Option<Re
         "query-command-line-options" | "query-migrate-capabilities" => json!([]),
         "migrate-set-capabilities" => json!({}),
         "query-named-block-nodes" | "query-block" | "query-jobs" => json!([]),
-        _ => return crate::platform::display_answer(name),
+        _ => return crate::platform::display_answer(name).or_else(|| crate::qm::answer(name, args)),
     }))
 }
 

@@ -3,7 +3,10 @@
 //! `guest-stats-polling-interval`: `virsh dommemstat`, `virsh dommemstat --period`).
 //!
 //! libvirt finds the device by listing `/machine/peripheral` (its id, `child<virtio-balloon-pci>`)
-//! and then its properties; smpft's own monitor names it [`DEFAULT_PATH`].
+//! and then its properties; smpft's own monitor names it [`DEFAULT_PATH`]. Proxmox VE's `qm`
+//! names it by a partial path (`machine/peripheral/balloon0`), which QEMU resolves to the one
+//! object whose path ends so ([`names`]), and reads the memory figures Proxmox's QEMU adds to
+//! `query-balloon` (`max_mem`, and the guest's statistics once it reported them).
 
 use crate::vmm::RunningVm;
 use qemu_shim::qmp::{typed, ErrorClass, QmpError};
@@ -49,9 +52,40 @@ pub fn answer(vm: &RunningVm, name: &str, args: &Map<String, Value>) -> Option<R
             b.set_target(value as u64);
             Ok(json!({}))
         }),
-        "query-balloon" => balloon.map(|b| json!({"actual": b.device().actual()})).ok_or_else(no_balloon),
+        "query-balloon" => balloon.map(|b| balloon_info(vm, b.device())).ok_or_else(no_balloon),
         _ => return None,
     })
+}
+
+/// `query-balloon`: the guest's size now (`actual`), the memory it was given (`max_mem`), and,
+/// once the guest has reported statistics, what Proxmox VE's QEMU adds from them (`free_mem`,
+/// `total_mem` in bytes; swap and page-fault counts; `last_update`). A statistic the guest
+/// does not report is left out.
+fn balloon_info(vm: &RunningVm, b: &crate::vmm::virtio::balloon::Balloon) -> Value {
+    let mut v = json!({"actual": b.actual(), "max_mem": vm.memory().size()});
+    if let Some(stats) = b.stats().filter(|s| s.last_update != 0 && b.poll_interval() > 0) {
+        v["last_update"] = json!(stats.last_update);
+        for (stat, field) in [
+            ("stat-swap-in", "mem_swapped_in"),
+            ("stat-swap-out", "mem_swapped_out"),
+            ("stat-major-faults", "major_page_faults"),
+            ("stat-minor-faults", "minor_page_faults"),
+            ("stat-free-memory", "free_mem"),
+            ("stat-total-memory", "total_mem"),
+        ] {
+            if let Some(Some(n)) = stats.values.iter().find(|(k, _)| *k == stat).map(|(_, n)| *n) {
+                v[field] = json!(n);
+            }
+        }
+    }
+    v
+}
+
+/// Whether a QOM command's `path` names the object at `object` (an absolute path): the same
+/// path, or a partial path (no leading `/`) that `object` ends with, as QEMU resolves them
+/// (the balloon is the only object smpft answers for, so the match is unique).
+pub fn names(path: &str, object: &str) -> bool {
+    path == object || (!path.is_empty() && !path.starts_with('/') && object.ends_with(&format!("/{path}")))
 }
 
 /// The path a QOM command is about, if it is one (`qom-get`, `qom-set`, `qom-list`).
@@ -99,5 +133,21 @@ pub fn qom(vm: Option<&RunningVm>, name: &str, args: &Map<String, Value>) -> Res
             Err(QmpError::generic("Insufficient permission to perform this operation"))
         }
         Qom::Set { property, .. } => Err(QmpError::generic(format!("Property '{DEVICE_TYPE}.{property}' not found"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qom_paths_resolve_as_qemu_resolves_them() {
+        let balloon = "/machine/peripheral/balloon0";
+        for path in [balloon, "machine/peripheral/balloon0", "peripheral/balloon0", "balloon0"] {
+            assert!(names(path, balloon), "{path}");
+        }
+        for path in ["", "/machine/peripheral/balloon1", "loon0", "/peripheral/balloon0", "machine/peripheral"] {
+            assert!(!names(path, balloon), "{path}");
+        }
     }
 }

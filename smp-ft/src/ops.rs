@@ -94,6 +94,10 @@ pub(crate) fn from_libvirt(
         .transpose()?
         .unwrap_or(Duration::from_secs(10));
     let path = launch.monitors.iter().find_map(|m| match m {
+        qemu_shim::argv::Monitor::Wait(w) => match &**w {
+            qemu_shim::argv::Monitor::Path(p) => Some(p.clone()),
+            _ => None,
+        },
         qemu_shim::argv::Monitor::Path(p) => Some(p.clone()),
         _ => None,
     });

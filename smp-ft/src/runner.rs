@@ -365,7 +365,8 @@ impl Runner {
                         self.extension.as_mut().and_then(|e| e.answer(Some(&self.vm), pty.as_deref(), name, args));
                     // smpft's own monitor names the balloon's QOM path itself.
                     let own_balloon = self.vm.devices().balloon().is_some()
-                        && crate::balloon::qom_path(name, args).as_deref() == Some(crate::balloon::DEFAULT_PATH);
+                        && crate::balloon::qom_path(name, args)
+                            .is_some_and(|p| crate::balloon::names(&p, crate::balloon::DEFAULT_PATH));
                     match answered {
                         Some(r) => r,
                         None if own_balloon => crate::balloon::qom(Some(&self.vm), name, args),

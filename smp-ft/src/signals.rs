@@ -87,3 +87,9 @@ pub(crate) fn block_termination_signals() {
     // SAFETY: blocks signals for this thread (inherited by all threads spawned after this).
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
+
+/// A termination signal that is pending (blocked and not yet taken), taken now; `None` if none
+/// is. For waits that come before the signals are forwarded.
+pub(crate) fn pending_termination() -> Option<i32> {
+    wait_signal(&termination_set(), Some(Duration::ZERO))
+}

@@ -196,6 +196,13 @@ impl Qmp {
         r.get("return").cloned().unwrap_or_else(|| panic!("{cmd} failed: {r}"))
     }
 
+    /// Whether the server has closed the connection (after what it had sent was read).
+    pub fn closed(&mut self) -> bool {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).map_or(true, |n| n == 0)
+    }
+
     /// `stop` then a snapshot to `file`.
     pub fn stop_and_snapshot(&mut self, file: &Path, incremental: bool) {
         self.ok("stop", None);

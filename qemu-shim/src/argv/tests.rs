@@ -386,3 +386,45 @@ fn devices_behind_a_bridge_go_on_bus_0_and_a_cdrom_with_a_medium_is_refused() {
         assert!(e.contains(why), "{line}: {e}");
     }
 }
+
+/// Proxmox VE's two monitors: its own socket (listened on, no wait) and qmeventd's, which the
+/// emulator connects to (`server=off` by default) and reconnects to; `wait=` and `server=` as
+/// QEMU reads them.
+#[test]
+fn monitors_smpft_listens_on_or_connects_to() {
+    use std::time::Duration;
+    let mons = |s: &str| parse(&args(s)).map(|l| l.monitors);
+    let pve = "-chardev socket,id=qmp,path=/var/run/qemu-server/8006.qmp,server=on,wait=off -mon chardev=qmp,mode=control -chardev socket,id=qmp-event,path=/var/run/qmeventd.sock,reconnect-ms=5000 -mon chardev=qmp-event,mode=control";
+    assert_eq!(
+        mons(pve).unwrap(),
+        vec![
+            Monitor::Path("/var/run/qemu-server/8006.qmp".into()),
+            Monitor::Connect { path: "/var/run/qmeventd.sock".into(), reconnect: Some(Duration::from_millis(5000)) },
+        ]
+    );
+    let one = |chardev: &str| mons(&format!("-chardev {chardev} -mon chardev=m,mode=control")).map(|mut m| m.remove(0));
+    assert_eq!(
+        one("socket,id=m,path=/q,reconnect=5").unwrap(),
+        Monitor::Connect { path: "/q".into(), reconnect: Some(Duration::from_secs(5)) }
+    );
+    assert_eq!(one("socket,id=m,path=/q,server=off").unwrap(), Monitor::Connect { path: "/q".into(), reconnect: None });
+    assert_eq!(
+        one("socket,id=m,path=/q,reconnect-ms=0").unwrap(),
+        Monitor::Connect { path: "/q".into(), reconnect: None }
+    );
+    assert_eq!(one("socket,id=m,path=/q,server=on").unwrap(), Monitor::Wait(Box::new(Monitor::Path("/q".into()))));
+    assert_eq!(
+        one("socket,id=m,path=/q,server=on,wait=on").unwrap(),
+        Monitor::Wait(Box::new(Monitor::Path("/q".into())))
+    );
+    assert_eq!(one("socket,id=m,path=/q,server,nowait").unwrap(), Monitor::Path("/q".into()));
+    assert_eq!(one("socket,id=m,fd=7,server=on,wait=off").unwrap(), Monitor::Fd(7));
+    for (chardev, why) in [
+        ("socket,id=m,path=/q,reconnect-ms=soon", "reconnect-ms=soon is not a number"),
+        ("socket,id=m,server=on", "needs path= or fd="),
+        ("pty,id=m", "a monitor on 'pty'"),
+    ] {
+        let e = one(chardev).unwrap_err().to_string();
+        assert!(e.contains(why), "{chardev}: {e}");
+    }
+}

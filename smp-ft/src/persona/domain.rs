@@ -143,21 +143,49 @@ fn smbios(launch: &Launch) -> Result<Smbios, String> {
     Ok(m)
 }
 
-/// The QMP server on the monitor libvirt gave (the first one; libvirt gives one).
-fn monitor(launch: &Launch) -> Result<crate::Qmp, String> {
-    match launch.monitors.as_slice() {
-        [] => Ok(None),
-        [m, rest @ ..] => {
-            if !rest.is_empty() {
-                tracing::warn!("{} more monitors were asked for; smpft serves the first only", rest.len());
-            }
-            let server = match m {
-                Monitor::Fd(fd) => QmpServer::from_fd(*fd, PACKAGE),
-                Monitor::Path(p) => QmpServer::bind(p, PACKAGE),
-            };
-            server.map(Some).map_err(|e| crate::error_chain(&e))
+/// The QMP server on every monitor the command line gives: libvirt's (a listening socket it
+/// passes), Proxmox VE's two (a socket smpft listens on, and qmeventd's, which smpft connects
+/// to and reconnects to). Those with `wait=on` are returned: the VM starts once each has had a
+/// client.
+fn monitor(launch: &Launch) -> Result<(crate::Qmp, Vec<usize>), String> {
+    if launch.monitors.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let err = |e: qemu_shim::qmp::ServerError| crate::error_chain(&e);
+    let (mut server, requests) = QmpServer::new(PACKAGE).map_err(err)?;
+    let mut waits = Vec::new();
+    for m in &launch.monitors {
+        let (m, wait) = match m {
+            Monitor::Wait(inner) => (&**inner, true),
+            m => (m, false),
+        };
+        let endpoint = match m {
+            Monitor::Fd(fd) => server.listen_fd(*fd),
+            Monitor::Path(p) => server.listen(p),
+            Monitor::Connect { path, reconnect } => server.connect(path, *reconnect),
+            Monitor::Wait(_) => return Err("a monitor nested in a monitor".into()),
+        }
+        .map_err(err)?;
+        if wait {
+            waits.push(endpoint);
         }
     }
+    Ok((Some((server, requests)), waits))
+}
+
+/// Waits until each monitor with `wait=on` has had a client, as QEMU does before it runs the
+/// VM; a termination signal ends the wait (and the start).
+fn wait_for_monitors(qmp: &crate::Qmp, waits: &[usize]) -> Result<(), String> {
+    let Some((server, _)) = qmp else { return Ok(()) };
+    for &endpoint in waits {
+        tracing::info!("waiting for a client on a monitor with wait=on before the VM starts");
+        while !server.wait_for_client(endpoint, std::time::Duration::from_millis(200)) {
+            if let Some(sig) = crate::signals::pending_termination() {
+                return Err(format!("signal {sig} while waiting for a monitor client (wait=on)"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs the domain until it ends: as an FT standby or primary if the hook left FT settings for
@@ -198,11 +226,12 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
         true => None,
         false => Some(Vm::create(config.clone()).map_err(|e| crate::error_chain(&e))?),
     };
-    let qmp = monitor(&launch)?;
+    let (qmp, waits) = monitor(&launch)?;
     let _registered = crate::ops::from_libvirt(&launch, &name, &qmp)?;
     if let Some(p) = &launch.pidfile {
         super::daemon::write_pidfile(p).map_err(|e| format!("cannot write pidfile {}: {e}", p.display()))?;
     }
+    wait_for_monitors(&qmp, &waits)?;
     if let Some(d) = &mut daemon {
         d.ready_logging_to(&super::daemon::log_path(&key));
     }
@@ -219,6 +248,8 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
         host_cpu: super::host_cpu(),
         balloon_path: launch.balloon.as_ref().map(|b| format!("/machine/peripheral/{}", b.id)),
         channels: launch.virtio_serial.iter().flat_map(|v| &v.ports).map(|p| p.chardev.clone()).collect(),
+        pci_ids: super::pci::device_ids(&launch),
+        machine: launch.machine.clone(),
     };
     let ended = match (ft, vm) {
         (Some(ft), None) => super::standby::run(&name, ft, config, qmp, answers),
@@ -268,6 +299,10 @@ pub struct Answers {
     balloon_path: Option<String>,
     /// The virtio-serial ports' chardev ids, in port order.
     channels: Vec<String>,
+    /// The `-device` id of each PCI function the VMM names (`query-pci`).
+    pci_ids: Vec<(String, String)>,
+    /// The machine type the command line asked for (`query-machines` marks it current).
+    machine: Option<String>,
 }
 
 impl Answers {
@@ -292,6 +327,12 @@ impl Answers {
                     .into(),
             })),
             "query-chardev" => self.chardevs(pty, &[]),
+            "query-pci" => {
+                return Some(Err(QmpError::generic(
+                    "this copy is a standby: the VM's PCI devices are its primary's until it goes live",
+                )))
+            }
+            "query-machines" => self.machines(args),
             "qom-list" if arg("path") == "/machine/peripheral" => Value::Array(
                 self.devices
                     .iter()
@@ -343,9 +384,29 @@ impl Answers {
 }
 
 impl Answers {
+    /// `query-machines`, with the machine this VM runs marked `is-current` (Proxmox VE's
+    /// QEMU adds the flag, and `qm` reads the running machine from it): the entry the command
+    /// line named, else the default one, which is what any other PC name runs as.
+    fn machines(&self, args: &Map<String, Value>) -> Value {
+        let mut all =
+            qemu_shim::probe::answer("query-machines", args, PACKAGE).and_then(Result::ok).unwrap_or_else(|| json!([]));
+        let list = all.as_array_mut().map(std::mem::take).unwrap_or_default();
+        let asked = self.machine.as_deref().unwrap_or_default();
+        let named = |m: &Value| !asked.is_empty() && (m["name"] == asked || m["alias"] == asked);
+        let current = list.iter().position(named).or_else(|| list.iter().position(|m| m["is-default"] == true));
+        let marked = list.into_iter().enumerate().map(|(i, mut m)| {
+            m["is-current"] = json!(Some(i) == current);
+            m
+        });
+        Value::Array(marked.collect())
+    }
+
     /// Whether `name` is a QOM command on the balloon.
     fn is_balloon(&self, name: &str, args: &Map<String, Value>) -> bool {
-        self.balloon_path.is_some() && smp_ft::balloon::qom_path(name, args) == self.balloon_path
+        let (Some(path), Some(balloon)) = (smp_ft::balloon::qom_path(name, args), &self.balloon_path) else {
+            return false;
+        };
+        smp_ft::balloon::names(&path, balloon)
     }
 
     /// `query-chardev`: the serial port's terminal, the monitor, and each virtio-serial port
@@ -400,6 +461,7 @@ impl Extension for Answers {
                 json!({})
             }
             "query-blockstats" => self.blockstats(vm),
+            "query-pci" => super::pci::query_pci(&vm.devices().pci_functions(), &self.pci_ids),
             "query-chardev" => {
                 let open: Vec<bool> = match vm.devices().virtio_serial() {
                     Some(v) => (0..self.channels.len()).map(|i| v.guest_open(i)).collect(),

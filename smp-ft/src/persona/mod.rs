@@ -15,6 +15,7 @@ mod block_info;
 mod daemon;
 mod domain;
 pub mod libvirt_ft;
+mod pci;
 mod standby;
 mod taps;
 
@@ -93,6 +94,7 @@ fn probe(launch: &Launch) -> Result<ExitCode, String> {
         Some(Monitor::Fd(fd)) => {
             return Err(format!("a probe monitor on fd {fd} is not supported; use -qmp unix:PATH"))
         }
+        Some(other) => return Err(format!("a probe monitor must be -qmp unix:PATH,server=on,wait=off, not {other:?}")),
         None => return Err("a probe needs a monitor (-qmp unix:PATH)".into()),
     };
     // Forked before any thread starts; the parent exits once the child is ready.

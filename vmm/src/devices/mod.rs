@@ -393,6 +393,11 @@ impl Devices {
         self.virtio_serial.as_ref()
     }
 
+    /// The functions on the PCI bus, as the guest sees them now.
+    pub fn pci_functions(&self) -> Vec<crate::pci::PciFunction> {
+        self.pci.functions()
+    }
+
     /// What each disk has served, in order.
     pub fn disk_stats(&self) -> Vec<&super::virtio::blk::BlkStats> {
         self.disks.iter().map(|d| d.device().stats()).collect()

@@ -30,6 +30,34 @@ pub trait PciDevice: Send + Sync {
     fn decode(&self, addr: u64, len: usize) -> Option<(usize, u64)>;
     fn bar_read(&self, bar: usize, offset: u64, data: &mut [u8]);
     fn bar_write(&self, bar: usize, offset: u64, data: &[u8]);
+    /// The name the VMM gives the function (its saved state's), if it has one.
+    fn name(&self) -> Option<&'static str> {
+        None
+    }
+    /// Its memory BARs.
+    fn bars(&self) -> Vec<config::Bar> {
+        Vec::new()
+    }
+}
+
+/// A function on the bus as the guest sees it now (what `query-pci` reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciFunction {
+    pub slot: u8,
+    /// The VMM's name for it (`disk0`, `net0`, `virtio-balloon`, `host-bridge`, ...).
+    pub name: Option<&'static str>,
+    pub vendor: u16,
+    pub device: u16,
+    pub subsystem_vendor: u16,
+    pub subsystem: u16,
+    pub revision: u8,
+    /// Class, subclass, programming interface.
+    pub class: [u8; 3],
+    /// The interrupt pin (1 = INTA; 0: none) and line the driver wrote.
+    pub irq_pin: u8,
+    pub irq_line: u8,
+    /// Each memory BAR: its index, the address programmed in it, and its size.
+    pub bars: Vec<(usize, u64, u64)>,
 }
 
 /// The host bridge at 00:00.0: identification only.
@@ -49,6 +77,9 @@ impl PciDevice for HostBridge {
         data.fill(0xff);
     }
     fn bar_write(&self, _: usize, _: u64, _: &[u8]) {}
+    fn name(&self) -> Option<&'static str> {
+        Some("host-bridge")
+    }
 }
 
 pub struct PciBus {
@@ -104,6 +135,43 @@ impl PciBus {
             }
             _ => false,
         }
+    }
+
+    /// Every function on the bus, read from its configuration space as the guest sees it.
+    pub fn functions(&self) -> Vec<PciFunction> {
+        let mut out = Vec::new();
+        for (slot, dev) in self.slots.iter().enumerate() {
+            let Some(dev) = dev else { continue };
+            let mut h = [0u8; 0x40];
+            for (i, dword) in h.chunks_mut(4).enumerate() {
+                dev.config_read(4 * i, dword);
+            }
+            let u16_at = |at: usize| u16::from_le_bytes([h[at], h[at + 1]]);
+            let u32_at = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+            let bars = dev
+                .bars()
+                .iter()
+                .map(|b| {
+                    let at = config::BAR0 + 4 * b.index;
+                    let addr = u64::from(u32_at(at) & !0xf) | (u64::from(u32_at(at + 4)) << 32);
+                    (b.index, addr, b.size)
+                })
+                .collect();
+            out.push(PciFunction {
+                slot: slot as u8,
+                name: dev.name(),
+                vendor: u16_at(config::VENDOR_ID),
+                device: u16_at(config::VENDOR_ID + 2),
+                subsystem_vendor: u16_at(config::SUBSYSTEM_VENDOR_ID),
+                subsystem: u16_at(config::SUBSYSTEM_VENDOR_ID + 2),
+                revision: h[config::REVISION],
+                class: [h[config::REVISION + 3], h[config::REVISION + 2], h[config::REVISION + 1]],
+                irq_pin: h[config::INTERRUPT_PIN],
+                irq_line: h[config::INTERRUPT_PIN - 1],
+                bars,
+            });
+        }
+        out
     }
 
     /// The device and register offset the latched address selects, if any.
@@ -259,6 +327,17 @@ mod tests {
         other.restore(1, &state).unwrap();
         assert_eq!(*other.address.lock(), 0x8000_0000);
         assert!(other.restore(1, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn functions_are_described_as_the_guest_sees_them() {
+        let mut bus = PciBus::new();
+        assert!(bus.add_at(Arc::new(Dummy), 5));
+        let f = bus.functions();
+        assert_eq!(f.len(), 2);
+        assert_eq!((f[0].slot, f[0].name, f[0].vendor, f[0].device), (0, Some("host-bridge"), 0x8086, 0x0d57));
+        assert_eq!(f[0].class, [0x06, 0, 0]);
+        assert_eq!((f[1].slot, f[1].name, f[1].vendor), (5, None, 0));
     }
 
     #[test]

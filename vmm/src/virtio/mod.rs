@@ -553,6 +553,14 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
         self.t.lock().config.decode(addr, len)
     }
 
+    fn name(&self) -> Option<&'static str> {
+        Some(self.name)
+    }
+
+    fn bars(&self) -> Vec<crate::pci::config::Bar> {
+        self.t.lock().config.bars().to_vec()
+    }
+
     fn bar_read(&self, _bar: usize, offset: u64, data: &mut [u8]) {
         let mut t = self.t.lock();
         let end = offset + data.len() as u64;
