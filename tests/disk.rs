@@ -4,13 +4,13 @@
 
 mod common;
 
+use common::disk_kills::{self, console_tail, Kill};
 use common::ft::{free_port, log, spawn, wait_exit, wait_query, wait_state, FtSetup, Side};
 use common::{later, one_at_a_time, require_kvm, seeded_rng, wait_until, Proc, VmPaths};
 use smpft_client::FailoverClient;
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const DISK_SIZE: &str = "32M";
 /// The guest writes its disk flat out (reading each write back), rewrites memory pages whose
@@ -147,13 +147,6 @@ fn primary_with(
     spawn(p, &side, &[&args[..], extra].concat())
 }
 
-/// The guest's last words, for failure messages.
-fn console_tail(p: &VmPaths) -> String {
-    let c = p.console();
-    let lines: Vec<&str> = c.lines().collect();
-    lines[lines.len().saturating_sub(8)..].join("\n")
-}
-
 /// A protected guest writes for a while and exits by itself; the standby then holds exactly what
 /// the primary's disk holds. Standby storage of every kind: a raw file, qcow2 and VMDK images
 /// through qemu-nbd, a raw image through nbdkit; the primary's disk raw, and qcow2 through
@@ -235,71 +228,23 @@ fn primary_killed_while_the_guest_writes_its_disk() {
     let setup = FtSetup::new("disk-kills");
     let (_seed, mut r) = seeded_rng();
     for trial in 0..12u64 {
-        let k = 3 + r(30);
-        let (what, p_fault, s_fault) = match trial % 6 {
-            0 | 1 => (format!("kill after send #{k}"), Some(format!("kill-after-send:{k}")), None),
-            2 | 3 => (format!("kill right after ack #{k}"), Some(format!("kill-after-ack:{k}")), None),
-            4 => (
-                format!("kill while the standby writes epoch #{k}"),
-                Some(format!("kill-after-ack:{k}")),
-                Some(format!("stall-apply:{k}:200")),
-            ),
-            _ => (format!("SIGKILL {} ms after protection", r(500)), None, None),
-        };
-        let what = format!("trial {trial} ({what})");
+        let kill = Kill::nth(trial, &mut r);
         let dir = setup.dir.to_path_buf();
         let (p_img, s_img) = (dir.join(format!("p{trial}.raw")), dir.join(format!("s{trial}.raw")));
         raw_image(&p_img, 32 << 20);
         raw_image(&s_img, 32 << 20);
-        let addr = format!("127.0.0.1:{}", free_port());
-        let (pp, sp) = (setup.paths(&format!("p{trial}")), setup.paths(&format!("s{trial}")));
-        let s_hooks: Option<String> = s_fault.as_ref().map(|f| format!("fault={f}"));
-        let s_env: Vec<(&str, &str)> = s_hooks.iter().map(|h| ("SMPFT_TEST_HOOKS", h.as_str())).collect();
-        let p_hooks: Option<String> = p_fault.as_ref().map(|f| format!("fault={f}"));
-        let p_env: Vec<(&str, &str)> = p_hooks.iter().map(|h| ("SMPFT_TEST_HOOKS", h.as_str())).collect();
-        let sb = standby(&setup, &sp, &addr, &s_img.display().to_string(), &s_env);
-        wait_state(&sp, "waiting", Duration::from_secs(10));
         let encoding: &[&str] = match trial % 4 {
             0 => &[],
             1 => &["--ft-compress-cache", "64K"],
             2 => &["--ft-compress", "lz4"],
             _ => &["--ft-compress", "none"],
         };
-        let what = format!("{what} {encoding:?}");
-        let mut pr = primary_with(&setup, &pp, &addr, &p_img.display().to_string(), GUEST, &p_env, encoding);
-        let mut client = FailoverClient::new(vec![pp.serial.clone(), sp.serial.clone()], 1);
-        if p_fault.is_none() {
-            // (With a fault armed the primary may be gone before anyone asks it.)
-            wait_state(&pp, "protected", Duration::from_secs(30));
-            let ms: u64 = what.split("SIGKILL ").nth(1).and_then(|s| s.split(' ').next()?.parse().ok()).unwrap();
-            let until = Instant::now() + Duration::from_millis(ms);
-            while Instant::now() < until {
-                client.incr(Duration::from_secs(20)).unwrap();
-            }
-            pr.sigkill();
-        }
-        let status = wait_exit(pr, Duration::from_secs(60));
-        assert_eq!(status.signal(), Some(9), "{what}: primary ended otherwise\n{}", log(&pp));
-        wait_state(&sp, "live-after-failover", Duration::from_secs(15));
-        for _ in 0..20 {
-            client
-                .incr(Duration::from_secs(20))
-                .unwrap_or_else(|e| panic!("{what}: {e}\nguest:\n{}\n{}", console_tail(&sp), log(&sp)));
-        }
-        assert_eq!(client.connected_to, Some(1), "{what}: the client talks to the promoted copy");
-        let bye = client.exit().unwrap_or_else(|e| panic!("{what}: EXIT: {e}"));
-        assert_eq!(Some(bye), client.last, "{what}: nothing acknowledged was lost or rolled back");
-        let status = wait_exit(sb, Duration::from_secs(60));
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "{what}: the guest's disk check on the promoted copy\n{}\n{}",
-            console_tail(&sp),
-            log(&sp)
-        );
-        let console = sp.console();
-        let verified: u64 =
-            console.lines().filter_map(|l| l.split(" verified ").nth(1)?.split(' ').next()?.parse::<u64>().ok()).sum();
+        let what = format!("{} {encoding:?}", kill.what);
+        let (p_disk, s_disk) = (p_img.display().to_string(), s_img.display().to_string());
+        let standby = ["--vcpus", "2", "--memory", "128M", "--disk", &s_disk];
+        let primary = [&["--vcpus", "2", "--memory", "128M", "--guest-args", GUEST, "--disk", &p_disk][..], encoding];
+        let console = disk_kills::run(&setup, &trial.to_string(), &kill, &standby, &primary.concat());
+        let verified = disk_kills::verified(&console);
         assert!(verified > 0, "{what}: the guest read its disk back\n{console}");
         eprintln!("{what}: standby went live; the guest verified {verified} units of its disk");
         std::fs::remove_file(&p_img).ok();

@@ -1,7 +1,10 @@
 //! `--disk SPEC`: a path to a raw image or block device, or an NBD URI in the syntax qemu and
 //! libnbd use, optionally followed by `,readonly`; an image in a format of QEMU's block layer
 //! names it with `,format=` (and may ask for `,cache=` and `,discard=` as QEMU's `-drive` spells
-//! them): qemu-storage-daemon opens it ([`crate::qsd`]).
+//! them): qemu-storage-daemon opens it ([`crate::qsd`]). `,bus=scsi` puts the disk on the VM's
+//! virtio-scsi controller instead of a virtio-blk of its own, at the next free LUN or at
+//! `,lun=N`, with its write cache (`,write-cache=off`: every write is flushed before it
+//! completes); see [`Bus`].
 //!
 //! ```text
 //! /var/lib/vm1/disk.raw
@@ -32,6 +35,37 @@ pub struct DiskSpec {
     /// A graph of QEMU block nodes qemu-storage-daemon opens and exports (`location` is then
     /// what the operator named, for messages, until the daemon serves it).
     pub graph: Option<Graph>,
+    /// The device the guest finds the disk on.
+    pub bus: Bus,
+}
+
+/// The device a disk is on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Bus {
+    /// A virtio-blk device of its own.
+    #[default]
+    VirtioBlk,
+    /// A logical unit of the VM's virtio-scsi controller (one target, the disks its LUNs).
+    Scsi(ScsiUnit),
+}
+
+/// A disk as a SCSI logical unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScsiUnit {
+    /// Its LUN (`None`: the lowest one free).
+    pub lun: Option<u16>,
+    /// The write cache the guest sees (MODE SENSE's WCE) and flushes; without it every write
+    /// is on stable storage before it completes.
+    pub write_cache: bool,
+    /// Its identifier (INQUIRY's serial number and device identification pages); `None`: the
+    /// disk's name in the VM.
+    pub device_id: Option<String>,
+}
+
+impl Default for ScsiUnit {
+    fn default() -> Self {
+        ScsiUnit { lun: None, write_cache: true, device_id: None }
+    }
 }
 
 /// A disk QEMU's block layer opens: its nodes as QEMU's `--blockdev` takes them, served by
@@ -64,6 +98,15 @@ impl std::fmt::Display for DiskSpec {
         if self.readonly {
             write!(f, ",readonly")?;
         }
+        if let Bus::Scsi(u) = &self.bus {
+            write!(f, ",bus=scsi")?;
+            if let Some(lun) = u.lun {
+                write!(f, ",lun={lun}")?;
+            }
+            if !u.write_cache {
+                write!(f, ",write-cache=off")?;
+            }
+        }
         Ok(())
     }
 }
@@ -75,7 +118,7 @@ pub const NBD_PORT: u16 = 10809;
 pub enum SpecError {
     #[error("a disk needs a path or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)")]
     Empty,
-    #[error("'{0}' is not a disk option (readonly, format=, cache=, discard=)")]
+    #[error("'{0}' is not a disk option (readonly, format=, cache=, discard=, bus=, lun=, write-cache=)")]
     Option(String),
     #[error("'{0}': {1}")]
     Value(String, &'static str),
@@ -99,14 +142,15 @@ impl std::str::FromStr for DiskSpec {
             return Err(SpecError::Empty);
         }
         let readonly = options.readonly;
+        let bus = options.bus()?;
         if target.starts_with("nbd") && target.contains("://") {
             if options.format.is_some() || options.cache.is_some() || options.discard.is_some() {
                 return Err(SpecError::Value(s.into(), "format=, cache= and discard= apply to a file or block device"));
             }
-            return Ok(DiskSpec { location: parse_nbd(target)?, readonly, graph: None });
+            return Ok(DiskSpec { location: parse_nbd(target)?, readonly, graph: None, bus });
         }
         let graph = options.graph(Path::new(target))?;
-        Ok(DiskSpec { location: Location::Path(PathBuf::from(target)), readonly, graph })
+        Ok(DiskSpec { location: Location::Path(PathBuf::from(target)), readonly, graph, bus })
     }
 }
 
@@ -117,6 +161,9 @@ struct Options {
     format: Option<String>,
     cache: Option<String>,
     discard: Option<String>,
+    bus: Option<String>,
+    lun: Option<String>,
+    write_cache: Option<String>,
 }
 
 impl Options {
@@ -129,6 +176,9 @@ impl Options {
             Some(("format", _)) => &mut self.format,
             Some(("cache", _)) => &mut self.cache,
             Some(("discard", _)) => &mut self.discard,
+            Some(("bus", _)) => &mut self.bus,
+            Some(("lun", _)) => &mut self.lun,
+            Some(("write-cache", _)) => &mut self.write_cache,
             _ => return Err(SpecError::Option(o.into())),
         };
         let value = o.split_once('=').map(|(_, v)| v).unwrap_or_default();
@@ -137,6 +187,36 @@ impl Options {
         }
         *slot = Some(value.into());
         Ok(())
+    }
+
+    /// The device the disk is on: `bus=scsi` (with `lun=` and `write-cache=`) or `bus=virtio`.
+    fn bus(&self) -> Result<Bus, SpecError> {
+        let scsi = match self.bus.as_deref() {
+            None | Some("virtio") => false,
+            Some("scsi") => true,
+            Some(other) => return Err(SpecError::Value(format!("bus={other}"), "bus is virtio or scsi")),
+        };
+        if !scsi {
+            return match (&self.lun, &self.write_cache) {
+                (None, None) => Ok(Bus::VirtioBlk),
+                _ => Err(SpecError::Value("lun=/write-cache=".into(), "apply to a disk with bus=scsi")),
+            };
+        }
+        let lun = match self.lun.as_deref() {
+            None => None,
+            Some(l) => Some(
+                l.parse::<u16>()
+                    .ok()
+                    .filter(|&n| n <= 255)
+                    .ok_or_else(|| SpecError::Value(format!("lun={l}"), "a LUN is 0 to 255"))?,
+            ),
+        };
+        let write_cache = match self.write_cache.as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => return Err(SpecError::Value(format!("write-cache={other}"), "write-cache is on or off")),
+        };
+        Ok(Bus::Scsi(ScsiUnit { lun, write_cache, device_id: None }))
     }
 
     /// The graph a file in `format` (with the cache and discard modes asked) is: a format node
@@ -251,16 +331,42 @@ mod tests {
     fn paths_and_options() {
         assert_eq!(
             p("/a/disk.raw").unwrap(),
-            DiskSpec { location: Location::Path("/a/disk.raw".into()), readonly: false, graph: None }
+            DiskSpec {
+                location: Location::Path("/a/disk.raw".into()),
+                readonly: false,
+                graph: None,
+                bus: Bus::VirtioBlk
+            }
         );
         assert_eq!(
             p("/dev/vg/x,readonly").unwrap(),
-            DiskSpec { location: Location::Path("/dev/vg/x".into()), readonly: true, graph: None }
+            DiskSpec { location: Location::Path("/dev/vg/x".into()), readonly: true, graph: None, bus: Bus::VirtioBlk }
         );
         assert_eq!(p("/a,b/disk").unwrap().location, Location::Path("/a,b/disk".into()), "a comma inside a path");
         assert_eq!(p("/a/d,rw"), Err(SpecError::Option("rw".into())));
         assert_eq!(p(""), Err(SpecError::Empty));
         assert_eq!(p(",readonly"), Err(SpecError::Empty));
+    }
+
+    #[test]
+    fn disks_on_the_scsi_bus() {
+        let unit = |lun, write_cache| Bus::Scsi(ScsiUnit { lun, write_cache, device_id: None });
+        assert_eq!(p("/a/d.raw,bus=scsi").unwrap().bus, unit(None, true));
+        assert_eq!(p("/a/d.raw,bus=scsi,lun=3,write-cache=off").unwrap().bus, unit(Some(3), false));
+        assert_eq!(p("/a/d.raw,bus=virtio").unwrap().bus, Bus::VirtioBlk);
+        let d = p("nbd://h/x,readonly,bus=scsi,lun=2").unwrap();
+        assert_eq!((d.readonly, d.bus.clone()), (true, unit(Some(2), true)));
+        assert_eq!(d.to_string(), "nbd://h:10809/x,readonly,bus=scsi,lun=2", "shown as it is written");
+        assert_eq!(p("/a/d,bus=scsi,write-cache=off").unwrap().to_string(), "/a/d,bus=scsi,write-cache=off");
+        for (bad, why) in [
+            ("/a/d,bus=ide", "bus is virtio or scsi"),
+            ("/a/d,bus=scsi,lun=256", "a LUN is 0 to 255"),
+            ("/a/d,bus=scsi,lun=x", "a LUN is 0 to 255"),
+            ("/a/d,lun=1", "apply to a disk with bus=scsi"),
+            ("/a/d,bus=scsi,write-cache=maybe", "write-cache is on or off"),
+        ] {
+            assert!(matches!(p(bad), Err(SpecError::Value(_, w)) if w == why), "{bad}: {:?}", p(bad));
+        }
     }
 
     #[test]
@@ -272,7 +378,7 @@ mod tests {
         assert_eq!(p("nbd://[fd00::1]:99/x").unwrap().location, tcp("fd00::1", 99, "x"));
         assert_eq!(
             p("nbd://127.0.0.1/x,readonly").unwrap(),
-            DiskSpec { location: tcp("127.0.0.1", NBD_PORT, "x"), readonly: true, graph: None }
+            DiskSpec { location: tcp("127.0.0.1", NBD_PORT, "x"), readonly: true, graph: None, bus: Bus::VirtioBlk }
         );
         assert_eq!(
             p("nbd+unix:///vm1?socket=/run/nbd.sock").unwrap().location,

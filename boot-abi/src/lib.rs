@@ -165,6 +165,7 @@ pub const VIRTIO_TYPE_BLOCK: u16 = 2;
 pub const VIRTIO_TYPE_CONSOLE: u16 = 3;
 pub const VIRTIO_TYPE_RNG: u16 = 4;
 pub const VIRTIO_TYPE_BALLOON: u16 = 5;
+pub const VIRTIO_TYPE_SCSI: u16 = 8;
 
 /// The PCI device ID of a modern virtio device of `device_type` (rng: 0x1044).
 pub const fn virtio_pci_device_id(device_type: u16) -> u16 {

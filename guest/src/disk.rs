@@ -1,5 +1,6 @@
 //! `disk`: every vCPU writes units of its own region of a virtio-blk disk (virtio 1.2 section
-//! 5.2) and keeps, in guest memory, the generation each unit was last written with. A unit's
+//! 5.2), or with `disk-bus=scsi` of the first disk of a virtio-scsi controller ([`crate::scsi`]),
+//! and keeps, in guest memory, the generation each unit was last written with. A unit's
 //! contents are a function of (unit, generation): every 8-byte word mixes the two with the word's
 //! place, so a unit that holds another generation, another unit's data, or a torn write does not
 //! match. After a write completes the vCPU records the new generation, reads the unit back (every
@@ -16,6 +17,7 @@
 //! Requests go one at a time through one queue, under a lock; the data buffer is shared.
 
 use crate::abi::{virtio_pci_device_id, EXIT_DEVICE_FAILED, EXIT_NO_DEVICE, VIRTIO_PCI_VENDOR_ID, VIRTIO_TYPE_BLOCK};
+use crate::scsi::Scsi;
 use crate::sync::Locked;
 use crate::virtio::{self, Buf, Device, Queue};
 use crate::{dma, fail, log, MAX_VCPUS};
@@ -47,6 +49,8 @@ pub struct Settings {
     pub check_every: u64,
     /// Flush every this many writes (0: never).
     pub flush_every: u64,
+    /// The disk is on virtio-scsi (`disk-bus=scsi`), not virtio-blk.
+    pub scsi: bool,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -62,13 +66,22 @@ struct Cpu {
     flushes: u64,
 }
 
+/// The device the disk is on.
+enum Port {
+    /// A virtio-blk, with its request header and status byte.
+    Blk {
+        device: Device,
+        queue: Queue,
+        header: u64,
+        status: u64,
+    },
+    Scsi(Scsi),
+}
+
 struct Disk {
-    device: Device,
-    queue: Queue,
+    port: Port,
     settings: Settings,
-    /// Request header, status byte and the data buffer.
-    header: u64,
-    status: u64,
+    /// The data buffer.
     data: u64,
     /// One generation per unit.
     gens: u64,
@@ -112,8 +125,8 @@ fn word(unit: u64, generation: u32, word: u64) -> u64 {
     x ^ (x >> 29)
 }
 
-/// Finds and starts the device, lays out the regions (run once, by vCPU 0).
-pub fn init(tsc_khz: u64, vcpus: u32, settings: Settings) -> Result<(), u32> {
+/// Finds and starts a virtio-blk: the port and the disk's size in bytes.
+fn open_blk(tsc_khz: u64) -> Result<(Port, u64), u32> {
     let Some(pci) = Device::find(VIRTIO_TYPE_BLOCK) else {
         log!(
             "disk: no virtio-blk device (PCI ID {:04x}:{:04x}) on bus 0",
@@ -132,7 +145,27 @@ pub fn init(tsc_khz: u64, vcpus: u32, settings: Settings) -> Result<(), u32> {
     device.driver_ok();
     device.check().map_err(failed)?;
     let sectors = device.read_config(|r| u64::from(r.read32(0)) | u64::from(r.read32(4)) << 32).unwrap_or(0);
-    let size = sectors * SECTOR;
+    let oom = || failed(virtio::Error::OutOfMemory);
+    let header = dma::alloc(16, 16).ok_or_else(oom)?;
+    let status = dma::alloc(1, 1).ok_or_else(oom)?;
+    log!("disk: {device}; flush={}", features & F_FLUSH != 0);
+    Ok((Port::Blk { device, queue, header, status }, sectors * SECTOR))
+}
+
+/// Finds and starts the device, lays out the regions (run once, by vCPU 0).
+pub fn init(tsc_khz: u64, vcpus: u32, settings: Settings) -> Result<(), u32> {
+    let (port, size) = if settings.scsi {
+        let s = Scsi::open(tsc_khz)?;
+        log!("disk: {s}");
+        let size = s.blocks * u64::from(s.block_size);
+        if u64::from(s.block_size) != SECTOR {
+            log!("disk: the SCSI disk's blocks are {} bytes, not {SECTOR}", s.block_size);
+            return Err(EXIT_DEVICE_FAILED);
+        }
+        (Port::Scsi(s), size)
+    } else {
+        open_blk(tsc_khz)?
+    };
     let io = settings.io;
     if io == 0 || !io.is_multiple_of(SECTOR) || io > MAX_IO {
         log!("disk: disk-io={io} must be a multiple of 512 up to {MAX_IO}");
@@ -145,14 +178,14 @@ pub fn init(tsc_khz: u64, vcpus: u32, settings: Settings) -> Result<(), u32> {
         log!("disk: a {size}-byte disk has too few {io}-byte units for {vcpus} vCPUs");
         return Err(crate::abi::EXIT_BAD_PARAMS);
     }
-    let oom = || failed(virtio::Error::OutOfMemory);
-    let header = dma::alloc(16, 16).ok_or_else(oom)?;
-    let status = dma::alloc(1, 1).ok_or_else(oom)?;
+    let oom = || {
+        log!("disk: {}", virtio::Error::OutOfMemory);
+        EXIT_DEVICE_FAILED
+    };
     let data = dma::alloc(io, 4096).ok_or_else(oom)?;
     let gens = dma::alloc(units * 4, 8).ok_or_else(oom)?;
     log!(
-        "disk: {device}; {size} bytes, flush={}; {units_per_cpu} units of {io} bytes per vCPU, {}",
-        features & F_FLUSH != 0,
+        "disk: {size} bytes; {units_per_cpu} units of {io} bytes per vCPU, {}",
         if settings.sequential { "sequential" } else { "random" }
     );
     let mut cpus = [Cpu::default(); MAX_VCPUS];
@@ -160,11 +193,8 @@ pub fn init(tsc_khz: u64, vcpus: u32, settings: Settings) -> Result<(), u32> {
         c.cursor = if settings.sequential { 0 } else { 0x2545_f491_4f6c_dd1d ^ (i as u64 + 1) };
     }
     let d = Disk {
-        device,
-        queue,
+        port,
         settings,
-        header,
-        status,
         data,
         gens,
         units_per_cpu,
@@ -269,29 +299,43 @@ impl Disk {
     /// Runs one request and waits for it; fails the run on an error status or a timeout.
     fn request(&mut self, kind: u32, unit: u64) {
         let io = self.settings.io;
+        let data = self.data;
+        let (device, queue, header, status) = match &mut self.port {
+            Port::Blk { device, queue, header, status } => (&*device, queue, *header, *status),
+            Port::Scsi(s) => {
+                let r = match kind {
+                    T_FLUSH => s.flush(),
+                    _ => s.transfer(kind == T_OUT, unit * io / SECTOR, (io / SECTOR) as u32, data),
+                };
+                if let Err(e) = r {
+                    fail(format_args!("disk: SCSI request (type {kind}, unit {unit}) failed: {e}"));
+                }
+                return;
+            }
+        };
         let mut hdr = [0u8; 16];
         hdr[..4].copy_from_slice(&kind.to_le_bytes());
         hdr[8..].copy_from_slice(&(unit * io / SECTOR).to_le_bytes());
         // SAFETY: the header and status bytes are device memory owned by this workload.
         unsafe {
-            core::ptr::copy_nonoverlapping(hdr.as_ptr(), self.header as *mut u8, 16);
-            (self.status as *mut u8).write_volatile(0xff);
+            core::ptr::copy_nonoverlapping(hdr.as_ptr(), header as *mut u8, 16);
+            (status as *mut u8).write_volatile(0xff);
         }
-        let header = Buf { addr: self.header, len: 16, write: false };
-        let status = Buf { addr: self.status, len: 1, write: true };
-        let data = Buf { addr: self.data, len: io as u32, write: kind == T_IN };
+        let header = Buf { addr: header, len: 16, write: false };
+        let status_buf = Buf { addr: status, len: 1, write: true };
+        let data = Buf { addr: data, len: io as u32, write: kind == T_IN };
         let r = match kind {
-            T_FLUSH => self.queue.submit(&[header, status]),
-            _ => self.queue.submit(&[header, data, status]),
+            T_FLUSH => queue.submit(&[header, status_buf]),
+            _ => queue.submit(&[header, data, status_buf]),
         };
         let head = r.unwrap_or_else(|e| fail(format_args!("disk: submit: {e}")));
-        self.queue.notify();
-        let used = match self.queue.poll_used(&self.device, TIMEOUT_MS) {
+        queue.notify();
+        let used = match queue.poll_used(device, TIMEOUT_MS) {
             Ok(u) => u,
             Err(e) => fail(format_args!("disk: request (type {kind}, unit {unit}) did not complete: {e}")),
         };
         // SAFETY: the device returned the chain, so it no longer writes the status byte.
-        let st = unsafe { (self.status as *const u8).read_volatile() };
+        let st = unsafe { (status as *const u8).read_volatile() };
         if used.head != head || st != 0 {
             fail(format_args!(
                 "disk: request (type {kind}, unit {unit}) completed as head {} with status {st}",

@@ -18,6 +18,7 @@ mod net;
 mod params;
 mod pci;
 mod rng;
+mod scsi;
 mod service;
 mod smbios;
 mod sync;

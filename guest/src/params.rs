@@ -48,7 +48,8 @@ pub struct Params {
     pub smbios: bool,
     /// Log the VM generation ID at start and whenever it changes (`vmgenid`), as `vmgenid: ...`.
     pub vmgenid: bool,
-    /// Every vCPU writes and checks its region of a virtio-blk disk.
+    /// Every vCPU writes and checks its region of a virtio-blk disk (`disk-bus=scsi`: of the
+    /// first disk of a virtio-scsi controller).
     pub disk: bool,
     pub disk_settings: crate::disk::Settings,
     /// vCPU 0 drives a virtio-net device and serves TCP ports 7000, 80 and 7 (`net`).
@@ -83,7 +84,14 @@ impl Params {
         smbios: false,
         vmgenid: false,
         disk: false,
-        disk_settings: crate::disk::Settings { io: 4096, ws: 0, sequential: false, check_every: 1, flush_every: 16 },
+        disk_settings: crate::disk::Settings {
+            io: 4096,
+            ws: 0,
+            sequential: false,
+            check_every: 1,
+            flush_every: 16,
+            scsi: false,
+        },
         net: None,
         churn_rate: 1000,
         churn_ws: 8 << 20,
@@ -147,6 +155,8 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, Bad<'_>> {
             (b"disk-io", Some(v)) => p.disk_settings.io = size(v).ok_or(bad)?,
             (b"disk-ws", Some(v)) => p.disk_settings.ws = size(v).ok_or(bad)?,
             (b"disk-seq", None) => p.disk_settings.sequential = true,
+            (b"disk-bus", Some(b"scsi")) => p.disk_settings.scsi = true,
+            (b"disk-bus", Some(b"virtio")) => p.disk_settings.scsi = false,
             (b"disk-check", Some(v)) => p.disk_settings.check_every = number(v).ok_or(bad)?,
             (b"flush-every", Some(v)) => p.disk_settings.flush_every = number(v).ok_or(bad)?,
             (b"churn-rate", Some(v)) => p.churn_rate = number(v).ok_or(bad)?,

@@ -13,7 +13,9 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 
 mod drive;
+mod scsi;
 mod virtio_serial;
+pub use scsi::{ScsiController, ScsiHd};
 use std::path::PathBuf;
 pub use virtio_serial::{Channel, ChannelSocket, VirtioSerial};
 
@@ -181,6 +183,9 @@ pub struct Launch {
     pub disk_nodes: Vec<Vec<crate::platform::BlockNode>>,
     /// `-cpu`: the guest's CPU model and features (`None`: the host's CPU).
     pub cpu: Option<cpu_model::CpuSpec>,
+    /// A virtio-scsi controller (`-device virtio-scsi-pci`) with its `scsi-hd` disks (their
+    /// storage is in `disks`).
+    pub scsi: Option<ScsiController>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -607,6 +612,8 @@ impl Parser {
                 self.boot_index(d);
                 self.launch.disks.push(disk);
             }
+            "virtio-scsi-pci" => self.virtio_scsi(&id, d)?,
+            "scsi-hd" => self.scsi_hd(&id, d)?,
             "virtio-net-pci" => {
                 let netdev = text(d, "netdev").unwrap_or_default();
                 let n = self.netdevs.get(&netdev).ok_or_else(|| ArgvError(format!("{id}: no -netdev '{netdev}'")))?;
@@ -622,7 +629,7 @@ impl Parser {
             }
             _ => {
                 return err(format!(
-                    "device '{driver}' is not supported (smpft has virtio-blk-pci, virtio-net-pci, virtio-rng-pci, virtio-balloon-pci, virtio-serial-pci with virtserialport, vmgenid and isa-serial)"
+                    "device '{driver}' is not supported (smpft has virtio-blk-pci, virtio-scsi-pci with scsi-hd, virtio-net-pci, virtio-rng-pci, virtio-balloon-pci, virtio-serial-pci with virtserialport, vmgenid and isa-serial)"
                 ))
             }
         }

@@ -25,8 +25,10 @@ pub const MACHINE: &str = crate::platform::PC_MACHINE;
 /// The most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 16;
 /// Device types smpft implements.
-pub const DEVICE_TYPES: [&str; 8] = [
+pub const DEVICE_TYPES: [&str; 10] = [
     "virtio-blk-pci",
+    "virtio-scsi-pci",
+    "scsi-hd",
     "virtio-net-pci",
     "virtio-rng-pci",
     "virtio-balloon-pci",

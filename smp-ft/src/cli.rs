@@ -228,6 +228,7 @@ pub(crate) struct StandbyArgs {
     /// This standby's own storage for the VM's disks, in the primary's order (same count and
     /// sizes): a raw image or block device path, nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH. The initial copy writes it; checkpoints keep it current.
+    /// A disk the primary has on virtio-scsi is given here with the same ",bus=scsi[,lun=N]".
     #[arg(long = "disk", value_name = "SPEC")]
     pub(crate) disks: Vec<DiskSpec>,
     /// A disk as a graph of QEMU block nodes, as QEMU's -blockdev takes them (JSON or
@@ -378,8 +379,11 @@ pub(crate) struct RunArgs {
     /// (PATH,format=qcow2[,cache=none|writeback|unsafe|directsync][,discard=unmap], opened by
     /// qemu-storage-daemon), or an NBD export, nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH (qcow2, VMDK... through qemu-nbd; anything through
-    /// nbdkit). Append ",readonly" for a read-only disk. Protected, every write is mirrored to
-    /// the standby's own storage.
+    /// nbdkit). Append ",readonly" for a read-only disk. Append ",bus=scsi" to put it on the
+    /// VM's virtio-scsi controller (made for the first such disk; one target, the disks its
+    /// LUNs) instead of a virtio-blk of its own, at the lowest free LUN or ",lun=N" (0-255),
+    /// with ",write-cache=off" to flush every write before it completes. Protected, every write
+    /// is mirrored to the standby's own storage, whichever the bus.
     #[arg(long = "disk", value_name = "SPEC")]
     pub(crate) disks: Vec<DiskSpec>,
     /// A disk as a graph of QEMU block nodes, as QEMU's -blockdev takes them (JSON or
@@ -447,6 +451,7 @@ pub(crate) fn with_blockdevs(
             location: block::spec::Location::Path(g.filename.clone().unwrap_or_else(|| root.clone()).into()),
             readonly,
             graph: Some(block::spec::Graph { name: root, node: g.node, blockdevs: g.blockdevs, objects: g.objects }),
+            bus: Default::default(),
         });
     }
     Ok(disks)

@@ -46,6 +46,7 @@ pub fn daemon_disk(d: &Disk, g: &DiskGraph) -> DiskSpec {
             blockdevs: g.blockdevs.clone(),
             objects: g.objects.clone(),
         }),
+        bus: Default::default(),
     }
 }
 

@@ -56,6 +56,7 @@ fn config(launch: &Launch, standby: bool, taps: &mut NamedTaps) -> Result<VmConf
             spec.parse::<DiskSpec>().map_err(|e| format!("disk {}: {e}", d.id))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let disks = on_scsi(disks, launch.scsi.as_ref());
     let nets = launch
         .nics
         .iter()
@@ -93,6 +94,7 @@ fn config(launch: &Launch, standby: bool, taps: &mut NamedTaps) -> Result<VmConf
                 nets: launch.nics.iter().map(|n| n.slot).collect(),
                 balloon: launch.balloon.as_ref().and_then(|b| b.slot),
                 virtio_serial: launch.virtio_serial.as_ref().and_then(|v| v.slot),
+                scsi: launch.scsi.as_ref().and_then(|c| c.slot),
             },
             vmgenid: launch
                 .vmgenid
@@ -112,6 +114,17 @@ fn config(launch: &Launch, standby: bool, taps: &mut NamedTaps) -> Result<VmConf
         .no_shutdown(launch.no_shutdown)
         .build()
         .map_err(|e| crate::error_chain(&e))
+}
+
+/// The disks with those of the virtio-scsi controller (`scsi-hd`) put on its bus.
+fn on_scsi(mut disks: Vec<DiskSpec>, scsi: Option<&qemu_shim::argv::ScsiController>) -> Vec<DiskSpec> {
+    for u in scsi.map(|c| c.units.as_slice()).unwrap_or_default() {
+        if let Some(d) = disks.get_mut(u.disk) {
+            let unit = block::spec::ScsiUnit { lun: u.lun, write_cache: u.write_cache, device_id: u.device_id.clone() };
+            d.bus = block::spec::Bus::Scsi(unit);
+        }
+    }
+    disks
 }
 
 /// The virtio-serial ports, with their host sides (libvirt's listening sockets).

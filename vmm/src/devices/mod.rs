@@ -30,8 +30,10 @@ use super::memory::{GuestMemory, MemoryError};
 use super::net::{tap::Tap, Mac, NetSpec};
 use super::pci::PciBus;
 use super::virtio::balloon::{Balloon, BalloonSpec};
+use super::virtio::disk::DiskIo;
+use super::virtio::scsi::{Scsi, ScsiDisk};
 use super::virtio::{self, blk::Blk, console::Console as VirtioConsole, net::Net, rng::Rng, VirtioDevice, VirtioPci};
-use block::spec::DiskSpec;
+use block::spec::{Bus, DiskSpec};
 use block::Backend;
 pub use observer::DiskObserver;
 use observer::ObserverSlot;
@@ -99,8 +101,9 @@ impl DebugCon {
 pub struct DeviceConfig {
     /// A virtio-rng on the PCI bus.
     pub rng: bool,
-    /// A virtio-blk on the PCI bus for each (the storage differs between the two copies: only
-    /// the number of disks and their sizes must agree).
+    /// A virtio-blk on the PCI bus for each, or a LUN of the one virtio-scsi for those on that
+    /// bus (the storage differs between the two copies: only the number of disks, their sizes
+    /// and their buses must agree).
     pub disks: Vec<DiskSpec>,
     /// A virtio-net on the PCI bus for each (the taps differ between the two copies; the MAC
     /// travels with the VM's state).
@@ -128,6 +131,8 @@ pub struct PciSlots {
     pub nets: Vec<Option<u8>>,
     pub balloon: Option<u8>,
     pub virtio_serial: Option<u8>,
+    /// The virtio-scsi controller (its disks' entries in `disks` do not apply).
+    pub scsi: Option<u8>,
 }
 
 impl PciSlots {
@@ -138,6 +143,7 @@ impl PciSlots {
             "balloon" => self.balloon,
             "disk" => self.disks.get(i).copied().flatten(),
             "virtio-serial" => self.virtio_serial,
+            "virtio-scsi" => self.scsi,
             _ => self.nets.get(i).copied().flatten(),
         }
     }
@@ -149,6 +155,7 @@ impl PciSlots {
         let asked = rng.chain(self.disks.iter().enumerate().map(|(i, s)| ("disk", i, s)));
         let asked = asked.chain(self.nets.iter().enumerate().map(|(i, s)| ("net", i, s)));
         let asked = asked.chain(std::iter::once(("balloon", 0, &self.balloon)));
+        let asked = asked.chain(std::iter::once(("virtio-scsi", 0, &self.scsi)));
         for (kind, i, slot) in asked.chain(std::iter::once(("virtio-serial", 0, &self.virtio_serial))) {
             let Some(slot) = *slot else { continue };
             let name = names(kind, i);
@@ -173,7 +180,13 @@ impl DeviceConfig {
         if self.rng {
             names.push(format!("virtio-rng{}", at(self.slots.rng)));
         }
-        names.extend((0..self.disks.len()).map(|i| format!("virtio-blk{}", at(self.slots.get("disk", i)))));
+        let blk = self.disks.iter().enumerate().filter(|(_, d)| d.bus == Bus::VirtioBlk);
+        names.extend(blk.map(|(i, _)| format!("virtio-blk{}", at(self.slots.get("disk", i)))));
+        if let Some(luns) = scsi_luns(&self.disks) {
+            // The LUNs, and each disk's place among all the disks (the write log numbers them so).
+            let luns: Vec<String> = luns.iter().map(|(i, lun)| format!("{lun}:disk{i}")).collect();
+            names.push(format!("virtio-scsi{}({})", at(self.slots.scsi), luns.join(",")));
+        }
         names.extend((0..self.nets.len()).map(|i| format!("virtio-net{}", at(self.slots.get("net", i)))));
         if self.vmgenid.is_some() {
             names.push("vmgenid".into());
@@ -204,9 +217,12 @@ pub struct Devices {
     /// Where all externally visible output passes (held while the VM is protected).
     pub gate: Arc<gate::OutputGate>,
     pci: Arc<PciBus>,
-    /// The disks, in order, and who watches their changes.
-    disks: Vec<Arc<VirtioPci<Blk>>>,
+    /// The disks, in order, whichever device serves them, and who watches their changes.
+    disks: Vec<Arc<DiskIo>>,
     disk_observer: Arc<ObserverSlot>,
+    /// The virtio-blk devices, and the virtio-scsi controller if a disk is on it.
+    blks: Vec<Arc<VirtioPci<Blk>>>,
+    scsi: Option<Arc<VirtioPci<Scsi>>>,
     /// The NICs, in order.
     nets: Vec<Arc<VirtioPci<Net>>>,
     balloon: Option<Arc<VirtioPci<Balloon>>>,
@@ -248,6 +264,8 @@ pub enum DeviceError {
     Net(#[source] std::io::Error),
     #[error("virtio-serial: {0}")]
     Ports(String),
+    #[error("virtio-scsi: {0}")]
+    Scsi(String),
     #[error("cannot set up the virtio-serial device")]
     VirtioSerial(#[source] std::io::Error),
 }
@@ -283,6 +301,77 @@ fn add_virtio<D: VirtioDevice + 'static>(
     Ok(dev)
 }
 
+/// The VM's disks on their devices.
+struct DiskDevices {
+    /// Every disk, in order.
+    all: Vec<Arc<DiskIo>>,
+    blks: Vec<Arc<VirtioPci<Blk>>>,
+    scsi: Option<Arc<VirtioPci<Scsi>>>,
+}
+
+/// The disks on virtio-scsi, as (number among all the disks, LUN): the LUN asked for, else the
+/// lowest free one, in order. `None` if no disk is on that bus.
+fn scsi_luns(disks: &[DiskSpec]) -> Option<Vec<(usize, u16)>> {
+    let units: Vec<(usize, Option<u16>)> = disks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| match &d.bus {
+            Bus::Scsi(u) => Some((i, u.lun)),
+            Bus::VirtioBlk => None,
+        })
+        .collect();
+    if units.is_empty() {
+        return None;
+    }
+    let mut taken: Vec<u16> = units.iter().filter_map(|(_, lun)| *lun).collect();
+    let mut next_free = || {
+        let lun = (0..=u16::MAX).find(|l| !taken.contains(l)).unwrap_or(u16::MAX);
+        taken.push(lun);
+        lun
+    };
+    Some(units.iter().map(|&(i, lun)| (i, lun.unwrap_or_else(&mut next_free))).collect())
+}
+
+/// Puts each disk (`specs` with the storage opened for them) on its device: a virtio-blk of
+/// its own, or a LUN of the one virtio-scsi controller, made for the first such disk.
+fn add_disks<'r>(
+    pci: &mut PciBus,
+    (specs, disks): (&[DiskSpec], Vec<Arc<dyn Backend>>),
+    observer: &Arc<ObserverSlot>,
+    place: &dyn Fn(&str, usize) -> Place<'r>,
+    memory: &Arc<GuestMemory>,
+    irq: &Arc<Irq>,
+) -> Result<DiskDevices, DeviceError> {
+    let luns = scsi_luns(specs).unwrap_or_default();
+    let (mut all, mut blks, mut units) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, disk) in disks.into_iter().enumerate() {
+        let name = DISK_NAMES.get(i).copied().ok_or(DeviceError::TooManyDisks)?;
+        let Some(&(_, lun)) = luns.iter().find(|(d, _)| *d == i) else {
+            let dev =
+                add_virtio(pci, name, Blk::new(disk, i as u32, observer.clone(), name), place("disk", i), memory, irq)?;
+            all.push(dev.device().io().clone());
+            blks.push(dev);
+            continue;
+        };
+        let unit = match specs.get(i).map(|s| &s.bus) {
+            Some(Bus::Scsi(u)) => u.clone(),
+            _ => Default::default(),
+        };
+        let io = Arc::new(DiskIo::new(disk, i as u32, name, observer.clone()));
+        let serial = unit.device_id.unwrap_or_else(|| name.to_string());
+        units.push(ScsiDisk { io: io.clone(), lun, serial, write_cache: unit.write_cache });
+        all.push(io);
+    }
+    let scsi = match units.is_empty() {
+        true => None,
+        false => {
+            let dev = Scsi::new(units, observer.clone()).map_err(DeviceError::Scsi)?;
+            Some(add_virtio(pci, "virtio-scsi", dev, place("virtio-scsi", 0), memory, irq)?)
+        }
+    };
+    Ok(DiskDevices { all, blks, scsi })
+}
+
 impl Devices {
     /// The platform's devices: COM1, the PCI bus, and the optional devices `config` asks for,
     /// with `disks` the storage opened for `config.disks` and `taps` the taps for `config.nets`.
@@ -302,6 +391,7 @@ impl Devices {
             "rng" => "virtio-rng".to_string(),
             "balloon" => "virtio-balloon".to_string(),
             "virtio-serial" => "virtio-serial".to_string(),
+            "virtio-scsi" => "virtio-scsi".to_string(),
             "disk" => DISK_NAMES.get(i).map_or_else(|| format!("disk{i}"), |n| n.to_string()),
             _ => NET_NAMES.get(i).map_or_else(|| format!("net{i}"), |n| n.to_string()),
         };
@@ -312,14 +402,10 @@ impl Devices {
             on_pci.push(add_virtio(&mut pci, "virtio-rng", Rng, place("rng", 0), memory, irq)?);
         }
         let disk_observer = Arc::new(ObserverSlot::default());
-        let mut blks = Vec::new();
-        for (i, disk) in disks.into_iter().enumerate() {
-            let name = DISK_NAMES.get(i).copied().ok_or(DeviceError::TooManyDisks)?;
-            let blk = Blk::new(disk, i as u32, disk_observer.clone(), name);
-            let dev = add_virtio(&mut pci, name, blk, place("disk", i), memory, irq)?;
-            on_pci.push(dev.clone());
-            blks.push(dev);
-        }
+        let DiskDevices { all: all_disks, blks, scsi } =
+            add_disks(&mut pci, (&config.disks, disks), &disk_observer, &place, memory, irq)?;
+        on_pci.extend(blks.iter().map(|b| b.clone() as Arc<dyn Component>));
+        on_pci.extend(scsi.iter().map(|s| s.clone() as Arc<dyn Component>));
         let mut nets = Vec::new();
         for (i, (tap, spec)) in taps.into_iter().zip(&config.nets).enumerate() {
             let name = NET_NAMES.get(i).copied().ok_or(DeviceError::TooManyNets)?;
@@ -357,8 +443,10 @@ impl Devices {
             serial,
             gate,
             pci,
-            disks: blks,
+            disks: all_disks,
             disk_observer,
+            blks,
+            scsi,
             nets,
             balloon,
             virtio_serial,
@@ -400,12 +488,12 @@ impl Devices {
 
     /// What each disk has served, in order.
     pub fn disk_stats(&self) -> Vec<&super::virtio::blk::BlkStats> {
-        self.disks.iter().map(|d| d.device().stats()).collect()
+        self.disks.iter().map(|d| d.stats()).collect()
     }
 
     /// The disks' storage, in order.
     pub fn disk_backends(&self) -> Vec<Arc<dyn Backend>> {
-        self.disks.iter().map(|d| d.device().backend().clone()).collect()
+        self.disks.iter().map(|d| d.backend().clone()).collect()
     }
 
     /// Serves requests a disk left waiting (held by the disks' observer, or restored with
@@ -414,17 +502,20 @@ impl Devices {
         if self.disk_observer.hold() {
             return;
         }
-        for d in &self.disks {
+        for d in &self.blks {
             if d.device().take_deferred() {
                 d.process_queue(0);
             }
+        }
+        if let Some(s) = self.scsi.as_ref().filter(|s| s.device().deferral().take()) {
+            s.process_queue(virtio::scsi::REQUEST_QUEUE);
         }
     }
 
     /// Flushes every disk (the VM is ending), logging failures.
     pub fn flush_disks(&self) {
         for (i, d) in self.disks.iter().enumerate() {
-            if let Err(e) = d.device().backend().flush() {
+            if let Err(e) = d.backend().flush() {
                 tracing::error!("disk{i}: flushing at shutdown failed: {}", block::error_chain(&e));
             }
         }
@@ -433,8 +524,11 @@ impl Devices {
     /// After a restore: requests made available before the cut are served without waiting for
     /// a notification that already happened.
     pub fn disks_restored(&self) {
-        for d in &self.disks {
+        for d in &self.blks {
             d.device().defer();
+        }
+        if let Some(s) = &self.scsi {
+            s.device().deferral().set();
         }
     }
 
@@ -608,10 +702,17 @@ mod tests {
             nets: vec![Some(3)],
             balloon: Some(4),
             virtio_serial: Some(6),
+            scsi: Some(8),
         };
-        assert_eq!(slots.reserved(name).unwrap(), vec![9, 7, 3, 4, 6]);
-        let clash =
-            PciSlots { rng: None, disks: vec![Some(5)], nets: vec![Some(5)], balloon: None, virtio_serial: None };
+        assert_eq!(slots.reserved(name).unwrap(), vec![9, 7, 3, 4, 8, 6]);
+        let clash = PciSlots {
+            rng: None,
+            disks: vec![Some(5)],
+            nets: vec![Some(5)],
+            balloon: None,
+            virtio_serial: None,
+            scsi: None,
+        };
         let e = clash.reserved(name).unwrap_err().to_string();
         assert_eq!(e, "disk0 and net0 are both at PCI slot 0x5");
         for bad in [0, 32] {
@@ -638,5 +739,20 @@ mod tests {
         assert_eq!(e, "disk0 and balloon0 are both at PCI slot 0x7");
         c.slots.balloon = Some(3);
         assert_eq!(c.summary(), "virtio-rng@1e,virtio-blk@07,virtio-blk,vmgenid,virtio-balloon+free-page-reporting@03");
+    }
+
+    /// Disks on virtio-scsi share one controller: the LUN asked for, else the lowest free one;
+    /// the summary (which both copies of a pair must agree on) names each LUN's disk.
+    #[test]
+    fn scsi_disks_take_luns_and_show_in_the_summary() {
+        let disk = |s: &str| s.parse::<DiskSpec>().unwrap();
+        let disks = vec![disk("/a,bus=scsi,lun=1"), disk("/b"), disk("/c,bus=scsi"), disk("/d,bus=scsi")];
+        assert_eq!(scsi_luns(&disks), Some(vec![(0, 1), (2, 0), (3, 2)]));
+        assert_eq!(scsi_luns(&disks[1..2]), None);
+        let mut c = DeviceConfig { disks, ..Default::default() };
+        assert_eq!(c.summary(), "virtio-blk,virtio-scsi(1:disk0,0:disk2,2:disk3)");
+        c.slots.scsi = Some(5);
+        c.slots.disks = vec![None, Some(4), None, None];
+        assert_eq!(c.summary(), "virtio-blk@04,virtio-scsi@05(1:disk0,0:disk2,2:disk3)");
     }
 }

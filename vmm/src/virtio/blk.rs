@@ -4,19 +4,22 @@
 //! (IOERR, or UNSUPP for unknown types); a chain that breaks the rules marks the device
 //! NEEDS_RESET.
 //!
-//! Every request that changes the disk (or flushes it) is reported, once complete, to the VM's
-//! [`DiskObserver`](crate::devices::DiskObserver), if one is installed. While the observer holds the disks the device stops
-//! taking requests: they wait in the queue, and the VM owner serves them
-//! ([`Blk::take_deferred`]) once the observer lets go.
+//! The disk is reached through [`DiskIo`]: every request that changes the disk (or flushes it)
+//! is reported, once complete, to the VM's [`DiskObserver`](crate::devices::DiskObserver), if
+//! one is installed. While the observer holds the disks the device stops taking requests: they
+//! wait in the queue, and the VM owner serves them ([`Blk::take_deferred`]) once the observer
+//! lets go.
 
+use super::disk::{Deferral, DiskIo};
 use super::{serve_chains_while, VirtioDevice, VirtioError};
 use crate::devices::observer::ObserverSlot;
 use crate::memory::DeviceMemory;
-use block::{Backend, BackendError, Op};
+use block::Backend;
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::Queue;
+
+pub use super::disk::BlkStats;
 
 pub const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -44,27 +47,9 @@ const S_UNSUPP: u8 = 2;
 /// The device's configuration space (virtio 1.2 §5.2.4), as far as smpft fills it.
 const CONFIG_LEN: usize = 60;
 
-/// What a disk has served, for QMP's `query-blockstats` (not replicated: each copy counts its own).
-#[derive(Debug, Default)]
-pub struct BlkStats {
-    pub rd_bytes: AtomicU64,
-    pub wr_bytes: AtomicU64,
-    pub rd_ops: AtomicU64,
-    pub wr_ops: AtomicU64,
-    pub flush_ops: AtomicU64,
-    pub rd_ns: AtomicU64,
-    pub wr_ns: AtomicU64,
-    pub flush_ns: AtomicU64,
-}
-
 pub struct Blk {
-    disk: Arc<dyn Backend>,
-    stats: BlkStats,
-    /// This disk's number in the VM (as its observer knows it).
-    index: u32,
-    observer: Arc<ObserverSlot>,
-    /// Requests were left in the queue because the observer held the disks.
-    deferred: AtomicBool,
+    io: Arc<DiskIo>,
+    deferral: Deferral,
     /// The serial number GET_ID returns (at most 20 bytes).
     id: Vec<u8>,
 }
@@ -73,46 +58,39 @@ impl Blk {
     /// Disk number `index` of the VM, on `disk`, reporting its changes to the observer in
     /// `observer`.
     pub fn new(disk: Arc<dyn Backend>, index: u32, observer: Arc<ObserverSlot>, id: &str) -> Blk {
-        let id = id.as_bytes().iter().copied().take(20).collect();
-        Blk { disk, stats: BlkStats::default(), index, observer, deferred: AtomicBool::new(false), id }
+        let io = Arc::new(DiskIo::new(disk, index, id, observer.clone()));
+        Blk { io, deferral: Deferral::new(observer), id: id.as_bytes().iter().copied().take(20).collect() }
+    }
+
+    /// The disk as the VM's devices share it.
+    pub fn io(&self) -> &Arc<DiskIo> {
+        &self.io
     }
 
     pub fn stats(&self) -> &BlkStats {
-        &self.stats
-    }
-
-    fn count(&self, ops: &AtomicU64, bytes: Option<(&AtomicU64, u64)>, ns: &AtomicU64, since: std::time::Instant) {
-        ops.fetch_add(1, Ordering::Relaxed);
-        if let Some((b, n)) = bytes {
-            b.fetch_add(n, Ordering::Relaxed);
-        }
-        ns.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.io.stats()
     }
 
     /// The disk's storage.
     pub fn backend(&self) -> &Arc<dyn Backend> {
-        &self.disk
+        self.io.backend()
     }
 
     /// Whether requests were left waiting (and clears the mark): the caller serves the queue.
     pub fn take_deferred(&self) -> bool {
-        self.deferred.swap(false, Ordering::AcqRel)
+        self.deferral.take()
     }
 
     /// Asks for the queue to be served again (after a restore: requests the driver made
     /// available before the cut may have no notification coming).
     pub fn defer(&self) {
-        self.deferred.store(true, Ordering::Release);
-    }
-
-    fn record(&self, op: Op) {
-        self.observer.completed(self.index, op);
+        self.deferral.set();
     }
 
     fn config(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         let mut put = |at: usize, v: &[u8]| c[at..at + v.len()].copy_from_slice(v);
-        put(0, &(self.disk.size() / SECTOR).to_le_bytes()); // capacity
+        put(0, &(self.io.size() / SECTOR).to_le_bytes()); // capacity
         put(12, &((QUEUE_SIZE - 2) as u32).to_le_bytes()); // seg_max
         put(20, &(SECTOR as u32).to_le_bytes()); // blk_size
         put(34, &1u16.to_le_bytes()); // num_queues
@@ -136,25 +114,19 @@ impl Blk {
         lens: (usize, usize),
     ) -> (u8, u32) {
         let (body_len, out_len) = lens;
-        let ro = self.disk.readonly();
+        let ro = self.io.readonly();
         let range = |len: u64| {
             let at = sector.checked_mul(SECTOR)?;
-            (len % SECTOR == 0 && len <= MAX_REQUEST && at.checked_add(len)? <= self.disk.size()).then_some(at)
+            (len % SECTOR == 0 && len <= MAX_REQUEST && at.checked_add(len)? <= self.io.size()).then_some(at)
         };
+        let status = |r: Result<(), block::BackendError>| if r.is_ok() { S_OK } else { S_IOERR };
         match kind {
             T_IN => {
-                let len = out_len as u64;
-                let Some(at) = range(len) else { return (S_IOERR, 0) };
+                let Some(at) = range(out_len as u64) else { return (S_IOERR, 0) };
                 let mut buf = vec![0u8; out_len];
-                let t = std::time::Instant::now();
-                match self.disk.read_at(&mut buf, at) {
-                    Ok(()) if out.write_all(&buf).is_ok() => {
-                        let s = &self.stats;
-                        self.count(&s.rd_ops, Some((&s.rd_bytes, len)), &s.rd_ns, t);
-                        (S_OK, out_len as u32)
-                    }
-                    Ok(()) => (S_IOERR, 0),
-                    Err(e) => io_error("read", &e),
+                match self.io.read(&mut buf, at) {
+                    Ok(()) if out.write_all(&buf).is_ok() => (S_OK, out_len as u32),
+                    _ => (S_IOERR, 0),
                 }
             }
             T_OUT if ro => (S_IOERR, 0),
@@ -164,25 +136,9 @@ impl Blk {
                     return (S_IOERR, 0);
                 }
                 let Some(at) = range(data.len() as u64) else { return (S_IOERR, 0) };
-                let t = std::time::Instant::now();
-                match self.disk.write_at(&data, at) {
-                    Ok(()) => {
-                        let s = &self.stats;
-                        self.count(&s.wr_ops, Some((&s.wr_bytes, data.len() as u64)), &s.wr_ns, t);
-                        self.record(Op::Write { offset: at, data });
-                        (S_OK, 0)
-                    }
-                    Err(e) => io_error("write", &e),
-                }
+                (status(self.io.write(data, at)), 0)
             }
-            T_FLUSH => match (std::time::Instant::now(), self.disk.flush()) {
-                (t, Ok(())) => {
-                    self.count(&self.stats.flush_ops, None, &self.stats.flush_ns, t);
-                    self.record(Op::Flush);
-                    (S_OK, 0)
-                }
-                (_, Err(e)) => io_error("flush", &e),
-            },
+            T_FLUSH => (status(self.io.flush()), 0),
             T_GET_ID => {
                 let mut id = self.id.clone();
                 id.resize(20.min(out_len), 0);
@@ -192,55 +148,38 @@ impl Blk {
                 }
             }
             T_DISCARD | T_WRITE_ZEROES if ro => (S_IOERR, 0),
-            T_DISCARD | T_WRITE_ZEROES => {
-                let mut seg = [0u8; 16];
-                if body.read_exact(&mut seg).is_err() {
-                    return (S_IOERR, 0);
-                }
-                let first = u64::from_le_bytes(seg[..8].try_into().unwrap_or_default());
-                let count = u64::from(u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default()));
-                let Some(at) = first.checked_mul(SECTOR).filter(|_| count * SECTOR <= MAX_REQUEST) else {
-                    return (S_IOERR, 0);
-                };
-                let len = count * SECTOR;
-                if at.checked_add(len).is_none_or(|end| end > self.disk.size()) {
-                    return (S_IOERR, 0);
-                }
-                let (r, op) = if kind == T_DISCARD {
-                    (self.disk.discard(at, len), Op::Discard { offset: at, len })
-                } else {
-                    // VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: the range's storage may be freed.
-                    let unmap = seg[12] & 1 != 0;
-                    let r =
-                        if unmap { self.disk.write_zeroes_may_unmap(at, len) } else { self.disk.write_zeroes(at, len) };
-                    (r, Op::Zeroes { offset: at, len })
-                };
-                match r {
-                    Ok(()) => {
-                        self.record(op);
-                        (S_OK, 0)
-                    }
-                    Err(e) => io_error(if kind == T_DISCARD { "discard" } else { "write-zeroes" }, &e),
-                }
-            }
+            T_DISCARD | T_WRITE_ZEROES => (self.discard_or_zeroes(kind, body), 0),
             _ => (S_UNSUPP, 0),
         }
     }
-}
 
-/// The storage failed a request: the guest gets an I/O error, and the host a log line (rate
-/// limited: a dead NBD server fails every request).
-fn io_error(what: &str, e: &BackendError) -> (u8, u32) {
-    static FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = FAILURES.fetch_add(1, Ordering::Relaxed);
-    if n < 8 || n % 1000 == 0 {
-        tracing::error!(
-            "virtio-blk: {what} failed, the guest gets an I/O error: {} ({} failures so far)",
-            block::error_chain(e),
-            n + 1
-        );
+    /// DISCARD and WRITE_ZEROES: one segment (sector, count, flags).
+    fn discard_or_zeroes(&self, kind: u32, body: &mut dyn Read) -> u8 {
+        let mut seg = [0u8; 16];
+        if body.read_exact(&mut seg).is_err() {
+            return S_IOERR;
+        }
+        let first = u64::from_le_bytes(seg[..8].try_into().unwrap_or_default());
+        let count = u64::from(u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default()));
+        let Some(at) = first.checked_mul(SECTOR).filter(|_| count * SECTOR <= MAX_REQUEST) else {
+            return S_IOERR;
+        };
+        let len = count * SECTOR;
+        if at.checked_add(len).is_none_or(|end| end > self.io.size()) {
+            return S_IOERR;
+        }
+        let r = if kind == T_DISCARD {
+            self.io.discard(at, len)
+        } else {
+            // VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: the range's storage may be freed.
+            self.io.write_zeroes(at, len, seg[12] & 1 != 0)
+        };
+        if r.is_ok() {
+            S_OK
+        } else {
+            S_IOERR
+        }
     }
-    (S_IOERR, 0)
 }
 
 impl VirtioDevice for Blk {
@@ -249,7 +188,7 @@ impl VirtioDevice for Blk {
     }
 
     fn features(&self) -> u64 {
-        let ro = if self.disk.readonly() { F_RO } else { 0 };
+        let ro = if self.io.readonly() { F_RO } else { 0 };
         F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES | ro
     }
 
@@ -258,38 +197,33 @@ impl VirtioDevice for Blk {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.config();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = c.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config(), offset, data);
     }
 
     fn process(&self, _index: usize, queue: &mut Queue, mem: &DeviceMemory) -> Result<bool, VirtioError> {
-        let more = || {
-            let hold = self.observer.hold();
-            if hold {
-                self.deferred.store(true, Ordering::Release);
-            }
-            !hold
-        };
-        serve_chains_while(queue, mem, more, |chain| {
-            let head = chain.head_index();
-            let buffer = |why: String| VirtioError::Buffer { head, why };
-            let mut reader = chain.clone().reader(&**mem).map_err(|e| buffer(e.to_string()))?;
-            let mut writer = chain.writer(&**mem).map_err(|e| buffer(e.to_string()))?;
-            let mut header = [0u8; 16];
-            if reader.read_exact(&mut header).is_err() || writer.available_bytes() == 0 {
-                return Err(buffer("no request header or no status byte".into()));
-            }
-            let kind = u32::from_le_bytes(header[..4].try_into().unwrap_or_default());
-            let sector = u64::from_le_bytes(header[8..].try_into().unwrap_or_default());
-            // The last writable byte is the status; everything before it is the data.
-            let out_len = writer.available_bytes() - 1;
-            let mut status_byte = writer.split_at(out_len).map_err(|e| buffer(e.to_string()))?;
-            let body_len = reader.available_bytes();
-            let (status, written) = self.serve(kind, sector, &mut reader, &mut writer, (body_len, out_len));
-            status_byte.write_all(&[status]).map_err(|e| buffer(e.to_string()))?;
-            Ok(written + 1)
-        })
+        serve_chains_while(
+            queue,
+            mem,
+            || self.deferral.more(),
+            |chain| {
+                let head = chain.head_index();
+                let buffer = |why: String| VirtioError::Buffer { head, why };
+                let mut reader = chain.clone().reader(&**mem).map_err(|e| buffer(e.to_string()))?;
+                let mut writer = chain.writer(&**mem).map_err(|e| buffer(e.to_string()))?;
+                let mut header = [0u8; 16];
+                if reader.read_exact(&mut header).is_err() || writer.available_bytes() == 0 {
+                    return Err(buffer("no request header or no status byte".into()));
+                }
+                let kind = u32::from_le_bytes(header[..4].try_into().unwrap_or_default());
+                let sector = u64::from_le_bytes(header[8..].try_into().unwrap_or_default());
+                // The last writable byte is the status; everything before it is the data.
+                let out_len = writer.available_bytes() - 1;
+                let mut status_byte = writer.split_at(out_len).map_err(|e| buffer(e.to_string()))?;
+                let body_len = reader.available_bytes();
+                let (status, written) = self.serve(kind, sector, &mut reader, &mut writer, (body_len, out_len));
+                status_byte.write_all(&[status]).map_err(|e| buffer(e.to_string()))?;
+                Ok(written + 1)
+            },
+        )
     }
 }

@@ -19,8 +19,10 @@
 pub mod balloon;
 pub mod blk;
 pub mod console;
+pub mod disk;
 pub mod net;
 pub mod rng;
+pub mod scsi;
 
 use super::component::{self, Component, ComponentError};
 use super::irq::Irq;
@@ -118,6 +120,13 @@ pub trait VirtioDevice: Send + Sync {
     fn restore(&self, state: &[u8]) -> Result<(), String> {
         let _ = state;
         Ok(())
+    }
+}
+
+/// Reads `data.len()` bytes at `offset` of a device configuration `cfg` (zeroes past its end).
+pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset).ok().and_then(|o| cfg.get(o.checked_add(i)?)).copied().unwrap_or(0);
     }
 }
 

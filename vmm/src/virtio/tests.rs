@@ -71,6 +71,16 @@ impl<D: VirtioDevice> Driver<D> {
         self.avail_idx = 0;
     }
 
+    /// Sets up queue `q` with `size` entries and its rings at (descriptors, available, used).
+    fn setup_queue(&self, q: usize, size: u16, (desc, avail, used): (u64, u64, u64)) {
+        self.w(0x16, q as u64, 2);
+        self.w(0x18, u64::from(size), 2);
+        self.w(0x20, desc, 8);
+        self.w(0x28, avail, 8);
+        self.w(0x30, used, 8);
+        self.w(0x1c, 1, 2);
+    }
+
     fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let at = DESC + 16 * u64::from(i);
         self.mem.write(at, &addr.to_le_bytes()).unwrap();
@@ -108,6 +118,8 @@ const NEXT: u16 = 1;
 mod balloon;
 mod console;
 mod net;
+mod scsi;
+mod scsi_cdb;
 
 #[test]
 fn entropy_reaches_guest_buffers_and_marks_them_dirty() {

@@ -62,13 +62,7 @@ impl B {
         self.w(0x14, 1 | 2 | 8, 1);
         assert_eq!(self.status() & 8, 8, "FEATURES_OK accepted for {features:#x}");
         for q in 0..queues {
-            let (desc, avail, used) = ring(q);
-            self.w(0x16, q as u64, 2);
-            self.w(0x18, u64::from(QSIZE), 2);
-            self.w(0x20, desc, 8);
-            self.w(0x28, avail, 8);
-            self.w(0x30, used, 8);
-            self.w(0x1c, 1, 2);
+            self.d.setup_queue(q, QSIZE, ring(q));
         }
         self.w(0x14, 1 | 2 | 4 | 8, 1);
     }

@@ -48,14 +48,8 @@ impl NetDriver {
         d.w(0x08, 1, 4);
         d.w(0x0c, 1, 4);
         d.w(0x14, 1 | 2 | 8, 1);
-        for (q, desc, avail, used) in [(0, DESC, AVAIL, USED), (1, DESC1, AVAIL1, USED1)] {
-            d.w(0x16, q, 2);
-            d.w(0x18, u64::from(SIZE), 2);
-            d.w(0x20, desc, 8);
-            d.w(0x28, avail, 8);
-            d.w(0x30, used, 8);
-            d.w(0x1c, 1, 2);
-        }
+        d.setup_queue(0, SIZE, (DESC, AVAIL, USED));
+        d.setup_queue(1, SIZE, (DESC1, AVAIL1, USED1));
         d.w(0x14, 1 | 2 | 4 | 8, 1);
         NetDriver { d, gate, wire, tx_idx: 0 }
     }
