@@ -124,8 +124,14 @@ impl Node {
 
     /// Starts the line as qm does: `kvm ARGS` with `-daemonize`, waiting for the parent.
     fn start(&self, args: &[String]) -> std::process::Output {
+        self.start_with(args, &[])
+    }
+
+    /// As [`Node::start`], with more environment (where the hookscript left FT settings).
+    fn start_with(&self, args: &[String], env: &[(&str, String)]) -> std::process::Output {
         Command::new(&self.kvm)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("SMPFT_LOG", "info")
             .env("SMPFT_DAEMON_LOG", self.log())
             .stdin(Stdio::null())
@@ -139,6 +145,16 @@ impl Node {
 
     fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    /// A daemonized VM is no child of the test: one a failed test left running is ended here.
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid().filter(|p| alive(*p)) {
+            // SAFETY: SIGKILL to the VM this node's pidfile names, which this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 
@@ -253,7 +269,9 @@ fn qms_command_lines_start_and_are_driven_as_qm_drives_them() {
         let eventd = Qmeventd::listen(&node.dir.join("qmeventd.sock"));
         let tap = format!("tap{}i0", std::process::id() % 100_000);
         let disk = qcow2(&node.dir);
-        let out = node.start(&node.line(cmd, &tap, &disk, GUEST));
+        // The disk workload runs on the disk qm gave: virtio-scsi (qm's default) or virtio-blk.
+        let guest = if cmd.contains("scsi-hd") { format!("{GUEST} disk-bus=scsi") } else { GUEST.to_string() };
+        let out = node.start(&node.line(cmd, &tap, &disk, &guest));
         let context = || format!("{name}:\n{}\n{}", stderr(&out), node.daemon_log());
         assert!(out.status.success(), "the parent exits 0 once the VM runs: {}", context());
         assert!(out.stdout.is_empty(), "{name}: nothing on stdout: {:?}", String::from_utf8_lossy(&out.stdout));
@@ -401,7 +419,8 @@ fn an_ft_pair_set_up_the_proxmox_way_fails_over() {
     )
     .unwrap();
     // qm's command line (node A's paths, which node B has as its own), with a serial port.
-    let tap = format!("tap{id}i0");
+    // The tap qm names for VM 8006's net0: node B's standby finds the bridge by it.
+    let tap = "tap8006i0".to_string();
     let disk = qcow2(&a.dir);
     qcow2(&b);
     std::fs::write(b.join("guest.elf"), smp_ft::guest::BUILTIN).unwrap();
@@ -456,7 +475,7 @@ fn an_ft_pair_set_up_the_proxmox_way_fails_over() {
     wait_until(later(|| format!("the standby never listened: {}", context())), Duration::from_secs(20), || {
         accepts_connections(&standby_qmp)
     });
-    let out = a.start(&line);
+    let out = a.start_with(&line, &env("nodeA"));
     assert!(out.status.success(), "node A's VM starts: {}\n{}", stderr(&out), context());
     let primary = a.pid().unwrap();
     wait_until(later(|| format!("never protected: {}", context())), Duration::from_secs(30), || {

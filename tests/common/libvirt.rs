@@ -208,6 +208,8 @@ impl Bridge {
         ip(&["link", "add", "name", &b.bridge, "type", "bridge"]);
         ip(&["link", "set", "dev", &b.bridge, "up"]);
         let port = format!("smpftcl{id}");
+        // A namespace just deleted may leave its veth's other end behind for a moment.
+        let _ = Command::new("ip").args(["link", "del", &port]).stderr(Stdio::null()).status();
         ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &b.ns]);
         ip(&["link", "set", "dev", &port, "master", &b.bridge, "up"]);
         ip(&["-n", &b.ns, "addr", "add", "203.0.113.1/24", "dev", "eth0"]);
