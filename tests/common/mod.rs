@@ -171,8 +171,9 @@ impl Qmp {
     /// Sends a raw line and returns the next non-event reply.
     pub fn raw(&mut self, line: &str) -> serde_json::Value {
         use std::io::Write;
-        self.writer.write_all(line.as_bytes()).unwrap();
-        self.writer.write_all(b"\n").unwrap();
+        // One write: the server takes a command as soon as its JSON is complete, and after
+        // `quit` it may be gone before a second write.
+        self.writer.write_all(format!("{line}\n").as_bytes()).unwrap();
         loop {
             let v = self.read();
             if v.get("event").is_some() {
