@@ -1,7 +1,8 @@
 //! Disks on virtio-scsi end to end: the test guest's virtio-scsi driver scans the controller
 //! (REPORT LUNS, INQUIRY, READ CAPACITY(16)) and runs the disk workload on its first LUN
 //! (READ(16), WRITE(16), SYNCHRONIZE CACHE), unprotected and through SIGKILL failovers; the
-//! writes go through the same write log to the standby as virtio-blk's.
+//! writes go through the same write log to the standby as virtio-blk's; and Proxmox's command
+//! line for it through the QEMU persona.
 
 mod common;
 
@@ -119,6 +120,53 @@ fn scsi_and_blk_disks_side_by_side() {
         assert_eq!(written, verified(&p.console()), "{bus}: the workload wrote its own disk");
     }
     assert!(VmPaths::new(&dir, "scsi").console().contains("the disk workload uses LUN 4"));
+}
+
+/// Proxmox VE 8's command line for a virtio-scsi disk, as qm writes it (the controller at slot
+/// 5, a qcow2 drive qemu-storage-daemon opens, the scsi-hd on it), through the QEMU persona:
+/// the guest finds the controller where qm put it and its disk workload passes, and the image,
+/// read back by qemu-img, holds unit by unit what the guest verified.
+#[test]
+fn proxmox_virtio_scsi_through_the_qemu_persona() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let dir = common::scratch("scsi-proxmox");
+    let img = dir.join("vm-8006-disk-0.qcow2");
+    let qemu_img = |args: &[&str]| {
+        let o = std::process::Command::new("qemu-img").args(args).output().expect("qemu-img (scripts/setup)");
+        assert!(o.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
+    let guest = dir.join("guest.elf");
+    std::fs::write(&guest, smp_ft::guest::BUILTIN).unwrap();
+    let drive = format!(
+        "file={},if=none,id=drive-scsi0,discard=on,format=qcow2,cache=none,aio=io_uring,detect-zeroes=unmap",
+        img.display()
+    );
+    let p = VmPaths::new(&dir, "pve8");
+    let c = common::smpft()
+        .env("SMPFT_LOG", "info")
+        .args(["qemu", "--", "-m", "128", "-smp", "2", "-kernel", guest.to_str().unwrap()])
+        .args(["-append", "disk disk-bus=scsi flush-every=8 duration=3s", "-drive", &drive])
+        .args(["-device", "virtio-scsi-pci,id=scsihw0,bus=pci.0,addr=0x5"])
+        .args([
+            "-device",
+            "scsi-hd,bus=scsihw0.0,channel=0,scsi-id=0,lun=0,drive=drive-scsi0,id=scsi0,bootindex=100,write-cache=on",
+        ])
+        .args(["-serial", "null"])
+        .stderr(std::fs::File::create(p.console.with_extension("log")).unwrap())
+        .stdout(std::fs::File::create(&p.console).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(Proc::new(c), Duration::from_secs(60));
+    let out = format!("{}{}", p.console(), log(&p));
+    assert_eq!(status.code(), Some(0), "the guest's disk check\n{out}");
+    assert!(out.contains("qemu-storage-daemon serves the disks"), "{out}");
+    assert!(out.contains("00:05.0 [1af4:1048]"), "the controller is where qm put it\n{out}");
+    let raw = dir.join("back.raw");
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw", img.to_str().unwrap(), raw.to_str().unwrap()]);
+    let written = units_written(&raw).unwrap_or_else(|e| panic!("{e}\n{out}"));
+    assert!(written > 0 && written == verified(&out), "the image holds what the guest verified ({written} units)");
 }
 
 fn side<'a>(setup: &'a FtSetup, primary: bool) -> Side<'a> {

@@ -198,8 +198,11 @@ impl Options {
         };
         if !scsi {
             return match (&self.lun, &self.write_cache) {
+                (Some(l), _) => Err(SpecError::Value(format!("lun={l}"), "applies only to a disk with bus=scsi")),
+                (_, Some(w)) => {
+                    Err(SpecError::Value(format!("write-cache={w}"), "applies only to a disk with bus=scsi"))
+                }
                 (None, None) => Ok(Bus::VirtioBlk),
-                _ => Err(SpecError::Value("lun=/write-cache=".into(), "apply to a disk with bus=scsi")),
             };
         }
         let lun = match self.lun.as_deref() {
@@ -362,7 +365,8 @@ mod tests {
             ("/a/d,bus=ide", "bus is virtio or scsi"),
             ("/a/d,bus=scsi,lun=256", "a LUN is 0 to 255"),
             ("/a/d,bus=scsi,lun=x", "a LUN is 0 to 255"),
-            ("/a/d,lun=1", "apply to a disk with bus=scsi"),
+            ("/a/d,lun=1", "applies only to a disk with bus=scsi"),
+            ("/a/d,write-cache=off", "applies only to a disk with bus=scsi"),
             ("/a/d,bus=scsi,write-cache=maybe", "write-cache is on or off"),
         ] {
             assert!(matches!(p(bad), Err(SpecError::Value(_, w)) if w == why), "{bad}: {:?}", p(bad));

@@ -536,6 +536,7 @@ impl Parser {
         for d in std::mem::take(&mut self.devices) {
             self.device(&d)?;
         }
+        self.scsi_without_disks();
         crate::platform::finish(&mut self.launch);
         self.launch.disk_nodes =
             self.launch.disks.iter().map(|d| crate::platform::block_chain(&self.blockdevs, &d.node)).collect();

@@ -91,6 +91,19 @@ impl Parser {
     }
 }
 
+impl Parser {
+    /// A controller no `scsi-hd` is on is left out of the VM (smpft makes the controller for
+    /// its first disk), with one warning line.
+    pub(super) fn scsi_without_disks(&mut self) {
+        if let Some(c) = self.launch.scsi.take_if(|c| c.units.is_empty()) {
+            self.launch.left_out.push(format!(
+                "{}: a virtio-scsi-pci controller without disks is left out (smpft's controller comes with its first scsi-hd)",
+                c.id
+            ));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::argv::{parse, ScsiController, ScsiHd};
@@ -136,6 +149,10 @@ mod tests {
         assert_eq!(l.disks.iter().map(|d| d.source.as_str()).collect::<Vec<_>>(), ["/d0.raw", "/d1.raw"]);
         assert_eq!(l.disks[0].slot, None, "the controller has the slot");
         assert_eq!(l.boot_disk, Some(0));
+        assert!(l.left_out.is_empty(), "{:?}", l.left_out);
+        let empty = parse(&args(&["-device", CONTROLLER])).unwrap();
+        assert_eq!(empty.scsi, None, "a controller without disks is left out");
+        assert!(empty.left_out.iter().any(|w| w.starts_with("scsihw0: a virtio-scsi-pci controller without disks")));
     }
 
     #[test]
@@ -149,6 +166,7 @@ mod tests {
             (vec![CONTROLLER, "scsi-hd,bus=scsihw0.0,lun=300,drive=drive-scsi0,id=scsi0"], "lun=300"),
             (vec![CONTROLLER, "scsi-hd,bus=scsihw0.0,write-cache=x,drive=drive-scsi0,id=scsi0"], "write-cache=x"),
             (vec![CONTROLLER, "scsi-hd,bus=scsihw0.0,drive=nothing,id=scsi0"], "no -blockdev 'nothing'"),
+            (vec![CONTROLLER, "scsi-cd,bus=scsihw0.0,id=scsi1"], "device 'scsi-cd' is not supported"),
         ] {
             let devices: Vec<&str> = extra.iter().flat_map(|d| ["-device", d]).collect();
             let e = parse(&args(&devices)).unwrap_err().0;

@@ -1,8 +1,9 @@
 //! The hook through which a layer above the VMM watches the disks' changes: every write,
-//! write-zeroes, discard and flush a virtio-blk device completes is reported, with the disk's
-//! number, to the [`DiskObserver`] installed on the VM's devices, which may also hold the disks'
-//! requests for a while (they wait in their queues, and [`super::Devices::kick_disks`] serves them
-//! once the observer lets go). Without an observer the disks just serve their requests.
+//! write-zeroes, discard and flush a disk completes (on virtio-blk or virtio-scsi alike, through
+//! [`crate::virtio::disk::DiskIo`]) is reported, with the disk's number, to the [`DiskObserver`]
+//! installed on the VM's devices, which may also hold the disks' requests for a while (they wait
+//! in their queues, and [`super::Devices::kick_disks`] serves them once the observer lets go).
+//! Without an observer the disks just serve their requests.
 
 use block::Op;
 use std::any::Any;

@@ -17,7 +17,7 @@
 //! | 0x35/0x91   | SYNCHRONIZE CACHE(10) / (16)   | flushes the disk                                |
 //! | 0x41/0x93   | WRITE SAME(10) / (16)          | write-zeroes (UNMAP: may unmap), or a pattern   |
 //! | 0x42        | UNMAP                          | discard                                         |
-//! | 0x9e/0x10   | READ CAPACITY(16)              | with LBPME (the disk can unmap)                 |
+//! | 0x9e/0x10   | READ CAPACITY(16)              | with LBPME and LBPRZ (unmapped reads as zeroes) |
 //! | 0xa0        | REPORT LUNS                    | the target's LUNs (at any LUN address)          |
 //!
 //! Anything else ends in CHECK CONDITION with ILLEGAL REQUEST / INVALID COMMAND OPERATION CODE;
@@ -279,7 +279,7 @@ impl Lun {
         d[..8].copy_from_slice(&self.blocks().saturating_sub(1).to_be_bytes());
         d[8..12].copy_from_slice(&(BLOCK as u32).to_be_bytes());
         if self.can_unmap() {
-            d[14] = 0x80; // LBPME: UNMAP and WRITE SAME's UNMAP bit work
+            d[14] = 0x80 | 0x40; // LBPME: UNMAP and WRITE SAME's UNMAP work; LBPRZ: unmapped reads 0
         }
         Reply::data_cut(d, be(cdb, 10, 4) as usize)
     }

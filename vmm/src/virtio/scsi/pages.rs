@@ -74,11 +74,11 @@ impl Lun {
     }
 
     /// VPD 0xb2, logical block provisioning: UNMAP and WRITE SAME(16/10) with UNMAP work on a
-    /// writable disk; unmapped blocks are not promised to read as zeroes (an NBD server's
-    /// trim need not zero).
+    /// writable disk, and unmapped blocks read as zeroes (every backend's discard leaves
+    /// zeroes, so the two copies of a protected disk stay identical).
     fn provisioning(&self) -> [u8; 4] {
         if self.can_unmap() {
-            [0, 0x80 | 0x40 | 0x20, 0x02, 0] // LBPU, LBPWS, LBPWS10; thin provisioned
+            [0, 0x80 | 0x40 | 0x20 | 0x04, 0x02, 0] // LBPU, LBPWS, LBPWS10, LBPRZ; thin provisioned
         } else {
             [0; 4]
         }

@@ -124,7 +124,7 @@ fn inquiry_standard_data_and_vpd_pages() {
     assert!(be32(&limits, 24) >= 1, "unmap block descriptors");
     assert_eq!(u64::from_be_bytes(limits[36..44].try_into().unwrap()), u64::from(MAX_BLOCKS), "write same");
     assert_eq!(vpd(0xb1).data.len(), 64, "block device characteristics");
-    assert_eq!(vpd(0xb2).data[5] & 0xe0, 0xe0, "LBPU, LBPWS, LBPWS10");
+    assert_eq!(vpd(0xb2).data[5] & 0xe4, 0xe4, "LBPU, LBPWS, LBPWS10, LBPRZ");
 
     check(&vpd(0x89), Sense::INVALID_FIELD, "a VPD page the disk does not have");
     check(&b.run(&cdb(&[0x12, 0, 0x80, 0, 96, 0]), &[], 96), Sense::INVALID_FIELD, "a page code without EVPD");
@@ -142,7 +142,7 @@ fn read_capacity_10_and_16() {
     good(&r, "READ CAPACITY(16)");
     assert_eq!(u64::from_be_bytes(r.data[..8].try_into().unwrap()), BLOCKS - 1);
     assert_eq!(u32::from_be_bytes(r.data[8..12].try_into().unwrap()), 512);
-    assert_eq!(r.data[14] & 0x80, 0x80, "LBPME: the disk can unmap");
+    assert_eq!(r.data[14] & 0xc0, 0xc0, "LBPME: the disk can unmap; LBPRZ: unmapped blocks read as zeroes");
     let r = b.run(&cdb(&[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12]), &[], 32);
     assert_eq!(r.data.len(), 12, "cut to the allocation length");
     check(&b.run(&cdb(&[0x9e, 0x11]), &[], 32), Sense::INVALID_FIELD, "another service action");
