@@ -320,14 +320,20 @@ fn qm_status_verbose(qmp: &Path, name: &str) {
     assert_eq!(support["pbs-dirty-bitmap"], false, "{name}: no PBS dirty bitmaps: {support}");
     let machines = qm_ok(qmp, "query-machines", None);
     assert!(machines.as_array().is_some_and(|m| !m.is_empty()), "{name}: {machines}");
+    // qm maps each entry's qdev back to its drive (scsi0, virtio0).
     let stats = qm_ok(qmp, "query-blockstats", None);
-    assert!(stats.as_array().is_some_and(|s| !s.is_empty()), "{name}: {stats}");
+    let qdev = stats[0]["qdev"].as_str().unwrap_or_default().to_string();
+    let drive = qdev.trim_start_matches("/machine/peripheral/").trim_end_matches("/virtio-backend");
+    let want = if name.contains("virtio-blk") { "virtio0" } else { "scsi0" };
+    assert_eq!(drive, want, "{name}: {stats}");
     let cpus = qm_ok(qmp, "query-cpus-fast", None);
     assert_eq!(cpus.as_array().map(Vec::len), Some(3), "{name}: {cpus}");
     let balloon = qm_ok(qmp, "query-balloon", None);
     assert_eq!(balloon["actual"], json!(768u64 << 20), "{name}: {balloon}");
     let pci = qm_ok(qmp, "query-pci", None);
     assert!(pci.to_string().contains("\"net0\""), "{name}: query-pci names the NIC: {pci}");
+    let controller = if name.contains("virtio-blk") { "\"virtio0\"" } else { "\"scsihw0\"" };
+    assert!(pci.to_string().contains(controller), "{name}: query-pci names the disk's device: {pci}");
     qm_ok(
         qmp,
         "qom-set",

@@ -251,7 +251,7 @@ pub fn run(launch: Launch) -> Result<ExitCode, String> {
     let answers = Answers {
         serial_label: launch.serial_label.clone(),
         devices: launch.device_ids.clone(),
-        disks: launch.disks.iter().map(|d| (d.id.clone(), d.node.clone())).collect(),
+        disks: launch.disks.iter().enumerate().map(|(i, d)| (qdev(&launch, i), d.node.clone())).collect(),
         block: launch
             .disks
             .iter()
@@ -298,11 +298,21 @@ fn primary(
     crate::serve(Runner::new(running, qmp, ft).with_extension(Box::new(answers)), None).map_err(|e| err(&e))
 }
 
+/// Disk `i`'s device as QOM names it: a virtio-blk's backend, or the `scsi-hd` itself (qm maps
+/// either back to its drive).
+fn qdev(launch: &Launch, i: usize) -> String {
+    let id = &launch.disks[i].id;
+    match launch.scsi.as_ref().is_some_and(|c| c.units.iter().any(|u| u.disk == i)) {
+        true => format!("/machine/peripheral/{id}"),
+        false => format!("/machine/peripheral/{id}/virtio-backend"),
+    }
+}
+
 /// libvirt's questions about a domain.
 pub struct Answers {
     serial_label: Option<String>,
     devices: Vec<(String, String)>,
-    /// Each disk's device id and block node, in order.
+    /// Each disk's device (its QOM path, as `query-blockstats` names it) and block node, in order.
     disks: Vec<(String, String)>,
     /// Each disk with its block nodes, in order (`query-block`, `query-named-block-nodes`).
     block: Vec<BlockDisk>,
@@ -380,7 +390,7 @@ impl Answers {
                 .map(|((id, node), s)| {
                     json!({
                         "device": "",
-                        "qdev": format!("/machine/peripheral/{id}/virtio-backend"),
+                        "qdev": id,
                         "node-name": node,
                         "stats": {
                             "rd_bytes": s.rd_bytes.load(Relaxed), "wr_bytes": s.wr_bytes.load(Relaxed),

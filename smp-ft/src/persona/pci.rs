@@ -17,6 +17,9 @@ pub fn device_ids(launch: &Launch) -> Vec<(String, String)> {
     let mut v = Vec::new();
     v.extend(launch.disks.iter().enumerate().map(|(i, d)| (format!("disk{i}"), d.id.clone())));
     v.extend(launch.nics.iter().enumerate().map(|(i, n)| (format!("net{i}"), n.id.clone())));
+    if let Some(c) = &launch.scsi {
+        v.push(("virtio-scsi".into(), c.id.clone()));
+    }
     if let Some(b) = &launch.balloon {
         v.push(("virtio-balloon".into(), b.id.clone()));
     }
