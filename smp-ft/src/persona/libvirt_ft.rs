@@ -12,6 +12,9 @@
 //!     <smpft:tiebreak>/shared/vm1.tiebreak</smpft:tiebreak>
 //!     <smpft:identity>/etc/smpft/host-a</smpft:identity>
 //!     <smpft:peer-cert>/etc/smpft/host-b.pem</smpft:peer-cert>
+//!     <!-- or, with certificates from the site CA: -->
+//!     <smpft:ca>/etc/smpft/ca.pem</smpft:ca>
+//!     <smpft:peer-name>host-b</smpft:peer-name>
 //!     <smpft:metrics>127.0.0.1:9740</smpft:metrics>     <!-- optional: Prometheus endpoint -->
 //!     <smpft:on-event>/etc/smpft/page</smpft:on-event>  <!-- optional: run on FT changes -->
 //!     <smpft:on-event-timeout>10s</smpft:on-event-timeout>
@@ -53,7 +56,11 @@ impl Settings {
                 Err(format!("smpft FT metadata lacks <{}>", missing.join(">, <")))
             }
         };
-        need(&["role", "tiebreak", "identity", "peer-cert"])?;
+        need(&["role", "tiebreak", "identity"])?;
+        if self.get("peer-cert").is_none() {
+            // Trusted through the site CA instead: its certificate and the peer's name.
+            need(&["ca", "peer-name"]).map_err(|e| format!("{e} (or <peer-cert>)"))?;
+        }
         match self.get("role") {
             Some("primary") => need(&["peer"]),
             Some("standby") => need(&["listen"]),
