@@ -74,6 +74,10 @@ pub(crate) enum Command {
     /// checkpoint, time protected, output hold p99), from the QMP sockets copies register in
     /// the runtime directory ($SMPFT_RUNTIME_DIR, else /run/smpft/qmp), or those named.
     Status(crate::ops::StatusArgs),
+    /// Fault tolerance for libvirt domains in one command: protect a running domain onto
+    /// another host, unprotect it, list the protected domains.
+    #[command(subcommand)]
+    Libvirt(crate::libvirt::LibvirtCommand),
     /// Check a chain of snapshot files (a full one, then its increments) and describe them.
     SnapshotInfo {
         /// Snapshot files, full snapshot first.

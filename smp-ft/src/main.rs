@@ -2,6 +2,7 @@
 
 mod cli;
 mod demo;
+mod libvirt;
 mod lifecycle;
 mod ops;
 mod persona;
@@ -269,6 +270,7 @@ fn main() -> ExitCode {
         Command::Standby(args) => standby(args),
         Command::SnapshotInfo { files } => snapshot_info(&files),
         Command::Status(args) => ops::status(&args),
+        Command::Libvirt(cmd) => libvirt::run(&cmd).map(|()| ExitCode::SUCCESS).map_err(CliError::Usage),
         Command::LibvirtHook { args } => {
             let mut xml = String::new();
             let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml);

@@ -18,6 +18,8 @@
 //!     <smpft:metrics>127.0.0.1:9740</smpft:metrics>     <!-- optional: Prometheus endpoint -->
 //!     <smpft:on-event>/etc/smpft/page</smpft:on-event>  <!-- optional: run on FT changes -->
 //!     <smpft:on-event-timeout>10s</smpft:on-event-timeout>
+//!     <smpft:standby-uri>qemu+ssh://host-b/system</smpft:standby-uri> <!-- primary: where
+//!                                                            `smpft libvirt protect` put its standby -->
 //!   </smpft:ft>
 //! </metadata>
 //! ```
@@ -95,7 +97,8 @@ pub fn from_domain_xml(xml: &str) -> Result<Option<Settings>, String> {
                     in_ft = true;
                     found = true;
                 } else if ours && in_ft {
-                    let operators = crate::ops::LIBVIRT_KEYS.contains(&local.as_str());
+                    let operators =
+                        crate::ops::LIBVIRT_KEYS.contains(&local.as_str()) || local == crate::libvirt::STANDBY_URI;
                     if local != "role" && !operators && Setting::from_libvirt(&local).is_none() {
                         return Err(format!("smpft FT metadata: unknown element <{local}>"));
                     }
