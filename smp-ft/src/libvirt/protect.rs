@@ -26,6 +26,8 @@ struct Plan {
     name: String,
     /// The primary's XML as libvirt gives it for a migration.
     xml: String,
+    /// The controllers the primary runs with.
+    controllers: Vec<standby_xml::Controller>,
     disks: Vec<(standby_xml::Disk, u64)>,
     /// Where the primary reaches the standby.
     standby_addr: String,
@@ -75,6 +77,8 @@ impl Plan {
         let flags = sys::VIR_DOMAIN_XML_SECURE | sys::VIR_DOMAIN_XML_MIGRATABLE;
         let xml = dom.get_xml_desc(flags).map_err(|e| format!("domain {name}: {}", msg(&e)))?;
         let needs = standby_xml::needs(&xml)?;
+        let live = dom.get_xml_desc(0).map_err(|e| format!("domain {name}: {}", msg(&e)))?;
+        let controllers = standby_xml::needs(&live)?.controllers;
         let mut disks = Vec::new();
         for d in needs.disks {
             if d.network {
@@ -107,6 +111,7 @@ impl Plan {
             pool_name: a.pool.clone(),
             name,
             xml,
+            controllers,
             disks,
             standby_addr,
             primary,
@@ -124,7 +129,8 @@ impl Plan {
             sources.push(NewSource::of_path(&path));
             created.push(Created::Volume { vol, what });
         }
-        let xml = standby_xml::standby(&self.xml, &sources, &standby_xml::ft_element_ns(&self.standby))?;
+        let meta = standby_xml::ft_element_ns(&self.standby);
+        let xml = standby_xml::standby(&self.xml, &sources, &self.controllers, &meta)?;
         let what = format!("standby domain {} at {}", self.name, self.to);
         let standby = Domain::define_xml(&self.dst, &xml).map_err(|e| format!("defining the {what}: {}", msg(&e)))?;
         created.push(Created::Defined { dom: standby.clone(), what: what.clone() });
@@ -258,6 +264,9 @@ fn settings(
     primary.push((STANDBY_URI.into(), a.to.clone()));
     let mut standby = side("standby", &standby_id, &me);
     standby.insert(1, ("listen".into(), format!("0.0.0.0:{port}")));
+    // Its volumes are new and sparse: it hashes them, and only the blocks that differ (those
+    // the primary's guest wrote) are sent, not every zero of the disk.
+    standby.push((crate::persona::libvirt_ft::DISK_SYNC.into(), "compare".into()));
     Ok((primary, standby, addr))
 }
 

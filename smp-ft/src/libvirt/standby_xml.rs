@@ -40,6 +40,16 @@ pub enum Plug {
 pub struct Needs {
     pub disks: Vec<Disk>,
     pub nics: Vec<Nic>,
+    /// The controllers: (type, index, model).
+    pub controllers: Vec<Controller>,
+}
+
+/// A controller: its type, index and model (libvirt's defaults if absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Controller {
+    pub kind: String,
+    pub index: String,
+    pub model: Option<String>,
 }
 
 fn attr(e: &BytesStart, name: &str) -> Option<String> {
@@ -100,6 +110,11 @@ pub fn needs(xml: &str) -> Result<Needs, String> {
                     d.target = attr(e, "dev").unwrap_or_default();
                 }
             }
+            (Some("devices"), "controller") => needs.controllers.push(Controller {
+                kind: attr(e, "type").unwrap_or_default(),
+                index: attr(e, "index").unwrap_or_else(|| "0".into()),
+                model: attr(e, "model"),
+            }),
             (Some("devices"), "interface") => {
                 let kind = attr(e, "type").unwrap_or_default();
                 nic = Some(Nic { mac: None, plug: Plug::Other(kind) });
@@ -154,9 +169,25 @@ impl NewSource {
 }
 
 /// The standby's XML: `xml` (the primary's, as libvirt gives it for a migration) with the i-th
-/// copied disk on `sources[i]` (its backing chain dropped: the copy is whole) and `metadata`
-/// (an element of smpft's namespace) in place of any of smpft's in `<metadata>`.
-pub fn standby(xml: &str, sources: &[NewSource], metadata: &str) -> Result<String, String> {
+/// copied disk on `sources[i]` (its backing chain dropped: the copy is whole), the `running`
+/// controllers it lacks put back, and `metadata` (an element of smpft's namespace) in place of
+/// any of smpft's in `<metadata>`.
+///
+/// For a migration libvirt leaves out controllers it would add again by itself on the same
+/// machine type (the PCI root of an i440FX machine); it does not know smpft's machine type, so
+/// the standby would have no PCI bus.
+pub fn standby(xml: &str, sources: &[NewSource], running: &[Controller], metadata: &str) -> Result<String, String> {
+    let have = needs(xml)?.controllers;
+    let missing: String = running
+        .iter()
+        .filter(|c| !have.iter().any(|h| h.kind == c.kind && h.index == c.index))
+        .map(|c| {
+            let model = c.model.as_ref().map(|m| format!(" model='{}'", quick_xml::escape::escape(m.as_str())));
+            let (kind, index) =
+                (quick_xml::escape::escape(c.kind.as_str()), quick_xml::escape::escape(c.index.as_str()));
+            format!("<controller type='{kind}' index='{index}'{}/>", model.unwrap_or_default())
+        })
+        .collect();
     let bad = |e: &dyn std::fmt::Display| format!("the domain's XML does not parse: {e}");
     let mut reader = Reader::from_str(xml);
     let mut w = Writer::new(Vec::new());
@@ -233,6 +264,9 @@ pub fn standby(xml: &str, sources: &[NewSource], metadata: &str) -> Result<Strin
                 let name = path.pop().unwrap_or_default();
                 match name.as_str() {
                     "disk" => disk = None,
+                    "devices" if path.last().map(String::as_str) == Some("domain") => {
+                        w.get_mut().extend_from_slice(missing.as_bytes());
+                    }
                     "metadata" if path.last().map(String::as_str) == Some("domain") => {
                         metadata_done = true;
                         w.get_mut().extend_from_slice(metadata.as_bytes());
@@ -340,7 +374,7 @@ mod tests {
     fn the_standby_has_the_same_devices_on_new_volumes_and_its_own_metadata() {
         let meta = ft_element_ns(&[("role".into(), "standby".into()), ("listen".into(), "0.0.0.0:7400".into())]);
         let sources = [NewSource::of_path("/pool/vm1-vda.qcow2"), NewSource::of_path("/dev/vg2/vm1-vdb")];
-        let x = standby(XML, &sources, &meta).unwrap();
+        let x = standby(XML, &sources, &[], &meta).unwrap();
         assert!(x.contains("<disk device=\"disk\" type=\"file\"><driver name='qemu' type='qcow2'/><source file=\"/pool/vm1-vda.qcow2\"/><target dev='vda'"), "{x}");
         assert!(x.contains("<disk device=\"disk\" type=\"block\"><source dev=\"/dev/vg2/vm1-vdb\"/>"), "{x}");
         assert!(!x.contains("base.qcow2") && !x.contains("backingStore") && !x.contains("/var/lib/a"), "{x}");
@@ -355,18 +389,32 @@ mod tests {
         let s = crate::persona::libvirt_ft::from_domain_xml(&x);
         assert!(s.as_ref().is_err_and(|e| e.contains("lacks")), "{s:?}");
         // smpft's metadata from before is replaced, and a domain without <metadata> gets one.
-        let again = standby(&x, &sources, &ft_element_ns(&[("role".into(), "primary".into())])).unwrap();
+        let again = standby(&x, &sources, &[], &ft_element_ns(&[("role".into(), "primary".into())])).unwrap();
         assert!(!again.contains("standby") && again.contains("<smpft:role>primary</smpft:role>"), "{again}");
         let bare = "<domain><name>v</name><devices></devices></domain>";
         assert_eq!(
-            standby(bare, &[], "<m/>").unwrap(),
+            standby(bare, &[], &[], "<m/>").unwrap(),
             "<domain><name>v</name><devices></devices><metadata><m/></metadata></domain>"
         );
         assert_eq!(
-            standby("<domain><metadata/></domain>", &[], "<m/>").unwrap(),
+            standby("<domain><metadata/></domain>", &[], &[], "<m/>").unwrap(),
             "<domain><metadata><m/></metadata></domain>"
         );
-        assert!(standby(XML, &sources[..1], &meta).is_err(), "one volume per copied disk");
+        assert!(standby(XML, &sources[..1], &[], &meta).is_err(), "one volume per copied disk");
+    }
+
+    #[test]
+    fn controllers_libvirt_leaves_out_for_a_migration_are_put_back() {
+        let live =
+            "<domain><devices><controller type='pci' index='0' model='pci-root'><alias name='pci.0'/></controller>\
+            <controller type='usb' index='0' model='none'/></devices></domain>";
+        let running = needs(live).unwrap().controllers;
+        let migratable = "<domain><devices><controller type='usb' index='0' model='none'/></devices></domain>";
+        let x = standby(migratable, &[], &running, "").unwrap();
+        assert_eq!(
+            x,
+            "<domain><devices><controller type='usb' index='0' model='none'/><controller type='pci' index='0' model='pci-root'/></devices><metadata></metadata></domain>"
+        );
     }
 
     #[test]
