@@ -150,12 +150,11 @@ impl Plan {
         created.push(Created::Protecting { dom: self.dom.clone() });
         let q = wait_protected(&self.dom)?;
         self.keep_pair()?;
+        let pause = q["pause-p99-us"].as_u64().map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0));
         println!(
-            "{} protected by {} in {:.1} s (the final pause: {} ms); restarts keep the pair",
+            "{} protected by {what} in {:.1} s (checkpoint pauses p99 {pause}); restarts keep the pair",
             self.name,
-            what,
             started.elapsed().as_secs_f64(),
-            q["pause-p99-us"].as_u64().map_or("-".into(), |us| (us / 1000).to_string())
         );
         Ok(())
     }
