@@ -354,9 +354,10 @@ impl Console {
 /// A client of the service under load: `INCR 1, 2, ...` back to back, each reply checked
 /// (`OK n n`: every increment counted once). A request without a reply is sent again, on the
 /// console the test hands over next if any (the standby's, after a failover). Returns the last
-/// id answered and the longest wait for a reply.
-fn load(mut console: Console, next: mpsc::Receiver<Console>, stop: mpsc::Receiver<()>) -> (u64, Duration) {
-    let (mut id, mut worst) = (0u64, Duration::ZERO);
+/// id answered and the longest wait for a reply on the first console (the protect included),
+/// then on any (the failover included).
+fn load(mut console: Console, next: mpsc::Receiver<Console>, stop: mpsc::Receiver<()>) -> (u64, Duration, Duration) {
+    let (mut id, mut worst, mut worst_first, mut switched) = (0u64, Duration::ZERO, Duration::ZERO, false);
     while stop.try_recv().is_err() {
         id += 1;
         let sent = Instant::now();
@@ -365,11 +366,15 @@ fn load(mut console: Console, next: mpsc::Receiver<Console>, stop: mpsc::Receive
                 break r;
             }
             console = next.recv_timeout(Duration::from_secs(60)).expect("no reply, and no other console to try");
+            switched = true;
         };
         assert_eq!(reply, format!("OK {id} {id}"), "every increment counted once");
         worst = worst.max(sent.elapsed());
+        if !switched {
+            worst_first = worst;
+        }
     }
-    (id, worst)
+    (id, worst_first, worst)
 }
 
 /// A running domain is protected with one command while its service is under load, with
@@ -402,8 +407,8 @@ fn a_running_domain_is_protected_in_one_command_and_fails_over_with_nothing_lost
     next_tx.send(Console::open(&w.b, DOM)).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     stop_tx.send(()).unwrap();
-    let (last, worst) = client.join().expect("the client saw every reply, in order");
-    eprintln!("{last} requests, the longest wait for a reply {worst:?} (the failover's included)");
+    let (last, worst_protect, worst) = client.join().expect("the client saw every reply, in order");
+    eprintln!("{last} requests; the longest wait for a reply {worst_protect:?} before the failover (the protect included), {worst:?} with it");
     let mut c = Console::open(&w.b, DOM);
     let n = last + 1;
     assert_eq!(c.incr(n), Some(format!("OK {n} {n}")), "nothing lost: the value goes on");
@@ -483,6 +488,34 @@ fn failures_midway_are_undone_and_named_and_the_vm_runs_on() {
     assert!(!ok && out.contains("does not name host-c"), "{out}");
     w.target_clean();
     w.primary_runs_unprotected(&mut c, 2);
+}
+
+/// The QMP command the protect uses: a VM started without FT settings is refused with how to
+/// give them; settings are checked by their metadata names before anything starts; turning
+/// protection off on an unprotected VM changes nothing.
+#[test]
+fn protect_over_qmp_checks_its_settings_and_unprotect_of_an_unprotected_vm_is_harmless() {
+    let _one = one_at_a_time();
+    let dir = scratch("lvp-qmp");
+    let p = common::VmPaths::new(&dir, "vm");
+    let _vm = p.spawn(&["--vcpus", "1", "--memory", "32M", "--guest-args", "counter service"]);
+    let mut q = common::Qmp::negotiated(&p.qmp);
+    let refused = |q: &mut common::Qmp, args: serde_json::Value| {
+        let r = q.execute("x-smpft-protect", Some(args));
+        r["error"]["desc"].as_str().unwrap_or_else(|| panic!("accepted: {r}")).to_string()
+    };
+    let peer = "127.0.0.1:9";
+    let e = refused(&mut q, serde_json::json!({ "peer": peer }));
+    assert!(e.contains("give x-smpft-protect its settings"), "{e}");
+    let e = refused(&mut q, serde_json::json!({ "peer": peer, "settings": {"colour": "red"} }));
+    assert!(e.contains("'colour' is not a fault tolerance setting"), "{e}");
+    let e = refused(&mut q, serde_json::json!({ "peer": peer, "settings": {"tiebreak": "/tmp/tb"} }));
+    assert!(e.contains("fault tolerance needs <smpft:identity>, <smpft:peer-cert>"), "{e}");
+    let e = refused(&mut q, serde_json::json!({ "peer": peer, "settings": {"peer": "a:1"} }));
+    assert!(e.contains("'peer' is not a fault tolerance setting"), "the peer is the command's own: {e}");
+    assert_eq!(q.ok("x-smpft-unprotect", None), serde_json::json!({}));
+    assert_eq!(q.ok("x-smpft-query-ft", None)["state"], "unprotected");
+    assert_eq!(q.ok("query-status", None)["status"], "running");
 }
 
 /// Runs a closure when dropped.
