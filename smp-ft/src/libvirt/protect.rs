@@ -303,7 +303,10 @@ fn wait_protected(dom: &Domain) -> Result<Value, String> {
                 }
             }
             "unprotected" => {
-                let why = q["last-error"].as_str().map(str::to_string);
+                // (The primary's own line goes on to say what it tries next: not here.)
+                let why = q["last-error"]
+                    .as_str()
+                    .map(|e| e.split("; the VM runs unprotected").next().unwrap_or(e).to_string());
                 match (why, synced) {
                     (Some(why), _) => return Err(why),
                     (None, true) => return Err("the standby was dropped during the initial copy".into()),

@@ -122,7 +122,10 @@ pub(crate) fn status(a: &StatusArgs) -> Result<(), String> {
     for v in rows {
         match a.json {
             true => println!("{v}"),
-            false => println!("{}", smp_ft::observe::status::line(&v)),
+            false => match v[STANDBY_URI].as_str() {
+                Some(uri) => println!("{} standby-at={uri}", smp_ft::observe::status::line(&v)),
+                None => println!("{}", smp_ft::observe::status::line(&v)),
+            },
         }
     }
     Ok(())
