@@ -41,15 +41,23 @@ pub(crate) enum Command {
     /// Show protection and failover on this machine: a standby and a protected VM (built-in
     /// test guest), a client checking every reply, SIGKILL of the primary, and the takeover.
     Demo(DemoArgs),
-    /// Create this host's FT identity: a private key (key.pem, mode 0600) and a self-signed
-    /// certificate (cert.pem). Give the certificate, or the fingerprint printed, to the peer.
+    /// Create this host's FT identity: a private key (key.pem, mode 0600) and a certificate
+    /// (cert.pem). Self-signed: give the certificate, or the fingerprint printed, to the peer
+    /// (--peer-cert). Signed by the site CA (--ca-sign): give every host the CA's certificate
+    /// (written beside as ca.pem; --ca) and nothing else.
     Keygen {
         /// Directory to write key.pem and cert.pem into (created if missing; never overwritten).
         #[arg(long)]
         out: PathBuf,
-        /// Name in the certificate.
+        /// Name in the certificate: with a CA, the host name its peers expect (--peer-name).
         #[arg(long, default_value = "smpft")]
         name: String,
+        /// Sign the certificate with the site CA in this directory (its cert.pem and key.pem).
+        #[arg(long, value_name = "CA_DIR", conflicts_with = "new_ca")]
+        ca_sign: Option<PathBuf>,
+        /// Create the site CA itself (its key signs the hosts' certificates; keep it off them).
+        #[arg(long)]
+        new_ca: bool,
         /// Validity in days.
         #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(i64).range(1..=36500))]
         days: i64,
@@ -66,6 +74,10 @@ pub(crate) enum Command {
     /// checkpoint, time protected, output hold p99), from the QMP sockets copies register in
     /// the runtime directory ($SMPFT_RUNTIME_DIR, else /run/smpft/qmp), or those named.
     Status(crate::ops::StatusArgs),
+    /// Fault tolerance for libvirt domains in one command: protect a running domain onto
+    /// another host, unprotect it, list the protected domains.
+    #[command(subcommand)]
+    Libvirt(crate::libvirt::LibvirtCommand),
     /// Check a chain of snapshot files (a full one, then its increments) and describe them.
     SnapshotInfo {
         /// Snapshot files, full snapshot first.
@@ -94,6 +106,14 @@ pub(crate) struct FtArgs {
     /// accepted, in both directions.
     #[arg(long, value_name = "FILE|sha256:HEX")]
     pub(crate) peer_cert: Option<String>,
+    /// Instead of --peer-cert: the site CA's certificate (a PEM file). A peer is accepted when
+    /// its certificate chains to it and names the host --peer-name gives (`smpft keygen
+    /// --ca-sign` makes such certificates, or any CA).
+    #[arg(long, value_name = "FILE", conflicts_with = "peer_cert", requires = "peer_name")]
+    pub(crate) ca: Option<PathBuf>,
+    /// With --ca: the host name the peer's certificate must carry.
+    #[arg(long, value_name = "NAME", requires = "ca")]
+    pub(crate) peer_name: Option<String>,
     /// The tie-breaker: a file on storage both hosts share (a local or NFS path). Whichever
     /// copy wants to run alone must first win it; the loser halts.
     #[arg(long, value_name = "PATH")]
@@ -158,6 +178,8 @@ impl FtArgs {
         FtBuilder::new(Names::Cli)
             .identity(self.identity.clone())
             .peer_cert(self.peer_cert.clone())
+            .ca(self.ca.clone())
+            .peer_name(self.peer_name.clone())
             .tiebreak(self.tiebreak.clone())
             .owner(self.ft_owner.clone())
             .interval(self.ft_interval)

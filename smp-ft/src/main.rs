@@ -2,6 +2,7 @@
 
 mod cli;
 mod demo;
+mod libvirt;
 mod lifecycle;
 mod ops;
 mod persona;
@@ -218,6 +219,35 @@ fn snapshot_info(files: &[PathBuf]) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `smpft keygen`: a self-signed identity, the site CA, or an identity the site CA signs.
+fn keygen(
+    out: &std::path::Path,
+    name: &str,
+    days: i64,
+    ca: Option<&std::path::Path>,
+    new_ca: bool,
+) -> Result<ExitCode, CliError> {
+    use transport::identity::{Identity, Issuer};
+    let issuer = match (ca, new_ca) {
+        (Some(dir), _) => Issuer::ca_dir(dir)?,
+        (None, true) => Issuer::NewCa,
+        (None, false) => Issuer::SelfSigned,
+    };
+    let fp = Identity::generate_into_as(out, name, days, &issuer)?;
+    println!("wrote {}/key.pem and {}/cert.pem", out.display(), out.display());
+    match issuer {
+        Issuer::Ca { .. } => println!(
+            "signed by the CA in {}; its certificate: {}/ca.pem (--ca)",
+            ca.unwrap_or(out).display(),
+            out.display()
+        ),
+        Issuer::NewCa => println!("a new site CA: sign hosts with smpft keygen --ca-sign {}", out.display()),
+        Issuer::SelfSigned => {}
+    }
+    println!("fingerprint: {fp}");
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(bootdisk::sandbox::SUBCOMMAND) {
@@ -240,6 +270,7 @@ fn main() -> ExitCode {
         Command::Standby(args) => standby(args),
         Command::SnapshotInfo { files } => snapshot_info(&files),
         Command::Status(args) => ops::status(&args),
+        Command::Libvirt(cmd) => libvirt::run(&cmd).map(|()| ExitCode::SUCCESS).map_err(CliError::Usage),
         Command::LibvirtHook { args } => {
             let mut xml = String::new();
             let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml);
@@ -247,13 +278,7 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(CliError::Usage)
         }
-        Command::Keygen { out, name, days } => transport::identity::Identity::generate_into(&out, &name, days)
-            .map(|fp| {
-                println!("wrote {}/key.pem and {}/cert.pem", out.display(), out.display());
-                println!("fingerprint: {fp}");
-                ExitCode::SUCCESS
-            })
-            .map_err(CliError::from),
+        Command::Keygen { out, name, days, ca_sign, new_ca } => keygen(&out, &name, days, ca_sign.as_deref(), new_ca),
         Command::Demo(args) => std::env::current_exe()
             .map_err(CliError::CurrentExe)
             .and_then(|smpft| {

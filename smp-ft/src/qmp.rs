@@ -13,9 +13,20 @@ pub enum SmpftCommand {
     /// The fault-tolerance role, state and figures.
     #[serde(rename = "x-smpft-query-ft")]
     QueryFt,
-    /// Attach a standby at `peer` (host:port) to this unprotected VM.
+    /// Attach a standby at `peer` (host:port) to this unprotected VM. `settings`: fault
+    /// tolerance's settings by their libvirt metadata names (`identity`, `ca`, `peer-name`,
+    /// `tiebreak`, `timeout`, ...), for a VM started without them (or to replace them while
+    /// it has no standby); its FT engine then starts here, the VM running on.
     #[serde(rename = "x-smpft-protect")]
-    Protect { peer: String },
+    Protect {
+        peer: String,
+        #[serde(default)]
+        settings: std::collections::BTreeMap<String, String>,
+    },
+    /// Turn fault tolerance off: the standby is dropped (once this copy holds the tie-breaker
+    /// above it) and no spare is tried; the VM runs on unprotected.
+    #[serde(rename = "x-smpft-unprotect")]
+    Unprotect,
     /// Move the VM to its standby on purpose (planned switchover); this copy then waits as a
     /// standby at `then-standby` if given (or its `--then-standby`), else exits.
     #[serde(rename = "x-smpft-switchover")]
@@ -36,8 +47,14 @@ pub enum SmpftCommand {
     },
 }
 
-const NAMES: [&str; 5] =
-    ["x-smpft-query-ft", "x-smpft-protect", "x-smpft-snapshot", "x-smpft-switchover", "x-smpft-release-snapshot"];
+const NAMES: [&str; 6] = [
+    "x-smpft-query-ft",
+    "x-smpft-protect",
+    "x-smpft-unprotect",
+    "x-smpft-snapshot",
+    "x-smpft-switchover",
+    "x-smpft-release-snapshot",
+];
 
 impl SmpftCommand {
     /// `Some` for one of smpft's commands: typed, or why its arguments are refused. `None` for
@@ -47,7 +64,7 @@ impl SmpftCommand {
             return None;
         }
         Some(typed::<SmpftCommand>(name, args).and_then(|c| match &c {
-            SmpftCommand::Protect { peer } if peer.is_empty() => {
+            SmpftCommand::Protect { peer, .. } if peer.is_empty() => {
                 Err(QmpError::generic("Parameter 'peer' must not be empty"))
             }
             SmpftCommand::Switchover { then_standby: Some(a) } if a.is_empty() => {
@@ -78,8 +95,19 @@ mod tests {
         );
         assert_eq!(
             parse("x-smpft-protect", r#"{"peer":"10.0.0.2:7400"}"#),
-            Some(Ok(SmpftCommand::Protect { peer: "10.0.0.2:7400".into() }))
+            Some(Ok(SmpftCommand::Protect { peer: "10.0.0.2:7400".into(), settings: Default::default() }))
         );
+        assert_eq!(
+            parse("x-smpft-protect", r#"{"peer":"b:7400","settings":{"tiebreak":"/s/tb","peer-name":"b"}}"#),
+            Some(Ok(SmpftCommand::Protect {
+                peer: "b:7400".into(),
+                settings: [("tiebreak", "/s/tb"), ("peer-name", "b")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            }))
+        );
+        assert_eq!(parse("x-smpft-unprotect", "{}"), Some(Ok(SmpftCommand::Unprotect)));
         for (name, args, why) in [
             ("x-smpft-snapshot", "{}", "Parameter 'file' is missing"),
             ("x-smpft-snapshot", r#"{"file":""}"#, "must not be empty"),
@@ -87,6 +115,7 @@ mod tests {
             ("x-smpft-snapshot", r#"{"file":"a","incremental":"yes"}"#, "Invalid parameter type"),
             ("x-smpft-protect", "{}", "Parameter 'peer' is missing"),
             ("x-smpft-protect", r#"{"peer":"a:1","x":1}"#, "Parameter 'x' is unexpected"),
+            ("x-smpft-protect", r#"{"peer":"a:1","settings":{"timeout":1}}"#, "Invalid parameter type"),
             ("x-smpft-query-ft", r#"{"now":true}"#, "takes no arguments"),
         ] {
             let e = parse(name, args).unwrap().unwrap_err();

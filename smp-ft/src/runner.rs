@@ -407,15 +407,53 @@ impl Runner {
             }),
             // Answered by the FT engine once the switchover is over (see `switchover`).
             SmpftCommand::Switchover { .. } => Err(QmpError::generic("a switchover is asked of the FT engine")),
-            SmpftCommand::Protect { peer } => match &mut self.ft {
-                Some(ft) => {
-                    ft.protect(&self.vm, &peer).map(|()| json!({})).map_err(|e| QmpError::generic(error_chain(&e)))
+            SmpftCommand::Protect { peer, settings } => {
+                if !settings.is_empty() {
+                    self.configure_ft(&settings)?;
                 }
-                None => Err(QmpError::generic(
-                    "FT is not configured for this VM: start it with --identity, --peer-cert and --tiebreak",
-                )),
-            },
+                match &mut self.ft {
+                    Some(ft) => ft
+                        .protect(&self.vm, &peer)
+                        .map(|()| json!({}))
+                        .map_err(|e| QmpError::generic(error_chain(&e))),
+                    None => Err(QmpError::generic(
+                        "FT is not configured for this VM: start it with --identity, --peer-cert and --tiebreak, or give x-smpft-protect its settings",
+                    )),
+                }
+            }
+            SmpftCommand::Unprotect => {
+                if let Some(ft) = &mut self.ft {
+                    ft.unprotect(&self.vm);
+                }
+                Ok(json!({}))
+            }
         }
+    }
+}
+
+impl Runner {
+    /// Fault tolerance for a VM that runs here, from `settings` (named as in a libvirt domain's
+    /// metadata): a new FT engine, with no standby yet. Refused while a standby is attached or
+    /// being connected (the settings it was accepted with hold until it is dropped).
+    fn configure_ft(&mut self, settings: &std::collections::BTreeMap<String, String>) -> Result<(), QmpError> {
+        use crate::config::{FtBuilder, Names, Setting};
+        if self.ft.as_ref().is_some_and(|ft| !ft.may_protect()) {
+            return Err(QmpError::generic(
+                "the VM has a standby or is connecting one: turn protection off (x-smpft-unprotect) before giving new settings",
+            ));
+        }
+        let mut b = FtBuilder::new(Names::Libvirt);
+        for (k, v) in settings {
+            let setting = Setting::from_libvirt(k)
+                .filter(|s| !matches!(s, Setting::Peer | Setting::Listen))
+                .ok_or_else(|| QmpError::generic(format!("settings: '{k}' is not a fault tolerance setting")))?;
+            b = b.parse(setting, v).map_err(|e| QmpError::generic(error_chain(&e)))?;
+        }
+        let opts = b.build().map_err(|e| QmpError::generic(error_chain(&e)))?;
+        let ft = PrimaryFt::new(opts, &self.vm, Vec::new(), None).map_err(|e| QmpError::generic(error_chain(&e)))?;
+        tracing::info!("FT configured through QMP; the VM runs on while a standby is attached");
+        self.ft = Some(ft);
+        Ok(())
     }
 }
 

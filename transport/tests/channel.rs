@@ -140,6 +140,45 @@ fn unknown_primary_is_refused_by_the_standby() {
     refused("unknown-primary", false);
 }
 
+/// Hosts with certificates from a site CA pair with no exchange between them; a host whose
+/// certificate comes from another CA, or names another host, is refused by either side.
+#[test]
+fn hosts_signed_by_the_site_ca_pair_and_others_are_refused() {
+    use transport::identity::{Issuer, CA_FILE};
+    let dir = tempfile::Builder::new().prefix("smpft-transport-ca-").tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    Identity::generate_into_as(&d("ca"), "site CA", 30, &Issuer::NewCa).unwrap();
+    Identity::generate_into_as(&d("rogue-ca"), "rogue CA", 30, &Issuer::NewCa).unwrap();
+    let site = Issuer::ca_dir(&d("ca")).unwrap();
+    for (out, host, by) in [("a", "host-a", &site), ("b", "host-b", &site), ("c", "host-c", &site)] {
+        Identity::generate_into_as(&d(out), host, 30, by).unwrap();
+    }
+    Identity::generate_into_as(&d("rogue-b"), "host-b", 30, &Issuer::ca_dir(&d("rogue-ca")).unwrap()).unwrap();
+    let ca = |name: &str| PeerTrust::ca(&d("a").join(CA_FILE), name).unwrap();
+    let cfg = ChannelConfig { handshake_timeout: Duration::from_secs(2), ..ChannelConfig::default() };
+    // (standby's identity, whom the standby expects, whom the primary expects, pairs)
+    for (standby, standby_expects, primary_expects, pairs) in [
+        ("b", "host-a", "host-b", true),
+        ("rogue-b", "host-a", "host-b", false),
+        ("c", "host-a", "host-b", false),
+        ("b", "host-c", "host-b", false),
+    ] {
+        let listener = Listener::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &Identity::load(&d(standby)).unwrap(),
+            &ca(standby_expects),
+            cfg.clone(),
+        )
+        .unwrap();
+        let addr = listener.local_addr();
+        let t = std::thread::spawn(move || listener.accept(Some(Duration::from_secs(3)), 2, vec![]).is_ok());
+        let r = Channel::connect(addr, &Identity::load(&d("a")).unwrap(), &ca(primary_expects), cfg.clone(), 1, vec![]);
+        let what = format!("standby {standby} expecting {standby_expects}, primary expecting {primary_expects}");
+        assert_eq!(r.is_ok(), pairs, "{what}: {:?}", r.as_ref().err().map(ToString::to_string));
+        assert_eq!(t.join().unwrap(), pairs, "{what}");
+    }
+}
+
 #[test]
 fn expired_certificate_is_refused() {
     let (_dir, p, s, _) = ids("expired");

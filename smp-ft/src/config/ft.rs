@@ -81,6 +81,10 @@ pub struct FtBuilder {
     names: Names,
     identity: Option<PathBuf>,
     peer_cert: Option<String>,
+    /// The site CA's certificate, instead of the peer's own (`peer_cert`).
+    ca: Option<PathBuf>,
+    /// The host name the peer's certificate must carry (with `ca`).
+    peer_name: Option<String>,
     tiebreak: Option<PathBuf>,
     owner: Option<String>,
     protocol: PrimaryConfig,
@@ -117,6 +121,8 @@ impl FtBuilder {
             names,
             identity: None,
             peer_cert: None,
+            ca: None,
+            peer_name: None,
             tiebreak: None,
             owner: None,
             protocol: PrimaryConfig::default(),
@@ -140,6 +146,11 @@ impl FtBuilder {
         identity: Option<PathBuf> => identity;
         /// The peer's certificate (a PEM file) or its fingerprint (sha256:HEX).
         peer_cert: Option<String> => peer_cert;
+        /// The site CA's certificate (a PEM file): a peer is accepted when its certificate
+        /// chains to it and names [`FtBuilder::peer_name`].
+        ca: Option<PathBuf> => ca;
+        /// The host name the peer's certificate must carry (with a CA).
+        peer_name: Option<String> => peer_name;
         tiebreak: Option<PathBuf> => tiebreak;
         /// This copy's name in the tie-breaker record (default: host name and process id).
         owner: Option<String> => owner;
@@ -186,6 +197,8 @@ impl FtBuilder {
         Ok(match setting {
             Setting::Identity => self.identity(Some(value.into())),
             Setting::PeerCert => self.peer_cert(Some(value.into())),
+            Setting::Ca => self.ca(Some(value.into())),
+            Setting::PeerName => self.peer_name(Some(value.trim().into())),
             Setting::Tiebreak => self.tiebreak(Some(value.into())),
             Setting::Owner => self.owner(Some(value.into())),
             Setting::Interval => self.interval(duration()?),
@@ -220,7 +233,7 @@ impl FtBuilder {
 
     /// Whether the caller named any of the settings fault tolerance needs.
     pub fn given(&self) -> bool {
-        self.identity.is_some() || self.peer_cert.is_some() || self.tiebreak.is_some()
+        self.identity.is_some() || self.peer_cert.is_some() || self.ca.is_some() || self.tiebreak.is_some()
     }
 
     /// Checks the settings against each other, loads the identity and the peer's trust.
@@ -229,8 +242,15 @@ impl FtBuilder {
         let names = self.names;
         let identity = Identity::load(self.identity.as_deref().unwrap_or_else(|| std::path::Path::new("")))
             .map_err(|e| ConfigError::cause(names, Setting::Identity, e))?;
-        let trust = PeerTrust::parse(self.peer_cert.as_deref().unwrap_or_default())
-            .map_err(|e| ConfigError::cause(names, Setting::PeerCert, e))?;
+        let trust = match (&self.peer_cert, &self.ca, &self.peer_name) {
+            (Some(cert), _, _) => {
+                PeerTrust::parse(cert).map_err(|e| ConfigError::cause(names, Setting::PeerCert, e))?
+            }
+            (None, Some(ca), Some(name)) => {
+                PeerTrust::ca(ca, name).map_err(|e| ConfigError::cause(names, Setting::Ca, e))?
+            }
+            _ => unreachable!("checked: a peer certificate, or a CA with the peer's name"),
+        };
         let channel = ChannelConfig {
             heartbeat: self.heartbeat,
             silence_timeout: self.timeout,
@@ -259,9 +279,17 @@ impl FtBuilder {
     /// The checks that need no file: what is missing, and settings that contradict each other.
     fn check(&self) -> Result<(), ConfigError> {
         let names = self.names;
+        if self.peer_cert.is_some() && (self.ca.is_some() || self.peer_name.is_some()) {
+            let why = "the peer is trusted either by its own certificate or by the site CA's, not both".to_string();
+            let at = if self.ca.is_some() { Setting::Ca } else { Setting::PeerName };
+            return Err(ConfigError::new(names, &[Setting::PeerCert, at], Problem::Invalid(why)));
+        }
+        let by_ca = self.ca.is_some() || self.peer_name.is_some();
         let missing: Vec<Setting> = [
             (self.identity.is_none(), Setting::Identity),
-            (self.peer_cert.is_none(), Setting::PeerCert),
+            (self.peer_cert.is_none() && !by_ca, Setting::PeerCert),
+            (by_ca && self.ca.is_none(), Setting::Ca),
+            (by_ca && self.peer_name.is_none(), Setting::PeerName),
             (self.tiebreak.is_none(), Setting::Tiebreak),
         ]
         .iter()

@@ -14,6 +14,8 @@ pub enum Setting {
     Cmdline,
     Identity,
     PeerCert,
+    Ca,
+    PeerName,
     Tiebreak,
     Owner,
     Interval,
@@ -70,7 +72,7 @@ const fn w(
 }
 
 impl Setting {
-    pub const ALL: [Setting; 32] = [
+    pub const ALL: [Setting; 34] = [
         Setting::Vcpus,
         Setting::Memory,
         Setting::Guest,
@@ -80,6 +82,8 @@ impl Setting {
         Setting::Cmdline,
         Setting::Identity,
         Setting::PeerCert,
+        Setting::Ca,
+        Setting::PeerName,
         Setting::Tiebreak,
         Setting::Owner,
         Setting::Interval,
@@ -118,6 +122,8 @@ impl Setting {
             Setting::Cmdline => w("cmdline", Some("--cmdline"), Some("-append"), None),
             Setting::Identity => w("identity", Some("--identity"), None, Some("identity")),
             Setting::PeerCert => w("peer-cert", Some("--peer-cert"), None, Some("peer-cert")),
+            Setting::Ca => w("ca", Some("--ca"), None, Some("ca")),
+            Setting::PeerName => w("peer-name", Some("--peer-name"), None, Some("peer-name")),
             Setting::Tiebreak => w("tiebreak", Some("--tiebreak"), None, Some("tiebreak")),
             Setting::Owner => w("owner", Some("--ft-owner"), None, None),
             Setting::Interval => w("interval", Some("--ft-interval"), None, Some("interval")),

@@ -12,9 +12,16 @@
 //!     <smpft:tiebreak>/shared/vm1.tiebreak</smpft:tiebreak>
 //!     <smpft:identity>/etc/smpft/host-a</smpft:identity>
 //!     <smpft:peer-cert>/etc/smpft/host-b.pem</smpft:peer-cert>
+//!     <!-- or, with certificates from the site CA: -->
+//!     <smpft:ca>/etc/smpft/ca.pem</smpft:ca>
+//!     <smpft:peer-name>host-b</smpft:peer-name>
 //!     <smpft:metrics>127.0.0.1:9740</smpft:metrics>     <!-- optional: Prometheus endpoint -->
 //!     <smpft:on-event>/etc/smpft/page</smpft:on-event>  <!-- optional: run on FT changes -->
 //!     <smpft:on-event-timeout>10s</smpft:on-event-timeout>
+//!     <smpft:disk-sync>compare</smpft:disk-sync>         <!-- standby: send only the blocks
+//!                                                            its disks lack (default: full) -->
+//!     <smpft:standby-uri>qemu+ssh://host-b/system</smpft:standby-uri> <!-- primary: where
+//!                                                            `smpft libvirt protect` put its standby -->
 //!   </smpft:ft>
 //! </metadata>
 //! ```
@@ -35,6 +42,11 @@ use std::path::{Path, PathBuf};
 
 /// smpft's XML namespace in domain metadata.
 pub const NAMESPACE: &str = "urn:smpft:libvirt:1";
+/// A standby's initial copy of its disks: `full` (every block) or `compare` (it hashes its own
+/// disks and only blocks that differ are sent: a copy already close, or a new sparse volume).
+pub const DISK_SYNC: &str = "disk-sync";
+/// Elements `smpft libvirt protect` writes beside the FT settings.
+const PAIR_KEYS: [&str; 2] = [crate::libvirt::STANDBY_URI, DISK_SYNC];
 /// Where the hook leaves each domain's settings for the persona.
 pub const DIR: &str = "/run/smpft";
 
@@ -56,7 +68,14 @@ impl Settings {
                 Err(format!("smpft FT metadata lacks <{}>", missing.join(">, <")))
             }
         };
-        need(&["role", "tiebreak", "identity", "peer-cert"])?;
+        need(&["role", "tiebreak", "identity"])?;
+        if let Some(v) = self.get(DISK_SYNC) {
+            disk_sync(v)?;
+        }
+        if self.get("peer-cert").is_none() {
+            // Trusted through the site CA instead: its certificate and the peer's name.
+            need(&["ca", "peer-name"]).map_err(|e| format!("{e} (or <peer-cert>)"))?;
+        }
         match self.get("role") {
             Some("primary") => need(&["peer"]),
             Some("standby") => need(&["listen"]),
@@ -91,7 +110,8 @@ pub fn from_domain_xml(xml: &str) -> Result<Option<Settings>, String> {
                     in_ft = true;
                     found = true;
                 } else if ours && in_ft {
-                    let operators = crate::ops::LIBVIRT_KEYS.contains(&local.as_str());
+                    let operators =
+                        crate::ops::LIBVIRT_KEYS.contains(&local.as_str()) || PAIR_KEYS.contains(&local.as_str());
                     if local != "role" && !operators && Setting::from_libvirt(&local).is_none() {
                         return Err(format!("smpft FT metadata: unknown element <{local}>"));
                     }
@@ -135,6 +155,8 @@ pub struct DomainFt {
     pub peers: Vec<SocketAddr>,
     /// Where a standby waits for its primary.
     pub listen: Option<SocketAddr>,
+    /// How a standby's disks are brought in step (`<smpft:disk-sync>`).
+    pub disk_sync: smp_ft::ft::disk::DiskSync,
 }
 
 impl DomainFt {
@@ -156,8 +178,15 @@ impl DomainFt {
                 Some(l) if standby => Some(config::ft::listen(Names::Libvirt, l)?),
                 _ => None,
             },
+            // (Checked with the metadata: `Settings::check`.)
+            disk_sync: s.get(DISK_SYNC).and_then(|v| disk_sync(v).ok()).unwrap_or_default(),
         })
     }
+}
+
+fn disk_sync(v: &str) -> Result<smp_ft::ft::disk::DiskSync, String> {
+    <smp_ft::ft::disk::DiskSync as clap::ValueEnum>::from_str(v, true)
+        .map_err(|_| format!("smpft FT metadata: <{DISK_SYNC}> '{v}' is neither 'full' nor 'compare'"))
 }
 
 fn file(dir: &Path, domain: &str) -> PathBuf {

@@ -10,14 +10,13 @@
 use super::domain::Answers;
 use super::libvirt_ft::DomainFt;
 use crate::error_chain;
-use smp_ft::ft::disk::DiskSync;
 use smp_ft::ft::standby::{StandbyOptions, StandbyRunner};
 use smp_ft::vmm::VmConfig;
 use std::process::ExitCode;
 
 pub fn run(name: &str, ft: DomainFt, config: VmConfig, qmp: crate::Qmp, answers: Answers) -> Result<ExitCode, String> {
     let listen = ft.listen.ok_or("an FT standby domain needs <smpft:listen>")?;
-    let opts = StandbyOptions { ft: ft.opts.clone(), listen, config, disk_sync: DiskSync::Full };
+    let opts = StandbyOptions { ft: ft.opts.clone(), listen, config, disk_sync: ft.disk_sync };
     let (server, requests) = qmp.ok_or("an FT standby domain needs a monitor")?;
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     crate::forward_signals(sig_tx);

@@ -207,3 +207,29 @@ fn test_hooks_reach_the_options() {
     assert!(o.verify);
     assert_eq!(o.channel.wire_version, 1);
 }
+
+#[test]
+fn the_peer_is_trusted_by_its_certificate_or_by_the_site_ca_with_its_name() {
+    use transport::identity::{Issuer, CA_FILE};
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, a) = (dir.path().join("ca"), dir.path().join("host-a"));
+    transport::Identity::generate_into_as(&ca, "site CA", 1, &Issuer::NewCa).unwrap();
+    transport::Identity::generate_into_as(&a, "host-a", 1, &Issuer::ca_dir(&ca).unwrap()).unwrap();
+    let by_ca = |n| FtBuilder::new(n).identity(Some(a.clone())).tiebreak(Some(dir.path().join("tb")));
+    let o = by_ca(Names::Libvirt).ca(Some(a.join(CA_FILE))).peer_name(Some("host-b".into())).build().unwrap();
+    assert!(matches!(&o.trust, PeerTrust::Ca { name, .. } if name == "host-b"));
+    for (b, why) in [
+        (by_ca(Names::Libvirt), "fault tolerance needs <smpft:peer-cert>"),
+        (by_ca(Names::Libvirt).ca(Some(a.join(CA_FILE))), "fault tolerance needs <smpft:peer-name>"),
+        (by_ca(Names::Cli).peer_name(Some("host-b".into())), "fault tolerance needs --ca"),
+        (
+            complete(Names::Cli, dir.path()).ca(Some(a.join(CA_FILE))).peer_name(Some("b".into())),
+            "--peer-cert: the peer is trusted either by its own certificate or by the site CA's",
+        ),
+        (by_ca(Names::Cli).ca(Some(a.join(CA_FILE))).peer_name(Some("two words".into())), "--ca"),
+        (by_ca(Names::Cli).ca(Some(dir.path().join("none.pem"))).peer_name(Some("b".into())), "--ca"),
+    ] {
+        let e = b.build().err().map(|e| crate::error::error_chain(&e)).unwrap_or_default();
+        assert!(e.starts_with(why), "{why}: {e}");
+    }
+}

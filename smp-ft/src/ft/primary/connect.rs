@@ -39,6 +39,11 @@ impl PrimaryFt {
     pub(super) fn connected(&mut self, vm: &RunningVm, r: Result<Channel, transport::ChannelError>) -> Flow {
         let tried = self.proto.spares().current().map(|a| a.to_string()).unwrap_or_default();
         let chan = match r {
+            // Protection was turned off while this connect ran: the standby is not wanted.
+            Ok(chan) if self.proto.link() != crate::ft::protocol::LinkState::Connecting => {
+                chan.close(crate::ft::GOODBYE_REPLACED, "protection turned off by the operator");
+                return Flow::Continue;
+            }
             Ok(chan) => chan,
             Err(e) => {
                 let flow = self.step(vm, PrimaryEvent::ConnectFailed { refused: false });

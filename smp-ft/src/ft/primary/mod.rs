@@ -420,6 +420,24 @@ impl PrimaryFt {
         Ok(())
     }
 
+    /// Whether new standbys (or new settings) may be given now: no standby attached or being
+    /// connected.
+    pub fn may_protect(&self) -> bool {
+        self.proto.may_protect()
+    }
+
+    /// QMP `x-smpft-unprotect`: no spare is tried any more, and the standby is dropped (told
+    /// why), once this copy holds the tie-breaker above it if it may hold a complete copy.
+    pub fn unprotect(&mut self, vm: &RunningVm) {
+        tracing::info!(state = self.state_name(), "FT: protection turned off by the operator");
+        if self.link.is_some() {
+            self.drop_reason = Some((super::GOODBYE_REPLACED, "protection turned off by the operator".into()));
+            self.lost_at = Some(Instant::now());
+        }
+        self.last_error = None;
+        let _ = self.step(vm, PrimaryEvent::Unprotect);
+    }
+
     /// Tries the first standby only after `wait` (a copy that just handed the VM over needs a
     /// moment to wait as a standby again; tried before that, it would cost a whole retry).
     pub fn first_attempt_after(&mut self, wait: Duration) {

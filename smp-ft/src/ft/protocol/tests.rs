@@ -568,6 +568,41 @@ fn a_lagging_standby_is_dropped_only_once_the_tie_breaker_is_taken() {
     assert_eq!(p.state(), PrimaryState::Unprotected);
 }
 
+#[test]
+fn turning_protection_off_drops_the_standby_once_the_tie_breaker_is_taken_and_tries_no_spare() {
+    let mut p = protected();
+    p.handle(PrimaryEvent::Output { id: 1 });
+    assert_eq!(p.handle(PrimaryEvent::Unprotect), vec![PrimaryAction::Arbitrate { generation: 1 }]);
+    assert_eq!(p.state(), PrimaryState::Replacing);
+    assert_eq!(
+        p.handle(PrimaryEvent::TieBreakWon { generation: 1 }),
+        vec![PrimaryAction::DropStandby, PrimaryAction::Release { ids: vec![1] }, PrimaryAction::StopProtecting]
+    );
+    assert_eq!((p.state(), p.spares().current(), p.poll_timeout()), (PrimaryState::Unprotected, None, None));
+    assert!(p.may_protect(), "a new standby may be named later");
+    // Without the tie-breaker the standby stays (dropping it could let it go live).
+    let mut p = protected();
+    p.handle(PrimaryEvent::Unprotect);
+    p.handle(PrimaryEvent::TieBreakUnreachable);
+    assert_eq!(p.state(), PrimaryState::Protected);
+    // A standby still receiving the initial copy holds nothing: dropped at once.
+    let mut p = primary(0);
+    p.handle_at(ms(0.0), PrimaryEvent::Protect { spares: vec![spare(1), spare(2)], after: Duration::ZERO });
+    p.handle_timeout(ms(0.0));
+    p.handle_at(ms(1.0), PrimaryEvent::Connected { digests: false });
+    assert_eq!(p.state(), PrimaryState::Syncing);
+    assert_eq!(
+        p.handle_at(ms(2.0), PrimaryEvent::Unprotect),
+        vec![PrimaryAction::DropStandby, PrimaryAction::Release { ids: vec![] }, PrimaryAction::StopProtecting]
+    );
+    assert_eq!((p.state(), p.poll_timeout()), (PrimaryState::Unprotected, None), "no spare follows");
+    // Spares still to be tried are forgotten.
+    let mut p = primary(0);
+    p.handle_at(ms(0.0), PrimaryEvent::Protect { spares: vec![spare(1)], after: Duration::from_secs(1) });
+    assert_eq!(p.handle_at(ms(1.0), PrimaryEvent::Unprotect), vec![]);
+    assert_eq!(p.poll_timeout(), None);
+}
+
 // ---- the machine's own timers and the VM's end ----
 
 fn spare(port: u16) -> std::net::SocketAddr {

@@ -174,6 +174,10 @@ pub enum PrimaryEvent {
     Lagging,
     /// The operator asked for a planned switchover to the standby.
     Switchover,
+    /// The operator turned fault tolerance off: no spare is tried any more, and the standby is
+    /// dropped (one that may hold a complete copy only once this side holds the tie-breaker
+    /// above it, as a lagging one is replaced).
+    Unprotect,
     /// The tie-breaker now names the standby at the generation of [`PrimaryAction::HandOver`],
     /// and the standby was told to go live: this copy must never run the VM again.
     HandedOver,

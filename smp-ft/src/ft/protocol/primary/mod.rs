@@ -406,7 +406,36 @@ impl Primary {
                 actions
             }
             (_, e @ (E::Switchover | E::HandedOver | E::HandOverFailed)) => self.handle_switchover(e),
+            (_, E::Unprotect) => self.turn_off(),
             (_, e) => self.handle_running(e),
+        }
+    }
+
+    /// The operator turned fault tolerance off ([`PrimaryEvent::Unprotect`]).
+    fn turn_off(&mut self) -> Vec<PrimaryAction> {
+        self.spares.set(Vec::new());
+        self.connect_at = None;
+        match self.state {
+            // Connecting, or a standby that has received nothing yet: dropped at once.
+            S::Unprotected | S::Syncing if self.link != LinkState::None => {
+                self.unlink();
+                let mut actions = vec![PrimaryAction::DropStandby];
+                if self.state == S::Syncing {
+                    actions.extend(self.unprotect());
+                }
+                actions
+            }
+            // It may hold a complete copy: take the tie-breaker above it first (its answer
+            // drops it, as for a lagging standby).
+            S::Protected if self.finishing.is_none() => {
+                self.state = S::Replacing;
+                self.claimed_from = Some(self.generation);
+                self.generation += 1;
+                self.claim()
+            }
+            // Unprotected already, or a decision under way (arbitration, a replacement, a
+            // switchover, the VM ending): it ends as it would, and no spare follows.
+            _ => vec![],
         }
     }
 
