@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod disk_image;
+pub mod etcd;
 pub mod ft;
 pub mod libvirt;
 pub mod linux;
