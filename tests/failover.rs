@@ -31,6 +31,67 @@ fn finish_at(mut client: FailoverClient, at: usize, live: Proc, live_paths: &VmP
     client
 }
 
+/// What one trial of a primary killed at a random moment saw: replies, client outages and the
+/// tie-breaker as the copy that went live reported it (none when the primary died before the
+/// standby held anything).
+type Trial = Option<(u64, Vec<Duration>, serde_json::Value)>;
+
+/// One trial of [`primary_killed_at_random_moments_loses_nothing`] with `setup`'s tie-breaker:
+/// the kind of moment follows `trial % 8`.
+fn kill_trial(setup: &FtSetup, trial: u64, r: &mut impl FnMut(u64) -> u64) -> Trial {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let (pp, sp) = (setup.paths(&format!("p{trial}")), setup.paths(&format!("s{trial}")));
+    let k = 3 + r(40);
+    let (what, p_fault, s_fault) = match trial % 8 {
+        0 => ("kill during pre-copy".to_string(), Some("kill-in-precopy".to_string()), None),
+        1 | 2 => (format!("kill after send #{k}"), Some(format!("kill-after-send:{k}")), None),
+        3 | 4 => (format!("kill right after ack #{k}"), Some(format!("kill-after-ack:{k}")), None),
+        5 => (
+            format!("kill while the standby applies #{k}"),
+            Some(format!("kill-after-ack:{k}")),
+            Some(format!("stall-apply:{k}:200")),
+        ),
+        _ => (format!("SIGKILL {} ms after protection", r(400)), None, None),
+    };
+    let what = format!("trial {trial} ({what})");
+    let s_hooks: Option<String> = s_fault.as_ref().map(|f| format!("fault={f}"));
+    let s_env: Vec<(&str, &str)> = s_hooks.iter().map(|h| ("SMPFT_TEST_HOOKS", h.as_str())).collect();
+    let p_hooks: Option<String> = p_fault.as_ref().map(|f| format!("fault={f}"));
+    let p_env: Vec<(&str, &str)> = p_hooks.iter().map(|h| ("SMPFT_TEST_HOOKS", h.as_str())).collect();
+    let mut standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &s_env);
+    wait_state(&sp, "waiting", Duration::from_secs(10));
+    let mut primary = setup.primary(&pp, &addr, &p_env, &[]);
+    if trial % 8 == 0 {
+        // Nothing whole reached the standby: it must not go live, and waits for a new primary.
+        let status = wait_exit(primary, Duration::from_secs(20));
+        assert_eq!(status.signal(), Some(9), "{what}: the primary should have been killed");
+        let waits_again = "standby waiting for a primary again";
+        let lost = later(|| format!("{what}: the standby never noticed\n{}", log(&sp)));
+        wait_until(lost, Duration::from_secs(10), || log(&sp).contains(waits_again));
+        assert!(standby.is_running(), "{what}: the standby must keep waiting\n{}", log(&sp));
+        assert_eq!(query(&sp)["state"], "waiting", "{what}\n{}", log(&sp));
+        assert!(!accepts_connections(&sp.serial), "{what}: the standby's serial port must stay closed");
+        standby.sigkill();
+        return None;
+    }
+    let client = background_client(vec![pp.serial.clone(), sp.serial.clone()]);
+    if p_fault.is_none() {
+        wait_state(&pp, "protected", Duration::from_secs(20));
+        let ms: u64 = what.split("SIGKILL ").nth(1).and_then(|s| s.split(' ').next()?.parse().ok()).unwrap();
+        // The moment is the point: a random time into the protected run.
+        std::thread::sleep(Duration::from_millis(ms));
+        primary.sigkill();
+    }
+    let status = wait_exit(primary, Duration::from_secs(30));
+    assert_eq!(status.signal(), Some(9), "{what}: primary ended otherwise\n{}", log(&pp));
+    let live = wait_state(&sp, "live-after-failover", Duration::from_secs(10));
+    let client = client.finish_or(|| format!("{what}\nprimary:\n{}\nstandby:\n{}", log(&pp), log(&sp)));
+    let client = finish_on(client, standby, &sp, &what);
+    assert!(client.replies > 20, "{what}: the client made progress");
+    Some((client.replies, client.outages.clone(), live["tiebreak"].clone()))
+}
+
 #[test]
 fn primary_killed_at_random_moments_loses_nothing() {
     require_kvm();
@@ -40,58 +101,10 @@ fn primary_killed_at_random_moments_loses_nothing() {
     let mut outages = Vec::new();
     let mut total_replies = 0;
     for trial in 0..32u64 {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let (pp, sp) = (setup.paths(&format!("p{trial}")), setup.paths(&format!("s{trial}")));
-        let k = 3 + r(40);
-        let (what, p_fault, s_fault) = match trial % 8 {
-            0 => ("kill during pre-copy".to_string(), Some("kill-in-precopy".to_string()), None),
-            1 | 2 => (format!("kill after send #{k}"), Some(format!("kill-after-send:{k}")), None),
-            3 | 4 => (format!("kill right after ack #{k}"), Some(format!("kill-after-ack:{k}")), None),
-            5 => (
-                format!("kill while the standby applies #{k}"),
-                Some(format!("kill-after-ack:{k}")),
-                Some(format!("stall-apply:{k}:200")),
-            ),
-            _ => (format!("SIGKILL {} ms after protection", r(400)), None, None),
-        };
-        let what = format!("trial {trial} ({what})");
-        let s_hooks: Option<String> = s_fault.as_ref().map(|f| format!("fault={f}"));
-        let s_env: Vec<(&str, &str)> = s_hooks.iter().map(|h| ("SMPFT_TEST_HOOKS", h.as_str())).collect();
-        let p_hooks: Option<String> = p_fault.as_ref().map(|f| format!("fault={f}"));
-        let p_env: Vec<(&str, &str)> = p_hooks.iter().map(|h| ("SMPFT_TEST_HOOKS", h.as_str())).collect();
-        let mut standby = setup.standby(&sp, &addr, &setup.b, &setup.a, 4, &s_env);
-        wait_state(&sp, "waiting", Duration::from_secs(10));
-        let mut primary = setup.primary(&pp, &addr, &p_env, &[]);
-        if trial % 8 == 0 {
-            // Nothing whole reached the standby: it must not go live, and waits for a new primary.
-            let status = wait_exit(primary, Duration::from_secs(20));
-            assert_eq!(status.signal(), Some(9), "{what}: the primary should have been killed");
-            let waits_again = "standby waiting for a primary again";
-            let lost = later(|| format!("{what}: the standby never noticed\n{}", log(&sp)));
-            wait_until(lost, Duration::from_secs(10), || log(&sp).contains(waits_again));
-            assert!(standby.is_running(), "{what}: the standby must keep waiting\n{}", log(&sp));
-            assert_eq!(query(&sp)["state"], "waiting", "{what}\n{}", log(&sp));
-            assert!(!accepts_connections(&sp.serial), "{what}: the standby's serial port must stay closed");
-            standby.sigkill();
-            continue;
+        if let Some((replies, o, _)) = kill_trial(&setup, trial, &mut r) {
+            total_replies += replies;
+            outages.extend(o);
         }
-        let client = background_client(vec![pp.serial.clone(), sp.serial.clone()]);
-        if p_fault.is_none() {
-            wait_state(&pp, "protected", Duration::from_secs(20));
-            let ms: u64 = what.split("SIGKILL ").nth(1).and_then(|s| s.split(' ').next()?.parse().ok()).unwrap();
-            // The moment is the point: a random time into the protected run.
-            std::thread::sleep(Duration::from_millis(ms));
-            primary.sigkill();
-        }
-        let status = wait_exit(primary, Duration::from_secs(30));
-        assert_eq!(status.signal(), Some(9), "{what}: primary ended otherwise\n{}", log(&pp));
-        wait_state(&sp, "live-after-failover", Duration::from_secs(10));
-        let client = client.finish_or(|| format!("{what}\nprimary:\n{}\nstandby:\n{}", log(&pp), log(&sp)));
-        let client = finish_on(client, standby, &sp, &what);
-        assert!(client.replies > 20, "{what}: the client made progress");
-        total_replies += client.replies;
-        outages.extend(client.outages.iter().copied());
     }
     outages.sort();
     eprintln!(
@@ -99,6 +112,35 @@ fn primary_killed_at_random_moments_loses_nothing() {
         outages.get(outages.len() / 2),
         outages.last()
     );
+}
+
+/// The same with the tie-breaker in a three-member etcd cluster (the copies on a host of their
+/// own): each kind of moment once, the standby going live only after winning in etcd, then the
+/// record read back.
+#[test]
+fn primary_killed_with_the_etcd_tiebreaker_loses_nothing() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let etcd = common::etcd::EtcdCluster::start(&common::scratch("ft-etcd-cluster"), false);
+    let (_seed, mut r) = seeded_rng();
+    let mut won = 0;
+    for trial in 0..8u64 {
+        // A record per trial, as a VM of its own.
+        let setup = FtSetup::on_etcd(&format!("ft-etcd-kills{trial}"), &etcd, &format!("smpft/kills/vm{trial}"));
+        if let Some((_, _, tb)) = kill_trial(&setup, trial, &mut r) {
+            let (generation, holder) = setup.record().expect("the standby's claim is recorded in etcd");
+            assert_eq!(generation, 1, "trial {trial}: {holder}");
+            // What the live copy says of its tie-breaker: etcd, the member that answered, and
+            // itself as the holder of generation 1.
+            assert_eq!((tb["backend"].as_str(), tb["last"].as_str()), (Some("etcd"), Some("won")), "{tb}");
+            assert_eq!((tb["generation"].as_u64(), tb["holder"].as_str()), (Some(1), Some(holder.as_str())), "{tb}");
+            assert!(tb["endpoint"].as_str().is_some_and(|e| e.starts_with("203.0.113.")), "{tb}");
+            won += 1;
+        } else {
+            assert_eq!(setup.record(), None, "trial {trial}: nobody claimed");
+        }
+    }
+    eprintln!("8 trials with etcd: the standby won {won} failovers, each once, nothing lost");
 }
 
 #[test]
@@ -504,13 +546,31 @@ fn spares_take_over_protection_in_turn() {
 fn a_lagging_standby_is_replaced_by_a_spare() {
     require_kvm();
     let _serial = one_at_a_time();
-    let setup = FtSetup::new("ft-lag");
+    lagging_standby_replaced(&FtSetup::new("ft-lag"));
+}
+
+/// The same with the tie-breaker in a three-member etcd cluster: the replacement is the
+/// primary's transaction on the generation, and the replaced standby's claim loses to it.
+#[test]
+fn a_lagging_standby_is_replaced_with_the_etcd_tiebreaker() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let etcd = common::etcd::EtcdCluster::start(&common::scratch("ft-lag-etcd-cluster"), false);
+    let setup = FtSetup::on_etcd("ft-lag-etcd", &etcd, "smpft/lag/vm1");
+    lagging_standby_replaced(&setup);
+    let (generation, holder) = setup.record().expect("the replacement is recorded in etcd");
+    // 1: the replacement; 2: the VM ended on purpose afterwards.
+    assert_eq!(generation, 2, "{holder}");
+    assert!(holder.ends_with("/stopped"), "the VM ended after the replacement: {holder}");
+}
+
+fn lagging_standby_replaced(setup: &FtSetup) {
     let (port1, port2) = (free_port(), free_port());
     let addr = |p: u16| format!("127.0.0.1:{p}");
     let (pp, s1p, s2p) = (setup.paths("p"), setup.paths("s1"), setup.paths("s2"));
     // A stopped standby is slow, not silent: the silence timeout is above each stop.
     let shape = ["--vcpus", "4", "--memory", "128M", "--ft-timeout", "600ms"];
-    let b_trusts_a = Side { me: &setup.b, peer: &setup.a, tiebreak: &setup.tiebreak, env: &[], netns: None };
+    let b_trusts_a = setup.side(&setup.b, &setup.a, &[]);
     let (a1, a2) = (addr(port1), addr(port2));
     let halt = ["--ft-halt-on-loss"];
     let s1 = common::ft::spawn(&s1p, &b_trusts_a, &[&["standby", "--listen", &a1], &shape[..], &halt[..]].concat());

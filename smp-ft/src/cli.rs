@@ -78,6 +78,11 @@ pub(crate) enum Command {
     /// another host, unprotect it, list the protected domains.
     #[command(subcommand)]
     Libvirt(crate::libvirt::LibvirtCommand),
+    /// Read or reset a VM's tie-breaker record (a path, or etcd://..., as --tiebreak takes it).
+    Tiebreak {
+        #[command(subcommand)]
+        action: crate::tiebreak_cmd::Action,
+    },
     /// Check a chain of snapshot files (a full one, then its increments) and describe them.
     SnapshotInfo {
         /// Snapshot files, full snapshot first.
@@ -114,9 +119,11 @@ pub(crate) struct FtArgs {
     /// With --ca: the host name the peer's certificate must carry.
     #[arg(long, value_name = "NAME", requires = "ca")]
     pub(crate) peer_name: Option<String>,
-    /// The tie-breaker: a file on storage both hosts share (a local or NFS path). Whichever
-    /// copy wants to run alone must first win it; the loser halts.
-    #[arg(long, value_name = "PATH")]
+    /// The tie-breaker: a file on storage both hosts share (a local or NFS path), or a key in
+    /// etcd: etcd://HOST:PORT[,HOST:PORT...]/KEY-PREFIX/VM, over TLS with
+    /// ?cacert=CA.pem[&cert=CERT.pem&key=KEY.pem]. Whichever copy wants to run alone must
+    /// first win it; the loser halts. A copy that cannot reach it (no etcd quorum) cannot win.
+    #[arg(long, value_name = "PATH|etcd://...")]
     pub(crate) tiebreak: Option<PathBuf>,
     /// Checkpoint interval.
     #[arg(long, default_value = shown::INTERVAL, value_parser = parse_duration)]

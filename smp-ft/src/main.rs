@@ -7,6 +7,7 @@ mod lifecycle;
 mod ops;
 mod persona;
 mod signals;
+mod tiebreak_cmd;
 
 use clap::Parser;
 use cli::{Cli, Command, RunArgs, StandbyArgs};
@@ -271,6 +272,7 @@ fn main() -> ExitCode {
         Command::SnapshotInfo { files } => snapshot_info(&files),
         Command::Status(args) => ops::status(&args),
         Command::Libvirt(cmd) => libvirt::run(&cmd).map(|()| ExitCode::SUCCESS).map_err(CliError::Usage),
+        Command::Tiebreak { action } => tiebreak_cmd::run(action),
         Command::LibvirtHook { args } => {
             let mut xml = String::new();
             let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml);

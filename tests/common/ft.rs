@@ -11,7 +11,10 @@ pub struct FtSetup {
     /// Identity directories of the two hosts.
     pub a: PathBuf,
     pub b: PathBuf,
+    /// A path, or an etcd URL ([`FtSetup::on_etcd`]).
     pub tiebreak: PathBuf,
+    /// The network namespace the copies run in (the etcd tests' hosts namespace).
+    pub netns: Option<String>,
 }
 
 /// A UDP port free on loopback right now.
@@ -30,7 +33,21 @@ impl FtSetup {
             assert!(o.status.success(), "keygen: {}", String::from_utf8_lossy(&o.stderr));
         }
         let tiebreak = dir.join("tiebreak");
-        FtSetup { dir, a, b, tiebreak }
+        FtSetup { dir, a, b, tiebreak, netns: None }
+    }
+
+    /// As [`FtSetup::new`], with the tie-breaker in `etcd` under `key`; the copies run in its
+    /// hosts' namespace.
+    pub fn on_etcd(name: &str, etcd: &super::etcd::EtcdCluster, key: &str) -> FtSetup {
+        let mut s = FtSetup::new(name);
+        s.tiebreak = PathBuf::from(etcd.spec(key));
+        s.netns = Some(etcd.hosts.clone());
+        s
+    }
+
+    /// One side's settings: identity `me` trusting `peer`, with this setup's tie-breaker.
+    pub fn side<'a>(&'a self, me: &'a Path, peer: &'a Path, env: &'a [(&'a str, &'a str)]) -> Side<'a> {
+        Side { me, peer, tiebreak: &self.tiebreak, env, netns: self.netns.as_deref() }
     }
 
     pub fn paths(&self, name: &str) -> VmPaths {
@@ -39,8 +56,7 @@ impl FtSetup {
 
     /// `smpft standby` on `listen`, with identity `me` trusting `peer`'s certificate.
     pub fn standby(&self, p: &VmPaths, listen: &str, me: &Path, peer: &Path, vcpus: u32, env: &[(&str, &str)]) -> Proc {
-        let side = Side { me, peer, tiebreak: &self.tiebreak, env, netns: None };
-        self.standby_side(p, listen, vcpus, &side)
+        self.standby_side(p, listen, vcpus, &self.side(me, peer, env))
     }
 
     pub fn standby_side(&self, p: &VmPaths, listen: &str, vcpus: u32, side: &Side) -> Proc {
@@ -50,8 +66,7 @@ impl FtSetup {
 
     /// `smpft run` (identity a) protected by the standby at `peer_addr`.
     pub fn primary(&self, p: &VmPaths, peer_addr: &str, env: &[(&str, &str)], extra: &[&str]) -> Proc {
-        let side = Side { me: &self.a, peer: &self.b, tiebreak: &self.tiebreak, env, netns: None };
-        self.primary_side(p, peer_addr, &side, extra)
+        self.primary_side(p, peer_addr, &self.side(&self.a, &self.b, env), extra)
     }
 
     pub fn primary_side(&self, p: &VmPaths, peer_addr: &str, side: &Side, extra: &[&str]) -> Proc {
@@ -61,11 +76,33 @@ impl FtSetup {
 
     /// The tie-breaker record: (generation, holder).
     pub fn record(&self) -> Option<(u64, String)> {
+        let spec = self.tiebreak.to_string_lossy();
+        if spec.starts_with("etcd://") {
+            return self.etcd_record(&spec);
+        }
         let t = std::fs::read_to_string(&self.tiebreak).ok()?;
         let mut w = t.trim_end().rsplitn(3, ' ');
         let holder = w.next()?.to_string();
         let generation = w.next()?.parse().ok()?;
         Some((generation, holder))
+    }
+}
+
+impl FtSetup {
+    /// The record in etcd, as `smpft tiebreak show --json` reads it (in the copies' namespace).
+    fn etcd_record(&self, spec: &str) -> Option<(u64, String)> {
+        let mut c = match &self.netns {
+            None => smpft(),
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(super::smpft_bin());
+                c
+            }
+        };
+        let o = c.args(["tiebreak", "show", "--json", spec]).output().unwrap();
+        assert!(o.status.success(), "tiebreak show: {}", super::stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        Some((v["generation"].as_u64()?, v["holder"].as_str()?.to_string()))
     }
 }
 

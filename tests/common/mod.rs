@@ -3,6 +3,7 @@
 
 pub mod disk_image;
 pub mod disk_kills;
+pub mod etcd;
 pub mod ft;
 pub mod libvirt;
 pub mod linux;

@@ -18,8 +18,8 @@ use transport::{ChannelConfig, Identity, PeerTrust};
 pub struct FtOptions {
     pub identity: Identity,
     pub trust: PeerTrust,
-    /// The tie-breaker record on shared storage.
-    pub tiebreak: PathBuf,
+    /// The tie-breaker record: a file on shared storage, or a key in etcd.
+    pub tiebreak: crate::ft::tiebreak::Spec,
     /// This side's name in the tie-breaker record and in the peer's logs.
     pub owner: String,
     /// The primary's protocol: checkpoint interval and pacing, window, initial copy.
@@ -151,6 +151,7 @@ impl FtBuilder {
         ca: Option<PathBuf> => ca;
         /// The host name the peer's certificate must carry (with a CA).
         peer_name: Option<String> => peer_name;
+        /// A path, or etcd://HOST:PORT[,HOST:PORT...]/KEY-PREFIX/VM[?cacert=&cert=&key=].
         tiebreak: Option<PathBuf> => tiebreak;
         /// This copy's name in the tie-breaker record (default: host name and process id).
         owner: Option<String> => owner;
@@ -251,6 +252,9 @@ impl FtBuilder {
             }
             _ => unreachable!("checked: a peer certificate, or a CA with the peer's name"),
         };
+        let tiebreak = self.tiebreak.as_deref().unwrap_or_else(|| std::path::Path::new(""));
+        let tiebreak = crate::ft::tiebreak::Spec::parse(&tiebreak.to_string_lossy())
+            .map_err(|e| ConfigError::cause(names, Setting::Tiebreak, e))?;
         let channel = ChannelConfig {
             heartbeat: self.heartbeat,
             silence_timeout: self.timeout,
@@ -261,7 +265,7 @@ impl FtBuilder {
         Ok(FtOptions {
             identity,
             trust,
-            tiebreak: self.tiebreak.unwrap_or_default(),
+            tiebreak,
             owner: self.owner.unwrap_or_else(default_owner),
             protocol: PrimaryConfig { ack_timeout: self.ack_timeout.unwrap_or(self.timeout * 2), ..self.protocol },
             claim_timeout: self.claim_timeout,

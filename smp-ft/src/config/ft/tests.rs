@@ -233,3 +233,23 @@ fn the_peer_is_trusted_by_its_certificate_or_by_the_site_ca_with_its_name() {
         assert!(e.starts_with(why), "{why}: {e}");
     }
 }
+
+#[test]
+fn the_tiebreak_is_a_path_or_an_etcd_url() {
+    use crate::ft::tiebreak::Spec;
+    let dir = tempfile::tempdir().unwrap();
+    let url = "etcd://10.0.0.1:2379,10.0.0.2:2379/smpft/vm1";
+    let o = complete(Names::Libvirt, dir.path()).parse(Setting::Tiebreak, url).unwrap().build().unwrap();
+    assert!(
+        matches!(&o.tiebreak, Spec::Etcd(e) if e.endpoints.len() == 2 && e.key == "/smpft/vm1"),
+        "{:?}",
+        o.tiebreak
+    );
+    assert_eq!(o.tiebreak.to_string(), url);
+    assert!(matches!(complete(Names::Cli, dir.path()).build().unwrap().tiebreak, Spec::File(_)));
+    for (names, named) in [(Names::Cli, "--tiebreak"), (Names::Libvirt, "<smpft:tiebreak>")] {
+        let e = complete(names, dir.path()).tiebreak(Some("etcd://h/smpft/vm1".into())).build().err().unwrap();
+        let want = format!("{named}: 'etcd://h/smpft/vm1': member 'h': no port (HOST:PORT)");
+        assert_eq!(crate::error::error_chain(&e), want);
+    }
+}

@@ -10,7 +10,7 @@ use super::error::FtError;
 use super::link::Link;
 use super::protocol::{Primary, PrimaryAction, PrimaryEvent, PrimaryState};
 use super::stats::Stats;
-use super::tiebreak::{Outcome as Claim, TieBreakError, TieBreaker};
+use super::tiebreak::{Outcome as Claim, TieBreak, TieBreakError};
 use super::wire::{self, Meta, Outgoing};
 use super::{FtOptions, GOODBYE_HALTED, GOODBYE_VM_ENDED};
 use crate::error::error_chain;
@@ -69,7 +69,7 @@ pub enum Input {
 
 pub struct PrimaryFt {
     opts: FtOptions,
-    tiebreak: TieBreaker,
+    tiebreak: Arc<dyn TieBreak>,
     proto: Primary,
     meta: Meta,
     link: Option<Link>,
@@ -124,11 +124,11 @@ impl PrimaryFt {
         spares: Vec<SocketAddr>,
         took_over: Option<u64>,
     ) -> Result<PrimaryFt, FtError> {
-        let tiebreak = TieBreaker::new(&opts.tiebreak, &opts.owner)?;
+        let tiebreak = super::tiebreak::open(&opts.tiebreak, &opts.owner)?;
         let generation = match took_over {
             Some(g) => g,
             // Claims must go above anything already recorded.
-            None => tiebreak.read()?.map_or(0, |(g, _)| g),
+            None => tiebreak.read(opts.claim_timeout)?.map_or(0, |r| r.generation),
         };
         let (wtx, wake) = crossbeam_channel::bounded(1);
         vm.devices().gate.notify_on_output(Some(wtx.clone()));

@@ -47,6 +47,7 @@ impl PrimaryFt {
         v["standbys-replaced"] = json!(self.replaced);
         v["nics"] = crate::ft::stats::nics(vm);
         v["detector"] = json!(self.link.as_ref().map(|l| crate::ft::link::detector_json(&l.chan)));
+        v["tiebreak"] = self.tiebreak.status().to_json();
         crate::observe::get().query(&mut v);
         if let Some(s) = &self.sync {
             v["sync-round"] = json!(s.round);

@@ -2,13 +2,18 @@
 //! links, with crashes, partitions, unreachable tie-breakers, replacements, switchovers, VMs
 //! that end, and reconnects. The shell is modelled as the real ones are: claims, connects and
 //! hand-overs answer later, in the background; the output gate holds, seals and releases
-//! batches. Every schedule is checked against the invariants, and the schedules are run again
-//! with a shell that drops one kind of action, which the invariants must catch.
+//! batches. Claims, hand-overs and the record of a VM that ended go to the in-memory model of
+//! the tie-breaker trait (`ft::tiebreak::memory`), through the same requests the shells make.
+//! Every schedule is checked against the invariants, and the schedules are run again with a
+//! shell that drops one kind of action, which the invariants must catch.
 
 use super::*;
+use crate::ft::tiebreak::memory::{MemoryTieBreaker, Store};
+use crate::ft::tiebreak::{Outcome, TieBreak};
 use crate::ft::TestRng as Rng;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A fault planted in the simulated primary shell: one kind of action it never carries out.
@@ -41,24 +46,21 @@ fn kind(a: &PrimaryAction) -> &'static str {
     }
 }
 
-/// The shared lock: a generation and its holder. `try_lock` succeeds for a higher generation
-/// than any before, or for the holder again.
-#[derive(Default)]
-struct TieBreaker {
-    generation: u64,
-    holder: Option<String>,
+/// The claim timeout the model is given (it answers at once).
+const CLAIM: Duration = Duration::from_secs(1);
+
+/// A claim's answer as the generation won (`Ok`) or the one held by another (`Err`), and
+/// whether the holder ended the VM on purpose.
+fn answer(r: Outcome) -> (Result<u64, u64>, bool) {
+    match r {
+        Outcome::Won { generation } => (Ok(generation), false),
+        Outcome::Lost { generation, holder } => (Err(generation), holder.ends_with(crate::ft::tiebreak::STOPPED)),
+    }
 }
 
-impl TieBreaker {
-    fn try_lock(&mut self, who: &str, generation: u64) -> Result<u64, u64> {
-        if generation > self.generation || self.holder.as_deref() == Some(who) && generation == self.generation {
-            self.generation = generation;
-            self.holder = Some(who.to_string());
-            Ok(generation)
-        } else {
-            Err(self.generation)
-        }
-    }
+/// A claim of `generation` by `tb`, as the shells make it.
+fn claim(tb: &MemoryTieBreaker, generation: u64) -> (Result<u64, u64>, bool) {
+    answer(tb.claim(generation, CLAIM).expect("the model always answers"))
 }
 
 /// One standby of the schedule (a new one for each connect).
@@ -72,6 +74,7 @@ struct Node {
     silent_since: Option<u64>,
     to_standby: VecDeque<(Epoch, bool)>,
     to_primary: VecDeque<Epoch>,
+    tb: MemoryTieBreaker,
     live_at: Option<Epoch>,
     /// A claim under way: (step its answer comes, generation).
     claim: Option<(u64, u64)>,
@@ -80,10 +83,12 @@ struct Node {
 }
 
 impl Node {
-    fn new(k: usize, generation: u64, now: Instant) -> Node {
+    fn new(k: usize, generation: u64, now: Instant, store: &Arc<Store>) -> Node {
+        let name = format!("standby{k}");
         Node {
             s: Standby::new(generation, Duration::from_millis(100), now),
-            name: format!("standby{k}"),
+            tb: MemoryTieBreaker::new(store, &name),
+            name,
             alive: true,
             link_up: true,
             silent_since: None,
@@ -123,7 +128,9 @@ struct Sim {
     step: u64,
     p: Primary,
     p_alive: bool,
-    tb: TieBreaker,
+    /// The tie-breaker's record, and the primary's claimant.
+    store: Arc<Store>,
+    p_tb: MemoryTieBreaker,
     nodes: Vec<Node>,
     /// The standby the primary's link goes to, if any.
     current: Option<usize>,
@@ -151,6 +158,7 @@ const CALM: u64 = 250;
 impl Sim {
     fn new(seed: u64, mutation: Mutation) -> Sim {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let store = Store::new();
         let now = Instant::now();
         let mut p = Primary::new(0, PrimaryConfig::default(), now);
         let spares = vec![SocketAddr::from(([127, 0, 0, 1], 7400))];
@@ -164,7 +172,8 @@ impl Sim {
             step: 0,
             p,
             p_alive: true,
-            tb: TieBreaker::default(),
+            p_tb: MemoryTieBreaker::new(&store, "primary"),
+            store,
             nodes: Vec::new(),
             current: None,
             pending: Vec::new(),
@@ -278,8 +287,12 @@ impl Sim {
                 }
                 PrimaryAction::Finished if self.p.state() == PrimaryState::SwitchedOver => self.p_alive = false,
                 PrimaryAction::Finished => {
-                    // The VM ended: the standby is told, if the link carries it.
+                    // The VM ended: the shell records so in the tie-breaker, and the standby is
+                    // told, if the link carries it.
                     self.p_alive = false;
+                    if self.current.is_some() {
+                        let _ = self.p_tb.record_stop(self.p.generation(), CLAIM);
+                    }
                     if let Some(k) = self.current {
                         if self.nodes[k].link_up {
                             self.nodes[k].ended = true;
@@ -332,8 +345,9 @@ impl Sim {
             let actions = match p {
                 Pending::Connect { .. } if self.calm() || self.rng.chance(80) => {
                     let k = self.nodes.len();
-                    let generation = self.tb.generation.max(self.p.generation());
-                    self.nodes.push(Node::new(k, generation, self.now));
+                    let recorded = self.store.record().map_or(0, |r| r.generation);
+                    let generation = recorded.max(self.p.generation());
+                    self.nodes.push(Node::new(k, generation, self.now, &self.store));
                     self.current = Some(k);
                     let digests = self.rng.chance(20);
                     if digests {
@@ -353,7 +367,7 @@ impl Sim {
                     if !self.calm() && self.rng.chance(10) {
                         self.p.handle_at(self.now, PrimaryEvent::TieBreakUnreachable)
                     } else {
-                        match self.tb.try_lock("primary", generation) {
+                        match claim(&self.p_tb, generation).0 {
                             Ok(g) => {
                                 self.won_against.extend(session);
                                 self.p.handle_at(self.now, PrimaryEvent::TieBreakWon { generation: g })
@@ -365,7 +379,9 @@ impl Sim {
                 Pending::HandOver { epoch, generation, to, .. } => {
                     if !self.calm() && self.rng.chance(3) {
                         self.p.handle_at(self.now, PrimaryEvent::HandOverFailed)
-                    } else if let Err(g) = self.tb.try_lock(&self.nodes[to].name.clone(), generation) {
+                    } else if let (Err(g), _) =
+                        answer(self.p_tb.hand_over(generation, &self.nodes[to].name, CLAIM).expect("the model answers"))
+                    {
                         self.p.handle_at(self.now, PrimaryEvent::TieBreakLost { generation: g })
                     } else {
                         let n = &mut self.nodes[to];
@@ -437,9 +453,15 @@ impl Sim {
                 let ev = if step < self.calm_from && self.rng.chance(10) {
                     StandbyEvent::TieBreakUnreachable
                 } else {
-                    match self.tb.try_lock(&n.name, generation) {
-                        Ok(g) => StandbyEvent::TieBreakWon { generation: g },
-                        Err(g) => StandbyEvent::TieBreakLost { generation: g },
+                    match claim(&n.tb, generation) {
+                        (Ok(g), _) => StandbyEvent::TieBreakWon { generation: g },
+                        (Err(_), true) => {
+                            // The VM ended on purpose, as the record says: the shell ends the
+                            // standby without telling the core.
+                            n.alive = false;
+                            continue;
+                        }
+                        (Err(g), false) => StandbyEvent::TieBreakLost { generation: g },
                     }
                 };
                 actions.extend(n.s.handle_at(self.now, ev));

@@ -7,7 +7,7 @@
 
 use super::error::FtError;
 use super::protocol::{Epoch, Standby, StandbyAction, StandbyEvent};
-use super::tiebreak::{Outcome as Claim, TieBreakError, TieBreaker};
+use super::tiebreak::{Outcome as Claim, TieBreak, TieBreakError};
 use super::wire::{MachineState, Meta};
 use super::{FtOptions, GOODBYE_HALTED, GOODBYE_VM_ENDED};
 use crate::error::error_chain;
@@ -91,7 +91,7 @@ pub struct StandbyRunner<'a> {
     /// Point-in-time disk exports of snapshots of the committed copy: (snapshot file, one per
     /// disk). They end when released, or when the session that took them ends.
     exports: parking_lot::Mutex<Vec<(std::path::PathBuf, Vec<Export>)>>,
-    tiebreak: TieBreaker,
+    tiebreak: Arc<dyn TieBreak>,
     generation: u64,
     qmp: Receiver<Request>,
     signals: Receiver<VmEvent>,
@@ -145,8 +145,8 @@ impl<'a> StandbyRunner<'a> {
         // The CPU the VM would have here: a model this host cannot give means it cannot go live.
         let cpuid =
             crate::vmm::cpuid::guest_at(&opts.config.kvm_device, &opts.config.cpu).map_err(FtError::CannotGoLive)?;
-        let tiebreak = TieBreaker::new(&opts.ft.tiebreak, &opts.ft.owner)?;
-        let generation = tiebreak.read()?.map_or(0, |(g, _)| g);
+        let tiebreak = super::tiebreak::open(&opts.ft.tiebreak, &opts.ft.owner)?;
+        let generation = tiebreak.read(opts.ft.claim_timeout)?.map_or(0, |r| r.generation);
         Ok(StandbyRunner {
             cpuid: super::wire::cpuid_words(&cpuid),
             opts,
@@ -459,9 +459,9 @@ impl<'a> StandbyRunner<'a> {
         });
         if let Err(e) = spawned {
             // No claim was made: as if the tie-breaker could not be reached (asked again).
-            let path = self.opts.ft.tiebreak.clone();
+            let at = self.opts.ft.tiebreak.to_string();
             let source = std::io::Error::other(format!("cannot start a claim: {e}"));
-            let _ = self.claims.0.send((id, Err(TieBreakError::Unreachable { path, source })));
+            let _ = self.claims.0.send((id, Err(TieBreakError::Unreachable { at, source })));
         }
     }
 

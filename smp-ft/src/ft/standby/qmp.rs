@@ -40,6 +40,7 @@ impl StandbyRunner<'_> {
             "disk-bytes-received": s.map_or(0, |s| s.disk_bytes),
             "disk-staged-peak-bytes": s.map_or(0, |s| s.disk_peak),
             "detector": s.map(|s| crate::ft::link::detector_json(&s.chan)),
+            "tiebreak": self.tiebreak.status().to_json(),
         });
         crate::observe::get().query(&mut v);
         v

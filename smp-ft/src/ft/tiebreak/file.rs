@@ -1,7 +1,4 @@
-//! The tie-breaker: a lock with a generation number on storage both hosts share. A side that
-//! wants to act alone claims generation `g`. It wins if `g` is higher than any generation
-//! recorded before (or it already holds `g`), and then the record names it. Everyone else loses
-//! at `g`.
+//! The tie-breaker as a file on storage both hosts share (`--tiebreak PATH`).
 //!
 //! How it stays atomic:
 //! - `PATH.lock` is locked with an open-file-description lock (`F_OFD_SETLK`). Linux implements
@@ -9,50 +6,20 @@
 //! - Under that lock the record `PATH` is read, compared, written to `PATH.tmp`, fsynced, and
 //!   renamed over `PATH`. Rename is atomic on local filesystems and on an NFS server, so a crash
 //!   never leaves a torn record.
-//! - A record that cannot be parsed is an error, never a win.
 //!
-//! If the storage cannot be reached within the timeout the claim fails with
-//! [`TieBreakError::Unreachable`], and the caller must not go live.
+//! If the storage cannot be reached, or the lock not taken within the timeout, the claim fails.
 
+use super::{decide, Decision, Observed, Outcome, Record, Status, TieBreak, TieBreakError};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const MAGIC: &str = "smpft-tiebreak v1";
-
-/// What a holder's name ends with when the copy that held the tie-breaker ended the VM on
-/// purpose (see [`TieBreaker::record_stop`]).
-pub const STOPPED: &str = "/stopped";
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Won {
-        generation: u64,
-    },
-    /// Someone holds `generation` (≥ the one asked for).
-    Lost {
-        generation: u64,
-        holder: String,
-    },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TieBreakError {
-    #[error("tie-breaker {path} is unreachable")]
-    Unreachable { path: PathBuf, source: std::io::Error },
-    #[error("tie-breaker {path} could not be locked within {timeout:?}")]
-    LockTimeout { path: PathBuf, timeout: Duration },
-    #[error("tie-breaker record {path} is corrupt ({detail}); refusing to act on it")]
-    Corrupt { path: PathBuf, detail: String },
-    #[error("tie-breaker owner name {0:?} must be non-empty, one line, without spaces")]
-    BadOwner(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct TieBreaker {
+#[derive(Debug)]
+pub struct FileTieBreaker {
     path: PathBuf,
     owner: String,
+    observed: Observed,
 }
 
 fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
@@ -61,67 +28,42 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-impl TieBreaker {
+impl FileTieBreaker {
     /// `owner` names this side in the record (e.g. host name and VM name).
-    pub fn new(path: &Path, owner: &str) -> Result<TieBreaker, TieBreakError> {
-        if owner.is_empty() || owner.contains(char::is_whitespace) {
+    pub fn new(path: &Path, owner: &str) -> Result<FileTieBreaker, TieBreakError> {
+        if !super::valid_name(owner) {
             return Err(TieBreakError::BadOwner(owner.to_string()));
         }
-        Ok(TieBreaker { path: path.to_path_buf(), owner: owner.to_string() })
+        let observed = Observed::new("file", path.display().to_string());
+        Ok(FileTieBreaker { path: path.to_path_buf(), owner: owner.to_string(), observed })
+    }
+
+    fn at(&self) -> String {
+        self.path.display().to_string()
     }
 
     fn unreachable(&self) -> impl Fn(std::io::Error) -> TieBreakError + '_ {
-        move |source| TieBreakError::Unreachable { path: self.path.clone(), source }
+        move |source| TieBreakError::Unreachable { at: self.at(), source }
     }
 
-    /// The current record: (generation, holder), or `None` if nobody ever claimed.
-    pub fn read(&self) -> Result<Option<(u64, String)>, TieBreakError> {
+    fn load(&self) -> Result<Option<Record>, TieBreakError> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.unreachable()(e)),
         };
-        let corrupt = |detail: &str| TieBreakError::Corrupt { path: self.path.clone(), detail: detail.into() };
-        let line = text.strip_suffix('\n').ok_or_else(|| corrupt("no final newline"))?;
-        let rest = line.strip_prefix(MAGIC).and_then(|r| r.strip_prefix(' ')).ok_or_else(|| corrupt("bad header"))?;
-        let (generation, holder) = rest.split_once(' ').ok_or_else(|| corrupt("missing holder"))?;
-        let generation = generation.parse().map_err(|_| corrupt("bad generation"))?;
-        if holder.is_empty() || holder.contains(char::is_whitespace) {
-            return Err(corrupt("bad holder"));
-        }
-        Ok(Some((generation, holder.to_string())))
+        Record::decode(&text).map(Some).map_err(|d| TieBreakError::Corrupt { at: self.at(), detail: d.into() })
     }
 
-    /// Claims `generation`; see the module documentation for the rule.
-    pub fn claim(&self, generation: u64, timeout: Duration) -> Result<Outcome, TieBreakError> {
-        self.claim_for(generation, &self.owner, timeout)
-    }
-
-    /// Claims `generation` on behalf of `holder` (a planned switchover: the primary records its
-    /// standby, which then claims the same generation and wins without writing). The same rule
-    /// as [`TieBreaker::claim`], with `holder` in place of this side.
-    pub fn hand_over(&self, generation: u64, holder: &str, timeout: Duration) -> Result<Outcome, TieBreakError> {
-        if holder.is_empty() || holder.contains(char::is_whitespace) {
-            return Err(TieBreakError::BadOwner(holder.to_string()));
-        }
-        self.claim_for(generation, holder, timeout)
-    }
-
-    /// The VM was ended on purpose by this copy, which holds `generation`: the record says so
-    /// at the next generation, so a standby that did not hear the stop and claims loses to a
-    /// holder named `OWNER/stopped`, and knows the VM ended rather than failed.
-    pub fn record_stop(&self, generation: u64, timeout: Duration) -> Result<Outcome, TieBreakError> {
-        self.claim_for(generation + 1, &format!("{}{STOPPED}", self.owner), timeout)
-    }
-
-    fn claim_for(&self, generation: u64, owner: &str, timeout: Duration) -> Result<Outcome, TieBreakError> {
-        let lock_path = with_suffix(&self.path, ".lock");
+    /// Takes the lock on `PATH.lock` within `timeout`; it is released when the descriptor is
+    /// closed.
+    fn lock(&self, timeout: Duration) -> Result<std::fs::File, TieBreakError> {
         let lock = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&lock_path)
+            .open(with_suffix(&self.path, ".lock"))
             .map_err(self.unreachable())?;
         let fl = libc::flock {
             l_type: libc::F_WRLCK as libc::c_short,
@@ -134,26 +76,27 @@ impl TieBreaker {
         loop {
             // SAFETY: fcntl on a descriptor we own with a pointer to a valid flock.
             if unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
-                break;
+                return Ok(lock);
             }
             let e = std::io::Error::last_os_error();
             if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES | libc::EINTR)) {
                 return Err(self.unreachable()(e));
             }
             if Instant::now() >= deadline {
-                return Err(TieBreakError::LockTimeout { path: self.path.clone(), timeout });
+                return Err(TieBreakError::LockTimeout { at: self.at(), timeout });
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        // The lock is released when `lock` is closed, at the end of this function.
-        let current = self.read()?;
-        let outcome = match &current {
-            Some((g, holder)) if *g > generation || (*g == generation && holder != owner) => {
-                Outcome::Lost { generation: *g, holder: holder.clone() }
-            }
-            Some((g, _)) if *g == generation => Outcome::Won { generation },
-            _ => {
-                self.write(generation, owner)?;
+    }
+
+    fn claim_locked(&self, generation: u64, owner: &str, timeout: Duration) -> Result<Outcome, TieBreakError> {
+        let lock = self.lock(timeout)?;
+        let current = self.load()?;
+        let outcome = match decide(current.as_ref(), generation, owner) {
+            Decision::Lost(r) => r.lost(),
+            Decision::Held => Outcome::Won { generation },
+            Decision::Write => {
+                self.write(&Record { generation, holder: owner.to_string() })?;
                 Outcome::Won { generation }
             }
         };
@@ -161,24 +104,85 @@ impl TieBreaker {
         Ok(outcome)
     }
 
-    fn write(&self, generation: u64, owner: &str) -> Result<(), TieBreakError> {
+    fn write(&self, record: &Record) -> Result<(), TieBreakError> {
         let tmp = with_suffix(&self.path, ".tmp");
         let mut f = std::fs::File::create(&tmp).map_err(self.unreachable())?;
-        writeln!(f, "{MAGIC} {generation} {owner}").map_err(self.unreachable())?;
+        f.write_all(record.encode().as_bytes()).map_err(self.unreachable())?;
         f.sync_all().map_err(self.unreachable())?;
         std::fs::rename(&tmp, &self.path).map_err(self.unreachable())?;
+        self.sync_dir();
+        Ok(())
+    }
+
+    fn sync_dir(&self) {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if let Ok(d) = std::fs::File::open(dir) {
                 let _ = d.sync_all();
             }
         }
-        Ok(())
+    }
+}
+
+impl TieBreak for FileTieBreaker {
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    fn read(&self, _timeout: Duration) -> Result<Option<Record>, TieBreakError> {
+        let start = Instant::now();
+        let r = self.load();
+        match &r {
+            Ok(rec) => self.observed.saw(start, None, Some(rec.clone()), "read".into()),
+            Err(e) => self.observed.saw(start, None, None, crate::error::error_chain(e)),
+        }
+        r
+    }
+
+    fn claim_as(&self, generation: u64, holder: &str, timeout: Duration) -> Result<Outcome, TieBreakError> {
+        let start = Instant::now();
+        let r = self.claim_locked(generation, holder, timeout);
+        match &r {
+            Ok(Outcome::Won { generation }) => {
+                let rec = Record { generation: *generation, holder: holder.to_string() };
+                self.observed.saw(start, None, Some(Some(rec)), "won".into());
+            }
+            Ok(Outcome::Lost { generation, holder }) => {
+                let rec = Record { generation: *generation, holder: holder.clone() };
+                self.observed.saw(start, None, Some(Some(rec)), "lost".into());
+            }
+            Err(e) => self.observed.saw(start, None, None, crate::error::error_chain(e)),
+        }
+        r
+    }
+
+    fn clear(&self, expected: &Record, timeout: Duration) -> Result<bool, TieBreakError> {
+        let start = Instant::now();
+        let lock = self.lock(timeout)?;
+        match self.load()? {
+            None => return Ok(true),
+            Some(r) if r != *expected => return Ok(false),
+            Some(_) => {}
+        }
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.unreachable()(e)),
+        }
+        self.sync_dir();
+        drop(lock);
+        self.observed.saw(start, None, Some(None), "cleared".into());
+        Ok(true)
+    }
+
+    fn status(&self) -> Status {
+        self.observed.get()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ft::tiebreak::TieBreak;
     use std::sync::{Arc, Barrier};
 
     fn dir(name: &str) -> tempfile::TempDir {
@@ -191,10 +195,10 @@ mod tests {
     fn a_hand_over_names_the_standby_which_then_wins_without_the_primary() {
         let d = dir("handover");
         let path = d.path().join("tb");
-        let (a, b) = (TieBreaker::new(&path, "a").unwrap(), TieBreaker::new(&path, "b").unwrap());
+        let (a, b) = (FileTieBreaker::new(&path, "a").unwrap(), FileTieBreaker::new(&path, "b").unwrap());
         assert_eq!(a.claim(3, T).unwrap(), Outcome::Won { generation: 3 });
         assert_eq!(a.hand_over(4, "b", T).unwrap(), Outcome::Won { generation: 4 });
-        assert_eq!(a.read().unwrap(), Some((4, "b".to_string())));
+        assert_eq!(a.read(T).unwrap(), Some(Record { generation: 4, holder: "b".into() }));
         assert_eq!(b.claim(4, T).unwrap(), Outcome::Won { generation: 4 }, "the named standby holds 4");
         assert_eq!(a.claim(4, T).unwrap(), Outcome::Lost { generation: 4, holder: "b".into() });
         assert!(matches!(a.hand_over(4, "c", T).unwrap(), Outcome::Lost { .. }), "no hand-over below the record");
@@ -205,16 +209,16 @@ mod tests {
     fn higher_generations_win_and_the_holder_may_claim_again() {
         let d = dir("rules");
         let path = d.path().join("vm1");
-        let a = TieBreaker::new(&path, "host-a").unwrap();
-        let b = TieBreaker::new(&path, "host-b").unwrap();
-        assert_eq!(a.read().unwrap(), None);
+        let a = FileTieBreaker::new(&path, "host-a").unwrap();
+        let b = FileTieBreaker::new(&path, "host-b").unwrap();
+        assert_eq!(a.read(T).unwrap(), None);
         assert_eq!(a.claim(1, T).unwrap(), Outcome::Won { generation: 1 });
         assert_eq!(a.claim(1, T).unwrap(), Outcome::Won { generation: 1 }, "idempotent for the holder");
         assert_eq!(b.claim(1, T).unwrap(), Outcome::Lost { generation: 1, holder: "host-a".into() });
         assert_eq!(b.claim(0, T).unwrap(), Outcome::Lost { generation: 1, holder: "host-a".into() });
         assert_eq!(b.claim(2, T).unwrap(), Outcome::Won { generation: 2 });
         assert_eq!(a.claim(1, T).unwrap(), Outcome::Lost { generation: 2, holder: "host-b".into() });
-        assert_eq!(a.read().unwrap(), Some((2, "host-b".into())));
+        assert_eq!(a.read(T).unwrap(), Some(Record { generation: 2, holder: "host-b".into() }));
     }
 
     #[test]
@@ -222,13 +226,13 @@ mod tests {
         let d = dir("bad");
         let path = d.path().join("vm1");
         std::fs::write(&path, "smpft-tiebreak v1 banana host\n").unwrap();
-        let a = TieBreaker::new(&path, "host-a").unwrap();
+        let a = FileTieBreaker::new(&path, "host-a").unwrap();
         assert!(matches!(a.claim(9, T), Err(TieBreakError::Corrupt { .. })));
         std::fs::write(&path, "smpft-tiebreak v1 3 host-b").unwrap();
         assert!(matches!(a.claim(9, T), Err(TieBreakError::Corrupt { .. })), "a torn record (no newline) is corrupt");
-        let gone = TieBreaker::new(&d.path().join("no-such-dir").join("vm1"), "host-a").unwrap();
+        let gone = FileTieBreaker::new(&d.path().join("no-such-dir").join("vm1"), "host-a").unwrap();
         assert!(matches!(gone.claim(1, T), Err(TieBreakError::Unreachable { .. })));
-        assert!(matches!(TieBreaker::new(&path, "two words"), Err(TieBreakError::BadOwner(_))));
+        assert!(matches!(FileTieBreaker::new(&path, "two words"), Err(TieBreakError::BadOwner(_))));
     }
 
     #[test]
@@ -245,7 +249,7 @@ mod tests {
         let fl = libc::flock { l_type: libc::F_WRLCK as libc::c_short, l_whence: 0, l_start: 0, l_len: 0, l_pid: 0 };
         // SAFETY: fcntl on a descriptor we own with a valid flock.
         assert_eq!(unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_OFD_SETLK, &fl) }, 0);
-        let a = TieBreaker::new(&path, "host-a").unwrap();
+        let a = FileTieBreaker::new(&path, "host-a").unwrap();
         assert!(matches!(a.claim(1, Duration::from_millis(50)), Err(TieBreakError::LockTimeout { .. })));
         drop(lock);
         assert_eq!(a.claim(1, T).unwrap(), Outcome::Won { generation: 1 });
@@ -262,7 +266,7 @@ mod tests {
             .map(|i| {
                 let (path, barrier) = (path.clone(), barrier.clone());
                 std::thread::spawn(move || {
-                    let tb = TieBreaker::new(&path, &format!("host-{i}")).unwrap();
+                    let tb = FileTieBreaker::new(&path, &format!("host-{i}")).unwrap();
                     (1..=ROUNDS)
                         .map(|g| {
                             barrier.wait();
