@@ -101,11 +101,9 @@ fn parse_etcd(rest: &str) -> Result<EtcdSpec, SpecError> {
     let tls = match files {
         [None, None, None] => None,
         [Some(ca), None, None] => Some(EtcdTls { ca_pem: pem(&ca)?, ca, client: None }),
-        [Some(ca), Some(cert), Some(key)] => Some(EtcdTls {
-            ca_pem: pem(&ca)?,
-            ca,
-            client: Some((pem(&cert)?, pem(&key)?)),
-        }),
+        [Some(ca), Some(cert), Some(key)] => {
+            Some(EtcdTls { ca_pem: pem(&ca)?, ca, client: Some((pem(&cert)?, pem(&key)?)) })
+        }
         [None, ..] => {
             return Err(bad("cert and key need cacert (the CA the members' certificates are checked against)".into()))
         }
