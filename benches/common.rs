@@ -150,3 +150,23 @@ pub fn paced_incrs(c: &mut smpft_client::ServiceClient, window: Duration) -> Vec
     }
     rtts
 }
+
+/// A client of the protected VM served at `primary`'s serial (then the standby's, `standby`)
+/// sends requests for `warm`, `victim` is SIGKILLed, and the time to the first reply from the
+/// standby is returned.
+pub fn time_failover(primary: PathBuf, standby: PathBuf, victim: &mut Killed, warm: Duration) -> Duration {
+    let mut c = smpft_client::FailoverClient::new(vec![primary, standby], 1);
+    let until = Instant::now() + warm;
+    while Instant::now() < until {
+        c.incr(Duration::from_secs(10)).unwrap();
+    }
+    let killed = Instant::now();
+    let _ = victim.0.kill();
+    let _ = victim.0.wait();
+    loop {
+        c.incr(Duration::from_secs(10)).unwrap();
+        if c.connected_to == Some(1) {
+            return killed.elapsed();
+        }
+    }
+}

@@ -19,7 +19,7 @@
 //! `SMPFT_BENCH_QUICK=1` runs one configuration and 5 failovers (a smoke test);
 //! `SMPFT_BENCH_ONLY=VCPUS,PAGES,MS` runs one configuration and no failovers.
 
-use smpft_client::{FailoverClient, ServiceClient};
+use smpft_client::ServiceClient;
 use std::time::{Duration, Instant};
 
 fn quick() -> bool {
@@ -218,21 +218,8 @@ fn failover(env: &Env) {
         pa.extend(env.ft_args(&env.a, &env.b, &tb, interval));
         let mut primary = env.spawn("fp", &pa);
         wait_state(&env.path("fp", "qmp"), "protected");
-        let mut c = FailoverClient::new(vec![env.path("fp", "serial"), env.path("fs", "serial")], 1);
-        let until = Instant::now() + Duration::from_millis(200 + 37 * t);
-        while Instant::now() < until {
-            c.incr(Duration::from_secs(10)).unwrap();
-        }
-        let killed = Instant::now();
-        let _ = primary.0.kill();
-        let _ = primary.0.wait();
-        loop {
-            c.incr(Duration::from_secs(10)).unwrap();
-            if c.connected_to == Some(1) {
-                break;
-            }
-        }
-        times.push(killed.elapsed());
+        let (p, s) = (env.path("fp", "serial"), env.path("fs", "serial"));
+        times.push(common::time_failover(p, s, &mut primary, Duration::from_millis(200 + 37 * t)));
     }
     let (p50, p99) = (pct(&mut times, 0.5), pct(&mut times, 0.99));
     println!("\nFailover: SIGKILL of the primary to the first reply from the standby (4 vCPUs, 20 ms epochs, ~1k pages/epoch)");

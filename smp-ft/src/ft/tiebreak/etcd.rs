@@ -107,10 +107,14 @@ impl EtcdTieBreaker {
         self.rt.block_on(async {
             let deadline = tokio::time::Instant::now() + timeout;
             let mut last = String::from("no member was asked");
+            // A refusal that says why (a TLS alert): a member closing the connection right after
+            // one may be all the next attempt sees.
+            let mut telling: Option<String> = None;
             let mut i = first;
             loop {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 if left.is_zero() {
+                    let last = self.hint(telling.unwrap_or(last));
                     return Err(TieBreakError::NoQuorum { at: self.at(), timeout, last });
                 }
                 let t = per_try.min(left);
@@ -123,7 +127,12 @@ impl EtcdTieBreaker {
                     Ok(Err(Fail::Corrupt(detail))) => {
                         return Err(TieBreakError::Corrupt { at: self.at(), detail: detail.into() })
                     }
-                    Ok(Err(Fail::Retry(why))) => last = format!("{member}: {why}"),
+                    Ok(Err(Fail::Retry(why))) => {
+                        last = format!("{member}: {why}");
+                        if why.contains("certificate") || why.contains("alert") {
+                            telling = Some(last.clone());
+                        }
+                    }
                     Err(_) => last = format!("{member}: no answer within {t:?}"),
                 }
                 tracing::debug!("tie-breaker: {last}");
@@ -133,6 +142,18 @@ impl EtcdTieBreaker {
                 }
             }
         })
+    }
+
+    /// `last` (a member's refusal), with what it may mean when the member does not say why: a
+    /// member that wants a client certificate just closes the connection of one without.
+    fn hint(&self, last: String) -> String {
+        match &self.spec.tls {
+            Some(t) if t.client.is_none() => format!(
+                "{last}; this host gives no client certificate: if the cluster asks for one \
+                 (--client-cert-auth), give cert= and key="
+            ),
+            _ => last,
+        }
     }
 
     /// Records what a request learnt, for [`TieBreak::status`].
