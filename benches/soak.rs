@@ -4,8 +4,12 @@
 //! The table says how many times a copy declared its live peer failed (false claims), how long
 //! the VMs ran unprotected, and how long each failover took from SIGKILL to the standby live.
 //!
-//! `SMPFT_SOAK_PAIRS` (default 2), `SMPFT_SOAK_SECONDS` (default 300), `SMPFT_SOAK_HOG=0` (no
-//! hog); `SMPFT_BENCH_BIN` runs another build (to compare two on the same load).
+//! The soak runs once per failure detector, side by side on the same load: `fixed` (the plain
+//! `--ft-timeout`) and then `adaptive` (the default; see `transport::detector`).
+//!
+//! `SMPFT_SOAK_PAIRS` (default 2), `SMPFT_SOAK_SECONDS` per detector (default 300),
+//! `SMPFT_SOAK_HOG=0` (no hog), `SMPFT_SOAK_DETECTORS` (default `fixed,adaptive`);
+//! `SMPFT_BENCH_BIN` runs another build.
 //! `SMPFT_BENCH_QUICK=1` runs one pair for 5 s (a smoke test).
 
 #[path = "common.rs"]
@@ -53,11 +57,15 @@ struct Pair {
     s: String,
 }
 
-fn start_pair(env: &Env, i: usize) -> Pair {
+fn start_pair(env: &Env, i: usize, detector: &str) -> Pair {
     let (p, s) = (format!("p{i}"), format!("s{i}"));
     let tb = env.dir.join(format!("tiebreak{i}"));
     let listen = format!("127.0.0.1:{}", port());
-    let ft = |me, peer| env.ft_args(me, peer, &tb, Duration::from_millis(20));
+    let ft = |me, peer| {
+        let mut a = env.ft_args(me, peer, &tb, Duration::from_millis(20));
+        a.extend(args(&["--ft-detector", detector]));
+        a
+    };
     let mut sa = args(&["standby", "--listen", &listen, "--vcpus", "2", "--memory", "128M"]);
     sa.extend(ft(&env.b, &env.a));
     let standby = env.spawn(&s, &sa);
@@ -111,6 +119,67 @@ fn client(env: &Env, pair: &Pair, stop: Arc<AtomicBool>) -> std::thread::JoinHan
     })
 }
 
+/// One soak's figures.
+struct Row {
+    detector: String,
+    false_claims: usize,
+    unprotected: Duration,
+    replies: u64,
+    failovers: Vec<Duration>,
+    /// Pairs whose standby could not take over at the kill (a false alarm had ended it).
+    no_standby: usize,
+    thresholds: Vec<Duration>,
+}
+
+/// SIGKILLs the pair's primary; how long until its standby is live, if it goes live.
+fn fail_over(env: &Env, mut p: Pair) -> Option<Duration> {
+    let t = Instant::now();
+    let _ = p.primary.0.kill();
+    let _ = p.primary.0.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let q = smpft_client::qmp(&env.path(&p.s, "qmp"), "x-smpft-query-ft", None);
+        if q.is_ok_and(|q| q["state"] == "live-after-failover") {
+            let took = t.elapsed();
+            let _ = qmp(&env.path(&p.s, "qmp"), "x-smpft-query-ft");
+            return Some(took);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    eprintln!("pair {}: the standby never went live", p.p);
+    None
+}
+
+/// K pairs whose copies judge silence with `detector`, on the load, for `secs`; then the kills.
+fn soak(detector: &str, n: usize, secs: u64, with_hog: bool) -> Row {
+    let env = Env::new(&format!("soak-{detector}"));
+    let pairs: Vec<Pair> = (0..n).map(|i| start_pair(&env, i, detector)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = pairs.iter().map(|p| client(&env, p, stop.clone())).collect();
+    let hogs = if with_hog { hog(stop.clone()) } else { Vec::new() };
+    let unprotected = watch(&env, &pairs, Duration::from_secs(secs), &AtomicBool::new(false));
+    let false_claims: usize = pairs.iter().map(|p| claims(&env, &p.p) + claims(&env, &p.s)).sum();
+    // Failovers under the same load: SIGKILL each primary, time until its standby is live.
+    let (mut failovers, mut thresholds, mut no_standby) = (Vec::new(), Vec::new(), 0);
+    for p in pairs {
+        // What the standby's failure detector allows the primary at that moment.
+        if let Ok(q) = smpft_client::qmp(&env.path(&p.s, "qmp"), "x-smpft-query-ft", None) {
+            if let Some(t) = q["detector"]["threshold-ms"].as_f64() {
+                thresholds.push(Duration::from_secs_f64(t / 1e3));
+            }
+        }
+        match fail_over(&env, p) {
+            Some(t) => failovers.push(t),
+            None => no_standby += 1,
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    hogs.into_iter().for_each(|h| h.join().unwrap());
+    let replies: u64 = clients.into_iter().map(|c| c.join().unwrap_or(0)).sum();
+    let _ = std::fs::remove_dir_all(&env.dir);
+    Row { detector: detector.into(), false_claims, unprotected, replies, failovers, no_standby, thresholds }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -119,54 +188,29 @@ fn main() {
     let n = if quick { 1 } else { env_u64("SMPFT_SOAK_PAIRS", 2) as usize };
     let secs = if quick { 5 } else { env_u64("SMPFT_SOAK_SECONDS", 300) };
     let with_hog = env_u64("SMPFT_SOAK_HOG", 1) != 0;
-    let env = Env::new("soak");
-    let pairs: Vec<Pair> = (0..n).map(|i| start_pair(&env, i)).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = pairs.iter().map(|p| client(&env, p, stop.clone())).collect();
-    let hogs = if with_hog { hog(stop.clone()) } else { Vec::new() };
-    let unprotected = watch(&env, &pairs, Duration::from_secs(secs), &AtomicBool::new(false));
-    let false_claims: usize = pairs.iter().map(|p| claims(&env, &p.p) + claims(&env, &p.s)).sum();
-    // Failovers under the same load: SIGKILL each primary, time until its standby is live.
-    let mut failovers = Vec::new();
-    let mut thresholds = Vec::new();
-    for mut p in pairs {
-        // What the standby's failure detector allows the primary at that moment.
-        if let Ok(q) = smpft_client::qmp(&env.path(&p.s, "qmp"), "x-smpft-query-ft", None) {
-            if let Some(t) = q["detector"]["threshold-ms"].as_f64() {
-                thresholds.push(Duration::from_secs_f64(t / 1e3));
-            }
-        }
-        let t = Instant::now();
-        let _ = p.primary.0.kill();
-        let _ = p.primary.0.wait();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let q = smpft_client::qmp(&env.path(&p.s, "qmp"), "x-smpft-query-ft", None);
-            if q.is_ok_and(|q| q["state"] == "live-after-failover") {
-                failovers.push(t.elapsed());
-                break;
-            }
-            assert!(Instant::now() < deadline, "pair {}: the standby never went live", p.p);
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let _ = qmp(&env.path(&p.s, "qmp"), "x-smpft-query-ft");
-    }
-    stop.store(true, Ordering::SeqCst);
-    hogs.into_iter().for_each(|h| h.join().unwrap());
-    let replies: u64 = clients.into_iter().map(|c| c.join().unwrap_or(0)).sum();
+    let all = if quick { "adaptive" } else { "fixed,adaptive" };
+    let detectors = std::env::var("SMPFT_SOAK_DETECTORS").unwrap_or_else(|_| all.into());
+    let rows: Vec<Row> = detectors.split(',').map(|d| soak(d.trim(), n, secs, with_hog)).collect();
     let ms = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1e3);
-    let threshold = if thresholds.is_empty() { "-".into() } else { ms(pct(&mut thresholds, 0.5)) };
     println!(
-        "\n| pairs | hog | seconds | false claims | unprotected (s) | replies | failovers | failover p50 (ms) | p99 (ms) | detector threshold at kill, p50 (ms) |"
+        "\n| detector | pairs | hog | seconds | false claims | unprotected (s) | replies | failovers | no standby at kill | failover p50 (ms) | p99 (ms) | detector threshold at kill, p50 (ms) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    println!(
-        "| {n} | {} | {secs} | {false_claims} | {:.1} | {replies} | {} | {} | {} | {threshold} |",
-        if with_hog { "yes" } else { "no" },
-        unprotected.as_secs_f64(),
-        failovers.len(),
-        ms(pct(&mut failovers, 0.5)),
-        ms(pct(&mut failovers, 0.99)),
-    );
-    let _ = std::fs::remove_dir_all(&env.dir);
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for mut r in rows {
+        let threshold = if r.thresholds.is_empty() { "-".into() } else { ms(pct(&mut r.thresholds, 0.5)) };
+        let (p50, p99) = match r.failovers.is_empty() {
+            true => ("-".into(), "-".into()),
+            false => (ms(pct(&mut r.failovers, 0.5)), ms(pct(&mut r.failovers, 0.99))),
+        };
+        println!(
+            "| {} | {n} | {} | {secs} | {} | {:.1} | {} | {} | {} | {p50} | {p99} | {threshold} |",
+            r.detector,
+            if with_hog { "yes" } else { "no" },
+            r.false_claims,
+            r.unprotected.as_secs_f64(),
+            r.replies,
+            r.failovers.len(),
+            r.no_standby,
+        );
+    }
 }

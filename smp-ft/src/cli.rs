@@ -3,7 +3,7 @@
 
 use block::spec::DiskSpec;
 use clap::{Parser, Subcommand};
-use smp_ft::config::ft::{parse_listen, shown};
+use smp_ft::config::ft::{parse_detector, parse_listen, shown};
 use smp_ft::config::vm::MAX_VCPUS;
 use smp_ft::config::{FtBuilder, Names};
 use smp_ft::ft::disk::DiskSync;
@@ -140,6 +140,12 @@ pub(crate) struct FtArgs {
     /// The most silence the failure detector ever allows (default: 4 times --ft-timeout).
     #[arg(long, value_parser = parse_duration)]
     pub(crate) ft_timeout_max: Option<Duration>,
+    /// How the failure detector judges silence: `adaptive` weighs it against the peer's recent
+    /// rhythm, this copy's own scheduling stalls and the peer's packets still arriving; `fixed`
+    /// declares the peer failed after --ft-timeout of silence whatever else is seen (kept to
+    /// measure the adaptive one against).
+    #[arg(long, default_value = "adaptive", value_parser = parse_detector)]
+    pub(crate) ft_detector: transport::detector::Mode,
     /// Heartbeat interval on the FT channel.
     #[arg(long, default_value = shown::HEARTBEAT, value_parser = parse_duration)]
     pub(crate) ft_heartbeat: Duration,
@@ -193,6 +199,7 @@ impl FtArgs {
             .min_gap(self.ft_min_gap)
             .timeout(self.ft_timeout)
             .timeout_max(self.ft_timeout_max)
+            .detector(self.ft_detector)
             .heartbeat(self.ft_heartbeat)
             .compression(self.ft_compress)
             .compression_cache(self.ft_compress_cache)

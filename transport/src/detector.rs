@@ -17,10 +17,22 @@
 //!   silence. The first tick after such a stall never declares anything: what the peer sent
 //!   meanwhile may be waiting to be read.
 //!
+//! - **Packets in flight:** a message can be late while the peer's packets are still coming:
+//!   a lost packet holds up the ordered stream behind it until it is sent again, while later
+//!   datagrams (and the peer's acknowledgements) still arrive; or what came waits unread in
+//!   this copy's socket because the task that reads it has not run yet. Either is evidence the
+//!   peer is alive ([`Evidence`]): while the last of it is more recent than the threshold,
+//!   the silence is not declared, up to the ceiling.
+//!
 //! A peer is declared dead when its silence, less this copy's own stalls since it was last
-//! heard, is above the threshold on two ticks in a row: a real death is found within the
-//! threshold plus two ticks. The detector only reads the clock it is given: it is pure, and
-//! tested with schedules of its own.
+//! heard, is above the threshold on two ticks in a row and no evidence speaks against it: a
+//! real death is found within the threshold plus two ticks (a dead peer sends nothing, so no
+//! evidence holds it up). The detector only reads the clock it is given: it is pure, and
+//! tested with schedules of its own and, with the protocol's machines, in `ft::protocol`'s
+//! pause schedules.
+//!
+//! [`Mode::Fixed`] is the plain timeout (silence over the floor is death, nothing else
+//! considered), kept to measure the detector against (`--ft-detector fixed`).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -35,6 +47,25 @@ pub const MAX_GAP_FACTOR: f64 = 1.25;
 pub const HISTORY: Duration = Duration::from_secs(30);
 /// Ticks in a row a silence must be above the threshold.
 const CONFIRM: u32 = 2;
+
+/// How silence is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Against the peer's rhythm, this copy's own stalls and the packets still arriving.
+    #[default]
+    Adaptive,
+    /// Silence over the floor is death.
+    Fixed,
+}
+
+/// What this copy sees of the peer besides its messages, at a tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Evidence {
+    /// Datagrams received from the peer so far (a count that only grows).
+    pub datagrams: u64,
+    /// Something waits unread in this copy's socket.
+    pub unread: bool,
+}
 
 /// What one tick found.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -62,6 +93,10 @@ pub struct Report {
     pub mean_gap: Duration,
     pub gap_deviation: Duration,
     pub longest_gap: Duration,
+    /// Time since the last packet from the peer (see [`Evidence`]), message or not.
+    pub packet_age: Duration,
+    /// A silence over the threshold is being held back by packets still arriving.
+    pub withheld: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +116,11 @@ pub struct Detector {
     longest: VecDeque<(u64, f64)>,
     origin: Instant,
     over: u32,
+    mode: Mode,
+    /// The datagram count last seen, and when it last grew (or something waited unread).
+    datagrams: u64,
+    packet_at: Instant,
+    withheld: bool,
 }
 
 impl Detector {
@@ -101,11 +141,27 @@ impl Detector {
             longest: VecDeque::new(),
             origin: now,
             over: 0,
+            mode: Mode::Adaptive,
+            datagrams: 0,
+            packet_at: now,
+            withheld: false,
         }
+    }
+
+    /// The same detector judging silence the `mode` way.
+    pub fn with_mode(mut self, mode: Mode) -> Detector {
+        self.mode = mode;
+        self
     }
 
     /// Something arrived from the peer at `now`.
     pub fn heard(&mut self, now: Instant) {
+        // A stall of this copy's that no tick has seen yet (the message is read first after
+        // it): the watchdog's lateness says how long this copy was not running.
+        if let Some(late) = self.late(now).filter(|l| *l > self.period) {
+            self.own_stall += late.min(self.silent_for(now));
+            self.last_tick = Some(now);
+        }
         // The gap as the peer made it: this copy's own stalls are not the peer's rhythm.
         let gap = now.saturating_duration_since(self.last_heard).saturating_sub(self.own_stall).as_secs_f64() * 1e3;
         if self.gaps.len() == WINDOW {
@@ -125,8 +181,15 @@ impl Detector {
             self.longest.pop_front();
         }
         self.last_heard = self.last_heard.max(now);
+        self.packet_at = self.packet_at.max(now);
         self.own_stall = Duration::ZERO;
         self.over = 0;
+        self.withheld = false;
+    }
+
+    /// How much later than its period the watchdog would tick at `now`.
+    fn late(&self, now: Instant) -> Option<Duration> {
+        self.last_tick.map(|t| now.saturating_duration_since(t).saturating_sub(self.period))
     }
 
     /// Time since the peer was last heard, at `now`.
@@ -149,16 +212,34 @@ impl Detector {
 
     /// The silence a peer may keep now before it counts as dead.
     pub fn threshold(&self) -> Duration {
+        if self.mode == Mode::Fixed {
+            return self.floor;
+        }
         let (mean, sd) = self.mean_and_deviation();
         let ms = (mean + SIGMAS * sd).max(MAX_GAP_FACTOR * self.longest_gap());
         let rhythm = Duration::from_secs_f64(ms / 1e3) + self.heartbeat;
         rhythm.clamp(self.floor, self.ceiling)
     }
 
-    /// The periodic look at the silence, at `now`.
+    /// The periodic look at the silence, at `now`, with no evidence but messages.
     pub fn tick(&mut self, now: Instant) -> Verdict {
-        let late =
-            self.last_tick.map_or(Duration::ZERO, |t| now.saturating_duration_since(t).saturating_sub(self.period));
+        self.tick_with(now, Evidence { datagrams: self.datagrams, unread: false })
+    }
+
+    /// The periodic look at the silence, at `now`, with what else is seen of the peer.
+    pub fn tick_with(&mut self, now: Instant, evidence: Evidence) -> Verdict {
+        if self.mode == Mode::Fixed {
+            let silent_for = self.silent_for(now);
+            return match silent_for > self.floor {
+                true => Verdict::Dead { silent_for, own_stall: Duration::ZERO },
+                false => Verdict::Alive,
+            };
+        }
+        if evidence.datagrams > self.datagrams || evidence.unread {
+            self.packet_at = now;
+        }
+        self.datagrams = self.datagrams.max(evidence.datagrams);
+        let late = self.late(now).unwrap_or_default();
         self.last_tick = Some(now);
         // Late by more than a period: this copy was not running. That time is not the peer's
         // silence, and what the peer sent meanwhile may not have been read yet.
@@ -169,15 +250,29 @@ impl Detector {
         }
         let silent_for = self.silent_for(now);
         let counted = silent_for.saturating_sub(self.own_stall);
-        if counted <= self.threshold() {
+        let threshold = self.threshold();
+        if counted <= threshold {
             self.over = 0;
+            self.withheld = false;
             return Verdict::Alive;
+        }
+        // Packets still come (or wait to be read): the peer is alive and its messages late,
+        // up to the ceiling.
+        self.withheld = self.packet_age(now) <= threshold && counted <= self.ceiling;
+        if self.withheld {
+            self.over = 0;
+            return Verdict::Suspect;
         }
         self.over += 1;
         if self.over < CONFIRM {
             return Verdict::Suspect;
         }
         Verdict::Dead { silent_for, own_stall: self.own_stall }
+    }
+
+    /// Time since the last packet from the peer, message or not.
+    fn packet_age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.packet_at)
     }
 
     pub fn report(&self, now: Instant) -> Report {
@@ -193,6 +288,8 @@ impl Detector {
             mean_gap: Duration::from_secs_f64(mean / 1e3),
             gap_deviation: Duration::from_secs_f64(sd / 1e3),
             longest_gap: Duration::from_secs_f64(self.longest_gap() / 1e3),
+            packet_age: self.packet_age(now),
+            withheld: self.withheld,
         }
     }
 }

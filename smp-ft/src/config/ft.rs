@@ -11,6 +11,7 @@ use crate::units::{parse_duration, parse_size};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use transport::detector::Mode as DetectorMode;
 use transport::{ChannelConfig, Identity, PeerTrust};
 
 /// Settings shared by both roles.
@@ -94,6 +95,7 @@ pub struct FtBuilder {
     timeout: Duration,
     /// The failure detector's ceiling (default: [`TIMEOUT_MAX_FACTOR`] times `timeout`).
     timeout_max: Option<Duration>,
+    detector: DetectorMode,
     heartbeat: Duration,
     claim_timeout: Duration,
     compression: Compression,
@@ -103,6 +105,15 @@ pub struct FtBuilder {
     max_lag_for: Duration,
     halt_on_loss: bool,
     hooks: TestHooks,
+}
+
+/// `adaptive` or `fixed` (see [`transport::detector::Mode`]).
+pub fn parse_detector(value: &str) -> Result<DetectorMode, String> {
+    match value.trim() {
+        "adaptive" => Ok(DetectorMode::Adaptive),
+        "fixed" => Ok(DetectorMode::Fixed),
+        other => Err(format!("'{other}' is not adaptive or fixed")),
+    }
 }
 
 macro_rules! setters {
@@ -129,6 +140,7 @@ impl FtBuilder {
             ack_timeout: None,
             timeout: DEFAULT_TIMEOUT,
             timeout_max: None,
+            detector: DetectorMode::Adaptive,
             heartbeat: DEFAULT_HEARTBEAT,
             claim_timeout: DEFAULT_CLAIM_TIMEOUT,
             compression: Compression::default(),
@@ -175,6 +187,8 @@ impl FtBuilder {
         timeout: Duration => timeout;
         /// The most silence the failure detector allows a peer whose messages came in bursts.
         timeout_max: Option<Duration> => timeout_max;
+        /// How silence is judged: `adaptive` (the default), or `fixed`, the plain timeout.
+        detector: DetectorMode => detector;
         heartbeat: Duration => heartbeat;
         claim_timeout: Duration => claim_timeout;
         compression: Compression => compression;
@@ -213,6 +227,7 @@ impl FtBuilder {
             }
             Setting::Timeout => self.timeout(duration()?),
             Setting::TimeoutMax => self.timeout_max(Some(duration()?)),
+            Setting::Detector => self.detector(parse_detector(value).map_err(invalid)?),
             Setting::Heartbeat => self.heartbeat(duration()?),
             Setting::ClaimTimeout => self.claim_timeout(duration()?),
             Setting::Compress => self.compression(
@@ -259,6 +274,7 @@ impl FtBuilder {
             heartbeat: self.heartbeat,
             silence_timeout: self.timeout,
             silence_ceiling: self.timeout_max.unwrap_or(self.timeout * TIMEOUT_MAX_FACTOR),
+            detector: self.detector,
             wire_version: self.hooks.wire_version.unwrap_or(transport::message::PROTOCOL_VERSION),
             ..ChannelConfig::default()
         };

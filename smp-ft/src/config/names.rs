@@ -27,6 +27,7 @@ pub enum Setting {
     SyncMaxRounds,
     Timeout,
     TimeoutMax,
+    Detector,
     Heartbeat,
     ClaimTimeout,
     Compress,
@@ -72,7 +73,7 @@ const fn w(
 }
 
 impl Setting {
-    pub const ALL: [Setting; 34] = [
+    pub const ALL: [Setting; 35] = [
         Setting::Vcpus,
         Setting::Memory,
         Setting::Guest,
@@ -95,6 +96,7 @@ impl Setting {
         Setting::SyncMaxRounds,
         Setting::Timeout,
         Setting::TimeoutMax,
+        Setting::Detector,
         Setting::Heartbeat,
         Setting::ClaimTimeout,
         Setting::Compress,
@@ -135,6 +137,7 @@ impl Setting {
             Setting::SyncMaxRounds => w("sync-max-rounds", None, None, None),
             Setting::Timeout => w("timeout", Some("--ft-timeout"), None, Some("timeout")),
             Setting::TimeoutMax => w("timeout-max", Some("--ft-timeout-max"), None, Some("timeout-max")),
+            Setting::Detector => w("detector", Some("--ft-detector"), None, Some("detector")),
             Setting::Heartbeat => w("heartbeat", Some("--ft-heartbeat"), None, Some("heartbeat")),
             Setting::ClaimTimeout => w("claim-timeout", None, None, None),
             Setting::Compress => w("compress", Some("--ft-compress"), None, None),

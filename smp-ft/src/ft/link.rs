@@ -93,5 +93,7 @@ pub fn detector_json(chan: &Channel) -> serde_json::Value {
         "mean-gap-ms": ms(r.mean_gap),
         "gap-deviation-ms": ms(r.gap_deviation),
         "longest-gap-ms": ms(r.longest_gap),
+        "packet-age-ms": ms(r.packet_age),
+        "withheld": r.withheld,
     })
 }

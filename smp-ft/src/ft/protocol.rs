@@ -26,6 +26,8 @@ pub use standby::{Standby, StandbyAction, StandbyEvent, StandbyState};
 pub type Epoch = u64;
 
 #[cfg(test)]
+mod pauses;
+#[cfg(test)]
 mod sim;
 #[cfg(test)]
 mod tests;

@@ -33,7 +33,7 @@ use crate::message::{Message, Role, OLDEST_COMPATIBLE, PROTOCOL_VERSION};
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
-use quinn::{Connection, Endpoint, VarInt};
+use quinn::{Connection, VarInt};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -72,6 +72,8 @@ pub struct ChannelConfig {
     pub silence_timeout: Duration,
     /// The most silence the failure detector ever allows.
     pub silence_ceiling: Duration,
+    /// How the failure detector judges silence (the plain timeout is kept to measure against).
+    pub detector: crate::detector::Mode,
     /// Time allowed for the TLS handshake and the Hello exchange.
     pub handshake_timeout: Duration,
     /// Checkpoint bytes sent but not yet acknowledged, at most.
@@ -111,6 +113,7 @@ impl Default for ChannelConfig {
             heartbeat: Duration::from_millis(50),
             silence_timeout: Duration::from_millis(300),
             silence_ceiling: Duration::from_millis(1200),
+            detector: crate::detector::Mode::Adaptive,
             handshake_timeout: Duration::from_secs(5),
             max_in_flight: 256 << 20,
             bulk_streams: 8,
@@ -213,7 +216,7 @@ const MAX_CHUNKS: u32 = 1024;
 /// One end of an established channel.
 pub struct Channel {
     rt: Arc<quic::Rt>,
-    endpoint: Endpoint,
+    bound: quic::Bound,
     conn: Connection,
     shared: Arc<Shared>,
     control: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
@@ -227,7 +230,7 @@ pub struct Channel {
 /// A standby's listening endpoint.
 pub struct Listener {
     rt: Arc<quic::Rt>,
-    endpoint: Endpoint,
+    bound: quic::Bound,
     cfg: ChannelConfig,
 }
 
@@ -276,25 +279,25 @@ impl Listener {
     ) -> Result<Listener, ChannelError> {
         let rt = runtime()?;
         let sc = server_config(id, trust, &cfg)?;
-        let endpoint = endpoint(&rt, addr, Some(sc), &cfg)?;
-        Ok(Listener { rt, endpoint, cfg })
+        let bound = endpoint(&rt, addr, Some(sc), &cfg)?;
+        Ok(Listener { rt, bound, cfg })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.endpoint.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.bound.endpoint.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// Stops accepting: an [`Listener::accept`] under way returns an error, and the address is
     /// free again once the channels accepted on it are gone.
     pub fn close(&self) {
-        self.endpoint.close(VarInt::from_u32(0), b"listener closed");
+        self.bound.endpoint.close(VarInt::from_u32(0), b"listener closed");
     }
 
     /// Waits (up to `timeout`, forever if `None`) for a primary that completes the TLS
     /// handshake and says Hello. Peers that fail either are logged and skipped.
     pub fn accept(&self, timeout: Option<Duration>, session: u64, meta: Vec<u8>) -> Result<Channel, ChannelError> {
         let cfg = self.cfg.clone();
-        let endpoint = self.endpoint.clone();
+        let endpoint = self.bound.endpoint.clone();
         let fut = async move {
             loop {
                 let incoming = endpoint.accept().await.ok_or_else(|| ChannelError::Closed("listener closed".into()))?;
@@ -335,7 +338,7 @@ impl Listener {
             }
         });
         let (conn, send, recv, hello) = result?;
-        Ok(Channel::start(self.rt.clone(), self.endpoint.clone(), conn, send, recv, hello, &self.cfg))
+        Ok(Channel::start(self.rt.clone(), self.bound.clone(), conn, send, recv, hello, &self.cfg))
     }
 }
 
@@ -364,12 +367,12 @@ impl Channel {
         let cc = client_config(id, trust, &cfg)?;
         let bind: SocketAddr =
             if addr.is_ipv6() { "[::]:0".parse().unwrap_or(addr) } else { SocketAddr::from(([0, 0, 0, 0], 0)) };
-        let mut endpoint = endpoint(&rt, bind, None, &cfg)?;
-        endpoint.set_default_client_config(cc);
+        let mut bound = endpoint(&rt, bind, None, &cfg)?;
+        bound.endpoint.set_default_client_config(cc);
         let timeout = cfg.handshake_timeout;
         let max_frame = cfg.max_frame;
         let wire_version = cfg.wire_version;
-        let ep = endpoint.clone();
+        let ep = bound.endpoint.clone();
         let connected = rt.block_on(async move {
             let setup = async {
                 let conn = ep
@@ -393,12 +396,12 @@ impl Channel {
             tokio::time::timeout(timeout, setup).await.unwrap_or(Err(ChannelError::HandshakeTimeout { addr, timeout }))
         });
         let (conn, send, recv, hello) = connected?;
-        Ok(Channel::start(rt, endpoint, conn, send, recv, hello, &cfg))
+        Ok(Channel::start(rt, bound, conn, send, recv, hello, &cfg))
     }
 
     fn start(
         rt: Arc<quic::Rt>,
-        endpoint: Endpoint,
+        bound: quic::Bound,
         conn: Connection,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
@@ -409,13 +412,16 @@ impl Channel {
         let shared = Arc::new(Shared {
             peer: conn.remote_address(),
             events: etx,
-            detector: Mutex::new(crate::detector::Detector::new(
-                cfg.silence_timeout,
-                cfg.silence_ceiling,
-                cfg.heartbeat,
-                watchdog_period(cfg.heartbeat),
-                Instant::now(),
-            )),
+            detector: Mutex::new(
+                crate::detector::Detector::new(
+                    cfg.silence_timeout,
+                    cfg.silence_ceiling,
+                    cfg.heartbeat,
+                    watchdog_period(cfg.heartbeat),
+                    Instant::now(),
+                )
+                .with_mode(cfg.detector),
+            ),
             closed: AtomicBool::new(false),
             budget: Budget::new(cfg.max_in_flight),
             assembly: Mutex::new(Assembly::default()),
@@ -428,11 +434,11 @@ impl Channel {
         rt.spawn(control_reader(recv, conn.clone(), shared.clone()));
         rt.spawn(bulk_acceptor(conn.clone(), shared.clone()));
         rt.spawn(heartbeats(ctx.clone(), shared.clone(), cfg.heartbeat));
-        rt.spawn(watchdog(conn.clone(), shared.clone(), watchdog_period(cfg.heartbeat)));
+        rt.spawn(watchdog(conn.clone(), bound.clone(), shared.clone(), watchdog_period(cfg.heartbeat)));
         rt.spawn(closed_watch(conn.clone(), shared.clone()));
         Channel {
             rt,
-            endpoint,
+            bound,
             conn,
             shared,
             control: ctx,
@@ -553,7 +559,7 @@ impl Channel {
             });
             self.shared.budget.close();
         }
-        let ep = self.endpoint.clone();
+        let ep = self.bound.endpoint.clone();
         self.rt.block_on(async move {
             let _ = tokio::time::timeout(Duration::from_millis(200), ep.wait_idle()).await;
         });

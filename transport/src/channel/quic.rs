@@ -134,16 +134,38 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpS
     Ok(sock)
 }
 
+/// An endpoint and its socket, which the failure detector looks into for datagrams waiting
+/// unread.
+#[derive(Clone)]
+pub(super) struct Bound {
+    pub(super) endpoint: Endpoint,
+    pub(super) socket: Arc<std::net::UdpSocket>,
+}
+
+impl Bound {
+    /// Something waits unread in the socket.
+    pub(super) fn unread(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD on a socket this endpoint owns writes one c_int through the pointer.
+        let r = unsafe { libc::ioctl(self.socket.as_raw_fd(), libc::FIONREAD, &mut n) };
+        r == 0 && n > 0
+    }
+}
+
 pub(super) fn endpoint(
     rt: &tokio::runtime::Runtime,
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
     cfg: &ChannelConfig,
-) -> Result<Endpoint, ChannelError> {
+) -> Result<Bound, ChannelError> {
     let _g = rt.enter();
     let sock = udp_socket(addr, cfg.socket_buffer).map_err(|source| ChannelError::Bind { addr, source })?;
+    let socket = Arc::new(sock.try_clone().map_err(|source| ChannelError::Bind { addr, source })?);
     let mut ec = quinn::EndpointConfig::default();
     // The largest datagram this endpoint will send or accept: up to the configured MTU.
     ec.max_udp_payload_size(cfg.max_mtu.max(cfg.mtu).max(1200)).map_err(|e| ChannelError::Tls(e.to_string()))?;
-    Endpoint::new(ec, server, sock, Arc::new(quinn::TokioRuntime)).map_err(|source| ChannelError::Bind { addr, source })
+    let endpoint = Endpoint::new(ec, server, sock, Arc::new(quinn::TokioRuntime))
+        .map_err(|source| ChannelError::Bind { addr, source })?;
+    Ok(Bound { endpoint, socket })
 }

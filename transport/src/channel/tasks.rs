@@ -3,7 +3,7 @@
 
 use super::shared::{Partial, Shared};
 use super::{code, Event, CHUNK_HEADER, MAX_CHUNKS};
-use crate::detector::Verdict;
+use crate::detector::{Evidence, Verdict};
 use crate::frame::{self, Decoder};
 use crate::message::Message;
 use bytes::Bytes;
@@ -182,7 +182,7 @@ pub(super) async fn heartbeats(ctl: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     }
 }
 
-pub(super) async fn watchdog(conn: Connection, shared: Arc<Shared>, period: Duration) {
+pub(super) async fn watchdog(conn: Connection, bound: super::quic::Bound, shared: Arc<Shared>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -190,9 +190,11 @@ pub(super) async fn watchdog(conn: Connection, shared: Arc<Shared>, period: Dura
         if shared.closed.load(Ordering::SeqCst) {
             return;
         }
+        // Packets from the peer, read or waiting: evidence it is alive while its messages are late.
+        let evidence = Evidence { datagrams: conn.stats().udp_rx.datagrams, unread: bound.unread() };
         let now = std::time::Instant::now();
         let mut detector = shared.detector.lock();
-        if let Verdict::Dead { silent_for, own_stall } = detector.tick(now) {
+        if let Verdict::Dead { silent_for, own_stall } = detector.tick_with(now, evidence) {
             let threshold = detector.threshold();
             drop(detector);
             tracing::warn!(

@@ -89,14 +89,94 @@ fn a_peer_seen_to_pause_is_given_the_room_its_pauses_took_up_to_the_ceiling() {
     let th = d.threshold();
     assert!(th >= ms(250) && th <= CEILING, "{th:?}");
     assert_eq!(ticks(&mut d, t, t + ms(240)), None, "a 240 ms pause is within what it has shown");
-    // Pauses beyond the ceiling are never allowed.
+    // Pauses beyond the ceiling are never allowed (the watchdog ticks all along).
     for _ in 0..5 {
-        t += ms(2000);
+        for _ in 0..2000 / PERIOD.as_millis() {
+            t += PERIOD;
+            let _ = d.tick(t);
+        }
         d.heard(t);
     }
     assert_eq!(d.threshold(), CEILING);
     let found = ticks(&mut d, t, t + ms(5000)).map(|(at, _)| at - t);
     assert!(found.is_some_and(|f| f <= CEILING + PERIOD), "{found:?}");
+}
+
+#[test]
+fn packets_still_arriving_hold_a_late_message_back_up_to_the_ceiling() {
+    let t0 = Instant::now();
+    let mut d = detector(t0);
+    let mut t = t0;
+    let mut datagrams = 0;
+    for _ in 0..100 {
+        t += HEARTBEAT;
+        datagrams += 1;
+        d.heard(t);
+        let _ = d.tick_with(t, Evidence { datagrams, unread: false });
+    }
+    // A lost packet holds the stream up; later datagrams (and the peer's acks) keep coming.
+    let stalled = t;
+    let mut now = t;
+    while now < stalled + ms(500) {
+        now += PERIOD;
+        datagrams += 1;
+        let v = d.tick_with(now, Evidence { datagrams, unread: false });
+        assert!(!matches!(v, Verdict::Dead { .. }), "declared dead at {:?} with packets arriving", now - stalled);
+    }
+    assert!(d.report(now).withheld, "{:?}", d.report(now));
+    // The retransmission arrives: the stream moves again, and nothing was declared.
+    d.heard(now);
+    assert!(!d.report(now).withheld);
+    // Packets that keep coming while no message ever does are not enough past the ceiling.
+    let stuck = now;
+    let found = loop {
+        now += PERIOD;
+        datagrams += 1;
+        if let Verdict::Dead { .. } = d.tick_with(now, Evidence { datagrams, unread: false }) {
+            break now - stuck;
+        }
+        assert!(now - stuck < ms(5000), "never declared");
+    };
+    assert!(found > CEILING && found <= CEILING + 2 * PERIOD, "{found:?}");
+}
+
+#[test]
+fn a_message_waiting_unread_is_not_silence_and_a_dead_peer_sends_no_evidence() {
+    let t0 = Instant::now();
+    let mut d = detector(t0);
+    d.heard(t0 + HEARTBEAT);
+    let last = t0 + HEARTBEAT;
+    // The reading task lags: something waits in the socket from 100 ms on.
+    let mut now = last;
+    while now < last + ms(400) {
+        now += PERIOD;
+        let unread = now >= last + ms(100);
+        let v = d.tick_with(now, Evidence { datagrams: 1, unread });
+        assert!(!matches!(v, Verdict::Dead { .. }), "declared with a message waiting, at {:?}", now - last);
+    }
+    // With nothing arriving, the floor holds: found within it plus two ticks.
+    let mut d = detector(t0);
+    d.heard(t0);
+    let mut now = t0;
+    let found = loop {
+        now += PERIOD;
+        if let Verdict::Dead { .. } = d.tick_with(now, Evidence { datagrams: 7, unread: false }) {
+            break now - t0;
+        }
+    };
+    assert!(found > FLOOR && found <= FLOOR + 2 * PERIOD + PERIOD, "{found:?}");
+}
+
+#[test]
+fn the_fixed_mode_is_the_plain_timeout() {
+    let t0 = Instant::now();
+    let mut d = detector(t0).with_mode(Mode::Fixed);
+    d.heard(t0);
+    assert_eq!(d.tick(t0 + FLOOR), Verdict::Alive);
+    // Its own stall, or packets waiting, change nothing: silence over the floor is death.
+    let v = d.tick_with(t0 + FLOOR + ms(1), Evidence { datagrams: 9, unread: true });
+    assert!(matches!(v, Verdict::Dead { .. }), "{v:?}");
+    assert_eq!(d.threshold(), FLOOR);
 }
 
 /// xorshift, seeded.
