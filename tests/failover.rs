@@ -4,32 +4,15 @@
 
 mod common;
 
-use common::ft::{background_client, free_port, log, query, wait_exit, wait_query, wait_state, FtSetup, Side};
-use common::{accepts_connections, later, one_at_a_time, require_kvm, seeded_rng, wait_for, wait_until, Proc, VmPaths};
-use smpft_client::FailoverClient;
+use common::ft::{
+    background_client, finish_at, finish_on, free_port, log, query, wait_exit, wait_protected_by, wait_query,
+    wait_state, FtSetup, Side,
+};
+use common::{accepts_connections, later, one_at_a_time, require_kvm, seeded_rng, wait_for, wait_until};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// After a failover: a few more requests on the new copy, then EXIT; the guest checks its
-/// invariants (counter, churn) and exits 0 only if they hold.
-fn finish_on(client: FailoverClient, live: Proc, live_paths: &VmPaths, what: &str) -> FailoverClient {
-    finish_at(client, 1, live, live_paths, what)
-}
-
-/// As [`finish_on`], for the copy at index `at` of the client's paths.
-fn finish_at(mut client: FailoverClient, at: usize, live: Proc, live_paths: &VmPaths, what: &str) -> FailoverClient {
-    for _ in 0..20 {
-        client.incr(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{what}: {e}"));
-    }
-    assert_eq!(client.connected_to, Some(at), "{what}: the client must be talking to the live copy");
-    let bye = client.exit().unwrap_or_else(|e| panic!("{what}: EXIT: {e}"));
-    assert_eq!(Some(bye), client.last, "{what}: the service's final value is the last one acknowledged");
-    let status = wait_exit(live, Duration::from_secs(20));
-    assert_eq!(status.code(), Some(0), "{what}: guest invariants failed after takeover\n{}", log(live_paths));
-    client
-}
 
 /// What one trial of a primary killed at a random moment saw: replies, client outages and the
 /// tie-breaker as the copy that went live reported it (none when the primary died before the
@@ -486,13 +469,6 @@ fn a_guest_dirtying_flat_out_is_throttled_and_loses_nothing() {
     wait_state(&sp, "live-after-failover", Duration::from_secs(10));
     let client = client.finish_or(|| format!("primary:\n{}\nstandby:\n{}", log(&pp), log(&sp)));
     finish_on(client, standby, &sp, "after a throttled primary died");
-}
-
-/// Waits until `p`'s `x-smpft-query-ft` says protected by the standby at `port`.
-fn wait_protected_by(p: &VmPaths, port: u16, what: &str) {
-    let peer = format!("127.0.0.1:{port}");
-    let what = format!("{what}: never protected by port {port}");
-    wait_query(p, &what, Duration::from_secs(40), |q| q["state"] == "protected" && q["peer"] == peer.as_str());
 }
 
 /// A spare pool: the primary protects itself with the first spare, then (that standby killed)

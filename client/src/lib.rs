@@ -181,6 +181,13 @@ impl FailoverClient {
         }
     }
 
+    /// How long it waits for a reply before it reconnects and retries (default 500 ms). A guest
+    /// short of CPU answers late; a client that retries sooner than it answers never hears back.
+    pub fn reply_timeout(mut self, t: Duration) -> FailoverClient {
+        self.reply_timeout = t;
+        self
+    }
+
     fn connect_any(&mut self, deadline: Instant) -> Result<(), FailoverError> {
         loop {
             for (i, p) in self.paths.iter().enumerate() {

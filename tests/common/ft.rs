@@ -204,11 +204,16 @@ pub struct Background {
 }
 
 pub fn background_client(paths: Vec<PathBuf>) -> Background {
+    background_client_waiting(paths, Duration::from_millis(500))
+}
+
+/// As [`background_client`], waiting `reply_timeout` for each reply before it retries.
+pub fn background_client_waiting(paths: Vec<PathBuf>, reply_timeout: Duration) -> Background {
     let stop = Arc::new(AtomicBool::new(false));
     let replies = Arc::new(AtomicU64::new(0));
     let (s, r) = (stop.clone(), replies.clone());
     let thread = std::thread::spawn(move || {
-        let mut c = smpft_client::FailoverClient::new(paths, 1);
+        let mut c = smpft_client::FailoverClient::new(paths, 1).reply_timeout(reply_timeout);
         while !s.load(SeqCst) {
             c.incr(Duration::from_secs(20)).map_err(|e| e.to_string())?;
             r.store(c.replies, SeqCst);
@@ -236,4 +241,41 @@ impl Background {
         self.stop.store(true, SeqCst);
         self.thread.join().unwrap().unwrap_or_else(|e| panic!("client: {e}\n{}", context()))
     }
+}
+
+/// After a failover: a few more requests on the new copy, then EXIT; the guest checks its
+/// invariants (counter, churn) and exits 0 only if they hold.
+pub fn finish_on(
+    client: smpft_client::FailoverClient,
+    live: Proc,
+    live_paths: &VmPaths,
+    what: &str,
+) -> smpft_client::FailoverClient {
+    finish_at(client, 1, live, live_paths, what)
+}
+
+/// As [`finish_on`], for the copy at index `at` of the client's paths.
+pub fn finish_at(
+    mut client: smpft_client::FailoverClient,
+    at: usize,
+    live: Proc,
+    live_paths: &VmPaths,
+    what: &str,
+) -> smpft_client::FailoverClient {
+    for _ in 0..20 {
+        client.incr(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    assert_eq!(client.connected_to, Some(at), "{what}: the client must be talking to the live copy");
+    let bye = client.exit().unwrap_or_else(|e| panic!("{what}: EXIT: {e}"));
+    assert_eq!(Some(bye), client.last, "{what}: the service's final value is the last one acknowledged");
+    let status = wait_exit(live, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{what}: guest invariants failed after takeover\n{}", log(live_paths));
+    client
+}
+
+/// Waits until `p`'s `x-smpft-query-ft` says protected by the standby at `port`.
+pub fn wait_protected_by(p: &VmPaths, port: u16, what: &str) {
+    let peer = format!("127.0.0.1:{port}");
+    let what = format!("{what}: never protected by port {port}");
+    wait_query(p, &what, Duration::from_secs(40), |q| q["state"] == "protected" && q["peer"] == peer.as_str());
 }
