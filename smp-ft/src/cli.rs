@@ -210,6 +210,34 @@ impl FtArgs {
     }
 }
 
+/// Running without root.
+#[derive(clap::Args)]
+pub(crate) struct PrivilegeArgs {
+    /// Run as this user (its group and supplementary groups) once everything that needs root
+    /// is open: the KVM device and the VM, taps, disks, sockets, the FT listener. No
+    /// capabilities are kept, and no_new_privs is set, so event hooks cannot regain any. What
+    /// the copy opens later must be open to the user, and is checked at start: the KVM device
+    /// (the user in its group), image files, the directories of the file tie-breaker, the QMP
+    /// and serial sockets, log files, and taps given by name (persistent, owned by the user).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) user: Option<String>,
+}
+
+impl PrivilegeArgs {
+    /// Looks the user up and sets no_new_privs: called before any thread starts.
+    pub(crate) fn prepare(&self) -> Result<Option<smp_ft::privileges::User>, smp_ft::privileges::PrivilegeError> {
+        let Some(name) = &self.user else { return Ok(None) };
+        let user = smp_ft::privileges::User::lookup(name)?;
+        user.check()?;
+        smp_ft::privileges::no_new_privs().map_err(|source| smp_ft::privileges::PrivilegeError::Drop {
+            user: name.clone(),
+            step: "setting no_new_privs",
+            source,
+        })?;
+        Ok(Some(user))
+    }
+}
+
 #[derive(clap::Args)]
 pub(crate) struct StandbyArgs {
     /// Where to wait for the primary (UDP), e.g. 0.0.0.0:7400.
@@ -300,6 +328,8 @@ pub(crate) struct StandbyArgs {
     pub(crate) ft: FtArgs,
     #[command(flatten)]
     pub(crate) observe: crate::ops::ObserveArgs,
+    #[command(flatten)]
+    pub(crate) privileges: PrivilegeArgs,
 }
 
 #[derive(clap::Args)]
@@ -452,6 +482,8 @@ pub(crate) struct RunArgs {
     pub(crate) ft: FtArgs,
     #[command(flatten)]
     pub(crate) observe: crate::ops::ObserveArgs,
+    #[command(flatten)]
+    pub(crate) privileges: PrivilegeArgs,
 }
 
 /// The disks `--disk` names, then one for each `--blockdev` node no other names.

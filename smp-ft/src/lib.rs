@@ -8,6 +8,7 @@ pub mod ft;
 pub mod guest;
 pub mod lan;
 pub mod observe;
+pub mod privileges;
 pub mod qmp;
 pub mod runner;
 pub mod snapshot;

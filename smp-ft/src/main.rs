@@ -51,6 +51,8 @@ pub(crate) enum CliError {
     CurrentExe(#[source] std::io::Error),
     #[error("demo: {0}")]
     Demo(String),
+    #[error(transparent)]
+    Privilege(#[from] smp_ft::privileges::PrivilegeError),
 }
 
 /// Exit status of a copy that lost the tie-breaker (the other copy runs the VM).
@@ -70,7 +72,18 @@ pub(crate) fn init_logging(filter: &str, format: ops::LogFormat) -> Result<(), C
     Ok(())
 }
 
+/// With `--user`: becomes the user, then checks what the copy opens later is open to it.
+fn drop_root(user: Option<smp_ft::privileges::User>, needs: &[smp_ft::privileges::Need]) -> Result<(), CliError> {
+    if let Some(u) = user {
+        smp_ft::privileges::hand_over_files(&u, needs)?;
+        smp_ft::privileges::become_user(&u)?;
+        smp_ft::privileges::check_access(&u, needs)?;
+    }
+    Ok(())
+}
+
 fn run(args: RunArgs) -> Result<ExitCode, CliError> {
+    let user = args.privileges.prepare()?;
     let chain = if args.restore.is_empty() { None } else { Some(snapshot::read_chain(&args.restore)?) };
     let last = chain.as_ref().and_then(|c| c.last());
     let mut vm = VmBuilder::new(Names::Cli).vcpus(args.vcpus).memory(args.memory);
@@ -122,6 +135,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     let ft = args.ft.builder();
     let ft = if ft.given() || args.ft_peer.is_some() { Some(ft.build()?) } else { None };
     let peer = args.ft_peer.as_deref().map(|p| config::ft::peers(Names::Cli, p)).transpose()?;
+    let needs = smp_ft::privileges::needs(&config, ft.as_ref(), qmp_path.as_deref());
     block_termination_signals();
     let _registered = args.observe.start(qmp_path.as_deref())?;
     let standby_config = config::vm::as_standby(config.clone());
@@ -145,6 +159,7 @@ fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         Some(opts) => Some(PrimaryFt::new(opts, &running, peer.unwrap_or_default(), None)?),
         None => None,
     };
+    drop_root(user, &needs)?;
     serve(Runner::new(running, qmp, ft), rejoin)
 }
 
@@ -160,6 +175,7 @@ pub(crate) fn bind_qmp(path: Option<&std::path::Path>) -> Result<Qmp, CliError> 
 }
 
 fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
+    let user = args.privileges.prepare()?;
     let ft = args.ft.builder().build()?;
     let spares = args.ft_peer.as_deref().map(|p| config::ft::peers(Names::Cli, p)).transpose()?.unwrap_or_default();
     let qmp_path = args.qmp.as_deref().map(qemu_shim::qmp::parse_address).transpose()?;
@@ -190,13 +206,16 @@ fn standby(args: StandbyArgs) -> Result<ExitCode, CliError> {
         listen: args.then_standby.clone(),
         spares: spares.clone(),
     };
+    let needs = smp_ft::privileges::needs(&config, Some(&ft), qmp_path.as_deref());
     let opts = StandbyOptions { ft: ft.clone(), listen: args.listen, config, disk_sync: args.disk_sync };
     block_termination_signals();
     let qmp = bind_qmp(qmp_path.as_deref())?;
     let _registered = args.observe.start(qmp_path.as_deref())?;
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     forward_signals(sig_tx);
-    let end = StandbyRunner::new(&opts, qmp.as_ref().map(|(_, rx)| rx.clone()), sig_rx.clone())?.run()?;
+    let mut runner = StandbyRunner::new(&opts, qmp.as_ref().map(|(_, rx)| rx.clone()), sig_rx.clone())?;
+    drop_root(user, &needs)?;
+    let end = runner.run()?;
     standby_ended(end, ft, spares, qmp, sig_rx, None, Some(rejoin))
 }
 
