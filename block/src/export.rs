@@ -72,14 +72,13 @@ const NBD_FLAG_NO_ZEROES: u32 = 2;
 /// clients use to find it (`GO`/`INFO`, `LIST`, the old `EXPORT_NAME`); any other option gets
 /// "unsupported" (so simple replies, no structured ones). `Ok(true)` once the client goes to
 /// transmission, `Ok(false)` if it aborted.
-fn handshake(c: &std::os::unix::net::UnixStream, size: u64) -> std::io::Result<bool> {
-    let mut c = c;
+fn handshake(c: &mut (impl Read + Write), size: u64) -> std::io::Result<bool> {
     c.write_all(b"NBDMAGICIHAVEOPT")?;
     c.write_all(&(1u16 | 2).to_be_bytes())?;
     let mut b4 = [0u8; 4];
     c.read_exact(&mut b4)?;
     let client_flags = u32::from_be_bytes(b4);
-    let reply = |c: &mut &std::os::unix::net::UnixStream, opt: u32, kind: u32, data: &[u8]| -> std::io::Result<()> {
+    let reply = |c: &mut dyn Write, opt: u32, kind: u32, data: &[u8]| -> std::io::Result<()> {
         let mut m = Vec::with_capacity(20 + data.len());
         m.extend_from_slice(&0x0003_e889_0455_65a9_u64.to_be_bytes());
         m.extend_from_slice(&opt.to_be_bytes());
@@ -111,26 +110,36 @@ fn handshake(c: &std::os::unix::net::UnixStream, size: u64) -> std::io::Result<b
                 return Ok(true);
             }
             NBD_OPT_ABORT => {
-                reply(&mut c, opt, NBD_REP_ACK, &[])?;
+                reply(c, opt, NBD_REP_ACK, &[])?;
                 return Ok(false);
             }
             NBD_OPT_LIST => {
-                reply(&mut c, opt, NBD_REP_SERVER, &0u32.to_be_bytes())?;
-                reply(&mut c, opt, NBD_REP_ACK, &[])?;
+                reply(c, opt, NBD_REP_SERVER, &0u32.to_be_bytes())?;
+                reply(c, opt, NBD_REP_ACK, &[])?;
             }
             NBD_OPT_INFO | NBD_OPT_GO => {
                 let mut info = NBD_INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&size.to_be_bytes());
                 info.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
-                reply(&mut c, opt, NBD_REP_INFO, &info)?;
-                reply(&mut c, opt, NBD_REP_ACK, &[])?;
+                reply(c, opt, NBD_REP_INFO, &info)?;
+                reply(c, opt, NBD_REP_ACK, &[])?;
                 if opt == NBD_OPT_GO {
                     return Ok(true);
                 }
             }
-            _ => reply(&mut c, opt, NBD_REP_ERR_UNSUP, &[])?,
+            _ => reply(c, opt, NBD_REP_ERR_UNSUP, &[])?,
         }
     }
+}
+
+/// One client's connection: the handshake, then its requests until it disconnects (what each
+/// client's thread runs; public for the fuzz targets in `smp-ft/fuzz`).
+#[doc(hidden)]
+pub fn serve_client<I: Image>(c: &mut (impl Read + Write), image: I) -> std::io::Result<()> {
+    if handshake(c, image.size())? {
+        nbd::server::transmission(c, ImageFile { image, pos: 0 })?;
+    }
+    Ok(())
 }
 
 /// An image served read-only over NBD on a unix socket, one thread per client, until dropped.
@@ -155,14 +164,7 @@ impl Export {
                 let Ok(conn) = conn else { continue };
                 let image = image.clone();
                 let _ = std::thread::Builder::new().name("nbd-client".into()).spawn(move || {
-                    let r = handshake(&conn, image.size()).and_then(|go| {
-                        if go {
-                            nbd::server::transmission(&conn, ImageFile { image, pos: 0 })
-                        } else {
-                            Ok(())
-                        }
-                    });
-                    if let Err(e) = r {
+                    if let Err(e) = serve_client(&mut &conn, image) {
                         tracing::debug!("NBD export client: {e}");
                     }
                 });

@@ -154,6 +154,20 @@ impl std::str::FromStr for DiskSpec {
     }
 }
 
+impl DiskSpec {
+    /// The storage a QEMU command line names for a disk, taken whole: an NBD URI (what the
+    /// persona makes of a `driver: nbd` node) or a path, commas and all (no `--disk` options
+    /// follow it: a file named `disk,readonly` is that file, writable).
+    pub fn of_storage(target: &str, readonly: bool) -> Result<DiskSpec, SpecError> {
+        let location = match target {
+            "" => return Err(SpecError::Empty),
+            t if t.starts_with("nbd") && t.contains("://") => parse_nbd(t)?,
+            t => Location::Path(PathBuf::from(t)),
+        };
+        Ok(DiskSpec { location, readonly, graph: None, bus: Bus::VirtioBlk })
+    }
+}
+
 /// The options after a disk's target.
 #[derive(Default)]
 struct Options {
@@ -349,6 +363,20 @@ mod tests {
         assert_eq!(p("/a/d,rw"), Err(SpecError::Option("rw".into())));
         assert_eq!(p(""), Err(SpecError::Empty));
         assert_eq!(p(",readonly"), Err(SpecError::Empty));
+    }
+
+    /// The `qemu_argv` fuzz target checks this: the persona made a command line's disk file into
+    /// a `--disk` spec, so a file name with a comma was read as a file and options.
+    #[test]
+    fn a_command_lines_storage_is_taken_whole() {
+        let s = DiskSpec::of_storage("/img/b,readonly", false).unwrap();
+        assert_eq!((s.location, s.readonly), (Location::Path("/img/b,readonly".into()), false));
+        let s = DiskSpec::of_storage("/img/c,bus=scsi", true).unwrap();
+        assert_eq!((s.location, s.readonly, s.bus), (Location::Path("/img/c,bus=scsi".into()), true, Bus::VirtioBlk));
+        let tcp = Location::NbdTcp { host: "h".into(), port: 99, export: "a,readonly".into() };
+        assert_eq!(DiskSpec::of_storage("nbd://h:99/a,readonly", false).unwrap().location, tcp);
+        assert_eq!(DiskSpec::of_storage("", false), Err(SpecError::Empty));
+        assert!(matches!(DiskSpec::of_storage("nbd://:1/x", false), Err(SpecError::Uri { .. })));
     }
 
     #[test]

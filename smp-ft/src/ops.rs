@@ -70,9 +70,6 @@ pub(crate) fn start(
     Ok(qmp.and_then(|q| observe::status::register(name, q)))
 }
 
-/// The operators' elements of a domain's smpft metadata (beside the FT settings).
-pub(crate) const LIBVIRT_KEYS: &[&str] = &["metrics", "on-event", "on-event-timeout"];
-
 /// A libvirt domain's: its name and UUID, and the metadata's elements (errors name them).
 pub(crate) fn from_libvirt(
     launch: &qemu_shim::argv::Launch,

@@ -51,6 +51,10 @@ pub enum SmbiosError {
     Uuid(String),
     #[error("'{0}' is not key=value")]
     Syntax(String),
+    #[error("type={kind}: {key}= is empty or holds a NUL byte (an SMBIOS string is neither)")]
+    String { kind: u8, key: String },
+    #[error("type=11: more than 255 OEM strings (a structure numbers its strings with one byte)")]
+    OemStrings,
     #[error("the SMBIOS tables take {0} bytes, more than fit below 1 MiB")]
     TooLarge(usize),
 }
@@ -113,6 +117,12 @@ impl Smbios {
             "11" => {
                 for (k, v) in fields {
                     match k.as_str() {
+                        // An OEM string has a number the guest looks it up by: it is never
+                        // left out, so an empty one would end the string set early.
+                        "value" if v.is_empty() || v.contains('\0') => {
+                            return Err(SmbiosError::String { kind: 11, key: k })
+                        }
+                        "value" if self.oem_strings.len() == 255 => return Err(SmbiosError::OemStrings),
                         "value" => self.oem_strings.push(v),
                         _ => return Err(SmbiosError::Key { kind: 11, key: k, known: "value" }),
                     }
@@ -122,6 +132,9 @@ impl Smbios {
             _ => return Err(SmbiosError::Type(kind)),
         };
         for (k, v) in fields {
+            if v.contains('\0') {
+                return Err(SmbiosError::String { kind: n, key: k });
+            }
             if n == 1 && k == "uuid" {
                 self.uuid = Some(parse_uuid(&v)?);
             } else if known.contains(&k.as_str()) {
@@ -152,7 +165,7 @@ impl Smbios {
         }
         t.extend(structure(3, 3, &self.chassis, CHASSIS, &chassis_body));
         if !self.oem_strings.is_empty() {
-            let mut s = vec![11, 5, 4, 0, self.oem_strings.len().min(255) as u8];
+            let mut s = vec![11, 5, 4, 0, self.oem_strings.len() as u8];
             s.extend(strings(self.oem_strings.iter().map(String::as_str)));
             t.extend(s);
         }

@@ -19,6 +19,14 @@ mod wire;
 pub use handshake::Export;
 pub use wire::IN_FLIGHT;
 
+/// The client's readers of what a server sends (its handshake, its replies), for the fuzz
+/// targets in `smp-ft/fuzz`.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::handshake::negotiate;
+    pub use super::wire::{Conn, Failure, Request};
+}
+
 use crate::backend::{Backend, BackendError};
 use crate::spec::Location;
 use handshake::{READ_ONLY, SEND_FLUSH, SEND_TRIM, SEND_WRITE_ZEROES};

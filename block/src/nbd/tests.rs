@@ -319,6 +319,19 @@ fn malformed_replies_break_the_connection() {
         ),
         (chunk(DONE, CHUNK_ERROR, 0, &[0, 0]), true, "error chunk of 2 bytes"),
         (chunk(0, CHUNK_OFFSET_DATA, 0, &data(0, b"ab")), true, "the server closed the connection"),
+        // Found by the `nbd_client` fuzz target: two chunks for the same bytes added up to a
+        // whole read, which completed with bytes no chunk sent.
+        (
+            [chunk(0, CHUNK_OFFSET_DATA, 0, &data(0, b"ab")), chunk(DONE, CHUNK_OFFSET_DATA, 0, &data(0, b"ab"))]
+                .concat(),
+            true,
+            "a chunk at 0x0+0x2 overlaps another at 0x0+0x2",
+        ),
+        (
+            [chunk(0, CHUNK_OFFSET_HOLE, 0, &hole(1, 2)), chunk(DONE, CHUNK_OFFSET_DATA, 0, &data(0, b"ab"))].concat(),
+            true,
+            "overlaps another at 0x1+0x2",
+        ),
         (Vec::new(), true, "the server closed the connection"),
     ];
     for (replies, structured, want) in cases {

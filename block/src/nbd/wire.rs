@@ -3,9 +3,11 @@
 //! answers), simple replies or, where negotiated, structured replies in chunks.
 //!
 //! A reply that carries an error fails its request only; the connection goes on. A reply that
-//! breaks the protocol (unknown cookie, a chunk outside its request, an over-long error message,
-//! a read not covered) or a connection that ends makes the connection unusable.
+//! breaks the protocol (unknown cookie, a chunk outside its request or over another, an
+//! over-long error message, a read not covered) or a connection that ends makes the connection
+//! unusable.
 
+use std::collections::BTreeMap;
 use std::io::{Error, ErrorKind, Read, Write};
 
 /// Requests sent before their replies are read.
@@ -103,7 +105,28 @@ struct Due {
     done: bool,
     /// Bytes of a read the chunks covered.
     covered: u64,
+    /// The ranges of a read the chunks covered (start → end), which may not overlap: otherwise
+    /// two chunks for the same bytes would count as covering bytes no chunk sent.
+    chunks: BTreeMap<u64, u64>,
     error: Option<Error>,
+}
+
+impl Due {
+    /// Notes that a chunk covered `n` bytes at `offset`; an error if an earlier chunk covered
+    /// any of them.
+    fn cover(&mut self, offset: u64, n: u64) -> std::io::Result<()> {
+        let end = offset + n;
+        let before = self.chunks.range(..end).next_back();
+        if let Some((&start, &stop)) = before.filter(|(_, &stop)| stop > offset) {
+            return Err(protocol(format!(
+                "a chunk at {offset:#x}+{n:#x} overlaps another at {start:#x}+{:#x}",
+                stop - start
+            )));
+        }
+        self.chunks.insert(offset, end);
+        self.covered += n;
+        Ok(())
+    }
 }
 
 pub struct Conn<R, W> {
@@ -230,9 +253,9 @@ impl<R: Read, W: Write> Conn<R, W> {
                 if !within(offset, n) {
                     return Err(beyond(offset, n));
                 }
+                due[i].cover(offset, n)?;
                 let at = (offset - start) as usize;
                 self.read_exact(&mut buf[at..at + n as usize])?;
-                due[i].covered += n;
             }
             (CHUNK_OFFSET_HOLE, Request::Read { buf, .. }) => {
                 if len != 12 {
@@ -245,9 +268,9 @@ impl<R: Read, W: Write> Conn<R, W> {
                 if n == 0 || !within(offset, n) {
                     return Err(beyond(offset, n));
                 }
+                due[i].cover(offset, n)?;
                 let at = (offset - start) as usize;
                 buf[at..at + n as usize].fill(0);
-                due[i].covered += n;
             }
             (k, _) if k & (1 << 15) != 0 => {
                 let e = self.error_chunk(k, len, |o| within(o, 1))?;

@@ -1,24 +1,25 @@
 //! A guest driver may send anything on virtio-serial's control queue and give any buffers: the
 //! device must answer with used entries or DEVICE_NEEDS_RESET, never a panic, a hang or a write
 //! outside guest memory, and its state must still save and restore. The input becomes the
-//! rings, descriptor tables and buffers of the control queues and of a port's queues (the
-//! first byte picks the queue size, the second how host events interleave), then every queue
-//! is notified a few times while a host client comes and goes and sends input.
+//! rings, descriptor tables and buffers of the control queues and of a port's queues (see
+//! `guest.rs`; the first byte picks the queue size, the second how host events interleave),
+//! then every queue is notified a few times while a host client comes and goes and sends
+//! input.
 #![no_main]
+
+#[path = "guest.rs"]
+#[allow(dead_code)]
+mod guest;
 
 use libfuzzer_sys::fuzz_target;
 use smp_ft::vmm::component::Component;
 use smp_ft::vmm::devices::gate::{OutputGate, OutputPort};
-use smp_ft::vmm::memory::GuestMemory;
-use smp_ft::vmm::pci::PciDevice;
 use smp_ft::vmm::virtio::console::{Console, PortDef, PortLink, CTRL_RX, CTRL_TX};
 use smp_ft::vmm::virtio::VirtioPci;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-const MEM: u64 = 64 << 10;
-/// Queue `q`'s rings: descriptors at `0x1000 + q * 0x800`, available ring 0x400 after, used
-/// ring in the page above the input.
+/// The control queues and a port's queues (see `guest.rs` for their rings).
 const QUEUES: u64 = 6;
 
 #[derive(Default)]
@@ -42,31 +43,13 @@ fn device(link: &Arc<Link>) -> Console {
 
 fuzz_target!(|data: &[u8]| {
     let [size_sel, events, rest @ ..] = data else { return };
-    let mem = Arc::new(GuestMemory::new(MEM).expect("guest memory"));
     let link = Arc::new(Link::default());
-    let dev = VirtioPci::new("virtio-serial", device(&link), 0xe000_0000, mem.device_view().expect("view"), None);
-    let w = |off: u64, v: u64, len: usize| dev.bar_write(0, off, &v.to_le_bytes()[..len]);
-    w(0x14, 3, 1);
-    w(0x08, 0, 4);
-    w(0x0c, 2, 4);
-    w(0x08, 1, 4);
-    w(0x0c, 1, 4);
-    w(0x14, 11, 1);
-    for q in 0..QUEUES {
-        w(0x16, q, 2);
-        w(0x18, 1 << (size_sel % 5), 2);
-        w(0x20, 0x1000 + q * 0x800, 8);
-        w(0x28, 0x1400 + q * 0x800, 8);
-        w(0x30, 0xc000 + q * 0x400, 8);
-        w(0x1c, 1, 2);
-    }
-    w(0x14, 15, 1);
-    let n = rest.len().min(0xb000);
-    mem.write(0x1000, &rest[..n]).expect("in range");
+    // VIRTIO_CONSOLE_F_MULTIPORT (bit 1) accepted.
+    let (mem, dev) = guest::start("virtio-serial", device(&link), QUEUES, *size_sel, 2, rest);
     let console = dev.device();
     for round in 0..4u8 {
         for q in [CTRL_TX, CTRL_RX, 4, 5, 6, 7, 0, 1] {
-            w(0x3000 + 4 * q as u64, 0, 2);
+            guest::notify(&dev, q as u64);
         }
         if events >> round & 1 != 0 {
             link.0.store(!link.0.load(Ordering::SeqCst), Ordering::SeqCst);

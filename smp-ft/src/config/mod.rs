@@ -8,6 +8,7 @@ mod disk_boot;
 mod error;
 pub mod ft;
 pub mod hooks;
+pub mod metadata;
 mod names;
 pub mod vm;
 

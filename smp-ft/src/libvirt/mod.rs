@@ -112,7 +112,7 @@ pub(crate) fn run(cmd: &LibvirtCommand) -> Result<(), String> {
 }
 
 /// The element of smpft's metadata that names the standby's libvirt URI (on the primary).
-pub const STANDBY_URI: &str = "standby-uri";
+pub use smp_ft::config::metadata::STANDBY_URI;
 
 /// libvirt's message alone (its Display adds codes an operator does not need).
 pub(crate) fn msg(e: &virt::error::Error) -> String {

@@ -52,8 +52,7 @@ fn config(launch: &Launch, standby: bool, taps: &mut NamedTaps) -> Result<VmConf
             if let Some(g) = &d.graph {
                 return Ok(super::block_info::daemon_disk(d, g));
             }
-            let spec = format!("{}{}", d.source, if d.readonly { ",readonly" } else { "" });
-            spec.parse::<DiskSpec>().map_err(|e| format!("disk {}: {e}", d.id))
+            DiskSpec::of_storage(&d.source, d.readonly).map_err(|e| format!("disk {}: {e}", d.id))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let disks = on_scsi(disks, launch.scsi.as_ref());

@@ -34,117 +34,13 @@
 //! Proxmox VE's hookscript (contrib/proxmox) writes the same file as `/run/smpft/pve-VMID.ft`,
 //! found by the VM's `-id`.
 
-use quick_xml::events::Event;
 use smp_ft::config::{self, FtBuilder, FtOptions, Names, Setting};
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-/// smpft's XML namespace in domain metadata.
-pub const NAMESPACE: &str = "urn:smpft:libvirt:1";
-/// A standby's initial copy of its disks: `full` (every block) or `compare` (it hashes its own
-/// disks and only blocks that differ are sent: a copy already close, or a new sparse volume).
-pub const DISK_SYNC: &str = "disk-sync";
-/// Elements `smpft libvirt protect` writes beside the FT settings.
-const PAIR_KEYS: [&str; 2] = [crate::libvirt::STANDBY_URI, DISK_SYNC];
+pub use smp_ft::config::metadata::{disk_sync, from_domain_xml, Settings, DISK_SYNC, NAMESPACE};
 /// Where the hook leaves each domain's settings for the persona.
 pub const DIR: &str = "/run/smpft";
-
-/// A domain's FT settings, as `key → value`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Settings(pub BTreeMap<String, String>);
-
-impl Settings {
-    pub fn get(&self, k: &str) -> Option<&str> {
-        self.0.get(k).map(String::as_str)
-    }
-
-    fn check(&self) -> Result<(), String> {
-        let need = |keys: &[&str]| -> Result<(), String> {
-            let missing: Vec<&str> = keys.iter().copied().filter(|k| self.get(k).is_none()).collect();
-            if missing.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("smpft FT metadata lacks <{}>", missing.join(">, <")))
-            }
-        };
-        need(&["role", "tiebreak", "identity"])?;
-        if let Some(v) = self.get(DISK_SYNC) {
-            disk_sync(v)?;
-        }
-        if self.get("peer-cert").is_none() {
-            // Trusted through the site CA instead: its certificate and the peer's name.
-            need(&["ca", "peer-name"]).map_err(|e| format!("{e} (or <peer-cert>)"))?;
-        }
-        match self.get("role") {
-            Some("primary") => need(&["peer"]),
-            Some("standby") => need(&["listen"]),
-            Some(r) => Err(format!("smpft FT metadata: role '{r}' is neither 'primary' nor 'standby'")),
-            None => unreachable!("checked above"),
-        }
-    }
-
-    fn to_text(&self) -> String {
-        self.0.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
-    }
-
-    fn from_text(t: &str) -> Settings {
-        Settings(t.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect())
-    }
-}
-
-/// The FT settings in a domain XML: `None` if it has none; an error for malformed ones.
-pub fn from_domain_xml(xml: &str) -> Result<Option<Settings>, String> {
-    let mut reader = quick_xml::NsReader::from_str(xml);
-    let mut in_ft = false;
-    let mut key: Option<String> = None;
-    let mut found = false;
-    let mut s = Settings::default();
-    loop {
-        let ev = reader.read_resolved_event().map_err(|e| format!("the domain XML does not parse: {e}"))?;
-        match ev {
-            (ns, Event::Start(e)) => {
-                let ours = matches!(ns, quick_xml::name::ResolveResult::Bound(n) if n.as_ref() == NAMESPACE.as_bytes());
-                let local = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
-                if ours && local == "ft" {
-                    in_ft = true;
-                    found = true;
-                } else if ours && in_ft {
-                    let operators =
-                        crate::ops::LIBVIRT_KEYS.contains(&local.as_str()) || PAIR_KEYS.contains(&local.as_str());
-                    if local != "role" && !operators && Setting::from_libvirt(&local).is_none() {
-                        return Err(format!("smpft FT metadata: unknown element <{local}>"));
-                    }
-                    key = Some(local);
-                }
-            }
-            (_, Event::Text(t)) => {
-                if let Some(k) = &key {
-                    let v = t.unescape().map_err(|e| format!("smpft FT metadata: {e}"))?.trim().to_string();
-                    if v.contains('\n') {
-                        return Err(format!("smpft FT metadata: <{k}> spans lines"));
-                    }
-                    s.0.insert(k.clone(), v);
-                }
-            }
-            (_, Event::End(e)) => {
-                let local = e.local_name();
-                if key.is_some() {
-                    key = None;
-                } else if in_ft && local.as_ref() == b"ft" {
-                    in_ft = false;
-                }
-            }
-            (_, Event::Eof) => break,
-            _ => {}
-        }
-    }
-    if !found {
-        return Ok(None);
-    }
-    s.check()?;
-    Ok(Some(s))
-}
 
 /// A domain's fault tolerance, as its settings describe it, checked.
 pub struct DomainFt {
@@ -182,11 +78,6 @@ impl DomainFt {
             disk_sync: s.get(DISK_SYNC).and_then(|v| disk_sync(v).ok()).unwrap_or_default(),
         })
     }
-}
-
-fn disk_sync(v: &str) -> Result<smp_ft::ft::disk::DiskSync, String> {
-    <smp_ft::ft::disk::DiskSync as clap::ValueEnum>::from_str(v, true)
-        .map_err(|_| format!("smpft FT metadata: <{DISK_SYNC}> '{v}' is neither 'full' nor 'compare'"))
 }
 
 fn file(dir: &Path, domain: &str) -> PathBuf {

@@ -34,7 +34,7 @@ pub struct ObserverSlot(OnceLock<Installed>);
 impl ObserverSlot {
     /// The observer of type `O`, `make`'s if none is installed yet; `None` if one of another
     /// type is.
-    pub(crate) fn get_or_install<O: DiskObserver>(&self, make: impl FnOnce() -> Arc<O>) -> Option<Arc<O>> {
+    pub fn get_or_install<O: DiskObserver>(&self, make: impl FnOnce() -> Arc<O>) -> Option<Arc<O>> {
         let installed = self.0.get_or_init(|| {
             let o = make();
             Installed { observer: o.clone(), any: o }

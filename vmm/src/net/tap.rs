@@ -154,9 +154,9 @@ impl Tap {
         Ok(Tap { fd, name: req.name(), vnet_hdr })
     }
 
-    /// A stand-in for unit tests: any descriptor that keeps message boundaries (one end of a
-    /// SOCK_SEQPACKET pair) behaves as a tap does.
-    #[cfg(test)]
+    /// A stand-in for unit tests and fuzz targets: any descriptor that keeps message boundaries
+    /// (one end of a SOCK_SEQPACKET pair) behaves as a tap does.
+    #[doc(hidden)]
     pub fn from_fd(fd: OwnedFd, name: &str) -> Tap {
         set_nonblocking(fd.as_raw_fd()).expect("non-blocking test descriptor");
         Tap { fd, name: name.into(), vnet_hdr: 0 }

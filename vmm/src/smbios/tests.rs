@@ -82,9 +82,16 @@ fn bad_specs_are_refused_by_name() {
         ("type=1,uuid=30ad89ac59064", "is not a UUID"),
         ("type=1,product", "is not key=value"),
         ("type=11,path=/x", "unknown field 'path'"),
+        // The `qemu_argv` fuzz target checks the tables a guest reads: an empty OEM string (or
+        // a NUL in any) ended a string set early, and the structures after it were misread.
+        ("type=11,value=a,value=", "type=11: value= is empty or holds a NUL byte"),
+        ("type=1,serial=\0", "type=1: serial= is empty or holds a NUL byte"),
     ] {
         let e = m.apply(spec).unwrap_err().to_string();
         assert!(e.contains(says), "{spec}: {e}");
     }
+    // More OEM strings than a structure can number are refused too.
+    let many = vec!["value=x"; 256].join(",");
+    assert_eq!(Smbios::default().apply(&format!("type=11,{many}")), Err(SmbiosError::OemStrings));
     assert_eq!(parse_uuid("30AD89AC-5906-49CA-8D52-3C6343C598F6").unwrap()[0], 0x30);
 }
