@@ -157,6 +157,7 @@ impl Export {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new().name("nbd-export".into()).spawn(move || {
+            confine::enter(confine::Kind::Storage);
             for conn in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
                     return;

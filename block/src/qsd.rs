@@ -286,6 +286,9 @@ fn spawn(args: Vec<String>, files: &Files, names: String) -> Result<Spawned, Qsd
             }
             Ok(child) => {
                 let _ = started_tx.send(Ok(child.id() as i32));
+                // The daemon was started unconfined by this thread's filter (it inherits the
+                // process's); watching it is all that is left.
+                confine::enter(confine::Kind::Storage);
                 watch_child(child, &w, &names, exit_tx);
             }
         })

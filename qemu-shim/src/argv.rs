@@ -29,7 +29,6 @@ pub const IGNORED: &[(&str, &str)] = &[
     ("-display", "smpft has no display (only 'none' is accepted)"),
     ("-no-acpi", "smpft's machine has no ACPI"),
     ("-boot", "without -kernel, smpft boots what a disk holds (its lowest bootindex, or the first with order=c)"),
-    ("-sandbox", "smpft does not install a seccomp filter of QEMU's kind"),
     ("-msg", "log format only"),
     ("-overcommit", "guest memory is not locked"),
     ("-audiodev", "no audio devices"),
@@ -185,6 +184,8 @@ pub struct Launch {
     pub disk_nodes: Vec<Vec<crate::platform::BlockNode>>,
     /// `-cpu`: the guest's CPU model and features (`None`: the host's CPU).
     pub cpu: Option<cpu_model::CpuSpec>,
+    /// `-sandbox on|off`: smpft's seccomp filters with `kill`, or none (`None`: not given).
+    pub seccomp: Option<confine::Mode>,
     /// A virtio-scsi controller (`-device virtio-scsi-pci`) with its `scsi-hd` disks (their
     /// storage is in `disks`).
     pub scsi: Option<ScsiController>,

@@ -236,6 +236,7 @@ pub fn option(launch: &mut Launch, opt: &str, value: &str) -> Result<bool, ArgvE
         "-machine" | "-M" => machine(launch, value)?,
         "-global" => global(launch, value)?,
         "-rtc" => rtc(launch, value)?,
+        "-sandbox" => sandbox(launch, value)?,
         "-vnc" | "-spice" => {
             let what = if opt == "-vnc" { "VNC" } else { "SPICE" };
             launch
@@ -310,6 +311,29 @@ fn rtc(launch: &mut Launch, value: &str) -> Result<(), ArgvError> {
         }
     }
     launch.ignored.push(format!("-rtc {value} (smpft's machine has no CMOS clock: the guest keeps time by its TSC)"));
+    Ok(())
+}
+
+/// `-sandbox on|off[,obsolete=..,elevateprivileges=..,spawn=..,resourcecontrol=..]`: on is
+/// smpft's own per-thread filters with `--seccomp kill`, off is `--seccomp off`. QEMU's
+/// sub-options name groups of calls of its own filter; smpft's filters are per thread instead
+/// (the main thread may start the storage daemon and event hooks, and no thread may administer
+/// the kernel), so they are accepted and noted.
+fn sandbox(launch: &mut Launch, value: &str) -> Result<(), ArgvError> {
+    let m = crate::argv::props(value, "enable")?;
+    let mut mode = None;
+    for (k, v) in &m {
+        let v = v.as_str().unwrap_or_default();
+        match (k.as_str(), v) {
+            ("enable", "on") => mode = Some(confine::Mode::Kill),
+            ("enable", "off") => mode = Some(confine::Mode::Off),
+            ("obsolete" | "elevateprivileges" | "spawn" | "resourcecontrol", "allow" | "deny" | "children") => {}
+            _ => return err(format!("-sandbox {k}={v}: not supported (on or off, with QEMU's sub-options)")),
+        }
+    }
+    let Some(mode) = mode else { return err(format!("-sandbox {value}: say on or off")) };
+    launch.seccomp = Some(mode);
+    launch.ignored.push(format!("-sandbox {value} (smpft's per-thread seccomp filters, --seccomp {})", mode.name()));
     Ok(())
 }
 

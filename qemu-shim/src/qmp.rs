@@ -326,9 +326,10 @@ impl QmpServer {
     fn serve_listener(&mut self, listener: UnixListener) -> std::io::Result<usize> {
         let endpoint = self.new_endpoint();
         let (shared, tx, threads) = (self.shared.clone(), self.requests.clone(), self.client_threads.clone());
-        let t = std::thread::Builder::new()
-            .name("qmp-accept".into())
-            .spawn(move || accept_loop(&listener, endpoint, &shared, &tx, &threads))?;
+        let t = std::thread::Builder::new().name("qmp-accept".into()).spawn(move || {
+            confine::enter(confine::Kind::Qmp);
+            accept_loop(&listener, endpoint, &shared, &tx, &threads)
+        })?;
         self.endpoints.push(t);
         Ok(endpoint)
     }
@@ -354,7 +355,10 @@ impl QmpServer {
         let (shared, tx, path2) = (self.shared.clone(), self.requests.clone(), path.to_path_buf());
         let t = std::thread::Builder::new()
             .name("qmp-connect".into())
-            .spawn(move || connect_loop(&path2, reconnect, first, endpoint, &shared, &tx))
+            .spawn(move || {
+                confine::enter(confine::Kind::Qmp);
+                connect_loop(&path2, reconnect, first, endpoint, &shared, &tx)
+            })
             .map_err(connect_err)?;
         self.endpoints.push(t);
         Ok(endpoint)

@@ -31,6 +31,7 @@ pub(crate) fn relay_signals(from: crossbeam_channel::Receiver<VmEvent>, to: cros
         std::thread::Builder::new()
             .name("signal-relay".into())
             .spawn(move || {
+                confine::enter(confine::Kind::Signals);
                 for ev in from {
                     if let Some(to) = &*SIGNAL_TARGET.lock().unwrap_or_else(|e| e.into_inner()) {
                         let _ = to.send(ev);

@@ -53,6 +53,8 @@ pub(crate) enum CliError {
     Demo(String),
     #[error(transparent)]
     Privilege(#[from] smp_ft::privileges::PrivilegeError),
+    #[error(transparent)]
+    Confine(#[from] confine::ConfineError),
 }
 
 /// Exit status of a copy that lost the tie-breaker (the other copy runs the VM).
@@ -279,8 +281,15 @@ fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
-    let started =
-        init_logging(&cli.log, cli.log_format).and_then(|()| config::hooks::init().map(drop).map_err(CliError::from));
+    // The filters go on before any thread starts (the event hook's is the first).
+    let seccomp = match &cli.command {
+        Command::Run(a) => a.privileges.seccomp,
+        Command::Standby(a) => a.privileges.seccomp,
+        _ => confine::Mode::Off,
+    };
+    let started = init_logging(&cli.log, cli.log_format)
+        .and_then(|()| confine::enable(seccomp).map_err(CliError::from))
+        .and_then(|()| config::hooks::init().map(drop).map_err(CliError::from));
     if let Err(e) = started {
         eprintln!("smpft: error: {}", error_chain(&e));
         return ExitCode::from(2);

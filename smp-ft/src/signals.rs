@@ -15,6 +15,7 @@ pub(crate) fn forward_signals(tx: crossbeam_channel::Sender<VmEvent>) {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            confine::enter(confine::Kind::Signals);
             let set = termination_set();
             let sig = wait_signal(&set, None).unwrap_or(libc::SIGTERM);
             let _ = tx.send(VmEvent::Signal(sig));

@@ -71,6 +71,7 @@ impl Vm {
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.index))
                 .spawn(move || {
+                    confine::enter(confine::Kind::Vcpu);
                     v.run(|_, end| match end {
                         VcpuEnd::Requested => {}
                         VcpuEnd::Failed(e) => {
@@ -266,6 +267,7 @@ impl RunningVm {
         };
         let until = stop.clone();
         let spawned = std::thread::Builder::new().name("net-announce".into()).spawn(move || {
+            confine::enter(confine::Kind::Device);
             for delay in net::announce::SCHEDULE {
                 if until.wait_timeout(delay) {
                     return;

@@ -30,7 +30,20 @@ fn libvirts_domain_line_becomes_a_launch() {
     assert_eq!(l.monitors, vec![Monitor::Fd(27)]);
     assert_eq!(l.serial, Some(Serial::Pty));
     assert!(l.ignored.iter().any(|i| i.starts_with("-sandbox")), "{:?}", l.ignored);
+    assert_eq!(l.seccomp, Some(confine::Mode::Kill), "-sandbox on is smpft's filters with kill");
     assert!(l.left_out.iter().any(|i| i.contains("[usb (piix3-usb-uhci)")), "{:?}", l.left_out);
+}
+
+#[test]
+fn sandbox_maps_onto_the_seccomp_mode() {
+    let mode = |v: &str| parse(&args(&format!("-m 64 -sandbox {v}"))).map(|l| l.seccomp);
+    assert_eq!(mode("off"), Ok(Some(confine::Mode::Off)));
+    assert_eq!(mode("on,spawn=deny"), Ok(Some(confine::Mode::Kill)));
+    assert_eq!(parse(&args("-m 64")).map(|l| l.seccomp), Ok(None));
+    for bad in ["maybe", "on,spawn=sometimes", "spawn=deny"] {
+        let e = mode(bad).unwrap_err().to_string();
+        assert!(e.contains("-sandbox"), "{bad}: {e}");
+    }
 }
 
 #[test]

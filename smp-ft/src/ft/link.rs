@@ -33,6 +33,7 @@ impl Link {
         let sender = std::thread::Builder::new()
             .name("ft-send".into())
             .spawn(move || {
+                confine::enter(confine::Kind::Channel);
                 for p in rx {
                     let (p, encoded) = p.encode(&mut encoder);
                     stats.encoded(encoded);

@@ -29,6 +29,7 @@ static PENDING: (parking_lot::Mutex<usize>, parking_lot::Condvar) =
 pub fn install(program: PathBuf, timeout: Duration) -> std::io::Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded::<Value>();
     std::thread::Builder::new().name("event-hook".into()).spawn(move || {
+        confine::enter(confine::Kind::Hook);
         for ev in rx {
             run(&program, &ev, timeout);
             *PENDING.0.lock() -= 1;
@@ -83,6 +84,7 @@ fn run(program: &PathBuf, ev: &Value, timeout: Duration) {
     let pidfd = (fd >= 0).then(|| unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) });
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     let waiter = std::thread::Builder::new().name("event-hook-wait".into()).spawn(move || {
+        confine::enter(confine::Kind::Hook);
         let _ = done_tx.send(child.wait());
     });
     let Ok(waiter) = waiter else {

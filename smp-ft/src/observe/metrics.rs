@@ -210,6 +210,7 @@ pub fn serve(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        confine::enter(confine::Kind::Metrics);
         for conn in listener.incoming().flatten() {
             if let Err(e) = answer(conn) {
                 tracing::debug!("metrics: {e}");

@@ -59,6 +59,17 @@ pub fn main(args: &[String]) -> ExitCode {
         eprintln!("smpft (QEMU persona): {e}");
         return ExitCode::from(1);
     }
+    // SMPFT_SECCOMP (as `--seccomp`) over `-sandbox`; kill when neither is given.
+    let seccomp = match std::env::var("SMPFT_SECCOMP") {
+        Ok(v) => match v.parse() {
+            Ok(m) => m,
+            Err(e) => return refuse(&format!("smpft (QEMU persona): SMPFT_SECCOMP: {e}")),
+        },
+        Err(_) => launch.seccomp.unwrap_or(confine::Mode::Kill),
+    };
+    if let Err(e) = confine::enable(seccomp) {
+        return refuse(&format!("smpft (QEMU persona): {e}"));
+    }
     if let Err(e) = smp_ft::config::hooks::init() {
         return refuse(&format!("smpft (QEMU persona): {e}"));
     }

@@ -41,6 +41,7 @@ pub fn write_in_background(
     done: impl FnOnce(Result<Value, String>) + Send + 'static,
 ) {
     let spawned = workers.spawn("snapshot-write", move || {
+        confine::enter(confine::Kind::Snapshot);
         let started = Instant::now();
         let r = format::write_file(&path, &snap)
             .map(|bytes| {

@@ -14,6 +14,7 @@ pub(super) fn runtime() -> Result<Arc<Rt>, ChannelError> {
         // One worker per endpoint: on a 2-core host a second one only adds wakeups (measured).
         .worker_threads(1)
         .thread_name("ft-channel")
+        .on_thread_start(|| confine::enter(confine::Kind::Channel))
         .enable_all()
         .build()
         .map(|rt| Arc::new(Rt(Some(rt))))

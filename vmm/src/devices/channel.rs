@@ -222,7 +222,7 @@ impl PortLink for SocketLink {
 /// The device's host thread, stopped and joined by [`ChannelBackend::stop`].
 pub struct ChannelBackend {
     stop: shutdown::Shutdown,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Vec<ChannelListener>>>,
 }
 
 impl ChannelBackend {
@@ -236,9 +236,12 @@ impl ChannelBackend {
     ) -> std::io::Result<ChannelBackend> {
         let stop = shutdown::Shutdown::new()?;
         let until = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("virtio-serial".into())
-            .spawn(move || serve(&dev, &links, &listeners, &until, &*wake))?;
+        let thread = std::thread::Builder::new().name("virtio-serial".into()).spawn(move || {
+            confine::enter(confine::Kind::Device);
+            serve(&dev, &links, &listeners, &until, &*wake);
+            // Dropped by whoever joins: removing a socket file is not this thread's to do.
+            listeners
+        })?;
         Ok(ChannelBackend { stop, thread: Some(thread) })
     }
 
@@ -249,7 +252,7 @@ impl ChannelBackend {
     fn halt(&mut self) {
         self.stop.fire();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            drop(t.join());
         }
     }
 }

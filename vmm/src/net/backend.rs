@@ -24,7 +24,10 @@ impl NetBackend {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stop2 = stop.try_clone()?;
         let name = format!("net-rx-{}", dev.device().tap().name());
-        let thread = std::thread::Builder::new().name(name).spawn(move || receive_loop(&dev, &stop2, &*wake))?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            confine::enter(confine::Kind::Device);
+            receive_loop(&dev, &stop2, &*wake)
+        })?;
         Ok(NetBackend { stop, thread: Some(thread) })
     }
 

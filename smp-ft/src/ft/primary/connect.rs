@@ -23,6 +23,7 @@ impl PrimaryFt {
         let tx = self.inputs.0.clone();
         let session = std::process::id() as u64;
         let spawned = self.workers.spawn("ft-connect", move || {
+            confine::enter(confine::Kind::Channel);
             let _ = tx.send(Input::Connected(Channel::connect(peer, &id, &trust, cfg, session, meta)));
         });
         if let Err(e) = spawned {

@@ -355,6 +355,7 @@ impl PrimaryFt {
         let slot = Arc::new(parking_lot::Mutex::new(Some(link)));
         let (theirs, reason) = (slot.clone(), why.clone());
         let spawned = self.workers.spawn("ft-close", move || {
+            confine::enter(confine::Kind::Channel);
             if let Some(l) = theirs.lock().take() {
                 l.close(code, &reason);
             }

@@ -206,11 +206,14 @@ impl<'a> StandbyRunner<'a> {
         let l = listener.clone();
         let accept = std::thread::Builder::new()
             .name("ft-accept".into())
-            .spawn(move || loop {
-                let r = l.accept(None, std::process::id().into(), meta.clone());
-                let stop = r.is_err();
-                if atx.send(r).is_err() || stop {
-                    return;
+            .spawn(move || {
+                confine::enter(confine::Kind::Channel);
+                loop {
+                    let r = l.accept(None, std::process::id().into(), meta.clone());
+                    let stop = r.is_err();
+                    if atx.send(r).is_err() || stop {
+                        return;
+                    }
                 }
             })
             .map_err(FtError::Thread)?;
@@ -316,6 +319,7 @@ impl<'a> StandbyRunner<'a> {
         drop(s);
         let why = why.to_string();
         let spawned = self.workers.lock().spawn("ft-close", move || {
+            confine::enter(confine::Kind::Channel);
             // The last holder closes it: wait for any snapshot writer to let go.
             while Arc::strong_count(&chan) > 1 {
                 std::thread::sleep(Duration::from_millis(5));

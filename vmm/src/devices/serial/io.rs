@@ -75,7 +75,10 @@ impl SerialBackend {
         threads.push(
             std::thread::Builder::new()
                 .name("serial-out".into())
-                .spawn(move || output_loop(&q, target, &out_stop))
+                .spawn(move || {
+                    confine::enter(confine::Kind::Device);
+                    output_loop(&q, target, &out_stop)
+                })
                 .expect("spawn serial-out thread"),
         );
         if !matches!(source, Source::Nothing) {
@@ -83,7 +86,10 @@ impl SerialBackend {
             threads.push(
                 std::thread::Builder::new()
                     .name("serial-in".into())
-                    .spawn(move || input_loop(&device, source, &client, &stop, &*on_input))
+                    .spawn(move || {
+                        confine::enter(confine::Kind::Device);
+                        input_loop(&device, source, &client, &stop, &*on_input)
+                    })
                     .expect("spawn serial-in thread"),
             );
         }
