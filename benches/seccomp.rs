@@ -27,22 +27,27 @@ struct Figures {
     failover: Vec<Duration>,
 }
 
-fn round(env: &Env, mode: &str, n: usize, window: Duration, f: &mut Figures) {
-    let tb = env.dir.join(format!("tiebreak-{mode}-{n}"));
+/// A protected pair with `mode` on both copies: the standby `s` and the primary `p`.
+fn pair(env: &Env, mode: &str, tb: &std::path::Path) -> (common::Killed, common::Killed) {
     let interval = Duration::from_millis(20);
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let mut sa = strings(&["standby", "--listen", "127.0.0.1:7497", "--vcpus", "4", "--memory", MEMORY]);
-    sa.extend(env.ft_args(&env.b, &env.a, &tb, interval));
+    sa.extend(env.ft_args(&env.b, &env.a, tb, interval));
     sa.extend(strings(&["--seccomp", mode]));
-    let _standby = env.spawn("s", &sa);
+    let standby = env.spawn("s", &sa);
     wait_state(&env.path("s", "qmp"), "waiting");
     let mut pa = strings(&["run", "--vcpus", "4", "--memory", MEMORY, "--ft-peer", "127.0.0.1:7497"]);
     // ~1k pages per 20 ms epoch over 4 vCPUs.
     pa.extend(strings(&["--guest-args", "counter churn service churn-rate=12500 churn-ws=16M duration=600s"]));
-    pa.extend(env.ft_args(&env.a, &env.b, &tb, interval));
+    pa.extend(env.ft_args(&env.a, &env.b, tb, interval));
     pa.extend(strings(&["--seccomp", mode]));
-    let mut primary = env.spawn("p", &pa);
+    let primary = env.spawn("p", &pa);
     wait_state(&env.path("p", "qmp"), "protected");
+    (standby, primary)
+}
+
+fn round(env: &Env, mode: &str, n: usize, window: Duration, f: &mut Figures) {
+    let (_standby, _primary) = pair(env, mode, &env.dir.join(format!("tiebreak-{mode}-{n}")));
     let mut c = smpft_client::ServiceClient::connect(&env.path("p", "serial"), Duration::from_secs(10)).unwrap();
     for i in 0..20 {
         c.call(&format!("INCR {i}")).unwrap();
@@ -55,6 +60,9 @@ fn round(env: &Env, mode: &str, n: usize, window: Duration, f: &mut Figures) {
     f.pause_p99.push(us("pause-p99-us"));
     f.rtt_p50.push(pct(&mut rtts, 0.5));
     f.rtt_p99.push(pct(&mut rtts, 0.99));
+    drop((_standby, _primary));
+    // The failover on a fresh pair, whose service's values this client's alone.
+    let (_standby, mut primary) = pair(env, mode, &env.dir.join(format!("tiebreak-{mode}-{n}-f")));
     let (p, s) = (env.path("p", "serial"), env.path("s", "serial"));
     f.failover.push(common::time_failover(p, s, &mut primary, Duration::from_millis(300)));
 }
