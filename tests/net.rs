@@ -290,6 +290,8 @@ fn a_frozen_primary_sends_nothing_after_the_standby_took_over() {
     unsafe { libc::kill(p.primary.pid() as i32, libc::SIGCONT) };
     let status = wait_exit(p.primary, Duration::from_secs(20));
     assert_eq!(status.code(), Some(HALTED), "the thawed primary lost the tie-breaker and halts\n{}", log(&p.pp));
+    // It knew it had been stopped: acknowledgements that waited in its socket released nothing.
+    assert!(log(&p.pp).contains("did not run for a while"), "the stall was noticed\n{}", log(&p.pp));
     // The time is the point: a window in which a late frame from host A would be counted.
     std::thread::sleep(Duration::from_millis(300));
     let host_own = lan.sent_by("pa") - before_all - (lan.guest_frames_sent_by("pa") - before);

@@ -23,8 +23,21 @@ pub fn start<D: VirtioDevice>(
     features: u32,
     input: &[u8],
 ) -> (Arc<GuestMemory>, Arc<VirtioPci<D>>) {
-    assert!(queues <= 8, "the layout has room for 8 queues");
     let mem = Arc::new(GuestMemory::new(MEM).expect("guest memory"));
+    start_with_memory(name, mem, device, queues, size_sel, features, input)
+}
+
+/// As [`start`], in `mem` (of [`MEM`] bytes), which the device may hold too (the balloon).
+pub fn start_with_memory<D: VirtioDevice>(
+    name: &'static str,
+    mem: Arc<GuestMemory>,
+    device: D,
+    queues: u64,
+    size_sel: u8,
+    features: u32,
+    input: &[u8],
+) -> (Arc<GuestMemory>, Arc<VirtioPci<D>>) {
+    assert!(queues <= 8, "the layout has room for 8 queues");
     let dev = VirtioPci::new(name, device, 0xe000_0000, mem.device_view().expect("view"), None);
     let w = |off: u64, v: u64, len: usize| dev.bar_write(0, off, &v.to_le_bytes()[..len]);
     w(0x14, 3, 1);

@@ -82,6 +82,37 @@ fn late_and_duplicate_acks_change_nothing_and_acks_are_cumulative() {
 }
 
 #[test]
+fn after_a_stall_only_the_ack_of_a_later_checkpoint_releases_output() {
+    let mut p = protected();
+    p.handle(PrimaryEvent::Output { id: 1 });
+    cp(&mut p); // 1
+    p.handle(PrimaryEvent::Output { id: 2 });
+    cp(&mut p); // 2
+                // This copy was stopped; the acknowledgements of 1 and 2 waited in its socket meanwhile.
+    assert!(p.handle(PrimaryEvent::Stalled).is_empty());
+    assert!(p.handle(PrimaryEvent::Acked { epoch: 1 }).is_empty(), "acked before the stall: may be stale");
+    assert!(p.handle(PrimaryEvent::Acked { epoch: 2 }).is_empty(), "so is this one");
+    assert_eq!(p.held(), 2);
+    p.handle(PrimaryEvent::Output { id: 3 });
+    cp(&mut p); // 3, taken after the stall
+    assert_eq!(released(&p.handle(PrimaryEvent::Acked { epoch: 3 })), vec![1, 2, 3], "the standby is still ours");
+    p.handle(PrimaryEvent::Output { id: 4 });
+    cp(&mut p);
+    assert_eq!(released(&p.handle(PrimaryEvent::Acked { epoch: 4 })), vec![4], "and acks count again");
+}
+
+#[test]
+fn a_stall_then_silence_and_a_lost_tie_break_shows_nothing() {
+    let mut p = protected();
+    p.handle(PrimaryEvent::Output { id: 1 });
+    cp(&mut p);
+    p.handle(PrimaryEvent::Stalled);
+    assert!(released(&p.handle(PrimaryEvent::Acked { epoch: 1 })).is_empty());
+    p.handle(PrimaryEvent::PeerSilent);
+    assert_eq!(p.handle(PrimaryEvent::TieBreakLost { generation: 1 }), vec![PrimaryAction::Halt]);
+}
+
+#[test]
 fn lost_ack_then_silence_then_won_tie_break_releases_held_output() {
     let mut p = protected();
     p.handle(PrimaryEvent::Output { id: 1 });

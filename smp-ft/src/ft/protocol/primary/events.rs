@@ -162,6 +162,12 @@ pub enum PrimaryEvent {
     },
     /// The standby went silent, left, or its channel failed.
     PeerSilent,
+    /// This copy was not running for longer than the standby's silence may last (the host
+    /// stopped it): the standby may have declared it dead and taken the VM over meanwhile. An
+    /// acknowledgement sent before that proves nothing now, so held output waits for the
+    /// acknowledgement of a checkpoint taken after the stall (or is never shown, if the
+    /// tie-breaker says the standby took over).
+    Stalled,
     TieBreakWon {
         generation: u64,
     },

@@ -82,6 +82,9 @@ pub struct Primary {
     /// the same generation on a failure (one ahead, both could win).
     claimed_from: Option<u64>,
     finishing: Option<Finishing>,
+    /// After a stall ([`PrimaryEvent::Stalled`]): the first checkpoint whose acknowledgement
+    /// releases output again.
+    release_from: Option<Epoch>,
 }
 
 impl Primary {
@@ -96,6 +99,7 @@ impl Primary {
             connect_at: None,
             epoch: 1,
             acked: None,
+            release_from: None,
             first: 1,
             capturing: None,
             last_capture: None,
@@ -355,6 +359,7 @@ impl Primary {
     }
 
     fn release_all(&mut self) -> PrimaryAction {
+        self.release_from = None;
         PrimaryAction::Release { ids: self.held.drain(..).map(|(_, id)| id).collect() }
     }
 
@@ -639,6 +644,11 @@ impl Primary {
                 _ => vec![],
             },
             (S::Protected | S::HandingOver | S::Replacing | S::Arbitrating, E::Acked { epoch }) => self.on_ack(epoch),
+            (S::Protected | S::HandingOver | S::Replacing | S::Arbitrating, E::Stalled) => {
+                // The checkpoint after the one under way: captured once this copy runs again.
+                self.release_from = Some(self.epoch + u64::from(self.capturing.is_some()));
+                vec![]
+            }
             (S::Unprotected, E::PeerSilent) if self.link != LinkState::None => {
                 // A standby that connected but never got anything.
                 self.spares.lost();
@@ -729,6 +739,11 @@ impl Primary {
         if epoch >= self.epoch || self.acked.is_some_and(|a| epoch <= a) {
             return vec![];
         }
+        // Sent before this copy stalled: the standby may have taken the VM over since.
+        if self.release_from.is_some_and(|from| epoch < from) {
+            return vec![];
+        }
+        self.release_from = None;
         self.acked = Some(epoch);
         let mut ids = Vec::new();
         while self.held.front().is_some_and(|&(e, _)| e <= epoch) {
