@@ -118,11 +118,11 @@ pub fn parse_reply(line: &str, kind: &str) -> Result<(u64, u64), ClientError> {
     Ok((id, value))
 }
 
-/// A client of a protected service, as a real one with timeouts would behave: it sends `INCR`
-/// requests one at a time, and whenever the connection breaks or a reply is late it reconnects
-/// to whichever copy answers and retries the same request id. It checks every reply: the
-/// service's value must go up by exactly one per request (nothing lost, nothing duplicated,
-/// nothing rolled back).
+/// A client of a protected service, as a real one with timeouts would behave: it sends requests
+/// one at a time (`INCR`, or any `<cmd> <id>` through [`FailoverClient::call`]), and whenever
+/// the connection breaks or a reply is late it reconnects to whichever copy answers and retries
+/// the same request id. It checks every `INCR` reply: the service's value must go up by exactly
+/// one per request (nothing lost, nothing duplicated, nothing rolled back).
 pub struct FailoverClient {
     paths: Vec<std::path::PathBuf>,
     conn: Option<ServiceClient>,
@@ -217,6 +217,24 @@ impl FailoverClient {
     pub fn incr(&mut self, give_up: Duration) -> Result<u64, FailoverError> {
         let id = self.next_id;
         self.next_id += 1;
+        let v = self.call("INCR", id, "OK", give_up)?;
+        if self.last.is_some_and(|l| v != l + 1) {
+            return Err(FailoverError::Inconsistent {
+                id,
+                got: v,
+                last: self.last,
+                recent: self.recent.iter().cloned().collect(),
+            });
+        }
+        self.last = Some(v);
+        Ok(v)
+    }
+
+    /// `<cmd> <id>`, sent again with the same id on whichever copy answers until one replies
+    /// `<kind> <id> <value>` (for at most `give_up`); returns the value. A reply of `kind` to
+    /// another id is a late answer to an earlier try and is skipped; any other reply counts as
+    /// no answer. The caller keeps ids unique per request (a retry of a request reuses its id).
+    pub fn call(&mut self, cmd: &str, id: u64, kind: &str, give_up: Duration) -> Result<u64, FailoverError> {
         let start = Instant::now();
         let deadline = start + give_up;
         let mut failed_at: Option<Instant> = None;
@@ -233,14 +251,13 @@ impl FailoverClient {
                 }
                 recent.push_back(s);
             };
-            note(format!("{at}> INCR {id}"));
-            let got = c.send(&format!("INCR {id}")).and_then(|()| loop {
+            note(format!("{at}> {cmd} {id}"));
+            let got = c.send(&format!("{cmd} {id}")).and_then(|()| loop {
                 let line = c.recv().inspect_err(|e| note(format!("{at}! {e}")))?;
                 note(format!("{at}< {line}"));
-                match parse_reply(&line, "OK") {
+                match parse_reply(&line, kind) {
                     Ok((rid, v)) if rid == id => break Ok(v),
-                    // A late reply to an earlier try of an earlier id: already counted.
-                    Ok((rid, _)) if rid < id => continue,
+                    Ok(_) => continue,
                     _ => break Err(ClientError::Reply(line)),
                 }
             });
@@ -249,15 +266,6 @@ impl FailoverClient {
                     if let Some(t) = failed_at {
                         self.outages.push(t.elapsed());
                     }
-                    if self.last.is_some_and(|l| v != l + 1) {
-                        return Err(FailoverError::Inconsistent {
-                            id,
-                            got: v,
-                            last: self.last,
-                            recent: self.recent.iter().cloned().collect(),
-                        });
-                    }
-                    self.last = Some(v);
                     self.replies += 1;
                     return Ok(v);
                 }
@@ -273,14 +281,23 @@ impl FailoverClient {
         }
     }
 
+    /// The last lines sent and received, with the copy each went to.
+    pub fn recent(&self) -> Vec<String> {
+        self.recent.iter().cloned().collect()
+    }
+
     /// Sends `EXIT` to the copy it is connected to (the guest then checks its invariants and
     /// exits); returns the value it reports.
     pub fn exit(&mut self) -> Result<u64, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
-        let c = self.conn.as_mut().ok_or(ClientError::Closed)?;
-        let line = c.call(&format!("EXIT {id}"))?;
+        let line = self.once(&format!("EXIT {id}"))?;
         parse_reply(&line, "BYE").map(|(_, v)| v)
+    }
+
+    /// Sends `line` to the copy it is connected to, once, and returns the reply as it is.
+    pub fn once(&mut self, line: &str) -> Result<String, ClientError> {
+        self.conn.as_mut().ok_or(ClientError::Closed)?.call(line)
     }
 }
 

@@ -16,20 +16,13 @@
 //!
 //! Requests go one at a time through one queue, under a lock; the data buffer is shared.
 
-use crate::abi::{virtio_pci_device_id, EXIT_DEVICE_FAILED, EXIT_NO_DEVICE, VIRTIO_PCI_VENDOR_ID, VIRTIO_TYPE_BLOCK};
+use crate::abi::EXIT_DEVICE_FAILED;
+use crate::blk::{Blk, SECTOR, T_FLUSH, T_IN, T_OUT};
 use crate::scsi::Scsi;
 use crate::sync::Locked;
-use crate::virtio::{self, Buf, Device, Queue};
+use crate::virtio;
 use crate::{dma, fail, log, MAX_VCPUS};
 
-const QUEUE_SIZE: u16 = 8;
-const SECTOR: u64 = 512;
-const F_FLUSH: u64 = 1 << 9;
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-/// How long a request may take (guest time).
-const TIMEOUT_MS: u64 = 60_000;
 /// The largest unit, and so the data buffer.
 pub const MAX_IO: u64 = 1 << 20;
 /// The most units tracked (their generations live in device memory).
@@ -68,13 +61,7 @@ struct Cpu {
 
 /// The device the disk is on.
 enum Port {
-    /// A virtio-blk, with its request header and status byte.
-    Blk {
-        device: Device,
-        queue: Queue,
-        header: u64,
-        status: u64,
-    },
+    Blk(Blk),
     Scsi(Scsi),
 }
 
@@ -125,33 +112,6 @@ fn word(unit: u64, generation: u32, word: u64) -> u64 {
     x ^ (x >> 29)
 }
 
-/// Finds and starts a virtio-blk: the port and the disk's size in bytes.
-fn open_blk(tsc_khz: u64) -> Result<(Port, u64), u32> {
-    let Some(pci) = Device::find(VIRTIO_TYPE_BLOCK) else {
-        log!(
-            "disk: no virtio-blk device (PCI ID {:04x}:{:04x}) on bus 0",
-            VIRTIO_PCI_VENDOR_ID,
-            virtio_pci_device_id(VIRTIO_TYPE_BLOCK)
-        );
-        return Err(EXIT_NO_DEVICE);
-    };
-    let failed = |e: virtio::Error| {
-        log!("disk: {pci}: {e}");
-        EXIT_DEVICE_FAILED
-    };
-    let device = Device::new(pci, tsc_khz).map_err(failed)?;
-    let features = device.negotiate(F_FLUSH).map_err(failed)?;
-    let queue = device.setup_queue(0, QUEUE_SIZE).map_err(failed)?;
-    device.driver_ok();
-    device.check().map_err(failed)?;
-    let sectors = device.read_config(|r| u64::from(r.read32(0)) | u64::from(r.read32(4)) << 32).unwrap_or(0);
-    let oom = || failed(virtio::Error::OutOfMemory);
-    let header = dma::alloc(16, 16).ok_or_else(oom)?;
-    let status = dma::alloc(1, 1).ok_or_else(oom)?;
-    log!("disk: {device}; flush={}", features & F_FLUSH != 0);
-    Ok((Port::Blk { device, queue, header, status }, sectors * SECTOR))
-}
-
 /// Finds and starts the device, lays out the regions (run once, by vCPU 0).
 pub fn init(tsc_khz: u64, vcpus: u32, settings: Settings) -> Result<(), u32> {
     let (port, size) = if settings.scsi {
@@ -164,7 +124,9 @@ pub fn init(tsc_khz: u64, vcpus: u32, settings: Settings) -> Result<(), u32> {
         }
         (Port::Scsi(s), size)
     } else {
-        open_blk(tsc_khz)?
+        let b = Blk::open(tsc_khz, "disk")?;
+        let size = b.size;
+        (Port::Blk(b), size)
     };
     let io = settings.io;
     if io == 0 || !io.is_multiple_of(SECTOR) || io > MAX_IO {
@@ -300,8 +262,8 @@ impl Disk {
     fn request(&mut self, kind: u32, unit: u64) {
         let io = self.settings.io;
         let data = self.data;
-        let (device, queue, header, status) = match &mut self.port {
-            Port::Blk { device, queue, header, status } => (&*device, queue, *header, *status),
+        let r = match &mut self.port {
+            Port::Blk(b) => b.request(kind, unit * io / SECTOR, data, io as u32),
             Port::Scsi(s) => {
                 let r = match kind {
                     T_FLUSH => s.flush(),
@@ -313,34 +275,8 @@ impl Disk {
                 return;
             }
         };
-        let mut hdr = [0u8; 16];
-        hdr[..4].copy_from_slice(&kind.to_le_bytes());
-        hdr[8..].copy_from_slice(&(unit * io / SECTOR).to_le_bytes());
-        // SAFETY: the header and status bytes are device memory owned by this workload.
-        unsafe {
-            core::ptr::copy_nonoverlapping(hdr.as_ptr(), header as *mut u8, 16);
-            (status as *mut u8).write_volatile(0xff);
-        }
-        let header = Buf { addr: header, len: 16, write: false };
-        let status_buf = Buf { addr: status, len: 1, write: true };
-        let data = Buf { addr: data, len: io as u32, write: kind == T_IN };
-        let r = match kind {
-            T_FLUSH => queue.submit(&[header, status_buf]),
-            _ => queue.submit(&[header, data, status_buf]),
-        };
-        let head = r.unwrap_or_else(|e| fail(format_args!("disk: submit: {e}")));
-        queue.notify();
-        let used = match queue.poll_used(device, TIMEOUT_MS) {
-            Ok(u) => u,
-            Err(e) => fail(format_args!("disk: request (type {kind}, unit {unit}) did not complete: {e}")),
-        };
-        // SAFETY: the device returned the chain, so it no longer writes the status byte.
-        let st = unsafe { (status as *const u8).read_volatile() };
-        if used.head != head || st != 0 {
-            fail(format_args!(
-                "disk: request (type {kind}, unit {unit}) completed as head {} with status {st}",
-                used.head
-            ));
+        if let Err(e) = r {
+            fail(format_args!("disk: request (type {kind}, unit {unit}) {e}"));
         }
     }
 

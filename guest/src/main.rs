@@ -8,8 +8,10 @@
 
 mod agent;
 mod balloon;
+mod blk;
 mod churn;
 mod counter;
+mod db;
 mod disk;
 mod dma;
 mod io;
@@ -180,6 +182,11 @@ fn init(bi: &BootInfo) -> Shared {
             io::exit(status);
         }
     }
+    if params.db {
+        if let Err(status) = db::init(bi.tsc_khz, params.db_record) {
+            io::exit(status);
+        }
+    }
     if let Some(net) = &params.net {
         if let Err(status) = net::init(net, bi.tsc_khz) {
             io::exit(status);
@@ -289,6 +296,7 @@ fn run(cpu: usize, p: &Params, tsc_khz: u64, start: u64) {
                 Fail::Churn => churn::sabotage(0),
                 Fail::Disk => disk::sabotage(),
                 Fail::Kv => kv::sabotage(0),
+                Fail::Db => db::sabotage(),
                 Fail::None => {}
             }
         }
@@ -409,6 +417,10 @@ fn finish(cpu: usize, p: &Params, vcpus: u32) -> ! {
         let (writes, reads, flushes) = disk::totals();
         let (p50, p99) = disk::latency();
         log!("disk: writes={writes} reads={reads} flushes={flushes} write-latency-p50-us={p50} write-latency-p99-us={p99}");
+    }
+    if p.db {
+        let (records, repeats) = db::totals();
+        log!("db: records={records} repeats={repeats}");
     }
     log!("RESULT: PASS counter_total={counter} churn_pages={churn}");
     io::exit(abi::EXIT_OK)

@@ -21,6 +21,8 @@ pub enum Fail {
     Disk,
     /// Raise a record's version without writing it.
     Kv,
+    /// Claim a database record in memory that never reached the disk.
+    Db,
 }
 
 /// The network's address settings (`net ip=... gw=...`).
@@ -70,6 +72,10 @@ pub struct Params {
     /// Progress report interval in milliseconds; 0 = only the final report.
     pub report_ms: u64,
     pub fail: Fail,
+    /// `DB`/`DBCHECK` requests of the service keep a log of records on the first virtio-blk
+    /// disk (`db`), of `db-record=` bytes each.
+    pub db: bool,
+    pub db_record: u64,
 }
 
 impl Params {
@@ -102,6 +108,8 @@ impl Params {
         duration_ms: 0,
         report_ms: 0,
         fail: Fail::None,
+        db: false,
+        db_record: 4096,
     };
 }
 
@@ -174,10 +182,19 @@ pub fn parse(cmdline: &[u8]) -> Result<Params, Bad<'_>> {
             (b"fail", Some(b"churn")) => p.fail = Fail::Churn,
             (b"fail", Some(b"disk")) => p.fail = Fail::Disk,
             (b"fail", Some(b"kv")) => p.fail = Fail::Kv,
+            (b"fail", Some(b"db")) => p.fail = Fail::Db,
+            (b"db", None) => p.db = true,
+            (b"db-record", Some(v)) => p.db_record = size(v).ok_or(bad)?,
             _ => return Err(bad),
         }
     }
     p.net = net_settings(net, ip, gw)?;
+    if p.db && p.disk {
+        return Err(Bad::Combination("db and disk both want the first disk"));
+    }
+    if p.db && !p.service && p.net.is_none() {
+        return Err(Bad::Combination("db answers the service's requests: it needs service or net"));
+    }
     Ok(p)
 }
 

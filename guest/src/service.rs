@@ -10,10 +10,14 @@
 //! | `EXIT <id>`    | `BYE <id> <value>`, then the guest checks its invariants and exits |
 //! | `CPUID <leaf>` | `CPUID <leaf> <eax> <ebx> <ecx> <edx>` (sub-leaf 0, in hex), as the guest reads it |
 //! | `REBOOT <id>`  | `REBOOT <id>`, then (serial line only) the guest resets the machine and boots again |
+//! | `DB <id>`      | `POS <id> <position>`: the place of `id`'s record in the log on the disk (`db`) |
+//! | `DBCHECK <id>` | `DBOK <id> <records>`: the log read back agrees with the index in memory (`db`) |
 //! | anything else  | `ERR <id or 0> <reason>`                |
 //!
 //! `INCR` is idempotent per request id: a retried id gets the value of its first execution back
 //! and increments nothing (the last `TABLE` ids are remembered). The value never goes backwards.
+//! `DB` is idempotent per id in the same way, for every id in the log (see `db`); `DB` and
+//! `DBCHECK` answer `ERR <id> <what>` when the log is full, the check fails, or `db` is off.
 //!
 //! The state (value, request count, idempotency table) is one for the whole guest: the serial line
 //! and the network's line service (TCP port 7000, see `net`) both assemble lines with [`Line`] and
@@ -127,6 +131,8 @@ pub enum Request {
     Exit(u64),
     Cpuid(u64),
     Reboot(u64),
+    Db(u64),
+    DbCheck(u64),
     /// Answered with `ERR <id> <why>`.
     Bad {
         id: u64,
@@ -150,7 +156,9 @@ impl Request {
             (b"EXIT", Some(id)) => Request::Exit(id),
             (b"CPUID", Some(leaf)) => Request::Cpuid(leaf),
             (b"REBOOT", Some(id)) => Request::Reboot(id),
-            (b"INCR" | b"GET" | b"STAT" | b"TIME" | b"EXIT" | b"CPUID" | b"REBOOT", None) => {
+            (b"DB", Some(id)) => Request::Db(id),
+            (b"DBCHECK", Some(id)) => Request::DbCheck(id),
+            (b"INCR" | b"GET" | b"STAT" | b"TIME" | b"EXIT" | b"CPUID" | b"REBOOT" | b"DB" | b"DBCHECK", None) => {
                 Request::Bad { id: 0, why: "missing or bad request id" }
             }
             _ => Request::Bad { id: id.unwrap_or(0), why: "unknown command" },
@@ -226,6 +234,14 @@ impl Service {
                 let c = core::arch::x86_64::__cpuid_count(leaf as u32, 0);
                 write!(r, "CPUID {leaf} {:x} {:x} {:x} {:x}", c.eax, c.ebx, c.ecx, c.edx)
             }
+            Request::Db(id) => match crate::db::append(id) {
+                Ok(position) => write!(r, "POS {id} {position}"),
+                Err(e) => write!(r, "ERR {id} {e}"),
+            },
+            Request::DbCheck(id) => match crate::db::check() {
+                Ok(records) => write!(r, "DBOK {id} {records}"),
+                Err(e) => write!(r, "ERR {id} {e}"),
+            },
         };
         let _ = r.write_str("\n");
         (r, matches!(request, Request::Exit(_)))

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 pub struct Kill {
     pub what: String,
     /// The fault the primary's test hooks arm (none: SIGKILL `after_ms` after protection).
-    primary: Option<String>,
+    pub primary: Option<String>,
     /// The fault the standby's test hooks arm.
-    standby: Option<String>,
-    after_ms: u64,
+    pub standby: Option<String>,
+    pub after_ms: u64,
 }
 
 impl Kill {
@@ -40,7 +40,8 @@ impl Kill {
     }
 }
 
-fn hooks(fault: &Option<String>) -> Vec<(&'static str, String)> {
+/// The environment that arms `fault` in a copy's test hooks.
+pub fn hooks(fault: &Option<String>) -> Vec<(&'static str, String)> {
     fault.iter().map(|f| ("SMPFT_TEST_HOOKS", format!("fault={f}"))).collect()
 }
 
