@@ -126,6 +126,7 @@ impl Runner {
             let mut ended = None;
             crossbeam_channel::select! {
                 recv(ports) -> ev => {
+                    flow = self.ft_woke();
                     if let Ok((i, open)) = ev {
                         self.port_changed(i, open);
                     }
@@ -140,18 +141,23 @@ impl Runner {
                         flow = ft.on_input(&self.vm, input);
                     }
                 }
-                recv(ft_wake) -> _ => {}
+                recv(ft_wake) -> _ => flow = self.ft_woke(),
                 recv(balloon_changes) -> _ => {
+                    flow = self.ft_woke();
                     if let Some(b) = &balloon {
                         self.emit("BALLOON_CHANGE", Some(json!({"actual": b.device().actual()})));
                     }
                 }
-                default(timeout) => {}
-                recv(vm_events) -> ev => ended = self.vm_event(ev),
+                default(timeout) => flow = self.ft_woke(),
+                recv(vm_events) -> ev => {
+                    flow = self.ft_woke();
+                    ended = self.vm_event(ev);
+                }
                 recv(requests) -> req => {
+                    flow = self.ft_woke();
                     let Ok(req) = req else { continue };
                     let (f, end) = self.request(req);
-                    flow = f;
+                    flow = flow.and(f);
                     ended = end;
                 }
             }
@@ -205,6 +211,15 @@ impl Runner {
 
     /// A guest program opened or closed a virtio-serial port (QEMU's event, which libvirt waits
     /// for before it connects to the guest agent).
+    /// The event loop woke for something other than the FT engine: the engine checks first
+    /// whether this copy was stopped, so that the handler's own time is not taken for a stall.
+    fn ft_woke(&mut self) -> Flow {
+        match &mut self.ft {
+            Some(ft) => ft.woke(&self.vm),
+            None => Flow::Continue,
+        }
+    }
+
     fn port_changed(&self, port: usize, open: bool) {
         let id = self.vm.devices().virtio_serial().and_then(|v| v.ids.get(port).cloned()).unwrap_or_default();
         self.emit("VSERPORT_CHANGE", Some(json!({"id": id, "open": open})));

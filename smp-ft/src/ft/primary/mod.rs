@@ -206,6 +206,11 @@ impl PrimaryFt {
         at
     }
 
+    /// The event loop woke (for anything): see [`Self::check_stall`].
+    pub fn woke(&mut self, vm: &RunningVm) -> Flow {
+        self.check_stall(vm, Instant::now())
+    }
+
     /// Called first by whatever the event loop runs: if this copy ran long after it was due
     /// (the host stopped it, e.g. SIGSTOP or a stalled VM), for half the standby's silence
     /// timeout or more, the standby may have taken over meanwhile, and an acknowledgement that

@@ -102,6 +102,22 @@ fn after_a_stall_only_the_ack_of_a_later_checkpoint_releases_output() {
 }
 
 #[test]
+fn a_stall_with_a_full_window_still_takes_the_checkpoint_that_proves_the_standby() {
+    let mut p = Primary::new(0, PrimaryConfig { window: 1, ..PrimaryConfig::default() }, t0());
+    p.handle(PrimaryEvent::Connected { digests: false });
+    p.handle(PrimaryEvent::SyncSent { epoch: 0, at: t0() });
+    p.handle(PrimaryEvent::Acked { epoch: 0 });
+    assert_eq!(p.state(), PrimaryState::Protected);
+    p.handle(PrimaryEvent::Output { id: 1 });
+    cp(&mut p); // 1: the window is full
+    p.handle(PrimaryEvent::Stalled);
+    assert!(p.handle(PrimaryEvent::Acked { epoch: 1 }).is_empty(), "stale: nothing released");
+    assert_eq!(p.acked(), Some(1), "but the window opens");
+    assert_eq!(cp(&mut p), vec![PrimaryAction::Send { epoch: 2 }], "so the next checkpoint is taken");
+    assert_eq!(released(&p.handle(PrimaryEvent::Acked { epoch: 2 })), vec![1]);
+}
+
+#[test]
 fn a_stall_then_silence_and_a_lost_tie_break_shows_nothing() {
     let mut p = protected();
     p.handle(PrimaryEvent::Output { id: 1 });

@@ -739,12 +739,15 @@ impl Primary {
         if epoch >= self.epoch || self.acked.is_some_and(|a| epoch <= a) {
             return vec![];
         }
-        // Sent before this copy stalled: the standby may have taken the VM over since.
+        self.acked = Some(epoch);
+        // Sent before this copy stalled: the standby may have taken the VM over since. It
+        // still counts for the window (the next checkpoint, whose acknowledgement will prove
+        // the standby serves this copy, must not wait on it), but it releases nothing and
+        // completes no switchover or ending.
         if self.release_from.is_some_and(|from| epoch < from) {
             return vec![];
         }
         self.release_from = None;
-        self.acked = Some(epoch);
         let mut ids = Vec::new();
         while self.held.front().is_some_and(|&(e, _)| e <= epoch) {
             ids.extend(self.held.pop_front().map(|(_, id)| id));
