@@ -122,7 +122,7 @@ impl Runner {
             let balloon_due = balloon.as_ref().and_then(|b| b.device().due());
             let timeout = balloon_due.map_or(timeout, |t| timeout.min(t.saturating_duration_since(Instant::now())));
             let ports = self.vm.devices().virtio_serial().map_or_else(crossbeam_channel::never, |v| v.port_events());
-            let mut flow = Flow::Continue;
+            let mut flow: Flow;
             let mut ended = None;
             crossbeam_channel::select! {
                 recv(ports) -> ev => {
@@ -132,13 +132,15 @@ impl Runner {
                     }
                 }
                 recv(ft_events) -> ev => {
+                    flow = self.ft_woke();
                     if let (Ok(ev), Some(ft)) = (ev, &mut self.ft) {
-                        flow = ft.on_channel(&self.vm, ev);
+                        flow = flow.and(ft.on_channel(&self.vm, ev));
                     }
                 }
                 recv(ft_inputs) -> input => {
+                    flow = self.ft_woke();
                     if let (Ok(input), Some(ft)) = (input, &mut self.ft) {
-                        flow = ft.on_input(&self.vm, input);
+                        flow = flow.and(ft.on_input(&self.vm, input));
                     }
                 }
                 recv(ft_wake) -> _ => flow = self.ft_woke(),
@@ -211,8 +213,8 @@ impl Runner {
 
     /// A guest program opened or closed a virtio-serial port (QEMU's event, which libvirt waits
     /// for before it connects to the guest agent).
-    /// The event loop woke for something other than the FT engine: the engine checks first
-    /// whether this copy was stopped, so that the handler's own time is not taken for a stall.
+    /// The event loop woke: before the handler runs, the FT engine checks whether this copy was
+    /// stopped (see `PrimaryFt::woke`), so that the handler's own time is not taken for a stall.
     fn ft_woke(&mut self) -> Flow {
         match &mut self.ft {
             Some(ft) => ft.woke(&self.vm),

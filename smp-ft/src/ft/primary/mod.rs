@@ -108,7 +108,7 @@ pub struct PrimaryFt {
     /// Standbys replaced for lagging.
     replaced: u64,
     /// When the event loop runs this engine again at the latest ([`Self::next_deadline`]);
-    /// running much later than that means this copy was stopped (see [`Self::check_stall`]).
+    /// running much later than that means this copy was stopped (see [`Self::woke`]).
     awake_by: Option<Instant>,
     /// Snapshots asked of the standby, waiting for its report: (id, the QMP reply).
     pending_snapshots: Vec<(u64, qemu_shim::qmp::Reply)>,
@@ -206,19 +206,14 @@ impl PrimaryFt {
         at
     }
 
-    /// The event loop woke (for anything): see [`Self::check_stall`].
+    /// Called by the event loop as it wakes, before it handles what woke it: if this copy runs
+    /// long after it was due (the host stopped it, e.g. SIGSTOP or a stalled VM), for half the
+    /// standby's silence timeout or more, the standby may have taken over meanwhile, and an
+    /// acknowledgement that arrived during the stall proves nothing: the machine holds output
+    /// until a checkpoint taken after it is acknowledged.
     pub fn woke(&mut self, vm: &RunningVm) -> Flow {
-        self.check_stall(vm, Instant::now())
-    }
-
-    /// Called first by whatever the event loop runs: if this copy ran long after it was due
-    /// (the host stopped it, e.g. SIGSTOP or a stalled VM), for half the standby's silence
-    /// timeout or more, the standby may have taken over meanwhile, and an acknowledgement that
-    /// arrived during the stall proves nothing: the machine holds output until a checkpoint
-    /// taken after it is acknowledged.
-    fn check_stall(&mut self, vm: &RunningVm, now: Instant) -> Flow {
         let Some(due) = self.awake_by.take() else { return Flow::Continue };
-        let late = now.saturating_duration_since(due);
+        let late = Instant::now().saturating_duration_since(due);
         if late < self.opts.channel.silence_timeout / 2 || self.link.is_none() {
             return Flow::Continue;
         }
@@ -237,9 +232,8 @@ impl PrimaryFt {
     /// Periodic work: the brake on the vCPUs, released output, and the machine's timers.
     pub fn tick(&mut self, vm: &RunningVm) -> Flow {
         let now = Instant::now();
-        let stalled = self.check_stall(vm, now);
         self.workers.reap();
-        let flow = stalled.and(self.throttle(vm, now));
+        let flow = self.throttle(vm, now);
         if self.proto.state() == PrimaryState::Protected {
             self.gate.deliver_releasable();
         }
@@ -255,11 +249,6 @@ impl PrimaryFt {
     }
 
     pub fn on_input(&mut self, vm: &RunningVm, input: Input) -> Flow {
-        let stalled = self.check_stall(vm, Instant::now());
-        stalled.and(self.input(vm, input))
-    }
-
-    fn input(&mut self, vm: &RunningVm, input: Input) -> Flow {
         match input {
             Input::Connected(r) => self.connected(vm, r),
             Input::Claimed(r) => self.claimed(vm, r),
@@ -273,11 +262,6 @@ impl PrimaryFt {
     }
 
     pub fn on_channel(&mut self, vm: &RunningVm, ev: Event) -> Flow {
-        let stalled = self.check_stall(vm, Instant::now());
-        stalled.and(self.channel_event(vm, ev))
-    }
-
-    fn channel_event(&mut self, vm: &RunningVm, ev: Event) -> Flow {
         match ev {
             Event::Message(Message::App { kind: wire::APP_DIGESTS, data }) => self.digests_arrived(vm, &data),
             Event::Message(Message::Ack { epoch }) => {
