@@ -250,26 +250,42 @@ fn appending_client(
     })
 }
 
-/// One trial: a protected pair with a disk each, the client appending from the start, the
-/// primary killed as `kill` says. Returns the records acknowledged, how many of them before the
-/// kill, and the tries the promoted copy answered from its index (the primary had appended them).
-fn failover_trial(setup: &FtSetup, n: u64, kill: &Kill) -> (usize, usize, u64) {
-    let what = &kill.what;
+/// A protected pair with a fresh 16 MiB raw disk each, number `n` in `setup`, the guest running
+/// `guest`; each side's environment as given. The standby is waiting before the primary starts.
+struct Pair {
+    p_img: PathBuf,
+    s_img: PathBuf,
+    pp: VmPaths,
+    sp: VmPaths,
+    primary: Proc,
+    standby: Proc,
+}
+
+fn pair(setup: &FtSetup, n: u64, guest: &str, p_env: &[(&str, &str)], s_env: &[(&str, &str)]) -> Pair {
     let (p_img, s_img) = (setup.dir.join(format!("p{n}.raw")), setup.dir.join(format!("s{n}.raw")));
     raw_image(&p_img, 16 << 20);
     raw_image(&s_img, 16 << 20);
     let (p_disk, s_disk) = (p_img.display().to_string(), s_img.display().to_string());
     let addr = format!("127.0.0.1:{}", free_port());
     let (pp, sp) = (setup.paths(&format!("p{n}")), setup.paths(&format!("s{n}")));
+    let machine = ["--vcpus", "2", "--memory", "64M"];
+    let standby_args = [&["standby", "--listen", &addr, "--disk", &s_disk][..], &machine[..]].concat();
+    let standby = spawn(&sp, &setup.side(&setup.b, &setup.a, s_env), &standby_args);
+    wait_state(&sp, "waiting", Duration::from_secs(10));
+    let primary_args = ["run", "--ft-peer", &addr, "--disk", &p_disk, "--guest-args", guest];
+    let primary = spawn(&pp, &setup.side(&setup.a, &setup.b, p_env), &[&primary_args[..], &machine[..]].concat());
+    Pair { p_img, s_img, pp, sp, primary, standby }
+}
+
+/// One trial: a protected pair with a disk each, the client appending from the start, the
+/// primary killed as `kill` says. Returns the records acknowledged, how many of them before the
+/// kill, and the tries the promoted copy answered from its index (the primary had appended them).
+fn failover_trial(setup: &FtSetup, n: u64, kill: &Kill) -> (usize, usize, u64) {
+    let what = &kill.what;
     let (p_hooks, s_hooks) = (disk_kills::hooks(&kill.primary), disk_kills::hooks(&kill.standby));
     let p_env: Vec<(&str, &str)> = p_hooks.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let s_env: Vec<(&str, &str)> = s_hooks.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let machine = ["--vcpus", "2", "--memory", "64M"];
-    let standby_args = [&["standby", "--listen", &addr, "--disk", &s_disk][..], &machine[..]].concat();
-    let standby = spawn(&sp, &setup.side(&setup.b, &setup.a, &s_env), &standby_args);
-    wait_state(&sp, "waiting", Duration::from_secs(10));
-    let primary_args = ["run", "--ft-peer", &addr, "--disk", &p_disk, "--guest-args", "service db"];
-    let mut primary = spawn(&pp, &setup.side(&setup.a, &setup.b, &p_env), &[&primary_args[..], &machine[..]].concat());
+    let Pair { p_img, s_img, pp, sp, mut primary, standby } = pair(setup, n, "service db", &p_env, &s_env);
 
     let acked: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -339,5 +355,42 @@ fn primary_killed_while_a_client_appends_loses_no_acknowledged_record() {
             "{}: {acked} records acknowledged, {before} before the primary died; {known} tries found appended",
             kill.what
         );
+    }
+}
+
+/// Protected, the primary streams each completed write to the standby at once (the checkpoint
+/// then names how many it covers); with a standby of an older wire version the writes travel
+/// inside checkpoints as before. Either way the acknowledged records are on the standby's disk
+/// when the VM ends, and the primary reports where each reply's wait went.
+#[test]
+fn writes_stream_to_the_standby_and_an_older_wire_version_carries_them_in_checkpoints() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("db-stream");
+    for (n, hooks) in [(0, None), (1, Some("wire-version=3"))] {
+        let what = if hooks.is_some() { "wire version 3" } else { "streaming" };
+        let p_env: Vec<(&str, &str)> = hooks.iter().map(|h| ("SMPFT_TEST_HOOKS", *h)).collect();
+        let Pair { p_img, s_img, pp, sp, primary, standby } = pair(&setup, n, "service db db-record=8K", &p_env, &[]);
+        wait_state(&pp, "protected", Duration::from_secs(30));
+        let mut c = FailoverClient::new(vec![pp.serial.clone()], 1);
+        let acked: Vec<(u64, u64)> =
+            (1..=150).map(|id| (id, c.call("DB", id, "POS", Duration::from_secs(20)).unwrap())).collect();
+        let q = common::ft::query(&pp);
+        let streamed = q["disk-write-bytes-streamed"].as_u64().unwrap();
+        match hooks {
+            None => assert!(streamed >= 150 * 8192, "{what}: {streamed} bytes streamed for 150 records of 8 KiB: {q}"),
+            Some(_) => assert_eq!(streamed, 0, "{what}: nothing streamed to an older standby: {q}"),
+        }
+        let phases = &q["reply-phases-p50-p99-us"];
+        eprintln!("{what}: reply phases (p50, p99 µs): {phases}");
+        for phase in smp_ft::ft::timeline::PHASES {
+            assert!(phases[phase].is_array(), "{what}: no {phase} in the reply phases: {q}");
+        }
+        assert_eq!(phases["validate"][1].as_u64().unwrap() > 0, hooks.is_none(), "{what}: the standby's report: {q}");
+        c.exit().unwrap();
+        assert_eq!(wait_exit(primary, Duration::from_secs(20)).code(), Some(0), "{what}\n{}", log(&pp));
+        assert_eq!(wait_exit(standby, Duration::from_secs(20)).code(), Some(0), "{what}\n{}", log(&sp));
+        assert_eq!(log_on_disk(&s_img, 8192), acked, "{what}: the standby's disk holds the log");
+        assert!(std::fs::read(&p_img).unwrap() == std::fs::read(&s_img).unwrap(), "{what}: the disks differ");
     }
 }

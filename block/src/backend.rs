@@ -366,3 +366,66 @@ mod tests {
         assert!(matches!(RawFile::open(&dir.path().join("missing"), true), Err(BackendError::Open { .. })));
     }
 }
+
+/// A disk held in memory: for tests, and wherever a scratch disk is wanted.
+#[derive(Debug, Default)]
+pub struct MemoryDisk(Mutex<Vec<u8>>);
+
+impl MemoryDisk {
+    /// A disk of `size` bytes, every byte `fill`.
+    pub fn new(size: usize, fill: u8) -> MemoryDisk {
+        MemoryDisk(Mutex::new(vec![fill; size]))
+    }
+
+    /// A disk holding `data`.
+    pub fn from_vec(data: Vec<u8>) -> MemoryDisk {
+        MemoryDisk(Mutex::new(data))
+    }
+
+    /// A copy of what the disk holds.
+    pub fn contents(&self) -> Vec<u8> {
+        self.data().clone()
+    }
+
+    fn data(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn range(&self, what: &'static str, offset: u64, len: u64) -> Result<std::ops::Range<usize>, BackendError> {
+        let size = self.data().len() as u64;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(offset as usize..end as usize),
+            _ => Err(BackendError::OutOfRange { what, offset, len, size }),
+        }
+    }
+}
+
+impl Backend for MemoryDisk {
+    fn size(&self) -> u64 {
+        self.data().len() as u64
+    }
+    fn readonly(&self) -> bool {
+        false
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BackendError> {
+        let r = self.range("read", offset, buf.len() as u64)?;
+        buf.copy_from_slice(&self.data()[r]);
+        Ok(())
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), BackendError> {
+        let r = self.range("write", offset, data.len() as u64)?;
+        self.data()[r].copy_from_slice(data);
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        let r = self.range("write-zeroes", offset, len)?;
+        self.data()[r].fill(0);
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.write_zeroes(offset, len)
+    }
+}

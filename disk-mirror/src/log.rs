@@ -8,9 +8,18 @@
 //! requests completed; on go-live it has applied exactly the acknowledged epochs, and writes of
 //! an epoch whose checkpoint never arrived whole never reach it.
 //!
+//! Once the VM is protected the log can *stream* instead ([`WriteLog::stream_to`]): each op
+//! leaves for the standby as it completes, numbered in completion order, and the log keeps only
+//! its size. Sealing an epoch then yields the number of ops streamed so far ([`Sealed::through`]),
+//! which checkpoint N names: the standby stages streamed ops as they arrive and applies those
+//! below N's number when N commits, exactly as if they had travelled inside it. Ops of an epoch
+//! whose checkpoint never arrives stay staged and are never applied.
+//!
 //! The log is bounded: past its budget the device stops taking requests (they wait in the
 //! virtqueue, see [`WriteLog::full`]) until a checkpoint seals the log, and checkpoints wait for
 //! the standby's acknowledgements, so a slow standby slows the guest's disk and loses nothing.
+//! Streamed ops count against the budget until the standby acknowledges the checkpoint that
+//! names them ([`WriteLog::acked`]): the budget bounds what is in flight plus what is kept.
 //!
 //! The log runs from the start of the initial copy: the copy reads blocks (a [`BlockMap`] says
 //! which are left) while the guest writes, and each pre-copy round carries the ops logged since
@@ -114,12 +123,53 @@ impl BlockMap {
     }
 }
 
+/// Where a streaming log sends each op as it completes (the FT channel).
+pub trait Stream: Send + Sync {
+    /// Op number `index` (counted from the moment streaming started), completed on `disk`.
+    /// Called under the log's lock, so ops are sent in the order they are numbered.
+    fn send(&self, index: u64, disk: u32, op: Op);
+}
+
+/// What sealing an epoch yields.
+#[derive(Debug, Default)]
+pub struct Sealed {
+    /// Ops kept since the last seal (not streamed), in order.
+    pub ops: Vec<(u32, Op)>,
+    /// Ops streamed so far, in all: the epoch's checkpoint covers streamed ops `0..through`.
+    pub through: u64,
+}
+
 struct Inner {
     mode: Mode,
     ops: Vec<(u32, Op)>,
-    bytes: usize,
+    /// Bytes of write data in `ops`.
+    kept: usize,
+    /// Bytes of write data recorded since the last seal, kept or streamed.
+    since_seal: usize,
+    stream: Option<std::sync::Arc<dyn Stream>>,
+    /// Ops streamed so far.
+    streamed: u64,
+    /// Streamed ops not yet covered by an acknowledged checkpoint: (index + 1, bytes).
+    in_flight: std::collections::VecDeque<(u64, usize)>,
+    in_flight_bytes: usize,
+    /// Bytes of write data streamed to this standby, in all.
+    streamed_bytes: u64,
     /// Someone to tell when the log passes half its budget (the FT engine, to checkpoint early).
     notify: Option<crossbeam_channel::Sender<()>>,
+}
+
+impl Inner {
+    fn reset(&mut self, mode: Mode) {
+        self.mode = mode;
+        self.ops.clear();
+        self.kept = 0;
+        self.since_seal = 0;
+        self.stream = None;
+        self.streamed = 0;
+        self.in_flight.clear();
+        self.in_flight_bytes = 0;
+        self.streamed_bytes = 0;
+    }
 }
 
 /// The primary's log of completed disk requests, shared by the VM's disks.
@@ -130,13 +180,22 @@ pub struct WriteLog {
 }
 
 impl WriteLog {
-    /// A log for disks of these sizes, keeping at most about `budget` bytes of write data.
+    /// A log for disks of these sizes, keeping at most about `budget` bytes of write data
+    /// (kept, or streamed and not yet acknowledged).
     pub fn new(sizes: &[u64], budget: usize) -> WriteLog {
-        WriteLog {
-            inner: Mutex::new(Inner { mode: Mode::Off, ops: Vec::new(), bytes: 0, notify: None }),
-            budget,
-            sizes: sizes.to_vec(),
-        }
+        let inner = Inner {
+            mode: Mode::Off,
+            ops: Vec::new(),
+            kept: 0,
+            since_seal: 0,
+            stream: None,
+            streamed: 0,
+            in_flight: Default::default(),
+            in_flight_bytes: 0,
+            streamed_bytes: 0,
+            notify: None,
+        };
+        WriteLog { inner: Mutex::new(inner), budget, sizes: sizes.to_vec() }
     }
 
     pub fn sizes(&self) -> &[u64] {
@@ -151,58 +210,110 @@ impl WriteLog {
     /// Records `op`, already completed on the primary's `disk`.
     pub fn record(&self, disk: u32, op: Op) {
         let mut g = self.inner.lock();
-        match g.mode {
-            Mode::Off => {}
-            Mode::Logging => {
-                let before = g.bytes;
-                g.bytes += op.bytes();
+        if g.mode == Mode::Off {
+            return;
+        }
+        let bytes = op.bytes();
+        let before = g.since_seal;
+        g.since_seal += bytes;
+        match g.stream.clone() {
+            Some(stream) => {
+                stream.send(g.streamed, disk, op);
+                g.streamed += 1;
+                let end = g.streamed;
+                g.in_flight.push_back((end, bytes));
+                g.in_flight_bytes += bytes;
+                g.streamed_bytes += bytes as u64;
+            }
+            None => {
+                g.kept += bytes;
                 g.ops.push((disk, op));
-                if before < self.budget / 2 && g.bytes >= self.budget / 2 {
-                    if let Some(n) = &g.notify {
-                        let _ = n.try_send(());
-                    }
-                }
+            }
+        }
+        if before < self.budget / 2 && g.since_seal >= self.budget / 2 {
+            if let Some(n) = &g.notify {
+                let _ = n.try_send(());
             }
         }
     }
 
-    /// The log is at its budget: take no more requests until the next checkpoint seals it.
+    /// The log is at its budget: take no more requests until a checkpoint seals the log, or
+    /// the standby acknowledges streamed ops.
     pub fn full(&self) -> bool {
         let g = self.inner.lock();
-        g.mode == Mode::Logging && g.bytes >= self.budget
+        g.mode == Mode::Logging && g.kept + g.in_flight_bytes >= self.budget
     }
 
-    /// Bytes of write data logged since the last seal.
+    /// Bytes of write data recorded since the last seal.
     pub fn pending(&self) -> usize {
-        self.inner.lock().bytes
+        self.inner.lock().since_seal
     }
 
-    /// Past half the budget: the FT engine should checkpoint soon.
+    /// Bytes of write data streamed and not yet covered by an acknowledged checkpoint.
+    pub fn in_flight(&self) -> usize {
+        self.inner.lock().in_flight_bytes
+    }
+
+    /// Bytes of write data streamed to this standby so far.
+    pub fn streamed_bytes(&self) -> u64 {
+        self.inner.lock().streamed_bytes
+    }
+
+    /// Past half the budget since the last seal: the FT engine should checkpoint soon.
     pub fn filling(&self) -> bool {
-        self.inner.lock().bytes >= self.budget / 2
+        self.inner.lock().since_seal >= self.budget / 2
     }
 
-    /// Takes the ops of the epoch that ends now (called while the vCPUs are paused).
+    /// Takes the ops kept for the epoch that ends now (called while the vCPUs are paused).
     pub fn seal(&self) -> Vec<(u32, Op)> {
+        self.seal_streamed().ops
+    }
+
+    /// Ends the epoch (called while the vCPUs are paused): the ops kept, and how many were
+    /// streamed so far.
+    pub fn seal_streamed(&self) -> Sealed {
         let mut g = self.inner.lock();
-        g.bytes = 0;
-        std::mem::take(&mut g.ops)
+        g.since_seal = 0;
+        g.kept = 0;
+        Sealed { ops: std::mem::take(&mut g.ops), through: g.streamed }
+    }
+
+    /// Whether ops are streamed as they complete.
+    pub fn streaming(&self) -> bool {
+        self.inner.lock().stream.is_some()
+    }
+
+    /// From now on each op goes to `stream` as it completes (numbered from 0), instead of being
+    /// kept; ops kept so far stay for the next seal. Only while logging.
+    pub fn stream_to(&self, stream: std::sync::Arc<dyn Stream>) {
+        let mut g = self.inner.lock();
+        if g.mode == Mode::Logging && g.stream.is_none() {
+            g.stream = Some(stream);
+            g.streamed = 0;
+        }
+    }
+
+    /// The standby acknowledged a checkpoint that covers streamed ops `0..through`: their bytes
+    /// leave the budget.
+    pub fn acked(&self, through: u64) {
+        let mut g = self.inner.lock();
+        while let Some(&(end, bytes)) = g.in_flight.front() {
+            if end > through {
+                break;
+            }
+            g.in_flight.pop_front();
+            g.in_flight_bytes -= bytes;
+        }
     }
 
     /// A standby attached: every op from now on is kept.
     pub fn start_logging(&self) {
-        let mut g = self.inner.lock();
-        g.mode = Mode::Logging;
-        g.ops.clear();
-        g.bytes = 0;
+        self.inner.lock().reset(Mode::Logging);
     }
 
-    /// No standby any more: nothing is kept.
+    /// No standby any more: nothing is kept or streamed.
     pub fn stop(&self) {
-        let mut g = self.inner.lock();
-        g.mode = Mode::Off;
-        g.ops.clear();
-        g.bytes = 0;
+        self.inner.lock().reset(Mode::Off);
     }
 }
 
@@ -236,36 +347,7 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    /// A disk in memory, for checking what reaches storage.
-    struct MemDisk(Mutex<Vec<u8>>);
-
-    impl Backend for MemDisk {
-        fn size(&self) -> u64 {
-            self.0.lock().unwrap().len() as u64
-        }
-        fn readonly(&self) -> bool {
-            false
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BackendError> {
-            let d = self.0.lock().unwrap();
-            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
-            Ok(())
-        }
-        fn write_at(&self, data: &[u8], offset: u64) -> Result<(), BackendError> {
-            self.0.lock().unwrap()[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        fn flush(&self) -> Result<(), BackendError> {
-            Ok(())
-        }
-        fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-            self.0.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
-            Ok(())
-        }
-        fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-            self.write_zeroes(offset, len)
-        }
-    }
+    use block::backend::MemoryDisk as MemDisk;
 
     fn w(offset: u64, byte: u8, len: usize) -> Op {
         Op::Write { offset, data: vec![byte; len] }
@@ -273,13 +355,13 @@ mod tests {
 
     #[test]
     fn ops_apply_in_order() {
-        let d0 = MemDisk(Mutex::new(vec![0xee; 32]));
-        let d1 = MemDisk(Mutex::new(vec![0xee; 32]));
+        let d0 = MemDisk::new(32, 0xee);
+        let d1 = MemDisk::new(32, 0xee);
         let ops = vec![(0, w(0, 1, 8)), (0, w(4, 2, 8)), (1, w(0, 3, 8)), (0, Op::Zeroes { offset: 10, len: 2 })];
         apply(&[&d0, &d1], &ops).unwrap();
-        let d0v = d0.0.lock().unwrap().clone();
+        let d0v = d0.contents();
         assert_eq!(&d0v[..13], &[1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0, 0, 0xee]);
-        assert_eq!(&d1.0.lock().unwrap()[..8], &[3; 8]);
+        assert_eq!(&d1.contents()[..8], &[3; 8]);
     }
 
     #[test]
@@ -303,6 +385,51 @@ mod tests {
         assert!(log.seal().is_empty());
     }
 
+    /// A stream that remembers what it was sent.
+    #[derive(Default)]
+    struct Sent(Mutex<Vec<(u64, u32, Op)>>);
+
+    impl Stream for Sent {
+        fn send(&self, index: u64, disk: u32, op: Op) {
+            self.0.lock().unwrap().push((index, disk, op));
+        }
+    }
+
+    #[test]
+    fn a_streaming_log_sends_ops_in_order_and_counts_them_until_acknowledged() {
+        let log = WriteLog::new(&[1 << 20], 100);
+        let sent = std::sync::Arc::new(Sent::default());
+        log.stream_to(sent.clone());
+        assert!(!log.streaming(), "only while logging");
+        log.start_logging();
+        log.record(0, w(0, 1, 10));
+        log.stream_to(sent.clone());
+        log.record(0, w(8, 2, 30));
+        log.record(0, Op::Flush);
+        let s = log.seal_streamed();
+        assert_eq!(s.ops.len(), 1, "the op kept before streaming started stays for the seal");
+        assert_eq!(s.through, 2);
+        let got: Vec<u64> = sent.0.lock().unwrap().iter().map(|e| e.0).collect();
+        assert_eq!(got, vec![0, 1]);
+        log.record(0, w(0, 3, 60));
+        assert_eq!(log.in_flight(), 90);
+        assert!(!log.full());
+        log.record(0, w(0, 4, 20));
+        assert!(log.full(), "streamed and unacknowledged counts against the budget");
+        assert_eq!(log.seal_streamed().through, 4);
+        assert!(log.full(), "a seal frees nothing that is in flight");
+        log.acked(2);
+        assert_eq!(log.in_flight(), 80);
+        assert!(!log.full(), "an acknowledgement frees what it covers");
+        log.acked(4);
+        assert_eq!(log.in_flight(), 0);
+        assert_eq!(log.streamed_bytes(), 110);
+        log.stop();
+        assert!(!log.streaming());
+        log.record(0, w(0, 5, 10));
+        assert_eq!(sent.0.lock().unwrap().len(), 4, "stopped: nothing streamed");
+    }
+
     #[test]
     fn block_maps_hand_out_marked_blocks_lowest_first() {
         let mut m = BlockMap::new(4 * BLOCK + 100);
@@ -322,13 +449,13 @@ mod tests {
 
     #[test]
     fn blocks_read_as_writes_in_runs() {
-        let d = MemDisk(Mutex::new((0..(3 * BLOCK + 10)).map(|i| i as u8).collect()));
+        let d = MemDisk::from_vec((0..(3 * BLOCK + 10)).map(|i| i as u8).collect());
         let ops = read_blocks(&d, &[0, 1, 3, 9]).unwrap();
         assert_eq!(ops.len(), 2, "a run in one op; a block past the end is skipped");
         assert_eq!(ops[0].range(), Some((0, 2 * BLOCK)));
         assert_eq!(ops[1].range(), Some((3 * BLOCK, 10)), "the last block is short");
         let big: Vec<u64> = (0..(MAX_RUN / BLOCK) + 1).collect();
-        let d = MemDisk(Mutex::new(vec![0; (MAX_RUN + BLOCK) as usize]));
+        let d = MemDisk::new((MAX_RUN + BLOCK) as usize, 0);
         assert_eq!(read_blocks(&d, &big).unwrap().len(), 2, "runs are cut at MAX_RUN");
     }
 }

@@ -20,12 +20,14 @@ pub struct Kill {
 }
 
 impl Kill {
-    /// Trial `n`'s kill, in turn: right after a send, right after an acknowledgement, while the
-    /// standby writes a committed epoch to its storage, and at random; `r` draws the moments.
+    /// Trial `n`'s kill, in turn: right after a send, right after a disk write left on the
+    /// stream (its epoch not yet sealed), right after an acknowledgement, while the standby
+    /// writes a committed epoch to its storage, and at random; `r` draws the moments.
     pub fn nth(n: u64, r: &mut impl FnMut(u64) -> u64) -> Kill {
         let k = 3 + r(30);
         let (what, primary, standby) = match n % 6 {
-            0 | 1 => (format!("kill after send #{k}"), Some(format!("kill-after-send:{k}")), None),
+            0 => (format!("kill after send #{k}"), Some(format!("kill-after-send:{k}")), None),
+            1 => (format!("kill after streamed write #{k}"), Some(format!("kill-after-stream:{k}")), None),
             2 | 3 => (format!("kill right after ack #{k}"), Some(format!("kill-after-ack:{k}")), None),
             4 => (
                 format!("kill while the standby writes epoch #{k}"),

@@ -6,7 +6,10 @@
 /// - 2: the planned switchover (the FT layer's `APP_SWITCHOVER`).
 /// - 3: the FT layer's Hello metadata carries the guest's CPUID (an older build cannot read
 ///   it, and is told so when its own metadata cannot be read).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// - 4: the primary streams disk writes as they complete, and seals them per checkpoint (the
+///   FT layer's `APP_DISK_OPS` and `APP_DISK_SEAL`); with an older peer they travel inside
+///   checkpoints, as before.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The oldest peer version this build still talks to, in that version's terms: the two sides
 /// speak the lower of their versions (see `Channel::version`), and what needs a newer one
 /// (a switchover) is refused with the reason. A peer older than this is refused at its Hello.

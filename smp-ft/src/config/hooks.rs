@@ -35,7 +35,7 @@ pub enum HookError {
     #[error("{ENV}: unknown test hook '{0}' (known: fault=POINT[:K[:MS]], verify, wire-version=N, drop-goodbye)")]
     Unknown(String),
     #[error(
-        "{ENV}: '{0}' is not a fault point (kill-in-precopy, kill-after-send:K, kill-after-ack:K, stall-apply:K:MS)"
+        "{ENV}: '{0}' is not a fault point (kill-in-precopy, kill-after-send:K, kill-after-ack:K, kill-after-stream:K, stall-apply:K:MS)"
     )]
     Fault(String),
     #[error("{ENV}: wire-version '{0}' is not a number")]

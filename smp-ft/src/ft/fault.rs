@@ -8,6 +8,7 @@
 //! | `kill-in-precopy`    | primary: right after sending the first pre-copy round        |
 //! | `kill-after-send:K`  | primary: once the K-th epoch checkpoint is handed to QUIC    |
 //! | `kill-after-ack:K`   | primary: on the K-th epoch ack, before its output is released |
+//! | `kill-after-stream:K` | primary: once the K-th disk op streamed while protected is queued on the channel, before a seal covers it |
 //! | `stall-apply:K:MS`   | standby: sleeps MS after acking the K-th checkpoint, before applying it |
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,7 @@ pub enum Point {
     InPrecopy,
     AfterSend,
     AfterAck,
+    AfterStream,
     StallApply,
 }
 
@@ -37,6 +39,7 @@ impl FaultSpec {
             "kill-in-precopy" => Point::InPrecopy,
             "kill-after-send" => Point::AfterSend,
             "kill-after-ack" => Point::AfterAck,
+            "kill-after-stream" => Point::AfterStream,
             "stall-apply" => Point::StallApply,
             _ => return None,
         };
@@ -49,6 +52,15 @@ impl FaultSpec {
 /// Passes of the armed point so far.
 static SEEN: AtomicU64 = AtomicU64::new(0);
 
+/// The VM is protected (streamed ops before that belong to the initial copy's last round trip,
+/// which a kill would turn into a failed copy, not a failover).
+static PROTECTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The standby acknowledged the synchronising checkpoint: `kill-after-stream` counts from now.
+pub fn protected() {
+    PROTECTED.store(true, Ordering::Relaxed);
+}
+
 fn fault() -> Option<&'static FaultSpec> {
     crate::config::hooks::current().fault.as_ref()
 }
@@ -56,6 +68,9 @@ fn fault() -> Option<&'static FaultSpec> {
 /// Passes `point` once more; acts if this is the armed point's K-th pass.
 pub fn hit(point: Point) {
     let Some(f) = fault() else { return };
+    if point == Point::AfterStream && !PROTECTED.load(Ordering::Relaxed) {
+        return;
+    }
     if f.point != point || SEEN.fetch_add(1, Ordering::Relaxed) + 1 != f.count {
         return;
     }
@@ -79,6 +94,7 @@ mod tests {
         let f = FaultSpec::parse("stall-apply:3:250").unwrap();
         assert_eq!((f.point, f.count, f.stall_ms), (Point::StallApply, 3, 250));
         assert_eq!(FaultSpec::parse("kill-in-precopy").unwrap().count, 1);
+        assert_eq!(FaultSpec::parse("kill-after-stream:4").unwrap().point, Point::AfterStream);
         assert!(FaultSpec::parse("explode").is_none());
         assert!(FaultSpec::parse("kill-after-ack:x").is_none());
     }

@@ -7,11 +7,12 @@ use super::stats::Stats;
 use super::wire::{self, Outgoing, PayloadKind};
 use super::FtOptions;
 use crate::error::error_chain;
+use block::op::Op;
 use crossbeam_channel::Sender;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use transport::Channel;
+use transport::{Channel, Message};
 
 /// A connected standby and the thread that sends it checkpoints.
 pub struct Link {
@@ -36,7 +37,7 @@ impl Link {
                 confine::enter(confine::Kind::Channel);
                 for p in rx {
                     let (p, encoded) = p.encode(&mut encoder);
-                    stats.encoded(encoded);
+                    stats.encoded(p.seq, encoded);
                     let (seq, p_kind) = (p.seq, p.kind);
                     let r = wire::encode(&p).map_err(FtError::from).and_then(|b| {
                         let n = b.len() as u64;
@@ -44,7 +45,7 @@ impl Link {
                     });
                     match r {
                         Ok(n) => {
-                            stats.sent(n, c.udp_sent());
+                            stats.sent(seq, n, c.udp_sent());
                             if p_kind == PayloadKind::Epoch {
                                 super::fault::hit(super::fault::Point::AfterSend);
                             }
@@ -67,6 +68,22 @@ impl Link {
         Arc::new(move || chan.silent_for() < silence_timeout / 2)
     }
 
+    /// Where the disks' write log streams each op as it completes (`None`: the standby speaks
+    /// a wire version without streaming, and ops travel inside checkpoints).
+    pub fn disk_stream(&self) -> Option<Arc<dyn disk_mirror::log::Stream>> {
+        (self.chan.version() >= wire::STREAM_VERSION)
+            .then(|| Arc::new(DiskStream(self.chan.clone())) as Arc<dyn disk_mirror::log::Stream>)
+    }
+
+    /// Tells the standby that checkpoint `epoch`, about to be sent, covers streamed disk ops
+    /// `0..through`. Goes on the control stream, behind every op it covers.
+    pub fn disk_seal(&self, epoch: u64, through: u64) {
+        let data = wire::encode_app(&wire::DiskSeal { epoch, through });
+        // A closed channel is reported as an event of its own; no checkpoint reaches the
+        // standby after this either.
+        let _ = self.chan.send(&Message::App { kind: wire::APP_DISK_SEAL, data });
+    }
+
     pub fn send(&self, p: Outgoing) {
         if let Some(out) = &self.out {
             let _ = out.send(p);
@@ -79,6 +96,19 @@ impl Link {
         if let Some(t) = self.sender.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// The write log's stream: each op leaves on the channel's ordered control stream as it
+/// completes (on the thread that completed it), ahead of the seal and checkpoint that cover it.
+struct DiskStream(Arc<Channel>);
+
+impl disk_mirror::log::Stream for DiskStream {
+    fn send(&self, index: u64, disk: u32, op: Op) {
+        let data = wire::StreamedOps::encode_one(index, disk, op);
+        // As for seals: a closed channel takes no checkpoint covering this op either.
+        let _ = self.0.send(&Message::App { kind: wire::APP_DISK_OPS, data });
+        super::fault::hit(super::fault::Point::AfterStream);
     }
 }
 

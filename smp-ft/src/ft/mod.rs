@@ -16,6 +16,7 @@ pub mod standby;
 pub mod stats;
 pub mod throttle;
 pub mod tiebreak;
+pub mod timeline;
 pub mod verify;
 pub mod wire;
 

@@ -41,6 +41,8 @@ struct Inner {
     throttle: u32,
     throttled_since: Option<Instant>,
     throttled: Duration,
+    /// Where each checkpoint's time went, up to its acknowledgement.
+    timeline: super::timeline::Timeline,
 }
 
 /// Counters shared by the VM owner and the sender thread.
@@ -69,9 +71,13 @@ impl Stats {
         g.pauses.push_back(t);
     }
 
+    /// Checkpoint `epoch` was captured (its pause, just recorded by [`Self::pause`], is over).
     pub fn checkpoint(&self, epoch: u64, bytes: u64) {
         let mut g = self.inner.lock();
-        g.in_flight.push_back((epoch, Instant::now()));
+        let now = Instant::now();
+        let pause = g.pauses.back().map_or(Duration::ZERO, PauseTimings::total);
+        g.timeline.captured(epoch, pause, now);
+        g.in_flight.push_back((epoch, now));
         g.checkpoints += 1;
         g.last_epoch = epoch;
         g.last_bytes = bytes;
@@ -82,6 +88,7 @@ impl Stats {
     pub fn acked(&self, epoch: u64) {
         let mut g = self.inner.lock();
         g.acked += 1;
+        g.timeline.acked(epoch, Instant::now());
         let mut newest = None;
         while g.in_flight.front().is_some_and(|&(e, _)| e <= epoch) {
             newest = g.in_flight.pop_front();
@@ -121,9 +128,15 @@ impl Stats {
         self.inner.lock().in_flight.front().map(|&(_, t)| t)
     }
 
-    /// The sender encoded a payload's pages.
-    pub fn encoded(&self, e: super::encode::EncodeStats) {
+    /// The standby spent `d` validating checkpoint `epoch`.
+    pub fn validated(&self, epoch: u64, d: Duration) {
+        self.inner.lock().timeline.validated(epoch, d);
+    }
+
+    /// The sender encoded payload `seq`'s pages.
+    pub fn encoded(&self, seq: u64, e: super::encode::EncodeStats) {
         let mut g = self.inner.lock();
+        g.timeline.encoded(seq, e.cpu);
         let o = crate::observe::get();
         o.add(&o.figures.dirty_bytes, e.raw);
         o.add(&o.figures.wire_bytes, e.encoded);
@@ -139,9 +152,10 @@ impl Stats {
         self.inner.lock().disk_bytes += bytes;
     }
 
-    /// A checkpoint of `bytes` went out; `udp` is what the channel has sent so far.
-    pub fn sent(&self, bytes: u64, udp: transport::UdpSent) {
+    /// Payload `seq`, of `bytes`, was handed to QUIC; `udp` is what the channel has sent so far.
+    pub fn sent(&self, seq: u64, bytes: u64, udp: transport::UdpSent) {
         let mut g = self.inner.lock();
+        g.timeline.sent(seq, Instant::now());
         let o = crate::observe::get();
         o.add(&o.figures.log_bytes, bytes);
         g.udp = udp;
@@ -203,6 +217,7 @@ impl Stats {
         let bw = self.bandwidth();
         let phases = self.pause_phases();
         let g = self.inner.lock();
+        let reply = g.timeline.to_json();
         json!({
             "checkpoints": g.checkpoints,
             "last-checkpoint-epoch": g.last_epoch,
@@ -210,6 +225,7 @@ impl Stats {
             "pause-p50-us": p.map(|p| p.0.as_micros() as u64),
             "pause-p99-us": p.map(|p| p.1.as_micros() as u64),
             "pause-phases-p50-p99-us": phases,
+            "reply-phases-p50-p99-us": reply,
             "ack-latency-p50-us": a.map(|p| p.0.as_micros() as u64),
             "ack-latency-p99-us": a.map(|p| p.1.as_micros() as u64),
             "log-bandwidth-bytes-per-s": bw as u64,
@@ -340,9 +356,9 @@ mod tests {
         assert_eq!(percentiles(&mut v), Some((Duration::from_millis(51), Duration::from_millis(99))));
         assert_eq!(percentiles(&mut []), None);
         let s = Stats::default();
-        s.sent(1000, Default::default());
+        s.sent(1, 1000, Default::default());
         std::thread::sleep(Duration::from_millis(20));
-        s.sent(1000, transport::UdpSent { datagrams: 25, bytes: 36000, calls: 4 });
+        s.sent(2, 1000, transport::UdpSent { datagrams: 25, bytes: 36000, calls: 4 });
         assert!(s.bandwidth() > 0.0);
         s.pause(PauseTimings {
             stop: Duration::from_micros(500),

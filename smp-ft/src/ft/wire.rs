@@ -83,6 +83,15 @@ pub const APP_SWITCHOVER: u16 = 2;
 pub const APP_SNAPSHOT: u16 = 3;
 /// Its outcome, from the standby ([`SnapshotDone`]).
 pub const APP_SNAPSHOT_DONE: u16 = 4;
+/// A completed disk write (or flush, discard, zeroing) streamed as it completed
+/// ([`StreamedOps`]), from the primary; wire version 4 and later.
+pub const APP_DISK_OPS: u16 = 5;
+/// How many streamed disk ops checkpoint `epoch` covers ([`DiskSeal`]), sent before it.
+pub const APP_DISK_SEAL: u16 = 6;
+/// How long the standby took over a checkpoint ([`CheckpointTimes`]), sent before its Ack.
+pub const APP_CHECKPOINT_TIMES: u16 = 7;
+/// The wire version that brought streamed disk ops (and [`APP_CHECKPOINT_TIMES`]).
+pub const STREAM_VERSION: u32 = 4;
 /// The wire version that brought [`APP_SWITCHOVER`] and the snapshot messages.
 pub const SWITCHOVER_VERSION: u32 = 2;
 /// The wire version that brought [`Meta::cpuid`].
@@ -127,6 +136,97 @@ pub struct SnapshotRequest {
 pub struct SnapshotDone {
     pub id: u64,
     pub result: Result<String, String>,
+}
+
+/// Disk ops the primary streamed as they completed: ops `first..first + ops.len()` of the
+/// stream, in order, each with its disk's number.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct StreamedOps {
+    pub first: u64,
+    pub ops: Vec<(u32, Op)>,
+}
+
+impl StreamedOps {
+    /// One op, number `first` of the stream, for an [`APP_DISK_OPS`] message.
+    pub fn encode_one(first: u64, disk: u32, op: Op) -> Vec<u8> {
+        encode_app(&StreamedOps { first, ops: vec![(disk, op)] })
+    }
+}
+
+/// The standby's time over checkpoint `epoch`: checking it, before its acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct CheckpointTimes {
+    pub epoch: u64,
+    pub validate_us: u64,
+}
+
+/// Checkpoint `epoch`, which follows, covers streamed disk ops `0..through`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct DiskSeal {
+    pub epoch: u64,
+    pub through: u64,
+}
+
+/// Checks disk ops against the sizes of the disks they name (`seq` names them in the error).
+pub fn check_ops<'a>(
+    seq: u64,
+    ops: impl Iterator<Item = (u32, &'a ArchivedOp)>,
+    disks: &[u64],
+) -> Result<(), WireError> {
+    for (index, (disk, op)) in ops.enumerate() {
+        let range = op.range();
+        if !disks.get(disk as usize).is_some_and(|&size| op::fits(range, size)) {
+            let what = range.map_or("flush".into(), |(o, l)| format!("{l} bytes at {o:#x}"));
+            return Err(WireError::DiskOp { seq, index, disk, what });
+        }
+    }
+    Ok(())
+}
+
+/// Writes disk ops to `disks`, in order (straight from received bytes; `seq` names them in
+/// errors). Runs of writes to one disk whose ranges do not overlap go to the backend as one
+/// batch (an NBD server then has them in flight together).
+pub fn write_ops<'a>(
+    seq: u64,
+    ops: impl Iterator<Item = (u32, &'a ArchivedOp)>,
+    disks: &[Arc<dyn Backend>],
+) -> Result<(), WireError> {
+    let fail = |disk: u32, why: String| WireError::DiskWrite { seq, disk, why };
+    let target = |disk: u32| disks.get(disk as usize).ok_or_else(|| fail(disk, "no such disk".into()));
+    let mut batch: Vec<(u64, &[u8])> = Vec::new();
+    let mut batch_disk = 0u32;
+    let flush_batch = |batch: &mut Vec<(u64, &[u8])>, disk: u32| -> Result<(), WireError> {
+        if !batch.is_empty() {
+            target(disk)?.write_batch(batch).map_err(|e| fail(disk, crate::error::error_chain(&e)))?;
+            batch.clear();
+        }
+        Ok(())
+    };
+    for (disk, op) in ops {
+        if let ArchivedOp::Write { offset, data } = op {
+            let (offset, data) = (offset.to_native(), data.as_slice());
+            let end = offset + data.len() as u64;
+            let overlaps = batch.iter().any(|&(o, d)| o < end && offset < o + d.len() as u64);
+            if disk != batch_disk || overlaps || batch.len() >= 64 {
+                flush_batch(&mut batch, batch_disk)?;
+                batch_disk = disk;
+            }
+            batch.push((offset, data));
+            continue;
+        }
+        flush_batch(&mut batch, batch_disk)?;
+        op.apply(&**target(disk)?).map_err(|e| fail(disk, crate::error::error_chain(&e)))?;
+    }
+    flush_batch(&mut batch, batch_disk)
+}
+
+/// Bytes of write data in disk ops.
+pub fn data_bytes<'a>(ops: impl Iterator<Item = &'a ArchivedOp>) -> u64 {
+    ops.map(|op| match op {
+        ArchivedOp::Write { data, .. } => data.len() as u64,
+        _ => 0,
+    })
+    .sum()
 }
 
 /// The primary hands the VM over: it is paused after checkpoint `epoch`, which the standby has
@@ -307,14 +407,7 @@ impl Staged {
             return Err(WireError::Sequence { seq, says: p.seq.to_native() });
         }
         let pages = p.memory.decode(mem_size).map_err(|source| WireError::Pages { seq, source })?;
-        for (index, entry) in p.disk.iter().enumerate() {
-            let disk = entry.0.to_native();
-            let range = entry.1.range();
-            if !disks.get(disk as usize).is_some_and(|&size| op::fits(range, size)) {
-                let what = range.map_or("flush".into(), |(o, l)| format!("{l} bytes at {o:#x}"));
-                return Err(WireError::DiskOp { seq, index, disk, what });
-            }
-        }
+        check_ops(seq, p.disk.iter().map(|e| (e.0.to_native(), &e.1)), disks)?;
         let wants_state = !matches!(p.kind, ArchivedPayloadKind::PreCopy);
         match p.state.as_ref() {
             None if wants_state => return Err(WireError::NoState { seq }),
@@ -346,46 +439,13 @@ impl Staged {
 
     /// Bytes of disk data the payload carries.
     pub fn disk_bytes(&self) -> u64 {
-        let data = |op: &ArchivedOp| match op {
-            ArchivedOp::Write { data, .. } => data.len() as u64,
-            _ => 0,
-        };
-        self.archived().disk.iter().map(|e| data(&e.1)).sum()
+        data_bytes(self.archived().disk.iter().map(|e| &e.1))
     }
 
-    /// Writes the payload's disk changes to `disks`, in order (straight from the received bytes).
-    /// Runs of writes to one disk whose ranges do not overlap go to the backend as one batch (an
-    /// NBD server then has them in flight together).
+    /// Writes the payload's disk changes to `disks`, in order (see [`write_ops`]).
     pub fn apply_disk(&self, disks: &[Arc<dyn Backend>]) -> Result<(), WireError> {
-        let seq = self.archived().seq.to_native();
-        let fail = |disk: u32, why: String| WireError::DiskWrite { seq, disk, why };
-        let target = |disk: u32| disks.get(disk as usize).ok_or_else(|| fail(disk, "no such disk".into()));
-        let mut batch: Vec<(u64, &[u8])> = Vec::new();
-        let mut batch_disk = 0u32;
-        let flush_batch = |batch: &mut Vec<(u64, &[u8])>, disk: u32| -> Result<(), WireError> {
-            if !batch.is_empty() {
-                target(disk)?.write_batch(batch).map_err(|e| fail(disk, crate::error::error_chain(&e)))?;
-                batch.clear();
-            }
-            Ok(())
-        };
-        for entry in self.archived().disk.iter() {
-            let disk = entry.0.to_native();
-            if let ArchivedOp::Write { offset, data } = &entry.1 {
-                let (offset, data) = (offset.to_native(), data.as_slice());
-                let end = offset + data.len() as u64;
-                let overlaps = batch.iter().any(|&(o, d)| o < end && offset < o + d.len() as u64);
-                if disk != batch_disk || overlaps || batch.len() >= 64 {
-                    flush_batch(&mut batch, batch_disk)?;
-                    batch_disk = disk;
-                }
-                batch.push((offset, data));
-                continue;
-            }
-            flush_batch(&mut batch, batch_disk)?;
-            entry.1.apply(&**target(disk)?).map_err(|e| fail(disk, crate::error::error_chain(&e)))?;
-        }
-        flush_batch(&mut batch, batch_disk)
+        let p = self.archived();
+        write_ops(p.seq.to_native(), p.disk.iter().map(|e| (e.0.to_native(), &e.1)), disks)
     }
 
     /// Writes the memory pages into `mem` and returns the machine state, if any.
@@ -406,7 +466,6 @@ mod tests {
     use super::*;
     use crate::vmm::dirty::PAGE_SIZE;
     use crate::vmm::state::VmState;
-    use block::BackendError;
 
     fn payload(seq: u64, kind: PayloadKind, pages: Vec<u64>) -> Payload {
         let data = pages.iter().flat_map(|&p| vec![p as u8 + 1; PAGE_SIZE as usize]).collect();
@@ -462,39 +521,12 @@ mod tests {
 
     #[test]
     fn disk_ops_are_checked_against_the_disks_and_applied_in_order() {
-        struct Disk(parking_lot::Mutex<Vec<u8>>);
-        impl Backend for Disk {
-            fn size(&self) -> u64 {
-                self.0.lock().len() as u64
-            }
-            fn readonly(&self) -> bool {
-                false
-            }
-            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BackendError> {
-                buf.copy_from_slice(&self.0.lock()[offset as usize..offset as usize + buf.len()]);
-                Ok(())
-            }
-            fn write_at(&self, data: &[u8], offset: u64) -> Result<(), BackendError> {
-                self.0.lock()[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-                Ok(())
-            }
-            fn flush(&self) -> Result<(), BackendError> {
-                Ok(())
-            }
-            fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-                self.0.lock()[offset as usize..(offset + len) as usize].fill(0);
-                Ok(())
-            }
-            fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-                self.write_zeroes(offset, len)
-            }
-        }
         let mut p = payload(3, PayloadKind::Epoch, vec![1]);
         p.disk =
             vec![(0, Op::Write { offset: 0, data: vec![7; 8] }), (0, Op::Zeroes { offset: 2, len: 2 }), (0, Op::Flush)];
         let s = Staged::validate(&data(&p), 3, 0, 1 << 20, &[16]).unwrap();
         assert_eq!(s.disk_bytes(), 8);
-        let disk: Arc<dyn Backend> = Arc::new(Disk(parking_lot::Mutex::new(vec![1; 16])));
+        let disk: Arc<dyn Backend> = Arc::new(block::backend::MemoryDisk::new(16, 1));
         s.apply_disk(std::slice::from_ref(&disk)).unwrap();
         let mut back = [0u8; 10];
         disk.read_at(&mut back, 0).unwrap();

@@ -18,10 +18,10 @@ impl PrimaryFt {
         let mut changed = Vec::new();
         let shadow = self.shadow.as_ref();
         let log = &self.disk_log;
-        let mut disk = Vec::new();
+        let mut disk = disk_mirror::log::Sealed::default();
         let r = vm.capture(PageSet::Dirty, || {
             sealed = gate.seal();
-            disk = log.seal();
+            disk = log.seal_streamed();
             if let Some(sh) = shadow {
                 changed = sh.differing(vm.memory());
             }
@@ -34,6 +34,7 @@ impl PrimaryFt {
             }
             sh.apply(m);
         }
+        let disk_mirror::log::Sealed { ops: mut disk, through } = disk;
         let Capture { memory, state, timings: t } = match r {
             Ok(c) => c,
             Err(e) => {
@@ -52,6 +53,13 @@ impl PrimaryFt {
         tracing::debug!(epoch, pages = memory.count(), output = ?sealed, "checkpoint");
         if !self.unsent_disk.is_empty() {
             disk.splice(0..0, std::mem::take(&mut self.unsent_disk));
+        }
+        if self.disk_log.streaming() {
+            // The epoch's streamed ops are on the channel already: the seal names them.
+            if let Some(l) = &self.link {
+                l.disk_seal(epoch, through);
+            }
+            self.disk_seals.push_back((epoch, through));
         }
         self.stats.disk(disk.iter().map(|(_, op)| op.bytes() as u64).sum());
         self.captured = Some(Outgoing { seq: epoch, kind: PayloadKind::Epoch, memory, state: Some(state), disk });

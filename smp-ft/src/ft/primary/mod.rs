@@ -8,7 +8,7 @@
 use super::disk::DiskLog;
 use super::error::FtError;
 use super::link::Link;
-use super::protocol::{Primary, PrimaryAction, PrimaryEvent, PrimaryState};
+use super::protocol::{Epoch, Primary, PrimaryAction, PrimaryEvent, PrimaryState};
 use super::stats::Stats;
 use super::tiebreak::{Outcome as Claim, TieBreak, TieBreakError};
 use super::wire::{self, Meta, Outgoing};
@@ -87,6 +87,9 @@ pub struct PrimaryFt {
     digests: Option<Vec<disk_mirror::digest::Digest>>,
     /// Disk ops sealed by a capture that then failed: they open the next checkpoint's.
     unsent_disk: Vec<(u32, disk_mirror::log::Op)>,
+    /// Checkpoints sent and not yet acknowledged that cover streamed disk ops: (epoch, ops
+    /// covered). An acknowledgement takes their bytes off the write log's budget.
+    disk_seals: std::collections::VecDeque<(Epoch, u64)>,
     /// When the standby was last declared lost (for the log of how long deciding took).
     lost_at: Option<Instant>,
     stats: Arc<Stats>,
@@ -162,6 +165,7 @@ impl PrimaryFt {
             shadow: opts.verify.then(|| super::verify::Shadow::new(vm.memory().size())),
             captured: None,
             unsent_disk: Vec::new(),
+            disk_seals: Default::default(),
             digests: None,
             lost_at: None,
             stats: Arc::new(Stats::default()),
@@ -274,7 +278,15 @@ impl PrimaryFt {
                         super::fault::hit(super::fault::Point::AfterAck);
                     }
                 }
+                self.disk_acked(vm, epoch);
                 self.step(vm, PrimaryEvent::Acked { epoch })
+            }
+            Event::Message(Message::App { kind: wire::APP_CHECKPOINT_TIMES, data }) => {
+                // Figures only: a malformed report is not worth the standby.
+                if let Ok(t) = wire::decode_app::<wire::CheckpointTimes>(&data, "checkpoint times") {
+                    self.stats.validated(t.epoch, Duration::from_micros(t.validate_us));
+                }
+                Flow::Continue
             }
             Event::Message(Message::App { kind: wire::APP_SNAPSHOT_DONE, data }) => {
                 self.snapshot_done(&data);
@@ -294,6 +306,27 @@ impl PrimaryFt {
             }
             _ => Flow::Continue,
         }
+    }
+
+    /// The standby holds checkpoint `epoch`: the streamed disk ops it covers leave the write
+    /// log's budget, and requests the budget held back are served.
+    fn disk_acked(&mut self, vm: &RunningVm, epoch: Epoch) {
+        let mut through = None;
+        while let Some((_, t)) = self.disk_seals.front().filter(|(e, _)| *e <= epoch) {
+            through = Some(*t);
+            self.disk_seals.pop_front();
+        }
+        if let Some(t) = through {
+            self.disk_log.acked(t);
+            vm.devices().kick_disks();
+        }
+    }
+
+    /// No standby to log disk writes for: nothing is kept or streamed.
+    fn stop_disk_log(&mut self) {
+        self.disk_log.stop();
+        self.unsent_disk.clear();
+        self.disk_seals.clear();
     }
 
     fn peer_lost(&mut self, vm: &RunningVm) -> Flow {
@@ -328,8 +361,7 @@ impl PrimaryFt {
                     Flow::Continue
                 }
                 PrimaryAction::StopProtecting => {
-                    self.disk_log.stop();
-                    self.unsent_disk.clear();
+                    self.stop_disk_log();
                     vm.devices().gate.open_all();
                     Flow::Continue
                 }
@@ -479,7 +511,7 @@ impl PrimaryFt {
     /// The VM has ended: the standby is told to stand down, and every thread of this shell is
     /// joined within a bound.
     pub fn finished(&mut self, why: &str) {
-        self.disk_log.stop();
+        self.stop_disk_log();
         if let Some(l) = self.link.take() {
             // A second path for the order, written first: a standby that misses the message
             // below and claims finds the VM stopped, not failed.
@@ -514,7 +546,7 @@ impl PrimaryFt {
     /// will on its own once this side is gone), without waiting for the peer to confirm: the
     /// client of the VM waits for this copy to let go of its serial line and taps.
     pub fn switched_over(&mut self) {
-        self.disk_log.stop();
+        self.stop_disk_log();
         if let Some(l) = self.link.take() {
             self.close_in_background(l, GOODBYE_HALTED, "switched over".into());
         }

@@ -41,6 +41,8 @@ impl PrimaryFt {
         v["peer"] = json!(self.link.as_ref().map(|l| l.peer).or(spares.current()).map(|p| p.to_string()));
         v["spares"] = json!(spares.all().iter().map(|a| a.to_string()).collect::<Vec<_>>());
         v["held-bytes"] = json!(gate.held_bytes());
+        v["disk-write-bytes-streamed"] = json!(self.disk_log.streamed_bytes());
+        v["disk-write-bytes-in-flight"] = json!(self.disk_log.in_flight());
         v["output-hold-p50-us"] = json!(hold.map(|h| h.0.as_micros() as u64));
         v["output-hold-p99-us"] = json!(hold.map(|h| h.1.as_micros() as u64));
         v["last-error"] = json!(self.last_error);

@@ -35,6 +35,7 @@ impl PrimaryFt {
         });
         // From here every completed disk request is kept for the standby.
         self.disk_log.start_logging();
+        self.disk_seals.clear();
         self.sync = Some(SyncRun {
             started: Instant::now(),
             round: 0,
@@ -111,11 +112,16 @@ impl PrimaryFt {
         let (log, disks) = (&self.disk_log, vm.devices().disk_backends());
         let mut disk = Ok(Vec::new());
         let copy = self.sync.as_mut().and_then(|s| s.disk.as_mut());
+        let stream = self.link.as_ref().and_then(|l| l.disk_stream());
         let r = vm.capture(PageSet::Dirty, || {
             gate.hold();
-            // The last ops of the copy; every op after this pause belongs to an epoch.
+            // The last ops of the copy; every op after this pause belongs to an epoch, and
+            // leaves for the standby as it completes if the standby takes a stream.
             if let Some(copy) = copy {
                 disk = copy.last(log, &disks);
+            }
+            if let Some(stream) = stream {
+                log.stream_to(stream);
             }
         });
         let r = match (r, disk) {
@@ -159,6 +165,7 @@ impl PrimaryFt {
                 "FT: the VM is protected"
             );
             self.stats.protected_since(Instant::now());
+            crate::ft::fault::protected();
         }
     }
 }

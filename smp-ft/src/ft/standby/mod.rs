@@ -28,6 +28,7 @@ use transport::{Channel, Event, Listener, Message};
 mod qmp;
 mod session;
 mod snapshots;
+mod stream;
 
 use session::Session;
 
@@ -367,6 +368,12 @@ impl<'a> StandbyRunner<'a> {
                 Ok(Step::Continue)
             }
             Event::Message(Message::App { kind: super::wire::APP_SWITCHOVER, data }) => self.handed_over(s, &data),
+            Event::Message(Message::App { kind: super::wire::APP_DISK_OPS, data }) => {
+                Ok(stream_step(self.streamed_ops(s, &data)))
+            }
+            Event::Message(Message::App { kind: super::wire::APP_DISK_SEAL, data }) => {
+                Ok(stream_step(self.disk_seal(s, &data)))
+            }
             Event::Message(_) => Ok(Step::Continue),
         }
     }
@@ -521,5 +528,17 @@ impl<'a> StandbyRunner<'a> {
     /// A new session's machine.
     fn machine(&self) -> Standby {
         Standby::new(self.generation, ARBITRATE_RETRY, Instant::now()).halt_on_loss(self.opts.ft.halt_on_loss)
+    }
+}
+
+/// After a streamed disk op or seal: one the stream cannot take ends the session, as a
+/// checkpoint that cannot be used does.
+fn stream_step(r: Result<(), FtError>) -> Step {
+    match r {
+        Ok(()) => Step::Continue,
+        Err(e) => {
+            tracing::error!("FT: {}; standing down", error_chain(&e));
+            Step::SessionOver
+        }
     }
 }

@@ -25,9 +25,12 @@ pub(super) struct Session {
     pub(super) last_bytes: u64,
     pub(super) checkpoints: u64,
     pub(super) peer: SocketAddr,
-    /// The most disk data one checkpoint carried (held in memory until written).
+    /// The most disk data held in memory until written (one checkpoint's, and the streamed
+    /// ops staged).
     pub(super) disk_peak: u64,
     pub(super) disk_bytes: u64,
+    /// Disk ops streamed by the primary, staged until the checkpoint that covers them commits.
+    pub(super) stream: super::stream::Streamed,
     /// The primary's hand-over, when it handed the VM over.
     pub(super) handover: Option<crate::ft::wire::HandOver>,
     /// When the primary was found gone (or handed over), for the log of how long deciding took.
@@ -52,6 +55,16 @@ impl Session {
 fn send_ack(chan: &Channel, epoch: Epoch) {
     if let Err(e) = chan.send(&Message::Ack { epoch }) {
         tracing::debug!(epoch, "ack not sent: {e}");
+    }
+}
+
+/// Tells the primary how long checkpoint `epoch` took to validate (for its figures), if it
+/// speaks a wire version that knows the message.
+fn send_times(chan: &Channel, epoch: Epoch, validate: std::time::Duration) {
+    if chan.version() >= crate::ft::wire::STREAM_VERSION {
+        let t = crate::ft::wire::CheckpointTimes { epoch, validate_us: validate.as_micros() as u64 };
+        let data = crate::ft::wire::encode_app(&t);
+        let _ = chan.send(&Message::App { kind: crate::ft::wire::APP_CHECKPOINT_TIMES, data });
     }
 }
 
@@ -96,6 +109,7 @@ impl StandbyRunner<'_> {
             peer,
             disk_peak: 0,
             disk_bytes: 0,
+            stream: Default::default(),
             handover: None,
             noticed: None,
         }))
@@ -129,17 +143,21 @@ impl StandbyRunner<'_> {
         data: &transport::CheckpointData,
     ) -> Result<(), FtError> {
         let sizes = self.disk_sizes();
+        let validating = Instant::now();
         let staged = Staged::validate(data, seq, self.opts.config.vcpus, self.opts.config.memory, &sizes);
-        let staged = match staged {
+        // Valid, and every streamed disk op it covers is here.
+        let staged = staged.and_then(|st| Ok((s.stream.covers(seq)?, st)));
+        let (through, staged) = match staged {
             Ok(st) => st,
             Err(e) => {
                 let _ = s.proto.handle(StandbyEvent::Checkpoint { epoch: seq, valid: false });
                 return Err(e.into());
             }
         };
+        let validated = validating.elapsed();
         s.last_bytes = data.len() as u64;
         let disk_bytes = staged.disk_bytes();
-        s.disk_peak = s.disk_peak.max(disk_bytes);
+        s.disk_peak = s.disk_peak.max(disk_bytes + s.stream.staged_bytes);
         s.disk_bytes += disk_bytes;
         crate::observe::get().received(data.len() as u64, disk_bytes);
         if staged.kind() == PayloadKind::PreCopy {
@@ -158,12 +176,18 @@ impl StandbyRunner<'_> {
         }
         for a in s.proto.handle(StandbyEvent::Checkpoint { epoch: seq, valid: true }) {
             match a {
-                StandbyAction::Ack { epoch } => send_ack(&s.chan, epoch),
+                StandbyAction::Ack { epoch } => {
+                    send_times(&s.chan, epoch, validated);
+                    send_ack(&s.chan, epoch)
+                }
                 StandbyAction::Apply { epoch } => {
                     crate::ft::fault::hit(crate::ft::fault::Point::StallApply);
                     let state = staged.apply(&s.memory)?.ok_or(FtError::NoState)?;
                     // Committed (acknowledged): its writes go to this copy's own storage.
                     staged.apply_disk(&self.disks)?;
+                    if let Some(through) = through {
+                        s.stream.commit(epoch, through, &self.disks)?;
+                    }
                     tracing::debug!(epoch, pages = staged.pages(), "applied");
                     s.state = Some(state);
                     s.checkpoints += 1;
@@ -178,5 +202,21 @@ impl StandbyRunner<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Disk ops the primary streamed as they completed: staged for the checkpoint that will
+    /// cover them. A message that breaks the stream ends the session (this copy could no
+    /// longer say what it holds).
+    pub(super) fn streamed_ops(&self, s: &mut Session, data: &[u8]) -> Result<(), FtError> {
+        let bytes = s.stream.ops(data, &self.disk_sizes())?;
+        s.disk_bytes += bytes;
+        s.disk_peak = s.disk_peak.max(s.stream.staged_bytes);
+        crate::observe::get().received(data.len() as u64, bytes);
+        Ok(())
+    }
+
+    /// The seal of the checkpoint that follows.
+    pub(super) fn disk_seal(&self, s: &mut Session, data: &[u8]) -> Result<(), FtError> {
+        Ok(s.stream.seal(data)?)
     }
 }
