@@ -59,6 +59,11 @@ impl Env {
 
     /// As [`Env::spawn`], inside network namespace `ns` if given.
     pub fn spawn_in(&self, ns: Option<&str>, name: &str, args: &[String]) -> Killed {
+        self.spawn_with(ns, name, args, &[])
+    }
+
+    /// As [`Env::spawn_in`], with environment variables `env` set for the process.
+    pub fn spawn_with(&self, ns: Option<&str>, name: &str, args: &[String], env: &[(&str, &str)]) -> Killed {
         let s = |x: &str| self.dir.join(format!("{name}.{x}")).display().to_string();
         let mut cmd = match ns {
             None => Command::new(bin()),
@@ -70,6 +75,7 @@ impl Env {
         };
         let child = cmd
             .env("SMPFT_LOG", "warn")
+            .envs(env.iter().copied())
             .args(args)
             .args(["--serial", &format!("unix:{}", s("serial")), "--qmp", &format!("unix:{}", s("qmp"))])
             .args(["--console", &s("console")])
