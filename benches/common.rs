@@ -176,3 +176,45 @@ pub fn time_failover(primary: PathBuf, standby: PathBuf, victim: &mut Killed, wa
         }
     }
 }
+
+/// The guest's disk progress reports: (guest ms, writes, p50 µs, p99 µs).
+pub fn reports(console: &Path) -> Vec<(u64, u64, u64, u64)> {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    let field = |l: &str, k: &str| -> Option<u64> {
+        l.split_whitespace().find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.trim_end_matches("ms").parse().ok())
+    };
+    text.lines()
+        .filter(|l| l.starts_with("progress:") && l.contains(" disk: "))
+        .filter_map(|l| Some((field(l, "t")?, field(l, "writes")?, field(l, "p50-us")?, field(l, "p99-us")?)))
+        .collect()
+}
+
+/// Guest disk I/O over some reports: requests per second, latency p50 and p99 (µs).
+pub struct Io {
+    pub per_s: f64,
+    pub p50: u64,
+    pub p99: u64,
+}
+
+/// Waits for `n` more reports after the next one (which is warm-up) and sums them up.
+pub fn measure(console: &Path, n: usize) -> Io {
+    let have = reports(console).len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let r = loop {
+        let r = reports(console);
+        if r.len() >= have + 1 + n {
+            break r[have..=have + n].to_vec();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest stopped reporting:\n{}",
+            std::fs::read_to_string(console).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (first, last) = (r[0], r[n]);
+    let per_s = (last.1 - first.1) as f64 * 1000.0 / (last.0 - first.0).max(1) as f64;
+    let mut p50s: Vec<u64> = r[1..].iter().map(|x| x.2).collect();
+    p50s.sort_unstable();
+    Io { per_s, p50: p50s[p50s.len() / 2], p99: r[1..].iter().map(|x| x.3).max().unwrap_or(0) }
+}

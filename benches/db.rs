@@ -8,10 +8,13 @@
 //! 1. For 4 KiB and 64 KiB records and 1 and 8 client connections (each sending its next `DB`
 //!    as soon as the last is answered): requests per second and protected ÷ unprotected, reply
 //!    latency p50/p99 and what protection adds to it, MB/s of records written. The protected
-//!    rows come twice: the primary with `SMPFT_DISK_STREAM=off` (disk writes travel inside the
-//!    checkpoints) and `=on` (each completed write leaves for the standby at once).
+//!    rows come twice: streaming off (the primary announces FT wire version 3, through the test
+//!    hook `wire-version=3`, so disk writes travel inside the checkpoints, as before streaming)
+//!    and on (each completed write leaves for the standby at once).
 //! 2. The FT channel's own throughput (QUIC, the transport crate in this process, between the
-//!    two hosts' namespaces over the FT link), and the sequential-write row against it.
+//!    two hosts' namespaces over the FT link), and beside it a bulk writer's: the guest writing
+//!    its disk sequentially in 1 MiB requests, back to back, unprotected and protected with
+//!    streaming off and on.
 //! 3. SIGKILL failovers of the primary under one connection's load, on a chain: the promoted
 //!    copy is protected again by a new standby on the dead primary's host (its disk compared,
 //!    not copied), then killed in turn. Per kill the client-side gap (the longest silence between
@@ -20,7 +23,8 @@
 //!    every acknowledged id is asked again and must keep its position.
 //!
 //! `SMPFT_BENCH_SECS` (default 5): seconds of load per cell. `SMPFT_BENCH_KILLS` (default 20):
-//! failovers. `SMPFT_BENCH_ONLY=table|channel|failover` runs one part. Goals are printed beside
+//! failovers. `SMPFT_BENCH_QUICK=1` makes those 1 and 2 (a smoke test).
+//! `SMPFT_BENCH_ONLY=table|channel|failover` runs one part. Goals are printed beside
 //! the figures, never asserted.
 
 #[path = "common.rs"]
@@ -94,12 +98,11 @@ impl Drop for Vm {
     }
 }
 
-/// A fresh sparse raw image with room for a full log of `record`-byte records (1 GiB at 64K;
-/// removed after each cell).
-fn image(env: &Env, name: &str, record: Record) -> PathBuf {
+/// A fresh sparse raw image of `size` bytes (removed after each cell).
+fn image(env: &Env, name: &str, size: u64) -> PathBuf {
     let path = env.dir.join(format!("{name}.raw"));
     let f = std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    f.set_len(record.1 * MAX_RECORDS).unwrap();
+    f.set_len(size).unwrap();
     path
 }
 
@@ -113,11 +116,10 @@ fn standby_args(env: &Env, ft: &str, me: &Path, peer: &Path, disk: &Path) -> Vec
     a
 }
 
-/// `smpft run` arguments for the `db` guest on `disk`, with `record`-byte records.
-fn run_args(disk: &Path, record: Record) -> Vec<String> {
-    let guest = format!("service db db-record={} {GUEST_NET}", record.0);
+/// `smpft run` arguments for the guest running `guest` on `disk`.
+fn run_args(disk: &Path, guest: &str) -> Vec<String> {
     let net = format!("tap=tap0,mac={GUEST_MAC}");
-    let mut a = strings(&["run", "--guest-args", &guest, "--net", &net, "--disk"]);
+    let mut a = strings(&["run", "--guest-args", guest, "--net", &net, "--disk"]);
     a.push(disk.display().to_string());
     a.extend(strings(&MACHINE));
     a
@@ -125,18 +127,31 @@ fn run_args(disk: &Path, record: Record) -> Vec<String> {
 
 /// The guest on host A, protected by a standby on host B unless `mode` is unprotected.
 fn start(env: &Env, lan: &Lan, record: Record, mode: Mode) -> Vm {
+    start_guest(env, lan, &db_guest(record), record.1 * MAX_RECORDS, mode)
+}
+
+/// The guest's parameters for the `db` workload with `record`-byte records.
+fn db_guest(record: Record) -> String {
+    format!("service db db-record={} {GUEST_NET}", record.0)
+}
+
+/// The guest running `guest` on host A with a fresh disk of `size` bytes, protected by a
+/// standby on host B unless `mode` is unprotected.
+fn start_guest(env: &Env, lan: &Lan, guest: &str, size: u64, mode: Mode) -> Vm {
     let _ = std::fs::remove_file(env.dir.join("tiebreak"));
-    let mut vm = Vm { procs: Vec::new(), images: vec![image(env, "p", record)] };
-    let mut a = run_args(&vm.images[0], record);
+    let mut vm = Vm { procs: Vec::new(), images: vec![image(env, "p", size)] };
+    let mut a = run_args(&vm.images[0], guest);
     let mut penv = Vec::new();
     if let Mode::Protected { stream } = mode {
-        vm.images.push(image(env, "s", record));
+        vm.images.push(image(env, "s", size));
         let s = standby_args(env, FT_B, &env.b, &env.a, &vm.images[1]);
         vm.procs.push(env.spawn_in(Some(&lan.b), "s", &s));
         wait_state(&env.path("s", "qmp"), "waiting");
         a.extend(strings(&["--ft-peer", &format!("{FT_B}:{FT_PORT}")]));
         a.extend(env.ft_args(&env.a, &env.b, &env.dir.join("tiebreak"), INTERVAL));
-        penv.push(("SMPFT_DISK_STREAM", if stream { "on" } else { "off" }));
+        if !stream {
+            penv.push(("SMPFT_TEST_HOOKS", "wire-version=3"));
+        }
     }
     vm.procs.push(env.spawn_with(Some(&lan.a), "p", &a, &penv));
     if mode != Mode::Unprotected {
@@ -313,7 +328,7 @@ fn db_table(env: &Env, lan: &Lan, window: Duration) -> Cells {
         }
     }
     println!("÷: protected ÷ unprotected; +p50/+p99: what protection adds to a reply (ms);");
-    println!("MB/s: records written (records × record size ÷ s). SMPFT_DISK_STREAM is set on the primary.");
+    println!("MB/s: records written (records × record size ÷ s). Streaming off: the primary speaks FT wire version 3.");
     cells
 }
 
@@ -396,27 +411,34 @@ fn channel_mbs(env: &Env, lan: &Lan, window: Duration) -> f64 {
     })
 }
 
-fn channel_table(env: &Env, lan: &Lan, window: Duration, cells: &Cells) {
+/// A bulk writer: the guest writing its disk sequentially in 1 MiB requests, back to back (no
+/// flushes), for `reports` of its one-a-second progress reports after protection. MB/s.
+fn bulk_mbs(env: &Env, lan: &Lan, mode: Mode, reports: usize) -> f64 {
+    let guest = "disk disk-io=1M disk-seq disk-check=0 flush-every=0 report=1s duration=600s";
+    let vm = start_guest(env, lan, guest, 256 << 20, mode);
+    let io = common::measure(&env.path("p", "console"), reports);
+    drop(vm);
+    io.per_s * 1.048576
+}
+
+fn channel_table(env: &Env, lan: &Lan, window: Duration) {
     let mbs = channel_mbs(env, lan, window.min(Duration::from_secs(3)));
     println!("\nFT channel (QUIC, 8 MiB checkpoints over the FT link, same run): {mbs:.1} MB/s");
-    let seq =
-        |conns: u64| cells.iter().find(|c| c.0 .0 == "64K" && c.1 == conns && c.2 == Mode::Protected { stream: true });
-    match seq(1) {
-        Some(c) => println!(
-            "sequential writes (1 connection, 64K records, protected, streaming on): {:.1} MB/s = {:.3} × the channel (goal ≥ 0.9: {})",
-            c.3.mbs,
-            c.3.mbs / mbs,
-            if c.3.mbs >= 0.9 * mbs { "met" } else { "not met" }
-        ),
-        None => println!("(no sequential-write row: the DB table did not run)"),
-    }
-    println!(
-        "(one connection waits for each reply before it sends the next request: its rate is bound by round trips)"
-    );
-    if let Some(c) = seq(8) {
-        println!("(8 connections, 64K records, protected, streaming on: {:.1} MB/s = {:.3} × the channel)", c.3.mbs, {
-            c.3.mbs / mbs
-        });
+    let reports = (window.as_secs() as usize).clamp(2, 10);
+    println!("Bulk sequential writes (the guest's disk workload, 1 MiB requests back to back, {reports} s):");
+    let mut base = None;
+    for mode in MODES {
+        let w = bulk_mbs(env, lan, mode, reports);
+        let base = *base.get_or_insert(w);
+        let goal = match mode {
+            Mode::Unprotected => String::new(),
+            _ => format!(
+                "; {:.3} × the channel (goal ≥ 0.9: {})",
+                w / mbs,
+                if w >= 0.9 * mbs { "met" } else { "not met" }
+            ),
+        };
+        println!("  {:<26} {w:>7.1} MB/s = {:.2} × unprotected{goal}", mode.label(), w / base);
     }
 }
 
@@ -548,7 +570,7 @@ fn kill_chain(env: &Env, lan: &Lan, hosts: &[Host; 2], kills: usize, app: &Appen
     let s = standby_args(env, FT_B, &env.b, &env.a, &hosts[1].img);
     let mut standby = Some(Member(env.spawn_in(Some(&lan.b), "f0", &s), "f0".into(), 1));
     wait_state(&env.path("f0", "qmp"), "waiting");
-    let mut a = run_args(&hosts[0].img, RECORDS[0]);
+    let mut a = run_args(&hosts[0].img, &db_guest(RECORDS[0]));
     a.extend(strings(&["--ft-peer", &format!("{FT_B}:{FT_PORT}")]));
     a.extend(env.ft_args(&env.a, &env.b, &env.dir.join("tiebreak"), INTERVAL));
     let mut live = Member(env.spawn_in(Some(&lan.a), "f1", &a), "f1".into(), 0);
@@ -584,7 +606,7 @@ fn kill_chain(env: &Env, lan: &Lan, hosts: &[Host; 2], kills: usize, app: &Appen
 
 fn failover_table(env: &Env, lan: &Lan, kills: usize) {
     let _ = std::fs::remove_file(env.dir.join("tiebreak"));
-    let img = |n: &str| image(env, n, RECORDS[0]);
+    let img = |n: &str| image(env, n, RECORDS[0].1 * MAX_RECORDS);
     let hosts = [
         Host { ns: &lan.a, ft: FT_A, me: &env.a, peer: &env.b, img: img("fa") },
         Host { ns: &lan.b, ft: FT_B, me: &env.b, peer: &env.a, img: img("fb") },
@@ -644,18 +666,18 @@ fn main() {
         return;
     }
     let t0 = Instant::now();
-    let window = Duration::from_secs(env_num("SMPFT_BENCH_SECS", 5).max(1));
-    let kills = env_num("SMPFT_BENCH_KILLS", 20) as usize;
+    let quick = std::env::var_os("SMPFT_BENCH_QUICK").is_some();
+    let window = Duration::from_secs(env_num("SMPFT_BENCH_SECS", if quick { 1 } else { 5 }).max(1));
+    let kills = env_num("SMPFT_BENCH_KILLS", if quick { 2 } else { 20 }) as usize;
     let only = std::env::var("SMPFT_BENCH_ONLY").unwrap_or_default();
     let env = Env::new("db");
     let lan = Lan::new("d").unwrap_or_else(|e| panic!("network namespaces: {e}"));
-    let mut cells = Cells::new();
     if only.is_empty() || only == "table" {
-        cells = db_table(&env, &lan, window);
+        let cells = db_table(&env, &lan, window);
         latency_goals(&cells);
     }
-    if only.is_empty() || only == "channel" || only == "table" {
-        channel_table(&env, &lan, window, &cells);
+    if only.is_empty() || only == "channel" {
+        channel_table(&env, &lan, window);
     }
     if (only.is_empty() || only == "failover") && kills > 0 {
         failover_table(&env, &lan, kills);

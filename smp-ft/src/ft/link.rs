@@ -105,9 +105,9 @@ struct DiskStream(Arc<Channel>);
 
 impl disk_mirror::log::Stream for DiskStream {
     fn send(&self, index: u64, disk: u32, op: Op) {
-        let data = wire::StreamedOps::encode_one(index, disk, op);
+        let (head, data) = wire::StreamedOp::encode(index, disk, op);
         // As for seals: a closed channel takes no checkpoint covering this op either.
-        let _ = self.0.send(&Message::App { kind: wire::APP_DISK_OPS, data });
+        let _ = self.0.send_data(wire::APP_DISK_OPS, &head, data);
         super::fault::hit(super::fault::Point::AfterStream);
     }
 }

@@ -8,7 +8,7 @@
 use super::encode::{DecodeError, Decoded, EncodeStats, EncodedPages, Encoder};
 pub use crate::vmm::machine::MachineState;
 use crate::vmm::pages::MemoryPages;
-use block::op::{self, ArchivedOp, Op};
+use block::op::{self, Op, OpRef};
 use block::Backend;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -84,7 +84,7 @@ pub const APP_SNAPSHOT: u16 = 3;
 /// Its outcome, from the standby ([`SnapshotDone`]).
 pub const APP_SNAPSHOT_DONE: u16 = 4;
 /// A completed disk write (or flush, discard, zeroing) streamed as it completed
-/// ([`StreamedOps`]), from the primary; wire version 4 and later.
+/// ([`StreamedOp`]), from the primary, in a data frame; wire version 4 and later.
 pub const APP_DISK_OPS: u16 = 5;
 /// How many streamed disk ops checkpoint `epoch` covers ([`DiskSeal`]), sent before it.
 pub const APP_DISK_SEAL: u16 = 6;
@@ -138,18 +138,66 @@ pub struct SnapshotDone {
     pub result: Result<String, String>,
 }
 
-/// Disk ops the primary streamed as they completed: ops `first..first + ops.len()` of the
-/// stream, in order, each with its disk's number.
-#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct StreamedOps {
-    pub first: u64,
-    pub ops: Vec<(u32, Op)>,
+/// A disk op the primary streamed as it completed, as the standby received it: number
+/// `index` of the stream, on `disk`; a write's data stays in the frame it came in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamedOp {
+    pub index: u64,
+    pub disk: u32,
+    kind: u8,
+    offset: u64,
+    len: u64,
+    data: Bytes,
 }
 
-impl StreamedOps {
-    /// One op, number `first` of the stream, for an [`APP_DISK_OPS`] message.
-    pub fn encode_one(first: u64, disk: u32, op: Op) -> Vec<u8> {
-        encode_app(&StreamedOps { first, ops: vec![(disk, op)] })
+/// Bytes before a streamed op's data: index (u64), disk (u32), kind (u8: write, zeroes,
+/// discard, flush), offset and length (u64), little-endian.
+pub const STREAM_HEAD: usize = 29;
+
+impl StreamedOp {
+    /// Op number `index` of the stream, on `disk`, as a data frame's head and body (a write's
+    /// data, not copied).
+    pub fn encode(index: u64, disk: u32, op: Op) -> ([u8; STREAM_HEAD], Bytes) {
+        let (kind, offset, len, data) = match op {
+            Op::Write { offset, data } => (0u8, offset, data.len() as u64, Bytes::from(data)),
+            Op::Zeroes { offset, len } => (1, offset, len, Bytes::new()),
+            Op::Discard { offset, len } => (2, offset, len, Bytes::new()),
+            Op::Flush => (3, 0, 0, Bytes::new()),
+        };
+        let mut head = [0u8; STREAM_HEAD];
+        head[..8].copy_from_slice(&index.to_le_bytes());
+        head[8..12].copy_from_slice(&disk.to_le_bytes());
+        head[12] = kind;
+        head[13..21].copy_from_slice(&offset.to_le_bytes());
+        head[21..29].copy_from_slice(&len.to_le_bytes());
+        (head, data)
+    }
+
+    /// Reads a streamed op from a data frame (head and body as [`Self::encode`] made them).
+    pub fn parse(mut frame: Bytes) -> Result<StreamedOp, String> {
+        if frame.len() < STREAM_HEAD {
+            return Err(format!("a streamed disk op of {} bytes", frame.len()));
+        }
+        let head = frame.split_to(STREAM_HEAD);
+        let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().unwrap_or_default());
+        let disk = u32::from_le_bytes(head[8..12].try_into().unwrap_or_default());
+        let (kind, len) = (head[12], u64_at(21));
+        let want = if kind == 0 { len } else { 0 };
+        if kind > 3 || frame.len() as u64 != want {
+            return Err(format!("a streamed disk op of kind {kind}, length {len}, with {} bytes of data", frame.len()));
+        }
+        Ok(StreamedOp { index: u64_at(0), disk, kind, offset: u64_at(13), len, data: frame })
+    }
+
+    /// The op, borrowed.
+    pub fn op(&self) -> OpRef<'_> {
+        let (offset, len) = (self.offset, self.len);
+        match self.kind {
+            0 => OpRef::Write { offset, data: &self.data },
+            1 => OpRef::Zeroes { offset, len },
+            2 => OpRef::Discard { offset, len },
+            _ => OpRef::Flush,
+        }
     }
 }
 
@@ -168,11 +216,7 @@ pub struct DiskSeal {
 }
 
 /// Checks disk ops against the sizes of the disks they name (`seq` names them in the error).
-pub fn check_ops<'a>(
-    seq: u64,
-    ops: impl Iterator<Item = (u32, &'a ArchivedOp)>,
-    disks: &[u64],
-) -> Result<(), WireError> {
+pub fn check_ops<'a>(seq: u64, ops: impl Iterator<Item = (u32, OpRef<'a>)>, disks: &[u64]) -> Result<(), WireError> {
     for (index, (disk, op)) in ops.enumerate() {
         let range = op.range();
         if !disks.get(disk as usize).is_some_and(|&size| op::fits(range, size)) {
@@ -188,7 +232,7 @@ pub fn check_ops<'a>(
 /// batch (an NBD server then has them in flight together).
 pub fn write_ops<'a>(
     seq: u64,
-    ops: impl Iterator<Item = (u32, &'a ArchivedOp)>,
+    ops: impl Iterator<Item = (u32, OpRef<'a>)>,
     disks: &[Arc<dyn Backend>],
 ) -> Result<(), WireError> {
     let fail = |disk: u32, why: String| WireError::DiskWrite { seq, disk, why };
@@ -203,8 +247,7 @@ pub fn write_ops<'a>(
         Ok(())
     };
     for (disk, op) in ops {
-        if let ArchivedOp::Write { offset, data } = op {
-            let (offset, data) = (offset.to_native(), data.as_slice());
+        if let OpRef::Write { offset, data } = op {
             let end = offset + data.len() as u64;
             let overlaps = batch.iter().any(|&(o, d)| o < end && offset < o + d.len() as u64);
             if disk != batch_disk || overlaps || batch.len() >= 64 {
@@ -221,12 +264,8 @@ pub fn write_ops<'a>(
 }
 
 /// Bytes of write data in disk ops.
-pub fn data_bytes<'a>(ops: impl Iterator<Item = &'a ArchivedOp>) -> u64 {
-    ops.map(|op| match op {
-        ArchivedOp::Write { data, .. } => data.len() as u64,
-        _ => 0,
-    })
-    .sum()
+pub fn data_bytes<'a>(ops: impl Iterator<Item = OpRef<'a>>) -> u64 {
+    ops.map(|op| op.bytes() as u64).sum()
 }
 
 /// The primary hands the VM over: it is paused after checkpoint `epoch`, which the standby has
@@ -407,7 +446,7 @@ impl Staged {
             return Err(WireError::Sequence { seq, says: p.seq.to_native() });
         }
         let pages = p.memory.decode(mem_size).map_err(|source| WireError::Pages { seq, source })?;
-        check_ops(seq, p.disk.iter().map(|e| (e.0.to_native(), &e.1)), disks)?;
+        check_ops(seq, p.disk.iter().map(|e| (e.0.to_native(), e.1.view())), disks)?;
         let wants_state = !matches!(p.kind, ArchivedPayloadKind::PreCopy);
         match p.state.as_ref() {
             None if wants_state => return Err(WireError::NoState { seq }),
@@ -439,13 +478,13 @@ impl Staged {
 
     /// Bytes of disk data the payload carries.
     pub fn disk_bytes(&self) -> u64 {
-        data_bytes(self.archived().disk.iter().map(|e| &e.1))
+        data_bytes(self.archived().disk.iter().map(|e| e.1.view()))
     }
 
     /// Writes the payload's disk changes to `disks`, in order (see [`write_ops`]).
     pub fn apply_disk(&self, disks: &[Arc<dyn Backend>]) -> Result<(), WireError> {
         let p = self.archived();
-        write_ops(p.seq.to_native(), p.disk.iter().map(|e| (e.0.to_native(), &e.1)), disks)
+        write_ops(p.seq.to_native(), p.disk.iter().map(|e| (e.0.to_native(), e.1.view())), disks)
     }
 
     /// Writes the memory pages into `mem` and returns the machine state, if any.

@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     for part in [&data[..cut], &data[cut..]] {
         d.push(part);
         loop {
-            match d.next_message() {
+            match d.next_frame() {
                 Ok(Some(_)) => continue,
                 Ok(None) | Err(_) => break,
             }

@@ -55,6 +55,7 @@ fn main() {
                 // Stay up: the test checks that nothing arrives on this channel any more.
             }
             Ok(Event::Message(m)) => out(&format!("MSG {}", m.name())),
+            Ok(Event::Data { kind, data }) => out(&format!("DATA {kind} {}", data.len())),
             Ok(Event::Checkpoint { epoch, data }) => {
                 out(&format!("CHECKPOINT {epoch} {}", data.len()));
                 let _ = ch.send(&Message::Ack { epoch });

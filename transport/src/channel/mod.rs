@@ -196,6 +196,11 @@ impl CheckpointData {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Message(Message),
+    /// Bytes of the layer above sent with [`Channel::send_data`], in order with the messages.
+    Data {
+        kind: u16,
+        data: Bytes,
+    },
     /// Every chunk of checkpoint `epoch` arrived intact.
     Checkpoint {
         epoch: u64,
@@ -219,7 +224,8 @@ pub struct Channel {
     bound: quic::Bound,
     conn: Connection,
     shared: Arc<Shared>,
-    control: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    /// Frames for the control stream, each as the parts it is sent in.
+    control: tokio::sync::mpsc::UnboundedSender<Vec<Bytes>>,
     events: Receiver<Event>,
     peer_hello: Message,
     /// The wire version this end announced.
@@ -429,7 +435,7 @@ impl Channel {
             max_checkpoint: cfg.max_checkpoint,
             max_frame: cfg.max_frame,
         });
-        let (ctx, crx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let (ctx, crx) = tokio::sync::mpsc::unbounded_channel::<Vec<Bytes>>();
         rt.spawn(control_writer(send, crx));
         rt.spawn(control_reader(recv, conn.clone(), shared.clone()));
         rt.spawn(bulk_acceptor(conn.clone(), shared.clone()));
@@ -479,7 +485,21 @@ impl Channel {
         if self.is_closed() {
             return Err(ChannelError::Closed("send on a closed channel".into()));
         }
-        self.control.send(frame::encode(m)).map_err(|_| ChannelError::Closed("control stream gone".into()))
+        self.queue(vec![Bytes::from(frame::encode(m))])
+    }
+
+    /// Queues bytes of the layer above on the control stream, in order with every message
+    /// (wire version 4 and later): `head`, then `body` as it is (not copied). The peer gets
+    /// [`Event::Data`] with `kind` and the two joined.
+    pub fn send_data(&self, kind: u16, head: &[u8], body: Bytes) -> Result<(), ChannelError> {
+        if self.is_closed() {
+            return Err(ChannelError::Closed("send on a closed channel".into()));
+        }
+        self.queue(vec![Bytes::from(frame::data_header(kind, head, body.len())), body])
+    }
+
+    fn queue(&self, parts: Vec<Bytes>) -> Result<(), ChannelError> {
+        self.control.send(parts).map_err(|_| ChannelError::Closed("control stream gone".into()))
     }
 
     /// What the connection has sent so far, in UDP datagrams and in send calls (several

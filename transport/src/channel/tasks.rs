@@ -13,9 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
-pub(super) async fn control_writer(mut send: quinn::SendStream, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
-    while let Some(frame) = rx.recv().await {
-        if send.write_all(&frame).await.is_err() {
+pub(super) async fn control_writer(
+    mut send: quinn::SendStream,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<Bytes>>,
+) {
+    while let Some(mut parts) = rx.recv().await {
+        if send.write_all_chunks(&mut parts).await.is_err() {
             return;
         }
     }
@@ -27,9 +30,12 @@ pub(super) async fn control_reader(mut recv: quinn::RecvStream, conn: Connection
     let mut buf = vec![0u8; 64 << 10];
     loop {
         loop {
-            match dec.next_message() {
+            match dec.next_frame() {
                 Ok(None) => break,
-                Ok(Some(m)) => {
+                Ok(Some(frame::Frame::Data { kind, data })) => {
+                    let _ = shared.events.send(Event::Data { kind, data });
+                }
+                Ok(Some(frame::Frame::Message(m))) => {
                     match &m {
                         Message::Heartbeat { .. } => continue,
                         Message::Hello { .. } => {
@@ -167,7 +173,11 @@ pub(super) async fn bulk_chunk(mut s: quinn::RecvStream, conn: Connection, share
     shared.deliver(&conn);
 }
 
-pub(super) async fn heartbeats(ctl: tokio::sync::mpsc::UnboundedSender<Vec<u8>>, shared: Arc<Shared>, every: Duration) {
+pub(super) async fn heartbeats(
+    ctl: tokio::sync::mpsc::UnboundedSender<Vec<Bytes>>,
+    shared: Arc<Shared>,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -176,7 +186,7 @@ pub(super) async fn heartbeats(ctl: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
             return;
         }
         let seq = shared.heartbeat_seq.fetch_add(1, Ordering::Relaxed);
-        if ctl.send(frame::encode(&Message::Heartbeat { seq })).is_err() {
+        if ctl.send(vec![Bytes::from(frame::encode(&Message::Heartbeat { seq }))]).is_err() {
             return;
         }
     }

@@ -368,8 +368,10 @@ impl<'a> StandbyRunner<'a> {
                 Ok(Step::Continue)
             }
             Event::Message(Message::App { kind: super::wire::APP_SWITCHOVER, data }) => self.handed_over(s, &data),
-            Event::Message(Message::App { kind: super::wire::APP_DISK_OPS, data }) => {
-                Ok(stream_step(self.streamed_ops(s, &data)))
+            Event::Data { kind: super::wire::APP_DISK_OPS, data } => Ok(stream_step(self.streamed_ops(s, data))),
+            Event::Data { kind, .. } => {
+                tracing::debug!(kind, "FT: data of a kind this build does not know; ignored");
+                Ok(Step::Continue)
             }
             Event::Message(Message::App { kind: super::wire::APP_DISK_SEAL, data }) => {
                 Ok(stream_step(self.disk_seal(s, &data)))

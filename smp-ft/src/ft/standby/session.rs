@@ -204,14 +204,15 @@ impl StandbyRunner<'_> {
         Ok(())
     }
 
-    /// Disk ops the primary streamed as they completed: staged for the checkpoint that will
-    /// cover them. A message that breaks the stream ends the session (this copy could no
+    /// A disk op the primary streamed as it completed: staged for the checkpoint that will
+    /// cover it. A message that breaks the stream ends the session (this copy could no
     /// longer say what it holds).
-    pub(super) fn streamed_ops(&self, s: &mut Session, data: &[u8]) -> Result<(), FtError> {
+    pub(super) fn streamed_ops(&self, s: &mut Session, data: bytes::Bytes) -> Result<(), FtError> {
+        let len = data.len() as u64;
         let bytes = s.stream.ops(data, &self.disk_sizes())?;
         s.disk_bytes += bytes;
         s.disk_peak = s.disk_peak.max(s.stream.staged_bytes);
-        crate::observe::get().received(data.len() as u64, bytes);
+        crate::observe::get().received(len, bytes);
         Ok(())
     }
 

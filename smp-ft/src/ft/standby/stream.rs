@@ -11,28 +11,11 @@
 //! never commits never reaches this copy's disks.
 
 use crate::ft::protocol::Epoch;
-#[cfg(test)]
-use crate::ft::wire::StreamedOps;
-use crate::ft::wire::{self, ArchivedStreamedOps, DiskSeal, WireError};
+use crate::ft::wire::{self, DiskSeal, StreamedOp, WireError};
 use block::Backend;
+use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::Arc;
-
-/// One validated message of streamed ops, kept as it arrived.
-struct Batch {
-    first: u64,
-    count: u64,
-    bytes: u64,
-    buf: rkyv::util::AlignedVec<16>,
-}
-
-impl Batch {
-    fn archived(&self) -> &ArchivedStreamedOps {
-        // SAFETY: `Streamed::ops` validated this buffer with bytecheck, and it is never
-        // modified after.
-        unsafe { rkyv::access_unchecked::<ArchivedStreamedOps>(&self.buf) }
-    }
-}
 
 /// The streamed ops of one session, staged, and the seals that say which checkpoint covers them.
 #[derive(Default)]
@@ -41,7 +24,7 @@ pub(super) struct Streamed {
     next: u64,
     /// Ops committed so far (streamed ops below this are on the disks).
     applied: u64,
-    batches: VecDeque<Batch>,
+    staged: VecDeque<StreamedOp>,
     /// Seals of checkpoints not yet committed, in order.
     seals: VecDeque<DiskSeal>,
     /// Bytes of write data staged.
@@ -49,23 +32,19 @@ pub(super) struct Streamed {
 }
 
 impl Streamed {
-    /// Stages a message of streamed ops, checked against the disks' sizes and the stream's
+    /// Stages a streamed op (a data frame), checked against the disks' sizes and the stream's
     /// order. Returns the bytes of write data it carries.
-    pub(super) fn ops(&mut self, data: &[u8], disks: &[u64]) -> Result<u64, WireError> {
-        let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(data.len());
-        buf.extend_from_slice(data);
+    pub(super) fn ops(&mut self, frame: Bytes, disks: &[u64]) -> Result<u64, WireError> {
         let bad = |why: String| WireError::Malformed { seq: self.next, why: format!("streamed disk ops: {why}") };
-        let p = rkyv::access::<ArchivedStreamedOps, rkyv::rancor::Error>(&buf).map_err(|e| bad(e.to_string()))?;
-        let first = p.first.to_native();
-        if first != self.next {
-            return Err(bad(format!("op {first} came where op {} was due", self.next)));
+        let op = StreamedOp::parse(frame).map_err(bad)?;
+        if op.index != self.next {
+            return Err(bad(format!("op {} came where op {} was due", op.index, self.next)));
         }
-        wire::check_ops(first, p.ops.iter().map(|e| (e.0.to_native(), &e.1)), disks)?;
-        let count = p.ops.len() as u64;
-        let bytes = wire::data_bytes(p.ops.iter().map(|e| &e.1));
-        self.next += count;
+        wire::check_ops(op.index, std::iter::once((op.disk, op.op())), disks)?;
+        let bytes = op.op().bytes() as u64;
+        self.next += 1;
         self.staged_bytes += bytes;
-        self.batches.push_back(Batch { first, count, bytes, buf });
+        self.staged.push_back(op);
         Ok(bytes)
     }
 
@@ -97,26 +76,17 @@ impl Streamed {
     }
 
     /// Checkpoint `epoch` committed: writes the streamed ops below `through` to `disks`, in
-    /// order. Returns the bytes of write data written.
+    /// order (writes to one disk that do not overlap go as one batch). Returns the bytes of
+    /// write data written.
     pub(super) fn commit(&mut self, epoch: Epoch, through: u64, disks: &[Arc<dyn Backend>]) -> Result<u64, WireError> {
         while self.seals.front().is_some_and(|s| s.epoch <= epoch) {
             self.seals.pop_front();
         }
-        let mut written = 0;
-        while self.batches.front().is_some_and(|b| b.first + b.count <= through) {
-            let Some(b) = self.batches.pop_front() else { break };
-            wire::write_ops(epoch, b.archived().ops.iter().map(|e| (e.0.to_native(), &e.1)), disks)?;
-            self.staged_bytes -= b.bytes;
-            written += b.bytes;
-        }
-        if let Some(b) = self.batches.front().filter(|b| b.first < through) {
-            // The primary sends an op's message before it seals past it: a seal inside one is
-            // not this protocol.
-            return Err(WireError::Malformed {
-                seq: epoch,
-                why: format!("its disk seal ({through}) falls inside streamed ops {}..{}", b.first, b.first + b.count),
-            });
-        }
+        let n = self.staged.iter().take_while(|op| op.index < through).count();
+        let ops: Vec<StreamedOp> = self.staged.drain(..n).collect();
+        wire::write_ops(epoch, ops.iter().map(|op| (op.disk, op.op())), disks)?;
+        let written = wire::data_bytes(ops.iter().map(StreamedOp::op));
+        self.staged_bytes -= written;
         self.applied = self.applied.max(through);
         Ok(written)
     }

@@ -2,12 +2,13 @@ use super::*;
 use crate::ft::TestRng;
 use block::backend::MemoryDisk;
 use block::op::Op;
+use bytes::Bytes;
 use disk_mirror::log::{Stream, WriteLog};
 use parking_lot::Mutex;
 
 /// What travels on the ordered control stream, as the primary sends it.
 enum Sent {
-    Ops(Vec<u8>),
+    Op(Bytes),
     Seal(Vec<u8>),
     /// Checkpoint `epoch`, with the ops it carries itself (kept before streaming started).
     Checkpoint(Epoch, Vec<(u32, Op)>),
@@ -18,11 +19,17 @@ struct Wire(Mutex<Vec<Sent>>);
 
 impl Stream for Wire {
     fn send(&self, index: u64, disk: u32, op: Op) {
-        self.0.lock().push(Sent::Ops(wire::StreamedOps::encode_one(index, disk, op)));
+        self.0.lock().push(Sent::Op(frame(index, disk, op)));
     }
 }
 
 const SIZE: usize = 64 << 10;
+
+/// A streamed op's data frame, as the standby receives it.
+fn frame(index: u64, disk: u32, op: Op) -> Bytes {
+    let (head, body) = wire::StreamedOp::encode(index, disk, op);
+    [&head[..], &body[..]].concat().into()
+}
 
 /// A guest's random disk request, done on the primary's disk and recorded in the log.
 fn guest_op(r: &mut TestRng, disk: &MemoryDisk, log: &WriteLog) {
@@ -88,8 +95,8 @@ fn the_standby_holds_exactly_the_last_committed_epoch_of_streamed_writes() {
         let mut committed = None;
         for m in &sent[..cut] {
             match m {
-                Sent::Ops(d) => {
-                    st.ops(d, &[SIZE as u64]).unwrap();
+                Sent::Op(d) => {
+                    st.ops(d.clone(), &[SIZE as u64]).unwrap();
                 }
                 Sent::Seal(d) => st.seal(d).unwrap(),
                 Sent::Checkpoint(e, inline) => {
@@ -111,10 +118,6 @@ fn the_standby_holds_exactly_the_last_committed_epoch_of_streamed_writes() {
     }
 }
 
-fn ops_msg(first: u64, ops: Vec<(u32, Op)>) -> Vec<u8> {
-    wire::encode_app(&StreamedOps { first, ops })
-}
-
 fn seal(epoch: u64, through: u64) -> Vec<u8> {
     wire::encode_app(&DiskSeal { epoch, through })
 }
@@ -123,13 +126,20 @@ fn seal(epoch: u64, through: u64) -> Vec<u8> {
 fn streams_that_break_the_protocol_are_refused() {
     let w = |offset| Op::Write { offset, data: vec![1; 512] };
     let mut st = Streamed::default();
-    let e = st.ops(&ops_msg(1, vec![(0, w(0))]), &[4096]).unwrap_err().to_string();
+    let e = st.ops(frame(1, 0, w(0)), &[4096]).unwrap_err().to_string();
     assert!(e.contains("op 1 came where op 0 was due"), "{e}");
-    let e = st.ops(&ops_msg(0, vec![(0, w(4000))]), &[4096]).unwrap_err().to_string();
+    let e = st.ops(frame(0, 0, w(4000)), &[4096]).unwrap_err().to_string();
     assert!(e.contains("outside disk 0"), "{e}");
-    assert!(st.ops(&ops_msg(0, vec![(1, w(0))]), &[4096]).is_err(), "no disk 1");
-    assert!(st.ops(b"garbage", &[4096]).unwrap_err().to_string().contains("malformed"));
-    assert_eq!(st.ops(&ops_msg(0, vec![(0, w(0)), (0, Op::Flush)]), &[4096]).unwrap(), 512);
+    assert!(st.ops(frame(0, 1, w(0)), &[4096]).is_err(), "no disk 1");
+    assert!(st.ops(Bytes::from_static(b"short"), &[4096]).unwrap_err().to_string().contains("malformed"));
+    let mut long = frame(0, 0, w(0)).to_vec();
+    long.push(0);
+    assert!(st.ops(long.into(), &[4096]).unwrap_err().to_string().contains("with 513 bytes of data"));
+    let mut kind = frame(0, 0, Op::Flush).to_vec();
+    kind[12] = 9;
+    assert!(st.ops(kind.into(), &[4096]).unwrap_err().to_string().contains("of kind 9"));
+    assert_eq!(st.ops(frame(0, 0, w(0)), &[4096]).unwrap(), 512);
+    assert_eq!(st.ops(frame(1, 0, Op::Flush), &[4096]).unwrap(), 0);
     st.seal(&seal(5, 2)).unwrap();
     assert_eq!(st.covers(5).unwrap(), Some(2));
     assert_eq!(st.covers(4).unwrap(), None, "no seal: nothing streamed");
@@ -141,7 +151,7 @@ fn streams_that_break_the_protocol_are_refused() {
     let disk: Arc<dyn Backend> = Arc::new(MemoryDisk::new(4096, 0));
     assert_eq!(st.commit(5, 2, std::slice::from_ref(&disk)).unwrap(), 512);
     assert_eq!(st.staged_bytes, 0);
-    st.ops(&ops_msg(2, vec![(0, w(512)), (0, w(1024))]), &[4096]).unwrap();
-    let e = st.commit(6, 3, std::slice::from_ref(&disk)).unwrap_err().to_string();
-    assert!(e.contains("falls inside streamed ops 2..4"), "{e}");
+    let mut back = [0u8; 513];
+    disk.read_at(&mut back, 0).unwrap();
+    assert!(back[..512].iter().all(|&b| b == 1) && back[512] == 0, "the write, and nothing past it");
 }
