@@ -27,7 +27,6 @@ pub(super) async fn control_writer(
 
 pub(super) async fn control_reader(mut recv: quinn::RecvStream, conn: Connection, shared: Arc<Shared>) {
     let mut dec = Decoder::new(shared.max_frame);
-    let mut buf = vec![0u8; 64 << 10];
     loop {
         loop {
             match dec.next_frame() {
@@ -79,10 +78,11 @@ pub(super) async fn control_reader(mut recv: quinn::RecvStream, conn: Connection
                 }
             }
         }
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => {
+        // QUIC's own buffers, copied once, into the decoder.
+        match recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => {
                 shared.heard();
-                dec.push(&buf[..n]);
+                dec.push(&chunk.bytes);
             }
             Ok(None) | Err(_) => return,
         }
