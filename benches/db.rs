@@ -267,6 +267,9 @@ struct Cell {
     p99: Duration,
     mbs: f64,
     full: bool,
+    /// Protected: where each checkpoint's wait went, p50 and p99 in µs, in the order of
+    /// `smp_ft::ft::timeline::PHASES` (the primary's `x-smpft-query-ft` after the load).
+    phases: Option<[(u64, u64); 6]>,
 }
 
 fn cell(env: &Env, lan: &Lan, record: Record, conns: u64, mode: Mode, window: Duration) -> Cell {
@@ -275,7 +278,32 @@ fn cell(env: &Env, lan: &Lan, record: Record, conns: u64, mode: Mode, window: Du
     assert!(!l.lat.is_empty(), "no request was answered ({} {conns} {})", record.0, mode.label());
     let n = l.lat.len() as f64;
     let (p50, p99) = (pct(&mut l.lat, 0.5), pct(&mut l.lat, 0.99));
-    Cell { rps: n / l.secs, p50, p99, mbs: n * record.1 as f64 / l.secs / 1e6, full: l.full }
+    let phases = (mode != Mode::Unprotected).then(|| {
+        let q = common::qmp(&env.path("p", "qmp"), "x-smpft-query-ft");
+        let p = &q["reply-phases-p50-p99-us"];
+        smp_ft::ft::timeline::PHASES.map(|name| (p[name][0].as_u64().unwrap_or(0), p[name][1].as_u64().unwrap_or(0)))
+    });
+    Cell { rps: n / l.secs, p50, p99, mbs: n * record.1 as f64 / l.secs / 1e6, full: l.full, phases }
+}
+
+/// Where a protected reply's wait went, per cell: each phase's p50/p99 per checkpoint.
+fn phases_table(cells: &Cells) {
+    println!(
+        "\nWhere the wait went (the primary's reply-phases, p50/p99 ms per checkpoint; see smp-ft/src/ft/timeline.rs)"
+    );
+    print!("{:>6} {:>5} {:<26} |", "record", "conns", "mode");
+    for name in smp_ft::ft::timeline::PHASES {
+        print!(" {name:>11}");
+    }
+    println!();
+    for (record, conns, mode, c) in cells {
+        let Some(p) = c.phases else { continue };
+        print!("{:>6} {:>5} {:<26} |", record.0, conns, mode.label());
+        for (p50, p99) in p {
+            print!(" {:>11}", format!("{:.1}/{:.1}", p50 as f64 / 1e3, p99 as f64 / 1e3));
+        }
+        println!();
+    }
 }
 
 fn ms(d: Duration) -> String {
@@ -675,6 +703,7 @@ fn main() {
     if only.is_empty() || only == "table" {
         let cells = db_table(&env, &lan, window);
         latency_goals(&cells);
+        phases_table(&cells);
     }
     if only.is_empty() || only == "channel" {
         channel_table(&env, &lan, window);

@@ -394,3 +394,31 @@ fn writes_stream_to_the_standby_and_an_older_wire_version_carries_them_in_checkp
         assert!(std::fs::read(&p_img).unwrap() == std::fs::read(&s_img).unwrap(), "{what}: the disks differ");
     }
 }
+
+/// The disk write log's budget bounds what is streamed and not yet acknowledged: with a budget
+/// of four 64 KiB requests and a standby that stalls, a guest writing flat out waits at the bound
+/// (never past it by more than the request taken before it was reached), and nothing is dropped
+/// or reordered: the guest's own check of its disk passes, and the two disks are identical.
+#[test]
+fn a_slow_standby_holds_the_guests_disk_at_the_budget_and_loses_nothing() {
+    require_kvm();
+    let _serial = one_at_a_time();
+    let setup = FtSetup::new("db-budget");
+    let budget = 4 * 65536;
+    let p_hooks = format!("disk-log-budget={budget}");
+    let p_env = [("SMPFT_TEST_HOOKS", p_hooks.as_str())];
+    let s_env = [("SMPFT_TEST_HOOKS", "fault=stall-apply:20:400")];
+    let guest = "disk disk-io=64K flush-every=8 duration=3s report=1s";
+    let Pair { p_img, s_img, pp, sp, primary, standby } = pair(&setup, 0, guest, &p_env, &s_env);
+    wait_state(&pp, "protected", Duration::from_secs(30));
+    let q = common::ft::wait_query(&pp, "the stall never filled the log", Duration::from_secs(10), |q| {
+        q["disk-log-peak-bytes"].as_u64() >= Some(budget)
+    });
+    let peak = q["disk-log-peak-bytes"].as_u64().unwrap();
+    assert_eq!(q["disk-log-budget-bytes"].as_u64(), Some(budget), "{q}");
+    assert!(peak <= budget + 65536, "{peak} bytes held, past the budget by more than one request: {q}");
+    let status = wait_exit(primary, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "the guest's check of its disk\n{}\n{}", console_tail(&pp), log(&pp));
+    assert_eq!(wait_exit(standby, Duration::from_secs(20)).code(), Some(0), "{}", log(&sp));
+    assert!(std::fs::read(&p_img).unwrap() == std::fs::read(&s_img).unwrap(), "the disks differ");
+}

@@ -154,6 +154,8 @@ struct Inner {
     in_flight_bytes: usize,
     /// Bytes of write data streamed to this standby, in all.
     streamed_bytes: u64,
+    /// The most write data held at once (kept, or streamed and unacknowledged).
+    peak: usize,
     /// Someone to tell when the log passes half its budget (the FT engine, to checkpoint early).
     notify: Option<crossbeam_channel::Sender<()>>,
 }
@@ -169,6 +171,7 @@ impl Inner {
         self.in_flight.clear();
         self.in_flight_bytes = 0;
         self.streamed_bytes = 0;
+        self.peak = 0;
     }
 }
 
@@ -193,6 +196,7 @@ impl WriteLog {
             in_flight: Default::default(),
             in_flight_bytes: 0,
             streamed_bytes: 0,
+            peak: 0,
             notify: None,
         };
         WriteLog { inner: Mutex::new(inner), budget, sizes: sizes.to_vec() }
@@ -230,6 +234,7 @@ impl WriteLog {
                 g.ops.push((disk, op));
             }
         }
+        g.peak = g.peak.max(g.kept + g.in_flight_bytes);
         if before < self.budget / 2 && g.since_seal >= self.budget / 2 {
             if let Some(n) = &g.notify {
                 let _ = n.try_send(());
@@ -252,6 +257,13 @@ impl WriteLog {
     /// Bytes of write data streamed and not yet covered by an acknowledged checkpoint.
     pub fn in_flight(&self) -> usize {
         self.inner.lock().in_flight_bytes
+    }
+
+    /// The budget, and the most write data held at once since the standby attached (kept, or
+    /// streamed and not yet acknowledged): it passes the budget by at most the requests taken
+    /// before the device saw it full.
+    pub fn peak(&self) -> (usize, usize) {
+        (self.budget, self.inner.lock().peak)
     }
 
     /// Bytes of write data streamed to this standby so far.
@@ -424,6 +436,7 @@ mod tests {
         log.acked(4);
         assert_eq!(log.in_flight(), 0);
         assert_eq!(log.streamed_bytes(), 110);
+        assert_eq!(log.peak(), (100, 110), "past the budget by the request taken before it was full");
         log.stop();
         assert!(!log.streaming());
         log.record(0, w(0, 5, 10));

@@ -6,6 +6,7 @@
 //! | `fault=POINT[:K[:MS]]` | stop this process (SIGKILL) or stall it at a protocol point (see `ft::fault`) |
 //! | `verify`             | primary: check every checkpoint against a shadow of what the standby holds (slow) |
 //! | `wire-version=N`     | announce FT wire version N instead of this build's (stands in for an older or newer build) |
+//! | `disk-log-budget=N`  | primary: the disk write log holds N bytes instead of 32 MiB (to reach its bound in a test) |
 //!
 //! An unknown or malformed hook is an error: smpft refuses to start rather than run a test
 //! without the hook it asked for.
@@ -25,6 +26,8 @@ pub struct TestHooks {
     pub verify: bool,
     /// The FT wire version to announce instead of this build's.
     pub wire_version: Option<u32>,
+    /// The disk write log's budget instead of `ft::disk::DISK_LOG_BUDGET`.
+    pub disk_log_budget: Option<usize>,
     /// `drop-goodbye`: the primary ends without telling its standby (as if the message were
     /// lost), so the standby must learn of the stop from the tie-breaker.
     pub drop_goodbye: bool,
@@ -32,7 +35,9 @@ pub struct TestHooks {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
-    #[error("{ENV}: unknown test hook '{0}' (known: fault=POINT[:K[:MS]], verify, wire-version=N, drop-goodbye)")]
+    #[error(
+        "{ENV}: unknown test hook '{0}' (known: fault=POINT[:K[:MS]], verify, wire-version=N, disk-log-budget=N, drop-goodbye)"
+    )]
     Unknown(String),
     #[error(
         "{ENV}: '{0}' is not a fault point (kill-in-precopy, kill-after-send:K, kill-after-ack:K, kill-after-stream:K, stall-apply:K:MS)"
@@ -40,6 +45,8 @@ pub enum HookError {
     Fault(String),
     #[error("{ENV}: wire-version '{0}' is not a number")]
     WireVersion(String),
+    #[error("{ENV}: disk-log-budget '{0}' is not a number of bytes")]
+    DiskLogBudget(String),
 }
 
 impl TestHooks {
@@ -53,6 +60,9 @@ impl TestHooks {
                 }
                 Some(("wire-version", v)) => {
                     hooks.wire_version = Some(v.parse().map_err(|_| HookError::WireVersion(v.into()))?)
+                }
+                Some(("disk-log-budget", v)) => {
+                    hooks.disk_log_budget = Some(v.parse().map_err(|_| HookError::DiskLogBudget(v.into()))?)
                 }
                 None if hook == "verify" => hooks.verify = true,
                 None if hook == "drop-goodbye" => hooks.drop_goodbye = true,
@@ -106,11 +116,13 @@ mod tests {
         let f = h.fault.unwrap();
         assert_eq!((f.point, f.count), (Point::AfterAck, 7));
         assert_eq!(TestHooks::parse("wire-version=0").unwrap().wire_version, Some(0));
+        assert_eq!(TestHooks::parse("disk-log-budget=4096").unwrap().disk_log_budget, Some(4096));
         for (bad, why) in [
             ("explode", "unknown test hook 'explode'"),
             ("verify=1", "unknown test hook"),
             ("fault=kill-after-ack:x", "not a fault point"),
             ("wire-version=new", "is not a number"),
+            ("disk-log-budget=1M", "not a number of bytes"),
         ] {
             let e = TestHooks::parse(bad).expect_err(bad).to_string();
             assert!(e.contains(why) && e.contains(ENV), "{e}");

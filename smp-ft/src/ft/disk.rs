@@ -45,7 +45,8 @@ impl DiskLog for Devices {
     fn disk_log(&self) -> Arc<WriteLog> {
         let new_log = || {
             let sizes: Vec<u64> = self.disk_backends().iter().map(|d| d.size()).collect();
-            Arc::new(WriteLog::new(&sizes, DISK_LOG_BUDGET))
+            let budget = crate::config::hooks::current().disk_log_budget.unwrap_or(DISK_LOG_BUDGET);
+            Arc::new(WriteLog::new(&sizes, budget))
         };
         match self.disk_observer(|| Arc::new(LogObserver(new_log()))) {
             Some(observer) => observer.0.clone(),

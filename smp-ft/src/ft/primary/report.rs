@@ -43,6 +43,9 @@ impl PrimaryFt {
         v["held-bytes"] = json!(gate.held_bytes());
         v["disk-write-bytes-streamed"] = json!(self.disk_log.streamed_bytes());
         v["disk-write-bytes-in-flight"] = json!(self.disk_log.in_flight());
+        let (budget, peak) = self.disk_log.peak();
+        v["disk-log-budget-bytes"] = json!(budget);
+        v["disk-log-peak-bytes"] = json!(peak);
         v["output-hold-p50-us"] = json!(hold.map(|h| h.0.as_micros() as u64));
         v["output-hold-p99-us"] = json!(hold.map(|h| h.1.as_micros() as u64));
         v["last-error"] = json!(self.last_error);
