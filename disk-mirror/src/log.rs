@@ -51,6 +51,9 @@ pub fn apply(backends: &[&dyn Backend], ops: &[(u32, Op)]) -> Result<(), Backend
     Ok(())
 }
 
+/// The least an op counts for against the log's budget (a flush or discard carries no data).
+pub const OP_COST: usize = 64;
+
 /// What the log does with a completed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -128,6 +131,10 @@ pub trait Stream: Send + Sync {
     /// Op number `index` (counted from the moment streaming started), completed on `disk`.
     /// Called under the log's lock, so ops are sent in the order they are numbered.
     fn send(&self, index: u64, disk: u32, op: Op);
+
+    /// The epoch is being sealed: anything the stream holds back must leave now, ahead of the
+    /// seal. Called under the log's lock.
+    fn flush(&self) {}
 }
 
 /// What sealing an epoch yields.
@@ -217,7 +224,10 @@ impl WriteLog {
         if g.mode == Mode::Off {
             return;
         }
-        let bytes = op.bytes();
+        // What the op counts for against the budget: its data, and at least a nominal size, so
+        // that flushes and discards are bounded too.
+        let data = op.bytes();
+        let bytes = data.max(OP_COST);
         let before = g.since_seal;
         g.since_seal += bytes;
         match g.stream.clone() {
@@ -227,7 +237,7 @@ impl WriteLog {
                 let end = g.streamed;
                 g.in_flight.push_back((end, bytes));
                 g.in_flight_bytes += bytes;
-                g.streamed_bytes += bytes as u64;
+                g.streamed_bytes += data as u64;
             }
             None => {
                 g.kept += bytes;
@@ -285,6 +295,9 @@ impl WriteLog {
     /// streamed so far.
     pub fn seal_streamed(&self) -> Sealed {
         let mut g = self.inner.lock();
+        if let Some(s) = &g.stream {
+            s.flush();
+        }
         g.since_seal = 0;
         g.kept = 0;
         Sealed { ops: std::mem::take(&mut g.ops), through: g.streamed }
@@ -409,34 +422,34 @@ mod tests {
 
     #[test]
     fn a_streaming_log_sends_ops_in_order_and_counts_them_until_acknowledged() {
-        let log = WriteLog::new(&[1 << 20], 100);
+        let log = WriteLog::new(&[1 << 20], 1000);
         let sent = std::sync::Arc::new(Sent::default());
         log.stream_to(sent.clone());
         assert!(!log.streaming(), "only while logging");
         log.start_logging();
-        log.record(0, w(0, 1, 10));
+        log.record(0, w(0, 1, 100));
         log.stream_to(sent.clone());
-        log.record(0, w(8, 2, 30));
+        log.record(0, w(8, 2, 300));
         log.record(0, Op::Flush);
         let s = log.seal_streamed();
         assert_eq!(s.ops.len(), 1, "the op kept before streaming started stays for the seal");
         assert_eq!(s.through, 2);
         let got: Vec<u64> = sent.0.lock().unwrap().iter().map(|e| e.0).collect();
         assert_eq!(got, vec![0, 1]);
-        log.record(0, w(0, 3, 60));
-        assert_eq!(log.in_flight(), 90);
+        assert_eq!(log.in_flight(), 300 + OP_COST, "a flush counts for its nominal cost");
+        log.record(0, w(0, 3, 600));
         assert!(!log.full());
-        log.record(0, w(0, 4, 20));
+        log.record(0, w(0, 4, 200));
         assert!(log.full(), "streamed and unacknowledged counts against the budget");
         assert_eq!(log.seal_streamed().through, 4);
         assert!(log.full(), "a seal frees nothing that is in flight");
         log.acked(2);
-        assert_eq!(log.in_flight(), 80);
+        assert_eq!(log.in_flight(), 800);
         assert!(!log.full(), "an acknowledgement frees what it covers");
         log.acked(4);
         assert_eq!(log.in_flight(), 0);
-        assert_eq!(log.streamed_bytes(), 110);
-        assert_eq!(log.peak(), (100, 110), "past the budget by the request taken before it was full");
+        assert_eq!(log.streamed_bytes(), 1100, "data streamed (a flush has none)");
+        assert_eq!(log.peak(), (1000, 1164), "past the budget by the request taken before it was full");
         log.stop();
         assert!(!log.streaming());
         log.record(0, w(0, 5, 10));

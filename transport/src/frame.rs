@@ -12,6 +12,10 @@ use bytes::{Buf, Bytes, BytesMut};
 /// The length word's flag for a data frame.
 pub const DATA_FLAG: u32 = 1 << 31;
 
+/// The largest data frame a decoder takes unless told otherwise (a guest's largest disk request
+/// is far below it).
+pub const MAX_DATA: usize = 256 << 20;
+
 /// What a frame holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -69,11 +73,18 @@ pub fn decode_body(body: &[u8]) -> Result<Message, FrameError> {
 pub struct Decoder {
     buf: BytesMut,
     max: usize,
+    max_data: usize,
 }
 
 impl Decoder {
+    /// A decoder of messages of at most `max` bytes, and data frames of at most [`MAX_DATA`].
     pub fn new(max: usize) -> Decoder {
-        Decoder { buf: BytesMut::new(), max }
+        Decoder { buf: BytesMut::new(), max, max_data: MAX_DATA.max(max) }
+    }
+
+    /// Data frames of at most `max` bytes.
+    pub fn max_data(self, max: usize) -> Decoder {
+        Decoder { max_data: max, ..self }
     }
 
     pub fn push(&mut self, data: &[u8]) {
@@ -100,12 +111,14 @@ impl Decoder {
         }
         let word = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
         let len = (word & !DATA_FLAG) as usize;
-        if len > self.max {
-            return Err(FrameError::TooLarge { len, max: self.max });
+        let max = if word & DATA_FLAG != 0 { self.max_data } else { self.max };
+        if len > max {
+            return Err(FrameError::TooLarge { len, max });
         }
         if self.buf.len() < 4 + len {
-            // Room for the rest of the frame, once.
-            self.buf.reserve(4 + len - self.buf.len());
+            // Room for the rest of the frame, once (up to 16 MiB at a time: a length word alone
+            // does not get to claim memory).
+            self.buf.reserve((4 + len - self.buf.len()).min(16 << 20));
             return Ok(None);
         }
         if word & DATA_FLAG != 0 {
@@ -179,9 +192,12 @@ mod tests {
         d.push(&(1 | DATA_FLAG).to_le_bytes());
         d.push(&[0]);
         assert_eq!(d.next_frame(), Err(FrameError::ShortData));
+        let mut d = Decoder::new(16).max_data(64);
+        d.push(&(1000 | DATA_FLAG).to_le_bytes());
+        assert_eq!(d.next_frame(), Err(FrameError::TooLarge { len: 1000, max: 64 }));
         let mut d = Decoder::new(16);
         d.push(&(1000 | DATA_FLAG).to_le_bytes());
-        assert_eq!(d.next_frame(), Err(FrameError::TooLarge { len: 1000, max: 16 }));
+        assert_eq!(d.next_frame(), Ok(None), "data frames are not held to the messages' limit");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! | `kill-in-precopy`    | primary: right after sending the first pre-copy round        |
 //! | `kill-after-send:K`  | primary: once the K-th epoch checkpoint is handed to QUIC    |
 //! | `kill-after-ack:K`   | primary: on the K-th epoch ack, before its output is released |
-//! | `kill-after-stream:K` | primary: once the K-th disk op streamed while protected is queued on the channel, before a seal covers it |
+//! | `kill-after-stream:K` | primary: once the K-th disk op streamed while protected is handed to the stream (queued on the channel, or gathered for its next frame), before a seal covers it |
 //! | `stall-apply:K:MS`   | standby: sleeps MS after acking the K-th checkpoint, before applying it |
 
 use std::sync::atomic::{AtomicU64, Ordering};

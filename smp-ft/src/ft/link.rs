@@ -71,8 +71,10 @@ impl Link {
     /// Where the disks' write log streams each op as it completes (`None`: the standby speaks
     /// a wire version without streaming, and ops travel inside checkpoints).
     pub fn disk_stream(&self) -> Option<Arc<dyn disk_mirror::log::Stream>> {
-        (self.chan.version() >= wire::STREAM_VERSION)
-            .then(|| Arc::new(DiskStream(self.chan.clone())) as Arc<dyn disk_mirror::log::Stream>)
+        (self.chan.version() >= wire::STREAM_VERSION).then(|| {
+            Arc::new(DiskStream { chan: self.chan.clone(), gather: Default::default() })
+                as Arc<dyn disk_mirror::log::Stream>
+        })
     }
 
     /// Tells the standby that checkpoint `epoch`, about to be sent, covers streamed disk ops
@@ -100,15 +102,38 @@ impl Link {
 }
 
 /// The write log's stream: each op leaves on the channel's ordered control stream as it
-/// completes (on the thread that completed it), ahead of the seal and checkpoint that cover it.
-struct DiskStream(Arc<Channel>);
+/// completes (on the thread that completed it), or with the small ops gathered around it (see
+/// [`wire::OpGather`]), ahead of the seal and checkpoint that cover it.
+struct DiskStream {
+    chan: Arc<Channel>,
+    gather: parking_lot::Mutex<wire::OpGather>,
+}
+
+impl DiskStream {
+    fn out(&self, out: wire::StreamOut) {
+        let r = match out {
+            wire::StreamOut::Gathered(frame) => self.chan.send_data(wire::APP_DISK_OPS, &[], frame),
+            wire::StreamOut::Alone(head, data) => self.chan.send_data(wire::APP_DISK_OPS, &head, data),
+        };
+        // As for seals, a closed channel takes no checkpoint covering these ops either. An op
+        // too large to send leaves the standby without it: it refuses the next checkpoint and
+        // stands down, and this copy goes on unprotected rather than wrongly protected.
+        if let Err(e @ transport::ChannelError::TooLarge { .. }) = r {
+            tracing::error!("FT: a disk write cannot be streamed to the standby: {e}");
+        }
+    }
+}
 
 impl disk_mirror::log::Stream for DiskStream {
     fn send(&self, index: u64, disk: u32, op: Op) {
-        let (head, data) = wire::StreamedOp::encode(index, disk, op);
-        // As for seals: a closed channel takes no checkpoint covering this op either.
-        let _ = self.0.send_data(wire::APP_DISK_OPS, &head, data);
+        let out = self.gather.lock().push(index, disk, op);
+        out.into_iter().for_each(|o| self.out(o));
         super::fault::hit(super::fault::Point::AfterStream);
+    }
+
+    fn flush(&self) {
+        let out = self.gather.lock().take();
+        out.into_iter().for_each(|o| self.out(o));
     }
 }
 

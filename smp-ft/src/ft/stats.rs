@@ -71,6 +71,15 @@ impl Stats {
         g.pauses.push_back(t);
     }
 
+    /// A new standby: its epochs start again, so checkpoints sent to the last one are no
+    /// longer waited for (they would hold the oldest-unacknowledged age, which paces the vCPUs,
+    /// and the reply phases, forever).
+    pub fn new_session(&self) {
+        let mut g = self.inner.lock();
+        g.in_flight.clear();
+        g.timeline.clear();
+    }
+
     /// Checkpoint `epoch` was captured (its pause, just recorded by [`Self::pause`], is over).
     pub fn checkpoint(&self, epoch: u64, bytes: u64) {
         let mut g = self.inner.lock();
@@ -369,6 +378,10 @@ mod tests {
         assert_eq!(j["pause-p50-us"], 700);
         assert_eq!(j["channel-datagrams-per-send"], 6.3);
         assert_eq!(j["pause-phases-p50-p99-us"]["copy"], json!([200, 200]));
+        s.checkpoint(9, 100);
+        assert!(s.oldest_unacked().is_some());
+        s.new_session();
+        assert!(s.oldest_unacked().is_none(), "a new standby waits for none of the last one's checkpoints");
     }
 
     #[test]

@@ -14,6 +14,9 @@ use bytes::Bytes;
 use std::sync::Arc;
 use transport::CheckpointData;
 
+mod streamed;
+pub use streamed::{OpGather, StreamOut, StreamedOp, GATHER, STREAM_HEAD};
+
 /// A payload or peer description that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
@@ -136,69 +139,6 @@ pub struct SnapshotRequest {
 pub struct SnapshotDone {
     pub id: u64,
     pub result: Result<String, String>,
-}
-
-/// A disk op the primary streamed as it completed, as the standby received it: number
-/// `index` of the stream, on `disk`; a write's data stays in the frame it came in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamedOp {
-    pub index: u64,
-    pub disk: u32,
-    kind: u8,
-    offset: u64,
-    len: u64,
-    data: Bytes,
-}
-
-/// Bytes before a streamed op's data: index (u64), disk (u32), kind (u8: write, zeroes,
-/// discard, flush), offset and length (u64), little-endian.
-pub const STREAM_HEAD: usize = 29;
-
-impl StreamedOp {
-    /// Op number `index` of the stream, on `disk`, as a data frame's head and body (a write's
-    /// data, not copied).
-    pub fn encode(index: u64, disk: u32, op: Op) -> ([u8; STREAM_HEAD], Bytes) {
-        let (kind, offset, len, data) = match op {
-            Op::Write { offset, data } => (0u8, offset, data.len() as u64, Bytes::from(data)),
-            Op::Zeroes { offset, len } => (1, offset, len, Bytes::new()),
-            Op::Discard { offset, len } => (2, offset, len, Bytes::new()),
-            Op::Flush => (3, 0, 0, Bytes::new()),
-        };
-        let mut head = [0u8; STREAM_HEAD];
-        head[..8].copy_from_slice(&index.to_le_bytes());
-        head[8..12].copy_from_slice(&disk.to_le_bytes());
-        head[12] = kind;
-        head[13..21].copy_from_slice(&offset.to_le_bytes());
-        head[21..29].copy_from_slice(&len.to_le_bytes());
-        (head, data)
-    }
-
-    /// Reads a streamed op from a data frame (head and body as [`Self::encode`] made them).
-    pub fn parse(mut frame: Bytes) -> Result<StreamedOp, String> {
-        if frame.len() < STREAM_HEAD {
-            return Err(format!("a streamed disk op of {} bytes", frame.len()));
-        }
-        let head = frame.split_to(STREAM_HEAD);
-        let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().unwrap_or_default());
-        let disk = u32::from_le_bytes(head[8..12].try_into().unwrap_or_default());
-        let (kind, len) = (head[12], u64_at(21));
-        let want = if kind == 0 { len } else { 0 };
-        if kind > 3 || frame.len() as u64 != want {
-            return Err(format!("a streamed disk op of kind {kind}, length {len}, with {} bytes of data", frame.len()));
-        }
-        Ok(StreamedOp { index: u64_at(0), disk, kind, offset: u64_at(13), len, data: frame })
-    }
-
-    /// The op, borrowed.
-    pub fn op(&self) -> OpRef<'_> {
-        let (offset, len) = (self.offset, self.len);
-        match self.kind {
-            0 => OpRef::Write { offset, data: &self.data },
-            1 => OpRef::Zeroes { offset, len },
-            2 => OpRef::Discard { offset, len },
-            _ => OpRef::Flush,
-        }
-    }
 }
 
 /// The standby's time over checkpoint `epoch`: checking it, before its acknowledgement.

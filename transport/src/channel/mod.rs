@@ -495,6 +495,10 @@ impl Channel {
         if self.is_closed() {
             return Err(ChannelError::Closed("send on a closed channel".into()));
         }
+        let len = 2 + head.len() + body.len();
+        if len > frame::MAX_DATA {
+            return Err(ChannelError::TooLarge { len: len as u64, max: frame::MAX_DATA as u64 });
+        }
         self.queue(vec![Bytes::from(frame::data_header(kind, head, body.len())), body])
     }
 

@@ -278,7 +278,7 @@ impl PrimaryFt {
                         super::fault::hit(super::fault::Point::AfterAck);
                     }
                 }
-                self.disk_acked(vm, epoch);
+                self.disk_acked(epoch);
                 self.step(vm, PrimaryEvent::Acked { epoch })
             }
             Event::Message(Message::App { kind: wire::APP_CHECKPOINT_TIMES, data }) => {
@@ -309,8 +309,9 @@ impl PrimaryFt {
     }
 
     /// The standby holds checkpoint `epoch`: the streamed disk ops it covers leave the write
-    /// log's budget, and requests the budget held back are served.
-    fn disk_acked(&mut self, vm: &RunningVm, epoch: Epoch) {
+    /// log's budget. (Requests the budget held back are served by the event loop's next pass,
+    /// after this acknowledgement's output is released.)
+    fn disk_acked(&mut self, epoch: Epoch) {
         let mut through = None;
         while let Some((_, t)) = self.disk_seals.front().filter(|(e, _)| *e <= epoch) {
             through = Some(*t);
@@ -318,7 +319,6 @@ impl PrimaryFt {
         }
         if let Some(t) = through {
             self.disk_log.acked(t);
-            vm.devices().kick_disks();
         }
     }
 

@@ -2,7 +2,8 @@
 //! that covers them commits.
 //!
 //! The primary numbers streamed ops in the order they completed, and sends them on the
-//! channel's ordered control stream; before checkpoint N it sends N's seal: N covers ops
+//! channel's ordered control stream (small ones gathered into one frame, see
+//! [`wire::OpGather`]); before checkpoint N it sends N's seal: N covers ops
 //! `0..through`. Everything on that stream arrives in order and before N itself, so when N is
 //! validated its ops are here, or the primary broke the protocol. When N commits (after its
 //! acknowledgement), its memory is applied, then the ops it carried itself (kept before
@@ -32,19 +33,23 @@ pub(super) struct Streamed {
 }
 
 impl Streamed {
-    /// Stages a streamed op (a data frame), checked against the disks' sizes and the stream's
-    /// order. Returns the bytes of write data it carries.
+    /// Stages the streamed ops of a data frame, checked against the disks' sizes and the
+    /// stream's order (a frame is taken whole or not at all). Returns the bytes of write data
+    /// they carry.
     pub(super) fn ops(&mut self, frame: Bytes, disks: &[u64]) -> Result<u64, WireError> {
         let bad = |why: String| WireError::Malformed { seq: self.next, why: format!("streamed disk ops: {why}") };
-        let op = StreamedOp::parse(frame).map_err(bad)?;
-        if op.index != self.next {
-            return Err(bad(format!("op {} came where op {} was due", op.index, self.next)));
+        let ops = StreamedOp::parse(frame).map_err(bad)?;
+        for (i, op) in ops.iter().enumerate() {
+            let due = self.next + i as u64;
+            if op.index != due {
+                return Err(bad(format!("op {} came where op {due} was due", op.index)));
+            }
+            wire::check_ops(op.index, std::iter::once((op.disk, op.op())), disks)?;
         }
-        wire::check_ops(op.index, std::iter::once((op.disk, op.op())), disks)?;
-        let bytes = op.op().bytes() as u64;
-        self.next += 1;
+        let bytes = wire::data_bytes(ops.iter().map(StreamedOp::op));
+        self.next += ops.len() as u64;
         self.staged_bytes += bytes;
-        self.staged.push_back(op);
+        self.staged.extend(ops);
         Ok(bytes)
     }
 

@@ -14,16 +14,35 @@ enum Sent {
     Checkpoint(Epoch, Vec<(u32, Op)>),
 }
 
+/// The channel's ordered stream, with the primary's gathering of small ops.
 #[derive(Default)]
-struct Wire(Mutex<Vec<Sent>>);
+struct Wire(Mutex<Vec<Sent>>, Mutex<wire::OpGather>);
 
-impl Stream for Wire {
-    fn send(&self, index: u64, disk: u32, op: Op) {
-        self.0.lock().push(Sent::Op(frame(index, disk, op)));
+impl Wire {
+    fn out(&self, outs: impl IntoIterator<Item = wire::StreamOut>) {
+        for o in outs {
+            let f = match o {
+                wire::StreamOut::Gathered(f) => f,
+                wire::StreamOut::Alone(head, data) => [&head[..], &data[..]].concat().into(),
+            };
+            self.0.lock().push(Sent::Op(f));
+        }
     }
 }
 
-const SIZE: usize = 64 << 10;
+impl Stream for Wire {
+    fn send(&self, index: u64, disk: u32, op: Op) {
+        let outs = self.1.lock().push(index, disk, op);
+        self.out(outs);
+    }
+
+    fn flush(&self) {
+        let outs = self.1.lock().take();
+        self.out(outs);
+    }
+}
+
+const SIZE: usize = 256 << 10;
 
 /// A streamed op's data frame, as the standby receives it.
 fn frame(index: u64, disk: u32, op: Op) -> Bytes {
@@ -33,8 +52,10 @@ fn frame(index: u64, disk: u32, op: Op) -> Bytes {
 
 /// A guest's random disk request, done on the primary's disk and recorded in the log.
 fn guest_op(r: &mut TestRng, disk: &MemoryDisk, log: &WriteLog) {
-    let offset = r.next() % (SIZE as u64 - 4096);
-    let len = 1 + r.next() % 4096;
+    // Now and then a write large enough to go alone, past the small ones gathered before it.
+    let max = if r.chance(10) { wire::GATHER as u64 } else { 4096 };
+    let offset = r.next() % (SIZE as u64 - max);
+    let len = 1 + r.next() % max;
     let op = match r.next() % 10 {
         0 => Op::Flush,
         1 => Op::Zeroes { offset, len },
@@ -134,7 +155,9 @@ fn streams_that_break_the_protocol_are_refused() {
     assert!(st.ops(Bytes::from_static(b"short"), &[4096]).unwrap_err().to_string().contains("malformed"));
     let mut long = frame(0, 0, w(0)).to_vec();
     long.push(0);
-    assert!(st.ops(long.into(), &[4096]).unwrap_err().to_string().contains("with 513 bytes of data"));
+    assert!(st.ops(long.into(), &[4096]).unwrap_err().to_string().contains("1 bytes left"));
+    let two = [frame(0, 0, w(0)), frame(2, 0, w(0))].concat();
+    assert!(st.ops(two.into(), &[4096]).unwrap_err().to_string().contains("op 2 came where op 1 was due"));
     let mut kind = frame(0, 0, Op::Flush).to_vec();
     kind[12] = 9;
     assert!(st.ops(kind.into(), &[4096]).unwrap_err().to_string().contains("of kind 9"));
