@@ -377,6 +377,8 @@ fn writes_stream_to_the_standby_and_an_older_wire_version_carries_them_in_checkp
             (1..=150).map(|id| (id, c.call("DB", id, "POS", Duration::from_secs(20)).unwrap())).collect();
         let q = common::ft::query(&pp);
         let streamed = q["disk-write-bytes-streamed"].as_u64().unwrap();
+        let mirrored = q["disk-write-bytes-mirrored"].as_u64().unwrap();
+        assert!(mirrored >= 150 * 8192, "{what}: {mirrored} bytes mirrored for 150 records of 8 KiB: {q}");
         match hooks {
             None => assert!(streamed >= 150 * 8192, "{what}: {streamed} bytes streamed for 150 records of 8 KiB: {q}"),
             Some(_) => assert_eq!(streamed, 0, "{what}: nothing streamed to an older standby: {q}"),

@@ -334,7 +334,7 @@ fn report_primary(f: &Files) -> Result<(), String> {
         q["log-bandwidth-bytes-per-s"].as_f64().unwrap_or(0.0) / 1e6
     );
     println!(
-        "  disk: {:.1} MB of guest writes mirrored so far, each inside the checkpoint of its epoch",
+        "  disk: {:.1} MB of guest writes mirrored so far, each sent as it completed and written on the standby once its epoch's checkpoint was acknowledged",
         q["disk-write-bytes-mirrored"].as_f64().unwrap_or(0.0) / 1e6
     );
     if let Some(nic) = q["nics"].get(0) {

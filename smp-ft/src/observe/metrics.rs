@@ -96,7 +96,7 @@ fn scalars(o: &Observer) -> Vec<(&'static str, &'static str, Scalar)> {
         ("smpft_last_checkpoint_age_seconds", "Time since the last checkpoint", Gauge(age)),
         (
             "smpft_disk_mirrored_bytes",
-            "Disk write bytes mirrored to the standby in checkpoints",
+            "Disk write bytes mirrored to the standby (streamed as they complete, or in checkpoints)",
             Counter(g(&f.disk_mirrored)),
         ),
         ("smpft_disk_staged_bytes", "Disk write bytes the standby staged from checkpoints", Counter(g(&f.disk_staged))),

@@ -61,7 +61,10 @@ impl PrimaryFt {
             }
             self.disk_seals.push_back((epoch, through));
         }
-        self.stats.disk(disk.iter().map(|(_, op)| op.bytes() as u64).sum());
+        // Bytes mirrored with this checkpoint: those it carries, and those streamed since the last.
+        let streamed = self.disk_log.streamed_bytes();
+        let streamed_now = streamed.saturating_sub(std::mem::replace(&mut self.streamed_counted, streamed));
+        self.stats.disk(disk.iter().map(|(_, op)| op.bytes() as u64).sum::<u64>() + streamed_now);
         self.captured = Some(Outgoing { seq: epoch, kind: PayloadKind::Epoch, memory, state: Some(state), disk });
         let flow = self.step(vm, PrimaryEvent::Captured { epoch, output: sealed, at });
         self.captured = None;

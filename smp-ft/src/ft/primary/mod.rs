@@ -90,6 +90,8 @@ pub struct PrimaryFt {
     /// Checkpoints sent and not yet acknowledged that cover streamed disk ops: (epoch, ops
     /// covered). An acknowledgement takes their bytes off the write log's budget.
     disk_seals: std::collections::VecDeque<(Epoch, u64)>,
+    /// Bytes the write log had streamed to this standby when the last checkpoint counted them.
+    streamed_counted: u64,
     /// When the standby was last declared lost (for the log of how long deciding took).
     lost_at: Option<Instant>,
     stats: Arc<Stats>,
@@ -166,6 +168,7 @@ impl PrimaryFt {
             captured: None,
             unsent_disk: Vec::new(),
             disk_seals: Default::default(),
+            streamed_counted: 0,
             digests: None,
             lost_at: None,
             stats: Arc::new(Stats::default()),

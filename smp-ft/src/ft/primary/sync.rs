@@ -36,6 +36,7 @@ impl PrimaryFt {
         // From here every completed disk request is kept for the standby.
         self.disk_log.start_logging();
         self.disk_seals.clear();
+        self.streamed_counted = 0;
         // Epochs start again with each standby: nothing of the last one is waited for.
         self.stats.new_session();
         self.sync = Some(SyncRun {
