@@ -142,8 +142,9 @@ pub trait Stream: Send + Sync {
 pub struct Sealed {
     /// Ops kept since the last seal (not streamed), in order.
     pub ops: Vec<(u32, Op)>,
-    /// Ops streamed so far, in all: the epoch's checkpoint covers streamed ops `0..through`.
-    pub through: u64,
+    /// While streaming: ops streamed so far, in all (the epoch's checkpoint covers streamed
+    /// ops `0..through`).
+    pub through: Option<u64>,
 }
 
 struct Inner {
@@ -230,9 +231,10 @@ impl WriteLog {
         let bytes = data.max(OP_COST);
         let before = g.since_seal;
         g.since_seal += bytes;
-        match g.stream.clone() {
+        let index = g.streamed;
+        match &g.stream {
             Some(stream) => {
-                stream.send(g.streamed, disk, op);
+                stream.send(index, disk, op);
                 g.streamed += 1;
                 let end = g.streamed;
                 g.in_flight.push_back((end, bytes));
@@ -300,7 +302,8 @@ impl WriteLog {
         }
         g.since_seal = 0;
         g.kept = 0;
-        Sealed { ops: std::mem::take(&mut g.ops), through: g.streamed }
+        let through = g.stream.is_some().then_some(g.streamed);
+        Sealed { ops: std::mem::take(&mut g.ops), through }
     }
 
     /// Whether ops are streamed as they complete.
@@ -433,7 +436,7 @@ mod tests {
         log.record(0, Op::Flush);
         let s = log.seal_streamed();
         assert_eq!(s.ops.len(), 1, "the op kept before streaming started stays for the seal");
-        assert_eq!(s.through, 2);
+        assert_eq!(s.through, Some(2));
         let got: Vec<u64> = sent.0.lock().unwrap().iter().map(|e| e.0).collect();
         assert_eq!(got, vec![0, 1]);
         assert_eq!(log.in_flight(), 300 + OP_COST, "a flush counts for its nominal cost");
@@ -441,7 +444,7 @@ mod tests {
         assert!(!log.full());
         log.record(0, w(0, 4, 200));
         assert!(log.full(), "streamed and unacknowledged counts against the budget");
-        assert_eq!(log.seal_streamed().through, 4);
+        assert_eq!(log.seal_streamed().through, Some(4));
         assert!(log.full(), "a seal frees nothing that is in flight");
         log.acked(2);
         assert_eq!(log.in_flight(), 800);

@@ -54,7 +54,7 @@ impl PrimaryFt {
         if !self.unsent_disk.is_empty() {
             disk.splice(0..0, std::mem::take(&mut self.unsent_disk));
         }
-        if self.disk_log.streaming() {
+        if let Some(through) = through {
             // The epoch's streamed ops are on the channel already: the seal names them.
             if let Some(l) = &self.link {
                 l.disk_seal(epoch, through);

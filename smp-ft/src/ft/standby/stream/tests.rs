@@ -103,8 +103,8 @@ fn the_standby_holds_exactly_the_last_committed_epoch_of_streamed_writes() {
                 continue; // the capture failed: its ops open the next attempt
             }
             at_epoch.insert(epoch, primary.contents());
-            if log.streaming() {
-                later.push_back(Sent::Seal(wire::encode_app(&DiskSeal { epoch, through: sealed.through })));
+            if let Some(through) = sealed.through {
+                later.push_back(Sent::Seal(wire::encode_app(&DiskSeal { epoch, through })));
             }
             later.push_back(Sent::Checkpoint(epoch, std::mem::take(&mut unsent)));
             epoch += 1;
